@@ -1,0 +1,38 @@
+# Kiln: `make demo` and `make test` are all a fresh machine needs.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kiln-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Pinned install: every package, direct or not, comes from constraints.txt.
+$(STAMP): constraints.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "setuptools" "pip"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) cli.py targets
+	$(PY) cli.py export zoo:cnn --target all --out exports/demo --force
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests: the suite is broken" >&2; exit 1; fi; \
+	exit $$status
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) benchmarks/bench_export.py
+
+clean:
+	rm -rf exports .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Kiln command line: export models, list targets, verify and run exports.
+
+Errors become one line and an exit code here, in one place:
+0 done, 1 parity failure, 2 bad input or usage, 3 target unavailable on this machine,
+4 internal error (a bug: rerun with KILN_DEBUG=1 for the traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import KilnError
+
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
+
+
+def _quiet_libraries() -> None:
+    """Keep converter chatter (torch/onnx warnings) off the terminal; Kiln reports what matters."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "onnxscript", "onnx_ir", "openvino", "nncf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`kiln export`: capture once, build every requested target, gate on parity."""
+    from compiler.capture import DynamicBatch
+    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.progress import Progress
+
+    _quiet_libraries()
+    options = ExportOptions(
+        precision=args.precision, dynamic_batch=DynamicBatch.parse(args.dynamic_batch) if args.dynamic_batch else None,
+        inputs_files=[Path(p) for p in args.inputs or []], atol=args.atol, rtol=args.rtol, samples=args.samples,
+        parity_gate=not args.no_parity_gate, force=args.force)
+    out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
+    results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
+    failed = [r for r in results if r.parity is not None and not r.parity.passed]
+    if args.json:
+        print(json.dumps({"ok": not failed, "results": [r.to_dict() for r in results]}, indent=2))
+    elif not args.quiet:
+        for result in results:
+            status = "published" if result.published else "REJECTED (parity failed)"
+            print(f"{result.target:<10} {status:<26} {result.directory}")
+            if result.parity and not result.parity.passed:
+                for failure in result.parity.failures():
+                    print(f"           {failure.summary()}")
+    return 1 if failed else 0
+
+
+def _model_stem(model: str) -> str:
+    if model.startswith("zoo:"):
+        return model[4:]
+    path, _, factory = model.rpartition(":") if ":" in model else (model, "", "")
+    return factory or Path(path or model).stem
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    """`kiln targets`: every target, its aliases, precisions, needs and availability here."""
+    from targets import TARGETS
+
+    rows = []
+    for target in TARGETS:
+        reason = target.unavailable_reason()
+        rows.append({"name": target.name, "aliases": list(target.aliases), "precisions": list(target.precisions),
+                     "consumes": target.consumes, "requires": list(target.requires.values()),
+                     "available": reason is None, "why_unavailable": reason, "description": target.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        state = "available" if row["available"] else f"unavailable: {row['why_unavailable']}"
+        aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        print(f"{row['name']}{aliases}\n    {row['description']}\n    precisions: {', '.join(row['precisions'])}; "
+              f"needs: {', '.join(row['requires'])}; {state}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`kiln verify`: re-run parity on an existing export."""
+    from compiler.runner import verify
+
+    _quiet_libraries()
+    results = list(verify(args.export_dir, args.model))
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([{"directory": str(r.directory), "target": r.manifest.target, "notes": r.notes,
+                           "parity": asdict(r.report)} for r in results], indent=2, default=str))
+    else:
+        for result in results:
+            print(f"{result.manifest.target} ({result.directory}):")
+            for note in result.notes:
+                print(f"  note: {note}")
+            print("  " + result.report.summary().replace("\n", "\n  "))
+    return 0 if all(r.report.passed for r in results) else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
+    import numpy as np
+
+    from compiler.parity import read_inputs_file
+    from compiler.runner import load
+
+    _quiet_libraries()
+    model = load(args.export_dir, args.target)
+    outputs = model.run(read_inputs_file(Path(args.inputs), model.inputs))
+    np.savez(args.output, **outputs)
+    if args.json:
+        print(json.dumps({"output_file": args.output,
+                          "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()}}))
+    elif not args.quiet:
+        for name, value in outputs.items():
+            print(f"{name}: {value.dtype}{list(value.shape)}")
+        print(f"saved to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="kiln", description="Export PyTorch models to deployable artifacts, "
+                                     "each proven to match PyTorch before it is published.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser("export", help="export a model to one or more targets",
+                            description="MODEL is zoo:NAME, path/file.py:factory (runs that file's code), "
+                                        "file.pt2 or file.onnx.")
+    export.add_argument("model", help="zoo:NAME | file.py:factory | file.pt2 | file.onnx")
+    export.add_argument("--target", "-t", required=True, help="target name, comma list, or all (see `kiln targets`)")
+    export.add_argument("--out", "-o", help="output directory (default: exports/MODEL)")
+    export.add_argument("--precision", default="fp32", help="fp32 (default), fp16, bf16 where the target supports it")
+    export.add_argument("--dynamic-batch", metavar="MIN:MAX", help="make dim 0 of every input dynamic")
+    export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
+    export.add_argument("--atol", type=float, help="absolute tolerance override")
+    export.add_argument("--rtol", type=float, help="relative tolerance override")
+    export.add_argument("--samples", type=int, default=4, help="parity input sets besides batch-range ones (default 4)")
+    export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
+    export.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _output_flags(export)
+    export.set_defaults(handler=cmd_export)
+
+    targets = sub.add_parser("targets", help="list targets and whether they run here")
+    targets.add_argument("--json", action="store_true", help="machine-readable output")
+    targets.set_defaults(handler=cmd_targets)
+
+    verify = sub.add_parser("verify", help="re-run parity on an existing export")
+    verify.add_argument("export_dir")
+    verify.add_argument("--model", help="model source to recompute the reference (default: stored reference)")
+    _output_flags(verify)
+    verify.set_defaults(handler=cmd_verify)
+
+    run = sub.add_parser("run", help="run an export on inputs from an .npz")
+    run.add_argument("export_dir")
+    run.add_argument("--inputs", required=True, metavar="FILE.npz", help="arrays named like the model's inputs")
+    run.add_argument("--output", default="outputs.npz", help="where to save outputs (default outputs.npz)")
+    run.add_argument("--target", help="which target of a multi-target export")
+    _output_flags(run)
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one machine-readable JSON result")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KilnError as error:
+        print(f"kiln: error: {error.one_line()}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("kiln: interrupted; temporary files removed, nothing was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug in Kiln or a backend: say so in one line
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        print(f"kiln: internal error: {type(error).__name__}: {first} (rerun with KILN_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def main_entry() -> None:
+    """Console-script entry point (`kiln`)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

@@ -1,0 +1,246 @@
+"""Capture: `torch.export` (non-strict) to an FX graph, then the dynamo exporter to ONNX."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compiler.errors import UnsupportedOpError, UsageError
+from compiler.sources import ModelSource, check_onnx_external_data
+from compiler.types import TensorSpec
+
+MIN_OPSET = 18
+BATCH_DIM = "batch"
+
+
+@dataclass(frozen=True)
+class DynamicBatch:
+    """`--dynamic-batch MIN:MAX`: dim 0 of every input is dynamic within this range."""
+
+    minimum: int
+    maximum: int
+
+    @classmethod
+    def parse(cls, text: str) -> DynamicBatch:
+        """Parse `MIN:MAX`."""
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+        if not match:
+            raise UsageError(f"--dynamic-batch '{text}' is not MIN:MAX", "write for example --dynamic-batch 1:32")
+        low, high = int(match[1]), int(match[2])
+        if not 1 <= low < high:
+            raise UsageError(f"--dynamic-batch {text}: need 1 <= MIN < MAX", "write for example --dynamic-batch 1:32")
+        return cls(low, high)
+
+    def __str__(self) -> str:
+        return f"{self.minimum}:{self.maximum}"
+
+
+@dataclass
+class CapturedModel:
+    """A model captured once and shared by every target: the FX program and its ONNX lowering."""
+
+    exported: torch.export.ExportedProgram | None
+    onnx_path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+    dynamic_batch: DynamicBatch | None
+
+
+def capture(source: ModelSource, dynamic_batch: DynamicBatch | None, workdir: Path) -> CapturedModel:
+    """Capture the source with `torch.export` and lower it to ONNX in `workdir`."""
+    onnx_path = workdir / "captured" / "model.onnx"
+    onnx_path.parent.mkdir(parents=True)
+    if source.kind == "onnx":
+        assert source.onnx_path is not None
+        if dynamic_batch is not None:
+            raise UsageError("--dynamic-batch does not apply to an .onnx source", "its dynamic dims are already set in the file")
+        _copy_onnx(source.onnx_path, onnx_path)
+        exported = None
+    else:
+        output_names = flat_output_names(run_eager(source, source.example_inputs))
+        exported = export_program(source, dynamic_batch)
+        lower_to_onnx(exported, onnx_path, output_names, dynamic_batch)
+    inputs, outputs, opset = onnx_signature(onnx_path, torch_layout=source.kind == "torch")
+    return CapturedModel(exported, onnx_path, inputs, outputs, opset, dynamic_batch)
+
+
+def run_eager(source: ModelSource, inputs: tuple[Any, ...]) -> Any:
+    """Run the reference model once, turning a mismatch with `forward` into a clear error."""
+    module = source.module
+    assert module is not None
+    forward = module.forward
+    try:
+        inspect.signature(forward).bind(*inputs)
+    except TypeError as exc:
+        raise UsageError(f"example inputs do not match {type(module).__name__}.forward{_signature(forward)}: {exc}",
+                         "return example inputs in the order forward() takes them") from None
+    try:
+        with torch.no_grad():
+            return module(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in inputs)
+        raise UsageError(f"running {source.description} on its example inputs ({shapes}) failed: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                         "check the shapes and dtypes of the example inputs") from None
+
+
+def _signature(fn: Any) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def flat_output_names(outputs: Any) -> list[str]:
+    """Stable names for every tensor in a (nested) output: `output`, `output_0`, `logits`, `hidden.1`..."""
+    leaves, _ = torch.utils._pytree.tree_flatten_with_path(outputs)
+    names = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise UsageError(f"the model returns a {type(leaf).__name__} at {torch.utils._pytree.keystr(path) or 'top level'}",
+                             "return only tensors (or tuples/dicts of tensors) from forward()")
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        names.append(re.sub(r"[^A-Za-z0-9_.]", "_", ".".join(parts)))
+    if len(names) == 1 and names[0] == "":
+        return ["output"]
+    return [f"output_{n}" if n and n[0].isdigit() else (n or "output") for n in names]
+
+
+def resize_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """The tensor with dim 0 resized to `batch` by cycling its rows."""
+    return tensor[torch.arange(batch) % tensor.shape[0]]
+
+
+def export_program(source: ModelSource, dynamic_batch: DynamicBatch | None) -> torch.export.ExportedProgram:
+    """`torch.export` the source, non-strict, with dim 0 dynamic when asked."""
+    if dynamic_batch is None and source.exported is not None:
+        return source.exported
+    inputs = source.example_inputs
+    dynamic_shapes = None
+    if dynamic_batch is not None:
+        if any(t.dim() == 0 for t in inputs):
+            raise UsageError("--dynamic-batch needs every input to have a batch dimension, but one is a scalar",
+                             "drop --dynamic-batch or give the scalar input a leading dim")
+        # torch.export specializes a size of 1, so capture at a batch of at least 2.
+        capture_batch = min(max(inputs[0].shape[0], 2, dynamic_batch.minimum), dynamic_batch.maximum)
+        inputs = tuple(resize_batch(t, capture_batch) for t in inputs)
+        batch = torch.export.Dim(BATCH_DIM, min=dynamic_batch.minimum, max=dynamic_batch.maximum)
+        dynamic_shapes = tuple({0: batch} for _ in inputs)
+    module = source.module
+    assert module is not None
+    try:
+        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise _capture_error(exc, source, dynamic_batch) from None
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`file:line (code)` of the innermost traceback frame outside torch and Kiln."""
+    torch_root = str(Path(torch.__file__).parent)
+    kiln_root = str(Path(__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((torch_root, kiln_root)) and "site-packages" not in f.filename
+              and not f.filename.startswith("<")]
+    if not frames:
+        match = re.search(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', str(exc))
+        return f"{match[1]}:{match[2]} ({match[3].strip()})" if match else ""
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
+
+
+def _capture_error(exc: Exception, source: ModelSource, dynamic_batch: DynamicBatch | None) -> Exception:
+    text = str(exc)
+    where = _user_frame(exc)
+    at = f" at {where}" if where else ""
+    if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
+        return UnsupportedOpError(
+            f"torch.export cannot capture {source.description}: control flow depends on tensor values{at}",
+            "compute both branches and pick with torch.where(cond, a, b), or use torch.cond")
+    if "Constraints violated" in text or "specialized" in text:
+        return UsageError(f"{source.description} does not support a dynamic batch {dynamic_batch}{at}: "
+                          f"{text.splitlines()[1].strip()[:200] if len(text.splitlines()) > 1 else text[:200]}",
+                          "export with a fixed batch (drop --dynamic-batch) or make the model batch-agnostic")
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return UnsupportedOpError(f"torch.export failed on {source.description}{at}: {type(exc).__name__}: {first}",
+                              "see https://pytorch.org/docs/stable/export.html for what export supports")
+
+
+def lower_to_onnx(exported: torch.export.ExportedProgram, path: Path, output_names: list[str],
+                  dynamic_batch: DynamicBatch | None) -> None:
+    """Lower the FX program to ONNX (dynamo exporter, opset >= 18) and check the result."""
+    import onnx
+
+    try:
+        program = torch.onnx.export(exported, (), dynamo=True, optimize=True, verbose=False,
+                                    output_names=output_names, opset_version=max(MIN_OPSET, 20))
+        assert program is not None
+        program.save(str(path))
+    except Exception as exc:
+        op = re.search(r"(aten::?\.?[A-Za-z_0-9.]+)", str(exc))
+        what = f" (operator {op[1]})" if op else ""
+        raise UnsupportedOpError(f"lowering to ONNX failed{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
+                                 "use a target that consumes the FX graph, or replace that operation in the model") from None
+    proto = onnx.load(str(path), load_external_data=False)
+    if dynamic_batch is not None:
+        _name_batch_dim(proto)
+        onnx.save(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise UnsupportedOpError(f"the lowered ONNX graph fails onnx.checker: {str(exc).splitlines()[0][:300]}",
+                                 "report this as a Kiln bug with the model") from None
+
+
+def _name_batch_dim(proto: Any) -> None:
+    """Rename the exporter's symbol for dim 0 (e.g. `s43`) to `batch` everywhere in the graph."""
+    symbols = {i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input
+               if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param}
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in symbols:
+                dim.dim_param = BATCH_DIM
+
+
+def _copy_onnx(source: Path, destination: Path) -> None:
+    """Copy an ONNX file and its external data files (already checked to stay in its directory)."""
+    import onnx
+
+    check_onnx_external_data(source)
+    shutil.copy2(source, destination)
+    proto = onnx.load(str(source), load_external_data=False)
+    locations = {e.value for t in onnx.external_data_helper._get_all_tensors(proto)
+                 if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    for location in locations:
+        (destination.parent / location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.parent / location, destination.parent / location)
+
+
+def onnx_signature(path: Path, torch_layout: bool) -> tuple[list[TensorSpec], list[TensorSpec], int]:
+    """Input and output specs (named dynamic dims) and the default-domain opset of an ONNX file."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+
+    def spec(value: Any, is_input: bool) -> TensorSpec:
+        tensor_type = value.type.tensor_type
+        shape: list[int | str] = []
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            shape.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or f"{value.name}_dim{axis}"))
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        layout = "NCHW" if torch_layout and is_input and len(shape) == 4 and dtype.startswith("float") else None
+        return TensorSpec(value.name, tuple(shape), dtype, layout)
+
+    inputs = [spec(v, True) for v in proto.graph.input if v.name not in initializers]
+    outputs = [spec(v, False) for v in proto.graph.output]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return inputs, outputs, opset

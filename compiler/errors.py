@@ -1,0 +1,49 @@
+"""The one error hierarchy of Kiln.
+
+Errors are raised where the problem is found; `cli.py` turns them into a one-line
+message and an exit code in one place.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base class: a problem Kiln can explain to the user, with a hint on how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and hint as one line, for the terminal."""
+        text = " ".join(self.message.split())
+        if self.hint:
+            text += f" (hint: {' '.join(self.hint.split())})"
+        return text
+
+
+class UsageError(KilnError):
+    """Bad input: a missing file, a wrong option, a model that does not match its inputs."""
+
+    exit_code = 2
+
+
+class UnsupportedOpError(KilnError):
+    """The model uses an operation that capture or a target cannot convert."""
+
+    exit_code = 2
+
+
+class MissingBackendError(KilnError):
+    """A target needs a package or device that this machine does not have."""
+
+    exit_code = 3
+
+
+class ParityError(KilnError):
+    """An artifact does not compute what PyTorch computes within tolerance."""
+
+    exit_code = 1

@@ -1,0 +1,200 @@
+"""The parity gate: reference outputs on several input sets, and per-output comparison metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import UsageError
+from compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
+
+DEFAULT_SAMPLES = 4
+SAVED_SAMPLES_LIMIT = 64 * 2**20
+INPUTS_FILE = "parity/inputs.npz"
+REFERENCE_FILE = "parity/reference.npz"
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class ParitySamples:
+    """Input sets, where each came from, and the reference outputs on each."""
+
+    inputs: list[Feeds]
+    origins: list[str]
+    reference: list[Feeds]
+
+    def save(self, directory: Path) -> bool:
+        """Store inputs and reference outputs in `directory/parity/`; False when too large to keep."""
+        size = sum(a.nbytes for group in (self.inputs, self.reference) for feeds in group for a in feeds.values())
+        if size > SAVED_SAMPLES_LIMIT:
+            return False
+        (directory / "parity").mkdir(exist_ok=True)
+        np.savez_compressed(directory / INPUTS_FILE, **_pack(self.inputs))
+        np.savez_compressed(directory / REFERENCE_FILE, **_pack(self.reference))
+        return True
+
+    @classmethod
+    def load(cls, directory: Path, origins: list[str]) -> ParitySamples | None:
+        """The samples an export stored, or None when it stored none."""
+        if not (directory / INPUTS_FILE).is_file():
+            return None
+        return cls(_unpack(directory / INPUTS_FILE), origins, _unpack(directory / REFERENCE_FILE))
+
+
+def _pack(sets: list[Feeds]) -> dict[str, np.ndarray]:
+    return {f"{i}/{name}": array for i, feeds in enumerate(sets) for name, array in feeds.items()}
+
+
+def _unpack(path: Path) -> list[Feeds]:
+    sets: dict[int, Feeds] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            index, name = key.split("/", 1)
+            sets.setdefault(int(index), {})[name] = data[key]
+    return [sets[i] for i in sorted(sets)]
+
+
+def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
+    """Read a user's `.npz` of inputs (keys = input names, or arg0, arg1...) and check it against the specs."""
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise UsageError(f"inputs file {path} does not exist", "check the path given to --inputs") from None
+    except Exception as exc:
+        raise UsageError(f"cannot read {path} as .npz: {exc}",
+                         "save inputs with numpy.savez(path, input_name=array, ...)") from None
+    feeds: Feeds = {}
+    for position, spec in enumerate(specs):
+        array = arrays.get(spec.name, arrays.get(f"arg{position}"))
+        if array is None:
+            raise UsageError(f"{path} has no array for input '{spec.name}' (keys: {', '.join(arrays) or 'none'})",
+                             f"name the arrays {', '.join(s.name for s in specs)}")
+        feeds[spec.name] = check_feed(spec, array, str(path))
+    return feeds
+
+
+def check_feed(spec: TensorSpec, array: Any, where: str) -> np.ndarray:
+    """The array cast to the spec's dtype, or a clear error if its shape or kind cannot fit."""
+    array = np.asarray(array)
+    expected = np.dtype(spec.dtype)
+    if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
+        raise UsageError(f"{where}: input '{spec.name}' has shape {list(array.shape)}, expected {list(spec.shape)}",
+                         "match the shape the model was exported with")
+    if array.dtype != expected:
+        if array.dtype.kind != expected.kind and not (array.dtype.kind in "iub" and expected.kind in "iub"):
+            raise UsageError(f"{where}: input '{spec.name}' is {array.dtype}, expected {expected}",
+                             f"save it as {expected}")
+        array = array.astype(expected)
+    return array
+
+
+def make_inputs(examples: list[np.ndarray], specs: list[TensorSpec], count: int, batches: list[int],
+                user_sets: list[tuple[str, Feeds]], seed: int = 0) -> tuple[list[Feeds], list[str]]:
+    """Parity input sets: the example, random sets within its value range, one per extra batch size, the user's."""
+    rng = np.random.default_rng(seed)
+    names = [s.name for s in specs]
+    sets = [dict(zip(names, examples))]
+    origins = ["example"]
+    for i in range(1, count):
+        sets.append({n: _random_like(e, None, rng) for n, e in zip(names, examples)})
+        origins.append(f"random#{i}")
+    for batch in batches:
+        sets.append({n: _random_like(e, batch, rng) for n, e in zip(names, examples)})
+        origins.append(f"random batch={batch}")
+    for origin, feeds in user_sets:
+        sets.append(feeds)
+        origins.append(origin)
+    return sets, origins
+
+
+def _random_like(example: np.ndarray, batch: int | None, rng: np.random.Generator) -> np.ndarray:
+    """A random array like `example` whose values stay valid: in its range, or drawn from its own rows."""
+    shape = example.shape if batch is None else (batch, *example.shape[1:])
+    if example.ndim == 0 or example.size == 0:
+        return example.copy()
+    if example.dtype == np.bool_ or len(np.unique(example)) <= 2:
+        # Masks and flags: reuse whole rows of the example so every row stays realistic.
+        return example[rng.integers(0, example.shape[0], shape[0])]
+    low, high = example.min(), example.max()
+    if example.dtype.kind in "iu":
+        return rng.integers(low, high, size=shape, endpoint=True).astype(example.dtype)
+    return rng.uniform(float(low), float(high), size=shape).astype(example.dtype)
+
+
+def compare(actual: list[Feeds], expected: list[Feeds], tolerance: Tolerance) -> list[OutputMetrics]:
+    """Per-output metrics of `actual` against `expected` over all samples."""
+    return [_compare_output(name, [a.get(name) for a in actual], [e[name] for e in expected], tolerance)
+            for name in expected[0]]
+
+
+def _compare_output(name: str, actual: list[np.ndarray | None], expected: list[np.ndarray],
+                    tolerance: Tolerance) -> OutputMetrics:
+    exact = expected[0].dtype.kind in "biu"
+    metrics = OutputMetrics(name=name, passed=True, kind="exact" if exact else "float")
+    mismatched = total = 0
+    agree = 0
+    for index, (got, want) in enumerate(zip(actual, expected)):
+        if got is None:
+            return OutputMetrics(name, False, metrics.kind, reason=f"output missing from the artifact (sample {index})")
+        got = np.asarray(got)
+        if got.shape != want.shape:
+            return OutputMetrics(name, False, metrics.kind, worst_sample=index,
+                                 reason=f"shape {list(got.shape)} != reference {list(want.shape)} (sample {index})")
+        total += want.size
+        if exact:
+            equal = int(np.count_nonzero(got.astype(want.dtype) == want))
+            agree += equal
+            continue
+        g, w = got.astype(np.float64), want.astype(np.float64)
+        both_nan = np.isnan(g) & np.isnan(w)
+        diff = np.where(both_nan, 0.0, np.abs(g - w))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        bad = diff > tolerance.atol + tolerance.rtol * np.abs(np.nan_to_num(w))
+        mismatched += int(np.count_nonzero(bad))
+        if diff.size:
+            max_abs = float(diff.max())
+            if max_abs > metrics.max_abs_error:
+                metrics.worst_sample, metrics.max_abs_error = index, max_abs
+            rel = diff / np.maximum(np.abs(np.nan_to_num(w)), max(tolerance.atol, 1e-12))
+            metrics.max_rel_error = max(metrics.max_rel_error, float(rel.max()))
+        metrics.min_cosine = min(metrics.min_cosine, _cosine(np.nan_to_num(g), np.nan_to_num(w)))
+    if exact:
+        metrics.agreement = agree / total if total else 1.0
+        metrics.passed = metrics.agreement >= tolerance.min_agreement
+        if not metrics.passed:
+            metrics.reason = f"agreement {metrics.agreement:.4f} < {tolerance.min_agreement}"
+        return metrics
+    metrics.mismatch_fraction = mismatched / total if total else 0.0
+    reasons = []
+    if metrics.mismatch_fraction > tolerance.max_mismatch:
+        reasons.append(f"{metrics.mismatch_fraction:.2%} of elements outside atol={tolerance.atol:g} "
+                       f"rtol={tolerance.rtol:g} (allowed {tolerance.max_mismatch:.2%})")
+    if metrics.min_cosine < tolerance.min_cosine:
+        reasons.append(f"cosine {metrics.min_cosine:.6f} < {tolerance.min_cosine}")
+    metrics.passed = not reasons
+    metrics.reason = "; ".join(reasons)
+    return metrics
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    if norm == 0.0:
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float(np.dot(a, b) / norm)
+
+
+def validate(run: Callable[[Feeds], Feeds], samples: ParitySamples, tolerance: Tolerance, reference: str,
+             runtime: dict[str, Any]) -> ParityReport:
+    """Run the artifact on every sample and judge it against the reference outputs."""
+    actual = [run(feeds) for feeds in samples.inputs]
+    outputs = compare(actual, samples.reference, tolerance)
+    return ParityReport(passed=all(o.passed for o in outputs), reference=reference, tolerance=tolerance,
+                        samples=len(samples.inputs), sample_origins=samples.origins, outputs=outputs,
+                        runtime=runtime)

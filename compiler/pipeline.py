@@ -1,0 +1,219 @@
+"""The export pipeline: load -> capture -> passes -> build -> validate -> manifest, in one place."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compiler.capture import CapturedModel, DynamicBatch, capture
+from compiler.errors import MissingBackendError, UsageError
+from compiler.host import host_info, versions
+from compiler.parity import DEFAULT_SAMPLES, ParitySamples, make_inputs, read_inputs_file, validate
+from compiler.progress import Progress
+from compiler.sources import ModelSource, from_module, load_source
+from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
+from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord, Tolerance
+from passes import DEFAULT_PIPELINE, PASSES, GraphPass, run_pipeline
+from targets import Target, resolve_targets
+
+
+@dataclass
+class ExportOptions:
+    """Everything about an export except the model, the targets and where it goes."""
+
+    precision: str = "fp32"
+    dynamic_batch: DynamicBatch | None = None
+    inputs_files: list[Path] = field(default_factory=list)
+    atol: float | None = None
+    rtol: float | None = None
+    samples: int = DEFAULT_SAMPLES
+    parity_gate: bool = True
+    force: bool = False
+    passes: list[GraphPass] | None = None  # None: the default pipeline
+
+    def tolerance(self) -> Tolerance:
+        """The parity tolerance: the precision's default with the user's overrides."""
+        return Tolerance.for_precision(self.precision).with_overrides(self.atol, self.rtol)
+
+
+@dataclass
+class _Build:
+    target: Target
+    directory: Path
+    manifest: Manifest
+    relative: Path = Path()  # where it ends up inside the output directory
+
+
+def export_targets(model: str | torch.nn.Module, targets: str | list[str], out: str | Path,
+                   options: ExportOptions | None = None, example_inputs: Any = None,
+                   progress: Progress | None = None) -> list[ExportResult]:
+    """Export one model to one or more targets, each validated against the reference; see `export`."""
+    options = options or ExportOptions()
+    progress = progress or Progress(quiet=True)
+    out = Path(out)
+    chosen = _check_targets(resolve_targets(targets), options.precision)
+    check_output_dir(out, options.force)
+    with progress.stage("load", model if isinstance(model, str) else type(model).__name__):
+        source = _load(model, example_inputs, options)
+    _check_source_fits(source, chosen)
+    with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
+        with progress.stage("capture", "torch.export -> ONNX" if source.kind == "torch" else "ONNX"):
+            captured = capture(source, options.dynamic_batch, Path(work))
+        with progress.stage("reference", f"{source.reference_name} on parity inputs"):
+            samples = reference_samples(source, captured, options)
+        with progress.stage("passes"):
+            optimized, pass_records = optimize(captured, Path(work), options.passes)
+        builds = [build_and_validate(t, source, optimized, samples, pass_records, staging / "builds" / t.name,
+                                     options, progress) for t in chosen]
+        install_tree(_assemble(staging, builds, single=len(chosen) == 1), out)
+    return [ExportResult(b.target.name, out / b.relative, b.manifest, b.manifest.published) for b in builds]
+
+
+def build_and_validate(target: Target, source: ModelSource, model: CapturedModel, samples: ParitySamples,
+                       pass_records: list[PassRecord], directory: Path, options: ExportOptions,
+                       progress: Progress) -> _Build:
+    """Build one target's artifact, run it on the parity samples, and write its manifest."""
+    directory.mkdir(parents=True)
+    with progress.stage(f"build {target.name}", options.precision):
+        built = target.build(model, directory, options.precision)
+    stored = samples.save(directory)
+    manifest = Manifest(
+        target=target.name, precision=options.precision,
+        source={"description": source.description, "kind": source.kind, "state_hash": source.state_hash,
+                "reference": source.reference_name},
+        files=[], inputs=model.inputs, outputs=model.outputs, parity=None, published=False,
+        parity_gate=options.parity_gate, runtime_config=built.runtime_config, timings={},
+        versions=versions(*target.requires.values()), host=host_info(), passes=pass_records,
+        target_info={"opset": model.opset,
+                     "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None, **built.info},
+        notes=list(built.notes) + ([] if stored else ["parity samples too large to store: verify needs --model"]),
+    )
+    with progress.stage(f"validate {target.name}", f"{len(samples.inputs)} input sets"):
+        runner = target.load(directory, manifest)
+        manifest.parity = validate(runner.run, samples, options.tolerance(), source.reference_name,
+                                   runner.runtime_info())
+    manifest.published = manifest.parity.passed or not options.parity_gate
+    if not options.parity_gate and not manifest.parity.passed:
+        manifest.notes.append("published without passing parity (--no-parity-gate)")
+    manifest.timings = dict(progress.timings)
+    manifest.files = hash_files(directory)
+    manifest.write(directory)
+    progress.say(manifest.parity.summary().replace("\n", "\n[kiln]   "))
+    return _Build(target, directory, manifest)
+
+
+def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:
+    """Parity input sets and the reference model's outputs on each."""
+    if options.samples < 1:
+        raise UsageError(f"--samples {options.samples}: need at least 1", "use the default of 4")
+    examples = [t.detach().cpu().numpy() for t in source.example_inputs]
+    if len(examples) != len(model.inputs):
+        raise UsageError(f"the ONNX graph has {len(model.inputs)} inputs but the model takes {len(examples)}",
+                         "remove unused inputs from forward()")
+    batch = model.dynamic_batch
+    user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.inputs_files]
+    inputs, origins = make_inputs(examples, model.inputs, options.samples,
+                                  [batch.minimum, batch.maximum] if batch else [], user_sets)
+    reference = reference_runner(source, model)
+    return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs])
+
+
+def reference_runner(source: ModelSource, model: CapturedModel) -> Any:
+    """A function from named numpy inputs to the reference model's named numpy outputs."""
+    if source.kind == "onnx":
+        from targets.onnxrt import OnnxRuntimeRunner
+
+        assert source.onnx_path is not None
+        return OnnxRuntimeRunner(source.onnx_path).run
+    module = source.module
+    assert module is not None
+    names = [s.name for s in model.outputs]
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            outputs = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in model.inputs])
+        leaves = torch.utils._pytree.tree_leaves(outputs)
+        return {name: leaf.detach().cpu().numpy() for name, leaf in zip(names, leaves)}
+
+    return run
+
+
+def optimize(model: CapturedModel, work: Path, pipeline: list[GraphPass] | None) -> tuple[CapturedModel, list[PassRecord]]:
+    """Run the graph passes over the captured ONNX graph; the optimized model and what each pass did."""
+    chosen = [PASSES[name] for name in DEFAULT_PIPELINE] if pipeline is None else pipeline
+    if not chosen:
+        return model, []
+    destination = work / "optimized" / "model.onnx"
+    destination.parent.mkdir()
+    records = run_pipeline(model.onnx_path, destination, chosen)
+    return replace(model, onnx_path=destination), records
+
+
+def hash_files(directory: Path) -> list[ArtifactFile]:
+    """Every file of an artifact directory (but the manifest) with size and sha256."""
+    files = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        files.append(ArtifactFile(str(path.relative_to(directory)), path.stat().st_size, digest.hexdigest()))
+    return files
+
+
+def _load(model: str | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
+    if isinstance(model, (str, Path)):
+        user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
+        return load_source(str(model), user)
+    if example_inputs is None:
+        raise UsageError("export(module, ...) needs example_inputs", "pass example_inputs=(tensor, ...)")
+    return from_module(model, example_inputs)
+
+
+def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a user's .npz, unchecked (an .onnx source takes its example inputs from it)."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None
+
+
+def _check_targets(targets: list[Target], precision: str) -> list[Target]:
+    for target in targets:
+        if precision not in target.precisions:
+            raise UsageError(f"target {target.name} does not support precision {precision}",
+                             f"use one of: {', '.join(target.precisions)}")
+        reason = target.unavailable_reason()
+        if reason:
+            raise MissingBackendError(f"target {target.name} is not available on this machine: {reason}",
+                                      "install what it needs, or choose another target (kiln targets)")
+    return targets
+
+
+def _check_source_fits(source: ModelSource, targets: list[Target]) -> None:
+    for target in targets:
+        if source.kind == "onnx" and target.consumes != "onnx":
+            raise UsageError(f"target {target.name} needs a PyTorch model, but {source.description} is ONNX",
+                             "give the model as file.py:factory, .pt2 or zoo:NAME, or pick an ONNX-consuming target")
+
+
+def _assemble(staging: Path, builds: list[_Build], single: bool) -> Path:
+    """Lay out the final tree: passed builds in place, failed ones under `.rejected/`."""
+    tree = staging / "tree"
+    if single and builds[0].manifest.published:
+        builds[0].directory.rename(tree)
+        builds[0].relative = Path()
+        return tree
+    tree.mkdir()
+    for build in builds:
+        build.relative = Path(build.target.name) if build.manifest.published else Path(REJECTED, build.target.name)
+        (tree / build.relative).parent.mkdir(exist_ok=True)
+        build.directory.rename(tree / build.relative)
+    return tree

@@ -1,0 +1,38 @@
+"""Stage lines on stderr while an export runs, and the time each stage took."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+
+class Progress:
+    """Prints `[kiln] stage ... 1.2s` lines (unless quiet) and records stage timings."""
+
+    def __init__(self, quiet: bool = False, stream: TextIO | None = None):
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        """Time a stage and report its start and end."""
+        self.say(f"{name}{' ' + detail if detail else ''} ...", end="")
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.say(" failed", prefix=False)
+            raise
+        seconds = time.perf_counter() - started
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
+        self.say(f" {seconds:.1f}s", prefix=False)
+
+    def say(self, message: str, end: str = "\n", prefix: bool = True) -> None:
+        """Print one progress message unless quiet."""
+        if not self.quiet:
+            self.stream.write(("[kiln] " if prefix else "") + message + end)
+            self.stream.flush()

@@ -1,0 +1,279 @@
+"""Small named types: tensor specs, tolerances, parity metrics, artifacts and the manifest."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a flat dataclass from a dict, ignoring keys it does not know (newer schemas)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, shape (str = named dynamic dim), dtype and layout."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    layout: str | None = None
+
+    @property
+    def dynamic_dims(self) -> dict[int, str]:
+        """Axis -> name of each dynamic dimension."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. `image: float32[batch,3,32,32]`."""
+        return f"{self.name}: {self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        """Inverse of `dataclasses.asdict`."""
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], data.get("layout"))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What counts as parity for one artifact.
+
+    Float outputs pass when at most `max_mismatch` of their elements fall outside
+    `|actual - expected| <= atol + rtol * |expected|` and their cosine similarity to the
+    reference is at least `min_cosine`. Integer and boolean outputs pass when at least
+    `min_agreement` of their elements are equal.
+    """
+
+    atol: float
+    rtol: float
+    max_mismatch: float = 0.0
+    min_cosine: float = 0.9999
+    min_agreement: float = 1.0
+
+    @classmethod
+    def for_precision(cls, precision: str) -> Tolerance:
+        """The default tolerance for an artifact of this precision."""
+        return DEFAULT_TOLERANCES[precision]
+
+    def with_overrides(self, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+        """This tolerance with the user's --atol/--rtol applied."""
+        return Tolerance(
+            atol=self.atol if atol is None else atol,
+            rtol=self.rtol if rtol is None else rtol,
+            max_mismatch=self.max_mismatch,
+            min_cosine=self.min_cosine,
+            min_agreement=self.min_agreement,
+        )
+
+
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, max_mismatch=0.0, min_cosine=0.9999, min_agreement=1.0),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2, max_mismatch=0.01, min_cosine=0.999, min_agreement=0.99),
+    "bf16": Tolerance(atol=5e-2, rtol=5e-2, max_mismatch=0.02, min_cosine=0.995, min_agreement=0.98),
+}
+
+
+@dataclass
+class OutputMetrics:
+    """How one output of the artifact compares with the reference, over all samples."""
+
+    name: str
+    passed: bool
+    kind: str  # "float" or "exact"
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    min_cosine: float = 1.0
+    mismatch_fraction: float = 0.0
+    agreement: float = 1.0
+    worst_sample: int = 0
+    reason: str = ""
+
+    def summary(self) -> str:
+        """One line: name, verdict and the figures that matter."""
+        verdict = "ok  " if self.passed else "FAIL"
+        if self.kind == "exact":
+            figures = f"agreement={self.agreement:.4f}"
+        else:
+            figures = (
+                f"max_abs={self.max_abs_error:.3g} max_rel={self.max_rel_error:.3g} "
+                f"cosine={self.min_cosine:.6f} out_of_tol={self.mismatch_fraction:.2%}"
+            )
+        reason = f"  <- {self.reason}" if self.reason else ""
+        return f"{verdict} {self.name}: {figures}{reason}"
+
+
+@dataclass
+class ParityReport:
+    """The verdict of the parity gate for one artifact."""
+
+    passed: bool
+    reference: str
+    tolerance: Tolerance
+    samples: int
+    sample_origins: list[str]
+    outputs: list[OutputMetrics]
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    def failures(self) -> list[OutputMetrics]:
+        """The outputs that failed."""
+        return [o for o in self.outputs if not o.passed]
+
+    def summary(self) -> str:
+        """Multi-line human-readable report."""
+        head = "PASSED" if self.passed else "FAILED"
+        lines = [f"parity {head} against {self.reference} on {self.samples} input sets"]
+        lines += ["  " + o.summary() for o in self.outputs]
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParityReport:
+        """Inverse of `dataclasses.asdict`."""
+        return cls(
+            passed=data["passed"],
+            reference=data["reference"],
+            tolerance=_from_dict(Tolerance, data["tolerance"]),
+            samples=data["samples"],
+            sample_origins=list(data.get("sample_origins", [])),
+            outputs=[_from_dict(OutputMetrics, o) for o in data["outputs"]],
+            runtime=dict(data.get("runtime", {})),
+        )
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file of an export, with its size and sha256."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What one graph pass did during an export."""
+
+    name: str
+    changed: bool
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+
+
+@dataclass
+class Manifest:
+    """Everything about one export directory; written as `manifest.json`."""
+
+    target: str
+    precision: str
+    source: dict[str, Any]
+    files: list[ArtifactFile]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parity: ParityReport | None
+    published: bool
+    parity_gate: bool
+    runtime_config: dict[str, Any]
+    timings: dict[str, float]
+    versions: dict[str, str]
+    host: dict[str, Any]
+    passes: list[PassRecord] = field(default_factory=list)
+    target_info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        """The manifest as pretty JSON (non-finite floats written as strings)."""
+        return json.dumps(_json_safe(asdict(self)), indent=2, sort_keys=False) + "\n"
+
+    def write(self, directory: Path) -> Path:
+        """Write `manifest.json` into `directory`."""
+        path = directory / MANIFEST_NAME
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        """Read `manifest.json` from an export directory."""
+        from compiler.errors import UsageError
+
+        path = Path(directory) / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{directory} is not a Kiln export: {MANIFEST_NAME} is missing",
+                             "pass the directory that `kiln export --out` wrote") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}", "re-export the model") from None
+        if data.get("schema_version", 0) > SCHEMA_VERSION:
+            raise UsageError(f"{path} has schema version {data['schema_version']}, newer than this Kiln supports",
+                             "upgrade Kiln")
+        return cls(
+            target=data["target"],
+            precision=data["precision"],
+            source=data["source"],
+            files=[_from_dict(ArtifactFile, f) for f in data["files"]],
+            inputs=[TensorSpec.from_dict(s) for s in data["inputs"]],
+            outputs=[TensorSpec.from_dict(s) for s in data["outputs"]],
+            parity=ParityReport.from_dict(data["parity"]) if data.get("parity") else None,
+            published=data["published"],
+            parity_gate=data["parity_gate"],
+            runtime_config=data.get("runtime_config", {}),
+            timings=data.get("timings", {}),
+            versions=data.get("versions", {}),
+            host=data.get("host", {}),
+            passes=[_from_dict(PassRecord, p) for p in data.get("passes", [])],
+            target_info=data.get("target_info", {}),
+            notes=list(data.get("notes", [])),
+            schema_version=data.get("schema_version", SCHEMA_VERSION),
+        )
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace NaN/inf (invalid JSON) with strings, recursively; tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@dataclass
+class ExportResult:
+    """What `export()` returns for one target: where the artifact is and how it fared."""
+
+    target: str
+    directory: Path
+    manifest: Manifest
+    published: bool
+
+    @property
+    def parity(self) -> ParityReport | None:
+        """The parity report of this artifact."""
+        return self.manifest.parity
+
+    @property
+    def artifact_paths(self) -> list[Path]:
+        """Absolute paths of the artifact's files."""
+        return [self.directory / f.path for f in self.manifest.files]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Machine-readable summary for `--json`."""
+        return _json_safe({
+            "target": self.target,
+            "directory": str(self.directory),
+            "published": self.published,
+            "parity": asdict(self.parity) if self.parity else None,
+            "files": [asdict(f) for f in self.manifest.files],
+            "timings": self.manifest.timings,
+            "notes": self.manifest.notes,
+        })

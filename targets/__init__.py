@@ -1,0 +1,51 @@
+"""The target registry: every backend Kiln can emit, looked up by name or alias."""
+
+from __future__ import annotations
+
+import difflib
+
+from compiler.errors import UsageError
+from targets.base import BuildOutput, Runner, Target
+from targets.onnxrt import OnnxRuntimeTarget
+from targets.openvino_ir import OpenVinoTarget
+
+TARGETS: list[Target] = [OnnxRuntimeTarget(), OpenVinoTarget()]
+
+__all__ = ["TARGETS", "BuildOutput", "Runner", "Target", "get_target", "resolve_targets"]
+
+
+def _by_name() -> dict[str, Target]:
+    names: dict[str, Target] = {}
+    for target in TARGETS:
+        for name in (target.name, *target.aliases):
+            names[name] = target
+    return names
+
+
+def get_target(name: str) -> Target:
+    """The target called `name` (or one of its aliases); a suggestion when there is none."""
+    names = _by_name()
+    key = name.strip().lower()
+    if key in names:
+        return names[key]
+    close = difflib.get_close_matches(key, list(names), n=1)
+    hint = f"did you mean {close[0]}?" if close else "run `kiln targets` to list them"
+    raise UsageError(f"unknown target '{name}'", hint)
+
+
+def resolve_targets(spec: str | list[str]) -> list[Target]:
+    """Targets from a comma list (or list) of names; `all` means every target available here."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if not names:
+        raise UsageError("no target given", "pass --target NAME, a comma list, or all")
+    if "all" in names:
+        chosen = [t for t in TARGETS if t.unavailable_reason() is None]
+        if not chosen:
+            raise UsageError("no target is available on this machine", "run `kiln targets` to see what is missing")
+        return chosen
+    chosen = []
+    for name in names:
+        target = get_target(name)
+        if target not in chosen:
+            chosen.append(target)
+    return chosen

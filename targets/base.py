@@ -1,0 +1,64 @@
+"""What every target is: a name, what it needs installed, its precisions, `build` and `load`."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from compiler.capture import CapturedModel
+    from compiler.types import Manifest, TensorSpec
+
+
+@dataclass
+class BuildOutput:
+    """What a target's build produced, beyond the files it wrote."""
+
+    runtime_config: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Runner:
+    """Executes one built artifact on named numpy inputs."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for inputs by name."""
+        raise NotImplementedError
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What the runtime actually used (precision, threads...), for the parity report."""
+        return {}
+
+
+class Target:
+    """Base class of a backend. Subclasses import their heavy libraries inside build() and load()."""
+
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    requires: dict[str, str] = {}  # importable module -> pip requirement
+    precisions: tuple[str, ...] = ("fp32",)
+    consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
+
+    def unavailable_reason(self) -> str | None:
+        """None when this target can run here, else what is missing and how to get it."""
+        missing = [pip for module, pip in self.requires.items() if importlib.util.find_spec(module) is None]
+        if missing:
+            return f"needs {', '.join(missing)} (pip install {' '.join(missing)})"
+        return None
+
+    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+        """Write the artifact for `model` into `directory`."""
+        raise NotImplementedError
+
+    def load(self, directory: Path, manifest: Manifest) -> Runner:
+        """A runner for the artifact in `directory`, configured as the manifest says."""
+        raise NotImplementedError

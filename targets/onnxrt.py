@@ -1,0 +1,76 @@
+"""`onnx`: the ONNX file itself, validated with ONNX Runtime's CPU provider."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from targets.base import BuildOutput, Runner, Target
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from compiler.capture import CapturedModel
+    from compiler.types import Manifest
+
+MODEL_FILE = "model.onnx"
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX file with ONNX Runtime (CPU provider)."""
+
+    def __init__(self, path: Path, manifest: Manifest | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        from compiler.types import TensorSpec
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if manifest is not None:
+            self.inputs, self.outputs = manifest.inputs, manifest.outputs
+        else:
+            self.inputs = [TensorSpec(i.name, tuple(i.shape), _ort_dtype(i.type)) for i in self.session.get_inputs()]
+            self.outputs = [TensorSpec(o.name, tuple(o.shape), _ort_dtype(o.type)) for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name."""
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+    def runtime_info(self) -> dict[str, Any]:
+        """Provider and ONNX Runtime version."""
+        import onnxruntime as ort
+
+        return {"runtime": f"onnxruntime {ort.__version__}", "providers": self.session.get_providers(),
+                "inference_precision": "fp32"}
+
+
+def _ort_dtype(type_string: str) -> str:
+    """`tensor(float)` -> `float32`."""
+    import numpy as np
+
+    inner = type_string.removeprefix("tensor(").removesuffix(")")
+    return np.dtype({"float": "float32", "double": "float64", "float16": "float16"}.get(inner, inner)).name
+
+
+class OnnxRuntimeTarget(Target):
+    """The optimized ONNX graph, for ONNX Runtime or any ONNX consumer."""
+
+    name = "onnx"
+    aliases = ("onnxruntime", "ort")
+    description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
+    requires = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
+    precisions = ("fp32",)
+
+    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+        """Copy the optimized ONNX file (and any external data) into the artifact directory."""
+        for file in model.onnx_path.parent.iterdir():
+            shutil.copy2(file, directory / (MODEL_FILE if file == model.onnx_path else file.name))
+        return BuildOutput(runtime_config={"providers": ["CPUExecutionProvider"]})
+
+    def load(self, directory: Path, manifest: Manifest) -> Runner:
+        """An ONNX Runtime session on the artifact."""
+        return OnnxRuntimeRunner(directory / MODEL_FILE, manifest)

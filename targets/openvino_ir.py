@@ -1,0 +1,86 @@
+"""`openvino` (alias `cpu`): OpenVINO IR, validated with the OpenVINO CPU runtime.
+
+The IR is converted from Kiln's ONNX graph rather than directly from the exported
+program: the ONNX route is the one every pass writes to, it accepts `.onnx` sources,
+and OpenVINO's direct PyTorch frontend fails on models (e.g. transformers' GPT-2)
+that its ONNX frontend reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from targets.base import BuildOutput, Runner, Target
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from compiler.capture import CapturedModel
+    from compiler.types import Manifest
+
+MODEL_FILE = "model.xml"
+WEIGHTS_FILE = "model.bin"
+# What the runtime is asked to compute in, per export precision. fp16 keeps fp16 weights
+# in the IR but computes in f32; bf16 asks the CPU plugin for bf16 where the CPU has it.
+INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16"}
+
+
+class OpenVinoRunner(Runner):
+    """Runs an OpenVINO IR on the CPU plugin with the manifest's runtime config."""
+
+    def __init__(self, directory: Path, manifest: Manifest):
+        import openvino as ov
+
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(directory / MODEL_FILE)), "CPU",
+                                           dict(manifest.runtime_config))
+        self.request = self.compiled.create_infer_request()
+        self.inputs, self.outputs = manifest.inputs, manifest.outputs
+        self.output_ports = list(self.compiled.outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name."""
+        results = self.request.infer(feeds)
+        return {spec.name: results[port].copy() for spec, port in zip(self.outputs, self.output_ports)}
+
+    def runtime_info(self) -> dict[str, Any]:
+        """The precision the CPU plugin actually ran in, and its threads."""
+        import openvino as ov
+
+        precision = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return {"runtime": f"openvino {ov.get_version()}",
+                "inference_precision": precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision),
+                "execution_mode": str(self.compiled.get_property("EXECUTION_MODE_HINT")),
+                "num_streams": str(self.compiled.get_property("NUM_STREAMS")),
+                "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS"))}
+
+
+class OpenVinoTarget(Target):
+    """OpenVINO IR (`model.xml` + `model.bin`) for Intel/AMD CPUs."""
+
+    name = "openvino"
+    aliases = ("cpu", "ov")
+    description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
+    requires = {"openvino": "openvino", "onnx": "onnx"}
+    precisions = ("fp32", "fp16", "bf16")
+
+    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+        """Convert the ONNX graph to IR; weights stay fp32 unless fp16 was asked for."""
+        import openvino as ov
+
+        ov_model = ov.convert_model(str(model.onnx_path))
+        # save_model compresses weights to fp16 by default: an fp32 export must not.
+        ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=precision == "fp16")
+        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
+        cpu = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        notes = []
+        if precision == "bf16" and "BF16" not in cpu:
+            notes.append("this CPU has no bf16 support: OpenVINO computes in f32 here; "
+                         "the IR asks for bf16 and will use it on a CPU that has it")
+        return BuildOutput(runtime_config=config, info={"weights": "fp16" if precision == "fp16" else "fp32",
+                                                        "cpu_capabilities": list(cpu)}, notes=notes)
+
+    def load(self, directory: Path, manifest: Manifest) -> Runner:
+        """A compiled model on the CPU plugin."""
+        return OpenVinoRunner(directory, manifest)
