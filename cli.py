@@ -13,7 +13,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from compiler.errors import KilnError
 
@@ -39,9 +38,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     options = ExportOptions(
-        precision=args.precision, dynamic_batch=DynamicBatch.parse(args.dynamic_batch) if args.dynamic_batch else None,
-        inputs_files=[Path(p) for p in args.inputs or []], atol=args.atol, rtol=args.rtol, samples=args.samples,
-        parity_gate=not args.no_parity_gate, force=args.force)
+        precision=args.precision,
+        dynamic_batch=DynamicBatch.parse(args.dynamic_batch) if args.dynamic_batch else None,
+        inputs_files=[Path(p) for p in args.inputs or []],
+        atol=args.atol,
+        rtol=args.rtol,
+        samples=args.samples,
+        parity_gate=not args.no_parity_gate,
+        force=args.force,
+    )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
     failed = [r for r in results if r.parity is not None and not r.parity.passed]
@@ -68,20 +73,31 @@ def cmd_targets(args: argparse.Namespace) -> int:
     """`kiln targets`: every target, its aliases, precisions, needs and availability here."""
     from targets import TARGETS
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for target in TARGETS:
         reason = target.unavailable_reason()
-        rows.append({"name": target.name, "aliases": list(target.aliases), "precisions": list(target.precisions),
-                     "consumes": target.consumes, "requires": list(target.requires.values()),
-                     "available": reason is None, "why_unavailable": reason, "description": target.description})
+        rows.append(
+            {
+                "name": target.name,
+                "aliases": list(target.aliases),
+                "precisions": list(target.precisions),
+                "consumes": target.consumes,
+                "requires": list(target.requires.values()),
+                "available": reason is None,
+                "why_unavailable": reason,
+                "description": target.description,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         state = "available" if row["available"] else f"unavailable: {row['why_unavailable']}"
         aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
-        print(f"{row['name']}{aliases}\n    {row['description']}\n    precisions: {', '.join(row['precisions'])}; "
-              f"needs: {', '.join(row['requires'])}; {state}")
+        print(
+            f"{row['name']}{aliases}\n    {row['description']}\n    precisions: {', '.join(row['precisions'])}; "
+            f"needs: {', '.join(row['requires'])}; {state}"
+        )
     return 0
 
 
@@ -94,8 +110,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         from dataclasses import asdict
 
-        print(json.dumps([{"directory": str(r.directory), "target": r.manifest.target, "notes": r.notes,
-                           "parity": asdict(r.report)} for r in results], indent=2, default=str))
+        print(
+            json.dumps(
+                [
+                    {
+                        "directory": str(r.directory),
+                        "target": r.manifest.target,
+                        "notes": r.notes,
+                        "parity": asdict(r.report),
+                    }
+                    for r in results
+                ],
+                indent=2,
+                default=str,
+            )
+        )
     else:
         for result in results:
             print(f"{result.manifest.target} ({result.directory}):")
@@ -115,10 +144,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     model = load(args.export_dir, args.target)
     outputs = model.run(read_inputs_file(Path(args.inputs), model.inputs))
-    np.savez(args.output, **outputs)
+    arrays: dict[str, Any] = dict(outputs)
+    np.savez(args.output, **arrays)
     if args.json:
-        print(json.dumps({"output_file": args.output,
-                          "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()}}))
+        print(
+            json.dumps(
+                {
+                    "output_file": args.output,
+                    "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
+                }
+            )
+        )
     elif not args.quiet:
         for name, value in outputs.items():
             print(f"{name}: {value.dtype}{list(value.shape)}")
@@ -128,13 +164,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="kiln", description="Export PyTorch models to deployable artifacts, "
-                                     "each proven to match PyTorch before it is published.")
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="Export PyTorch models to deployable artifacts, "
+        "each proven to match PyTorch before it is published.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    export = sub.add_parser("export", help="export a model to one or more targets",
-                            description="MODEL is zoo:NAME, path/file.py:factory (runs that file's code), "
-                                        "file.pt2 or file.onnx.")
+    export = sub.add_parser(
+        "export",
+        help="export a model to one or more targets",
+        description="MODEL is zoo:NAME, path/file.py:factory (runs that file's code), file.pt2 or file.onnx.",
+    )
     export.add_argument("model", help="zoo:NAME | file.py:factory | file.pt2 | file.onnx")
     export.add_argument("--target", "-t", required=True, help="target name, comma list, or all (see `kiln targets`)")
     export.add_argument("--out", "-o", help="output directory (default: exports/MODEL)")
@@ -189,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KILN_DEBUG"):
             raise
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        print(f"kiln: internal error: {type(error).__name__}: {first} (rerun with KILN_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"kiln: internal error: {type(error).__name__}: {first} (rerun with KILN_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

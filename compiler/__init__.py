@@ -24,16 +24,27 @@ if TYPE_CHECKING:
     from compiler.runner import LoadedModel
     from compiler.types import ExportResult
 
-__all__ = ["KilnError", "MissingBackendError", "ParityError", "UnsupportedOpError", "UsageError",
-           "export", "load"]
+__all__ = ["KilnError", "MissingBackendError", "ParityError", "UnsupportedOpError", "UsageError", "export", "load"]
 __version__ = "0.1.0"
 
 
-def export(model: torch.nn.Module | str, example_inputs: Any = None, target: str = "openvino",
-           out: str | Path | None = None, *, precision: str = "fp32", dynamic_batch: str | None = None,
-           inputs: list[str | Path] | None = None, atol: float | None = None, rtol: float | None = None,
-           samples: int = 4, parity_gate: bool = True, force: bool = False, passes: list[Any] | None = None,
-           raise_on_parity_failure: bool = True) -> ExportResult:
+def export(
+    model: torch.nn.Module | str,
+    example_inputs: Any = None,
+    target: str = "openvino",
+    out: str | Path | None = None,
+    *,
+    precision: str = "fp32",
+    dynamic_batch: str | None = None,
+    inputs: list[str | Path] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    samples: int = 4,
+    parity_gate: bool = True,
+    force: bool = False,
+    passes: list[Any] | None = None,
+    raise_on_parity_failure: bool = True,
+) -> ExportResult:
     """Export `model` (a module with `example_inputs`, or a source string like `zoo:cnn`) to one target.
 
     The artifact is validated against the model; if it fails parity it is kept under
@@ -45,15 +56,25 @@ def export(model: torch.nn.Module | str, example_inputs: Any = None, target: str
     if "," in target or target == "all":
         raise UsageError(f"export() takes one target, got '{target}'", "call it once per target")
     name = model if isinstance(model, str) else type(model).__name__.lower()
-    options = ExportOptions(precision=precision, dynamic_batch=DynamicBatch.parse(dynamic_batch) if dynamic_batch else None,
-                            inputs_files=[Path(p) for p in inputs or []], atol=atol, rtol=rtol, samples=samples,
-                            parity_gate=parity_gate, force=force, passes=passes)
+    options = ExportOptions(
+        precision=precision,
+        dynamic_batch=DynamicBatch.parse(dynamic_batch) if dynamic_batch else None,
+        inputs_files=[Path(p) for p in inputs or []],
+        atol=atol,
+        rtol=rtol,
+        samples=samples,
+        parity_gate=parity_gate,
+        force=force,
+        passes=passes,
+    )
     destination = Path(out) if out is not None else Path("exports") / Path(str(name).split(":")[-1]).stem / target
     (result,) = export_targets(model, target, destination, options, example_inputs=example_inputs)
     if raise_on_parity_failure and not result.published and result.parity is not None:
         failed = "; ".join(o.summary() for o in result.parity.failures())
-        raise ParityError(f"{result.target} artifact failed parity: {failed}",
-                          f"inspect {result.directory}, or loosen atol/rtol if the error is acceptable")
+        raise ParityError(
+            f"{result.target} artifact failed parity: {failed}",
+            f"inspect {result.directory}, or loosen atol/rtol if the error is acceptable",
+        )
     return result
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import os
 import re
 import shutil
 import traceback
@@ -62,7 +65,9 @@ def capture(source: ModelSource, dynamic_batch: DynamicBatch | None, workdir: Pa
     if source.kind == "onnx":
         assert source.onnx_path is not None
         if dynamic_batch is not None:
-            raise UsageError("--dynamic-batch does not apply to an .onnx source", "its dynamic dims are already set in the file")
+            raise UsageError(
+                "--dynamic-batch does not apply to an .onnx source", "its dynamic dims are already set in the file"
+            )
         _copy_onnx(source.onnx_path, onnx_path)
         exported = None
     else:
@@ -81,16 +86,20 @@ def run_eager(source: ModelSource, inputs: tuple[Any, ...]) -> Any:
     try:
         inspect.signature(forward).bind(*inputs)
     except TypeError as exc:
-        raise UsageError(f"example inputs do not match {type(module).__name__}.forward{_signature(forward)}: {exc}",
-                         "return example inputs in the order forward() takes them") from None
+        raise UsageError(
+            f"example inputs do not match {type(module).__name__}.forward{_signature(forward)}: {exc}",
+            "return example inputs in the order forward() takes them",
+        ) from None
     try:
         with torch.no_grad():
             return module(*inputs)
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in inputs)
-        raise UsageError(f"running {source.description} on its example inputs ({shapes}) failed: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-                         "check the shapes and dtypes of the example inputs") from None
+        raise UsageError(
+            f"running {source.description} on its example inputs ({shapes}) failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            "check the shapes and dtypes of the example inputs",
+        ) from None
 
 
 def _signature(fn: Any) -> str:
@@ -106,8 +115,10 @@ def flat_output_names(outputs: Any) -> list[str]:
     names = []
     for path, leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
-            raise UsageError(f"the model returns a {type(leaf).__name__} at {torch.utils._pytree.keystr(path) or 'top level'}",
-                             "return only tensors (or tuples/dicts of tensors) from forward()")
+            raise UsageError(
+                f"the model returns a {type(leaf).__name__} at {torch.utils._pytree.keystr(path) or 'top level'}",
+                "return only tensors (or tuples/dicts of tensors) from forward()",
+            )
         parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         names.append(re.sub(r"[^A-Za-z0-9_.]", "_", ".".join(parts)))
     if len(names) == 1 and names[0] == "":
@@ -128,8 +139,10 @@ def export_program(source: ModelSource, dynamic_batch: DynamicBatch | None) -> t
     dynamic_shapes = None
     if dynamic_batch is not None:
         if any(t.dim() == 0 for t in inputs):
-            raise UsageError("--dynamic-batch needs every input to have a batch dimension, but one is a scalar",
-                             "drop --dynamic-batch or give the scalar input a leading dim")
+            raise UsageError(
+                "--dynamic-batch needs every input to have a batch dimension, but one is a scalar",
+                "drop --dynamic-batch or give the scalar input a leading dim",
+            )
         # torch.export specializes a size of 1, so capture at a batch of at least 2.
         capture_batch = min(max(inputs[0].shape[0], 2, dynamic_batch.minimum), dynamic_batch.maximum)
         inputs = tuple(resize_batch(t, capture_batch) for t in inputs)
@@ -138,18 +151,34 @@ def export_program(source: ModelSource, dynamic_batch: DynamicBatch | None) -> t
     module = source.module
     assert module is not None
     try:
-        return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with _converter_output_captured():
+            return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise _capture_error(exc, source, dynamic_batch) from None
+
+
+@contextlib.contextmanager
+def _converter_output_captured() -> Any:
+    """Keep what converters print (graph dumps, progress) off the terminal; KILN_DEBUG=1 shows it."""
+    if os.environ.get("KILN_DEBUG"):
+        yield
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def _user_frame(exc: BaseException) -> str:
     """`file:line (code)` of the innermost traceback frame outside torch and Kiln."""
     torch_root = str(Path(torch.__file__).parent)
     kiln_root = str(Path(__file__).parent)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith((torch_root, kiln_root)) and "site-packages" not in f.filename
-              and not f.filename.startswith("<")]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith((torch_root, kiln_root))
+        and "site-packages" not in f.filename
+        and not f.filename.startswith("<")
+    ]
     if not frames:
         match = re.search(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', str(exc))
         return f"{match[1]}:{match[2]} ({match[3].strip()})" if match else ""
@@ -164,31 +193,47 @@ def _capture_error(exc: Exception, source: ModelSource, dynamic_batch: DynamicBa
     if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
         return UnsupportedOpError(
             f"torch.export cannot capture {source.description}: control flow depends on tensor values{at}",
-            "compute both branches and pick with torch.where(cond, a, b), or use torch.cond")
+            "compute both branches and pick with torch.where(cond, a, b), or use torch.cond",
+        )
     if "Constraints violated" in text or "specialized" in text:
-        return UsageError(f"{source.description} does not support a dynamic batch {dynamic_batch}{at}: "
-                          f"{text.splitlines()[1].strip()[:200] if len(text.splitlines()) > 1 else text[:200]}",
-                          "export with a fixed batch (drop --dynamic-batch) or make the model batch-agnostic")
+        return UsageError(
+            f"{source.description} does not support a dynamic batch {dynamic_batch}{at}: "
+            f"{text.splitlines()[1].strip()[:200] if len(text.splitlines()) > 1 else text[:200]}",
+            "export with a fixed batch (drop --dynamic-batch) or make the model batch-agnostic",
+        )
     first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    return UnsupportedOpError(f"torch.export failed on {source.description}{at}: {type(exc).__name__}: {first}",
-                              "see https://pytorch.org/docs/stable/export.html for what export supports")
+    return UnsupportedOpError(
+        f"torch.export failed on {source.description}{at}: {type(exc).__name__}: {first}",
+        "see https://pytorch.org/docs/stable/export.html for what export supports",
+    )
 
 
-def lower_to_onnx(exported: torch.export.ExportedProgram, path: Path, output_names: list[str],
-                  dynamic_batch: DynamicBatch | None) -> None:
+def lower_to_onnx(
+    exported: torch.export.ExportedProgram, path: Path, output_names: list[str], dynamic_batch: DynamicBatch | None
+) -> None:
     """Lower the FX program to ONNX (dynamo exporter, opset >= 18) and check the result."""
     import onnx
 
     try:
-        program = torch.onnx.export(exported, (), dynamo=True, optimize=True, verbose=False,
-                                    output_names=output_names, opset_version=max(MIN_OPSET, 20))
+        with _converter_output_captured():
+            program = torch.onnx.export(
+                exported,
+                (),
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+                output_names=output_names,
+                opset_version=max(MIN_OPSET, 20),
+            )
         assert program is not None
         program.save(str(path))
     except Exception as exc:
         op = re.search(r"(aten::?\.?[A-Za-z_0-9.]+)", str(exc))
         what = f" (operator {op[1]})" if op else ""
-        raise UnsupportedOpError(f"lowering to ONNX failed{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
-                                 "use a target that consumes the FX graph, or replace that operation in the model") from None
+        raise UnsupportedOpError(
+            f"lowering to ONNX failed{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
+            "use a target that consumes the FX graph, or replace that operation in the model",
+        ) from None
     proto = onnx.load(str(path), load_external_data=False)
     if dynamic_batch is not None:
         _name_batch_dim(proto)
@@ -196,14 +241,19 @@ def lower_to_onnx(exported: torch.export.ExportedProgram, path: Path, output_nam
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise UnsupportedOpError(f"the lowered ONNX graph fails onnx.checker: {str(exc).splitlines()[0][:300]}",
-                                 "report this as a Kiln bug with the model") from None
+        raise UnsupportedOpError(
+            f"the lowered ONNX graph fails onnx.checker: {str(exc).splitlines()[0][:300]}",
+            "report this as a Kiln bug with the model",
+        ) from None
 
 
 def _name_batch_dim(proto: Any) -> None:
     """Rename the exporter's symbol for dim 0 (e.g. `s43`) to `batch` everywhere in the graph."""
-    symbols = {i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input
-               if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param}
+    symbols = {
+        i.type.tensor_type.shape.dim[0].dim_param
+        for i in proto.graph.input
+        if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param
+    }
     for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in symbols:
@@ -217,8 +267,13 @@ def _copy_onnx(source: Path, destination: Path) -> None:
     check_onnx_external_data(source)
     shutil.copy2(source, destination)
     proto = onnx.load(str(source), load_external_data=False)
-    locations = {e.value for t in onnx.external_data_helper._get_all_tensors(proto)
-                 if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    locations = {
+        e.value
+        for t in onnx.external_data_helper._get_all_tensors(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
     for location in locations:
         (destination.parent / location).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.parent / location, destination.parent / location)

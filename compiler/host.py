@@ -7,8 +7,18 @@ import platform
 from importlib import metadata
 from typing import Any
 
-INTERESTING_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
-                         "amx_bf16", "amx_int8", "amx_tile", "f16c")
+INTERESTING_CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_int8",
+    "amx_tile",
+    "f16c",
+)
 
 
 @functools.cache
@@ -27,8 +37,13 @@ def host_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"cpu": model, "cpu_flags": [f for f in INTERESTING_CPU_FLAGS if f in flags],
-            "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.system()}
+    return {
+        "cpu": model,
+        "cpu_flags": [f for f in INTERESTING_CPU_FLAGS if f in flags],
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+    }
 
 
 def versions(*packages: str) -> dict[str, str]:

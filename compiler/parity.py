@@ -67,14 +67,17 @@ def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
     except FileNotFoundError:
         raise UsageError(f"inputs file {path} does not exist", "check the path given to --inputs") from None
     except Exception as exc:
-        raise UsageError(f"cannot read {path} as .npz: {exc}",
-                         "save inputs with numpy.savez(path, input_name=array, ...)") from None
+        raise UsageError(
+            f"cannot read {path} as .npz: {exc}", "save inputs with numpy.savez(path, input_name=array, ...)"
+        ) from None
     feeds: Feeds = {}
     for position, spec in enumerate(specs):
         array = arrays.get(spec.name, arrays.get(f"arg{position}"))
         if array is None:
-            raise UsageError(f"{path} has no array for input '{spec.name}' (keys: {', '.join(arrays) or 'none'})",
-                             f"name the arrays {', '.join(s.name for s in specs)}")
+            raise UsageError(
+                f"{path} has no array for input '{spec.name}' (keys: {', '.join(arrays) or 'none'})",
+                f"name the arrays {', '.join(s.name for s in specs)}",
+            )
         feeds[spec.name] = check_feed(spec, array, str(path))
     return feeds
 
@@ -84,18 +87,27 @@ def check_feed(spec: TensorSpec, array: Any, where: str) -> np.ndarray:
     array = np.asarray(array)
     expected = np.dtype(spec.dtype)
     if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
-        raise UsageError(f"{where}: input '{spec.name}' has shape {list(array.shape)}, expected {list(spec.shape)}",
-                         "match the shape the model was exported with")
+        raise UsageError(
+            f"{where}: input '{spec.name}' has shape {list(array.shape)}, expected {list(spec.shape)}",
+            "match the shape the model was exported with",
+        )
     if array.dtype != expected:
         if array.dtype.kind != expected.kind and not (array.dtype.kind in "iub" and expected.kind in "iub"):
-            raise UsageError(f"{where}: input '{spec.name}' is {array.dtype}, expected {expected}",
-                             f"save it as {expected}")
+            raise UsageError(
+                f"{where}: input '{spec.name}' is {array.dtype}, expected {expected}", f"save it as {expected}"
+            )
         array = array.astype(expected)
     return array
 
 
-def make_inputs(examples: list[np.ndarray], specs: list[TensorSpec], count: int, batches: list[int],
-                user_sets: list[tuple[str, Feeds]], seed: int = 0) -> tuple[list[Feeds], list[str]]:
+def make_inputs(
+    examples: list[np.ndarray],
+    specs: list[TensorSpec],
+    count: int,
+    batches: list[int],
+    user_sets: list[tuple[str, Feeds]],
+    seed: int = 0,
+) -> tuple[list[Feeds], list[str]]:
     """Parity input sets: the example, random sets within its value range, one per extra batch size, the user's."""
     rng = np.random.default_rng(seed)
     names = [s.name for s in specs]
@@ -129,12 +141,15 @@ def _random_like(example: np.ndarray, batch: int | None, rng: np.random.Generato
 
 def compare(actual: list[Feeds], expected: list[Feeds], tolerance: Tolerance) -> list[OutputMetrics]:
     """Per-output metrics of `actual` against `expected` over all samples."""
-    return [_compare_output(name, [a.get(name) for a in actual], [e[name] for e in expected], tolerance)
-            for name in expected[0]]
+    return [
+        _compare_output(name, [a.get(name) for a in actual], [e[name] for e in expected], tolerance)
+        for name in expected[0]
+    ]
 
 
-def _compare_output(name: str, actual: list[np.ndarray | None], expected: list[np.ndarray],
-                    tolerance: Tolerance) -> OutputMetrics:
+def _compare_output(
+    name: str, actual: list[np.ndarray | None], expected: list[np.ndarray], tolerance: Tolerance
+) -> OutputMetrics:
     exact = expected[0].dtype.kind in "biu"
     metrics = OutputMetrics(name=name, passed=True, kind="exact" if exact else "float")
     mismatched = total = 0
@@ -144,8 +159,13 @@ def _compare_output(name: str, actual: list[np.ndarray | None], expected: list[n
             return OutputMetrics(name, False, metrics.kind, reason=f"output missing from the artifact (sample {index})")
         got = np.asarray(got)
         if got.shape != want.shape:
-            return OutputMetrics(name, False, metrics.kind, worst_sample=index,
-                                 reason=f"shape {list(got.shape)} != reference {list(want.shape)} (sample {index})")
+            return OutputMetrics(
+                name,
+                False,
+                metrics.kind,
+                worst_sample=index,
+                reason=f"shape {list(got.shape)} != reference {list(want.shape)} (sample {index})",
+            )
         total += want.size
         if exact:
             equal = int(np.count_nonzero(got.astype(want.dtype) == want))
@@ -173,8 +193,10 @@ def _compare_output(name: str, actual: list[np.ndarray | None], expected: list[n
     metrics.mismatch_fraction = mismatched / total if total else 0.0
     reasons = []
     if metrics.mismatch_fraction > tolerance.max_mismatch:
-        reasons.append(f"{metrics.mismatch_fraction:.2%} of elements outside atol={tolerance.atol:g} "
-                       f"rtol={tolerance.rtol:g} (allowed {tolerance.max_mismatch:.2%})")
+        reasons.append(
+            f"{metrics.mismatch_fraction:.2%} of elements outside atol={tolerance.atol:g} "
+            f"rtol={tolerance.rtol:g} (allowed {tolerance.max_mismatch:.2%})"
+        )
     if metrics.min_cosine < tolerance.min_cosine:
         reasons.append(f"cosine {metrics.min_cosine:.6f} < {tolerance.min_cosine}")
     metrics.passed = not reasons
@@ -190,11 +212,18 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / norm)
 
 
-def validate(run: Callable[[Feeds], Feeds], samples: ParitySamples, tolerance: Tolerance, reference: str,
-             runtime: dict[str, Any]) -> ParityReport:
+def validate(
+    run: Callable[[Feeds], Feeds], samples: ParitySamples, tolerance: Tolerance, reference: str, runtime: dict[str, Any]
+) -> ParityReport:
     """Run the artifact on every sample and judge it against the reference outputs."""
     actual = [run(feeds) for feeds in samples.inputs]
     outputs = compare(actual, samples.reference, tolerance)
-    return ParityReport(passed=all(o.passed for o in outputs), reference=reference, tolerance=tolerance,
-                        samples=len(samples.inputs), sample_origins=samples.origins, outputs=outputs,
-                        runtime=runtime)
+    return ParityReport(
+        passed=all(o.passed for o in outputs),
+        reference=reference,
+        tolerance=tolerance,
+        samples=len(samples.inputs),
+        sample_origins=samples.origins,
+        outputs=outputs,
+        runtime=runtime,
+    )

@@ -50,9 +50,14 @@ class _Build:
     relative: Path = Path()  # where it ends up inside the output directory
 
 
-def export_targets(model: str | torch.nn.Module, targets: str | list[str], out: str | Path,
-                   options: ExportOptions | None = None, example_inputs: Any = None,
-                   progress: Progress | None = None) -> list[ExportResult]:
+def export_targets(
+    model: str | torch.nn.Module,
+    targets: str | list[str],
+    out: str | Path,
+    options: ExportOptions | None = None,
+    example_inputs: Any = None,
+    progress: Progress | None = None,
+) -> list[ExportResult]:
     """Export one model to one or more targets, each validated against the reference; see `export`."""
     options = options or ExportOptions()
     progress = progress or Progress(quiet=True)
@@ -61,7 +66,7 @@ def export_targets(model: str | torch.nn.Module, targets: str | list[str], out: 
     check_output_dir(out, options.force)
     with progress.stage("load", model if isinstance(model, str) else type(model).__name__):
         source = _load(model, example_inputs, options)
-    _check_source_fits(source, chosen)
+    chosen = _fit_to_source(source, chosen, every=_names(targets) == ["all"], progress=progress)
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
         with progress.stage("capture", "torch.export -> ONNX" if source.kind == "torch" else "ONNX"):
             captured = capture(source, options.dynamic_batch, Path(work))
@@ -69,35 +74,63 @@ def export_targets(model: str | torch.nn.Module, targets: str | list[str], out: 
             samples = reference_samples(source, captured, options)
         with progress.stage("passes"):
             optimized, pass_records = optimize(captured, Path(work), options.passes)
-        builds = [build_and_validate(t, source, optimized, samples, pass_records, staging / "builds" / t.name,
-                                     options, progress) for t in chosen]
+        builds = [
+            build_and_validate(
+                t, source, optimized, samples, pass_records, staging / "builds" / t.name, options, progress
+            )
+            for t in chosen
+        ]
         install_tree(_assemble(staging, builds, single=len(chosen) == 1), out)
     return [ExportResult(b.target.name, out / b.relative, b.manifest, b.manifest.published) for b in builds]
 
 
-def build_and_validate(target: Target, source: ModelSource, model: CapturedModel, samples: ParitySamples,
-                       pass_records: list[PassRecord], directory: Path, options: ExportOptions,
-                       progress: Progress) -> _Build:
+def build_and_validate(
+    target: Target,
+    source: ModelSource,
+    model: CapturedModel,
+    samples: ParitySamples,
+    pass_records: list[PassRecord],
+    directory: Path,
+    options: ExportOptions,
+    progress: Progress,
+) -> _Build:
     """Build one target's artifact, run it on the parity samples, and write its manifest."""
     directory.mkdir(parents=True)
     with progress.stage(f"build {target.name}", options.precision):
         built = target.build(model, directory, options.precision)
     stored = samples.save(directory)
     manifest = Manifest(
-        target=target.name, precision=options.precision,
-        source={"description": source.description, "kind": source.kind, "state_hash": source.state_hash,
-                "reference": source.reference_name},
-        files=[], inputs=model.inputs, outputs=model.outputs, parity=None, published=False,
-        parity_gate=options.parity_gate, runtime_config=built.runtime_config, timings={},
-        versions=versions(*target.requires.values()), host=host_info(), passes=pass_records,
-        target_info={"opset": model.opset,
-                     "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None, **built.info},
+        target=target.name,
+        precision=options.precision,
+        source={
+            "description": source.description,
+            "kind": source.kind,
+            "state_hash": source.state_hash,
+            "reference": source.reference_name,
+        },
+        files=[],
+        inputs=model.inputs,
+        outputs=model.outputs,
+        parity=None,
+        published=False,
+        parity_gate=options.parity_gate,
+        runtime_config=built.runtime_config,
+        timings={},
+        versions=versions(*target.requires.values()),
+        host=host_info(),
+        passes=pass_records,
+        target_info={
+            "opset": model.opset,
+            "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
+            **built.info,
+        },
         notes=list(built.notes) + ([] if stored else ["parity samples too large to store: verify needs --model"]),
     )
     with progress.stage(f"validate {target.name}", f"{len(samples.inputs)} input sets"):
         runner = target.load(directory, manifest)
-        manifest.parity = validate(runner.run, samples, options.tolerance(), source.reference_name,
-                                   runner.runtime_info())
+        manifest.parity = validate(
+            runner.run, samples, options.tolerance(), source.reference_name, runner.runtime_info()
+        )
     manifest.published = manifest.parity.passed or not options.parity_gate
     if not options.parity_gate and not manifest.parity.passed:
         manifest.notes.append("published without passing parity (--no-parity-gate)")
@@ -114,12 +147,15 @@ def reference_samples(source: ModelSource, model: CapturedModel, options: Export
         raise UsageError(f"--samples {options.samples}: need at least 1", "use the default of 4")
     examples = [t.detach().cpu().numpy() for t in source.example_inputs]
     if len(examples) != len(model.inputs):
-        raise UsageError(f"the ONNX graph has {len(model.inputs)} inputs but the model takes {len(examples)}",
-                         "remove unused inputs from forward()")
+        raise UsageError(
+            f"the ONNX graph has {len(model.inputs)} inputs but the model takes {len(examples)}",
+            "remove unused inputs from forward()",
+        )
     batch = model.dynamic_batch
     user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.inputs_files]
-    inputs, origins = make_inputs(examples, model.inputs, options.samples,
-                                  [batch.minimum, batch.maximum] if batch else [], user_sets)
+    inputs, origins = make_inputs(
+        examples, model.inputs, options.samples, [batch.minimum, batch.maximum] if batch else [], user_sets
+    )
     reference = reference_runner(source, model)
     return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs])
 
@@ -144,7 +180,9 @@ def reference_runner(source: ModelSource, model: CapturedModel) -> Any:
     return run
 
 
-def optimize(model: CapturedModel, work: Path, pipeline: list[GraphPass] | None) -> tuple[CapturedModel, list[PassRecord]]:
+def optimize(
+    model: CapturedModel, work: Path, pipeline: list[GraphPass] | None
+) -> tuple[CapturedModel, list[PassRecord]]:
     """Run the graph passes over the captured ONNX graph; the optimized model and what each pass did."""
     chosen = [PASSES[name] for name in DEFAULT_PIPELINE] if pipeline is None else pipeline
     if not chosen:
@@ -188,20 +226,37 @@ def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
 def _check_targets(targets: list[Target], precision: str) -> list[Target]:
     for target in targets:
         if precision not in target.precisions:
-            raise UsageError(f"target {target.name} does not support precision {precision}",
-                             f"use one of: {', '.join(target.precisions)}")
+            raise UsageError(
+                f"target {target.name} does not support precision {precision}",
+                f"use one of: {', '.join(target.precisions)}",
+            )
         reason = target.unavailable_reason()
         if reason:
-            raise MissingBackendError(f"target {target.name} is not available on this machine: {reason}",
-                                      "install what it needs, or choose another target (kiln targets)")
+            raise MissingBackendError(
+                f"target {target.name} is not available on this machine: {reason}",
+                "install what it needs, or choose another target (kiln targets)",
+            )
     return targets
 
 
-def _check_source_fits(source: ModelSource, targets: list[Target]) -> None:
+def _names(targets: str | list[str]) -> list[str]:
+    return [n.strip() for n in (targets.split(",") if isinstance(targets, str) else targets) if n.strip()]
+
+
+def _fit_to_source(source: ModelSource, targets: list[Target], every: bool, progress: Progress) -> list[Target]:
+    """The targets that can take this source; with `all`, skip the rest, else refuse them."""
+    fitting = [t for t in targets if source.kind == "torch" or t.consumes == "onnx"]
+    if every and fitting:
+        for skipped in (t for t in targets if t not in fitting):
+            progress.say(f"skipping {skipped.name}: it needs a PyTorch model, not ONNX")
+        return fitting
     for target in targets:
-        if source.kind == "onnx" and target.consumes != "onnx":
-            raise UsageError(f"target {target.name} needs a PyTorch model, but {source.description} is ONNX",
-                             "give the model as file.py:factory, .pt2 or zoo:NAME, or pick an ONNX-consuming target")
+        if target not in fitting:
+            raise UsageError(
+                f"target {target.name} needs a PyTorch model, but {source.description} is ONNX",
+                "give the model as file.py:factory, .pt2 or zoo:NAME, or pick an ONNX-consuming target",
+            )
+    return targets
 
 
 def _assemble(staging: Path, builds: list[_Build], single: bool) -> Path:

@@ -36,14 +36,18 @@ class LoadedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """Run on inputs given in order or by name; outputs as a name -> array dict."""
         if len(args) > len(self.inputs):
-            raise UsageError(f"got {len(args)} inputs, the model takes {len(self.inputs)}",
-                             f"inputs: {', '.join(s.describe() for s in self.inputs)}")
+            raise UsageError(
+                f"got {len(args)} inputs, the model takes {len(self.inputs)}",
+                f"inputs: {', '.join(s.describe() for s in self.inputs)}",
+            )
         given = dict(zip((s.name for s in self.inputs), args)) | kwargs
         missing = [s.name for s in self.inputs if s.name not in given]
         unknown = [n for n in given if n not in {s.name for s in self.inputs}]
         if missing or unknown:
-            raise UsageError(f"inputs missing: {missing or 'none'}, unknown: {unknown or 'none'}",
-                             f"inputs: {', '.join(s.describe() for s in self.inputs)}")
+            raise UsageError(
+                f"inputs missing: {missing or 'none'}, unknown: {unknown or 'none'}",
+                f"inputs: {', '.join(s.describe() for s in self.inputs)}",
+            )
         feeds = {s.name: check_feed(s, _to_numpy(given[s.name]), "input") for s in self.inputs}
         return self.run(feeds)
 
@@ -106,8 +110,10 @@ def check_files(directory: Path, manifest: Manifest) -> None:
         if found is None:
             raise UsageError(f"{directory}: artifact file {recorded.path} is missing", "re-export the model")
         if found.sha256 != recorded.sha256:
-            raise UsageError(f"{directory}: {recorded.path} changed since export (sha256 differs)",
-                             "re-export the model, or restore the file")
+            raise UsageError(
+                f"{directory}: {recorded.path} changed since export (sha256 differs)",
+                "re-export the model, or restore the file",
+            )
 
 
 @dataclass

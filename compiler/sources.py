@@ -53,19 +53,28 @@ def load_source(spec: str, user_inputs: list[dict[str, np.ndarray]] | None = Non
         return _load_pt2(path, spec)
     if path.suffix == ".onnx":
         return _load_onnx(path, spec, user_inputs)
-    raise UsageError(f"don't know how to load model '{spec}'",
-                     "use zoo:NAME, path/to/file.py:factory, file.pt2 or file.onnx")
+    raise UsageError(
+        f"don't know how to load model '{spec}'", "use zoo:NAME, path/to/file.py:factory, file.pt2 or file.onnx"
+    )
 
 
 def from_module(module: torch.nn.Module, example_inputs: Any, description: str = "") -> ModelSource:
     """Wrap an in-memory module and its example inputs (library use)."""
     if not isinstance(module, torch.nn.Module):
-        raise UsageError(f"expected a torch.nn.Module, got {type(module).__name__}",
-                         "pass the model object itself, or a source string such as zoo:cnn")
+        raise UsageError(
+            f"expected a torch.nn.Module, got {type(module).__name__}",
+            "pass the model object itself, or a source string such as zoo:cnn",
+        )
     inputs = _normalize_inputs(example_inputs, description or type(module).__name__)
     name = description or type(module).__name__.lower()
-    return ModelSource(description or f"<{type(module).__name__}>", name, "torch", inputs,
-                       module=module.eval(), state_hash=state_hash(module.state_dict()))
+    return ModelSource(
+        description or f"<{type(module).__name__}>",
+        name,
+        "torch",
+        inputs,
+        module=module.eval(),
+        state_hash=state_hash(module.state_dict()),
+    )
 
 
 def _normalize_inputs(example_inputs: Any, where: str) -> tuple[Any, ...]:
@@ -74,13 +83,17 @@ def _normalize_inputs(example_inputs: Any, where: str) -> tuple[Any, ...]:
     if isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple) or not example_inputs:
-        raise UsageError(f"{where}: example inputs must be a tensor or a non-empty tuple of tensors, "
-                         f"got {type(example_inputs).__name__}",
-                         "return (model, (tensor1, tensor2, ...)) from the factory")
+        raise UsageError(
+            f"{where}: example inputs must be a tensor or a non-empty tuple of tensors, "
+            f"got {type(example_inputs).__name__}",
+            "return (model, (tensor1, tensor2, ...)) from the factory",
+        )
     for i, value in enumerate(example_inputs):
         if not isinstance(value, torch.Tensor):
-            raise UsageError(f"{where}: example input {i} is a {type(value).__name__}, not a torch.Tensor",
-                             "pass only tensors as example inputs")
+            raise UsageError(
+                f"{where}: example input {i} is a {type(value).__name__}, not a torch.Tensor",
+                "pass only tensors as example inputs",
+            )
     return example_inputs
 
 
@@ -100,8 +113,10 @@ def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist", "check the path before ':'")
     if not factory:
-        raise UsageError(f"'{spec}' names no factory function",
-                         f"write {path}:FUNCTION, where FUNCTION returns (module, example_inputs)")
+        raise UsageError(
+            f"'{spec}' names no factory function",
+            f"write {path}:FUNCTION, where FUNCTION returns (module, example_inputs)",
+        )
     module_name = f"kiln_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
@@ -115,8 +130,9 @@ def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
     fn = getattr(user_module, factory, None)
     if fn is None or not callable(fn):
         available = [n for n, v in vars(user_module).items() if inspect.isfunction(v) and v.__module__ == module_name]
-        raise UsageError(f"{path} has no function '{factory}'",
-                         f"functions defined there: {', '.join(available) or 'none'}")
+        raise UsageError(
+            f"{path} has no function '{factory}'", f"functions defined there: {', '.join(available) or 'none'}"
+        )
     try:
         produced = fn()
     except Exception as exc:
@@ -124,14 +140,18 @@ def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
     if isinstance(produced, torch.nn.Module):
         inputs = getattr(produced, "example_inputs", None)
         if inputs is None:
-            raise UsageError(f"{spec} returned a module without example inputs",
-                             "return (module, example_inputs) or set module.example_inputs")
+            raise UsageError(
+                f"{spec} returned a module without example inputs",
+                "return (module, example_inputs) or set module.example_inputs",
+            )
         module = produced
     elif isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[0], torch.nn.Module):
         module, inputs = produced
     else:
-        raise UsageError(f"{spec} returned {type(produced).__name__}, not (module, example_inputs)",
-                         "return a tuple (torch.nn.Module, tuple of example tensors)")
+        raise UsageError(
+            f"{spec} returned {type(produced).__name__}, not (module, example_inputs)",
+            "return a tuple (torch.nn.Module, tuple of example tensors)",
+        )
     source = from_module(module, inputs, spec)
     source.name = factory
     return source
@@ -143,8 +163,10 @@ def _load_pt2(path: Path, spec: str) -> ModelSource:
     try:
         exported = torch.export.load(str(path))
     except Exception as exc:
-        raise UsageError(f"{path} is not a readable torch.export program ({type(exc).__name__}: {str(exc)[:200]})",
-                         "save it with torch.export.save(torch.export.export(model, args), 'model.pt2')") from None
+        raise UsageError(
+            f"{path} is not a readable torch.export program ({type(exc).__name__}: {str(exc)[:200]})",
+            "save it with torch.export.save(torch.export.export(model, args), 'model.pt2')",
+        ) from None
     args, kwargs = exported.example_inputs or ((), {})
     if kwargs:
         raise UsageError(f"{path} was exported with keyword inputs", "export it with positional example inputs")
@@ -152,8 +174,9 @@ def _load_pt2(path: Path, spec: str) -> ModelSource:
         raise UsageError(f"{path} carries no example inputs", "export it with torch 2.5 or newer, which saves them")
     inputs = _normalize_inputs(tuple(args), spec)
     weights = dict(exported.state_dict) | {k: v for k, v in exported.constants.items() if isinstance(v, torch.Tensor)}
-    return ModelSource(spec, path.stem, "torch", inputs, module=exported.module(), exported=exported,
-                       state_hash=state_hash(weights))
+    return ModelSource(
+        spec, path.stem, "torch", inputs, module=exported.module(), exported=exported, state_hash=state_hash(weights)
+    )
 
 
 def check_onnx_external_data(path: Path) -> None:
@@ -163,8 +186,10 @@ def check_onnx_external_data(path: Path) -> None:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise UsageError(f"{path} is not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})",
-                         "re-export it, or check that the file is complete") from None
+        raise UsageError(
+            f"{path} is not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})",
+            "re-export it, or check that the file is complete",
+        ) from None
     base = path.resolve().parent
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -172,8 +197,10 @@ def check_onnx_external_data(path: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (base / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(base):
-            raise UsageError(f"{path}: tensor '{tensor.name}' points at external data '{location}' outside the model's directory",
-                             "keep external data files next to the .onnx file (refused for safety)")
+            raise UsageError(
+                f"{path}: tensor '{tensor.name}' points at external data '{location}' outside the model's directory",
+                "keep external data files next to the .onnx file (refused for safety)",
+            )
         if not target.is_file():
             raise UsageError(f"{path}: external data file '{location}' is missing", "copy it next to the .onnx file")
 
@@ -187,16 +214,22 @@ def _load_onnx(path: Path, spec: str, user_inputs: list[dict[str, np.ndarray]] |
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise UsageError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:200]}",
-                         "re-export the model; Kiln accepts only valid ONNX") from None
+        raise UsageError(
+            f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:200]}",
+            "re-export the model; Kiln accepts only valid ONNX",
+        ) from None
     proto = onnx.load(str(path), load_external_data=False)
     initializers = {i.name for i in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
     if user_inputs:
-        inputs = tuple(torch.from_numpy(np.asarray(user_inputs[0][i.name])) for i in graph_inputs if i.name in user_inputs[0])
+        inputs = tuple(
+            torch.from_numpy(np.asarray(user_inputs[0][i.name])) for i in graph_inputs if i.name in user_inputs[0]
+        )
         if len(inputs) != len(graph_inputs):
-            raise UsageError(f"--inputs does not name every input of {path}",
-                             f"expected keys: {', '.join(i.name for i in graph_inputs)}")
+            raise UsageError(
+                f"--inputs does not name every input of {path}",
+                f"expected keys: {', '.join(i.name for i in graph_inputs)}",
+            )
     else:
         inputs = tuple(_onnx_example(i) for i in graph_inputs)
     digest = hashlib.sha256()

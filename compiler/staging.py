@@ -20,7 +20,9 @@ def check_output_dir(out: Path, force: bool) -> None:
     if out.exists() and not force:
         if out.is_dir() and {p.name for p in out.iterdir()} <= {REJECTED}:
             return
-        raise UsageError(f"output directory {out} already exists", "pass --force to replace it, or choose another --out")
+        raise UsageError(
+            f"output directory {out} already exists", "pass --force to replace it, or choose another --out"
+        )
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory", "choose another --out")
 
@@ -32,14 +34,17 @@ def staging_area(out: Path) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=f".kiln-{out.name}-", dir=out.parent))
     except OSError as exc:
-        raise UsageError(f"cannot create the output directory {out}: {exc.strerror}",
-                         "choose a writable --out") from None
+        raise UsageError(
+            f"cannot create the output directory {out}: {exc.strerror}", "choose a writable --out"
+        ) from None
     try:
         yield root
     except OSError as exc:
         if exc.errno in WRITE_ERRORS:
-            raise KilnError(f"writing the export failed: {exc.strerror} ({exc.filename or out})",
-                            "free disk space or choose another --out; nothing was left behind") from None
+            raise KilnError(
+                f"writing the export failed: {exc.strerror} ({exc.filename or out})",
+                "free disk space or choose another --out; nothing was left behind",
+            ) from None
         raise
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -208,13 +208,16 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise UsageError(f"{directory} is not a Kiln export: {MANIFEST_NAME} is missing",
-                             "pass the directory that `kiln export --out` wrote") from None
+            raise UsageError(
+                f"{directory} is not a Kiln export: {MANIFEST_NAME} is missing",
+                "pass the directory that `kiln export --out` wrote",
+            ) from None
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read {path}: {exc}", "re-export the model") from None
         if data.get("schema_version", 0) > SCHEMA_VERSION:
-            raise UsageError(f"{path} has schema version {data['schema_version']}, newer than this Kiln supports",
-                             "upgrade Kiln")
+            raise UsageError(
+                f"{path} has schema version {data['schema_version']}, newer than this Kiln supports", "upgrade Kiln"
+            )
         return cls(
             target=data["target"],
             precision=data["precision"],
@@ -268,12 +271,14 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Machine-readable summary for `--json`."""
-        return _json_safe({
-            "target": self.target,
-            "directory": str(self.directory),
-            "published": self.published,
-            "parity": asdict(self.parity) if self.parity else None,
-            "files": [asdict(f) for f in self.manifest.files],
-            "timings": self.manifest.timings,
-            "notes": self.manifest.notes,
-        })
+        return _json_safe(
+            {
+                "target": self.target,
+                "directory": str(self.directory),
+                "published": self.published,
+                "parity": asdict(self.parity) if self.parity else None,
+                "files": [asdict(f) for f in self.manifest.files],
+                "timings": self.manifest.timings,
+                "notes": self.manifest.notes,
+            }
+        )

@@ -82,7 +82,9 @@ class MobileNetSE(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.Hardswish())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.Hardswish()
+        )
         self.blocks = nn.Sequential(InvertedResidual(width), InvertedResidual(width))
         self.head = nn.Linear(width, num_classes)
 
@@ -114,7 +116,9 @@ class EncoderLayer(nn.Module):
 class TinyTransformer(nn.Module):
     """A BERT-like encoder classifier taking token ids and an attention mask (1 = keep)."""
 
-    def __init__(self, vocab: int = 100, dim: int = 32, heads: int = 4, layers: int = 2, max_len: int = 64, num_classes: int = 4):
+    def __init__(
+        self, vocab: int = 100, dim: int = 32, heads: int = 4, layers: int = 2, max_len: int = 64, num_classes: int = 4
+    ):
         super().__init__()
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(max_len, dim)

@@ -56,13 +56,19 @@ def _deduplicate_initializers() -> Callable[[ir.Model], object]:
     return DeduplicateInitializersPass()
 
 
-PASSES: dict[str, GraphPass] = {p.name: p for p in [
-    GraphPass("identity-elimination", "remove Identity nodes, wiring their input through", _identity_elimination),
-    GraphPass("common-subexpression-elimination", "merge nodes that compute the same thing",
-              _common_subexpression_elimination),
-    GraphPass("deduplicate-initializers", "share identical constant tensors", _deduplicate_initializers),
-    GraphPass("dead-node-elimination", "remove nodes whose outputs nothing uses", _dead_node_elimination),
-]}
+PASSES: dict[str, GraphPass] = {
+    p.name: p
+    for p in [
+        GraphPass("identity-elimination", "remove Identity nodes, wiring their input through", _identity_elimination),
+        GraphPass("deduplicate-initializers", "share identical constant tensors", _deduplicate_initializers),
+        GraphPass(
+            "common-subexpression-elimination",
+            "merge nodes that compute the same thing",
+            _common_subexpression_elimination,
+        ),
+        GraphPass("dead-node-elimination", "remove nodes whose outputs nothing uses", _dead_node_elimination),
+    ]
+}
 
 DEFAULT_PIPELINE: tuple[str, ...] = tuple(PASSES)
 
@@ -83,8 +89,13 @@ def run_pipeline(source: Path, destination: Path, pipeline: Sequence[GraphPass])
     for graph_pass in pipeline:
         before, started = count_nodes(model), time.perf_counter()
         model, changed = graph_pass(model)
-        records.append(PassRecord(graph_pass.name, changed, before, count_nodes(model),
-                                  round(time.perf_counter() - started, 4)))
+        records.append(
+            PassRecord(graph_pass.name, changed, before, count_nodes(model), round(time.perf_counter() - started, 4))
+        )
     large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > 2**30
-    ir.save(model, str(destination), external_data=destination.name + ".data" if large else None)
+    if large:
+        ir.save(model, str(destination), external_data=destination.name + ".data")
+    else:
+        # Pull weights that lived in the source's external files into the new self-contained file.
+        ir.save(ir.external_data.load_to_model(model), str(destination))
     return records

@@ -8,8 +8,9 @@ from compiler.errors import UsageError
 from targets.base import BuildOutput, Runner, Target
 from targets.onnxrt import OnnxRuntimeTarget
 from targets.openvino_ir import OpenVinoTarget
+from targets.pt2 import ExportedProgramTarget
 
-TARGETS: list[Target] = [OnnxRuntimeTarget(), OpenVinoTarget()]
+TARGETS: list[Target] = [OnnxRuntimeTarget(), OpenVinoTarget(), ExportedProgramTarget()]
 
 __all__ = ["TARGETS", "BuildOutput", "Runner", "Target", "get_target", "resolve_targets"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +44,7 @@ class Target:
     name: str = ""
     aliases: tuple[str, ...] = ()
     description: str = ""
-    requires: dict[str, str] = {}  # importable module -> pip requirement
+    requires: ClassVar[dict[str, str]] = {}  # importable module -> pip requirement
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
 

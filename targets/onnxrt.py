@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from targets.base import BuildOutput, Runner, Target
 
@@ -44,8 +44,11 @@ class OnnxRuntimeRunner(Runner):
         """Provider and ONNX Runtime version."""
         import onnxruntime as ort
 
-        return {"runtime": f"onnxruntime {ort.__version__}", "providers": self.session.get_providers(),
-                "inference_precision": "fp32"}
+        return {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "providers": self.session.get_providers(),
+            "inference_precision": "fp32",
+        }
 
 
 def _ort_dtype(type_string: str) -> str:
@@ -62,7 +65,7 @@ class OnnxRuntimeTarget(Target):
     name = "onnx"
     aliases = ("onnxruntime", "ort")
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
-    requires = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
+    requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
     precisions = ("fp32",)
 
     def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:

@@ -9,7 +9,7 @@ that its ONNX frontend reads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from targets.base import BuildOutput, Runner, Target
 
@@ -33,8 +33,9 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(str(directory / MODEL_FILE)), "CPU",
-                                           dict(manifest.runtime_config))
+        self.compiled = core.compile_model(
+            core.read_model(str(directory / MODEL_FILE)), "CPU", dict(manifest.runtime_config)
+        )
         self.request = self.compiled.create_infer_request()
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
         self.output_ports = list(self.compiled.outputs)
@@ -49,11 +50,13 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         precision = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        return {"runtime": f"openvino {ov.get_version()}",
-                "inference_precision": precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision),
-                "execution_mode": str(self.compiled.get_property("EXECUTION_MODE_HINT")),
-                "num_streams": str(self.compiled.get_property("NUM_STREAMS")),
-                "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS"))}
+        return {
+            "runtime": f"openvino {ov.get_version()}",
+            "inference_precision": precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision),
+            "execution_mode": str(self.compiled.get_property("EXECUTION_MODE_HINT")),
+            "num_streams": str(self.compiled.get_property("NUM_STREAMS")),
+            "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+        }
 
 
 class OpenVinoTarget(Target):
@@ -62,7 +65,7 @@ class OpenVinoTarget(Target):
     name = "openvino"
     aliases = ("cpu", "ov")
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
-    requires = {"openvino": "openvino", "onnx": "onnx"}
+    requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
     precisions = ("fp32", "fp16", "bf16")
 
     def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
@@ -76,10 +79,15 @@ class OpenVinoTarget(Target):
         cpu = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         notes = []
         if precision == "bf16" and "BF16" not in cpu:
-            notes.append("this CPU has no bf16 support: OpenVINO computes in f32 here; "
-                         "the IR asks for bf16 and will use it on a CPU that has it")
-        return BuildOutput(runtime_config=config, info={"weights": "fp16" if precision == "fp16" else "fp32",
-                                                        "cpu_capabilities": list(cpu)}, notes=notes)
+            notes.append(
+                "this CPU has no bf16 support: OpenVINO computes in f32 here; "
+                "the IR asks for bf16 and will use it on a CPU that has it"
+            )
+        return BuildOutput(
+            runtime_config=config,
+            info={"weights": "fp16" if precision == "fp16" else "fp32", "cpu_capabilities": list(cpu)},
+            notes=notes,
+        )
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """A compiled model on the CPU plugin."""

@@ -1,0 +1,73 @@
+"""`pt2`: the `torch.export` program itself, saved with `torch.export.save`.
+
+The portable PyTorch artifact: loadable with `torch.export.load` on any machine with the
+same torch, and the input of AOTInductor and ExecuTorch. Validated by running the
+reloaded program.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from targets.base import BuildOutput, Runner, Target
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from compiler.capture import CapturedModel
+    from compiler.types import Manifest
+
+MODEL_FILE = "model.pt2"
+
+
+class ExportedProgramRunner(Runner):
+    """Runs a reloaded `torch.export` program."""
+
+    def __init__(self, directory: Path, manifest: Manifest):
+        import torch
+
+        self.module = torch.export.load(str(directory / MODEL_FILE)).module()
+        self.inputs, self.outputs = manifest.inputs, manifest.outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name."""
+        import torch
+
+        with torch.no_grad():
+            result = self.module(*[torch.from_numpy(feeds[s.name]) for s in self.inputs])
+        leaves = torch.utils._pytree.tree_leaves(result)
+        return {spec.name: leaf.detach().numpy() for spec, leaf in zip(self.outputs, leaves)}
+
+    def runtime_info(self) -> dict[str, Any]:
+        """The torch version and its thread count."""
+        import torch
+
+        return {
+            "runtime": f"torch {torch.__version__}",
+            "threads": torch.get_num_threads(),
+            "inference_precision": "fp32",
+        }
+
+
+class ExportedProgramTarget(Target):
+    """The captured FX program as a `.pt2` file."""
+
+    name = "pt2"
+    aliases = ("torch-export", "exported-program")
+    description = "torch.export program (.pt2), validated by reloading it with torch.export.load"
+    requires: ClassVar[dict[str, str]] = {"torch": "torch"}
+    precisions = ("fp32",)
+    consumes = "torch"
+
+    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+        """Save the exported program."""
+        import torch
+
+        assert model.exported is not None, "a torch target needs the FX program"
+        torch.export.save(model.exported, str(directory / MODEL_FILE))
+        return BuildOutput()
+
+    def load(self, directory: Path, manifest: Manifest) -> Runner:
+        """The reloaded program."""
+        return ExportedProgramRunner(directory, manifest)

@@ -1,0 +1,52 @@
+"""Shared fixtures: exports of the zoo models built once per session, and CLI helpers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cli  # noqa: E402
+from compiler.pipeline import ExportOptions, export_targets  # noqa: E402
+from compiler.types import ExportResult  # noqa: E402
+
+USER_MODELS = ROOT / "tests" / "models" / "user_models.py"
+ZOO_MODELS = ("cnn", "mobilenet", "transformer", "lstm")
+CPU_TARGETS = "onnx,openvino,pt2"
+
+warnings.filterwarnings("ignore")
+logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def zoo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, ExportResult]]:
+    """Every zoo model exported once to every CPU target: model -> target -> result."""
+    root = tmp_path_factory.mktemp("zoo")
+    exports = {}
+    for name in ZOO_MODELS:
+        results = export_targets(f"zoo:{name}", CPU_TARGETS, root / name, ExportOptions())
+        exports[name] = {r.target: r for r in results}
+    return exports
+
+
+@pytest.fixture(scope="session")
+def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult]:
+    """The transformer exported with a dynamic batch of 1..8 to ONNX and OpenVINO."""
+    out = tmp_path_factory.mktemp("dynamic") / "transformer"
+    from compiler.capture import DynamicBatch
+
+    results = export_targets("zoo:transformer", "onnx,openvino", out, ExportOptions(dynamic_batch=DynamicBatch(1, 8)))
+    return {r.target: r for r in results}
+
+
+def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process: exit code, stdout, stderr."""
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
