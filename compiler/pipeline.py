@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 
 from compiler.capture import CapturedModel, DynamicBatch, capture
-from compiler.errors import MissingBackendError, UsageError
+from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from compiler.host import host_info, versions
 from compiler.parity import DEFAULT_SAMPLES, ParitySamples, make_inputs, read_inputs_file, validate
 from compiler.progress import Progress
@@ -96,7 +99,7 @@ def build_and_validate(
 ) -> _Build:
     """Build one target's artifact, run it on the parity samples, and write its manifest."""
     directory.mkdir(parents=True)
-    with progress.stage(f"build {target.name}", options.precision):
+    with progress.stage(f"build {target.name}", options.precision), _backend_failures(target, "convert"):
         built = target.build(model, directory, options.precision)
     stored = samples.save(directory)
     manifest = Manifest(
@@ -127,7 +130,8 @@ def build_and_validate(
         notes=list(built.notes) + ([] if stored else ["parity samples too large to store: verify needs --model"]),
     )
     with progress.stage(f"validate {target.name}", f"{len(samples.inputs)} input sets"):
-        runner = target.load(directory, manifest)
+        with _backend_failures(target, "run"):
+            runner = target.load(directory, manifest)
         manifest.parity = validate(
             runner.run, samples, options.tolerance(), source.reference_name, runner.runtime_info()
         )
@@ -139,6 +143,24 @@ def build_and_validate(
     manifest.write(directory)
     progress.say(manifest.parity.summary().replace("\n", "\n[kiln]   "))
     return _Build(target, directory, manifest)
+
+
+@contextmanager
+def _backend_failures(target: Target, action: str) -> Iterator[None]:
+    """Turn a backend's own exception into an UnsupportedOpError naming the target and the op if it says."""
+    try:
+        yield
+    except (KilnError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        keyword = r"(?:operations?|operators?|op|node)"
+        op = re.search(rf"{keyword}[\s:'\"]+(?!{keyword}\b)([A-Za-z_][\w.:]*)", text, re.IGNORECASE)
+        what = f" (operation {op[1]})" if op else ""
+        raise UnsupportedOpError(
+            f"{target.name} could not {action} the model{what}: {type(exc).__name__}: {text[:300]}",
+            "try another target, or replace that operation in the model",
+        ) from None
 
 
 def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
 import pytest
@@ -222,3 +223,42 @@ def test_console_script_entry_point():
     assert kiln, "the kiln console script is installed by `pip install -e .`"
     result = subprocess.run([kiln, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "export" in result.stdout
+
+
+class _NeedsAbsentBackend(__import__("targets").Target):
+    name = "absent-backend"
+    description = "a target whose runtime is not installed here"
+    requires: ClassVar[dict[str, str]] = {"kiln_absent_runtime": "kiln-absent-runtime"}
+
+
+class _BrokenConverter(__import__("targets").Target):
+    name = "broken-converter"
+    description = "a target whose converter fails on the model"
+
+    def build(self, model, directory, precision):
+        raise RuntimeError("Cannot create node: operation FancyOp is not supported")
+
+
+@pytest.fixture
+def extra_targets(monkeypatch):
+    import targets
+
+    monkeypatch.setattr(targets, "TARGETS", [*targets.TARGETS, _NeedsAbsentBackend(), _BrokenConverter()])
+
+
+def test_unavailable_target_exits_3_and_is_listed(extra_targets, tmp_path, capsys):
+    code, _, err = run_cli("export", "zoo:cnn", "--target", "absent-backend", "--out", tmp_path / "o", capsys=capsys)
+    assert_one_line_error(code, err, "not available on this machine: needs kiln-absent-runtime", exit_code=3)
+    code, out, _ = run_cli("targets", "--json", capsys=capsys)
+    listed = {row["name"]: row for row in __import__("json").loads(out)}
+    assert listed["absent-backend"]["available"] is False
+    assert "pip install kiln-absent-runtime" in listed["absent-backend"]["why_unavailable"]
+    assert listed["openvino"]["available"] is True and listed["onnx"]["aliases"] == ["onnxruntime", "ort"]
+
+
+def test_converter_failure_names_the_operation(extra_targets, tmp_path, capsys):
+    code, _, err = run_cli(
+        "export", "zoo:cnn", "--target", "onnx,broken-converter", "--out", tmp_path / "o", capsys=capsys
+    )
+    assert_one_line_error(code, err, "broken-converter could not convert the model (operation FancyOp)")
+    assert list(tmp_path.iterdir()) == []
