@@ -6,24 +6,27 @@ Run by hand (or `make bench`)::
     .venv/bin/python benchmarks/bench_export.py
     .venv/bin/python benchmarks/bench_export.py --models cnn,lstm --targets onnx,openvino --repeat 50 --json bench.json
 
-For every zoo model and every target, one fresh process (multiprocessing "spawn"):
+Every measurement runs in a fresh process (multiprocessing "spawn"), so that nothing one step leaves behind
+(memory, the thread pools of torch, ONNX Runtime or OpenVINO) affects the next. For each zoo model:
 
-1. exports `zoo:NAME` with `compiler.pipeline.export_targets` into a temporary directory and records the
-   wall time of each stage (`Progress.timings`) and of the whole export;
-2. reads its own peak RSS (`VmHWM` in /proc/self/status) right after the export, so the figure is the
-   peak of the export (imports included), before anything is loaded for timing;
-3. times the PyTorch eager module on the model's example inputs, loads the artifact, checks it computes the
-   same outputs on those inputs (fed by input name), times it, frees it and times eager again: `--repeat`
-   runs each, the same thread count for torch, ONNX Runtime and OpenVINO, and never two runtimes' thread
-   pools alive while one is timed. Speed-up = eager ms / artifact ms (>1: the artifact is faster).
+* eager: the PyTorch module on its example inputs (torch.no_grad, `--threads` threads), `--repeat` timed
+  runs, once before the model's exports and once after them, pooled (drift over the run hits both sides);
+* for each target, an export process runs `export_targets("zoo:NAME", target, tmp, ExportOptions(force=True))`
+  and records the wall time of each stage (`Progress.timings`) and of the whole call, then its own peak RSS
+  (`VmHWM`: the export's peak, Python and library imports included);
+* then a latency process loads the artifact with `compiler.runner.load`, gives its runtime `--threads`
+  threads, checks that it computes what eager computes on the example inputs (fed by input name) and times
+  `--repeat` runs.
 
-Nothing is hard-coded: every figure is measured in the run that prints it.
+Speed-up = eager ms / artifact ms (>1: the artifact is faster). Nothing is hard-coded: every figure is
+measured in the run that prints it. Where other processes compete for the cores, runs stall (torch's OpenMP
+pool most of all, by tens of milliseconds): a timed batch whose median is over NOISY times its fastest run
+is re-run, up to BATCHES batches, and the least disturbed one kept; rows still disturbed are footnoted.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import multiprocessing
 import os
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,11 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_TARGETS = ("onnx", "openvino", "pt2")
 DEFAULT_REPEAT = 100
-STAGES = ("load", "capture", "reference", "passes")
+NOISY = 1.5  # a median this many times the fastest run means the runs were disturbed
+BATCHES = 3  # timed batches at most per measurement, while they are disturbed
 
 
-# --------------------------------------------------------------------------------------- child process
+# ------------------------------------------------------------------------------------ in child processes
 
 
 def _status_kib(field: str) -> int | None:
@@ -70,38 +75,23 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _quiet_libraries() -> None:
+def _setup(threads: int) -> None:
+    """Quiet converter chatter and give torch `threads` threads (OMP_NUM_THREADS is inherited)."""
     import logging
     import warnings
+
+    import torch
 
     warnings.filterwarnings("ignore")
     for name in ("torch", "onnxscript", "onnx_ir", "openvino", "nncf"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
 
 
-def _runner_with_threads(loaded: Any, threads: int) -> tuple[Any, str]:
-    """The loaded export's runner, rebuilt so that its runtime uses `threads` threads."""
-    target = loaded.manifest.target
-    if target == "onnx":
-        from targets.onnxrt import MODEL_FILE, OnnxRuntimeRunner
-
-        runner = OnnxRuntimeRunner(loaded.directory / MODEL_FILE, loaded.manifest, threads=threads)
-        return runner, "intra_op_num_threads"
-    if target == "openvino":
-        from dataclasses import replace
-
-        from targets.openvino_ir import OpenVinoRunner
-
-        manifest = replace(
-            loaded.manifest, runtime_config={**loaded.manifest.runtime_config, "INFERENCE_NUM_THREADS": threads}
-        )
-        return OpenVinoRunner(loaded.directory, manifest), "INFERENCE_NUM_THREADS"
-    if target == "pt2":
-        return loaded.runner, "torch.set_num_threads"
-    return loaded.runner, "runtime default (no thread setting known for this target)"
-
-
-def _time_ms(fn: Any, runs: int) -> list[float]:
+def _time_ms(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `runs` calls of `fn`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(runs):
         started = time.perf_counter_ns()
@@ -110,28 +100,104 @@ def _time_ms(fn: Any, runs: int) -> list[float]:
     return times
 
 
-def _timed_block(fn: Any, runs: int, warmup: int) -> list[float]:
-    """`runs` timed calls of `fn` after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return _time_ms(fn, runs)
+def _least_disturbed(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[list[float], int]:
+    """Timed runs of `fn`: a batch of `runs`, repeated (up to BATCHES times) while its median is far above its
+    fastest run, i.e. while other processes stall it; the batch with the lowest median, and how many were run."""
+    batches = []
+    while len(batches) < BATCHES:
+        times = _time_ms(fn, runs, warmup if not batches else 0)
+        batches.append(times)
+        if statistics.median(times) <= NOISY * min(times):
+            break
+        time.sleep(1.0)  # let whatever stalled it pass
+    return min(batches, key=statistics.median), len(batches)
 
 
-def _time_artifact(
-    directory: Path,
-    threads: int,
-    example_inputs: tuple[Any, ...],
-    expected: list[Any],
-    repeat: int,
-    warmup: int,
-    row: dict[str, Any],
-) -> list[float]:
-    """Load the export, check it against eager's `expected` outputs, and time it; its runtime is gone on return."""
+def _eager(model: str) -> tuple[Any, tuple[Any, ...], Callable[[], Any]]:
+    """The zoo module, its example inputs, and a function running it on them without autograd."""
+    import torch
+
+    from compiler.zoo import ZOO
+
+    module, example_inputs = ZOO[model]()
+    module.eval()
+
+    def run() -> Any:
+        with torch.no_grad():
+            return module(*example_inputs)
+
+    return module, example_inputs, run
+
+
+def measure_eager(model: str, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
+    """Latencies (ms) of the PyTorch eager module on its example inputs."""
+    _setup(threads)
+    _, _, run = _eager(model)
+    times, batches = _least_disturbed(run, repeat, warmup)
+    return {"eager_times_ms": times, "eager_batches": batches}
+
+
+def measure_export(model: str, target: str, precision: str, threads: int, out: str) -> dict[str, Any]:
+    """Export `zoo:model` to `target` in `out`: stage times, wall time, peak RSS, artifact size."""
+    _setup(threads)
+    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.progress import Progress
+
+    row: dict[str, Any] = {"rss_after_imports_mib": round((_status_kib("VmRSS") or 0) / 1024, 1)}
+    progress = Progress(quiet=True)
+    started = time.perf_counter()
+    (result,) = export_targets(
+        f"zoo:{model}", target, Path(out), ExportOptions(precision=precision, force=True), progress=progress
+    )
+    row["export_s"] = time.perf_counter() - started
+    row["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    row["stages_s"] = dict(progress.timings)
+    row["published"] = result.published
+    row["parity"] = result.parity.summary() if result.parity else None
+    row["directory"] = str(result.directory)
+    row["state_hash"] = result.manifest.source.get("state_hash")
+    artifact = [f for f in result.manifest.files if not f.path.startswith("parity/")]
+    row["size_kib"] = sum(f.size for f in artifact) / 1024
+    row["files"] = [f.path for f in artifact]
+    return row
+
+
+def _runner_with_threads(loaded: Any, threads: int) -> tuple[Any, str]:
+    """The loaded export's runner, rebuilt where needed so that its runtime uses `threads` threads."""
+    target = loaded.manifest.target
+    if target == "onnx":
+        from targets.onnxrt import MODEL_FILE, OnnxRuntimeRunner
+
+        runner = OnnxRuntimeRunner(loaded.directory / MODEL_FILE, loaded.manifest, threads=threads)
+        return runner, "onnxruntime intra_op_num_threads"
+    if target == "openvino":
+        from dataclasses import replace
+
+        from targets.openvino_ir import OpenVinoRunner
+
+        config = {**loaded.manifest.runtime_config, "INFERENCE_NUM_THREADS": threads}
+        return OpenVinoRunner(
+            loaded.directory, replace(loaded.manifest, runtime_config=config)
+        ), "openvino INFERENCE_NUM_THREADS"
+    if target == "pt2":
+        return loaded.runner, "torch.set_num_threads"
+    return loaded.runner, "runtime default (no thread setting known for this target)"
+
+
+def measure_artifact(model: str, directory: str, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
+    """Load the export in `directory`, check it against eager on the example inputs, and time it."""
+    _setup(threads)
     import numpy as np
+    import torch
 
     from compiler.runner import load
+    from compiler.sources import state_hash
 
+    module, example_inputs, eager = _eager(model)
+    expected = [leaf.detach().numpy() for leaf in torch.utils._pytree.tree_leaves(eager())]
     loaded = load(directory)
+    row: dict[str, Any] = {"eager_state_hash": state_hash(module.state_dict())}
+    del module, eager
     loaded.runner, row["thread_setting"] = _runner_with_threads(loaded, threads)
     row["runtime"] = loaded.runner.runtime_info()
     if len(example_inputs) != len(loaded.inputs):
@@ -142,75 +208,16 @@ def _time_artifact(
     # The artifact must compute what eager computes on these feeds, or the timings compare nothing.
     actual = loaded.run(feeds)
     row["max_abs_diff_vs_eager"] = max(
-        (float(np.max(np.abs(actual[s.name].astype(np.float64) - e.astype(np.float64)))) if e.size else 0.0)
-        for s, e in zip(loaded.outputs, expected)
+        float(np.max(np.abs(actual[spec.name].astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+        for spec, want in zip(loaded.outputs, expected)
     )
-    return _timed_block(lambda: loaded.run(feeds), repeat, warmup)
-
-
-def measure(model: str, target: str, precision: str, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
-    """Export one zoo model to one target in this (fresh) process and measure everything."""
-    import torch
-
-    from compiler.pipeline import ExportOptions, export_targets
-    from compiler.progress import Progress
-    from compiler.sources import state_hash
-    from compiler.zoo import ZOO
-
-    _quiet_libraries()
-    torch.set_num_threads(threads)
-    row: dict[str, Any] = {
-        "model": model,
-        "target": target,
-        "precision": precision,
-        "threads": threads,
-        "rss_after_imports_mib": round((_status_kib("VmRSS") or 0) / 1024, 1),
-    }
-    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        progress = Progress(quiet=True)
-        started = time.perf_counter()
-        options = ExportOptions(precision=precision, force=True)
-        (result,) = export_targets(f"zoo:{model}", target, Path(tmp) / "out", options, progress=progress)
-        row["export_s"] = time.perf_counter() - started
-        row["peak_rss_mib"] = round(_peak_rss_mib(), 1)
-        row["stages_s"] = dict(progress.timings)
-        row["published"] = result.published
-        row["parity"] = result.parity.summary() if result.parity else None
-        manifest = result.manifest
-        row["size_kib"] = sum(f.size for f in manifest.files if not f.path.startswith("parity/")) / 1024
-        row["files"] = [f.path for f in manifest.files if not f.path.startswith("parity/")]
-
-        gc.collect()  # drop the export's own validation runner (and its thread pool) before timing
-
-        module, example_inputs = ZOO[model]()
-        module.eval()
-        row["same_weights_as_export"] = state_hash(module.state_dict()) == manifest.source.get("state_hash")
-
-        def eager() -> Any:
-            with torch.no_grad():
-                return module(*example_inputs)
-
-        expected = [leaf.detach().numpy() for leaf in torch.utils._pytree.tree_leaves(eager())]
-        # Eager is timed in two halves, before the artifact's runtime exists and after it is gone: runtimes'
-        # thread pools (ONNX Runtime spins its workers) slow each other down when alive in one process,
-        # and the two halves average out drift over the artifact's timing.
-        eager_ms = _timed_block(eager, repeat // 2, warmup)
-
-        artifact_ms = _time_artifact(result.directory, threads, example_inputs, expected, repeat, warmup, row)
-        gc.collect()
-        eager_ms += _timed_block(eager, repeat - repeat // 2, warmup)
-    row["artifact_ms"] = statistics.median(artifact_ms)
-    row["eager_ms"] = statistics.median(eager_ms)
-    row["artifact_ms_min"] = min(artifact_ms)
-    row["eager_ms_min"] = min(eager_ms)
-    row["speedup"] = row["eager_ms"] / row["artifact_ms"]
-    row["runs"] = len(artifact_ms)
+    row["artifact_times_ms"], row["artifact_batches"] = _least_disturbed(lambda: loaded.run(feeds), repeat, warmup)
     return row
 
 
-def _child(results: Any, *args: Any) -> None:
+def _child(results: Any, function: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
     try:
-        results.put({"ok": True, "row": measure(*args)})
+        results.put({"ok": True, "value": function(*args)})
     except BaseException as exc:  # report anything, then let the process end
         results.put({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
 
@@ -218,13 +225,15 @@ def _child(results: Any, *args: Any) -> None:
 # -------------------------------------------------------------------------------------- parent process
 
 
-def run_one(
-    model: str, target: str, precision: str, threads: int, repeat: int, warmup: int, timeout: float
-) -> dict[str, Any]:
-    """`measure` in a fresh spawned process; a row with `error` set when it fails."""
+class StepFailed(Exception):
+    """A measurement process raised, died or timed out."""
+
+
+def in_fresh_process(function: Callable[..., dict[str, Any]], *args: Any, timeout: float) -> dict[str, Any]:
+    """`function(*args)` in a new spawned process; raises StepFailed if it fails there."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    process = context.Process(target=_child, args=(results, model, target, precision, threads, repeat, warmup))
+    process = context.Process(target=_child, args=(results, function, args))
     process.start()
     deadline = time.monotonic() + timeout
     reply = None
@@ -238,15 +247,54 @@ def run_one(
                 process.kill()
                 reply = {"ok": False, "error": f"timed out after {timeout:.0f}s"}
     process.join(timeout=30)
-    if reply["ok"]:
-        return reply["row"]
-    return {
-        "model": model,
-        "target": target,
-        "precision": precision,
-        "error": reply["error"],
-        "traceback": reply.get("traceback"),
-    }
+    if not reply["ok"]:
+        raise StepFailed(reply["error"] + (f"\n{reply['traceback']}" if reply.get("traceback") else ""))
+    return reply["value"]
+
+
+def benchmark_model(model: str, targets: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every row of one model: eager timed before and after its exports, each export and its latency."""
+    timeout = args.timeout
+
+    def log(message: str) -> None:
+        print(f"[bench] {model}: {message}", file=sys.stderr, flush=True)
+
+    rows = []
+    log("eager ...")
+    eager_before = in_fresh_process(measure_eager, model, args.threads, args.repeat, args.warmup, timeout=timeout)
+    for target in targets:
+        row: dict[str, Any] = {"model": model, "target": target, "precision": args.precision, "threads": args.threads}
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+            try:
+                log(f"export {target} ...")
+                row |= in_fresh_process(
+                    measure_export, model, target, args.precision, args.threads, str(Path(tmp) / "out"), timeout=timeout
+                )
+                log(f"{target} latency ...")
+                row |= in_fresh_process(
+                    measure_artifact, model, row["directory"], args.threads, args.repeat, args.warmup, timeout=timeout
+                )
+            except StepFailed as exc:
+                row["error"], _, row["traceback"] = str(exc).partition("\n")
+                log(f"{target} FAILED: {row['error']}")
+        rows.append(row)
+    log("eager again ...")
+    eager_after = in_fresh_process(measure_eager, model, args.threads, args.repeat, args.warmup, timeout=timeout)
+    eager = eager_before["eager_times_ms"] + eager_after["eager_times_ms"]
+    for row in rows:
+        row["eager_ms"] = statistics.median(eager)
+        row["eager_ms_min"] = min(eager)
+        row["eager_ms_before"] = statistics.median(eager_before["eager_times_ms"])
+        row["eager_ms_after"] = statistics.median(eager_after["eager_times_ms"])
+        row["eager_batches"] = [eager_before["eager_batches"], eager_after["eager_batches"]]
+        if "error" not in row:
+            times = row.pop("artifact_times_ms")
+            row["artifact_ms"] = statistics.median(times)
+            row["artifact_ms_min"] = min(times)
+            row["speedup"] = row["eager_ms"] / row["artifact_ms"]
+            row["same_weights_as_export"] = row.pop("eager_state_hash") == row.pop("state_hash")
+            row.pop("directory")  # a temporary directory, gone now
+    return rows
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -254,7 +302,7 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a markdown table; failures and rejections are footnoted below it."""
+    """The results as a markdown table; failures, rejections and noisy timings are footnoted below it."""
     head = [
         "model",
         "target",
@@ -269,32 +317,38 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "artifact ms",
         "speed-up",
     ]
-    align = ["---", "---", "---"] + ["---:"] * (len(head) - 3)
+    align = ["---"] * 3 + ["---:"] * (len(head) - 3)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     notes = []
     for row in rows:
-        target = row["target"]
+        model, target = row["model"], row["target"]
         if "error" in row:
-            notes.append(f"* {row['model']} / {target}: FAILED: {row['error']}")
-            lines.append(f"| {row['model']} | {target} (failed) | {row['precision']} |" + " - |" * (len(head) - 3))
+            notes.append(f"* {model} / {target}: FAILED: {row['error']}")
+            lines.append(f"| {model} | {target} (failed) | {row['precision']} |" + " - |" * (len(head) - 3))
             continue
+        shown = target
         if not row["published"]:
-            target += " (rejected)"
-            notes.append(
-                f"* {row['model']} / {row['target']}: parity failed, artifact rejected; "
-                f"{row['parity'].splitlines()[0] if row['parity'] else ''}"
-            )
+            shown += " (rejected)"
+            first = row["parity"].splitlines()[0] if row["parity"] else "no parity report"
+            notes.append(f"* {model} / {target}: artifact failed parity and was rejected: {first}")
         if not row["same_weights_as_export"]:
-            notes.append(f"* {row['model']}: the eager module has different weights from the exported one")
+            notes.append(f"* {model} / {target}: the eager module has other weights than the exported one")
+        for kind in ("eager", "artifact"):
+            median, fastest = row[f"{kind}_ms"], row[f"{kind}_ms_min"]
+            if median > NOISY * fastest:
+                notes.append(
+                    f"* {model} / {target}: {kind} timings noisy (median {median:.3f} ms, "
+                    f"fastest {fastest:.3f} ms): were other processes busy?"
+                )
         stages = row["stages_s"]
         cells = [
-            row["model"],
-            target,
+            model,
+            shown,
             row["precision"],
             _fmt(row["export_s"], 2),
             _fmt(stages.get("capture"), 2),
-            _fmt(stages.get(f"build {row['target']}"), 2),
-            _fmt(stages.get(f"validate {row['target']}"), 2),
+            _fmt(stages.get(f"build {target}"), 2),
+            _fmt(stages.get(f"validate {target}"), 2),
             _fmt(row["peak_rss_mib"], 0),
             _fmt(row["size_kib"], 1),
             _fmt(row["eager_ms"], 3),
@@ -302,7 +356,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             _fmt(row["speedup"], 2) + "x",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + (["", *notes] if notes else []))
+    return "\n".join(lines + (["", *dict.fromkeys(notes)] if notes else []))
 
 
 def _load_average() -> str:
@@ -317,7 +371,7 @@ def _split(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--models", help="comma list of zoo models (default: all)")
     parser.add_argument(
         "--targets",
@@ -329,19 +383,19 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat",
         type=int,
         default=DEFAULT_REPEAT,
-        help="timed runs of the artifact and of eager each (default: %(default)s)",
+        help="timed runs of each artifact, and of eager before and after (default: %(default)s)",
     )
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default: %(default)s)")
     parser.add_argument(
         "--threads", type=int, default=2, help="threads for torch, ONNX Runtime and OpenVINO (default: %(default)s)"
     )
-    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per model and target")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per step (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement as JSON to FILE")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.threads < 1 or args.warmup < 0:
         parser.error("--repeat and --threads must be >= 1, --warmup >= 0")
 
-    # Inherited by every worker before it imports torch (OpenMP reads it once, at load time).
+    # Inherited by every worker before it imports torch (OpenMP reads it once, when it loads).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     from compiler.errors import KilnError
@@ -353,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in ZOO]
     if unknown:
         parser.error(f"unknown zoo model(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
-    chosen, skipped = [], []
+    chosen: list[str] = []
+    skipped: list[str] = []
     for name in _split(args.targets):
         try:
             target = get_target(name)
         except KilnError as exc:
-            parser.error(str(exc))
+            parser.error(exc.one_line())
         reason = target.unavailable_reason()
         if reason:
             skipped.append(f"{target.name}: {reason}")
@@ -369,16 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         parser.error("no target left to benchmark: " + "; ".join(skipped))
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     load_before = _load_average()
     started = time.perf_counter()
     for model in models:
-        for target in chosen:
-            print(f"[bench] {model} -> {target} ...", file=sys.stderr, flush=True)
-            row = run_one(model, target, args.precision, args.threads, args.repeat, args.warmup, args.timeout)
-            if "error" in row:
-                print(f"[bench]   failed: {row['error']}", file=sys.stderr, flush=True)
-            rows.append(row)
+        try:
+            rows += benchmark_model(model, chosen, args)
+        except StepFailed as exc:  # eager itself failed: no row of this model can be completed
+            error = str(exc).partition("\n")[0]
+            print(f"[bench] {model}: eager FAILED: {error}", file=sys.stderr, flush=True)
+            rows += [
+                {"model": model, "target": t, "precision": args.precision, "error": f"eager: {error}"} for t in chosen
+            ]
     elapsed = time.perf_counter() - started
     load_after = _load_average()
 
@@ -387,13 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {host['cpu']} ({host['cores']} logical cores; {', '.join(host['cpu_flags']) or 'no notable flags'})")
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     print(
-        f"Settings: {args.threads} threads (torch, ONNX Runtime, OpenVINO), median of {args.repeat} runs "
-        f"after {args.warmup} warm-up, precision {args.precision}; each export in a fresh process; "
-        f"benchmark took {elapsed:.0f}s"
-    )
-    print(
-        f"Load average (1 min) before/after: {load_before} / {load_after}: other processes on the machine "
-        "skew latencies"
+        f"Settings: precision {args.precision}; {args.threads} threads for torch, ONNX Runtime and OpenVINO; "
+        f"latency = median of {args.repeat} runs after {args.warmup} warm-up (eager: {2 * args.repeat}), "
+        f"a batch re-run (up to {BATCHES} times) while disturbed (median > {NOISY}x fastest); "
+        f"every step in a fresh process; took {elapsed:.0f}s; load average {load_before} before, {load_after} after"
     )
     if skipped:
         print("Skipped targets: " + "; ".join(skipped))
@@ -401,9 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     print()
     print(
-        "export s: wall time of the whole export_targets call; capture/build/validate s: its stages. "
-        "peak RSS: VmHWM of the exporting process (Python + torch imports included). size: artifact files "
-        "without parity samples. speed-up: eager ms / artifact ms on the example inputs (>1: artifact faster)."
+        "export s: wall time of the whole export_targets call; capture/build/validate s: its stages. peak RSS: "
+        "VmHWM of the exporting process (Python and library imports included). size: artifact files without "
+        "parity samples. speed-up: eager ms / artifact ms on the example inputs (>1: the artifact is faster)."
     )
     if args.json:
         report = {

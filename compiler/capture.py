@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
-import os
 import re
 import shutil
 import traceback
@@ -17,6 +14,7 @@ import numpy as np
 import torch
 
 from compiler.errors import UnsupportedOpError, UsageError
+from compiler.progress import converter_output_captured
 from compiler.sources import ModelSource, check_onnx_external_data
 from compiler.types import TensorSpec
 
@@ -51,15 +49,17 @@ class CapturedModel:
     """A model captured once and shared by every target: the FX program and its ONNX lowering."""
 
     exported: torch.export.ExportedProgram | None
-    onnx_path: Path
+    onnx_path: Path | None  # None when no target consumes ONNX
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     opset: int
     dynamic_batch: DynamicBatch | None
 
 
-def capture(source: ModelSource, dynamic_batch: DynamicBatch | None, workdir: Path) -> CapturedModel:
-    """Capture the source with `torch.export` and lower it to ONNX in `workdir`."""
+def capture(
+    source: ModelSource, dynamic_batch: DynamicBatch | None, workdir: Path, to_onnx: bool = True
+) -> CapturedModel:
+    """Capture the source with `torch.export`; lower it to ONNX in `workdir` when an ONNX target needs it."""
     onnx_path = workdir / "captured" / "model.onnx"
     onnx_path.parent.mkdir(parents=True)
     if source.kind == "onnx":
@@ -69,13 +69,33 @@ def capture(source: ModelSource, dynamic_batch: DynamicBatch | None, workdir: Pa
                 "--dynamic-batch does not apply to an .onnx source", "its dynamic dims are already set in the file"
             )
         _copy_onnx(source.onnx_path, onnx_path)
-        exported = None
-    else:
-        output_names = flat_output_names(run_eager(source, source.example_inputs))
-        exported = export_program(source, dynamic_batch)
-        lower_to_onnx(exported, onnx_path, output_names, dynamic_batch)
-    inputs, outputs, opset = onnx_signature(onnx_path, torch_layout=source.kind == "torch")
-    return CapturedModel(exported, onnx_path, inputs, outputs, opset, dynamic_batch)
+        inputs, outputs, opset = onnx_signature(onnx_path, torch_layout=False)
+        return CapturedModel(None, onnx_path, inputs, outputs, opset, dynamic_batch)
+    output_names = flat_output_names(run_eager(source, source.example_inputs))
+    exported = export_program(source, dynamic_batch)
+    inputs, outputs = fx_signature(exported, output_names)
+    if not to_onnx:
+        return CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch)
+    lower_to_onnx(exported, onnx_path, output_names, dynamic_batch)
+    return CapturedModel(exported, onnx_path, inputs, outputs, onnx_signature(onnx_path, True)[2], dynamic_batch)
+
+
+def fx_signature(
+    exported: torch.export.ExportedProgram, output_names: list[str]
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs of an exported program; symbolic dims (only the batch can be) are `batch`."""
+
+    def spec(name: str, value: Any, is_input: bool) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else BATCH_DIM for d in value.shape)
+        dtype = str(value.dtype).removeprefix("torch.")
+        layout = "NCHW" if is_input and len(shape) == 4 and value.dtype.is_floating_point else None
+        return TensorSpec(name, shape, dtype, layout)
+
+    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    inputs = [spec(name, placeholders[name].meta["val"], True) for name in exported.graph_signature.user_inputs]
+    output_node = next(n for n in exported.graph.nodes if n.op == "output")
+    values = [node.meta["val"] for node in output_node.args[0]]
+    return inputs, [spec(name, value, False) for name, value in zip(output_names, values)]
 
 
 def run_eager(source: ModelSource, inputs: tuple[Any, ...]) -> Any:
@@ -151,21 +171,10 @@ def export_program(source: ModelSource, dynamic_batch: DynamicBatch | None) -> t
     module = source.module
     assert module is not None
     try:
-        with _converter_output_captured():
+        with converter_output_captured():
             return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise _capture_error(exc, source, dynamic_batch) from None
-
-
-@contextlib.contextmanager
-def _converter_output_captured() -> Any:
-    """Keep what converters print (graph dumps, progress) off the terminal; KILN_DEBUG=1 shows it."""
-    if os.environ.get("KILN_DEBUG"):
-        yield
-        return
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        yield
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -215,7 +224,7 @@ def lower_to_onnx(
     import onnx
 
     try:
-        with _converter_output_captured():
+        with converter_output_captured():
             program = torch.onnx.export(
                 exported,
                 (),

@@ -18,7 +18,7 @@ from compiler.capture import CapturedModel, DynamicBatch, capture
 from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from compiler.host import host_info, versions
 from compiler.parity import DEFAULT_SAMPLES, ParitySamples, make_inputs, read_inputs_file, validate
-from compiler.progress import Progress
+from compiler.progress import Progress, converter_output_captured
 from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
 from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord, Tolerance
@@ -65,14 +65,15 @@ def export_targets(
     options = options or ExportOptions()
     progress = progress or Progress(quiet=True)
     out = Path(out)
-    chosen = _check_targets(resolve_targets(targets), options.precision)
+    chosen = _check_targets(resolve_targets(targets), options)
     check_output_dir(out, options.force)
     with progress.stage("load", model if isinstance(model, str) else type(model).__name__):
         source = _load(model, example_inputs, options)
     chosen = _fit_to_source(source, chosen, every=_names(targets) == ["all"], progress=progress)
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
-        with progress.stage("capture", "torch.export -> ONNX" if source.kind == "torch" else "ONNX"):
-            captured = capture(source, options.dynamic_batch, Path(work))
+        to_onnx = any(t.consumes == "onnx" for t in chosen)
+        with progress.stage("capture", "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx):
+            captured = capture(source, options.dynamic_batch, Path(work), to_onnx)
         with progress.stage("reference", f"{source.reference_name} on parity inputs"):
             samples = reference_samples(source, captured, options)
         with progress.stage("passes"):
@@ -99,7 +100,11 @@ def build_and_validate(
 ) -> _Build:
     """Build one target's artifact, run it on the parity samples, and write its manifest."""
     directory.mkdir(parents=True)
-    with progress.stage(f"build {target.name}", options.precision), _backend_failures(target, "convert"):
+    with (
+        progress.stage(f"build {target.name}", options.precision),
+        _backend_failures(target, "convert"),
+        converter_output_captured(),
+    ):
         built = target.build(model, directory, options.precision)
     stored = samples.save(directory)
     manifest = Manifest(
@@ -207,7 +212,7 @@ def optimize(
 ) -> tuple[CapturedModel, list[PassRecord]]:
     """Run the graph passes over the captured ONNX graph; the optimized model and what each pass did."""
     chosen = [PASSES[name] for name in DEFAULT_PIPELINE] if pipeline is None else pipeline
-    if not chosen:
+    if not chosen or model.onnx_path is None:
         return model, []
     destination = work / "optimized" / "model.onnx"
     destination.parent.mkdir()
@@ -245,8 +250,15 @@ def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
         raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None
 
 
-def _check_targets(targets: list[Target], precision: str) -> list[Target]:
+def _check_targets(targets: list[Target], options: ExportOptions) -> list[Target]:
+    precision = options.precision
     for target in targets:
+        if target.static_shapes and options.dynamic_batch is not None:
+            raise UsageError(
+                f"target {target.name} needs static shapes, but --dynamic-batch {options.dynamic_batch} was given",
+                f"export {target.name} without --dynamic-batch, once per batch size you serve "
+                "(set the batch of the example inputs)",
+            )
         if precision not in target.precisions:
             raise UsageError(
                 f"target {target.name} does not support precision {precision}",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -36,3 +39,14 @@ class Progress:
         if not self.quiet:
             self.stream.write(("[kiln] " if prefix else "") + message + end)
             self.stream.flush()
+
+
+@contextmanager
+def converter_output_captured() -> Iterator[None]:
+    """Keep what converters print (graph dumps, their own progress) off the terminal; KILN_DEBUG=1 shows it."""
+    if os.environ.get("KILN_DEBUG"):
+        yield
+        return
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield

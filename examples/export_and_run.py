@@ -8,6 +8,7 @@ Without OUT_DIR the export goes to a temporary directory that is removed at the 
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ class Classifier(nn.Module):
 
 
 def main(out: Path) -> int:
+    logging.getLogger("torch").setLevel(logging.ERROR)  # torch.onnx warns about things Kiln does not use
     torch.manual_seed(0)
     model = Classifier().eval()
     example = torch.randn(4, 20)
@@ -38,7 +40,7 @@ def main(out: Path) -> int:
     # Capture, build OpenVINO IR and check it against PyTorch on several input sets (raises ParityError if
     # the artifact does not match). force=True replaces an earlier export in the same directory.
     result = export(model, (example,), target="openvino", out=out, force=True)
-    print(f"exported to {result.directory}: {', '.join(p.name for p in result.artifact_paths)}")
+    print(f"exported to {result.directory}: {', '.join(f.path for f in result.manifest.files)}")
     assert result.parity is not None
     print(result.parity.summary())
 

@@ -9,8 +9,9 @@ from targets.base import BuildOutput, Runner, Target
 from targets.onnxrt import OnnxRuntimeTarget
 from targets.openvino_ir import OpenVinoTarget
 from targets.pt2 import ExportedProgramTarget
+from targets.tpu import XlaTarget
 
-TARGETS: list[Target] = [OnnxRuntimeTarget(), OpenVinoTarget(), ExportedProgramTarget()]
+TARGETS: list[Target] = [OnnxRuntimeTarget(), OpenVinoTarget(), ExportedProgramTarget(), XlaTarget()]
 
 __all__ = ["TARGETS", "BuildOutput", "Runner", "Target", "get_target", "resolve_targets"]
 

@@ -47,6 +47,7 @@ class Target:
     requires: ClassVar[dict[str, str]] = {}  # importable module -> pip requirement
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
+    static_shapes: bool = False  # True: refuses --dynamic-batch
 
     def unavailable_reason(self) -> str | None:
         """None when this target can run here, else what is missing and how to get it."""

@@ -70,6 +70,7 @@ class OnnxRuntimeTarget(Target):
 
     def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
         """Copy the optimized ONNX file (and any external data) into the artifact directory."""
+        assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         for file in model.onnx_path.parent.iterdir():
             shutil.copy2(file, directory / (MODEL_FILE if file == model.onnx_path else file.name))
         return BuildOutput(runtime_config={"providers": ["CPUExecutionProvider"]})

@@ -72,6 +72,7 @@ class OpenVinoTarget(Target):
         """Convert the ONNX graph to IR; weights stay fp32 unless fp16 was asked for."""
         import openvino as ov
 
+        assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         ov_model = ov.convert_model(str(model.onnx_path))
         # save_model compresses weights to fp16 by default: an fp32 export must not.
         ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=precision == "fp16")

@@ -81,3 +81,36 @@ class ArgmaxHead(nn.Module):
 def argmax_head():
     torch.manual_seed(0)
     return ArgmaxHead().eval(), (torch.randn(3, 4),)
+
+
+class BagOfWords(nn.Module):
+    """A recommender-style model: EmbeddingBag (mean over each row of ids) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 8, mode="mean")
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.bag(ids))
+
+
+def bag_of_words():
+    torch.manual_seed(0)
+    return BagOfWords().eval(), (torch.randint(0, 50, (3, 6)),)
+
+
+class Bucketize(nn.Module):
+    """Uses torch.searchsorted, which the StableHLO lowering does not cover."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("edges", torch.tensor([-1.0, 0.0, 1.0]))
+        self.scale = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.searchsorted(self.edges, self.scale(x).contiguous())
+
+
+def bucketize():
+    return Bucketize().eval(), (torch.randn(2, 4),)
