@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
         print("kiln: interrupted; temporary files removed, nothing was published", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # a bug in Kiln or a backend: say so in one line
