@@ -143,7 +143,11 @@ def build_and_validate(
     manifest.published = manifest.parity.passed or not options.parity_gate
     if not options.parity_gate and not manifest.parity.passed:
         manifest.notes.append("published without passing parity (--no-parity-gate)")
-    manifest.timings = dict(progress.timings)
+    manifest.timings = {
+        stage: seconds
+        for stage, seconds in progress.timings.items()
+        if not stage.startswith(("build ", "validate ")) or stage.endswith(f" {target.name}")
+    }
     manifest.files = hash_files(directory)
     manifest.write(directory)
     progress.say(manifest.parity.summary().replace("\n", "\n[kiln]   "))

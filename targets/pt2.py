@@ -32,10 +32,11 @@ class ExportedProgramRunner(Runner):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name."""
+        import numpy as np
         import torch
 
         with torch.no_grad():
-            result = self.module(*[torch.from_numpy(feeds[s.name]) for s in self.inputs])
+            result = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.inputs])
         leaves = torch.utils._pytree.tree_leaves(result)
         return {spec.name: leaf.detach().numpy() for spec, leaf in zip(self.outputs, leaves)}
 
