@@ -23,7 +23,7 @@ from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
 from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord, Tolerance
 from passes import DEFAULT_PIPELINE, PASSES, GraphPass, run_pipeline
-from targets import Target, resolve_targets
+from targets import BuildRequest, Target, resolve_targets
 
 
 @dataclass
@@ -39,6 +39,10 @@ class ExportOptions:
     parity_gate: bool = True
     force: bool = False
     passes: list[GraphPass] | None = None  # None: the default pipeline
+
+    def build_request(self) -> BuildRequest:
+        """What each target's build is asked for."""
+        return BuildRequest(precision=self.precision)
 
     def tolerance(self) -> Tolerance:
         """The parity tolerance: the precision's default with the user's overrides."""
@@ -105,7 +109,7 @@ def build_and_validate(
         _backend_failures(target, "convert"),
         converter_output_captured(),
     ):
-        built = target.build(model, directory, options.precision)
+        built = target.build(model, directory, options.build_request())
     stored = samples.save(directory)
     manifest = Manifest(
         target=target.name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from compiler.errors import UsageError
-from targets.base import BuildOutput, Runner, Target
+from targets.base import BuildOutput, BuildRequest, Runner, Target
 from targets.onnxrt import OnnxRuntimeTarget
 from targets.openvino_ir import OpenVinoTarget
 from targets.pt2 import ExportedProgramTarget
@@ -13,7 +13,7 @@ from targets.tpu import XlaTarget
 
 TARGETS: list[Target] = [OnnxRuntimeTarget(), OpenVinoTarget(), ExportedProgramTarget(), XlaTarget()]
 
-__all__ = ["TARGETS", "BuildOutput", "Runner", "Target", "get_target", "resolve_targets"]
+__all__ = ["TARGETS", "BuildOutput", "BuildRequest", "Runner", "Target", "get_target", "resolve_targets"]
 
 
 def _by_name() -> dict[str, Target]:

@@ -14,6 +14,18 @@ if TYPE_CHECKING:
     from compiler.types import Manifest, TensorSpec
 
 
+@dataclass(frozen=True)
+class BuildRequest:
+    """What the user asked of one build, beyond the model: precision and target-specific settings."""
+
+    precision: str = "fp32"
+    device: str | None = None  # targets that compile for a device (None: the target's default)
+    io_layout: str | None = None  # e.g. "nhwc" for image I/O in channels-last (None: as captured)
+    io_dtype: str | None = None  # quantized I/O type of integer targets, e.g. "int8" or "uint8"
+    calibration: Any = None  # a compiler.calibration.CalibrationData for calibrated int8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class BuildOutput:
     """What a target's build produced, beyond the files it wrote."""
@@ -56,7 +68,7 @@ class Target:
             return f"needs {', '.join(missing)} (pip install {' '.join(missing)})"
         return None
 
-    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+    def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Write the artifact for `model` into `directory`."""
         raise NotImplementedError
 

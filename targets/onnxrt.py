@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, Runner, Target
+from targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,7 +68,7 @@ class OnnxRuntimeTarget(Target):
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
     precisions = ("fp32",)
 
-    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+    def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Copy the optimized ONNX file (and any external data) into the artifact directory."""
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         for file in model.onnx_path.parent.iterdir():

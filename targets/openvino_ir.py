@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, Runner, Target
+from targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,10 +68,11 @@ class OpenVinoTarget(Target):
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
     precisions = ("fp32", "fp16", "bf16")
 
-    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+    def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Convert the ONNX graph to IR; weights stay fp32 unless fp16 was asked for."""
         import openvino as ov
 
+        precision = request.precision
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         ov_model = ov.convert_model(str(model.onnx_path))
         # save_model compresses weights to fp16 by default: an fp32 export must not.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, Runner, Target
+from targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,7 +61,7 @@ class ExportedProgramTarget(Target):
     precisions = ("fp32",)
     consumes = "torch"
 
-    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+    def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Save the exported program."""
         import torch
 

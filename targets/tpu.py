@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, Runner, Target
+from targets.base import BuildOutput, BuildRequest, Runner, Target
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
 
@@ -252,7 +252,7 @@ class XlaTarget(Target):
     consumes = "torch"
     static_shapes = True
 
-    def build(self, model: CapturedModel, directory: Path, precision: str) -> BuildOutput:
+    def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Lower to StableHLO, serialize it portably, and wrap it in a SavedModel."""
         import tensorflow as tf
         from litert_converter.mlir.dialects import stablehlo
@@ -262,6 +262,7 @@ class XlaTarget(Target):
         from compiler.errors import UnsupportedOpError
 
         assert model.exported is not None, "the tpu target needs the FX program"
+        precision = request.precision
         program = _to_bfloat16(model.exported) if precision == "bf16" else model.exported
         program, decomposed = apply_decompositions(program)
         try:
