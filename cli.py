@@ -34,8 +34,9 @@ def _quiet_libraries() -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kiln export`: capture once, build every requested target, gate on parity."""
+    from compiler.calibration import CalibrationSpec
     from compiler.capture import DynamicBatch
-    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.pipeline import ExportOptions, export_targets, parse_io
     from compiler.progress import Progress
 
     _quiet_libraries()
@@ -48,6 +49,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         samples=args.samples,
         parity_gate=not args.no_parity_gate,
         force=args.force,
+        calibration=CalibrationSpec(args.calib, args.calib_samples),
+        io=parse_io(args.io),
+        min_cosine=args.min_cosine,
+        min_snr_db=args.min_snr,
+        min_top1=args.min_top1,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
@@ -181,11 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="zoo:NAME | file.py:factory | file.pt2 | file.onnx")
     export.add_argument("--target", "-t", required=True, help="target name, comma list, or all (see `kiln targets`)")
     export.add_argument("--out", "-o", help="output directory (default: exports/MODEL)")
-    export.add_argument("--precision", default="fp32", help="fp32 (default), fp16, bf16 where the target supports it")
+    export.add_argument(
+        "--precision",
+        help="fp32, fp16, bf16, int8-dynamic, int8 where the target supports it (default: the target's own, "
+        "fp32; int8 for edgetpu)",
+    )
+    export.add_argument(
+        "--calib", metavar="SOURCE", help="int8 calibration data: FILE.npz, DIR of .npy/.npz, or file.py:loader"
+    )
+    export.add_argument("--calib-samples", type=int, default=100, metavar="N", help="calibration samples (default 100)")
+    export.add_argument("--io", metavar="OPTS", help="I/O options, comma list: nhwc (channels-last images), int8")
     export.add_argument("--dynamic-batch", metavar="MIN:MAX", help="make dim 0 of every input dynamic")
     export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
     export.add_argument("--atol", type=float, help="absolute tolerance override")
     export.add_argument("--rtol", type=float, help="relative tolerance override")
+    export.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (override)")
+    export.add_argument("--min-snr", type=float, metavar="DB", help="minimum signal-to-noise ratio in dB (override)")
+    export.add_argument("--min-top1", type=float, help="minimum top-1 agreement of classifier outputs (override)")
     export.add_argument("--samples", type=int, default=4, help="parity input sets besides batch-range ones (default 4)")
     export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
     export.add_argument("--force", action="store_true", help="replace an existing output directory")

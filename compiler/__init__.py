@@ -34,8 +34,11 @@ def export(
     target: str = "openvino",
     out: str | Path | None = None,
     *,
-    precision: str = "fp32",
+    precision: str | None = None,
     dynamic_batch: str | None = None,
+    calib: str | Path | None = None,
+    calib_samples: int = 100,
+    io: str | None = None,
     inputs: list[str | Path] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
@@ -47,11 +50,14 @@ def export(
 ) -> ExportResult:
     """Export `model` (a module with `example_inputs`, or a source string like `zoo:cnn`) to one target.
 
+    `precision` defaults to the target's own (fp32; int8 for edgetpu); `calib` is calibration data
+    for int8 (FILE.npz, a directory, or `file.py:loader`); `io` is e.g. "nhwc" for channels-last I/O.
     The artifact is validated against the model; if it fails parity it is kept under
     `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     """
+    from compiler.calibration import CalibrationSpec
     from compiler.capture import DynamicBatch
-    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.pipeline import ExportOptions, export_targets, parse_io
 
     if "," in target or target == "all":
         raise UsageError(f"export() takes one target, got '{target}'", "call it once per target")
@@ -66,6 +72,8 @@ def export(
         parity_gate=parity_gate,
         force=force,
         passes=passes,
+        calibration=CalibrationSpec(str(calib) if calib is not None else None, calib_samples),
+        io=parse_io(io),
     )
     destination = Path(out) if out is not None else Path("exports") / Path(str(name).split(":")[-1]).stem / target
     (result,) = export_targets(model, target, destination, options, example_inputs=example_inputs)

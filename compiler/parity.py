@@ -114,10 +114,10 @@ def make_inputs(
     sets = [dict(zip(names, examples))]
     origins = ["example"]
     for i in range(1, count):
-        sets.append({n: _random_like(e, None, rng) for n, e in zip(names, examples)})
+        sets.append({n: random_like(e, None, rng) for n, e in zip(names, examples)})
         origins.append(f"random#{i}")
     for batch in batches:
-        sets.append({n: _random_like(e, batch, rng) for n, e in zip(names, examples)})
+        sets.append({n: random_like(e, batch, rng) for n, e in zip(names, examples)})
         origins.append(f"random batch={batch}")
     for origin, feeds in user_sets:
         sets.append(feeds)
@@ -125,7 +125,7 @@ def make_inputs(
     return sets, origins
 
 
-def _random_like(example: np.ndarray, batch: int | None, rng: np.random.Generator) -> np.ndarray:
+def random_like(example: np.ndarray, batch: int | None, rng: np.random.Generator) -> np.ndarray:
     """A random array like `example` whose values stay valid: in its range, or drawn from its own rows."""
     shape = example.shape if batch is None else (batch, *example.shape[1:])
     if example.ndim == 0 or example.size == 0:
@@ -154,6 +154,8 @@ def _compare_output(
     metrics = OutputMetrics(name=name, passed=True, kind="exact" if exact else "float")
     mismatched = total = 0
     agree = 0
+    signal = noise = 0.0
+    top1_rows = top1_agree = 0
     for index, (got, want) in enumerate(zip(actual, expected)):
         if got is None:
             return OutputMetrics(name, False, metrics.kind, reason=f"output missing from the artifact (sample {index})")
@@ -184,6 +186,11 @@ def _compare_output(
             rel = diff / np.maximum(np.abs(np.nan_to_num(w)), max(tolerance.atol, 1e-12))
             metrics.max_rel_error = max(metrics.max_rel_error, float(rel.max()))
         metrics.min_cosine = min(metrics.min_cosine, _cosine(np.nan_to_num(g), np.nan_to_num(w)))
+        signal += float(np.sum(np.nan_to_num(w) ** 2))
+        noise += float(np.sum(np.nan_to_num(g - w, nan=np.inf) ** 2))
+        if _is_classifier(want):
+            top1_rows += want.shape[0]
+            top1_agree += int(np.count_nonzero(np.argmax(g, axis=1) == np.argmax(w, axis=1)))
     if exact:
         metrics.agreement = agree / total if total else 1.0
         metrics.passed = metrics.agreement >= tolerance.min_agreement
@@ -191,6 +198,8 @@ def _compare_output(
             metrics.reason = f"agreement {metrics.agreement:.4f} < {tolerance.min_agreement}"
         return metrics
     metrics.mismatch_fraction = mismatched / total if total else 0.0
+    metrics.snr_db = _snr_db(signal, noise)
+    metrics.top1_agreement = top1_agree / top1_rows if top1_rows else None
     reasons = []
     if metrics.mismatch_fraction > tolerance.max_mismatch:
         reasons.append(
@@ -199,9 +208,27 @@ def _compare_output(
         )
     if metrics.min_cosine < tolerance.min_cosine:
         reasons.append(f"cosine {metrics.min_cosine:.6f} < {tolerance.min_cosine}")
+    if tolerance.min_snr_db is not None and metrics.snr_db < tolerance.min_snr_db:
+        reasons.append(f"SNR {metrics.snr_db:.1f} dB < {tolerance.min_snr_db} dB")
+    if metrics.top1_agreement is not None and metrics.top1_agreement < tolerance.min_top1:
+        reasons.append(f"top-1 agreement {metrics.top1_agreement:.2%} < {tolerance.min_top1:.0%}")
     metrics.passed = not reasons
     metrics.reason = "; ".join(reasons)
     return metrics
+
+
+def _is_classifier(output: np.ndarray) -> bool:
+    """Logits or probabilities: a float [batch, classes] array with at least two classes."""
+    return output.ndim == 2 and output.shape[1] >= 2 and output.dtype.kind == "f"
+
+
+def _snr_db(signal: float, noise: float) -> float:
+    """Signal-to-noise ratio of the reference against the artifact's error, in dB (inf when exact)."""
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0 or not np.isfinite(noise):
+        return float("-inf")
+    return float(10 * np.log10(signal / noise))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -210,6 +237,22 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     if norm == 0.0:
         return 1.0 if not a.any() and not b.any() else 0.0
     return float(np.dot(a, b) / norm)
+
+
+def in_reference_layout(
+    run: Callable[[Feeds], Feeds], inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> Callable[[Feeds], Feeds]:
+    """`run` taking and returning the reference's NCHW arrays, for an artifact whose image I/O is NHWC."""
+    nhwc_in = {s.name for s in inputs if s.layout == "NHWC"}
+    nhwc_out = {s.name for s in outputs if s.layout == "NHWC"}
+    if not nhwc_in and not nhwc_out:
+        return run
+
+    def adapted(feeds: Feeds) -> Feeds:
+        results = run({k: np.transpose(v, (0, 2, 3, 1)) if k in nhwc_in else v for k, v in feeds.items()})
+        return {k: np.transpose(v, (0, 3, 1, 2)) if k in nhwc_out else v for k, v in results.items()}
+
+    return adapted
 
 
 def validate(

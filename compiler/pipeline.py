@@ -14,10 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from compiler.calibration import CalibrationData, CalibrationSpec, load_calibration
 from compiler.capture import CapturedModel, DynamicBatch, capture
 from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from compiler.host import host_info, versions
-from compiler.parity import DEFAULT_SAMPLES, ParitySamples, make_inputs, read_inputs_file, validate
+from compiler.parity import (
+    DEFAULT_SAMPLES,
+    ParitySamples,
+    in_reference_layout,
+    make_inputs,
+    read_inputs_file,
+    validate,
+)
 from compiler.progress import Progress, converter_output_captured
 from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
@@ -25,12 +33,17 @@ from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord, Tol
 from passes import DEFAULT_PIPELINE, PASSES, GraphPass, run_pipeline
 from targets import BuildRequest, Target, resolve_targets
 
+NOT_REPRESENTATIVE = (
+    "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
+    "pass --calib FILE.npz|DIR|file.py:loader"
+)
+
 
 @dataclass
 class ExportOptions:
     """Everything about an export except the model, the targets and where it goes."""
 
-    precision: str = "fp32"
+    precision: str | None = None  # None: each target's default (fp32, int8 for the Edge TPU)
     dynamic_batch: DynamicBatch | None = None
     inputs_files: list[Path] = field(default_factory=list)
     atol: float | None = None
@@ -39,14 +52,34 @@ class ExportOptions:
     parity_gate: bool = True
     force: bool = False
     passes: list[GraphPass] | None = None  # None: the default pipeline
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    io: tuple[str, ...] = ()  # --io: nhwc (image I/O channels-last), int8
+    min_cosine: float | None = None
+    min_snr_db: float | None = None
+    min_top1: float | None = None
 
-    def build_request(self) -> BuildRequest:
-        """What each target's build is asked for."""
-        return BuildRequest(precision=self.precision)
+    def precision_for(self, target: Target) -> str:
+        """The precision asked of `target`: the user's, or the target's default."""
+        return self.precision or target.default_precision
 
-    def tolerance(self) -> Tolerance:
+    def build_request(self, target: Target, calibration: CalibrationData | None) -> BuildRequest:
+        """What the target's build is asked for."""
+        return BuildRequest(
+            precision=self.precision_for(target),
+            io_layout="nhwc" if "nhwc" in self.io else None,
+            io_dtype=next((o for o in self.io if o in ("int8", "uint8")), None),
+            calibration=calibration,
+        )
+
+    def tolerance(self, precision: str) -> Tolerance:
         """The parity tolerance: the precision's default with the user's overrides."""
-        return Tolerance.for_precision(self.precision).with_overrides(self.atol, self.rtol)
+        return Tolerance.for_precision(precision).with_overrides(
+            atol=self.atol,
+            rtol=self.rtol,
+            min_cosine=self.min_cosine,
+            min_snr_db=self.min_snr_db,
+            min_top1=self.min_top1,
+        )
 
 
 @dataclass
@@ -75,19 +108,26 @@ def export_targets(
         source = _load(model, example_inputs, options)
     chosen = _fit_to_source(source, chosen, every=_names(targets) == ["all"], progress=progress)
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
-        to_onnx = any(t.consumes == "onnx" for t in chosen)
-        with progress.stage("capture", "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx):
-            captured = capture(source, options.dynamic_batch, Path(work), to_onnx)
-        with progress.stage("reference", f"{source.reference_name} on parity inputs"):
-            samples = reference_samples(source, captured, options)
-        with progress.stage("passes"):
-            optimized, pass_records = optimize(captured, Path(work), options.passes)
-        builds = [
-            build_and_validate(
-                t, source, optimized, samples, pass_records, staging / "builds" / t.name, options, progress
-            )
-            for t in chosen
-        ]
+        builds = []
+        for batch, group in _capture_groups(source, chosen):
+            group_source = source.with_batch(batch) if batch else source
+            scratch = Path(work) / f"batch{batch or 'example'}"
+            to_onnx = any(t.consumes == "onnx" for t in group)
+            via = "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx
+            with progress.stage("capture", via + (f" at batch {batch}" if batch else "")):
+                captured = capture(group_source, options.dynamic_batch, scratch, to_onnx)
+            with progress.stage("reference", f"{source.reference_name} on parity inputs"):
+                samples = reference_samples(group_source, captured, options)
+            with progress.stage("passes"):
+                optimized, pass_records = optimize(captured, scratch, options.passes)
+            calibration = calibration_data(group, captured, group_source, options, progress)
+            builds += [
+                build_and_validate(
+                    t, source, optimized, samples, pass_records, staging / "builds" / t.name, options, progress,
+                    calibration,
+                )
+                for t in group
+            ]
         install_tree(_assemble(staging, builds, single=len(chosen) == 1), out)
     return [ExportResult(b.target.name, out / b.relative, b.manifest, b.manifest.published) for b in builds]
 
@@ -101,19 +141,24 @@ def build_and_validate(
     directory: Path,
     options: ExportOptions,
     progress: Progress,
+    calibration: CalibrationData | None = None,
 ) -> _Build:
     """Build one target's artifact, run it on the parity samples, and write its manifest."""
     directory.mkdir(parents=True)
+    request = options.build_request(target, calibration)
     with (
-        progress.stage(f"build {target.name}", options.precision),
+        progress.stage(f"build {target.name}", request.precision),
         _backend_failures(target, "convert"),
         converter_output_captured(),
     ):
-        built = target.build(model, directory, options.build_request())
+        built = target.build(model, directory, request)
     stored = samples.save(directory)
+    notes = list(built.notes) + ([] if stored else ["parity samples too large to store: verify needs --model"])
+    if calibration is not None and not calibration.representative and request.precision == "int8":
+        notes.append(NOT_REPRESENTATIVE)
     manifest = Manifest(
         target=target.name,
-        precision=options.precision,
+        precision=request.precision,
         source={
             "description": source.description,
             "kind": source.kind,
@@ -121,8 +166,8 @@ def build_and_validate(
             "reference": source.reference_name,
         },
         files=[],
-        inputs=model.inputs,
-        outputs=model.outputs,
+        inputs=built.inputs or model.inputs,
+        outputs=built.outputs or model.outputs,
         parity=None,
         published=False,
         parity_gate=options.parity_gate,
@@ -136,14 +181,14 @@ def build_and_validate(
             "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
             **built.info,
         },
-        notes=list(built.notes) + ([] if stored else ["parity samples too large to store: verify needs --model"]),
+        notes=notes,
     )
     with progress.stage(f"validate {target.name}", f"{len(samples.inputs)} input sets"):
         with _backend_failures(target, "run"):
             runner = target.load(directory, manifest)
-        manifest.parity = validate(
-            runner.run, samples, options.tolerance(), source.reference_name, runner.runtime_info()
-        )
+        run = in_reference_layout(runner.run, manifest.inputs, manifest.outputs)
+        tolerance = options.tolerance(request.precision)
+        manifest.parity = validate(run, samples, tolerance, source.reference_name, runner.runtime_info())
     manifest.published = manifest.parity.passed or not options.parity_gate
     if not options.parity_gate and not manifest.parity.passed:
         manifest.notes.append("published without passing parity (--no-parity-gate)")
@@ -174,6 +219,37 @@ def _backend_failures(target: Target, action: str) -> Iterator[None]:
             f"{target.name} could not {action} the model{what}: {type(exc).__name__}: {text[:300]}",
             "try another target, or replace that operation in the model",
         ) from None
+
+
+def calibration_data(
+    targets: list[Target],
+    model: CapturedModel,
+    source: ModelSource,
+    options: ExportOptions,
+    progress: Progress,
+) -> CalibrationData | None:
+    """Calibration samples when a target is asked for calibrated int8, else None; loud when they are random."""
+    if not any(options.precision_for(t) == "int8" for t in targets):
+        if options.calibration.source is not None:
+            progress.say("--calib is ignored: no target is exported at precision int8")
+        return None
+    examples = [t.detach().cpu().numpy() for t in source.example_inputs]
+    with progress.stage("calibration", options.calibration.describe()):
+        data = load_calibration(options.calibration, model.inputs, examples)
+    if not data.representative:
+        progress.warn(NOT_REPRESENTATIVE)
+    return data
+
+
+def _capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[int | None, list[Target]]]:
+    """Targets grouped by the batch they must be captured at (None: the example inputs' own batch)."""
+    first = source.example_inputs[0] if source.example_inputs else None
+    example_batch = first.shape[0] if first is not None and first.dim() else None
+    groups: dict[int | None, list[Target]] = {}
+    for target in targets:
+        batch = target.fixed_batch if target.fixed_batch not in (None, example_batch) else None
+        groups.setdefault(batch, []).append(target)
+    return sorted(groups.items(), key=lambda item: item[0] or 0)
 
 
 def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:
@@ -258,9 +334,23 @@ def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
         raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None
 
 
+IO_OPTIONS = ("nhwc", "int8", "uint8")
+
+
+def parse_io(text: str | None) -> tuple[str, ...]:
+    """`--io nhwc,int8` as a tuple of options, checked."""
+    options = tuple(o.strip().lower() for o in (text or "").split(",") if o.strip())
+    unknown = [o for o in options if o not in IO_OPTIONS]
+    if unknown:
+        raise UsageError(
+            f"--io {','.join(unknown)}: unknown I/O option", f"use a comma list of {', '.join(IO_OPTIONS)}"
+        )
+    return options
+
+
 def _check_targets(targets: list[Target], options: ExportOptions) -> list[Target]:
-    precision = options.precision
     for target in targets:
+        precision = options.precision_for(target)
         if target.static_shapes and options.dynamic_batch is not None:
             raise UsageError(
                 f"target {target.name} needs static shapes, but --dynamic-batch {options.dynamic_batch} was given",
@@ -271,6 +361,12 @@ def _check_targets(targets: list[Target], options: ExportOptions) -> list[Target
             raise UsageError(
                 f"target {target.name} does not support precision {precision}",
                 f"use one of: {', '.join(target.precisions)}",
+            )
+        unsupported_io = [o for o in options.io if o not in target.io_options]
+        if unsupported_io:
+            raise UsageError(
+                f"target {target.name} does not support --io {','.join(unsupported_io)}",
+                f"it supports: {', '.join(target.io_options) or 'no --io options'}",
             )
         reason = target.unavailable_reason()
         if reason:

@@ -34,6 +34,11 @@ class Progress:
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
         self.say(f" {seconds:.1f}s", prefix=False)
 
+    def warn(self, message: str) -> None:
+        """Print a warning the user must see, even when quiet."""
+        self.stream.write(f"[kiln] WARNING: {message}\n")
+        self.stream.flush()
+
     def say(self, message: str, end: str = "\n", prefix: bool = True) -> None:
         """Print one progress message unless quiet."""
         if not self.quiet:
@@ -48,5 +53,22 @@ def converter_output_captured() -> Iterator[None]:
         yield
         return
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), native_stderr_silenced():
         yield
+
+
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null (KILN_DEBUG=1 keeps it)."""
+    if os.environ.get("KILN_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

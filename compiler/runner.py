@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import MissingBackendError, UsageError
-from compiler.parity import ParitySamples, check_feed, validate
+from compiler.parity import ParitySamples, check_feed, in_reference_layout, validate
 from compiler.staging import REJECTED
 from compiler.types import MANIFEST_NAME, Manifest, ParityReport, TensorSpec
 
@@ -158,5 +158,6 @@ def verify(path: str | Path, model: str | None = None) -> Iterator[Verification]
             from compiler.types import Tolerance
 
             tolerance = Tolerance.for_precision(manifest.precision)
-        report = validate(loaded.run, samples, tolerance, reference_name, loaded.runner.runtime_info())
+        run = in_reference_layout(loaded.run, manifest.inputs, manifest.outputs)
+        report = validate(run, samples, tolerance, reference_name, loaded.runner.runtime_info())
         yield Verification(directory, manifest, report, notes)

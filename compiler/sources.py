@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,16 @@ class ModelSource:
         if self.exported is not None:
             return "pytorch (exported program from .pt2)"
         return "pytorch eager"
+
+    def with_batch(self, batch: int) -> ModelSource:
+        """This source with example inputs resized to `batch` rows (for targets that need a fixed batch)."""
+        if self.kind != "torch" or self.exported is not None:
+            raise UsageError(
+                f"{self.description} cannot be re-captured at batch {batch}",
+                "give the model as file.py:factory or zoo:NAME, or export it with example inputs of that batch",
+            )
+        resized = tuple(t[torch.arange(batch) % t.shape[0]] if t.dim() else t for t in self.example_inputs)
+        return replace(self, example_inputs=resized)
 
 
 def load_source(spec: str, user_inputs: list[dict[str, np.ndarray]] | None = None) -> ModelSource:
@@ -109,15 +119,15 @@ def _load_zoo(spec: str) -> ModelSource:
     return source
 
 
-def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
+def python_function(path: Path, name: str, spec: str, returns: str) -> Any:
+    """The function `name` defined in the Python file `path` (given by the user as `spec`)."""
     if not path.is_file():
-        raise UsageError(f"model file {path} does not exist", "check the path before ':'")
-    if not factory:
+        raise UsageError(f"{path} does not exist", "check the path before ':'")
+    if not name:
         raise UsageError(
-            f"'{spec}' names no factory function",
-            f"write {path}:FUNCTION, where FUNCTION returns (module, example_inputs)",
+            f"'{spec}' names no function after the colon", f"write {path}:FUNCTION, where FUNCTION returns {returns}"
         )
-    module_name = f"kiln_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    module_name = f"kiln_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise UsageError(f"cannot import {path} as Python", "pass a .py file")
@@ -127,12 +137,17 @@ def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
         loader_spec.loader.exec_module(user_module)
     except Exception as exc:
         raise UsageError(f"importing {path} failed: {type(exc).__name__}: {exc}", "fix the error in that file") from exc
-    fn = getattr(user_module, factory, None)
+    fn = getattr(user_module, name, None)
     if fn is None or not callable(fn):
         available = [n for n, v in vars(user_module).items() if inspect.isfunction(v) and v.__module__ == module_name]
         raise UsageError(
-            f"{path} has no function '{factory}'", f"functions defined there: {', '.join(available) or 'none'}"
+            f"{path} has no function '{name}'", f"functions defined there: {', '.join(available) or 'none'}"
         )
+    return fn
+
+
+def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
+    fn = python_function(path, factory, spec, "(module, example_inputs)")
     try:
         produced = fn()
     except Exception as exc:

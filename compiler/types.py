@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,11 @@ class Tolerance:
     """What counts as parity for one artifact.
 
     Float outputs pass when at most `max_mismatch` of their elements fall outside
-    `|actual - expected| <= atol + rtol * |expected|` and their cosine similarity to the
-    reference is at least `min_cosine`. Integer and boolean outputs pass when at least
-    `min_agreement` of their elements are equal.
+    `|actual - expected| <= atol + rtol * |expected|`, their cosine similarity to the
+    reference is at least `min_cosine`, their signal-to-noise ratio at least `min_snr_db`
+    (when set) and, for classifier-shaped outputs ([batch, classes]), the argmax agrees with
+    the reference's on at least `min_top1` of the rows. Integer and boolean outputs pass when
+    at least `min_agreement` of their elements are equal.
     """
 
     atol: float
@@ -57,27 +59,30 @@ class Tolerance:
     max_mismatch: float = 0.0
     min_cosine: float = 0.9999
     min_agreement: float = 1.0
+    min_snr_db: float | None = None
+    min_top1: float = 0.0
 
     @classmethod
     def for_precision(cls, precision: str) -> Tolerance:
         """The default tolerance for an artifact of this precision."""
         return DEFAULT_TOLERANCES[precision]
 
-    def with_overrides(self, atol: float | None = None, rtol: float | None = None) -> Tolerance:
-        """This tolerance with the user's --atol/--rtol applied."""
-        return Tolerance(
-            atol=self.atol if atol is None else atol,
-            rtol=self.rtol if rtol is None else rtol,
-            max_mismatch=self.max_mismatch,
-            min_cosine=self.min_cosine,
-            min_agreement=self.min_agreement,
-        )
+    def with_overrides(self, **overrides: float | None) -> Tolerance:
+        """This tolerance with the user's overrides (e.g. atol, min_cosine) applied where not None."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3, max_mismatch=0.0, min_cosine=0.9999, min_agreement=1.0),
     "fp16": Tolerance(atol=1e-2, rtol=1e-2, max_mismatch=0.01, min_cosine=0.999, min_agreement=0.99),
     "bf16": Tolerance(atol=5e-2, rtol=5e-2, max_mismatch=0.02, min_cosine=0.995, min_agreement=0.98),
+    # Quantized artifacts are judged by agreement, not elementwise closeness.
+    "int8-dynamic": Tolerance(
+        atol=1e-1, rtol=1e-1, max_mismatch=1.0, min_cosine=0.995, min_agreement=0.95, min_snr_db=20.0, min_top1=0.9
+    ),
+    "int8": Tolerance(
+        atol=1e-1, rtol=1e-1, max_mismatch=1.0, min_cosine=0.99, min_agreement=0.95, min_snr_db=15.0, min_top1=0.9
+    ),
 }
 
 
@@ -93,6 +98,8 @@ class OutputMetrics:
     min_cosine: float = 1.0
     mismatch_fraction: float = 0.0
     agreement: float = 1.0
+    snr_db: float = float("inf")
+    top1_agreement: float | None = None  # classifier-shaped outputs only
     worst_sample: int = 0
     reason: str = ""
 
@@ -104,8 +111,10 @@ class OutputMetrics:
         else:
             figures = (
                 f"max_abs={self.max_abs_error:.3g} max_rel={self.max_rel_error:.3g} "
-                f"cosine={self.min_cosine:.6f} out_of_tol={self.mismatch_fraction:.2%}"
+                f"cosine={self.min_cosine:.6f} snr={self.snr_db:.1f}dB out_of_tol={self.mismatch_fraction:.2%}"
             )
+            if self.top1_agreement is not None:
+                figures += f" top1={self.top1_agreement:.2%}"
         reason = f"  <- {self.reason}" if self.reason else ""
         return f"{verdict} {self.name}: {figures}{reason}"
 
@@ -142,7 +151,7 @@ class ParityReport:
             tolerance=_from_dict(Tolerance, data["tolerance"]),
             samples=data["samples"],
             sample_origins=list(data.get("sample_origins", [])),
-            outputs=[_from_dict(OutputMetrics, o) for o in data["outputs"]],
+            outputs=[_from_dict(OutputMetrics, _non_finite_back(o)) for o in data["outputs"]],
             runtime=dict(data.get("runtime", {})),
         )
 
@@ -237,6 +246,11 @@ class Manifest:
             notes=list(data.get("notes", [])),
             schema_version=data.get("schema_version", SCHEMA_VERSION),
         )
+
+
+def _non_finite_back(data: dict[str, Any]) -> dict[str, Any]:
+    """Undo `_json_safe` for one flat dict: "inf", "-inf" and "nan" strings become floats again."""
+    return {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in data.items()}
 
 
 def _json_safe(value: Any) -> Any:

@@ -6,12 +6,21 @@ import difflib
 
 from compiler.errors import UsageError
 from targets.base import BuildOutput, BuildRequest, Runner, Target
+from targets.edgetpu import EdgeTpuTarget
 from targets.onnxrt import OnnxRuntimeTarget
 from targets.openvino_ir import OpenVinoTarget
 from targets.pt2 import ExportedProgramTarget
+from targets.tflite import TfliteTarget
 from targets.tpu import XlaTarget
 
-TARGETS: list[Target] = [OnnxRuntimeTarget(), OpenVinoTarget(), ExportedProgramTarget(), XlaTarget()]
+TARGETS: list[Target] = [
+    OnnxRuntimeTarget(),
+    OpenVinoTarget(),
+    ExportedProgramTarget(),
+    XlaTarget(),
+    TfliteTarget(),
+    EdgeTpuTarget(),
+]
 
 __all__ = ["TARGETS", "BuildOutput", "BuildRequest", "Runner", "Target", "get_target", "resolve_targets"]
 

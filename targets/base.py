@@ -33,6 +33,8 @@ class BuildOutput:
     runtime_config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    inputs: list[TensorSpec] | None = None  # the artifact's own I/O when it differs from the model's (layout)
+    outputs: list[TensorSpec] | None = None
 
 
 class Runner:
@@ -60,6 +62,13 @@ class Target:
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
     static_shapes: bool = False  # True: refuses --dynamic-batch
+    fixed_batch: int | None = None  # the batch size the artifact must have (the model is captured at it)
+    io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (e.g. nhwc, uint8)
+
+    @property
+    def default_precision(self) -> str:
+        """The precision used when none is asked for."""
+        return self.precisions[0]
 
     def unavailable_reason(self) -> str | None:
         """None when this target can run here, else what is missing and how to get it."""

@@ -35,79 +35,6 @@ PLATFORMS = ["TPU", "CPU"]
 MXU_LANES, MXU_SUBLANES = 128, 8
 
 
-def _embedding_bag(
-    weight,
-    indices,
-    offsets,
-    scale_grad_by_freq=False,
-    mode=0,
-    sparse=False,
-    per_sample_weights=None,
-    include_last_offset=False,
-    padding_idx=-1,
-):
-    """`aten._embedding_bag` as gather + segment sum, with static output shapes (sum, mean, max)."""
-    import torch
-
-    num_bags = offsets.shape[0] - (1 if include_last_offset else 0)
-    positions = torch.arange(indices.shape[0], device=indices.device)
-    # bag of each index = number of bag starts at or before it, minus one (no searchsorted lowering)
-    bag_of = (positions[:, None] >= offsets[None, :num_bags]).sum(dim=1) - 1
-    rows = weight[indices]
-    if per_sample_weights is not None:
-        rows = rows * per_sample_weights[:, None]
-    if padding_idx is not None and padding_idx >= 0:
-        rows = rows * (indices != padding_idx)[:, None].to(rows.dtype)
-    zeros = torch.zeros(num_bags, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    if mode == 2:
-        output = zeros.fill_(-torch.inf).index_reduce(0, bag_of, rows, "amax", include_self=True)
-        output = torch.where(torch.isinf(output), torch.zeros_like(output), output)
-    else:
-        output = zeros.index_add(0, bag_of, rows)
-        if mode == 1:
-            counts = torch.zeros(num_bags, dtype=weight.dtype).index_add(
-                0, bag_of, torch.ones_like(bag_of, dtype=weight.dtype)
-            )
-            output = output / counts.clamp(min=1)[:, None]
-    empty = torch.zeros(0, dtype=indices.dtype)
-    return output, empty, empty, empty
-
-
-def decompositions() -> dict[Any, Any]:
-    """Decompositions Kiln applies on the FX graph for ops the StableHLO lowering lacks."""
-    import torch
-
-    aten = torch.ops.aten
-    ops = (
-        aten.embedding_bag.default,
-        aten.embedding_bag.padding_idx,
-        aten._embedding_bag.default,
-        aten._embedding_bag_forward_only.default,
-    )
-    return dict.fromkeys(ops, _embedding_bag)
-
-
-def apply_decompositions(program: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, list[str]]:
-    """The program with Kiln's decompositions applied, and the names of the ops they replaced."""
-    table = decompositions()
-    present = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function" and n.target in table})
-    if not present:
-        return program, []
-    return program.run_decompositions(table), present
-
-
-def module_path_of(program: torch.export.ExportedProgram, op_name: str) -> str:
-    """The PyTorch module (e.g. `encoder.layers.0.attn`, class) where `op_name` first appears."""
-    for node in program.graph.nodes:
-        if node.op == "call_function" and op_name.lstrip("_") in str(node.target):
-            stack = node.meta.get("nn_module_stack") or {}
-            if stack:
-                path, cls = list(stack.values())[-1]
-                class_name = getattr(cls, "__name__", str(cls)).rsplit(".", 1)[-1]
-                return f"{path or '<root>'} ({class_name})"
-    return "unknown module"
-
-
 def _to_bfloat16(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """Re-export with bf16 compute: float32 weights cast to bf16 inside the graph, float32 I/O kept.
 
@@ -259,17 +186,18 @@ class XlaTarget(Target):
         from litert_torch.backend.export import exported_program_to_mlir
         from litert_torch.backend.tf_integration import torch_dtype_to_tf
 
+        from compiler.decompositions import apply_decompositions, module_path_of, stablehlo_table
         from compiler.errors import UnsupportedOpError
 
         assert model.exported is not None, "the tpu target needs the FX program"
         precision = request.precision
         program = _to_bfloat16(model.exported) if precision == "bf16" else model.exported
-        program, decomposed = apply_decompositions(program)
+        program, decomposed = apply_decompositions(program, stablehlo_table())
         try:
             lowered = exported_program_to_mlir(program)
         except Exception as exc:
             op = re.search(r"(aten\.[\w.]+|aten::[\w.]+)", str(exc))
-            where = f" in {module_path_of(program, op[1].split('.')[1])}" if op else ""
+            where = f" in {module_path_of(program, op[1])}" if op else ""
             raise UnsupportedOpError(
                 f"StableHLO lowering failed{' on ' + op[1] if op else ''}{where}: {type(exc).__name__}: "
                 f"{' '.join(str(exc).split(' While executing')[0].split())[:200]}",

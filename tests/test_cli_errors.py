@@ -18,7 +18,7 @@ from tests.conftest import ROOT, USER_MODELS, run_cli
 
 BAD_MODELS = {
     "missing file": ("no/such/model.py:build", "does not exist"),
-    "no factory named": (f"{USER_MODELS}", "names no factory"),
+    "no factory named": (f"{USER_MODELS}", "names no function"),
     "missing factory": (f"{USER_MODELS}:missing", "has no function 'missing'"),
     "factory raises": (f"{USER_MODELS}:raises", "raised RuntimeError: checkpoint not found"),
     "wrong return": (f"{USER_MODELS}:wrong_return", "returned str, not (module, example_inputs)"),

@@ -1,0 +1,116 @@
+"""`tflite` (aliases `litert`, `mobile`): a LiteRT model for phones, float or quantized."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from targets.base import BuildOutput, BuildRequest, Runner, Target
+from targets.litert import MODEL_FILE, LiteRtRunner, channels_last, op_counts, quantize, read_ops, to_tflite
+
+if TYPE_CHECKING:
+    from compiler.capture import CapturedModel
+    from compiler.types import Manifest
+
+
+def convert(model: CapturedModel, directory: Path, request: BuildRequest, precision: str) -> dict[str, Any]:
+    """Write `model.tflite` in `directory` at `precision`; what was decomposed and how it was calibrated."""
+    from compiler.decompositions import module_path_of
+    from compiler.errors import UnsupportedOpError
+    from targets.litert import converter_error_op
+
+    assert model.exported is not None, "a LiteRT target needs the FX program"
+    nhwc = request.io_layout == "nhwc"
+    with tempfile.TemporaryDirectory(prefix="kiln-tflite-") as scratch:
+        float_model = Path(scratch) / "float.tflite"
+        try:
+            decomposed = to_tflite(model.exported, model.inputs, model.outputs, nhwc, float_model)
+        except Exception as exc:
+            text = " ".join(str(exc).split())
+            op = converter_error_op(text)
+            where = f" in {module_path_of(model.exported, op)}" if op else ""
+            raise UnsupportedOpError(
+                f"LiteRT conversion failed{' on ' + op if op else ''}{where}: {type(exc).__name__}: {text[:200]}",
+                "replace that operation in the model, or try another target",
+            ) from None
+        info: dict[str, Any] = {"decompositions_applied": decomposed}
+        if precision == "fp32":
+            shutil.copy(float_model, directory / MODEL_FILE)
+            return info
+        feeds: list[Any] = []
+        if precision == "int8":
+            calibration = request.calibration
+            assert calibration is not None, "int8 needs calibration data (the pipeline provides it)"
+            specs = channels_last(model.inputs) if nhwc else model.inputs
+            feeds = [_to_layout(batch, specs) for batch in calibration.batches(model.inputs)]
+            info["calibration"] = calibration.summary()
+        quantize(float_model, directory / MODEL_FILE, precision, feeds)
+        info["float_model_bytes"] = float_model.stat().st_size
+    return info
+
+
+def _to_layout(feeds: dict[str, Any], specs: list[Any]) -> dict[str, Any]:
+    """Calibration feeds (NCHW like the model) in the artifact's layout."""
+    import numpy as np
+
+    from targets.litert import NCHW_TO_NHWC
+
+    return {s.name: np.transpose(feeds[s.name], NCHW_TO_NHWC) if s.layout == "NHWC" else feeds[s.name] for s in specs}
+
+
+def describe_graph(directory: Path, info: dict[str, Any], nhwc: bool) -> dict[str, Any]:
+    """Op counts, transposes left inside and size of the built `.tflite`."""
+    ops = read_ops(directory / MODEL_FILE)
+    counts = op_counts(ops)
+    described = {
+        **info,
+        "ops": counts,
+        "transposes_inside": counts.get("TRANSPOSE", 0),
+        "io_layout": "NHWC" if nhwc else "as captured (NCHW for images)",
+        "model_bytes": (directory / MODEL_FILE).stat().st_size,
+    }
+    if "float_model_bytes" in info:
+        described["size_ratio_vs_fp32"] = round(info["float_model_bytes"] / described["model_bytes"], 2)
+    return described
+
+
+class TfliteTarget(Target):
+    """A `.tflite` flatbuffer validated in the LiteRT interpreter (XNNPACK)."""
+
+    name = "tflite"
+    aliases = ("litert", "mobile")
+    description = "LiteRT/TFLite flatbuffer for Android/iOS, validated in the LiteRT interpreter (XNNPACK)"
+    requires: ClassVar[dict[str, str]] = {
+        "litert_torch": "litert-torch",
+        "ai_edge_litert": "ai-edge-litert",
+        "ai_edge_quantizer": "ai-edge-quantizer",
+    }
+    precisions = ("fp32", "fp16", "int8-dynamic", "int8")
+    consumes = "torch"
+    static_shapes = True
+    io_options = ("nhwc",)
+
+    def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
+        """Convert, quantize as the precision asks, and describe the graph."""
+        nhwc = request.io_layout == "nhwc"
+        info = describe_graph(directory, convert(model, directory, request, request.precision), nhwc)
+        notes = []
+        if info["decompositions_applied"]:
+            notes.append(f"decomposed for the TFLite converter: {', '.join(info['decompositions_applied'])}")
+        if any(s.dtype in ("int64", "float64") for s in [*model.inputs, *model.outputs]):
+            notes.append("64-bit inputs/outputs run as 32-bit in TFLite (the runner casts them)")
+        if nhwc and info["transposes_inside"]:
+            notes.append(f"{info['transposes_inside']} TRANSPOSE ops remain inside the graph with --io nhwc")
+        return BuildOutput(
+            runtime_config={"signature": "serving_default", "threads": 2},
+            info=info,
+            notes=notes,
+            inputs=channels_last(model.inputs) if nhwc else None,
+            outputs=channels_last(model.outputs) if nhwc else None,
+        )
+
+    def load(self, directory: Path, manifest: Manifest) -> Runner:
+        """A LiteRT interpreter on `model.tflite`."""
+        return LiteRtRunner(directory / MODEL_FILE, manifest)
