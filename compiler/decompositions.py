@@ -34,19 +34,20 @@ def embedding_bag(
     rows = weight[indices]
     if per_sample_weights is not None:
         rows = rows * per_sample_weights[:, None]
+    keep = torch.ones_like(indices, dtype=torch.bool)
     if padding_idx is not None and padding_idx >= 0:
-        rows = rows * (indices != padding_idx)[:, None].to(rows.dtype)
-    zeros = torch.zeros(num_bags, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        keep = indices != padding_idx
+    # membership[b, i]: index i belongs to bag b (a matmul, not a scatter: TFLite has no general scatter)
+    membership = (bag_of[None, :] == torch.arange(num_bags, device=indices.device)[:, None]) & keep[None, :]
     if mode == 2:
-        output = zeros.fill_(-torch.inf).index_reduce(0, bag_of, rows, "amax", include_self=True)
+        masked = torch.where(membership[:, :, None], rows[None, :, :], torch.full_like(rows[None, :, :], -torch.inf))
+        output = masked.amax(dim=1)
         output = torch.where(torch.isinf(output), torch.zeros_like(output), output)
     else:
-        output = zeros.index_add(0, bag_of, rows)
+        weights = membership.to(weight.dtype)
+        output = weights @ rows
         if mode == 1:
-            counts = torch.zeros(num_bags, dtype=weight.dtype).index_add(
-                0, bag_of, torch.ones_like(bag_of, dtype=weight.dtype)
-            )
-            output = output / counts.clamp(min=1)[:, None]
+            output = output / weights.sum(dim=1).clamp(min=1)[:, None]
     empty = torch.zeros(0, dtype=indices.dtype)
     return output, empty, empty, empty
 
@@ -94,6 +95,13 @@ def spatial_mean(x: torch.Tensor, dims: Any, keepdim: bool = False, dtype: Any =
     return pooled if keepdim else pooled.flatten(2).squeeze(2)
 
 
+def global_average_pool(x: torch.Tensor, output_size: Any) -> torch.Tensor:
+    """`adaptive_avg_pool2d(x, 1)` as `avg_pool2d` over the whole image (TFLite AVERAGE_POOL_2D, no transposes)."""
+    if list(output_size) != [1, 1]:
+        return torch.ops.aten._adaptive_avg_pool2d.default(x, output_size)
+    return torch.nn.functional.avg_pool2d(x, kernel_size=(x.shape[-2], x.shape[-1]))
+
+
 def _is_spatial_mean(rank: int, dims: Any) -> bool:
     return rank == 4 and dims is not None and sorted(d % 4 for d in dims) == [2, 3]
 
@@ -101,7 +109,12 @@ def _is_spatial_mean(rank: int, dims: Any) -> bool:
 def tflite_table() -> dict[Any, Decomposition]:
     """Ops the TFLite converter lacks, fails to legalize, or lays out with transposes."""
     aten = _aten()
-    return {**_embedding_bag_ops(), aten.pow.Tensor_Scalar: _scalar_power, aten.mean.dim: spatial_mean}
+    return {
+        **_embedding_bag_ops(),
+        aten.pow.Tensor_Scalar: _scalar_power,
+        aten.mean.dim: spatial_mean,
+        aten.adaptive_avg_pool2d.default: global_average_pool,
+    }
 
 
 def _needs(node: torch.fx.Node, table: dict[Any, Decomposition]) -> bool:
@@ -113,6 +126,8 @@ def _needs(node: torch.fx.Node, table: dict[Any, Decomposition]) -> bool:
     if node.target is _aten().mean.dim:
         value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         return value is not None and _is_spatial_mean(value.dim(), node.args[1])
+    if node.target is _aten().adaptive_avg_pool2d.default:
+        return list(node.args[1]) == [1, 1]
     return True
 
 

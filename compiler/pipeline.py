@@ -212,9 +212,7 @@ def _backend_failures(target: Target, action: str) -> Iterator[None]:
         raise
     except Exception as exc:
         text = " ".join(str(exc).split())
-        keyword = r"(?:operations?|operators?|op|node)"
-        op = re.search(rf"{keyword}[\s:'\"]+(?!{keyword}\b)([A-Za-z_][\w.:]*)", text, re.IGNORECASE)
-        what = f" (operation {op[1]})" if op else ""
+        what = f" (operation {op})" if (op := operation_named_in(text)) else ""
         raise UnsupportedOpError(
             f"{target.name} could not {action} the model{what}: {type(exc).__name__}: {text[:300]}",
             "try another target, or replace that operation in the model",
@@ -250,6 +248,17 @@ def _capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[in
         batch = target.fixed_batch if target.fixed_batch not in (None, example_batch) else None
         groups.setdefault(batch, []).append(target)
     return sorted(groups.items(), key=lambda item: item[0] or 0)
+
+
+def operation_named_in(text: str) -> str | None:
+    """The operation a backend's error message names, if it names one (e.g. `Conv`, `STABLEHLO_SCATTER`)."""
+    tflite = re.search(r"Node number \d+ \((\w+)\) failed", text)
+    if tflite:
+        return tflite[1]
+    keyword = r"(?:operations?|operators?|op|node)"
+    # an op name has a capital, an underscore, a dot or a colon: not an English word like "are"
+    op = re.search(rf"\b{keyword}[\s:'\"]+(?!{keyword}\b)(?=[\w.:]*[A-Z_.:])([A-Za-z_][\w.:]*)", text, re.IGNORECASE)
+    return op[1] if op else None
 
 
 def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:

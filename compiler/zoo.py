@@ -80,18 +80,21 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetSE(nn.Module):
-    """A tiny MobileNetV3-like classifier with depthwise convolutions and SE gates."""
+    """A small MobileNetV3-like classifier: depthwise blocks with SE gates, and V3-small's wide head."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16):
+    def __init__(self, num_classes: int = 10, width: int = 16, head_channels: int = 576, head_hidden: int = 1024):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.Hardswish()
         )
         self.blocks = nn.Sequential(InvertedResidual(width), InvertedResidual(width))
-        self.head = nn.Linear(width, num_classes)
+        self.last = nn.Sequential(nn.Conv2d(width, head_channels, 1), nn.Hardswish())
+        self.head = nn.Sequential(
+            nn.Linear(head_channels, head_hidden), nn.Hardswish(), nn.Linear(head_hidden, num_classes)
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(image))
+        x = self.last(self.blocks(self.stem(image)))
         return self.head(x.mean(dim=(2, 3)))
 
 
@@ -321,7 +324,7 @@ def _randomize_batchnorm(module: nn.Module, seed: int) -> None:
 def cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Small residual CNN with BatchNorm, 1x3x32x32 images."""
     torch.manual_seed(0)
-    model = SmallCNN()
+    model = SmallCNN(width=48)
     _randomize_batchnorm(model, 1)
     return model.eval(), (torch.randn(1, 3, 32, 32, generator=_seeded(2)),)
 
@@ -329,7 +332,7 @@ def cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 def mobilenet() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """MobileNetV3-style depthwise + squeeze-excite CNN, 1x3x32x32 images."""
     torch.manual_seed(0)
-    model = MobileNetSE()
+    model = MobileNetSE(width=48)
     _randomize_batchnorm(model, 1)
     return model.eval(), (torch.randn(1, 3, 32, 32, generator=_seeded(2)),)
 
