@@ -179,6 +179,11 @@ def _runner_with_threads(loaded: Any, threads: int) -> tuple[Any, str]:
         return OpenVinoRunner(
             loaded.directory, replace(loaded.manifest, runtime_config=config)
         ), "openvino INFERENCE_NUM_THREADS"
+    if target in ("tflite", "edgetpu"):
+        from targets.litert import MODEL_FILE as TFLITE_FILE
+        from targets.litert import LiteRtRunner
+
+        return LiteRtRunner(loaded.directory / TFLITE_FILE, loaded.manifest, threads=threads), "litert num_threads"
     if target == "pt2":
         return loaded.runner, "torch.set_num_threads"
     return loaded.runner, "runtime default (no thread setting known for this target)"
@@ -252,7 +257,7 @@ def in_fresh_process(function: Callable[..., dict[str, Any]], *args: Any, timeou
     return reply["value"]
 
 
-def benchmark_model(model: str, targets: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+def benchmark_model(model: str, targets: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every row of one model: eager timed before and after its exports, each export and its latency."""
     timeout = args.timeout
 
@@ -262,13 +267,13 @@ def benchmark_model(model: str, targets: list[str], args: argparse.Namespace) ->
     rows = []
     log("eager ...")
     eager_before = in_fresh_process(measure_eager, model, args.threads, args.repeat, args.warmup, timeout=timeout)
-    for target in targets:
-        row: dict[str, Any] = {"model": model, "target": target, "precision": args.precision, "threads": args.threads}
+    for target, precision in targets:
+        row: dict[str, Any] = {"model": model, "target": target, "precision": precision, "threads": args.threads}
         with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
             try:
-                log(f"export {target} ...")
+                log(f"export {target} {precision} ...")
                 row |= in_fresh_process(
-                    measure_export, model, target, args.precision, args.threads, str(Path(tmp) / "out"), timeout=timeout
+                    measure_export, model, target, precision, args.threads, str(Path(tmp) / "out"), timeout=timeout
                 )
                 log(f"{target} latency ...")
                 row |= in_fresh_process(
@@ -378,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_TARGETS),
         help="comma list of targets (default: %(default)s; unavailable ones are skipped)",
     )
-    parser.add_argument("--precision", default="fp32", help="export precision (default: %(default)s)")
+    parser.add_argument(
+        "--precision", default="fp32", help="export precision, or a comma list of them (default: %(default)s)"
+    )
     parser.add_argument(
         "--repeat",
         type=int,
@@ -407,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in ZOO]
     if unknown:
         parser.error(f"unknown zoo model(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
-    chosen: list[str] = []
+    chosen: list[tuple[str, str]] = []
     skipped: list[str] = []
     for name in _split(args.targets):
         try:
@@ -417,10 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         reason = target.unavailable_reason()
         if reason:
             skipped.append(f"{target.name}: {reason}")
-        elif args.precision not in target.precisions:
-            skipped.append(f"{target.name}: no {args.precision} (has {', '.join(target.precisions)})")
-        elif target.name not in chosen:
-            chosen.append(target.name)
+            continue
+        for precision in _split(args.precision):
+            if precision not in target.precisions:
+                skipped.append(f"{target.name}: no {precision} (has {', '.join(target.precisions)})")
+            elif (target.name, precision) not in chosen:
+                chosen.append((target.name, precision))
     if not chosen:
         parser.error("no target left to benchmark: " + "; ".join(skipped))
 
@@ -434,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             error = str(exc).partition("\n")[0]
             print(f"[bench] {model}: eager FAILED: {error}", file=sys.stderr, flush=True)
             rows += [
-                {"model": model, "target": t, "precision": args.precision, "error": f"eager: {error}"} for t in chosen
+                {"model": model, "target": t, "precision": p, "error": f"eager: {error}"} for t, p in chosen
             ]
     elapsed = time.perf_counter() - started
     load_after = _load_average()
@@ -444,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {host['cpu']} ({host['cores']} logical cores; {', '.join(host['cpu_flags']) or 'no notable flags'})")
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
     print(
-        f"Settings: precision {args.precision}; {args.threads} threads for torch, ONNX Runtime and OpenVINO; "
+        f"Settings: precision {args.precision}; {args.threads} threads for torch, ONNX Runtime, OpenVINO and LiteRT; "
         f"latency = median of {args.repeat} runs after {args.warmup} warm-up (eager: {2 * args.repeat}), "
         f"a batch re-run (up to {BATCHES} times) while disturbed (median > {NOISY}x fastest); "
         f"every step in a fresh process; took {elapsed:.0f}s; load average {load_before} before, {load_after} after"

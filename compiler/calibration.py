@@ -137,16 +137,9 @@ def _from_file(path: Path, inputs: list[TensorSpec]) -> Feeds:
         raise
     except Exception as exc:
         raise UsageError(f"cannot read calibration file {path}: {exc}", "save samples with numpy.savez") from None
-    feeds = {}
-    for position, spec in enumerate(inputs):
-        array = arrays.get(spec.name, arrays.get(f"arg{position}"))
-        if array is None:
-            raise UsageError(
-                f"{path} has no array for input '{spec.name}' (keys: {', '.join(arrays) or 'none'})",
-                f"name the arrays {', '.join(s.name for s in inputs)}",
-            )
-        feeds[spec.name] = array
-    return feeds
+    from compiler.parity import arrays_by_input
+
+    return arrays_by_input(arrays, inputs, path)
 
 
 def _from_loader(path: Path, function: str, source: str, inputs: list[TensorSpec]) -> Iterator[Feeds]:

@@ -127,7 +127,8 @@ def _needs(node: torch.fx.Node, table: dict[Any, Decomposition]) -> bool:
         value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         return value is not None and _is_spatial_mean(value.dim(), node.args[1])
     if node.target is _aten().adaptive_avg_pool2d.default:
-        return list(node.args[1]) == [1, 1]
+        size = node.args[1]
+        return isinstance(size, (list, tuple)) and list(size) == [1, 1]
     return True
 
 

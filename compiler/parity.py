@@ -70,6 +70,12 @@ def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
         raise UsageError(
             f"cannot read {path} as .npz: {exc}", "save inputs with numpy.savez(path, input_name=array, ...)"
         ) from None
+    named = arrays_by_input(arrays, specs, path)
+    return {spec.name: check_feed(spec, named[spec.name], str(path)) for spec in specs}
+
+
+def arrays_by_input(arrays: dict[str, np.ndarray], specs: list[TensorSpec], path: Path) -> Feeds:
+    """The arrays of a user's file keyed by input name (stored under that name, or as arg0, arg1...)."""
     feeds: Feeds = {}
     for position, spec in enumerate(specs):
         array = arrays.get(spec.name, arrays.get(f"arg{position}"))
@@ -78,7 +84,7 @@ def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
                 f"{path} has no array for input '{spec.name}' (keys: {', '.join(arrays) or 'none'})",
                 f"name the arrays {', '.join(s.name for s in specs)}",
             )
-        feeds[spec.name] = check_feed(spec, array, str(path))
+        feeds[spec.name] = array
     return feeds
 
 
@@ -126,7 +132,11 @@ def make_inputs(
 
 
 def random_like(example: np.ndarray, batch: int | None, rng: np.random.Generator) -> np.ndarray:
-    """A random array like `example` whose values stay valid: in its range, or drawn from its own rows."""
+    """A random array like `example` whose values stay valid and alike: its mean and spread, within its range.
+
+    Floats follow the example's mean and standard deviation (clipped to its range), so that
+    quantized artifacts are judged on inputs like the data they were calibrated for.
+    """
     shape = example.shape if batch is None else (batch, *example.shape[1:])
     if example.ndim == 0 or example.size == 0:
         return example.copy()
@@ -136,7 +146,8 @@ def random_like(example: np.ndarray, batch: int | None, rng: np.random.Generator
     low, high = example.min(), example.max()
     if example.dtype.kind in "iu":
         return rng.integers(low, high, size=shape, endpoint=True).astype(example.dtype)
-    return rng.uniform(float(low), float(high), size=shape).astype(example.dtype)
+    values = rng.normal(float(example.mean()), float(example.std()), size=shape)
+    return np.clip(values, float(low), float(high)).astype(example.dtype)
 
 
 def compare(actual: list[Feeds], expected: list[Feeds], tolerance: Tolerance) -> list[OutputMetrics]:

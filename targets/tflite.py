@@ -28,7 +28,7 @@ def convert(model: CapturedModel, directory: Path, request: BuildRequest, precis
         try:
             decomposed = to_tflite(model.exported, model.inputs, model.outputs, nhwc, float_model)
         except Exception as exc:
-            text = " ".join(str(exc).split(" While executing")[0].split())
+            text = " ".join(str(exc).split("While executing")[0].split())
             op = converter_error_op(text)
             where = f" in {module_path_of(model.exported, op)}" if op else ""
             raise UnsupportedOpError(
