@@ -102,11 +102,12 @@ def export_targets(
     options = options or ExportOptions()
     progress = progress or Progress(quiet=True)
     out = Path(out)
-    chosen = _check_targets(resolve_targets(targets), options)
+    every = _names(targets) == ["all"]
+    chosen = _check_targets(resolve_targets(targets), options, every, progress)
     check_output_dir(out, options.force)
     with progress.stage("load", model if isinstance(model, str) else type(model).__name__):
         source = _load(model, example_inputs, options)
-    chosen = _fit_to_source(source, chosen, every=_names(targets) == ["all"], progress=progress)
+    chosen = _fit_to_source(source, chosen, every=every, progress=progress)
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
         builds = []
         for batch, group in _capture_groups(source, chosen):
@@ -357,33 +358,49 @@ def parse_io(text: str | None) -> tuple[str, ...]:
     return options
 
 
-def _check_targets(targets: list[Target], options: ExportOptions) -> list[Target]:
+def _check_targets(targets: list[Target], options: ExportOptions, every: bool, progress: Progress) -> list[Target]:
+    """The targets that can do what the options ask; with `all`, skip the others (saying why), else refuse."""
+    fitting = []
     for target in targets:
-        precision = options.precision_for(target)
-        if target.static_shapes and options.dynamic_batch is not None:
-            raise UsageError(
-                f"target {target.name} needs static shapes, but --dynamic-batch {options.dynamic_batch} was given",
-                f"export {target.name} without --dynamic-batch, once per batch size you serve "
-                "(set the batch of the example inputs)",
-            )
-        if precision not in target.precisions:
-            raise UsageError(
-                f"target {target.name} does not support precision {precision}",
-                f"use one of: {', '.join(target.precisions)}",
-            )
-        unsupported_io = [o for o in options.io if o not in target.io_options]
-        if unsupported_io:
-            raise UsageError(
-                f"target {target.name} does not support --io {','.join(unsupported_io)}",
-                f"it supports: {', '.join(target.io_options) or 'no --io options'}",
-            )
-        reason = target.unavailable_reason()
-        if reason:
-            raise MissingBackendError(
-                f"target {target.name} is not available on this machine: {reason}",
-                "install what it needs, or choose another target (kiln targets)",
-            )
-    return targets
+        refusal = _refusal(target, options)
+        if refusal is None:
+            fitting.append(target)
+        elif every and isinstance(refusal, UsageError) and len(targets) > 1:
+            progress.say(f"skipping {target.name}: {refusal.message}")
+        else:
+            raise refusal
+    if not fitting:
+        raise UsageError("no target can export with these options", "run `kiln targets` for what each supports")
+    return fitting
+
+
+def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
+    """Why `target` cannot export with these options, or None."""
+    precision = options.precision_for(target)
+    if target.static_shapes and options.dynamic_batch is not None:
+        return UsageError(
+            f"target {target.name} needs static shapes, but --dynamic-batch {options.dynamic_batch} was given",
+            f"export {target.name} without --dynamic-batch, once per batch size you serve "
+            "(set the batch of the example inputs)",
+        )
+    if precision not in target.precisions:
+        return UsageError(
+            f"target {target.name} does not support precision {precision}",
+            f"use one of: {', '.join(target.precisions)}",
+        )
+    unsupported_io = [o for o in options.io if o not in target.io_options]
+    if unsupported_io:
+        return UsageError(
+            f"target {target.name} does not support --io {','.join(unsupported_io)}",
+            f"it supports: {', '.join(target.io_options) or 'no --io options'}",
+        )
+    reason = target.unavailable_reason()
+    if reason:
+        return MissingBackendError(
+            f"target {target.name} is not available on this machine: {reason}",
+            "install what it needs, or choose another target (kiln targets)",
+        )
+    return None
 
 
 def _names(targets: str | list[str]) -> list[str]:

@@ -323,3 +323,14 @@ def test_digits_cnn_loses_at_most_one_point_after_int8_export(tmp_path):
     assert float_accuracy - int8_accuracy <= 0.01
     manifest = json.loads((result.directory / "manifest.json").read_text())
     assert manifest["parity"]["runtime"]["inference_precision"] == "int8"
+
+
+def test_all_targets_skips_those_without_the_precision(tmp_path, capsys):
+    code, out, err = run_cli(
+        "export", f"{USER_MODELS}:good", "-t", "all", "--precision", "int8-dynamic", "--out", tmp_path / "o",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "skipping onnx: target onnx does not support precision int8-dynamic" in err
+    assert "skipping edgetpu: target edgetpu does not support precision int8-dynamic" in err
+    assert Manifest.read(tmp_path / "o").target == "tflite"
