@@ -17,7 +17,7 @@ from compiler.pipeline import ExportOptions, export_targets  # noqa: E402
 from compiler.types import ExportResult  # noqa: E402
 
 USER_MODELS = ROOT / "tests" / "models" / "user_models.py"
-ZOO_MODELS = ("cnn", "mobilenet", "transformer", "lstm")
+ZOO_MODELS = ("cnn", "mobilenet", "transformer", "lstm", "decoder", "unet", "detector", "multimodal")
 CPU_TARGETS = "onnx,openvino,pt2"
 
 warnings.filterwarnings("ignore")

@@ -70,6 +70,33 @@ def test_output_names_follow_the_model(zoo_exports):
     transformer = zoo_exports["transformer"]["onnx"].manifest
     assert [i.name for i in transformer.inputs] == ["input_ids", "attention_mask"]
     assert transformer.inputs[0].dtype == "int64"
+    multimodal = zoo_exports["multimodal"]["onnx"].manifest
+    assert [i.name for i in multimodal.inputs] == ["image", "frames"]
+    assert [o.name for o in multimodal.outputs] == ["logits", "position", "embedding"]
+
+
+def test_zoo_covers_the_architectures(zoo_exports):
+    import onnx
+
+    assert set(ZOO_MODELS) == set(ZOO) and len(ZOO) >= 8
+    ops = {
+        model: {node.op_type for node in onnx.load(str(by_target["onnx"].directory / "model.onnx")).graph.node}
+        for model, by_target in zoo_exports.items()
+    }
+    assert {"Conv", "Add"} <= ops["cnn"]
+    assert {"ConvTranspose", "Resize", "Concat", "MaxPool"} <= ops["unet"]
+    assert {"GRU"} <= ops["multimodal"] and {"LSTM"} <= ops["lstm"]
+
+
+def test_detector_decode_keeps_a_float_exponent(zoo_exports):
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(zoo_exports["detector"]["onnx"].directory / "model.onnx")).graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    exponents = [constants[n.input[1]] for n in graph.node if n.op_type == "Pow" and n.input[1] in constants]
+    assert exponents and all(e.dtype == np.float32 and float(e) == 2.0 for e in exponents)
 
 
 @pytest.mark.parametrize("target", TARGETS)
