@@ -166,10 +166,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     """`kiln matrix`: every model on every target, each cell in its own limited process; reports for CI."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a cancelled CI job: like Ctrl-C
+    try:
+        return _matrix(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _matrix(args: argparse.Namespace) -> int:
     from compiler.matrix import RunSettings, Shard, load_config, merge_matrix, run_matrix
     from compiler.progress import Progress
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a cancelled CI job stops its cells like Ctrl-C
     allow_fail = [p.strip() for value in args.allow_fail or [] for p in value.split(",") if p.strip()]
     settings = RunSettings(
         out=Path(args.out),
@@ -203,6 +210,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         settings.keep_artifacts = args.keep_artifacts
         settings.executor = args.executor
         settings.address = args.address
+        if args.list:
+            return _list_cells(config, settings, args.json)
         report, code = run_matrix(config, settings, progress)
     reports = [str(settings.out / name) for name in ("report.md", "report.json", "junit.xml", "report.html")]
     if args.json:
@@ -214,6 +223,20 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         for regression in report["regressions"]:
             print(f"  regression: {regression['cell_id']}: {regression['detail']}")
     return code
+
+
+def _list_cells(config: Any, settings: Any, as_json: bool) -> int:
+    """`kiln matrix --list`: the cells this shard would run, without running them."""
+    from compiler.matrix.runner import plan_matrix
+
+    plan = plan_matrix(config, settings.shard, settings.executor)
+    cells = plan.mine()
+    if as_json:
+        print(json.dumps([{"cell_id": c.cell_id, "key": plan.keys[c.cell_id], **c.to_dict()} for c in cells], indent=2))
+    else:
+        for cell in cells:
+            print(cell.cell_id + (f"  (unavailable: {cell.not_applicable})" if cell.not_applicable else ""))
+    return 0
 
 
 def _cache_home() -> Path:
@@ -295,6 +318,7 @@ def _matrix_parser(sub: Any) -> None:
     matrix.add_argument("--keep-artifacts", action="store_true", help="keep each cell's export under OUT/cells/")
     matrix.add_argument("--executor", choices=("local", "ray"), default="local", help="where cells run")
     matrix.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    matrix.add_argument("--list", action="store_true", help="print the cells of this shard and exit")
     _matrix_report_flags(matrix, "matrix-results")
     merge = matrix.add_subparsers(dest="matrix_command").add_parser(
         "merge", help="join shard output directories into one report"

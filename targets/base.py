@@ -60,6 +60,7 @@ class Target:
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
     static_shapes: bool = False  # True: refuses --dynamic-batch
+    needs_gpu: bool = False  # True: builds or runs only with a GPU (the matrix's Ray executor asks for one)
 
     def unavailable_reason(self) -> str | None:
         """None when this target can run here, else what is missing and how to get it."""

@@ -131,7 +131,7 @@ class MatrixConfig:
                         target=target.name,
                         precision=precision,
                         options=self.defaults.merged(model.options, f"model {model.name}"),
-                        gpu=bool(getattr(target, "needs_gpu", False)),
+                        gpu=target.needs_gpu,
                         fingerprint=fingerprint,
                         not_applicable=(
                             f"{target.name} needs a PyTorch model, but {model.source} is ONNX"
@@ -236,8 +236,9 @@ def _models(value: Any) -> list[ModelEntry]:
         CellOptions().merged(rest, f"model {source}")  # refuse unknown keys now
         sources = _zoo_names() if source == "zoo:all" else [source]
         for one in sources:
-            if one.startswith("zoo:") and one.removeprefix("zoo:") not in _zoo_names_bare():
-                raise UsageError(f"no built-in model '{one}'", f"choose one of: {', '.join(_zoo_names_bare())}")
+            zoo_name = one.removeprefix("zoo:")
+            if one.startswith("zoo:") and zoo_name not in _zoo_names_bare():
+                raise UsageError(f"no built-in model '{zoo_name}'", f"choose one of: {', '.join(_zoo_names_bare())}")
             entries.append(
                 ModelEntry(
                     source=one,

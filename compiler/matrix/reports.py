@@ -12,7 +12,7 @@ import math
 import statistics
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from compiler.errors import UsageError
 from compiler.matrix.config import matches
@@ -139,7 +139,7 @@ def compare_with_baseline(cells: list[dict[str, Any]], settings: RunSettings) ->
     return found
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -389,13 +389,19 @@ def _charts(report: dict[str, Any]) -> str:
         yaxis={"type": "log", "title": "ms"},
         height=460,
     )
-    z, text = [], []
+    z: list[list[float | None]] = []
+    text: list[list[str]] = []
     for model in models:
-        z_row, text_row = [], []
+        z_row: list[float | None] = []
+        text_row: list[str] = []
         for column in columns:
             error = grid.get((model, column), {}).get("max_abs_error")
-            z_row.append(math.log10(max(error, 1e-12)) if _number(error) else None)
-            text_row.append(f"{error:.1e}" if _number(error) else "")
+            if _number(error):
+                z_row.append(math.log10(max(error, 1e-12)))
+                text_row.append(f"{error:.1e}")
+            else:
+                z_row.append(None)
+                text_row.append("")
         z.append(z_row)
         text.append(text_row)
     heat = go.Figure(
