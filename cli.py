@@ -169,6 +169,14 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a cancelled CI job: like Ctrl-C
     try:
         return _matrix(args)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
+        print(
+            f"kiln: interrupted; running cells were stopped, finished ones are in {Path(args.out) / 'results.jsonl'}: "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
 

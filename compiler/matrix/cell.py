@@ -161,6 +161,7 @@ def _latency(cell: CellSpec, directory: Path, threads: int, repeat: int, warmup:
         "speedup": eager.median_ms / artifact.median_ms if artifact.median_ms > 0 else None,
         "latency_noisy": artifact.noisy or eager.noisy,
         "latency_batches": artifact.batches + eager.batches,
+        "load_average": round(os.getloadavg()[0], 2),
     }
 
 

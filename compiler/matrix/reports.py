@@ -175,6 +175,17 @@ def _grid(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(c["model"], f"{c['target']}/{c['precision']}"): c for c in report["cells"]}
 
 
+def _rows(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any] | None]]]:
+    """The table: per model, its cell in each column (None where the target has no such precision)."""
+    grid = _grid(report)
+    return [(model, [grid.get((model, column)) for column in report["columns"]]) for model in report["models"]]
+
+
+def _allowed(cell: dict[str, Any]) -> str:
+    """" (allowed)" for a failure that leaves the run green."""
+    return " (allowed)" if cell["allowed_to_fail"] and cell["status"] in FAILED_STATUSES else ""
+
+
 def _headline(report: dict[str, Any]) -> str:
     summary = report["summary"]
     parts = [f"{summary[s]} {STATUS_LABELS[s]}" for s in STATUS_LABELS if summary.get(s)]
@@ -189,10 +200,12 @@ def _headline(report: dict[str, Any]) -> str:
 def _settings_line(report: dict[str, Any]) -> str:
     settings = report["settings"]
     hosts = "; ".join(f"{h.get('cpu', '?')} ({h.get('cores', '?')} cores)" for h in report["hosts"]) or "unknown"
+    loads = [c["load_average"] for c in report["cells"] if _number(c.get("load_average"))]
+    load = f" Load average while timing: {min(loads):.1f} to {max(loads):.1f}." if loads else ""
     return (
         f"Host: {hosts}. {settings.get('threads', '?')} threads per cell; latency = median of "
         f"{settings.get('repeat', '?')} runs after {settings.get('warmup', '?')} warm-up, on the example inputs. "
-        f"Executor: {settings.get('executor', '?')}; shards: {', '.join(report['shards'])}. "
+        f"Executor: {settings.get('executor', '?')}; shards: {', '.join(report['shards'])}.{load} "
         f"Generated {report['generated_at']} by Kiln {report['kiln_version']}."
     )
 
@@ -208,19 +221,12 @@ LEGEND = (
 
 def markdown(report: dict[str, Any]) -> str:
     """report.md: a table with one row per model and one column per target/precision, a legend, the failures."""
-    columns, grid = report["columns"], _grid(report)
+    columns = report["columns"]
     lines = ["# Kiln conversion matrix", "", f"**{_headline(report)}**", "", _settings_line(report), ""]
     lines.append("| model | " + " | ".join(c.replace("/", " ") for c in columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
-    for model in report["models"]:
-        row = []
-        for column in columns:
-            cell = grid.get((model, column))
-            if cell is None:
-                row.append("")
-                continue
-            allowed = " (allowed)" if cell["allowed_to_fail"] and cell["status"] in FAILED_STATUSES else ""
-            row.append(" · ".join([ICONS[cell["status"]] + allowed, *cell_figures(cell)]))
+    for model, cells in _rows(report):
+        row = [" · ".join([ICONS[c["status"]] + _allowed(c), *cell_figures(c)]) if c else "" for c in cells]
         lines.append(f"| {model} | " + " | ".join(row) + " |")
     lines += ["", f"Legend: {LEGEND}", ""]
     if report["regressions"]:
@@ -317,19 +323,15 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
 def html_page(report: dict[str, Any]) -> str:
     """report.html: the table, a latency bar chart and an error heat map (plotly, inlined: works offline)."""
     esc = html.escape
-    columns, grid = report["columns"], _grid(report)
-    head = "".join(f"<th>{esc(c.replace('/', ' '))}</th>" for c in columns)
+    head = "".join(f"<th>{esc(c.replace('/', ' '))}</th>" for c in report["columns"])
     rows = []
-    for model in report["models"]:
+    for model, cells in _rows(report):
         tds = []
-        for column in columns:
-            cell = grid.get((model, column))
+        for cell in cells:
             if cell is None:
                 tds.append("<td></td>")
                 continue
-            label = STATUS_LABELS[cell["status"]]
-            if cell["allowed_to_fail"] and cell["status"] in FAILED_STATUSES:
-                label += " (allowed)"
+            label = STATUS_LABELS[cell["status"]] + _allowed(cell)
             title = esc(_one_line(cell["reason"])) if cell["status"] != PASSED else ""
             figures = "<br>".join(esc(f) for f in cell_figures(cell))
             tds.append(

@@ -32,6 +32,7 @@ VOLATILE_FIELDS = (
     "speedup",
     "latency_noisy",
     "latency_batches",
+    "load_average",
     "export_s",
     "stages",
     "duration_s",
@@ -71,6 +72,7 @@ class CellResult:
     speedup: float | None = None  # reference_ms / latency_ms: above 1, the artifact is faster
     latency_noisy: bool = False  # other processes disturbed the timed runs
     latency_batches: int | None = None
+    load_average: float | None = None  # the machine's 1-minute load average when the timing ended
     threads: int | None = None
     runtime: dict[str, Any] = field(default_factory=dict)  # what the artifact's runtime used
     export_s: float | None = None  # wall time of the export (capture, passes, build, validate)
