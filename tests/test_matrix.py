@@ -313,6 +313,13 @@ def test_sharded_runs_merge_into_the_unsharded_report(matrix_run, capsys):
     report = json.loads((merged / "report.json").read_text())
     assert report["shards"] == ["1/2", "2/2"]
     assert _comparable(report) == _comparable(matrix_run["report"])
+    # --allow-fail given to the shards holds in the merge too (re-running the shards only rewrites their plans)
+    for index, out in enumerate(shards, 1):
+        code, _, err = run_cli("matrix", "--config", config, "--out", out, *FAST, "--shard", f"{index}/2",
+                               "--no-cache", "--allow-fail", "crash,hang,memory_hog", capsys=capsys)  # fmt: skip
+        assert code == 0 and "0 to run" in err
+    code, _, _ = run_cli("matrix", "merge", *shards, "--out", root / "merged-allowed", capsys=capsys)
+    assert code == 0
     # a missing shard leaves its cells "not run", which fails the merged run
     code, _, _ = run_cli("matrix", "merge", shards[0], "--out", root / "half", capsys=capsys)
     half = json.loads((root / "half" / "report.json").read_text())

@@ -297,6 +297,11 @@ def run_ray(
             raise UsageError(f"cannot reach the Ray cluster at {address}: {exc}", "check --address") from None
     remote = ray.remote(_ray_cell)
     refs: dict[Any, Job] = {}
+    if not ray.cluster_resources().get("GPU"):  # a GPU task would wait forever for a GPU that never comes
+        for job in (j for j in jobs if j.cell.gpu):
+            reason = f"{job.cell.target} needs a GPU and the Ray cluster has none"
+            on_done(identity(job.cell, job.key, status=UNAVAILABLE, reason=reason, finished_at=now()))
+        jobs = [j for j in jobs if not j.cell.gpu]
     for job in jobs:
         task = remote.options(num_cpus=1, num_gpus=1 if job.cell.gpu else 0, runtime_env=runtime_env, max_retries=0)
         refs[task.remote(job.payload(), keep_artifacts)] = job
@@ -413,6 +418,7 @@ def run_matrix(config: MatrixConfig, settings: RunSettings, progress: Progress) 
     from compiler.matrix.reports import write_reports
 
     plan = plan_matrix(config, settings.shard, settings.executor)
+    plan.settings["allow_fail"] = settings.allow_fail  # so that a merge of the shards honours them too
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
@@ -467,6 +473,8 @@ def merge_matrix(directories: list[Path], settings: RunSettings) -> tuple[dict[s
     if not directories:
         raise UsageError("matrix merge needs at least one directory", "pass the --out directories of the shards")
     plans = [Plan.read(d) for d in directories]
+    for plan in plans:
+        settings.allow_fail += [p for p in plan.settings.get("allow_fail", []) if p not in settings.allow_fail]
     planned: dict[str, tuple[CellSpec, str]] = {}
     for plan in plans:
         for cell in plan.cells:
