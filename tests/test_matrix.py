@@ -202,6 +202,8 @@ def test_a_hanging_converter_is_killed_at_its_time_limit(matrix_run):
     assert "timed out after 15s during: capture" in cell["reason"]
     assert 15 <= cell["duration_s"] < 40
     assert not _own_processes(str(matrix_run["out"]))  # nothing of the run is left behind
+    cell_dir = Path(cell["cell_dir"])
+    assert {p.name for p in cell_dir.iterdir()} == {"job.json", "cell.log"}  # nor its temporary files
 
 
 def test_the_memory_limit_fails_a_cell_that_maps_too_much(matrix_run):
@@ -384,11 +386,20 @@ def test_bad_matrix_arguments_are_one_line_errors(argv, message, capsys):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_bad_config_is_a_one_line_error(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('models = ["zoo:cnn"]\n[[cells]]\nmatch = "cnn/*"\natol_typo = 1\n', "unknown option 'atol_typo'"),
+        ('models = [{source = "zoo:cnn", timeout = "long"}]\n', "timeout = 'long' is not valid"),
+        ('jobs = 0\n', "'jobs' must be a whole number of at least 1"),
+        ('models = ["zoo:cnn"\n', "cannot read"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(text, message, tmp_path, capsys):
     config = tmp_path / "matrix.toml"
-    config.write_text('models = ["zoo:cnn"]\n[[cells]]\nmatch = "cnn/*"\natol_typo = 1\n')
+    config.write_text(text)
     code, _, err = run_cli("matrix", "--config", config, "--list", capsys=capsys)
-    assert code == 2 and "unknown option 'atol_typo'" in err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_zoo_all_on_all_targets_plans_every_registered_target(capsys):

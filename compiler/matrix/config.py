@@ -41,10 +41,28 @@ class CellOptions:
                 raise UsageError(
                     f"{where}: unknown option '{key}'", f"cell options are: {', '.join(sorted(known))}"
                 )
-            values[name] = tuple(value) if name == "inputs" else value
-        if values.get("expect", "pass") not in ("pass", "fail"):
-            raise UsageError(f"{where}: expect = '{values['expect']}'", "write expect = \"pass\" or \"fail\"")
+            values[name] = tuple(value) if name == "inputs" and isinstance(value, list) else value
+        for name, value in values.items():
+            valid, meaning = OPTION_CHECKS[name]
+            if not valid(value):
+                raise UsageError(f"{where}: {name} = {value!r} is not valid", f"{name} must be {meaning}")
         return replace(self, **values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+OPTION_CHECKS: dict[str, tuple[Any, str]] = {
+    "atol": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "rtol": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "samples": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    "dynamic_batch": (lambda v: isinstance(v, str), 'a string "MIN:MAX"'),
+    "inputs": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), "a list of .npz paths"),
+    "timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
+    "memory_limit_gb": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),
+    "expect": (lambda v: v in ("pass", "fail"), '"pass" or "fail"'),
+}
 
 
 @dataclass(frozen=True)
@@ -194,7 +212,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> MatrixConfig:
         jobs=_positive(data.get("jobs", 1), "jobs"),
         threads=_positive(data.get("threads", 2), "threads"),
         repeat=_positive(data.get("repeat", 20), "repeat"),
-        warmup=int(data.get("warmup", 3)),
+        warmup=_positive(data.get("warmup", 3), "warmup", minimum=0),
     )
     return config
 
@@ -207,9 +225,9 @@ def _names(value: Any, key: str) -> list[str]:
     return [v.strip() for v in value if v.strip()]
 
 
-def _positive(value: Any, key: str) -> int:
-    if not isinstance(value, int) or value < 1:
-        raise UsageError(f"'{key}' must be a whole number of at least 1, got {value!r}", f"write {key} = 2")
+def _positive(value: Any, key: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UsageError(f"'{key}' must be a whole number of at least {minimum}, got {value!r}", f"write {key} = 2")
     return value
 
 

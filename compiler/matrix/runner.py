@@ -169,6 +169,9 @@ def run_job(job: Job, keep_artifacts: bool = False) -> CellResult:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["OMP_NUM_THREADS"] = str(job.threads)  # read once, when torch loads
+    scratch = job.cell_dir / "tmp"  # the cell's temporary files, removed below even when the cell was killed
+    scratch.mkdir()
+    env["TMPDIR"] = str(scratch)
     env.pop("KILN_DEBUG", None)
     started_at, started = now(), time.monotonic()
     log_path = job.cell_dir / "cell.log"
@@ -209,6 +212,8 @@ def run_job(job: Job, keep_artifacts: bool = False) -> CellResult:
         for manifest in export_dir.rglob("manifest.json"):
             shutil.copy(manifest, job.cell_dir / "manifest.json")
         shutil.rmtree(export_dir, ignore_errors=True)
+    for leftover in [scratch, *job.cell_dir.glob(".kiln-*")]:  # what a killed export could not clean up
+        shutil.rmtree(leftover, ignore_errors=True)
     return result
 
 
