@@ -170,6 +170,94 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    """`kiln matrix`: every model on every target, each cell in its own limited process; reports for CI."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a cancelled CI job: like Ctrl-C
+    try:
+        return _matrix(args)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
+        print(
+            f"kiln: interrupted; running cells were stopped, finished ones are in {Path(args.out) / 'results.jsonl'}: "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from compiler.matrix import RunSettings, Shard, load_config, merge_matrix, run_matrix
+    from compiler.progress import Progress
+
+    allow_fail = [p.strip() for value in args.allow_fail or [] for p in value.split(",") if p.strip()]
+    settings = RunSettings(
+        out=Path(args.out),
+        baseline=Path(args.baseline) if args.baseline else None,
+        allow_fail=allow_fail,
+        error_factor=args.error_factor,
+        latency_factor=1 + args.latency_tolerance,
+    )
+    progress = Progress(quiet=args.quiet or args.json)
+    if args.matrix_command == "merge":
+        report, code = merge_matrix([Path(d) for d in args.directories], settings)
+    else:
+        config = load_config(
+            Path(args.config) if args.config else None,
+            {
+                "models": args.models,
+                "targets": args.targets,
+                "precisions": args.precisions,
+                "jobs": args.jobs,
+                "threads": args.threads,
+                "repeat": args.repeat,
+                "warmup": args.warmup,
+                "timeout": args.timeout,
+                "memory_limit_gb": args.memory_limit_gb,
+            },
+        )
+        settings.allow_fail = config.allow_fail + allow_fail
+        settings.shard = Shard.parse(args.shard) if args.shard else Shard()
+        settings.rerun = args.rerun
+        settings.cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else _cache_home()
+        settings.keep_artifacts = args.keep_artifacts
+        settings.executor = args.executor
+        settings.address = args.address
+        if args.list:
+            return _list_cells(config, settings, args.json)
+        report, code = run_matrix(config, settings, progress)
+    reports = [str(settings.out / name) for name in ("report.md", "report.json", "junit.xml", "report.html")]
+    if args.json:
+        print(json.dumps({"ok": code == 0, "summary": report["summary"], "reports": reports}, indent=2))
+    elif not args.quiet:
+        print(f"{report['summary']['cells']} cells; reports: {', '.join(reports)}")
+        for cell_id in report["summary"]["unexpected_failure_ids"]:
+            print(f"  unexpected failure: {cell_id}")
+        for regression in report["regressions"]:
+            print(f"  regression: {regression['cell_id']}: {regression['detail']}")
+    return code
+
+
+def _list_cells(config: Any, settings: Any, as_json: bool) -> int:
+    """`kiln matrix --list`: the cells this shard would run, without running them."""
+    from compiler.matrix.runner import plan_matrix
+
+    plan = plan_matrix(config, settings.shard, settings.executor)
+    cells = plan.mine()
+    if as_json:
+        print(json.dumps([{"cell_id": c.cell_id, "key": plan.keys[c.cell_id], **c.to_dict()} for c in cells], indent=2))
+    else:
+        for cell in cells:
+            print(cell.cell_id + (f"  (unavailable: {cell.not_applicable})" if cell.not_applicable else ""))
+    return 0
+
+
+def _cache_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kiln" / "matrix"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -227,7 +315,56 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", help="which target of a multi-target export")
     _output_flags(run)
     run.set_defaults(handler=cmd_run)
+    _matrix_parser(sub)
     return parser
+
+
+def _matrix_parser(sub: Any) -> None:
+    matrix = sub.add_parser(
+        "matrix",
+        help="convert many models to many targets; reports for CI",
+        description="Run every model on every target (each cell in its own process with time and memory limits), "
+        "resumable, sharded or on Ray; writes report.md, report.json, junit.xml and report.html. "
+        "`kiln matrix merge DIR...` joins shard results. Exit 1 when a cell expected to pass fails or regresses.",
+    )
+    matrix.add_argument("--config", help="matrix.toml: models, targets, precisions, per-cell options")
+    matrix.add_argument("--models", help="comma list of sources: zoo:all, zoo:NAME, file.py:factory, .pt2, .onnx")
+    matrix.add_argument("--targets", help="comma list of targets, or all (default: all registered targets)")
+    matrix.add_argument("--precisions", help="comma list, all, or default (each target's own)")
+    matrix.add_argument("--shard", metavar="I/N", help="run shard I of N (1-based) of the sorted cells")
+    matrix.add_argument("--jobs", "-j", type=int, help="cells at a time with the local executor (default 1)")
+    matrix.add_argument("--threads", type=int, help="threads per cell for runtimes and PyTorch (default 2)")
+    matrix.add_argument("--repeat", type=int, help="timed runs per latency (default 20)")
+    matrix.add_argument("--warmup", type=int, help="untimed runs before them (default 3)")
+    matrix.add_argument("--timeout", type=float, help="seconds per cell before it is killed (default 600)")
+    matrix.add_argument("--memory-limit-gb", type=float, help="address-space limit per cell (default: RAM; 0: none)")
+    matrix.add_argument("--rerun", action="store_true", help="run every cell again (no resume, no cache hits)")
+    matrix.add_argument("--cache-dir", help="where cell results are cached across runs (default ~/.cache/kiln/matrix)")
+    matrix.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    matrix.add_argument("--keep-artifacts", action="store_true", help="keep each cell's export under OUT/cells/")
+    matrix.add_argument("--executor", choices=("local", "ray"), default="local", help="where cells run")
+    matrix.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    matrix.add_argument("--list", action="store_true", help="print the cells of this shard and exit")
+    _matrix_report_flags(matrix, "matrix-results")
+    merge = matrix.add_subparsers(dest="matrix_command").add_parser(
+        "merge", help="join shard output directories into one report"
+    )
+    merge.add_argument("directories", nargs="+", help="the --out directories of the shards")
+    _matrix_report_flags(merge, "matrix-merged")
+    matrix.set_defaults(handler=cmd_matrix, matrix_command=None)
+
+
+def _matrix_report_flags(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--out", "-o", default=out, help="output directory (default: %(default)s)")
+    parser.add_argument("--baseline", metavar="OLD.json", help="a report.json to flag regressions against")
+    parser.add_argument(
+        "--allow-fail", action="append", metavar="PATTERN", help="model/target/precision globs allowed to fail"
+    )
+    parser.add_argument("--error-factor", type=float, default=10.0, help="parity error growth that is a regression")
+    parser.add_argument(
+        "--latency-tolerance", type=float, default=0.10, help="latency growth that is a regression (default 0.10)"
+    )
+    _output_flags(parser)
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:

@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from compiler.timing import BATCHES, NOISY, least_disturbed, runner_with_threads  # noqa: E402
+
 DEFAULT_TARGETS = ("onnx", "openvino", "pt2")
 DEFAULT_REPEAT = 100
-NOISY = 1.5  # a median this many times the fastest run means the runs were disturbed
-BATCHES = 3  # timed batches at most per measurement, while they are disturbed
 
 
 # ------------------------------------------------------------------------------------ in child processes
@@ -88,31 +88,6 @@ def _setup(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _time_ms(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
-    """Milliseconds of each of `runs` calls of `fn`, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter_ns()
-        fn()
-        times.append((time.perf_counter_ns() - started) / 1e6)
-    return times
-
-
-def _least_disturbed(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[list[float], int]:
-    """Timed runs of `fn`: a batch of `runs`, repeated (up to BATCHES times) while its median is far above its
-    fastest run, i.e. while other processes stall it; the batch with the lowest median, and how many were run."""
-    batches = []
-    while len(batches) < BATCHES:
-        times = _time_ms(fn, runs, warmup if not batches else 0)
-        batches.append(times)
-        if statistics.median(times) <= NOISY * min(times):
-            break
-        time.sleep(1.0)  # let whatever stalled it pass
-    return min(batches, key=statistics.median), len(batches)
-
-
 def _eager(model: str) -> tuple[Any, tuple[Any, ...], Callable[[], Any]]:
     """The zoo module, its example inputs, and a function running it on them without autograd."""
     import torch
@@ -133,8 +108,8 @@ def measure_eager(model: str, threads: int, repeat: int, warmup: int) -> dict[st
     """Latencies (ms) of the PyTorch eager module on its example inputs."""
     _setup(threads)
     _, _, run = _eager(model)
-    times, batches = _least_disturbed(run, repeat, warmup)
-    return {"eager_times_ms": times, "eager_batches": batches}
+    latency = least_disturbed(run, repeat, warmup)
+    return {"eager_times_ms": latency.times_ms, "eager_batches": latency.batches}
 
 
 def measure_export(model: str, target: str, precision: str, threads: int, out: str) -> dict[str, Any]:
@@ -162,33 +137,6 @@ def measure_export(model: str, target: str, precision: str, threads: int, out: s
     return row
 
 
-def _runner_with_threads(loaded: Any, threads: int) -> tuple[Any, str]:
-    """The loaded export's runner, rebuilt where needed so that its runtime uses `threads` threads."""
-    target = loaded.manifest.target
-    if target == "onnx":
-        from targets.onnxrt import MODEL_FILE, OnnxRuntimeRunner
-
-        runner = OnnxRuntimeRunner(loaded.directory / MODEL_FILE, loaded.manifest, threads=threads)
-        return runner, "onnxruntime intra_op_num_threads"
-    if target == "openvino":
-        from dataclasses import replace
-
-        from targets.openvino_ir import OpenVinoRunner
-
-        config = {**loaded.manifest.runtime_config, "INFERENCE_NUM_THREADS": threads}
-        return OpenVinoRunner(
-            loaded.directory, replace(loaded.manifest, runtime_config=config)
-        ), "openvino INFERENCE_NUM_THREADS"
-    if target in ("tflite", "edgetpu"):
-        from targets.litert import MODEL_FILE as TFLITE_FILE
-        from targets.litert import LiteRtRunner
-
-        return LiteRtRunner(loaded.directory / TFLITE_FILE, loaded.manifest, threads=threads), "litert num_threads"
-    if target == "pt2":
-        return loaded.runner, "torch.set_num_threads"
-    return loaded.runner, "runtime default (no thread setting known for this target)"
-
-
 def measure_artifact(model: str, directory: str, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
     """Load the export in `directory`, check it against eager on the example inputs, and time it."""
     _setup(threads)
@@ -203,7 +151,7 @@ def measure_artifact(model: str, directory: str, threads: int, repeat: int, warm
     loaded = load(directory)
     row: dict[str, Any] = {"eager_state_hash": state_hash(module.state_dict())}
     del module, eager
-    loaded.runner, row["thread_setting"] = _runner_with_threads(loaded, threads)
+    loaded.runner, row["thread_setting"] = runner_with_threads(loaded, threads)
     row["runtime"] = loaded.runner.runtime_info()
     if len(example_inputs) != len(loaded.inputs):
         raise RuntimeError(f"{len(example_inputs)} example inputs but the export takes {len(loaded.inputs)}")
@@ -216,7 +164,8 @@ def measure_artifact(model: str, directory: str, threads: int, repeat: int, warm
         float(np.max(np.abs(actual[spec.name].astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
         for spec, want in zip(loaded.outputs, expected)
     )
-    row["artifact_times_ms"], row["artifact_batches"] = _least_disturbed(lambda: loaded.run(feeds), repeat, warmup)
+    latency = least_disturbed(lambda: loaded.run(feeds), repeat, warmup)
+    row["artifact_times_ms"], row["artifact_batches"] = latency.times_ms, latency.batches
     return row
 
 

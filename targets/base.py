@@ -62,6 +62,7 @@ class Target:
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
     static_shapes: bool = False  # True: refuses --dynamic-batch
+    needs_gpu: bool = False  # True: builds or runs only with a GPU (the matrix's Ray executor asks for one)
     fixed_batch: int | None = None  # the batch size the artifact must have (the model is captured at it)
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (e.g. nhwc, uint8)
 

@@ -326,7 +326,7 @@ def test_digits_cnn_loses_at_most_one_point_after_int8_export(tmp_path):
 
 
 def test_all_targets_skips_those_without_the_precision(tmp_path, capsys):
-    code, out, err = run_cli(
+    code, _, err = run_cli(
         "export", f"{USER_MODELS}:good", "-t", "all", "--precision", "int8-dynamic", "--out", tmp_path / "o",
         capsys=capsys,
     )  # fmt: skip

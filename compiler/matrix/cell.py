@@ -1,0 +1,194 @@
+"""One matrix cell in its own process: `python -m compiler.matrix.cell JOB.json RESULT.json`.
+
+The process exports the model to the cell's target (the normal pipeline, parity gate included), then times
+the artifact and the reference on the example inputs with the same number of threads. It writes what it
+found to RESULT.json and exits with `kiln export`'s codes (0 passed, 1 parity failed, 2 bad input or
+unsupported, 3 unavailable here, 4 internal error). A crash, a hang or running out of memory leaves no
+RESULT.json: the parent process reports those from the exit status and the captured output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import KilnError
+from compiler.matrix.config import CellSpec
+from compiler.matrix.results import CONVERSION_FAILED, PARITY_FAILED, PASSED, UNAVAILABLE
+
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cell described by JOB.json and write RESULT.json; returns the exit code."""
+    job_path, result_path = argv if argv is not None else sys.argv[1:]
+    job = json.loads(Path(job_path).read_text())
+    _limit_memory(job.get("memory_bytes"))
+    _die_with_parent(int(job["parent_pid"]))
+    outcome, code = run_cell(job)
+    partial = Path(result_path).with_suffix(".partial")
+    partial.write_text(json.dumps(outcome, default=str))
+    os.replace(partial, result_path)
+    return code
+
+
+def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Export, validate and time one cell; its outcome (fields of CellResult) and exit code."""
+    from targets import get_target
+
+    cell = CellSpec.from_dict(job["cell"])
+    target = get_target(cell.target)
+    reason = target.unavailable_reason()
+    if reason:
+        return {"status": UNAVAILABLE, "reason": f"{target.name} is not available here: {reason}"}, 3
+    try:
+        return _export_and_time(cell, job)
+    except KilnError as error:
+        status = UNAVAILABLE if error.exit_code == 3 else CONVERSION_FAILED
+        failure = "out_of_memory" if "MemoryError" in error.message else "error"
+        print(f"kiln: error: {error.one_line()}", file=sys.stderr)
+        return {"status": status, "reason": error.one_line(), "failure": failure if status != UNAVAILABLE else None}, (
+            error.exit_code
+        )
+    except MemoryError:
+        traceback.print_exc()
+        return {"status": CONVERSION_FAILED, "reason": "ran out of memory (MemoryError)", "failure": "out_of_memory"}, (
+            EXIT_INTERNAL
+        )
+    except KeyboardInterrupt:
+        return {"status": CONVERSION_FAILED, "reason": "interrupted", "failure": "interrupted"}, EXIT_INTERRUPTED
+    except Exception as error:
+        traceback.print_exc()
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        reason = f"internal error: {type(error).__name__}: {first}"
+        return {"status": CONVERSION_FAILED, "reason": reason, "failure": "internal"}, EXIT_INTERNAL
+
+
+def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    import logging
+    import warnings
+
+    import torch
+
+    from compiler.capture import DynamicBatch
+    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.progress import Progress
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "onnxscript", "onnx_ir", "openvino", "nncf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    threads = int(job["threads"])
+    torch.set_num_threads(threads)
+    options = cell.options
+    export_options = ExportOptions(
+        precision=cell.precision,
+        dynamic_batch=DynamicBatch.parse(options.dynamic_batch) if options.dynamic_batch else None,
+        inputs_files=[Path(p) for p in options.inputs],
+        atol=options.atol,
+        rtol=options.rtol,
+        samples=options.samples,
+        force=True,
+    )
+    progress = Progress(stream=sys.stderr)
+    started = time.perf_counter()
+    (result,) = export_targets(cell.model, cell.target, Path(job["export_dir"]), export_options, progress=progress)
+    outcome: dict[str, Any] = {"export_s": round(time.perf_counter() - started, 3), "stages": dict(progress.timings)}
+    manifest = result.manifest
+    parity = manifest.parity
+    assert parity is not None
+    floats = [o for o in parity.outputs if o.kind == "float"]
+    outcome |= {
+        "status": PASSED if parity.passed else PARITY_FAILED,
+        "reason": "" if parity.passed else "; ".join(o.summary() for o in parity.failures())[:500],
+        "max_abs_error": max((o.max_abs_error for o in floats), default=0.0),
+        "max_rel_error": max((o.max_rel_error for o in floats), default=0.0),
+        "min_cosine": min((o.min_cosine for o in floats), default=1.0),
+        "outputs": [asdict(o) for o in parity.outputs],
+        "tolerance": asdict(parity.tolerance),
+        "reference": parity.reference,
+        "runtime": parity.runtime,
+        "artifact_bytes": sum(f.size for f in manifest.files if not f.path.startswith("parity/")),
+        "state_hash": manifest.source.get("state_hash"),
+        "versions": manifest.versions,
+        "notes": list(manifest.notes),
+        "threads": threads,
+    }
+    try:
+        outcome |= _latency(cell, result.directory, threads, int(job["repeat"]), int(job["warmup"]))
+    except Exception as error:  # the verdict stands; say why there is no latency
+        traceback.print_exc()
+        outcome["notes"].append(f"latency not measured: {type(error).__name__}: {str(error)[:200]}")
+    return outcome, 0 if parity.passed else 1
+
+
+def _latency(cell: CellSpec, directory: Path, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
+    """Median latency of the artifact and of the reference on the first parity input set (the example)."""
+    from compiler.capture import CapturedModel
+    from compiler.parity import ParitySamples
+    from compiler.pipeline import reference_runner
+    from compiler.runner import load
+    from compiler.sources import load_source
+    from compiler.timing import least_disturbed, runner_with_threads
+
+    loaded = load(directory)
+    samples = ParitySamples.load(directory, [])
+    if samples is None:
+        raise RuntimeError("the export stored no parity inputs to time it on")
+    feeds = samples.inputs[0]
+    loaded.runner, _ = runner_with_threads(loaded, threads)
+    artifact = least_disturbed(lambda: loaded.run(feeds), repeat, warmup)
+    source = load_source(cell.model)
+    if source.kind == "onnx":
+        from targets.onnxrt import OnnxRuntimeRunner
+
+        assert source.onnx_path is not None
+        reference = OnnxRuntimeRunner(source.onnx_path, threads=threads).run
+    else:
+        signature = CapturedModel(None, Path(), loaded.inputs, loaded.outputs, 0, None)
+        reference = reference_runner(source, signature)
+    eager = least_disturbed(lambda: reference(feeds), repeat, warmup)
+    return {
+        "latency_ms": artifact.median_ms,
+        "reference_ms": eager.median_ms,
+        "speedup": eager.median_ms / artifact.median_ms if artifact.median_ms > 0 else None,
+        "latency_noisy": artifact.noisy or eager.noisy,
+        "latency_batches": artifact.batches + eager.batches,
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def _limit_memory(limit: int | None) -> None:
+    """Cap this process's address space, so that a runaway converter fails here and not the machine."""
+    if not limit:
+        return
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: be killed when the matrix process dies, even by SIGKILL, so that no cell outlives its run."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""`kiln matrix`: real cell processes (crashing, hanging, out of memory), resume after a real kill, shards and
+merge, the cache, baselines, the four reports (the HTML in a real headless browser) and the Ray executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from compiler.matrix.results import CellResult, read_results
+from tests.conftest import ROOT, run_cli
+
+MODELS = ROOT / "tests" / "models" / "matrix_models.py"
+FAST = ["--repeat", "3", "--warmup", "1"]
+CONFIG = f"""
+targets = ["onnx", "pt2"]
+jobs = 2
+
+[[models]]
+source = "{MODELS}:tiny"
+
+[[models]]
+source = "{MODELS}:crash"
+targets = ["onnx"]
+
+[[models]]
+source = "{MODELS}:hang"
+targets = ["onnx"]
+timeout = 15
+
+[[models]]
+source = "{MODELS}:memory_hog"
+targets = ["onnx"]
+memory_limit_gb = 4
+
+[[models]]
+source = "{MODELS}:drifting"
+targets = ["pt2"]
+
+[[models]]
+source = "@ONNX@"
+name = "tinyonnx"
+
+[[cells]]
+match = "drifting/*"
+expect = "fail"
+"""
+UNEXPECTED = {"crash/onnx/fp32", "hang/onnx/fp32", "memory_hog/onnx/fp32"}
+ALL_CELLS = {
+    "crash/onnx/fp32",
+    "drifting/pt2/fp32",
+    "hang/onnx/fp32",
+    "memory_hog/onnx/fp32",
+    "tiny/onnx/fp32",
+    "tiny/pt2/fp32",
+    "tinyonnx/onnx/fp32",
+    "tinyonnx/pt2/fp32",
+}
+
+
+def _write_onnx(path: Path) -> None:
+    """A small ONNX model (MatMul + Relu), written with onnx.helper: an .onnx source."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _command(config: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), "matrix", "--config", str(config), "--out", str(out), *FAST, *extra]
+
+
+def _lines(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            pass
+    return lines
+
+
+def _cells(out: Path) -> dict[str, dict]:
+    return {c["cell_id"]: c for c in json.loads((out / "report.json").read_text())["cells"]}
+
+
+def _comparable(report: dict) -> dict:
+    """A report without what changes from run to run (timings, clocks, places, how it was sharded)."""
+    return {
+        "summary": report["summary"],
+        "models": report["models"],
+        "columns": report["columns"],
+        "cells": [CellResult.from_dict(c).comparable() | {"allowed": c["allowed_to_fail"]} for c in report["cells"]],
+    }
+
+
+def _own_processes(marker: str) -> list[int]:
+    """Processes whose command line mentions `marker` (a path unique to one test)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def matrix_run(tmp_path_factory):
+    """The test matrix run as CI would: killed (SIGKILL) once two cells have finished, then re-run to the end."""
+    root = tmp_path_factory.mktemp("matrix")
+    _write_onnx(root / "tiny.onnx")
+    config = root / "matrix.toml"
+    config.write_text(CONFIG.replace("@ONNX@", str(root / "tiny.onnx")))
+    out, cache = root / "out", root / "cache"
+    command = _command(config, out, "--cache-dir", str(cache))
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    # the not-applicable cell (tinyonnx on pt2) is recorded at once; wait for two cells that really ran
+    while len(_lines(out)) < 3 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.kill()
+    first.wait()
+    before_kill = _lines(out)
+    time.sleep(0.5)
+    orphans = _own_processes(str(out))
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return {
+        "root": root,
+        "config": config,
+        "out": out,
+        "cache": cache,
+        "before_kill": before_kill,
+        "orphans": orphans,
+        "second": second,
+        "report": json.loads((out / "report.json").read_text()),
+    }
+
+
+def test_every_cell_ends_in_a_status_and_the_run_completes(matrix_run):
+    report = matrix_run["report"]
+    cells = {c["cell_id"]: c for c in report["cells"]}
+    assert set(cells) == ALL_CELLS
+    assert cells["tiny/onnx/fp32"]["status"] == "passed" and cells["tiny/pt2/fp32"]["status"] == "passed"
+    assert cells["tinyonnx/onnx/fp32"]["status"] == "passed"
+    assert cells["tinyonnx/onnx/fp32"]["reference"].startswith("onnxruntime")
+    assert cells["tinyonnx/pt2/fp32"]["status"] == "unavailable"
+    assert "needs a PyTorch model" in cells["tinyonnx/pt2/fp32"]["reason"]
+    assert cells["drifting/pt2/fp32"]["status"] == "parity_failed" and cells["drifting/pt2/fp32"]["allowed_to_fail"]
+    assert report["summary"]["passed"] == 3 and report["summary"]["unexpected_failures"] == 3
+    assert set(report["summary"]["unexpected_failure_ids"]) == UNEXPECTED
+    assert matrix_run["second"].returncode == 1, matrix_run["second"].stderr
+
+
+def test_figures_of_a_passed_cell(matrix_run):
+    cell = _cells(matrix_run["out"])["tiny/onnx/fp32"]
+    assert 0 <= cell["max_abs_error"] < 1e-5 and cell["min_cosine"] > 0.9999
+    assert cell["artifact_bytes"] > 8 * 16 * 4  # at least the weights of fc1
+    assert cell["latency_ms"] > 0 and cell["reference_ms"] > 0
+    assert cell["speedup"] == pytest.approx(cell["reference_ms"] / cell["latency_ms"])
+    assert cell["threads"] == 2 and cell["runtime"]["runtime"].startswith("onnxruntime")
+    assert cell["versions"]["onnxruntime"] != "not installed"
+    assert re.fullmatch(r"[0-9a-f]{64}", cell["state_hash"]) and re.fullmatch(r"[0-9a-f]{64}", cell["key"])
+
+
+def test_a_crashing_converter_fails_its_own_cell(matrix_run):
+    cell = _cells(matrix_run["out"])["crash/onnx/fp32"]
+    assert cell["status"] == "conversion_failed" and cell["failure"] == "crash"
+    assert cell["exit_code"] == -signal.SIGSEGV
+    assert "SIGSEGV" in cell["reason"] and "capture" in cell["reason"]
+    assert "[kiln] capture" in cell["stderr_tail"]
+
+
+def test_a_hanging_converter_is_killed_at_its_time_limit(matrix_run):
+    cell = _cells(matrix_run["out"])["hang/onnx/fp32"]
+    assert cell["status"] == "conversion_failed" and cell["failure"] == "timeout"
+    assert "timed out after 15s during: capture" in cell["reason"]
+    assert 15 <= cell["duration_s"] < 40
+    assert not _own_processes(str(matrix_run["out"]))  # nothing of the run is left behind
+    cell_dir = Path(cell["cell_dir"])
+    assert {p.name for p in cell_dir.iterdir()} == {"job.json", "cell.log"}  # nor its temporary files
+
+
+def test_the_memory_limit_fails_a_cell_that_maps_too_much(matrix_run):
+    cell = _cells(matrix_run["out"])["memory_hog/onnx/fp32"]
+    assert cell["status"] == "conversion_failed" and cell["failure"] == "out_of_memory"
+    assert "limit 4 GiB" in cell["reason"] and "MemoryError" in cell["reason"]
+
+
+def test_a_killed_run_resumes_without_rerunning_finished_cells(matrix_run):
+    before = {line["cell_id"]: line for line in matrix_run["before_kill"]}
+    assert 3 <= len(before) < len(ALL_CELLS)  # killed midway
+    assert matrix_run["orphans"] == []  # the cells running at the kill died with the run
+    after = _lines(matrix_run["out"])
+    ids = [line["cell_id"] for line in after]
+    assert sorted(ids) == sorted(ALL_CELLS)  # every cell exactly once: none finished before the kill re-ran
+    for cell_id, line in before.items():
+        assert after[ids.index(cell_id)]["finished_at"] == line["finished_at"]
+    assert f"{len(before)} already done" in matrix_run["second"].stderr
+
+
+def test_rerunning_the_finished_command_runs_nothing(matrix_run, capsys):
+    out, config = matrix_run["out"], matrix_run["config"]
+    lines = len(_lines(out))
+    code, _, err = run_cli("matrix", "--config", config, "--out", out, *FAST, "--cache-dir", matrix_run["cache"],
+                           capsys=capsys)  # fmt: skip
+    assert code == 1
+    assert f"{len(ALL_CELLS)} already done" in err and "0 to run" in err
+    assert len(_lines(out)) == lines
+
+
+def test_allow_fail_turns_the_run_green(matrix_run, capsys):
+    out = matrix_run["root"] / "allowed"
+    shutil.copytree(matrix_run["out"], out)
+    allow = ["--allow-fail", "crash/onnx,hang/*/*", "--allow-fail", "memory_hog/*"]
+    code, _, _ = run_cli("matrix", "--config", matrix_run["config"], "--out", out, *FAST, "--no-cache", *allow,
+                         capsys=capsys)  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["ok"] and report["summary"]["allowed_failures"] == 4
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "0" and suite.get("skipped") == "5"  # 4 allowed failures, 1 unavailable
+
+
+def test_reports_agree_with_each_other(matrix_run):
+    out, report = matrix_run["out"], matrix_run["report"]
+    assert report["schema"] == "kiln.matrix.report" and report["schema_version"] == 1
+    assert report["columns"] == ["onnx/fp32", "pt2/fp32"]
+    markdown = (out / "report.md").read_text()
+    assert "| model | onnx fp32 | pt2 fp32 |" in markdown
+    for model in report["models"]:
+        assert re.search(rf"^\| {model} \|", markdown, re.MULTILINE)
+    assert "Legend:" in markdown and "## Failures" in markdown and "## Unavailable here" in markdown
+    assert "**crash/onnx/fp32** (conversion failed, crash): crashed: killed by SIGSEGV" in markdown
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    cases = {f"{c.get('classname').removeprefix('kiln.matrix.')}/{c.get('name')}": c for c in suite.iter("testcase")}
+    assert set(cases) == ALL_CELLS
+    assert {i for i, c in cases.items() if c.find("failure") is not None} == UNEXPECTED
+    assert cases["tinyonnx/pt2/fp32"].find("skipped") is not None
+    assert cases["drifting/pt2/fp32"].find("skipped").get("message").startswith("allowed to fail")
+    assert "SIGSEGV" in cases["crash/onnx/fp32"].find("failure").get("message")
+
+
+def test_html_report_renders_in_a_headless_browser(matrix_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("KILN_REQUIRE_BROWSER") or os.environ.get("CI"):
+            pytest.fail("chromium is required here (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    page = matrix_run["out"] / "report.html"
+    html = page.read_text()
+    assert "<script" in html and "cdn." not in html.split("<script", 1)[0]  # plotly is inlined: works offline
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    table = re.search(r'<table id="matrix-table">.*?</table>', dom.stdout, re.DOTALL)
+    assert table is not None
+    for model in matrix_run["report"]["models"]:
+        assert f"<th>{model}</th>" in table[0]
+    for chart in ("latency-chart", "error-heatmap"):  # plotly ran: it drew SVG into both chart elements
+        rendered = re.search(rf'<div id="{chart}" class="[^"]*js-plotly-plot[^"]*".*?class="main-svg"', dom.stdout,
+                             re.DOTALL)  # fmt: skip
+        assert rendered is not None, f"{chart} was not drawn"
+    assert 'class="xtick"' in dom.stdout and "tiny" in dom.stdout
+
+
+def test_sharded_runs_merge_into_the_unsharded_report(matrix_run, capsys):
+    root, config = matrix_run["root"], matrix_run["config"]
+    shards = [root / "shard1", root / "shard2"]
+    listed = []
+    for index, out in enumerate(shards, 1):
+        code, listing, _ = run_cli("matrix", "--config", config, "--shard", f"{index}/2", "--list", "--json",
+                                   capsys=capsys)  # fmt: skip
+        listed.append({cell["cell_id"] for cell in json.loads(listing)})
+        # with the first run's cache: cells with a lasting outcome come from it, crashes and hangs run again
+        code, _, _ = run_cli("matrix", "--config", config, "--out", out, *FAST, "--shard", f"{index}/2",
+                             "--cache-dir", matrix_run["cache"], capsys=capsys)  # fmt: skip
+        assert code == 1
+    assert listed[0].isdisjoint(listed[1]) and listed[0] | listed[1] == ALL_CELLS
+    for out, ids in zip(shards, listed):
+        assert {line["cell_id"] for line in _lines(out)} == ids
+    ran = {line["cell_id"]: line for out in shards for line in _lines(out)}
+    cached = {i for i, line in ran.items() if line["cached"]}
+    assert cached == {"tiny/onnx/fp32", "tiny/pt2/fp32", "tinyonnx/onnx/fp32", "drifting/pt2/fp32"}
+    merged = root / "merged"
+    code, _, _ = run_cli("matrix", "merge", *shards, "--out", merged, capsys=capsys)
+    assert code == 1
+    report = json.loads((merged / "report.json").read_text())
+    assert report["shards"] == ["1/2", "2/2"]
+    assert _comparable(report) == _comparable(matrix_run["report"])
+    # --allow-fail given to the shards holds in the merge too (re-running the shards only rewrites their plans)
+    for index, out in enumerate(shards, 1):
+        code, _, err = run_cli("matrix", "--config", config, "--out", out, *FAST, "--shard", f"{index}/2",
+                               "--no-cache", "--allow-fail", "crash,hang,memory_hog", capsys=capsys)  # fmt: skip
+        assert code == 0 and "0 to run" in err
+    code, _, _ = run_cli("matrix", "merge", *shards, "--out", root / "merged-allowed", capsys=capsys)
+    assert code == 0
+    # a missing shard leaves its cells "not run", which fails the merged run
+    code, _, _ = run_cli("matrix", "merge", shards[0], "--out", root / "half", capsys=capsys)
+    half = json.loads((root / "half" / "report.json").read_text())
+    assert code == 1 and half["summary"]["not_run"] == len(listed[1])
+
+
+def test_baseline_flags_regressions(matrix_run, capsys):
+    report = json.loads(json.dumps(matrix_run["report"]))
+    for cell in report["cells"]:
+        if cell["cell_id"] == "tiny/onnx/fp32":
+            cell["latency_ms"] /= 2  # it was twice as fast
+            cell["max_abs_error"] = cell["max_abs_error"] / 100 if cell["max_abs_error"] > 1e-6 else 1e-9
+        if cell["cell_id"] == "crash/onnx/fp32":
+            cell["status"] = "passed"  # it passed before
+    baseline = matrix_run["root"] / "baseline.json"
+    baseline.write_text(json.dumps(report))
+    out = matrix_run["root"] / "with-baseline"
+    shutil.copytree(matrix_run["out"], out)
+    allow = ["--allow-fail", "crash,hang,memory_hog"]
+    code, stdout, _ = run_cli("matrix", "--config", matrix_run["config"], "--out", out, *FAST, "--no-cache",
+                              "--baseline", baseline, *allow, capsys=capsys)  # fmt: skip
+    assert code == 1  # allowed to fail, but a regression
+    found = {(r["cell_id"], r["kind"]) for r in json.loads((out / "report.json").read_text())["regressions"]}
+    assert ("tiny/onnx/fp32", "slower") in found and ("crash/onnx/fp32", "now_fails") in found
+    assert "regression: tiny/onnx/fp32: latency" in stdout
+    assert "## Regressions against" in (out / "report.md").read_text()
+    same = matrix_run["root"] / "same-baseline"
+    shutil.copytree(matrix_run["out"], same)
+    code, _, _ = run_cli("matrix", "--config", matrix_run["config"], "--out", same, *FAST, "--no-cache",
+                         "--baseline", same / "report.json", *allow, capsys=capsys)  # fmt: skip
+    assert code == 0  # against itself: no regression
+
+
+def test_ray_executor_matches_the_local_run(matrix_run, tmp_path, capsys):
+    ray = pytest.importorskip("ray", reason="the Ray executor needs ray (pip install .[ray])")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        code, _, _ = run_cli("matrix", "--models", f"{MODELS}:tiny", "--targets", "onnx,pt2", "--out",
+                             tmp_path / "ray", *FAST, "--no-cache", "--executor", "ray", capsys=capsys)  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert code == 0
+    on_ray = {r.cell_id: r for r in read_results(tmp_path / "ray" / "results.jsonl").values()}
+    local = {r.cell_id: r for r in read_results(matrix_run["out"] / "results.jsonl").values()}
+    assert set(on_ray) == {"tiny/onnx/fp32", "tiny/pt2/fp32"}
+    for cell_id, result in on_ray.items():
+        assert not result.cached and result.latency_ms is not None
+        assert result.comparable() == local[cell_id].comparable()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--models", "zoo:nope"], "no built-in model 'nope'"),
+        (["--targets", "onnxx"], "unknown target 'onnxx'"),
+        (["--shard", "3/2"], "--shard 3/2"),
+        (["--precisions", "int3"], "the matrix has no cells"),
+    ],
+)
+def test_bad_matrix_arguments_are_one_line_errors(argv, message, capsys):
+    code, _, err = run_cli("matrix", "--list", *argv, capsys=capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('models = ["zoo:cnn"]\n[[cells]]\nmatch = "cnn/*"\natol_typo = 1\n', "unknown option 'atol_typo'"),
+        ('models = [{source = "zoo:cnn", timeout = "long"}]\n', "timeout = 'long' is not valid"),
+        ('jobs = 0\n', "'jobs' must be a whole number of at least 1"),
+        ('models = ["zoo:cnn"\n', "cannot read"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(text, message, tmp_path, capsys):
+    config = tmp_path / "matrix.toml"
+    config.write_text(text)
+    code, _, err = run_cli("matrix", "--config", config, "--list", capsys=capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_zoo_all_on_all_targets_plans_every_registered_target(capsys):
+    from compiler.zoo import ZOO
+    from targets import TARGETS
+
+    code, listing, _ = run_cli("matrix", "--models", "zoo:all", "--targets", "all", "--list", capsys=capsys)
+    assert code == 0
+    cells = set(listing.split())
+    assert cells == {f"{m}/{t.name}/fp32" for m in ZOO for t in TARGETS if "fp32" in t.precisions}
+    code, listing, _ = run_cli("matrix", "--models", "zoo:cnn", "--targets", "all", "--precisions", "all", "--list",
+                               capsys=capsys)  # fmt: skip
+    assert set(listing.split()) == {f"cnn/{t.name}/{p}" for t in TARGETS for p in t.precisions}
