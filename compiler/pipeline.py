@@ -31,6 +31,7 @@ class ExportOptions:
     """Everything about an export except the model, the targets and where it goes."""
 
     precision: str = "fp32"
+    device: str | None = None  # --device for targets that compile for one (aoti); None: the target's default
     dynamic_batch: DynamicBatch | None = None
     inputs_files: list[Path] = field(default_factory=list)
     atol: float | None = None
@@ -42,7 +43,7 @@ class ExportOptions:
 
     def build_request(self) -> BuildRequest:
         """What each target's build is asked for."""
-        return BuildRequest(precision=self.precision)
+        return BuildRequest(precision=self.precision, device=self.device)
 
     def tolerance(self) -> Tolerance:
         """The parity tolerance: the precision's default with the user's overrides."""
@@ -104,12 +105,15 @@ def build_and_validate(
 ) -> _Build:
     """Build one target's artifact, run it on the parity samples, and write its manifest."""
     directory.mkdir(parents=True)
+    request = options.build_request()
     with (
-        progress.stage(f"build {target.name}", options.precision),
+        progress.stage(f"build {target.name}", target.stage_detail(model, request)),
         _backend_failures(target, "convert"),
         converter_output_captured(),
     ):
-        built = target.build(model, directory, options.build_request())
+        built = target.build(model, directory, request)
+    for note in built.notes:
+        progress.say(f"note: {note}")
     stored = samples.save(directory)
     manifest = Manifest(
         target=target.name,
@@ -278,6 +282,13 @@ def _check_targets(targets: list[Target], options: ExportOptions) -> list[Target
                 f"target {target.name} is not available on this machine: {reason}",
                 "install what it needs, or choose another target (kiln targets)",
             )
+        target.check_request(options.build_request())
+    if options.device is not None and not any(t.devices for t in targets):
+        raise UsageError(
+            f"--device {options.device} applies to none of the targets {', '.join(t.name for t in targets)}",
+            "--device is for targets that compile for a device, e.g. aoti (name it: `all` leaves out targets "
+            "that are limited on this machine)",
+        )
     return targets
 
 

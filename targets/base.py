@@ -60,6 +60,7 @@ class Target:
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
     static_shapes: bool = False  # True: refuses --dynamic-batch
+    devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
 
     def unavailable_reason(self) -> str | None:
         """None when this target can run here, else what is missing and how to get it."""
@@ -67,6 +68,25 @@ class Target:
         if missing:
             return f"needs {', '.join(missing)} (pip install {' '.join(missing)})"
         return None
+
+    def limitation(self) -> str | None:
+        """None when everything this target makes is built and validated here, else what it cannot do here and
+        why (it still builds the rest). `--target all` leaves such targets out."""
+        return None
+
+    def check_request(self, request: BuildRequest) -> None:
+        """Raise a one-line error, before any capture work, when this target cannot build `request` here."""
+        from compiler.errors import UsageError
+
+        if request.device is not None and self.devices and request.device not in self.devices:
+            raise UsageError(
+                f"target {self.name} does not compile for --device {request.device}",
+                f"use one of: {', '.join(self.devices)}",
+            )
+
+    def stage_detail(self, model: CapturedModel, request: BuildRequest) -> str:
+        """What the build stage line says after the target's name (e.g. the precision)."""
+        return request.precision
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Write the artifact for `model` into `directory`."""
