@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,7 +32,9 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.pt2"
 CACHE_KIND = "aoti"
 BUILD_VERSION = 1  # bump when the way packages are built changes: cached packages built the old way stop matching
-INDUCTOR_CONFIGS: dict[str, Any] = {}
+# The export allows a batch of 1 in a dynamic range, which AOTInductor would refuse at run time (it assumes >= 2);
+# parity runs the package at both ends of the range, so a batch of 1 is validated, not assumed.
+INDUCTOR_CONFIGS: dict[str, Any] = {"aot_inductor.check_lowerbound": False}  # passed as a copy: torch adds keys
 DEVICES = ("cuda", "cpu")
 
 
@@ -112,12 +116,32 @@ class _KeyMemo:
         return key, parts
 
 
+@contextmanager
+def _full_fp32(enabled: bool) -> Iterator[None]:
+    """fp32 convolutions and matmuls in full fp32 on NVIDIA GPUs (no TF32) while the block runs."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class AotiRunner(Runner):
     """Runs an AOTInductor package on the device it was compiled for."""
 
     def __init__(self, directory: Path, manifest: Manifest):
+        import os
+
         import torch
 
+        # Have the package check each input's dtype, shape and device against what it was compiled for.
+        os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
         self.device = str(manifest.runtime_config.get("device", "cpu"))
         self.precision = manifest.precision
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
@@ -129,7 +153,7 @@ class AotiRunner(Runner):
         import numpy as np
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), _full_fp32(self.device == "cuda" and self.precision == "fp32"):
             args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(self.device) for s in self.inputs]
             leaves = torch.utils._pytree.tree_leaves(self.compiled(*args))
             return {spec.name: leaf.cpu().numpy() for spec, leaf in zip(self.outputs, leaves)}
@@ -222,7 +246,7 @@ class AotiTarget(Target):
                     program if program is not model.exported else copy.deepcopy(program), device
                 )
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(directory / MODEL_FILE), inductor_configs=INDUCTOR_CONFIGS
+                program, package_path=str(directory / MODEL_FILE), inductor_configs=dict(INDUCTOR_CONFIGS)
             )
             if cache.store(key, parts, [directory / MODEL_FILE]) is None:
                 notes.append(f"compile cache {cache.directory} is not writable: the next export compiles again")
@@ -232,7 +256,8 @@ class AotiTarget(Target):
             "compute_precision": request.precision,
             **{k: v for k, v in parts["device_facts"].items() if k != "cpu_flags"},
         }
-        return BuildOutput(runtime_config={"device": device}, info=info, notes=notes)
+        runtime_config = {"device": device, "tf32": False} if device == "cuda" else {"device": device}
+        return BuildOutput(runtime_config=runtime_config, info=info, notes=notes)
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """The package, loaded on its device; a one-line error when this machine lacks that device."""

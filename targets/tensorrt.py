@@ -178,8 +178,8 @@ class TensorRtEngineRunner(Runner):
 
         return torch.from_numpy(np.zeros(0, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name (computed on the GPU, returned on the CPU)."""
+    def bind(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """GPU buffers (torch tensors) for these inputs and for the outputs, bound to the execution context."""
         import numpy as np
         import torch
 
@@ -194,10 +194,21 @@ class TensorRtEngineRunner(Runner):
             buffers[spec.name] = torch.empty(shape, dtype=self._torch_dtype(spec.name), device="cuda")
         for name, tensor in buffers.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
+        return buffers
+
+    def execute(self) -> None:
+        """Run the engine once on the bound buffers and wait for it."""
+        import torch
+
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         stream.synchronize()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name (computed on the GPU, returned on the CPU)."""
+        buffers = self.bind(feeds)
+        self.execute()
         return {spec.name: buffers[spec.name].cpu().numpy() for spec in self.outputs}
 
     def runtime_info(self) -> dict[str, Any]:

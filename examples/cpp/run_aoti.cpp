@@ -147,6 +147,9 @@ int main(int argc, char** argv) {
   setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 0);
   try {
     c10::InferenceMode no_autograd;
+    // fp32 convolutions and matmuls in full fp32 (no TF32 on NVIDIA GPUs), as Kiln validated the package.
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setAllowTF32CuBLAS(false);
     torch::inductor::AOTIModelPackageLoader loader(argv[1]);
     const auto metadata = loader.get_metadata();
     const auto device_key = metadata.find("AOTI_DEVICE_KEY");
