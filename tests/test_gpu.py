@@ -22,16 +22,14 @@ from compiler.runner import verify
 from tests.conftest import ZOO_MODELS
 from tests.test_gpu_targets import _eager, _fresh_inputs, run_aoti  # noqa: F401 (run_aoti: the C++ build fixture)
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="needs a CUDA GPU: torch.cuda.is_available() is False "
-        f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})",
-    ),
-]
+NO_CUDA_REASON = (
+    "needs a CUDA GPU: torch.cuda.is_available() is False "
+    f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_REASON)]
 needs_tensorrt = pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT: pip install tensorrt"
+    not torch.cuda.is_available() or importlib.util.find_spec("tensorrt") is None,
+    reason=NO_CUDA_REASON if not torch.cuda.is_available() else "needs TensorRT: pip install tensorrt",
 )
 
 
