@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from compiler.capture import CapturedModel
-    from compiler.types import Manifest, TensorSpec
+    from compiler.types import Manifest
 
 BUILD_SCRIPT = "build_engine.py"
 
@@ -45,18 +45,18 @@ def engine_unavailable_reason() -> str | None:
     return f"needs {' and '.join(missing)}" if missing else None
 
 
-def profiles(inputs: list[TensorSpec], model: CapturedModel, precision: str) -> dict[str, Any]:
-    """profiles.json: precision, TF32 off for fp32, and min/opt/max per input (batch range for dynamic ones)."""
+def profiles(model: CapturedModel, precision: str) -> dict[str, Any]:
+    """profiles.json: precision, TF32 off for fp32, and min/opt/max per input (the batch range for dynamic ones)."""
     shapes: dict[str, Any] = {}
-    for spec in inputs:
+    batch = model.dynamic_batch
+    for spec in model.inputs:
         dims = spec.dynamic_dims
-        batch = model.dynamic_batch
         if dims and (batch is None or set(dims) != {0}):
             from compiler.errors import UsageError
 
             raise UsageError(
-                f"input {spec.name} has dynamic dims {dims} that Kiln has no range for",
-                "export with static shapes, or with --dynamic-batch only",
+                f"input {spec.name} has dynamic dims {dims} with no known range for a TensorRT optimization profile",
+                "give the ONNX file static input shapes, or export from PyTorch with --dynamic-batch MIN:MAX",
             )
         low = [batch.minimum if i in dims and batch else d for i, d in enumerate(spec.shape)]
         high = [batch.maximum if i in dims and batch else d for i, d in enumerate(spec.shape)]
@@ -277,7 +277,7 @@ class TensorRtTarget(Target):
             if request.precision != "fp32":
                 source = _reduced_precision_onnx(model, request.precision, Path(work))
             graph = prepare_onnx(source, directory / trt_engine.ONNX_FILE)
-        kit_profiles = profiles(model.inputs, model, request.precision)
+        kit_profiles = profiles(model, request.precision)
         (directory / trt_engine.PROFILES_FILE).write_text(json.dumps(kit_profiles, indent=2) + "\n")
         shutil.copy2(trt_engine.__file__, directory / BUILD_SCRIPT)
         notes = []
