@@ -42,6 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _quiet_libraries()
     options = ExportOptions(
         precision=args.precision,
+        device=args.device,
         dynamic_batch=DynamicBatch.parse(args.dynamic_batch) if args.dynamic_batch else None,
         inputs_files=[Path(p) for p in args.inputs or []],
         atol=args.atol,
@@ -89,10 +90,12 @@ def cmd_targets(args: argparse.Namespace) -> int:
                 "name": target.name,
                 "aliases": list(target.aliases),
                 "precisions": list(target.precisions),
+                "devices": list(target.devices),
                 "consumes": target.consumes,
                 "requires": list(target.requires.values()),
                 "available": reason is None,
                 "why_unavailable": reason,
+                "limited_here": target.limitation() if reason is None else None,
                 "description": target.description,
             }
         )
@@ -101,10 +104,13 @@ def cmd_targets(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         state = "available" if row["available"] else f"unavailable: {row['why_unavailable']}"
+        if row["limited_here"]:
+            state += f", limited here: {row['limited_here']}"
         aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        devices = f"; devices: {', '.join(row['devices'])}" if row["devices"] else ""
         print(
-            f"{row['name']}{aliases}\n    {row['description']}\n    precisions: {', '.join(row['precisions'])}; "
-            f"needs: {', '.join(row['requires'])}; {state}"
+            f"{row['name']}{aliases}\n    {row['description']}\n    precisions: {', '.join(row['precisions'])}"
+            f"{devices}; needs: {', '.join(row['requires'])}; {state}"
         )
     return 0
 
@@ -285,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--calib-samples", type=int, default=100, metavar="N", help="calibration samples (default 100)")
     export.add_argument("--io", metavar="OPTS", help="I/O options, comma list: nhwc (channels-last images), int8")
+    export.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="device to compile for, for targets that compile for one (aoti/cuda: default cuda when present)",
+    )
     export.add_argument("--dynamic-batch", metavar="MIN:MAX", help="make dim 0 of every input dynamic")
     export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
     export.add_argument("--atol", type=float, help="absolute tolerance override")

@@ -35,6 +35,7 @@ def export(
     out: str | Path | None = None,
     *,
     precision: str | None = None,
+    device: str | None = None,
     dynamic_batch: str | None = None,
     calib: str | Path | None = None,
     calib_samples: int = 100,
@@ -64,6 +65,7 @@ def export(
     name = model if isinstance(model, str) else type(model).__name__.lower()
     options = ExportOptions(
         precision=precision,
+        device=device,
         dynamic_batch=DynamicBatch.parse(dynamic_batch) if dynamic_batch else None,
         inputs_files=[Path(p) for p in inputs or []],
         atol=atol,

@@ -44,6 +44,7 @@ class ExportOptions:
     """Everything about an export except the model, the targets and where it goes."""
 
     precision: str | None = None  # None: each target's default (fp32, int8 for the Edge TPU)
+    device: str | None = None  # --device for targets that compile for one (aoti); None: the target's default
     dynamic_batch: DynamicBatch | None = None
     inputs_files: list[Path] = field(default_factory=list)
     atol: float | None = None
@@ -69,6 +70,7 @@ class ExportOptions:
             io_layout="nhwc" if "nhwc" in self.io else None,
             io_dtype=next((o for o in self.io if o in ("int8", "uint8")), None),
             calibration=calibration,
+            device=self.device,
         )
 
     def tolerance(self, precision: str) -> Tolerance:
@@ -148,11 +150,13 @@ def build_and_validate(
     directory.mkdir(parents=True)
     request = options.build_request(target, calibration)
     with (
-        progress.stage(f"build {target.name}", request.precision),
+        progress.stage(f"build {target.name}", target.stage_detail(model, request)),
         _backend_failures(target, "convert"),
         converter_output_captured(),
     ):
         built = target.build(model, directory, request)
+    for note in built.notes:
+        progress.say(f"note: {note}")
     stored = samples.save(directory)
     notes = list(built.notes) + ([] if stored else ["parity samples too large to store: verify needs --model"])
     if calibration is not None and not calibration.representative and request.precision == "int8":
@@ -371,6 +375,12 @@ def _check_targets(targets: list[Target], options: ExportOptions, every: bool, p
             raise refusal
     if not fitting:
         raise UsageError("no target can export with these options", "run `kiln targets` for what each supports")
+    if options.device is not None and not any(t.devices for t in fitting):
+        raise UsageError(
+            f"--device {options.device} applies to none of the targets {', '.join(t.name for t in fitting)}",
+            "--device is for targets that compile for a device, e.g. aoti (name it: `all` leaves out targets "
+            "that are limited on this machine)",
+        )
     return fitting
 
 
@@ -400,6 +410,10 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
             f"target {target.name} is not available on this machine: {reason}",
             "install what it needs, or choose another target (kiln targets)",
         )
+    try:
+        target.check_request(options.build_request(target, None))
+    except KilnError as refusal:
+        return refusal
     return None
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import difflib
 
 from compiler.errors import UsageError
+from targets.aoti import AotiTarget
 from targets.base import BuildOutput, BuildRequest, Runner, Target
 from targets.edgetpu import EdgeTpuTarget
 from targets.onnxrt import OnnxRuntimeTarget
 from targets.openvino_ir import OpenVinoTarget
 from targets.pt2 import ExportedProgramTarget
+from targets.tensorrt import TensorRtTarget
 from targets.tflite import TfliteTarget
 from targets.tpu import XlaTarget
 
@@ -20,6 +22,8 @@ TARGETS: list[Target] = [
     XlaTarget(),
     TfliteTarget(),
     EdgeTpuTarget(),
+    AotiTarget(),
+    TensorRtTarget(),
 ]
 
 __all__ = ["TARGETS", "BuildOutput", "BuildRequest", "Runner", "Target", "get_target", "resolve_targets"]
@@ -45,12 +49,13 @@ def get_target(name: str) -> Target:
 
 
 def resolve_targets(spec: str | list[str]) -> list[Target]:
-    """Targets from a comma list (or list) of names; `all` means every target available here."""
+    """Targets from a comma list (or list) of names; `all` means every target fully built and validated here
+    (available, with no limitation: e.g. `aoti` without a CUDA GPU, or `tensorrt` without TensorRT, must be named)."""
     names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
     if not names:
         raise UsageError("no target given", "pass --target NAME, a comma list, or all")
     if "all" in names:
-        chosen = [t for t in TARGETS if t.unavailable_reason() is None]
+        chosen = [t for t in TARGETS if t.unavailable_reason() is None and t.limitation() is None]
         if not chosen:
             raise UsageError("no target is available on this machine", "run `kiln targets` to see what is missing")
         return chosen

@@ -65,6 +65,7 @@ class Target:
     needs_gpu: bool = False  # True: builds or runs only with a GPU (the matrix's Ray executor asks for one)
     fixed_batch: int | None = None  # the batch size the artifact must have (the model is captured at it)
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (e.g. nhwc, uint8)
+    devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
 
     @property
     def default_precision(self) -> str:
@@ -77,6 +78,25 @@ class Target:
         if missing:
             return f"needs {', '.join(missing)} (pip install {' '.join(missing)})"
         return None
+
+    def limitation(self) -> str | None:
+        """None when everything this target makes is built and validated here, else what it cannot do here and
+        why (it still builds the rest). `--target all` leaves such targets out."""
+        return None
+
+    def check_request(self, request: BuildRequest) -> None:
+        """Raise a one-line error, before any capture work, when this target cannot build `request` here."""
+        from compiler.errors import UsageError
+
+        if request.device is not None and self.devices and request.device not in self.devices:
+            raise UsageError(
+                f"target {self.name} does not compile for --device {request.device}",
+                f"use one of: {', '.join(self.devices)}",
+            )
+
+    def stage_detail(self, model: CapturedModel, request: BuildRequest) -> str:
+        """What the build stage line says after the target's name (e.g. the precision)."""
+        return request.precision
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Write the artifact for `model` into `directory`."""
