@@ -409,7 +409,7 @@ def test_zoo_all_on_all_targets_plans_every_registered_target(capsys):
     code, listing, _ = run_cli("matrix", "--models", "zoo:all", "--targets", "all", "--list", capsys=capsys)
     assert code == 0
     cells = set(listing.split())
-    assert cells == {f"{m}/{t.name}/fp32" for m in ZOO for t in TARGETS if "fp32" in t.precisions}
+    assert cells == {f"{m}/{t.name}/{t.default_precision}" for m in ZOO for t in TARGETS}
     code, listing, _ = run_cli("matrix", "--models", "zoo:cnn", "--targets", "all", "--precisions", "all", "--list",
                                capsys=capsys)  # fmt: skip
     assert set(listing.split()) == {f"cnn/{t.name}/{p}" for t in TARGETS for p in t.precisions}
