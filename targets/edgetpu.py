@@ -189,7 +189,7 @@ def run_compiler(directory: Path) -> dict[str, Any]:
         last = log.splitlines()[-1] if log else "no output"
         raise UnsupportedOpError(
             f"{COMPILER} failed (exit {completed.returncode}): {last[:200]}",
-            "see the audit (kiln export --target edgetpu --no-parity-gate keeps the int8 model) or the compiler log",
+            "read the compiler's message; without edgetpu_compiler on PATH the export keeps the int8 model and audit",
         )
     (directory / COMPILER_LOG).write_text(log + "\n")
     return {"ran": True, "executable": executable, "exit_code": 0, "output": COMPILED_FILE, "log": log}
