@@ -52,12 +52,14 @@ def convert(model: CapturedModel, directory: Path, request: BuildRequest, precis
 
 
 def _to_layout(feeds: dict[str, Any], specs: list[Any]) -> dict[str, Any]:
-    """Calibration feeds (NCHW like the model) in the artifact's layout."""
+    """Calibration feeds (NCHW like the model) in the artifact's layout and 32-bit types (TFLite narrows 64-bit I/O)."""
     import numpy as np
 
     from targets.litert import NCHW_TO_NHWC
 
-    return {s.name: np.transpose(feeds[s.name], NCHW_TO_NHWC) if s.layout == "NHWC" else feeds[s.name] for s in specs}
+    narrow = {np.dtype(np.int64): np.int32, np.dtype(np.float64): np.float32}
+    arrays = {s.name: np.transpose(feeds[s.name], NCHW_TO_NHWC) if s.layout == "NHWC" else feeds[s.name] for s in specs}
+    return {name: a.astype(narrow.get(a.dtype, a.dtype)) for name, a in arrays.items()}
 
 
 def describe_graph(directory: Path, info: dict[str, Any], nhwc: bool) -> dict[str, Any]:

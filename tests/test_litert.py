@@ -334,3 +334,12 @@ def test_all_targets_skips_those_without_the_precision(tmp_path, capsys):
     assert "skipping onnx: target onnx does not support precision int8-dynamic" in err
     assert "skipping edgetpu: target edgetpu does not support precision int8-dynamic" in err
     assert Manifest.read(tmp_path / "o").target == "tflite"
+
+
+def test_int64_token_inputs_calibrate_for_int8(tmp_path):
+    # TFLite narrows int64 I/O to int32: calibration feeds must be narrowed the same way.
+    options = ExportOptions(precision="int8", calibration=CalibrationSpec(samples=8))
+    (result,) = export_targets("zoo:transformer", "tflite", tmp_path / "o", options)
+    assert result.manifest.target_info["calibration"]["samples"] == 8
+    assert result.parity.runtime["inference_precision"] == "int8"
+    assert result.parity.outputs[0].min_cosine > 0.95
