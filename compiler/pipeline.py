@@ -68,7 +68,6 @@ class ExportOptions:
         return BuildRequest(
             precision=self.precision_for(target),
             io_layout="nhwc" if "nhwc" in self.io else None,
-            io_dtype=next((o for o in self.io if o in ("int8", "uint8")), None),
             calibration=calibration,
             device=self.device,
         )

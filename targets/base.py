@@ -21,7 +21,6 @@ class BuildRequest:
     precision: str = "fp32"
     device: str | None = None  # targets that compile for a device (None: the target's default)
     io_layout: str | None = None  # e.g. "nhwc" for image I/O in channels-last (None: as captured)
-    io_dtype: str | None = None  # quantized I/O type of integer targets, e.g. "int8" or "uint8"
     calibration: Any = None  # a compiler.calibration.CalibrationData for calibrated int8
     extra: dict[str, Any] = field(default_factory=dict)
 
