@@ -219,10 +219,11 @@ def test_ctrl_c_mid_export_cleans_up(tmp_path):
 def test_help_and_targets_do_not_import_torch():
     code = (
         "import sys, cli; cli.build_parser(); from targets import TARGETS; "
-        "[t.unavailable_reason() for t in TARGETS]; print('torch' in sys.modules, 'openvino' in sys.modules)"
+        "[(t.unavailable_reason(), t.limitation()) for t in TARGETS]; "
+        "print([m in sys.modules for m in ('torch', 'openvino', 'tensorrt')])"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False False"
+    assert result.stdout.strip() == "[False, False, False]"
 
 
 def test_console_script_entry_point():
