@@ -38,6 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from compiler.capture import DynamicBatch
     from compiler.pipeline import ExportOptions, export_targets, parse_io
     from compiler.progress import Progress
+    from passes import PassAdjustments
 
     _quiet_libraries()
     options = ExportOptions(
@@ -55,6 +56,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
         min_snr_db=args.min_snr,
         min_top1=args.min_top1,
+        opt_level=args.opt_level,
+        pass_adjustments=PassAdjustments.parse(args.passes),
+        dump_passes=Path(args.dump_passes) if args.dump_passes else None,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
@@ -112,6 +116,32 @@ def cmd_targets(args: argparse.Namespace) -> int:
             f"{row['name']}{aliases}\n    {row['description']}\n    precisions: {', '.join(row['precisions'])}"
             f"{devices}; needs: {', '.join(row['requires'])}; {state}"
         )
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    """`kiln passes`: every graph pass, its IR, the level that runs it, and what it does."""
+    from passes import LEVELS, PASSES
+
+    rows: list[dict[str, Any]] = [
+        {
+            "name": p.name,
+            "ir": p.ir,
+            "level": p.level,
+            "targets": list(p.targets),
+            "needs": list(p.needs),
+            "preserves": list(p.preserves),
+            "description": p.description,
+        }
+        for p in PASSES.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("level: -O0 none, -O1 cleanup, -O2 fusion (default), -O3 target-specific; --passes +name,-name adjusts")
+    for row in rows:
+        only = f" [{', '.join(row['targets'])} only]" if row["targets"] else ""
+        print(f"{row['name']:<34} {row['ir']:<5} -O{row['level']} {LEVELS[row['level']]:<16}{row['description']}{only}")
     return 0
 
 
@@ -304,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--min-snr", type=float, metavar="DB", help="minimum signal-to-noise ratio in dB (override)")
     export.add_argument("--min-top1", type=float, help="minimum top-1 agreement of classifier outputs (override)")
     export.add_argument("--samples", type=int, default=4, help="parity input sets besides batch-range ones (default 4)")
+    export.add_argument(
+        "-O",
+        dest="opt_level",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=2,
+        help="optimization level: 0 none, 1 cleanup, 2 fusion (default), 3 target-specific",
+    )
+    export.add_argument("--passes", metavar="+NAME,-NAME", help="add or remove passes (see `kiln passes`)")
+    export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")
     export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
     _output_flags(export)
@@ -312,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     targets = sub.add_parser("targets", help="list targets and whether they run here")
     targets.add_argument("--json", action="store_true", help="machine-readable output")
     targets.set_defaults(handler=cmd_targets)
+
+    passes = sub.add_parser("passes", help="list the graph passes and the -O level that runs each")
+    passes.add_argument("--json", action="store_true", help="machine-readable output")
+    passes.set_defaults(handler=cmd_passes)
 
     verify = sub.add_parser("verify", help="re-run parity on an existing export")
     verify.add_argument("export_dir")

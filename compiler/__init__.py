@@ -47,18 +47,23 @@ def export(
     parity_gate: bool = True,
     force: bool = False,
     passes: list[Any] | None = None,
+    opt_level: int = 2,
+    adjust_passes: str | None = None,
     raise_on_parity_failure: bool = True,
 ) -> ExportResult:
     """Export `model` (a module with `example_inputs`, or a source string like `zoo:cnn`) to one target.
 
     `precision` defaults to the target's own (fp32; int8 for edgetpu); `calib` is calibration data
     for int8 (FILE.npz, a directory, or `file.py:loader`); `io` is e.g. "nhwc" for channels-last I/O.
+    `opt_level` picks the pass pipeline (0 none .. 3 target-specific); `adjust_passes` is "+name,-name";
+    `passes` replaces the pipeline with an explicit list of `passes.base.Pass`.
     The artifact is validated against the model; if it fails parity it is kept under
     `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     """
     from compiler.calibration import CalibrationSpec
     from compiler.capture import DynamicBatch
     from compiler.pipeline import ExportOptions, export_targets, parse_io
+    from passes import PassAdjustments
 
     if "," in target or target == "all":
         raise UsageError(f"export() takes one target, got '{target}'", "call it once per target")
@@ -74,6 +79,8 @@ def export(
         parity_gate=parity_gate,
         force=force,
         passes=passes,
+        opt_level=opt_level,
+        pass_adjustments=PassAdjustments.parse(adjust_passes),
         calibration=CalibrationSpec(str(calib) if calib is not None else None, calib_samples),
         io=parse_io(io),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import tempfile
@@ -30,7 +31,7 @@ from compiler.progress import Progress, converter_output_captured
 from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
 from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord, Tolerance
-from passes import DEFAULT_PIPELINE, PASSES, GraphPass, run_pipeline
+from passes import DEFAULT_LEVEL, FX, ONNX, Pass, PassAdjustments, dump_graph, pipeline_for, run_pipeline, save_onnx
 from targets import BuildRequest, Target, resolve_targets
 
 NOT_REPRESENTATIVE = (
@@ -52,7 +53,10 @@ class ExportOptions:
     samples: int = DEFAULT_SAMPLES
     parity_gate: bool = True
     force: bool = False
-    passes: list[GraphPass] | None = None  # None: the default pipeline
+    opt_level: int = DEFAULT_LEVEL  # -O0 .. -O3
+    pass_adjustments: PassAdjustments = field(default_factory=PassAdjustments)  # --passes +name,-name
+    passes: list[Pass] | None = None  # an explicit pipeline (library use), replacing the level's
+    dump_passes: Path | None = None  # --dump-passes DIR: the graph after each pass, per target
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     io: tuple[str, ...] = ()  # --io: nhwc (image I/O channels-last), int8
     min_cosine: float | None = None
@@ -120,16 +124,24 @@ def export_targets(
                 captured = capture(group_source, options.dynamic_batch, scratch, to_onnx)
             with progress.stage("reference", f"{source.reference_name} on parity inputs"):
                 samples = reference_samples(group_source, captured, options)
-            with progress.stage("passes"):
-                optimized, pass_records = optimize(captured, scratch, options.passes)
             calibration = calibration_data(group, captured, group_source, options, progress)
-            builds += [
-                build_and_validate(
-                    t, source, optimized, samples, pass_records, staging / "builds" / t.name, options, progress,
-                    calibration,
+            optimized: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]] = {}
+            for target in group:
+                with progress.stage(f"passes {target.name}", f"-O{options.opt_level}"):
+                    model, pass_records = optimize(captured, target, scratch, options, optimized)
+                builds.append(
+                    build_and_validate(
+                        target,
+                        source,
+                        model,
+                        samples,
+                        pass_records,
+                        staging / "builds" / target.name,
+                        options,
+                        progress,
+                        calibration,
+                    )
                 )
-                for t in group
-            ]
         install_tree(_assemble(staging, builds, single=len(chosen) == 1), out)
     return [ExportResult(b.target.name, out / b.relative, b.manifest, b.manifest.published) for b in builds]
 
@@ -179,7 +191,7 @@ def build_and_validate(
         timings={},
         versions=versions(*target.requires.values()),
         host=host_info(),
-        passes=pass_records,
+        passes=pass_records + built.passes,
         target_info={
             "opset": model.opset,
             "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
@@ -199,7 +211,7 @@ def build_and_validate(
     manifest.timings = {
         stage: seconds
         for stage, seconds in progress.timings.items()
-        if not stage.startswith(("build ", "validate ")) or stage.endswith(f" {target.name}")
+        if not stage.startswith(("passes ", "build ", "validate ")) or stage.endswith(f" {target.name}")
     }
     manifest.files = hash_files(directory)
     manifest.write(directory)
@@ -305,16 +317,54 @@ def reference_runner(source: ModelSource, model: CapturedModel) -> Any:
 
 
 def optimize(
-    model: CapturedModel, work: Path, pipeline: list[GraphPass] | None
+    model: CapturedModel,
+    target: Target,
+    work: Path,
+    options: ExportOptions,
+    done: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]],
 ) -> tuple[CapturedModel, list[PassRecord]]:
-    """Run the graph passes over the captured ONNX graph; the optimized model and what each pass did."""
-    chosen = [PASSES[name] for name in DEFAULT_PIPELINE] if pipeline is None else pipeline
-    if not chosen or model.onnx_path is None:
-        return model, []
-    destination = work / "optimized" / "model.onnx"
-    destination.parent.mkdir()
-    records = run_pipeline(model.onnx_path, destination, chosen)
-    return replace(model, onnx_path=destination), records
+    """Run the target's passes over the graph it consumes; the optimized model and what each pass did.
+
+    `done` holds the pipelines already run for other targets of this capture, so that one is run once.
+    """
+    ir = FX if target.consumes == "torch" else ONNX
+    if options.passes is not None:
+        chosen = [p for p in options.passes if p.ir == ir]
+    else:
+        chosen = pipeline_for(ir, target.name, options.opt_level, options.pass_adjustments)
+    key = (ir, *(p.name for p in chosen))
+    dump = options.dump_passes / target.name if options.dump_passes is not None else None
+    if key in done:
+        if dump is not None:
+            _dump_final(done[key][0], ir, dump)
+        return done[key]
+    if ir == ONNX and model.onnx_path is not None:
+        import onnx_ir
+
+        graph, records = run_pipeline(onnx_ir.load(str(model.onnx_path)), chosen, dump)
+        destination = work / f"optimized-{len(done)}" / "model.onnx"
+        destination.parent.mkdir()
+        done[key] = replace(model, onnx_path=save_onnx(graph, destination)), records
+    elif ir == FX and model.exported is not None and chosen:
+        # FX passes may change the program in place: the capture is shared with other targets.
+        program, records = run_pipeline(copy.deepcopy(model.exported), chosen, dump)
+        done[key] = replace(model, exported=program), records
+    else:
+        done[key] = model, []
+        if dump is not None:
+            _dump_final(model, ir, dump)
+    return done[key]
+
+
+def _dump_final(model: CapturedModel, ir: str, dump: Path) -> None:
+    """For --dump-passes: the graph a target received from a pipeline already run for another target."""
+    graph: Any = model.exported
+    if ir == ONNX:
+        import onnx_ir
+
+        graph = onnx_ir.load(str(model.onnx_path)) if model.onnx_path is not None else None
+    if graph is not None:
+        dump_graph(graph, dump / "final")
 
 
 def hash_files(directory: Path) -> list[ArtifactFile]:

@@ -174,6 +174,7 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     seconds: float
+    ir: str = "onnx"  # the graph it ran on: onnx, fx, or the artifact's own (e.g. tflite) for build-time passes
 
 
 @dataclass

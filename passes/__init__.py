@@ -1,101 +1,127 @@
-"""Graph passes over the ONNX graph (onnx_ir), and the pipeline that runs them.
+"""Graph passes over the ONNX graph (onnx_ir) and the FX graph (torch.export), and the pipelines that run them.
 
-A pass is a small named unit: it takes an `onnx_ir.Model` and returns a `PassResult`
-(the model, and whether it changed anything), the way `onnx_ir.passes` does.
+A pass (`passes.base.Pass`) is a small named unit: it takes a graph and returns the graph and whether it
+changed anything, the way `onnx_ir.passes` does. A pipeline is the list of passes chosen for one target
+at one optimization level (`-O0` none, `-O1` cleanup, `-O2` fusion, `-O3` target-specific), adjusted
+by `--passes +name,-name`; passes always run in the registry's order below.
 """
 
 from __future__ import annotations
 
+import difflib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from passes import cleanup, fusion, fx, layout
+from passes.base import DEFAULT_LEVEL, FX, LEVELS, ONNX, Pass, PassResult
 
 if TYPE_CHECKING:
-    import onnx_ir as ir
-
     from compiler.types import PassRecord
+
+__all__ = ["DEFAULT_LEVEL", "FX", "LEVELS", "ONNX", "PASSES", "Pass", "PassAdjustments", "PassResult"]
+
+PASSES: dict[str, Pass] = {
+    p.name: p for p in [*cleanup.PASSES, *fusion.PASSES, *layout.PASSES, *cleanup.FINAL, *fx.PASSES]
+}
 
 
 @dataclass(frozen=True)
-class GraphPass:
-    """A named transformation of an ONNX IR model."""
+class PassAdjustments:
+    """`--passes +name,-name`: passes added to or removed from the level's pipeline."""
 
-    name: str
-    description: str
-    make: Callable[[], Callable[[ir.Model], object]]
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
-    def __call__(self, model: ir.Model) -> tuple[ir.Model, bool]:
-        """Run the pass: the new model and whether it changed."""
-        result = self.make()(model)
-        return result.model, bool(result.modified)  # type: ignore[attr-defined]
+    @classmethod
+    def parse(cls, text: str | None) -> PassAdjustments:
+        """Parse `+name,-name` (a bare name means +name); unknown names are refused with a suggestion."""
+        from compiler.errors import UsageError
 
-
-def _identity_elimination() -> Callable[[ir.Model], object]:
-    from onnx_ir.passes.common import IdentityEliminationPass
-
-    return IdentityEliminationPass()
-
-
-def _dead_node_elimination() -> Callable[[ir.Model], object]:
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    return RemoveUnusedNodesPass()
-
-
-def _common_subexpression_elimination() -> Callable[[ir.Model], object]:
-    from onnx_ir.passes.common import CommonSubexpressionEliminationPass
-
-    return CommonSubexpressionEliminationPass()
+        added: list[str] = []
+        removed: list[str] = []
+        for item in (part.strip() for part in (text or "").split(",")):
+            if not item:
+                continue
+            name = item.lstrip("+-").strip()
+            if name not in PASSES:
+                close = difflib.get_close_matches(name, PASSES, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise UsageError(f"--passes: unknown pass '{name}'", f"{hint}run `kiln passes` for the list")
+            (removed if item.startswith("-") else added).append(name)
+        return cls(tuple(added), tuple(removed))
 
 
-def _deduplicate_initializers() -> Callable[[ir.Model], object]:
-    from onnx_ir.passes.common import DeduplicateInitializersPass
+def pipeline_for(ir: str, target: str, level: int = DEFAULT_LEVEL, adjust: PassAdjustments | None = None) -> list[Pass]:
+    """The passes run over `ir` for `target` at `level`, with the user's adjustments, in registry order."""
+    from compiler.errors import UsageError
 
-    return DeduplicateInitializersPass()
-
-
-PASSES: dict[str, GraphPass] = {
-    p.name: p
-    for p in [
-        GraphPass("identity-elimination", "remove Identity nodes, wiring their input through", _identity_elimination),
-        GraphPass("deduplicate-initializers", "share identical constant tensors", _deduplicate_initializers),
-        GraphPass(
-            "common-subexpression-elimination",
-            "merge nodes that compute the same thing",
-            _common_subexpression_elimination,
-        ),
-        GraphPass("dead-node-elimination", "remove nodes whose outputs nothing uses", _dead_node_elimination),
+    if level not in LEVELS:
+        raise UsageError(f"-O{level}: no such optimization level", "use -O0, -O1, -O2 or -O3")
+    adjust = adjust or PassAdjustments()
+    chosen = [
+        p
+        for p in PASSES.values()
+        if p.ir == ir
+        and p.applies_to(target)
+        and p.name not in adjust.removed
+        and (p.level <= level or p.name in adjust.added)
     ]
-}
+    names = {p.name for p in chosen}
+    for graph_pass in chosen:
+        missing = [need for need in graph_pass.needs if need not in names]
+        if missing:
+            raise UsageError(
+                f"pass {graph_pass.name} needs {', '.join(missing)}, which this pipeline leaves out",
+                f"add +{missing[0]} to --passes, or remove -{graph_pass.name}",
+            )
+    return chosen
 
-DEFAULT_PIPELINE: tuple[str, ...] = tuple(PASSES)
+
+def count_nodes(graph: Any) -> int:
+    """Number of nodes that compute something: ONNX nodes of the main graph, or FX call_function nodes."""
+    if hasattr(graph, "graph_module"):
+        return sum(1 for n in graph.graph.nodes if n.op == "call_function")
+    return sum(1 for _ in graph.graph)
 
 
-def count_nodes(model: ir.Model) -> int:
-    """Number of nodes in the main graph."""
-    return sum(1 for _ in model.graph)
-
-
-def run_pipeline(source: Path, destination: Path, pipeline: Sequence[GraphPass]) -> list[PassRecord]:
-    """Run `pipeline` over the ONNX file `source`, write the result to `destination`, record each pass."""
-    import onnx_ir as ir
-
+def run_pipeline(graph: Any, pipeline: Sequence[Pass], dump: Path | None = None) -> tuple[Any, list[PassRecord]]:
+    """Run `pipeline` over `graph`, recording what each pass did; with `dump`, write the graph after each pass."""
     from compiler.types import PassRecord
 
-    model = ir.load(str(source))
+    if dump is not None:
+        dump_graph(graph, dump / "00-captured")
     records = []
-    for graph_pass in pipeline:
-        before, started = count_nodes(model), time.perf_counter()
-        model, changed = graph_pass(model)
-        records.append(
-            PassRecord(graph_pass.name, changed, before, count_nodes(model), round(time.perf_counter() - started, 4))
-        )
+    for index, graph_pass in enumerate(pipeline, start=1):
+        before, started = count_nodes(graph), time.perf_counter()
+        graph, changed = graph_pass(graph)
+        seconds = round(time.perf_counter() - started, 4)
+        records.append(PassRecord(graph_pass.name, changed, before, count_nodes(graph), seconds, graph_pass.ir))
+        if dump is not None:
+            dump_graph(graph, dump / f"{index:02d}-{graph_pass.name}")
+    return graph, records
+
+
+def dump_graph(graph: Any, stem: Path) -> Path:
+    """Write a graph for reading: an ONNX model as `stem.onnx`, an FX program as `stem.txt`."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(graph, "graph_module"):
+        path = stem.with_suffix(".txt")
+        path.write_text(str(graph))
+        return path
+    return save_onnx(graph, stem.with_suffix(".onnx"))
+
+
+def save_onnx(model: Any, destination: Path) -> Path:
+    """Save an onnx_ir model as one self-contained file, or with external data beyond 2 GB."""
+    import onnx_ir as ir
+
     large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > 2**30
     if large:
         ir.save(model, str(destination), external_data=destination.name + ".data")
     else:
         # Pull weights that lived in the source's external files into the new self-contained file.
         ir.save(ir.external_data.load_to_model(model), str(destination))
-    return records
+    return destination

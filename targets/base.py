@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from compiler.capture import CapturedModel
-    from compiler.types import Manifest, TensorSpec
+    from compiler.types import Manifest, PassRecord, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class BuildOutput:
     notes: list[str] = field(default_factory=list)
     inputs: list[TensorSpec] | None = None  # the artifact's own I/O when it differs from the model's (layout)
     outputs: list[TensorSpec] | None = None
+    passes: list[PassRecord] = field(default_factory=list)  # graph changes made while building (quantization...)
 
 
 class Runner:

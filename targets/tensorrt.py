@@ -81,10 +81,12 @@ def prepare_onnx(source: Path, destination: Path) -> dict[str, Any]:
 
 def _reduced_precision_onnx(model: CapturedModel, precision: str, work: Path) -> Path:
     """The model lowered to ONNX computing in `precision` (float32 I/O kept), through Kiln's graph passes."""
+    import onnx_ir
+
     from compiler.capture import lower_to_onnx
     from compiler.errors import UsageError
     from compiler.precision import reduced_precision_program
-    from passes import DEFAULT_PIPELINE, PASSES, run_pipeline
+    from passes import ONNX, pipeline_for, run_pipeline, save_onnx
 
     if model.exported is None:
         raise UsageError(
@@ -97,8 +99,8 @@ def _reduced_precision_onnx(model: CapturedModel, precision: str, work: Path) ->
     lower_to_onnx(program, lowered, [s.name for s in model.outputs], model.dynamic_batch)
     optimized = work / "optimized" / trt_engine.ONNX_FILE
     optimized.parent.mkdir()
-    run_pipeline(lowered, optimized, [PASSES[name] for name in DEFAULT_PIPELINE])
-    return optimized
+    graph, _ = run_pipeline(onnx_ir.load(str(lowered)), pipeline_for(ONNX, "tensorrt"))
+    return save_onnx(graph, optimized)
 
 
 def read_engine_record(directory: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from compiler import ParityError, export
 from compiler.parity import compare
 from compiler.types import Tolerance
-from passes import PASSES, GraphPass
+from passes import ONNX, PASSES, Pass, PassResult
 from tests.conftest import USER_MODELS, run_cli
 
 FP32 = Tolerance.for_precision("fp32")
@@ -110,13 +110,8 @@ def _scale_first_weight(model: ir.Model) -> ir.Model:
     return model
 
 
-class _Result:
-    def __init__(self, model):
-        self.model, self.modified = model, True
-
-
-BROKEN_PASS = GraphPass(
-    "scale-a-weight", "breaks the model on purpose", lambda: lambda m: _Result(_scale_first_weight(m))
+BROKEN_PASS = Pass(
+    "scale-a-weight", "breaks the model on purpose", ONNX, 1, lambda m: PassResult(_scale_first_weight(m), True)
 )
 
 

@@ -38,9 +38,7 @@ class CellOptions:
         for key, value in overrides.items():
             name = aliases.get(key, key)
             if name not in known:
-                raise UsageError(
-                    f"{where}: unknown option '{key}'", f"cell options are: {', '.join(sorted(known))}"
-                )
+                raise UsageError(f"{where}: unknown option '{key}'", f"cell options are: {', '.join(sorted(known))}")
             values[name] = tuple(value) if name == "inputs" and isinstance(value, list) else value
         for name, value in values.items():
             valid, meaning = OPTION_CHECKS[name]
@@ -171,7 +169,7 @@ class MatrixConfig:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise UsageError(
-                f"two models share the name of cell {duplicates[0]}", "give one of them another name = \"...\""
+                f"two models share the name of cell {duplicates[0]}", 'give one of them another name = "..."'
             )
         return sorted(cells, key=lambda c: c.cell_id)
 
@@ -222,7 +220,7 @@ def _names(value: Any, key: str) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UsageError(f"'{key}' must be a comma list or a list of strings", f"write {key} = [\"...\", \"...\"]")
+        raise UsageError(f"'{key}' must be a comma list or a list of strings", f'write {key} = ["...", "..."]')
     return [v.strip() for v in value if v.strip()]
 
 
@@ -234,7 +232,7 @@ def _positive(value: Any, key: str, minimum: int = 1) -> int:
 
 def _rule(table: Any) -> CellRule:
     if not isinstance(table, dict) or not isinstance(table.get("match"), str):
-        raise UsageError("each [[cells]] table needs match = \"model/target/precision\"", "globs such as */tpu/* work")
+        raise UsageError('each [[cells]] table needs match = "model/target/precision"', "globs such as */tpu/* work")
     options = {k: v for k, v in table.items() if k != "match"}
     CellOptions().merged(options, f"cells '{table['match']}'")  # refuse unknown keys now
     return CellRule(table["match"], options)
@@ -244,12 +242,12 @@ def _models(value: Any) -> list[ModelEntry]:
     """Model entries from a comma list, a list of sources, or a list of tables with `source`."""
     items = _names(value, "models") if isinstance(value, str) else value
     if not isinstance(items, list):
-        raise UsageError("'models' must be a list", "write models = [\"zoo:all\", \"my_model.py:build\"]")
+        raise UsageError("'models' must be a list", 'write models = ["zoo:all", "my_model.py:build"]')
     entries: list[ModelEntry] = []
     for item in items:
         table = {"source": item} if isinstance(item, str) else item
         if not isinstance(table, dict) or not isinstance(table.get("source"), str):
-            raise UsageError(f"model entry {item!r} has no source", "write source = \"zoo:cnn\" (or file.py:factory)")
+            raise UsageError(f"model entry {item!r} has no source", 'write source = "zoo:cnn" (or file.py:factory)')
         source = table["source"].strip()
         rest = {k: v for k, v in table.items() if k not in ("source", "name", "targets", "precisions", "files")}
         CellOptions().merged(rest, f"model {source}")  # refuse unknown keys now

@@ -182,7 +182,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any] | None]
 
 
 def _allowed(cell: dict[str, Any]) -> str:
-    """" (allowed)" for a failure that leaves the run green."""
+    """ " (allowed)" for a failure that leaves the run green."""
     return " (allowed)" if cell["allowed_to_fail"] and cell["status"] in FAILED_STATUSES else ""
 
 
@@ -215,7 +215,7 @@ LEGEND = (
     "(blank: the target has no such precision). Figures: max abs error vs the reference over the parity input "
     "sets · artifact size · median latency of the artifact · speed-up vs the reference (PyTorch eager; ONNX "
     "Runtime for an .onnx source), above 1x the artifact is faster. ⏱: latency disturbed by other processes. "
-    "(allowed): a failure allowed by --allow-fail or expect = \"fail\"."
+    '(allowed): a failure allowed by --allow-fail or expect = "fail".'
 )
 
 

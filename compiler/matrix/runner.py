@@ -286,9 +286,7 @@ def _ray_cell(payload: dict[str, Any], keep_artifacts: bool) -> dict[str, Any]:
     return run_job(Job.from_payload(payload), keep_artifacts).to_dict()
 
 
-def run_ray(
-    jobs: list[Job], address: str | None, keep_artifacts: bool, on_done: Callable[[CellResult], None]
-) -> None:
+def run_ray(jobs: list[Job], address: str | None, keep_artifacts: bool, on_done: Callable[[CellResult], None]) -> None:
     """Run each job as a Ray task (1 CPU, and 1 GPU for a GPU target) on an existing cluster or a local one."""
     try:
         import ray
