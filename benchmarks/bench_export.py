@@ -391,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         except StepFailed as exc:  # eager itself failed: no row of this model can be completed
             error = str(exc).partition("\n")[0]
             print(f"[bench] {model}: eager FAILED: {error}", file=sys.stderr, flush=True)
-            rows += [
-                {"model": model, "target": t, "precision": p, "error": f"eager: {error}"} for t, p in chosen
-            ]
+            rows += [{"model": model, "target": t, "precision": p, "error": f"eager: {error}"} for t, p in chosen]
     elapsed = time.perf_counter() - started
     load_after = _load_average()
 

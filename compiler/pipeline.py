@@ -128,12 +128,12 @@ def export_targets(
             optimized: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]] = {}
             for target in group:
                 with progress.stage(f"passes {target.name}", f"-O{options.opt_level}"):
-                    model, pass_records = optimize(captured, target, scratch, options, optimized)
+                    graph_model, pass_records = optimize(captured, target, scratch, options, optimized)
                 builds.append(
                     build_and_validate(
                         target,
                         source,
-                        model,
+                        graph_model,
                         samples,
                         pass_records,
                         staging / "builds" / target.name,
