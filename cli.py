@@ -34,7 +34,7 @@ def _quiet_libraries() -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kiln export`: capture once, build every requested target, gate on parity."""
-    from compiler.calibration import CalibrationSpec
+    from compiler.calibration import AccuracyBudget, CalibrationSpec
     from compiler.capture import DynamicBatch
     from compiler.pipeline import ExportOptions, export_targets, parse_io
     from compiler.progress import Progress
@@ -51,7 +51,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         samples=args.samples,
         parity_gate=not args.no_parity_gate,
         force=args.force,
-        calibration=CalibrationSpec(args.calib, args.calib_samples),
+        calibration=CalibrationSpec(
+            args.calib,
+            args.calib_samples,
+            args.calib_method,
+            per_channel=not args.per_tensor,
+            symmetric_activations={"symmetric": True, "asymmetric": False}.get(args.activations or ""),
+        ),
+        accuracy=AccuracyBudget(args.max_drop, args.metric) if args.max_drop is not None else None,
         io=parse_io(args.io),
         min_cosine=args.min_cosine,
         min_snr_db=args.min_snr,
@@ -320,6 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib", metavar="SOURCE", help="int8 calibration data: FILE.npz, DIR of .npy/.npz, or file.py:loader"
     )
     export.add_argument("--calib-samples", type=int, default=100, metavar="N", help="calibration samples (default 100)")
+    export.add_argument(
+        "--calib-method",
+        choices=("minmax", "percentile", "entropy"),
+        default="minmax",
+        help="how int8 ranges are chosen from the calibration samples (default minmax)",
+    )
+    export.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor, not per channel")
+    export.add_argument(
+        "--activations",
+        choices=("symmetric", "asymmetric"),
+        help="int8 activation ranges (default: each runtime's fast choice)",
+    )
+    export.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="X",
+        help="accuracy-aware int8: revert the most sensitive layers to float until the metric drops at most X",
+    )
+    export.add_argument(
+        "--metric",
+        metavar="file.py:fn",
+        help="metric for --max-drop, fn(outputs, inputs) -> float, higher is better (default: agreement with fp32)",
+    )
     export.add_argument("--io", metavar="OPTS", help="I/O options, comma list: nhwc (channels-last images), int8")
     export.add_argument(
         "--device",

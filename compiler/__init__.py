@@ -39,6 +39,11 @@ def export(
     dynamic_batch: str | None = None,
     calib: str | Path | None = None,
     calib_samples: int = 100,
+    calib_method: str = "minmax",
+    per_channel: bool = True,
+    symmetric_activations: bool | None = None,
+    max_drop: float | None = None,
+    metric: str | None = None,
     io: str | None = None,
     inputs: list[str | Path] | None = None,
     atol: float | None = None,
@@ -55,12 +60,14 @@ def export(
 
     `precision` defaults to the target's own (fp32; int8 for edgetpu); `calib` is calibration data
     for int8 (FILE.npz, a directory, or `file.py:loader`); `io` is e.g. "nhwc" for channels-last I/O.
+    `calib_method` (minmax, percentile, entropy), `per_channel` and `symmetric_activations` say how int8
+    is calibrated; `max_drop` (with an optional `metric`, "file.py:fn") makes int8 accuracy-aware.
     `opt_level` picks the pass pipeline (0 none .. 3 target-specific); `adjust_passes` is "+name,-name";
     `passes` replaces the pipeline with an explicit list of `passes.base.Pass`.
     The artifact is validated against the model; if it fails parity it is kept under
     `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     """
-    from compiler.calibration import CalibrationSpec
+    from compiler.calibration import AccuracyBudget, CalibrationSpec
     from compiler.capture import DynamicBatch
     from compiler.pipeline import ExportOptions, export_targets, parse_io
     from passes import PassAdjustments
@@ -81,7 +88,10 @@ def export(
         passes=passes,
         opt_level=opt_level,
         pass_adjustments=PassAdjustments.parse(adjust_passes),
-        calibration=CalibrationSpec(str(calib) if calib is not None else None, calib_samples),
+        calibration=CalibrationSpec(
+            str(calib) if calib is not None else None, calib_samples, calib_method, per_channel, symmetric_activations
+        ),
+        accuracy=AccuracyBudget(max_drop, metric) if max_drop is not None else None,
         io=parse_io(io),
     )
     destination = Path(out) if out is not None else Path("exports") / Path(str(name).split(":")[-1]).stem / target

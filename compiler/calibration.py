@@ -23,19 +23,40 @@ from compiler.errors import UsageError
 from compiler.types import TensorSpec
 
 DEFAULT_CALIBRATION_SAMPLES = 100
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 Feeds = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Where calibration samples come from and how many to use."""
+    """How int8 is calibrated, the same for every target: where samples come from, how many, how ranges
+    are chosen from them (`method`), per-channel weights, and symmetric or asymmetric activations
+    (None: each runtime's fast default)."""
 
     source: str | None = None
     samples: int = DEFAULT_CALIBRATION_SAMPLES
+    method: str = "minmax"
+    per_channel: bool = True
+    symmetric_activations: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise UsageError(
+                f"--calib-method {self.method}: unknown method", f"use one of {', '.join(CALIBRATION_METHODS)}"
+            )
 
     def describe(self) -> str:
-        """Short text for reports, e.g. `digits.npz (100 samples)`."""
-        return f"{self.source or 'random inputs'} ({self.samples} samples)"
+        """Short text for reports, e.g. `digits.npz (100 samples, minmax)`."""
+        return f"{self.source or 'random inputs'} ({self.samples} samples, {self.method})"
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """`--max-drop X [--metric path.py:fn]`: how much a quantized model may lose, and how that is measured
+    (None: agreement of the outputs with fp32 on the calibration samples)."""
+
+    max_drop: float
+    metric: str | None = None
 
 
 @dataclass
@@ -45,6 +66,7 @@ class CalibrationData:
     rows: Feeds
     origin: str
     representative: bool  # False: random inputs, so int8 ranges are guesses
+    spec: CalibrationSpec = CalibrationSpec()
 
     @property
     def count(self) -> int:
@@ -58,7 +80,14 @@ class CalibrationData:
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records about the calibration."""
-        return {"source": self.origin, "samples": self.count, "representative": self.representative}
+        return {
+            "source": self.origin,
+            "samples": self.count,
+            "representative": self.representative,
+            "method": self.spec.method,
+            "per_channel": self.spec.per_channel,
+            "symmetric_activations": self.spec.symmetric_activations,
+        }
 
 
 def _batch_size(specs: list[TensorSpec]) -> int:
@@ -76,7 +105,7 @@ def load_calibration(spec: CalibrationSpec, inputs: list[TensorSpec], examples: 
     if spec.samples < 1:
         raise UsageError(f"--calib-samples {spec.samples}: need at least 1", "use the default of 100")
     if spec.source is None:
-        return CalibrationData(_random_rows(inputs, examples, spec.samples), "random inputs", representative=False)
+        return CalibrationData(_random_rows(inputs, examples, spec.samples), "random inputs", False, spec)
     chunks = itertools.islice(_read_source(spec.source, inputs), spec.samples)
     rows: dict[str, list[np.ndarray]] = {s.name: [] for s in inputs}
     count = 0
@@ -89,7 +118,7 @@ def load_calibration(spec: CalibrationSpec, inputs: list[TensorSpec], examples: 
     if count == 0:
         raise UsageError(f"calibration source {spec.source} yielded no samples", "give it at least one sample")
     stacked = {name: np.concatenate(parts)[: spec.samples] for name, parts in rows.items()}
-    return CalibrationData(stacked, spec.source, representative=True)
+    return CalibrationData(stacked, spec.source, True, spec)
 
 
 def _random_rows(inputs: list[TensorSpec], examples: list[np.ndarray], count: int) -> Feeds:

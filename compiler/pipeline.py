@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.calibration import CalibrationData, CalibrationSpec, load_calibration
+from compiler.calibration import AccuracyBudget, CalibrationData, CalibrationSpec, load_calibration
 from compiler.capture import CapturedModel, DynamicBatch, capture
 from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from compiler.host import host_info, versions
@@ -58,6 +58,7 @@ class ExportOptions:
     passes: list[Pass] | None = None  # an explicit pipeline (library use), replacing the level's
     dump_passes: Path | None = None  # --dump-passes DIR: the graph after each pass, per target
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    accuracy: AccuracyBudget | None = None  # --max-drop: revert the most sensitive layers to float until within it
     io: tuple[str, ...] = ()  # --io: nhwc (image I/O channels-last), int8
     min_cosine: float | None = None
     min_snr_db: float | None = None
@@ -73,6 +74,7 @@ class ExportOptions:
             precision=self.precision_for(target),
             io_layout="nhwc" if "nhwc" in self.io else None,
             calibration=calibration,
+            accuracy=self.accuracy,
             device=self.device,
         )
 

@@ -22,6 +22,7 @@ class BuildRequest:
     device: str | None = None  # targets that compile for a device (None: the target's default)
     io_layout: str | None = None  # e.g. "nhwc" for image I/O in channels-last (None: as captured)
     calibration: Any = None  # a compiler.calibration.CalibrationData for calibrated int8
+    accuracy: Any = None  # a compiler.calibration.AccuracyBudget (--max-drop) for quantized precisions
     extra: dict[str, Any] = field(default_factory=dict)
 
 
