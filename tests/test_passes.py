@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from passes import ONNX, PASSES, count_nodes, pipeline_for, run_pipeline
+from compiler.errors import UsageError
+from passes import FX, LEVELS, ONNX, PASSES, Pass, PassAdjustments, PassResult, count_nodes, pipeline_for, run_pipeline
 from targets.onnxrt import OnnxRuntimeRunner
 
 CLEANUP_PIPELINE = tuple(p.name for p in pipeline_for(ONNX, "onnx", level=1))
@@ -112,3 +115,87 @@ def test_passes_keep_zoo_outputs(zoo_exports):
         records = results["onnx"].manifest.passes
         assert [r.name for r in records] == [p.name for p in pipeline_for(ONNX, "onnx")], model
         assert results["onnx"].parity.passed
+
+
+def test_levels_choose_nested_pipelines():
+    """-O0 runs nothing; each level runs what the one below runs, plus its own passes."""
+    names = {level: [p.name for p in pipeline_for(ONNX, "onnx", level)] for level in LEVELS}
+    assert names[0] == []
+    assert set(names[1]) <= set(names[2]) <= set(names[3])
+    assert all(PASSES[n].level <= 1 for n in names[1])
+    assert set(names[1]) == {p.name for p in PASSES.values() if p.ir == ONNX and p.level == 1}
+    assert [p.name for p in pipeline_for(FX, "onnx", 3)] == [p.name for p in PASSES.values() if p.ir == FX]
+
+
+def test_adjustments_add_and_remove_in_registry_order():
+    adjust = PassAdjustments.parse("-identity-elimination, +dead-node-elimination")
+    assert adjust.removed == ("identity-elimination",) and adjust.added == ("dead-node-elimination",)
+    chosen = [p.name for p in pipeline_for(ONNX, "onnx", 0, adjust)]
+    assert chosen == ["dead-node-elimination"]
+    order = list(PASSES)
+    default = [p.name for p in pipeline_for(ONNX, "onnx", 2, adjust)]
+    assert "identity-elimination" not in default and default == sorted(default, key=order.index)
+
+
+def test_unknown_pass_is_refused_with_a_suggestion():
+    with pytest.raises(UsageError, match="unknown pass 'dead-node-elimnation'") as error:
+        PassAdjustments.parse("-dead-node-elimnation")
+    assert "did you mean dead-node-elimination" in error.value.one_line()
+
+
+def test_a_pass_without_what_it_needs_is_refused(monkeypatch):
+    needy = Pass(
+        "needs-cse", "test", ONNX, 1, lambda g: PassResult(g, False), needs=("common-subexpression-elimination",)
+    )
+    monkeypatch.setitem(PASSES, needy.name, needy)
+    assert needy in pipeline_for(ONNX, "onnx", 1)
+    with pytest.raises(UsageError, match="needs common-subexpression-elimination"):
+        pipeline_for(ONNX, "onnx", 1, PassAdjustments.parse("-common-subexpression-elimination"))
+
+
+def test_target_specific_pass_runs_only_for_its_target(monkeypatch):
+    only_ov = Pass("only-openvino", "test", ONNX, 3, lambda g: PassResult(g, False), targets=("openvino",))
+    monkeypatch.setitem(PASSES, only_ov.name, only_ov)
+    assert only_ov in pipeline_for(ONNX, "openvino", 3)
+    assert only_ov not in pipeline_for(ONNX, "openvino", 2)
+    assert only_ov not in pipeline_for(ONNX, "onnx", 3)
+
+
+def test_cli_passes_lists_every_pass(capsys):
+    from cli import main
+
+    assert main(["passes", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(PASSES)
+    assert all(r["ir"] in (ONNX, FX) and r["level"] in LEVELS and r["description"] for r in rows)
+    assert main(["passes"]) == 0
+    assert "dead-node-elimination" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_unknown_pass_and_level(tmp_path, capsys):
+    from cli import main
+
+    code = main(["export", "zoo:cnn", "-t", "onnx", "-o", str(tmp_path / "o"), "--passes", "+fold-everything"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown pass 'fold-everything'" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "zoo:cnn", "-t", "onnx", "-o", str(tmp_path / "o"), "-O", "7"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_dump_passes_writes_the_graph_after_each_pass(tmp_path):
+    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.zoo import cnn
+
+    module, inputs = cnn()
+    dump = tmp_path / "dump"
+    options = ExportOptions(opt_level=1, dump_passes=dump)
+    (result,) = export_targets(module, "onnx", tmp_path / "o", options, example_inputs=inputs)
+    names = [r.name for r in result.manifest.passes]
+    assert names == [p.name for p in pipeline_for(ONNX, "onnx", 1)]
+    files = sorted(p.name for p in (dump / "onnx").iterdir())
+    assert files == ["00-captured.onnx"] + [f"{i:02d}-{n}.onnx" for i, n in enumerate(names, start=1)]
+    last = ir.load(str(dump / "onnx" / files[-1]))
+    assert count_nodes(last) == result.manifest.passes[-1].nodes_after
+    assert all(r.ir == ONNX and r.seconds >= 0 for r in result.manifest.passes)
