@@ -148,7 +148,8 @@ def _fold_one(program: ExportedProgram, lifted: dict[str, tuple[str, dict[str, A
         key, store = lifted[node.name]
         old = store[key]
         new = tensor.to(old.dtype).contiguous()
-        store[key] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else new
+        keep_parameter = isinstance(old, torch.nn.Parameter)
+        store[key] = torch.nn.Parameter(new, requires_grad=old.requires_grad) if keep_parameter else new
     if conv_bias is None:
         args = list(conv.args) + [None] * (3 - len(conv.args))
         args[2] = bias
