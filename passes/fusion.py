@@ -39,8 +39,10 @@ def _rewrite(rules: Callable[[], Sequence[Any]], min_opset: int = 0) -> Callable
             return PassResult(model, False)
         from onnxscript.rewriter import pattern
 
+        before = _nodes(model)
         count = pattern.RewriteRuleSet(list(rules()), commute=True).apply_to_model(model)
-        return PassResult(model, count > 0)
+        # the rewriter may also drop nodes left unused by earlier passes: that changes the graph too
+        return PassResult(model, count > 0 or _nodes(model) != before)
 
     return run
 
@@ -49,6 +51,35 @@ def _fold_constants(model: Any) -> PassResult:
     from onnxscript.optimizer import fold_constants
 
     return PassResult(model, bool(fold_constants(model).modified))
+
+
+def _no_op_elimination(model: Any) -> PassResult:
+    """Dropout at inference, x+0, x*1, x/1, same-type Cast, no-op Expand/Transpose: replaced by their input."""
+    from onnx_ir.passes.common import IdentityEliminationPass
+
+    dropouts = _remove_inference_dropouts(model)
+    rewritten = _rewrite(_no_op_rules)(model).changed
+    if dropouts or rewritten:
+        IdentityEliminationPass()(model)  # the rules leave Identity nodes behind
+    return PassResult(model, dropouts > 0 or rewritten)
+
+
+def _remove_inference_dropouts(model: Any) -> int:
+    """Wire each inference-mode Dropout's input through (its mask unused, not itself a graph output)."""
+    import onnx_ir as ir
+
+    outputs = set(model.graph.outputs)
+    removed = 0
+    for node in [n for n in model.graph if n.op_type == "Dropout" and n.domain in ("", "ai.onnx")]:
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        if training is not None and (training.const_value is None or bool(training.const_value.numpy())):
+            continue
+        if any(o.uses() for o in node.outputs[1:]) or node.outputs[0] in outputs:
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+        model.graph.remove(node, safe=True)
+        removed += 1
+    return removed
 
 
 def _no_op_rules() -> list[Any]:
@@ -138,13 +169,14 @@ def _ort_transformer_fusion(model: Any) -> PassResult:
     """onnxscript's ONNX Runtime fusions: attention (MultiHeadAttention), SkipLayerNormalization, BiasGelu..."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    before = _op_types(model)
+    before = _nodes(model)
     model, counts = optimize_for_ort(model)
-    return PassResult(model, any(counts.values()) or _op_types(model) != before)
+    return PassResult(model, any(counts.values()) or _nodes(model) != before)
 
 
-def _op_types(model: Any) -> list[tuple[str, str]]:
-    return [(node.domain, node.op_type) for node in model.graph]
+def _nodes(model: Any) -> list[int]:
+    """The identity of every node of the main graph, in order: rewrites make new nodes."""
+    return [id(node) for node in model.graph]
 
 
 PASSES = [
@@ -160,7 +192,7 @@ PASSES = [
         "remove Dropout at inference, x+0, x*1, x/1, same-type Cast, no-op Expand and Transpose",
         ONNX,
         CLEANUP,
-        _rewrite(_no_op_rules),
+        _no_op_elimination,
     ),
     Pass(
         "conv-batchnorm-folding",
