@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""What the graph passes buy: -O0 vs -O2 (and -O3 for ONNX Runtime) artifacts of one model, timed in one run.
+
+Run by hand::
+
+    .venv/bin/python benchmarks/bench_passes.py
+    .venv/bin/python benchmarks/bench_passes.py --models cnn,resnet18,bert4 --repeat 50 --json passes.json
+
+For each model (zoo models, plus `resnet18`: a ResNet-18-like net at 1x3x224x224, and `bert4`: a 4-layer
+BERT-like encoder at 2x128 tokens, both with random weights), one process exports it to `onnx` and `openvino`
+at -O0 and -O2, and to `onnx` at -O3 (fp32; every artifact passes Kiln's parity gate), then loads every
+artifact with `--threads` threads (OpenVINO with INFERENCE_PRECISION_HINT f32, as the target does) and times
+each on the example inputs: `--rounds` rounds, each timing every artifact and PyTorch eager in turn (a median
+of `--repeat` runs after `--warmup`), so that drift hits every row alike; a row's latency is the median over
+rounds. Nodes: ONNX nodes of the graph the runtime was given. ratio = -O0 ms / this level's ms (>1: faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_MODELS = ("cnn", "mobilenet", "transformer", "decoder", "unet", "resnet18", "bert4")
+# (runtime, -O level) pairs exported per model; -O3 adds only ONNX Runtime's own passes
+LEVELS = (("onnx", 0), ("onnx", 2), ("onnx", 3), ("openvino", 0), ("openvino", 2))
+
+
+def resnet18() -> tuple[Any, tuple[Any, ...]]:
+    """A ResNet-18-like classifier (BasicBlocks 2-2-2-2, widths 64-512) on one 224x224 image, random weights."""
+    import torch
+    from torch import nn
+
+    from compiler.zoo import _randomize_batchnorm
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.down = (
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                if stride != 1 or cin != cout
+                else nn.Identity()
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+    widths = (64, 128, 256, 512)
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    cin = 64
+    for index, width in enumerate(widths):
+        layers += [Block(cin, width, 1 if index == 0 else 2), Block(width, width, 1)]
+        cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers)
+    _randomize_batchnorm(model, 1)
+    return model.eval(), (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2)),)
+
+
+def bert4() -> tuple[Any, tuple[Any, ...]]:
+    """A 4-layer BERT-like encoder (dim 256, 4 heads) on 2x128 tokens with padding, random weights."""
+    import torch
+
+    from compiler.zoo import TinyTransformer
+
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=1000, dim=256, heads=4, layers=4, max_len=128)
+    input_ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones(2, 128, dtype=torch.int64)
+    attention_mask[1, 100:] = 0
+    return model.eval(), (input_ids, attention_mask)
+
+
+EXTRA_MODELS: dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]] = {"resnet18": resnet18, "bert4": bert4}
+
+
+def model_factory(name: str) -> Callable[[], tuple[Any, tuple[Any, ...]]]:
+    """The factory of a zoo model or of one of this file's larger models."""
+    from compiler.zoo import ZOO
+
+    return EXTRA_MODELS.get(name) or ZOO[name]
+
+
+def onnx_nodes(path: Path) -> int:
+    """Nodes of the main graph of an ONNX file."""
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Export `name` at each level, then time every artifact and eager in interleaved rounds."""
+    import torch
+
+    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.runner import load
+    from compiler.timing import least_disturbed, runner_with_threads
+
+    module, example_inputs = model_factory(name)()
+    rows: list[dict[str, Any]] = []
+    runs: list[Callable[[], Any]] = []
+    for level in sorted({lv for _, lv in LEVELS}):
+        runtimes = [rt for rt, lv in LEVELS if lv == level]
+        started = time.perf_counter()
+        results = export_targets(
+            module, runtimes, work / f"{name}-O{level}", ExportOptions(opt_level=level), example_inputs
+        )
+        export_s = time.perf_counter() - started
+        onnx_graph = None
+        for result in results:
+            manifest = result.manifest
+            if result.target == "onnx":
+                onnx_graph = onnx_nodes(result.directory / "model.onnx")
+            loaded = load(result.directory)
+            loaded.runner, _ = runner_with_threads(loaded, args.threads)
+            feeds = {s.name: t.numpy() for s, t in zip(loaded.inputs, example_inputs)}
+            runs.append(lambda loaded=loaded, feeds=feeds: loaded.run(feeds))
+            rows.append(
+                {
+                    "model": name,
+                    "runtime": result.target,
+                    "level": level,
+                    "published": result.published,
+                    "export_s": export_s,
+                    "passes_changed": [p.name for p in manifest.passes if p.changed],
+                    "times_ms": [],
+                }
+            )
+        for row in rows[-len(results) :]:
+            row["onnx_nodes"] = onnx_graph  # the openvino IR is converted from the same ONNX graph
+
+    def eager() -> Any:
+        with torch.no_grad():
+            return module(*example_inputs)
+
+    eager_ms: list[float] = []
+    for round_index in range(args.rounds):
+        order = list(range(len(runs)))
+        if round_index % 2:
+            order.reverse()
+        for index in order:
+            rows[index]["times_ms"].append(least_disturbed(runs[index], args.repeat, args.warmup).median_ms)
+        eager_ms.append(least_disturbed(eager, args.repeat, args.warmup).median_ms)
+    baseline = {row["runtime"]: statistics.median(row["times_ms"]) for row in rows if row["level"] == 0}
+    for row in rows:
+        row["ms"] = statistics.median(row["times_ms"])
+        row["ratio_vs_O0"] = baseline[row["runtime"]] / row["ms"]
+        row["eager_ms"] = statistics.median(eager_ms)
+        row["speedup_vs_eager"] = row["eager_ms"] / row["ms"]
+    return rows
+
+
+HEAD = ["model", "runtime", "level", "ONNX nodes", "ms", "-O0/this", "eager ms", "vs eager", "passes that changed"]
+
+
+def markdown_table(rows: list[dict[str, Any]], header: bool = True) -> str:
+    """One line per model, runtime and level (with the header unless `header` is False)."""
+    head = HEAD
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * 5 + "---|"] if header else []
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | failed: {row['error'][:100]} |" + " |" * (len(head) - 2))
+            continue
+        changed = ", ".join(p for p in row["passes_changed"] if p != "dead-node-elimination") or "-"
+        cells = [
+            row["model"],
+            row["runtime"] + ("" if row["published"] else " (rejected)"),
+            f"-O{row['level']}",
+            str(row["onnx_nodes"]),
+            f"{row['ms']:.3f}",
+            f"{row['ratio_vs_O0']:.2f}",
+            f"{row['eager_ms']:.3f}",
+            f"{row['speedup_vs_eager']:.2f}x",
+            changed,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma list (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=50, help="timed runs per measurement (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="threads per runtime (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="also write every measurement as JSON to FILE")
+    args = parser.parse_args(argv)
+    if min(args.repeat, args.rounds, args.threads) < 1 or args.warmup < 0:
+        parser.error("--repeat, --rounds and --threads must be >= 1, --warmup >= 0")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    import logging
+    import warnings
+
+    import torch
+
+    from compiler.host import host_info, versions
+    from compiler.zoo import ZOO
+
+    warnings.filterwarnings("ignore")
+    for logger in ("torch", "onnxscript", "onnx_ir", "openvino"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in ZOO and m not in EXTRA_MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join([*ZOO, *EXTRA_MODELS])}")
+    host = host_info()
+    print(f"CPU: {host['cpu']} ({host['cores']} logical cores)")
+    print("Versions: " + ", ".join(f"{k} {v}" for k, v in versions("torch", "onnxruntime", "openvino").items()))
+    print(
+        f"Settings: fp32, {args.threads} threads; latency = median over {args.rounds} interleaved rounds of the "
+        f"median of {args.repeat} runs after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f} at start"
+    )
+    print()
+    print(markdown_table([]), flush=True)  # rows follow as each model is done
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-passes-") as work:
+        for name in models:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            try:
+                done = benchmark_model(name, args, Path(work))
+            except Exception as exc:  # report the failure in the table, keep going
+                done = [{"model": name, "error": f"{type(exc).__name__}: {exc}"}]
+            rows += done
+            print(markdown_table(done, header=False), flush=True)
+    print(f"\ntook {time.perf_counter() - started:.0f}s; load average {os.getloadavg()[0]:.2f} at the end")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"host": host, "results": rows}, indent=2, default=str) + "\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
