@@ -282,7 +282,7 @@ def test_calibration_loader_yielding_the_wrong_arity_is_a_clear_error(tmp_path, 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["-t", "onnx", "--io", "nhwc"], "target onnx does not support --io nhwc"),
+        (["-t", "pt2", "--io", "nhwc"], "target pt2 does not support --io nhwc"),
         (["-t", "tflite", "--io", "planar"], "--io planar: unknown I/O option"),
         (["-t", "edgetpu", "--precision", "fp32"], "target edgetpu does not support precision fp32"),
         (["-t", "tflite", "--precision", "int4"], "target tflite does not support precision int4"),
