@@ -415,7 +415,7 @@ def _fresh(stem: str, taken: set[str]) -> str:
 PASSES = [
     Pass(
         "transpose-sinking",
-        "fold Transposes into constants, merge consecutive ones, sink them through elementwise ops onto their inverse",
+        "fold Transposes into constants; merge them, also through elementwise ops, cancelling inverse pairs",
         ONNX,
         FUSION,
         sink_transposes,

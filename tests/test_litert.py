@@ -184,6 +184,9 @@ def test_edgetpu_io_is_nhwc_batch_1_with_no_transposes_inside(edgetpu_cnn):
     (image,) = manifest.inputs
     assert image.layout == "NHWC" and list(image.shape) == [1, 32, 32, 3]
     assert manifest.target_info["transposes_inside"] == 0
+    layout = manifest.target_info["layout"]
+    assert layout["io"] == "nhwc" and layout["transposes_after"] == 0 < layout["transposes_before"]
+    assert [(r.name, r.ir) for r in manifest.passes if r.name == "nhwc-layout"] == [("nhwc-layout", "tflite")]
     assert manifest.target_info["calibration"]["representative"] is True
     assert manifest.target_info["calibration"]["samples"] == 20
 
