@@ -362,7 +362,7 @@ def _commutes(op: ir.Node, transposed: ir.Value, rank: int) -> bool:
     if other is transposed:
         return False
     array = _constant(other)
-    return array is not None and (array.size == 1 or array.ndim <= rank)
+    return array is not None and array.ndim <= rank  # a higher rank would broadcast the chain to another rank
 
 
 def _permute_operand(array: np.ndarray, inverse: tuple[int, ...]) -> np.ndarray:

@@ -87,7 +87,7 @@ class OnnxRuntimeTarget(Target):
             counts, record = nhwc_onnx_file(
                 model.onnx_path, directory / MODEL_FILE, nhwc_names(inputs), nhwc_names(outputs)
             )
-            return BuildOutput(config, {"layout": counts.to_info()}, [], inputs, outputs, [record])
+            return BuildOutput(config, {"layout": counts.to_info()}, inputs=inputs, outputs=outputs, passes=[record])
         for file in model.onnx_path.parent.iterdir():
             shutil.copy2(file, directory / (MODEL_FILE if file == model.onnx_path else file.name))
         return BuildOutput(runtime_config=config)

@@ -107,9 +107,9 @@ def test_sinking_changes_nothing_without_transposes():
     assert [n.op_type for n in model.graph] == nodes
 
 
-def test_sinking_stops_at_a_value_used_twice(tmp_path):
-    # The Relu output is also a graph output: moving the Transpose past it would change that output.
-    proto = _model(
+def _used_twice() -> onnx.ModelProto:
+    """The Relu output is also a graph output: moving the Transpose past it would change that output."""
+    return _model(
         [
             helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
             helper.make_node("Relu", ["t"], ["seen"]),
@@ -118,7 +118,25 @@ def test_sinking_stops_at_a_value_used_twice(tmp_path):
         [("x", [1, 3, 4, 5])],
         [("seen", [1, 4, 5, 3]), ("y", [1, 3, 4, 5])],
     )
-    model = ir.from_proto(proto)
+
+
+def _broadcast_to_higher_rank() -> onnx.ModelProto:
+    """A rank-5 constant broadcasts the rank-4 Transpose's output to rank 5: the two Transposes cannot merge."""
+    return _model(
+        [
+            helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+            helper.make_node("Add", ["t", "c"], ["a"]),
+            helper.make_node("Transpose", ["a"], ["y"], perm=[0, 1, 4, 2, 3]),
+        ],
+        [("x", [1, 3, 4, 5])],
+        [("y", [1, 1, 3, 4, 5])],
+        [("c", np.ones((1, 1, 1, 1, 1)))],  # one element, still rank 5
+    )
+
+
+@pytest.mark.parametrize("make", [_used_twice, _broadcast_to_higher_rank])
+def test_sinking_leaves_transposes_it_cannot_move(make):
+    model = ir.from_proto(make())
     assert not SINKING(model)[1]
     assert count_ops(model, {"Transpose"}) == 2
 
