@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.litert import MODEL_FILE, LiteRtRunner, TfliteOp, channels_last, read_ops
+from targets.litert import MODEL_FILE, LiteRtRunner, TfliteOp, read_ops
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
@@ -214,7 +214,7 @@ class EdgeTpuTarget(Target):
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Quantize to int8 with calibration, audit the ops, and compile when the compiler is here."""
-        from targets.tflite import convert, describe_graph
+        from targets.tflite import add_nhwc_layout, convert, describe_graph
 
         nhwc = request.io_layout == "nhwc"
         info = describe_graph(directory, convert(model, directory, request, "int8"), nhwc)
@@ -229,13 +229,14 @@ class EdgeTpuTarget(Target):
             )
         if not compiled["ran"]:
             notes.append(f"{COMPILER} is not on PATH: kept the int8 model; compile it with: {COMPILER} -s model.tflite")
-        return BuildOutput(
+        built = BuildOutput(
             runtime_config={"signature": "serving_default", "batch": 1},
             info={**info, "edgetpu_audit": report, "edgetpu_compiler": compiled},
             notes=notes,
-            inputs=channels_last(model.inputs) if nhwc else None,
-            outputs=channels_last(model.outputs) if nhwc else None,
         )
+        if nhwc:
+            add_nhwc_layout(model, directory, built)
+        return built
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """The int8 model in the LiteRT interpreter on the CPU (an Edge TPU is not needed for parity)."""

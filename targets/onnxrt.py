@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.onnx"
 
@@ -51,6 +51,11 @@ class OnnxRuntimeRunner(Runner):
         }
 
 
+def nhwc_names(specs: list[TensorSpec]) -> list[str]:
+    """Names of the specs that are channels-last."""
+    return [s.name for s in specs if s.layout == "NHWC"]
+
+
 def _ort_dtype(type_string: str) -> str:
     """`tensor(float)` -> `float32`."""
     import numpy as np
@@ -67,13 +72,25 @@ class OnnxRuntimeTarget(Target):
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
     precisions = ("fp32",)
+    io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
-        """Copy the optimized ONNX file (and any external data) into the artifact directory."""
+        """Copy the optimized ONNX file (and any external data) into the artifact directory; with `--io nhwc`,
+        write it with channels-last image I/O instead."""
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
+        config = {"providers": ["CPUExecutionProvider"]}
+        if request.io_layout == "nhwc":
+            from passes.layout import nhwc_onnx_file
+            from targets.litert import channels_last
+
+            inputs, outputs = channels_last(model.inputs), channels_last(model.outputs)
+            counts, record = nhwc_onnx_file(
+                model.onnx_path, directory / MODEL_FILE, nhwc_names(inputs), nhwc_names(outputs)
+            )
+            return BuildOutput(config, {"layout": counts.to_info()}, inputs=inputs, outputs=outputs, passes=[record])
         for file in model.onnx_path.parent.iterdir():
             shutil.copy2(file, directory / (MODEL_FILE if file == model.onnx_path else file.name))
-        return BuildOutput(runtime_config={"providers": ["CPUExecutionProvider"]})
+        return BuildOutput(runtime_config=config)
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """An ONNX Runtime session on the artifact."""

@@ -59,6 +59,52 @@ class OpenVinoRunner(Runner):
         }
 
 
+def nhwc_io(ov_model: Any, inputs: list[str], outputs: list[str]) -> Any:
+    """The model with the named image inputs and outputs in NHWC, by OpenVINO's PrePostProcessor (tensor layout
+    NHWC, model layout NCHW): it adds the Transposes, and the CPU plugin picks its own layouts inside."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(ov_model)
+    for name in inputs:
+        ppp.input(name).tensor().set_layout(ov.Layout("NHWC"))
+        ppp.input(name).model().set_layout(ov.Layout("NCHW"))
+    for name in outputs:
+        ppp.output(name).model().set_layout(ov.Layout("NCHW"))
+        ppp.output(name).tensor().set_layout(ov.Layout("NHWC"))
+    return ppp.build()
+
+
+def _with_nhwc_io(ov_model: Any, model: CapturedModel, built: BuildOutput) -> Any:
+    """`--io nhwc`: the IR with channels-last image I/O; its I/O specs, layout counts and pass record into `built`."""
+    import time
+
+    import onnx_ir
+
+    from compiler.types import PassRecord
+    from passes.layout import NHWC_STEP, ONNX_CHANNELS_FIRST_OPS, LayoutCounts, count_ops
+    from targets.litert import channels_last
+    from targets.onnxrt import nhwc_names
+
+    assert model.onnx_path is not None
+    inputs, outputs = channels_last(model.inputs), channels_last(model.outputs)
+    nodes_before = len(ov_model.get_ordered_ops())
+    started = time.perf_counter()
+    converted = nhwc_io(ov_model, nhwc_names(inputs), nhwc_names(outputs))
+    seconds = round(time.perf_counter() - started, 4)
+    graph = onnx_ir.load(str(model.onnx_path))
+    counts = LayoutCounts(
+        boundary=len(nhwc_names(inputs)) + len(nhwc_names(outputs)),
+        fixed_layout_ops=count_ops(graph, ONNX_CHANNELS_FIRST_OPS),
+        model_transposes=count_ops(graph, {"Transpose"}),
+        transposes_after=sum(op.get_type_name() == "Transpose" for op in converted.get_ordered_ops()),
+    )
+    built.inputs, built.outputs, built.info["layout"] = inputs, outputs, counts.to_info()
+    nodes_after = len(converted.get_ordered_ops())
+    built.passes.append(PassRecord(NHWC_STEP, True, nodes_before, nodes_after, seconds, "openvino"))
+    return converted
+
+
 class OpenVinoTarget(Target):
     """OpenVINO IR (`model.xml` + `model.bin`) for Intel/AMD CPUs."""
 
@@ -67,6 +113,7 @@ class OpenVinoTarget(Target):
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
     precisions = ("fp32", "fp16", "bf16")
+    io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Convert the ONNX graph to IR; weights stay fp32 unless fp16 was asked for."""
@@ -75,6 +122,9 @@ class OpenVinoTarget(Target):
         precision = request.precision
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         ov_model = ov.convert_model(str(model.onnx_path))
+        built = BuildOutput()
+        if request.io_layout == "nhwc":
+            ov_model = _with_nhwc_io(ov_model, model, built)
         # save_model compresses weights to fp16 by default: an fp32 export must not.
         ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=precision == "fp16")
         config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
@@ -85,11 +135,9 @@ class OpenVinoTarget(Target):
                 "this CPU has no bf16 support: OpenVINO computes in f32 here; "
                 "the IR asks for bf16 and will use it on a CPU that has it"
             )
-        return BuildOutput(
-            runtime_config=config,
-            info={"weights": "fp16" if precision == "fp16" else "fp32", "cpu_capabilities": list(cpu)},
-            notes=notes,
-        )
+        built.runtime_config, built.notes = config, notes
+        built.info.update({"weights": "fp16" if precision == "fp16" else "fp32", "cpu_capabilities": list(cpu)})
+        return built
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """A compiled model on the CPU plugin."""

@@ -78,6 +78,31 @@ def describe_graph(directory: Path, info: dict[str, Any], nhwc: bool) -> dict[st
     return described
 
 
+def add_nhwc_layout(model: CapturedModel, directory: Path, built: BuildOutput) -> None:
+    """For an NHWC `.tflite`: channels-last I/O specs, `info["layout"]` (see passes.layout.LayoutCounts) and the
+    layout step's pass record, into `built`.
+
+    The converter does the layout work inside its own conversion: the record's `nodes_before` is the op count
+    of the naive per-op conversion (the artifact's ops plus the transposes it avoided), its time is not apart.
+    """
+    from compiler.types import PassRecord
+    from passes.layout import NHWC_STEP, TFLITE_CHANNELS_LAST_OPS, LayoutCounts
+
+    assert model.exported is not None
+    ops = read_ops(directory / MODEL_FILE)
+    built.inputs, built.outputs = channels_last(model.inputs), channels_last(model.outputs)
+    permutes = {"aten.permute.default", "aten.transpose.int", "aten.t.default", "aten.permute_copy.default"}
+    counts = LayoutCounts(
+        boundary=sum(s.layout == "NHWC" for s in [*built.inputs, *built.outputs]),
+        fixed_layout_ops=sum(op.name in TFLITE_CHANNELS_LAST_OPS for op in ops),
+        model_transposes=sum(str(n.target) in permutes for n in model.exported.graph.nodes if n.op == "call_function"),
+        transposes_after=sum(op.name == "TRANSPOSE" for op in ops),
+    )
+    built.info["layout"] = counts.to_info()
+    avoided = counts.transposes_before - counts.transposes_after
+    built.passes.append(PassRecord(NHWC_STEP, True, len(ops) + avoided, len(ops), 0.0, "tflite"))
+
+
 class TfliteTarget(Target):
     """A `.tflite` flatbuffer validated in the LiteRT interpreter (XNNPACK)."""
 
@@ -105,13 +130,10 @@ class TfliteTarget(Target):
             notes.append("64-bit inputs/outputs run as 32-bit in TFLite (the runner casts them)")
         if nhwc and info["transposes_inside"]:
             notes.append(f"{info['transposes_inside']} TRANSPOSE ops remain inside the graph with --io nhwc")
-        return BuildOutput(
-            runtime_config={"signature": "serving_default", "threads": 2},
-            info=info,
-            notes=notes,
-            inputs=channels_last(model.inputs) if nhwc else None,
-            outputs=channels_last(model.outputs) if nhwc else None,
-        )
+        built = BuildOutput(runtime_config={"signature": "serving_default", "threads": 2}, info=info, notes=notes)
+        if nhwc:
+            add_nhwc_layout(model, directory, built)
+        return built
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """A LiteRT interpreter on `model.tflite`."""

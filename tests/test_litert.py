@@ -184,6 +184,9 @@ def test_edgetpu_io_is_nhwc_batch_1_with_no_transposes_inside(edgetpu_cnn):
     (image,) = manifest.inputs
     assert image.layout == "NHWC" and list(image.shape) == [1, 32, 32, 3]
     assert manifest.target_info["transposes_inside"] == 0
+    layout = manifest.target_info["layout"]
+    assert layout["io"] == "nhwc" and layout["transposes_after"] == 0 < layout["transposes_before"]
+    assert [(r.name, r.ir) for r in manifest.passes if r.name == "nhwc-layout"] == [("nhwc-layout", "tflite")]
     assert manifest.target_info["calibration"]["representative"] is True
     assert manifest.target_info["calibration"]["samples"] == 20
 
@@ -282,7 +285,7 @@ def test_calibration_loader_yielding_the_wrong_arity_is_a_clear_error(tmp_path, 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["-t", "onnx", "--io", "nhwc"], "target onnx does not support --io nhwc"),
+        (["-t", "pt2", "--io", "nhwc"], "target pt2 does not support --io nhwc"),
         (["-t", "tflite", "--io", "planar"], "--io planar: unknown I/O option"),
         (["-t", "edgetpu", "--precision", "fp32"], "target edgetpu does not support precision fp32"),
         (["-t", "tflite", "--precision", "int4"], "target tflite does not support precision int4"),
