@@ -153,8 +153,13 @@ def _static_int8(
     fp32: Path, destination: Path, calibration: CalibrationData, exclude: Sequence[str]
 ) -> tuple[str, dict[str, Any]]:
     """Calibrated Q/DQ int8 with ONNX Runtime's quantize_static; the settings used."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from compiler.capture import onnx_signature
 
