@@ -248,5 +248,15 @@ def _converted_nodes(source: onnx.ModelProto, result: onnx.ModelProto, precision
     if precision == "int8-dynamic":  # quantized nodes are replaced by integer ones under new names
         kept = {(n.name, n.op_type) for n in result.graph.node}
         return {n.name for n in source.graph.node if (n.name, n.op_type) not in kept}
-    dequantized = {o for n in result.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return {n.name for n in result.graph.node if n.op_type != "QuantizeLinear" and set(n.input) & dequantized}
+    # Q/DQ: a node is quantized when its weights are int8 (dequantized from an initializer), or, without
+    # weights (MatMul of two activations), when every input is dequantized.
+    constants = {i.name for i in result.graph.initializer}
+    dequantize = [n for n in result.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {n.output[0] for n in dequantize if n.input[0] in constants}
+    dequantized = {n.output[0] for n in dequantize}
+    return {
+        n.name
+        for n in result.graph.node
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        and (set(n.input) & weights or (n.input and all(i in dequantized for i in n.input if i)))
+    }
