@@ -21,6 +21,8 @@ The settings were chosen by measurement on ONNX Runtime's x86 CPU kernels (MLAS)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -187,19 +189,20 @@ def _static_int8(
         "weights": "int8 symmetric, 7-bit range (reduce_range: no int16 saturation on AVX2 without VNNI)",
         "reduce_range": True,
     }
-    quantize_static(
-        str(fp32),
-        str(destination),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=spec.per_channel,
-        reduce_range=True,
-        activation_type=activation_type,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=list(exclude),
-        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
-        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+        quantize_static(
+            str(fp32),
+            str(destination),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=spec.per_channel,
+            reduce_range=True,
+            activation_type=activation_type,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude),
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+        )
     return "onnxruntime quantize_static (QDQ)", settings
 
 
