@@ -329,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calib-samples", type=int, default=100, metavar="N", help="calibration samples (default 100)")
     export.add_argument(
         "--calib-method",
-        choices=("minmax", "percentile", "entropy"),
         default="minmax",
-        help="how int8 ranges are chosen from the calibration samples (default minmax)",
+        metavar="METHOD",
+        help="how int8 ranges are chosen from the calibration samples: minmax (default), percentile or entropy",
     )
     export.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor, not per channel")
     export.add_argument(

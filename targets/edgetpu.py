@@ -214,13 +214,13 @@ class EdgeTpuTarget(Target):
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Quantize to int8 with calibration, audit the ops, and compile when the compiler is here."""
-        from targets.tflite import add_nhwc_layout, convert, describe_graph
+        from targets.tflite import add_nhwc_layout, calibration_notes, convert, describe_graph
 
         nhwc = request.io_layout == "nhwc"
         info = describe_graph(directory, convert(model, directory, request, "int8"), nhwc)
         report = audit(read_ops(directory / MODEL_FILE))
         compiled = run_compiler(directory)
-        notes = []
+        notes = calibration_notes(info)
         if not report["all_mapped"]:
             first = report["first_fallback"]
             notes.append(

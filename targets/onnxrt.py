@@ -1,8 +1,10 @@
-"""`onnx`: the ONNX file itself, validated with ONNX Runtime's CPU provider."""
+"""`onnx`: the ONNX file itself (fp32, or quantized by compiler/quantize.py), validated with ONNX Runtime's CPU
+provider."""
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -15,6 +17,11 @@ if TYPE_CHECKING:
     from compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.onnx"
+INFERENCE_PRECISION = {
+    "int8": "int8 (Q/DQ fused into ONNX Runtime's integer kernels; uint8 activations)",
+    "int8-dynamic": "int8 weights, activations quantized at run time; other ops f32",
+    "fp16": "fp16 weights and activations; f32 where ONNX Runtime's CPU provider has no fp16 kernel (it casts)",
+}
 
 
 class OnnxRuntimeRunner(Runner):
@@ -30,6 +37,7 @@ class OnnxRuntimeRunner(Runner):
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.precision = manifest.precision if manifest is not None else "fp32"
         if manifest is not None:
             self.inputs, self.outputs = manifest.inputs, manifest.outputs
         else:
@@ -47,7 +55,7 @@ class OnnxRuntimeRunner(Runner):
         return {
             "runtime": f"onnxruntime {ort.__version__}",
             "providers": self.session.get_providers(),
-            "inference_precision": "fp32",
+            "inference_precision": INFERENCE_PRECISION.get(self.precision, self.precision),
         }
 
 
@@ -71,26 +79,50 @@ class OnnxRuntimeTarget(Target):
     aliases = ("onnxruntime", "ort")
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
-    precisions = ("fp32",)
+    precisions = ("fp32", "int8", "int8-dynamic", "fp16")  # bf16: ORT's CPU provider has no bf16 kernels
     io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
-        """Copy the optimized ONNX file (and any external data) into the artifact directory; with `--io nhwc`,
-        write it with channels-last image I/O instead."""
+        """The optimized ONNX file (and any external data) in the artifact directory: with `--io nhwc`
+        rewritten for channels-last image I/O, and quantized when the precision is not fp32."""
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
-        config = {"providers": ["CPUExecutionProvider"]}
-        if request.io_layout == "nhwc":
-            from passes.layout import nhwc_onnx_file
-            from targets.litert import channels_last
+        output = BuildOutput(runtime_config={"providers": ["CPUExecutionProvider"]})
+        with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
+            graph = model.onnx_path
+            if request.io_layout == "nhwc":
+                from passes.layout import nhwc_onnx_file
+                from targets.litert import channels_last
 
-            inputs, outputs = channels_last(model.inputs), channels_last(model.outputs)
-            counts, record = nhwc_onnx_file(
-                model.onnx_path, directory / MODEL_FILE, nhwc_names(inputs), nhwc_names(outputs)
-            )
-            return BuildOutput(config, {"layout": counts.to_info()}, inputs=inputs, outputs=outputs, passes=[record])
-        for file in model.onnx_path.parent.iterdir():
-            shutil.copy2(file, directory / (MODEL_FILE if file == model.onnx_path else file.name))
-        return BuildOutput(runtime_config=config)
+                output.inputs, output.outputs = channels_last(model.inputs), channels_last(model.outputs)
+                graph = Path(scratch) / MODEL_FILE
+                counts, record = nhwc_onnx_file(
+                    model.onnx_path, graph, nhwc_names(output.inputs), nhwc_names(output.outputs)
+                )
+                output.info["layout"] = counts.to_info()
+                output.passes.append(record)
+            if request.precision == "fp32":
+                for file in graph.parent.iterdir():
+                    shutil.copy2(file, directory / (MODEL_FILE if file == graph else file.name))
+                return output
+            self._quantize(graph, directory, request, output)
+        return output
+
+    @staticmethod
+    def _quantize(graph: Path, directory: Path, request: BuildRequest, output: BuildOutput) -> None:
+        """Write `graph` quantized at the requested precision into the artifact directory."""
+        from compiler.quantize import quantize_onnx
+
+        calibration = request.calibration
+        summary = quantize_onnx(graph, directory / MODEL_FILE, request.precision, calibration)
+        output.info["quantization"] = {
+            **summary.to_dict(),
+            "calibration": calibration.summary() if calibration is not None else None,
+        }
+        output.notes.append(
+            f"{request.precision}: {summary.quantized} weighted nodes converted"
+            + (f", {len(summary.kept_float)} kept in float32" if summary.kept_float else "")
+        )
+        output.passes.append(summary.pass_record())
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """An ONNX Runtime session on the artifact."""

@@ -40,13 +40,17 @@ def convert(model: CapturedModel, directory: Path, request: BuildRequest, precis
             shutil.copy(float_model, directory / MODEL_FILE)
             return info
         feeds: list[Any] = []
+        spec = None
         if precision == "int8":
             calibration = request.calibration
             assert calibration is not None, "int8 needs calibration data (the pipeline provides it)"
             specs = channels_last(model.inputs) if nhwc else model.inputs
             feeds = [_to_layout(batch, specs) for batch in calibration.batches(model.inputs)]
             info["calibration"] = calibration.summary()
-        quantize(float_model, directory / MODEL_FILE, precision, feeds)
+            spec = calibration.spec
+        used = quantize(float_model, directory / MODEL_FILE, precision, feeds, spec)
+        if used:
+            info["calibration"]["used"] = used
         info["float_model_bytes"] = float_model.stat().st_size
     return info
 
@@ -60,6 +64,17 @@ def _to_layout(feeds: dict[str, Any], specs: list[Any]) -> dict[str, Any]:
     narrow = {np.dtype(np.int64): np.int32, np.dtype(np.float64): np.float32}
     arrays = {s.name: np.transpose(feeds[s.name], NCHW_TO_NHWC) if s.layout == "NHWC" else feeds[s.name] for s in specs}
     return {name: a.astype(narrow.get(a.dtype, a.dtype)) for name, a in arrays.items()}
+
+
+def calibration_notes(info: dict[str, Any]) -> list[str]:
+    """A note when the calibration method asked for is not the one ai-edge-quantizer could use."""
+    used = info.get("calibration", {}).get("used", {})
+    if used and used["method"] != used["method_asked"]:
+        return [
+            f"calibrated with {used['method']}, not {used['method_asked']}: ai-edge-quantizer has only min/max "
+            "activation ranges"
+        ]
+    return []
 
 
 def describe_graph(directory: Path, info: dict[str, Any], nhwc: bool) -> dict[str, Any]:
@@ -128,6 +143,7 @@ class TfliteTarget(Target):
             notes.append(f"decomposed for the TFLite converter: {', '.join(info['decompositions_applied'])}")
         if any(s.dtype in ("int64", "float64") for s in [*model.inputs, *model.outputs]):
             notes.append("64-bit inputs/outputs run as 32-bit in TFLite (the runner casts them)")
+        notes += calibration_notes(info)
         if nhwc and info["transposes_inside"]:
             notes.append(f"{info['transposes_inside']} TRANSPOSE ops remain inside the graph with --io nhwc")
         built = BuildOutput(runtime_config={"signature": "serving_default", "threads": 2}, info=info, notes=notes)
