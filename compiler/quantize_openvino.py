@@ -12,17 +12,23 @@ How `CalibrationSpec` maps onto NNCF:
   PyTorch's HistogramObserver), and the summary says so.
 - `per_channel`: per-channel (per output channel) or per-tensor weight scales.
 - `symmetric_activations`: True -> symmetric activations (preset PERFORMANCE), False -> asymmetric (MIXED);
-  None -> PERFORMANCE for every model. Symmetric activations are the fast path of the CPU plugin on CPUs with
-  VNNI and without it (no zero-point compensation in the int8 kernels), and they lose nothing on ReLU-like
-  outputs, which NNCF quantizes as unsigned [0, max].
+  None -> PERFORMANCE, but MIXED for graphs with attention (NNCF's own choice per model type). Symmetric
+  activations are the CPU plugin's fast path with VNNI and without it (no zero-point compensation in the int8
+  kernels) and lose nothing on ReLU-like outputs, which NNCF quantizes as unsigned [0, max]; attention and
+  GELU/LayerNorm outputs are signed and skewed, where asymmetric ranges keep the zoo decoder within tolerance.
+- `model_type=TRANSFORMER` when the graph has attention (a Softmax and a MatMul of two computed tensors): NNCF
+  then leaves its transformer patterns in float (LayerNorm, Softmax paths), quantizes MatMuls of two
+  activations symmetrically and applies SmoothQuant to MatMuls with weights.
 - Weights are 8-bit symmetric with NNCF's overflow fix on the first layer: CPUs without VNNI (AVX2, like
   this machine) multiply u8 x s8 pairs with 16-bit saturation, which 7-bit first-layer weights avoid.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,21 +88,24 @@ def quantize_openvino(
 
     if precision not in QUANTIZED_PRECISIONS:
         raise UsageError(f"OpenVINO quantization to {precision} is not supported", "use int8 or int8-dynamic")
+    if precision == "int8" and calibration is None:
+        raise UsageError("int8 needs calibration data", "pass --calib FILE.npz|DIR|file.py:loader")
     ignored = ops_for_onnx_nodes(ov_model, exclude)
     scope = nncf.IgnoredScope(names=ignored) if ignored else None
     start = time.perf_counter()
-    if precision == "int8":
-        if calibration is None:
-            raise UsageError("int8 needs calibration data", "pass --calib FILE.npz|DIR|file.py:loader")
-        quantized, settings, notes = _quantize_static(ov_model, calibration, scope)
-        method, per_channel = calibration.spec.method, calibration.spec.per_channel
-        symmetric: bool | None = settings["preset"] == "performance"
-    else:
-        mode = nncf.CompressWeightsMode.INT8_ASYM
-        # compress_weights changes the model in place; nncf.quantize returns a new one.
-        quantized = nncf.compress_weights(ov_model.clone(), mode=mode, ignored_scope=scope)
-        settings, notes = {"mode": str(mode.value)}, ()
-        method, per_channel, symmetric = "weights-only", True, None
+    with _nncf_quiet():
+        if calibration is not None and precision == "int8":
+            quantized, settings, notes = _quantize_static(ov_model, calibration, scope)
+            method, per_channel = calibration.spec.method, calibration.spec.per_channel
+            symmetric: bool | None = settings["preset"] == "performance"
+        else:
+            # INT8_ASYM: a zero point per output channel costs nothing in the CPU plugin's weight
+            # decompression and fits skewed weight rows better than symmetric scales.
+            mode = nncf.CompressWeightsMode.INT8_ASYM
+            # compress_weights changes the model in place; nncf.quantize returns a new one.
+            quantized = nncf.compress_weights(ov_model.clone(), mode=mode, ignored_scope=scope)
+            settings, notes = {"mode": str(mode.value)}, ()
+            method, per_channel, symmetric = "weights-only", True, None
     seconds = time.perf_counter() - start
     states = weighted_op_states(quantized)
     return quantized, QuantizeSummary(
@@ -115,6 +124,20 @@ def quantize_openvino(
     )
 
 
+@contextmanager
+def _nncf_quiet() -> Iterator[None]:
+    """NNCF's INFO log lines off while it runs (warnings still shown); its level restored after."""
+    from nncf.common.logging import nncf_logger
+    from nncf.common.logging.logger import set_log_level
+
+    level = nncf_logger.level
+    set_log_level(logging.WARNING)
+    try:
+        yield
+    finally:
+        set_log_level(level)
+
+
 def _quantize_static(
     ov_model: ov.Model, calibration: CalibrationData, scope: Any
 ) -> tuple[ov.Model, dict[str, Any], tuple[str, ...]]:
@@ -125,7 +148,7 @@ def _quantize_static(
 
     spec = calibration.spec
     transformer = has_attention(ov_model)
-    symmetric = spec.symmetric_activations is not False
+    symmetric = not transformer if spec.symmetric_activations is None else spec.symmetric_activations
     preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else nncf.QuantizationPreset.MIXED
     estimator = RANGE_ESTIMATORS[spec.method]
     advanced = AdvancedQuantizationParameters(
