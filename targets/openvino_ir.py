@@ -11,19 +11,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from compiler.quantize_openvino import QUANTIZED_PRECISIONS
 from targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
+    import openvino as ov
 
     from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from compiler.quantize_openvino import QuantizeSummary
+    from compiler.types import Manifest, PassRecord
 
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
 # What the runtime is asked to compute in, per export precision. fp16 keeps fp16 weights
 # in the IR but computes in f32; bf16 asks the CPU plugin for bf16 where the CPU has it.
-INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16"}
+# int8 runs its quantized ops in int8 and the rest in f32 (not bf16 on CPUs that have it), so that
+# it validates the same on every CPU.
+INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8": "f32", "int8-dynamic": "f32"}
+# Runtime layers that are bookkeeping, not compute (left out of the int8 layer count).
+_NOT_COMPUTE = ("Const", "Input", "Output", "Parameter", "Result")
 
 
 class OpenVinoRunner(Runner):
@@ -56,7 +63,19 @@ class OpenVinoRunner(Runner):
             "execution_mode": str(self.compiled.get_property("EXECUTION_MODE_HINT")),
             "num_streams": str(self.compiled.get_property("NUM_STREAMS")),
             "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+            **self.layer_precisions(),
         }
+
+    def layer_precisions(self) -> dict[str, int]:
+        """How many compute layers the CPU plugin runs, and how many of them in int8 (u8/i8)."""
+        layers = int8 = 0
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if str(info["layerType"].astype(str)) in _NOT_COMPUTE:
+                continue
+            layers += 1
+            int8 += str(info["runtimePrecision"].astype(str)) in ("u8", "i8")
+        return {"layers": layers, "int8_layers": int8}
 
 
 def nhwc_io(ov_model: Any, inputs: list[str], outputs: list[str]) -> Any:
@@ -112,33 +131,52 @@ class OpenVinoTarget(Target):
     aliases = ("cpu", "ov")
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
-    precisions = ("fp32", "fp16", "bf16")
+    precisions = ("fp32", "fp16", "bf16", "int8-dynamic", "int8")
     io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
-        """Convert the ONNX graph to IR; weights stay fp32 unless fp16 was asked for."""
+        """Convert the ONNX graph to IR, quantized with NNCF for int8/int8-dynamic; weights stay fp32 unless
+        fp16 was asked for."""
         import openvino as ov
 
         precision = request.precision
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         ov_model = ov.convert_model(str(model.onnx_path))
-        built = BuildOutput()
+        built = BuildOutput(info={"weights": "fp16" if precision == "fp16" else "fp32"})
+        if precision in QUANTIZED_PRECISIONS:  # before the layout change: calibration rows are channels-first
+            ov_model, record, quantization = _quantize(ov_model, request)
+            built.passes.append(record)
+            built.info |= {"weights": "int8", "quantization": quantization.to_dict()}
+            built.notes += quantization.notes
+            if request.calibration is not None:
+                built.info["calibration"] = request.calibration.summary()
         if request.io_layout == "nhwc":
             ov_model = _with_nhwc_io(ov_model, model, built)
-        # save_model compresses weights to fp16 by default: an fp32 export must not.
+        # save_model compresses weights to fp16 by default: only an fp16 export may.
         ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=precision == "fp16")
         config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
         cpu = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        notes = []
         if precision == "bf16" and "BF16" not in cpu:
-            notes.append(
+            built.notes.append(
                 "this CPU has no bf16 support: OpenVINO computes in f32 here; "
                 "the IR asks for bf16 and will use it on a CPU that has it"
             )
-        built.runtime_config, built.notes = config, notes
-        built.info.update({"weights": "fp16" if precision == "fp16" else "fp32", "cpu_capabilities": list(cpu)})
+        built.runtime_config = config
+        built.info["cpu_capabilities"] = list(cpu)
         return built
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:
         """A compiled model on the CPU plugin."""
         return OpenVinoRunner(directory, manifest)
+
+
+def _quantize(ov_model: ov.Model, request: BuildRequest) -> tuple[ov.Model, PassRecord, QuantizeSummary]:
+    """The model quantized with NNCF as the request asks, the pass record and the summary."""
+    from compiler.quantize_openvino import quantize_openvino
+    from compiler.types import PassRecord
+
+    before = len(ov_model.get_ordered_ops())
+    quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
+    after = len(quantized.get_ordered_ops())
+    record = PassRecord(f"quantize-{request.precision}", True, before, after, summary.seconds, ir="openvino")
+    return quantized, record, summary
