@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,16 @@ class CalibrationData:
         """The rows regrouped into feeds of each input's static batch size."""
         batch = _batch_size(specs)
         return [{name: rows[i : i + batch] for name, rows in self.rows.items()} for i in range(0, self.count, batch)]
+
+    def in_layout(self, specs: list[TensorSpec]) -> CalibrationData:
+        """The same samples for an artifact whose inputs are `specs`: channels-last where a spec says NHWC."""
+        rows = {
+            s.name: np.ascontiguousarray(np.transpose(self.rows[s.name], (0, 2, 3, 1)))
+            if s.layout == "NHWC"
+            else self.rows[s.name]
+            for s in specs
+        }
+        return replace(self, rows=rows)
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records about the calibration."""

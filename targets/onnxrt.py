@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -104,6 +105,8 @@ class OnnxRuntimeTarget(Target):
                 for file in graph.parent.iterdir():
                     shutil.copy2(file, directory / (MODEL_FILE if file == graph else file.name))
                 return output
+            if request.calibration is not None and output.inputs is not None:
+                request = replace(request, calibration=request.calibration.in_layout(output.inputs))
             self._quantize(graph, directory, request, output)
         return output
 

@@ -45,7 +45,7 @@ def convert(model: CapturedModel, directory: Path, request: BuildRequest, precis
             calibration = request.calibration
             assert calibration is not None, "int8 needs calibration data (the pipeline provides it)"
             specs = channels_last(model.inputs) if nhwc else model.inputs
-            feeds = [_to_layout(batch, specs) for batch in calibration.batches(model.inputs)]
+            feeds = [_narrowed(batch) for batch in calibration.in_layout(specs).batches(model.inputs)]
             info["calibration"] = calibration.summary()
             spec = calibration.spec
         used = quantize(float_model, directory / MODEL_FILE, precision, feeds, spec)
@@ -55,15 +55,12 @@ def convert(model: CapturedModel, directory: Path, request: BuildRequest, precis
     return info
 
 
-def _to_layout(feeds: dict[str, Any], specs: list[Any]) -> dict[str, Any]:
-    """Calibration feeds (NCHW like the model) in the artifact's layout and 32-bit types (TFLite narrows 64-bit I/O)."""
+def _narrowed(feeds: dict[str, Any]) -> dict[str, Any]:
+    """Calibration feeds in 32-bit types, as TFLite narrows 64-bit I/O."""
     import numpy as np
 
-    from targets.litert import NCHW_TO_NHWC
-
     narrow = {np.dtype(np.int64): np.int32, np.dtype(np.float64): np.float32}
-    arrays = {s.name: np.transpose(feeds[s.name], NCHW_TO_NHWC) if s.layout == "NHWC" else feeds[s.name] for s in specs}
-    return {name: a.astype(narrow.get(a.dtype, a.dtype)) for name, a in arrays.items()}
+    return {name: a.astype(narrow.get(a.dtype, a.dtype)) for name, a in feeds.items()}
 
 
 def calibration_notes(info: dict[str, Any]) -> list[str]:
