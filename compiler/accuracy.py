@@ -173,8 +173,7 @@ def scorer(metric: str | None, inputs: Feeds, reference: Feeds) -> tuple[str, Ca
         except Exception as exc:
             raise UsageError(
                 f"metric {metric} failed: {type(exc).__name__}: {exc}",
-                "fn(outputs, inputs) takes dicts of arrays by name (calibration samples stacked) "
-                "and returns a float",
+                "fn(outputs, inputs) takes dicts of arrays by name (calibration samples stacked) and returns a float",
             ) from exc
 
     return metric, score
@@ -214,8 +213,9 @@ def _outputs(runner: Runner, feeds: list[Feeds]) -> Feeds:
 
 def _stacked(batches: list[Feeds]) -> Feeds:
     return {
-        name: np.concatenate([np.atleast_1d(b[name]) for b in batches]) if batches[0][name].ndim else
-        np.stack([b[name] for b in batches])
+        name: np.concatenate([np.atleast_1d(b[name]) for b in batches])
+        if batches[0][name].ndim
+        else np.stack([b[name] for b in batches])
         for name in batches[0]
     }
 
@@ -377,4 +377,33 @@ def accuracy_aware_onnx(
     return result, report
 
 
+def quantize_onnx_artifact(
+    fp32_onnx: Path,
+    destination: Path,
+    precision: str,
+    calibration: CalibrationData,
+    budget: AccuracyBudget | None = None,
+    quantize: OnnxQuantizer = quantize_onnx_static,
+    module_classes: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Quantize `fp32_onnx` into `destination` (accuracy-aware when `budget` is given) and write the per-layer
+    report next to it; returns what the target records in `BuildOutput.info` (report summary, --max-drop result)."""
+    from dataclasses import asdict
 
+    from compiler.quant_report import write_quant_report
+
+    info: dict[str, Any] = {}
+    if budget is not None:
+        result, report = accuracy_aware_onnx(
+            fp32_onnx, destination, precision, calibration, budget, quantize, module_classes
+        )
+        report.write(destination.parent)
+        info["accuracy_aware"] = result.summary()
+    else:
+        quantize(fp32_onnx, destination, precision, calibration, ())
+        from compiler.capture import onnx_signature
+
+        feeds = calibration.batches(onnx_signature(fp32_onnx, torch_layout=False)[0])
+        report = write_quant_report(destination.parent, fp32_onnx, destination, feeds, module_classes)
+    info["quant_report"] = asdict(report.summary)
+    return info

@@ -90,10 +90,15 @@ class QuantReport:
     layers: list[LayerError]
     summary: ReportSummary
 
+    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+        """JSON-ready form (non-finite floats as strings), each layer with its `label`; the `top` worst only."""
+        layers = [asdict(layer) | {"label": layer.label} for layer in self.layers[: top or None]]
+        return _json_safe({"layers": layers, "summary": asdict(self.summary)})  # type: ignore[no-any-return]
+
     def write(self, directory: Path) -> Path:
         """Write `quant_report.json` into `directory`."""
         path = Path(directory) / REPORT_FILE
-        path.write_text(json.dumps(_json_safe(asdict(self)), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -103,13 +108,13 @@ class QuantReport:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise UsageError(
-                f"{directory} is not a quantized export: it has no {REPORT_FILE}",
-                "export with --precision int8 (or int8-dynamic) to get a per-layer report",
-            ) from None
+            raise not_quantized(directory) from None
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read {path}: {exc}", "re-export the model") from None
-        layers = [LayerError(**_non_finite_back(layer)) for layer in data["layers"]]
+        known = set(LayerError.__dataclass_fields__)
+        layers = [
+            LayerError(**{k: v for k, v in _non_finite_back(row).items() if k in known}) for row in data["layers"]
+        ]
         return cls(layers, ReportSummary(**_non_finite_back(data["summary"])))
 
     def table(self, top: int | None = None) -> str:
@@ -136,6 +141,14 @@ class QuantReport:
             + (f"; kept in float by --max-drop: {', '.join(s.reverted)}" if s.reverted else "")
         )
         return "\n".join(lines)
+
+
+def not_quantized(directory: Path | str) -> UsageError:
+    """The error for an export that has no per-layer quantization report."""
+    return UsageError(
+        f"{directory} is not a quantized export: it has no {REPORT_FILE}",
+        "export with --precision int8 to get a per-layer report",
+    )
 
 
 def _db(value: float) -> str:
