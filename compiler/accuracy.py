@@ -341,6 +341,24 @@ def _topological(graph: Any) -> list[Any]:
     return ordered
 
 
+def sensitivity_ranking(
+    fp32_onnx: Path,
+    quantized_onnx: Path,
+    feeds: list[Feeds],
+    labels: dict[str, str] | None = None,
+    module_classes: dict[str, str] | None = None,
+) -> list[str]:
+    """Names of the quantized layers of a Q/DQ graph, most sensitive (lowest local SNR) first; fills `labels`
+    (node name -> PyTorch module label). Also the ranking for targets with their own quantizer (OpenVINO/NNCF):
+    the ONNX nodes and OpenVINO ops share names."""
+    from compiler.quant_report import DEFAULT_REPORT_SAMPLES, quant_report
+
+    report = quant_report(fp32_onnx, quantized_onnx, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
+    if labels is not None:
+        labels.update({layer.name: layer.label for layer in report.layers})
+    return [layer.name for layer in report.layers if layer.quantized]
+
+
 OnnxQuantizer = Callable[[Path, Path, str, CalibrationData | None, Sequence[str]], Any]
 
 
@@ -367,9 +385,7 @@ def accuracy_aware_onnx(
         return OnnxRuntimeRunner(destination)
 
     def ranking() -> list[str]:
-        report = quant_report(fp32_onnx, destination, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
-        labels.update({layer.name: layer.label for layer in report.layers})
-        return [layer.name for layer in report.layers if layer.quantized]
+        return sensitivity_ranking(fp32_onnx, destination, feeds, labels, module_classes)
 
     result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
     report = quant_report(fp32_onnx, destination, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
