@@ -213,6 +213,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quant_report(args: argparse.Namespace) -> int:
+    """`kiln quant-report`: the per-layer error of a quantized export against fp32, worst layer first."""
+    from compiler.quant_report import REPORT_FILE, QuantReport, not_quantized
+    from compiler.runner import export_dirs
+
+    directories = export_dirs(args.export_dir)
+    quantized = [d for d in directories if (d / REPORT_FILE).is_file()]
+    if not quantized:
+        raise not_quantized(args.export_dir)
+    reports = [(d, QuantReport.read(d)) for d in quantized]
+    if args.json:
+        print(json.dumps([{"directory": str(d), **r.to_dict(args.top)} for d, r in reports], indent=2))
+        return 0
+    for directory, report in reports:
+        if len(reports) > 1 or len(directories) > 1:
+            print(f"{directory}:")
+        print(report.table(args.top))
+    return 0
+
+
 def cmd_matrix(args: argparse.Namespace) -> int:
     """`kiln matrix`: every model on every target, each cell in its own limited process; reports for CI."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a cancelled CI job: like Ctrl-C
@@ -400,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", help="which target of a multi-target export")
     _output_flags(run)
     run.set_defaults(handler=cmd_run)
+    quant = sub.add_parser(
+        "quant-report",
+        help="per-layer error of a quantized export vs fp32, worst first, with PyTorch module names",
+    )
+    quant.add_argument("export_dir")
+    quant.add_argument("--top", type=int, metavar="N", help="show the N worst layers only")
+    quant.add_argument("--json", action="store_true", help="print one machine-readable JSON result")
+    quant.set_defaults(handler=cmd_quant_report)
     _matrix_parser(sub)
     return parser
 
