@@ -103,6 +103,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
                 "precisions": list(target.precisions),
                 "devices": list(target.devices),
                 "consumes": target.consumes,
+                "accuracy_aware": target.accuracy_aware,
                 "requires": list(target.requires.values()),
                 "available": reason is None,
                 "why_unavailable": reason,

@@ -29,6 +29,7 @@ from compiler.errors import ParityError, UsageError
 
 if TYPE_CHECKING:
     from compiler.quant_report import QuantReport
+    from compiler.quantize import QuantizeSummary
     from targets.base import Runner
 
 Feeds = dict[str, np.ndarray]
@@ -223,124 +224,6 @@ def _stacked(batches: list[Feeds]) -> Feeds:
 # --- ONNX: the quantizer of the `onnx` target and the report --------------------------------------------------
 
 
-def quantize_onnx_static(
-    fp32: Path,
-    destination: Path,
-    precision: str,
-    calibration: CalibrationData | None,
-    exclude: Sequence[str] = (),
-) -> None:
-    """Static int8 Q/DQ quantization of `fp32` into `destination` with the ONNX nodes `exclude` kept in float.
-
-    Stands in for compiler.quantize.quantize_onnx (same signature) until that branch is merged.
-    """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
-
-    from compiler.capture import onnx_signature
-
-    if precision != "int8" or calibration is None:
-        raise UsageError(f"accuracy-aware quantization needs calibrated int8, not {precision}", "use --precision int8")
-    specs = onnx_signature(fp32, torch_layout=False)[0]
-    batches = iter(calibration.batches(specs))
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def get_next(self) -> Feeds | None:
-            return next(batches, None)
-
-    spec = calibration.spec
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
-    extra = {} if spec.symmetric_activations is None else {"ActivationSymmetric": spec.symmetric_activations}
-    quantize_static(
-        str(fp32),
-        str(destination),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=spec.per_channel,
-        calibrate_method=methods[spec.method],
-        nodes_to_exclude=list(exclude),
-        extra_options=extra,
-    )
-    keep_in_float(destination, exclude, fp32)
-
-
-def keep_in_float(quantized: Path, exclude: Sequence[str], fp32: Path) -> int:
-    """Make the excluded nodes of a Q/DQ graph read their activations in float, rewriting the file in place;
-    returns the number of inputs rewired.
-
-    `nodes_to_exclude` leaves a node's weights in float, but when its input still comes through a
-    DequantizeLinear, ONNX Runtime's WeightBiasQuantization optimizer (session level 1) quantizes those
-    weights again, per tensor, when the session is created: the layer is not in float at all. So an
-    excluded node is fed the tensor before its Quantize/Dequantize pair; when the quantizer folded a
-    Relu/Clip into that pair (the tensor is then the pre-activation value), a copy of the activation
-    from the fp32 graph computes it in float.
-    """
-    import onnx
-
-    if not exclude:
-        return 0
-    model, original = onnx.load(str(quantized)), onnx.load(str(fp32), load_external_data=False)
-    producer = {name: node for node in model.graph.node for name in node.output}
-    fp32_producer = {name: node for node in original.graph.node for name in node.output}
-    initializers = {i.name for i in model.graph.initializer}
-    fp32_initializers = {i.name: i for i in original.graph.initializer}
-    wanted, rewired, added = set(exclude), 0, []
-    for node in model.graph.node:
-        if node.name not in wanted:
-            continue
-        for index, name in enumerate(node.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is None or q.op_type != "QuantizeLinear":
-                continue
-            source = q.input[0]
-            computed, meant = producer.get(source), fp32_producer.get(source)
-            if computed is not None and meant is not None and computed.op_type != meant.op_type:
-                if meant.op_type not in ("Relu", "Clip"):
-                    continue  # cannot rebuild what the quantizer merged: leave this input quantized
-                activation = onnx.NodeProto()
-                activation.CopyFrom(meant)
-                activation.name = f"{meant.name}/float"
-                activation.input[0], activation.output[0] = source, f"{source}/float"
-                for extra in meant.input[1:]:
-                    if extra and extra not in initializers and extra in fp32_initializers:
-                        model.graph.initializer.append(fp32_initializers[extra])
-                        initializers.add(extra)
-                added.append(activation)
-                source = activation.output[0]
-            node.input[index] = source
-            rewired += 1
-    if rewired:
-        model.graph.node.extend(added)
-        sorted_nodes = _topological(model.graph)
-        del model.graph.node[:]
-        model.graph.node.extend(sorted_nodes)
-        onnx.save(model, str(quantized))
-    return rewired
-
-
-def _topological(graph: Any) -> list[Any]:
-    """The graph's nodes in an order where each comes after the producers of its inputs."""
-    produced = {name for node in graph.node for name in node.output}
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        remaining = []
-        for node in pending:
-            if all(name in ready or name not in produced for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                remaining.append(node)
-        if len(remaining) == len(pending):
-            return ordered + remaining  # a cycle: leave the rest as it was (the checker will say)
-        pending = remaining
-    return ordered
-
-
 def sensitivity_ranking(
     fp32_onnx: Path,
     quantized_onnx: Path,
@@ -359,29 +242,27 @@ def sensitivity_ranking(
     return [layer.name for layer in report.layers if layer.quantized]
 
 
-OnnxQuantizer = Callable[[Path, Path, str, CalibrationData | None, Sequence[str]], Any]
-
-
 def accuracy_aware_onnx(
     fp32_onnx: Path,
     destination: Path,
-    precision: str,
     calibration: CalibrationData,
     budget: AccuracyBudget,
-    quantize: OnnxQuantizer = quantize_onnx_static,
     module_classes: dict[str, str] | None = None,
-) -> tuple[AccuracyResult, QuantReport]:
-    """`--max-drop` for an ONNX Q/DQ artifact: quantize `fp32_onnx` into `destination`, reverting the most
-    sensitive layers until within budget; returns the result and the per-layer report of the model kept."""
+) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
+    """`--max-drop` for an ONNX Q/DQ artifact: quantize `fp32_onnx` to int8 into `destination`, reverting the
+    most sensitive layers until within budget; the result, the per-layer report and the quantization summary
+    of the model kept."""
     from compiler.quant_report import DEFAULT_REPORT_SAMPLES, quant_report
+    from compiler.quantize import quantize_onnx
     from targets.onnxrt import OnnxRuntimeRunner
 
     fp32_runner = OnnxRuntimeRunner(fp32_onnx)
     feeds = calibration.batches(fp32_runner.inputs)
     labels: dict[str, str] = {}
+    kept: list[QuantizeSummary] = []
 
     def build(exclude: Sequence[str]) -> Runner:
-        quantize(fp32_onnx, destination, precision, calibration, exclude)
+        kept[:] = [quantize_onnx(fp32_onnx, destination, "int8", calibration, exclude)]
         return OnnxRuntimeRunner(destination)
 
     def ranking() -> list[str]:
@@ -390,36 +271,34 @@ def accuracy_aware_onnx(
     result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
     report = quant_report(fp32_onnx, destination, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
     report.summary.reverted = list(result.reverted_modules)
-    return result, report
+    return result, report, kept[0]
 
 
 def quantize_onnx_artifact(
     fp32_onnx: Path,
     destination: Path,
-    precision: str,
     calibration: CalibrationData,
     budget: AccuracyBudget | None = None,
-    quantize: OnnxQuantizer = quantize_onnx_static,
     module_classes: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Quantize `fp32_onnx` into `destination` (accuracy-aware when `budget` is given) and write the per-layer
-    report next to it; returns what the target records in `BuildOutput.info` (report summary, --max-drop result)."""
+) -> tuple[QuantizeSummary, dict[str, Any]]:
+    """Quantize `fp32_onnx` to calibrated int8 into `destination` (accuracy-aware when `budget` is given) and
+    write the per-layer report next to it; the quantization summary and what the target records in
+    `BuildOutput.info` (report summary, --max-drop result)."""
     from dataclasses import asdict
 
     from compiler.quant_report import write_quant_report
+    from compiler.quantize import quantize_onnx
 
     info: dict[str, Any] = {}
     if budget is not None:
-        result, report = accuracy_aware_onnx(
-            fp32_onnx, destination, precision, calibration, budget, quantize, module_classes
-        )
+        result, report, summary = accuracy_aware_onnx(fp32_onnx, destination, calibration, budget, module_classes)
         report.write(destination.parent)
         info["accuracy_aware"] = result.summary()
     else:
-        quantize(fp32_onnx, destination, precision, calibration, ())
         from compiler.capture import onnx_signature
 
+        summary = quantize_onnx(fp32_onnx, destination, "int8", calibration)
         feeds = calibration.batches(onnx_signature(fp32_onnx, torch_layout=False)[0])
         report = write_quant_report(destination.parent, fp32_onnx, destination, feeds, module_classes)
     info["quant_report"] = asdict(report.summary)
-    return info
+    return summary, info

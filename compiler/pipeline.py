@@ -449,6 +449,13 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
             f"target {target.name} does not support precision {precision}",
             f"use one of: {', '.join(target.precisions)}",
         )
+    if options.accuracy is not None and (precision != "int8" or not target.accuracy_aware):
+        return UsageError(
+            f"--max-drop does not apply to target {target.name} at precision {precision}",
+            "it is for --precision int8 on targets that can keep layers in float (kiln targets --json: accuracy_aware)",
+        )
+    if options.accuracy is not None and options.accuracy.max_drop < 0:
+        return UsageError(f"--max-drop {options.accuracy.max_drop}: must be 0 or more", "e.g. --max-drop 0.01")
     unsupported_io = [o for o in options.io if o not in target.io_options]
     if unsupported_io:
         return UsageError(

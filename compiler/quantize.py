@@ -203,6 +203,7 @@ def _static_int8(
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
+    keep_in_float(destination, exclude, fp32)
     return "onnxruntime quantize_static (QDQ)", settings
 
 
@@ -263,3 +264,77 @@ def _converted_nodes(source: onnx.ModelProto, result: onnx.ModelProto, precision
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
         and (set(n.input) & weights or (n.input and all(i in dequantized for i in n.input if i)))
     }
+
+
+def keep_in_float(quantized: Path, exclude: Sequence[str], fp32: Path) -> int:
+    """Make the excluded nodes of a Q/DQ graph read their activations in float, rewriting the file in place;
+    returns the number of inputs rewired.
+
+    `nodes_to_exclude` leaves a node's weights in float, but when its input still comes through a
+    DequantizeLinear, ONNX Runtime's WeightBiasQuantization optimizer (session level 1) quantizes those
+    weights again, per tensor, when the session is created: the layer is not in float at all. So an
+    excluded node is fed the tensor before its Quantize/Dequantize pair; when the quantizer folded a
+    Relu/Clip into that pair (the tensor is then the pre-activation value), a copy of the activation
+    from the fp32 graph computes it in float.
+    """
+    import onnx
+
+    if not exclude:
+        return 0
+    model, original = onnx.load(str(quantized)), onnx.load(str(fp32), load_external_data=False)
+    producer = {name: node for node in model.graph.node for name in node.output}
+    fp32_producer = {name: node for node in original.graph.node for name in node.output}
+    initializers = {i.name for i in model.graph.initializer}
+    fp32_initializers = {i.name: i for i in original.graph.initializer}
+    wanted, rewired, added = set(exclude), 0, []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            continue
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            source = q.input[0]
+            computed, meant = producer.get(source), fp32_producer.get(source)
+            if computed is not None and meant is not None and computed.op_type != meant.op_type:
+                if meant.op_type not in ("Relu", "Clip"):
+                    continue  # cannot rebuild what the quantizer merged: leave this input quantized
+                activation = onnx.NodeProto()
+                activation.CopyFrom(meant)
+                activation.name = f"{meant.name}/float"
+                activation.input[0], activation.output[0] = source, f"{source}/float"
+                for extra in meant.input[1:]:
+                    if extra and extra not in initializers and extra in fp32_initializers:
+                        model.graph.initializer.append(fp32_initializers[extra])
+                        initializers.add(extra)
+                added.append(activation)
+                source = activation.output[0]
+            node.input[index] = source
+            rewired += 1
+    if rewired:
+        model.graph.node.extend(added)
+        sorted_nodes = _topological(model.graph)
+        del model.graph.node[:]
+        model.graph.node.extend(sorted_nodes)
+        onnx.save(model, str(quantized))
+    return rewired
+
+
+def _topological(graph: Any) -> list[Any]:
+    """The graph's nodes in an order where each comes after the producers of its inputs."""
+    produced = {name for node in graph.node for name in node.output}
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        remaining = []
+        for node in pending:
+            if all(name in ready or name not in produced for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                remaining.append(node)
+        if len(remaining) == len(pending):
+            return ordered + remaining  # a cycle: leave the rest as it was (the checker will say)
+        pending = remaining
+    return ordered

@@ -67,6 +67,7 @@ class Target:
     fixed_batch: int | None = None  # the batch size the artifact must have (the model is captured at it)
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (e.g. nhwc, uint8)
     devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
+    accuracy_aware: bool = False  # True: its int8 build takes --max-drop (reverts sensitive layers to float)
 
     @property
     def default_precision(self) -> str:

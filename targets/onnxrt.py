@@ -82,6 +82,7 @@ class OnnxRuntimeTarget(Target):
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
     precisions = ("fp32", "int8", "int8-dynamic", "fp16")  # bf16: ORT's CPU provider has no bf16 kernels
     io_options = ("nhwc",)
+    accuracy_aware = True
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """The optimized ONNX file (and any external data) in the artifact directory: with `--io nhwc`
@@ -107,24 +108,41 @@ class OnnxRuntimeTarget(Target):
                 return output
             if request.calibration is not None and output.inputs is not None:
                 request = replace(request, calibration=request.calibration.in_layout(output.inputs))
-            self._quantize(graph, directory, request, output)
+            self._quantize(model, graph, directory, request, output)
         return output
 
     @staticmethod
-    def _quantize(graph: Path, directory: Path, request: BuildRequest, output: BuildOutput) -> None:
-        """Write `graph` quantized at the requested precision into the artifact directory."""
+    def _quantize(
+        model: CapturedModel, graph: Path, directory: Path, request: BuildRequest, output: BuildOutput
+    ) -> None:
+        """Write `graph` quantized at the requested precision into the artifact directory; calibrated int8 also
+        gets its per-layer report (`quant_report.json`) and, with --max-drop, reverts its most sensitive layers."""
+        from compiler.accuracy import quantize_onnx_artifact
+        from compiler.quant_report import module_classes
         from compiler.quantize import quantize_onnx
 
         calibration = request.calibration
-        summary = quantize_onnx(graph, directory / MODEL_FILE, request.precision, calibration)
+        if request.precision == "int8":
+            classes = module_classes(model.exported) if model.exported is not None else None
+            summary, extra = quantize_onnx_artifact(
+                graph, directory / MODEL_FILE, calibration, request.accuracy, module_classes=classes
+            )
+        else:
+            summary, extra = quantize_onnx(graph, directory / MODEL_FILE, request.precision, calibration), {}
         output.info["quantization"] = {
             **summary.to_dict(),
             "calibration": calibration.summary() if calibration is not None else None,
+            **extra,
         }
         output.notes.append(
             f"{request.precision}: {summary.quantized} weighted nodes converted"
             + (f", {len(summary.kept_float)} kept in float32" if summary.kept_float else "")
         )
+        if "accuracy_aware" in extra:
+            reverted = extra["accuracy_aware"]["reverted_modules"]
+            output.notes.append(
+                f"--max-drop: {len(reverted)} layer(s) kept in float: {', '.join(reverted) or 'none needed'}"
+            )
         output.passes.append(summary.pass_record())
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.accuracy import accuracy_aware_onnx, agreement, quantize_onnx_artifact, quantize_onnx_static
+from compiler.accuracy import accuracy_aware_onnx, agreement, quantize_onnx_artifact
 from compiler.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
 from compiler.errors import ParityError, UsageError
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.quant_report import QuantReport, layer_errors, module_classes
+from compiler.quantize import quantize_onnx
 from targets.onnxrt import OnnxRuntimeRunner
 from tests.conftest import run_cli
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
@@ -50,7 +51,7 @@ def fragile(tmp_path_factory: pytest.TempPathFactory) -> Fragile:
     rows = np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32)
     calibration = CalibrationData({"image": rows}, "test rows", True, CalibrationSpec())
     fp32_onnx = root / "fp32" / "model.onnx"
-    quantize_onnx_static(fp32_onnx, root / "int8.onnx", "int8", calibration)
+    quantize_onnx(fp32_onnx, root / "int8.onnx", "int8", calibration)
     with torch.no_grad():
         reference = module(torch.from_numpy(rows)).numpy()
     classes = module_classes(torch.export.export(module, example))
@@ -74,10 +75,9 @@ def test_report_ranks_the_fragile_layer_first_with_its_module(fragile: Fragile) 
 
 def test_accuracy_aware_keeps_the_fragile_layer_in_float_and_meets_the_budget(fragile: Fragile, tmp_path: Path) -> None:
     destination = tmp_path / "model.onnx"
-    result, report = accuracy_aware_onnx(
+    result, report, summary = accuracy_aware_onnx(
         fragile.fp32_onnx,
         destination,
-        "int8",
         fragile.calibration,
         AccuracyBudget(BUDGET),
         module_classes=fragile.classes,
@@ -93,6 +93,7 @@ def test_accuracy_aware_keeps_the_fragile_layer_in_float_and_meets_the_budget(fr
     kept = {layer.name: layer for layer in report.layers}
     assert not kept[result.reverted[0]].quantized
     assert report.summary.reverted == result.reverted_modules
+    assert list(summary.excluded) == result.reverted and set(result.reverted) <= set(summary.kept_float)
 
 
 def test_user_metric_drives_the_loop(fragile: Fragile, tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_user_metric_drives_the_loop(fragile: Fragile, tmp_path: Path) -> None:
         "    return float(np.mean(outputs['output'].argmax(1) == LABELS))\n"
     )
     budget = AccuracyBudget(BUDGET, f"{metric}:accuracy")
-    result, _ = accuracy_aware_onnx(fragile.fp32_onnx, tmp_path / "model.onnx", "int8", fragile.calibration, budget)
+    result, _, _ = accuracy_aware_onnx(fragile.fp32_onnx, tmp_path / "model.onnx", fragile.calibration, budget)
     assert result.metric == f"{metric}:accuracy"
     assert result.score_fp32 == pytest.approx(1.0, abs=0.02)
     assert result.drop_before > BUDGET >= result.drop
@@ -124,7 +125,7 @@ def test_metric_errors_are_one_line(fragile: Fragile, tmp_path: Path) -> None:
     destination = tmp_path / "model.onnx"
 
     def run(spec: str, max_drop: float) -> None:
-        accuracy_aware_onnx(fragile.fp32_onnx, destination, "int8", fragile.calibration, AccuracyBudget(max_drop, spec))
+        accuracy_aware_onnx(fragile.fp32_onnx, destination, fragile.calibration, AccuracyBudget(max_drop, spec))
 
     with pytest.raises(UsageError, match=r"metric .*broken failed: KeyError"):
         run(f"{metric}:broken", 0.1)
@@ -138,8 +139,8 @@ def test_metric_errors_are_one_line(fragile: Fragile, tmp_path: Path) -> None:
 def test_quant_report_command(fragile: Fragile, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     export = tmp_path / "int8"
     shutil.copytree(fragile.fp32_export, export)
-    info = quantize_onnx_artifact(
-        fragile.fp32_onnx, export / "model.onnx", "int8", fragile.calibration, module_classes=fragile.classes
+    _, info = quantize_onnx_artifact(
+        fragile.fp32_onnx, export / "model.onnx", fragile.calibration, module_classes=fragile.classes
     )
     assert info["quant_report"]["layers"] == len(QuantReport.read(export).layers) > 3
 
@@ -161,3 +162,27 @@ def test_quant_report_command(fragile: Fragile, tmp_path: Path, capsys: pytest.C
     code, out, err = run_cli("quant-report", fragile.fp32_export, capsys=capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "is not a quantized export" in err
+
+
+def test_export_with_max_drop_records_the_reverted_layers(
+    fragile: Fragile, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole pipeline: `kiln export --precision int8 --max-drop` on the onnx target."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=fragile.calibration.rows["image"])
+    model = tmp_path / "fragile_model.py"
+    model.write_text("from tests.models.fragile import fragile_cnn\n\ndef build():\n    return fragile_cnn()\n")
+    out = tmp_path / "out"
+    args = ["export", f"{model}:build", "-t", "onnx", "--precision", "int8", "--calib", calib, "-o", out]
+    code, _, err = run_cli(*args, "--max-drop", BUDGET, "--json", capsys=capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    aware = manifest["target_info"]["quantization"]["accuracy_aware"]
+    assert aware["drop"] <= BUDGET < aware["drop_before"]
+    assert aware["reverted_modules"][0].startswith(FRAGILE_MODULE)
+    assert any(note.startswith("--max-drop: ") and FRAGILE_MODULE in note for note in manifest["notes"])
+    assert QuantReport.read(out).summary.reverted == aware["reverted_modules"]
+    assert manifest["parity"]["passed"]
+
+    code, _, err = run_cli(*args[:3], "tflite", *args[4:8], "-o", tmp_path / "t", "--max-drop", "0.01", capsys=capsys)
+    assert code == 2 and "--max-drop does not apply to target tflite" in err
