@@ -8,11 +8,12 @@ Run by hand::
 
 For each model (zoo models, plus `resnet18`: a ResNet-18-like net at 1x3x224x224, and `bert4`: a 4-layer
 BERT-like encoder at 2x128 tokens, both with random weights), one process exports it to `onnx` and `openvino`
-at -O0 and -O2, and to `onnx` at -O3 (fp32; every artifact passes Kiln's parity gate), then loads every
-artifact with `--threads` threads (OpenVINO with INFERENCE_PRECISION_HINT f32, as the target does) and times
-each on the example inputs: `--rounds` rounds, each timing every artifact and PyTorch eager in turn (a median
-of `--repeat` runs after `--warmup`), so that drift hits every row alike; a row's latency is the median over
-rounds. Nodes: ONNX nodes of the graph the runtime was given. ratio = -O0 ms / this level's ms (>1: faster).
+at -O0 and -O2, and to `onnx` at -O3 (fp32; every artifact passes Kiln's parity gate). Then, `--rounds`
+times: one fresh process per runtime loads that runtime's artifacts with `--threads` threads (OpenVINO with
+INFERENCE_PRECISION_HINT f32, as the target does) and times them in turn on the example inputs (a median of
+`--repeat` runs after `--warmup`, re-run while disturbed: compiler.timing), and another process times PyTorch
+eager; a row's latency is the median over rounds. ONNX nodes: nodes of the graph the runtime was given.
+-O0/this = -O0 ms / this level's ms (>1: faster than the unoptimized export of the same runtime).
 """
 
 from __future__ import annotations
@@ -110,17 +111,59 @@ def onnx_nodes(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Export `name` at each level, then time every artifact and eager in interleaved rounds."""
+def _setup(threads: int) -> None:
+    """Quiet converter chatter; `threads` threads for torch (OMP_NUM_THREADS is inherited)."""
+    import logging
+    import warnings
+
     import torch
 
-    from compiler.pipeline import ExportOptions, export_targets
+    warnings.filterwarnings("ignore")
+    for logger in ("torch", "onnxscript", "onnx_ir", "openvino"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+
+
+def measure_artifacts(name: str, directories: list[str], threads: int, repeat: int, warmup: int) -> dict[str, Any]:
+    """In a fresh process: latency (ms) of each export of one runtime, taken in turn, on the example inputs."""
+    _setup(threads)
     from compiler.runner import load
     from compiler.timing import least_disturbed, runner_with_threads
 
+    _, example_inputs = model_factory(name)()
+    runs = []
+    for directory in directories:
+        loaded = load(directory)
+        loaded.runner, _ = runner_with_threads(loaded, threads)
+        feeds = {s.name: t.numpy() for s, t in zip(loaded.inputs, example_inputs)}
+        runs.append(lambda loaded=loaded, feeds=feeds: loaded.run(feeds))
+    return {"ms": [least_disturbed(run, repeat, warmup).median_ms for run in runs]}
+
+
+def measure_eager(name: str, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
+    """In a fresh process: latency (ms) of the PyTorch module on its example inputs."""
+    _setup(threads)
+    import torch
+
+    from compiler.timing import least_disturbed
+
+    module, example_inputs = model_factory(name)()
+
+    def run() -> Any:
+        with torch.no_grad():
+            return module(*example_inputs)
+
+    return {"ms": least_disturbed(run, repeat, warmup).median_ms}
+
+
+def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Export `name` at each level; then, in rounds, time each runtime's exports together (one fresh process
+    per runtime, so that no other runtime's thread pool competes) and eager (in its own process)."""
+    from benchmarks.bench_export import in_fresh_process
+    from compiler.pipeline import ExportOptions, export_targets
+
     module, example_inputs = model_factory(name)()
     rows: list[dict[str, Any]] = []
-    runs: list[Callable[[], Any]] = []
     for level in sorted({lv for _, lv in LEVELS}):
         runtimes = [rt for rt, lv in LEVELS if lv == level]
         started = time.perf_counter()
@@ -128,48 +171,49 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dic
             module, runtimes, work / f"{name}-O{level}", ExportOptions(opt_level=level), example_inputs
         )
         export_s = time.perf_counter() - started
-        onnx_graph = None
-        for result in results:
-            manifest = result.manifest
-            if result.target == "onnx":
-                onnx_graph = onnx_nodes(result.directory / "model.onnx")
-            loaded = load(result.directory)
-            loaded.runner, _ = runner_with_threads(loaded, args.threads)
-            feeds = {s.name: t.numpy() for s, t in zip(loaded.inputs, example_inputs)}
-            runs.append(lambda loaded=loaded, feeds=feeds: loaded.run(feeds))
-            rows.append(
-                {
-                    "model": name,
-                    "runtime": result.target,
-                    "level": level,
-                    "published": result.published,
-                    "export_s": export_s,
-                    "passes_changed": [p.name for p in manifest.passes if p.changed],
-                    "times_ms": [],
-                }
-            )
-        for row in rows[-len(results) :]:
-            row["onnx_nodes"] = onnx_graph  # the openvino IR is converted from the same ONNX graph
-
-    def eager() -> Any:
-        with torch.no_grad():
-            return module(*example_inputs)
-
+        onnx_graph = next(onnx_nodes(r.directory / "model.onnx") for r in results if r.target == "onnx")
+        rows += [
+            {
+                "model": name,
+                "runtime": result.target,
+                "level": level,
+                "published": result.published,
+                "export_s": export_s,
+                "directory": str(result.directory),
+                "onnx_nodes": onnx_graph,  # the openvino IR is converted from this same ONNX graph
+                "passes_changed": [p.name for p in result.manifest.passes if p.changed],
+                "times_ms": [],
+            }
+            for result in results
+        ]
+    del module
+    timeout = args.timeout
     eager_ms: list[float] = []
-    for round_index in range(args.rounds):
-        order = list(range(len(runs)))
-        if round_index % 2:
-            order.reverse()
-        for index in order:
-            rows[index]["times_ms"].append(least_disturbed(runs[index], args.repeat, args.warmup).median_ms)
-        eager_ms.append(least_disturbed(eager, args.repeat, args.warmup).median_ms)
+    for _ in range(args.rounds):
+        for runtime in dict.fromkeys(row["runtime"] for row in rows):
+            mine = [row for row in rows if row["runtime"] == runtime]
+            measured = in_fresh_process(
+                measure_artifacts,
+                name,
+                [row["directory"] for row in mine],
+                args.threads,
+                args.repeat,
+                args.warmup,
+                timeout=timeout,
+            )
+            for row, ms in zip(mine, measured["ms"]):
+                row["times_ms"].append(ms)
+        eager_ms.append(
+            in_fresh_process(measure_eager, name, args.threads, args.repeat, args.warmup, timeout=timeout)["ms"]
+        )
     baseline = {row["runtime"]: statistics.median(row["times_ms"]) for row in rows if row["level"] == 0}
     for row in rows:
+        row.pop("directory")
         row["ms"] = statistics.median(row["times_ms"])
         row["ratio_vs_O0"] = baseline[row["runtime"]] / row["ms"]
         row["eager_ms"] = statistics.median(eager_ms)
         row["speedup_vs_eager"] = row["eager_ms"] / row["ms"]
-    return rows
+    return sorted(rows, key=lambda row: (row["runtime"], row["level"]))
 
 
 HEAD = ["model", "runtime", "level", "ONNX nodes", "ms", "-O0/this", "eager ms", "vs eager", "passes that changed"]
@@ -206,24 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="threads per runtime (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per timing process (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement as JSON to FILE")
     args = parser.parse_args(argv)
     if min(args.repeat, args.rounds, args.threads) < 1 or args.warmup < 0:
         parser.error("--repeat, --rounds and --threads must be >= 1, --warmup >= 0")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
-    import logging
-    import warnings
-
-    import torch
-
     from compiler.host import host_info, versions
     from compiler.zoo import ZOO
 
-    warnings.filterwarnings("ignore")
-    for logger in ("torch", "onnxscript", "onnx_ir", "openvino"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
-    torch.set_num_threads(args.threads)
+    _setup(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in ZOO and m not in EXTRA_MODELS]
     if unknown:
