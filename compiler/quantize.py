@@ -78,28 +78,30 @@ CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy"
 
 @dataclass(frozen=True)
 class QuantizeSummary:
-    """What one quantization did: the precision, how, which weighted nodes were converted or kept float, time."""
+    """What one quantization did, whichever tool did it: the precision, the tool and calibration method, the
+    settings used, which weighted nodes were converted or kept float, graph sizes before and after, time."""
 
     precision: str
-    method: str  # the tool and mode, e.g. "onnxruntime quantize_static (QDQ)"
+    tool: str  # e.g. "onnxruntime quantize_static (QDQ)", "nncf 3.4.0"
+    method: str  # calibration method (minmax, percentile, entropy), or "weights-only", "float16"
     settings: dict[str, Any] = field(default_factory=dict)
     nodes_before: int = 0
     nodes_after: int = 0
-    quantized: int = 0  # weighted nodes (WEIGHTED_OPS) now computed at the reduced precision
+    quantized: int = 0  # weighted nodes now computed at the reduced precision
     kept_float: tuple[str, ...] = ()  # weighted nodes left in float32 (excluded, or not supported)
     excluded: tuple[str, ...] = ()  # nodes the caller asked to keep in float32
     seconds: float = 0.0
+    notes: tuple[str, ...] = ()  # what differs from what was asked (e.g. a calibration method the tool lacks)
+    ir: str = "onnx"  # the graph it ran on: onnx, or the runtime's own (openvino)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as plain JSON-able data for the manifest."""
-        data = asdict(self)
-        data["kept_float"], data["excluded"] = list(self.kept_float), list(self.excluded)
-        return data
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def pass_record(self) -> PassRecord:
-        """The manifest's record of this quantization as a pass over the ONNX graph."""
+        """The manifest's record of this quantization as a pass over the graph."""
         return PassRecord(
-            f"quantize-{self.precision}", True, self.nodes_before, self.nodes_after, round(self.seconds, 4), "onnx"
+            f"quantize-{self.precision}", True, self.nodes_before, self.nodes_after, round(self.seconds, 4), self.ir
         )
 
 
@@ -129,17 +131,19 @@ def quantize_onnx(
     if precision == "int8":
         if calibration is None:
             raise UsageError("int8 needs calibration data", "pass --calib FILE.npz|DIR|file.py:loader")
-        method, settings = _static_int8(fp32, destination, calibration, exclude)
+        tool, settings = _static_int8(fp32, destination, calibration, exclude)
+        method = calibration.spec.method
     elif precision == "int8-dynamic":
-        method, settings = _dynamic_int8(fp32, destination, exclude)
+        (tool, settings), method = _dynamic_int8(fp32, destination, exclude), "weights-only"
     else:
-        method, settings = _fp16(fp32, destination, exclude)
+        (tool, settings), method = _fp16(fp32, destination, exclude), "float16"
     seconds = time.perf_counter() - start
     result = onnx.load(str(destination), load_external_data=False)
     converted = _converted_nodes(source, result, precision, set(exclude))
     weighted = [n.name for n in source.graph.node if n.op_type in WEIGHTED_OPS]
     return QuantizeSummary(
         precision=precision,
+        tool=tool,
         method=method,
         settings=settings,
         nodes_before=len(source.graph.node),

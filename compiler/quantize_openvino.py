@@ -29,10 +29,10 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import UsageError
+from compiler.quantize import QuantizeSummary
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -52,28 +52,6 @@ ENTROPY_NOTE = (
     "calibration method entropy: NNCF has no KL-divergence (entropy) estimator; used its HISTOGRAM estimator, "
     "the range minimizing the L2 quantization error on a histogram of the calibration activations"
 )
-
-
-@dataclass(frozen=True)
-class QuantizeSummary:
-    """What a quantization did: settings used, weighted ops quantized and kept float, time, tool specifics."""
-
-    precision: str
-    method: str  # calibration method (minmax, percentile, entropy) or "weights-only"
-    per_channel: bool
-    symmetric_activations: bool | None  # None: activations stay float (weights-only)
-    nodes_quantized: int
-    nodes_float: int
-    seconds: float
-    kept_float: tuple[str, ...] = ()  # OpenVINO names of the weighted ops left in float
-    excluded: tuple[str, ...] = ()  # the ONNX node names asked to stay float
-    tool: str = "nncf"
-    settings: dict[str, Any] = field(default_factory=dict)  # NNCF specifics: preset, model_type, estimator...
-    notes: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict for the manifest."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def quantize_openvino(
@@ -110,17 +88,17 @@ def quantize_openvino(
     states = weighted_op_states(quantized)
     return quantized, QuantizeSummary(
         precision=precision,
+        tool=f"nncf {nncf.__version__}",
         method=method,
-        per_channel=per_channel,
-        symmetric_activations=symmetric,
-        nodes_quantized=sum(states.values()),
-        nodes_float=sum(not q for q in states.values()),
-        seconds=round(seconds, 3),
+        settings={"per_channel": per_channel, "symmetric_activations": symmetric, **settings},
+        nodes_before=len(ov_model.get_ordered_ops()),
+        nodes_after=len(quantized.get_ordered_ops()),
+        quantized=sum(states.values()),
         kept_float=tuple(name for name, q in states.items() if not q),
         excluded=tuple(exclude),
-        tool=f"nncf {nncf.__version__}",
-        settings=settings,
-        notes=notes,
+        seconds=round(seconds, 3),
+        notes=tuple(notes),
+        ir="openvino",
     )
 
 

@@ -173,10 +173,6 @@ class OpenVinoTarget(Target):
 def _quantize(ov_model: ov.Model, request: BuildRequest) -> tuple[ov.Model, PassRecord, QuantizeSummary]:
     """The model quantized with NNCF as the request asks, the pass record and the summary."""
     from compiler.quantize_openvino import quantize_openvino
-    from compiler.types import PassRecord
 
-    before = len(ov_model.get_ordered_ops())
     quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
-    after = len(quantized.get_ordered_ops())
-    record = PassRecord(f"quantize-{request.precision}", True, before, after, summary.seconds, ir="openvino")
-    return quantized, record, summary
+    return quantized, summary.pass_record(), summary
