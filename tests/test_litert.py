@@ -333,7 +333,8 @@ def test_all_targets_skips_those_without_the_precision(tmp_path, capsys):
     assert code == 0, err
     assert "skipping onnx: target onnx does not support precision int8-dynamic" in err
     assert "skipping edgetpu: target edgetpu does not support precision int8-dynamic" in err
-    assert Manifest.read(tmp_path / "o").target == "tflite"
+    assert Manifest.read(tmp_path / "o" / "tflite").target == "tflite"
+    assert Manifest.read(tmp_path / "o" / "openvino").precision == "int8-dynamic"
 
 
 def test_int64_token_inputs_calibrate_for_int8(tmp_path):
