@@ -62,6 +62,10 @@ class AccuracyResult:
     history: list[AccuracyRound] = field(default_factory=list)
     reverted_modules: list[str] = field(default_factory=list)
 
+    def note(self) -> str:
+        """The manifest note naming the layers kept in float."""
+        return reverted_note(self.reverted_modules)
+
     def summary(self) -> dict[str, Any]:
         """What the manifest records (target_info["accuracy_aware"])."""
         return {
@@ -77,6 +81,11 @@ class AccuracyResult:
                 for r in self.history
             ],
         }
+
+
+def reverted_note(modules: Sequence[str]) -> str:
+    """The manifest note naming the layers --max-drop kept in float."""
+    return f"--max-drop: {len(modules)} layer(s) kept in float: {', '.join(modules) or 'none needed'}"
 
 
 def accuracy_aware(
@@ -272,6 +281,54 @@ def accuracy_aware_onnx(
     report = quant_report(fp32_onnx, destination, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
     report.summary.reverted = list(result.reverted_modules)
     return result, report, kept[0]
+
+
+def accuracy_aware_openvino(
+    ov_model: Any,
+    fp32_onnx: Path,
+    calibration: CalibrationData,
+    budget: AccuracyBudget,
+    module_classes: dict[str, str] | None = None,
+) -> tuple[Any, QuantizeSummary, AccuracyResult]:
+    """`--max-drop` for OpenVINO: quantize `ov_model` to int8 with NNCF, keeping the most sensitive layers in
+    float until within budget; the model kept, its summary and the result.
+
+    Layers are ranked on an ONNX Runtime Q/DQ copy quantized from the same calibration data (OpenVINO ops keep
+    the ONNX node names, so the ranking's names are NNCF's ignored scope); layers that OpenVINO merged away
+    are left out of the candidates.
+    """
+    import tempfile
+
+    from compiler.quantize import quantize_onnx
+    from compiler.quantize_openvino import ops_for_onnx_nodes, quantize_openvino
+    from targets.onnxrt import OnnxRuntimeRunner
+    from targets.openvino_ir import INFERENCE_PRECISION, OpenVinoRunner
+
+    fp32_runner = OnnxRuntimeRunner(fp32_onnx)
+    feeds = calibration.batches(fp32_runner.inputs)
+    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION["int8"]}
+    labels: dict[str, str] = {}
+    kept: list[tuple[Any, QuantizeSummary]] = []
+
+    def build(exclude: Sequence[str]) -> Runner:
+        kept[:] = [quantize_openvino(ov_model, "int8", calibration, exclude)]
+        return OpenVinoRunner.in_memory(kept[0][0], config, fp32_runner.inputs, fp32_runner.outputs)
+
+    def mapped(name: str) -> bool:
+        try:
+            return bool(ops_for_onnx_nodes(ov_model, [name]))
+        except UsageError:
+            return False
+
+    def ranking() -> list[str]:
+        with tempfile.TemporaryDirectory(prefix="kiln-rank-") as scratch:
+            proxy = Path(scratch) / "int8.onnx"
+            quantize_onnx(fp32_onnx, proxy, "int8", calibration)
+            ranked = sensitivity_ranking(fp32_onnx, proxy, feeds, labels, module_classes)
+        return [name for name in ranked if mapped(name)]
+
+    result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
+    return kept[0][0], kept[0][1], result
 
 
 def quantize_onnx_artifact(

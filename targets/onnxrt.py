@@ -117,7 +117,7 @@ class OnnxRuntimeTarget(Target):
     ) -> None:
         """Write `graph` quantized at the requested precision into the artifact directory; calibrated int8 also
         gets its per-layer report (`quant_report.json`) and, with --max-drop, reverts its most sensitive layers."""
-        from compiler.accuracy import quantize_onnx_artifact
+        from compiler.accuracy import quantize_onnx_artifact, reverted_note
         from compiler.quant_report import module_classes
         from compiler.quantize import quantize_onnx
 
@@ -139,10 +139,7 @@ class OnnxRuntimeTarget(Target):
             + (f", {len(summary.kept_float)} kept in float32" if summary.kept_float else "")
         )
         if "accuracy_aware" in extra:
-            reverted = extra["accuracy_aware"]["reverted_modules"]
-            output.notes.append(
-                f"--max-drop: {len(reverted)} layer(s) kept in float: {', '.join(reverted) or 'none needed'}"
-            )
+            output.notes.append(reverted_note(extra["accuracy_aware"]["reverted_modules"]))
         output.passes.append(summary.pass_record())
 
     def load(self, directory: Path, manifest: Manifest) -> Runner:

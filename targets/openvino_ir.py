@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     import numpy as np
     import openvino as ov
 
+    from compiler.accuracy import AccuracyResult
     from compiler.capture import CapturedModel
-    from compiler.quantize_openvino import QuantizeSummary
-    from compiler.types import Manifest, PassRecord
+    from compiler.quantize import QuantizeSummary
+    from compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
@@ -39,12 +40,26 @@ class OpenVinoRunner(Runner):
     def __init__(self, directory: Path, manifest: Manifest):
         import openvino as ov
 
-        core = ov.Core()
-        self.compiled = core.compile_model(
-            core.read_model(str(directory / MODEL_FILE)), "CPU", dict(manifest.runtime_config)
-        )
+        model = ov.Core().read_model(str(directory / MODEL_FILE))
+        self._compile(model, manifest.runtime_config, manifest.inputs, manifest.outputs)
+
+    @classmethod
+    def in_memory(
+        cls, ov_model: Any, runtime_config: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec]
+    ) -> OpenVinoRunner:
+        """A runner on a model not saved yet (e.g. one of the trials of --max-drop)."""
+        runner = cls.__new__(cls)
+        runner._compile(ov_model, runtime_config, inputs, outputs)
+        return runner
+
+    def _compile(
+        self, ov_model: Any, runtime_config: dict[str, Any], inputs: list[TensorSpec], outputs: list[TensorSpec]
+    ) -> None:
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(ov_model, "CPU", dict(runtime_config))
         self.request = self.compiled.create_infer_request()
-        self.inputs, self.outputs = manifest.inputs, manifest.outputs
+        self.inputs, self.outputs = inputs, outputs
         self.output_ports = list(self.compiled.outputs)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,6 +148,7 @@ class OpenVinoTarget(Target):
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
     precisions = ("fp32", "fp16", "bf16", "int8-dynamic", "int8")
     io_options = ("nhwc",)
+    accuracy_aware = True
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Convert the ONNX graph to IR, quantized with NNCF for int8/int8-dynamic; weights stay fp32 unless
@@ -144,10 +160,13 @@ class OpenVinoTarget(Target):
         ov_model = ov.convert_model(str(model.onnx_path))
         built = BuildOutput(info={"weights": "fp16" if precision == "fp16" else "fp32"})
         if precision in QUANTIZED_PRECISIONS:  # before the layout change: calibration rows are channels-first
-            ov_model, record, quantization = _quantize(ov_model, request)
-            built.passes.append(record)
+            ov_model, quantization, aware = _quantize(ov_model, model, request)
+            built.passes.append(quantization.pass_record())
             built.info |= {"weights": "int8", "quantization": quantization.to_dict()}
             built.notes += quantization.notes
+            if aware is not None:
+                built.info["quantization"]["accuracy_aware"] = aware.summary()
+                built.notes.append(aware.note())
             if request.calibration is not None:
                 built.info["calibration"] = request.calibration.summary()
         if request.io_layout == "nhwc":
@@ -170,9 +189,19 @@ class OpenVinoTarget(Target):
         return OpenVinoRunner(directory, manifest)
 
 
-def _quantize(ov_model: ov.Model, request: BuildRequest) -> tuple[ov.Model, PassRecord, QuantizeSummary]:
-    """The model quantized with NNCF as the request asks, the pass record and the summary."""
+def _quantize(
+    ov_model: ov.Model, model: CapturedModel, request: BuildRequest
+) -> tuple[ov.Model, QuantizeSummary, AccuracyResult | None]:
+    """The model quantized with NNCF as the request asks (accuracy-aware with --max-drop), its summary, and
+    the --max-drop result."""
     from compiler.quantize_openvino import quantize_openvino
 
-    quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
-    return quantized, summary.pass_record(), summary
+    if request.accuracy is None:
+        quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
+        return quantized, summary, None
+    from compiler.accuracy import accuracy_aware_openvino
+    from compiler.quant_report import module_classes
+
+    assert model.onnx_path is not None
+    classes = module_classes(model.exported) if model.exported is not None else None
+    return accuracy_aware_openvino(ov_model, model.onnx_path, request.calibration, request.accuracy, classes)
