@@ -43,7 +43,7 @@ def resnet18() -> tuple[Any, tuple[Any, ...]]:
     import torch
     from torch import nn
 
-    from compiler.zoo import _randomize_batchnorm
+    from compiler.zoo import randomize_batchnorm
 
     class Block(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int):
@@ -76,7 +76,7 @@ def resnet18() -> tuple[Any, tuple[Any, ...]]:
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
     torch.manual_seed(0)
     model = nn.Sequential(*layers)
-    _randomize_batchnorm(model, 1)
+    randomize_batchnorm(model, 1)
     return model.eval(), (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2)),)
 
 

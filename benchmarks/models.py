@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compiler.zoo import randomize_batchnorm
+
 
 class BasicBlock(nn.Module):
     """ResNet's two 3x3 convolutions with a residual connection."""
@@ -47,23 +49,12 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
 
 
-def _trained_statistics(model: nn.Module, seed: int) -> nn.Module:
-    """Give BatchNorm layers non-trivial running statistics and affine terms, as a trained network has."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            count = module.num_features
-            module.running_mean.copy_(torch.randn(count, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(count, generator=generator) * 0.5 + 0.5)
-            module.weight.data.copy_(torch.rand(count, generator=generator) * 0.5 + 0.5)
-            module.bias.data.copy_(torch.randn(count, generator=generator) * 0.1)
-    return model.eval()
-
-
 def resnet18() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """ResNet-18 with random weights and a 1x3x224x224 input."""
     torch.manual_seed(0)
-    return _trained_statistics(ResNet18(), 0), (torch.randn(1, 3, 224, 224),)
+    model = ResNet18()
+    randomize_batchnorm(model, 0)
+    return model.eval(), (torch.randn(1, 3, 224, 224),)
 
 
 class BertLike(nn.Module):

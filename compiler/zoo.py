@@ -309,7 +309,7 @@ def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _randomize_batchnorm(module: nn.Module, seed: int) -> None:
+def randomize_batchnorm(module: nn.Module, seed: int) -> None:
     """Give BatchNorm layers non-trivial statistics so that folding them is actually tested."""
     generator = _seeded(seed)
     for layer in module.modules():
@@ -325,7 +325,7 @@ def cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Small residual CNN with BatchNorm, 1x3x32x32 images."""
     torch.manual_seed(0)
     model = SmallCNN(width=48)
-    _randomize_batchnorm(model, 1)
+    randomize_batchnorm(model, 1)
     return model.eval(), (torch.randn(1, 3, 32, 32, generator=_seeded(2)),)
 
 
@@ -333,7 +333,7 @@ def mobilenet() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """MobileNetV3-style depthwise + squeeze-excite CNN, 1x3x32x32 images."""
     torch.manual_seed(0)
     model = MobileNetSE(width=48)
-    _randomize_batchnorm(model, 1)
+    randomize_batchnorm(model, 1)
     return model.eval(), (torch.randn(1, 3, 32, 32, generator=_seeded(2)),)
 
 
@@ -363,7 +363,7 @@ def unet() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """2-level UNet with BatchNorm, transposed convolution and bilinear upsampling, 1x3x32x32 to 1x4x32x32."""
     torch.manual_seed(0)
     model = TinyUNet()
-    _randomize_batchnorm(model, 1)
+    randomize_batchnorm(model, 1)
     return model.eval(), (torch.randn(1, 3, 32, 32, generator=_seeded(2)),)
 
 
@@ -371,7 +371,7 @@ def detector() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """YOLO-style detector with the box decode in the graph, 1x3x32x32 to 192 boxes and class scores."""
     torch.manual_seed(0)
     model = TinyDetector()
-    _randomize_batchnorm(model, 1)
+    randomize_batchnorm(model, 1)
     return model.eval(), (torch.randn(1, 3, 32, 32, generator=_seeded(2)),)
 
 
@@ -379,7 +379,7 @@ def multimodal() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Image (2x3x16x16) + GRU over sensor frames (2x10x6) to a dict of logits, position and embedding."""
     torch.manual_seed(0)
     model = MultiModal()
-    _randomize_batchnorm(model, 1)
+    randomize_batchnorm(model, 1)
     generator = _seeded(2)
     return model.eval(), (torch.randn(2, 3, 16, 16, generator=generator), torch.randn(2, 10, 6, generator=generator))
 
