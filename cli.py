@@ -146,7 +146,10 @@ def cmd_passes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print("level: -O0 none, -O1 cleanup, -O2 fusion (default), -O3 target-specific; --passes +name,-name adjusts")
+    print(
+        "level: -O0 none (the exporter's raw ONNX graph), -O1 cleanup, -O2 fusion (default), -O3 target-specific; "
+        "--passes +name,-name adjusts"
+    )
     for row in rows:
         only = f" [{', '.join(row['targets'])} only]" if row["targets"] else ""
         print(f"{row['name']:<34} {row['ir']:<5} -O{row['level']} {LEVELS[row['level']]:<16}{row['description']}{only}")
@@ -391,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=(0, 1, 2, 3),
         default=2,
-        help="optimization level: 0 none, 1 cleanup, 2 fusion (default), 3 target-specific",
+        help="optimization level: 0 none (not even the ONNX exporter's own optimizer), 1 cleanup, 2 fusion (default), "
+        "3 target-specific",
     )
     export.add_argument("--passes", metavar="+NAME,-NAME", help="add or remove passes (see `kiln passes`)")
     export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")

@@ -57,9 +57,14 @@ class CapturedModel:
 
 
 def capture(
-    source: ModelSource, dynamic_batch: DynamicBatch | None, workdir: Path, to_onnx: bool = True
+    source: ModelSource,
+    dynamic_batch: DynamicBatch | None,
+    workdir: Path,
+    to_onnx: bool = True,
+    optimize: bool = True,
 ) -> CapturedModel:
-    """Capture the source with `torch.export`; lower it to ONNX in `workdir` when an ONNX target needs it."""
+    """Capture the source with `torch.export`; lower it to ONNX in `workdir` when an ONNX target needs it
+    (with the exporter's own optimizer unless `optimize` is False: -O0 keeps its raw graph)."""
     onnx_path = workdir / "captured" / "model.onnx"
     onnx_path.parent.mkdir(parents=True)
     if source.kind == "onnx":
@@ -76,7 +81,7 @@ def capture(
     inputs, outputs = fx_signature(exported, output_names)
     if not to_onnx:
         return CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch)
-    lower_to_onnx(exported, onnx_path, output_names, dynamic_batch)
+    lower_to_onnx(exported, onnx_path, output_names, dynamic_batch, optimize)
     return CapturedModel(exported, onnx_path, inputs, outputs, onnx_signature(onnx_path, True)[2], dynamic_batch)
 
 
@@ -218,9 +223,14 @@ def _capture_error(exc: Exception, source: ModelSource, dynamic_batch: DynamicBa
 
 
 def lower_to_onnx(
-    exported: torch.export.ExportedProgram, path: Path, output_names: list[str], dynamic_batch: DynamicBatch | None
+    exported: torch.export.ExportedProgram,
+    path: Path,
+    output_names: list[str],
+    dynamic_batch: DynamicBatch | None,
+    optimize: bool = True,
 ) -> None:
-    """Lower the FX program to ONNX (dynamo exporter, opset >= 18) and check the result."""
+    """Lower the FX program to ONNX (dynamo exporter, opset >= 18; with its onnxscript optimizer, which folds
+    constants and BatchNorm and fuses LayerNorm/GELU/Gemm, unless `optimize` is False) and check the result."""
     import onnx
 
     try:
@@ -229,7 +239,7 @@ def lower_to_onnx(
                 exported,
                 (),
                 dynamo=True,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
                 output_names=output_names,
                 opset_version=max(MIN_OPSET, 20),

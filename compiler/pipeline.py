@@ -123,7 +123,7 @@ def export_targets(
             to_onnx = any(t.consumes == "onnx" for t in group)
             via = "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx
             with progress.stage("capture", via + (f" at batch {batch}" if batch else "")):
-                captured = capture(group_source, options.dynamic_batch, scratch, to_onnx)
+                captured = capture(group_source, options.dynamic_batch, scratch, to_onnx, options.opt_level > 0)
             with progress.stage("reference", f"{source.reference_name} on parity inputs"):
                 samples = reference_samples(group_source, captured, options)
             calibration = calibration_data(group, captured, group_source, options, progress)

@@ -375,6 +375,10 @@ def test_levels_and_adjustments_change_what_the_manifest_lists(tmp_path):
         "adjusted", pass_adjustments=PassAdjustments.parse("-fx-conv-batchnorm-folding,-conv-batchnorm-folding")
     )
     assert o0 == {"onnx": [], "pt2": []}
+    # -O0 is the exporter's raw graph (its own optimizer off too): BatchNorm still there, more nodes
+    raw, optimized = (onnx.load(str(tmp_path / out / "onnx" / "model.onnx")) for out in ("o0", "o2"))
+    assert "BatchNormalization" in {n.op_type for n in raw.graph.node}
+    assert len(raw.graph.node) > len(optimized.graph.node)
     assert [r.name for r in o1["onnx"]] == [p.name for p in pipeline_for(ONNX, "onnx", 1)]
     assert "constant-folding" in [r.name for r in o1["onnx"]]
     assert [r.name for r in o1["pt2"]] == ["fx-dead-code-elimination"]
