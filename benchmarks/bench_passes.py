@@ -38,70 +38,12 @@ DEFAULT_MODELS = ("cnn", "mobilenet", "transformer", "decoder", "unet", "resnet1
 LEVELS = (("onnx", 0), ("onnx", 2), ("onnx", 3), ("openvino", 0), ("openvino", 2))
 
 
-def resnet18() -> tuple[Any, tuple[Any, ...]]:
-    """A ResNet-18-like classifier (BasicBlocks 2-2-2-2, widths 64-512) on one 224x224 image, random weights."""
-    import torch
-    from torch import nn
-
-    from compiler.zoo import randomize_batchnorm
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.down = (
-                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                if stride != 1 or cin != cout
-                else nn.Identity()
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-
-    widths = (64, 128, 256, 512)
-    layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2, 1),
-    ]
-    cin = 64
-    for index, width in enumerate(widths):
-        layers += [Block(cin, width, 1 if index == 0 else 2), Block(width, width, 1)]
-        cin = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
-    torch.manual_seed(0)
-    model = nn.Sequential(*layers)
-    randomize_batchnorm(model, 1)
-    return model.eval(), (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2)),)
-
-
-def bert4() -> tuple[Any, tuple[Any, ...]]:
-    """A 4-layer BERT-like encoder (dim 256, 4 heads) on 2x128 tokens with padding, random weights."""
-    import torch
-
-    from compiler.zoo import TinyTransformer
-
-    torch.manual_seed(0)
-    model = TinyTransformer(vocab=1000, dim=256, heads=4, layers=4, max_len=128)
-    input_ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(2))
-    attention_mask = torch.ones(2, 128, dtype=torch.int64)
-    attention_mask[1, 100:] = 0
-    return model.eval(), (input_ids, attention_mask)
-
-
-EXTRA_MODELS: dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]] = {"resnet18": resnet18, "bert4": bert4}
-
-
 def model_factory(name: str) -> Callable[[], tuple[Any, tuple[Any, ...]]]:
-    """The factory of a zoo model or of one of this file's larger models."""
+    """The factory of a zoo model or of one of the benchmarks' larger models (benchmarks/models.py)."""
+    from benchmarks.models import MODELS
     from compiler.zoo import ZOO
 
-    return EXTRA_MODELS.get(name) or ZOO[name]
+    return MODELS.get(name) or ZOO[name]
 
 
 def onnx_nodes(path: Path) -> int:
@@ -257,14 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat, --rounds and --threads must be >= 1, --warmup >= 0")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
+    from benchmarks.models import MODELS as BENCHMARK_MODELS
     from compiler.host import host_info, versions
     from compiler.zoo import ZOO
 
     _setup(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in ZOO and m not in EXTRA_MODELS]
+    unknown = [m for m in models if m not in ZOO and m not in BENCHMARK_MODELS]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join([*ZOO, *EXTRA_MODELS])}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join([*ZOO, *BENCHMARK_MODELS])}")
     host = host_info()
     print(f"CPU: {host['cpu']} ({host['cores']} logical cores)")
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in versions("torch", "onnxruntime", "openvino").items()))

@@ -73,7 +73,7 @@ def model_and_data(name: str, calib_count: int, agreement: int) -> tuple[Any, np
 
         module, train_x, _, test_x, test_y = trained_digits_cnn()
         return module, train_x[:calib_count], test_x[:agreement], (test_x, test_y)
-    if name in ("resnet18", "bert"):
+    if name in ("resnet18", "bert4"):
         from benchmarks.models import MODELS
 
         module, (example,) = MODELS[name]()

@@ -1,5 +1,5 @@
-"""Benchmark-sized models defined here (random weights, nothing downloaded): a ResNet-18 and a small
-BERT-like encoder, larger than the zoo's so that kernels, not per-call overhead, dominate the timings."""
+"""Benchmark-sized models (random weights, nothing downloaded): a ResNet-18 and a 4-layer BERT-like encoder,
+larger than the zoo's so that kernels, not per-call overhead, dominate the timings."""
 
 from __future__ import annotations
 
@@ -57,26 +57,16 @@ def resnet18() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return model.eval(), (torch.randn(1, 3, 224, 224),)
 
 
-class BertLike(nn.Module):
-    """A 4-layer, 256-wide transformer encoder over token ids (sequence 128), with a pooled classifier."""
+def bert4() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A 4-layer BERT-like encoder (dim 256, 4 heads) on 2x128 tokens with padding, random weights."""
+    from compiler.zoo import TinyTransformer
 
-    def __init__(self, vocab: int = 8000, width: int = 256, layers: int = 4, heads: int = 4) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.position = nn.Parameter(torch.randn(1, 128, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, activation="gelu")
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(width, 2)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(self.embed(tokens) + self.position[:, : tokens.shape[1]])
-        return self.head(hidden[:, 0])
-
-
-def bert_like() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """The BERT-like encoder with random weights and a 1x128 token-id input."""
     torch.manual_seed(0)
-    return BertLike().eval(), (torch.randint(0, 8000, (1, 128)),)
+    model = TinyTransformer(vocab=1000, dim=256, heads=4, layers=4, max_len=128)
+    input_ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones(2, 128, dtype=torch.int64)
+    attention_mask[1, 100:] = 0
+    return model.eval(), (input_ids, attention_mask)
 
 
-MODELS = {"resnet18": resnet18, "bert": bert_like}
+MODELS = {"resnet18": resnet18, "bert4": bert4}
