@@ -199,12 +199,12 @@ def test_ctrl_c_mid_export_cleans_up(tmp_path):
     deadline = time.time() + 120
     while b"capture" not in progress and time.time() < deadline:  # the stage line has no newline yet
         progress += os.read(process.stderr.fileno(), 1)
-    time.sleep(1.0)  # capture takes several seconds: interrupt it midway
-    # Press Ctrl-C until it takes: under load a lone SIGINT was once absorbed inside torch.export's capture.
-    for _ in range(20):
+    time.sleep(0.5)  # capture takes several seconds: interrupt it midway
+    # Press Ctrl-C until it takes: a SIGINT can be absorbed inside the exporters' own try/except blocks.
+    for _ in range(80):
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=0.25)
             break
         except subprocess.TimeoutExpired:
             continue
