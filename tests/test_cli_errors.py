@@ -189,12 +189,22 @@ def test_disk_write_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _with_default_sigint() -> None:
+    """In the child: Ctrl-C's default action, even when this test runs with SIGINT ignored (as a shell's
+    background job does), which Python would otherwise keep, never raising KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_export_cleans_up(tmp_path):
     import signal
     import time
 
     work_dirs_before = set(Path(tempfile.gettempdir()).glob("kiln-work-*"))
-    process = _run_cli_process("export", "zoo:transformer", "--target", "onnx", "--out", tmp_path / "o")
+    process = _run_cli_process(
+        "export", "zoo:transformer", "--target", "onnx", "--out", tmp_path / "o", preexec_fn=_with_default_sigint
+    )
     progress = b""
     deadline = time.time() + 120
     while b"capture" not in progress and time.time() < deadline:  # the stage line has no newline yet
