@@ -16,20 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import KilnError
-
-EXIT_INTERNAL = 4
-EXIT_INTERRUPTED = 130
-
-
-def _quiet_libraries() -> None:
-    """Keep converter chatter (torch/onnx warnings) off the terminal; Kiln reports what matters."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    for name in ("torch", "onnxscript", "onnx_ir", "openvino", "nncf"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError
+from compiler.progress import quiet_libraries
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -40,7 +28,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from compiler.progress import Progress
     from passes import PassAdjustments
 
-    _quiet_libraries()
+    quiet_libraries()
     options = ExportOptions(
         precision=args.precision,
         device=args.device,
@@ -160,7 +148,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """`kiln verify`: re-run parity on an existing export."""
     from compiler.runner import verify
 
-    _quiet_libraries()
+    quiet_libraries()
     results = list(verify(args.export_dir, args.model))
     if args.json:
         from dataclasses import asdict
@@ -196,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compiler.parity import read_inputs_file
     from compiler.runner import load
 
-    _quiet_libraries()
+    quiet_libraries()
     model = load(args.export_dir, args.target)
     outputs = model.run(read_inputs_file(Path(args.inputs), model.inputs))
     arrays: dict[str, Any] = dict(outputs)

@@ -77,14 +77,13 @@ def _peak_rss_mib() -> float:
 
 def _setup(threads: int) -> None:
     """Quiet converter chatter and give torch `threads` threads (OMP_NUM_THREADS is inherited)."""
-    import logging
-    import warnings
 
     import torch
 
-    warnings.filterwarnings("ignore")
-    for name in ("torch", "onnxscript", "onnx_ir", "openvino", "nncf"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from compiler.progress import quiet_libraries
+
+
+    quiet_libraries()
     torch.set_num_threads(threads)
 
 

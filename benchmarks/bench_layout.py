@@ -165,11 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    import logging
-    import warnings
+    from compiler.progress import quiet_libraries
 
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    quiet_libraries()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-layout-") as work:
         for name in args.models.split(","):

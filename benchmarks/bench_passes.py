@@ -55,14 +55,13 @@ def onnx_nodes(path: Path) -> int:
 
 def _setup(threads: int) -> None:
     """Quiet converter chatter; `threads` threads for torch (OMP_NUM_THREADS is inherited)."""
-    import logging
-    import warnings
 
     import torch
 
-    warnings.filterwarnings("ignore")
-    for logger in ("torch", "onnxscript", "onnx_ir", "openvino"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
+    from compiler.progress import quiet_libraries
+
+
+    quiet_libraries()
     torch.set_num_threads(threads)
 
 

@@ -252,14 +252,13 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args()
 
-    import logging
-    import warnings
 
     import torch
 
-    warnings.filterwarnings("ignore")
-    for name in ("torch", "onnxscript", "onnx_ir", "openvino", "nncf"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from compiler.progress import quiet_libraries
+
+
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-quant-") as work:

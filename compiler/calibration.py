@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import UsageError
+from compiler.layout import NHWC, nhwc_array
 from compiler.types import TensorSpec
 
 DEFAULT_CALIBRATION_SAMPLES = 100
@@ -80,12 +81,7 @@ class CalibrationData:
 
     def in_layout(self, specs: list[TensorSpec]) -> CalibrationData:
         """The same samples for an artifact whose inputs are `specs`: channels-last where a spec says NHWC."""
-        rows = {
-            s.name: np.ascontiguousarray(np.transpose(self.rows[s.name], (0, 2, 3, 1)))
-            if s.layout == "NHWC"
-            else self.rows[s.name]
-            for s in specs
-        }
+        rows = {s.name: nhwc_array(self.rows[s.name]) if s.layout == NHWC else self.rows[s.name] for s in specs}
         return replace(self, rows=rows)
 
     def summary(self) -> dict[str, Any]:

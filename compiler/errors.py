@@ -6,11 +6,18 @@ message and an exit code in one place.
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_PARITY = 1  # an artifact failed parity
+EXIT_USAGE = 2  # bad input or usage
+EXIT_UNAVAILABLE = 3  # the target is not available on this machine
+EXIT_INTERNAL = 4  # a bug in Kiln or a backend
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
 
 class KilnError(Exception):
     """Base class: a problem Kiln can explain to the user, with a hint on how to fix it."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -28,22 +35,22 @@ class KilnError(Exception):
 class UsageError(KilnError):
     """Bad input: a missing file, a wrong option, a model that does not match its inputs."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UnsupportedOpError(KilnError):
     """The model uses an operation that capture or a target cannot convert."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class MissingBackendError(KilnError):
     """A target needs a package or device that this machine does not have."""
 
-    exit_code = 3
+    exit_code = EXIT_UNAVAILABLE
 
 
 class ParityError(KilnError):
     """An artifact does not compute what PyTorch computes within tolerance."""
 
-    exit_code = 1
+    exit_code = EXIT_PARITY

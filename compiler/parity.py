@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import UsageError
+from compiler.layout import nchw_array, nhwc_array, nhwc_names
 from compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
 
 DEFAULT_SAMPLES = 4
@@ -254,14 +255,13 @@ def in_reference_layout(
     run: Callable[[Feeds], Feeds], inputs: list[TensorSpec], outputs: list[TensorSpec]
 ) -> Callable[[Feeds], Feeds]:
     """`run` taking and returning the reference's NCHW arrays, for an artifact whose image I/O is NHWC."""
-    nhwc_in = {s.name for s in inputs if s.layout == "NHWC"}
-    nhwc_out = {s.name for s in outputs if s.layout == "NHWC"}
+    nhwc_in, nhwc_out = set(nhwc_names(inputs)), set(nhwc_names(outputs))
     if not nhwc_in and not nhwc_out:
         return run
 
     def adapted(feeds: Feeds) -> Feeds:
-        results = run({k: np.transpose(v, (0, 2, 3, 1)) if k in nhwc_in else v for k, v in feeds.items()})
-        return {k: np.transpose(v, (0, 3, 1, 2)) if k in nhwc_out else v for k, v in results.items()}
+        results = run({k: nhwc_array(v) if k in nhwc_in else v for k, v in feeds.items()})
+        return {k: nchw_array(v) if k in nhwc_out else v for k, v in results.items()}
 
     return adapted
 

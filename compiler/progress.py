@@ -11,6 +11,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+CHATTY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "openvino", "nncf")
+
+
+def quiet_libraries() -> None:
+    """Keep converter chatter (Python warnings, the converters' loggers) off the terminal; Kiln reports what
+    matters. Called once by each entry point that runs exports: the CLI, a matrix cell, a benchmark."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
 
 class Progress:
     """Prints `[kiln] stage ... 1.2s` lines (unless quiet) and records stage timings."""

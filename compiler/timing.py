@@ -66,28 +66,9 @@ def least_disturbed(fn: Callable[[], Any], runs: int, warmup: int) -> Latency:
 
 
 def runner_with_threads(loaded: Any, threads: int) -> tuple[Any, str]:
-    """The loaded export's runner, rebuilt where needed so that its runtime uses `threads` threads;
-    and how the thread count was set (torch's own count must be set by the caller)."""
-    target = loaded.manifest.target
-    if target == "onnx":
-        from targets.onnxrt import MODEL_FILE, OnnxRuntimeRunner
+    """The loaded export's runner, reloaded so that its runtime uses `threads` threads, and how the thread count
+    was set (torch's own count must be set by the caller for the reference)."""
+    from targets import get_target
 
-        runner = OnnxRuntimeRunner(loaded.directory / MODEL_FILE, loaded.manifest, threads=threads)
-        return runner, "onnxruntime intra_op_num_threads"
-    if target == "openvino":
-        from dataclasses import replace
-
-        from targets.openvino_ir import OpenVinoRunner
-
-        config = {**loaded.manifest.runtime_config, "INFERENCE_NUM_THREADS": threads}
-        return OpenVinoRunner(
-            loaded.directory, replace(loaded.manifest, runtime_config=config)
-        ), "openvino INFERENCE_NUM_THREADS"
-    if target in ("tflite", "edgetpu"):
-        from targets.litert import MODEL_FILE as TFLITE_FILE
-        from targets.litert import LiteRtRunner
-
-        return LiteRtRunner(loaded.directory / TFLITE_FILE, loaded.manifest, threads=threads), "litert num_threads"
-    if target == "pt2":
-        return loaded.runner, "torch.set_num_threads"
-    return loaded.runner, "runtime default (no thread setting known for this target)"
+    runner = get_target(loaded.manifest.target).load(loaded.directory, loaded.manifest, threads=threads)
+    return runner, runner.thread_control

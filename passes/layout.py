@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compiler.layout import NCHW_TO_NHWC, NHWC_TO_NCHW
 from passes.base import FUSION, ONNX, Pass, PassResult
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from compiler.types import PassRecord
 
 NHWC_STEP = "nhwc-layout"  # the name of the layout step in a manifest's passes (a build-time step, not in PASSES)
-NCHW_TO_NHWC = (0, 2, 3, 1)
-NHWC_TO_NCHW = (0, 3, 1, 2)
 
 # ONNX ops whose data layout the operator fixes to channels-first (axis 1 is C): a graph made NHWC
 # inside needs a Transpose before and after each of them.

@@ -135,6 +135,8 @@ def _full_fp32(enabled: bool) -> Iterator[None]:
 class AotiRunner(Runner):
     """Runs an AOTInductor package on the device it was compiled for."""
 
+    thread_control = "torch.set_num_threads"
+
     def __init__(self, directory: Path, manifest: Manifest):
         import os
 
@@ -259,7 +261,7 @@ class AotiTarget(Target):
         runtime_config = {"device": device, "tf32": False} if device == "cuda" else {"device": device}
         return BuildOutput(runtime_config=runtime_config, info=info, notes=notes)
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The package, loaded on its device; a one-line error when this machine lacks that device."""
         from compiler.errors import MissingBackendError
         from compiler.gpu import cuda_device_facts, cuda_unavailable_reason
@@ -283,4 +285,8 @@ class AotiTarget(Target):
                     f"(compute capability {here['compute_capability']})",
                     "re-export it on this machine",
                 )
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         return AotiRunner(directory, manifest)

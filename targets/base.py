@@ -43,6 +43,8 @@ class Runner:
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # How a thread count given to Target.load reaches the runtime (for timing reports).
+    thread_control: str = "runtime default (no thread setting known for this target)"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name."""
@@ -104,6 +106,7 @@ class Target:
         """Write the artifact for `model` into `directory`."""
         raise NotImplementedError
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
-        """A runner for the artifact in `directory`, configured as the manifest says."""
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
+        """A runner for the artifact in `directory`, configured as the manifest says; `threads` sets the runtime's
+        thread count where it has one (None: the runtime's default; `Runner.thread_control` says how)."""
         raise NotImplementedError

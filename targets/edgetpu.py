@@ -238,6 +238,6 @@ class EdgeTpuTarget(Target):
             add_nhwc_layout(model, directory, built)
         return built
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The int8 model in the LiteRT interpreter on the CPU (an Edge TPU is not needed for parity)."""
-        return LiteRtRunner(directory / MODEL_FILE, manifest)
+        return LiteRtRunner(directory / MODEL_FILE, manifest, threads=threads)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compiler.layout import NCHW_TO_NHWC, NHWC_TO_NCHW, is_image
 from targets.base import Runner
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,24 +28,8 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.tflite"
 SIGNATURE = "serving_default"
-NCHW_TO_NHWC = (0, 2, 3, 1)
-NHWC_TO_NCHW = (0, 3, 1, 2)
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
 THREADS = 2
-
-
-def channels_last(specs: list[TensorSpec]) -> list[TensorSpec]:
-    """The specs with every 4-d float tensor in NHWC (the artifact's view with `--io nhwc`)."""
-    from compiler.types import TensorSpec
-
-    return [
-        TensorSpec(s.name, tuple(s.shape[i] for i in NCHW_TO_NHWC), s.dtype, "NHWC") if _is_image(s) else s
-        for s in specs
-    ]
-
-
-def _is_image(spec: TensorSpec) -> bool:
-    return len(spec.shape) == 4 and spec.dtype.startswith(("float", "bfloat"))
 
 
 def to_tflite(
@@ -58,8 +43,8 @@ def to_tflite(
 
     program, decomposed = apply_decompositions(program, tflite_table())
     inner = program.module()
-    image_inputs = {s.name for s in inputs if nhwc and _is_image(s)}
-    image_outputs = {s.name for s in outputs if nhwc and _is_image(s)}
+    image_inputs = {s.name for s in inputs if nhwc and is_image(s)}
+    image_outputs = {s.name for s in outputs if nhwc and is_image(s)}
     names = [s.name for s in outputs]
 
     class NamedIO(torch.nn.Module):
@@ -253,7 +238,10 @@ def op_counts(ops: list[TfliteOp]) -> dict[str, int]:
 class LiteRtRunner(Runner):
     """Runs a `.tflite` with the LiteRT interpreter (XNNPACK), quantizing inputs and dequantizing outputs."""
 
-    def __init__(self, path: Path, manifest: Manifest, threads: int = THREADS):
+    thread_control = "litert num_threads"
+
+    def __init__(self, path: Path, manifest: Manifest, threads: int | None = None):
+        threads = threads or THREADS
         from ai_edge_litert.interpreter import Interpreter
 
         from compiler.progress import native_stderr_silenced

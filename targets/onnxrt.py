@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from compiler.capture import CapturedModel
-    from compiler.types import Manifest, TensorSpec
+    from compiler.types import Manifest
 
 MODEL_FILE = "model.onnx"
 INFERENCE_PRECISION = {
@@ -27,6 +27,8 @@ INFERENCE_PRECISION = {
 
 class OnnxRuntimeRunner(Runner):
     """Runs an ONNX file with ONNX Runtime (CPU provider)."""
+
+    thread_control = "onnxruntime intra_op_num_threads"
 
     def __init__(self, path: Path, manifest: Manifest | None = None, threads: int = 0):
         import onnxruntime as ort
@@ -60,11 +62,6 @@ class OnnxRuntimeRunner(Runner):
         }
 
 
-def nhwc_names(specs: list[TensorSpec]) -> list[str]:
-    """Names of the specs that are channels-last."""
-    return [s.name for s in specs if s.layout == "NHWC"]
-
-
 def _ort_dtype(type_string: str) -> str:
     """`tensor(float)` -> `float32`."""
     import numpy as np
@@ -92,8 +89,8 @@ class OnnxRuntimeTarget(Target):
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
             graph = model.onnx_path
             if request.io_layout == "nhwc":
+                from compiler.layout import channels_last, nhwc_names
                 from passes.layout import nhwc_onnx_file
-                from targets.litert import channels_last
 
                 output.inputs, output.outputs = channels_last(model.inputs), channels_last(model.outputs)
                 graph = Path(scratch) / MODEL_FILE
@@ -142,6 +139,6 @@ class OnnxRuntimeTarget(Target):
             output.notes.append(reverted_note(extra["accuracy_aware"]["reverted_modules"]))
         output.passes.append(summary.pass_record())
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """An ONNX Runtime session on the artifact."""
-        return OnnxRuntimeRunner(directory / MODEL_FILE, manifest)
+        return OnnxRuntimeRunner(directory / MODEL_FILE, manifest, threads=threads or 0)

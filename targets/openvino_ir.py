@@ -37,6 +37,8 @@ _NOT_COMPUTE = ("Const", "Input", "Output", "Parameter", "Result")
 class OpenVinoRunner(Runner):
     """Runs an OpenVINO IR on the CPU plugin with the manifest's runtime config."""
 
+    thread_control = "openvino INFERENCE_NUM_THREADS"
+
     def __init__(self, directory: Path, manifest: Manifest):
         import openvino as ov
 
@@ -115,10 +117,9 @@ def _with_nhwc_io(ov_model: Any, model: CapturedModel, built: BuildOutput) -> An
 
     import onnx_ir
 
+    from compiler.layout import channels_last, nhwc_names
     from compiler.types import PassRecord
     from passes.layout import NHWC_STEP, ONNX_CHANNELS_FIRST_OPS, LayoutCounts, count_ops
-    from targets.litert import channels_last
-    from targets.onnxrt import nhwc_names
 
     assert model.onnx_path is not None
     inputs, outputs = channels_last(model.inputs), channels_last(model.outputs)
@@ -184,8 +185,12 @@ class OpenVinoTarget(Target):
         built.info["cpu_capabilities"] = list(cpu)
         return built
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """A compiled model on the CPU plugin."""
+        if threads:
+            from dataclasses import replace
+
+            manifest = replace(manifest, runtime_config={**manifest.runtime_config, "INFERENCE_NUM_THREADS": threads})
         return OpenVinoRunner(directory, manifest)
 
 

@@ -24,6 +24,8 @@ MODEL_FILE = "model.pt2"
 class ExportedProgramRunner(Runner):
     """Runs a reloaded `torch.export` program."""
 
+    thread_control = "torch.set_num_threads"
+
     def __init__(self, directory: Path, manifest: Manifest):
         import torch
 
@@ -69,6 +71,10 @@ class ExportedProgramTarget(Target):
         torch.export.save(model.exported, str(directory / MODEL_FILE))
         return BuildOutput()
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
-        """The reloaded program."""
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
+        """The reloaded program (`threads` sets torch's process-wide thread count)."""
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         return ExportedProgramRunner(directory, manifest)

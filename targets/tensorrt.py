@@ -227,10 +227,12 @@ class TensorRtEngineRunner(Runner):
 class KitRunner(Runner):
     """Runs the kit's model.onnx with ONNX Runtime on the CPU, where no engine has been built."""
 
-    def __init__(self, directory: Path, manifest: Manifest):
+    thread_control = "onnxruntime intra_op_num_threads"
+
+    def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None):
         from targets.onnxrt import OnnxRuntimeRunner
 
-        self.onnx = OnnxRuntimeRunner(directory / trt_engine.ONNX_FILE, manifest)
+        self.onnx = OnnxRuntimeRunner(directory / trt_engine.ONNX_FILE, manifest, threads=threads or 0)
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
         self.precision = manifest.precision
 
@@ -309,10 +311,10 @@ class TensorRtTarget(Target):
         }
         return BuildOutput(runtime_config={"tf32": kit_profiles["tf32"]}, info=info, notes=notes)
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The engine when the kit has one (checked to run here), else the kit's ONNX under ONNX Runtime."""
         if (directory / trt_engine.ENGINE_FILE).is_file():
             record = read_engine_record(directory)
             check_engine_runs_here(directory, record)
             return TensorRtEngineRunner(directory, manifest, record)
-        return KitRunner(directory, manifest)
+        return KitRunner(directory, manifest, threads)

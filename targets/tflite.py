@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from compiler.layout import channels_last
 from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.litert import MODEL_FILE, LiteRtRunner, channels_last, op_counts, quantize, read_ops, to_tflite
+from targets.litert import MODEL_FILE, LiteRtRunner, op_counts, quantize, read_ops, to_tflite
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
@@ -148,6 +149,6 @@ class TfliteTarget(Target):
             add_nhwc_layout(model, directory, built)
         return built
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """A LiteRT interpreter on `model.tflite`."""
-        return LiteRtRunner(directory / MODEL_FILE, manifest)
+        return LiteRtRunner(directory / MODEL_FILE, manifest, threads=threads)

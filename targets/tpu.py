@@ -231,7 +231,7 @@ class XlaTarget(Target):
             notes=notes,
         )
 
-    def load(self, directory: Path, manifest: Manifest) -> Runner:
+    def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The SavedModel's serving signature."""
         return XlaRunner(directory, manifest)
 

@@ -19,12 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import KilnError
+from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError
 from compiler.matrix.config import CellSpec
 from compiler.matrix.results import CONVERSION_FAILED, PARITY_FAILED, PASSED, UNAVAILABLE
-
-EXIT_INTERNAL = 4
-EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,18 +70,15 @@ def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 
 def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    import logging
-    import warnings
 
     import torch
 
     from compiler.capture import DynamicBatch
     from compiler.pipeline import ExportOptions, export_targets
-    from compiler.progress import Progress
+    from compiler.progress import Progress, quiet_libraries
 
-    warnings.filterwarnings("ignore")
-    for name in ("torch", "onnxscript", "onnx_ir", "openvino", "nncf"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+
+    quiet_libraries()
     threads = int(job["threads"])
     torch.set_num_threads(threads)
     options = cell.options
