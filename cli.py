@@ -22,38 +22,35 @@ from compiler.progress import quiet_libraries
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kiln export`: capture once, build every requested target, gate on parity."""
-    from compiler.calibration import AccuracyBudget, CalibrationSpec
-    from compiler.capture import DynamicBatch
-    from compiler.pipeline import ExportOptions, export_targets, parse_io
+    from compiler.options import export_options
+    from compiler.pipeline import export_targets
     from compiler.progress import Progress
-    from passes import PassAdjustments
 
     quiet_libraries()
-    options = ExportOptions(
+    options = export_options(
         precision=args.precision,
         device=args.device,
-        dynamic_batch=DynamicBatch.parse(args.dynamic_batch) if args.dynamic_batch else None,
-        inputs_files=[Path(p) for p in args.inputs or []],
+        dynamic_batch=args.dynamic_batch,
+        inputs=args.inputs,
         atol=args.atol,
         rtol=args.rtol,
         samples=args.samples,
         parity_gate=not args.no_parity_gate,
         force=args.force,
-        calibration=CalibrationSpec(
-            args.calib,
-            args.calib_samples,
-            args.calib_method,
-            per_channel=not args.per_tensor,
-            symmetric_activations={"symmetric": True, "asymmetric": False}.get(args.activations or ""),
-        ),
-        accuracy=AccuracyBudget(args.max_drop, args.metric) if args.max_drop is not None else None,
-        io=parse_io(args.io),
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_method=args.calib_method,
+        per_channel=not args.per_tensor,
+        symmetric_activations={"symmetric": True, "asymmetric": False}.get(args.activations or ""),
+        max_drop=args.max_drop,
+        metric=args.metric,
+        io=args.io,
         min_cosine=args.min_cosine,
         min_snr_db=args.min_snr,
         min_top1=args.min_top1,
         opt_level=args.opt_level,
-        pass_adjustments=PassAdjustments.parse(args.passes),
-        dump_passes=Path(args.dump_passes) if args.dump_passes else None,
+        adjust_passes=args.passes,
+        dump_passes=args.dump_passes,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))

@@ -82,7 +82,6 @@ def _setup(threads: int) -> None:
 
     from compiler.progress import quiet_libraries
 
-
     quiet_libraries()
     torch.set_num_threads(threads)
 

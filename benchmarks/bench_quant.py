@@ -252,11 +252,9 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args()
 
-
     import torch
 
     from compiler.progress import quiet_libraries
-
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

@@ -67,19 +67,17 @@ def export(
     The artifact is validated against the model; if it fails parity it is kept under
     `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     """
-    from compiler.calibration import AccuracyBudget, CalibrationSpec
-    from compiler.capture import DynamicBatch
-    from compiler.pipeline import ExportOptions, export_targets, parse_io
-    from passes import PassAdjustments
+    from compiler.options import export_options
+    from compiler.pipeline import export_targets
 
     if "," in target or target == "all":
         raise UsageError(f"export() takes one target, got '{target}'", "call it once per target")
     name = model if isinstance(model, str) else type(model).__name__.lower()
-    options = ExportOptions(
+    options = export_options(
         precision=precision,
         device=device,
-        dynamic_batch=DynamicBatch.parse(dynamic_batch) if dynamic_batch else None,
-        inputs_files=[Path(p) for p in inputs or []],
+        dynamic_batch=dynamic_batch,
+        inputs=inputs,
         atol=atol,
         rtol=rtol,
         samples=samples,
@@ -87,12 +85,15 @@ def export(
         force=force,
         passes=passes,
         opt_level=opt_level,
-        pass_adjustments=PassAdjustments.parse(adjust_passes),
-        calibration=CalibrationSpec(
-            str(calib) if calib is not None else None, calib_samples, calib_method, per_channel, symmetric_activations
-        ),
-        accuracy=AccuracyBudget(max_drop, metric) if max_drop is not None else None,
-        io=parse_io(io),
+        adjust_passes=adjust_passes,
+        calib=calib,
+        calib_samples=calib_samples,
+        calib_method=calib_method,
+        per_channel=per_channel,
+        symmetric_activations=symmetric_activations,
+        max_drop=max_drop,
+        metric=metric,
+        io=io,
     )
     destination = Path(out) if out is not None else Path("exports") / Path(str(name).split(":")[-1]).stem / target
     (result,) = export_targets(model, target, destination, options, example_inputs=example_inputs)

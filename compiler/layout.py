@@ -29,8 +29,7 @@ def channels_last(specs: list[TensorSpec]) -> list[TensorSpec]:
     from compiler.types import TensorSpec
 
     return [
-        TensorSpec(s.name, tuple(s.shape[i] for i in NCHW_TO_NHWC), s.dtype, NHWC) if is_image(s) else s
-        for s in specs
+        TensorSpec(s.name, tuple(s.shape[i] for i in NCHW_TO_NHWC), s.dtype, NHWC) if is_image(s) else s for s in specs
     ]
 
 

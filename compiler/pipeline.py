@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from compiler.calibration import AccuracyBudget, CalibrationData, CalibrationSpec, load_calibration
-from compiler.capture import CapturedModel, DynamicBatch, capture
-from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
+from compiler.backend_errors import backend_failures, operation_named_in  # noqa: F401  (re-exported)
+from compiler.calibration import CalibrationData, load_calibration
+from compiler.capture import CapturedModel, capture
+from compiler.errors import KilnError, MissingBackendError, UsageError
 from compiler.host import host_info, versions
+from compiler.options import ExportOptions, parse_io  # noqa: F401  (ExportOptions is re-exported)
 from compiler.parity import (
-    DEFAULT_SAMPLES,
     ParitySamples,
     in_reference_layout,
     make_inputs,
@@ -30,63 +28,14 @@ from compiler.parity import (
 from compiler.progress import Progress, converter_output_captured
 from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
-from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord, Tolerance
-from passes import DEFAULT_LEVEL, FX, ONNX, Pass, PassAdjustments, dump_graph, pipeline_for, run_pipeline, save_onnx
-from targets import BuildRequest, Target, resolve_targets
+from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord
+from passes import FX, ONNX, dump_graph, pipeline_for, run_pipeline, save_onnx
+from targets import Target, resolve_targets
 
 NOT_REPRESENTATIVE = (
     "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
     "pass --calib FILE.npz|DIR|file.py:loader"
 )
-
-
-@dataclass
-class ExportOptions:
-    """Everything about an export except the model, the targets and where it goes."""
-
-    precision: str | None = None  # None: each target's default (fp32, int8 for the Edge TPU)
-    device: str | None = None  # --device for targets that compile for one (aoti); None: the target's default
-    dynamic_batch: DynamicBatch | None = None
-    inputs_files: list[Path] = field(default_factory=list)
-    atol: float | None = None
-    rtol: float | None = None
-    samples: int = DEFAULT_SAMPLES
-    parity_gate: bool = True
-    force: bool = False
-    opt_level: int = DEFAULT_LEVEL  # -O0 .. -O3
-    pass_adjustments: PassAdjustments = field(default_factory=PassAdjustments)  # --passes +name,-name
-    passes: list[Pass] | None = None  # an explicit pipeline (library use), replacing the level's
-    dump_passes: Path | None = None  # --dump-passes DIR: the graph after each pass, per target
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    accuracy: AccuracyBudget | None = None  # --max-drop: revert the most sensitive layers to float until within it
-    io: tuple[str, ...] = ()  # --io: nhwc (image I/O channels-last), int8
-    min_cosine: float | None = None
-    min_snr_db: float | None = None
-    min_top1: float | None = None
-
-    def precision_for(self, target: Target) -> str:
-        """The precision asked of `target`: the user's, or the target's default."""
-        return self.precision or target.default_precision
-
-    def build_request(self, target: Target, calibration: CalibrationData | None) -> BuildRequest:
-        """What the target's build is asked for."""
-        return BuildRequest(
-            precision=self.precision_for(target),
-            io_layout="nhwc" if "nhwc" in self.io else None,
-            calibration=calibration,
-            accuracy=self.accuracy,
-            device=self.device,
-        )
-
-    def tolerance(self, precision: str) -> Tolerance:
-        """The parity tolerance: the precision's default with the user's overrides."""
-        return Tolerance.for_precision(precision).with_overrides(
-            atol=self.atol,
-            rtol=self.rtol,
-            min_cosine=self.min_cosine,
-            min_snr_db=self.min_snr_db,
-            min_top1=self.min_top1,
-        )
 
 
 @dataclass
@@ -164,7 +113,7 @@ def build_and_validate(
     request = options.build_request(target, calibration)
     with (
         progress.stage(f"build {target.name}", target.stage_detail(model, request)),
-        _backend_failures(target, "convert"),
+        backend_failures(target, "convert"),
         converter_output_captured(),
     ):
         built = target.build(model, directory, request)
@@ -202,7 +151,7 @@ def build_and_validate(
         notes=notes,
     )
     with progress.stage(f"validate {target.name}", f"{len(samples.inputs)} input sets"):
-        with _backend_failures(target, "run"):
+        with backend_failures(target, "run"):
             runner = target.load(directory, manifest)
         run = in_reference_layout(runner.run, manifest.inputs, manifest.outputs)
         tolerance = options.tolerance(request.precision)
@@ -219,22 +168,6 @@ def build_and_validate(
     manifest.write(directory)
     progress.say(manifest.parity.summary().replace("\n", "\n[kiln]   "))
     return _Build(target, directory, manifest)
-
-
-@contextmanager
-def _backend_failures(target: Target, action: str) -> Iterator[None]:
-    """Turn a backend's own exception into an UnsupportedOpError naming the target and the op if it says."""
-    try:
-        yield
-    except (KilnError, OSError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        text = " ".join(str(exc).split())
-        what = f" (operation {op})" if (op := operation_named_in(text)) else ""
-        raise UnsupportedOpError(
-            f"{target.name} could not {action} the model{what}: {type(exc).__name__}: {text[:300]}",
-            "try another target, or replace that operation in the model",
-        ) from None
 
 
 def calibration_data(
@@ -266,17 +199,6 @@ def _capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[in
         batch = target.fixed_batch if target.fixed_batch not in (None, example_batch) else None
         groups.setdefault(batch, []).append(target)
     return sorted(groups.items(), key=lambda item: item[0] or 0)
-
-
-def operation_named_in(text: str) -> str | None:
-    """The operation a backend's error message names, if it names one (e.g. `Conv`, `STABLEHLO_SCATTER`)."""
-    tflite = re.search(r"Node number \d+ \((\w+)\) failed", text)
-    if tflite:
-        return tflite[1]
-    keyword = r"(?:operations?|operators?|op|node)"
-    # an op name has a capital, an underscore, a dot or a colon: not an English word like "are"
-    op = re.search(rf"\b{keyword}[\s:'\"]+(?!{keyword}\b)(?=[\w.:]*[A-Z_.:])([A-Za-z_][\w.:]*)", text, re.IGNORECASE)
-    return op[1] if op else None
 
 
 def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:
@@ -397,20 +319,6 @@ def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except Exception as exc:
         raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None
-
-
-IO_OPTIONS = ("nhwc", "int8", "uint8")
-
-
-def parse_io(text: str | None) -> tuple[str, ...]:
-    """`--io nhwc,int8` as a tuple of options, checked."""
-    options = tuple(o.strip().lower() for o in (text or "").split(",") if o.strip())
-    unknown = [o for o in options if o not in IO_OPTIONS]
-    if unknown:
-        raise UsageError(
-            f"--io {','.join(unknown)}: unknown I/O option", f"use a comma list of {', '.join(IO_OPTIONS)}"
-        )
-    return options
 
 
 def _check_targets(targets: list[Target], options: ExportOptions, every: bool, progress: Progress) -> list[Target]:

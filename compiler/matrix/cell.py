@@ -70,22 +70,20 @@ def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 
 def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any], int]:
-
     import torch
 
-    from compiler.capture import DynamicBatch
-    from compiler.pipeline import ExportOptions, export_targets
+    from compiler.options import export_options
+    from compiler.pipeline import export_targets
     from compiler.progress import Progress, quiet_libraries
-
 
     quiet_libraries()
     threads = int(job["threads"])
     torch.set_num_threads(threads)
     options = cell.options
-    export_options = ExportOptions(
+    settings = export_options(
         precision=cell.precision,
-        dynamic_batch=DynamicBatch.parse(options.dynamic_batch) if options.dynamic_batch else None,
-        inputs_files=[Path(p) for p in options.inputs],
+        dynamic_batch=options.dynamic_batch,
+        inputs=options.inputs,
         atol=options.atol,
         rtol=options.rtol,
         samples=options.samples,
@@ -93,7 +91,7 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
     )
     progress = Progress(stream=sys.stderr)
     started = time.perf_counter()
-    (result,) = export_targets(cell.model, cell.target, Path(job["export_dir"]), export_options, progress=progress)
+    (result,) = export_targets(cell.model, cell.target, Path(job["export_dir"]), settings, progress=progress)
     outcome: dict[str, Any] = {"export_s": round(time.perf_counter() - started, 3), "stages": dict(progress.timings)}
     manifest = result.manifest
     parity = manifest.parity

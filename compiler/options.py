@@ -1,0 +1,116 @@
+"""What an export is asked to do, built in one place from the CLI's flags, the library's keyword arguments and a
+matrix cell's options: `export_options(...)` is the only constructor those three call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compiler.calibration import DEFAULT_CALIBRATION_SAMPLES, AccuracyBudget, CalibrationData, CalibrationSpec
+from compiler.capture import DynamicBatch
+from compiler.errors import UsageError
+from compiler.parity import DEFAULT_SAMPLES
+from compiler.types import Tolerance
+from passes import DEFAULT_LEVEL, Pass, PassAdjustments
+
+if TYPE_CHECKING:
+    from targets.base import BuildRequest, Target
+
+IO_OPTIONS = ("nhwc", "int8", "uint8")
+
+
+@dataclass
+class ExportOptions:
+    """Everything about an export except the model, the targets and where it goes."""
+
+    precision: str | None = None  # None: each target's default (fp32, int8 for the Edge TPU)
+    device: str | None = None  # --device for targets that compile for one (aoti); None: the target's default
+    dynamic_batch: DynamicBatch | None = None
+    inputs_files: list[Path] = field(default_factory=list)
+    atol: float | None = None
+    rtol: float | None = None
+    samples: int = DEFAULT_SAMPLES
+    parity_gate: bool = True
+    force: bool = False
+    opt_level: int = DEFAULT_LEVEL  # -O0 .. -O3
+    pass_adjustments: PassAdjustments = field(default_factory=PassAdjustments)  # --passes +name,-name
+    passes: list[Pass] | None = None  # an explicit pipeline (library use), replacing the level's
+    dump_passes: Path | None = None  # --dump-passes DIR: the graph after each pass, per target
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    accuracy: AccuracyBudget | None = None  # --max-drop: revert the most sensitive layers to float until within it
+    io: tuple[str, ...] = ()  # --io: nhwc (image I/O channels-last), int8
+    min_cosine: float | None = None
+    min_snr_db: float | None = None
+    min_top1: float | None = None
+
+    def precision_for(self, target: Target) -> str:
+        """The precision asked of `target`: the user's, or the target's default."""
+        return self.precision or target.default_precision
+
+    def build_request(self, target: Target, calibration: CalibrationData | None) -> BuildRequest:
+        """What the target's build is asked for."""
+        from targets.base import BuildRequest
+
+        return BuildRequest(
+            precision=self.precision_for(target),
+            io_layout="nhwc" if "nhwc" in self.io else None,
+            calibration=calibration,
+            accuracy=self.accuracy,
+            device=self.device,
+        )
+
+    def tolerance(self, precision: str) -> Tolerance:
+        """The parity tolerance: the precision's default with the user's overrides."""
+        return Tolerance.for_precision(precision).with_overrides(
+            atol=self.atol,
+            rtol=self.rtol,
+            min_cosine=self.min_cosine,
+            min_snr_db=self.min_snr_db,
+            min_top1=self.min_top1,
+        )
+
+
+def parse_io(text: str | None) -> tuple[str, ...]:
+    """`--io nhwc,int8` as a tuple of options, checked."""
+    options = tuple(o.strip().lower() for o in (text or "").split(",") if o.strip())
+    unknown = [o for o in options if o not in IO_OPTIONS]
+    if unknown:
+        raise UsageError(
+            f"--io {','.join(unknown)}: unknown I/O option", f"use a comma list of {', '.join(IO_OPTIONS)}"
+        )
+    return options
+
+
+def export_options(
+    *,
+    calib: str | Path | None = None,
+    calib_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    calib_method: str = "minmax",
+    per_channel: bool = True,
+    symmetric_activations: bool | None = None,
+    max_drop: float | None = None,
+    metric: str | None = None,
+    dynamic_batch: str | None = None,
+    inputs: list[str | Path] | tuple[str | Path, ...] | None = None,
+    io: str | None = None,
+    adjust_passes: str | None = None,
+    dump_passes: str | Path | None = None,
+    **plain: Any,
+) -> ExportOptions:
+    """ExportOptions from plain values, as the CLI, the library and a matrix cell hold them: strings for
+    `dynamic_batch` ("MIN:MAX"), `io` ("nhwc"), `adjust_passes` ("+name,-name"); the calibration and accuracy
+    settings as separate values. `plain` holds the fields of ExportOptions that need no parsing (precision,
+    atol, samples, opt_level, ...)."""
+    return ExportOptions(
+        dynamic_batch=DynamicBatch.parse(dynamic_batch) if dynamic_batch else None,
+        inputs_files=[Path(p) for p in inputs or []],
+        calibration=CalibrationSpec(
+            str(calib) if calib is not None else None, calib_samples, calib_method, per_channel, symmetric_activations
+        ),
+        accuracy=AccuracyBudget(max_drop, metric) if max_drop is not None else None,
+        io=parse_io(io),
+        pass_adjustments=PassAdjustments.parse(adjust_passes),
+        dump_passes=Path(dump_passes) if dump_passes else None,
+        **plain,
+    )
