@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError
+from compiler.errors import EXIT_INTERRUPTED, KilnError, as_kiln_error
 from compiler.progress import quiet_libraries
 
 
@@ -51,14 +51,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         opt_level=args.opt_level,
         adjust_passes=args.passes,
         dump_passes=args.dump_passes,
+        all_or_nothing=args.all_or_nothing,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
-    failed = [r for r in results if r.parity is not None and not r.parity.passed]
+    failed = [r for r in results if r.failure is not None or (r.parity is not None and not r.parity.passed)]
     if args.json:
         print(json.dumps({"ok": not failed, "results": [r.to_dict() for r in results]}, indent=2))
     elif not args.quiet:
         for result in results:
+            if result.failure is not None:
+                print(f"{result.target:<10} {'FAILED at ' + result.failure.step:<26} {result.failure.message}")
+                continue
             status = "published" if result.published else "REJECTED (parity failed)"
             print(f"{result.target:<10} {status:<26} {result.directory}")
             if result.parity and not result.parity.passed:
@@ -386,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")
     export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
+    export.add_argument(
+        "--all-or-nothing",
+        action="store_true",
+        help="with several targets, stop at the first that fails to build and publish nothing "
+        "(default: publish the others, report the failure, exit 1)",
+    )
     _output_flags(export)
     export.set_defaults(handler=cmd_export)
 
@@ -490,12 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug in Kiln or a backend: say so in one line
         if os.environ.get("KILN_DEBUG"):
             raise
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        print(
-            f"kiln: internal error: {type(error).__name__}: {first} (rerun with KILN_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+        internal = as_kiln_error(error)
+        print(f"kiln: {internal.one_line()}", file=sys.stderr)
+        return internal.exit_code
 
 
 def main_entry() -> None:

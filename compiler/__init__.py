@@ -13,10 +13,19 @@ stays fast.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from compiler.errors import KilnError, MissingBackendError, ParityError, UnsupportedOpError, UsageError
+from compiler.errors import (
+    KilnError,
+    MissingBackendError,
+    ParityError,
+    UnsupportedOpError,
+    UsageError,
+    as_kiln_error,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -26,77 +35,58 @@ if TYPE_CHECKING:
 
 __all__ = ["KilnError", "MissingBackendError", "ParityError", "UnsupportedOpError", "UsageError", "export", "load"]
 __version__ = "0.1.0"
+_T = TypeVar("_T")
 
 
+def _kiln_errors_only(function: Callable[..., _T]) -> Callable[..., _T]:
+    """A library entry point that raises only Kiln's own exceptions: a bug elsewhere becomes an InternalError
+    with the CLI's message, the original exception chained as its cause."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        try:
+            return function(*args, **kwargs)
+        except KilnError:
+            raise
+        except Exception as error:
+            raise as_kiln_error(error) from error
+
+    return wrapper
+
+
+@_kiln_errors_only
 def export(
     model: torch.nn.Module | str,
     example_inputs: Any = None,
     target: str = "openvino",
     out: str | Path | None = None,
     *,
-    precision: str | None = None,
-    device: str | None = None,
-    dynamic_batch: str | None = None,
-    calib: str | Path | None = None,
-    calib_samples: int = 100,
-    calib_method: str = "minmax",
-    per_channel: bool = True,
-    symmetric_activations: bool | None = None,
-    max_drop: float | None = None,
-    metric: str | None = None,
-    io: str | None = None,
-    inputs: list[str | Path] | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    samples: int = 4,
-    parity_gate: bool = True,
-    force: bool = False,
-    passes: list[Any] | None = None,
-    opt_level: int = 2,
-    adjust_passes: str | None = None,
     raise_on_parity_failure: bool = True,
+    **options: Any,
 ) -> ExportResult:
     """Export `model` (a module with `example_inputs`, or a source string like `zoo:cnn`) to one target.
 
-    `precision` defaults to the target's own (fp32; int8 for edgetpu); `calib` is calibration data
-    for int8 (FILE.npz, a directory, or `file.py:loader`); `io` is e.g. "nhwc" for channels-last I/O.
-    `calib_method` (minmax, percentile, entropy), `per_channel` and `symmetric_activations` say how int8
-    is calibrated; `max_drop` (with an optional `metric`, "file.py:fn") makes int8 accuracy-aware.
-    `opt_level` picks the pass pipeline (0 none .. 3 target-specific); `adjust_passes` is "+name,-name";
-    `passes` replaces the pipeline with an explicit list of `passes.base.Pass`.
-    The artifact is validated against the model; if it fails parity it is kept under
-    `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
+    `options` are the CLI's export options as keywords: `precision` (default: the target's own, fp32; int8 for
+    edgetpu), `device`, `dynamic_batch` ("MIN:MAX"), `inputs` (extra parity .npz files), `atol`, `rtol`,
+    `min_cosine`, `min_snr_db`, `min_top1`, `samples`, `parity_gate`, `force`; int8 calibration: `calib`
+    (FILE.npz, a directory, or `file.py:loader`), `calib_samples`, `calib_method` (minmax, percentile, entropy),
+    `per_channel`, `symmetric_activations`, and `max_drop` with an optional `metric` ("file.py:fn") for
+    accuracy-aware int8; `io` (e.g. "nhwc" for channels-last I/O); `opt_level` (0 none .. 3 target-specific),
+    `adjust_passes` ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`.
+    An unknown keyword is a UsageError. The artifact is validated against the model; if it fails parity it is
+    kept under `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
+    Only Kiln's exceptions are raised (`KilnError` and its subclasses), with the CLI's messages.
     """
     from compiler.options import export_options
     from compiler.pipeline import export_targets
 
-    if "," in target or target == "all":
-        raise UsageError(f"export() takes one target, got '{target}'", "call it once per target")
+    if not isinstance(target, str) or not target.strip() or "," in target or target.strip() == "all":
+        raise UsageError(f"export() takes one target name, got {target!r}", "e.g. target='onnx'; call it per target")
+    if out is not None and not isinstance(out, (str, Path)):
+        raise UsageError(f"out must be a path, got {type(out).__name__}", "e.g. out='exports/model'")
     name = model if isinstance(model, str) else type(model).__name__.lower()
-    options = export_options(
-        precision=precision,
-        device=device,
-        dynamic_batch=dynamic_batch,
-        inputs=inputs,
-        atol=atol,
-        rtol=rtol,
-        samples=samples,
-        parity_gate=parity_gate,
-        force=force,
-        passes=passes,
-        opt_level=opt_level,
-        adjust_passes=adjust_passes,
-        calib=calib,
-        calib_samples=calib_samples,
-        calib_method=calib_method,
-        per_channel=per_channel,
-        symmetric_activations=symmetric_activations,
-        max_drop=max_drop,
-        metric=metric,
-        io=io,
-    )
     destination = Path(out) if out is not None else Path("exports") / Path(str(name).split(":")[-1]).stem / target
-    (result,) = export_targets(model, target, destination, options, example_inputs=example_inputs)
+    (result,) = export_targets(model, target, destination, export_options(**options), example_inputs=example_inputs)
     if raise_on_parity_failure and not result.published and result.parity is not None:
         failed = "; ".join(o.summary() for o in result.parity.failures())
         raise ParityError(
@@ -106,8 +96,13 @@ def export(
     return result
 
 
+@_kiln_errors_only
 def load(path: str | Path, target: str | None = None) -> LoadedModel:
     """Load an export directory as a callable taking numpy arrays or torch tensors."""
     from compiler.runner import load as load_export
 
+    if not isinstance(path, (str, Path)):
+        raise UsageError(
+            f"load() takes the path of an export directory, got {type(path).__name__}", "e.g. 'exports/cnn'"
+        )
     return load_export(path, target)

@@ -6,7 +6,7 @@ import inspect
 import re
 import shutil
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +79,18 @@ def capture(
     output_names = flat_output_names(run_eager(source, source.example_inputs))
     exported = export_program(source, dynamic_batch)
     inputs, outputs = fx_signature(exported, output_names)
-    if not to_onnx:
-        return CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch)
-    lower_to_onnx(exported, onnx_path, output_names, dynamic_batch, optimize)
-    return CapturedModel(exported, onnx_path, inputs, outputs, onnx_signature(onnx_path, True)[2], dynamic_batch)
+    captured = CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch)
+    return lower(captured, workdir, optimize) if to_onnx else captured
+
+
+def lower(captured: CapturedModel, workdir: Path, optimize: bool = True) -> CapturedModel:
+    """The captured program with its ONNX lowering (`workdir/captured/model.onnx`); see `lower_to_onnx`."""
+    assert captured.exported is not None
+    onnx_path = workdir / "captured" / "model.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in captured.outputs]
+    lower_to_onnx(captured.exported, onnx_path, names, captured.dynamic_batch, optimize)
+    return replace(captured, onnx_path=onnx_path, opset=onnx_signature(onnx_path, True)[2])
 
 
 def fx_signature(

@@ -54,3 +54,22 @@ class ParityError(KilnError):
     """An artifact does not compute what PyTorch computes within tolerance."""
 
     exit_code = EXIT_PARITY
+
+
+class InternalError(KilnError):
+    """A bug in Kiln or a backend, not the user's input: the original exception is its __cause__."""
+
+    exit_code = EXIT_INTERNAL
+
+
+def as_kiln_error(error: Exception) -> KilnError:
+    """Any exception as a Kiln error: itself if it is one, else an InternalError with the message the CLI prints."""
+    if isinstance(error, KilnError):
+        return error
+    lines = str(error).strip().splitlines()
+    first = lines[0][:300] if lines else ""
+    internal = InternalError(
+        f"internal error: {type(error).__name__}: {first}", "rerun with KILN_DEBUG=1 for the traceback"
+    )
+    internal.__cause__ = error
+    return internal

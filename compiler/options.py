@@ -3,7 +3,9 @@ matrix cell's options: `export_options(...)` is the only constructor those three
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import inspect
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,13 +13,15 @@ from compiler.calibration import DEFAULT_CALIBRATION_SAMPLES, AccuracyBudget, Ca
 from compiler.capture import DynamicBatch
 from compiler.errors import UsageError
 from compiler.parity import DEFAULT_SAMPLES
-from compiler.types import Tolerance
+from compiler.types import Tolerance, check_thresholds
 from passes import DEFAULT_LEVEL, Pass, PassAdjustments
 
 if TYPE_CHECKING:
     from targets.base import BuildRequest, Target
 
 IO_OPTIONS = ("nhwc", "int8", "uint8")
+# ExportOptions fields that export_options() makes from a differently named plain value
+PARSED_FIELDS = {"inputs_files", "calibration", "accuracy", "pass_adjustments"}
 
 
 @dataclass
@@ -43,6 +47,13 @@ class ExportOptions:
     min_cosine: float | None = None
     min_snr_db: float | None = None
     min_top1: float | None = None
+    all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
+
+    def __post_init__(self) -> None:
+        """Refuse bad thresholds before any work (the tolerance of any precision applies the same overrides)."""
+        self.tolerance("fp32")
+        if self.accuracy is not None:
+            check_thresholds(max_drop=self.accuracy.max_drop)
 
     def precision_for(self, target: Target) -> str:
         """The precision asked of `target`: the user's, or the target's default."""
@@ -101,7 +112,15 @@ def export_options(
     """ExportOptions from plain values, as the CLI, the library and a matrix cell hold them: strings for
     `dynamic_batch` ("MIN:MAX"), `io` ("nhwc"), `adjust_passes` ("+name,-name"); the calibration and accuracy
     settings as separate values. `plain` holds the fields of ExportOptions that need no parsing (precision,
-    atol, samples, opt_level, ...)."""
+    atol, samples, opt_level, ...); an unknown name is a UsageError."""
+    known = {f.name for f in fields(ExportOptions)} - PARSED_FIELDS
+    unknown = sorted(set(plain) - known)
+    if unknown:
+        names = sorted(known | set(inspect.signature(export_options).parameters) - {"plain"})
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        raise UsageError(
+            f"unknown export option '{unknown[0]}'", f"did you mean {close[0]}?" if close else f"use {', '.join(names)}"
+        )
     return ExportOptions(
         dynamic_batch=DynamicBatch.parse(dynamic_batch) if dynamic_batch else None,
         inputs_files=[Path(p) for p in inputs or []],

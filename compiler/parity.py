@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compiler.errors import UsageError
 from compiler.layout import nchw_array, nhwc_array, nhwc_names
+from compiler.metrics import cosine, is_classifier, snr_db, top1_matches
 from compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
 
 DEFAULT_SAMPLES = 4
@@ -19,6 +20,9 @@ INPUTS_FILE = "parity/inputs.npz"
 REFERENCE_FILE = "parity/reference.npz"
 
 Feeds = dict[str, np.ndarray]
+
+if TYPE_CHECKING:
+    from compiler.artifacts import Artifact
 
 
 @dataclass
@@ -35,8 +39,8 @@ class ParitySamples:
         if size > SAVED_SAMPLES_LIMIT:
             return False
         (directory / "parity").mkdir(exist_ok=True)
-        np.savez_compressed(directory / INPUTS_FILE, **_pack(self.inputs))
-        np.savez_compressed(directory / REFERENCE_FILE, **_pack(self.reference))
+        np.savez_compressed(directory / INPUTS_FILE, **_pack(self.inputs))  # type: ignore[arg-type]
+        np.savez_compressed(directory / REFERENCE_FILE, **_pack(self.reference))  # type: ignore[arg-type]
         return True
 
     @classmethod
@@ -162,56 +166,73 @@ def compare(actual: list[Feeds], expected: list[Feeds], tolerance: Tolerance) ->
 def _compare_output(
     name: str, actual: list[np.ndarray | None], expected: list[np.ndarray], tolerance: Tolerance
 ) -> OutputMetrics:
-    exact = expected[0].dtype.kind in "biu"
-    metrics = OutputMetrics(name=name, passed=True, kind="exact" if exact else "float")
-    mismatched = total = 0
-    agree = 0
-    signal = noise = 0.0
-    top1_rows = top1_agree = 0
+    kind = "exact" if expected[0].dtype.kind in "biu" else "float"
     for index, (got, want) in enumerate(zip(actual, expected)):
         if got is None:
-            return OutputMetrics(name, False, metrics.kind, reason=f"output missing from the artifact (sample {index})")
-        got = np.asarray(got)
-        if got.shape != want.shape:
+            return OutputMetrics(name, False, kind, reason=f"output missing from the artifact (sample {index})")
+        if np.shape(got) != want.shape:
             return OutputMetrics(
                 name,
                 False,
-                metrics.kind,
+                kind,
                 worst_sample=index,
-                reason=f"shape {list(got.shape)} != reference {list(want.shape)} (sample {index})",
+                reason=f"shape {list(np.shape(got))} != reference {list(want.shape)} (sample {index})",
             )
+    pairs = [(np.asarray(got), want) for got, want in zip(actual, expected)]
+    metrics = _judge_exact(name, pairs, tolerance) if kind == "exact" else _judge_float(name, pairs, tolerance)
+    metrics.shape = list(pairs[0][0].shape)
+    if not any(want.size for _, want in pairs):
+        metrics.passed = False
+        metrics.reason = (
+            f"the output has no elements (shape {list(pairs[0][1].shape)}) on every input set: "
+            "an empty comparison proves nothing"
+        )
+    return metrics
+
+
+def _judge_exact(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], tolerance: Tolerance) -> OutputMetrics:
+    """Integer and boolean outputs: the fraction of equal elements."""
+    total = sum(want.size for _, want in pairs)
+    agree = sum(int(np.count_nonzero(got.astype(want.dtype) == want)) for got, want in pairs)
+    metrics = OutputMetrics(name, True, "exact", agreement=agree / total if total else 1.0)
+    metrics.passed = metrics.agreement >= tolerance.min_agreement
+    if not metrics.passed:
+        metrics.reason = f"agreement {metrics.agreement:.4f} < {tolerance.min_agreement}"
+    return metrics
+
+
+def _judge_float(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], tolerance: Tolerance) -> OutputMetrics:
+    """Float outputs: elementwise closeness, cosine, SNR and (classifier outputs) top-1 agreement."""
+    metrics = OutputMetrics(name, True, "float")
+    mismatched = total = top1_rows = top1_agree = 0
+    signal = noise = 0.0
+    for index, (got, want) in enumerate(pairs):
         total += want.size
-        if exact:
-            equal = int(np.count_nonzero(got.astype(want.dtype) == want))
-            agree += equal
-            continue
         g, w = got.astype(np.float64), want.astype(np.float64)
-        both_nan = np.isnan(g) & np.isnan(w)
-        diff = np.where(both_nan, 0.0, np.abs(g - w))
+        diff = np.where(np.isnan(g) & np.isnan(w), 0.0, np.abs(g - w))
         diff = np.where(np.isnan(diff), np.inf, diff)
-        bad = diff > tolerance.atol + tolerance.rtol * np.abs(np.nan_to_num(w))
-        mismatched += int(np.count_nonzero(bad))
+        mismatched += int(np.count_nonzero(diff > tolerance.atol + tolerance.rtol * np.abs(np.nan_to_num(w))))
         if diff.size:
-            max_abs = float(diff.max())
-            if max_abs > metrics.max_abs_error:
-                metrics.worst_sample, metrics.max_abs_error = index, max_abs
+            if float(diff.max()) > metrics.max_abs_error:
+                metrics.worst_sample, metrics.max_abs_error = index, float(diff.max())
             rel = diff / np.maximum(np.abs(np.nan_to_num(w)), max(tolerance.atol, 1e-12))
             metrics.max_rel_error = max(metrics.max_rel_error, float(rel.max()))
-        metrics.min_cosine = min(metrics.min_cosine, _cosine(np.nan_to_num(g), np.nan_to_num(w)))
+        metrics.min_cosine = min(metrics.min_cosine, cosine(np.nan_to_num(g), np.nan_to_num(w)))
         signal += float(np.sum(np.nan_to_num(w) ** 2))
         noise += float(np.sum(np.nan_to_num(g - w, nan=np.inf) ** 2))
-        if _is_classifier(want):
+        if is_classifier(want):
             top1_rows += want.shape[0]
-            top1_agree += int(np.count_nonzero(np.argmax(g, axis=1) == np.argmax(w, axis=1)))
-    if exact:
-        metrics.agreement = agree / total if total else 1.0
-        metrics.passed = metrics.agreement >= tolerance.min_agreement
-        if not metrics.passed:
-            metrics.reason = f"agreement {metrics.agreement:.4f} < {tolerance.min_agreement}"
-        return metrics
+            top1_agree += top1_matches(g, w)
     metrics.mismatch_fraction = mismatched / total if total else 0.0
-    metrics.snr_db = _snr_db(signal, noise)
+    metrics.snr_db = snr_db(signal, noise)
     metrics.top1_agreement = top1_agree / top1_rows if top1_rows else None
+    metrics.reason = "; ".join(_float_failures(metrics, tolerance))
+    metrics.passed = not metrics.reason
+    return metrics
+
+
+def _float_failures(metrics: OutputMetrics, tolerance: Tolerance) -> list[str]:
+    """Why a float output fails the tolerance (empty: it passes)."""
     reasons = []
     if metrics.mismatch_fraction > tolerance.max_mismatch:
         reasons.append(
@@ -224,31 +245,7 @@ def _compare_output(
         reasons.append(f"SNR {metrics.snr_db:.1f} dB < {tolerance.min_snr_db} dB")
     if metrics.top1_agreement is not None and metrics.top1_agreement < tolerance.min_top1:
         reasons.append(f"top-1 agreement {metrics.top1_agreement:.2%} < {tolerance.min_top1:.0%}")
-    metrics.passed = not reasons
-    metrics.reason = "; ".join(reasons)
-    return metrics
-
-
-def _is_classifier(output: np.ndarray) -> bool:
-    """Logits or probabilities: a float [batch, classes] array with at least two classes."""
-    return output.ndim == 2 and output.shape[1] >= 2 and output.dtype.kind == "f"
-
-
-def _snr_db(signal: float, noise: float) -> float:
-    """Signal-to-noise ratio of the reference against the artifact's error, in dB (inf when exact)."""
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0 or not np.isfinite(noise):
-        return float("-inf")
-    return float(10 * np.log10(signal / noise))
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel(), b.ravel()
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if norm == 0.0:
-        return 1.0 if not a.any() and not b.any() else 0.0
-    return float(np.dot(a, b) / norm)
+    return reasons
 
 
 def in_reference_layout(
@@ -266,10 +263,11 @@ def in_reference_layout(
     return adapted
 
 
-def validate(
+def judge(
     run: Callable[[Feeds], Feeds], samples: ParitySamples, tolerance: Tolerance, reference: str, runtime: dict[str, Any]
 ) -> ParityReport:
-    """Run the artifact on every sample and judge it against the reference outputs."""
+    """Run `run` (named inputs -> named outputs, in the reference's layout) on every sample and judge it against
+    the reference outputs."""
     actual = [run(feeds) for feeds in samples.inputs]
     outputs = compare(actual, samples.reference, tolerance)
     return ParityReport(
@@ -281,3 +279,15 @@ def validate(
         outputs=outputs,
         runtime=runtime,
     )
+
+
+def validate(
+    artifact: Artifact, samples: ParitySamples, tolerance: Tolerance, reference: str = "reference"
+) -> ParityReport:
+    """The parity gate for one artifact: load it with its target, run it on every sample (converting NHWC I/O
+    to the reference's layout) and judge every output against the reference outputs within `tolerance`."""
+    from compiler.artifacts import load_runner
+
+    runner = load_runner(artifact)
+    run = in_reference_layout(runner.run, artifact.manifest.inputs, artifact.manifest.outputs)
+    return judge(run, samples, tolerance, reference, runner.runtime_info())

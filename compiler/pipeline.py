@@ -1,36 +1,40 @@
-"""The export pipeline: load -> capture -> passes -> build -> validate -> manifest, in one place."""
+"""The export pipeline, in one place: load -> capture -> optimize -> build -> validate -> publish.
+
+`export_targets` reads as that flow; each step is one call to a public function that other commands use on
+their own: `compiler.optimize.optimize`, `compiler.artifacts.build`, `compiler.parity.validate`,
+`compiler.manifest.assemble_manifest`, `compiler.staging.install_tree`.
+"""
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import tempfile
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from compiler.backend_errors import backend_failures, operation_named_in  # noqa: F401  (re-exported)
+from compiler.artifacts import Artifact, build, hash_files
 from compiler.calibration import CalibrationData, load_calibration
-from compiler.capture import CapturedModel, capture
-from compiler.errors import KilnError, MissingBackendError, UsageError
-from compiler.host import host_info, versions
-from compiler.options import ExportOptions, parse_io  # noqa: F401  (ExportOptions is re-exported)
-from compiler.parity import (
-    ParitySamples,
-    in_reference_layout,
-    make_inputs,
-    read_inputs_file,
-    validate,
-)
-from compiler.progress import Progress, converter_output_captured
+from compiler.capture import CapturedModel, capture, lower
+from compiler.errors import KilnError, UnsupportedOpError, UsageError
+from compiler.layout import NCHW_TO_NHWC, NHWC
+from compiler.manifest import assemble_manifest, source_record
+from compiler.optimize import optimize
+from compiler.options import ExportOptions
+from compiler.parity import ParitySamples, validate
+from compiler.progress import Progress
+from compiler.reference import reference_samples
+from compiler.selection import fit_to_source, select_targets
 from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
-from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord
-from passes import FX, ONNX, dump_graph, pipeline_for, run_pipeline, save_onnx
-from targets import Target, resolve_targets
+from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure, TensorSpec
+from targets import Target
+
+__all__ = ["ExportOptions", "export_targets"]
 
 NOT_REPRESENTATIVE = (
     "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
@@ -39,11 +43,37 @@ NOT_REPRESENTATIVE = (
 
 
 @dataclass
-class _Build:
+class _Shared:
+    """What every target of one capture shares: the source at its batch, the graphs, the parity samples, the
+    calibration data, a scratch directory, why the ONNX lowering failed (if it did) and the pass pipelines
+    already run."""
+
+    source: ModelSource
+    captured: CapturedModel
+    samples: ParitySamples
+    calibration: CalibrationData | None
+    scratch: Path
+    lowering_failure: KilnError | None = None  # the ONNX lowering failed (the FX program is still there)
+    optimized: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Outcome:
+    """One target's end: its finished build (directory and manifest), or how it failed."""
+
     target: Target
-    directory: Path
-    manifest: Manifest
-    relative: Path = Path()  # where it ends up inside the output directory
+    directory: Path | None = None
+    manifest: Manifest | None = None
+    failure: TargetFailure | None = None
+    relative: Path = Path()  # where the build ends up inside the output directory
+
+
+class _TargetFailed(Exception):
+    """A target failed at one step; with several targets, the others go on."""
+
+    def __init__(self, step: str, error: KilnError):
+        super().__init__(error.one_line())
+        self.step, self.error = step, error
 
 
 def export_targets(
@@ -54,120 +84,211 @@ def export_targets(
     example_inputs: Any = None,
     progress: Progress | None = None,
 ) -> list[ExportResult]:
-    """Export one model to one or more targets, each validated against the reference; see `export`."""
+    """Export one model to one or more targets, each validated against the reference; see `compiler.export`.
+
+    With several targets, one that fails to build or run is reported (`ExportResult.failure`) and the others
+    are still published, unless `options.all_or_nothing`.
+    """
     options = options or ExportOptions()
     progress = progress or Progress(quiet=True)
     out = Path(out)
-    every = _names(targets) == ["all"]
-    chosen = _check_targets(resolve_targets(targets), options, every, progress)
+    chosen = select_targets(targets, options, progress)
     check_output_dir(out, options.force)
-    with progress.stage("load", model if isinstance(model, str) else type(model).__name__):
-        source = _load(model, example_inputs, options)
-    chosen = _fit_to_source(source, chosen, every=every, progress=progress)
+    timings: dict[str, float] = {}  # the stages every target shares
+    with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
+        source = load_model(model, example_inputs, options)
+    chosen = fit_to_source(source, chosen, targets, progress)
+    outcomes: list[_Outcome] = []
     with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
-        builds = []
         for batch, group in _capture_groups(source, chosen):
-            group_source = source.with_batch(batch) if batch else source
-            scratch = Path(work) / f"batch{batch or 'example'}"
-            to_onnx = any(t.consumes == "onnx" for t in group)
-            via = "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx
-            with progress.stage("capture", via + (f" at batch {batch}" if batch else "")):
-                captured = capture(group_source, options.dynamic_batch, scratch, to_onnx, options.opt_level > 0)
-            with progress.stage("reference", f"{source.reference_name} on parity inputs"):
-                samples = reference_samples(group_source, captured, options)
-            calibration = calibration_data(group, captured, group_source, options, progress)
-            optimized: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]] = {}
+            shared = prepare(source, batch, group, options, Path(work), progress, timings)
             for target in group:
-                with progress.stage(f"passes {target.name}", f"-O{options.opt_level}"):
-                    graph_model, pass_records = optimize(captured, target, scratch, options, optimized)
-                builds.append(
-                    build_and_validate(
-                        target,
-                        source,
-                        graph_model,
-                        samples,
-                        pass_records,
-                        staging / "builds" / target.name,
-                        options,
-                        progress,
-                        calibration,
-                    )
-                )
-        install_tree(_assemble(staging, builds, single=len(chosen) == 1), out)
-    return [ExportResult(b.target.name, out / b.relative, b.manifest, b.manifest.published) for b in builds]
+                outcomes.append(_export_or_fail(target, shared, options, staging, progress, timings, len(chosen)))
+        return publish(staging, outcomes, out)
 
 
-def build_and_validate(
+def _export_or_fail(
     target: Target,
-    source: ModelSource,
-    model: CapturedModel,
-    samples: ParitySamples,
-    pass_records: list[PassRecord],
-    directory: Path,
+    shared: _Shared,
     options: ExportOptions,
+    staging: Path,
     progress: Progress,
-    calibration: CalibrationData | None = None,
-) -> _Build:
-    """Build one target's artifact, run it on the parity samples, and write its manifest."""
-    directory.mkdir(parents=True)
-    request = options.build_request(target, calibration)
-    with (
-        progress.stage(f"build {target.name}", target.stage_detail(model, request)),
-        backend_failures(target, "convert"),
-        converter_output_captured(),
-    ):
-        built = target.build(model, directory, request)
-    for note in built.notes:
-        progress.say(f"note: {note}")
-    stored = samples.save(directory)
-    notes = list(built.notes) + ([] if stored else ["parity samples too large to store: verify needs --model"])
-    if calibration is not None and not calibration.representative and request.precision == "int8":
-        notes.append(NOT_REPRESENTATIVE)
-    manifest = Manifest(
-        target=target.name,
-        precision=request.precision,
-        source={
-            "description": source.description,
-            "kind": source.kind,
-            "state_hash": source.state_hash,
-            "reference": source.reference_name,
-        },
-        files=[],
-        inputs=built.inputs or model.inputs,
-        outputs=built.outputs or model.outputs,
-        parity=None,
-        published=False,
-        parity_gate=options.parity_gate,
-        runtime_config=built.runtime_config,
-        timings={},
-        versions=versions(*target.requires.values()),
-        host=host_info(),
-        passes=pass_records + built.passes,
-        target_info={
-            "opset": model.opset,
-            "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
-            **built.info,
-        },
-        notes=notes,
-    )
-    with progress.stage(f"validate {target.name}", f"{len(samples.inputs)} input sets"):
-        with backend_failures(target, "run"):
-            runner = target.load(directory, manifest)
-        run = in_reference_layout(runner.run, manifest.inputs, manifest.outputs)
-        tolerance = options.tolerance(request.precision)
-        manifest.parity = validate(run, samples, tolerance, source.reference_name, runner.runtime_info())
-    manifest.published = manifest.parity.passed or not options.parity_gate
-    if not options.parity_gate and not manifest.parity.passed:
-        manifest.notes.append("published without passing parity (--no-parity-gate)")
-    manifest.timings = {
-        stage: seconds
-        for stage, seconds in progress.timings.items()
-        if not stage.startswith(("passes ", "build ", "validate ")) or stage.endswith(f" {target.name}")
-    }
-    manifest.files = hash_files(directory)
+    timings: dict[str, float],
+    count: int,
+) -> _Outcome:
+    """One target's export; a failure of one of several targets is recorded instead of raised."""
+    try:
+        return export_one(target, shared, options, staging / "builds" / target.name, progress, timings)
+    except _TargetFailed as failed:
+        if count == 1 or options.all_or_nothing:
+            raise failed.error from None
+        progress.warn(f"{target.name} failed at {failed.step}: {failed.error.one_line()}")
+        return _Outcome(target, failure=TargetFailure(failed.step, failed.error.one_line(), failed.error.exit_code))
+
+
+def prepare(
+    source: ModelSource,
+    batch: int | None,
+    group: list[Target],
+    options: ExportOptions,
+    work: Path,
+    progress: Progress,
+    timings: dict[str, float],
+) -> _Shared:
+    """Capture the model once for a group of targets, and compute what they share: the reference outputs on the
+    parity inputs, and calibration data when one of them is quantized."""
+    source = source.with_batch(batch) if batch else source
+    scratch = work / f"batch{batch or 'example'}"
+    to_onnx = any(t.consumes == "onnx" for t in group)
+    # With targets that take the FX program too, a failed ONNX lowering fails only the ONNX targets.
+    mixed = to_onnx and source.kind == "torch" and any(t.consumes != "onnx" for t in group)
+    lowering_failure = None
+    via = "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx
+    with _timed(progress, timings, "capture", via + (f" at batch {batch}" if batch else "")):
+        optimize_onnx = options.opt_level > 0
+        captured = capture(source, options.dynamic_batch, scratch, to_onnx and not mixed, optimize_onnx)
+        if mixed:
+            try:
+                captured = lower(captured, scratch, optimize_onnx)
+            except UnsupportedOpError as error:
+                if options.all_or_nothing:
+                    raise
+                lowering_failure = error
+    with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
+        samples = reference_samples(source, captured, options)
+    calibration = calibration_data(group, captured, source, options, progress, timings)
+    return _Shared(source, captured, samples, calibration, scratch, lowering_failure)
+
+
+def export_one(
+    target: Target,
+    shared: _Shared,
+    options: ExportOptions,
+    directory: Path,
+    progress: Progress,
+    timings: dict[str, float],
+) -> _Outcome:
+    """Optimize, build and validate one target, and write its manifest; a KilnError at a step becomes
+    _TargetFailed naming the step."""
+    own: dict[str, float] = {}
+    if target.consumes == "onnx" and shared.lowering_failure is not None:
+        raise _TargetFailed("capture", shared.lowering_failure)
+    step = "optimize"
+    try:
+        with _timed(progress, own, f"passes {target.name}", f"-O{options.opt_level}"):
+            graph, records = optimize(shared.captured, target, shared.scratch, options, shared.optimized)
+        _say_rollbacks(records, progress)
+        step = "build"
+        request = options.build_request(target, shared.calibration)
+        with _timed(progress, own, f"build {target.name}", target.stage_detail(graph, request)):
+            artifact = build(target, graph, request, directory)
+        for note in artifact.manifest.notes:
+            progress.say(f"note: {note}")
+        notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
+        if shared.calibration is not None and not shared.calibration.representative and request.precision == "int8":
+            notes.append(NOT_REPRESENTATIVE)
+        step = "validate"
+        with _timed(progress, own, f"validate {target.name}", f"{len(shared.samples.inputs)} input sets"):
+            report = validate(
+                artifact, shared.samples, options.tolerance(request.precision), shared.source.reference_name
+            )
+    except KilnError as error:
+        raise _TargetFailed(step, error) from error
+    manifest = _final_manifest(artifact, shared.source, records, notes, report, options, timings | own)
     manifest.write(directory)
-    progress.say(manifest.parity.summary().replace("\n", "\n[kiln]   "))
-    return _Build(target, directory, manifest)
+    progress.say(report.summary().replace("\n", "\n[kiln]   "))
+    return _Outcome(target, directory, manifest)
+
+
+def _final_manifest(
+    artifact: Artifact,
+    source: ModelSource,
+    records: list[PassRecord],
+    notes: list[str],
+    report: ParityReport,
+    options: ExportOptions,
+    timings: dict[str, float],
+) -> Manifest:
+    """The manifest of a validated build: its parts, with the outputs' shapes as the artifact produced them."""
+    assert artifact.parts is not None
+    parts = replace(
+        artifact.parts,
+        source=source_record(source),
+        passes=records,
+        notes=notes,
+        parity=report,
+        parity_gate=options.parity_gate,
+        timings=timings,
+        files=hash_files(artifact.directory),
+    )
+    manifest = assemble_manifest(parts)
+    manifest.outputs = observed_outputs(manifest.outputs, report)
+    return manifest
+
+
+def observed_outputs(specs: list[TensorSpec], report: ParityReport) -> list[TensorSpec]:
+    """The output specs with each static dimension as the artifact really produced it (a declared shape can be
+    wrong: an ONNX file may declare [1, 0] for an output of [1, 10]); named dynamic dimensions stay named."""
+    produced = {o.name: o.shape for o in report.outputs if o.shape is not None}
+    fixed = []
+    for spec in specs:
+        shape = produced.get(spec.name)
+        if shape is not None and spec.layout == NHWC and len(shape) == 4:
+            shape = [shape[i] for i in NCHW_TO_NHWC]  # the report's shapes are in the reference's layout
+        if shape is not None and len(shape) == len(spec.shape):
+            spec = replace(spec, shape=tuple(d if isinstance(d, str) else n for d, n in zip(spec.shape, shape)))
+        elif shape is not None:
+            spec = replace(spec, shape=tuple(shape))
+        fixed.append(spec)
+    return fixed
+
+
+def publish(staging: Path, outcomes: list[_Outcome], out: Path) -> list[ExportResult]:
+    """Move the finished builds into `out` (passed ones in place, failed ones under `.rejected/`), in one step."""
+    built = [o for o in outcomes if o.directory is not None]
+    if built:
+        install_tree(_assemble(staging, built, single=len(outcomes) == 1), out)
+    return [
+        ExportResult(
+            o.target.name,
+            out / o.relative,
+            o.manifest,
+            o.manifest is not None and o.manifest.published,
+            o.failure,
+        )
+        for o in outcomes
+    ]
+
+
+def _assemble(staging: Path, builds: list[_Outcome], single: bool) -> Path:
+    """Lay out the final tree: passed builds in place, failed ones under `.rejected/`."""
+    tree = staging / "tree"
+    first = builds[0]
+    if single and first.manifest is not None and first.manifest.published and first.directory is not None:
+        first.directory.rename(tree)
+        return tree
+    tree.mkdir()
+    for build_ in builds:
+        assert build_.manifest is not None and build_.directory is not None
+        build_.relative = Path(build_.target.name) if build_.manifest.published else Path(REJECTED, build_.target.name)
+        (tree / build_.relative).parent.mkdir(exist_ok=True)
+        build_.directory.rename(tree / build_.relative)
+    return tree
+
+
+@contextmanager
+def _timed(progress: Progress, timings: dict[str, float], name: str, detail: str) -> Iterator[None]:
+    """A progress stage whose seconds are added to `timings[name]`."""
+    with progress.stage(name, detail) as stage:
+        yield
+    timings[name] = round(timings.get(name, 0.0) + stage.seconds, 3)
+
+
+def _say_rollbacks(records: list[PassRecord], progress: Progress) -> None:
+    """One line per pass that broke the graph and was rolled back."""
+    for record in records:
+        if record.rolled_back:
+            progress.warn(f"pass {record.name} was rolled back: {record.rolled_back}")
 
 
 def calibration_data(
@@ -176,6 +297,7 @@ def calibration_data(
     source: ModelSource,
     options: ExportOptions,
     progress: Progress,
+    timings: dict[str, float],
 ) -> CalibrationData | None:
     """Calibration samples when a target is asked for calibrated int8, else None; loud when they are random."""
     if not any(options.precision_for(t) == "int8" for t in targets):
@@ -183,7 +305,7 @@ def calibration_data(
             progress.say("--calib is ignored: no target is exported at precision int8")
         return None
     examples = [t.detach().cpu().numpy() for t in source.example_inputs]
-    with progress.stage("calibration", options.calibration.describe()):
+    with _timed(progress, timings, "calibration", options.calibration.describe()):
         data = load_calibration(options.calibration, model.inputs, examples)
     if not data.representative:
         progress.warn(NOT_REPRESENTATIVE)
@@ -201,112 +323,16 @@ def _capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[in
     return sorted(groups.items(), key=lambda item: item[0] or 0)
 
 
-def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:
-    """Parity input sets and the reference model's outputs on each."""
-    if options.samples < 1:
-        raise UsageError(f"--samples {options.samples}: need at least 1", "use the default of 4")
-    examples = [t.detach().cpu().numpy() for t in source.example_inputs]
-    if len(examples) != len(model.inputs):
-        raise UsageError(
-            f"the ONNX graph has {len(model.inputs)} inputs but the model takes {len(examples)}",
-            "remove unused inputs from forward()",
-        )
-    batch = model.dynamic_batch
-    user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.inputs_files]
-    inputs, origins = make_inputs(
-        examples, model.inputs, options.samples, [batch.minimum, batch.maximum] if batch else [], user_sets
-    )
-    reference = reference_runner(source, model)
-    return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs])
-
-
-def reference_runner(source: ModelSource, model: CapturedModel) -> Any:
-    """A function from named numpy inputs to the reference model's named numpy outputs."""
-    if source.kind == "onnx":
-        from targets.onnxrt import OnnxRuntimeRunner
-
-        assert source.onnx_path is not None
-        return OnnxRuntimeRunner(source.onnx_path).run
-    module = source.module
-    assert module is not None
-    names = [s.name for s in model.outputs]
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            outputs = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in model.inputs])
-        leaves = torch.utils._pytree.tree_leaves(outputs)
-        return {name: leaf.detach().cpu().numpy() for name, leaf in zip(names, leaves)}
-
-    return run
-
-
-def optimize(
-    model: CapturedModel,
-    target: Target,
-    work: Path,
-    options: ExportOptions,
-    done: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]],
-) -> tuple[CapturedModel, list[PassRecord]]:
-    """Run the target's passes over the graph it consumes; the optimized model and what each pass did.
-
-    `done` holds the pipelines already run for other targets of this capture, so that one is run once.
-    """
-    ir = FX if target.consumes == "torch" else ONNX
-    if options.passes is not None:
-        chosen = [p for p in options.passes if p.ir == ir]
-    else:
-        chosen = pipeline_for(ir, target.name, options.opt_level, options.pass_adjustments)
-    key = (ir, *(p.name for p in chosen))
-    dump = options.dump_passes / target.name if options.dump_passes is not None else None
-    if key in done:
-        if dump is not None:
-            _dump_final(done[key][0], ir, dump)
-        return done[key]
-    if ir == ONNX and model.onnx_path is not None:
-        import onnx_ir
-
-        graph, records = run_pipeline(onnx_ir.load(str(model.onnx_path)), chosen, dump)
-        destination = work / f"optimized-{len(done)}" / "model.onnx"
-        destination.parent.mkdir()
-        done[key] = replace(model, onnx_path=save_onnx(graph, destination)), records
-    elif ir == FX and model.exported is not None and chosen:
-        # FX passes may change the program in place: the capture is shared with other targets.
-        program, records = run_pipeline(copy.deepcopy(model.exported), chosen, dump)
-        done[key] = replace(model, exported=program), records
-    else:
-        done[key] = model, []
-        if dump is not None:
-            _dump_final(model, ir, dump)
-    return done[key]
-
-
-def _dump_final(model: CapturedModel, ir: str, dump: Path) -> None:
-    """For --dump-passes: the graph a target received from a pipeline already run for another target."""
-    graph: Any = model.exported
-    if ir == ONNX:
-        import onnx_ir
-
-        graph = onnx_ir.load(str(model.onnx_path)) if model.onnx_path is not None else None
-    if graph is not None:
-        dump_graph(graph, dump / "final")
-
-
-def hash_files(directory: Path) -> list[ArtifactFile]:
-    """Every file of an artifact directory (but the manifest) with size and sha256."""
-    files = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        files.append(ArtifactFile(str(path.relative_to(directory)), path.stat().st_size, digest.hexdigest()))
-    return files
-
-
-def _load(model: str | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
+def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
+    """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module."""
     if isinstance(model, (str, Path)):
         user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
         return load_source(str(model), user)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"the model must be a torch.nn.Module or a source string, not {type(model).__name__}",
+            "pass a module with example_inputs, or e.g. 'zoo:cnn', 'model.onnx', 'file.py:factory'",
+        )
     if example_inputs is None:
         raise UsageError("export(module, ...) needs example_inputs", "pass example_inputs=(tensor, ...)")
     return from_module(model, example_inputs)
@@ -319,100 +345,3 @@ def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except Exception as exc:
         raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None
-
-
-def _check_targets(targets: list[Target], options: ExportOptions, every: bool, progress: Progress) -> list[Target]:
-    """The targets that can do what the options ask; with `all`, skip the others (saying why), else refuse."""
-    fitting = []
-    for target in targets:
-        refusal = _refusal(target, options)
-        if refusal is None:
-            fitting.append(target)
-        elif every and isinstance(refusal, UsageError) and len(targets) > 1:
-            progress.say(f"skipping {target.name}: {refusal.message}")
-        else:
-            raise refusal
-    if not fitting:
-        raise UsageError("no target can export with these options", "run `kiln targets` for what each supports")
-    if options.device is not None and not any(t.devices for t in fitting):
-        raise UsageError(
-            f"--device {options.device} applies to none of the targets {', '.join(t.name for t in fitting)}",
-            "--device is for targets that compile for a device, e.g. aoti (name it: `all` leaves out targets "
-            "that are limited on this machine)",
-        )
-    return fitting
-
-
-def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
-    """Why `target` cannot export with these options, or None."""
-    precision = options.precision_for(target)
-    if target.static_shapes and options.dynamic_batch is not None:
-        return UsageError(
-            f"target {target.name} needs static shapes, but --dynamic-batch {options.dynamic_batch} was given",
-            f"export {target.name} without --dynamic-batch, once per batch size you serve "
-            "(set the batch of the example inputs)",
-        )
-    if precision not in target.precisions:
-        return UsageError(
-            f"target {target.name} does not support precision {precision}",
-            f"use one of: {', '.join(target.precisions)}",
-        )
-    if options.accuracy is not None and (precision != "int8" or not target.accuracy_aware):
-        return UsageError(
-            f"--max-drop does not apply to target {target.name} at precision {precision}",
-            "it is for --precision int8 on targets that can keep layers in float (kiln targets --json: accuracy_aware)",
-        )
-    if options.accuracy is not None and options.accuracy.max_drop < 0:
-        return UsageError(f"--max-drop {options.accuracy.max_drop}: must be 0 or more", "e.g. --max-drop 0.01")
-    unsupported_io = [o for o in options.io if o not in target.io_options]
-    if unsupported_io:
-        return UsageError(
-            f"target {target.name} does not support --io {','.join(unsupported_io)}",
-            f"it supports: {', '.join(target.io_options) or 'no --io options'}",
-        )
-    reason = target.unavailable_reason()
-    if reason:
-        return MissingBackendError(
-            f"target {target.name} is not available on this machine: {reason}",
-            "install what it needs, or choose another target (kiln targets)",
-        )
-    try:
-        target.check_request(options.build_request(target, None))
-    except KilnError as refusal:
-        return refusal
-    return None
-
-
-def _names(targets: str | list[str]) -> list[str]:
-    return [n.strip() for n in (targets.split(",") if isinstance(targets, str) else targets) if n.strip()]
-
-
-def _fit_to_source(source: ModelSource, targets: list[Target], every: bool, progress: Progress) -> list[Target]:
-    """The targets that can take this source; with `all`, skip the rest, else refuse them."""
-    fitting = [t for t in targets if source.kind == "torch" or t.consumes == "onnx"]
-    if every and fitting:
-        for skipped in (t for t in targets if t not in fitting):
-            progress.say(f"skipping {skipped.name}: it needs a PyTorch model, not ONNX")
-        return fitting
-    for target in targets:
-        if target not in fitting:
-            raise UsageError(
-                f"target {target.name} needs a PyTorch model, but {source.description} is ONNX",
-                "give the model as file.py:factory, .pt2 or zoo:NAME, or pick an ONNX-consuming target",
-            )
-    return targets
-
-
-def _assemble(staging: Path, builds: list[_Build], single: bool) -> Path:
-    """Lay out the final tree: passed builds in place, failed ones under `.rejected/`."""
-    tree = staging / "tree"
-    if single and builds[0].manifest.published:
-        builds[0].directory.rename(tree)
-        builds[0].relative = Path()
-        return tree
-    tree.mkdir()
-    for build in builds:
-        build.relative = Path(build.target.name) if build.manifest.published else Path(REJECTED, build.target.name)
-        (tree / build.relative).parent.mkdir(exist_ok=True)
-        build.directory.rename(tree / build.relative)
-    return tree

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TextIO
 
 CHATTY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "openvino", "nncf")
@@ -25,6 +26,14 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@dataclass
+class StageTime:
+    """The wall time of one stage, filled in when the stage ends."""
+
+    name: str
+    seconds: float = 0.0
+
+
 class Progress:
     """Prints `[kiln] stage ... 1.2s` lines (unless quiet) and records stage timings."""
 
@@ -34,16 +43,18 @@ class Progress:
         self.timings: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str, detail: str = "") -> Iterator[None]:
-        """Time a stage and report its start and end."""
+    def stage(self, name: str, detail: str = "") -> Iterator[StageTime]:
+        """Time a stage and report its start and end; the yielded StageTime holds its seconds once it ends."""
         self.say(f"{name}{' ' + detail if detail else ''} ...", end="")
+        timed = StageTime(name)
         started = time.perf_counter()
         try:
-            yield
+            yield timed
         except BaseException:
             self.say(" failed", prefix=False)
             raise
         seconds = time.perf_counter() - started
+        timed.seconds = round(seconds, 3)
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
         self.say(f" {seconds:.1f}s", prefix=False)
 

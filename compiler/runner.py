@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import MissingBackendError, UsageError
-from compiler.parity import ParitySamples, check_feed, in_reference_layout, validate
+from compiler.parity import ParitySamples, check_feed, validate
 from compiler.staging import REJECTED
-from compiler.types import MANIFEST_NAME, Manifest, ParityReport, TensorSpec
+from compiler.types import MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
 
 
 class LoadedModel:
@@ -91,18 +91,16 @@ def load(path: str | Path, target: str | None = None) -> LoadedModel:
     if len(directories) > 1:
         names = ", ".join(d.name for d in directories)
         raise UsageError(f"{path} holds several exports ({names})", "pass target=NAME, or the subdirectory itself")
-    directory = directories[0]
-    manifest = Manifest.read(directory)
-    backend = get_target(manifest.target)
-    reason = backend.unavailable_reason()
-    if reason:
-        raise MissingBackendError(f"cannot run the {backend.name} export here: {reason}", "install what it needs")
-    return LoadedModel(directory, manifest, backend.load(directory, manifest))
+    from compiler.artifacts import Artifact, load_runner
+
+    artifact = Artifact.read(directories[0])
+    _check_runnable(artifact.manifest)
+    return LoadedModel(artifact.directory, artifact.manifest, load_runner(artifact))
 
 
 def check_files(directory: Path, manifest: Manifest) -> None:
     """Raise if an artifact file is missing or differs from what the manifest recorded."""
-    from compiler.pipeline import hash_files
+    from compiler.artifacts import hash_files
 
     actual = {f.path: f for f in hash_files(directory)}
     for recorded in manifest.files:
@@ -128,36 +126,47 @@ class Verification:
 
 def verify(path: str | Path, model: str | None = None) -> Iterator[Verification]:
     """Re-run parity on each export under `path`: against `model` if given, else the stored reference."""
-    from compiler.capture import CapturedModel
-    from compiler.pipeline import reference_runner
-    from compiler.sources import load_source
+    from compiler.artifacts import Artifact
 
     for directory in export_dirs(path):
-        manifest = Manifest.read(directory)
+        artifact = Artifact.read(directory)
+        manifest = artifact.manifest
         check_files(directory, manifest)
-        origins = manifest.parity.sample_origins if manifest.parity else []
-        samples = ParitySamples.load(directory, origins)
-        notes = []
+        samples = ParitySamples.load(directory, manifest.parity.sample_origins if manifest.parity else [])
+        notes: list[str] = []
         if model is not None:
-            source = load_source(model)
-            if source.state_hash != manifest.source.get("state_hash"):
-                notes.append(f"{model} has different weights from the model exported (state hash differs)")
-            if samples is None:
-                raise UsageError(f"{directory} stored no parity inputs", "re-export to store them")
-            signature = CapturedModel(None, Path(), manifest.inputs, manifest.outputs, 0, None)
-            reference = reference_runner(source, signature)
-            samples.reference = [reference(feeds) for feeds in samples.inputs]
-            reference_name = source.reference_name
+            samples, reference_name = _model_reference(model, manifest, samples, notes, directory)
         elif samples is None:
             raise UsageError(f"{directory} stored no reference outputs", "pass --model SOURCE to recompute them")
         else:
             reference_name = f"stored reference ({manifest.source.get('reference', 'unknown')})"
-        loaded = load(directory)
-        tolerance = manifest.parity.tolerance if manifest.parity else None
-        if tolerance is None:
-            from compiler.types import Tolerance
+        _check_runnable(manifest)
+        tolerance = manifest.parity.tolerance if manifest.parity else Tolerance.for_precision(manifest.precision)
+        yield Verification(directory, manifest, validate(artifact, samples, tolerance, reference_name), notes)
 
-            tolerance = Tolerance.for_precision(manifest.precision)
-        run = in_reference_layout(loaded.run, manifest.inputs, manifest.outputs)
-        report = validate(run, samples, tolerance, reference_name, loaded.runner.runtime_info())
-        yield Verification(directory, manifest, report, notes)
+
+def _model_reference(
+    model: str, manifest: Manifest, samples: ParitySamples | None, notes: list[str], directory: Path
+) -> tuple[ParitySamples, str]:
+    """The stored parity inputs with reference outputs recomputed from `model`; a note when its weights differ."""
+    from compiler.reference import reference_runner
+    from compiler.sources import load_source
+
+    source = load_source(model)
+    if source.state_hash != manifest.source.get("state_hash"):
+        notes.append(f"{model} has different weights from the model exported (state hash differs)")
+    if samples is None:
+        raise UsageError(f"{directory} stored no parity inputs", "re-export to store them")
+    reference = reference_runner(source, manifest.inputs, manifest.outputs)
+    samples.reference = [reference(feeds) for feeds in samples.inputs]
+    return samples, source.reference_name
+
+
+def _check_runnable(manifest: Manifest) -> None:
+    """A one-line error when this machine lacks what the export's target needs."""
+    from targets import get_target
+
+    backend = get_target(manifest.target)
+    reason = backend.unavailable_reason()
+    if reason:
+        raise MissingBackendError(f"cannot run the {backend.name} export here: {reason}", "install what it needs")

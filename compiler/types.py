@@ -62,6 +62,17 @@ class Tolerance:
     min_snr_db: float | None = None
     min_top1: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_thresholds(
+            atol=self.atol,
+            rtol=self.rtol,
+            max_mismatch=self.max_mismatch,
+            min_cosine=self.min_cosine,
+            min_agreement=self.min_agreement,
+            min_snr_db=self.min_snr_db,
+            min_top1=self.min_top1,
+        )
+
     @classmethod
     def for_precision(cls, precision: str) -> Tolerance:
         """The default tolerance for an artifact of this precision."""
@@ -70,6 +81,28 @@ class Tolerance:
     def with_overrides(self, **overrides: float | None) -> Tolerance:
         """This tolerance with the user's overrides (e.g. atol, min_cosine) applied where not None."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+THRESHOLD_FLAGS = {"atol": "--atol", "rtol": "--rtol", "min_cosine": "--min-cosine", "min_snr_db": "--min-snr"}
+THRESHOLD_FLAGS |= {"min_top1": "--min-top1", "max_drop": "--max-drop"}
+FRACTIONS = ("max_mismatch", "min_cosine", "min_agreement", "min_top1")  # thresholds that are fractions in [0, 1]
+
+
+def check_thresholds(**values: float | None) -> None:
+    """The one check of every parity and accuracy threshold, for the CLI, the library, matrix cells and stored
+    manifests alike: a number, finite and non-negative; cosine, top-1 and the other fractions at most 1. A NaN
+    would switch a comparison off (every `x < nan` is false), so it is refused, not ignored."""
+    from compiler.errors import UsageError
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = THRESHOLD_FLAGS.get(name, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok:
+            raise UsageError(f"{flag} {value}: a threshold must be a finite number >= 0", f"e.g. {flag} 0.01")
+        if name in FRACTIONS and value > 1:
+            raise UsageError(f"{flag} {value}: must be between 0 and 1", f"e.g. {flag} 0.99")
 
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
@@ -102,6 +135,7 @@ class OutputMetrics:
     top1_agreement: float | None = None  # classifier-shaped outputs only
     worst_sample: int = 0
     reason: str = ""
+    shape: list[int] | None = None  # the shape the artifact produced on the first input set
 
     def summary(self) -> str:
         """One line: name, verdict and the figures that matter."""
@@ -175,6 +209,7 @@ class PassRecord:
     nodes_after: int
     seconds: float
     ir: str = "onnx"  # the graph it ran on: onnx, fx, or the artifact's own (e.g. tflite) for build-time passes
+    rolled_back: str | None = None  # why the pass was undone (it broke the graph), or None
 
 
 @dataclass
@@ -265,24 +300,36 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class TargetFailure:
+    """Why one target of a multi-target export produced no artifact: the step that failed, the one-line error
+    and the exit code it would have had alone."""
+
+    step: str
+    message: str
+    exit_code: int
+
+
 @dataclass
 class ExportResult:
-    """What `export()` returns for one target: where the artifact is and how it fared."""
+    """What `export()` returns for one target: where the artifact is and how it fared (`failure` when it could
+    not be built or run at all; then there is no manifest)."""
 
     target: str
     directory: Path
-    manifest: Manifest
+    manifest: Manifest | None
     published: bool
+    failure: TargetFailure | None = None
 
     @property
     def parity(self) -> ParityReport | None:
         """The parity report of this artifact."""
-        return self.manifest.parity
+        return self.manifest.parity if self.manifest is not None else None
 
     @property
     def artifact_paths(self) -> list[Path]:
         """Absolute paths of the artifact's files."""
-        return [self.directory / f.path for f in self.manifest.files]
+        return [self.directory / f.path for f in self.manifest.files] if self.manifest is not None else []
 
     def to_dict(self) -> dict[str, Any]:
         """Machine-readable summary for `--json`."""
@@ -292,8 +339,9 @@ class ExportResult:
                 "directory": str(self.directory),
                 "published": self.published,
                 "parity": asdict(self.parity) if self.parity else None,
-                "files": [asdict(f) for f in self.manifest.files],
-                "timings": self.manifest.timings,
-                "notes": self.manifest.notes,
+                "files": [asdict(f) for f in self.manifest.files] if self.manifest is not None else [],
+                "timings": self.manifest.timings if self.manifest is not None else {},
+                "notes": self.manifest.notes if self.manifest is not None else [],
+                "failure": asdict(self.failure) if self.failure is not None else None,
             }
         )

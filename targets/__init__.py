@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from compiler.errors import UsageError
 from targets.aoti import AotiTarget
@@ -26,7 +29,16 @@ TARGETS: list[Target] = [
     TensorRtTarget(),
 ]
 
-__all__ = ["TARGETS", "BuildOutput", "BuildRequest", "Runner", "Target", "get_target", "resolve_targets"]
+__all__ = [
+    "TARGETS",
+    "BuildOutput",
+    "BuildRequest",
+    "Runner",
+    "Target",
+    "get_target",
+    "onnx_reference_runner",
+    "resolve_targets",
+]
 
 
 def _by_name() -> dict[str, Target]:
@@ -65,3 +77,10 @@ def resolve_targets(spec: str | list[str]) -> list[Target]:
         if target not in chosen:
             chosen.append(target)
     return chosen
+
+
+def onnx_reference_runner(path: Path, threads: int | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The reference of an `.onnx` source: the file itself under ONNX Runtime (CPU provider)."""
+    from targets.onnxrt import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(path, threads=threads or 0).run

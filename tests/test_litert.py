@@ -18,7 +18,7 @@ pytest.importorskip("ai_edge_quantizer", reason="the tflite target needs ai-edge
 
 from compiler import export, load
 from compiler.calibration import CalibrationSpec
-from compiler.parity import ParitySamples, validate
+from compiler.parity import ParitySamples, judge
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.types import Manifest, Tolerance
 from compiler.zoo import ZOO
@@ -137,7 +137,7 @@ def test_int8_thresholds_are_defaults_the_user_can_override(tflite_quantized):
     strict = ExportOptions(min_snr_db=achieved + 10).tolerance("int8")
     assert strict.min_cosine == Tolerance.for_precision("int8").min_cosine
     samples = ParitySamples.load(result.directory, [])
-    report = validate(load(result.directory).run, samples, strict, "stored reference", {})
+    report = judge(load(result.directory).run, samples, strict, "stored reference", {})
     assert not report.passed
     assert "SNR" in report.outputs[0].reason
 

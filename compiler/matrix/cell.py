@@ -94,8 +94,8 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
     (result,) = export_targets(cell.model, cell.target, Path(job["export_dir"]), settings, progress=progress)
     outcome: dict[str, Any] = {"export_s": round(time.perf_counter() - started, 3), "stages": dict(progress.timings)}
     manifest = result.manifest
+    assert manifest is not None and manifest.parity is not None  # one target: a failure raises
     parity = manifest.parity
-    assert parity is not None
     floats = [o for o in parity.outputs if o.kind == "float"]
     outcome |= {
         "status": PASSED if parity.passed else PARITY_FAILED,
@@ -123,36 +123,27 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
 
 def _latency(cell: CellSpec, directory: Path, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
     """Median latency of the artifact and of the reference on the first parity input set (the example)."""
-    from compiler.capture import CapturedModel
+    from compiler.artifacts import Artifact
     from compiler.parity import ParitySamples
-    from compiler.pipeline import reference_runner
-    from compiler.runner import load
+    from compiler.reference import reference_runner
     from compiler.sources import load_source
-    from compiler.timing import least_disturbed, runner_with_threads
+    from compiler.timing import BenchSettings, bench, least_disturbed
 
-    loaded = load(directory)
+    artifact = Artifact.read(directory)
     samples = ParitySamples.load(directory, [])
     if samples is None:
         raise RuntimeError("the export stored no parity inputs to time it on")
     feeds = samples.inputs[0]
-    loaded.runner, _ = runner_with_threads(loaded, threads)
-    artifact = least_disturbed(lambda: loaded.run(feeds), repeat, warmup)
-    source = load_source(cell.model)
-    if source.kind == "onnx":
-        from targets.onnxrt import OnnxRuntimeRunner
-
-        assert source.onnx_path is not None
-        reference = OnnxRuntimeRunner(source.onnx_path, threads=threads).run
-    else:
-        signature = CapturedModel(None, Path(), loaded.inputs, loaded.outputs, 0, None)
-        reference = reference_runner(source, signature)
+    timed = bench(artifact, feeds, BenchSettings(threads, repeat, warmup))
+    reference = reference_runner(load_source(cell.model), artifact.manifest.inputs, artifact.manifest.outputs, threads)
     eager = least_disturbed(lambda: reference(feeds), repeat, warmup)
+    latency = timed.latency
     return {
-        "latency_ms": artifact.median_ms,
+        "latency_ms": latency.median_ms,
         "reference_ms": eager.median_ms,
-        "speedup": eager.median_ms / artifact.median_ms if artifact.median_ms > 0 else None,
-        "latency_noisy": artifact.noisy or eager.noisy,
-        "latency_batches": artifact.batches + eager.batches,
+        "speedup": eager.median_ms / latency.median_ms if latency.median_ms > 0 else None,
+        "latency_noisy": latency.noisy or eager.noisy,
+        "latency_batches": latency.batches + eager.batches,
         "load_average": round(os.getloadavg()[0], 2),
     }
 

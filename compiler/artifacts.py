@@ -1,0 +1,84 @@
+"""An artifact and the steps every command takes with one: build it, load it, hash its files.
+
+`build(target, graph, request, directory)` is the one way a graph becomes an artifact: the pipeline, and
+anything else that needs a build of a graph (a prefix of a model, a tuning candidate), call it. An artifact
+read back from disk (`Artifact.read`) is the same type, so `compiler.parity.validate` and
+`compiler.timing.bench` take either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compiler.backend_errors import backend_failures
+from compiler.manifest import ManifestParts, assemble_manifest
+from compiler.progress import Progress, converter_output_captured
+from compiler.types import MANIFEST_NAME, ArtifactFile, Manifest
+
+if TYPE_CHECKING:
+    from compiler.capture import CapturedModel
+    from targets.base import BuildRequest, Runner, Target
+
+
+@dataclass
+class Artifact:
+    """One built artifact: its directory and the manifest that says how to load it. `parts` are what the
+    manifest was assembled from (None for an artifact read from disk)."""
+
+    directory: Path
+    manifest: Manifest
+    parts: ManifestParts | None = None
+
+    @property
+    def target(self) -> str:
+        """The name of the target that built it."""
+        return self.manifest.target
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Artifact:
+        """An export directory on disk."""
+        return cls(Path(directory), Manifest.read(Path(directory)))
+
+
+def build(
+    target: Target, graph: CapturedModel, request: BuildRequest, directory: Path, progress: Progress | None = None
+) -> Artifact:
+    """Build `graph` for `target` as `request` asks, into the new directory `directory`. A backend's own failure
+    becomes an UnsupportedOpError naming the target and, where it says, the operation."""
+    progress = progress or Progress(quiet=True)
+    directory.mkdir(parents=True)
+    with (
+        progress.stage(f"build {target.name}", target.stage_detail(graph, request)),
+        backend_failures(target, "convert"),
+        converter_output_captured(),
+    ):
+        built = target.build(graph, directory, request)
+    for note in built.notes:
+        progress.say(f"note: {note}")
+    parts = ManifestParts(target, request, graph, built)
+    return Artifact(directory, assemble_manifest(parts), parts)
+
+
+def load_runner(artifact: Artifact, threads: int | None = None) -> Runner:
+    """A runner for the artifact, from its target in the registry (`threads`: the runtime's thread count, where
+    it has one; None: its default)."""
+    from targets import get_target
+
+    target = get_target(artifact.target)
+    with backend_failures(target, "run"):
+        return target.load(artifact.directory, artifact.manifest, threads=threads)
+
+
+def hash_files(directory: Path) -> list[ArtifactFile]:
+    """Every file of an artifact directory (but the manifest) with size and sha256."""
+    files = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        files.append(ArtifactFile(str(path.relative_to(directory)), path.stat().st_size, digest.hexdigest()))
+    return files

@@ -1,0 +1,78 @@
+"""The manifest of an export directory, assembled from its typed parts in one function.
+
+`assemble_manifest(parts)` is the only place a Manifest is made for a new build: `build()` calls it with what
+loading the artifact needs (target, precision, I/O, runtime config), and the pipeline calls it again with the
+same parts plus provenance, pass records, the parity report and the stage times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from compiler.host import host_info, versions
+from compiler.types import ArtifactFile, Manifest, ParityReport, PassRecord
+
+if TYPE_CHECKING:
+    from compiler.capture import CapturedModel
+    from compiler.sources import ModelSource
+    from targets.base import BuildOutput, BuildRequest, Target
+
+
+@dataclass
+class ManifestParts:
+    """What a manifest is made of: the build (target, request, graph, what the target's build returned), and,
+    once known, where the model came from, the graph passes, notes, the parity verdict and the stage times."""
+
+    target: Target
+    request: BuildRequest
+    model: CapturedModel
+    built: BuildOutput
+    source: dict[str, Any] = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)  # graph passes before the build
+    notes: list[str] = field(default_factory=list)  # notes of the pipeline (the build's own come from `built`)
+    parity: ParityReport | None = None
+    parity_gate: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+    files: list[ArtifactFile] = field(default_factory=list)
+
+
+def source_record(source: ModelSource) -> dict[str, Any]:
+    """What the manifest says about the model an artifact came from."""
+    return {
+        "description": source.description,
+        "kind": source.kind,
+        "state_hash": source.state_hash,
+        "reference": source.reference_name,
+    }
+
+
+def assemble_manifest(parts: ManifestParts) -> Manifest:
+    """The manifest of one artifact. It is published when it passed parity, or when the gate is off."""
+    built, model = parts.built, parts.model
+    passed = parts.parity is not None and parts.parity.passed
+    notes = list(built.notes) + parts.notes
+    if parts.parity is not None and not parts.parity_gate and not passed:
+        notes.append("published without passing parity (--no-parity-gate)")
+    return Manifest(
+        target=parts.target.name,
+        precision=parts.request.precision,
+        source=parts.source,
+        files=parts.files,
+        inputs=built.inputs or model.inputs,
+        outputs=built.outputs or model.outputs,
+        parity=parts.parity,
+        published=parts.parity is not None and (passed or not parts.parity_gate),
+        parity_gate=parts.parity_gate,
+        runtime_config=built.runtime_config,
+        timings=parts.timings,
+        versions=versions(*parts.target.requires.values()),
+        host=host_info(),
+        passes=parts.passes + built.passes,
+        target_info={
+            "opset": model.opset,
+            "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
+            **built.info,
+        },
+        notes=notes,
+    )

@@ -1,0 +1,101 @@
+"""Which targets an export builds: those named (or `all`), checked against the options and the source."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from compiler.errors import KilnError, MissingBackendError, UsageError
+from targets import Target, resolve_targets
+
+if TYPE_CHECKING:
+    from compiler.options import ExportOptions
+    from compiler.progress import Progress
+    from compiler.sources import ModelSource
+
+
+def select_targets(spec: str | list[str], options: ExportOptions, progress: Progress) -> list[Target]:
+    """The targets named by `spec` (a comma list, a list, or `all`) that can do what the options ask; with `all`,
+    the others are skipped (saying why), else refused with a one-line error."""
+    targets = resolve_targets(spec)
+    every = is_every(spec)
+    fitting = []
+    for target in targets:
+        refusal = _refusal(target, options)
+        if refusal is None:
+            fitting.append(target)
+        elif every and isinstance(refusal, UsageError) and len(targets) > 1:
+            progress.say(f"skipping {target.name}: {refusal.message}")
+        else:
+            raise refusal
+    if not fitting:
+        raise UsageError("no target can export with these options", "run `kiln targets` for what each supports")
+    if options.device is not None and not any(t.devices for t in fitting):
+        raise UsageError(
+            f"--device {options.device} applies to none of the targets {', '.join(t.name for t in fitting)}",
+            "--device is for targets that compile for a device, e.g. aoti (name it: `all` leaves out targets "
+            "that are limited on this machine)",
+        )
+    return fitting
+
+
+def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
+    """Why `target` cannot export with these options, or None."""
+    precision = options.precision_for(target)
+    if target.static_shapes and options.dynamic_batch is not None:
+        return UsageError(
+            f"target {target.name} needs static shapes, but --dynamic-batch {options.dynamic_batch} was given",
+            f"export {target.name} without --dynamic-batch, once per batch size you serve "
+            "(set the batch of the example inputs)",
+        )
+    if precision not in target.precisions:
+        return UsageError(
+            f"target {target.name} does not support precision {precision}",
+            f"use one of: {', '.join(target.precisions)}",
+        )
+    if options.accuracy is not None and (precision != "int8" or not target.accuracy_aware):
+        return UsageError(
+            f"--max-drop does not apply to target {target.name} at precision {precision}",
+            "it is for --precision int8 on targets that can keep layers in float (kiln targets --json: accuracy_aware)",
+        )
+    unsupported_io = [o for o in options.io if o not in target.io_options]
+    if unsupported_io:
+        return UsageError(
+            f"target {target.name} does not support --io {','.join(unsupported_io)}",
+            f"it supports: {', '.join(target.io_options) or 'no --io options'}",
+        )
+    reason = target.unavailable_reason()
+    if reason:
+        return MissingBackendError(
+            f"target {target.name} is not available on this machine: {reason}",
+            "install what it needs, or choose another target (kiln targets)",
+        )
+    try:
+        target.check_request(options.build_request(target, None))
+    except KilnError as refusal:
+        return refusal
+    return None
+
+
+def is_every(spec: str | list[str]) -> bool:
+    """Whether the user asked for `all` targets."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    return names == ["all"]
+
+
+def fit_to_source(
+    source: ModelSource, targets: list[Target], spec: str | list[str], progress: Progress
+) -> list[Target]:
+    """The targets that can take this source; with `all`, skip the rest, else refuse them."""
+    every = is_every(spec)
+    fitting = [t for t in targets if source.kind == "torch" or t.consumes == "onnx"]
+    if every and fitting:
+        for skipped in (t for t in targets if t not in fitting):
+            progress.say(f"skipping {skipped.name}: it needs a PyTorch model, not ONNX")
+        return fitting
+    for target in targets:
+        if target not in fitting:
+            raise UsageError(
+                f"target {target.name} needs a PyTorch model, but {source.description} is ONNX",
+                "give the model as file.py:factory, .pt2 or zoo:NAME, or pick an ONNX-consuming target",
+            )
+    return targets
