@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="file.py:fn",
         help="metric for --max-drop, fn(outputs, inputs) -> float, higher is better (default: agreement with fp32)",
     )
-    export.add_argument("--io", metavar="OPTS", help="I/O options, comma list: nhwc (channels-last images), int8")
+    export.add_argument("--io", metavar="OPTS", help="I/O options: nhwc (channels-last image inputs and outputs)")
     export.add_argument(
         "--device",
         choices=("cpu", "cuda"),

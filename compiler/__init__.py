@@ -7,6 +7,13 @@ Library use::
     runner = load("exports/model")
     outputs = runner(example)
 
+The steps other tools compose, each one public call (loaded on first use)::
+
+    from compiler import Artifact, bench, build, validate
+    artifact = build(target, graph, request, directory)      # compiler.artifacts.build
+    report = validate(artifact, samples, tolerance)          # compiler.parity.validate
+    timing = bench(Artifact.read("exports/model"), feeds)    # compiler.timing.bench
+
 Heavy modules (torch, onnx, runtimes) load on first use, so importing `compiler.errors`
 stays fast.
 """
@@ -33,7 +40,21 @@ if TYPE_CHECKING:
     from compiler.runner import LoadedModel
     from compiler.types import ExportResult
 
-__all__ = ["KilnError", "MissingBackendError", "ParityError", "UnsupportedOpError", "UsageError", "export", "load"]
+__all__ = [
+    "Artifact",
+    "KilnError",
+    "MissingBackendError",
+    "ParityError",
+    "UnsupportedOpError",
+    "UsageError",
+    "bench",
+    "build",
+    "export",
+    "load",
+    "validate",
+]
+_STEPS = {"Artifact": "compiler.artifacts", "build": "compiler.artifacts", "validate": "compiler.parity"}
+_STEPS |= {"bench": "compiler.timing"}
 __version__ = "0.1.0"
 _T = TypeVar("_T")
 
@@ -106,3 +127,12 @@ def load(path: str | Path, target: str | None = None) -> LoadedModel:
             f"load() takes the path of an export directory, got {type(path).__name__}", "e.g. 'exports/cnn'"
         )
     return load_export(path, target)
+
+
+def __getattr__(name: str) -> Any:
+    """The public steps (`build`, `validate`, `bench`, `Artifact`), imported on first use."""
+    if name in _STEPS:
+        import importlib
+
+        return getattr(importlib.import_module(_STEPS[name]), name)
+    raise AttributeError(f"module 'compiler' has no attribute {name!r}")

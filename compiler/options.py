@@ -19,7 +19,7 @@ from passes import DEFAULT_LEVEL, Pass, PassAdjustments
 if TYPE_CHECKING:
     from targets.base import BuildRequest, Target
 
-IO_OPTIONS = ("nhwc", "int8", "uint8")
+IO_OPTIONS = ("nhwc",)  # int8 I/O is not an option: every int8 TFLite/Edge TPU artifact takes int8 I/O
 # ExportOptions fields that export_options() makes from a differently named plain value
 PARSED_FIELDS = {"inputs_files", "calibration", "accuracy", "pass_adjustments"}
 
@@ -86,6 +86,11 @@ def parse_io(text: str | None) -> tuple[str, ...]:
     """`--io nhwc,int8` as a tuple of options, checked."""
     options = tuple(o.strip().lower() for o in (text or "").split(",") if o.strip())
     unknown = [o for o in options if o not in IO_OPTIONS]
+    if any(o in ("int8", "uint8") for o in unknown):
+        raise UsageError(
+            f"--io {','.join(unknown)}: integer I/O is not a separate option",
+            "--precision int8 on tflite and edgetpu already gives int8 inputs and outputs; --io takes only nhwc",
+        )
     if unknown:
         raise UsageError(
             f"--io {','.join(unknown)}: unknown I/O option", f"use a comma list of {', '.join(IO_OPTIONS)}"

@@ -67,7 +67,7 @@ class Target:
     static_shapes: bool = False  # True: refuses --dynamic-batch
     needs_gpu: bool = False  # True: builds or runs only with a GPU (the matrix's Ray executor asks for one)
     fixed_batch: int | None = None  # the batch size the artifact must have (the model is captured at it)
-    io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (e.g. nhwc, uint8)
+    io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (nhwc)
     devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
     accuracy_aware: bool = False  # True: its int8 build takes --max-drop (reverts sensitive layers to float)
 

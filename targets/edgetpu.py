@@ -210,7 +210,7 @@ class EdgeTpuTarget(Target):
     consumes = "torch"
     static_shapes = True
     fixed_batch = 1
-    io_options = ("nhwc", "int8")
+    io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Quantize to int8 with calibration, audit the ops, and compile when the compiler is here."""

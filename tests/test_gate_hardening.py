@@ -131,3 +131,9 @@ def test_library_entry_points_raise_only_kiln_errors(call, tmp_path):
     with pytest.raises(KilnError) as raised:
         call(tmp_path)
     assert not isinstance(raised.value, InternalError), raised.value.one_line()
+
+
+@pytest.mark.parametrize("value", ["int8", "uint8", "nhwc,int8"])
+def test_integer_io_is_refused_not_dropped(value, tmp_path, capsys):
+    code, _, err = run_cli("export", "zoo:cnn", "-t", "edgetpu", "--io", value, "--out", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "integer I/O is not a separate option" in err

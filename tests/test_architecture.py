@@ -1,0 +1,117 @@
+"""The import rules of docs/architecture.md, and the size limits of the code, checked on the source itself."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("compiler", "passes", "targets")
+# The modules of `compiler` that `passes` may use: leaf modules that import nothing else of Kiln.
+LEAF_MODULES = {"compiler.errors", "compiler.types", "compiler.layout", "compiler.metrics"}
+# The export flow of `compiler`: targets are called by it and must not call back into it.
+FLOW_MODULES = (
+    "compiler.pipeline",
+    "compiler.optimize",
+    "compiler.selection",
+    "compiler.artifacts",
+    "compiler.reference",
+    "compiler.runner",
+    "compiler.options",
+    "compiler.manifest",
+    "compiler.matrix",
+)
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Functions allowed past the limit, each with the reason its docstring gives.
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def _sources(*packages: str) -> list[Path]:
+    return sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module `path` imports, at any depth (functions and TYPE_CHECKING blocks included)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+            found += [f"{node.module}.{alias.name}" for alias in node.names]
+    return found
+
+
+def _name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def _violations(packages: tuple[str, ...], forbidden: callable) -> list[str]:  # type: ignore[valid-type]
+    return [f"{_name(p)} imports {m}" for p in _sources(*packages) for m in _imports(p) if forbidden(m)]
+
+
+def test_no_package_imports_the_command_line():
+    assert _violations(PACKAGES, lambda m: m == "cli" or m.startswith("cli.")) == []
+
+
+def test_the_core_knows_targets_only_through_the_registry():
+    def forbidden(module: str) -> bool:
+        if not module.startswith("targets."):
+            return False
+        allowed = ("targets.base", "targets.get_target", "targets.TARGETS", "targets.resolve_targets")
+        return not module.startswith(allowed) and module not in {
+            "targets.Target",
+            "targets.Runner",
+            "targets.BuildRequest",
+            "targets.BuildOutput",
+            "targets.onnx_reference_runner",
+        }
+
+    assert _violations(("compiler",), forbidden) == []
+
+
+def test_passes_use_only_the_leaf_modules_of_the_core():
+    def forbidden(module: str) -> bool:
+        if module.startswith("targets"):
+            return True
+        if not module.startswith("compiler"):
+            return False
+        return not any(module == leaf or module.startswith(leaf + ".") for leaf in LEAF_MODULES)
+
+    assert _violations(("passes",), forbidden) == []
+
+
+def test_leaf_modules_import_nothing_else_of_kiln():
+    for module in LEAF_MODULES:
+        path = ROOT / Path(*module.split(".")).with_suffix(".py")
+        kiln = [m for m in _imports(path) if m.split(".")[0] in (*PACKAGES, "cli")]
+        assert all(any(m == leaf or m.startswith(leaf + ".") for leaf in LEAF_MODULES) for m in kiln), (module, kiln)
+
+
+def test_targets_do_not_call_back_into_the_export_flow():
+    assert _violations(("targets",), lambda m: m.startswith(FLOW_MODULES)) == []
+
+
+def test_the_rules_can_fail(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from targets.onnxrt import OnnxRuntimeRunner\n    import cli\n")
+    assert _imports(sample) == ["targets.onnxrt", "targets.onnxrt.OnnxRuntimeRunner", "cli"]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_files_and_functions_stay_small(package):
+    too_long = []
+    for path in _sources(package):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            too_long.append(f"{_name(path)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                key = f"{_name(path)}.{node.name}"
+                if length > MAX_FUNCTION_LINES and key not in LONG_FUNCTIONS:
+                    too_long.append(f"{key}: {length} lines")
+    assert too_long == []
