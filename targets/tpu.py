@@ -214,6 +214,7 @@ class XlaTarget(Target):
         holder = tf.Module()
         holder.serve = serve
         tf.saved_model.save(holder, str(directory / SAVED_MODEL_DIR), signatures={"serving_default": serve})
+        deterministic_fingerprint(directory / SAVED_MODEL_DIR)
         examples = [tf.zeros(list(s.shape), dtype) for s, dtype in zip(model.inputs, input_dtypes)]
         (directory / HLO_FILE).write_text(serve.experimental_get_compiler_ir(*examples)(stage="hlo"))
         check_portable_artifact(directory, model, input_dtypes, output_dtypes)
@@ -226,6 +227,7 @@ class XlaTarget(Target):
             info={
                 "stablehlo_version": version,
                 "weights": "inlined as constants in the StableHLO",
+                "fingerprint_uuid": "derived from the SavedModel's own checksums (TensorFlow writes a random one)",
                 "tpu_audit": report,
             },
             notes=notes,
@@ -234,6 +236,23 @@ class XlaTarget(Target):
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The SavedModel's serving signature."""
         return XlaRunner(directory, manifest)
+
+
+def deterministic_fingerprint(saved_model: Path) -> None:
+    """Replace the random `uuid` TensorFlow writes into `fingerprint.pb` on every save with one derived from the
+    fingerprint's own content hashes, so that exporting the same model twice gives byte-identical files."""
+    import uuid
+
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    path = saved_model / "fingerprint.pb"
+    if not path.is_file():
+        return
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString(path.read_bytes())
+    fingerprint.uuid = ""
+    content = fingerprint.SerializeToString(deterministic=True)
+    fingerprint.uuid = str(uuid.uuid5(uuid.NAMESPACE_OID, content.hex()))
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
 def check_portable_artifact(

@@ -276,7 +276,16 @@ def test_unavailable_target_exits_3_and_is_listed(extra_targets, tmp_path, capsy
 
 def test_converter_failure_names_the_operation(extra_targets, tmp_path, capsys):
     code, _, err = run_cli(
-        "export", "zoo:cnn", "--target", "onnx,broken-converter", "--out", tmp_path / "o", capsys=capsys
-    )
+        "export", "zoo:cnn", "--target", "onnx,broken-converter", "--out", tmp_path / "o", "--all-or-nothing",
+        capsys=capsys,
+    )  # fmt: skip
     assert_one_line_error(code, err, "broken-converter could not convert the model (operation FancyOp)")
     assert list(tmp_path.iterdir()) == []
+    # By default the target that converts is still published, and the failure is reported (exit 1).
+    code, out, err = run_cli(
+        "export", "zoo:cnn", "--target", "onnx,broken-converter", "--out", tmp_path / "o", capsys=capsys
+    )
+    assert code == 1, err
+    assert "broken-converter could not convert the model (operation FancyOp)" in out
+    assert (tmp_path / "o" / "onnx" / "manifest.json").is_file()
+    assert not (tmp_path / "o" / "broken-converter").exists()
