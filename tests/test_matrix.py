@@ -3,6 +3,7 @@ merge, the cache, baselines, the four reports (the HTML in a real headless brows
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler.matrix.results import CellResult, read_results
+from compiler.matrix.cache import CellCache
+from compiler.matrix.results import CellResult, append_result, read_results, repair_results
 from tests.conftest import ROOT, run_cli
 
 MODELS = ROOT / "tests" / "models" / "matrix_models.py"
@@ -234,6 +236,84 @@ def test_rerunning_the_finished_command_runs_nothing(matrix_run, capsys):
     assert len(_lines(out)) == lines
 
 
+def _copy_out(matrix_run, name: str) -> Path:
+    out = matrix_run["root"] / name
+    shutil.copytree(matrix_run["out"], out)
+    return out
+
+
+def test_a_torn_last_line_is_dropped_and_its_cell_runs_again(matrix_run, capsys):
+    out = _copy_out(matrix_run, "torn")
+    path = out / "results.jsonl"
+    lines = path.read_text().splitlines()
+    torn = next(line for line in lines if json.loads(line)["cell_id"] == "tiny/onnx/fp32")
+    # a run killed while appending tiny/onnx/fp32: half of its line, no newline
+    path.write_text("".join(line + "\n" for line in lines if line != torn) + torn[: len(torn) // 2])
+    code, _, err = run_cli("matrix", "--config", matrix_run["config"], "--out", out, *FAST, "--no-cache",
+                           capsys=capsys)  # fmt: skip
+    assert code == 1
+    assert "its last line was cut short" in err and "dropped it: cell tiny/onnx/fp32 will run again" in err
+    assert f"{len(ALL_CELLS) - 1} already done, 0 from the cache, 1 to run" in err
+    after = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    assert path.read_text().endswith("\n")
+    assert sorted(line["cell_id"] for line in after) == sorted(ALL_CELLS)
+    rerun = after[-1]
+    assert rerun["cell_id"] == "tiny/onnx/fp32" and rerun["status"] == "passed" and not rerun["cached"]
+    assert rerun["finished_at"] != json.loads(torn)["finished_at"]
+    assert _cells(out)["tiny/onnx/fp32"]["status"] == "passed"
+
+
+def test_results_lines_of_the_wrong_shape_are_ignored_with_a_warning(matrix_run, capsys):
+    out = _copy_out(matrix_run, "hostile")
+    path = out / "results.jsonl"
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["cell_id"] != "tinyonnx/pt2/fp32"]
+    forged = json.loads(next(line for line in lines if json.loads(line)["cell_id"] == "tinyonnx/pt2/fp32"))
+    forged["status"] = 7
+    slow = json.loads(next(line for line in lines if json.loads(line)["cell_id"] == "tiny/pt2/fp32"))
+    slow |= {"duration_s": "slow", "max_abs_error": "big"}  # a later line of a finished cell, wrong types
+    hostile = ["[1, 2]", '"text"', '{"cell_id": "tiny/pt2/fp32"}', json.dumps(forged), json.dumps(slow),
+               "[" * 100_000 + "]" * 100_000, "\x00\xff garbage"]  # fmt: skip
+    path.write_text("".join(line + "\n" for line in kept + hostile))
+    code, _, err = run_cli("matrix", "--config", matrix_run["config"], "--out", out, *FAST, "--no-cache",
+                           capsys=capsys)  # fmt: skip
+    assert code == 1 and "internal error" not in err and "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("[kiln] WARNING:")]
+    assert len(warnings) == len(hostile)
+    assert "(cell tinyonnx/pt2/fp32): not a cell result: status = 7 is not a string; ignored it" in err
+    assert "(cell tiny/pt2/fp32): not a cell result: max_abs_error = 'big' is not a number or null" in err
+    assert "not a cell result: no model, source, target, precision, status" in err
+    assert "not a cell result: not a JSON object but a list" in err
+    assert f"{len(ALL_CELLS) - 1} already done, 0 from the cache, 0 to run" in err  # tinyonnx/pt2 settled again
+    cells = _cells(out)
+    assert cells["tinyonnx/pt2/fp32"]["status"] == "unavailable" and cells["tiny/pt2/fp32"]["status"] == "passed"
+    code, _, err = run_cli("matrix", "merge", out, "--out", matrix_run["root"] / "hostile-merged", capsys=capsys)
+    assert code == 1 and "internal error" not in err and "not a cell result" in err
+
+
+def _cache_entry(cache: Path, cell_id: str) -> Path:
+    return next(p for p in cache.rglob("*.json") if json.loads(p.read_text())["result"]["cell_id"] == cell_id)
+
+
+def test_a_tampered_cache_entry_is_recomputed(matrix_run, capsys):
+    cache = matrix_run["root"] / "tampered-cache"
+    shutil.copytree(matrix_run["cache"], cache)
+    command = ["matrix", "--models", f"{MODELS}:tiny", "--targets", "onnx", *FAST, "--cache-dir", cache]
+    code, _, err = run_cli(*command, "--out", matrix_run["root"] / "untampered", capsys=capsys)
+    assert code == 0 and "tiny/onnx/fp32: passed" in err and "(cached)" in err  # an intact entry is used
+    entry = _cache_entry(cache, "tiny/onnx/fp32")
+    data = json.loads(entry.read_text())
+    data["result"]["max_abs_error"] = 1.2e4  # edited by hand; its sha256 left as it was
+    entry.write_text(json.dumps(data))
+    out = matrix_run["root"] / "tampered"
+    code, _, err = run_cli(*command, "--out", out, capsys=capsys)
+    assert code == 0 and "WARNING: the cache entry of tiny/onnx/fp32" in err and "does not match its sha256" in err
+    assert "(cached)" not in err and "1.2e+04" not in err
+    cell = _cells(out)["tiny/onnx/fp32"]
+    assert cell["status"] == "passed" and not cell["cached"] and cell["max_abs_error"] < 1e-5
+    assert json.loads(entry.read_text())["result"]["max_abs_error"] < 1e-5  # the entry holds the real figures again
+
+
 def test_allow_fail_turns_the_run_green(matrix_run, capsys):
     out = matrix_run["root"] / "allowed"
     shutil.copytree(matrix_run["out"], out)
@@ -413,3 +493,80 @@ def test_zoo_all_on_all_targets_plans_every_registered_target(capsys):
     code, listing, _ = run_cli("matrix", "--models", "zoo:cnn", "--targets", "all", "--precisions", "all", "--list",
                                capsys=capsys)  # fmt: skip
     assert set(listing.split()) == {f"cnn/{t.name}/{p}" for t in TARGETS for p in t.precisions}
+
+
+def _result(cell_id: str = "m/onnx/fp32", key: str = "ab" * 32, **fields) -> CellResult:
+    model, target, precision = cell_id.split("/")
+    return CellResult(cell_id, model, "zoo:m", target, precision, fields.pop("status", "passed"), key=key, **fields)
+
+
+def test_repair_results_completes_a_whole_last_line_and_drops_a_torn_one(tmp_path):
+    path, warnings = tmp_path / "results.jsonl", []
+    append_result(path, _result("a/onnx/fp32", "a" * 64, max_abs_error=1e-7))
+    whole = path.read_text()
+    path.write_text(whole + whole.rstrip("\n"))  # killed just before the newline: the line itself is whole
+    repair_results(path, warnings.append)
+    assert warnings == [] and path.read_text() == whole * 2
+    path.write_text(whole + '{"cell_id": "b/pt2/fp32", "max_ab')  # killed mid-line
+    repair_results(path, warnings.append)
+    assert path.read_text() == whole
+    assert len(warnings) == 1 and "dropped it: cell b/pt2/fp32 will run again" in warnings[0]
+    append_result(path, _result("b/pt2/fp32", "b" * 64))
+    assert [r.cell_id for r in read_results(path).values()] == ["a/onnx/fp32", "b/pt2/fp32"]
+    repair_results(path, warnings.append)  # a sound file is left alone
+    assert len(warnings) == 1 and path.read_text().count("\n") == 2
+
+
+def test_cell_result_parse_checks_shapes_and_restores_non_finite_numbers():
+    data = _result(max_abs_error=float("nan"), min_cosine=float("-inf")).to_dict()
+    assert data["max_abs_error"] == "nan"
+    parsed = CellResult.parse(data)
+    assert parsed.max_abs_error != parsed.max_abs_error and parsed.min_cosine == float("-inf")
+    for bad, message in [
+        (data | {"latency_ms": "fast"}, "latency_ms = 'fast' is not a number or null"),
+        (data | {"exit_code": True}, "exit_code = true is not a whole number or null"),
+        (data | {"outputs": {}}, "outputs = {} is not a list"),
+        (data | {"status": "great"}, "unknown status 'great'"),
+        ({k: v for k, v in data.items() if k != "target"}, "no target"),
+        (["a"], "not a JSON object but a list"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            CellResult.parse(bad)
+
+
+def test_the_cache_uses_only_entries_that_check_out(tmp_path):
+    warnings: list[str] = []
+    cache = CellCache(tmp_path, warnings.append)
+    result = _result(max_abs_error=2e-7)
+    cache.put(result)
+    assert cache.get(result.key, result.cell_id) == result and warnings == []
+    assert cache.get("cd" * 32) is None and warnings == []  # not cached: no warning
+    (entry,) = tmp_path.rglob("*.json")
+    data = json.loads(entry.read_text())
+    good = entry.read_text()
+    forged = dict(data, result=dict(data["result"], max_abs_error=1.2e4))  # numbers edited, digest not
+    wrong_shape = dict(data, result=dict(data["result"], status=None))
+    wrong_shape["sha256"] = hashlib.sha256(
+        json.dumps(wrong_shape["result"], sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()  # recomputed: the digest matches, the shape does not
+    cases = [
+        (json.dumps(forged), "does not match its sha256"),
+        (json.dumps(wrong_shape), "is not a well-formed cell result (status = null is not a string)"),
+        (json.dumps(data["result"]), "is not a Kiln cache entry of this version"),  # an old-style bare entry
+        (good[: len(good) // 2], "is not JSON"),  # torn
+    ]
+    for text, message in cases:
+        entry.write_text(text)
+        assert cache.get(result.key, result.cell_id) is None
+        assert message in warnings[-1] and "m/onnx/fp32" in warnings[-1] and "the cell runs again" in warnings[-1]
+    other = tmp_path / "cd" / f"{'cd' * 32}.json"
+    other.parent.mkdir()
+    other.write_text(good)  # an intact entry under another key
+    assert cache.get("cd" * 32) is None and "holds the result of another key" in warnings[-1]
+    assert len(warnings) == len(cases) + 1
+
+
+def test_merge_of_a_plan_of_the_wrong_shape_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "plan.json").write_text('{"shard": "1/1", "cells": [{"cell": {"name": "x"}}]}')
+    code, _, err = run_cli("matrix", "merge", tmp_path, "--out", tmp_path / "merged", capsys=capsys)
+    assert code == 2 and "is not a plan of `kiln matrix`" in err and len(err.strip().splitlines()) == 1

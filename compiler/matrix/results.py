@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from compiler.errors import UsageError
 from compiler.types import _json_safe
 
 PASSED = "passed"
@@ -107,25 +110,149 @@ class CellResult:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def parse(cls, data: Any) -> CellResult:
+        """A result read from a file that may be cut short, edited by hand or forged: checked field by field.
+
+        Raises ValueError (one line: what is wrong) for something that is not an object, a missing required
+        field, a field of the wrong type or an unknown status. Of the containers (outputs, stages, ...) only their
+        own type is checked: nothing formats their contents. Unknown keys (a newer schema) are ignored; "inf",
+        "-inf" and "nan" in number fields (how `to_dict` writes them) become floats again.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but a {type(data).__name__}")
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        values: dict[str, Any] = {}
+        for name, check in _FIELD_CHECKS.items():
+            if name in data:
+                value = data[name]
+                if not check(value):
+                    raise ValueError(f"{name} = {_short(value)} is not {_CHECKS[_FIELD_TYPES[name]][1]}")
+                restore = isinstance(value, str) and _FIELD_TYPES[name] == "float | None"  # "nan", "inf", "-inf"
+                values[name] = float(value) if restore else value
+        if values["status"] not in STATUS_LABELS:
+            raise ValueError(f"unknown status {_short(values['status'])}")
+        return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_NON_FINITE = ("inf", "-inf", "nan")
+# Each annotation of CellResult's fields: the check of a value read from a file, and what it must be. A field
+# whose annotation is missing here fails at import, so that a new field gets a check.
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "int | None": (lambda v: v is None or _is_int(v), "a whole number or null"),
+    "float | None": (
+        lambda v: v is None or _is_float(v) or (isinstance(v, str) and v in _NON_FINITE),
+        "a number or null",
+    ),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "list[dict[str, Any]]": (lambda v: isinstance(v, list), "a list"),
+    "list[str]": (lambda v: isinstance(v, list), "a list"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
+    "dict[str, Any] | None": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "dict[str, float]": (lambda v: isinstance(v, dict), "an object"),
+    "dict[str, str]": (lambda v: isinstance(v, dict), "an object"),
+}
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(CellResult)}
+_FIELD_CHECKS = {name: _CHECKS[annotation][0] for name, annotation in _FIELD_TYPES.items()}
+_REQUIRED = [f.name for f in fields(CellResult) if f.default is MISSING and f.default_factory is MISSING]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
 
 def append_result(path: Path, result: CellResult) -> None:
-    """Append one result as a line and make it durable, so that a killed run keeps every finished cell."""
-    line = json.dumps(result.to_dict(), sort_keys=True) + "\n"
-    with path.open("a") as handle:
-        handle.write(line)
+    """Append one result as a line and make it durable, so that a killed run keeps every finished cell.
+
+    The whole line, newline included, goes in one `write` to a file opened O_APPEND, then fsync: a kill
+    mid-write can leave at most a partial last line, which `repair_results` drops before the next run appends.
+    """
+    view = memoryview((json.dumps(result.to_dict(), sort_keys=True) + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        while view:  # a regular file takes it in one write; a short one (a signal, a full disk) goes on from there
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair_results(path: Path, warn: Callable[[str], None]) -> None:
+    """Make a results.jsonl safe to append to: a last line without its newline (a run killed while writing it)
+    gets its newline if it is a whole result, else is cut off, with a warning naming the cell that runs again."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc}", "check the --out directory") from None
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    last = data[start:]
+    try:
+        CellResult.parse(json.loads(last))
+        fixed = False
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        fixed = True
+    with path.open("r+b") as handle:
+        if fixed:
+            handle.truncate(start)
+        else:
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"\n")
         handle.flush()
         os.fsync(handle.fileno())
+    if fixed:
+        cell_id = _cell_of(last.decode("utf-8", errors="replace"))
+        cell = f"cell {cell_id}" if cell_id else "its cell"
+        warn(f"{path}: its last line was cut short (a run killed while writing it); dropped it: {cell} will run again")
 
 
-def read_results(path: Path) -> dict[str, CellResult]:
-    """The results in a results.jsonl by key, the last line of a key winning; a torn last line is skipped."""
+def read_results(path: Path, warn: Callable[[str], None] | None = None) -> dict[str, CellResult]:
+    """The results in a results.jsonl by key, the last line of a key winning. A line that is not a whole,
+    well-formed result (cut short by a kill, edited by hand) is ignored, with a warning through `warn`."""
     found: dict[str, CellResult] = {}
     if not path.is_file():
         return found
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc}", "check the directory") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}" + (f" (cell {cell_id})" if (cell_id := _cell_of(line)) else "")
         try:
-            result = CellResult.from_dict(json.loads(line))
-        except (ValueError, TypeError):
-            continue  # a line cut short by a kill
+            data = json.loads(line)
+        except (ValueError, RecursionError):
+            if warn is not None:
+                warn(f"{where}: not a whole JSON line; ignored it")
+            continue
+        try:
+            result = CellResult.parse(data)
+        except ValueError as exc:
+            if warn is not None:
+                warn(f"{where}: not a cell result: {exc}; ignored it")
+            continue
         found[result.key] = result
     return found
+
+
+def _cell_of(text: str) -> str:
+    """The id of the cell that a (possibly partial) JSON line names; "" when it names none."""
+    match = re.search(r'"cell_id": "([^"\\]{1,200})"', text)
+    return match[1] if match else ""
