@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -52,8 +53,8 @@ def _is_number(value: Any) -> bool:
 
 
 OPTION_CHECKS: dict[str, tuple[Any, str]] = {
-    "atol": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "rtol": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "atol": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "rtol": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "samples": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
     "dynamic_batch": (lambda v: isinstance(v, str), 'a string "MIN:MAX"'),
     "inputs": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), "a list of .npz paths"),
