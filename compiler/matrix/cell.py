@@ -79,16 +79,7 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
     quiet_libraries()
     threads = int(job["threads"])
     torch.set_num_threads(threads)
-    options = cell.options
-    settings = export_options(
-        precision=cell.precision,
-        dynamic_batch=options.dynamic_batch,
-        inputs=options.inputs,
-        atol=options.atol,
-        rtol=options.rtol,
-        samples=options.samples,
-        force=True,
-    )
+    settings = export_options(precision=cell.precision, force=True, **cell.options.export_settings())
     progress = Progress(stream=sys.stderr)
     started = time.perf_counter()
     (result,) = export_targets(cell.model, cell.target, Path(job["export_dir"]), settings, progress=progress)

@@ -31,6 +31,16 @@ class CellOptions:
     memory_limit_gb: float | None = None  # address-space limit of the cell's process; None: physical RAM; 0: none
     expect: str = "pass"  # "pass", or "fail": a failure of this cell does not fail the run
 
+    def export_settings(self) -> dict[str, Any]:
+        """The options that reach the export itself, as keywords of `compiler.options.export_options`."""
+        return {
+            "dynamic_batch": self.dynamic_batch,
+            "inputs": self.inputs,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "samples": self.samples,
+        }
+
     def merged(self, overrides: dict[str, Any], where: str) -> CellOptions:
         """These options with the keys of a config table applied; unknown keys are refused."""
         known = {f.name for f in fields(self)}
