@@ -37,6 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         samples=args.samples,
         parity_gate=not args.no_parity_gate,
         force=args.force,
+        wait=args.wait,
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_method=args.calib_method,
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")
     export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
+    export.add_argument(
+        "--wait", action="store_true", help="if another export to --out is running, wait for it instead of failing"
+    )
     _output_flags(export)
     export.set_defaults(handler=cmd_export)
 

@@ -51,6 +51,7 @@ def export(
     samples: int = 4,
     parity_gate: bool = True,
     force: bool = False,
+    wait: bool = False,
     passes: list[Any] | None = None,
     opt_level: int = 2,
     adjust_passes: str | None = None,
@@ -64,6 +65,7 @@ def export(
     is calibrated; `max_drop` (with an optional `metric`, "file.py:fn") makes int8 accuracy-aware.
     `opt_level` picks the pass pipeline (0 none .. 3 target-specific); `adjust_passes` is "+name,-name";
     `passes` replaces the pipeline with an explicit list of `passes.base.Pass`.
+    `wait` makes an export to an `out` that another process is exporting to wait for it (else UsageError).
     The artifact is validated against the model; if it fails parity it is kept under
     `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     """
@@ -83,6 +85,7 @@ def export(
         samples=samples,
         parity_gate=parity_gate,
         force=force,
+        wait=wait,
         passes=passes,
         opt_level=opt_level,
         adjust_passes=adjust_passes,

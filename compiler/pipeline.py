@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from compiler.parity import (
 )
 from compiler.progress import Progress, converter_output_captured
 from compiler.sources import ModelSource, from_module, load_source
-from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
+from compiler.staging import REJECTED, check_output_dir, install_tree, output_lock, staging_area
 from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord
 from passes import FX, ONNX, dump_graph, pipeline_for, run_pipeline, save_onnx
 from targets import Target, resolve_targets
@@ -60,15 +59,30 @@ def export_targets(
     out = Path(out)
     every = _names(targets) == ["all"]
     chosen = _check_targets(resolve_targets(targets), options, every, progress)
+    with output_lock(out, options.wait, progress.say):
+        return _export_locked(model, chosen, every, out, options, example_inputs, progress)
+
+
+def _export_locked(
+    model: str | torch.nn.Module,
+    chosen: list[Target],
+    every: bool,
+    out: Path,
+    options: ExportOptions,
+    example_inputs: Any,
+    progress: Progress,
+) -> list[ExportResult]:
+    """`export_targets` once it holds the output lock; work files live in the staging directory."""
     check_output_dir(out, options.force)
     with progress.stage("load", model if isinstance(model, str) else type(model).__name__):
         source = _load(model, example_inputs, options)
     chosen = _fit_to_source(source, chosen, every=every, progress=progress)
-    with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
+    with staging_area(out) as staging:
+        work = staging / "work"
         builds = []
         for batch, group in _capture_groups(source, chosen):
             group_source = source.with_batch(batch) if batch else source
-            scratch = Path(work) / f"batch{batch or 'example'}"
+            scratch = work / f"batch{batch or 'example'}"
             to_onnx = any(t.consumes == "onnx" for t in group)
             via = "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx
             with progress.stage("capture", via + (f" at batch {batch}" if batch else "")):
