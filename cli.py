@@ -37,6 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         samples=args.samples,
         parity_gate=not args.no_parity_gate,
         force=args.force,
+        wait=args.wait,
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_method=args.calib_method,
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with several targets, stop at the first that fails to build and publish nothing "
         "(default: publish the others, report the failure, exit 1)",
+    )
+    export.add_argument(
+        "--wait", action="store_true", help="if another export to --out is running, wait for it instead of failing"
     )
     _output_flags(export)
     export.set_defaults(handler=cmd_export)

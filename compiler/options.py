@@ -37,6 +37,7 @@ class ExportOptions:
     samples: int = DEFAULT_SAMPLES
     parity_gate: bool = True
     force: bool = False
+    wait: bool = False  # --wait: queue behind another export to the same --out instead of failing
     opt_level: int = DEFAULT_LEVEL  # -O0 .. -O3
     pass_adjustments: PassAdjustments = field(default_factory=PassAdjustments)  # --passes +name,-name
     passes: list[Pass] | None = None  # an explicit pipeline (library use), replacing the level's

@@ -7,7 +7,6 @@ their own: `compiler.optimize.optimize`, `compiler.artifacts.build`, `compiler.p
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -30,7 +29,7 @@ from compiler.progress import Progress
 from compiler.reference import reference_samples
 from compiler.selection import fit_to_source, select_targets
 from compiler.sources import ModelSource, from_module, load_source
-from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
+from compiler.staging import REJECTED, check_output_dir, install_tree, output_lock, staging_area
 from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure, TensorSpec
 from targets import Target
 
@@ -93,18 +92,19 @@ def export_targets(
     progress = progress or Progress(quiet=True)
     out = Path(out)
     chosen = select_targets(targets, options, progress)
-    check_output_dir(out, options.force)
-    timings: dict[str, float] = {}  # the stages every target shares
-    with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
-        source = load_model(model, example_inputs, options)
-    chosen = fit_to_source(source, chosen, targets, progress)
-    outcomes: list[_Outcome] = []
-    with tempfile.TemporaryDirectory(prefix="kiln-work-") as work, staging_area(out) as staging:
-        for batch, group in _capture_groups(source, chosen):
-            shared = prepare(source, batch, group, options, Path(work), progress, timings)
-            for target in group:
-                outcomes.append(_export_or_fail(target, shared, options, staging, progress, timings, len(chosen)))
-        return publish(staging, outcomes, out)
+    with output_lock(out, options.wait, progress.say):
+        check_output_dir(out, options.force)
+        timings: dict[str, float] = {}  # the stages every target shares
+        with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
+            source = load_model(model, example_inputs, options)
+        chosen = fit_to_source(source, chosen, targets, progress)
+        outcomes: list[_Outcome] = []
+        with staging_area(out) as staging:  # work files live in the staging directory too
+            for batch, group in _capture_groups(source, chosen):
+                shared = prepare(source, batch, group, options, staging / "work", progress, timings)
+                for target in group:
+                    outcomes.append(_export_or_fail(target, shared, options, staging, progress, timings, len(chosen)))
+            return publish(staging, outcomes, out)
 
 
 def _export_or_fail(

@@ -11,7 +11,7 @@ import numpy as np
 
 from compiler.errors import MissingBackendError, UsageError
 from compiler.parity import ParitySamples, check_feed, validate
-from compiler.staging import REJECTED
+from compiler.staging import REJECTED, STAGING_OWNER, staging_root_of
 from compiler.types import MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
 
 
@@ -64,8 +64,15 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def export_dirs(path: str | Path) -> list[Path]:
-    """The export directories under `path`: itself if it holds a manifest, else its target subdirectories."""
+    """The export directories under `path`: itself if it holds a manifest, else its target subdirectories.
+    Nothing inside a staging directory counts (an export being built, or one whose build was killed)."""
     path = Path(path)
+    staging = staging_root_of(path)
+    if staging is not None:
+        raise UsageError(
+            f"{path} is inside the staging directory of an unfinished export ({staging} holds {STAGING_OWNER})",
+            "export again: it is removed by the next export to the same --out; only the --out directory is an export",
+        )
     if (path / MANIFEST_NAME).is_file():
         return [path]
     if not path.is_dir():

@@ -6,8 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import ClassVar
 
 import onnx
@@ -159,8 +157,8 @@ def test_bad_inputs_file(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def _run_cli_process(*argv, **kwargs):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _run_cli_process(*argv, env=None, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen(
         [sys.executable, str(ROOT / "cli.py"), *map(str, argv)],
         cwd=ROOT,
@@ -197,13 +195,21 @@ def _with_default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_mid_export_cleans_up(tmp_path):
+def test_ctrl_c_mid_export_cleans_up(tmp_path, tmp_path_factory):
     import signal
     import time
 
-    work_dirs_before = set(Path(tempfile.gettempdir()).glob("kiln-work-*"))
+    # The child's own temporary directory: other processes' files in /tmp (parallel test runs) don't count.
+    child_tmp = tmp_path_factory.mktemp("child-tmp")
     process = _run_cli_process(
-        "export", "zoo:transformer", "--target", "onnx", "--out", tmp_path / "o", preexec_fn=_with_default_sigint
+        "export",
+        "zoo:transformer",
+        "--target",
+        "onnx",
+        "--out",
+        tmp_path / "o",
+        preexec_fn=_with_default_sigint,
+        env={"TMPDIR": str(child_tmp)},
     )
     progress = b""
     deadline = time.time() + 120
@@ -223,7 +229,7 @@ def test_ctrl_c_mid_export_cleans_up(tmp_path):
     assert "capture torch.export -> ONNX ... failed" in progress.decode() + err
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
-    assert set(Path(tempfile.gettempdir()).glob("kiln-work-*")) - work_dirs_before == set()
+    assert list(child_tmp.iterdir()) == []
 
 
 def test_help_and_targets_do_not_import_torch():
