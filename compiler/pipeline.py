@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from compiler.backend_errors import backend_failures, operation_named_in  # noqa: F401  (re-exported)
-from compiler.calibration import CalibrationData, load_calibration
 from compiler.capture import CapturedModel, capture
 from compiler.errors import KilnError, MissingBackendError, UsageError
 from compiler.host import host_info, versions
@@ -26,6 +25,7 @@ from compiler.parity import (
     validate,
 )
 from compiler.progress import Progress, converter_output_captured
+from compiler.quantization.calibration import CalibrationData, load_calibration
 from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, staging_area
 from compiler.types import ArtifactFile, ExportResult, Manifest, PassRecord

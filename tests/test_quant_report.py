@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.accuracy import accuracy_aware_onnx, agreement, quantize_onnx_artifact
-from compiler.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
 from compiler.errors import ParityError, UsageError
 from compiler.pipeline import ExportOptions, export_targets
-from compiler.quant_report import QuantReport, layer_errors, module_classes
-from compiler.quantize import quantize_onnx
-from targets.onnxrt import OnnxRuntimeRunner
+from compiler.quantization.accuracy import agreement
+from compiler.quantization.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
+from compiler.quantization.onnxrt import quantize_onnx
+from compiler.quantization.report import QuantReport, layer_errors, module_classes
+from targets.onnxrt import OnnxRuntimeRunner, accuracy_aware_onnx, quantize_onnx_artifact
 from tests.conftest import run_cli
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 

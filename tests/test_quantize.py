@@ -13,9 +13,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compiler.calibration import CalibrationSpec, load_calibration
 from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantize import quantize_onnx
+from compiler.quantization.calibration import CalibrationSpec, load_calibration
+from compiler.quantization.onnxrt import quantize_onnx
 from compiler.types import ExportResult
 from targets.litert import LiteRtRunner
 from targets.onnxrt import OnnxRuntimeRunner
