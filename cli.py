@@ -209,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_quant_report(args: argparse.Namespace) -> int:
     """`kiln quant-report`: the per-layer error of a quantized export against fp32, worst layer first."""
-    from compiler.quant_report import REPORT_FILE, QuantReport, not_quantized
+    from compiler.quantization.report import REPORT_FILE, QuantReport, not_quantized
     from compiler.runner import export_dirs
 
     directories = export_dirs(args.export_dir)

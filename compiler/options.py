@@ -9,10 +9,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.calibration import DEFAULT_CALIBRATION_SAMPLES, AccuracyBudget, CalibrationData, CalibrationSpec
 from compiler.capture import DynamicBatch
 from compiler.errors import UsageError
 from compiler.parity import DEFAULT_SAMPLES
+from compiler.quantization.calibration import (
+    DEFAULT_CALIBRATION_SAMPLES,
+    AccuracyBudget,
+    CalibrationData,
+    CalibrationSpec,
+)
 from compiler.types import Tolerance, check_thresholds
 from passes import DEFAULT_LEVEL, Pass, PassAdjustments
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from compiler.artifacts import Artifact, build, hash_files
-from compiler.calibration import CalibrationData, load_calibration
 from compiler.capture import CapturedModel, capture, lower
 from compiler.errors import KilnError, UnsupportedOpError, UsageError
 from compiler.layout import NCHW_TO_NHWC, NHWC
@@ -26,6 +25,7 @@ from compiler.optimize import optimize
 from compiler.options import ExportOptions
 from compiler.parity import ParitySamples, validate
 from compiler.progress import Progress
+from compiler.quantization.calibration import CalibrationData, load_calibration
 from compiler.reference import reference_samples
 from compiler.selection import fit_to_source, select_targets
 from compiler.sources import ModelSource, from_module, load_source

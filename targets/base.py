@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from compiler.capture import CapturedModel
+    from compiler.quantization.calibration import AccuracyBudget, CalibrationData
     from compiler.types import Manifest, PassRecord, TensorSpec
 
 
@@ -21,9 +22,8 @@ class BuildRequest:
     precision: str = "fp32"
     device: str | None = None  # targets that compile for a device (None: the target's default)
     io_layout: str | None = None  # e.g. "nhwc" for image I/O in channels-last (None: as captured)
-    calibration: Any = None  # a compiler.calibration.CalibrationData for calibrated int8
-    accuracy: Any = None  # a compiler.calibration.AccuracyBudget (--max-drop) for quantized precisions
-    extra: dict[str, Any] = field(default_factory=dict)
+    calibration: CalibrationData | None = None  # calibrated int8's samples
+    accuracy: AccuracyBudget | None = None  # --max-drop, for quantized precisions
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """LiteRT (TFLite) building blocks shared by the `tflite` and `edgetpu` targets.
 
 Conversion: the `torch.export` program -> Kiln's TFLite decompositions -> `litert_torch.convert`
-(named inputs and outputs, optional channels-last image I/O) -> a float32 `.tflite`; then
-`ai_edge_quantizer` for fp16 weights, dynamic-range int8 or calibrated full-integer int8.
+(named inputs and outputs, optional channels-last image I/O) -> a float32 `.tflite`, which
+compiler/quantization/litert.py quantizes (fp16 weights, dynamic-range int8, calibrated full-integer int8).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.layout import NCHW_TO_NHWC, NHWC_TO_NCHW, is_image
+from compiler.quantization.litert import SIGNATURE
 from targets.base import Runner
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -23,12 +24,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from compiler.calibration import CalibrationSpec
     from compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.tflite"
-SIGNATURE = "serving_default"
-WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
 THREADS = 2
 
 
@@ -72,91 +70,6 @@ def to_tflite(
     edge_model = litert_torch.convert(wrapper, sample_kwargs=samples)
     edge_model.export(str(path))
     return decomposed
-
-
-def quantize(
-    source: Path,
-    destination: Path,
-    precision: str,
-    calibration: list[dict[str, np.ndarray]],
-    spec: CalibrationSpec | None = None,
-) -> dict[str, Any]:
-    """Quantize a float32 `.tflite`: fp16 weights, int8-dynamic (weights) or int8 (calibrated, int8 I/O, with the
-    spec's per-channel weights and symmetric activations); for int8, the calibration settings actually used."""
-    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe
-
-    engine = quantizer.Quantizer(str(source))
-    used: dict[str, Any] = {}
-    if precision == "fp16":
-        for op in WEIGHT_OPS:
-            engine.add_weight_only_config(
-                regex=".*",
-                operation_name=getattr(qtyping.TFLOperationName, op),
-                num_bits=16,
-                algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING,
-            )
-    elif precision == "int8-dynamic":
-        engine.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-    elif precision == "int8":
-        used = static_int8_settings(spec)
-        engine.load_quantization_recipe(static_int8_recipe(used))
-    else:
-        raise ValueError(f"no quantization for precision {precision}")
-    ranges = _calibrate(source, engine, calibration) if engine.need_calibration else None
-    engine.quantize(ranges, enable_progress_report=False).export_model(str(destination), overwrite=True)
-    return used
-
-
-def static_int8_settings(spec: CalibrationSpec | None) -> dict[str, Any]:
-    """What ai_edge_quantizer can do of a calibration spec: per-channel or per-tensor int8 weights (symmetric:
-    TFLite kernels take no other), symmetric or asymmetric int8 activations (asymmetric by default: LiteRT's
-    usual int8 scheme), and min/max ranges, the only activation calibration it has."""
-    from compiler.calibration import CalibrationSpec
-
-    spec = spec or CalibrationSpec()
-    return {
-        "method": "minmax",
-        "method_asked": spec.method,
-        "per_channel": spec.per_channel,
-        "symmetric_activations": bool(spec.symmetric_activations),
-    }
-
-
-def static_int8_recipe(settings: dict[str, Any]) -> Any:
-    """The ai_edge_quantizer recipe for full-integer int8 with these settings (from `static_int8_settings`)."""
-    from ai_edge_quantizer import algorithm_manager, qtyping, recipe_manager
-
-    granularity = qtyping.QuantGranularity.TENSORWISE
-    if settings["per_channel"]:
-        granularity = qtyping.QuantGranularity.CHANNELWISE
-    manager = recipe_manager.RecipeManager()
-    manager.add_quantization_config(
-        regex=".*",
-        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-        op_config=qtyping.OpQuantizationConfig(
-            activation_tensor_config=qtyping.TensorQuantizationConfig(
-                num_bits=8, symmetric=settings["symmetric_activations"]
-            ),
-            weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=8, symmetric=True, granularity=granularity),
-            compute_precision=qtyping.ComputePrecision.INTEGER,
-            explicit_dequantize=False,
-        ),
-        algorithm_key=algorithm_manager.AlgorithmName.MIN_MAX_UNIFORM_QUANT,
-    )
-    return manager.get_quantization_recipe()
-
-
-def _calibrate(source: Path, engine: Any, calibration: list[dict[str, np.ndarray]]) -> Any:
-    """Activation ranges as the min and max over every calibration sample, as ONNX Runtime's and NNCF's minmax
-    compute them (`Quantizer.calibrate` would take a moving average of per-sample ranges instead)."""
-    from ai_edge_quantizer import calibrator, recipe_manager
-    from ai_edge_quantizer.utils import qsv_utils
-
-    manager = recipe_manager.RecipeManager()
-    manager.load_quantization_recipe(engine.get_quantization_recipe())
-    calib = calibrator.Calibrator(str(source), num_threads=THREADS, qsv_update_func=qsv_utils.min_max_update)
-    calib.calibrate({SIGNATURE: calibration}, manager)
-    return calib.get_model_qsvs()
 
 
 @dataclass(frozen=True)

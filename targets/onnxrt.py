@@ -1,5 +1,5 @@
-"""`onnx`: the ONNX file itself (fp32, or quantized by compiler/quantize.py), validated with ONNX Runtime's CPU
-provider."""
+"""`onnx`: the ONNX file itself (fp32, or quantized by compiler/quantization/onnxrt.py), validated with ONNX
+Runtime's CPU provider."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     import numpy as np
 
     from compiler.capture import CapturedModel
+    from compiler.quantization.accuracy import AccuracyResult
+    from compiler.quantization.calibration import AccuracyBudget, CalibrationData
+    from compiler.quantization.report import QuantReport
+    from compiler.quantization.summary import QuantizeSummary
     from compiler.types import Manifest
 
 MODEL_FILE = "model.onnx"
@@ -114,12 +118,13 @@ class OnnxRuntimeTarget(Target):
     ) -> None:
         """Write `graph` quantized at the requested precision into the artifact directory; calibrated int8 also
         gets its per-layer report (`quant_report.json`) and, with --max-drop, reverts its most sensitive layers."""
-        from compiler.accuracy import quantize_onnx_artifact, reverted_note
-        from compiler.quant_report import module_classes
-        from compiler.quantize import quantize_onnx
+        from compiler.quantization.accuracy import reverted_note
+        from compiler.quantization.onnxrt import quantize_onnx
+        from compiler.quantization.report import module_classes
 
         calibration = request.calibration
         if request.precision == "int8":
+            assert calibration is not None, "int8 needs calibration data (the pipeline provides it)"
             classes = module_classes(model.exported) if model.exported is not None else None
             summary, extra = quantize_onnx_artifact(
                 graph, directory / MODEL_FILE, calibration, request.accuracy, module_classes=classes
@@ -142,3 +147,45 @@ class OnnxRuntimeTarget(Target):
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """An ONNX Runtime session on the artifact."""
         return OnnxRuntimeRunner(directory / MODEL_FILE, manifest, threads=threads or 0)
+
+
+def accuracy_aware_onnx(
+    fp32_onnx: Path,
+    destination: Path,
+    calibration: CalibrationData,
+    budget: AccuracyBudget,
+    module_classes: dict[str, str] | None = None,
+) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
+    """`--max-drop` for this target: compiler.quantization.accuracy.accuracy_aware_qdq run with ONNX Runtime."""
+    from compiler.quantization.accuracy import accuracy_aware_qdq
+
+    return accuracy_aware_qdq(fp32_onnx, destination, calibration, budget, OnnxRuntimeRunner, module_classes)
+
+
+def quantize_onnx_artifact(
+    fp32_onnx: Path,
+    destination: Path,
+    calibration: CalibrationData,
+    budget: AccuracyBudget | None = None,
+    module_classes: dict[str, str] | None = None,
+) -> tuple[QuantizeSummary, dict[str, Any]]:
+    """Quantize `fp32_onnx` to calibrated int8 into `destination` (accuracy-aware when `budget` is given) and
+    write the per-layer report next to it; the quantization summary and what the target records in
+    `BuildOutput.info` (report summary, --max-drop result)."""
+    from dataclasses import asdict
+
+    from compiler.capture import onnx_signature
+    from compiler.quantization.onnxrt import quantize_onnx
+    from compiler.quantization.report import write_quant_report
+
+    info: dict[str, Any] = {}
+    if budget is not None:
+        result, report, summary = accuracy_aware_onnx(fp32_onnx, destination, calibration, budget, module_classes)
+        report.write(destination.parent)
+        info["accuracy_aware"] = result.summary()
+    else:
+        summary = quantize_onnx(fp32_onnx, destination, "int8", calibration)
+        feeds = calibration.batches(onnx_signature(fp32_onnx, torch_layout=False)[0])
+        report = write_quant_report(destination.parent, fp32_onnx, destination, feeds, module_classes)
+    info["quant_report"] = asdict(report.summary)
+    return summary, info

@@ -11,16 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from compiler.quantize_openvino import QUANTIZED_PRECISIONS
+from compiler.quantization.openvino import QUANTIZED_PRECISIONS
 from targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
     import openvino as ov
 
-    from compiler.accuracy import AccuracyResult
     from compiler.capture import CapturedModel
-    from compiler.quantize import QuantizeSummary
+    from compiler.quantization.accuracy import AccuracyResult
+    from compiler.quantization.summary import QuantizeSummary
     from compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.xml"
@@ -199,14 +199,23 @@ def _quantize(
 ) -> tuple[ov.Model, QuantizeSummary, AccuracyResult | None]:
     """The model quantized with NNCF as the request asks (accuracy-aware with --max-drop), its summary, and
     the --max-drop result."""
-    from compiler.quantize_openvino import quantize_openvino
+    from compiler.quantization.openvino import quantize_openvino
 
     if request.accuracy is None:
         quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
         return quantized, summary, None
-    from compiler.accuracy import accuracy_aware_openvino
-    from compiler.quant_report import module_classes
+    from compiler.quantization.accuracy import accuracy_aware_nncf
+    from compiler.quantization.report import module_classes
+    from targets.onnxrt import OnnxRuntimeRunner
 
-    assert model.onnx_path is not None
+    assert model.onnx_path is not None and request.calibration is not None
     classes = module_classes(model.exported) if model.exported is not None else None
-    return accuracy_aware_openvino(ov_model, model.onnx_path, request.calibration, request.accuracy, classes)
+    fp32_runner = OnnxRuntimeRunner(model.onnx_path)
+    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION["int8"]}
+
+    def open_runner(quantized: ov.Model) -> Runner:
+        return OpenVinoRunner.in_memory(quantized, config, fp32_runner.inputs, fp32_runner.outputs)
+
+    return accuracy_aware_nncf(
+        ov_model, model.onnx_path, request.calibration, request.accuracy, fp32_runner, open_runner, classes
+    )

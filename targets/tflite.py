@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from compiler.layout import channels_last
+from compiler.quantization.litert import quantize_tflite
 from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.litert import MODEL_FILE, LiteRtRunner, op_counts, quantize, read_ops, to_tflite
+from targets.litert import MODEL_FILE, LiteRtRunner, op_counts, read_ops, to_tflite
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
@@ -40,28 +41,17 @@ def convert(model: CapturedModel, directory: Path, request: BuildRequest, precis
         if precision == "fp32":
             shutil.copy(float_model, directory / MODEL_FILE)
             return info
-        feeds: list[Any] = []
-        spec = None
+        calibration = None
         if precision == "int8":
             calibration = request.calibration
             assert calibration is not None, "int8 needs calibration data (the pipeline provides it)"
-            specs = channels_last(model.inputs) if nhwc else model.inputs
-            feeds = [_narrowed(batch) for batch in calibration.in_layout(specs).batches(model.inputs)]
             info["calibration"] = calibration.summary()
-            spec = calibration.spec
-        used = quantize(float_model, directory / MODEL_FILE, precision, feeds, spec)
-        if used:
-            info["calibration"]["used"] = used
+        specs = channels_last(model.inputs) if nhwc else model.inputs
+        summary = quantize_tflite(float_model, directory / MODEL_FILE, precision, calibration, specs)
+        if summary.settings:
+            info["calibration"]["used"] = summary.settings
         info["float_model_bytes"] = float_model.stat().st_size
     return info
-
-
-def _narrowed(feeds: dict[str, Any]) -> dict[str, Any]:
-    """Calibration feeds in 32-bit types, as TFLite narrows 64-bit I/O."""
-    import numpy as np
-
-    narrow = {np.dtype(np.int64): np.int32, np.dtype(np.float64): np.float32}
-    return {name: a.astype(narrow.get(a.dtype, a.dtype)) for name, a in feeds.items()}
 
 
 def calibration_notes(info: dict[str, Any]) -> list[str]:

@@ -17,9 +17,9 @@ pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch
 pytest.importorskip("ai_edge_quantizer", reason="the tflite target needs ai-edge-quantizer (pip install .[tpu])")
 
 from compiler import export, load
-from compiler.calibration import CalibrationSpec
 from compiler.parity import ParitySamples, judge
 from compiler.pipeline import ExportOptions, export_targets
+from compiler.quantization.calibration import CalibrationSpec
 from compiler.types import Manifest, Tolerance
 from compiler.zoo import ZOO
 from targets.edgetpu import COMPILER

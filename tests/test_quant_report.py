@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from compiler.accuracy import accuracy_aware_onnx, agreement, quantize_onnx_artifact
-from compiler.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
+from compiler.capture import capture
 from compiler.errors import ParityError, UsageError
 from compiler.pipeline import ExportOptions, export_targets
-from compiler.quant_report import QuantReport, layer_errors, module_classes
-from compiler.quantize import quantize_onnx
-from targets.onnxrt import OnnxRuntimeRunner
+from compiler.quantization.accuracy import agreement
+from compiler.quantization.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
+from compiler.quantization.onnxrt import quantize_onnx
+from compiler.quantization.report import QuantReport, layer_errors, module_classes
+from compiler.sources import load_source
+from targets.onnxrt import OnnxRuntimeRunner, accuracy_aware_onnx, quantize_onnx_artifact
 from tests.conftest import run_cli
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 
@@ -188,3 +191,33 @@ def test_export_with_max_drop_records_the_reverted_layers(
 
     code, _, err = run_cli(*args[:3], "tflite", *args[4:8], "-o", tmp_path / "t", "--max-drop", "0.01", capsys=capsys)
     assert code == 2 and "--max-drop does not apply to target tflite" in err
+
+
+def test_onnx_source_with_unnamed_nodes_gets_named_layers(
+    fragile: Fragile, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14: Kiln names an ONNX source's unnamed nodes when it takes the source in (the same names every
+    time), so the quantization summary, the per-layer report and --max-drop's layers kept in float each name
+    one layer (unnamed, they were all "", and keeping "" in float kept every unnamed node in float)."""
+    source = onnx.load(str(fragile.fp32_onnx))
+    for node in source.graph.node:
+        node.name = ""
+    unnamed = tmp_path / "unnamed.onnx"
+    onnx.save(source, str(unnamed))
+    captured = [capture(load_source(str(unnamed)), None, tmp_path / run).onnx_path for run in ("a", "b")]
+    names = [[node.name for node in onnx.load(str(path)).graph.node] for path in captured]
+    assert names[0] == names[1] and all(names[0]) and len(set(names[0])) == len(names[0])
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=fragile.calibration.rows["image"])
+    out = tmp_path / "out"
+    args = ["export", unnamed, "-t", "onnx", "--precision", "int8", "--calib", calib, "--max-drop", BUDGET, "-o", out]
+    code, _, err = run_cli(*args, capsys=capsys)
+    assert code == 0, err
+    quantization = json.loads((out / "manifest.json").read_text())["target_info"]["quantization"]
+    aware = quantization["accuracy_aware"]
+    assert aware["drop"] <= BUDGET < aware["drop_before"]
+    assert aware["reverted"] and set(aware["reverted"]) <= set(names[0])
+    assert quantization["excluded"] == aware["reverted"] and set(quantization["kept_float"]) <= set(names[0])
+    layers = [layer.name for layer in QuantReport.read(out).layers]
+    assert all(layers) and len(set(layers)) == len(layers)

@@ -1,4 +1,4 @@
-"""ONNX quantization for ONNX Runtime (compiler/quantize.py, the `onnx` target's int8/int8-dynamic/fp16) and the
+"""ONNX quantization for ONNX Runtime (compiler/quantization/onnxrt.py, the `onnx` target's int8/int8-dynamic/fp16) and the
 same calibration spec honoured by the TFLite int8 build, on a CNN trained on scikit-learn's digits and the zoo."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compiler.calibration import CalibrationSpec, load_calibration
 from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantize import quantize_onnx
+from compiler.quantization.calibration import CalibrationSpec, load_calibration
+from compiler.quantization.onnxrt import quantize_onnx
 from compiler.types import ExportResult
 from targets.litert import LiteRtRunner
 from targets.onnxrt import OnnxRuntimeRunner
@@ -182,3 +182,21 @@ def test_precision_onnx_lacks_is_one_line_error(tmp_path: Path, capsys: pytest.C
     )  # fmt: skip
     assert code == 2 and err.count("\n") == 1, err
     assert "does not support precision bf16" in err and "fp32, int8, int8-dynamic, fp16" in err
+
+
+SQUEEZENET = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+
+
+@pytest.mark.skipif(not SQUEEZENET.is_file(), reason="this onnx wheel does not ship light_squeezenet.onnx")
+def test_int8_squeezenet_source_keeps_its_softmax_output(tmp_path: Path) -> None:
+    """Issue 14: ONNX's light squeezenet (opset 9, every weight 0.02, so its softmax is a uniform 0.001 over 1000
+    classes) came out all zeros at int8: the quantizer's fixed [0, 1] uint8 range for a Softmax output rounds
+    0.001 to 0. The Softmax of a graph output now computes in float."""
+    result = export_targets(str(SQUEEZENET), "onnx", tmp_path / "sq", ExportOptions(precision="int8"))[0]
+    assert result.published, result.parity.summary()
+    quantization = result.manifest.target_info["quantization"]
+    assert quantization["settings"]["float_softmax_outputs"] == ["softmaxout_1"]
+    assert quantization["quantized"] > 0
+    image = np.random.default_rng(0).uniform(0, 1, (1, 3, 224, 224)).astype(np.float32)
+    probabilities = OnnxRuntimeRunner(result.directory / "model.onnx").run({"data_0": image})["softmaxout_1"]
+    np.testing.assert_allclose(probabilities, 0.001, rtol=1e-3)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from compiler import export, load
-from compiler.calibration import CALIBRATION_METHODS, CalibrationData, CalibrationSpec
 from compiler.errors import UsageError
 from compiler.parity import random_like
 from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantize_openvino import quantize_openvino, weighted_op_states
+from compiler.quantization.calibration import CALIBRATION_METHODS, CalibrationData, CalibrationSpec
+from compiler.quantization.openvino import quantize_openvino, weighted_op_states
 from compiler.types import ExportResult
 from compiler.zoo import ZOO
 from tests.models.digits import accuracy, trained_digits_cnn

@@ -2,7 +2,7 @@
 
 The quantized model is scored on the calibration samples against the fp32 model. While it loses more
 than the budget, the layers that quantization hurts most (ranked by the per-layer report's local error,
-see compiler/quant_report.py) are kept in float and the model is quantized again: one layer, one more,
+see compiler/quantization/report.py) are kept in float and the model is quantized again: one layer, one more,
 then twice as many each round, a bounded number of rounds; when a round of several layers meets the
 budget, the smallest prefix of that round that still meets it is found by bisection.
 
@@ -12,6 +12,9 @@ similarity for other float outputs. fp32 scores 1.0, so the drop is 1 - agreemen
 A user metric `file.py:fn` is called as `fn(outputs, inputs) -> float` (higher is better) with every
 calibration sample stacked on the batch axis, for the fp32 and for the quantized model; the drop is
 the difference.
+
+The search imports no target: the target passes in how to run a model (`open_runner`, `fp32_runner`), and
+`accuracy_aware` itself takes any `quantize(exclude) -> Runner`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compiler.calibration import AccuracyBudget, CalibrationData
 from compiler.errors import ParityError, UsageError
+from compiler.metrics import is_classifier, mean_row_cosine, top1_matches
+from compiler.quantization.calibration import AccuracyBudget, CalibrationData
 
 if TYPE_CHECKING:
-    from compiler.quant_report import QuantReport
-    from compiler.quantize import QuantizeSummary
+    from compiler.quantization.report import QuantReport
+    from compiler.quantization.summary import QuantizeSummary
     from targets.base import Runner
 
 Feeds = dict[str, np.ndarray]
@@ -108,51 +112,22 @@ def accuracy_aware(
     if budget.max_drop < 0:
         raise UsageError(f"--max-drop {budget.max_drop}: must be >= 0", "e.g. --max-drop 0.01 for one point")
     feeds = calibration.batches(fp32_runner.inputs)
-    inputs = _stacked(feeds)
     reference = _outputs(fp32_runner, feeds)
-    metric_name, score = scorer(budget.metric, inputs, reference)
-    score_fp32 = score(reference)
-    history: list[AccuracyRound] = []
-    ranked: list[str] = []
-
-    def attempt(count: int) -> tuple[Runner, float]:
-        started = time.perf_counter()
-        runner = quantize(ranked[:count])
-        value = score(_outputs(runner, feeds))
-        history.append(AccuracyRound(count, score_fp32 - value, value, time.perf_counter() - started))
-        return runner, score_fp32 - value
-
-    runner, drop = attempt(0)
-    drop_before, kept, last = drop, 0, 0
+    metric_name, score = scorer(budget.metric, _stacked(feeds), reference)
+    search = _Search(quantize, feeds, score, score(reference))
+    runner, drop = search.attempt(0)
+    drop_before, kept = drop, 0
     if drop > budget.max_drop:
-        ranked = list(candidates() if callable(candidates) else candidates)
-        step, rounds = 1, 0
-        while drop > budget.max_drop and kept < len(ranked):
-            rounds += 1
-            previous, kept = kept, len(ranked) if rounds >= max_rounds else min(len(ranked), kept + step)
-            runner, drop = attempt(kept)
-            last = kept
-            step *= 2 if rounds > 1 else 1
+        search.ranked = list(candidates() if callable(candidates) else candidates)
+        failed, kept, runner, drop = search.grow(runner, drop, budget.max_drop, max_rounds)
         if drop > budget.max_drop:
             raise ParityError(
-                f"--max-drop {budget.max_drop:g} cannot be met: with all {len(ranked)} quantized layers kept in "
-                f"float the {metric_name} still drops {drop:.4g} (quantized as asked: {drop_before:.4g})",
+                f"--max-drop {budget.max_drop:g} cannot be met: with all {len(search.ranked)} quantized layers kept "
+                f"in float the {metric_name} still drops {drop:.4g} (quantized as asked: {drop_before:.4g})",
                 "raise --max-drop, or export at fp16/fp32",
             )
-        best = (runner, drop)
-        low = previous  # fails the budget; `kept` meets it: find the fewest layers between them that do
-        while kept - low > 1 and len(history) <= 2 * max_rounds:
-            middle = (low + kept) // 2
-            trial, trial_drop = attempt(middle)
-            last = middle
-            if trial_drop <= budget.max_drop:
-                kept, best = middle, (trial, trial_drop)
-            else:
-                low = middle
-        runner, drop = best
-        if last != kept:  # the file on disk is the last quantization tried: make it the one kept
-            runner = quantize(ranked[:kept])
-    reverted = ranked[:kept]
+        kept, runner, drop = search.bisect(failed, kept, (runner, drop), budget.max_drop, 2 * max_rounds)
+    reverted = search.ranked[:kept]
     return AccuracyResult(
         runner=runner,
         reverted=reverted,
@@ -160,10 +135,65 @@ def accuracy_aware(
         drop_before=drop_before,
         budget=budget.max_drop,
         metric=metric_name,
-        score_fp32=score_fp32,
-        history=history,
+        score_fp32=search.score_fp32,
+        history=search.history,
         reverted_modules=[(labels or {}).get(name, name) for name in reverted],
     )
+
+
+class _Search:
+    """The quantizations one accuracy-aware search tries: each keeps a prefix of the ranked layers in float."""
+
+    def __init__(
+        self,
+        quantize: Callable[[Sequence[str]], Runner],
+        feeds: list[Feeds],
+        score: Callable[[Feeds], float],
+        score_fp32: float,
+    ) -> None:
+        self.quantize, self.feeds, self.score, self.score_fp32 = quantize, feeds, score, score_fp32
+        self.ranked: list[str] = []  # candidate layers, worst first
+        self.history: list[AccuracyRound] = []
+        self.last = 0  # how many ranked layers the last quantization kept in float (the model on disk)
+
+    def attempt(self, count: int) -> tuple[Runner, float]:
+        """Quantize with the first `count` ranked layers in float; its runner and drop."""
+        started = time.perf_counter()
+        runner = self.quantize(self.ranked[:count])
+        value = self.score(_outputs(runner, self.feeds))
+        self.history.append(AccuracyRound(count, self.score_fp32 - value, value, time.perf_counter() - started))
+        self.last = count
+        return runner, self.score_fp32 - value
+
+    def grow(self, runner: Runner, drop: float, max_drop: float, max_rounds: int) -> tuple[int, int, Runner, float]:
+        """Keep one ranked layer in float, one more, then twice as many each round (all of them at round
+        `max_rounds`) until the drop is within `max_drop` or every layer is in float: the count of the round
+        before (which missed the budget), the last count tried, its runner and drop."""
+        kept, previous, step, rounds = 0, 0, 1, 0
+        while drop > max_drop and kept < len(self.ranked):
+            rounds += 1
+            previous, kept = kept, len(self.ranked) if rounds >= max_rounds else min(len(self.ranked), kept + step)
+            runner, drop = self.attempt(kept)
+            step *= 2 if rounds > 1 else 1
+        return previous, kept, runner, drop
+
+    def bisect(
+        self, low: int, kept: int, best: tuple[Runner, float], max_drop: float, max_attempts: int
+    ) -> tuple[int, Runner, float]:
+        """The fewest ranked layers in float between `low` (misses the budget) and `kept` (meets it, with
+        runner and drop `best`) that still meet it, by bisection within `max_attempts` quantizations in all;
+        the count, its runner and drop. The model left on disk is that one."""
+        while kept - low > 1 and len(self.history) <= max_attempts:
+            middle = (low + kept) // 2
+            trial, trial_drop = self.attempt(middle)
+            if trial_drop <= max_drop:
+                kept, best = middle, (trial, trial_drop)
+            else:
+                low = middle
+        runner, drop = best
+        if self.last != kept:  # the file on disk is the last quantization tried: make it the one kept
+            runner = self.quantize(self.ranked[:kept])
+        return kept, runner, drop
 
 
 def scorer(metric: str | None, inputs: Feeds, reference: Feeds) -> tuple[str, Callable[[Feeds], float]]:
@@ -199,21 +229,11 @@ def agreement(outputs: Feeds, reference: Feeds) -> float:
             scores.append(0.0)
         elif want.dtype.kind in "biu":
             scores.append(float(np.mean(got == want)) if want.size else 1.0)
-        elif want.ndim == 2 and want.shape[1] >= 2:
-            scores.append(float(np.mean(np.argmax(got, axis=1) == np.argmax(want, axis=1))))
+        elif is_classifier(want):
+            scores.append(top1_matches(got, want) / len(want) if len(want) else 1.0)
         else:
-            scores.append(_mean_cosine(got, want))
+            scores.append(mean_row_cosine(got, want))
     return float(np.mean(scores)) if scores else 1.0
-
-
-def _mean_cosine(got: np.ndarray, want: np.ndarray) -> float:
-    g = np.asarray(got, np.float64).reshape(len(got), -1) if got.ndim else got.reshape(1, 1).astype(np.float64)
-    w = np.asarray(want, np.float64).reshape(len(want), -1) if want.ndim else want.reshape(1, 1).astype(np.float64)
-    norms = np.linalg.norm(g, axis=1) * np.linalg.norm(w, axis=1)
-    dots = np.sum(g * w, axis=1)
-    exact = np.all(g == w, axis=1)
-    cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(exact, 1.0, 0.0))
-    return float(np.mean(np.clip(cosine, 0.0, 1.0)))
 
 
 def _outputs(runner: Runner, feeds: list[Feeds]) -> Feeds:
@@ -230,7 +250,7 @@ def _stacked(batches: list[Feeds]) -> Feeds:
     }
 
 
-# --- ONNX: the quantizer of the `onnx` target and the report --------------------------------------------------
+# --- the drivers for ONNX Runtime (Q/DQ) and OpenVINO (NNCF) ------------------------------------------------------
 
 
 def sensitivity_ranking(
@@ -243,7 +263,7 @@ def sensitivity_ranking(
     """Names of the quantized layers of a Q/DQ graph, most sensitive (lowest local SNR) first; fills `labels`
     (node name -> PyTorch module label). Also the ranking for targets with their own quantizer (OpenVINO/NNCF):
     the ONNX nodes and OpenVINO ops share names."""
-    from compiler.quant_report import DEFAULT_REPORT_SAMPLES, quant_report
+    from compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
 
     report = quant_report(fp32_onnx, quantized_onnx, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
     if labels is not None:
@@ -251,28 +271,28 @@ def sensitivity_ranking(
     return [layer.name for layer in report.layers if layer.quantized]
 
 
-def accuracy_aware_onnx(
+def accuracy_aware_qdq(
     fp32_onnx: Path,
     destination: Path,
     calibration: CalibrationData,
     budget: AccuracyBudget,
+    open_runner: Callable[[Path], Runner],
     module_classes: dict[str, str] | None = None,
 ) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
     """`--max-drop` for an ONNX Q/DQ artifact: quantize `fp32_onnx` to int8 into `destination`, reverting the
     most sensitive layers until within budget; the result, the per-layer report and the quantization summary
-    of the model kept."""
-    from compiler.quant_report import DEFAULT_REPORT_SAMPLES, quant_report
-    from compiler.quantize import quantize_onnx
-    from targets.onnxrt import OnnxRuntimeRunner
+    of the model kept. `open_runner(path)` runs an ONNX file (the fp32 one and each candidate)."""
+    from compiler.quantization.onnxrt import quantize_onnx
+    from compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
 
-    fp32_runner = OnnxRuntimeRunner(fp32_onnx)
+    fp32_runner = open_runner(fp32_onnx)
     feeds = calibration.batches(fp32_runner.inputs)
     labels: dict[str, str] = {}
     kept: list[QuantizeSummary] = []
 
     def build(exclude: Sequence[str]) -> Runner:
         kept[:] = [quantize_onnx(fp32_onnx, destination, "int8", calibration, exclude)]
-        return OnnxRuntimeRunner(destination)
+        return open_runner(destination)
 
     def ranking() -> list[str]:
         return sensitivity_ranking(fp32_onnx, destination, feeds, labels, module_classes)
@@ -283,15 +303,18 @@ def accuracy_aware_onnx(
     return result, report, kept[0]
 
 
-def accuracy_aware_openvino(
+def accuracy_aware_nncf(
     ov_model: Any,
     fp32_onnx: Path,
     calibration: CalibrationData,
     budget: AccuracyBudget,
+    fp32_runner: Runner,
+    open_runner: Callable[[Any], Runner],
     module_classes: dict[str, str] | None = None,
 ) -> tuple[Any, QuantizeSummary, AccuracyResult]:
     """`--max-drop` for OpenVINO: quantize `ov_model` to int8 with NNCF, keeping the most sensitive layers in
-    float until within budget; the model kept, its summary and the result.
+    float until within budget; the model kept, its summary and the result. `fp32_runner` runs the reference
+    (`fp32_onnx`), `open_runner(model)` a quantized OpenVINO model.
 
     Layers are ranked on an ONNX Runtime Q/DQ copy quantized from the same calibration data (OpenVINO ops keep
     the ONNX node names, so the ranking's names are NNCF's ignored scope); layers that OpenVINO merged away
@@ -299,20 +322,16 @@ def accuracy_aware_openvino(
     """
     import tempfile
 
-    from compiler.quantize import quantize_onnx
-    from compiler.quantize_openvino import ops_for_onnx_nodes, quantize_openvino
-    from targets.onnxrt import OnnxRuntimeRunner
-    from targets.openvino_ir import INFERENCE_PRECISION, OpenVinoRunner
+    from compiler.quantization.onnxrt import quantize_onnx
+    from compiler.quantization.openvino import ops_for_onnx_nodes, quantize_openvino
 
-    fp32_runner = OnnxRuntimeRunner(fp32_onnx)
     feeds = calibration.batches(fp32_runner.inputs)
-    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION["int8"]}
     labels: dict[str, str] = {}
     kept: list[tuple[Any, QuantizeSummary]] = []
 
     def build(exclude: Sequence[str]) -> Runner:
         kept[:] = [quantize_openvino(ov_model, "int8", calibration, exclude)]
-        return OpenVinoRunner.in_memory(kept[0][0], config, fp32_runner.inputs, fp32_runner.outputs)
+        return open_runner(kept[0][0])
 
     def mapped(name: str) -> bool:
         try:
@@ -329,33 +348,3 @@ def accuracy_aware_openvino(
 
     result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
     return kept[0][0], kept[0][1], result
-
-
-def quantize_onnx_artifact(
-    fp32_onnx: Path,
-    destination: Path,
-    calibration: CalibrationData,
-    budget: AccuracyBudget | None = None,
-    module_classes: dict[str, str] | None = None,
-) -> tuple[QuantizeSummary, dict[str, Any]]:
-    """Quantize `fp32_onnx` to calibrated int8 into `destination` (accuracy-aware when `budget` is given) and
-    write the per-layer report next to it; the quantization summary and what the target records in
-    `BuildOutput.info` (report summary, --max-drop result)."""
-    from dataclasses import asdict
-
-    from compiler.quant_report import write_quant_report
-    from compiler.quantize import quantize_onnx
-
-    info: dict[str, Any] = {}
-    if budget is not None:
-        result, report, summary = accuracy_aware_onnx(fp32_onnx, destination, calibration, budget, module_classes)
-        report.write(destination.parent)
-        info["accuracy_aware"] = result.summary()
-    else:
-        from compiler.capture import onnx_signature
-
-        summary = quantize_onnx(fp32_onnx, destination, "int8", calibration)
-        feeds = calibration.batches(onnx_signature(fp32_onnx, torch_layout=False)[0])
-        report = write_quant_report(destination.parent, fp32_onnx, destination, feeds, module_classes)
-    info["quant_report"] = asdict(report.summary)
-    return summary, info

@@ -13,6 +13,10 @@ The settings were chosen by measurement on ONNX Runtime's x86 CPU kernels (MLAS)
 - `quant_pre_process` (symbolic shape inference + ORT graph optimization before quantizing) is not
   run: Kiln's graph already carries shapes, it changed no accuracy figure on the zoo CNNs, and on
   the zoo mobilenet it added nodes.
+- a Softmax that computes a graph output keeps that output in float (no Quantize/Dequantize pair after it):
+  the quantizer gives a Softmax output the fixed uint8 range [0, 1], a step of 1/255, and rounds every
+  probability under 0.002 to 0, all of them for a near-uniform 1000-class output (ONNX's light squeezenet
+  came out all zeros). Nothing after a graph output computes in int8, so the pair only loses precision.
 - fp16 keeps float32 inputs and outputs and leaves `FP16_BLOCKED_OPS` in float32. ONNX Runtime's
   CPU provider runs the result, inserting casts to float32 around ops it has no fp16 kernel for.
 - bf16 is not offered: ONNX Runtime's CPU provider has no bf16 kernels for MatMul, Add or Relu
@@ -25,17 +29,16 @@ import contextlib
 import io
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import UsageError
-from compiler.types import PassRecord
+from compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import onnx
 
-    from compiler.calibration import CalibrationData
+    from compiler.quantization.calibration import CalibrationData
 
 ONNX_PRECISIONS = ("int8", "int8-dynamic", "fp16")
 # Ops that carry weights: what quantization is about, and what the summary counts.
@@ -74,35 +77,6 @@ FRAGILE_FP16_OPS = (
     "Range",
 )
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-
-
-@dataclass(frozen=True)
-class QuantizeSummary:
-    """What one quantization did, whichever tool did it: the precision, the tool and calibration method, the
-    settings used, which weighted nodes were converted or kept float, graph sizes before and after, time."""
-
-    precision: str
-    tool: str  # e.g. "onnxruntime quantize_static (QDQ)", "nncf 3.4.0"
-    method: str  # calibration method (minmax, percentile, entropy), or "weights-only", "float16"
-    settings: dict[str, Any] = field(default_factory=dict)
-    nodes_before: int = 0
-    nodes_after: int = 0
-    quantized: int = 0  # weighted nodes now computed at the reduced precision
-    kept_float: tuple[str, ...] = ()  # weighted nodes left in float32 (excluded, or not supported)
-    excluded: tuple[str, ...] = ()  # nodes the caller asked to keep in float32
-    seconds: float = 0.0
-    notes: tuple[str, ...] = ()  # what differs from what was asked (e.g. a calibration method the tool lacks)
-    ir: str = "onnx"  # the graph it ran on: onnx, or the runtime's own (openvino)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The summary as plain JSON-able data for the manifest."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def pass_record(self) -> PassRecord:
-        """The manifest's record of this quantization as a pass over the graph."""
-        return PassRecord(
-            f"quantize-{self.precision}", True, self.nodes_before, self.nodes_after, round(self.seconds, 4), self.ir
-        )
 
 
 def quantize_onnx(
@@ -207,6 +181,7 @@ def _static_int8(
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
+    settings["float_softmax_outputs"] = float_softmax_outputs(destination)
     keep_in_float(destination, exclude, fp32)
     return "onnxruntime quantize_static (QDQ)", settings
 
@@ -268,6 +243,50 @@ def _converted_nodes(source: onnx.ModelProto, result: onnx.ModelProto, precision
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
         and (set(n.input) & weights or (n.input and all(i in dequantized for i in n.input if i)))
     }
+
+
+def float_softmax_outputs(quantized: Path) -> list[str]:
+    """Take the Quantize -> Dequantize pair off each graph output of a Q/DQ graph that a Softmax computes,
+    rewriting the file in place; the names of those outputs. The Softmax then computes in float from its
+    dequantized input (see the module's docstring for why)."""
+    import onnx
+
+    model = onnx.load(str(quantized))
+    nodes = list(model.graph.node)
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output}
+    uses: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+
+    def made_by(name: str, op_type: str) -> int | None:
+        index = producer.get(name)
+        return index if index is not None and nodes[index].op_type == op_type else None
+
+    dropped: set[int] = set()
+    names = []
+    for output in model.graph.output:
+        dq = made_by(output.name, "DequantizeLinear")
+        q = made_by(nodes[dq].input[0], "QuantizeLinear") if dq is not None else None
+        softmax = made_by(nodes[q].input[0], "Softmax") if q is not None else None
+        if dq is None or q is None or softmax is None:
+            continue
+        if uses.get(nodes[q].input[0]) != 1 or uses.get(nodes[q].output[0]) != 1:
+            continue  # the probabilities are read elsewhere too: leave the graph as the quantizer made it
+        nodes[softmax].output[0] = output.name
+        dropped |= {q, dq}
+        names.append(output.name)
+    if dropped:
+        kept = [node for index, node in enumerate(nodes) if index not in dropped]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        read = {name for node in kept for name in node.input}
+        params = {name for index in dropped for name in nodes[index].input[1:]} - read  # scales, zero points
+        unused = [i for i in model.graph.initializer if i.name in params]
+        for initializer in unused:
+            model.graph.initializer.remove(initializer)
+        onnx.save(model, str(quantized))
+    return names
 
 
 def keep_in_float(quantized: Path, exclude: Sequence[str], fp32: Path) -> int:

@@ -32,12 +32,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import UsageError
-from compiler.quantize import QuantizeSummary
+from compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import openvino as ov
 
-    from compiler.calibration import CalibrationData
+    from compiler.quantization.calibration import CalibrationData
     from compiler.types import TensorSpec
 
 QUANTIZED_PRECISIONS = ("int8", "int8-dynamic")

@@ -17,7 +17,6 @@ Two errors are measured per layer:
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import tempfile
@@ -28,15 +27,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compiler.errors import UsageError
+from compiler.metrics import ErrorSums
+from compiler.quantization.qdq_graph import (
+    FP32_FEED_SUFFIX,
+    QdqGraph,
+    float_tensors,
+    load_onnx,
+    local_model,
+    module_of,
+    session,
+    with_outputs,
+)
 from compiler.types import _json_safe, _non_finite_back
 
 if TYPE_CHECKING:
-    import onnx
     import torch
 
 REPORT_FILE = "quant_report.json"
-FP32_FEED_SUFFIX = "::fp32"
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 DEFAULT_REPORT_SAMPLES = 16
 Feeds = dict[str, np.ndarray]
 
@@ -216,210 +223,15 @@ def module_classes(exported: torch.export.ExportedProgram | None) -> dict[str, s
     return classes
 
 
-# --- graph analysis --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Graph:
-    """Producers, consumers and initializers of one ONNX graph, by tensor name."""
-
-    model: onnx.ModelProto
-    producer: dict[str, onnx.NodeProto]
-    consumers: dict[str, list[onnx.NodeProto]]
-    constants: set[str]  # initializers and Constant outputs
-    inputs: set[str]
-    float_weights: set[str]  # float initializers (weights left unquantized)
-
-    @classmethod
-    def of(cls, model: onnx.ModelProto) -> _Graph:
-        producer: dict[str, Any] = {}
-        consumers: dict[str, list[Any]] = {}
-        constants = {i.name for i in model.graph.initializer}
-        for node in model.graph.node:
-            for name in node.output:
-                producer[name] = node
-                if node.op_type == "Constant":
-                    constants.add(name)
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-        inputs = {i.name for i in model.graph.input} - constants
-        float_types = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
-        weights = {i.name for i in model.graph.initializer if i.data_type in float_types and len(i.dims) > 1}
-        return cls(model, producer, consumers, constants, inputs, weights)
-
-    def visible(self, tensor: str) -> str:
-        """The tensor as the next layers see it: the output of its Quantize -> Dequantize pair, if it has one."""
-        node = self.producer.get(tensor)
-        if node is not None and node.op_type == "DequantizeLinear":
-            return tensor
-        for q in self.consumers.get(tensor, []):
-            if q.op_type == "QuantizeLinear":
-                for dq in self.consumers.get(q.output[0], []):
-                    if dq.op_type == "DequantizeLinear":
-                        return str(dq.output[0])
-        return tensor
-
-    def compute_producer(self, tensor: str) -> onnx.NodeProto | None:
-        """The node that computes `tensor`, looking through Quantize/Dequantize nodes."""
-        node = self.producer.get(tensor)
-        while node is not None and node.op_type in QDQ_OPS:
-            node = self.producer.get(node.input[0])
-        return node
-
-    def is_quantized(self, node: onnx.NodeProto) -> bool:
-        """Whether `node` computes on int8 values: an input comes through a DequantizeLinear and no weight of it
-        is a float initializer."""
-        dequantized = any(
-            (p := self.producer.get(name)) is not None and p.op_type == "DequantizeLinear" for name in node.input
-        )
-        return dequantized and not any(name in self.float_weights for name in node.input)
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    import onnx
-
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise UsageError(f"cannot read ONNX file {path}: {exc}", "pass the model.onnx of an export") from None
-
-
-def _float_tensors(model: onnx.ModelProto) -> dict[str, int]:
-    """Name -> ONNX element type of every float node output of the graph (types from shape inference)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {
-        v.name: v.type.tensor_type.elem_type
-        for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
-        if v.type.HasField("tensor_type")
-    }
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    return {
-        name: types[name]
-        for node in model.graph.node
-        if node.op_type != "Constant"
-        for name in node.output
-        if types.get(name) in floats
-    }
-
-
-def _with_outputs(model: onnx.ModelProto, names: dict[str, int]) -> onnx.ModelProto:
-    """A copy of `model` whose graph outputs also include `names` (name -> element type)."""
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(
-        onnx.helper.make_tensor_value_info(name, elem, None) for name, elem in names.items() if name not in existing
-    )
-    return copy
-
-
-def _local_model(q: _Graph, fp32_names: dict[str, int], outputs: dict[str, int]) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of the quantized graph in which each compute node reads its activations from fp32 feeds.
-
-    An input that reaches a node through Quantize -> Dequantize gets a private copy of that pair reading the
-    fp32 feed, so the node still sees its own input quantization. Returns the model and the fp32 tensors
-    it takes as extra inputs (as `NAME::fp32`).
-    """
-    import onnx
-
-    model = onnx.ModelProto()
-    model.CopyFrom(q.model)
-    graph = model.graph
-    fed: dict[str, int] = {}
-    copies: list[onnx.NodeProto] = []
-
-    def fp32_feed(name: str) -> str | None:
-        if name in fp32_names and name not in q.constants:
-            fed[name] = fp32_names[name]
-            return name + FP32_FEED_SUFFIX
-        return None
-
-    for node in graph.node:
-        if node.op_type in QDQ_OPS:
-            continue
-        for index, name in enumerate(node.input):
-            dq = q.producer.get(name)
-            quant = q.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if dq is not None and quant is not None and quant.op_type == "QuantizeLinear":
-                source = fp32_feed(quant.input[0])
-                if source is None:
-                    continue
-                private = f"{node.name}/{index}{FP32_FEED_SUFFIX}"
-                q_copy, dq_copy = onnx.NodeProto(), onnx.NodeProto()
-                q_copy.CopyFrom(quant)
-                dq_copy.CopyFrom(dq)
-                q_copy.name, dq_copy.name = private + "/Q", private + "/DQ"
-                q_copy.input[0], q_copy.output[0] = source, private + "/q"
-                dq_copy.input[0], dq_copy.output[0] = private + "/q", private
-                copies += [q_copy, dq_copy]
-                node.input[index] = private
-            elif dq is None or dq.op_type not in QDQ_OPS:
-                node.input[index] = fp32_feed(name) or name
-    graph.node.extend(copies)  # after their users: ONNX Runtime sorts nodes itself, and the checker is not run
-    graph.input.extend(onnx.helper.make_tensor_value_info(n + FP32_FEED_SUFFIX, e, None) for n, e in fed.items())
-    return _with_outputs(model, outputs), list(fed)
-
-
-def _session(model: onnx.ModelProto, work: Path, name: str) -> Any:
-    """An ONNX Runtime session without graph optimizations: Q/DQ are emulated exactly as written."""
-    import onnxruntime as ort
-
-    path = work / f"{name}.onnx"
-    import onnx
-
-    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class _Errors:
-    """Running sums for cosine, SNR and max abs error of one tensor over several samples."""
-
-    def __init__(self) -> None:
-        self.dot = self.ref = self.got = self.noise = 0.0
-        self.max_abs = 0.0
-
-    def add(self, got: np.ndarray, want: np.ndarray) -> None:
-        g, w = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
-        if g.shape != w.shape:  # a quantizer that changed a tensor's shape: count it as lost
-            g = np.zeros_like(w)
-        diff = g - w
-        self.dot += float(g @ w)
-        self.ref += float(w @ w)
-        self.got += float(g @ g)
-        self.noise += float(diff @ diff)
-        if diff.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
-
-    @property
-    def cosine(self) -> float:
-        norm = math.sqrt(self.ref * self.got)
-        return self.dot / norm if norm else (1.0 if self.ref == self.got == 0.0 else 0.0)
-
-    @property
-    def snr_db(self) -> float:
-        if self.noise == 0.0:
-            return math.inf
-        if self.ref == 0.0 or not math.isfinite(self.noise):
-            return -math.inf
-        return 10 * math.log10(self.ref / self.noise)
-
-
 def _compare(
     fp32_onnx: Path, quantized_onnx: Path, feeds: list[Feeds], classes: dict[str, str]
 ) -> tuple[list[LayerError], int, float]:
     """Layers worst first, the number of fp32 tensors the quantized graph lacks, and the worst output SNR."""
     if not feeds:
         raise UsageError("the per-layer quantization report needs at least one input sample", "give calibration data")
-    fp32_model, q_model = _load(fp32_onnx), _load(quantized_onnx)
-    fp32, q = _Graph.of(fp32_model), _Graph.of(q_model)
-    fp32_floats = _float_tensors(fp32_model)
+    fp32_model, q_model = load_onnx(fp32_onnx), load_onnx(quantized_onnx)
+    fp32, q = QdqGraph.of(fp32_model), QdqGraph.of(q_model)
+    fp32_floats = float_tensors(fp32_model)
     fp32_floats.update({i.name: i.type.tensor_type.elem_type for i in fp32_model.graph.input if i.name in fp32.inputs})
     compared = {
         name: q.visible(name)
@@ -428,13 +240,13 @@ def _compare(
     }
     compared = {name: seen for name, seen in compared.items() if q.compute_producer(name) is not None}
     visible = {seen: fp32_floats[name] for name, seen in compared.items()}
-    total = {name: _Errors() for name in compared}
-    local = {name: _Errors() for name in compared}
+    total = {name: ErrorSums() for name in compared}
+    local = {name: ErrorSums() for name in compared}
     with tempfile.TemporaryDirectory(prefix="kiln-quant-report-") as work:
-        fp32_run = _session(_with_outputs(fp32_model, fp32_floats), Path(work), "fp32")
-        q_run = _session(_with_outputs(q_model, visible), Path(work), "quantized")
-        local_model, fed = _local_model(q, fp32_floats, visible)
-        local_run = _session(local_model, Path(work), "local")
+        fp32_run = session(with_outputs(fp32_model, fp32_floats), Path(work), "fp32")
+        q_run = session(with_outputs(q_model, visible), Path(work), "quantized")
+        alone_model, fed = local_model(q, fp32_floats, visible)
+        local_run = session(alone_model, Path(work), "local")
         fp32_names = [o.name for o in fp32_run.get_outputs()]
         q_names = [o.name for o in q_run.get_outputs()]
         local_names = [o.name for o in local_run.get_outputs()]
@@ -456,7 +268,9 @@ def _compare(
     return layers, missing, min(outputs, default=math.inf)
 
 
-def _layer(name: str, fp32: _Graph, q: _Graph, classes: dict[str, str], total: _Errors, local: _Errors) -> LayerError:
+def _layer(
+    name: str, fp32: QdqGraph, q: QdqGraph, classes: dict[str, str], total: ErrorSums, local: ErrorSums
+) -> LayerError:
     """The LayerError of the layer computing fp32 tensor `name`, with its PyTorch module."""
     computer = q.compute_producer(name)
     assert computer is not None
@@ -483,39 +297,3 @@ def _layer(name: str, fp32: _Graph, q: _Graph, classes: dict[str, str], total: _
         local_snr_db=local.snr_db,
         local_max_abs=local.max_abs,
     )
-
-
-def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, str]) -> tuple[str, str, list[str]]:
-    """(module path, class name, other modules merged into the node) of an ONNX node from the dynamo exporter.
-
-    The exporter writes `pkg.torch.onnx.name_scopes` (e.g. ['', 'features', 'features.1', 'op']) and
-    `pkg.torch.onnx.class_hierarchy` on each node. A node that owns a parameter (`features.0.weight`) is
-    named after the parameter's module: after Conv+BatchNorm folding the Conv carries the BatchNorm's
-    scope, which is then listed as merged. '?' when the node has no metadata (an ONNX source).
-    """
-    meta = {p.key: p.value for p in node.metadata_props}
-    scopes = _literal_list(meta.get("pkg.torch.onnx.name_scopes"))
-    hierarchy = _literal_list(meta.get("pkg.torch.onnx.class_hierarchy"))
-    scoped = scopes[-2] if len(scopes) >= 2 else ("?" if not scopes else "")
-    scoped_class = hierarchy[-2].rsplit(".", 1)[-1] if len(hierarchy) >= 2 and len(scopes) >= 2 else ""
-    if not scopes and not hierarchy:
-        scoped, scoped_class = "?", ""
-    owner = next(
-        (name.rsplit(".", 1)[0] for name in node.input if name in initializers and name.endswith((".weight", ".bias"))),
-        None,
-    )
-    if owner is None or owner == scoped:
-        return scoped, classes.get(scoped, scoped_class), []
-    merged = [scoped] if scoped not in ("", "?") else []
-    return owner, classes.get(owner, ""), merged
-
-
-def _literal_list(text: str | None) -> list[str]:
-    """A Python list literal from the exporter's metadata, as strings ([] when absent or unreadable)."""
-    if not text:
-        return []
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
