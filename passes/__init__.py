@@ -110,9 +110,8 @@ def run_pipeline(graph: Any, pipeline: Sequence[Pass], dump: Path | None = None)
         baseline = check_graph(graph)
     records = []
     for index, graph_pass in enumerate(pipeline, start=1):
-        before, started = count_nodes(graph), time.perf_counter()
-        graph, changed, problem = _run_checked(graph_pass, graph, baseline, reference)
-        seconds = round(time.perf_counter() - started, 4)
+        before = count_nodes(graph)
+        graph, changed, problem, seconds = _run_checked(graph_pass, graph, baseline, reference)
         record = PassRecord(graph_pass.name, changed, before, count_nodes(graph), seconds, graph_pass.ir, problem)
         records.append(record)
         if dump is not None:
@@ -122,25 +121,29 @@ def run_pipeline(graph: Any, pipeline: Sequence[Pass], dump: Path | None = None)
 
 def _run_checked(
     graph_pass: Pass, graph: Any, baseline: dict[str, str | None], reference: Any
-) -> tuple[Any, bool, str | None]:
-    """Run one pass and check its result: (the graph to go on with, whether it changed, why it was rolled back)."""
+) -> tuple[Any, bool, str | None, float]:
+    """Run one pass and check its result: the graph to go on with, whether it changed, why it was rolled
+    back (None if kept), and the pass's own time in seconds (the checks not counted)."""
     from passes.base import SIGNATURE
     from passes.contract import check_graph, signature, snapshot
 
     kept = snapshot(graph)
+    started = time.perf_counter()
     try:
         result, changed = graph_pass(graph)
     except Exception as error:  # a pass bug costs the optimization, not the export
-        return kept, False, f"the pass raised {type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        seconds = round(time.perf_counter() - started, 4)
+        return kept, False, f"the pass raised {type(error).__name__}: {' '.join(str(error).split())[:300]}", seconds
+    seconds = round(time.perf_counter() - started, 4)
     if not changed:
-        return result, False, None
+        return result, False, None, seconds
     checks = check_graph(result, reference)
     broken = [f"{name}: {problem}" for name, problem in checks.items() if problem and baseline.get(name, "") is None]
     if SIGNATURE in graph_pass.preserves and signature(kept) != signature(result):
         broken.append("it changed the graph's inputs or outputs (names, dtypes or shapes)")
     if broken:
-        return kept, False, "it broke the graph: " + "; ".join(broken)
-    return result, True, None
+        return kept, False, "it broke the graph: " + "; ".join(broken), seconds
+    return result, True, None, seconds
 
 
 def dump_graph(graph: Any, stem: Path) -> Path:
