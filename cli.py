@@ -489,9 +489,30 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
 
 
+def attach_dash_values(argv: list[str]) -> list[str]:
+    """`--passes -name` as `--passes=-name`: argparse takes a value starting with '-' for an option."""
+    fixed: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if (
+            token == "--passes"
+            and following is not None
+            and following.startswith("-")
+            and not following.startswith("--")
+        ):
+            fixed.append(f"--passes={following}")
+            index += 2
+            continue
+        fixed.append(token)
+        index += 1
+    return fixed
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return int(args.handler(args))
     except KilnError as error:

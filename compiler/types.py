@@ -209,7 +209,7 @@ class PassRecord:
     nodes_after: int
     seconds: float
     ir: str = "onnx"  # the graph it ran on: onnx, fx, or the artifact's own (e.g. tflite) for build-time passes
-    rolled_back: str | None = None  # why the pass was undone (it broke the graph), or None
+    rolled_back: str | None = None  # why the pass was undone (it broke the graph or raised), None if it was kept
 
 
 @dataclass

@@ -88,20 +88,62 @@ def count_nodes(graph: Any) -> int:
 
 
 def run_pipeline(graph: Any, pipeline: Sequence[Pass], dump: Path | None = None) -> tuple[Any, list[PassRecord]]:
-    """Run `pipeline` over `graph`, recording what each pass did; with `dump`, write the graph after each pass."""
+    """Run `pipeline` over `graph`, recording what each pass did; with `dump`, write the graph after each pass.
+
+    A pass that raises, or that changes the graph so that a check it passed before fails (see
+    `passes.contract.check_graph`; and the I/O signature, when the pass preserves it), is rolled back: the
+    graph before it goes on to the next pass, and its record says why in `rolled_back`.
+    """
     from compiler.types import PassRecord
+    from passes.contract import check_graph, example_feeds, is_fx, run
 
     if dump is not None:
         dump_graph(graph, dump / "00-captured")
+    reference = None
+    if is_fx(graph):
+        try:
+            reference = run(graph, example_feeds(graph)) if example_feeds(graph) is not None else None
+        except Exception:  # a program that does not run is not checked by running it
+            reference = None
+        baseline: dict[str, str | None] = {"runs": None} if reference is not None else {}
+    else:
+        baseline = check_graph(graph)
     records = []
     for index, graph_pass in enumerate(pipeline, start=1):
-        before, started = count_nodes(graph), time.perf_counter()
-        graph, changed = graph_pass(graph)
-        seconds = round(time.perf_counter() - started, 4)
-        records.append(PassRecord(graph_pass.name, changed, before, count_nodes(graph), seconds, graph_pass.ir))
+        before = count_nodes(graph)
+        graph, changed, problem, seconds = _run_checked(graph_pass, graph, baseline, reference)
+        record = PassRecord(graph_pass.name, changed, before, count_nodes(graph), seconds, graph_pass.ir, problem)
+        records.append(record)
         if dump is not None:
             dump_graph(graph, dump / f"{index:02d}-{graph_pass.name}")
     return graph, records
+
+
+def _run_checked(
+    graph_pass: Pass, graph: Any, baseline: dict[str, str | None], reference: Any
+) -> tuple[Any, bool, str | None, float]:
+    """Run one pass and check its result: the graph to go on with, whether it changed, why it was rolled
+    back (None if kept), and the pass's own time in seconds (the checks not counted)."""
+    from passes.base import SIGNATURE
+    from passes.contract import check_graph, signature, snapshot
+
+    kept = snapshot(graph)
+    started = time.perf_counter()
+    try:
+        result, changed = graph_pass(graph)
+    except Exception as error:  # a pass bug costs the optimization, not the export
+        seconds = round(time.perf_counter() - started, 4)
+        return kept, False, f"the pass raised {type(error).__name__}: {' '.join(str(error).split())[:300]}", seconds
+    seconds = round(time.perf_counter() - started, 4)
+    if not changed:
+        return result, False, None, seconds
+    checks = check_graph(result, reference)
+    broken = [f"{name}: {problem}" for name, problem in checks.items() if problem and baseline.get(name, "") is None]
+    if SIGNATURE in graph_pass.preserves and signature(kept) != signature(result):
+        broken.append("it changed the graph's inputs or outputs (names, dtypes or shapes)")
+    if broken:
+        return kept, False, "it broke the graph: " + "; ".join(broken), seconds
+    return result, True, None, seconds
 
 
 def dump_graph(graph: Any, stem: Path) -> Path:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from passes.base import CLEANUP, ONNX, Pass, onnx_ir_pass
+from passes.base import CLEANUP, ONNX, Pass, PassResult, onnx_ir_pass
+from passes.subgraphs import eliminate_identities
 
 
-def _identity_elimination() -> Callable[[Any], Any]:
-    from onnx_ir.passes.common import IdentityEliminationPass
-
-    return IdentityEliminationPass()
+def _identity_elimination(model: Any) -> PassResult:
+    """onnx_ir's IdentityEliminationPass wires an outer value through to a subgraph output: ours keeps those."""
+    return PassResult(model, eliminate_identities(model) > 0)
 
 
 def _dead_node_elimination() -> Callable[[Any], Any]:
@@ -38,7 +38,7 @@ PASSES = [
         "remove Identity nodes, wiring their input through",
         ONNX,
         CLEANUP,
-        onnx_ir_pass(_identity_elimination),
+        _identity_elimination,
     ),
     Pass(
         "deduplicate-initializers",

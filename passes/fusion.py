@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from passes.base import CLEANUP, FUSION, ONNX, TARGET_SPECIFIC, Pass, PassResult
+from passes.subgraphs import eliminate_identities, pinned_subgraph_outputs
 
 LAYER_NORM_OPSET = 18  # LayerNormalization is opset 17; the rules match ReduceMean with axes as an input (18)
 GELU_OPSET = 20  # the ONNX Gelu op
@@ -40,9 +41,10 @@ def _rewrite(rules: Callable[[], Sequence[Any]], min_opset: int = 0) -> Callable
         from onnxscript.rewriter import pattern
 
         before = _nodes(model)
-        count = pattern.RewriteRuleSet(list(rules()), commute=True).apply_to_model(model)
+        with pinned_subgraph_outputs(model) as pinning:
+            count = pattern.RewriteRuleSet(list(rules()), commute=True).apply_to_model(model)
         # the rewriter may also drop nodes left unused by earlier passes: that changes the graph too
-        return PassResult(model, count > 0 or _nodes(model) != before)
+        return PassResult(model, pinning.judge(count > 0 or _nodes(model) != before))
 
     return run
 
@@ -50,17 +52,17 @@ def _rewrite(rules: Callable[[], Sequence[Any]], min_opset: int = 0) -> Callable
 def _fold_constants(model: Any) -> PassResult:
     from onnxscript.optimizer import fold_constants
 
-    return PassResult(model, bool(fold_constants(model).modified))
+    with pinned_subgraph_outputs(model) as pinning:
+        modified = bool(fold_constants(model).modified)
+    return PassResult(model, pinning.judge(modified))
 
 
 def _no_op_elimination(model: Any) -> PassResult:
     """Dropout at inference, x+0, x*1, x/1, same-type Cast, no-op Expand/Transpose: replaced by their input."""
-    from onnx_ir.passes.common import IdentityEliminationPass
-
     dropouts = _remove_inference_dropouts(model)
     rewritten = _rewrite(_no_op_rules)(model).changed
     if dropouts or rewritten:
-        IdentityEliminationPass()(model)  # the rules leave Identity nodes behind
+        eliminate_identities(model)  # the rules leave Identity nodes behind
     return PassResult(model, dropouts > 0 or rewritten)
 
 
@@ -170,8 +172,9 @@ def _ort_transformer_fusion(model: Any) -> PassResult:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     before = _nodes(model)
-    model, counts = optimize_for_ort(model)
-    return PassResult(model, any(counts.values()) or _nodes(model) != before)
+    with pinned_subgraph_outputs(model) as pinning:
+        model, counts = optimize_for_ort(model)
+    return PassResult(model, pinning.judge(any(counts.values()) or _nodes(model) != before))
 
 
 def _nodes(model: Any) -> list[int]:

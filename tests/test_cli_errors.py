@@ -295,3 +295,19 @@ def test_converter_failure_names_the_operation(extra_targets, tmp_path, capsys):
     assert "broken-converter could not convert the model (operation FancyOp)" in out
     assert (tmp_path / "o" / "onnx" / "manifest.json").is_file()
     assert not (tmp_path / "o" / "broken-converter").exists()
+
+
+def test_passes_value_may_start_with_a_dash(tmp_path, capsys):
+    """`--passes -name` (README: `--passes +name,-name`) is the value of --passes, not an unknown option."""
+    out = tmp_path / "o"
+    code, _, err = run_cli("export", "zoo:cnn", "-t", "onnx", "-o", out, "-O1", "--passes", "-identity-elimination",
+                           "-q", capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    from compiler.types import Manifest
+
+    names = [r.name for r in Manifest.read(out).passes]
+    assert names and "identity-elimination" not in names
+    code, _, err = run_cli("export", "zoo:cnn", "-t", "onnx", "-o", tmp_path / "p", "--passes", "-fold-all",
+                           capsys=capsys)  # fmt: skip
+    assert_one_line_error(code, err, "unknown pass 'fold-all'")
+    assert not (tmp_path / "p").exists()
