@@ -25,6 +25,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from compiler.options import export_options
     from compiler.pipeline import export_targets
     from compiler.progress import Progress
+    from compiler.pt2_archive import trusting_pickles
 
     quiet_libraries()
     options = export_options(
@@ -51,9 +52,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         opt_level=args.opt_level,
         adjust_passes=args.passes,
         dump_passes=args.dump_passes,
+        trust_pickle=args.trust_pickle,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
-    results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
+    with trusting_pickles(options.trust_pickle):
+        progress = Progress(quiet=args.quiet or args.json)
+        results = export_targets(args.model, args.target, out, options, progress=progress)
     failed = [r for r in results if r.parity is not None and not r.parity.passed]
     if args.json:
         print(json.dumps({"ok": not failed, "results": [r.to_dict() for r in results]}, indent=2))
@@ -146,7 +150,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from compiler.runner import verify
 
     quiet_libraries()
-    results = list(verify(args.export_dir, args.model))
+    results = list(verify(args.export_dir, args.model, trust_pickle=args.trust_pickle))
     if args.json:
         from dataclasses import asdict
 
@@ -182,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compiler.runner import load
 
     quiet_libraries()
-    model = load(args.export_dir, args.target)
+    model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
     outputs = model.run(read_inputs_file(Path(args.inputs), model.inputs))
     arrays: dict[str, Any] = dict(outputs)
     np.savez(args.output, **arrays)
@@ -386,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")
     export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _trust_flag(export)
     _output_flags(export)
     export.set_defaults(handler=cmd_export)
 
@@ -400,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-run parity on an existing export")
     verify.add_argument("export_dir")
     verify.add_argument("--model", help="model source to recompute the reference (default: stored reference)")
+    _trust_flag(verify)
     _output_flags(verify)
     verify.set_defaults(handler=cmd_verify)
 
@@ -408,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inputs", required=True, metavar="FILE.npz", help="arrays named like the model's inputs")
     run.add_argument("--output", default="outputs.npz", help="where to save outputs (default outputs.npz)")
     run.add_argument("--target", help="which target of a multi-target export")
+    _trust_flag(run)
     _output_flags(run)
     run.set_defaults(handler=cmd_run)
     quant = sub.add_parser(
@@ -468,6 +475,14 @@ def _matrix_report_flags(parser: argparse.ArgumentParser, out: str) -> None:
         "--latency-tolerance", type=float, default=0.10, help="latency growth that is a regression (default 0.10)"
     )
     _output_flags(parser)
+
+
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="let a .pt2 file run the pickled code it carries (torch.export.load as is): only for files you trust",
+    )
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:

@@ -55,6 +55,7 @@ def export(
     opt_level: int = 2,
     adjust_passes: str | None = None,
     raise_on_parity_failure: bool = True,
+    trust_pickle: bool = False,
 ) -> ExportResult:
     """Export `model` (a module with `example_inputs`, or a source string like `zoo:cnn`) to one target.
 
@@ -66,9 +67,12 @@ def export(
     `passes` replaces the pipeline with an explicit list of `passes.base.Pass`.
     The artifact is validated against the model; if it fails parity it is kept under
     `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
+    A `.pt2` model is read without running code from it; `trust_pickle=True` lets `torch.export.load`
+    unpickle it (only for files you trust).
     """
     from compiler.options import export_options
     from compiler.pipeline import export_targets
+    from compiler.pt2_archive import trusting_pickles
 
     if "," in target or target == "all":
         raise UsageError(f"export() takes one target, got '{target}'", "call it once per target")
@@ -94,9 +98,11 @@ def export(
         max_drop=max_drop,
         metric=metric,
         io=io,
+        trust_pickle=trust_pickle,
     )
     destination = Path(out) if out is not None else Path("exports") / Path(str(name).split(":")[-1]).stem / target
-    (result,) = export_targets(model, target, destination, options, example_inputs=example_inputs)
+    with trusting_pickles(options.trust_pickle):
+        (result,) = export_targets(model, target, destination, options, example_inputs=example_inputs)
     if raise_on_parity_failure and not result.published and result.parity is not None:
         failed = "; ".join(o.summary() for o in result.parity.failures())
         raise ParityError(
@@ -106,8 +112,11 @@ def export(
     return result
 
 
-def load(path: str | Path, target: str | None = None) -> LoadedModel:
-    """Load an export directory as a callable taking numpy arrays or torch tensors."""
+def load(path: str | Path, target: str | None = None, *, trust_pickle: bool = False) -> LoadedModel:
+    """Load an export directory as a callable taking numpy arrays or torch tensors.
+
+    `trust_pickle=True` lets a `pt2` export's archive run its pickles (only for exports you trust).
+    """
     from compiler.runner import load as load_export
 
-    return load_export(path, target)
+    return load_export(path, target, trust_pickle)

@@ -43,6 +43,7 @@ class ExportOptions:
     min_cosine: float | None = None
     min_snr_db: float | None = None
     min_top1: float | None = None
+    trust_pickle: bool = False  # --trust-pickle: a .pt2 source may run the pickles it carries
 
     def precision_for(self, target: Target) -> str:
         """The precision asked of `target`: the user's, or the target's default."""

@@ -78,8 +78,12 @@ def export_dirs(path: str | Path) -> list[Path]:
     return found
 
 
-def load(path: str | Path, target: str | None = None) -> LoadedModel:
-    """Load an export directory (or one target of a multi-target export) as a callable model."""
+def load(path: str | Path, target: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load an export directory (or one target of a multi-target export) as a callable model.
+
+    `trust_pickle`: a `pt2` export's archive may run its pickles (see `compiler.pt2_archive`).
+    """
+    from compiler.pt2_archive import trusting_pickles
     from targets import get_target
 
     directories = export_dirs(path)
@@ -97,7 +101,9 @@ def load(path: str | Path, target: str | None = None) -> LoadedModel:
     reason = backend.unavailable_reason()
     if reason:
         raise MissingBackendError(f"cannot run the {backend.name} export here: {reason}", "install what it needs")
-    return LoadedModel(directory, manifest, backend.load(directory, manifest))
+    with trusting_pickles(trust_pickle):
+        runner = backend.load(directory, manifest)
+    return LoadedModel(directory, manifest, runner)
 
 
 def check_files(directory: Path, manifest: Manifest) -> None:
@@ -126,8 +132,11 @@ class Verification:
     notes: list[str]
 
 
-def verify(path: str | Path, model: str | None = None) -> Iterator[Verification]:
-    """Re-run parity on each export under `path`: against `model` if given, else the stored reference."""
+def verify(path: str | Path, model: str | None = None, trust_pickle: bool = False) -> Iterator[Verification]:
+    """Re-run parity on each export under `path`: against `model` if given, else the stored reference.
+
+    `trust_pickle`: a `.pt2` model or `pt2` export may run its pickles (see `compiler.pt2_archive`).
+    """
     from compiler.capture import CapturedModel
     from compiler.pipeline import reference_runner
     from compiler.sources import load_source
@@ -139,7 +148,7 @@ def verify(path: str | Path, model: str | None = None) -> Iterator[Verification]
         samples = ParitySamples.load(directory, origins)
         notes = []
         if model is not None:
-            source = load_source(model)
+            source = load_source(model, trust_pickle=trust_pickle)
             if source.state_hash != manifest.source.get("state_hash"):
                 notes.append(f"{model} has different weights from the model exported (state hash differs)")
             if samples is None:
@@ -152,7 +161,7 @@ def verify(path: str | Path, model: str | None = None) -> Iterator[Verification]
             raise UsageError(f"{directory} stored no reference outputs", "pass --model SOURCE to recompute them")
         else:
             reference_name = f"stored reference ({manifest.source.get('reference', 'unknown')})"
-        loaded = load(directory)
+        loaded = load(directory, trust_pickle=trust_pickle)
         tolerance = manifest.parity.tolerance if manifest.parity else None
         if tolerance is None:
             from compiler.types import Tolerance

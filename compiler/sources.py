@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.errors import UsageError
+from compiler.errors import KilnError, UsageError
 
 
 @dataclass
@@ -49,8 +49,14 @@ class ModelSource:
         return replace(self, example_inputs=resized)
 
 
-def load_source(spec: str, user_inputs: list[dict[str, np.ndarray]] | None = None) -> ModelSource:
-    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2` or `file.onnx`."""
+def load_source(
+    spec: str, user_inputs: list[dict[str, np.ndarray]] | None = None, trust_pickle: bool | None = None
+) -> ModelSource:
+    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2` or `file.onnx`.
+
+    A `.pt2` is read without running code from it unless `trust_pickle` (None: the enclosing
+    `compiler.pt2_archive.trusting_pickles` block decides, by default not trusted).
+    """
     if spec.startswith("zoo:"):
         return _load_zoo(spec)
     path_part, separator, factory = spec.rpartition(":")
@@ -60,7 +66,7 @@ def load_source(spec: str, user_inputs: list[dict[str, np.ndarray]] | None = Non
     if path.suffix == ".py" or factory:
         return _load_python(path, factory, spec)
     if path.suffix == ".pt2":
-        return _load_pt2(path, spec)
+        return _load_pt2(path, spec, trust_pickle)
     if path.suffix == ".onnx":
         return _load_onnx(path, spec, user_inputs)
     raise UsageError(
@@ -172,11 +178,15 @@ def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
     return source
 
 
-def _load_pt2(path: Path, spec: str) -> ModelSource:
+def _load_pt2(path: Path, spec: str, trust_pickle: bool | None = None) -> ModelSource:
+    from compiler.pt2_archive import load_program
+
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist", "check the path")
     try:
-        exported = torch.export.load(str(path))
+        exported = load_program(path, trust_pickle)
+    except KilnError:
+        raise
     except Exception as exc:
         raise UsageError(
             f"{path} is not a readable torch.export program ({type(exc).__name__}: {str(exc)[:200]})",
