@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from compiler.errors import UsageError
 from compiler.layout import nchw_array, nhwc_array, nhwc_names
 from compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
+
+if TYPE_CHECKING:
+    from compiler.options import ExportOptions
+    from targets.base import Target
 
 DEFAULT_SAMPLES = 4
 SAVED_SAMPLES_LIMIT = 64 * 2**20
@@ -41,7 +45,7 @@ class ParitySamples:
 
     @classmethod
     def load(cls, directory: Path, origins: list[str]) -> ParitySamples | None:
-        """The samples an export stored, or None when it stored none."""
+        """The samples an export stored, or None when it stored none; a UsageError when they are unreadable."""
         if not (directory / INPUTS_FILE).is_file():
             return None
         return cls(_unpack(directory / INPUTS_FILE), origins, _unpack(directory / REFERENCE_FILE))
@@ -53,24 +57,69 @@ def _pack(sets: list[Feeds]) -> dict[str, np.ndarray]:
 
 def _unpack(path: Path) -> list[Feeds]:
     sets: dict[int, Feeds] = {}
-    with np.load(path) as data:
-        for key in data.files:
-            index, name = key.split("/", 1)
-            sets.setdefault(int(index), {})[name] = data[key]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                index, name = key.split("/", 1)
+                sets.setdefault(int(index), {})[name] = data[key]
+    except Exception as exc:
+        raise UsageError(
+            f"stored parity file {path} is unreadable ({type(exc).__name__}: {str(exc)[:160]})",
+            "re-export the model, or pass --model SOURCE to recompute the reference",
+        ) from None
     return [sets[i] for i in sorted(sets)]
 
 
-def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
-    """Read a user's `.npz` of inputs (keys = input names, or arg0, arg1...) and check it against the specs."""
+def read_npz(path: Path, flag: str = "--inputs") -> Feeds:
+    """Every array of a user's `.npz`, read without unpickling (object arrays are refused), or a UsageError."""
     try:
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
     except FileNotFoundError:
-        raise UsageError(f"inputs file {path} does not exist", "check the path given to --inputs") from None
+        what = "inputs" if flag == "--inputs" else "calibration"
+        raise UsageError(f"{what} file {path} does not exist", f"check the path given to {flag}") from None
     except Exception as exc:
         raise UsageError(
             f"cannot read {path} as .npz: {exc}", "save inputs with numpy.savez(path, input_name=array, ...)"
         ) from None
+
+
+def check_input_files(options: ExportOptions, targets: list[Target] | None = None) -> None:
+    """Refuse unreadable `--inputs` and `--calib` array files before anything is captured.
+
+    `--calib` files are checked when calibration can be used: a target (of `targets`, when given) is
+    exported at int8, or the precision is int8 or each target's default. A `file.py:loader` is not run here.
+    """
+    for path in options.inputs_files:
+        read_npz(path, "--inputs")
+    source = options.calibration.source
+    if targets is not None:
+        calibrated = any(options.precision_for(t) == "int8" for t in targets)
+    else:
+        calibrated = options.precision in (None, "int8")
+    if source is None or not calibrated or ".py:" in source or source.endswith(".py"):
+        return
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(
+            f"calibration source {source} does not exist", "pass FILE.npz, a directory of .npy/.npz, or file.py:loader"
+        )
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz")) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix == ".npy":
+            try:
+                np.load(file, allow_pickle=False)
+            except Exception as exc:
+                raise UsageError(
+                    f"cannot read calibration file {file}: {exc}", "save samples with numpy.save"
+                ) from None
+        elif file.is_file():
+            read_npz(file, "--calib")
+
+
+def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
+    """Read a user's `.npz` of inputs (keys = input names, or arg0, arg1...) and check it against the specs."""
+    arrays = read_npz(path)
     named = arrays_by_input(arrays, specs, path)
     return {spec.name: check_feed(spec, named[spec.name], str(path)) for spec in specs}
 

@@ -20,6 +20,7 @@ from compiler.host import host_info, versions
 from compiler.options import ExportOptions, parse_io  # noqa: F401  (ExportOptions is re-exported)
 from compiler.parity import (
     ParitySamples,
+    check_input_files,
     in_reference_layout,
     make_inputs,
     read_inputs_file,
@@ -61,6 +62,7 @@ def export_targets(
     every = _names(targets) == ["all"]
     chosen = _check_targets(resolve_targets(targets), options, every, progress)
     check_output_dir(out, options.force)
+    check_input_files(options, chosen)
     with progress.stage("load", model if isinstance(model, str) else type(model).__name__):
         source = _load(model, example_inputs, options)
     chosen = _fit_to_source(source, chosen, every=every, progress=progress)

@@ -107,10 +107,18 @@ def load(path: str | Path, target: str | None = None, trust_pickle: bool = False
 
 
 def check_files(directory: Path, manifest: Manifest) -> None:
-    """Raise if an artifact file is missing or differs from what the manifest recorded."""
+    """Raise if an artifact file is missing, differs from what the manifest recorded, or is not in the manifest."""
     from compiler.pipeline import hash_files
 
     actual = {f.path: f for f in hash_files(directory)}
+    recorded_paths = {f.path for f in manifest.files}
+    unlisted = sorted(path for path in actual if path not in recorded_paths)
+    if unlisted:
+        more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+        raise UsageError(
+            f"{directory}: file {unlisted[0]}{more} is not in the manifest (not written by the export)",
+            "remove it, or re-export the model",
+        )
     for recorded in manifest.files:
         found = actual.get(recorded.path)
         if found is None:
