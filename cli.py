@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError
+from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError, plain_text
 from compiler.progress import quiet_libraries
 
 
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug in Kiln or a backend: say so in one line
         if os.environ.get("KILN_DEBUG"):
             raise
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        first = plain_text(str(error).strip().splitlines()[0])[:300] if str(error).strip() else ""
         print(
             f"kiln: internal error: {type(error).__name__}: {first} (rerun with KILN_DEBUG=1 for the traceback)",
             file=sys.stderr,
