@@ -187,7 +187,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
-    outputs = model.run(read_inputs_file(Path(args.inputs), model.inputs))
+    notes: list[str] = []
+    feeds = read_inputs_file(Path(args.inputs), model.inputs, notes)
+    for note in notes:  # casts done and NaN/Inf inputs: shown even with -q or --json
+        print(f"kiln: warning: {note}", file=sys.stderr)
+    outputs = model.run(feeds)
     arrays: dict[str, Any] = dict(outputs)
     np.savez(args.output, **arrays)
     if args.json:

@@ -117,11 +117,14 @@ def check_input_files(options: ExportOptions, targets: list[Target] | None = Non
             read_npz(file, "--calib")
 
 
-def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
-    """Read a user's `.npz` of inputs (keys = input names, or arg0, arg1...) and check it against the specs."""
+def read_inputs_file(path: Path, specs: list[TensorSpec], notes: list[str] | None = None) -> Feeds:
+    """Read a user's `.npz` of inputs (keys = input names, or arg0, arg1...) and check it against the specs.
+
+    `notes` receives check_feed's lines (casts done, NaN/Inf values).
+    """
     arrays = read_npz(path)
     named = arrays_by_input(arrays, specs, path)
-    return {spec.name: check_feed(spec, named[spec.name], str(path)) for spec in specs}
+    return {spec.name: check_feed(spec, named[spec.name], str(path), notes) for spec in specs}
 
 
 def arrays_by_input(arrays: dict[str, np.ndarray], specs: list[TensorSpec], path: Path) -> Feeds:
@@ -138,8 +141,14 @@ def arrays_by_input(arrays: dict[str, np.ndarray], specs: list[TensorSpec], path
     return feeds
 
 
-def check_feed(spec: TensorSpec, array: Any, where: str) -> np.ndarray:
-    """The array cast to the spec's dtype, or a clear error if its shape or kind cannot fit."""
+def check_feed(spec: TensorSpec, array: Any, where: str, notes: list[str] | None = None) -> np.ndarray:
+    """The array in the spec's dtype, or a clear error if its shape or type cannot fit.
+
+    The cast rule: a cast within a kind (float64 -> float32; int64 -> int32 or int -> bool when every value
+    fits) or without loss (uint8 -> int64, bool -> float32) is done and noted; any other cast between kinds
+    (float -> int, int64 -> float32) is refused. `notes` receives one line per cast, and one per float input
+    holding NaN or Inf values (their outputs will likely be NaN).
+    """
     array = np.asarray(array)
     expected = np.dtype(spec.dtype)
     if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
@@ -148,12 +157,39 @@ def check_feed(spec: TensorSpec, array: Any, where: str) -> np.ndarray:
             "match the shape the model was exported with",
         )
     if array.dtype != expected:
-        if array.dtype.kind != expected.kind and not (array.dtype.kind in "iub" and expected.kind in "iub"):
-            raise UsageError(
-                f"{where}: input '{spec.name}' is {array.dtype}, expected {expected}", f"save it as {expected}"
-            )
-        array = array.astype(expected)
+        array = _cast(spec, array, expected, where, notes)
+    if notes is not None and array.dtype.kind in "fc" and array.size:
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            notes.append(f"{where}: input '{spec.name}' has {bad} NaN/Inf value(s): its outputs will likely be NaN")
     return array
+
+
+def _cast(spec: TensorSpec, array: np.ndarray, expected: np.dtype, where: str, notes: list[str] | None) -> np.ndarray:
+    """`array` cast to `expected` under check_feed's rule."""
+    integral = "iub"
+    same_kind = array.dtype.kind == expected.kind or (array.dtype.kind in integral and expected.kind in integral)
+    if not same_kind and not np.can_cast(array.dtype, expected, "safe"):
+        raise UsageError(
+            f"{where}: input '{spec.name}' is {array.dtype}, expected {expected}",
+            f"save it as {expected} (Kiln casts only within a kind, e.g. float64 to float32, or without loss)",
+        )
+    if expected.kind in integral and array.size and not _fits(array, expected):
+        raise UsageError(
+            f"{where}: input '{spec.name}' ({array.dtype}) has values that {expected} cannot hold",
+            f"save it as {expected} with values in its range",
+        )
+    if notes is not None:
+        notes.append(f"{where}: input '{spec.name}' cast from {array.dtype} to {expected}, the model's input type")
+    return array.astype(expected)
+
+
+def _fits(array: np.ndarray, expected: np.dtype) -> bool:
+    """Every value of an integer or bool array is representable in the integer or bool dtype `expected`."""
+    if expected.kind == "b":
+        return bool(np.isin(array, (0, 1)).all())
+    info = np.iinfo(expected)
+    return bool(int(array.min()) >= info.min and int(array.max()) <= info.max)
 
 
 def make_inputs(

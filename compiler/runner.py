@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,10 @@ class LoadedModel:
                 f"inputs missing: {missing or 'none'}, unknown: {unknown or 'none'}",
                 f"inputs: {', '.join(s.describe() for s in self.inputs)}",
             )
-        feeds = {s.name: check_feed(s, _to_numpy(given[s.name]), "input") for s in self.inputs}
+        notes: list[str] = []
+        feeds = {s.name: check_feed(s, _to_numpy(given[s.name]), "input", notes) for s in self.inputs}
+        for note in notes:  # casts done, NaN/Inf inputs
+            warnings.warn(note, stacklevel=2)
         return self.run(feeds)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -110,3 +110,72 @@ def test_verify_refuses_a_pickled_reference_even_with_a_matching_manifest(export
     code, _, err = run_cli("verify", export_copy, capsys=capsys)
     assert_one_line_error(code, err, "stored parity file")
     assert "reference.npz" in err and "Object arrays cannot be loaded" in err
+
+
+def _spec(dtype, shape=(2, 4)):
+    from compiler.types import TensorSpec
+
+    return TensorSpec("x", shape, dtype)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (np.ones((2, 4), np.float64), "float32"),  # same kind: done, said
+        (np.ones((2, 4), np.int32), "int64"),  # same kind, widening
+        (np.full((2, 4), 7, np.int64), "int32"),  # same kind, the values fit
+        (np.ones((2, 4), np.uint8), "int64"),  # lossless
+        (np.ones((2, 4), np.bool_), "float32"),  # lossless between kinds
+        (np.eye(2, 4, dtype=np.int64), "bool"),  # 0/1 values as a mask
+    ],
+)
+def test_check_feed_casts_within_a_kind_or_without_loss_and_says_so(given, expected):
+    from compiler.parity import check_feed
+
+    notes: list[str] = []
+    fed = check_feed(_spec(expected), given, "f.npz", notes)
+    assert fed.dtype == np.dtype(expected) and np.array_equal(fed, given.astype(expected))
+    assert notes == [f"f.npz: input 'x' cast from {given.dtype} to {expected}, the model's input type"]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected", "message"),
+    [
+        (np.ones((2, 4), np.float32), "int64", "is float32, expected int64"),
+        (np.ones((2, 4), np.int64), "float32", "is int64, expected float32"),
+        (np.full((2, 4), 1 << 40, np.int64), "int32", "has values that int32 cannot hold"),
+        (np.full((2, 4), 2, np.int64), "bool", "has values that bool cannot hold"),
+    ],
+)
+def test_check_feed_refuses_casts_between_kinds_or_with_loss(given, expected, message):
+    from compiler.parity import check_feed
+
+    with pytest.raises(UsageError, match=message):
+        check_feed(_spec(expected), given, "f.npz", [])
+
+
+def test_check_feed_notes_nan_and_inf():
+    from compiler.parity import check_feed
+
+    notes: list[str] = []
+    values = np.ones((2, 4), np.float32)
+    values[0, 0], values[1, 1] = np.nan, np.inf
+    check_feed(_spec("float32"), values, "f.npz", notes)
+    assert notes == ["f.npz: input 'x' has 2 NaN/Inf value(s): its outputs will likely be NaN"]
+
+
+def test_kiln_run_warns_on_nan_inputs_and_casts(tiny_export, tmp_path, capsys):
+    values = np.ones((2, 4), np.float64)
+    values[0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=values)
+    code, _, err = run_cli(
+        "run", tiny_export, "--inputs", tmp_path / "nan.npz", "--output", tmp_path / "o.npz", "-q", capsys=capsys
+    )
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"kiln: warning: {tmp_path / 'nan.npz'}: input 'x' cast from float64 to float32, the model's input type",
+        f"kiln: warning: {tmp_path / 'nan.npz'}: input 'x' has 1 NaN/Inf value(s): its outputs will likely be NaN",
+    ]
+    np.savez(tmp_path / "int.npz", x=np.ones((2, 4), np.int64))
+    code, _, err = run_cli("run", tiny_export, "--inputs", tmp_path / "int.npz", capsys=capsys)
+    assert_one_line_error(code, err, "input 'x' is int64, expected float32")
