@@ -264,9 +264,16 @@ def _is_shape_expression(text: str) -> bool:
 
 
 def _is_sympy_function(name: str, module: Any) -> bool:
-    """One of torch's sympy functions (FloorDiv, ModularIndexing, ...), which torch's deserializer knows by name."""
-    value = getattr(module, name, None) if name[:1].isupper() and not name.startswith("_") else None
-    return isinstance(value, type)
+    """A sympy expression class (`Mul`, `Integer`, ... as `srepr` writes them) or one of torch's sympy functions
+    (FloorDiv, ModularIndexing, ...), which torch's deserializer knows by name."""
+    import sympy
+
+    if name.startswith("_"):
+        return False
+    value = getattr(sympy, name, None)
+    if isinstance(value, type) and issubclass(value, sympy.Basic):
+        return True
+    return name[:1].isupper() and isinstance(getattr(module, name, None), type)
 
 
 def _huge_power(node: ast.BinOp) -> bool:

@@ -233,3 +233,38 @@ def test_pt2_export_runs_untrusted_pickles_only_with_the_flag(tmp_path, capsys):
     code, _, err = run_cli("run", out, *feeds, "--trust-pickle", "-q", capsys=capsys)
     assert code == 0, err
     assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "Symbol('s77', positive=True, integer=True)",
+        "Mul(Integer(16), Symbol('s41', positive=True, integer=True))",
+        "Max(1, s77)",
+        "FloorDiv(s77, 2) + Mod(s0, 3)",
+        "2*s77 - 1",
+        "Eq(s0, 2)",
+    ],
+)
+def test_shape_expressions_torch_writes_are_accepted(expression):
+    from compiler.pt2_archive import _is_shape_expression
+
+    assert _is_shape_expression(expression)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "__import__('os').system('true')",
+        "Symbol('s' + str(1))",
+        "Symbol('a b')",
+        "s77.__class__",
+        "(lambda: 1)()",
+        "eval('1')",
+        "10**10**10",
+    ],
+)
+def test_shape_expressions_beyond_arithmetic_are_refused(expression):
+    from compiler.pt2_archive import _is_shape_expression
+
+    assert not _is_shape_expression(expression)
