@@ -53,6 +53,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         adjust_passes=args.passes,
         dump_passes=args.dump_passes,
         all_or_nothing=args.all_or_nothing,
+        trust_pickle=args.trust_pickle,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
@@ -151,7 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from compiler.runner import verify
 
     quiet_libraries()
-    results = list(verify(args.export_dir, args.model))
+    results = list(verify(args.export_dir, args.model, trust_pickle=args.trust_pickle))
     if args.json:
         from dataclasses import asdict
 
@@ -187,8 +188,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compiler.runner import load
 
     quiet_libraries()
-    model = load(args.export_dir, args.target)
-    outputs = model.run(read_inputs_file(Path(args.inputs), model.inputs))
+    model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
+    notes: list[str] = []
+    feeds = read_inputs_file(Path(args.inputs), model.inputs, notes)
+    for note in notes:  # casts done and NaN/Inf inputs: shown even with -q or --json
+        print(f"kiln: warning: {note}", file=sys.stderr)
+    outputs = model.run(feeds)
     arrays: dict[str, Any] = dict(outputs)
     np.savez(args.output, **arrays)
     if args.json:
@@ -400,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--wait", action="store_true", help="if another export to --out is running, wait for it instead of failing"
     )
+    _trust_flag(export)
     _output_flags(export)
     export.set_defaults(handler=cmd_export)
 
@@ -414,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-run parity on an existing export")
     verify.add_argument("export_dir")
     verify.add_argument("--model", help="model source to recompute the reference (default: stored reference)")
+    _trust_flag(verify)
     _output_flags(verify)
     verify.set_defaults(handler=cmd_verify)
 
@@ -422,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inputs", required=True, metavar="FILE.npz", help="arrays named like the model's inputs")
     run.add_argument("--output", default="outputs.npz", help="where to save outputs (default outputs.npz)")
     run.add_argument("--target", help="which target of a multi-target export")
+    _trust_flag(run)
     _output_flags(run)
     run.set_defaults(handler=cmd_run)
     quant = sub.add_parser(
@@ -482,6 +490,14 @@ def _matrix_report_flags(parser: argparse.ArgumentParser, out: str) -> None:
         "--latency-tolerance", type=float, default=0.10, help="latency growth that is a regression (default 0.10)"
     )
     _output_flags(parser)
+
+
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="let a .pt2 file run the pickled code it carries (torch.export.load as is): only for files you trust",
+    )
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:

@@ -87,17 +87,19 @@ def export(
 ) -> ExportResult:
     """Export `model` (a module with `example_inputs`, or a source string like `zoo:cnn`) to one target.
 
-    `options` are the CLI's export options as keywords: `precision` (default: the target's own, fp32; int8 for
-    edgetpu), `device`, `dynamic_batch` ("MIN:MAX"), `inputs` (extra parity .npz files), `atol`, `rtol`,
+    `options` are the CLI's export options as keywords: `precision` (default: the target's own, fp32; int8
+    for edgetpu), `device`, `dynamic_batch` ("MIN:MAX"), `inputs` (extra parity .npz files), `atol`, `rtol`,
     `min_cosine`, `min_snr_db`, `min_top1`, `samples`, `parity_gate`, `force`, `wait` (wait for another export
-    to the same `out` instead of failing); int8 calibration: `calib`
-    (FILE.npz, a directory, or `file.py:loader`), `calib_samples`, `calib_method` (minmax, percentile, entropy),
-    `per_channel`, `symmetric_activations`, and `max_drop` with an optional `metric` ("file.py:fn") for
-    accuracy-aware int8; `io` (e.g. "nhwc" for channels-last I/O); `opt_level` (0 none .. 3 target-specific),
-    `adjust_passes` ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`.
+    to the same `out` instead of failing), `trust_pickle`; int8 calibration: `calib` (FILE.npz, a directory, or
+    `file.py:loader`), `calib_samples`, `calib_method` (minmax, percentile, entropy), `per_channel`,
+    `symmetric_activations`, and `max_drop` with an optional `metric` ("file.py:fn") for accuracy-aware int8;
+    `io` (e.g. "nhwc" for channels-last I/O); `opt_level` (0 none .. 3 target-specific), `adjust_passes`
+    ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`, `all_or_nothing`.
     An unknown keyword is a UsageError. The artifact is validated against the model; if it fails parity it is
     kept under `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
-    Only Kiln's exceptions are raised (`KilnError` and its subclasses), with the CLI's messages.
+    A `.pt2` model is read without running code from it; `trust_pickle=True` lets `torch.export.load`
+    unpickle it (only for files you trust). Only Kiln's exceptions are raised (`KilnError` and its
+    subclasses), with the CLI's messages.
     """
     from compiler.options import export_options
     from compiler.pipeline import export_targets
@@ -119,15 +121,18 @@ def export(
 
 
 @_kiln_errors_only
-def load(path: str | Path, target: str | None = None) -> LoadedModel:
-    """Load an export directory as a callable taking numpy arrays or torch tensors."""
+def load(path: str | Path, target: str | None = None, *, trust_pickle: bool = False) -> LoadedModel:
+    """Load an export directory as a callable taking numpy arrays or torch tensors.
+
+    `trust_pickle=True` lets a `pt2` export's archive run its pickles (only for exports you trust).
+    """
     from compiler.runner import load as load_export
 
     if not isinstance(path, (str, Path)):
         raise UsageError(
             f"load() takes the path of an export directory, got {type(path).__name__}", "e.g. 'exports/cnn'"
         )
-    return load_export(path, target)
+    return load_export(path, target, trust_pickle)
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from compiler.errors import KilnError, UnsupportedOpError
+from compiler.errors import KilnError, UnsupportedOpError, plain_text
 
 if TYPE_CHECKING:
     from targets.base import Target
@@ -21,7 +21,7 @@ def backend_failures(target: Target, action: str) -> Iterator[None]:
     except (KilnError, OSError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        text = " ".join(str(exc).split())
+        text = plain_text(str(exc))
         what = f" (operation {op})" if (op := operation_named_in(text)) else ""
         raise UnsupportedOpError(
             f"{target.name} could not {action} the model{what}: {type(exc).__name__}: {text[:300]}",
@@ -29,12 +29,27 @@ def backend_failures(target: Target, action: str) -> Iterator[None]:
         ) from None
 
 
+# Messages that name the operation in a fixed place, by backend
+_NAMED_AT = (
+    r"Node number \d+ \((\w+)\) failed",  # TFLite interpreter
+    r"while running (\w+) node",  # ONNX Runtime, at run time
+    r"implementation for (\w+)\(\d+\) node",  # ONNX Runtime: no kernel for that op and opset
+    r"\(op_type:(\w+)",  # ONNX shape inference
+    r"\bOp(?:type)? \((\w+)\)",  # ONNX Runtime graph and type errors
+)
+_KEYWORD = r"(?i:operations?|operators?|op|node)"
+
+
 def operation_named_in(text: str) -> str | None:
     """The operation a backend's error message names, if it names one (e.g. `Conv`, `STABLEHLO_SCATTER`)."""
-    tflite = re.search(r"Node number \d+ \((\w+)\) failed", text)
-    if tflite:
-        return tflite[1]
-    keyword = r"(?:operations?|operators?|op|node)"
-    # an op name has a capital, an underscore, a dot or a colon: not an English word like "are"
-    op = re.search(rf"\b{keyword}[\s:'\"]+(?!{keyword}\b)(?=[\w.:]*[A-Z_.:])([A-Za-z_][\w.:]*)", text, re.IGNORECASE)
-    return op[1] if op else None
+    text = plain_text(text)
+    for pattern in _NAMED_AT:
+        if found := re.search(pattern, text):
+            return found[1]
+    # "operation X": an op name has a capital, an underscore, a dot or a colon, unlike an English word
+    # ("operation between", "operators are"); only the keyword ignores case
+    for found in re.finditer(rf"\b{_KEYWORD}[\s:'\"]+(?!{_KEYWORD}\b)([A-Za-z_][\w.:]*)", text):
+        name = found[1].rstrip(".:")
+        if re.search(r"[A-Z_.:]", name):
+            return name
+    return None

@@ -6,12 +6,22 @@ message and an exit code in one place.
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_PARITY = 1  # an artifact failed parity
 EXIT_USAGE = 2  # bad input or usage
 EXIT_UNAVAILABLE = 3  # the target is not available on this machine
 EXIT_INTERNAL = 4  # a bug in Kiln or a backend
 EXIT_INTERRUPTED = 130  # Ctrl-C
+
+# Terminal escape sequences (colours, bold...) that converters print into their messages
+_ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[@-Z\\-_])")
+
+
+def plain_text(text: str) -> str:
+    """`text` without terminal escape sequences (e.g. `\\x1b[96m`), on one line with single spaces."""
+    return " ".join(_ANSI_ESCAPE.sub("", text).split())
 
 
 class KilnError(Exception):
@@ -26,9 +36,9 @@ class KilnError(Exception):
 
     def one_line(self) -> str:
         """The message and hint as one line, for the terminal."""
-        text = " ".join(self.message.split())
+        text = plain_text(self.message)
         if self.hint:
-            text += f" (hint: {' '.join(self.hint.split())})"
+            text += f" (hint: {plain_text(self.hint)})"
         return text
 
 

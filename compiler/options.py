@@ -53,6 +53,7 @@ class ExportOptions:
     min_cosine: float | None = None
     min_snr_db: float | None = None
     min_top1: float | None = None
+    trust_pickle: bool = False  # --trust-pickle: a .pt2 source may run the pickles it carries
     all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
 
     def __post_init__(self) -> None:

@@ -14,6 +14,10 @@ from compiler.layout import nchw_array, nhwc_array, nhwc_names
 from compiler.metrics import cosine, is_classifier, snr_db, top1_matches
 from compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
 
+if TYPE_CHECKING:
+    from compiler.options import ExportOptions
+    from targets.base import Target
+
 DEFAULT_SAMPLES = 4
 SAVED_SAMPLES_LIMIT = 64 * 2**20
 INPUTS_FILE = "parity/inputs.npz"
@@ -45,7 +49,7 @@ class ParitySamples:
 
     @classmethod
     def load(cls, directory: Path, origins: list[str]) -> ParitySamples | None:
-        """The samples an export stored, or None when it stored none."""
+        """The samples an export stored, or None when it stored none; a UsageError when they are unreadable."""
         if not (directory / INPUTS_FILE).is_file():
             return None
         return cls(_unpack(directory / INPUTS_FILE), origins, _unpack(directory / REFERENCE_FILE))
@@ -57,26 +61,74 @@ def _pack(sets: list[Feeds]) -> dict[str, np.ndarray]:
 
 def _unpack(path: Path) -> list[Feeds]:
     sets: dict[int, Feeds] = {}
-    with np.load(path) as data:
-        for key in data.files:
-            index, name = key.split("/", 1)
-            sets.setdefault(int(index), {})[name] = data[key]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                index, name = key.split("/", 1)
+                sets.setdefault(int(index), {})[name] = data[key]
+    except Exception as exc:
+        raise UsageError(
+            f"stored parity file {path} is unreadable ({type(exc).__name__}: {str(exc)[:160]})",
+            "re-export the model, or pass --model SOURCE to recompute the reference",
+        ) from None
     return [sets[i] for i in sorted(sets)]
 
 
-def read_inputs_file(path: Path, specs: list[TensorSpec]) -> Feeds:
-    """Read a user's `.npz` of inputs (keys = input names, or arg0, arg1...) and check it against the specs."""
+def read_npz(path: Path, flag: str = "--inputs") -> Feeds:
+    """Every array of a user's `.npz`, read without unpickling (object arrays are refused), or a UsageError."""
     try:
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
     except FileNotFoundError:
-        raise UsageError(f"inputs file {path} does not exist", "check the path given to --inputs") from None
+        what = "inputs" if flag == "--inputs" else "calibration"
+        raise UsageError(f"{what} file {path} does not exist", f"check the path given to {flag}") from None
     except Exception as exc:
         raise UsageError(
             f"cannot read {path} as .npz: {exc}", "save inputs with numpy.savez(path, input_name=array, ...)"
         ) from None
+
+
+def check_input_files(options: ExportOptions, targets: list[Target] | None = None) -> None:
+    """Refuse unreadable `--inputs` and `--calib` array files before anything is captured.
+
+    `--calib` files are checked when calibration can be used: a target (of `targets`, when given) is
+    exported at int8, or the precision is int8 or each target's default. A `file.py:loader` is not run here.
+    """
+    for path in options.inputs_files:
+        read_npz(path, "--inputs")
+    source = options.calibration.source
+    if targets is not None:
+        calibrated = any(options.precision_for(t) == "int8" for t in targets)
+    else:
+        calibrated = options.precision in (None, "int8")
+    if source is None or not calibrated or ".py:" in source or source.endswith(".py"):
+        return
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(
+            f"calibration source {source} does not exist", "pass FILE.npz, a directory of .npy/.npz, or file.py:loader"
+        )
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz")) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix == ".npy":
+            try:
+                np.load(file, allow_pickle=False)
+            except Exception as exc:
+                raise UsageError(
+                    f"cannot read calibration file {file}: {exc}", "save samples with numpy.save"
+                ) from None
+        elif file.is_file():
+            read_npz(file, "--calib")
+
+
+def read_inputs_file(path: Path, specs: list[TensorSpec], notes: list[str] | None = None) -> Feeds:
+    """Read a user's `.npz` of inputs (keys = input names, or arg0, arg1...) and check it against the specs.
+
+    `notes` receives check_feed's lines (casts done, NaN/Inf values).
+    """
+    arrays = read_npz(path)
     named = arrays_by_input(arrays, specs, path)
-    return {spec.name: check_feed(spec, named[spec.name], str(path)) for spec in specs}
+    return {spec.name: check_feed(spec, named[spec.name], str(path), notes) for spec in specs}
 
 
 def arrays_by_input(arrays: dict[str, np.ndarray], specs: list[TensorSpec], path: Path) -> Feeds:
@@ -93,8 +145,14 @@ def arrays_by_input(arrays: dict[str, np.ndarray], specs: list[TensorSpec], path
     return feeds
 
 
-def check_feed(spec: TensorSpec, array: Any, where: str) -> np.ndarray:
-    """The array cast to the spec's dtype, or a clear error if its shape or kind cannot fit."""
+def check_feed(spec: TensorSpec, array: Any, where: str, notes: list[str] | None = None) -> np.ndarray:
+    """The array in the spec's dtype, or a clear error if its shape or type cannot fit.
+
+    The cast rule: a cast within a kind (float64 -> float32; int64 -> int32 or int -> bool when every value
+    fits) or without loss (uint8 -> int64, bool -> float32) is done and noted; any other cast between kinds
+    (float -> int, int64 -> float32) is refused. `notes` receives one line per cast, and one per float input
+    holding NaN or Inf values (their outputs will likely be NaN).
+    """
     array = np.asarray(array)
     expected = np.dtype(spec.dtype)
     if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
@@ -103,12 +161,39 @@ def check_feed(spec: TensorSpec, array: Any, where: str) -> np.ndarray:
             "match the shape the model was exported with",
         )
     if array.dtype != expected:
-        if array.dtype.kind != expected.kind and not (array.dtype.kind in "iub" and expected.kind in "iub"):
-            raise UsageError(
-                f"{where}: input '{spec.name}' is {array.dtype}, expected {expected}", f"save it as {expected}"
-            )
-        array = array.astype(expected)
+        array = _cast(spec, array, expected, where, notes)
+    if notes is not None and array.dtype.kind in "fc" and array.size:
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            notes.append(f"{where}: input '{spec.name}' has {bad} NaN/Inf value(s): its outputs will likely be NaN")
     return array
+
+
+def _cast(spec: TensorSpec, array: np.ndarray, expected: np.dtype, where: str, notes: list[str] | None) -> np.ndarray:
+    """`array` cast to `expected` under check_feed's rule."""
+    integral = "iub"
+    same_kind = array.dtype.kind == expected.kind or (array.dtype.kind in integral and expected.kind in integral)
+    if not same_kind and not np.can_cast(array.dtype, expected, "safe"):
+        raise UsageError(
+            f"{where}: input '{spec.name}' is {array.dtype}, expected {expected}",
+            f"save it as {expected} (Kiln casts only within a kind, e.g. float64 to float32, or without loss)",
+        )
+    if expected.kind in integral and array.size and not _fits(array, expected):
+        raise UsageError(
+            f"{where}: input '{spec.name}' ({array.dtype}) has values that {expected} cannot hold",
+            f"save it as {expected} with values in its range",
+        )
+    if notes is not None:
+        notes.append(f"{where}: input '{spec.name}' cast from {array.dtype} to {expected}, the model's input type")
+    return array.astype(expected)
+
+
+def _fits(array: np.ndarray, expected: np.dtype) -> bool:
+    """Every value of an integer or bool array is representable in the integer or bool dtype `expected`."""
+    if expected.kind == "b":
+        return bool(np.isin(array, (0, 1)).all())
+    info = np.iinfo(expected)
+    return bool(int(array.min()) >= info.min and int(array.max()) <= info.max)
 
 
 def make_inputs(

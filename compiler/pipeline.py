@@ -23,8 +23,9 @@ from compiler.layout import NCHW_TO_NHWC, NHWC
 from compiler.manifest import assemble_manifest, source_record
 from compiler.optimize import optimize
 from compiler.options import ExportOptions
-from compiler.parity import ParitySamples, validate
+from compiler.parity import ParitySamples, check_input_files, validate
 from compiler.progress import Progress
+from compiler.pt2_archive import trusting_pickles
 from compiler.quantization.calibration import CalibrationData, load_calibration
 from compiler.reference import reference_samples
 from compiler.selection import fit_to_source, select_targets
@@ -92,8 +93,9 @@ def export_targets(
     progress = progress or Progress(quiet=True)
     out = Path(out)
     chosen = select_targets(targets, options, progress)
-    with output_lock(out, options.wait, progress.say):
+    with output_lock(out, options.wait, progress.say), trusting_pickles(options.trust_pickle):
         check_output_dir(out, options.force)
+        check_input_files(options, chosen)
         timings: dict[str, float] = {}  # the stages every target shares
         with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
             source = load_model(model, example_inputs, options)

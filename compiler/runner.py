@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from compiler.artifacts import Artifact, load_runner
 from compiler.errors import MissingBackendError, UsageError
 from compiler.parity import ParitySamples, check_feed, validate
+from compiler.pt2_archive import trusting_pickles
 from compiler.staging import REJECTED, STAGING_OWNER, staging_root_of
 from compiler.types import MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
 
@@ -48,7 +51,10 @@ class LoadedModel:
                 f"inputs missing: {missing or 'none'}, unknown: {unknown or 'none'}",
                 f"inputs: {', '.join(s.describe() for s in self.inputs)}",
             )
-        feeds = {s.name: check_feed(s, _to_numpy(given[s.name]), "input") for s in self.inputs}
+        notes: list[str] = []
+        feeds = {s.name: check_feed(s, _to_numpy(given[s.name]), "input", notes) for s in self.inputs}
+        for note in notes:  # casts done, NaN/Inf inputs
+            warnings.warn(note, stacklevel=2)
         return self.run(feeds)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -85,8 +91,11 @@ def export_dirs(path: str | Path) -> list[Path]:
     return found
 
 
-def load(path: str | Path, target: str | None = None) -> LoadedModel:
-    """Load an export directory (or one target of a multi-target export) as a callable model."""
+def load(path: str | Path, target: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load an export directory (or one target of a multi-target export) as a callable model.
+
+    `trust_pickle`: a `pt2` export's archive may run its pickles (see `compiler.pt2_archive`).
+    """
     from targets import get_target
 
     directories = export_dirs(path)
@@ -98,18 +107,26 @@ def load(path: str | Path, target: str | None = None) -> LoadedModel:
     if len(directories) > 1:
         names = ", ".join(d.name for d in directories)
         raise UsageError(f"{path} holds several exports ({names})", "pass target=NAME, or the subdirectory itself")
-    from compiler.artifacts import Artifact, load_runner
-
     artifact = Artifact.read(directories[0])
     _check_runnable(artifact.manifest)
-    return LoadedModel(artifact.directory, artifact.manifest, load_runner(artifact))
+    with trusting_pickles(trust_pickle):
+        runner = load_runner(artifact)
+    return LoadedModel(artifact.directory, artifact.manifest, runner)
 
 
 def check_files(directory: Path, manifest: Manifest) -> None:
-    """Raise if an artifact file is missing or differs from what the manifest recorded."""
+    """Raise if an artifact file is missing, differs from what the manifest recorded, or is not in the manifest."""
     from compiler.artifacts import hash_files
 
     actual = {f.path: f for f in hash_files(directory)}
+    recorded_paths = {f.path for f in manifest.files}
+    unlisted = sorted(path for path in actual if path not in recorded_paths)
+    if unlisted:
+        more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+        raise UsageError(
+            f"{directory}: file {unlisted[0]}{more} is not in the manifest (not written by the export)",
+            "remove it, or re-export the model",
+        )
     for recorded in manifest.files:
         found = actual.get(recorded.path)
         if found is None:
@@ -131,10 +148,11 @@ class Verification:
     notes: list[str]
 
 
-def verify(path: str | Path, model: str | None = None) -> Iterator[Verification]:
-    """Re-run parity on each export under `path`: against `model` if given, else the stored reference."""
-    from compiler.artifacts import Artifact
+def verify(path: str | Path, model: str | None = None, trust_pickle: bool = False) -> Iterator[Verification]:
+    """Re-run parity on each export under `path`: against `model` if given, else the stored reference.
 
+    `trust_pickle`: a `.pt2` model or `pt2` export may run its pickles (see `compiler.pt2_archive`).
+    """
     for directory in export_dirs(path):
         artifact = Artifact.read(directory)
         manifest = artifact.manifest
@@ -142,14 +160,17 @@ def verify(path: str | Path, model: str | None = None) -> Iterator[Verification]
         samples = ParitySamples.load(directory, manifest.parity.sample_origins if manifest.parity else [])
         notes: list[str] = []
         if model is not None:
-            samples, reference_name = _model_reference(model, manifest, samples, notes, directory)
+            with trusting_pickles(trust_pickle):
+                samples, reference_name = _model_reference(model, manifest, samples, notes, directory)
         elif samples is None:
             raise UsageError(f"{directory} stored no reference outputs", "pass --model SOURCE to recompute them")
         else:
             reference_name = f"stored reference ({manifest.source.get('reference', 'unknown')})"
         _check_runnable(manifest)
         tolerance = manifest.parity.tolerance if manifest.parity else Tolerance.for_precision(manifest.precision)
-        yield Verification(directory, manifest, validate(artifact, samples, tolerance, reference_name), notes)
+        with trusting_pickles(trust_pickle):
+            report = validate(artifact, samples, tolerance, reference_name)
+        yield Verification(directory, manifest, report, notes)
 
 
 def _model_reference(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.errors import UsageError
+from compiler.errors import KilnError, UsageError
 
 
 @dataclass
@@ -49,8 +50,14 @@ class ModelSource:
         return replace(self, example_inputs=resized)
 
 
-def load_source(spec: str, user_inputs: list[dict[str, np.ndarray]] | None = None) -> ModelSource:
-    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2` or `file.onnx`."""
+def load_source(
+    spec: str, user_inputs: list[dict[str, np.ndarray]] | None = None, trust_pickle: bool | None = None
+) -> ModelSource:
+    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2` or `file.onnx`.
+
+    A `.pt2` is read without running code from it unless `trust_pickle` (None: the enclosing
+    `compiler.pt2_archive.trusting_pickles` block decides, by default not trusted).
+    """
     if spec.startswith("zoo:"):
         return _load_zoo(spec)
     path_part, separator, factory = spec.rpartition(":")
@@ -60,7 +67,7 @@ def load_source(spec: str, user_inputs: list[dict[str, np.ndarray]] | None = Non
     if path.suffix == ".py" or factory:
         return _load_python(path, factory, spec)
     if path.suffix == ".pt2":
-        return _load_pt2(path, spec)
+        return _load_pt2(path, spec, trust_pickle)
     if path.suffix == ".onnx":
         return _load_onnx(path, spec, user_inputs)
     raise UsageError(
@@ -172,11 +179,15 @@ def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
     return source
 
 
-def _load_pt2(path: Path, spec: str) -> ModelSource:
+def _load_pt2(path: Path, spec: str, trust_pickle: bool | None = None) -> ModelSource:
+    from compiler.pt2_archive import load_program
+
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist", "check the path")
     try:
-        exported = torch.export.load(str(path))
+        exported = load_program(path, trust_pickle)
+    except KilnError:
+        raise
     except Exception as exc:
         raise UsageError(
             f"{path} is not a readable torch.export program ({type(exc).__name__}: {str(exc)[:200]})",
@@ -227,13 +238,21 @@ def _load_onnx(path: Path, spec: str, user_inputs: list[dict[str, np.ndarray]] |
         raise UsageError(f"model file {path} does not exist", "check the path")
     check_onnx_external_data(path)
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(path), full_check=True)  # full: strict shape and type inference too
     except Exception as exc:
         raise UsageError(
-            f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:200]}",
-            "re-export the model; Kiln accepts only valid ONNX",
+            f"{path} fails the ONNX checker: {_first_line(exc)}", "re-export the model; Kiln accepts only valid ONNX"
         ) from None
     proto = onnx.load(str(path), load_external_data=False)
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise UsageError(
+                f"{path} imports ONNX opset {opset.version}; the newest this onnx {onnx.__version__} knows is {newest}",
+                "re-export the model at a released opset",
+            )
+    if not proto.graph.output:
+        raise UsageError(f"{path} has no graph outputs", "re-export the model with its outputs")
     initializers = {i.name for i in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
     if user_inputs:
@@ -246,19 +265,59 @@ def _load_onnx(path: Path, spec: str, user_inputs: list[dict[str, np.ndarray]] |
                 f"expected keys: {', '.join(i.name for i in graph_inputs)}",
             )
     else:
-        inputs = tuple(_onnx_example(i) for i in graph_inputs)
+        inputs = tuple(_onnx_example(i, path) for i in graph_inputs)
+    _check_runs(path, {i.name: t.numpy() for i, t in zip(graph_inputs, inputs)})
     digest = hashlib.sha256()
     digest.update(path.read_bytes())
     return ModelSource(spec, path.stem, "onnx", inputs, onnx_path=path, state_hash=digest.hexdigest())
 
 
-def _onnx_example(value_info: Any) -> torch.Tensor:
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, shortened (ORT's "Load model from PATH failed:" cut)."""
+    text = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    text = text.split(" failed:", 1)[-1] if "Load model from" in text else text
+    return re.sub(r"^\s*\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text).strip()[:240]
+
+
+def _check_runs(path: Path, feeds: dict[str, np.ndarray]) -> None:
+    """Prove ONNX Runtime (the reference) can load the model and run it once on the example inputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+    except Exception as exc:
+        raise UsageError(
+            f"ONNX Runtime cannot run {path}: {_first_line(exc)}",
+            "Kiln's reference for an .onnx source is ONNX Runtime: re-export a model it can run",
+        ) from None
+
+
+def _onnx_example(value_info: Any, path: Path) -> torch.Tensor:
     """A plausible example input for an ONNX graph input: dynamic dims become 1."""
     import onnx
 
     tensor_type = value_info.type.tensor_type
     shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor_type.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        torch.from_numpy(np.zeros(0, dtype))
+    except Exception:
+        kind = value_info.type.WhichOneof("value") or "untyped"
+        what = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if kind == "tensor_type" else kind
+        raise UsageError(
+            f"{path}: input '{value_info.name}' is {what}, not a tensor Kiln can feed",
+            "Kiln feeds numeric and bool tensors; change the model's input type",
+        ) from None
+    if any(d < 0 for d in shape):
+        raise UsageError(f"{path}: input '{value_info.name}' has a negative dimension {shape}", "fix the input shape")
+    if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > 1 << 31:
+        raise UsageError(
+            f"{path}: input '{value_info.name}' of shape {shape} needs more than 2 GiB for one example",
+            "fix the input shape, or pass --inputs with real arrays",
+        )
     generator = np.random.default_rng(0)
     if np.issubdtype(dtype, np.floating):
         return torch.from_numpy(generator.standard_normal(shape).astype(dtype))

@@ -2,7 +2,8 @@
 
 The portable PyTorch artifact: loadable with `torch.export.load` on any machine with the
 same torch, and the input of AOTInductor and ExecuTorch. Validated by running the
-reloaded program.
+reloaded program, read back with `compiler.pt2_archive.load_program` (no pickled code runs
+unless trusted).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ class ExportedProgramRunner(Runner):
 
     thread_control = "torch.set_num_threads"
 
-    def __init__(self, directory: Path, manifest: Manifest):
-        import torch
+    def __init__(self, directory: Path, manifest: Manifest, trust_pickle: bool | None = None):
+        """`trust_pickle`: run the archive's pickles (None: as the enclosing `trusting_pickles` block says)."""
+        from compiler.pt2_archive import load_program
 
-        self.module = torch.export.load(str(directory / MODEL_FILE)).module()
+        self.module = load_program(directory / MODEL_FILE, trust_pickle).module()
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
