@@ -1,5 +1,6 @@
 """ONNX quantization for ONNX Runtime (compiler/quantization/onnxrt.py: the `onnx` target's int8, int8-dynamic,
-fp16) and the same calibration spec honoured by the TFLite int8 build, on a CNN trained on scikit-learn's digits and the zoo."""
+fp16) and the same calibration spec honoured by the TFLite int8 build, on a CNN trained on scikit-learn's digits
+and the zoo."""
 
 from __future__ import annotations
 
