@@ -1,0 +1,215 @@
+"""The command line's argument parser: every subcommand and its flags (cli.py runs them)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="Export PyTorch models to deployable artifacts, "
+        "each proven to match PyTorch before it is published.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _export_parser(sub)
+    _other_parsers(sub)
+    _matrix_parser(sub)
+    return parser
+
+
+def _export_parser(sub: Any) -> None:
+    """`kiln export` and its flags (one long list: every flag of the export, in the order --help shows)."""
+    export = sub.add_parser(
+        "export",
+        help="export a model to one or more targets",
+        description="MODEL is zoo:NAME, path/file.py:factory (runs that file's code), file.pt2 or file.onnx.",
+    )
+    export.add_argument("model", help="zoo:NAME | file.py:factory | file.pt2 | file.onnx")
+    export.add_argument("--target", "-t", required=True, help="target name, comma list, or all (see `kiln targets`)")
+    export.add_argument("--out", "-o", help="output directory (default: exports/MODEL)")
+    export.add_argument(
+        "--precision",
+        help="fp32, fp16, bf16, int8-dynamic, int8 where the target supports it (default: the target's own, "
+        "fp32; int8 for edgetpu)",
+    )
+    export.add_argument(
+        "--calib", metavar="SOURCE", help="int8 calibration data: FILE.npz, DIR of .npy/.npz, or file.py:loader"
+    )
+    export.add_argument("--calib-samples", type=int, default=100, metavar="N", help="calibration samples (default 100)")
+    export.add_argument(
+        "--calib-method",
+        default="minmax",
+        metavar="METHOD",
+        help="how int8 ranges are chosen from the calibration samples: minmax (default), percentile or entropy",
+    )
+    export.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor, not per channel")
+    export.add_argument(
+        "--activations",
+        choices=("symmetric", "asymmetric"),
+        help="int8 activation ranges (default: each runtime's fast choice)",
+    )
+    export.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="X",
+        help="accuracy-aware int8: revert the most sensitive layers to float until the metric drops at most X",
+    )
+    export.add_argument(
+        "--metric",
+        metavar="file.py:fn",
+        help="metric for --max-drop, fn(outputs, inputs) -> float, higher is better (default: agreement with fp32)",
+    )
+    export.add_argument("--io", metavar="OPTS", help="I/O options: nhwc (channels-last image inputs and outputs)")
+    export.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="device to compile for, for targets that compile for one (aoti/cuda: default cuda when present)",
+    )
+    export.add_argument("--dynamic-batch", metavar="MIN:MAX", help="make dim 0 of every input dynamic")
+    export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
+    export.add_argument("--atol", type=float, help="absolute tolerance override")
+    export.add_argument("--rtol", type=float, help="relative tolerance override")
+    export.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (override)")
+    export.add_argument("--min-snr", type=float, metavar="DB", help="minimum signal-to-noise ratio in dB (override)")
+    export.add_argument("--min-top1", type=float, help="minimum top-1 agreement of classifier outputs (override)")
+    export.add_argument("--samples", type=int, default=4, help="parity input sets besides batch-range ones (default 4)")
+    export.add_argument(
+        "-O",
+        dest="opt_level",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=2,
+        help="optimization level: 0 none (not even the ONNX exporter's own optimizer), 1 cleanup, 2 fusion (default), "
+        "3 target-specific",
+    )
+    export.add_argument("--passes", metavar="+NAME,-NAME", help="add or remove passes (see `kiln passes`)")
+    export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")
+    export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
+    export.add_argument("--force", action="store_true", help="replace an existing output directory")
+    export.add_argument(
+        "--all-or-nothing",
+        action="store_true",
+        help="with several targets, stop at the first that fails to build and publish nothing "
+        "(default: publish the others, report the failure, exit 1)",
+    )
+    export.add_argument(
+        "--wait", action="store_true", help="if another export to --out is running, wait for it instead of failing"
+    )
+    _trust_flag(export)
+    _output_flags(export)
+
+
+def _other_parsers(sub: Any) -> None:
+    """`kiln targets`, `passes`, `verify`, `run` and `quant-report`."""
+    targets = sub.add_parser("targets", help="list targets and whether they run here")
+    targets.add_argument("--json", action="store_true", help="machine-readable output")
+
+    passes = sub.add_parser("passes", help="list the graph passes and the -O level that runs each")
+    passes.add_argument("--json", action="store_true", help="machine-readable output")
+
+    verify = sub.add_parser("verify", help="re-run parity on an existing export")
+    verify.add_argument("export_dir")
+    verify.add_argument("--model", help="model source to recompute the reference (default: stored reference)")
+    _trust_flag(verify)
+    _output_flags(verify)
+
+    run = sub.add_parser("run", help="run an export on inputs from an .npz")
+    run.add_argument("export_dir")
+    run.add_argument("--inputs", required=True, metavar="FILE.npz", help="arrays named like the model's inputs")
+    run.add_argument("--output", default="outputs.npz", help="where to save outputs (default outputs.npz)")
+    run.add_argument("--target", help="which target of a multi-target export")
+    _trust_flag(run)
+    _output_flags(run)
+    quant = sub.add_parser(
+        "quant-report",
+        help="per-layer error of a quantized export vs fp32, worst first, with PyTorch module names",
+    )
+    quant.add_argument("export_dir")
+    quant.add_argument("--top", type=int, metavar="N", help="show the N worst layers only")
+    quant.add_argument("--json", action="store_true", help="print one machine-readable JSON result")
+
+
+def _matrix_parser(sub: Any) -> None:
+    matrix = sub.add_parser(
+        "matrix",
+        help="convert many models to many targets; reports for CI",
+        description="Run every model on every target (each cell in its own process with time and memory limits), "
+        "resumable, sharded or on Ray; writes report.md, report.json, junit.xml and report.html. "
+        "`kiln matrix merge DIR...` joins shard results. Exit 1 when a cell expected to pass fails or regresses.",
+    )
+    matrix.add_argument("--config", help="matrix.toml: models, targets, precisions, per-cell options")
+    matrix.add_argument("--models", help="comma list of sources: zoo:all, zoo:NAME, file.py:factory, .pt2, .onnx")
+    matrix.add_argument("--targets", help="comma list of targets, or all (default: all registered targets)")
+    matrix.add_argument("--precisions", help="comma list, all, or default (each target's own)")
+    matrix.add_argument("--shard", metavar="I/N", help="run shard I of N (1-based) of the sorted cells")
+    matrix.add_argument("--jobs", "-j", type=int, help="cells at a time with the local executor (default 1)")
+    matrix.add_argument("--threads", type=int, help="threads per cell for runtimes and PyTorch (default 2)")
+    matrix.add_argument("--repeat", type=int, help="timed runs per latency (default 20)")
+    matrix.add_argument("--warmup", type=int, help="untimed runs before them (default 3)")
+    matrix.add_argument("--timeout", type=float, help="seconds per cell before it is killed (default 600)")
+    matrix.add_argument("--memory-limit-gb", type=float, help="address-space limit per cell (default: RAM; 0: none)")
+    matrix.add_argument("--rerun", action="store_true", help="run every cell again (no resume, no cache hits)")
+    matrix.add_argument("--cache-dir", help="where cell results are cached across runs (default ~/.cache/kiln/matrix)")
+    matrix.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    matrix.add_argument("--keep-artifacts", action="store_true", help="keep each cell's export under OUT/cells/")
+    matrix.add_argument("--executor", choices=("local", "ray"), default="local", help="where cells run")
+    matrix.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    matrix.add_argument("--list", action="store_true", help="print the cells of this shard and exit")
+    _matrix_report_flags(matrix, "matrix-results")
+    merge = matrix.add_subparsers(dest="matrix_command").add_parser(
+        "merge", help="join shard output directories into one report"
+    )
+    merge.add_argument("directories", nargs="+", help="the --out directories of the shards")
+    _matrix_report_flags(merge, "matrix-merged")
+    matrix.set_defaults(matrix_command=None)
+
+
+def _matrix_report_flags(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--out", "-o", default=out, help="output directory (default: %(default)s)")
+    parser.add_argument("--baseline", metavar="OLD.json", help="a report.json to flag regressions against")
+    parser.add_argument(
+        "--allow-fail", action="append", metavar="PATTERN", help="model/target/precision globs allowed to fail"
+    )
+    parser.add_argument("--error-factor", type=float, default=10.0, help="parity error growth that is a regression")
+    parser.add_argument(
+        "--latency-tolerance", type=float, default=0.10, help="latency growth that is a regression (default 0.10)"
+    )
+    _output_flags(parser)
+
+
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="let a .pt2 file run the pickled code it carries (torch.export.load as is): only for files you trust",
+    )
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one machine-readable JSON result")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+
+
+def attach_dash_values(argv: list[str]) -> list[str]:
+    """`--passes -name` as `--passes=-name`: argparse takes a value starting with '-' for an option."""
+    fixed: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if (
+            token == "--passes"
+            and following is not None
+            and following.startswith("-")
+            and not following.startswith("--")
+        ):
+            fixed.append(f"--passes={following}")
+            index += 2
+            continue
+        fixed.append(token)
+        index += 1
+    return fixed
