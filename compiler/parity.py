@@ -76,15 +76,16 @@ def _unpack(path: Path) -> list[Feeds]:
 
 def read_npz(path: Path, flag: str = "--inputs") -> Feeds:
     """Every array of a user's `.npz`, read without unpickling (object arrays are refused), or a UsageError."""
+    what = "inputs" if flag == "--inputs" else "calibration"
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except FileNotFoundError:
-        what = "inputs" if flag == "--inputs" else "calibration"
         raise UsageError(f"{what} file {path} does not exist", f"check the path given to {flag}") from None
     except Exception as exc:
         raise UsageError(
-            f"cannot read {path} as .npz: {exc}", "save inputs with numpy.savez(path, input_name=array, ...)"
+            f"cannot read {what} file {path} as .npz: {exc}",
+            f"save {what} with numpy.savez(path, input_name=array, ...)",
         ) from None
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler.artifacts import Artifact, load_runner
+from compiler.artifacts import Artifact, hash_files, load_runner
 from compiler.errors import MissingBackendError, UsageError
 from compiler.parity import ParitySamples, check_feed, validate
 from compiler.pt2_archive import trusting_pickles
@@ -116,10 +116,10 @@ def load(path: str | Path, target: str | None = None, trust_pickle: bool = False
 
 def check_files(directory: Path, manifest: Manifest) -> None:
     """Raise if an artifact file is missing, differs from what the manifest recorded, or is not in the manifest."""
-    from compiler.artifacts import hash_files
+    from targets import get_target
 
     actual = {f.path: f for f in hash_files(directory)}
-    recorded_paths = {f.path for f in manifest.files}
+    recorded_paths = {f.path for f in manifest.files} | set(get_target(manifest.target).later_files)
     unlisted = sorted(path for path in actual if path not in recorded_paths)
     if unlisted:
         more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""

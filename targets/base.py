@@ -70,6 +70,9 @@ class Target:
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (nhwc)
     devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
     accuracy_aware: bool = False  # True: its int8 build takes --max-drop (reverts sensitive layers to float)
+    # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
+    # `kiln verify` accepts them although the manifest does not list them.
+    later_files: tuple[str, ...] = ()
 
     @property
     def default_precision(self) -> str:

@@ -260,6 +260,8 @@ class TensorRtTarget(Target):
     )
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
     precisions = ("fp32", "fp16")
+    # build_engine.py adds these on the GPU machine; engine.json records the sha256 of the ONNX they came from
+    later_files = (trt_engine.ENGINE_FILE, trt_engine.ENGINE_RECORD_FILE, trt_engine.TIMING_CACHE_FILE)
 
     def limitation(self) -> str | None:
         """Without TensorRT and a CUDA GPU, only the build kit is made here."""

@@ -81,13 +81,30 @@ def test_an_onnx_model_with_a_zero_batch_is_not_published(tmp_path, capsys):
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
-def test_the_manifest_records_the_shape_the_artifact_produced(tmp_path, capsys):
+def test_a_declared_output_shape_that_contradicts_the_graph_is_refused(tmp_path, capsys):
     model = _relu_onnx(tmp_path / "declared.onnx", [1, 10], [1, 0])
     code, _, err = run_cli("export", model, "-t", "onnx", "--out", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "(10) vs (0)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_manifest_records_the_shape_the_artifact_produced(tmp_path, capsys):
+    # NonZero's output length depends on the data, so shape inference cannot contradict a declared [2, 0].
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["y"])],
+        "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [2, 0])],
+    )
+    model = tmp_path / "declared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), model)
+    ones = tmp_path / "ones.npz"
+    np.savez(ones, x=np.ones((1, 10), np.float32))
+    code, _, err = run_cli("export", model, "-t", "onnx", "--inputs", ones, "--out", tmp_path / "o", capsys=capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["outputs"][0]["shape"] == [1, 10]
-    assert manifest["parity"]["outputs"][0]["shape"] == [1, 10]
+    assert manifest["outputs"][0]["shape"] == [2, 10]
+    assert manifest["parity"]["outputs"][0]["shape"] == [2, 10]
 
 
 def test_one_target_failing_to_convert_does_not_block_the_others(tmp_path, capsys):

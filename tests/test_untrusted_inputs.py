@@ -24,7 +24,7 @@ def _pickled_npz(path, key="x"):
 def test_pickled_inputs_file_is_refused_before_capture(tmp_path, capsys):
     bad = _pickled_npz(tmp_path / "bad.npz")
     code, _, err = run_cli("export", "zoo:cnn", "-t", "onnx", "--inputs", bad, "--out", tmp_path / "o", capsys=capsys)
-    assert_one_line_error(code, err, f"cannot read {bad} as .npz: Object arrays cannot be loaded")
+    assert_one_line_error(code, err, f"cannot read inputs file {bad} as .npz: Object arrays cannot be loaded")
     assert "capture" not in err and "load zoo:cnn" not in err, "checked before the model is loaded or captured"
     assert not (tmp_path / "o").exists()
 
@@ -34,7 +34,7 @@ def test_unreadable_calibration_file_is_refused_before_capture(tmp_path, capsys)
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
     argv = ("export", "zoo:cnn", "-t", "onnx", "--precision", "int8", "--calib", corrupt, "--out", tmp_path / "o")
     code, _, err = run_cli(*argv, capsys=capsys)
-    assert_one_line_error(code, err, f"cannot read {corrupt} as .npz")
+    assert_one_line_error(code, err, f"cannot read calibration file {corrupt} as .npz")
     assert "capture" not in err
     calib_dir = tmp_path / "dir"
     calib_dir.mkdir()

@@ -175,7 +175,10 @@ def _clean_cell_dir(cell_dir: Path, export_dir: Path, scratch: Path, keep_artifa
             shutil.copy(manifest, cell_dir / "manifest.json")
         shutil.rmtree(export_dir, ignore_errors=True)
     for leftover in [scratch, *cell_dir.glob(".kiln-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:  # the output lock file of a killed export
+            leftover.unlink(missing_ok=True)
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
