@@ -259,10 +259,29 @@ class Manifest:
             ) from None
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read {path}: {exc}", "re-export the model") from None
+        try:
+            return cls._from_json(data, path)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UsageError(
+                f"{path} is malformed ({type(exc).__name__}: {str(exc)[:120]})", "re-export the model"
+            ) from None
+
+    @classmethod
+    def _from_json(cls, data: Any, path: Path) -> Manifest:
+        """The manifest from parsed JSON; a wrong shape raises KeyError, TypeError, ValueError or AttributeError."""
+        from compiler.errors import UsageError
+
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON object was expected, not {type(data).__name__}")
+        if not isinstance(data.get("schema_version", 0), int):
+            raise TypeError("schema_version is not a whole number")
         if data.get("schema_version", 0) > SCHEMA_VERSION:
             raise UsageError(
                 f"{path} has schema version {data['schema_version']}, newer than this Kiln supports", "upgrade Kiln"
             )
+        for key, kind in (("target", str), ("precision", str), ("published", bool), ("parity_gate", bool)):
+            if not isinstance(data[key], kind):
+                raise TypeError(f"{key} is not a {kind.__name__}")
         return cls(
             target=data["target"],
             precision=data["precision"],

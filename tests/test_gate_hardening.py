@@ -154,3 +154,15 @@ def test_library_entry_points_raise_only_kiln_errors(call, tmp_path):
 def test_integer_io_is_refused_not_dropped(value, tmp_path, capsys):
     code, _, err = run_cli("export", "zoo:cnn", "-t", "edgetpu", "--io", value, "--out", tmp_path / "o", capsys=capsys)
     assert code == 2 and "integer I/O is not a separate option" in err
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[]", '{"target": "onnx"}', '{"target": 3, "precision": "fp32", "published": true, "parity_gate": true}', "{"],
+)
+def test_a_malformed_manifest_is_a_usage_error(text, tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(text)
+    for command in (("verify", tmp_path), ("run", tmp_path, "--inputs", tmp_path / "x.npz")):
+        code, _, err = run_cli(*command, capsys=capsys)
+        assert code == 2, err
+        assert "Traceback" not in err and "internal error" not in err
