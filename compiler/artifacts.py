@@ -9,7 +9,7 @@ read back from disk (`Artifact.read`) is the same type, so `compiler.parity.vali
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from compiler.backend_errors import backend_failures
 from compiler.manifest import ManifestParts, assemble_manifest
 from compiler.progress import Progress, converter_output_captured
 from compiler.types import MANIFEST_NAME, ArtifactFile, Manifest
+from passes.contract import snapshot
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
@@ -47,9 +48,14 @@ def build(
     target: Target, graph: CapturedModel, request: BuildRequest, directory: Path, progress: Progress | None = None
 ) -> Artifact:
     """Build `graph` for `target` as `request` asks, into the new directory `directory`. A backend's own failure
-    becomes an UnsupportedOpError naming the target and, where it says, the operation."""
+    becomes an UnsupportedOpError naming the target and, where it says, the operation. `graph` is left as it
+    was: the target builds from a copy of its FX program."""
     progress = progress or Progress(quiet=True)
     directory.mkdir(parents=True)
+    if graph.exported is not None:
+        # Converters change the program they are given (litert-torch's StableHLO lowering decomposes it in
+        # place): each build gets its own copy, the weights shared, so the next target sees the capture intact.
+        graph = replace(graph, exported=snapshot(graph.exported))
     with (
         progress.stage(f"build {target.name}", target.stage_detail(graph, request)),
         backend_failures(target, "convert"),
