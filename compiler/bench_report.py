@@ -199,8 +199,9 @@ def table(result: dict[str, Any]) -> str:
     lines += details
     if flagged:
         lines.append(
-            f"! spread (slowest / fastest round median) over {result['spread_limit']}: the machine's speed changed "
-            "during the run by more than the differences that usually decide between candidates; do not trust "
-            "these figures: rerun with more --rounds on a quieter machine"
+            f"! spread (slowest / fastest round median) over {result['spread_limit']}: the rounds of that candidate "
+            "disagree by more than the differences that usually decide between candidates (the machine, or the "
+            "candidate, changed speed during the run); do not trust its figures: rerun with more --rounds on a "
+            "quieter machine"
         )
     return "\n".join(lines)
