@@ -10,9 +10,11 @@ and first-inference times are not disturbed by each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,8 +162,13 @@ def eager_source(candidates: list[Candidate], model: str | None) -> str:
         return model
     described = str(candidates[0].manifest.source.get("description", ""))
     file_part = described.rpartition(":")[0] if ".py:" in described else described
-    if described.startswith("zoo:") or (described and Path(file_part).is_file()):
+    if described.startswith("zoo:") or (described and Path(file_part).is_file() and file_part[-3:] != ".py"):
         return described
+    if described and Path(file_part).is_file():  # never run code that only a manifest names
+        raise UsageError(
+            f"--compare-eager: the export's source {described!r} is Python code, which Kiln runs only when you name it",
+            f"pass --model {described} if you trust that file",
+        )
     raise UsageError(
         f"--compare-eager: the export's source {described or '(none recorded)'!r} cannot be loaded from here",
         "pass --model SOURCE (zoo:NAME, file.py:factory or file.pt2)",
@@ -213,6 +220,7 @@ class Worker:
             stderr=self.log,
             text=True,
             env=env,
+            start_new_session=True,  # its own process group: killing it also ends torch.compile's helpers
         )
         self._send(candidate.job(options))
 
@@ -242,10 +250,15 @@ class Worker:
             self._send({"op": "quit"})
             self.process.wait(timeout=10)
         except (WorkerFailed, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
+            self.kill()
         finally:
             self.log.close()
+
+    def kill(self) -> None:
+        """End its whole process group (the worker and whatever it started)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def _send(self, message: dict[str, Any]) -> None:
         assert self.process.stdin is not None
@@ -259,7 +272,7 @@ class Worker:
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         if not ready:
-            self.process.kill()
+            self.kill()
             raise WorkerFailed(f"no answer in {timeout:.0f} s")
         line = self.process.stdout.readline()
         if not line:
@@ -328,7 +341,7 @@ def start_workers(candidates: list[Candidate], options: BenchOptions, progress: 
                 worker.close()
                 if candidate.kind != COMPILED:  # an export, or eager (a --model that does not load): stop
                     raise _as_error(candidate, error) from None
-                why = f"too slow to compile (over {timeout:.0f} s)" if "no answer" in str(error) else str(error)
+                why = f"too slow to compile (over {timeout:g} s)" if "no answer" in str(error) else str(error)
                 started.append(Started(candidate, None, failure=why))
                 progress.say(f"{candidate.name} left out: {why}")
                 continue

@@ -153,6 +153,38 @@ def test_compare_eager_needs_a_loadable_source(cnn_export, tmp_path, capsys):
     assert code == 2 and "pass --model SOURCE" in err and len(err.splitlines()) == 1
 
 
+def test_compare_eager_never_runs_python_code_named_only_by_the_manifest(cnn_export, tmp_path, capsys):
+    planted = tmp_path / "planted.py"
+    planted.write_text("open(__file__ + '.ran', 'w').close()\n")
+    copy = tmp_path / "onnx"
+    shutil.copytree(cnn_export / "onnx", copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["source"]["description"] = f"{planted}:build"
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    code, _, err = run_cli("bench", copy, "--compare-eager", capsys=capsys)
+    assert code == 2 and f"pass --model {planted}:build" in err
+    assert not (tmp_path / "planted.py.ran").exists()
+
+
+def test_torch_compile_too_slow_is_left_out_and_the_rest_goes_on(cnn_export, capsys):
+    code, out, err = run_cli(
+        "bench",
+        cnn_export / "onnx",
+        "--compare-eager",
+        "--compile-timeout",
+        "0.5",
+        "--json",
+        "--no-write",
+        *QUICK,
+        capsys=capsys,
+    )
+    assert code == 0, err
+    records = {r["name"]: r for r in json.loads(out)["candidates"]}
+    assert records["torch.compile"]["failure"] == "too slow to compile (over 0.5 s)"
+    assert "latency_ms" not in records["torch.compile"] and "torch.compile left out: too slow" in err
+    assert records["onnx"]["speedup_vs_eager"] > 0
+
+
 class Recording:
     """A scheduler-side stand-in for a worker process: records the order its calls arrive in."""
 
