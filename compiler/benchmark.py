@@ -244,9 +244,11 @@ class Worker:
         self._send({"op": "stats"})
         return self._read(60)["peak_rss_mib"]
 
-    def close(self) -> None:
-        """Ask it to quit; kill it when it does not."""
+    def close(self, force: bool = False) -> None:
+        """Ask it to quit (`force`: do not ask); kill it when it does not."""
         try:
+            if force:
+                raise WorkerFailed("stopped")
             self._send({"op": "quit"})
             self.process.wait(timeout=10)
         except (WorkerFailed, subprocess.TimeoutExpired):
@@ -337,8 +339,10 @@ def start_workers(candidates: list[Candidate], options: BenchOptions, progress: 
             worker = Worker(candidate, options)
             try:
                 info = worker.start(timeout)
-            except (KilnError, WorkerFailed) as error:
-                worker.close()
+            except BaseException as error:
+                worker.close(force=True)
+                if not isinstance(error, (KilnError, WorkerFailed)):  # Ctrl-C while it loads
+                    raise
                 if candidate.kind != COMPILED:  # an export, or eager (a --model that does not load): stop
                     raise _as_error(candidate, error) from None
                 why = f"too slow to compile (over {timeout:g} s)" if "no answer" in str(error) else str(error)
@@ -385,9 +389,12 @@ def run_bench(paths: Sequence[str | Path], options: BenchOptions, progress: Prog
 
         times, failed = interleave(workers, options.rounds, options.runs, say_round, cold)
         peaks = [None if i in failed else w.peak_rss_mib() for i, w in enumerate(workers)]
-    finally:
+    except BaseException:  # Ctrl-C, or a worker that stopped answering: do not wait for the others
         for worker in workers:
-            worker.close()
+            worker.close(force=True)
+        raise
+    for worker in workers:
+        worker.close()
     result = report(started, running, times, failed, peaks, options)
     if options.write:
         for note in write_bench_files(result):
