@@ -11,20 +11,27 @@ The parent (`compiler.benchmark`) writes one JSON job per line on stdin and read
   and `{"op": "quit"}` (or the end of stdin: the parent died) ends it.
 
 The answers go on a copy of the original stdout; file descriptor 1 is pointed at stderr, so that whatever a
-runtime prints cannot corrupt them.
+runtime prints cannot corrupt them. `Worker` is the parent's end of the same protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from compiler.errors import KilnError, UsageError, as_kiln_error
+
+LOAD_TIMEOUT_S = 900.0  # a worker that neither loads nor answers in this long is stuck
 
 
 def main() -> int:
@@ -152,6 +159,92 @@ def peak_rss_mib() -> float | None:
     except OSError:
         pass
     return None
+
+
+class WorkerFailed(Exception):
+    """A worker process died, hung or answered with an error."""
+
+
+class Worker:
+    """A candidate's own process (`python -m compiler.bench_worker`), spoken to one JSON line at a time."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close()): the worker's stderr
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "compiler.bench_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: killing it also ends torch.compile's helpers
+        )
+        self._send(job)
+
+    def start(self, timeout: float) -> dict[str, Any]:
+        """Wait until it has loaded the candidate and run it once: load_s, first_ms, thread_control, runtime_info.
+        A worker's own Kiln error is raised as such (with its exit code)."""
+        answer = self._read(timeout)
+        if not answer.get("ok"):
+            error = KilnError(str(answer.get("error", "the worker failed")))
+            error.exit_code = int(answer.get("exit_code", 4))
+            raise error
+        return answer
+
+    def time(self, runs: int, warmup: int = 0) -> list[float]:
+        """Milliseconds of `runs` timed runs after `warmup` untimed ones."""
+        self._send({"op": "time", "runs": runs, "warmup": warmup})
+        return [float(t) for t in self._read(LOAD_TIMEOUT_S)["times_ms"]]
+
+    def peak_rss_mib(self) -> float | None:
+        """The worker's peak resident set size so far (VmHWM)."""
+        self._send({"op": "stats"})
+        return self._read(60)["peak_rss_mib"]
+
+    def close(self, force: bool = False) -> None:
+        """Ask it to quit (`force`: do not ask); kill it when it does not."""
+        try:
+            if force:
+                raise WorkerFailed("stopped")
+            self._send({"op": "quit"})
+            self.process.wait(timeout=10)
+        except (WorkerFailed, subprocess.TimeoutExpired):
+            self.kill()
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        """End its whole process group (the worker and whatever it started)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerFailed(self._died()) from None
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            self.kill()
+            raise WorkerFailed(f"no answer in {timeout:.0f} s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise WorkerFailed(self._died())
+        return dict(json.loads(line))
+
+    def _died(self) -> str:
+        code = self.process.wait()
+        self.log.seek(0)
+        lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
+        return f"its process exited with status {code}" + (f": {lines[-1][:200]}" if lines else "")
 
 
 if __name__ == "__main__":

@@ -10,19 +10,12 @@ and first-inference times are not disturbed by each other.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import select
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from compiler.bench_worker import LOAD_TIMEOUT_S, Worker, WorkerFailed
 from compiler.errors import KilnError, MissingBackendError, UsageError
 from compiler.types import Manifest
 
@@ -35,7 +28,6 @@ DEFAULT_ROUNDS = 5
 DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 5
 COMPILE_TIMEOUT_S = 300.0  # torch.compile of a zoo model takes ~25 s on 2 cores; past this it is "too slow"
-LOAD_TIMEOUT_S = 900.0  # a worker that neither loads nor fails in this long is stuck
 EAGER, COMPILED, ARTIFACT = "eager", "compile", "artifact"
 
 
@@ -193,99 +185,12 @@ def bench_feeds(directory: Path, manifest: Manifest, batch: int | None, artifact
     return {k: nhwc_array(v) if k in nhwc else np.ascontiguousarray(v) for k, v in feeds.items()}
 
 
-class WorkerFailed(Exception):
-    """A worker process died, hung or answered with an error."""
-
-
 class Timed(Protocol):
     """What the scheduler needs of a worker."""
 
     def time(self, runs: int, warmup: int = 0) -> list[float]:
         """Milliseconds of `runs` timed runs after `warmup` untimed ones."""
         ...
-
-
-class Worker:
-    """A candidate's own process (`python -m compiler.bench_worker`), spoken to one JSON line at a time."""
-
-    def __init__(self, candidate: Candidate, options: BenchOptions):
-        self.candidate = candidate
-        self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close()): the worker's stderr
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "compiler.bench_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=env,
-            start_new_session=True,  # its own process group: killing it also ends torch.compile's helpers
-        )
-        self._send(candidate.job(options))
-
-    def start(self, timeout: float) -> dict[str, Any]:
-        """Wait until it has loaded the candidate and run it once: load_s, first_ms, thread_control, runtime_info.
-        A worker's own Kiln error is raised as such (with its exit code)."""
-        answer = self._read(timeout)
-        if not answer.get("ok"):
-            error = KilnError(str(answer.get("error", "the worker failed")))
-            error.exit_code = int(answer.get("exit_code", 4))
-            raise error
-        return answer
-
-    def time(self, runs: int, warmup: int = 0) -> list[float]:
-        """Milliseconds of `runs` timed runs after `warmup` untimed ones."""
-        self._send({"op": "time", "runs": runs, "warmup": warmup})
-        return [float(t) for t in self._read(LOAD_TIMEOUT_S)["times_ms"]]
-
-    def peak_rss_mib(self) -> float | None:
-        """The worker's peak resident set size so far (VmHWM)."""
-        self._send({"op": "stats"})
-        return self._read(60)["peak_rss_mib"]
-
-    def close(self, force: bool = False) -> None:
-        """Ask it to quit (`force`: do not ask); kill it when it does not."""
-        try:
-            if force:
-                raise WorkerFailed("stopped")
-            self._send({"op": "quit"})
-            self.process.wait(timeout=10)
-        except (WorkerFailed, subprocess.TimeoutExpired):
-            self.kill()
-        finally:
-            self.log.close()
-
-    def kill(self) -> None:
-        """End its whole process group (the worker and whatever it started)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def _send(self, message: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
-        try:
-            self.process.stdin.write(json.dumps(message) + "\n")
-            self.process.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise WorkerFailed(self._died()) from None
-
-    def _read(self, timeout: float) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            self.kill()
-            raise WorkerFailed(f"no answer in {timeout:.0f} s")
-        line = self.process.stdout.readline()
-        if not line:
-            raise WorkerFailed(self._died())
-        return dict(json.loads(line))
-
-    def _died(self) -> str:
-        code = self.process.wait()
-        self.log.seek(0)
-        lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
-        return f"its process exited with status {code}" + (f": {lines[-1][:200]}" if lines else "")
 
 
 def rotation(count: int, round_index: int) -> list[int]:
@@ -336,7 +241,7 @@ def start_workers(candidates: list[Candidate], options: BenchOptions, progress: 
         for candidate in candidates:
             progress.say(f"loading {candidate.name} ...")
             timeout = options.compile_timeout_s if candidate.kind == COMPILED else LOAD_TIMEOUT_S
-            worker = Worker(candidate, options)
+            worker = Worker(candidate.job(options))
             try:
                 info = worker.start(timeout)
             except BaseException as error:
