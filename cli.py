@@ -213,6 +213,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`kiln bench`: time exports in interleaved rounds, each in its own process."""
+    from compiler.bench_report import table
+    from compiler.benchmark import BenchOptions, run_bench
+    from compiler.progress import Progress
+
+    options = BenchOptions(
+        threads=args.threads,
+        rounds=args.rounds,
+        runs=args.runs,
+        warmup=args.warmup,
+        batch=args.batch,
+        compare_eager=args.compare_eager,
+        model=args.model,
+        compile_timeout_s=args.compile_timeout,
+        trust_pickle=args.trust_pickle,
+        write=not args.no_write,
+    )
+    result = run_bench(args.export_dirs, options, Progress(quiet=args.quiet))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    elif not args.quiet:
+        print(table(result))
+    return 0
+
+
 def cmd_quant_report(args: argparse.Namespace) -> int:
     """`kiln quant-report`: the per-layer error of a quantized export against fp32, worst layer first."""
     from compiler.quantization.report import REPORT_FILE, QuantReport, not_quantized
@@ -328,6 +354,7 @@ HANDLERS = {
     "verify": cmd_verify,
     "run": cmd_run,
     "quant-report": cmd_quant_report,
+    "bench": cmd_bench,
     "matrix": cmd_matrix,
 }
 __all__ = ["HANDLERS", "build_parser", "main", "main_entry"]

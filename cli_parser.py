@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _export_parser(sub)
     _other_parsers(sub)
+    _bench_parser(sub)
     _matrix_parser(sub)
     return parser
 
@@ -131,6 +132,39 @@ def _other_parsers(sub: Any) -> None:
     quant.add_argument("export_dir")
     quant.add_argument("--top", type=int, metavar="N", help="show the N worst layers only")
     quant.add_argument("--json", action="store_true", help="print one machine-readable JSON result")
+
+
+def _bench_parser(sub: Any) -> None:
+    """`kiln bench` and its flags."""
+    bench = sub.add_parser(
+        "bench",
+        help="time existing exports here, in interleaved rounds (optionally against PyTorch eager)",
+        description="Time each export (each target of a multi-target export) in its own process, in interleaved "
+        "rounds; report latency percentiles, the spread across rounds, load and first-inference time, peak RSS "
+        "and size; write bench.json beside each manifest.",
+    )
+    bench.add_argument("export_dirs", nargs="+", metavar="OUT", help="export directories (kiln export --out)")
+    bench.add_argument("--batch", type=int, metavar="N", help="time at batch N (within the export's dynamic range)")
+    bench.add_argument("--threads", type=int, metavar="N", help="runtime threads (default: each runtime's default)")
+    bench.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    bench.add_argument("--runs", type=int, default=20, help="timed runs per candidate per round (default 20)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed runs per candidate before round 1 (default 5)")
+    bench.add_argument(
+        "--compare-eager", action="store_true", help="also time PyTorch eager and torch.compile in the same rounds"
+    )
+    bench.add_argument(
+        "--model", metavar="SOURCE", help="the PyTorch model for --compare-eager (default: the export's)"
+    )
+    bench.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds torch.compile may take before it is left out (default 300)",
+    )
+    bench.add_argument("--no-write", action="store_true", help="do not write bench.json into the export directories")
+    _trust_flag(bench)
+    _output_flags(bench)
 
 
 def _matrix_parser(sub: Any) -> None:

@@ -15,7 +15,7 @@ from compiler.errors import MissingBackendError, UsageError
 from compiler.parity import ParitySamples, check_feed, validate
 from compiler.pt2_archive import trusting_pickles
 from compiler.staging import REJECTED, STAGING_OWNER, staging_root_of
-from compiler.types import MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
+from compiler.types import BENCH_FILE, MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
 
 
 class LoadedModel:
@@ -115,11 +115,12 @@ def load(path: str | Path, target: str | None = None, trust_pickle: bool = False
 
 
 def check_files(directory: Path, manifest: Manifest) -> None:
-    """Raise if an artifact file is missing, differs from what the manifest recorded, or is not in the manifest."""
+    """Raise if an artifact file is missing, differs from what the manifest recorded, or is not in the manifest
+    (the target's own `later_files` and `kiln bench`'s BENCH_FILE excepted)."""
     from targets import get_target
 
     actual = {f.path: f for f in hash_files(directory)}
-    recorded_paths = {f.path for f in manifest.files} | set(get_target(manifest.target).later_files)
+    recorded_paths = {f.path for f in manifest.files} | set(get_target(manifest.target).later_files) | {BENCH_FILE}
     unlisted = sorted(path for path in actual if path not in recorded_paths)
     if unlisted:
         more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
+# Written by `kiln bench` beside the manifest after the export; the one unlisted file `kiln verify` accepts.
+BENCH_FILE = "bench.json"
 SCHEMA_VERSION = 1
 
 
