@@ -197,7 +197,8 @@ def _attention_layout_can_differ(node: torch.fx.Node) -> bool:
     """SDPA allocates its output like its query (`empty_like`) when it traces the graph, but its math kernel,
     which runs it, returns a contiguous tensor. The two differ when the query is a dense transposed view (the
     usual `view(B, L, H, D).transpose(1, 2)` of a projection): then a `.contiguous()` or `.reshape()` after
-    the heads' transpose back is traced as a no-op or a `view`, which fails at run time."""
+    the heads' transpose back can be traced as a no-op or a `view`, which fails when the exporter runs the
+    graph with the kernel's layout (T5's and Swin's attention: "Cannot view a tensor ... as a tensor ...")."""
     query = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
     return query is not None and _dense_but_permuted(query)
 
