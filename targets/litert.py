@@ -37,9 +37,9 @@ def to_tflite(
     import litert_torch
     import torch
 
-    from compiler.decompositions import apply_decompositions, apply_legalizations, onnx_legalizations, tflite_table
+    from compiler.decompositions import apply_decompositions, apply_legalizations, tflite_legalizations, tflite_table
 
-    program, legalized = apply_legalizations(program, onnx_legalizations())  # the converter traces like ONNX's
+    program, legalized = apply_legalizations(program, tflite_legalizations())
     program, decomposed = apply_decompositions(program, tflite_table())
     decomposed = decomposed + legalized
     inner = program.module()

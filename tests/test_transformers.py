@@ -64,3 +64,8 @@ def test_what_the_dynamo_exporter_cannot_lower_goes_the_torchscript_route(tmp_pa
         route = _passed(results[target])["onnx_route"]
         assert route["route"] == "torchscript"
         assert set(route["failed"]) == {"dynamo"} and "cdist" in route["failed"]["dynamo"]
+
+
+def test_llama_with_grouped_query_attention_passes_parity_on_tflite(tmp_path_factory):
+    info = _passed(_export(tmp_path_factory, "llama", "tflite")["tflite"])
+    assert "aten.expand.default (repeat as concatenation)" in info["decompositions_applied"]
