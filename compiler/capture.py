@@ -90,7 +90,9 @@ def capture(
     output_names = flat_output_names(run_eager(source, source.example_inputs))
     exported = export_program(source, dynamic_batch)
     inputs, outputs = fx_signature(exported, output_names)
-    eager = EagerModel(source.module, tuple(source.example_inputs), [s.name for s in inputs]) if source.module else None
+    eager = None
+    if source.module is not None:
+        eager = EagerModel(source.module, tuple(source.example_inputs), [s.name for s in inputs])
     captured = CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch, eager=eager)
     return lower(captured, workdir, optimize) if to_onnx else captured
 
