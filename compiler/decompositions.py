@@ -244,7 +244,9 @@ def expand_as_concat(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """Replace `expand` (of size-1 dims) by a `cat` of copies along each expanded dim: the same values,
     materialized."""
     aten = _aten()
-    current, value = node.args[0], node.args[0].meta["val"]
+    current = node.args[0]
+    assert isinstance(current, torch.fx.Node) and isinstance(node.args[1], (list, tuple))
+    value = current.meta["val"]
     for dim, want in enumerate(node.args[1]):
         if int(value.shape[dim]) != 1 or not isinstance(want, int) or want <= 1:
             continue
