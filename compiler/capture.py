@@ -338,9 +338,9 @@ def _one_line(exc: BaseException) -> str:
 
 def _lowering_error(first: BaseException, failed: dict[str, str]) -> UnsupportedOpError:
     """Why no route produced an ONNX graph, in one line (the operator named where the exporter says it)."""
-    op = re.search(r"(aten::?\.?[A-Za-z_0-9.]+)", str(first))
-    what = f" (operator {op[1]})" if op else ""
     reasons = "; ".join(f"{route}: {reason}" for route, reason in failed.items())
+    op = re.search(r"(aten(?:::|\.)[A-Za-z_0-9]+)", reasons) or re.search(r"(aten::?\.?[A-Za-z_0-9.]+)", str(first))
+    what = f" (operator {op[1]})" if op else ""
     return UnsupportedOpError(
         f"lowering to ONNX failed{what}: {reasons if len(failed) > 1 else failed['dynamo']}",
         "use a target that consumes the FX graph, or replace that operation in the model",

@@ -128,3 +128,18 @@ def test_grouped_query_scores_pass_parity_on_tflite(tmp_path):
     )
     assert result.published, result.manifest.parity.summary()  # without the rewrite: cosine -0.12
     assert result.manifest.target_info["decompositions_applied"] == [REPEAT]
+
+
+def test_when_every_onnx_route_fails_the_error_names_each_reason(tmp_path):
+    from compiler.capture import EagerModel
+    from compiler.errors import UnsupportedOpError
+    from tests.models.user_models import bucketize
+
+    module, inputs = bucketize()
+    program = torch.export.export(module, inputs, strict=False)
+    eager = EagerModel(module, inputs, ["x"])
+    with pytest.raises(UnsupportedOpError) as failed:
+        lower_to_onnx(program, tmp_path / "model.onnx", ["output"], None, eager=eager)
+    message = failed.value.one_line()
+    assert "lowering to ONNX failed (operator aten.searchsorted): dynamo: " in message
+    assert "; torchscript: " in message and "\n" not in message
