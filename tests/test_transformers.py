@@ -69,3 +69,15 @@ def test_what_the_dynamo_exporter_cannot_lower_goes_the_torchscript_route(tmp_pa
 def test_llama_with_grouped_query_attention_passes_parity_on_tflite(tmp_path_factory):
     info = _passed(_export(tmp_path_factory, "llama", "tflite")["tflite"])
     assert "aten.expand.default (repeat as concatenation)" in info["decompositions_applied"]
+
+
+def test_the_torchscript_route_keeps_a_dynamic_batch(tmp_path):
+    from compiler.capture import DynamicBatch
+    from compiler.pipeline import ExportOptions
+
+    options = ExportOptions(dynamic_batch=DynamicBatch(1, 8))
+    (result,) = export_targets(f"{HF_MODELS}:cdist_head", "onnx", tmp_path / "o", options)
+    info = _passed(result)
+    assert info["onnx_route"]["route"] == "torchscript" and info["dynamic_batch"] == "1:8"
+    assert result.manifest.inputs[0].shape[0] == "batch"
+    assert {"random batch=1", "random batch=8"} <= set(result.manifest.parity.sample_origins)
