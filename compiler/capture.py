@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
-import shutil
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,9 @@ import numpy as np
 import torch
 
 from compiler.errors import UnsupportedOpError, UsageError
+from compiler.onnx_files import copy_onnx, name_unnamed_nodes  # noqa: F401 (name_unnamed_nodes: re-export)
 from compiler.progress import converter_output_captured
-from compiler.sources import ModelSource, check_onnx_external_data
+from compiler.sources import ModelSource
 from compiler.types import TensorSpec
 
 MIN_OPSET = 18
@@ -55,6 +54,17 @@ class CapturedModel:
     outputs: list[TensorSpec]
     opset: int
     dynamic_batch: DynamicBatch | None
+    lowering: dict[str, Any] = field(default_factory=dict)  # how the ONNX graph was made, for the manifest
+    eager: EagerModel | None = field(default=None, repr=False, compare=False)  # for the TorchScript route
+
+
+@dataclass(frozen=True)
+class EagerModel:
+    """The eager module with its example inputs and input names: what the TorchScript-based ONNX route needs."""
+
+    module: torch.nn.Module
+    inputs: tuple[Any, ...]
+    input_names: list[str]
 
 
 def capture(
@@ -74,13 +84,16 @@ def capture(
             raise UsageError(
                 "--dynamic-batch does not apply to an .onnx source", "its dynamic dims are already set in the file"
             )
-        _copy_onnx(source.onnx_path, onnx_path)
+        copy_onnx(source.onnx_path, onnx_path)
         inputs, outputs, opset = onnx_signature(onnx_path, torch_layout=False)
         return CapturedModel(None, onnx_path, inputs, outputs, opset, dynamic_batch)
     output_names = flat_output_names(run_eager(source, source.example_inputs))
     exported = export_program(source, dynamic_batch)
     inputs, outputs = fx_signature(exported, output_names)
-    captured = CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch)
+    eager = None
+    if source.module is not None:
+        eager = EagerModel(source.module, tuple(source.example_inputs), [s.name for s in inputs])
+    captured = CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch, eager=eager)
     return lower(captured, workdir, optimize) if to_onnx else captured
 
 
@@ -90,8 +103,8 @@ def lower(captured: CapturedModel, workdir: Path, optimize: bool = True) -> Capt
     onnx_path = workdir / "captured" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in captured.outputs]
-    lower_to_onnx(captured.exported, onnx_path, names, captured.dynamic_batch, optimize)
-    return replace(captured, onnx_path=onnx_path, opset=onnx_signature(onnx_path, True)[2])
+    record = lower_to_onnx(captured.exported, onnx_path, names, captured.dynamic_batch, optimize, captured.eager)
+    return replace(captured, onnx_path=onnx_path, opset=onnx_signature(onnx_path, True)[2], lowering=record)
 
 
 def fx_signature(
@@ -237,31 +250,34 @@ def lower_to_onnx(
     output_names: list[str],
     dynamic_batch: DynamicBatch | None,
     optimize: bool = True,
-) -> None:
-    """Lower the FX program to ONNX (dynamo exporter, opset >= 18; with its onnxscript optimizer, which folds
-    constants and BatchNorm and fuses LayerNorm/GELU/Gemm, unless `optimize` is False) and check the result."""
+    eager: EagerModel | None = None,
+) -> dict[str, Any]:
+    """Lower the FX program to ONNX and check the result; what the manifest records of it (`target_info`):
+    the legalizations applied and `onnx_route` (the route that produced the file, and why earlier ones failed).
+
+    Routes, in order: `dynamo` (the dynamo exporter on the program after Kiln's legalizations, opset >= 18; with
+    its onnxscript optimizer, which folds constants and BatchNorm and fuses LayerNorm/GELU/Gemm, unless
+    `optimize` is False), then `torchscript` (`torch.onnx.export(dynamo=False)` on the eager module, when
+    `eager` is given). The parity gate judges whatever the route produced."""
     import onnx
 
+    from compiler.decompositions import apply_legalizations, onnx_legalizations
+
+    program, legalized = apply_legalizations(exported, onnx_legalizations())
+    failed: dict[str, str] = {}
+    route = "dynamo"
     try:
-        with converter_output_captured():
-            program = torch.onnx.export(
-                exported,
-                (),
-                dynamo=True,
-                optimize=optimize,
-                verbose=False,
-                output_names=output_names,
-                opset_version=max(MIN_OPSET, 20),
-            )
-        assert program is not None
-        program.save(str(path))
+        _dynamo_onnx(program, path, output_names, optimize)
     except Exception as exc:
-        op = re.search(r"(aten::?\.?[A-Za-z_0-9.]+)", str(exc))
-        what = f" (operator {op[1]})" if op else ""
-        raise UnsupportedOpError(
-            f"lowering to ONNX failed{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
-            "use a target that consumes the FX graph, or replace that operation in the model",
-        ) from None
+        failed[route] = _one_line(exc)
+        if eager is None:
+            raise _lowering_error(exc, failed) from None
+        route = "torchscript"
+        try:
+            _torchscript_onnx(eager, path, output_names, dynamic_batch)
+        except Exception as later:
+            failed[route] = _one_line(later)
+            raise _lowering_error(exc, failed) from None
     proto = onnx.load(str(path), load_external_data=False)
     if dynamic_batch is not None:
         _name_batch_dim(proto)
@@ -270,9 +286,65 @@ def lower_to_onnx(
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise UnsupportedOpError(
-            f"the lowered ONNX graph fails onnx.checker: {str(exc).splitlines()[0][:300]}",
+            f"the lowered ONNX graph ({route} route) fails onnx.checker: {str(exc).splitlines()[0][:300]}",
             "report this as a Kiln bug with the model",
         ) from None
+    return {"decompositions_applied": legalized, "onnx_route": {"route": route, "failed": failed}}
+
+
+def _dynamo_onnx(program: torch.export.ExportedProgram, path: Path, output_names: list[str], optimize: bool) -> None:
+    """The `dynamo` route: `torch.onnx.export` of the exported program."""
+    with converter_output_captured():
+        onnx_program = torch.onnx.export(
+            program,
+            (),
+            dynamo=True,
+            optimize=optimize,
+            verbose=False,
+            output_names=output_names,
+            opset_version=max(MIN_OPSET, 20),
+        )
+    assert onnx_program is not None
+    onnx_program.save(str(path))
+
+
+def _torchscript_onnx(eager: EagerModel, path: Path, output_names: list[str], batch: DynamicBatch | None) -> None:
+    """The `torchscript` route: the TorchScript-based `torch.onnx.export(dynamo=False)` on the eager module
+    (traced on its example inputs), with dim 0 of every input and output dynamic when asked."""
+    names = [*eager.input_names, *output_names]
+    axes = {name: {0: BATCH_DIM} for name in names} if batch is not None else None
+    with converter_output_captured(), torch.no_grad():
+        torch.onnx.export(
+            eager.module,
+            eager.inputs,
+            str(path),
+            dynamo=False,
+            input_names=eager.input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=MIN_OPSET,
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message that says something (the dynamo exporter's first line is a
+    banner; the cause is in its "Exception summary")."""
+    text = str(exc).strip()
+    summary = re.search(r"## Exception summary\s*\n+(.+)", text)
+    line = summary[1] if summary else (text.splitlines()[0] if text else "")
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    return f"{type(exc).__name__}: {line[:300]}"
+
+
+def _lowering_error(first: BaseException, failed: dict[str, str]) -> UnsupportedOpError:
+    """Why no route produced an ONNX graph, in one line (the operator named where the exporter says it)."""
+    reasons = "; ".join(f"{route}: {reason}" for route, reason in failed.items())
+    op = re.search(r"(aten(?:::|\.)[A-Za-z_0-9]+)", reasons) or re.search(r"(aten::?\.?[A-Za-z_0-9.]+)", str(first))
+    what = f" (operator {op[1]})" if op else ""
+    return UnsupportedOpError(
+        f"lowering to ONNX failed{what}: {reasons if len(failed) > 1 else failed['dynamo']}",
+        "use a target that consumes the FX graph, or replace that operation in the model",
+    )
 
 
 def _name_batch_dim(proto: Any) -> None:
@@ -286,65 +358,6 @@ def _name_batch_dim(proto: Any) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in symbols:
                 dim.dim_param = BATCH_DIM
-
-
-def _copy_onnx(source: Path, destination: Path) -> None:
-    """Copy an ONNX file and its external data files (already checked to stay in its directory)."""
-    import onnx
-
-    check_onnx_external_data(source)
-    shutil.copy2(source, destination)
-    proto = onnx.load(str(source), load_external_data=False)
-    if name_unnamed_nodes(proto):
-        onnx.save(proto, str(destination))  # external data stays in its files (not loaded, so not rewritten)
-    locations = {
-        e.value
-        for t in onnx.external_data_helper._get_all_tensors(proto)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-        for e in t.external_data
-        if e.key == "location"
-    }
-    for location in locations:
-        (destination.parent / location).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source.parent / location, destination.parent / location)
-
-
-def name_unnamed_nodes(proto: Any) -> int:
-    """Give every unnamed node of an ONNX model (subgraphs included) a name, `<op_type>_<index in its graph>`
-    (`<parent node>/...` inside a subgraph), unique among the model's names; returns how many were named.
-
-    Quantization names layers by node: its summary, the per-layer report and --max-drop's layers kept in float
-    (`nodes_to_exclude`) cannot tell unnamed nodes apart. Names depend only on the graph, so the same source
-    gets the same names in every export."""
-    used = {node.name for node in _all_nodes(proto.graph) if node.name}
-    pending: list[tuple[str, Any]] = [("", proto.graph)]
-    named = 0
-    while pending:
-        prefix, graph = pending.pop()
-        for index, node in enumerate(graph.node):
-            if not node.name:
-                base = name = f"{prefix}{node.op_type}_{index}"
-                suffix = 1
-                while name in used:
-                    name, suffix = f"{base}_{suffix}", suffix + 1
-                node.name = name
-                used.add(name)
-                named += 1
-            pending += [(f"{node.name}/", sub) for sub in _node_subgraphs(node)]
-    return named
-
-
-def _node_subgraphs(node: Any) -> list[Any]:
-    """The graphs held by a node's attributes (If branches, Loop/Scan bodies)."""
-    return [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
-
-
-def _all_nodes(graph: Any) -> Iterator[Any]:
-    """Every node of `graph` and of the graphs nested in its nodes."""
-    for node in graph.node:
-        yield node
-        for sub in _node_subgraphs(node):
-            yield from _all_nodes(sub)
 
 
 def onnx_signature(path: Path, torch_layout: bool) -> tuple[list[TensorSpec], list[TensorSpec], int]:

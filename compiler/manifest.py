@@ -72,6 +72,7 @@ def assemble_manifest(parts: ManifestParts) -> Manifest:
         target_info={
             "opset": model.opset,
             "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
+            **(model.lowering if parts.target.consumes == "onnx" else {}),
             **built.info,
         },
         notes=notes,

@@ -37,9 +37,11 @@ def to_tflite(
     import litert_torch
     import torch
 
-    from compiler.decompositions import apply_decompositions, tflite_table
+    from compiler.decompositions import apply_decompositions, apply_legalizations, tflite_legalizations, tflite_table
 
+    program, legalized = apply_legalizations(program, tflite_legalizations())
     program, decomposed = apply_decompositions(program, tflite_table())
+    decomposed = decomposed + legalized
     inner = program.module()
     image_inputs = {s.name for s in inputs if nhwc and is_image(s)}
     image_outputs = {s.name for s in outputs if nhwc and is_image(s)}
