@@ -180,18 +180,25 @@ class Legalization:
 
 def _dense_but_permuted(value: Any) -> bool:
     """Whether a tensor is dense and non-overlapping in memory, yet not contiguous (a transposed view of a
-    contiguous tensor); True when its strides are symbolic and cannot be compared."""
-    try:
-        if value.is_contiguous():
+    contiguous tensor); True when a size or stride is symbolic (a dynamic dimension). Nothing symbolic is
+    compared or converted: that would add a guard fixing the dynamic dimension to the example's size."""
+    sizes, strides = list(value.shape), list(value.stride())
+    if any(isinstance(v, torch.SymInt) for v in [*sizes, *strides]):
+        return True
+    dims = [(int(n), int(s)) for n, s in zip(sizes, strides) if int(n) != 1]
+    expected = 1
+    for size, stride in reversed(dims):  # contiguous: each stride is the product of the sizes after it
+        if stride != expected:
+            break
+        expected *= size
+    else:
+        return False
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in dims):
+        if stride != expected:
             return False
-        expected = 1
-        for stride, size in sorted((int(s), int(n)) for n, s in zip(value.shape, value.stride()) if int(n) != 1):
-            if stride != expected:
-                return False
-            expected *= size
-        return True
-    except Exception:  # symbolic sizes or strides: assume the layout can differ
-        return True
+        expected *= size
+    return True
 
 
 def _attention_layout_can_differ(node: torch.fx.Node) -> bool:

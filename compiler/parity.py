@@ -373,7 +373,10 @@ def validate(
     """The parity gate for one artifact: load it with its target, run it on every sample (converting NHWC I/O
     to the reference's layout) and judge every output against the reference outputs within `tolerance`."""
     from compiler.artifacts import load_runner
+    from compiler.backend_errors import backend_failures
+    from targets import get_target
 
     runner = load_runner(artifact)
     run = in_reference_layout(runner.run, artifact.manifest.inputs, artifact.manifest.outputs)
-    return judge(run, samples, tolerance, reference, runner.runtime_info())
+    with backend_failures(get_target(artifact.target), "run"):
+        return judge(run, samples, tolerance, reference, runner.runtime_info())
