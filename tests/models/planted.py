@@ -1,0 +1,78 @@
+"""Models with a divergence planted at a known module, for the localization tests (tests/test_divergence.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant factor."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+class Block(nn.Module):
+    """Conv + ReLU with a residual connection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x)) + x
+
+
+class Overflow(nn.Module):
+    """fp32-finite, fp16-infinite: `up` scales activations past 65504, `down` scales them back."""
+
+    def __init__(self, depth: int = 6, channels: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(*[Block(channels) for _ in range(depth)])
+        self.up = Scale(1e6)
+        self.mid = Block(channels)
+        self.down = Scale(1e-6)
+        self.tail = nn.Sequential(*[Block(channels) for _ in range(2)])
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(self.mid(self.up(self.body(self.stem(x)))))
+        return self.head(self.tail(x).mean((2, 3)))
+
+
+class Plain(nn.Module):
+    """A stack of blocks with nothing wrong in it (no BatchNorm, so every conv keeps its weight's name)."""
+
+    def __init__(self, depth: int = 8, channels: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(*[Block(channels) for _ in range(depth)])
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def build(model: nn.Module) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The model in eval mode with fixed weights, and an example input."""
+    torch.manual_seed(0)
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.2)
+    return model.eval(), (torch.randn(2, 3, 16, 16),)
+
+
+def overflow() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """`kiln export tests/models/planted.py:overflow --precision fp16`: diverges at `up`."""
+    return build(Overflow())
+
+
+def plain() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A model that passes at fp32."""
+    return build(Plain())

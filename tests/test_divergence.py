@@ -1,0 +1,133 @@
+"""Localization: the first module where an artifact diverges from PyTorch, found by building prefixes of the
+captured program (compiler/divergence.py). Each model has its divergence planted at a known module."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cli
+from compiler.cut import module_boundaries
+from compiler.divergence import DIVERGENCE_FILE
+from compiler.pipeline import ExportOptions, export_targets
+from compiler.progress import Progress
+from compiler.types import Manifest
+from passes import ONNX, Pass, PassResult
+from tests.models.planted import Plain, overflow, plain
+
+PLANTED = Path(__file__).parent / "models" / "planted.py"
+PERTURBED = "body.3.conv"  # the conv whose weights the wrong pass changes
+
+
+def _perturb_conv(model: object) -> PassResult:
+    """A wrong ONNX pass, for the test: scales the weights of one conv by 1.5 (when that conv is in the graph)."""
+    import onnx_ir as ir
+
+    value = model.graph.initializers.get(f"{PERTURBED}.weight")  # type: ignore[attr-defined]
+    if value is None or value.const_value is None:
+        return PassResult(model, False)
+    value.const_value = ir.tensor(value.const_value.numpy() * 1.5, name=value.name)
+    return PassResult(model, True)
+
+
+WRONG_PASS = Pass("perturb-conv", "test only: scales one conv's weights", ONNX, 1, _perturb_conv)
+
+
+def _export(model_and_inputs: tuple, target: str, out: Path, **options: object) -> tuple[object, str]:
+    """Export with progress captured: the result and the progress text."""
+    stream = io.StringIO()
+    model, inputs = model_and_inputs
+    result = export_targets(model, target, out, ExportOptions(**options), inputs, Progress(stream=stream))[0]  # type: ignore[arg-type]
+    return result, stream.getvalue()
+
+
+def _bound(divergence: dict) -> int:
+    return math.ceil(math.log2(divergence["boundaries"])) + 2
+
+
+def test_boundaries_in_execution_order_innermost_named() -> None:
+    """Every non-trivial module call, in order; a module ending at its last child's node is named by the child."""
+    import torch
+
+    model, inputs = plain()
+    program = torch.export.export(model, inputs, strict=False)
+    names = [b.module for b in module_boundaries(program)]
+    assert names[:4] == ["stem", "body.0.conv", "body.0.act", "body.0"]
+    assert names[-1] == "head" and len(names) == 1 + 8 * 3 + 1
+    last_block = module_boundaries(program)[-2]
+    assert last_block.module == "body.7" and last_block.enclosing == ("body",)
+    assert "planted.py" in last_block.source or "container.py" in last_block.source
+
+
+def test_fp16_overflow_names_the_scaling_module(tmp_path: Path) -> None:
+    """fp16 on ONNX Runtime: `up` scales past 65504 (`down` scales back, so fp32 is finite): `up` is named."""
+    result, text = _export(overflow(), "onnx", tmp_path / "out", precision="fp16")
+    assert not result.parity.passed  # type: ignore[attr-defined]
+    record = result.parity.divergence  # type: ignore[attr-defined]
+    assert record["first"]["module"] == "up" and record["first"]["kind"] == "Scale"
+    assert record["inputs"]["passed"] and record["inputs"]["module"] == "body.5"
+    assert record["builds"] <= _bound(record)
+    assert text.count("localize onnx build") == record["builds"]
+    assert "first divergence: up (Scale)" in text
+    stored = json.loads((result.directory / DIVERGENCE_FILE).read_text())  # type: ignore[attr-defined]
+    assert stored["first"]["module"] == "up"
+    manifest = Manifest.read(result.directory)  # type: ignore[attr-defined]
+    assert manifest.parity is not None and manifest.parity.divergence is not None
+    assert manifest.parity.divergence["first"]["module"] == "up"
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_wrong_pass_names_the_perturbed_conv(tmp_path: Path, target: str) -> None:
+    """fp32 with a pass that changes one conv's weights: that conv is the first divergence, its input matches."""
+    result, _ = _export(plain(), target, tmp_path / "out", passes=[WRONG_PASS])
+    record = result.parity.divergence  # type: ignore[attr-defined]
+    assert record["first"]["module"] == PERTURBED
+    assert record["inputs"]["module"] == "body.2" and record["inputs"]["cosine"] > 0.99999
+    assert record["first"]["cosine"] < 0.9999 or not record["first"]["passed"]
+    assert record["builds"] <= _bound(record)
+    assert (tmp_path / "out" / ".rejected" / target / DIVERGENCE_FILE).is_file() or (
+        result.directory / DIVERGENCE_FILE  # type: ignore[attr-defined]
+    ).is_file()
+
+
+def test_passing_export_has_no_record_and_no_extra_build(tmp_path: Path) -> None:
+    result, text = _export(plain(), "onnx", tmp_path / "out")
+    assert result.parity.passed and result.parity.divergence is None  # type: ignore[attr-defined]
+    assert "localize" not in text
+    assert not (result.directory / DIVERGENCE_FILE).exists()  # type: ignore[attr-defined]
+
+
+def test_cli_localize_flags_and_debug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--localize on a passing export builds its last boundary only; --no-localize skips a failing one; `kiln
+    debug --all` lists every module of a rejected build, the first diverging one marked."""
+    out = tmp_path / "pass"
+    assert cli.main(["export", f"{PLANTED}:plain", "-t", "onnx", "--out", str(out), "--localize", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)["results"][0]["parity"]["divergence"]
+    assert record["first"] is None and record["builds"] == 1
+    failing = ["export", f"{PLANTED}:overflow", "-t", "onnx", "--precision", "fp16", "-q"]
+    assert cli.main([*failing, "--out", str(tmp_path / "skip"), "--no-localize"]) == 1
+    assert not (tmp_path / "skip" / ".rejected" / "onnx" / DIVERGENCE_FILE).exists()
+    capsys.readouterr()
+    assert cli.main([*failing, "--out", str(tmp_path / "fail")]) == 1
+    rejected = tmp_path / "fail" / ".rejected" / "onnx"
+    assert cli.main(["debug", str(rejected), "--model", f"{PLANTED}:overflow", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)[0]
+    assert found["first"]["module"] == "up" and found["builds"] <= _bound(found)
+    assert cli.main(["debug", str(rejected), "--model", str(tmp_path / "missing.py:build")]) == 2
+    assert "kiln: error:" in capsys.readouterr().err
+    assert cli.main(["debug", str(tmp_path / "nothing"), "--model", f"{PLANTED}:plain"]) == 2
+
+
+def test_debug_all_profiles_every_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["export", f"{PLANTED}:plain", "-t", "openvino", "--out", str(out), "-q"]) == 0
+    assert cli.main(["debug", str(out), "--model", f"{PLANTED}:plain", "--all", "-q", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)[0]
+    assert found["first"] is None and found["builds"] == found["boundaries"] == len(Plain().body) * 3 + 2
+    assert all(m["passed"] and m["cosine"] > 0.9999 for m in found["measured"])
+    assert np.isfinite([m["max_abs"] for m in found["measured"]]).all()
