@@ -10,6 +10,9 @@ is PyTorch's value of every boundary on one input set, from one run of the captu
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,23 +104,36 @@ def source_line(node: torch.fx.Node) -> str:
 
 class _Prefix(torch.nn.Module):
     """The unlifted program, run node by node until the boundary node, whose value it returns. It holds the
-    program's submodules, parameters and buffers under their own names, so a re-export lifts them as the
-    model's (`body.1.conv.weight`), and passes that find a layer by name find it in the prefix too."""
+    parameters, buffers and constants that those nodes read, under their own names, so a re-export lifts them
+    as the model's (`body.1.conv.weight`) and passes that find a layer by name find it in the prefix too; the
+    weights of later layers are left out."""
 
-    def __init__(self, unlifted: torch.fx.GraphModule, stop: str):
+    def __init__(self, unlifted: torch.fx.GraphModule, stop: str, names: list[str]):
         super().__init__()
-        for name, child in unlifted.named_children():
-            self.add_module(name, child)
-        for name, param in unlifted.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buffer in unlifted.named_buffers(recurse=False):
-            self.register_buffer(name, buffer)
+        for path in _attributes_used(unlifted, stop):
+            value = functools.reduce(getattr, path.split("."), unlifted)
+            owner: torch.nn.Module = self
+            *parents, last = path.split(".")
+            for part in parents:
+                if part not in owner._modules:
+                    owner.add_module(part, torch.nn.Module())
+                owner = owner._modules[part]  # type: ignore[assignment]
+            if isinstance(value, torch.nn.Parameter):
+                owner.register_parameter(last, value)
+            elif isinstance(value, torch.Tensor):
+                owner.register_buffer(last, value)
         self.__dict__["_unlifted"] = unlifted  # not a child: its tensors are this module's already
         self._stop = stop
+        if all(name.isidentifier() for name in names):  # the prefix's inputs are named like the model's
+            run = self.forward
+            parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
+            named = functools.wraps(run)(lambda *args: run(*args))
+            named.__signature__ = inspect.Signature([inspect.Parameter(n, parameter) for n in names])  # type: ignore[attr-defined]
+            self.__dict__["forward"] = named
 
     def forward(self, *args: Any) -> Any:
         unlifted: torch.fx.GraphModule = self.__dict__["_unlifted"]
-        interpreter = torch.fx.Interpreter(unlifted)
+        interpreter = _OwnAttributes(unlifted, self)
         interpreter.args_iter = iter(args)
         interpreter.env = {}
         for node in unlifted.graph.nodes:
@@ -127,6 +143,32 @@ class _Prefix(torch.nn.Module):
             if node.name == self._stop:
                 return interpreter.env[node]
         raise RuntimeError(f"node {self._stop} not found in the program")
+
+
+class _OwnAttributes(torch.fx.Interpreter):
+    """Runs the unlifted program reading its parameters and buffers from `owner` (where `torch.export` swaps in
+    its own tensors while tracing; read from the program, they would be baked in as constants)."""
+
+    def __init__(self, unlifted: torch.fx.GraphModule, owner: torch.nn.Module):
+        super().__init__(unlifted)
+        self.owner = owner
+
+    def fetch_attr(self, target: str) -> Any:
+        try:
+            return functools.reduce(getattr, target.split("."), self.owner)
+        except AttributeError:  # not read before the boundary: not held by the owner
+            return super().fetch_attr(target)
+
+
+def _attributes_used(unlifted: torch.fx.GraphModule, stop: str) -> list[str]:
+    """The parameters, buffers and constants (`get_attr` targets) that the nodes up to `stop` read."""
+    order: list[torch.fx.Node] = []
+    for node in unlifted.graph.nodes:
+        order.append(node)
+        if node.name == stop:
+            break
+    before = set(order)
+    return [str(n.target) for n in order if n.op == "get_attr" and any(u in before for u in n.users)]
 
 
 def prefix_program(
@@ -143,7 +185,7 @@ def prefix_program(
         inputs = tuple(resize_batch(t, size) for t in inputs)
         dim = torch.export.Dim(BATCH_DIM, min=batch.minimum, max=batch.maximum)
         dynamic_shapes = tuple({0: dim} for _ in inputs)
-    module = _Prefix(captured.exported.module(), boundary.node)
+    module = _Prefix(captured.exported.module(), boundary.node, [s.name for s in captured.inputs])
     try:
         program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
@@ -158,6 +200,8 @@ def prefix_program(
 def intermediates(program: torch.export.ExportedProgram, nodes: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
     """PyTorch's value of each named node of `program` on one input set (a dict keyed by node name)."""
     unlifted = program.module()
+    if program.graph_signature.buffers_to_mutate:  # a stateful model: keep the user's buffers as they are
+        unlifted = copy.deepcopy(unlifted)
     wanted = set(nodes)
     values: dict[str, np.ndarray] = {}
     interpreter = torch.fx.Interpreter(unlifted)

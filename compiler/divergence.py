@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.artifacts import build
+from compiler.artifacts import Artifact, build
 from compiler.capture import CapturedModel, lower
 from compiler.cut import Boundary, intermediates, module_boundaries, prefix_program
 from compiler.errors import KilnError
@@ -47,7 +47,7 @@ class ModuleError:
     kind: str
     source: str = ""
     measured: bool = False
-    passed: bool = True
+    passed: bool | None = None  # None: not built
     max_abs: float = 0.0
     cosine: float = 1.0
     snr_db: float = math.inf
@@ -92,8 +92,8 @@ class Divergence:
         inputs = self.inputs.figures() if self.inputs is not None else "the model's inputs (exact)"
         first = self.first
         return (
-            f"first divergence: {first.label()} cosine {first.cosine:.6f} snr {first.snr_db:.1f}dB "
-            f"max_abs {first.max_abs:.3g}; inputs {inputs} ({self.builds} builds, {self.seconds:.1f}s)"
+            f"first divergence: {first.label()} {first.figures()} ({first.reason}); inputs {inputs} "
+            f"({self.builds} builds, {self.seconds:.1f}s)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,8 +164,13 @@ def localize(
     inputs = found.get(first - 1) if first else None
     conversion = error.reason.removeprefix("conversion failed: ") if error and _unconverted(error) else None
     notes = []
-    if first is None and output_failed and not every:
-        notes.append("the outputs fail but every module boundary passes: it diverges in forward()'s own ops after them")
+    if not bounds:
+        notes.append("the model has no submodule to cut at: every op is in its own forward()")
+    elif first is None and output_failed and not every:
+        notes.append(
+            f"the outputs fail but every module boundary passes: it diverges in forward()'s own ops after "
+            f"{bounds[-1].label()}"
+        )
     return Divergence(
         target.name,
         precision,
@@ -212,12 +217,16 @@ def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
     work = probe.work / f"boundary-{boundary.index:04d}"
     result = ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, measured=True)
     try:
-        report = _build_and_validate(probe, boundary, work)
-        metrics = report.outputs[0]
+        artifact, samples = _build(probe, boundary, work)
+        tolerance = probe.options.tolerance(artifact.manifest.precision)
+        metrics = validate(artifact, samples, tolerance, "PyTorch intermediate").outputs[0]
         result.passed, result.reason = metrics.passed, metrics.reason
         result.max_abs, result.cosine, result.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+    except _NotBuilt as failed:
+        result.passed, result.reason = False, f"conversion failed: {failed.error.one_line()}"
+        result.cosine, result.snr_db = 0.0, -math.inf
     except KilnError as error:
-        result.passed, result.reason = False, f"conversion failed: {error.one_line()}"
+        result.passed, result.reason = False, error.one_line()  # the cut, or running the built prefix, failed
         result.cosine, result.snr_db = 0.0, -math.inf
     verdict = "ok  " if result.passed else "FAIL"
     seconds = time.perf_counter() - started
@@ -228,23 +237,31 @@ def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
     return result
 
 
-def _build_and_validate(probe: _Probe, boundary: Boundary, work: Path) -> ParityReport:
-    """The prefix up to `boundary`, optimized, built and validated on the parity inputs (fed by position, as the
-    prefix names its inputs its own way)."""
+class _NotBuilt(Exception):
+    """The prefix did not convert (as opposed to: it converted, then failed to run)."""
+
+    def __init__(self, error: KilnError):
+        super().__init__(error.one_line())
+        self.error = error
+
+
+def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
+    """The prefix up to `boundary`, optimized and built as the export was, and the parity inputs with PyTorch's
+    value of the boundary as the reference."""
     options, target = probe.options, probe.target
     example = list(probe.samples.inputs[0].values())
     prefix = prefix_program(probe.captured, boundary, example, PROBE)
     work.mkdir(parents=True)
-    if target.consumes == "onnx":
-        prefix = lower(prefix, work, options.opt_level > 0)
-    graph, _ = optimize(prefix, target, work, options, {})
-    request = replace(options.build_request(target, probe.calibration), accuracy=None)
-    artifact = build(target, graph, request, work / "artifact")
-    names = [s.name for s in prefix.inputs]
-    inputs = [dict(zip(names, feeds.values())) for feeds in probe.samples.inputs]
+    try:
+        if target.consumes == "onnx":
+            prefix = lower(prefix, work, options.opt_level > 0)
+        graph, _ = optimize(prefix, target, work, options, {})
+        request = replace(options.build_request(target, probe.calibration), accuracy=None)
+        artifact = build(target, graph, request, work / "artifact")
+    except KilnError as error:
+        raise _NotBuilt(error) from error
     reference = [{PROBE: values[boundary.node]} for values in probe.references]
-    samples = ParitySamples(inputs, probe.samples.origins, reference)
-    return validate(artifact, samples, options.tolerance(request.precision), "PyTorch intermediate")
+    return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
 
 
 def _unmeasured(boundary: Boundary) -> ModuleError:

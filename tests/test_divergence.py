@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import cli
-from compiler.cut import module_boundaries
+from compiler.capture import CapturedModel, fx_signature
+from compiler.cut import module_boundaries, prefix_program
 from compiler.divergence import DIVERGENCE_FILE
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.progress import Progress
@@ -62,6 +63,21 @@ def test_boundaries_in_execution_order_innermost_named() -> None:
     last_block = module_boundaries(program)[-2]
     assert last_block.module == "body.7" and last_block.enclosing == ("body",)
     assert "planted.py" in last_block.source or "container.py" in last_block.source
+    captured = CapturedModel(program, None, *fx_signature(program, ["output"]), 0, None)
+    prefix = prefix_program(captured, last_block, [inputs[0].numpy()], "cut")
+    assert [s.name for s in prefix.inputs] == [s.name for s in captured.inputs]  # calibration data is keyed by them
+    assert prefix.outputs[0].name == "cut" and prefix.outputs[0].shape == (2, 8, 16, 16)
+    assert "body.7.conv.weight" in prefix.exported.state_dict and "head.weight" not in prefix.exported.state_dict
+    assert not prefix.exported.constants  # the weights are the model's parameters, not tensors baked in
+
+
+def test_int8_prefixes_build_with_the_calibration(tmp_path: Path) -> None:
+    """--localize on a passing int8 OpenVINO export: one build (the last boundary), calibrated and within
+    tolerance (the prefix takes the model's input names, so the calibration data fits it)."""
+    result, text = _export(plain(), "openvino", tmp_path / "out", precision="int8", localize=True)
+    record = result.parity.divergence  # type: ignore[attr-defined]
+    assert result.parity.passed and record["builds"] == 1 and record["first"] is None, text  # type: ignore[attr-defined]
+    assert record["measured"][0]["passed"] and record["measured"][0]["module"] == "head"
 
 
 def test_fp16_overflow_names_the_scaling_module(tmp_path: Path) -> None:
