@@ -19,7 +19,7 @@ from compiler.pipeline import ExportOptions, export_targets
 from compiler.progress import Progress
 from compiler.types import Manifest
 from passes import ONNX, Pass, PassResult
-from tests.models.planted import Plain, overflow, plain
+from tests.models.planted import Plain, cancellation, overflow, plain
 
 PLANTED = Path(__file__).parent / "models" / "planted.py"
 PERTURBED = "body.3.conv"  # the conv whose weights the wrong pass changes
@@ -109,6 +109,18 @@ def test_wrong_pass_names_the_perturbed_conv(tmp_path: Path, target: str) -> Non
     assert (tmp_path / "out" / ".rejected" / target / DIVERGENCE_FILE).is_file() or (
         result.directory / DIVERGENCE_FILE  # type: ignore[attr-defined]
     ).is_file()
+
+
+def test_bf16_cancellation_on_tpu_names_the_module_that_loses_the_values(tmp_path: Path) -> None:
+    """bf16 under XLA: `up` adds 4096 (still within bf16's tolerance), `down` subtracts it and the small values are
+    gone: `down` is named, with `up`'s output (its input) still matching."""
+    pytest.importorskip("tensorflow", reason="the tpu target needs tensorflow-cpu (pip install .[tpu])")
+    pytest.importorskip("litert_torch", reason="the tpu target needs litert-torch (pip install .[tpu])")
+    result, text = _export(cancellation(), "tpu", tmp_path / "out", precision="bf16")
+    record = result.parity.divergence  # type: ignore[attr-defined]
+    assert record["first"]["module"] == "down" and record["first"]["kind"] == "Shift", text
+    assert record["inputs"]["module"] == "act" and record["inputs"]["passed"]
+    assert record["builds"] <= _bound(record) and text.count("localize tpu build") == record["builds"]
 
 
 def test_passing_export_has_no_record_and_no_extra_build(tmp_path: Path) -> None:

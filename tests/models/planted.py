@@ -76,3 +76,38 @@ def overflow() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 def plain() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A model that passes at fp32."""
     return build(Plain())
+
+
+class Shift(nn.Module):
+    """Adds a constant."""
+
+    def __init__(self, offset: float):
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+class Cancellation(nn.Module):
+    """bf16-fragile: `up` adds 4096 (bf16 keeps 8 bits of mantissa: steps of 32 there) and `down` subtracts it
+    back, so the small values are lost in `down` at bf16 while fp32 keeps them."""
+
+    def __init__(self, depth: int = 4, channels: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(*[Block(channels) for _ in range(depth)])
+        self.up = Shift(4096.0)
+        self.act = nn.ReLU()
+        self.down = Shift(-4096.0)
+        self.tail = nn.Sequential(*[Block(channels) for _ in range(2)])
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(self.act(self.up(self.body(self.stem(x)))))
+        return self.head(self.tail(x).mean((2, 3)))
+
+
+def cancellation() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """`kiln export tests/models/planted.py:cancellation --precision bf16`: diverges at `down`."""
+    return build(Cancellation())
