@@ -19,6 +19,7 @@ from compiler.pipeline import ExportOptions, export_targets
 from compiler.progress import Progress
 from compiler.types import Manifest
 from passes import ONNX, Pass, PassResult
+from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import Plain, cancellation, overflow, plain
 
 PLANTED = Path(__file__).parent / "models" / "planted.py"
@@ -123,6 +124,22 @@ def test_bf16_cancellation_on_tpu_names_the_module_that_loses_the_values(tmp_pat
     assert record["builds"] <= _bound(record) and text.count("localize tpu build") == record["builds"]
 
 
+def test_int8_outlier_weight_names_the_fragile_conv_on_onnx_and_openvino(tmp_path: Path) -> None:
+    """int8: `features.2` weighs a dead channel by 200, so its int8 weight scale zeroes its other weights (the
+    quant-report's model); both runtimes name it, judged by cosine/SNR, its input still matching."""
+    module, example = fragile_cnn()
+    stream = io.StringIO()
+    found = export_targets(
+        module, "onnx,openvino", tmp_path / "out", ExportOptions(precision="int8"), example, Progress(stream=stream)
+    )
+    for result in found:
+        record = result.parity.divergence  # type: ignore[union-attr]
+        assert record["first"]["module"] == FRAGILE_MODULE and record["first"]["kind"] == "Conv2d", result.target
+        assert "SNR" in record["first"]["reason"] and record["inputs"]["snr_db"] > 30
+        assert record["builds"] <= _bound(record)
+        assert (tmp_path / "out" / ".rejected" / result.target / DIVERGENCE_FILE).is_file()
+
+
 def test_passing_export_has_no_record_and_no_extra_build(tmp_path: Path) -> None:
     result, text = _export(plain(), "onnx", tmp_path / "out")
     assert result.parity.passed and result.parity.divergence is None  # type: ignore[attr-defined]
@@ -153,7 +170,7 @@ def test_cli_localize_flags_and_debug(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_debug_all_profiles_every_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert cli.main(["export", f"{PLANTED}:plain", "-t", "openvino", "--out", str(out), "-q"]) == 0
+    assert cli.main(["export", f"{PLANTED}:plain", "-t", "onnx", "--out", str(out), "-q"]) == 0
     assert cli.main(["debug", str(out), "--model", f"{PLANTED}:plain", "--all", "-q", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)[0]
     assert found["first"] is None and found["builds"] == found["boundaries"] == len(Plain().body) * 3 + 2
