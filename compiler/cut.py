@@ -45,6 +45,7 @@ class Boundary:
     kind: str
     source: str
     enclosing: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()  # the ATen ops computed since the previous boundary, in order, once each
 
     def label(self) -> str:
         """`body.2 (Block)`."""
@@ -70,12 +71,16 @@ def module_boundaries(program: torch.export.ExportedProgram) -> list[Boundary]:
             continue
         by_node.setdefault(position, []).append((path, kind))
     boundaries: list[Boundary] = []
+    previous = -1
     for position in sorted(by_node):
         modules = sorted(by_node[position], key=lambda m: -m[0].count("."))  # innermost first
         path, kind = modules[0]
         node = nodes[position]
         enclosing = tuple(p for p, _ in modules[1:])
-        boundaries.append(Boundary(len(boundaries), node.name, path, kind, source_line(node), enclosing))
+        added = [_op_name(n) for n in nodes[previous + 1 : position + 1]]
+        computed = tuple(dict.fromkeys(op for op in added if not op.startswith(("_assert", "sym_"))))
+        boundaries.append(Boundary(len(boundaries), node.name, path, kind, source_line(node), enclosing, computed))
+        previous = position
     return boundaries
 
 

@@ -46,6 +46,7 @@ class ModuleError:
     module: str
     kind: str
     source: str = ""
+    ops: list[str] = field(default_factory=list)  # the ATen ops since the previous boundary
     measured: bool = False
     passed: bool | None = None  # None: not built
     max_abs: float = 0.0
@@ -88,7 +89,8 @@ class Divergence:
             found = f"no divergence found at {len(self.measured)} of {self.boundaries} module boundaries"
             return "; ".join([found, *self.notes])
         if self.conversion_error:
-            return f"first divergence: {self.first.label()} does not convert: {self.conversion_error}"
+            ops = ", ".join(self.first.ops)
+            return f"first divergence: {self.first.label()} (ops {ops}) does not convert: {self.conversion_error}"
         inputs = self.inputs.figures() if self.inputs is not None else "the model's inputs (exact)"
         first = self.first
         return (
@@ -215,7 +217,7 @@ def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
     started = time.perf_counter()
     probe.builds += 1
     work = probe.work / f"boundary-{boundary.index:04d}"
-    result = ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, measured=True)
+    result = ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops), True)
     try:
         artifact, samples = _build(probe, boundary, work)
         tolerance = probe.options.tolerance(artifact.manifest.precision)
@@ -265,7 +267,7 @@ def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, Par
 
 
 def _unmeasured(boundary: Boundary) -> ModuleError:
-    return ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source)
+    return ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops))
 
 
 def _unconverted(error: ModuleError) -> bool:

@@ -20,7 +20,7 @@ from compiler.progress import Progress
 from compiler.types import Manifest
 from passes import ONNX, Pass, PassResult
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
-from tests.models.planted import Plain, cancellation, overflow, plain
+from tests.models.planted import Plain, cancellation, overflow, plain, unconvertible
 
 PLANTED = Path(__file__).parent / "models" / "planted.py"
 PERTURBED = "body.3.conv"  # the conv whose weights the wrong pass changes
@@ -138,6 +138,26 @@ def test_int8_outlier_weight_names_the_fragile_conv_on_onnx_and_openvino(tmp_pat
         assert "SNR" in record["first"]["reason"] and record["inputs"]["snr_db"] > 30
         assert record["builds"] <= _bound(record)
         assert (tmp_path / "out" / ".rejected" / result.target / DIVERGENCE_FILE).is_file()
+
+
+def test_a_prefix_that_does_not_convert_is_the_answer(tmp_path: Path) -> None:
+    """The library call on a model ONNX cannot take: the module whose addition breaks conversion is named, with
+    the op, and the prefixes before it convert and match."""
+    from compiler.capture import capture
+    from compiler.divergence import localize
+    from compiler.reference import reference_samples
+    from compiler.sources import from_module
+    from targets import get_target
+
+    source = from_module(*unconvertible())
+    captured = capture(source, None, tmp_path / "capture", to_onnx=False)
+    options = ExportOptions()
+    samples = reference_samples(source, captured, options)
+    found = localize(captured, get_target("onnx"), options, samples, workdir=tmp_path / "work")
+    assert found.first is not None and found.first.module == "binning" and found.first.kind == "Binning"
+    assert found.conversion_error is not None and "lowering to ONNX failed" in found.conversion_error
+    assert found.inputs is not None and found.inputs.module == "pre" and found.inputs.passed
+    assert "searchsorted" in found.first.ops and "binning (Binning) (ops searchsorted" in found.summary()
 
 
 def test_passing_export_has_no_record_and_no_extra_build(tmp_path: Path) -> None:

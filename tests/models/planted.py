@@ -111,3 +111,34 @@ class Cancellation(nn.Module):
 def cancellation() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """`kiln export tests/models/planted.py:cancellation --precision bf16`: diverges at `down`."""
     return build(Cancellation())
+
+
+class Binning(nn.Module):
+    """Bucket indices of its input, as floats: `torch.searchsorted` has no ONNX lowering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("edges", torch.linspace(-2, 2, 9))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.edges, x.contiguous()).to(x.dtype)
+
+
+class Unconvertible(nn.Module):
+    """Converts up to `stem` and `pre`; `binning` (searchsorted) cannot be lowered to ONNX."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.pre = nn.Linear(8, 8)
+        self.binning = Binning()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.binning(self.pre(self.stem(x))))
+
+
+def unconvertible() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A model whose ONNX build fails at `binning`."""
+    model, _ = build(Unconvertible())
+    return model, (torch.randn(2, 4),)
