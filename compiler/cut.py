@@ -202,11 +202,23 @@ def prefix_program(
     return CapturedModel(program, None, specs_in, specs_out, 0, captured.dynamic_batch)
 
 
-def intermediates(program: torch.export.ExportedProgram, nodes: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
-    """PyTorch's value of each named node of `program` on one input set (a dict keyed by node name)."""
+def reference_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The program as a module to run in PyTorch (a copy for a stateful model: its buffers stay as they are)."""
     unlifted = program.module()
-    if program.graph_signature.buffers_to_mutate:  # a stateful model: keep the user's buffers as they are
+    if program.graph_signature.buffers_to_mutate:
         unlifted = copy.deepcopy(unlifted)
+    return unlifted  # type: ignore[return-value]
+
+
+def intermediates(
+    program: torch.export.ExportedProgram,
+    nodes: list[str],
+    feeds: Feeds,
+    unlifted: torch.fx.GraphModule | None = None,
+) -> dict[str, np.ndarray]:
+    """PyTorch's value of each named node of `program` on one input set (a dict keyed by node name); `unlifted`:
+    the program's `reference_module`, when the caller keeps one."""
+    unlifted = unlifted if unlifted is not None else reference_module(program)
     wanted = set(nodes)
     values: dict[str, np.ndarray] = {}
     interpreter = torch.fx.Interpreter(unlifted)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from compiler.artifacts import Artifact, build
 from compiler.capture import CapturedModel, lower
-from compiler.cut import Boundary, intermediates, module_boundaries, prefix_program
+from compiler.cut import Boundary, intermediates, module_boundaries, prefix_program, reference_module
 from compiler.errors import KilnError
 from compiler.optimize import optimize
 from compiler.parity import ParitySamples, validate
@@ -122,7 +122,7 @@ class _Probe:
     calibration: CalibrationData | None
     work: Path
     progress: Progress
-    references: list[dict[str, Any]]
+    reference: Any  # the captured program as a module to run in PyTorch (compiler.cut.reference_module)
     builds: int = 0
 
 
@@ -149,9 +149,7 @@ def localize(
     started = time.perf_counter()
     progress = progress or Progress(quiet=True)
     bounds = module_boundaries(source.exported)
-    nodes = [b.node for b in bounds]
-    references = [intermediates(source.exported, nodes, feeds) for feeds in samples.inputs]
-    probe = _Probe(source, target, options, samples, calibration, workdir, progress, references)
+    probe = _Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
     precision = options.precision_for(target)
     found: dict[int, ModuleError] = {}
     if every:
@@ -262,7 +260,11 @@ def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, Par
         artifact = build(target, graph, request, work / "artifact")
     except KilnError as error:
         raise _NotBuilt(error) from error
-    reference = [{PROBE: values[boundary.node]} for values in probe.references]
+    assert probe.captured.exported is not None
+    # PyTorch's value of the boundary, computed when needed: keeping every boundary's would cost N activations
+    program, node = probe.captured.exported, boundary.node
+    values = [intermediates(program, [node], feeds, probe.reference) for feeds in probe.samples.inputs]
+    reference = [{PROBE: value[boundary.node]} for value in values]
     return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
 
 

@@ -169,7 +169,7 @@ def test_passing_export_has_no_record_and_no_extra_build(tmp_path: Path) -> None
 
 def test_cli_localize_flags_and_debug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--localize on a passing export builds its last boundary only; --no-localize skips a failing one; `kiln
-    debug --all` lists every module of a rejected build, the first diverging one marked."""
+    debug` on the rejected build finds the same module as the export did, in JSON and as a table."""
     out = tmp_path / "pass"
     assert cli.main(["export", f"{PLANTED}:plain", "-t", "onnx", "--out", str(out), "--localize", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)["results"][0]["parity"]["divergence"]
@@ -183,6 +183,11 @@ def test_cli_localize_flags_and_debug(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main(["debug", str(rejected), "--model", f"{PLANTED}:overflow", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)[0]
     assert found["first"]["module"] == "up" and found["builds"] <= _bound(found)
+    assert cli.main(["debug", str(rejected), "--model", f"{PLANTED}:overflow"]) == 0
+    table = capsys.readouterr().out
+    assert "first divergence: up (Scale)" in table and any(
+        line.strip().startswith("->") and "up (Scale)" in line for line in table.splitlines()
+    )
     assert cli.main(["debug", str(rejected), "--model", str(tmp_path / "missing.py:build")]) == 2
     assert "kiln: error:" in capsys.readouterr().err
     assert cli.main(["debug", str(tmp_path / "nothing"), "--model", f"{PLANTED}:plain"]) == 2
