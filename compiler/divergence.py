@@ -148,6 +148,7 @@ def localize(
     assert source.exported is not None, "localize needs the captured FX program"
     started = time.perf_counter()
     progress = progress or Progress(quiet=True)
+    options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
     bounds = module_boundaries(source.exported)
     probe = _Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
     precision = options.precision_for(target)

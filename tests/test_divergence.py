@@ -167,6 +167,17 @@ def test_passing_export_has_no_record_and_no_extra_build(tmp_path: Path) -> None
     assert not (result.directory / DIVERGENCE_FILE).exists()  # type: ignore[attr-defined]
 
 
+def test_prefix_builds_leave_the_dumped_passes_alone(tmp_path: Path) -> None:
+    """--dump-passes writes the export's own graphs: the prefixes built by --localize do not overwrite them."""
+    import onnx
+
+    dump = tmp_path / "dump"
+    result, _ = _export(plain(), "onnx", tmp_path / "out", localize=True, dump_passes=dump)
+    assert result.parity.divergence["builds"] == 1  # type: ignore[attr-defined]
+    dumped = sorted((dump / "onnx").glob("*.onnx"))
+    assert dumped and all([o.name for o in onnx.load(str(p)).graph.output] == ["output"] for p in dumped)
+
+
 def test_cli_localize_flags_and_debug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--localize on a passing export builds its last boundary only; --no-localize skips a failing one; `kiln
     debug` on the rejected build finds the same module as the export did, in JSON and as a table."""
