@@ -55,6 +55,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         dump_passes=args.dump_passes,
         all_or_nothing=args.all_or_nothing,
         trust_pickle=args.trust_pickle,
+        localize=args.localize,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
@@ -71,6 +72,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             if result.parity and not result.parity.passed:
                 for failure in result.parity.failures():
                     print(f"           {failure.summary()}")
+            if result.parity and result.parity.divergence:
+                print(f"           {result.parity.divergence['summary']}")
     return 1 if failed else 0
 
 
@@ -179,6 +182,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  note: {note}")
             print("  " + result.report.summary().replace("\n", "\n  "))
     return 0 if all(r.report.passed for r in results) else 1
+
+
+def cmd_debug(args: argparse.Namespace) -> int:
+    """`kiln debug`: the first module where an export diverges from its PyTorch model (`--all`: every one)."""
+    from compiler.debug import debug, profile_table
+    from compiler.progress import Progress
+
+    quiet_libraries()
+    progress = Progress(quiet=args.quiet or args.json)
+    found = list(debug(args.export_dir, args.model, args.all, args.calib, progress, args.trust_pickle))
+    if args.json:
+        print(json.dumps([{"directory": str(d.directory), **d.divergence.to_dict()} for d in found], default=str))
+    elif not args.quiet:
+        for diagnosis in found:
+            print(f"{diagnosis.divergence.target} ({diagnosis.directory}):")
+            print("  " + profile_table(diagnosis.divergence).replace("\n", "\n  "))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -353,6 +373,7 @@ HANDLERS = {
     "passes": cmd_passes,
     "verify": cmd_verify,
     "run": cmd_run,
+    "debug": cmd_debug,
     "quant-report": cmd_quant_report,
     "bench": cmd_bench,
     "matrix": cmd_matrix,

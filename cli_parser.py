@@ -89,6 +89,14 @@ def _export_parser(sub: Any) -> None:
     )
     export.add_argument("--passes", metavar="+NAME,-NAME", help="add or remove passes (see `kiln passes`)")
     export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")
+    where = export.add_mutually_exclusive_group()
+    where.add_argument(
+        "--localize",
+        action="store_true",
+        default=None,
+        help="find the first module that diverges from PyTorch even if parity passes (default: when it fails)",
+    )
+    where.add_argument("--no-localize", dest="localize", action="store_false", help="do not localize a parity failure")
     export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
     export.add_argument(
@@ -117,6 +125,14 @@ def _other_parsers(sub: Any) -> None:
     verify.add_argument("--model", help="model source to recompute the reference (default: stored reference)")
     _trust_flag(verify)
     _output_flags(verify)
+
+    debug = sub.add_parser("debug", help="find the first module where an export diverges from its PyTorch model")
+    debug.add_argument("export_dir", help="an export directory, or its .rejected/<target> directory")
+    debug.add_argument("--model", required=True, help="the PyTorch model source the export was made from")
+    debug.add_argument("--all", action="store_true", help="build every module boundary: the error of each, in order")
+    debug.add_argument("--calib", metavar="SOURCE", help="int8 calibration data the export used (default: random)")
+    _trust_flag(debug)
+    _output_flags(debug)
 
     run = sub.add_parser("run", help="run an export on inputs from an .npz")
     run.add_argument("export_dir")

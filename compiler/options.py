@@ -54,6 +54,7 @@ class ExportOptions:
     min_snr_db: float | None = None
     min_top1: float | None = None
     trust_pickle: bool = False  # --trust-pickle: a .pt2 source may run the pickles it carries
+    localize: bool | None = None  # where parity diverges: None on failure, True always, False never
     all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from compiler.artifacts import Artifact, build, hash_files
 from compiler.capture import CapturedModel, capture, lower
+from compiler.divergence import localize_export
 from compiler.errors import KilnError, UnsupportedOpError, UsageError
 from compiler.layout import NCHW_TO_NHWC, NHWC
 from compiler.manifest import assemble_manifest, source_record
@@ -196,6 +197,17 @@ def export_one(
             )
     except KilnError as error:
         raise _TargetFailed(step, error) from error
+    report = localize_export(
+        target,
+        shared.captured,
+        shared.samples,
+        shared.calibration,
+        options,
+        report,
+        directory,
+        shared.scratch,
+        progress,
+    )
     manifest = _final_manifest(artifact, shared.source, records, notes, report, options, timings | own)
     manifest.write(directory)
     progress.say(report.summary().replace("\n", "\n[kiln]   "))

@@ -166,6 +166,7 @@ class ParityReport:
     sample_origins: list[str]
     outputs: list[OutputMetrics]
     runtime: dict[str, Any] = field(default_factory=dict)
+    divergence: dict[str, Any] | None = None  # where it diverges (compiler.divergence.Divergence.to_dict)
 
     def failures(self) -> list[OutputMetrics]:
         """The outputs that failed."""
@@ -176,6 +177,8 @@ class ParityReport:
         head = "PASSED" if self.passed else "FAILED"
         lines = [f"parity {head} against {self.reference} on {self.samples} input sets"]
         lines += ["  " + o.summary() for o in self.outputs]
+        if self.divergence is not None:
+            lines.append("  " + str(self.divergence.get("summary", "")))
         return "\n".join(lines)
 
     @classmethod
@@ -189,6 +192,7 @@ class ParityReport:
             sample_origins=list(data.get("sample_origins", [])),
             outputs=[_from_dict(OutputMetrics, _non_finite_back(o)) for o in data["outputs"]],
             runtime=dict(data.get("runtime", {})),
+            divergence=data.get("divergence"),
         )
 
 

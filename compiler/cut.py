@@ -1,0 +1,236 @@
+"""Module boundaries of a captured FX program, and the program cut at one of them.
+
+`module_boundaries(program)` lists, in execution order, the tensor each PyTorch module call ends with (the last
+FX node of the call, from the nodes' `nn_module_stack`). `prefix_program(program, boundary, ...)` is a new
+`ExportedProgram` that computes the model up to that boundary and returns its tensor: the unlifted program is
+run node by node up to the boundary under `torch.export` again, so parameters, buffers and constants are lifted
+by `torch.export` itself, under the names they have in the model. `intermediates(program, boundaries, feeds)`
+is PyTorch's value of every boundary on one input set, from one run of the captured program.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from compiler.capture import BATCH_DIM, CapturedModel, fx_signature, resize_batch
+from compiler.errors import UnsupportedOpError
+
+if TYPE_CHECKING:
+    from compiler.parity import Feeds
+
+# Ops that only move or relabel data: a module made of these alone is not worth a build of its own.
+TRIVIAL_OPS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "clone", "dropout", "alias", "expand",
+    "unsqueeze", "squeeze", "t", "_assert_tensor_metadata", "detach", "identity", "getitem",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where one module call ends: the FX node holding its output, the innermost module ending there (qualified
+    name and class), the source line that called it, and the enclosing modules that end at the same node."""
+
+    index: int
+    node: str
+    module: str
+    kind: str
+    source: str
+    enclosing: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()  # the ATen ops computed since the previous boundary, in order, once each
+
+    def label(self) -> str:
+        """`body.2 (Block)`."""
+        return f"{self.module} ({self.kind})"
+
+
+def module_boundaries(program: torch.export.ExportedProgram) -> list[Boundary]:
+    """The module boundaries of `program` in execution order: for each module call (nested ones included, the
+    root and data-movement-only modules left out), the last node of the call, when it is one float tensor.
+    Modules that end at the same node share one boundary, named after the innermost."""
+    last: dict[str, tuple[int, str, str]] = {}  # module call key -> (node position, path, class)
+    ops: dict[str, set[str]] = {}
+    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+    for position, node in enumerate(nodes):
+        for key, (path, kind) in (node.meta.get("nn_module_stack") or {}).items():
+            if not path:
+                continue
+            last[key] = (position, path, str(kind).rsplit(".", 1)[-1])
+            ops.setdefault(key, set()).add(_op_name(node))
+    by_node: dict[int, list[tuple[str, str]]] = {}
+    for key, (position, path, kind) in last.items():
+        if ops[key] <= TRIVIAL_OPS or not _float_tensor(nodes[position]):
+            continue
+        by_node.setdefault(position, []).append((path, kind))
+    boundaries: list[Boundary] = []
+    previous = -1
+    for position in sorted(by_node):
+        modules = sorted(by_node[position], key=lambda m: -m[0].count("."))  # innermost first
+        path, kind = modules[0]
+        node = nodes[position]
+        enclosing = tuple(p for p, _ in modules[1:])
+        added = [_op_name(n) for n in nodes[previous + 1 : position + 1]]
+        computed = tuple(dict.fromkeys(op for op in added if not op.startswith(("_assert", "sym_"))))
+        boundaries.append(Boundary(len(boundaries), node.name, path, kind, source_line(node), enclosing, computed))
+        previous = position
+    return boundaries
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0].rstrip("_")
+
+
+def _float_tensor(node: torch.fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """`file:line (code)` of the innermost frame of the node's stack trace outside torch (the model's own code
+    that called the module), or '' when the node has no trace."""
+    trace = node.meta.get("stack_trace") or ""
+    torch_root = str(Path(torch.__file__).parent)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', trace)
+    own = [f for f in frames if not f[0].startswith(torch_root)] or frames
+    if not own:
+        return ""
+    file, line, code = own[-1]
+    return f"{file}:{line} ({code.strip()[:120]})"
+
+
+class _Prefix(torch.nn.Module):
+    """The unlifted program, run node by node until the boundary node, whose value it returns. It holds the
+    parameters, buffers and constants that those nodes read, under their own names, so a re-export lifts them
+    as the model's (`body.1.conv.weight`) and passes that find a layer by name find it in the prefix too; the
+    weights of later layers are left out."""
+
+    def __init__(self, unlifted: torch.fx.GraphModule, stop: str, names: list[str]):
+        super().__init__()
+        for path in _attributes_used(unlifted, stop):
+            value = functools.reduce(getattr, path.split("."), unlifted)
+            owner: torch.nn.Module = self
+            *parents, last = path.split(".")
+            for part in parents:
+                if part not in owner._modules:
+                    owner.add_module(part, torch.nn.Module())
+                owner = owner._modules[part]  # type: ignore[assignment]
+            if isinstance(value, torch.nn.Parameter):
+                owner.register_parameter(last, value)
+            elif isinstance(value, torch.Tensor):
+                owner.register_buffer(last, value)
+        self.__dict__["_unlifted"] = unlifted  # not a child: its tensors are this module's already
+        self._stop = stop
+        if all(name.isidentifier() for name in names):  # the prefix's inputs are named like the model's
+            run = self.forward
+            parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
+            named = functools.wraps(run)(lambda *args: run(*args))
+            named.__signature__ = inspect.Signature([inspect.Parameter(n, parameter) for n in names])  # type: ignore[attr-defined]
+            self.__dict__["forward"] = named
+
+    def forward(self, *args: Any) -> Any:
+        unlifted: torch.fx.GraphModule = self.__dict__["_unlifted"]
+        interpreter = _OwnAttributes(unlifted, self)
+        interpreter.args_iter = iter(args)
+        interpreter.env = {}
+        for node in unlifted.graph.nodes:
+            if node.op == "output":
+                break
+            interpreter.env[node] = interpreter.run_node(node)
+            if node.name == self._stop:
+                return interpreter.env[node]
+        raise RuntimeError(f"node {self._stop} not found in the program")
+
+
+class _OwnAttributes(torch.fx.Interpreter):
+    """Runs the unlifted program reading its parameters and buffers from `owner` (where `torch.export` swaps in
+    its own tensors while tracing; read from the program, they would be baked in as constants)."""
+
+    def __init__(self, unlifted: torch.fx.GraphModule, owner: torch.nn.Module):
+        super().__init__(unlifted)
+        self.owner = owner
+
+    def fetch_attr(self, target: str) -> Any:
+        try:
+            return functools.reduce(getattr, target.split("."), self.owner)
+        except AttributeError:  # not read before the boundary: not held by the owner
+            return super().fetch_attr(target)
+
+
+def _attributes_used(unlifted: torch.fx.GraphModule, stop: str) -> list[str]:
+    """The parameters, buffers and constants (`get_attr` targets) that the nodes up to `stop` read."""
+    order: list[torch.fx.Node] = []
+    for node in unlifted.graph.nodes:
+        order.append(node)
+        if node.name == stop:
+            break
+    before = set(order)
+    return [str(n.target) for n in order if n.op == "get_attr" and any(u in before for u in n.users)]
+
+
+def prefix_program(
+    captured: CapturedModel, boundary: Boundary, example: list[np.ndarray], output_name: str
+) -> CapturedModel:
+    """The captured model cut at `boundary`: a program (and its specs) whose one output, `output_name`, is the
+    boundary's tensor; with the capture's dynamic batch, if it has one."""
+    assert captured.exported is not None
+    inputs = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
+    dynamic_shapes = None
+    if captured.dynamic_batch is not None:
+        batch = captured.dynamic_batch
+        size = min(max(inputs[0].shape[0], 2, batch.minimum), batch.maximum)
+        inputs = tuple(resize_batch(t, size) for t in inputs)
+        dim = torch.export.Dim(BATCH_DIM, min=batch.minimum, max=batch.maximum)
+        dynamic_shapes = tuple({0: dim} for _ in inputs)
+    module = _Prefix(captured.exported.module(), boundary.node, [s.name for s in captured.inputs])
+    try:
+        program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise UnsupportedOpError(
+            f"cannot cut the program at {boundary.label()}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            "localize on a model without data-dependent control flow",
+        ) from None
+    specs_in, specs_out = fx_signature(program, [output_name])
+    return CapturedModel(program, None, specs_in, specs_out, 0, captured.dynamic_batch)
+
+
+def reference_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The program as a module to run in PyTorch (a copy for a stateful model: its buffers stay as they are)."""
+    unlifted = program.module()
+    if program.graph_signature.buffers_to_mutate:
+        unlifted = copy.deepcopy(unlifted)
+    return unlifted  # type: ignore[return-value]
+
+
+def intermediates(
+    program: torch.export.ExportedProgram,
+    nodes: list[str],
+    feeds: Feeds,
+    unlifted: torch.fx.GraphModule | None = None,
+) -> dict[str, np.ndarray]:
+    """PyTorch's value of each named node of `program` on one input set (a dict keyed by node name); `unlifted`:
+    the program's `reference_module`, when the caller keeps one."""
+    unlifted = unlifted if unlifted is not None else reference_module(program)
+    wanted = set(nodes)
+    values: dict[str, np.ndarray] = {}
+    interpreter = torch.fx.Interpreter(unlifted)
+    names = [s.name for s in fx_signature(program, [])[0]]
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+    interpreter.args_iter = iter(args)
+    interpreter.env = {}
+    with torch.no_grad():
+        for node in unlifted.graph.nodes:
+            if node.op == "output" or len(values) == len(wanted):
+                break
+            interpreter.env[node] = interpreter.run_node(node)
+            if node.name in wanted:
+                values[node.name] = interpreter.env[node].detach().cpu().numpy()
+    return values

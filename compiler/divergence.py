@@ -1,0 +1,319 @@
+"""Where an artifact diverges from PyTorch: the first module whose output is out of the precision's tolerance.
+
+Target-agnostic: the captured FX program is cut at a module boundary (`compiler.cut`), that prefix is built with
+the same target, precision, passes and calibration (`compiler.optimize.optimize`, `compiler.artifacts.build`),
+run on the parity inputs and judged against PyTorch's value of that boundary (`compiler.parity.validate`, with
+`ExportOptions.tolerance(precision)`: quantized precisions by cosine and SNR, as the gate does). A bisection over
+the boundaries in execution order finds the first failing one in about log2(N) builds; a prefix that fails to
+convert is failing too, and its error names the op. `localize(...)` is the method; `localize_export(...)` is
+the export pipeline's one call after the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compiler.artifacts import Artifact, build
+from compiler.capture import CapturedModel, lower
+from compiler.cut import Boundary, intermediates, module_boundaries, prefix_program, reference_module
+from compiler.errors import KilnError
+from compiler.optimize import optimize
+from compiler.parity import ParitySamples, validate
+from compiler.progress import Progress
+
+if TYPE_CHECKING:
+    from compiler.options import ExportOptions
+    from compiler.quantization.calibration import CalibrationData
+    from compiler.types import ParityReport
+    from targets.base import Target
+
+DIVERGENCE_FILE = "divergence.json"
+PROBE = "divergence_probe"  # the output name of a prefix build
+FOLLOWING = 3  # modules listed after the first diverging one
+
+
+@dataclass
+class ModuleError:
+    """One module boundary as the target computes it: its output's error against PyTorch (`measured` False: not
+    built), whether that is within the tolerance, and why not (or the conversion error)."""
+
+    index: int
+    module: str
+    kind: str
+    source: str = ""
+    ops: list[str] = field(default_factory=list)  # the ATen ops since the previous boundary
+    measured: bool = False
+    passed: bool | None = None  # None: not built
+    max_abs: float = 0.0
+    cosine: float = 1.0
+    snr_db: float = math.inf
+    reason: str = ""
+
+    def label(self) -> str:
+        """`body.2 (Block)`."""
+        return f"{self.module} ({self.kind})"
+
+    def figures(self) -> str:
+        """`cosine .. snr ..dB max_abs ..`, or `not built`."""
+        if not self.measured:
+            return "not built"
+        return f"cosine {self.cosine:.6f} snr {self.snr_db:.1f}dB max_abs {self.max_abs:.3g}"
+
+
+@dataclass
+class Divergence:
+    """The answer of `localize`: the first module whose output diverges (None: every boundary built is within
+    tolerance), its output's error, its inputs' error (the previous boundary; None: the model's inputs, exact),
+    the next modules in order, every boundary measured, and what it cost."""
+
+    target: str
+    precision: str
+    first: ModuleError | None
+    inputs: ModuleError | None
+    following: list[ModuleError]
+    measured: list[ModuleError]
+    boundaries: int
+    builds: int
+    seconds: float
+    conversion_error: str | None = None  # the first diverging prefix did not convert: this is why
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """`first divergence: body.2 (Block) cosine 0.41; inputs cosine 1.000000` (one line)."""
+        if self.first is None:
+            found = f"no divergence found at {len(self.measured)} of {self.boundaries} module boundaries"
+            return "; ".join([found, *self.notes])
+        if self.conversion_error:
+            ops = ", ".join(self.first.ops)
+            return f"first divergence: {self.first.label()} (ops {ops}) does not convert: {self.conversion_error}"
+        inputs = self.inputs.figures() if self.inputs is not None else "the model's inputs (exact)"
+        first = self.first
+        return (
+            f"first divergence: {first.label()} {first.figures()} ({first.reason}); inputs {inputs} "
+            f"({self.builds} builds, {self.seconds:.1f}s)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record written to the manifest (`parity.divergence`) and to `divergence.json`."""
+        from compiler.types import _json_safe
+
+        return dict(_json_safe({"summary": self.summary(), **asdict(self)}))
+
+    def write(self, directory: Path) -> Path:
+        """Write `divergence.json` into `directory`."""
+        path = directory / DIVERGENCE_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+@dataclass
+class _Probe:
+    """What every prefix build of one localization shares."""
+
+    captured: CapturedModel
+    target: Target
+    options: ExportOptions
+    samples: ParitySamples
+    calibration: CalibrationData | None
+    work: Path
+    progress: Progress
+    reference: Any  # the captured program as a module to run in PyTorch (compiler.cut.reference_module)
+    builds: int = 0
+
+
+def localize(
+    source: CapturedModel,
+    target: Target,
+    options: ExportOptions,
+    samples: ParitySamples,
+    *,
+    calibration: CalibrationData | None = None,
+    workdir: Path,
+    progress: Progress | None = None,
+    every: bool = False,
+    output_failed: bool = True,
+) -> Divergence:
+    """The first module of `source` (its captured FX program) whose output diverges from PyTorch on `target`,
+    built with `options` (precision, passes, calibration) and judged on `samples`' inputs.
+
+    `output_failed`: the whole model is known to fail (the gate said so), so the bisection needs no build of it;
+    otherwise the last boundary is built first and, if it passes, nothing diverges. `every`: build every
+    boundary (a per-module error profile; N builds) instead of bisecting.
+    """
+    assert source.exported is not None, "localize needs the captured FX program"
+    started = time.perf_counter()
+    progress = progress or Progress(quiet=True)
+    options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
+    bounds = module_boundaries(source.exported)
+    probe = _Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
+    precision = options.precision_for(target)
+    found: dict[int, ModuleError] = {}
+    if every:
+        for boundary in bounds:
+            found[boundary.index] = _measure(probe, boundary, len(bounds))
+        first = next((i for i in sorted(found) if not found[i].passed), None)
+    else:
+        first = _bisect(probe, bounds, found, output_failed)
+    measured = [found[i] for i in sorted(found)]
+    following = [found.get(b.index) or _unmeasured(b) for b in bounds[(first or 0) + 1 :][:FOLLOWING]]
+    error = found[first] if first is not None else None
+    inputs = found.get(first - 1) if first else None
+    conversion = error.reason.removeprefix("conversion failed: ") if error and _unconverted(error) else None
+    notes = []
+    if not bounds:
+        notes.append("the model has no submodule to cut at: every op is in its own forward()")
+    elif first is None and output_failed and not every:
+        notes.append(
+            f"the outputs fail but every module boundary passes: it diverges in forward()'s own ops after "
+            f"{bounds[-1].label()}"
+        )
+    return Divergence(
+        target.name,
+        precision,
+        error,
+        inputs,
+        following if first is not None else [],
+        measured,
+        len(bounds),
+        probe.builds,
+        round(time.perf_counter() - started, 2),
+        conversion,
+        notes,
+    )
+
+
+def _bisect(probe: _Probe, bounds: list[Boundary], found: dict[int, ModuleError], output_failed: bool) -> int | None:
+    """The index of the first failing boundary (None: none fails), building about log2(N) prefixes.
+
+    Invariant: every boundary below `low` passes (`low` - 1 was built and passed, or is the model's inputs) and
+    boundary `high` fails (`high` == N: the model's output, known to fail)."""
+    low, high = 0, len(bounds)
+    if not bounds:
+        return None
+    if not output_failed:
+        last = _measure(probe, bounds[-1], len(bounds))
+        found[last.index] = last
+        if last.passed:
+            return None
+        high = last.index
+    while low < high:
+        middle = (low + high) // 2
+        found[middle] = _measure(probe, bounds[middle], len(bounds))
+        if found[middle].passed:
+            low = middle + 1
+        else:
+            high = middle
+    return high if high < len(bounds) else None
+
+
+def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
+    """Build the program cut at `boundary` for the target and judge its output; one progress line."""
+    started = time.perf_counter()
+    probe.builds += 1
+    work = probe.work / f"boundary-{boundary.index:04d}"
+    result = ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops), True)
+    try:
+        artifact, samples = _build(probe, boundary, work)
+        tolerance = probe.options.tolerance(artifact.manifest.precision)
+        metrics = validate(artifact, samples, tolerance, "PyTorch intermediate").outputs[0]
+        result.passed, result.reason = metrics.passed, metrics.reason
+        result.max_abs, result.cosine, result.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+    except _NotBuilt as failed:
+        result.passed, result.reason = False, f"conversion failed: {failed.error.one_line()}"
+        result.cosine, result.snr_db = 0.0, -math.inf
+    except KilnError as error:
+        result.passed, result.reason = False, error.one_line()  # the cut, or running the built prefix, failed
+        result.cosine, result.snr_db = 0.0, -math.inf
+    verdict = "ok  " if result.passed else "FAIL"
+    seconds = time.perf_counter() - started
+    probe.progress.say(
+        f"localize {probe.target.name} build {probe.builds}: [{boundary.index + 1}/{count}] {verdict} "
+        f"{boundary.label()} {result.figures() if not _unconverted(result) else result.reason} ({seconds:.1f}s)"
+    )
+    return result
+
+
+class _NotBuilt(Exception):
+    """The prefix did not convert (as opposed to: it converted, then failed to run)."""
+
+    def __init__(self, error: KilnError):
+        super().__init__(error.one_line())
+        self.error = error
+
+
+def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
+    """The prefix up to `boundary`, optimized and built as the export was, and the parity inputs with PyTorch's
+    value of the boundary as the reference."""
+    options, target = probe.options, probe.target
+    example = list(probe.samples.inputs[0].values())
+    prefix = prefix_program(probe.captured, boundary, example, PROBE)
+    work.mkdir(parents=True)
+    try:
+        if target.consumes == "onnx":
+            prefix = lower(prefix, work, options.opt_level > 0)
+        graph, _ = optimize(prefix, target, work, options, {})
+        request = replace(options.build_request(target, probe.calibration), accuracy=None)
+        artifact = build(target, graph, request, work / "artifact")
+    except KilnError as error:
+        raise _NotBuilt(error) from error
+    assert probe.captured.exported is not None
+    # PyTorch's value of the boundary, computed when needed: keeping every boundary's would cost N activations
+    program, node = probe.captured.exported, boundary.node
+    values = [intermediates(program, [node], feeds, probe.reference) for feeds in probe.samples.inputs]
+    reference = [{PROBE: value[boundary.node]} for value in values]
+    return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
+
+
+def _unmeasured(boundary: Boundary) -> ModuleError:
+    return ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops))
+
+
+def _unconverted(error: ModuleError) -> bool:
+    return error.reason.startswith("conversion failed: ")
+
+
+def wanted(options: ExportOptions, report: ParityReport, captured: CapturedModel) -> bool:
+    """Whether an export localizes: on a parity failure unless `--no-localize`, always with `--localize`; only
+    for a PyTorch source (an FX program to cut)."""
+    if captured.exported is None or options.localize is False:
+        return False
+    return bool(options.localize) or not report.passed
+
+
+def localize_export(
+    target: Target,
+    captured: CapturedModel,
+    samples: ParitySamples,
+    calibration: CalibrationData | None,
+    options: ExportOptions,
+    report: ParityReport,
+    directory: Path,
+    work: Path,
+    progress: Progress,
+) -> ParityReport:
+    """The export pipeline's step after the gate: when wanted, localize, write `directory/divergence.json`, and
+    return the report with the record (`parity.divergence`). A localization that breaks costs a warning, never
+    the export."""
+    if not wanted(options, report, captured):
+        return report
+    try:
+        found = localize(
+            captured,
+            target,
+            options,
+            samples,
+            calibration=calibration,
+            workdir=work / f"localize-{target.name}",
+            progress=progress,
+            output_failed=not report.passed,
+        )
+    except Exception as error:  # a diagnostic must not turn a parity verdict into a crash
+        progress.warn(f"localization failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return report
+    found.write(directory)
+    return replace(report, divergence=found.to_dict())
