@@ -20,6 +20,7 @@ from compiler.types import TensorSpec
 
 MIN_OPSET = 18
 BATCH_DIM = "batch"
+EXPORTERS = ("dynamo", "torchscript")  # the ONNX exporters, in the order `lower_to_onnx` tries them
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,18 @@ def capture(
     return lower(captured, workdir, optimize) if to_onnx else captured
 
 
-def lower(captured: CapturedModel, workdir: Path, optimize: bool = True) -> CapturedModel:
-    """The captured program with its ONNX lowering (`workdir/captured/model.onnx`); see `lower_to_onnx`."""
+def lower(
+    captured: CapturedModel, workdir: Path, optimize: bool = True, exporters: tuple[str, ...] = EXPORTERS
+) -> CapturedModel:
+    """The captured program with its ONNX lowering (`workdir/captured/model.onnx`) by the first of `exporters`
+    that converts; see `lower_to_onnx`."""
     assert captured.exported is not None
     onnx_path = workdir / "captured" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in captured.outputs]
-    record = lower_to_onnx(captured.exported, onnx_path, names, captured.dynamic_batch, optimize, captured.eager)
+    record = lower_to_onnx(
+        captured.exported, onnx_path, names, captured.dynamic_batch, optimize, captured.eager, exporters
+    )
     return replace(captured, onnx_path=onnx_path, opset=onnx_signature(onnx_path, True)[2], lowering=record)
 
 
@@ -251,6 +257,7 @@ def lower_to_onnx(
     dynamic_batch: DynamicBatch | None,
     optimize: bool = True,
     eager: EagerModel | None = None,
+    exporters: tuple[str, ...] = EXPORTERS,
 ) -> dict[str, Any]:
     """Lower the FX program to ONNX and check the result; what the manifest records of it (`target_info`):
     the legalizations applied and `onnx_route` (the route that produced the file, and why earlier ones failed).
@@ -258,26 +265,30 @@ def lower_to_onnx(
     Routes, in order: `dynamo` (the dynamo exporter on the program after Kiln's legalizations, opset >= 18; with
     its onnxscript optimizer, which folds constants and BatchNorm and fuses LayerNorm/GELU/Gemm, unless
     `optimize` is False), then `torchscript` (`torch.onnx.export(dynamo=False)` on the eager module, when
-    `eager` is given). The parity gate judges whatever the route produced."""
+    `eager` is given). `exporters` picks and orders them. The parity gate judges whatever the route produced;
+    an error raised when none converts has `failed` (exporter -> one-line reason)."""
     import onnx
 
     from compiler.decompositions import apply_legalizations, onnx_legalizations
 
     program, legalized = apply_legalizations(exported, onnx_legalizations())
     failed: dict[str, str] = {}
-    route = "dynamo"
-    try:
-        _dynamo_onnx(program, path, output_names, optimize)
-    except Exception as exc:
-        failed[route] = _one_line(exc)
-        if eager is None:
-            raise _lowering_error(exc, failed) from None
-        route = "torchscript"
+    errors: list[Exception] = []
+    for route in [e for e in exporters if e != "torchscript" or eager is not None]:
         try:
-            _torchscript_onnx(eager, path, output_names, dynamic_batch)
-        except Exception as later:
-            failed[route] = _one_line(later)
-            raise _lowering_error(exc, failed) from None
+            if route == "dynamo":
+                _dynamo_onnx(program, path, output_names, optimize)
+            else:
+                assert eager is not None
+                _torchscript_onnx(eager, path, output_names, dynamic_batch)
+            break
+        except Exception as exc:
+            failed[route] = _one_line(exc)
+            errors.append(exc)
+    else:
+        if not errors:
+            raise UsageError("no ONNX exporter applies to this model", "the torchscript route needs an nn.Module")
+        raise _lowering_error(errors[0], failed) from None
     proto = onnx.load(str(path), load_external_data=False)
     if dynamic_batch is not None:
         _name_batch_dim(proto)
@@ -336,14 +347,23 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[:300]}"
 
 
-def _lowering_error(first: BaseException, failed: dict[str, str]) -> UnsupportedOpError:
+class LoweringError(UnsupportedOpError):
+    """No ONNX exporter converted the program; `failed`: each exporter tried and its one-line reason."""
+
+    def __init__(self, message: str, hint: str, failed: dict[str, str]):
+        super().__init__(message, hint)
+        self.failed = failed
+
+
+def _lowering_error(first: BaseException, failed: dict[str, str]) -> LoweringError:
     """Why no route produced an ONNX graph, in one line (the operator named where the exporter says it)."""
     reasons = "; ".join(f"{route}: {reason}" for route, reason in failed.items())
     op = re.search(r"(aten(?:::|\.)[A-Za-z_0-9]+)", reasons) or re.search(r"(aten::?\.?[A-Za-z_0-9.]+)", str(first))
     what = f" (operator {op[1]})" if op else ""
-    return UnsupportedOpError(
-        f"lowering to ONNX failed{what}: {reasons if len(failed) > 1 else failed['dynamo']}",
+    return LoweringError(
+        f"lowering to ONNX failed{what}: {reasons if len(failed) > 1 else next(iter(failed.values()))}",
         "use a target that consumes the FX graph, or replace that operation in the model",
+        dict(failed),
     )
 
 

@@ -22,12 +22,14 @@ def optimize(
     work: Path,
     options: ExportOptions,
     done: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]],
+    consumes: str | None = None,
 ) -> tuple[CapturedModel, list[PassRecord]]:
-    """Run the target's passes over the graph it consumes; the optimized model and what each pass did.
+    """Run the target's passes over the graph it consumes (`consumes`, when given: the graph of the route being
+    built, "onnx" or "torch"); the optimized model and what each pass did.
 
-    `done` holds the pipelines already run for other targets of this capture, so that one is run once.
+    `done` holds the pipelines already run on this same graph for other targets, so that one is run once.
     """
-    ir = FX if target.consumes == "torch" else ONNX
+    ir = FX if (consumes or target.consumes) == "torch" else ONNX
     if options.passes is not None:
         chosen = [p for p in options.passes if p.ir == ir]
     else:
@@ -43,7 +45,7 @@ def optimize(
 
         graph, records = run_pipeline(onnx_ir.load(str(model.onnx_path)), chosen, dump)
         destination = work / f"optimized-{len(done)}" / "model.onnx"
-        destination.parent.mkdir()
+        destination.parent.mkdir(parents=True)
         done[key] = replace(model, onnx_path=save_onnx(graph, destination)), records
     elif ir == FX and model.exported is not None and chosen:
         # FX passes may change the program in place: the capture is shared with other targets.

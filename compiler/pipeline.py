@@ -7,9 +7,10 @@ their own: `compiler.optimize.optimize`, `compiler.artifacts.build`, `compiler.p
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from compiler.artifacts import Artifact, build, hash_files
 from compiler.capture import CapturedModel, capture, lower
 from compiler.divergence import localize_export
-from compiler.errors import KilnError, UnsupportedOpError, UsageError
+from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from compiler.layout import NCHW_TO_NHWC, NHWC
 from compiler.manifest import assemble_manifest, source_record
 from compiler.optimize import optimize
@@ -29,11 +30,13 @@ from compiler.progress import Progress
 from compiler.pt2_archive import trusting_pickles
 from compiler.quantization.calibration import CalibrationData, load_calibration
 from compiler.reference import reference_samples
+from compiler.routes import RouteAttempt, RouteGraphs, failure_reason, parity_reason, route_info, routes_failed
 from compiler.selection import fit_to_source, select_targets
 from compiler.sources import ModelSource, from_module, load_source
 from compiler.staging import REJECTED, check_output_dir, install_tree, output_lock, staging_area
 from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure, TensorSpec
 from targets import Target
+from targets.base import Route
 
 __all__ = ["ExportOptions", "export_targets"]
 
@@ -46,16 +49,14 @@ NOT_REPRESENTATIVE = (
 @dataclass
 class _Shared:
     """What every target of one capture shares: the source at its batch, the graphs, the parity samples, the
-    calibration data, a scratch directory, why the ONNX lowering failed (if it did) and the pass pipelines
-    already run."""
+    calibration data, a scratch directory, and each route's graph with the pass pipelines already run on it."""
 
     source: ModelSource
     captured: CapturedModel
     samples: ParitySamples
     calibration: CalibrationData | None
     scratch: Path
-    lowering_failure: KilnError | None = None  # the ONNX lowering failed (the FX program is still there)
-    optimized: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]] = field(default_factory=dict)
+    routes: RouteGraphs
 
 
 @dataclass
@@ -143,8 +144,8 @@ def prepare(
     source = source.with_batch(batch) if batch else source
     scratch = work / f"batch{batch or 'example'}"
     to_onnx = any(t.consumes == "onnx" for t in group)
-    # With targets that take the FX program too, a failed ONNX lowering fails only the ONNX targets.
-    mixed = to_onnx and source.kind == "torch" and any(t.consumes != "onnx" for t in group)
+    # With targets (or routes) that take the FX program too, a failed ONNX lowering fails only the ONNX routes.
+    mixed = to_onnx and source.kind == "torch" and any(r.consumes != "onnx" for t in group for r in t.routes())
     lowering_failure = None
     via = "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx
     with _timed(progress, timings, "capture", via + (f" at batch {batch}" if batch else "")):
@@ -160,7 +161,8 @@ def prepare(
     with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
         samples = reference_samples(source, captured, options)
     calibration = calibration_data(group, captured, source, options, progress, timings)
-    return _Shared(source, captured, samples, calibration, scratch, lowering_failure)
+    routes = RouteGraphs(captured, scratch, optimize_onnx, lowering_failure)
+    return _Shared(source, captured, samples, calibration, scratch, routes)
 
 
 def export_one(
@@ -171,47 +173,98 @@ def export_one(
     progress: Progress,
     timings: dict[str, float],
 ) -> _Outcome:
-    """Optimize, build and validate one target, and write its manifest; a KilnError at a step becomes
-    _TargetFailed naming the step."""
+    """Build and validate one target by the first of its routes that builds and passes parity (when none
+    passes, the first that built is kept, rejected), and write its manifest; when no route builds, the error
+    becomes _TargetFailed naming the step."""
     own: dict[str, float] = {}
-    if target.consumes == "onnx" and shared.lowering_failure is not None:
-        raise _TargetFailed("capture", shared.lowering_failure)
-    step = "optimize"
-    try:
-        with _timed(progress, own, f"passes {target.name}", f"-O{options.opt_level}"):
-            graph, records = optimize(shared.captured, target, shared.scratch, options, shared.optimized)
-        _say_rollbacks(records, progress)
-        step = "build"
-        request = options.build_request(target, shared.calibration)
-        with _timed(progress, own, f"build {target.name}", target.stage_detail(graph, request)):
-            artifact = build(target, graph, request, directory)
-        for note in artifact.manifest.notes:
-            progress.say(f"note: {note}")
-        notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
-        if shared.calibration is not None and not shared.calibration.representative and request.precision == "int8":
-            notes.append(NOT_REPRESENTATIVE)
-        step = "validate"
-        with _timed(progress, own, f"validate {target.name}", f"{len(shared.samples.inputs)} input sets"):
-            report = validate(
-                artifact, shared.samples, options.tolerance(request.precision), shared.source.reference_name
-            )
-    except KilnError as error:
-        raise _TargetFailed(step, error) from error
+    routes = shared.routes.applicable(target)
+    attempts: list[RouteAttempt] = []
+    built: dict[int, tuple[Artifact, list[PassRecord]]] = {}
+    for index, route in enumerate(routes):
+        attempt_dir = directory.with_name(f"{target.name}~{index}")
+        attempt, result = _try_route(target, route, shared, options, attempt_dir, progress, own)
+        attempts.append(attempt)
+        if result is not None:
+            built[index] = result
+        if not attempt.reason:
+            break
+        if index + 1 < len(routes):
+            progress.warn(f"{target.name}: route {route.name} not used ({attempt.step}): {attempt.reason}")
+    if not built:
+        first = attempts[0]
+        raise _TargetFailed(first.step, routes_failed(attempts))
+    index = next((i for i in built if not attempts[i].reason), min(built))
+    (artifact, records), chosen = built[index], attempts[index]
+    _keep_only(directory, artifact, [a.directory for a, _ in built.values()])
+    for note in artifact.manifest.notes:
+        progress.say(f"note: {note}")
+    notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
+    request = options.build_request(target, shared.calibration)
+    if shared.calibration is not None and not shared.calibration.representative and request.precision == "int8":
+        notes.append(NOT_REPRESENTATIVE)
+    assert chosen.report is not None
     report = localize_export(
         target,
         shared.captured,
         shared.samples,
         shared.calibration,
         options,
-        report,
+        chosen.report,
         directory,
         shared.scratch,
         progress,
     )
     manifest = _final_manifest(artifact, shared.source, records, notes, report, options, timings | own)
+    if len(target.routes()) > 1:
+        manifest.target_info |= route_info(chosen, attempts)
     manifest.write(directory)
     progress.say(report.summary().replace("\n", "\n[kiln]   "))
     return _Outcome(target, directory, manifest)
+
+
+def _try_route(
+    target: Target,
+    route: Route,
+    shared: _Shared,
+    options: ExportOptions,
+    directory: Path,
+    progress: Progress,
+    own: dict[str, float],
+) -> tuple[RouteAttempt, tuple[Artifact, list[PassRecord]] | None]:
+    """One route of one target: optimize, build and validate its graph; the attempt, and the artifact with the
+    pass records when it built. A conversion or run failure is returned in the attempt (the next route is
+    tried); a usage error or a missing backend, which every route would meet, raises _TargetFailed."""
+    step = "capture"
+    try:
+        graph = shared.routes.graph(route, target)
+        step = "optimize"
+        with _timed(progress, own, f"passes {target.name}", f"-O{options.opt_level}"):
+            done = shared.routes.optimized_for(route)
+            graph, records = optimize(graph, target, shared.routes.work_for(route), options, done, route.consumes)
+        _say_rollbacks(records, progress)
+        step = "build"
+        request = replace(options.build_request(target, shared.calibration), route=route.name)
+        with _timed(progress, own, f"build {target.name}", target.stage_detail(graph, request)):
+            artifact = build(target, graph, request, directory)
+        step = "validate"
+        with _timed(progress, own, f"validate {target.name}", f"{len(shared.samples.inputs)} input sets"):
+            tolerance = options.tolerance(request.precision)
+            report = validate(artifact, shared.samples, tolerance, shared.source.reference_name)
+    except (UsageError, MissingBackendError) as error:
+        raise _TargetFailed(step, error) from error
+    except KilnError as error:
+        return RouteAttempt(route, step, failure_reason(route, error), error=error), None
+    reason = "" if report.passed else parity_reason(report)
+    return RouteAttempt(route, "validate", reason, report=report), (artifact, records)
+
+
+def _keep_only(directory: Path, artifact: Artifact, built: list[Path]) -> None:
+    """Move the chosen route's build to `directory` and remove the other routes' builds."""
+    for other in built:
+        if other != artifact.directory:
+            shutil.rmtree(other, ignore_errors=True)
+    artifact.directory.rename(directory)
+    artifact.directory = directory
 
 
 def _final_manifest(

@@ -24,6 +24,23 @@ class BuildRequest:
     io_layout: str | None = None  # e.g. "nhwc" for image I/O in channels-last (None: as captured)
     calibration: CalibrationData | None = None  # calibrated int8's samples
     accuracy: AccuracyBudget | None = None  # --max-drop, for quantized precisions
+    route: str = ""  # the name of the Route being built (empty: the target's first)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way from the captured model to a target's artifact. The pipeline tries a target's routes in order
+    and publishes the first that builds and passes parity (`target_info.route`, `target_info.routes_tried`)."""
+
+    name: str  # as the manifest records it, e.g. "onnx(dynamo)"
+    consumes: str  # the graph the route hands to `Target.build`: "onnx" or "torch" (the FX program)
+    exporter: str = ""  # for an ONNX route from a PyTorch model: the ONNX exporter (compiler.capture.EXPORTERS)
+
+
+# The ONNX routes of a PyTorch model, in the order they are tried; an .onnx source has the one ONNX_FILE route.
+ONNX_ROUTES = (Route("onnx(dynamo)", "onnx", "dynamo"), Route("onnx(torchscript)", "onnx", "torchscript"))
+ONNX_FILE = Route("onnx(source file)", "onnx")
+FX_ROUTE = Route("torch.export", "torch")
 
 
 @dataclass
@@ -73,6 +90,11 @@ class Target:
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
     # `kiln verify` accepts them although the manifest does not list them.
     later_files: tuple[str, ...] = ()
+
+    def routes(self) -> tuple[Route, ...]:
+        """The ways to build this target, in the order they are tried (the pipeline leaves out those the
+        source cannot take, e.g. the ONNX exporters for an .onnx file)."""
+        return ONNX_ROUTES if self.consumes == "onnx" else (FX_ROUTE,)
 
     @property
     def default_precision(self) -> str:

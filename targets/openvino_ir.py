@@ -1,9 +1,10 @@
 """`openvino` (alias `cpu`): OpenVINO IR, validated with the OpenVINO CPU runtime.
 
-The IR is converted from Kiln's ONNX graph rather than directly from the exported
-program: the ONNX route is the one every pass writes to, it accepts `.onnx` sources,
-and OpenVINO's direct PyTorch frontend fails on models (e.g. transformers' GPT-2)
-that its ONNX frontend reads.
+Routes, tried in order (`OpenVinoTarget.routes`): the IR is converted from Kiln's ONNX graph first
+(`onnx(dynamo)`, then `onnx(torchscript)`): the ONNX route is the one every pass writes to, it accepts
+`.onnx` sources, and OpenVINO's direct PyTorch frontend fails on models (e.g. transformers' GPT-2) that
+its ONNX frontend reads. When neither ONNX route builds a model that passes parity, `openvino.convert_model`
+converts the exported program directly (`DIRECT_ROUTE`, see `targets.openvino_direct`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from compiler.quantization.openvino import QUANTIZED_PRECISIONS
-from targets.base import BuildOutput, BuildRequest, Runner, Target
+from targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,6 +33,8 @@ WEIGHTS_FILE = "model.bin"
 INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8": "f32", "int8-dynamic": "f32"}
 # Runtime layers that are bookkeeping, not compute (left out of the int8 layer count).
 _NOT_COMPUTE = ("Const", "Input", "Output", "Parameter", "Result")
+# OpenVINO's PyTorch frontend on the torch.export program: the route after the ONNX ones.
+DIRECT_ROUTE = Route("openvino.convert_model(ExportedProgram)", "torch")
 
 
 class OpenVinoRunner(Runner):
@@ -151,14 +154,23 @@ class OpenVinoTarget(Target):
     io_options = ("nhwc",)
     accuracy_aware = True
 
+    def routes(self) -> tuple[Route, ...]:
+        """The ONNX routes, then OpenVINO's own PyTorch frontend on the exported program."""
+        return (*ONNX_ROUTES, DIRECT_ROUTE)
+
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Convert the ONNX graph to IR, quantized with NNCF for int8/int8-dynamic; weights stay fp32 unless
         fp16 was asked for."""
         import openvino as ov
 
+        from targets.openvino_direct import convert_direct
+
         precision = request.precision
-        assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
-        ov_model = ov.convert_model(str(model.onnx_path))
+        if request.route == DIRECT_ROUTE.name:
+            ov_model = convert_direct(model, request, DIRECT_ROUTE.name)
+        else:
+            assert model.onnx_path is not None, "an ONNX route needs the lowered graph"
+            ov_model = ov.convert_model(str(model.onnx_path))
         built = BuildOutput(info={"weights": "fp16" if precision == "fp16" else "fp32"})
         if precision in QUANTIZED_PRECISIONS:  # before the layout change: calibration rows are channels-first
             ov_model, quantization, aware = _quantize(ov_model, model, request)
