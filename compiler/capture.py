@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from compiler.errors import UnsupportedOpError, UsageError
-from compiler.onnx_files import copy_onnx, name_unnamed_nodes  # noqa: F401 (name_unnamed_nodes: re-export)
+from compiler.onnx_files import copy_onnx, name_batch_dim, name_unnamed_nodes  # noqa: F401 (re-export)
 from compiler.progress import converter_output_captured
 from compiler.sources import ModelSource
 from compiler.types import TensorSpec
@@ -291,7 +291,7 @@ def lower_to_onnx(
         raise _lowering_error(errors[0], failed) from None
     proto = onnx.load(str(path), load_external_data=False)
     if dynamic_batch is not None:
-        _name_batch_dim(proto)
+        name_batch_dim(proto, BATCH_DIM)
         onnx.save(proto, str(path))
     try:
         onnx.checker.check_model(str(path))
@@ -365,19 +365,6 @@ def _lowering_error(first: BaseException, failed: dict[str, str]) -> LoweringErr
         "use a target that consumes the FX graph, or replace that operation in the model",
         dict(failed),
     )
-
-
-def _name_batch_dim(proto: Any) -> None:
-    """Rename the exporter's symbol for dim 0 (e.g. `s43`) to `batch` everywhere in the graph."""
-    symbols = {
-        i.type.tensor_type.shape.dim[0].dim_param
-        for i in proto.graph.input
-        if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param
-    }
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in symbols:
-                dim.dim_param = BATCH_DIM
 
 
 def onnx_signature(path: Path, torch_layout: bool) -> tuple[list[TensorSpec], list[TensorSpec], int]:

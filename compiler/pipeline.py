@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from compiler.artifacts import Artifact, build, hash_files
@@ -32,8 +31,15 @@ from compiler.quantization.calibration import CalibrationData, load_calibration
 from compiler.reference import reference_samples
 from compiler.routes import RouteAttempt, RouteGraphs, failure_reason, parity_reason, route_info, routes_failed
 from compiler.selection import fit_to_source, select_targets
-from compiler.sources import ModelSource, from_module, load_source
-from compiler.staging import REJECTED, check_output_dir, install_tree, output_lock, staging_area
+from compiler.sources import ModelSource, load_model, read_inputs_file_raw  # noqa: F401 (re-exports)
+from compiler.staging import (
+    REJECTED,
+    check_output_dir,
+    converter_temp_files,
+    install_tree,
+    output_lock,
+    staging_area,
+)
 from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure, TensorSpec
 from targets import Target
 from targets.base import Route
@@ -103,7 +109,8 @@ def export_targets(
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
         outcomes: list[_Outcome] = []
-        with staging_area(out) as staging:  # work files live in the staging directory too
+        # Work files live in the staging directory too, and so do the converters' own temporary files.
+        with staging_area(out) as staging, converter_temp_files(staging / "tmp"):
             for batch, group in _capture_groups(source, chosen):
                 shared = prepare(source, batch, group, options, staging / "work", progress, timings)
                 for target in group:
@@ -174,13 +181,15 @@ def export_one(
     timings: dict[str, float],
 ) -> _Outcome:
     """Build and validate one target by the first of its routes that builds and passes parity (when none
-    passes, the first that built is kept, rejected), and write its manifest; when no route builds, the error
-    becomes _TargetFailed naming the step."""
+    passes, the first that built is kept, rejected; a fallback route is tried only when no earlier one built),
+    and write its manifest; when no route builds, the error becomes _TargetFailed naming the step."""
     own: dict[str, float] = {}
     routes = shared.routes.applicable(target)
     attempts: list[RouteAttempt] = []
     built: dict[int, tuple[Artifact, list[PassRecord]]] = {}
     for index, route in enumerate(routes):
+        if route.fallback and built:
+            break  # an earlier route converted (and failed parity): a fallback route is not a second opinion
         attempt_dir = directory.with_name(f"{target.name}~{index}")
         attempt, result = _try_route(target, route, shared, options, attempt_dir, progress, own)
         attempts.append(attempt)
@@ -388,27 +397,3 @@ def _capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[in
         batch = target.fixed_batch if target.fixed_batch not in (None, example_batch) else None
         groups.setdefault(batch, []).append(target)
     return sorted(groups.items(), key=lambda item: item[0] or 0)
-
-
-def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
-    """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module."""
-    if isinstance(model, (str, Path)):
-        user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
-        return load_source(str(model), user)
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(
-            f"the model must be a torch.nn.Module or a source string, not {type(model).__name__}",
-            "pass a module with example_inputs, or e.g. 'zoo:cnn', 'model.onnx', 'file.py:factory'",
-        )
-    if example_inputs is None:
-        raise UsageError("export(module, ...) needs example_inputs", "pass example_inputs=(tensor, ...)")
-    return from_module(model, example_inputs)
-
-
-def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a user's .npz, unchecked (an .onnx source takes its example inputs from it)."""
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None

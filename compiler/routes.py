@@ -3,9 +3,10 @@
 The pipeline asks the target for its routes (`Target.routes`, `targets.base.Route`), keeps those the source can
 take (`RouteGraphs.applicable`), gets each route's graph (`RouteGraphs.graph`: the shared capture, or its ONNX
 lowering by the route's exporter, made once per capture and only when a target reaches that route) and
-publishes the first route whose build passes parity. A route that fails to convert, or converts but fails
-parity, is recorded (`route_info`: `target_info.route` and `target_info.routes_tried`); when none builds, the
-error names every route (`routes_failed`).
+publishes the first route whose build passes parity (a `fallback` route is tried only when no earlier route
+converted). A route that fails to convert, or converts but fails parity, is recorded (`route_info`:
+`target_info.route` and `target_info.routes_tried`); when none builds, the error names every route
+(`routes_failed`).
 """
 
 from __future__ import annotations

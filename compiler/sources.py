@@ -9,12 +9,15 @@ import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from compiler.errors import KilnError, UsageError
+
+if TYPE_CHECKING:
+    from compiler.options import ExportOptions
 
 
 @dataclass
@@ -334,3 +337,27 @@ def state_hash(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
+    """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module."""
+    if isinstance(model, (str, Path)):
+        user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
+        return load_source(str(model), user)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"the model must be a torch.nn.Module or a source string, not {type(model).__name__}",
+            "pass a module with example_inputs, or e.g. 'zoo:cnn', 'model.onnx', 'file.py:factory'",
+        )
+    if example_inputs is None:
+        raise UsageError("export(module, ...) needs example_inputs", "pass example_inputs=(tensor, ...)")
+    return from_module(model, example_inputs)
+
+
+def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a user's .npz, unchecked (an .onnx source takes its example inputs from it)."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None

@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -244,6 +245,43 @@ def staging_area(out: Path) -> Iterator[Path]:
     finally:
         _put_back(root, out)  # a swap cut short (Ctrl-C between its two renames) keeps the previous export
         shutil.rmtree(root, ignore_errors=True)
+
+
+TEMP_VARIABLES = ("TMPDIR", "TEMP", "TMP")  # what tempfile and C/C++ converters (TensorFlow, OpenVINO) read
+
+
+@contextmanager
+def converter_temp_files(directory: Path) -> Iterator[Path]:
+    """Point every temporary file of the block into `directory` (made here; inside a staging directory, so
+    removed with it, and by the next export to the same output after a SIGKILL): `tempfile.tempdir` for Python
+    converters (litert-torch, TensorFlow's Python side) and TMPDIR/TEMP/TMP for native code and child
+    processes; all restored after. Process-wide: a block nested in another (or run beside it in another
+    thread) keeps the outer one's directory."""
+    global _redirected
+    directory.mkdir(parents=True, exist_ok=True)
+    with _redirect_lock:
+        outer = _redirected
+        if not outer:
+            saved = tempfile.tempdir, {name: os.environ.get(name) for name in TEMP_VARIABLES}
+            os.environ.update(dict.fromkeys(TEMP_VARIABLES, str(directory)))
+            tempfile.tempdir = str(directory)
+            _redirected = True
+    try:
+        yield directory
+    finally:
+        if not outer:
+            with _redirect_lock:
+                for name, value in saved[1].items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+                tempfile.tempdir = saved[0]
+                _redirected = False
+
+
+_redirect_lock = threading.Lock()
+_redirected = False
 
 
 def _put_back(root: Path, out: Path) -> bool:

@@ -35,6 +35,9 @@ class Route:
     name: str  # as the manifest records it, e.g. "onnx(dynamo)"
     consumes: str  # the graph the route hands to `Target.build`: "onnx" or "torch" (the FX program)
     exporter: str = ""  # for an ONNX route from a PyTorch model: the ONNX exporter (compiler.capture.EXPORTERS)
+    # True: tried only when no earlier route converted (a fallback for conversion failures, not a second
+    # opinion on an artifact that converted and failed parity).
+    fallback: bool = False
 
 
 # The ONNX routes of a PyTorch model, in the order they are tried; an .onnx source has the one ONNX_FILE route.

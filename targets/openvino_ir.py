@@ -3,8 +3,8 @@
 Routes, tried in order (`OpenVinoTarget.routes`): the IR is converted from Kiln's ONNX graph first
 (`onnx(dynamo)`, then `onnx(torchscript)`): the ONNX route is the one every pass writes to, it accepts
 `.onnx` sources, and OpenVINO's direct PyTorch frontend fails on models (e.g. transformers' GPT-2) that
-its ONNX frontend reads. When neither ONNX route builds a model that passes parity, `openvino.convert_model`
-converts the exported program directly (`DIRECT_ROUTE`, see `targets.openvino_direct`).
+its ONNX frontend reads. When neither ONNX route converts, `openvino.convert_model` converts the exported
+program directly (`DIRECT_ROUTE`, see `targets.openvino_direct`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8": "f3
 # Runtime layers that are bookkeeping, not compute (left out of the int8 layer count).
 _NOT_COMPUTE = ("Const", "Input", "Output", "Parameter", "Result")
 # OpenVINO's PyTorch frontend on the torch.export program: the route after the ONNX ones.
-DIRECT_ROUTE = Route("openvino.convert_model(ExportedProgram)", "torch")
+# A fallback: it skips Kiln's ONNX passes, so it does not replace an ONNX build that converted but failed parity.
+DIRECT_ROUTE = Route("openvino.convert_model(ExportedProgram)", "torch", fallback=True)
 
 
 class OpenVinoRunner(Runner):

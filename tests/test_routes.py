@@ -49,6 +49,9 @@ def _shifted(convert: Any) -> Any:
     return planted
 
 
+PLANTED = "RuntimeError: planted exporter failure"
+
+
 def _raising(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("planted exporter failure")
 
@@ -70,32 +73,33 @@ def test_first_route_that_passes_parity_is_published(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / ".rejected").exists()
 
 
-def test_openvino_falls_through_to_its_direct_route(tmp_path, monkeypatch):
-    """A conversion failure (dynamo) and a parity failure (torchscript): the IR comes from convert_model."""
+def test_openvino_falls_back_to_its_direct_route_when_no_onnx_route_converts(tmp_path, monkeypatch):
     monkeypatch.setattr(capture, "_dynamo_onnx", _raising)
-    monkeypatch.setattr(capture, "_torchscript_onnx", _shifted(capture._torchscript_onnx))
+    monkeypatch.setattr(capture, "_torchscript_onnx", _raising)
     result = export(TinyNet().eval(), EXAMPLE, "openvino", tmp_path / "out", raise_on_parity_failure=False)
     assert result.published and result.parity is not None and result.parity.passed
     route, tried = _routes(result)
     assert route == "openvino.convert_model(ExportedProgram)"
-    assert [(r, s) for r, s, _ in tried] == [("onnx(dynamo)", "capture"), ("onnx(torchscript)", "validate")]
-    assert tried[0][2] == "lowering to ONNX by the dynamo exporter failed: RuntimeError: planted exporter failure"
-    assert tried[1][2].startswith("parity failed")
+    assert tried == [
+        ("onnx(dynamo)", "capture", "lowering to ONNX by the dynamo exporter failed: " + PLANTED),
+        ("onnx(torchscript)", "capture", "lowering to ONNX by the torchscript exporter failed: " + PLANTED),
+    ]
     assert "onnx_route" not in result.manifest.target_info  # no ONNX graph made this artifact
     assert [s.name for s in result.manifest.inputs] == ["image"]
     assert result.manifest.inputs[0].shape == (1, 3, 8, 8)
 
 
 def test_no_route_passes_keeps_the_first_rejected_with_every_reason(tmp_path, monkeypatch):
+    """Both ONNX routes convert and fail parity: the openvino fallback route is not tried, the first is kept."""
     monkeypatch.setattr(capture, "_dynamo_onnx", _shifted(capture._dynamo_onnx))
     monkeypatch.setattr(capture, "_torchscript_onnx", _shifted(capture._torchscript_onnx))
-    result = export(TinyNet().eval(), EXAMPLE, "onnx", tmp_path / "out", raise_on_parity_failure=False)
-    assert not result.published and result.directory == tmp_path / "out" / ".rejected" / "onnx"
+    result = export(TinyNet().eval(), EXAMPLE, "openvino", tmp_path / "out", raise_on_parity_failure=False)
+    assert not result.published and result.directory == tmp_path / "out" / ".rejected" / "openvino"
     route, tried = _routes(result)
     assert route == "onnx(dynamo)" and result.manifest.target_info["onnx_route"]["route"] == "dynamo"
     assert [(r, s) for r, s, _ in tried] == [("onnx(torchscript)", "validate")]
     assert tried[0][2].startswith("parity failed")
-    assert sorted(p.name for p in (tmp_path / "out" / ".rejected").iterdir()) == ["onnx"]
+    assert sorted(p.name for p in (tmp_path / "out" / ".rejected").iterdir()) == ["openvino"]
 
 
 def test_no_route_builds_names_every_route(tmp_path, monkeypatch):
