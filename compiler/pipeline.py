@@ -200,11 +200,12 @@ def export_one(
         if index + 1 < len(routes):
             progress.warn(f"{target.name}: route {route.name} not used ({attempt.step}): {attempt.reason}")
     if not built:
-        first = attempts[0]
-        raise _TargetFailed(first.step, routes_failed(attempts))
+        if not attempts:
+            raise _TargetFailed("capture", UnsupportedOpError(f"{target.name} has no route from this model", None))
+        raise _TargetFailed(attempts[0].step, routes_failed(attempts))
     index = next((i for i in built if not attempts[i].reason), min(built))
     (artifact, records), chosen = built[index], attempts[index]
-    _keep_only(directory, artifact, [a.directory for a, _ in built.values()])
+    _keep_only(directory, artifact, [directory.with_name(f"{target.name}~{i}") for i in range(len(attempts))])
     for note in artifact.manifest.notes:
         progress.say(f"note: {note}")
     notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
@@ -267,9 +268,9 @@ def _try_route(
     return RouteAttempt(route, "validate", reason, report=report), (artifact, records)
 
 
-def _keep_only(directory: Path, artifact: Artifact, built: list[Path]) -> None:
-    """Move the chosen route's build to `directory` and remove the other routes' builds."""
-    for other in built:
+def _keep_only(directory: Path, artifact: Artifact, tried: list[Path]) -> None:
+    """Move the chosen route's build to `directory` and remove what the other routes wrote."""
+    for other in tried:
         if other != artifact.directory:
             shutil.rmtree(other, ignore_errors=True)
     artifact.directory.rename(directory)

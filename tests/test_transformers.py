@@ -42,6 +42,7 @@ def test_swin_converts_with_the_attention_legalized(swin, target):
     info = _passed(swin[target])
     assert info["decompositions_applied"] == [SDPA]
     assert info["onnx_route"] == {"route": "dynamo", "failed": {}}
+    assert info["route"] == "onnx(dynamo)" and info["routes_tried"] == []
 
 
 @pytest.mark.parametrize("target", ["onnx", "openvino", "tflite"])
@@ -61,9 +62,13 @@ def test_an_architecture_that_converted_before_is_unchanged(tmp_path_factory):
 def test_what_the_dynamo_exporter_cannot_lower_goes_the_torchscript_route(tmp_path_factory):
     results = _export(tmp_path_factory, "cdist_head", "onnx,openvino")
     for target in ("onnx", "openvino"):
-        route = _passed(results[target])["onnx_route"]
+        info = _passed(results[target])
+        route = info["onnx_route"]
         assert route["route"] == "torchscript"
         assert set(route["failed"]) == {"dynamo"} and "cdist" in route["failed"]["dynamo"]
+        assert info["route"] == "onnx(torchscript)"
+        ((tried, step, reason),) = [tuple(t.values()) for t in info["routes_tried"]]
+        assert (tried, step) == ("onnx(dynamo)", "capture") and "cdist" in reason
 
 
 def test_llama_with_grouped_query_attention_passes_parity_on_tflite(tmp_path_factory):
