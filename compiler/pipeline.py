@@ -7,7 +7,6 @@ their own: `compiler.optimize.optimize`, `compiler.artifacts.build`, `compiler.p
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from compiler.progress import Progress
 from compiler.pt2_archive import trusting_pickles
 from compiler.quantization.calibration import CalibrationData, load_calibration
 from compiler.reference import reference_samples
-from compiler.routes import RouteAttempt, RouteGraphs, failure_reason, parity_reason, route_info, routes_failed
+from compiler.routes import RouteAttempt, RouteGraphs, keep_only, route_info, routes_failed
 from compiler.selection import fit_to_source, select_targets
 from compiler.sources import ModelSource, load_model, read_inputs_file_raw  # noqa: F401 (re-exports)
 from compiler.staging import (
@@ -205,7 +204,9 @@ def export_one(
         raise _TargetFailed(attempts[0].step, routes_failed(attempts))
     index = next((i for i in built if not attempts[i].reason), min(built))
     (artifact, records), chosen = built[index], attempts[index]
-    _keep_only(directory, artifact, [directory.with_name(f"{target.name}~{i}") for i in range(len(attempts))])
+    artifact.directory = keep_only(
+        artifact.directory, directory, [directory.with_name(f"{target.name}~{i}") for i in range(len(attempts))]
+    )
     for note in artifact.manifest.notes:
         progress.say(f"note: {note}")
     notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
@@ -263,18 +264,8 @@ def _try_route(
     except (UsageError, MissingBackendError) as error:
         raise _TargetFailed(step, error) from error
     except KilnError as error:
-        return RouteAttempt(route, step, failure_reason(route, error), error=error), None
-    reason = "" if report.passed else parity_reason(report)
-    return RouteAttempt(route, "validate", reason, report=report), (artifact, records)
-
-
-def _keep_only(directory: Path, artifact: Artifact, tried: list[Path]) -> None:
-    """Move the chosen route's build to `directory` and remove what the other routes wrote."""
-    for other in tried:
-        if other != artifact.directory:
-            shutil.rmtree(other, ignore_errors=True)
-    artifact.directory.rename(directory)
-    artifact.directory = directory
+        return RouteAttempt.failed(route, step, error), None
+    return RouteAttempt.judged(route, report), (artifact, records)
 
 
 def _final_manifest(

@@ -11,6 +11,7 @@ converted). A route that fails to convert, or converts but fails parity, is reco
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,16 @@ class RouteAttempt:
     reason: str = ""
     error: KilnError | None = None  # it failed to build (or to run)
     report: ParityReport | None = None  # it built and was judged
+
+    @classmethod
+    def failed(cls, route: Route, step: str, error: KilnError) -> RouteAttempt:
+        """A route that failed to build (or to run) at `step`."""
+        return cls(route, step, failure_reason(route, error), error=error)
+
+    @classmethod
+    def judged(cls, route: Route, report: ParityReport) -> RouteAttempt:
+        """A route that built and was judged by the parity gate."""
+        return cls(route, "validate", "" if report.passed else parity_reason(report), report=report)
 
     def to_dict(self) -> dict[str, str]:
         """What `target_info.routes_tried` records of it."""
@@ -133,6 +144,15 @@ def failure_reason(route: Route, error: KilnError) -> str:
     return plain_text(error.message)
 
 
+def keep_only(chosen: Path, directory: Path, tried: list[Path]) -> Path:
+    """Move the chosen route's build `chosen` to `directory` and remove what the other routes wrote; `directory`."""
+    for other in tried:
+        if other != chosen:
+            shutil.rmtree(other, ignore_errors=True)
+    chosen.rename(directory)
+    return directory
+
+
 def route_info(chosen: RouteAttempt, attempts: list[RouteAttempt]) -> dict[str, Any]:
     """What the manifest records (`target_info`): the route that produced the artifact, and why each other
     route tried was not used."""
@@ -144,6 +164,7 @@ __all__ = [
     "RouteAttempt",
     "RouteGraphs",
     "failure_reason",
+    "keep_only",
     "parity_reason",
     "route_info",
     "routes_failed",
