@@ -204,8 +204,10 @@ def make_inputs(
     batches: list[int],
     user_sets: list[tuple[str, Feeds]],
     seed: int = 0,
+    shaped: list[tuple[str, list[np.ndarray]]] | None = None,
 ) -> tuple[list[Feeds], list[str]]:
-    """Parity input sets: the example, random sets within its value range, one per extra batch size, the user's."""
+    """Parity input sets: the example, random sets within its value range, one per extra batch size, one per
+    `shaped` template (origin, arrays of the shape wanted: values drawn like them), the user's."""
     rng = np.random.default_rng(seed)
     names = [s.name for s in specs]
     sets = [dict(zip(names, examples))]
@@ -216,6 +218,9 @@ def make_inputs(
     for batch in batches:
         sets.append({n: random_like(e, batch, rng) for n, e in zip(names, examples)})
         origins.append(f"random batch={batch}")
+    for origin, templates in shaped or []:
+        sets.append({n: random_like(t, None, rng) for n, t in zip(names, templates)})
+        origins.append(origin)
     for origin, feeds in user_sets:
         sets.append(feeds)
         origins.append(origin)

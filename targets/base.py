@@ -24,6 +24,7 @@ class BuildRequest:
     io_layout: str | None = None  # e.g. "nhwc" for image I/O in channels-last (None: as captured)
     calibration: CalibrationData | None = None  # calibrated int8's samples
     accuracy: AccuracyBudget | None = None  # --max-drop, for quantized precisions
+    buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets: symbol -> sizes to build at
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Target:
     requires: ClassVar[dict[str, str]] = {}  # importable module -> pip requirement
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
-    static_shapes: bool = False  # True: refuses --dynamic-batch
+    static_shapes: bool = False  # True: refuses --dynamic / --dynamic-batch (unless it takes --buckets)
+    buckets: bool = False  # True (with static_shapes): builds one program per --buckets size of a dynamic dim
     needs_gpu: bool = False  # True: builds or runs only with a GPU (the matrix's Ray executor asks for one)
     fixed_batch: int | None = None  # the batch size the artifact must have (the model is captured at it)
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (nhwc)
