@@ -96,9 +96,7 @@ class DynamicShapes:
         for dim in resolved:
             for axis in dim.axes:
                 if axis in seen:
-                    raise UsageError(
-                        f"--dynamic: {axis[0]}:{axis[1]} is in both {seen[axis]} and {dim.symbol}", HINT
-                    )
+                    raise UsageError(f"--dynamic: {axis[0]}:{axis[1]} is in both {seen[axis]} and {dim.symbol}", HINT)
                 seen[axis] = dim.symbol
         return DynamicShapes(tuple(_merge(resolved, dict(zip(names, shapes)))))
 

@@ -46,8 +46,9 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
             return _buckets_refusal(target, options)
         flag = "--dynamic-batch" if options.dynamic.batch is not None else "--dynamic"
         bucket_hint = f"pass --buckets SYMBOL=SIZE,SIZE to build one program per size, or export {target.name} "
+        why = f": {target.static_reason}" if target.static_reason else ""
         return UsageError(
-            f"target {target.name} needs static shapes, but {flag} {options.dynamic} was given",
+            f"target {target.name} needs static shapes, but {flag} {options.dynamic} was given{why}",
             (bucket_hint if target.buckets else f"export {target.name} ")
             + f"without {flag}, once per {'batch size' if flag == '--dynamic-batch' else 'shape'} you serve "
             "(set the shape of the example inputs)",
