@@ -58,8 +58,8 @@ def shape_points(
     points = dynamic.points(dict(zip(names, [a.shape for a in examples])))
     batch = dynamic.batch
     if batch is not None and not buckets:
-        sizes = dict(points)
-        return [sizes["random"][batch.symbol], batch.minimum, batch.maximum], []
+        by_label = dict(points)
+        return [by_label["random"][batch.symbol], batch.minimum, batch.maximum], []
     chosen = [(f"dynamic {label}: ", sizes) for label, sizes in points]
     for symbol, values in buckets.items():
         rest = {d.symbol: d.opt or d.minimum for d in dynamic.dims}
