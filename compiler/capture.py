@@ -289,7 +289,7 @@ def lower_to_onnx(
             raise _lowering_error(exc, failed) from None
         route = "torchscript"
         try:
-            _torchscript_onnx(eager, path, output_names, dynamic)
+            _torchscript_onnx(eager, path, output_names, dynamic, exported)
         except Exception as later:
             failed[route] = _one_line(later)
             raise _lowering_error(exc, failed) from None
@@ -323,14 +323,23 @@ def _dynamo_onnx(program: torch.export.ExportedProgram, path: Path, output_names
     onnx_program.save(str(path))
 
 
-def _torchscript_onnx(eager: EagerModel, path: Path, output_names: list[str], dynamic: DynamicShapes | None) -> None:
+def _torchscript_onnx(
+    eager: EagerModel,
+    path: Path,
+    output_names: list[str],
+    dynamic: DynamicShapes | None,
+    exported: torch.export.ExportedProgram | None = None,
+) -> None:
     """The `torchscript` route: the TorchScript-based `torch.onnx.export(dynamo=False)` on the eager module
-    (traced on its example inputs), with the `dynamic` input axes dynamic (and dim 0 of every output for a
-    dynamic batch; other output dims are left to the exporter's shape inference)."""
+    (traced on its example inputs), with the `dynamic` input axes dynamic, and the output axes the captured
+    program has symbolic (dim 0 of every output for a dynamic batch when no program is given)."""
     axes = None
     if dynamic is not None:
         axes = {n: {a: d.symbol for d in dynamic.dims for m, a in d.axes if m == n} for n in eager.input_names}
-        if dynamic.batch is not None:
+        if exported is not None:
+            outputs = fx_signature(exported, output_names, dynamic)[1]
+            axes.update({s.name: {a: str(d) for a, d in s.dynamic_dims.items()} for s in outputs})
+        elif dynamic.batch is not None:
             axes.update({name: {0: BATCH_DIM} for name in output_names})
     with converter_output_captured(), torch.no_grad():
         torch.onnx.export(

@@ -156,6 +156,8 @@ def export_options(
         raise UsageError(
             f"unknown export option '{unknown[0]}'", f"did you mean {close[0]}?" if close else f"use {', '.join(names)}"
         )
+    if buckets and not dynamic and not dynamic_batch:
+        raise UsageError(f"--buckets {buckets} needs a dynamic dim to bucket", "add --dynamic SYM=NAME:AXIS=MIN:MAX")
     return ExportOptions(
         dynamic=DynamicShapes.parse(dynamic, dynamic_batch),
         buckets=parse_buckets(buckets),

@@ -196,3 +196,28 @@ def test_tpu_builds_one_signature_per_bucket_and_checks_each(tmp_path):
 
     loaded = tf.saved_model.load(str(result.directory / "saved_model"))
     assert set(loaded.signatures) == set(buckets)
+
+
+def test_the_torchscript_route_keeps_a_dynamic_inner_dim(tmp_path):
+    """cdist_head (points [2, 5, 8] -> [2, 5, 4]) goes the TorchScript route: the points axis stays dynamic on
+    the input and the output, and parity passes at 2, 16 and a random count."""
+    model = f"{ROOT / 'tests' / 'models' / 'hf_models.py'}:cdist_head"
+    (result,) = export_targets(model, "onnx", tmp_path / "o", export_options(dynamic=["n=points:1=2:16"]))
+    assert result.failure is None and result.parity.passed
+    assert result.manifest.target_info["onnx_route"]["route"] == "torchscript"
+    assert {"dynamic min: n=2", "dynamic max: n=16"} <= set(result.parity.sample_origins)
+    proto = onnx.load(str(result.directory / "model.onnx"), load_external_data=False)
+    (output,) = proto.graph.output
+    assert output.type.tensor_type.shape.dim[1].dim_param == "n"  # the exporter names the other dims itself
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"buckets": "seq=16"}, "needs a dynamic dim to bucket"),
+        ({"dynamic": SEQ, "buckets": "seq=a,b"}, "is not SYMBOL=SIZE"),
+    ],
+)
+def test_bad_buckets_are_usage_errors(options, expected):
+    with pytest.raises(UsageError, match=expected):
+        export_options(**options)
