@@ -158,6 +158,7 @@ def bert_exports(tmp_path_factory):
     return {r.target: r for r in results}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_sequence_dynamic_bert_passes_parity_at_min_opt_max_and_random(bert_exports, target):
     result = bert_exports[target]
@@ -172,6 +173,7 @@ def test_sequence_dynamic_bert_passes_parity_at_min_opt_max_and_random(bert_expo
     assert [s["shape"] for s in manifest["inputs"]] == [[2, "input_ids_1"], [2, "input_ids_1"]]
 
 
+@pytest.mark.slow
 def test_the_onnx_file_names_the_dynamic_dims(bert_exports):
     proto = onnx.load(str(bert_exports["onnx"].directory / "model.onnx"), load_external_data=False)
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
@@ -180,6 +182,7 @@ def test_the_onnx_file_names_the_dynamic_dims(bert_exports):
     assert [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim] == [2, "input_ids_1", 32]
 
 
+@pytest.mark.slow
 def test_tpu_builds_one_signature_per_bucket_and_checks_each(tmp_path):
     options = export_options(dynamic=["seq=input_ids:1,attention_mask:1=8:64:32"], buckets="seq=16,32,64")
     (result,) = export_targets(BERT, "tpu", tmp_path / "tpu", options)
@@ -198,6 +201,7 @@ def test_tpu_builds_one_signature_per_bucket_and_checks_each(tmp_path):
     assert set(loaded.signatures) == set(buckets)
 
 
+@pytest.mark.slow
 def test_the_torchscript_route_keeps_a_dynamic_inner_dim(tmp_path):
     """cdist_head (points [2, 5, 8] -> [2, 5, 4]) goes the TorchScript route: the points axis stays dynamic on
     the input and the output, and parity passes at 2, 16 and a random count."""
