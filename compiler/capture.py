@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.dynamic import BATCH_DIM, DynamicBatch, DynamicShapes  # noqa: F401 (DynamicBatch: re-export)
+from compiler.dynamic import BATCH_DIM, DynamicBatch, DynamicShapes, name_dynamic_dims  # noqa: F401 (re-export)
 from compiler.errors import UnsupportedOpError, UsageError
 from compiler.onnx_files import copy_onnx, name_unnamed_nodes  # noqa: F401 (name_unnamed_nodes: re-export)
 from compiler.progress import converter_output_captured
@@ -373,24 +373,6 @@ def _lowering_error(first: BaseException, failed: dict[str, str]) -> Unsupported
         f"lowering to ONNX failed{what}: {reasons if len(failed) > 1 else failed['dynamo']}",
         "use a target that consumes the FX graph, or replace that operation in the model",
     )
-
-
-def name_dynamic_dims(proto: Any, dynamic: DynamicShapes) -> None:
-    """Rename the exporter's symbols of the dynamic input dims (e.g. `s43`) to Kiln's (`batch`, `seq`)
-    everywhere in the graph; an output dim that is an expression of them (`2*s43`) is rewritten the same way."""
-    names: dict[str, str] = {}
-    for value in proto.graph.input:
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            found = dynamic.symbol_of(value.name, axis)
-            if found is not None and dim.dim_param:
-                names[dim.dim_param] = found.symbol
-    if not names:
-        return
-    pattern = re.compile("|".join(rf"\b{re.escape(k)}\b" for k in sorted(names, key=len, reverse=True)))
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param:
-                dim.dim_param = pattern.sub(lambda m: names[m[0]], dim.dim_param).replace(" ", "")
 
 
 def onnx_signature(path: Path, torch_layout: bool) -> tuple[list[TensorSpec], list[TensorSpec], int]:

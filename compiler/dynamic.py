@@ -242,3 +242,21 @@ def _example_size(dim: DynamicDim, shapes: dict[str, tuple[int, ...]]) -> int:
     """The example input's size on the dim's first axis, clamped into the range."""
     name, axis = dim.axes[0]
     return min(max(shapes[name][axis], dim.minimum), dim.maximum)
+
+
+def name_dynamic_dims(proto: Any, dynamic: DynamicShapes) -> None:
+    """Rename the exporter's symbols of the dynamic input dims (e.g. `s43`) to Kiln's (`batch`, `seq`)
+    everywhere in the graph; an output dim that is an expression of them (`2*s43`) is rewritten the same way."""
+    names: dict[str, str] = {}
+    for value in proto.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            found = dynamic.symbol_of(value.name, axis)
+            if found is not None and dim.dim_param:
+                names[dim.dim_param] = found.symbol
+    if not names:
+        return
+    pattern = re.compile("|".join(rf"\b{re.escape(k)}\b" for k in sorted(names, key=len, reverse=True)))
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m[0]], dim.dim_param).replace(" ", "")

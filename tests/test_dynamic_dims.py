@@ -225,3 +225,13 @@ def test_the_torchscript_route_keeps_a_dynamic_inner_dim(tmp_path):
 def test_bad_buckets_are_usage_errors(options, expected):
     with pytest.raises(UsageError, match=expected):
         export_options(**options)
+
+
+def test_a_matrix_cell_takes_dynamic_specs():
+    from compiler.matrix.config import CellOptions
+
+    cell = CellOptions().merged({"dynamic": ["input_ids:1=8:64"]}, "cell")
+    assert cell.export_settings()["dynamic"] == ("input_ids:1=8:64",)
+    assert export_options(**cell.export_settings()).dynamic == DynamicShapes.parse(["input_ids:1=8:64"])
+    with pytest.raises(UsageError, match="dynamic = 'input_ids:1=8:64' is not valid"):
+        CellOptions().merged({"dynamic": "input_ids:1=8:64"}, "cell")
