@@ -195,10 +195,17 @@ def test_tpu_builds_one_signature_per_bucket_and_checks_each(tmp_path):
     assert {"bucket seq=16", "bucket seq=32", "bucket seq=64"} <= set(origins)
     assert "dynamic min: seq=8" not in origins  # not a bucket's shape: the caller pads it to one
     assert any("the caller pads input_ids:1, attention_mask:1 up to the next bucket" in n for n in manifest["notes"])
+    import numpy as np
     import tensorflow as tf
+
+    from compiler.artifacts import Artifact, load_runner
 
     loaded = tf.saved_model.load(str(result.directory / "saved_model"))
     assert set(loaded.signatures) == set(buckets)
+    runner = load_runner(Artifact.read(result.directory))
+    off_bucket = {"input_ids": np.ones((2, 20), np.int64), "attention_mask": np.ones((2, 20), np.int64)}
+    with pytest.raises(UsageError, match="no bucket of this tpu export has the input shapes"):
+        runner.run(off_bucket)
 
 
 @pytest.mark.slow
