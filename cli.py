@@ -32,6 +32,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         precision=args.precision,
         device=args.device,
         dynamic_batch=args.dynamic_batch,
+        dynamic=args.dynamic,
+        buckets=args.buckets,
         inputs=args.inputs,
         atol=args.atol,
         rtol=args.rtol,

@@ -70,7 +70,22 @@ def _export_parser(sub: Any) -> None:
         choices=("cpu", "cuda"),
         help="device to compile for, for targets that compile for one (aoti/cuda: default cuda when present)",
     )
-    export.add_argument("--dynamic-batch", metavar="MIN:MAX", help="make dim 0 of every input dynamic")
+    export.add_argument(
+        "--dynamic-batch", metavar="MIN:MAX", help="make dim 0 of every input dynamic (one symbol, `batch`)"
+    )
+    export.add_argument(
+        "--dynamic",
+        action="append",
+        metavar="[SYM=]NAME:AXIS[,NAME:AXIS]=MIN:MAX[:OPT]",
+        help="make an input axis dynamic (repeatable), e.g. input_ids:1=8:128:64; axes listed after one SYM= share "
+        "that symbol, and separate specs with the same range and example size share one too; parity runs at "
+        "MIN, OPT (default: the example's size), MAX and a random size",
+    )
+    export.add_argument(
+        "--buckets",
+        metavar="SYM=N,N",
+        help="for static-shape targets (tpu) with --dynamic: build one program per size, e.g. seq=32,64,128",
+    )
     export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
     export.add_argument("--atol", type=float, help="absolute tolerance override")
     export.add_argument("--rtol", type=float, help="relative tolerance override")

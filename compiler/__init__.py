@@ -88,7 +88,8 @@ def export(
     """Export `model` (a module with `example_inputs`, or a source string like `zoo:cnn`) to one target.
 
     `options` are the CLI's export options as keywords: `precision` (default: the target's own, fp32; int8
-    for edgetpu), `device`, `dynamic_batch` ("MIN:MAX"), `inputs` (extra parity .npz files), `atol`, `rtol`,
+    for edgetpu), `device`, `dynamic_batch` ("MIN:MAX"), `dynamic` (["input_ids:1=8:128:64", ...]), `buckets`
+    ("seq=32,64"), `inputs` (extra parity .npz files), `atol`, `rtol`,
     `min_cosine`, `min_snr_db`, `min_top1`, `samples`, `parity_gate`, `force`, `wait` (wait for another export
     to the same `out` instead of failing), `trust_pickle`; int8 calibration: `calib` (FILE.npz, a directory, or
     `file.py:loader`), `calib_samples`, `calib_method` (minmax, percentile, entropy), `per_channel`,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compiler.dynamic import BATCH_DIM, DynamicBatch, DynamicShapes, name_dynamic_dims  # noqa: F401 (re-export)
 from compiler.errors import UnsupportedOpError, UsageError
 from compiler.onnx_files import copy_onnx, name_batch_dim, name_unnamed_nodes  # noqa: F401 (re-export)
 from compiler.progress import converter_output_captured
@@ -19,30 +20,7 @@ from compiler.sources import ModelSource
 from compiler.types import TensorSpec
 
 MIN_OPSET = 18
-BATCH_DIM = "batch"
 EXPORTERS = ("dynamo", "torchscript")  # the ONNX exporters, in the order `lower_to_onnx` tries them
-
-
-@dataclass(frozen=True)
-class DynamicBatch:
-    """`--dynamic-batch MIN:MAX`: dim 0 of every input is dynamic within this range."""
-
-    minimum: int
-    maximum: int
-
-    @classmethod
-    def parse(cls, text: str) -> DynamicBatch:
-        """Parse `MIN:MAX`."""
-        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
-        if not match:
-            raise UsageError(f"--dynamic-batch '{text}' is not MIN:MAX", "write for example --dynamic-batch 1:32")
-        low, high = int(match[1]), int(match[2])
-        if not 1 <= low < high:
-            raise UsageError(f"--dynamic-batch {text}: need 1 <= MIN < MAX", "write for example --dynamic-batch 1:32")
-        return cls(low, high)
-
-    def __str__(self) -> str:
-        return f"{self.minimum}:{self.maximum}"
 
 
 @dataclass
@@ -54,7 +32,7 @@ class CapturedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     opset: int
-    dynamic_batch: DynamicBatch | None
+    dynamic: DynamicShapes | None  # resolved against the inputs
     lowering: dict[str, Any] = field(default_factory=dict)  # how the ONNX graph was made, for the manifest
     eager: EagerModel | None = field(default=None, repr=False, compare=False)  # for the TorchScript route
 
@@ -70,7 +48,7 @@ class EagerModel:
 
 def capture(
     source: ModelSource,
-    dynamic_batch: DynamicBatch | None,
+    dynamic: DynamicShapes | None,
     workdir: Path,
     to_onnx: bool = True,
     optimize: bool = True,
@@ -81,20 +59,23 @@ def capture(
     onnx_path.parent.mkdir(parents=True)
     if source.kind == "onnx":
         assert source.onnx_path is not None
-        if dynamic_batch is not None:
+        if dynamic is not None:
             raise UsageError(
-                "--dynamic-batch does not apply to an .onnx source", "its dynamic dims are already set in the file"
+                "--dynamic and --dynamic-batch do not apply to an .onnx source",
+                "its dynamic dims are already set in the file",
             )
         copy_onnx(source.onnx_path, onnx_path)
         inputs, outputs, opset = onnx_signature(onnx_path, torch_layout=False)
-        return CapturedModel(None, onnx_path, inputs, outputs, opset, dynamic_batch)
+        return CapturedModel(None, onnx_path, inputs, outputs, opset, None)
     output_names = flat_output_names(run_eager(source, source.example_inputs))
-    exported = export_program(source, dynamic_batch)
-    inputs, outputs = fx_signature(exported, output_names)
+    if dynamic is not None:
+        dynamic = dynamic.resolve(input_names(source), [tuple(t.shape) for t in source.example_inputs])
+    exported = export_program(source, dynamic)
+    inputs, outputs = fx_signature(exported, output_names, dynamic)
     eager = None
     if source.module is not None:
         eager = EagerModel(source.module, tuple(source.example_inputs), [s.name for s in inputs])
-    captured = CapturedModel(exported, None, inputs, outputs, 0, dynamic_batch, eager=eager)
+    captured = CapturedModel(exported, None, inputs, outputs, 0, dynamic, eager=eager)
     return lower(captured, workdir, optimize) if to_onnx else captured
 
 
@@ -107,24 +88,35 @@ def lower(
     onnx_path = workdir / "captured" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in captured.outputs]
-    record = lower_to_onnx(
-        captured.exported, onnx_path, names, captured.dynamic_batch, optimize, captured.eager, exporters
-    )
+    record = lower_to_onnx(captured.exported, onnx_path, names, captured.dynamic, optimize, captured.eager, exporters)
     return replace(captured, onnx_path=onnx_path, opset=onnx_signature(onnx_path, True)[2], lowering=record)
 
 
 def fx_signature(
-    exported: torch.export.ExportedProgram, output_names: list[str]
+    exported: torch.export.ExportedProgram, output_names: list[str], dynamic: DynamicShapes | None = None
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input and output specs of an exported program; symbolic dims (only the batch can be) are `batch`."""
+    """Input and output specs of an exported program; a symbolic dim is named after its `dynamic` symbol (an
+    expression of symbols, e.g. `seq*2`, for a derived output dim), `batch` without `dynamic`."""
+    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    names = {}  # torch's symbol (s0, s17...) -> ours
+    for name in exported.graph_signature.user_inputs:
+        for axis, d in enumerate(placeholders[name].meta["val"].shape):
+            dim = dynamic.symbol_of(name, axis) if dynamic is not None else None
+            if not isinstance(d, int) and dim is not None:
+                names[str(d)] = dim.symbol
+
+    def symbolic(d: Any) -> str:
+        if dynamic is None:
+            return BATCH_DIM
+        text = str(d)
+        return names.get(text) or re.sub(r"\b[su]\d+\b", lambda m: names.get(m[0], m[0]), text).replace(" ", "")
 
     def spec(name: str, value: Any, is_input: bool) -> TensorSpec:
-        shape = tuple(d if isinstance(d, int) else BATCH_DIM for d in value.shape)
+        shape = tuple(d if isinstance(d, int) else symbolic(d) for d in value.shape)
         dtype = str(value.dtype).removeprefix("torch.")
         layout = "NCHW" if is_input and len(shape) == 4 and value.dtype.is_floating_point else None
         return TensorSpec(name, shape, dtype, layout)
 
-    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
     inputs = [spec(name, placeholders[name].meta["val"], True) for name in exported.graph_signature.user_inputs]
     output_node = next(n for n in exported.graph.nodes if n.op == "output")
     values = [node.meta["val"] for node in output_node.args[0]]
@@ -184,30 +176,42 @@ def resize_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor[torch.arange(batch) % tensor.shape[0]]
 
 
-def export_program(source: ModelSource, dynamic_batch: DynamicBatch | None) -> torch.export.ExportedProgram:
-    """`torch.export` the source, non-strict, with dim 0 dynamic when asked."""
-    if dynamic_batch is None and source.exported is not None:
+def input_names(source: ModelSource) -> list[str]:
+    """The names torch.export gives the source's inputs: forward's parameter names (`args_0`... for `*args`;
+    a .pt2's own names)."""
+    if source.exported is not None:
+        return list(source.exported.graph_signature.user_inputs)
+    assert source.module is not None
+    try:
+        parameters = list(inspect.signature(source.module.forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    named = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    count = len(source.example_inputs)
+    rest = next((p.name for p in parameters if p.kind == p.VAR_POSITIONAL), "args")
+    return (named + [f"{rest}_{i}" for i in range(count - len(named))])[:count]
+
+
+def export_program(source: ModelSource, dynamic: DynamicShapes | None) -> torch.export.ExportedProgram:
+    """`torch.export` the source, non-strict, with the `dynamic` dims (resolved) dynamic when asked."""
+    if dynamic is None and source.exported is not None:
         return source.exported
     inputs = source.example_inputs
     dynamic_shapes = None
-    if dynamic_batch is not None:
-        if any(t.dim() == 0 for t in inputs):
-            raise UsageError(
-                "--dynamic-batch needs every input to have a batch dimension, but one is a scalar",
-                "drop --dynamic-batch or give the scalar input a leading dim",
-            )
-        # torch.export specializes a size of 1, so capture at a batch of at least 2.
-        capture_batch = min(max(inputs[0].shape[0], 2, dynamic_batch.minimum), dynamic_batch.maximum)
-        inputs = tuple(resize_batch(t, capture_batch) for t in inputs)
-        batch = torch.export.Dim(BATCH_DIM, min=dynamic_batch.minimum, max=dynamic_batch.maximum)
-        dynamic_shapes = tuple({0: batch} for _ in inputs)
+    if dynamic is not None:
+        names = input_names(source)
+        sizes = dynamic.capture_sizes(names, [tuple(t.shape) for t in inputs])
+        inputs = tuple(dynamic.resized(names, list(inputs), sizes))
+        dynamic_shapes = dynamic.torch_shapes(names)
     module = source.module
-    assert module is not None
+    if module is None:
+        assert source.exported is not None
+        module = source.exported.module()
     try:
         with converter_output_captured():
-            return torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
-        raise _capture_error(exc, source, dynamic_batch) from None
+        raise _capture_error(exc, source, dynamic) from None
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -228,7 +232,7 @@ def _user_frame(exc: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
 
 
-def _capture_error(exc: Exception, source: ModelSource, dynamic_batch: DynamicBatch | None) -> Exception:
+def _capture_error(exc: Exception, source: ModelSource, dynamic: DynamicShapes | None) -> Exception:
     text = str(exc)
     where = _user_frame(exc)
     at = f" at {where}" if where else ""
@@ -239,9 +243,12 @@ def _capture_error(exc: Exception, source: ModelSource, dynamic_batch: DynamicBa
         )
     if "Constraints violated" in text or "specialized" in text:
         return UsageError(
-            f"{source.description} does not support a dynamic batch {dynamic_batch}{at}: "
+            f"{source.description} does not support {_dynamic_phrase(dynamic)}{at}: "
             f"{text.splitlines()[1].strip()[:200] if len(text.splitlines()) > 1 else text[:200]}",
-            "export with a fixed batch (drop --dynamic-batch) or make the model batch-agnostic",
+            "export with a fixed batch (drop --dynamic-batch) or make the model batch-agnostic"
+            if dynamic is None or dynamic.batch is not None
+            else "narrow or drop the --dynamic ranges, or give axes the model needs equal one symbol "
+            "(SYMBOL=a:1,b:1=MIN:MAX)",
         )
     first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
     return UnsupportedOpError(
@@ -250,11 +257,17 @@ def _capture_error(exc: Exception, source: ModelSource, dynamic_batch: DynamicBa
     )
 
 
+def _dynamic_phrase(dynamic: DynamicShapes | None) -> str:
+    if dynamic is None or dynamic.batch is not None:
+        return f"a dynamic batch {dynamic}" if dynamic is not None else "a dynamic batch"
+    return f"the dynamic dims {dynamic}"
+
+
 def lower_to_onnx(
     exported: torch.export.ExportedProgram,
     path: Path,
     output_names: list[str],
-    dynamic_batch: DynamicBatch | None,
+    dynamic: DynamicShapes | None,
     optimize: bool = True,
     eager: EagerModel | None = None,
     exporters: tuple[str, ...] = EXPORTERS,
@@ -280,7 +293,7 @@ def lower_to_onnx(
                 _dynamo_onnx(program, path, output_names, optimize)
             else:
                 assert eager is not None
-                _torchscript_onnx(eager, path, output_names, dynamic_batch)
+                _torchscript_onnx(eager, path, output_names, dynamic, exported)
             break
         except Exception as exc:
             failed[route] = _one_line(exc)
@@ -290,8 +303,8 @@ def lower_to_onnx(
             raise UsageError("no ONNX exporter applies to this model", "the torchscript route needs an nn.Module")
         raise _lowering_error(errors[0], failed) from None
     proto = onnx.load(str(path), load_external_data=False)
-    if dynamic_batch is not None:
-        name_batch_dim(proto, BATCH_DIM)
+    if dynamic is not None:
+        name_dynamic_dims(proto, dynamic)
         onnx.save(proto, str(path))
     try:
         onnx.checker.check_model(str(path))
@@ -319,11 +332,24 @@ def _dynamo_onnx(program: torch.export.ExportedProgram, path: Path, output_names
     onnx_program.save(str(path))
 
 
-def _torchscript_onnx(eager: EagerModel, path: Path, output_names: list[str], batch: DynamicBatch | None) -> None:
+def _torchscript_onnx(
+    eager: EagerModel,
+    path: Path,
+    output_names: list[str],
+    dynamic: DynamicShapes | None,
+    exported: torch.export.ExportedProgram | None = None,
+) -> None:
     """The `torchscript` route: the TorchScript-based `torch.onnx.export(dynamo=False)` on the eager module
-    (traced on its example inputs), with dim 0 of every input and output dynamic when asked."""
-    names = [*eager.input_names, *output_names]
-    axes = {name: {0: BATCH_DIM} for name in names} if batch is not None else None
+    (traced on its example inputs), with the `dynamic` input axes dynamic, and the output axes the captured
+    program has symbolic (dim 0 of every output for a dynamic batch when no program is given)."""
+    axes = None
+    if dynamic is not None:
+        axes = {n: {a: d.symbol for d in dynamic.dims for m, a in d.axes if m == n} for n in eager.input_names}
+        if exported is not None:
+            outputs = fx_signature(exported, output_names, dynamic)[1]
+            axes.update({s.name: {a: str(d) for a, d in s.dynamic_dims.items()} for s in outputs})
+        elif dynamic.batch is not None:
+            axes.update({name: {0: BATCH_DIM} for name in output_names})
     with converter_output_captured(), torch.no_grad():
         torch.onnx.export(
             eager.module,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from compiler.capture import BATCH_DIM, CapturedModel, fx_signature, resize_batch
+from compiler.capture import CapturedModel, fx_signature
 from compiler.errors import UnsupportedOpError
 
 if TYPE_CHECKING:
@@ -180,16 +180,16 @@ def prefix_program(
     captured: CapturedModel, boundary: Boundary, example: list[np.ndarray], output_name: str
 ) -> CapturedModel:
     """The captured model cut at `boundary`: a program (and its specs) whose one output, `output_name`, is the
-    boundary's tensor; with the capture's dynamic batch, if it has one."""
+    boundary's tensor; with the capture's dynamic dims, if it has some."""
     assert captured.exported is not None
     inputs = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
     dynamic_shapes = None
-    if captured.dynamic_batch is not None:
-        batch = captured.dynamic_batch
-        size = min(max(inputs[0].shape[0], 2, batch.minimum), batch.maximum)
-        inputs = tuple(resize_batch(t, size) for t in inputs)
-        dim = torch.export.Dim(BATCH_DIM, min=batch.minimum, max=batch.maximum)
-        dynamic_shapes = tuple({0: dim} for _ in inputs)
+    dynamic = captured.dynamic
+    if dynamic is not None:
+        names = [s.name for s in captured.inputs]
+        sizes = dynamic.capture_sizes(names, [tuple(t.shape) for t in inputs])
+        inputs = tuple(dynamic.resized(names, list(inputs), sizes))
+        dynamic_shapes = dynamic.torch_shapes(names)
     module = _Prefix(captured.exported.module(), boundary.node, [s.name for s in captured.inputs])
     try:
         program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -198,8 +198,8 @@ def prefix_program(
             f"cannot cut the program at {boundary.label()}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
             "localize on a model without data-dependent control flow",
         ) from None
-    specs_in, specs_out = fx_signature(program, [output_name])
-    return CapturedModel(program, None, specs_in, specs_out, 0, captured.dynamic_batch)
+    specs_in, specs_out = fx_signature(program, [output_name], dynamic)
+    return CapturedModel(program, None, specs_in, specs_out, 0, dynamic)
 
 
 def reference_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -71,7 +71,8 @@ def assemble_manifest(parts: ManifestParts) -> Manifest:
         passes=parts.passes + built.passes,
         target_info={
             "opset": model.opset,
-            "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
+            "dynamic_batch": str(model.dynamic) if model.dynamic and model.dynamic.batch else None,
+            "dynamic": model.dynamic.records() if model.dynamic else [],
             **(model.lowering if parts.target.consumes == "onnx" else {}),
             **built.info,
         },

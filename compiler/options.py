@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.capture import DynamicBatch
+from compiler.dynamic import DynamicShapes
 from compiler.errors import UsageError
 from compiler.parity import DEFAULT_SAMPLES
 from compiler.quantization.calibration import (
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 IO_OPTIONS = ("nhwc",)  # int8 I/O is not an option: every int8 TFLite/Edge TPU artifact takes int8 I/O
 # ExportOptions fields that export_options() makes from a differently named plain value
-PARSED_FIELDS = {"inputs_files", "calibration", "accuracy", "pass_adjustments"}
+PARSED_FIELDS = {"inputs_files", "calibration", "accuracy", "pass_adjustments", "dynamic", "buckets"}
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ExportOptions:
 
     precision: str | None = None  # None: each target's default (fp32, int8 for the Edge TPU)
     device: str | None = None  # --device for targets that compile for one (aoti); None: the target's default
-    dynamic_batch: DynamicBatch | None = None
+    dynamic: DynamicShapes | None = None  # --dynamic / --dynamic-batch (resolved against the model at capture)
     inputs_files: list[Path] = field(default_factory=list)
     atol: float | None = None
     rtol: float | None = None
@@ -56,9 +56,13 @@ class ExportOptions:
     trust_pickle: bool = False  # --trust-pickle: a .pt2 source may run the pickles it carries
     localize: bool | None = None  # where parity diverges: None on failure, True always, False never
     all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
+    buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets seq=32,64: static-shape targets
+    dynamic_batch: InitVar[DynamicShapes | None] = None  # the older name of `dynamic` (DynamicBatch(1, 8))
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, dynamic_batch: DynamicShapes | None) -> None:
         """Refuse bad thresholds before any work (the tolerance of any precision applies the same overrides)."""
+        if dynamic_batch is not None:
+            self.dynamic = dynamic_batch
         self.tolerance("fp32")
         if self.accuracy is not None:
             check_thresholds(max_drop=self.accuracy.max_drop)
@@ -77,6 +81,7 @@ class ExportOptions:
             calibration=calibration,
             accuracy=self.accuracy,
             device=self.device,
+            buckets=self.buckets if target.buckets else {},
         )
 
     def tolerance(self, precision: str) -> Tolerance:
@@ -106,6 +111,20 @@ def parse_io(text: str | None) -> tuple[str, ...]:
     return options
 
 
+def parse_buckets(text: str | None) -> dict[str, tuple[int, ...]]:
+    """`--buckets seq=32,64,128[;batch=1,8]`: the sizes each dynamic symbol is built at on static-shape targets."""
+    buckets: dict[str, tuple[int, ...]] = {}
+    for part in (text or "").replace(";", " ").split():
+        symbol, _, sizes = part.partition("=")
+        values = [v.strip() for v in sizes.split(",") if v.strip()]
+        if not symbol.strip() or not values or not all(v.isdigit() and int(v) >= 1 for v in values):
+            raise UsageError(
+                f"--buckets '{part}' is not SYMBOL=SIZE,SIZE,...", "write for example --buckets seq=32,64,128"
+            )
+        buckets[symbol.strip()] = tuple(sorted({int(v) for v in values}))
+    return buckets
+
+
 def export_options(
     *,
     calib: str | Path | None = None,
@@ -116,6 +135,8 @@ def export_options(
     max_drop: float | None = None,
     metric: str | None = None,
     dynamic_batch: str | None = None,
+    dynamic: list[str] | tuple[str, ...] | str | None = None,
+    buckets: str | None = None,
     inputs: list[str | Path] | tuple[str | Path, ...] | None = None,
     io: str | None = None,
     adjust_passes: str | None = None,
@@ -123,7 +144,8 @@ def export_options(
     **plain: Any,
 ) -> ExportOptions:
     """ExportOptions from plain values, as the CLI, the library and a matrix cell hold them: strings for
-    `dynamic_batch` ("MIN:MAX"), `io` ("nhwc"), `adjust_passes` ("+name,-name"); the calibration and accuracy
+    `dynamic_batch` ("MIN:MAX"), `dynamic` (["input_ids:1=8:128:64", ...]), `buckets` ("seq=32,64,128"),
+    `io` ("nhwc"), `adjust_passes` ("+name,-name"); the calibration and accuracy
     settings as separate values. `plain` holds the fields of ExportOptions that need no parsing (precision,
     atol, samples, opt_level, ...); an unknown name is a UsageError."""
     known = {f.name for f in fields(ExportOptions)} - PARSED_FIELDS
@@ -134,8 +156,11 @@ def export_options(
         raise UsageError(
             f"unknown export option '{unknown[0]}'", f"did you mean {close[0]}?" if close else f"use {', '.join(names)}"
         )
+    if buckets and not dynamic and not dynamic_batch:
+        raise UsageError(f"--buckets {buckets} needs a dynamic dim to bucket", "add --dynamic SYM=NAME:AXIS=MIN:MAX")
     return ExportOptions(
-        dynamic_batch=DynamicBatch.parse(dynamic_batch) if dynamic_batch else None,
+        dynamic=DynamicShapes.parse(dynamic, dynamic_batch),
+        buckets=parse_buckets(buckets),
         inputs_files=[Path(p) for p in inputs or []],
         calibration=CalibrationSpec(
             str(calib) if calib is not None else None, calib_samples, calib_method, per_channel, symmetric_activations

@@ -47,6 +47,12 @@ class ParitySamples:
         np.savez_compressed(directory / REFERENCE_FILE, **_pack(self.reference))  # type: ignore[arg-type]
         return True
 
+    def subset(self, indices: list[int]) -> ParitySamples:
+        """Only the input sets at `indices` (a target that runs some shapes only)."""
+        return ParitySamples(
+            [self.inputs[i] for i in indices], [self.origins[i] for i in indices], [self.reference[i] for i in indices]
+        )
+
     @classmethod
     def load(cls, directory: Path, origins: list[str]) -> ParitySamples | None:
         """The samples an export stored, or None when it stored none; a UsageError when they are unreadable."""
@@ -204,8 +210,10 @@ def make_inputs(
     batches: list[int],
     user_sets: list[tuple[str, Feeds]],
     seed: int = 0,
+    shaped: list[tuple[str, list[np.ndarray]]] | None = None,
 ) -> tuple[list[Feeds], list[str]]:
-    """Parity input sets: the example, random sets within its value range, one per extra batch size, the user's."""
+    """Parity input sets: the example, random sets within its value range, one per extra batch size, one per
+    `shaped` template (origin, arrays of the shape wanted: values drawn like them), the user's."""
     rng = np.random.default_rng(seed)
     names = [s.name for s in specs]
     sets = [dict(zip(names, examples))]
@@ -216,6 +224,9 @@ def make_inputs(
     for batch in batches:
         sets.append({n: random_like(e, batch, rng) for n, e in zip(names, examples)})
         origins.append(f"random batch={batch}")
+    for origin, templates in shaped or []:
+        sets.append({n: random_like(t, None, rng) for n, t in zip(names, templates)})
+        origins.append(origin)
     for origin, feeds in user_sets:
         sets.append(feeds)
         origins.append(origin)
@@ -378,5 +389,9 @@ def validate(
 
     runner = load_runner(artifact)
     run = in_reference_layout(runner.run, artifact.manifest.inputs, artifact.manifest.outputs)
-    with backend_failures(get_target(artifact.target), "run"):
+    target = get_target(artifact.target)
+    subset = target.parity_subset(samples.inputs, artifact.manifest)
+    if subset is not None:
+        samples = samples.subset(subset)
+    with backend_failures(target, "run"):
         return judge(run, samples, tolerance, reference, runner.runtime_info())

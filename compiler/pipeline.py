@@ -156,7 +156,7 @@ def prepare(
     via = "ONNX" if source.kind == "onnx" else "torch.export" + " -> ONNX" * to_onnx
     with _timed(progress, timings, "capture", via + (f" at batch {batch}" if batch else "")):
         optimize_onnx = options.opt_level > 0
-        captured = capture(source, options.dynamic_batch, scratch, to_onnx and not mixed, optimize_onnx)
+        captured = capture(source, options.dynamic, scratch, to_onnx and not mixed, optimize_onnx)
         if mixed:
             try:
                 captured = lower(captured, scratch, optimize_onnx)

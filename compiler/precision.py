@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from compiler.capture import DynamicBatch
+    from compiler.dynamic import DynamicShapes
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -18,16 +18,14 @@ def reduced_precision_program(
     program: torch.export.ExportedProgram,
     precision: str,
     input_names: list[str],
-    dynamic_batch: DynamicBatch | None,
+    dynamic: DynamicShapes | None,
 ) -> torch.export.ExportedProgram:
     """The program re-exported to compute in `precision` (fp16/bf16): float weights, buffers and the float32
     dtypes baked into the graph (casts, tensor factories) become that dtype; float inputs are cast on entry and
-    float outputs back to float32, so the signature (names, dtypes, dynamic batch) is the captured one.
+    float outputs back to float32, so the signature (names, dtypes, dynamic dims) is the captured one.
 
     The captured program and its weights are left untouched (the module is deep-copied first).
     """
-    from compiler.capture import BATCH_DIM
-
     dtype = TORCH_DTYPES[precision]
     inner = copy.deepcopy(program.module()).to(dtype)
 
@@ -55,8 +53,5 @@ def reduced_precision_program(
     parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *input_names]]
     ReducedPrecision.forward.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     args, _ = program.example_inputs
-    dynamic_shapes = None
-    if dynamic_batch is not None:
-        batch = torch.export.Dim(BATCH_DIM, min=dynamic_batch.minimum, max=dynamic_batch.maximum)
-        dynamic_shapes = tuple({0: batch} for _ in args)
+    dynamic_shapes = dynamic.torch_shapes(input_names) if dynamic is not None else None
     return torch.export.export(ReducedPrecision(), tuple(args), dynamic_shapes=dynamic_shapes, strict=False)

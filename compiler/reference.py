@@ -44,6 +44,33 @@ def reference_runner(
     return run
 
 
+def shape_points(
+    model: CapturedModel, examples: list[np.ndarray], buckets: dict[str, tuple[int, ...]]
+) -> tuple[list[int], list[tuple[str, list[np.ndarray]]]]:
+    """The shapes parity checks besides the example's: for `--dynamic-batch`, batches at a random size, MIN and
+    MAX (the example's batch is the OPT); for `--dynamic`, every symbol at MIN, OPT, MAX and a random size
+    (seeded), then at each `--buckets` size. Returned as batch sizes (for the batch shorthand) and templates
+    (origin, the examples resized to the point's shape)."""
+    dynamic = model.dynamic
+    if dynamic is None:
+        return [], []
+    names = [s.name for s in model.inputs]
+    points = dynamic.points(dict(zip(names, [a.shape for a in examples])))
+    batch = dynamic.batch
+    if batch is not None and not buckets:
+        by_label = dict(points)
+        return [by_label["random"][batch.symbol], batch.minimum, batch.maximum], []
+    chosen = [(f"dynamic {label}: ", sizes) for label, sizes in points]
+    for symbol, values in buckets.items():
+        rest = {d.symbol: d.opt or d.minimum for d in dynamic.dims}
+        chosen += [("bucket ", {**rest, symbol: value}) for value in values]
+    shaped = []
+    for prefix, sizes in chosen:
+        label = prefix + ", ".join(f"{symbol}={size}" for symbol, size in sizes.items())
+        shaped.append((label, dynamic.resized(names, examples, sizes)))
+    return [], shaped
+
+
 def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:
     """Parity input sets and the reference model's outputs on each."""
     if options.samples < 1:
@@ -54,10 +81,8 @@ def reference_samples(source: ModelSource, model: CapturedModel, options: Export
             f"the ONNX graph has {len(model.inputs)} inputs but the model takes {len(examples)}",
             "remove unused inputs from forward()",
         )
-    batch = model.dynamic_batch
     user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.inputs_files]
-    inputs, origins = make_inputs(
-        examples, model.inputs, options.samples, [batch.minimum, batch.maximum] if batch else [], user_sets
-    )
+    batches, shaped = shape_points(model, examples, options.buckets)
+    inputs, origins = make_inputs(examples, model.inputs, options.samples, batches, user_sets, shaped=shaped)
     reference = reference_runner(source, model.inputs, model.outputs)
     return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs])

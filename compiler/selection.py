@@ -41,11 +41,17 @@ def select_targets(spec: str | list[str], options: ExportOptions, progress: Prog
 def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
     """Why `target` cannot export with these options, or None."""
     precision = options.precision_for(target)
-    if target.static_shapes and options.dynamic_batch is not None:
+    if target.static_shapes and options.dynamic is not None:
+        if options.buckets and target.buckets:
+            return _buckets_refusal(target, options)
+        flag = "--dynamic-batch" if options.dynamic.batch is not None else "--dynamic"
+        bucket_hint = f"pass --buckets SYMBOL=SIZE,SIZE to build one program per size, or export {target.name} "
+        why = f": {target.static_reason}" if target.static_reason else ""
         return UsageError(
-            f"target {target.name} needs static shapes, but --dynamic-batch {options.dynamic_batch} was given",
-            f"export {target.name} without --dynamic-batch, once per batch size you serve "
-            "(set the batch of the example inputs)",
+            f"target {target.name} needs static shapes, but {flag} {options.dynamic} was given{why}",
+            (bucket_hint if target.buckets else f"export {target.name} ")
+            + f"without {flag}, once per {'batch size' if flag == '--dynamic-batch' else 'shape'} you serve "
+            "(set the shape of the example inputs)",
         )
     if precision not in target.precisions:
         return UsageError(
@@ -73,6 +79,38 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
         target.check_request(options.build_request(target, None))
     except KilnError as refusal:
         return refusal
+    return None
+
+
+def _buckets_refusal(target: Target, options: ExportOptions) -> KilnError | None:
+    """Why `--buckets` cannot stand for the dynamic dims on `target` (every symbol needs sizes within its range;
+    none given for another symbol), or None."""
+    assert options.dynamic is not None
+    symbols = {d.symbol: d for d in options.dynamic.dims}
+    for symbol, sizes in options.buckets.items():
+        if symbol not in symbols:
+            return UsageError(
+                f"--buckets {symbol}=...: no dynamic dim is named {symbol}",
+                f"name one of: {', '.join(symbols)} (name a --dynamic dim with SYMBOL=NAME:AXIS=MIN:MAX)",
+            )
+        dim = symbols[symbol]
+        outside = [s for s in sizes if not dim.minimum <= s <= dim.maximum]
+        if outside:
+            return UsageError(
+                f"--buckets {symbol}: {outside[0]} is outside the range {dim.minimum}:{dim.maximum}",
+                "pick bucket sizes within the --dynamic range",
+            )
+    missing = [s for s in symbols if s not in options.buckets]
+    if missing:
+        return UsageError(
+            f"target {target.name} needs static shapes: --buckets gives no sizes for {', '.join(missing)}",
+            f"add them, e.g. --buckets {missing[0]}=SIZE,SIZE",
+        )
+    if len(options.buckets) > 1:
+        return UsageError(
+            f"target {target.name}: --buckets for more than one symbol is not supported",
+            "bucket one dynamic dim, and give the others fixed sizes",
+        )
     return None
 
 

@@ -107,7 +107,7 @@ class _KeyMemo:
             "outputs": [s.describe() for s in model.outputs],
             "precision": precision,
             "device": device,
-            "dynamic_batch": str(model.dynamic_batch) if model.dynamic_batch else None,
+            "dynamic_batch": str(model.dynamic) if model.dynamic else None,
             "device_facts": _device_facts(device),
             "inductor_configs": INDUCTOR_CONFIGS,
         }
@@ -236,7 +236,7 @@ class AotiTarget(Target):
                 from compiler.precision import reduced_precision_program
 
                 program = reduced_precision_program(
-                    program, request.precision, [s.name for s in model.inputs], model.dynamic_batch
+                    program, request.precision, [s.name for s in model.inputs], model.dynamic
                 )
             if device != "cpu":
                 import copy

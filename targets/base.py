@@ -25,6 +25,7 @@ class BuildRequest:
     calibration: CalibrationData | None = None  # calibrated int8's samples
     accuracy: AccuracyBudget | None = None  # --max-drop, for quantized precisions
     route: str = ""  # the name of the Route being built (empty: the target's first)
+    buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets: symbol -> sizes to build at
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class Target:
     requires: ClassVar[dict[str, str]] = {}  # importable module -> pip requirement
     precisions: tuple[str, ...] = ("fp32",)
     consumes: str = "onnx"  # "onnx" (the lowered graph) or "torch" (the FX program)
-    static_shapes: bool = False  # True: refuses --dynamic-batch
+    static_shapes: bool = False  # True: refuses --dynamic / --dynamic-batch (unless it takes --buckets)
+    buckets: bool = False  # True (with static_shapes): builds one program per --buckets size of a dynamic dim
+    static_reason: str = ""  # why it needs static shapes, when that is worth saying in the refusal
     needs_gpu: bool = False  # True: builds or runs only with a GPU (the matrix's Ray executor asks for one)
     fixed_batch: int | None = None  # the batch size the artifact must have (the model is captured at it)
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (nhwc)
@@ -125,6 +128,11 @@ class Target:
                 f"target {self.name} does not compile for --device {request.device}",
                 f"use one of: {', '.join(self.devices)}",
             )
+
+    def parity_subset(self, inputs: list[dict[str, np.ndarray]], manifest: Manifest) -> list[int] | None:
+        """The indices of the parity input sets this artifact can run (None: all of them), e.g. only those whose
+        shapes are one of its buckets."""
+        return None
 
     def stage_detail(self, model: CapturedModel, request: BuildRequest) -> str:
         """What the build stage line says after the target's name (e.g. the precision)."""

@@ -46,21 +46,28 @@ def engine_unavailable_reason() -> str | None:
 
 
 def profiles(model: CapturedModel, precision: str) -> dict[str, Any]:
-    """profiles.json: precision, TF32 off for fp32, and min/opt/max per input (the batch range for dynamic ones)."""
+    """profiles.json: precision, TF32 off for fp32, and min/opt/max per input: for each dynamic axis its
+    range's MIN, OPT (MAX when the range gives none) and MAX."""
+    from compiler.errors import UsageError
+
     shapes: dict[str, Any] = {}
-    batch = model.dynamic_batch
     for spec in model.inputs:
         dims = spec.dynamic_dims
-        if dims and (batch is None or set(dims) != {0}):
-            from compiler.errors import UsageError
-
+        ranges = {axis: model.dynamic.symbol_of(spec.name, axis) if model.dynamic else None for axis in dims}
+        unknown = sorted(axis for axis, found in ranges.items() if found is None)
+        if unknown:
             raise UsageError(
                 f"input {spec.name} has dynamic dims {dims} with no known range for a TensorRT optimization profile",
-                "give the ONNX file static input shapes, or export from PyTorch with --dynamic-batch MIN:MAX",
+                "give the ONNX file static input shapes, or export from PyTorch with --dynamic-batch MIN:MAX "
+                "or --dynamic NAME:AXIS=MIN:MAX:OPT",
             )
-        low = [batch.minimum if i in dims and batch else d for i, d in enumerate(spec.shape)]
-        high = [batch.maximum if i in dims and batch else d for i, d in enumerate(spec.shape)]
-        shapes[spec.name] = {"dtype": spec.dtype, "dynamic": bool(dims), "min": low, "opt": high, "max": high}
+        low, opt, high = [], [], []
+        for axis, size in enumerate(spec.shape):
+            found = ranges.get(axis)
+            low.append(found.minimum if found else size)
+            opt.append((found.opt or found.maximum) if found else size)
+            high.append(found.maximum if found else size)
+        shapes[spec.name] = {"dtype": spec.dtype, "dynamic": bool(dims), "min": low, "opt": opt, "max": high}
     return {"precision": precision, "tf32": precision != "fp32", "onnx": trt_engine.ONNX_FILE, "inputs": shapes}
 
 
@@ -93,10 +100,10 @@ def _reduced_precision_onnx(model: CapturedModel, precision: str, work: Path) ->
             f"--precision {precision} for tensorrt needs a PyTorch model, not an ONNX file",
             "give the model as file.py:factory, .pt2 or zoo:NAME, or export fp32",
         )
-    program = reduced_precision_program(model.exported, precision, [s.name for s in model.inputs], model.dynamic_batch)
+    program = reduced_precision_program(model.exported, precision, [s.name for s in model.inputs], model.dynamic)
     lowered = work / "lowered" / trt_engine.ONNX_FILE
     lowered.parent.mkdir(parents=True)
-    lower_to_onnx(program, lowered, [s.name for s in model.outputs], model.dynamic_batch)
+    lower_to_onnx(program, lowered, [s.name for s in model.outputs], model.dynamic)
     optimized = work / "optimized" / trt_engine.ONNX_FILE
     optimized.parent.mkdir()
     graph, _ = run_pipeline(onnx_ir.load(str(lowered)), pipeline_for(ONNX, "tensorrt"))

@@ -120,6 +120,9 @@ class TfliteTarget(Target):
     precisions = ("fp32", "fp16", "int8-dynamic", "int8")
     consumes = "torch"
     static_shapes = True
+    # Tried with litert-torch 0.10 (convert(..., dynamic_shapes=...)) on a BERT with a dynamic sequence length:
+    # its int64->int32 rewrite of aten.arange compares the symbolic end with ints and fails.
+    static_reason = "litert-torch cannot convert symbolic sizes (aten.arange with a dynamic end fails)"
     io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:

@@ -141,13 +141,14 @@ def audit(model: CapturedModel, text: str, decomposed: list[str], precision: str
 
 
 class XlaRunner(Runner):
-    """Runs the SavedModel's serving_default signature (XLA on this CPU)."""
+    """Runs the SavedModel's serving_default signature (XLA on this CPU), or with `--buckets` the signature of
+    the bucket whose shapes the inputs have."""
 
     def __init__(self, directory: Path, manifest: Manifest):
         import tensorflow as tf
 
         self.loaded = tf.saved_model.load(str(directory / SAVED_MODEL_DIR))
-        self.serve = self.loaded.signatures["serving_default"]
+        self.buckets: dict[str, dict[str, list[int]]] = manifest.runtime_config.get("buckets", {})
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
         self.precision = manifest.precision
 
@@ -155,8 +156,24 @@ class XlaRunner(Runner):
         """Outputs by name."""
         import tensorflow as tf
 
-        results = self.serve(**{name: tf.constant(value) for name, value in feeds.items()})
+        serve = self.loaded.signatures[self.signature_for(feeds)]
+        results = serve(**{name: tf.constant(value) for name, value in feeds.items()})
         return {spec.name: results[spec.name].numpy() for spec in self.outputs}
+
+    def signature_for(self, feeds: dict[str, np.ndarray]) -> str:
+        """The signature to run `feeds` with; a UsageError when no bucket has their shapes."""
+        if not self.buckets:
+            return "serving_default"
+        found = bucket_of(self.buckets, feeds)
+        if found is None:
+            from compiler.errors import UsageError
+
+            shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
+            raise UsageError(
+                f"no bucket of this tpu export has the input shapes {shapes}",
+                f"pad the inputs up to the next bucket ({', '.join(self.buckets)})",
+            )
+        return found
 
     def runtime_info(self) -> dict[str, Any]:
         """TensorFlow/XLA version and the compute precision."""
@@ -178,10 +195,62 @@ class XlaTarget(Target):
     precisions = ("fp32", "bf16")
     consumes = "torch"
     static_shapes = True
+    buckets = True
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
-        """Lower to StableHLO, serialize it portably, and wrap it in a SavedModel."""
+        """Lower to StableHLO, serialize it portably, and wrap it in a SavedModel: one signature
+        (`serving_default`), or with `--buckets` one per bucket (`serving_seq_32`...), each a static program."""
         import tensorflow as tf
+
+        variants = bucket_variants(model, request.buckets) if request.buckets else [("serving_default", model)]
+        holder = tf.Module()
+        signatures, lowered = {}, []
+        for signature, variant in variants:
+            stem = "model" if len(variants) == 1 else f"model.{signature.removeprefix('serving_')}"
+            lowering = self._lower(variant, directory, request.precision, stem)
+            serve = _xla_function(_with_platform_index(lowering[0]), variant, *lowering[2:4])
+            setattr(holder, signature, serve)
+            signatures[signature] = serve
+            lowered.append((variant, lowering, stem))
+        tf.saved_model.save(holder, str(directory / SAVED_MODEL_DIR), signatures=signatures)
+        deterministic_fingerprint(directory / SAVED_MODEL_DIR)
+        first, (text, version, input_dtypes, _, decomposed), _ = lowered[0]
+        examples = [tf.zeros(list(s.shape), dtype) for s, dtype in zip(first.inputs, input_dtypes)]
+        hlo = signatures[variants[0][0]].experimental_get_compiler_ir(*examples)(stage="hlo")
+        (directory / HLO_FILE).write_text(hlo)
+        for variant, (_, _, ins, outs, _), stem in lowered:
+            check_portable_artifact(directory, variant, ins, outs, f"{stem}.stablehlo.mlirbc")
+        report = audit(first, text, decomposed, request.precision)
+        notes = [f"decomposed for the StableHLO lowering: {', '.join(decomposed)}"] if decomposed else []
+        if report["int64_or_float64_io"]:
+            notes.append(f"64-bit I/O on TPU: {', '.join(report['int64_or_float64_io'])} (consider int32 inputs)")
+        config: dict[str, Any] = {"platforms": PLATFORMS, "signature": variants[0][0]}
+        if request.buckets:
+            config["buckets"] = {sig: {s.name: list(s.shape) for s in v.inputs} for sig, v in variants}
+            notes.append(bucket_note(model, request.buckets))
+        return BuildOutput(
+            runtime_config=config,
+            info={
+                "stablehlo_version": version,
+                "weights": "inlined as constants in the StableHLO",
+                "fingerprint_uuid": "derived from the SavedModel's own checksums (TensorFlow writes a random one)",
+                "tpu_audit": report,
+            },
+            notes=notes,
+        )
+
+    def parity_subset(self, inputs: list[dict[str, np.ndarray]], manifest: Manifest) -> list[int] | None:
+        """With buckets, parity runs on the input sets whose shapes are a bucket's (one or more per bucket)."""
+        buckets = manifest.runtime_config.get("buckets")
+        if not buckets:
+            return None
+        return [i for i, feeds in enumerate(inputs) if bucket_of(buckets, feeds) is not None]
+
+    def _lower(
+        self, model: CapturedModel, directory: Path, precision: str, stem: str
+    ) -> tuple[str, str, list[Any], list[Any], list[str]]:
+        """Lower one (static) program to StableHLO and write it (`stem`.stablehlo.mlirbc, and .mlir when small):
+        the module text, StableHLO version, input and output TF dtypes, and the ops decomposed first."""
         from litert_converter.mlir.dialects import stablehlo
         from litert_torch.backend.export import exported_program_to_mlir
         from litert_torch.backend.tf_integration import torch_dtype_to_tf
@@ -190,7 +259,6 @@ class XlaTarget(Target):
         from compiler.errors import UnsupportedOpError
 
         assert model.exported is not None, "the tpu target needs the FX program"
-        precision = request.precision
         program = _to_bfloat16(model.exported) if precision == "bf16" else model.exported
         program, decomposed = apply_decompositions(program, stablehlo_table())
         try:
@@ -205,33 +273,12 @@ class XlaTarget(Target):
             ) from None
         text = _stablehlo_text(lowered)
         version = stablehlo.get_current_version()
-        (directory / BYTECODE_FILE).write_bytes(stablehlo.serialize_portable_artifact_str(text, version))
+        (directory / f"{stem}.stablehlo.mlirbc").write_bytes(stablehlo.serialize_portable_artifact_str(text, version))
         if len(text) < TEXT_LIMIT:
-            (directory / TEXT_FILE).write_text(text)
+            (directory / f"{stem}.stablehlo.mlir").write_text(text)
         input_dtypes = [torch_dtype_to_tf(s.dtype) for s in lowered.input_signature if s.input_spec.is_user_input]
         output_dtypes = [torch_dtype_to_tf(s.dtype) for s in lowered.output_signature]
-        serve = _xla_function(_with_platform_index(text), model, input_dtypes, output_dtypes)
-        holder = tf.Module()
-        holder.serve = serve
-        tf.saved_model.save(holder, str(directory / SAVED_MODEL_DIR), signatures={"serving_default": serve})
-        deterministic_fingerprint(directory / SAVED_MODEL_DIR)
-        examples = [tf.zeros(list(s.shape), dtype) for s, dtype in zip(model.inputs, input_dtypes)]
-        (directory / HLO_FILE).write_text(serve.experimental_get_compiler_ir(*examples)(stage="hlo"))
-        check_portable_artifact(directory, model, input_dtypes, output_dtypes)
-        report = audit(model, text, decomposed, precision)
-        notes = [f"decomposed for the StableHLO lowering: {', '.join(decomposed)}"] if decomposed else []
-        if report["int64_or_float64_io"]:
-            notes.append(f"64-bit I/O on TPU: {', '.join(report['int64_or_float64_io'])} (consider int32 inputs)")
-        return BuildOutput(
-            runtime_config={"platforms": PLATFORMS, "signature": "serving_default"},
-            info={
-                "stablehlo_version": version,
-                "weights": "inlined as constants in the StableHLO",
-                "fingerprint_uuid": "derived from the SavedModel's own checksums (TensorFlow writes a random one)",
-                "tpu_audit": report,
-            },
-            notes=notes,
-        )
+        return text, version, input_dtypes, output_dtypes, decomposed
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The SavedModel's serving signature."""
@@ -256,7 +303,7 @@ def deterministic_fingerprint(saved_model: Path) -> None:
 
 
 def check_portable_artifact(
-    directory: Path, model: CapturedModel, input_dtypes: list[Any], output_dtypes: list[Any]
+    directory: Path, model: CapturedModel, input_dtypes: list[Any], output_dtypes: list[Any], file: str = BYTECODE_FILE
 ) -> None:
     """Deserialize the saved .mlirbc independently and run it once under XLA, to catch a broken serialization."""
     import tensorflow as tf
@@ -264,8 +311,48 @@ def check_portable_artifact(
     from litert_converter.mlir.dialects import stablehlo
     from litert_torch.backend.export_utils import create_ir_context
 
-    bytecode = stablehlo.deserialize_portable_artifact_str((directory / BYTECODE_FILE).read_bytes())
+    bytecode = stablehlo.deserialize_portable_artifact_str((directory / file).read_bytes())
     with create_ir_context():
         text = ir.Module.parse(bytecode).operation.get_asm()
     run = _xla_function(_with_platform_index(text), model, input_dtypes, output_dtypes)
     run(*[tf.zeros(list(s.shape), dtype) for s, dtype in zip(model.inputs, input_dtypes)])
+
+
+def bucket_variants(model: CapturedModel, buckets: dict[str, tuple[int, ...]]) -> list[tuple[str, CapturedModel]]:
+    """One static program per bucket size, `(signature, model)`: the captured program re-exported with the
+    bucketed symbol at that size (the others at their OPT, or MIN) and no dynamic dims."""
+    import torch
+
+    from compiler.capture import CapturedModel, fx_signature
+
+    assert model.exported is not None and model.dynamic is not None
+    names = [s.name for s in model.inputs]
+    args, _ = model.exported.example_inputs
+    variants = []
+    for symbol, sizes in buckets.items():
+        for size in sizes:
+            chosen = {d.symbol: d.opt or d.minimum for d in model.dynamic.dims} | {symbol: size}
+            inputs = tuple(model.dynamic.resized(names, list(args), chosen))
+            program = torch.export.export(model.exported.module(), inputs, strict=False)
+            specs_in, specs_out = fx_signature(program, [s.name for s in model.outputs])
+            variants.append((f"serving_{symbol}_{size}", CapturedModel(program, None, specs_in, specs_out, 0, None)))
+    return variants
+
+
+def bucket_of(buckets: dict[str, dict[str, list[int]]], feeds: dict[str, Any]) -> str | None:
+    """The signature whose input shapes `feeds` have, or None."""
+    for signature, shapes in buckets.items():
+        if all(list(feeds[name].shape) == shape for name, shape in shapes.items() if name in feeds):
+            return signature
+    return None
+
+
+def bucket_note(model: CapturedModel, buckets: dict[str, tuple[int, ...]]) -> str:
+    """The manifest's note on how a bucketed export is called."""
+    axes = [f"{n}:{a}" for d in (model.dynamic.dims if model.dynamic else ()) for n, a in d.axes]
+    sizes = "; ".join(f"{symbol}={','.join(map(str, values))}" for symbol, values in buckets.items())
+    return (
+        f"buckets {sizes}: one static signature per size (serving_SYMBOL_SIZE); the caller pads {', '.join(axes)} "
+        "up to the next bucket (e.g. attention_mask 0 on padded tokens) and drops the padded positions of the "
+        "outputs; parity was checked at each bucket size"
+    )

@@ -26,6 +26,7 @@ class CellOptions:
     rtol: float | None = None
     samples: int = 4
     dynamic_batch: str | None = None
+    dynamic: tuple[str, ...] = ()  # --dynamic specs, e.g. ("seq=input_ids:1,attention_mask:1=8:64",)
     inputs: tuple[str, ...] = ()  # extra parity input files (.npz)
     timeout: float = DEFAULT_TIMEOUT_S  # wall-clock seconds before the cell's process group is killed
     memory_limit_gb: float | None = None  # address-space limit of the cell's process; None: physical RAM; 0: none
@@ -35,6 +36,7 @@ class CellOptions:
         """The options that reach the export itself, as keywords of `compiler.options.export_options`."""
         return {
             "dynamic_batch": self.dynamic_batch,
+            "dynamic": self.dynamic,
             "inputs": self.inputs,
             "atol": self.atol,
             "rtol": self.rtol,
@@ -50,7 +52,7 @@ class CellOptions:
             name = aliases.get(key, key)
             if name not in known:
                 raise UsageError(f"{where}: unknown option '{key}'", f"cell options are: {', '.join(sorted(known))}")
-            values[name] = tuple(value) if name == "inputs" and isinstance(value, list) else value
+            values[name] = tuple(value) if name in ("inputs", "dynamic") and isinstance(value, list) else value
         for name, value in values.items():
             valid, meaning = OPTION_CHECKS[name]
             if not valid(value):
@@ -67,6 +69,7 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "rtol": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "samples": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
     "dynamic_batch": (lambda v: isinstance(v, str), 'a string "MIN:MAX"'),
+    "dynamic": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), 'a list of "NAME:AXIS=MIN:MAX"'),
     "inputs": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), "a list of .npz paths"),
     "timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
     "memory_limit_gb": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),

@@ -101,7 +101,7 @@ def _batch_size(specs: list[TensorSpec]) -> int:
     if len(sizes) != 1 or not isinstance(next(iter(sizes)), int):
         raise UsageError(
             "calibration needs every input to have the same static batch size",
-            "export without --dynamic-batch, with example inputs of one batch size",
+            "export without --dynamic-batch/--dynamic, with example inputs of one batch size",
         )
     return int(next(iter(sizes)))
 

@@ -152,3 +152,30 @@ class PrototypeHead(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return -torch.cdist(self.embed(points), self.prototypes.expand(points.shape[0], -1, -1))
+
+
+class _Encoder(nn.Module):
+    """A transformers encoder called with named token ids and attention mask (the names a --dynamic spec uses)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def tiny_bert() -> tuple[nn.Module, tuple[Any, ...]]:
+    """A one-layer BERT (vocabulary 100, width 32, up to 64 positions) taking `input_ids` and `attention_mask`
+    of 16 tokens, the last 3 of the second row padding: for sequence-length-dynamic exports."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    ids = torch.randint(1, 100, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    return _Encoder(BertModel(config)).eval(), (ids, mask)
