@@ -60,7 +60,7 @@ def tuned(tmp_path_factory):
 
 
 def test_leaderboard_ranks_and_best_passes_verify(tuned, capsys):
-    out, board, _, _ = tuned
+    out, _, _, _ = tuned
     for name in ("leaderboard.md", "leaderboard.json", "leaderboard.html"):
         assert (out / name).is_file()
     stored = json.loads((out / "leaderboard.json").read_text())
@@ -104,7 +104,7 @@ def test_runtime_settings_reach_the_runtime_and_the_published_manifest(tuned, tm
     from compiler.artifacts import Artifact, load_runner
     from compiler.tune import Entry
 
-    out, board, _, _ = tuned
+    _, board, _, _ = tuned
     row = next(r for r in board["candidates"] if r["runtime_settings"] == {"graph_optimization": "basic"})
     directory = Path(row["directory"])
     settings = RuntimeSettings(graph_optimization="basic")
