@@ -155,3 +155,16 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     code, _, err = run_cli("tune", "zoo:cnn", "--out", tmp_path / "o", *args, capsys=capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o" / "builds").exists()
+
+
+def test_runtime_variants_default_first_and_only_what_applies():
+    import openvino as ov
+
+    onnx = get_target("onnx").runtime_variants("fp32")
+    assert onnx[0].is_default and RuntimeSettings(graph_optimization="basic") in onnx
+    int8 = get_target("openvino").runtime_variants("int8")
+    assert int8[0].is_default and all(v.inference_precision is None for v in int8)
+    fp32 = get_target("openvino").runtime_variants("fp32")
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert any(v.inference_precision == "default" for v in fp32) == has_bf16  # elsewhere it is f32 anyway
+    assert {v.performance_hint for v in fp32} == {None, "LATENCY", "THROUGHPUT"}
