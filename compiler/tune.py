@@ -251,7 +251,7 @@ def _entries(builds: list[CellResult], options: TuneOptions, progress: Progress)
         for variant in variants or (RuntimeSettings(),):
             for threads in options.threads or (None,):
                 label = [] if variant.is_default else [variant.label()]
-                label += [f"threads={threads}"] if threads is not None else []
+                label += [f"threads={threads}"] if len(options.threads) > 1 else []
                 name = base.build_name + (f" [{' '.join(label)}]" if label else "")
                 entries.append(replace(base, name=name, settings=variant, threads=threads, timing={}))
     for entry in entries:

@@ -1,9 +1,9 @@
 """`kiln tune`'s ranking, its tie rule, publishing the winner, and the leaderboards (md, json, self-contained html).
 
-Tie rule: candidates are timed in the same interleaved rounds; one whose p50 is within the noise of the fastest's
-(the wider of the two spreads, the slowest over the fastest round median, and never less than NOISE_FLOOR) is
-tied with it. Among the tied, the simplest wins (fp32 before fp16/bf16 before int8; the fewest non-default runtime
-settings), then the most accurate (highest worst-case cosine), then the fastest.
+Tie rule: candidates are timed in the same interleaved rounds, so the best one and another are compared round by
+round; the other is tied with the best unless it was slower in every round and its median per-round ratio is
+over NOISE_FLOOR (see `_tied`). Among the tied, the simplest wins (fp32 before fp16/bf16 before int8; the fewest
+non-default runtime settings), then the most accurate (highest worst-case cosine), then the fastest.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def _row(entry: Entry) -> dict[str, Any]:
         "p50_ms": latency.get("p50"),
         "p90_ms": latency.get("p90"),
         "spread": timing.get("spread"),
+        "round_medians_ms": timing.get("round_medians_ms"),
         "spread_too_wide": timing.get("spread_too_wide", False),
         "throughput_items_per_s": timing.get("throughput_items_per_s"),
         "artifact_bytes": build.artifact_bytes,
@@ -56,13 +57,19 @@ def _measure(row: dict[str, Any], objective: str) -> float:
 
 
 def _tied(best: dict[str, Any], other: dict[str, Any], objective: str) -> bool:
-    """Whether `other` is within the noise of `best` (sizes: within 1%)."""
-    first, second = abs(_measure(best, objective)), abs(_measure(other, objective))
+    """Whether `other` is within the noise of `best`. Timed in the same interleaved rounds, so compared round by
+    round: a tie unless `other` was worse in every round and by more than NOISE_FLOOR at the median of the
+    per-round ratios (a candidate with a wide spread of its own is not "tied" with a faster, steadier one just
+    because it is noisy). Sizes: within 1%."""
     if objective == "size":
-        return second <= first * 1.01
-    noise = max(best["spread"] or 1.0, other["spread"] or 1.0, NOISE_FLOOR)
-    low, high = sorted((first, second))
-    return low > 0 and high / low <= noise
+        return abs(_measure(other, objective)) <= abs(_measure(best, objective)) * 1.01
+    pairs = list(
+        zip(best.get("round_medians_ms") or [best["p50_ms"]], other.get("round_medians_ms") or [other["p50_ms"]])
+    )
+    ratios = sorted(b / a for a, b in pairs if a > 0)
+    if not ratios:
+        return True
+    return ratios[0] <= 1.0 or ratios[len(ratios) // 2] <= NOISE_FLOOR
 
 
 def _simpler(row: dict[str, Any]) -> tuple[float, ...]:

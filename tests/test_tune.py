@@ -125,21 +125,30 @@ def test_runtime_settings_reach_the_runtime_and_the_published_manifest(tuned, tm
     assert ov.runtime_config["PERFORMANCE_HINT"] == "THROUGHPUT" and "INFERENCE_PRECISION_HINT" not in ov.runtime_config
 
 
-def _entry(name: str, precision: str, p50: float, spread: float, cosine: float):
+def _entry(name: str, precision: str, rounds: list[float], cosine: float):
+    import statistics
+
     from compiler.tune import Entry
 
     build = CellResult(f"m/onnx/{precision}", "m", "zoo:cnn", "onnx", precision, PASSED, min_cosine=cosine)
-    rounds = {"p50": p50, "p90": p50}
-    timing = {"latency_ms": rounds, "spread": spread, "throughput_items_per_s": 1000 / p50}
+    p50 = statistics.median(rounds)
+    timing = {"latency_ms": {"p50": p50, "p90": max(rounds)}, "round_medians_ms": rounds,
+              "spread": max(rounds) / min(rounds), "throughput_items_per_s": 1000 / p50}  # fmt: skip
     return Entry(name, "onnx", precision, False, RuntimeSettings(), None, build, Path("."), timing=timing)
 
 
 def test_a_winner_inside_the_noise_is_a_tie_and_the_simpler_one_wins():
-    tie = rank([_entry("int8", "int8", 0.95, 1.10, 0.999), _entry("fp32", "fp32", 1.0, 1.08, 1.0)], "latency")
+    """int8 faster in most rounds but not all: a tie, fp32 (simpler, more accurate) wins; int8 faster in every
+    round by more than the floor: int8 wins; a noisy slow fp32 is not tied with a steady fast int8."""
+    int8, fp32 = _entry("int8", "int8", [0.95, 0.9, 1.05], 0.999), _entry("fp32", "fp32", [1.0, 1.0, 1.0], 1.0)
+    tie = rank([int8, fp32], "latency")
     assert tie["winner"]["name"] == "fp32" and tie["why"].startswith("tie:")
-    clear = rank([_entry("int8", "int8", 0.5, 1.05, 0.999), _entry("fp32", "fp32", 1.0, 1.05, 1.0)], "latency")
+    int8, fp32 = _entry("int8", "int8", [0.5, 0.6, 0.5], 0.999), _entry("fp32", "fp32", [1.0, 1.0, 1.0], 1.0)
+    clear = rank([int8, fp32], "latency")
     assert clear["winner"]["name"] == "int8" and not clear["why"].startswith("tie")
     assert clear["pareto"] == ["int8", "fp32"]  # faster but less accurate, and slower but more accurate
+    noisy = _entry("fp32", "fp32", [0.3, 1.0, 3.0], 1.0)  # spread 10: within it, but slower in every round
+    assert rank([_entry("int8", "int8", [0.1, 0.12, 0.1], 0.999), noisy], "latency")["winner"]["name"] == "int8"
 
 
 @pytest.mark.parametrize(
