@@ -143,7 +143,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[str]:
     torch.set_num_threads(args.threads)
     out = Path(args.work) / name
     options = TuneOptions(targets=tuple(args.targets.split(",")), precisions=("fp32",), threads=(args.threads,),
-                          rounds=3, runs=5, warmup=2)  # fmt: skip
+                          plain=not args.no_plain, rounds=3, runs=5, warmup=2)  # fmt: skip
     board = run_tune(_source(name), out, options, Progress(quiet=True))
     if board["winner"] is None:
         return [f"{name}: no winner ({board['why']})"]
@@ -178,6 +178,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--work", default="/tmp/kiln-bench-tune")
+    parser.add_argument("--no-plain", action="store_true", help="leave tune's plain -O0 candidates out (faster)")
     args = parser.parse_args()
     from compiler.progress import quiet_libraries
 

@@ -163,6 +163,10 @@ def absolute_source(source: str) -> str:
     """A file source with its path made absolute (the builds run in other processes, maybe elsewhere); a missing
     file is a UsageError now, not one per candidate."""
     if source.startswith("zoo:"):
+        from compiler.zoo import ZOO
+
+        if source.removeprefix("zoo:") not in ZOO:
+            raise UsageError(f"no built-in model {source!r}", f"choose one of: {', '.join(f'zoo:{n}' for n in ZOO)}")
         return source
     path, separator, factory = source.rpartition(":")
     if not (separator and path.endswith(".py")):

@@ -152,16 +152,17 @@ def test_a_winner_inside_the_noise_is_a_tie_and_the_simpler_one_wins():
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("model", "args", "message"),
     [
-        (("--objective", "fastest"), "--objective 'fastest' is unknown"),
-        (("--targets", "onnx", "--precisions", "int4"), "no candidates"),
-        (("--min-cosine", "nan"), "--min-cosine nan"),
-        (("--threads", "two"), "--threads 'two'"),
+        ("zoo:cnn", ("--objective", "fastest"), "--objective 'fastest' is unknown"),
+        ("zoo:cnn", ("--targets", "onnx", "--precisions", "int4"), "no candidates"),
+        ("zoo:cnn", ("--min-cosine", "nan"), "--min-cosine nan"),
+        ("zoo:cnn", ("--threads", "two"), "--threads 'two'"),
+        ("zoo:nope", (), "no built-in model 'zoo:nope'"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
-    code, _, err = run_cli("tune", "zoo:cnn", "--out", tmp_path / "o", *args, capsys=capsys)
+def test_bad_input_is_one_line_exit_2(model, args, message, tmp_path, capsys):
+    code, _, err = run_cli("tune", model, "--out", tmp_path / "o", *args, capsys=capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o" / "builds").exists()
 
