@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from compiler.tune import Entry
 
+ACCURACY_DIGITS = 6  # cosines equal to this many digits are equally accurate for the tie rule
 NOISE_FLOOR = 1.03  # two candidates within 3% are never told apart on these machines
 SIMPLICITY = {"fp32": 0, "fp16": 1, "bf16": 1, "int8-dynamic": 2, "int8": 3}
 SCHEMA = "kiln.tune/1"
@@ -73,10 +74,12 @@ def _tied(best: dict[str, Any], other: dict[str, Any], objective: str) -> bool:
 
 
 def _simpler(row: dict[str, Any]) -> tuple[float, ...]:
+    """Simplicity, then accuracy to ACCURACY_DIGITS of the worst cosine (fp32 artifacts differ from each other in
+    the 7th digit by rounding alone: that is no reason to prefer the slower one)."""
     return (
         SIMPLICITY.get(row["precision"], 4),
         len(row["runtime_settings"]) + (row["threads"] is not None),
-        -(row["min_cosine"] if row["min_cosine"] is not None else -1.0),
+        -round(row["min_cosine"] if row["min_cosine"] is not None else -1.0, ACCURACY_DIGITS),
     )
 
 

@@ -147,6 +147,8 @@ def test_a_winner_inside_the_noise_is_a_tie_and_the_simpler_one_wins():
     clear = rank([int8, fp32], "latency")
     assert clear["winner"]["name"] == "int8" and not clear["why"].startswith("tie")
     assert clear["pareto"] == ["int8", "fp32"]  # faster but less accurate, and slower but more accurate
+    tflite, openvino = _entry("tflite", "fp32", [1.0, 1.3, 1.0], 0.99999990), _entry("ov", "fp32", [1.2, 1.2, 1.2], 1.0)
+    assert rank([tflite, openvino], "latency")["winner"]["name"] == "tflite"  # a 1e-7 cosine is no reason to be slower
     noisy = _entry("fp32", "fp32", [0.3, 1.0, 3.0], 1.0)  # spread 10: within it, but slower in every round
     assert rank([_entry("int8", "int8", [0.1, 0.12, 0.1], 0.999), noisy], "latency")["winner"]["name"] == "int8"
 
