@@ -261,6 +261,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
+    from compiler.progress import Progress
+    from compiler.tune import DEFAULT_PRECISIONS, DEFAULT_TARGETS, TuneOptions, parse_list, parse_threads, run_tune
+
+    options = TuneOptions(
+        targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
+        precisions=parse_list(args.precisions, DEFAULT_PRECISIONS, "--precisions"),
+        objective=args.objective,
+        threads=parse_threads(args.threads),
+        min_cosine=args.min_cosine,
+        max_drop=args.max_drop,
+        metric=args.metric,
+        calib=args.calib,
+        plain=not args.no_plain,
+        runtime_search=not args.no_runtime_search,
+        rounds=args.rounds,
+        runs=args.runs,
+        warmup=args.warmup,
+        executor=args.executor,
+    )
+    board = run_tune(args.model, Path(args.out), options, Progress(quiet=args.quiet or args.json))
+    if args.json:
+        print(json.dumps(board, indent=2, default=str))
+    elif not args.quiet:
+        from compiler.tune_report import markdown
+
+        print(markdown(board))
+    return 0 if board["winner"] is not None else 1
+
+
 def cmd_quant_report(args: argparse.Namespace) -> int:
     """`kiln quant-report`: the per-layer error of a quantized export against fp32, worst layer first."""
     from compiler.quantization.report import REPORT_FILE, QuantReport, not_quantized
@@ -378,6 +409,7 @@ HANDLERS = {
     "debug": cmd_debug,
     "quant-report": cmd_quant_report,
     "bench": cmd_bench,
+    "tune": cmd_tune,
     "matrix": cmd_matrix,
 }
 __all__ = ["HANDLERS", "build_parser", "main", "main_entry"]

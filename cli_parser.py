@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _other_parsers(sub)
     _bench_parser(sub)
+    _tune_parser(sub)
     _matrix_parser(sub)
     return parser
 
@@ -196,6 +197,34 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("--no-write", action="store_true", help="do not write bench.json into the export directories")
     _trust_flag(bench)
     _output_flags(bench)
+
+
+def _tune_parser(sub: Any) -> None:
+    """`kiln tune` and its flags."""
+    tune = sub.add_parser(
+        "tune",
+        help="build and verify every candidate, time the survivors, publish the fastest to OUT/best",
+        description="Candidates: targets x precisions (x the plain -O0 export, x runtime settings); each verified by "
+        "the parity gate, the survivors timed in interleaved rounds; the winner goes to OUT/best, the leaderboard to "
+        "OUT/leaderboard.{md,json,html}. A killed tune resumes (OUT/builds/results.jsonl).",
+    )
+    tune.add_argument("model", metavar="MODEL", help="zoo:NAME, file.py:factory, file.pt2")
+    tune.add_argument("--out", required=True, help="output directory")
+    tune.add_argument("--targets", help="comma list (default onnx,openvino,tflite)")
+    tune.add_argument("--precisions", help="comma list (default fp32,fp16,bf16,int8)")
+    tune.add_argument("--objective", default="latency", help="latency (default), throughput or size")
+    tune.add_argument("--threads", help="thread count(s) to time at, e.g. 2 or 1,2 (default: each runtime's)")
+    tune.add_argument("--min-cosine", type=float, help="parity: the worst cosine every candidate must reach")
+    tune.add_argument("--max-drop", type=float, help="accuracy budget of quantized candidates")
+    tune.add_argument("--metric", help="file.py:fn measuring accuracy for --max-drop")
+    tune.add_argument("--calib", help="calibration data for int8 (.npz or a directory)")
+    tune.add_argument("--no-plain", action="store_true", help="do not build the plain -O0 export as a candidate")
+    tune.add_argument("--no-runtime-search", action="store_true", help="time each build with its default settings")
+    tune.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    tune.add_argument("--runs", type=int, default=10, help="timed runs per candidate per round (default 10)")
+    tune.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first (default 3)")
+    tune.add_argument("--executor", default="local", help="local (default) or ray: where the builds run")
+    _output_flags(tune)
 
 
 def _matrix_parser(sub: Any) -> None:

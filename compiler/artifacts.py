@@ -21,7 +21,7 @@ from passes.contract import snapshot
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
-    from targets.base import BuildRequest, Runner, Target
+    from targets.base import BuildRequest, Runner, RuntimeSettings, Target
 
 
 @dataclass
@@ -68,14 +68,17 @@ def build(
     return Artifact(directory, assemble_manifest(parts), parts)
 
 
-def load_runner(artifact: Artifact, threads: int | None = None) -> Runner:
+def load_runner(artifact: Artifact, threads: int | None = None, settings: RuntimeSettings | None = None) -> Runner:
     """A runner for the artifact, from its target in the registry (`threads`: the runtime's thread count, where
-    it has one; None: its default)."""
+    it has one; None: its default; `settings`: runtime settings applied over the manifest's, e.g. by `kiln tune`)."""
     from targets import get_target
 
     target = get_target(artifact.target)
+    manifest = artifact.manifest
+    if settings is not None and not settings.is_default:
+        manifest = target.with_runtime_settings(manifest, settings)
     with backend_failures(target, "run"):
-        return target.load(artifact.directory, artifact.manifest, threads=threads)
+        return target.load(artifact.directory, manifest, threads=threads)
 
 
 def hash_files(directory: Path) -> list[ArtifactFile]:

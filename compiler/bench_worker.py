@@ -78,7 +78,8 @@ def _load(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     quiet_libraries()
     threads = job.get("threads")
     if job["kind"] == "artifact":
-        run, control, info, load_s = _artifact(Path(job["directory"]), threads, job.get("batch"), job["trust_pickle"])
+        run, control, info, load_s = _artifact(Path(job["directory"]), threads, job.get("batch"), job["trust_pickle"],
+                                               job.get("runtime_settings"))  # fmt: skip
     else:
         run, control, info, load_s = _torch(job, threads)
     batch = info.pop("batch")
@@ -100,17 +101,18 @@ def _rows(feeds: dict[str, Any]) -> int | None:
 
 
 def _artifact(
-    directory: Path, threads: int | None, batch: int | None, trust_pickle: bool
+    directory: Path, threads: int | None, batch: int | None, trust_pickle: bool, settings: dict[str, Any] | None = None
 ) -> tuple[Callable[[], Any], str, dict[str, Any], float]:
     from compiler.artifacts import Artifact, load_runner
     from compiler.benchmark import bench_feeds
     from compiler.pt2_archive import trusting_pickles
+    from targets.base import RuntimeSettings
 
     artifact = Artifact.read(directory)
     feeds = bench_feeds(directory, artifact.manifest, batch, artifact_layout=True)
     started = time.perf_counter()
     with trusting_pickles(trust_pickle):
-        runner = load_runner(artifact, threads)
+        runner = load_runner(artifact, threads, RuntimeSettings.from_dict(settings))
     load_s = time.perf_counter() - started
     info = {**runner.runtime_info(), "batch": _rows(feeds)}
     return lambda: runner.run(feeds), runner.thread_control, info, load_s

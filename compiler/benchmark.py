@@ -73,6 +73,8 @@ class Candidate:
     directory: Path
     manifest: Manifest
     model: str | None = None
+    threads: int | None = None  # this candidate's own thread count (`kiln tune`); None: the options'
+    settings: dict[str, str] = field(default_factory=dict)  # RuntimeSettings.to_dict() to load it with
 
     def job(self, options: BenchOptions) -> dict[str, Any]:
         """The first line its worker reads."""
@@ -80,7 +82,8 @@ class Candidate:
             "kind": self.kind,
             "directory": str(self.directory),
             "model": self.model,
-            "threads": options.threads,
+            "threads": self.threads if self.threads is not None else options.threads,
+            "runtime_settings": self.settings,
             "batch": options.batch,
             "trust_pickle": options.trust_pickle,
         }
@@ -233,9 +236,12 @@ class Started:
     failure: str | None = None
 
 
-def start_workers(candidates: list[Candidate], options: BenchOptions, progress: Progress) -> list[Started]:
+def start_workers(
+    candidates: list[Candidate], options: BenchOptions, progress: Progress, keep_going: bool = False
+) -> list[Started]:
     """Start and load every candidate, one after the other. An export that fails to load stops the command (its
-    error, e.g. exit 3 for a missing runtime); torch.compile failing or compiling too slowly is recorded."""
+    error, e.g. exit 3 for a missing runtime) unless `keep_going` (`kiln tune`: it is recorded, as torch.compile
+    failing or compiling too slowly always is)."""
     started: list[Started] = []
     try:
         for candidate in candidates:
@@ -248,9 +254,13 @@ def start_workers(candidates: list[Candidate], options: BenchOptions, progress: 
                 worker.close(force=True)
                 if not isinstance(error, (KilnError, WorkerFailed)):  # Ctrl-C while it loads
                     raise
-                if candidate.kind != COMPILED:  # an export, or eager (a --model that does not load): stop
+                if candidate.kind != COMPILED and not keep_going:  # an export, or eager (a bad --model): stop
                     raise _as_error(candidate, error) from None
-                why = f"too slow to compile (over {timeout:g} s)" if "no answer" in str(error) else str(error)
+                why = (
+                    f"too slow to compile (over {timeout:g} s)"
+                    if candidate.kind == COMPILED and "no answer" in str(error)
+                    else str(error)
+                )
                 started.append(Started(candidate, None, failure=why))
                 progress.say(f"{candidate.name} left out: {why}")
                 continue
@@ -274,11 +284,24 @@ def _as_error(candidate: Candidate, error: Exception) -> KilnError:
 def run_bench(paths: Sequence[str | Path], options: BenchOptions, progress: Progress) -> dict[str, Any]:
     """Time every candidate under `paths` as `options` say; the report (see `compiler.bench_report.report`), also
     written as bench.json beside each export's manifest unless `options.write` is False."""
-    from compiler.bench_report import report, write_bench_files
+    from compiler.bench_report import write_bench_files
 
     options.check()
-    candidates = find_candidates(paths, options)
-    started = start_workers(candidates, options, progress)
+    result = time_candidates(find_candidates(paths, options), options, progress)
+    if options.write:
+        for note in write_bench_files(result):
+            progress.warn(note)
+    return result
+
+
+def time_candidates(
+    candidates: list[Candidate], options: BenchOptions, progress: Progress, keep_going: bool = False
+) -> dict[str, Any]:
+    """Load each candidate in its own worker, warm them up, time them in interleaved rounds; the report (see
+    `compiler.bench_report.report`). Shared by `kiln bench` and `kiln tune` (`keep_going`: see start_workers)."""
+    from compiler.bench_report import report
+
+    started = start_workers(candidates, options, progress, keep_going)
     running = [s for s in started if s.worker is not None]
     workers = [s.worker for s in running if s.worker is not None]
     try:
@@ -300,8 +323,4 @@ def run_bench(paths: Sequence[str | Path], options: BenchOptions, progress: Prog
         raise
     for worker in workers:
         worker.close()
-    result = report(started, running, times, failed, peaks, options)
-    if options.write:
-        for note in write_bench_files(result):
-            progress.warn(note)
-    return result
+    return report(started, running, times, failed, peaks, options)

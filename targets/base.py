@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,6 +45,36 @@ class Route:
 ONNX_ROUTES = (Route("onnx(dynamo)", "onnx", "dynamo"), Route("onnx(torchscript)", "onnx", "torchscript"))
 ONNX_FILE = Route("onnx(source file)", "onnx")
 FX_ROUTE = Route("torch.export", "torch")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How to load an artifact, beyond its files: runtime options that change speed without a rebuild. None: the
+    runtime's default. A target turns them into its manifest's `runtime_config` (`Target.with_runtime_settings`),
+    so that an export published with them (`kiln tune`'s winner) loads with them everywhere, `kiln verify` too."""
+
+    graph_optimization: str | None = None  # ONNX Runtime: "disable", "basic", "extended" or "all" (its default)
+    performance_hint: str | None = None  # OpenVINO: "LATENCY" or "THROUGHPUT"
+    inference_precision: str | None = None  # OpenVINO: "default" (the CPU's own: bf16 where it has it) or "f32"
+
+    def label(self) -> str:
+        """A short name for tables: the settings that are not the default, or "default"."""
+        parts = [f"{k.replace('_', '-')}={v}" for k, v in asdict(self).items() if v is not None]
+        return ",".join(parts) or "default"
+
+    def to_dict(self) -> dict[str, str]:
+        """The settings that are set, JSON-ready."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RuntimeSettings:
+        """Inverse of `to_dict` (None or {}: the defaults)."""
+        return cls(**{k: str(v) for k, v in (data or {}).items()})
+
+    @property
+    def is_default(self) -> bool:
+        """Whether nothing is set."""
+        return not self.to_dict()
 
 
 @dataclass
@@ -141,6 +171,19 @@ class Target:
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Write the artifact for `model` into `directory`."""
         raise NotImplementedError
+
+    def runtime_variants(self, precision: str) -> tuple[RuntimeSettings, ...]:
+        """The runtime settings worth timing for an artifact of `precision` (`kiln tune`); the default first."""
+        return (RuntimeSettings(),)
+
+    def with_runtime_settings(self, manifest: Manifest, settings: RuntimeSettings) -> Manifest:
+        """`manifest` with `settings` written into its runtime_config, as `load` reads them (the default: no
+        settings to apply; a target with runtime settings overrides this)."""
+        from compiler.errors import UsageError
+
+        if not settings.is_default:
+            raise UsageError(f"target {self.name} takes no runtime settings ({settings.label()})", "drop them")
+        return replace(manifest)
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """A runner for the artifact in `directory`, configured as the manifest says; `threads` sets the runtime's

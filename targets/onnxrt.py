@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, Target
+from targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,9 +42,13 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        level = (manifest.runtime_config if manifest is not None else {}).get(GRAPH_OPTIMIZATION_KEY)
+        if level is not None:
+            options.graph_optimization_level = _graph_optimization_level(str(level))
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.precision = manifest.precision if manifest is not None else "fp32"
+        self.graph_optimization = str(level or "all")
         if manifest is not None:
             self.inputs, self.outputs = manifest.inputs, manifest.outputs
         else:
@@ -63,7 +67,27 @@ class OnnxRuntimeRunner(Runner):
             "runtime": f"onnxruntime {ort.__version__}",
             "providers": self.session.get_providers(),
             "inference_precision": INFERENCE_PRECISION.get(self.precision, self.precision),
+            "graph_optimization": self.graph_optimization,
         }
+
+
+GRAPH_OPTIMIZATION_KEY = "graph_optimization_level"  # runtime_config key: RuntimeSettings.graph_optimization
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _graph_optimization_level(name: str) -> Any:
+    """ONNX Runtime's GraphOptimizationLevel for "disable", "basic", "extended" or "all"."""
+    import onnxruntime as ort
+
+    from compiler.errors import UsageError
+
+    if name not in GRAPH_OPTIMIZATION_LEVELS:
+        raise UsageError(
+            f"ONNX Runtime graph optimization level {name!r} is unknown", f"use {', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
+        )
+    return getattr(
+        ort.GraphOptimizationLevel, f"ORT_{'DISABLE_ALL' if name == 'disable' else 'ENABLE_' + name.upper()}"
+    )
 
 
 def _ort_dtype(type_string: str) -> str:
@@ -144,8 +168,23 @@ class OnnxRuntimeTarget(Target):
             output.notes.append(reverted_note(extra["accuracy_aware"]["reverted_modules"]))
         output.passes.append(summary.pass_record())
 
+    def runtime_variants(self, precision: str) -> tuple[RuntimeSettings, ...]:
+        """ONNX Runtime's default (all graph optimizations) and only its basic ones (fewer fusions: on some
+        models and CPUs the extended fusions are slower)."""
+        return (RuntimeSettings(), RuntimeSettings(graph_optimization="basic"))
+
+    def with_runtime_settings(self, manifest: Manifest, settings: RuntimeSettings) -> Manifest:
+        """The graph optimization level into runtime_config (what OnnxRuntimeRunner reads)."""
+        if settings.performance_hint or settings.inference_precision:
+            return super().with_runtime_settings(manifest, settings)
+        config = {k: v for k, v in manifest.runtime_config.items() if k != GRAPH_OPTIMIZATION_KEY}
+        if settings.graph_optimization is not None:
+            _graph_optimization_level(settings.graph_optimization)  # refuse an unknown level now
+            config[GRAPH_OPTIMIZATION_KEY] = settings.graph_optimization
+        return replace(manifest, runtime_config=config)
+
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
-        """An ONNX Runtime session on the artifact."""
+        """An ONNX Runtime session on the artifact (with the graph optimization level its runtime_config names)."""
         return OnnxRuntimeRunner(directory / MODEL_FILE, manifest, threads=threads or 0)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from compiler.quantization.openvino import QUANTIZED_PRECISIONS
-from targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, Target
+from targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -82,6 +82,7 @@ class OpenVinoRunner(Runner):
             "runtime": f"openvino {ov.get_version()}",
             "inference_precision": precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision),
             "execution_mode": str(self.compiled.get_property("EXECUTION_MODE_HINT")),
+            "performance_hint": str(self.compiled.get_property("PERFORMANCE_HINT")),
             "num_streams": str(self.compiled.get_property("NUM_STREAMS")),
             "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
             **self.layer_precisions(),
@@ -197,6 +198,42 @@ class OpenVinoTarget(Target):
         built.runtime_config = config
         built.info["cpu_capabilities"] = list(cpu)
         return built
+
+    def runtime_variants(self, precision: str) -> tuple[RuntimeSettings, ...]:
+        """The CPU plugin's LATENCY and THROUGHPUT hints; for fp32/fp16 also the CPU's own inference precision
+        (bf16 on CPUs that have it, which the parity gate then judges; elsewhere it is the f32 the build pins)."""
+        import openvino as ov
+
+        hints = ("LATENCY", "THROUGHPUT")
+        bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        own = ("default",) if precision in ("fp32", "fp16") and bf16 else ()  # without bf16 the default is f32
+        return (
+            RuntimeSettings(),
+            *(RuntimeSettings(performance_hint=h) for h in hints),
+            *(RuntimeSettings(performance_hint=h, inference_precision=p) for h in hints for p in own),
+        )
+
+    def with_runtime_settings(self, manifest: Manifest, settings: RuntimeSettings) -> Manifest:
+        """PERFORMANCE_HINT and INFERENCE_PRECISION_HINT into runtime_config (what the CPU plugin compiles with);
+        inference precision "default" drops the pinned hint, "f32" pins f32."""
+        from dataclasses import replace
+
+        from compiler.errors import UsageError
+
+        if settings.graph_optimization:
+            return super().with_runtime_settings(manifest, settings)
+        config = dict(manifest.runtime_config)
+        if settings.performance_hint is not None:
+            if settings.performance_hint not in ("LATENCY", "THROUGHPUT"):
+                raise UsageError(
+                    f"OpenVINO performance hint {settings.performance_hint!r}", "use LATENCY or THROUGHPUT"
+                )
+            config["PERFORMANCE_HINT"] = settings.performance_hint
+        if settings.inference_precision == "default":
+            config.pop("INFERENCE_PRECISION_HINT", None)
+        elif settings.inference_precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = settings.inference_precision
+        return replace(manifest, runtime_config=config)
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """A compiled model on the CPU plugin."""

@@ -31,10 +31,15 @@ class CellOptions:
     timeout: float = DEFAULT_TIMEOUT_S  # wall-clock seconds before the cell's process group is killed
     memory_limit_gb: float | None = None  # address-space limit of the cell's process; None: physical RAM; 0: none
     expect: str = "pass"  # "pass", or "fail": a failure of this cell does not fail the run
+    opt_level: int | None = None  # -O level of Kiln's passes (None: the default)
+    calib: str | None = None  # calibration data for int8 (.npz or directory; None: the model's own samples)
+    max_drop: float | None = None  # the accuracy budget of quantized precisions (with `metric`)
+    metric: str | None = None  # file.py:fn measuring accuracy for max_drop
+    min_cosine: float | None = None  # a stricter (or looser) parity cosine threshold
 
     def export_settings(self) -> dict[str, Any]:
         """The options that reach the export itself, as keywords of `compiler.options.export_options`."""
-        return {
+        settings: dict[str, Any] = {
             "dynamic_batch": self.dynamic_batch,
             "dynamic": self.dynamic,
             "inputs": self.inputs,
@@ -42,6 +47,15 @@ class CellOptions:
             "rtol": self.rtol,
             "samples": self.samples,
         }
+        optional = {"opt_level": self.opt_level, "calib": self.calib, "min_cosine": self.min_cosine}
+        if self.max_drop is not None:
+            optional |= {"max_drop": self.max_drop, "metric": self.metric}
+        return settings | {k: v for k, v in optional.items() if v is not None}
+
+    def files(self) -> list[str]:
+        """The files whose bytes decide the cell's result besides the model: parity inputs, calibration, metric."""
+        metric = self.metric.rpartition(":")[0] if self.metric and ".py:" in self.metric else self.metric
+        return [*self.inputs, *(f for f in (self.calib, metric) if f)]
 
     def merged(self, overrides: dict[str, Any], where: str) -> CellOptions:
         """These options with the keys of a config table applied; unknown keys are refused."""
@@ -74,6 +88,11 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
     "memory_limit_gb": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),
     "expect": (lambda v: v in ("pass", "fail"), '"pass" or "fail"'),
+    "opt_level": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3, "a whole number 0..3"),
+    "calib": (lambda v: isinstance(v, str), "a path (.npz or a directory)"),
+    "max_drop": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "metric": (lambda v: isinstance(v, str) and ":" in v, "file.py:function"),
+    "min_cosine": (lambda v: _is_number(v) and math.isfinite(v) and -1 <= v <= 1, "a number from -1 to 1"),
 }
 
 
@@ -353,7 +372,7 @@ def cell_key(cell: CellSpec, run: dict[str, Any], code_hash: str, host: dict[str
         "kiln": code_hash,
         "toolchain": toolchain(cell.target),
         "host": {"cpu": host.get("cpu"), "flags": host.get("cpu_flags"), "machine": host.get("machine")},
-        "inputs": [_file_digest(Path(p)) for p in cell.options.inputs],
+        "inputs": [_file_digest(Path(p)) for p in cell.options.files()],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -1,0 +1,310 @@
+"""`kiln tune`: build every candidate (target x precision, plus the plain -O0 export), keep those the parity gate
+(and, for quantized ones, the accuracy budget) passes, time them with their runtime settings the way `kiln bench`
+does, and publish the winner to `DIR/best/` with a leaderboard.
+
+The builds are cells of a `kiln matrix` run in `DIR/builds` (`compiler.matrix`: each in its own limited process;
+results.jsonl is the resume log, so a killed tune resumes and an unchanged candidate is not rebuilt). Runtime
+settings (`targets.base.RuntimeSettings`: ONNX Runtime's graph optimization level, OpenVINO's performance hint and
+inference precision) and thread counts share one build and are timed as separate candidates, in the same
+interleaved rounds (`compiler.benchmark.time_candidates`). The ranking, the tie rule and the reports are in
+`compiler.tune_report`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compiler.errors import UsageError
+
+if TYPE_CHECKING:
+    from compiler.matrix import CellResult, MatrixConfig
+    from compiler.progress import Progress
+    from targets.base import RuntimeSettings
+
+OBJECTIVES = ("latency", "throughput", "size")
+DEFAULT_TARGETS = ("onnx", "openvino", "tflite")
+DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PLAIN = "-O0"  # the suffix of the plain (unoptimized) export's model name in the builds
+BEST_DIR = "best"
+BUILDS_DIR = "builds"
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """What `kiln tune` was asked."""
+
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
+    objective: str = "latency"
+    threads: tuple[int, ...] = ()  # thread counts to time each candidate at (empty: each runtime's default)
+    min_cosine: float | None = None
+    max_drop: float | None = None
+    metric: str | None = None
+    calib: str | None = None
+    plain: bool = True  # also build the plain -O0 fp32 export of each target
+    runtime_search: bool = True  # also time each build with its target's runtime settings
+    rounds: int = 5
+    runs: int = 10
+    warmup: int = 3
+    executor: str = "local"
+    timeout_s: float = 600.0
+
+    def check(self) -> None:
+        """A one-line UsageError for a value that makes no sense."""
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective {self.objective!r} is unknown", f"use one of: {', '.join(OBJECTIVES)}")
+        if self.min_cosine is not None and not (math.isfinite(self.min_cosine) and -1 <= self.min_cosine <= 1):
+            raise UsageError(
+                f"--min-cosine {self.min_cosine}: must be a number from -1 to 1", "e.g. --min-cosine 0.999"
+            )
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise UsageError(f"--max-drop {self.max_drop}: must be a finite number >= 0", "e.g. --max-drop 0.01")
+        if self.metric is not None and self.max_drop is None:
+            raise UsageError("--metric is only used with --max-drop", "add --max-drop X, or drop --metric")
+        for flag, value, least in (("--rounds", self.rounds, 1), ("--runs", self.runs, 1), ("--warmup", self.warmup, 0),
+                                   *(("--threads", t, 1) for t in self.threads)):  # fmt: skip
+            if value < least:
+                raise UsageError(f"{flag} {value}: must be at least {least}", f"e.g. {flag} {max(least, 2)}")
+        if not self.targets or not self.precisions:
+            raise UsageError("no candidates: --targets and --precisions must each name at least one", "e.g. onnx,fp32")
+        if self.executor not in ("local", "ray"):
+            raise UsageError(f"--executor {self.executor!r} is unknown", "use local or ray")
+
+
+def parse_list(text: str | None, default: Sequence[str], flag: str) -> tuple[str, ...]:
+    """A comma list (None: the default)."""
+    if text is None:
+        return tuple(default)
+    items = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+    if not items:
+        raise UsageError(f"{flag} {text!r} names nothing", f"e.g. {flag} {','.join(default)}")
+    return items
+
+
+def parse_threads(text: str | None) -> tuple[int, ...]:
+    """`--threads 2` or `--threads 1,2` (None: each runtime's default)."""
+    if text is None:
+        return ()
+    try:
+        return tuple(dict.fromkeys(int(t) for t in text.split(",") if t.strip()))
+    except ValueError:
+        raise UsageError(
+            f"--threads {text!r} is not a whole number or a comma list of them", "e.g. --threads 2"
+        ) from None
+
+
+@dataclass
+class Plan:
+    """The builds: the matrix of candidates, and the (target, precision) pairs left out with why."""
+
+    config: MatrixConfig
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def plan(source: str, options: TuneOptions) -> Plan:
+    """The matrix of builds for `source`: each target x each precision it has (the others listed as skipped), the
+    plain -O0 fp32 export of each target, the thresholds and the accuracy budget of quantized precisions."""
+    from compiler.matrix.config import CellRule, MatrixConfig, ModelEntry, model_name
+    from targets import get_target
+
+    targets = list(dict.fromkeys(get_target(t) for t in options.targets))
+    skipped: list[dict[str, str]] = []
+    chosen: list[str] = []
+    for target in targets:
+        reason = target.unavailable_reason() or target.limitation()
+        if reason:
+            skipped.append({"target": target.name, "precision": "*", "reason": f"not available here: {reason}"})
+            continue
+        chosen.append(target.name)
+        for precision in options.precisions:
+            if precision not in target.precisions:
+                why = f"{target.name} has no {precision} (it has {', '.join(target.precisions)})"
+                skipped.append({"target": target.name, "precision": precision, "reason": why})
+    if not any(p in get_target(t).precisions for t in chosen for p in options.precisions):
+        raise UsageError(
+            f"no candidates: none of the targets {','.join(options.targets)} has any of the precisions "
+            f"{','.join(options.precisions)} here",
+            "check --targets and --precisions (kiln targets lists each target's precisions)",
+        )
+    common: dict[str, Any] = {"timeout": options.timeout_s}
+    if options.min_cosine is not None:
+        common["min_cosine"] = options.min_cosine
+    quantized: dict[str, Any] = {}
+    if options.calib is not None:
+        quantized["calib"] = _existing(options.calib, "--calib")
+    if options.max_drop is not None:
+        quantized["max_drop"] = options.max_drop
+        if options.metric is not None:
+            file, _, function = options.metric.rpartition(":")
+            quantized["metric"] = f"{_existing(file, '--metric')}:{function}"
+    name = model_name(source)
+    source = absolute_source(source)
+    models = [ModelEntry(source, name, options=common)]
+    if options.plain and "fp32" in options.precisions:
+        models.append(ModelEntry(source, name + PLAIN, precisions=("fp32",), options=common | {"opt_level": 0}))
+    config = MatrixConfig(
+        models=models,
+        targets=chosen,
+        precisions=list(options.precisions),
+        rules=[CellRule("*/*/int8*", quantized)] if quantized else [],
+        threads=max(options.threads, default=2),
+        repeat=3,
+        warmup=1,
+    )
+    config.cells()  # refuses what cannot be planned now
+    return Plan(config, skipped)
+
+
+def absolute_source(source: str) -> str:
+    """A file source with its path made absolute (the builds run in other processes, maybe elsewhere); a missing
+    file is a UsageError now, not one per candidate."""
+    if source.startswith("zoo:"):
+        from compiler.zoo import ZOO
+
+        if source.removeprefix("zoo:") not in ZOO:
+            raise UsageError(f"no built-in model {source!r}", f"choose one of: {', '.join(f'zoo:{n}' for n in ZOO)}")
+        return source
+    path, separator, factory = source.rpartition(":")
+    if not (separator and path.endswith(".py")):
+        path, factory = source, ""
+    return _existing(path, "MODEL") + (f":{factory}" if factory else "")
+
+
+def _existing(path: str, flag: str) -> str:
+    if not path or not Path(path).exists():
+        raise UsageError(f"{flag} {path!r} does not exist", "check the path")
+    return str(Path(path).resolve())
+
+
+@dataclass
+class Entry:
+    """One timed candidate: a build with runtime settings and a thread count, or a rejected build or setting."""
+
+    name: str
+    target: str
+    precision: str
+    plain: bool
+    settings: RuntimeSettings
+    threads: int | None
+    build: CellResult
+    directory: Path | None = None
+    rejected: str | None = None  # why it is not a candidate (parity, accuracy budget, load failure)
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def build_name(self) -> str:
+        """target precision (-O0)."""
+        return f"{self.target} {self.precision}{' ' + PLAIN if self.plain else ''}"
+
+
+def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -> dict[str, Any]:
+    """The whole command: build (resuming), verify, time, rank, publish `out/best`, write the leaderboards."""
+    from compiler.matrix import RunSettings, run_matrix
+    from compiler.tune_report import publish, rank, write_leaderboards
+
+    options.check()
+    planned = plan(source, options)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = RunSettings(out=out / BUILDS_DIR, keep_artifacts=True, executor=options.executor)
+    report, _ = run_matrix(planned.config, settings, progress)
+    builds = [_cell(c) for c in report["cells"]]
+    entries = _entries(builds, options, progress)
+    _time(entries, options, progress)
+    board = rank(entries, options.objective)
+    board |= {"model": source, "skipped": planned.skipped, "builds": len(builds)}
+    if board["winner"] is not None:
+        winner = next(e for e in entries if e.name == board["winner"]["name"])
+        publish(winner, out / BEST_DIR, board)
+    write_leaderboards(out, board)
+    return board
+
+
+def _cell(data: dict[str, Any]) -> CellResult:
+    from compiler.matrix import CellResult
+
+    return CellResult.parse(data)
+
+
+def _entries(builds: list[CellResult], options: TuneOptions, progress: Progress) -> list[Entry]:
+    """Every build x runtime setting x thread count; a build that failed (or whose artifact is gone) once, rejected."""
+    from compiler.matrix.results import PASSED, STATUS_LABELS
+    from compiler.runner import export_dirs
+    from targets import get_target
+    from targets.base import RuntimeSettings
+
+    entries: list[Entry] = []
+    for build in builds:
+        plain = build.model.endswith(PLAIN)
+        directory = Path(build.cell_dir) / "export" if build.cell_dir else None
+        base = Entry("", build.target, build.precision, plain, RuntimeSettings(), None, build, None)
+        base.name = base.build_name
+        if build.status != PASSED:
+            base.rejected = f"{STATUS_LABELS.get(build.status, build.status)}: {build.reason or 'no reason recorded'}"
+            entries.append(base)
+            continue
+        if directory is None or not directory.is_dir():
+            base.rejected = f"its build directory {directory} is gone: delete {BUILDS_DIR}/results.jsonl to rebuild"
+            entries.append(base)
+            continue
+        base.directory = export_dirs(directory)[0]
+        variants = get_target(build.target).runtime_variants(build.precision) if options.runtime_search else ()
+        for variant in variants or (RuntimeSettings(),):
+            for threads in options.threads or (None,):
+                label = [] if variant.is_default else [variant.label()]
+                label += [f"threads={threads}"] if len(options.threads) > 1 else []
+                name = base.build_name + (f" [{' '.join(label)}]" if label else "")
+                entries.append(replace(base, name=name, settings=variant, threads=threads, timing={}))
+    for entry in entries:
+        if entry.rejected is None and entry.settings.inference_precision == "default":
+            entry.rejected = _parity_with_settings(entry, progress)
+    return entries
+
+
+def _parity_with_settings(entry: Entry, progress: Progress) -> str | None:
+    """The parity gate again for a runtime setting that may change the numbers (the CPU's own inference
+    precision); None when it passes, else why it is rejected."""
+    from compiler.artifacts import Artifact
+    from compiler.parity import ParitySamples, validate
+    from compiler.types import Tolerance
+    from targets import get_target
+
+    assert entry.directory is not None
+    artifact = Artifact.read(entry.directory)
+    manifest = get_target(entry.target).with_runtime_settings(artifact.manifest, entry.settings)
+    samples = ParitySamples.load(entry.directory, manifest.parity.sample_origins if manifest.parity else [])
+    if samples is None:
+        return "no stored parity samples to check this runtime setting on"
+    tolerance = manifest.parity.tolerance if manifest.parity else Tolerance.for_precision(manifest.precision)
+    progress.say(f"parity of {entry.name} ...")
+    report = validate(replace(artifact, manifest=manifest), samples, tolerance, "stored reference")
+    failures = "; ".join(o.summary() for o in report.failures())
+    return None if report.passed else f"parity failed with this setting: {failures}"[:400]
+
+
+def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> None:
+    """Time every candidate not rejected in the same interleaved rounds (`kiln bench`'s machinery); a candidate
+    that fails to load or run is rejected with its reason."""
+    from compiler.artifacts import Artifact
+    from compiler.benchmark import ARTIFACT, BenchOptions, Candidate, time_candidates
+
+    live = [e for e in entries if e.rejected is None and e.directory is not None]
+    if not live:
+        return
+    bench = BenchOptions(rounds=options.rounds, runs=options.runs, warmup=options.warmup, write=False)
+    candidates = [
+        Candidate(e.name, ARTIFACT, e.directory, Artifact.read(e.directory).manifest, threads=e.threads,
+                  settings=e.settings.to_dict())
+        for e in live if e.directory is not None
+    ]  # fmt: skip
+    progress.say(f"timing {len(candidates)} candidates in {options.rounds} interleaved rounds ...")
+    result = time_candidates(candidates, bench, progress, keep_going=True)
+    by_name = {r["name"]: r for r in result["candidates"]}
+    for entry in live:
+        record = by_name.get(entry.name, {})
+        if record.get("failure") or "latency_ms" not in record:
+            entry.rejected = f"could not be timed: {record.get('failure') or 'no timing'}"
+        entry.timing = record
