@@ -56,6 +56,7 @@ class ExportOptions:
     trust_pickle: bool = False  # --trust-pickle: a .pt2 source may run the pickles it carries
     localize: bool | None = None  # where parity diverges: None on failure, True always, False never
     all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
+    task: str | None = None  # --task: text-generation (KV cache) or forward; None: text-generation for a causal LM
 
     def __post_init__(self) -> None:
         """Refuse bad thresholds before any work (the tolerance of any precision applies the same overrides)."""

@@ -20,6 +20,15 @@ from compiler.artifacts import Artifact, build, hash_files
 from compiler.capture import CapturedModel, capture, lower
 from compiler.divergence import localize_export
 from compiler.errors import KilnError, UnsupportedOpError, UsageError
+from compiler.generation import (
+    PARITY_TOKENS,
+    TEXT_GENERATION,
+    check_generation_targets,
+    generation_source,
+    name_generation_io,
+    wants_generation,
+    with_generation,
+)
 from compiler.layout import NCHW_TO_NHWC, NHWC
 from compiler.manifest import assemble_manifest, source_record
 from compiler.optimize import optimize
@@ -101,6 +110,10 @@ def export_targets(
         with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
+        if wants_generation(source, options.task):
+            check_generation_targets(chosen, [options.precision_for(t) for t in chosen])
+            with _timed(progress, timings, "generation", "causal LM: decoder with a KV cache (--task text-generation)"):
+                source = generation_source(source)
         outcomes: list[_Outcome] = []
         with staging_area(out) as staging:  # work files live in the staging directory too
             for batch, group in _capture_groups(source, chosen):
@@ -157,6 +170,8 @@ def prepare(
                 if options.all_or_nothing:
                     raise
                 lowering_failure = error
+        if source.task == TEXT_GENERATION:
+            captured = name_generation_io(captured)
     with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
         samples = reference_samples(source, captured, options)
     calibration = calibration_data(group, captured, source, options, progress, timings)
@@ -195,6 +210,9 @@ def export_one(
             report = validate(
                 artifact, shared.samples, options.tolerance(request.precision), shared.source.reference_name
             )
+        if shared.source.task == TEXT_GENERATION:
+            with _timed(progress, own, f"generate {target.name}", f"{PARITY_TOKENS} greedy tokens vs the reference"):
+                report = with_generation(report, artifact, shared.source, shared.captured)
     except KilnError as error:
         raise _TargetFailed(step, error) from error
     report = localize_export(

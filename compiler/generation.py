@@ -1,0 +1,373 @@
+"""Text-generation export of a `transformers` causal LM: the decoder with its KV cache as named inputs and outputs,
+and the greedy loop that runs it (parity, `kiln run --generate`, benchmarks/bench_generate.py).
+
+One graph with a dynamic past length, not two (prefill + decode): the prompt is run with an empty cache (past
+length 0), each next token with the cache the previous step returned. One graph means one file and one set of weights
+(two graphs would duplicate them or need shared external data), one build and one parity gate per target; ONNX
+Runtime and OpenVINO both take a zero-length past (Optimum's merged decoder and OpenVINO GenAI's stateless model feed
+the same empty cache). torch.export is traced at a past of 5 with `Dim("past", min=0)`, so the 0 is not specialized.
+
+I/O (batch, seq, past and total = past + seq are named dynamic dims):
+`input_ids[batch, seq]`, `attention_mask[batch, total]`, `position_ids[batch, seq]`,
+`past_key_values.{i}.key|value[batch, kv_heads, past, head_dim]` -> `logits[batch, seq, vocab]`,
+`present.{i}.key|value[batch, kv_heads, total, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compiler.errors import UsageError
+
+if TYPE_CHECKING:
+    from compiler.artifacts import Artifact
+    from compiler.capture import CapturedModel
+    from compiler.sources import ModelSource
+    from compiler.types import ParityReport, TensorSpec, Tolerance
+    from targets import Target
+
+Feeds = dict[str, np.ndarray]
+TEXT_GENERATION = "text-generation"
+FORWARD = "forward"
+TASKS = (TEXT_GENERATION, FORWARD)
+GENERATION_TARGETS = ("onnx", "openvino")
+GENERATION_PRECISIONS = ("fp32",)
+PARITY_TOKENS = 32
+PARITY_PROMPT = (1, 5, 9, 3)
+_CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
+
+
+def is_causal_lm(module: Any) -> bool:
+    """True for a `transformers` model with a language-modelling head that takes a cache (e.g. LlamaForCausalLM)."""
+    config = getattr(module, "config", None)
+    return (
+        type(module).__name__.endswith("ForCausalLM")
+        and config is not None
+        and hasattr(config, "num_hidden_layers")
+        and hasattr(config, "vocab_size")
+    )
+
+
+def wants_generation(source: ModelSource, task: str | None) -> bool:
+    """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM."""
+    if task is not None and task not in TASKS:
+        raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(TASKS)}")
+    causal = source.kind == "torch" and source.exported is None and is_causal_lm(source.module)
+    if task == TEXT_GENERATION and not causal:
+        raise UsageError(
+            f"--task {TEXT_GENERATION} needs a transformers causal LM (e.g. LlamaForCausalLM); "
+            f"{source.description} is not one",
+            "return the *ForCausalLM model itself from the factory, or drop --task",
+        )
+    return causal and task != FORWARD
+
+
+def check_generation_targets(targets: list[Target], precisions: list[str]) -> None:
+    """Refuse targets and precisions the generation export does not build, before any capture work."""
+    other = [t.name for t in targets if t.name not in GENERATION_TARGETS]
+    if other:
+        raise UsageError(
+            f"text-generation export supports {' and '.join(GENERATION_TARGETS)}, not {', '.join(other)}: "
+            "its KV cache has a dynamic past length, which the other targets' static shapes cannot take",
+            f"use --target {','.join(GENERATION_TARGETS)}, or --task forward for one full-sequence forward",
+        )
+    bad = sorted(set(precisions) - set(GENERATION_PRECISIONS))
+    if bad:
+        raise UsageError(
+            f"text-generation export is validated at fp32 only, not {', '.join(bad)}",
+            "drop --precision, or use --task forward",
+        )
+
+
+class CausalLMWithCache(nn.Module):
+    """A causal LM taking flat tensors: the cache's tensors go in and come out by name (a `DynamicCache` is built
+    inside), so that torch.export and the runtimes see plain tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config: Any = model.config
+        self.layers = int(self.config.num_hidden_layers)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        from transformers import DynamicCache
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        result = {"logits": out.logits}
+        for i, layer in enumerate(out.past_key_values.layers):
+            result[f"present.{i}.key"], result[f"present.{i}.value"] = layer.keys, layer.values
+        return result
+
+
+def cache_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a transformers decoder config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
+def generation_source(source: ModelSource) -> ModelSource:
+    """`source` (a causal LM) as its cached decoder: the wrapper module, example inputs at the capture sizes, and
+    the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is)."""
+    assert source.module is not None
+    wrapper = CausalLMWithCache(source.module).eval()
+    config: Any = source.module.config
+    layers, kv_heads, head_dim = cache_shape(config)
+    batch, seq, past = _CAPTURE["batch"], _CAPTURE["seq"], _CAPTURE["past"]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(config.vocab_size), (batch, seq), generator=generator)
+    positions = torch.arange(past, past + seq).repeat(batch, 1)
+    cache = [torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in range(2 * layers)]
+    dtype = next(source.module.parameters()).dtype
+    examples = (ids, torch.ones(batch, past + seq, dtype=torch.long), positions, *[t.to(dtype) for t in cache])
+    max_len = int(getattr(config, "max_position_embeddings", 4096))
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=1024),
+        "seq": torch.export.Dim("seq", min=1, max=max_len),
+        "past": torch.export.Dim("past", min=0, max=max_len),
+    }
+    shapes = (
+        {0: dims["batch"], 1: dims["seq"]},
+        {0: dims["batch"], 1: torch.export.Dim.DYNAMIC},
+        {0: dims["batch"], 1: dims["seq"]},
+        tuple({0: dims["batch"], 2: dims["past"]} for _ in cache),
+    )
+    from compiler.capture import converter_output_captured
+
+    try:
+        with converter_output_captured():
+            program = torch.export.export(wrapper, examples, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        from compiler.errors import UnsupportedOpError
+
+        raise UnsupportedOpError(
+            f"torch.export of {source.description} with a dynamic KV cache failed: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
+            "export it with --task forward (one full-sequence forward, no cache)",
+        ) from None
+    return replace(
+        source,
+        description=f"{source.description} (text-generation, KV cache)",
+        example_inputs=examples,
+        module=wrapper,
+        exported=program,
+        task=TEXT_GENERATION,
+    )
+
+
+def input_names(layers: int) -> list[str]:
+    """The generation graph's input names, in order."""
+    cache = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *cache]
+
+
+def name_generation_io(captured: CapturedModel) -> CapturedModel:
+    """The captured model with its ONNX inputs named `past_key_values.{i}.key|value` (not the program's `past_0`)
+    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file."""
+    import onnx
+
+    from compiler.capture import onnx_signature
+
+    assert captured.onnx_path is not None
+    proto = onnx.load(str(captured.onnx_path), load_external_data=False)
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    names = input_names((len(inputs) - 3) // 2)
+    renamed = {value.name: name for value, name in zip(inputs, names)}
+    symbols: dict[str, str] = {}
+    for value, axes in zip(inputs, [("batch", "seq"), ("batch", "total"), ("batch", "seq")]):
+        for dim, name in zip(value.type.tensor_type.shape.dim, axes):
+            symbols.setdefault(dim.dim_param, name)
+    if len(inputs) > 3:
+        symbols.setdefault(inputs[3].type.tensor_type.shape.dim[2].dim_param, "past")
+    symbols.pop("", None)
+    for value in inputs:
+        value.name = renamed[value.name]
+    for node in _all_nodes(graph):
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b") if symbols else None
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if pattern is not None and dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: symbols[m[1]], dim.dim_param).replace(" ", "")
+    onnx.save(proto, str(captured.onnx_path))
+    specs_in, specs_out, _ = onnx_signature(captured.onnx_path, torch_layout=False)
+    return replace(captured, inputs=specs_in, outputs=specs_out)
+
+
+def _all_nodes(graph: Any) -> list[Any]:
+    """Every node of an ONNX graph, those of subgraphs (If/Loop bodies) included."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                nodes.extend(_all_nodes(sub))
+    return nodes
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What a step needs to know of the cache: layers, kv heads, head dim and dtype."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    @classmethod
+    def from_specs(cls, inputs: Sequence[TensorSpec]) -> CacheLayout:
+        """The layout read from a generation graph's input specs; a UsageError when it has no cache inputs."""
+        keys = [s for s in inputs if re.fullmatch(r"past_key_values\.\d+\.key", s.name)]
+        if not keys or not isinstance(keys[0].shape[1], int) or not isinstance(keys[0].shape[3], int):
+            raise UsageError(
+                "this export has no past_key_values inputs: it was not exported for text generation",
+                "export the causal LM with --task text-generation",
+            )
+        return cls(len(keys), keys[0].shape[1], keys[0].shape[3], keys[0].dtype)
+
+
+class CachedDecoder:
+    """One sequence's decoding state over a step function (named feeds -> named outputs): called with the new
+    token ids, it runs them with the cache so far, keeps the present cache and returns the last position's logits."""
+
+    def __init__(self, run: Callable[[Feeds], Feeds], layout: CacheLayout):
+        self.run, self.layout = run, layout
+        shape = (1, layout.kv_heads, 0, layout.head_dim)
+        self.cache = [np.zeros(shape, layout.dtype) for _ in range(2 * layout.layers)]
+        self.length = 0
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        seq = len(ids)
+        feeds = {
+            "input_ids": np.asarray([ids], np.int64),
+            "attention_mask": np.ones((1, self.length + seq), np.int64),
+            "position_ids": np.arange(self.length, self.length + seq, dtype=np.int64)[None],
+        }
+        names = input_names(self.layout.layers)
+        feeds |= dict(zip(names[3:], self.cache))
+        outputs = self.run(feeds)
+        self.cache = [outputs[n.replace("past_key_values", "present")] for n in names[3:]]
+        self.length += seq
+        return np.asarray(outputs["logits"][0, -1])
+
+
+class RecomputingDecoder(CachedDecoder):
+    """The same step without the cache: every call runs the whole sequence so far with an empty past (what a
+    full-sequence export must do per token; the benchmark's baseline)."""
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        self.ids = [*getattr(self, "ids", []), *ids]
+        self.length = 0
+        self.cache = [np.zeros_like(c[:, :, :0]) for c in self.cache]
+        return super().__call__(self.ids)
+
+
+def greedy(
+    step: Callable[[Sequence[int]], np.ndarray], prompt: Sequence[int], n: int
+) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decoding of `n` tokens: `step(prompt)` (prefill), then `step([token])` per new token; the new token ids
+    and each step's logits (the logits that chose each token)."""
+    if not prompt:
+        raise UsageError("the prompt is empty", "give at least one token id")
+    tokens: list[int] = []
+    logits: list[np.ndarray] = []
+    scores = step(list(prompt))
+    for i in range(n):
+        logits.append(scores)
+        tokens.append(int(np.argmax(scores)))
+        if i + 1 < n:
+            scores = step([tokens[-1]])
+    return tokens, logits
+
+
+def generation_parity(
+    run: Callable[[Feeds], Feeds],
+    reference: Callable[[Feeds], Feeds],
+    layout: CacheLayout,
+    tolerance: Tolerance,
+    prompt: Sequence[int] = PARITY_PROMPT,
+    n: int = PARITY_TOKENS,
+) -> dict[str, Any]:
+    """Greedy decoding of `n` tokens by the artifact and by the reference on the same prompt: passed when the tokens
+    are identical and every step's logits are within `tolerance` (atol + rtol * |ref|, cosine)."""
+    from compiler.metrics import cosine
+
+    got, got_logits = greedy(CachedDecoder(run, layout), prompt, n)
+    want, want_logits = greedy(CachedDecoder(reference, layout), prompt, n)
+    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)  # steps with the same prefix
+    pairs = list(zip(got_logits[: same + 1], want_logits[: same + 1]))[:n]
+    errors = [float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in pairs]
+    outside = [float(np.mean(np.abs(a - b) > tolerance.atol + tolerance.rtol * np.abs(b))) for a, b in pairs]
+    cosines = [cosine(a, b) for a, b in pairs]
+    within = max(outside) <= tolerance.max_mismatch and min(cosines) >= tolerance.min_cosine
+    return {
+        "passed": same == n and within,
+        "prompt": [int(t) for t in prompt],
+        "tokens": n,
+        "identical": same == n,
+        "first_mismatch": None if same == n else same,
+        "max_abs_logit_err": max(errors),
+        "min_logit_cosine": min(cosines),
+        "logits_within_tolerance": within,
+        "generated": got,
+        "reference": want,
+    }
+
+
+def parse_prompt(text: str) -> list[int]:
+    """`--generate "1,5,9,3"` as token ids."""
+    try:
+        ids = [int(t) for t in text.replace(" ", ",").split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--generate {text!r}: not a comma list of token ids", 'e.g. --generate "1,5,9,3"') from None
+    if not ids or min(ids) < 0:
+        raise UsageError(f"--generate {text!r}: need at least one non-negative token id", 'e.g. --generate "1,5,9,3"')
+    return ids
+
+
+def with_generation(
+    report: ParityReport, artifact: Artifact, source: ModelSource, captured: CapturedModel
+) -> ParityReport:
+    """The parity report with the generation check added (`report.generation`): it fails when the greedy tokens
+    differ from the reference's or a step's logits are outside the report's tolerance."""
+    from compiler.artifacts import load_runner
+    from compiler.backend_errors import backend_failures
+    from compiler.reference import reference_runner
+    from targets import get_target
+
+    runner = load_runner(artifact)
+    reference = reference_runner(source, captured.inputs, captured.outputs)
+    layout = CacheLayout.from_specs(captured.inputs)
+    with backend_failures(get_target(artifact.target), "run"):
+        record = generation_parity(runner.run, reference, layout, report.tolerance)
+    return replace(report, passed=report.passed and record["passed"], generation=record)
+
+
+def generate_with_export(
+    run: Callable[[Feeds], Feeds], inputs: Sequence[TensorSpec], prompt: Sequence[int], n: int
+) -> list[int]:
+    """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's step function."""
+    if n < 1:
+        raise UsageError(f"--max-new-tokens {n}: need at least 1", "use the default of 32")
+    tokens, _ = greedy(CachedDecoder(run, CacheLayout.from_specs(inputs)), prompt, n)
+    return tokens
