@@ -39,6 +39,7 @@ FORWARD = "forward"
 TASKS = (TEXT_GENERATION, FORWARD)
 GENERATION_TARGETS = ("onnx", "openvino")
 GENERATION_PRECISIONS = ("fp32",)
+GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
 PARITY_TOKENS = 32
 PARITY_PROMPT = (1, 5, 9, 3)
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
@@ -93,8 +94,8 @@ class CausalLMWithCache(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.config: Any = model.config
-        self.layers = int(self.config.num_hidden_layers)
+        config: Any = model.config
+        self.layers = int(config.num_hidden_layers)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
@@ -102,7 +103,8 @@ class CausalLMWithCache(nn.Module):
         from transformers import DynamicCache
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
+        config: Any = self.model.config
+        cache = DynamicCache(ddp_cache_data=pairs, config=config)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -21,6 +21,7 @@ from compiler.capture import CapturedModel, capture, lower
 from compiler.divergence import localize_export
 from compiler.errors import KilnError, UnsupportedOpError, UsageError
 from compiler.generation import (
+    GENERATION_NOTE,
     PARITY_TOKENS,
     TEXT_GENERATION,
     check_generation_targets,
@@ -112,6 +113,8 @@ def export_targets(
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task):
             check_generation_targets(chosen, [options.precision_for(t) for t in chosen])
+            if options.task is None:
+                progress.say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
             with _timed(progress, timings, "generation", "causal LM: decoder with a KV cache (--task text-generation)"):
                 source = generation_source(source)
         outcomes: list[_Outcome] = []

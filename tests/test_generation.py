@@ -1,0 +1,151 @@
+"""Text-generation export of a causal LM (compiler/generation.py): the decoder with its KV cache to ONNX Runtime and
+OpenVINO, gated on 32 greedy tokens identical to PyTorch's; `kiln run --generate`; a broken cache fails the gate."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+pytest.importorskip("transformers", reason="these tests build models with transformers")
+
+from compiler.errors import UsageError
+from compiler.generation import (
+    PARITY_PROMPT,
+    CacheLayout,
+    CausalLMWithCache,
+    generation_parity,
+    input_names,
+    parse_prompt,
+)
+from compiler.pipeline import export_targets
+from compiler.progress import Progress
+from compiler.reference import reference_runner
+from compiler.sources import from_module
+from compiler.types import Manifest, Tolerance
+from tests.conftest import ROOT, run_cli
+from tests.models.hf_models import llama_causal_lm
+
+FACTORY = f"{ROOT / 'tests' / 'models' / 'hf_models.py'}:llama_causal_lm"
+TARGETS = ("onnx", "openvino")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny Llama exported to both targets with no --task (detected), and what the export said."""
+    out = tmp_path_factory.mktemp("generation") / "out"
+    said = io.StringIO()
+    results = export_targets(FACTORY, ",".join(TARGETS), out, progress=Progress(stream=said))
+    return {r.target: r for r in results}, said.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hf_tokens():
+    """The tokens transformers' own `generate` gives greedily after the parity prompt (its cache, not Kiln's)."""
+    import torch
+
+    model, _ = llama_causal_lm()
+    prompt = torch.tensor([PARITY_PROMPT])
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    return out[0, len(PARITY_PROMPT) :].tolist()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_generation_export_matches_pytorch_token_for_token(exported, hf_tokens, target):
+    results, said = exported
+    result = results[target]
+    assert result.failure is None and result.published
+    assert "LlamaForCausalLM is a causal LM: exported for text generation" in said
+    generation = result.manifest.parity.generation
+    assert generation["tokens"] == 32 and generation["identical"] and generation["passed"]
+    assert generation["generated"] == generation["reference"] == hf_tokens
+    assert generation["max_abs_logit_err"] < 1e-4
+    names = [s.name for s in result.manifest.inputs]
+    assert names == input_names(2)
+    assert result.manifest.inputs[3].shape == ("batch", 2, "past", 16)
+    assert [s.name for s in result.manifest.outputs][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert Manifest.read(result.directory).parity.generation == generation  # written and read back
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kiln_run_generate_prints_the_same_tokens(exported, hf_tokens, target, capsys):
+    directory = exported[0][target].directory
+    code, out, _ = run_cli("run", directory, "--generate", ",".join(map(str, PARITY_PROMPT)), capsys=capsys)
+    assert code == 0 and out.strip() == ",".join(map(str, hf_tokens))
+    code, out, _ = run_cli("run", directory, "--generate", "1 5 9 3", "--max-new-tokens", "4", "--json", capsys=capsys)
+    assert code == 0 and '"generated": ' + str(hf_tokens[:4]) in out
+
+
+def _planted(directory, tmp_path):
+    """A copy of the ONNX export whose cache outputs of layers 0 and 1 are swapped (a miswired cache)."""
+    import onnx
+
+    proto = onnx.load(str(directory / "model.onnx"))
+    for kind in ("key", "value"):
+        names = {f"present.{i}.{kind}": f"inner.{i}.{kind}" for i in (0, 1)}
+        for node in proto.graph.node:
+            node.input[:] = [names.get(n, n) for n in node.input]
+            node.output[:] = [names.get(n, n) for n in node.output]
+        for i in (0, 1):
+            proto.graph.node.append(
+                onnx.helper.make_node("Identity", [f"inner.{1 - i}.{kind}"], [f"present.{i}.{kind}"])
+            )
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def _reference(manifest):
+    """PyTorch's step function on the export's I/O: the wrapper around the same tiny Llama."""
+    import torch
+
+    model, _ = llama_causal_lm()
+    source = from_module(CausalLMWithCache(model), (torch.zeros(1, 1, dtype=torch.long),))
+    return reference_runner(source, manifest.inputs, manifest.outputs)
+
+
+def test_a_miswired_cache_fails_the_generation_gate(exported, tmp_path):
+    from targets.onnxrt import OnnxRuntimeRunner
+
+    manifest = exported[0]["onnx"].manifest
+    reference, layout, tolerance = _reference(manifest), CacheLayout.from_specs(manifest.inputs), Tolerance(1e-4, 1e-4)
+    good = generation_parity(
+        OnnxRuntimeRunner(exported[0]["onnx"].directory / "model.onnx").run, reference, layout, tolerance
+    )
+    assert good["passed"] and good["identical"]
+    planted = OnnxRuntimeRunner(_planted(exported[0]["onnx"].directory, tmp_path))
+    record = generation_parity(planted.run, reference, layout, tolerance)
+    assert not record["passed"] and not record["logits_within_tolerance"]
+    assert record["max_abs_logit_err"] > 1e-3
+
+
+def test_a_tolerance_no_runtime_meets_fails_the_gate(exported):
+    from targets.onnxrt import OnnxRuntimeRunner
+
+    manifest = exported[0]["onnx"].manifest
+    runner = OnnxRuntimeRunner(exported[0]["onnx"].directory / "model.onnx")
+    exact = Tolerance(atol=0.0, rtol=0.0)
+    record = generation_parity(runner.run, _reference(manifest), CacheLayout.from_specs(manifest.inputs), exact)
+    assert record["identical"] and not record["logits_within_tolerance"] and not record["passed"]
+
+
+def test_generation_refuses_other_targets_and_non_causal_models(tmp_path, capsys):
+    code, _, err = run_cli("export", FACTORY, "-t", "tflite", "-o", tmp_path / "a", capsys=capsys)
+    assert code == 2 and "text-generation export supports onnx and openvino, not tflite" in err
+    assert len(err.strip().splitlines()) <= 2
+    llama_model = f"{ROOT / 'tests' / 'models' / 'hf_models.py'}:llama"
+    code, _, err = run_cli(
+        "export", llama_model, "-t", "onnx", "--task", "text-generation", "-o", tmp_path / "b", capsys=capsys
+    )
+    assert code == 2 and "needs a transformers causal LM" in err
+    with pytest.raises(UsageError, match="not a comma list"):
+        parse_prompt("1,x")
+
+
+def test_run_generate_refuses_bad_requests(exported, capsys):
+    directory = exported[0]["onnx"].directory
+    code, _, err = run_cli("run", directory, "--generate", "1,2", "--max-new-tokens", "0", capsys=capsys)
+    assert code == 2 and "--max-new-tokens 0" in err
+    with pytest.raises(UsageError, match="not exported for text generation"):
+        CacheLayout.from_specs(exported[0]["onnx"].manifest.outputs)  # no past_key_values there
