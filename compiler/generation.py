@@ -70,8 +70,8 @@ def wants_generation(source: ModelSource, task: str | None) -> bool:
     return causal and task != FORWARD
 
 
-def check_generation_targets(targets: list[Target], precisions: list[str]) -> None:
-    """Refuse targets and precisions the generation export does not build, before any capture work."""
+def check_generation_request(targets: list[Target], precisions: list[str], dynamic_batch: object) -> None:
+    """Refuse targets, precisions and flags the generation export does not build, before any capture work."""
     other = [t.name for t in targets if t.name not in GENERATION_TARGETS]
     if other:
         raise UsageError(
@@ -84,6 +84,11 @@ def check_generation_targets(targets: list[Target], precisions: list[str]) -> No
         raise UsageError(
             f"text-generation export is validated at fp32 only, not {', '.join(bad)}",
             "drop --precision, or use --task forward",
+        )
+    if dynamic_batch is not None:
+        raise UsageError(
+            "--dynamic-batch does not apply to a text-generation export: its batch, sequence and past are dynamic",
+            "drop --dynamic-batch",
         )
 
 

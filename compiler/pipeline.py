@@ -24,7 +24,7 @@ from compiler.generation import (
     GENERATION_NOTE,
     PARITY_TOKENS,
     TEXT_GENERATION,
-    check_generation_targets,
+    check_generation_request,
     generation_source,
     name_generation_io,
     wants_generation,
@@ -112,10 +112,10 @@ def export_targets(
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task):
-            check_generation_targets(chosen, [options.precision_for(t) for t in chosen])
+            check_generation_request(chosen, [options.precision_for(t) for t in chosen], options.dynamic_batch)
             if options.task is None:
                 progress.say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
-            with _timed(progress, timings, "generation", "causal LM: decoder with a KV cache (--task text-generation)"):
+            with _timed(progress, timings, "generation", "KV-cache wrapper, torch.export (batch, seq, past dynamic)"):
                 source = generation_source(source)
         outcomes: list[_Outcome] = []
         with staging_area(out) as staging:  # work files live in the staging directory too

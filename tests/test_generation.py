@@ -139,6 +139,12 @@ def test_generation_refuses_other_targets_and_non_causal_models(tmp_path, capsys
         "export", llama_model, "-t", "onnx", "--task", "text-generation", "-o", tmp_path / "b", capsys=capsys
     )
     assert code == 2 and "needs a transformers causal LM" in err
+    code, _, err = run_cli(
+        "export", FACTORY, "-t", "onnx", "--dynamic-batch", "1:4", "-o", tmp_path / "c", capsys=capsys
+    )
+    assert code == 2 and "--dynamic-batch does not apply to a text-generation export" in err
+    code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--precision", "int8", "-o", tmp_path / "d", capsys=capsys)
+    assert code == 2 and "validated at fp32 only" in err
     with pytest.raises(UsageError, match="not a comma list"):
         parse_prompt("1,x")
 
