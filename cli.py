@@ -238,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _generate(model: Any, args: argparse.Namespace) -> int:
     """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids."""
-    from compiler.generation import generate_with_export, parse_prompt
+    from compiler.decoding import generate_with_export, parse_prompt
 
     prompt = parse_prompt(args.generate)
     tokens = generate_with_export(model.run, model.inputs, prompt, args.max_new_tokens)

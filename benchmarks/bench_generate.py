@@ -48,7 +48,7 @@ def step_feeds(run: Any, layout: Any, context: int) -> tuple[dict[str, Any], dic
     step (all `context` tokens, empty past)."""
     import numpy as np
 
-    from compiler.generation import CachedDecoder, input_names
+    from compiler.decoding import CachedDecoder, input_names
 
     ids = list(np.random.default_rng(0).integers(0, 16000, context))
     decoder = CachedDecoder(run, layout)
@@ -98,7 +98,7 @@ def main() -> int:
 
     import torch
 
-    from compiler.generation import CacheLayout
+    from compiler.decoding import CacheLayout
     from compiler.pipeline import export_targets
     from compiler.progress import quiet_libraries
     from compiler.runner import load

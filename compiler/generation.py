@@ -16,32 +16,39 @@ I/O (batch, seq, past and total = past + seq are named dynamic dims):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from compiler.decoding import (  # re-exported: the loop is part of the generation export's API
+    PARITY_PROMPT,
+    PARITY_TOKENS,
+    CachedDecoder,
+    CacheLayout,
+    RecomputingDecoder,
+    generate_with_export,
+    generation_parity,
+    greedy,
+    input_names,
+    parse_prompt,
+)
 from compiler.errors import UsageError
 
 if TYPE_CHECKING:
     from compiler.artifacts import Artifact
     from compiler.capture import CapturedModel
     from compiler.sources import ModelSource
-    from compiler.types import ParityReport, TensorSpec, Tolerance
+    from compiler.types import ParityReport
     from targets import Target
 
-Feeds = dict[str, np.ndarray]
 TEXT_GENERATION = "text-generation"
 FORWARD = "forward"
 TASKS = (TEXT_GENERATION, FORWARD)
 GENERATION_TARGETS = ("onnx", "openvino")
 GENERATION_PRECISIONS = ("fp32",)
 GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
-PARITY_TOKENS = 32
-PARITY_PROMPT = (1, 5, 9, 3)
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
 
 
@@ -180,10 +187,15 @@ def generation_source(source: ModelSource) -> ModelSource:
     )
 
 
-def input_names(layers: int) -> list[str]:
-    """The generation graph's input names, in order."""
-    cache = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *cache]
+def generation_reference(source: ModelSource) -> ModelSource:
+    """`kiln verify --model` of a text-generation export: the causal LM wrapped with its cache, as exported."""
+    if source.kind != "torch" or not is_causal_lm(source.module):
+        raise UsageError(
+            f"{source.description} is not a transformers causal LM, but the export is a text-generation export",
+            "pass the *ForCausalLM model it was exported from",
+        )
+    assert source.module is not None
+    return replace(source, module=CausalLMWithCache(source.module).eval(), task=TEXT_GENERATION)
 
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
@@ -232,126 +244,6 @@ def _all_nodes(graph: Any) -> list[Any]:
     return nodes
 
 
-@dataclass(frozen=True)
-class CacheLayout:
-    """What a step needs to know of the cache: layers, kv heads, head dim and dtype."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str = "float32"
-
-    @classmethod
-    def from_specs(cls, inputs: Sequence[TensorSpec]) -> CacheLayout:
-        """The layout read from a generation graph's input specs; a UsageError when it has no cache inputs."""
-        keys = [s for s in inputs if re.fullmatch(r"past_key_values\.\d+\.key", s.name)]
-        if not keys or not isinstance(keys[0].shape[1], int) or not isinstance(keys[0].shape[3], int):
-            raise UsageError(
-                "this export has no past_key_values inputs: it was not exported for text generation",
-                "export the causal LM with --task text-generation",
-            )
-        return cls(len(keys), keys[0].shape[1], keys[0].shape[3], keys[0].dtype)
-
-
-class CachedDecoder:
-    """One sequence's decoding state over a step function (named feeds -> named outputs): called with the new
-    token ids, it runs them with the cache so far, keeps the present cache and returns the last position's logits."""
-
-    def __init__(self, run: Callable[[Feeds], Feeds], layout: CacheLayout):
-        self.run, self.layout = run, layout
-        shape = (1, layout.kv_heads, 0, layout.head_dim)
-        self.cache = [np.zeros(shape, layout.dtype) for _ in range(2 * layout.layers)]
-        self.length = 0
-
-    def __call__(self, ids: Sequence[int]) -> np.ndarray:
-        seq = len(ids)
-        feeds = {
-            "input_ids": np.asarray([ids], np.int64),
-            "attention_mask": np.ones((1, self.length + seq), np.int64),
-            "position_ids": np.arange(self.length, self.length + seq, dtype=np.int64)[None],
-        }
-        names = input_names(self.layout.layers)
-        feeds |= dict(zip(names[3:], self.cache))
-        outputs = self.run(feeds)
-        self.cache = [outputs[n.replace("past_key_values", "present")] for n in names[3:]]
-        self.length += seq
-        return np.asarray(outputs["logits"][0, -1])
-
-
-class RecomputingDecoder(CachedDecoder):
-    """The same step without the cache: every call runs the whole sequence so far with an empty past (what a
-    full-sequence export must do per token; the benchmark's baseline)."""
-
-    def __call__(self, ids: Sequence[int]) -> np.ndarray:
-        self.ids = [*getattr(self, "ids", []), *ids]
-        self.length = 0
-        self.cache = [np.zeros_like(c[:, :, :0]) for c in self.cache]
-        return super().__call__(self.ids)
-
-
-def greedy(
-    step: Callable[[Sequence[int]], np.ndarray], prompt: Sequence[int], n: int
-) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decoding of `n` tokens: `step(prompt)` (prefill), then `step([token])` per new token; the new token ids
-    and each step's logits (the logits that chose each token)."""
-    if not prompt:
-        raise UsageError("the prompt is empty", "give at least one token id")
-    tokens: list[int] = []
-    logits: list[np.ndarray] = []
-    scores = step(list(prompt))
-    for i in range(n):
-        logits.append(scores)
-        tokens.append(int(np.argmax(scores)))
-        if i + 1 < n:
-            scores = step([tokens[-1]])
-    return tokens, logits
-
-
-def generation_parity(
-    run: Callable[[Feeds], Feeds],
-    reference: Callable[[Feeds], Feeds],
-    layout: CacheLayout,
-    tolerance: Tolerance,
-    prompt: Sequence[int] = PARITY_PROMPT,
-    n: int = PARITY_TOKENS,
-) -> dict[str, Any]:
-    """Greedy decoding of `n` tokens by the artifact and by the reference on the same prompt: passed when the tokens
-    are identical and every step's logits are within `tolerance` (atol + rtol * |ref|, cosine)."""
-    from compiler.metrics import cosine
-
-    got, got_logits = greedy(CachedDecoder(run, layout), prompt, n)
-    want, want_logits = greedy(CachedDecoder(reference, layout), prompt, n)
-    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)  # steps with the same prefix
-    pairs = list(zip(got_logits[: same + 1], want_logits[: same + 1]))[:n]
-    errors = [float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in pairs]
-    outside = [float(np.mean(np.abs(a - b) > tolerance.atol + tolerance.rtol * np.abs(b))) for a, b in pairs]
-    cosines = [cosine(a, b) for a, b in pairs]
-    within = max(outside) <= tolerance.max_mismatch and min(cosines) >= tolerance.min_cosine
-    return {
-        "passed": same == n and within,
-        "prompt": [int(t) for t in prompt],
-        "tokens": n,
-        "identical": same == n,
-        "first_mismatch": None if same == n else same,
-        "max_abs_logit_err": max(errors),
-        "min_logit_cosine": min(cosines),
-        "logits_within_tolerance": within,
-        "generated": got,
-        "reference": want,
-    }
-
-
-def parse_prompt(text: str) -> list[int]:
-    """`--generate "1,5,9,3"` as token ids."""
-    try:
-        ids = [int(t) for t in text.replace(" ", ",").split(",") if t.strip()]
-    except ValueError:
-        raise UsageError(f"--generate {text!r}: not a comma list of token ids", 'e.g. --generate "1,5,9,3"') from None
-    if not ids or min(ids) < 0:
-        raise UsageError(f"--generate {text!r}: need at least one non-negative token id", 'e.g. --generate "1,5,9,3"')
-    return ids
-
-
 def with_generation(
     report: ParityReport, artifact: Artifact, source: ModelSource, captured: CapturedModel
 ) -> ParityReport:
@@ -370,11 +262,15 @@ def with_generation(
     return replace(report, passed=report.passed and record["passed"], generation=record)
 
 
-def generate_with_export(
-    run: Callable[[Feeds], Feeds], inputs: Sequence[TensorSpec], prompt: Sequence[int], n: int
-) -> list[int]:
-    """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's step function."""
-    if n < 1:
-        raise UsageError(f"--max-new-tokens {n}: need at least 1", "use the default of 32")
-    tokens, _ = greedy(CachedDecoder(run, CacheLayout.from_specs(inputs)), prompt, n)
-    return tokens
+__all__ = [
+    "PARITY_PROMPT",
+    "PARITY_TOKENS",
+    "CacheLayout",
+    "CachedDecoder",
+    "RecomputingDecoder",
+    "generate_with_export",
+    "generation_parity",
+    "greedy",
+    "input_names",
+    "parse_prompt",
+]

@@ -4,6 +4,8 @@ OpenVINO, gated on 32 greedy tokens identical to PyTorch's; `kiln run --generate
 from __future__ import annotations
 
 import io
+import json
+import shutil
 
 import pytest
 
@@ -22,7 +24,7 @@ from compiler.pipeline import export_targets
 from compiler.progress import Progress
 from compiler.reference import reference_runner
 from compiler.sources import from_module
-from compiler.types import Manifest, Tolerance
+from compiler.types import MANIFEST_NAME, Manifest, Tolerance
 from tests.conftest import ROOT, run_cli
 from tests.models.hf_models import llama_causal_lm
 
@@ -155,3 +157,19 @@ def test_run_generate_refuses_bad_requests(exported, capsys):
     assert code == 2 and "--max-new-tokens 0" in err
     with pytest.raises(UsageError, match="not exported for text generation"):
         CacheLayout.from_specs(exported[0]["onnx"].manifest.outputs)  # no past_key_values there
+
+
+def test_verify_replays_the_stored_tokens_and_fails_when_they_differ(exported, hf_tokens, tmp_path, capsys):
+    directory = tmp_path / "copy"
+    shutil.copytree(exported[0]["openvino"].directory, directory)
+    code, out, _ = run_cli("verify", directory, capsys=capsys)
+    assert code == 0 and "generation: 32 greedy tokens identical" in out
+    code, out, _ = run_cli("verify", directory, "--model", FACTORY, "--json", capsys=capsys)
+    generation = json.loads(out)[0]["parity"]["generation"]
+    assert code == 0 and generation["generated"] == hf_tokens
+    assert generation["against"] == "reference tokens stored at export"
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    manifest["parity"]["generation"]["reference"][5] += 1  # the tokens PyTorch gave, as if they had been different
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    code, out, _ = run_cli("verify", directory, capsys=capsys)
+    assert code == 1 and "generation: 32 greedy tokens DIFFER from step 5" in out
