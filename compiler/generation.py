@@ -39,6 +39,8 @@ from compiler.errors import UsageError
 if TYPE_CHECKING:
     from compiler.artifacts import Artifact
     from compiler.capture import CapturedModel
+    from compiler.options import ExportOptions
+    from compiler.progress import Progress
     from compiler.sources import ModelSource
     from compiler.types import ParityReport
     from targets import Target
@@ -242,6 +244,15 @@ def _all_nodes(graph: Any) -> list[Any]:
             for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
                 nodes.extend(_all_nodes(sub))
     return nodes
+
+
+def skip_localization(options: ExportOptions, report: ParityReport, progress: Progress) -> ExportOptions:
+    """The options with localization off for a text-generation export, said when it would have run: the divergence
+    probes feed the FX program by its own input names (`past_0`), which the renamed cache inputs no longer match."""
+    if options.localize is False or (options.localize is None and report.passed):
+        return options
+    progress.warn("localization does not support text-generation exports yet (renamed cache inputs): not localized")
+    return replace(options, localize=False)
 
 
 def with_generation(

@@ -27,6 +27,7 @@ from compiler.generation import (
     check_generation_request,
     generation_source,
     name_generation_io,
+    skip_localization,
     wants_generation,
     with_generation,
 )
@@ -218,6 +219,8 @@ def export_one(
                 report = with_generation(report, artifact, shared.source, shared.captured)
     except KilnError as error:
         raise _TargetFailed(step, error) from error
+    if shared.source.task == TEXT_GENERATION:
+        options = skip_localization(options, report, progress)
     report = localize_export(
         target,
         shared.captured,

@@ -19,6 +19,7 @@ from compiler.generation import (
     generation_parity,
     input_names,
     parse_prompt,
+    skip_localization,
 )
 from compiler.pipeline import export_targets
 from compiler.progress import Progress
@@ -173,3 +174,13 @@ def test_verify_replays_the_stored_tokens_and_fails_when_they_differ(exported, h
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
     code, out, _ = run_cli("verify", directory, capsys=capsys)
     assert code == 1 and "generation: 32 greedy tokens DIFFER from step 5" in out
+
+
+def test_localization_is_skipped_and_said_for_generation_exports(exported):
+    from compiler.options import ExportOptions
+
+    report = exported[0]["onnx"].manifest.parity
+    said = io.StringIO()
+    assert skip_localization(ExportOptions(), report, Progress(stream=said)).localize is None  # passed: nothing to do
+    assert skip_localization(ExportOptions(localize=True), report, Progress(stream=said)).localize is False
+    assert "localization does not support text-generation exports yet" in said.getvalue()
