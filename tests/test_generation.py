@@ -20,6 +20,7 @@ from compiler.generation import (
     input_names,
     parse_prompt,
     skip_localization,
+    with_generation,
 )
 from compiler.pipeline import export_targets
 from compiler.progress import Progress
@@ -121,6 +122,26 @@ def test_a_miswired_cache_fails_the_generation_gate(exported, tmp_path):
     record = generation_parity(planted.run, reference, layout, tolerance)
     assert not record["passed"] and not record["logits_within_tolerance"]
     assert record["max_abs_logit_err"] > 1e-3
+
+
+def test_the_pipeline_gate_rejects_a_planted_cache(exported, tmp_path):
+    """`with_generation`, the pipeline's step after `validate`, turns a passed report into a failed one."""
+    import torch
+
+    from compiler.artifacts import Artifact
+    from compiler.capture import CapturedModel
+
+    result = exported[0]["onnx"]
+    directory = tmp_path / "planted"
+    shutil.copytree(result.directory, directory)
+    shutil.move(_planted(result.directory, tmp_path), directory / "model.onnx")
+    model, _ = llama_causal_lm()
+    source = from_module(CausalLMWithCache(model), (torch.zeros(1, 1, dtype=torch.long),))
+    captured = CapturedModel(None, None, result.manifest.inputs, result.manifest.outputs, 0, None)
+    report = with_generation(result.manifest.parity, Artifact.read(directory), source, captured)
+    assert result.manifest.parity.passed and not report.passed
+    assert not report.generation["logits_within_tolerance"]
+    assert "step logits OUTSIDE tolerance" in report.summary()
 
 
 def test_a_tolerance_no_runtime_meets_fails_the_gate(exported):
