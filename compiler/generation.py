@@ -55,11 +55,17 @@ _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0
 
 
 def is_causal_lm(module: Any) -> bool:
-    """True for a `transformers` model with a language-modelling head that takes a cache (e.g. LlamaForCausalLM)."""
+    """True for a `transformers` decoder-only model that generates (e.g. LlamaForCausalLM, GPT2LMHeadModel)."""
+    if not type(module).__module__.startswith("transformers."):
+        return False
+    from transformers import GenerationMixin
+
     config = getattr(module, "config", None)
     return (
-        type(module).__name__.endswith("ForCausalLM")
+        isinstance(module, GenerationMixin)
+        and bool(getattr(module, "can_generate", lambda: False)())
         and config is not None
+        and not getattr(config, "is_encoder_decoder", False)
         and hasattr(config, "num_hidden_layers")
         and hasattr(config, "vocab_size")
     )

@@ -18,6 +18,7 @@ from compiler.generation import (
     CausalLMWithCache,
     generation_parity,
     input_names,
+    is_causal_lm,
     parse_prompt,
     skip_localization,
     with_generation,
@@ -205,3 +206,17 @@ def test_localization_is_skipped_and_said_for_generation_exports(exported):
     assert skip_localization(ExportOptions(), report, Progress(stream=said)).localize is None  # passed: nothing to do
     assert skip_localization(ExportOptions(localize=True), report, Progress(stream=said)).localize is False
     assert "localization does not support text-generation exports yet" in said.getvalue()
+
+
+def test_which_models_are_causal_lms():
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    from tests.models.hf_models import llama
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16))
+    t5 = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=32, d_kv=8))
+    wrapped, _ = llama()
+    assert is_causal_lm(llama_causal_lm()[0]) and is_causal_lm(gpt2)
+    assert not is_causal_lm(t5)  # encoder-decoder
+    assert not is_causal_lm(wrapped.model)  # LlamaModel: no LM head
+    assert not is_causal_lm(wrapped)  # a user's module around it: exported as its own forward
