@@ -16,6 +16,7 @@ I/O (batch, seq, past and total = past + seq are named dynamic dims):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -85,8 +86,13 @@ def wants_generation(source: ModelSource, task: str | None) -> bool:
     return causal and task != FORWARD
 
 
-def check_generation_request(targets: list[Target], precisions: list[str], dynamic_batch: object) -> None:
-    """Refuse targets, precisions and flags the generation export does not build, before any capture work."""
+def check_generation_request(
+    targets: list[Target], asked_all: bool, precision_of: Callable[[Target], str], dynamic_batch: object
+) -> list[Target]:
+    """The targets of a generation export (`--target all`: those that build one); refuse targets, precisions and
+    flags it does not build, before any capture work."""
+    if asked_all:
+        targets = [t for t in targets if t.name in GENERATION_TARGETS]
     other = [t.name for t in targets if t.name not in GENERATION_TARGETS]
     if other:
         raise UsageError(
@@ -94,7 +100,7 @@ def check_generation_request(targets: list[Target], precisions: list[str], dynam
             "its KV cache has a dynamic past length, which the other targets' static shapes cannot take",
             f"use --target {','.join(GENERATION_TARGETS)}, or --task forward for one full-sequence forward",
         )
-    bad = sorted(set(precisions) - set(GENERATION_PRECISIONS))
+    bad = sorted({precision_of(t) for t in targets} - set(GENERATION_PRECISIONS))
     if bad:
         raise UsageError(
             f"text-generation export is validated at fp32 only, not {', '.join(bad)}",
@@ -105,6 +111,7 @@ def check_generation_request(targets: list[Target], precisions: list[str], dynam
             "--dynamic-batch does not apply to a text-generation export: its batch, sequence and past are dynamic",
             "drop --dynamic-batch",
         )
+    return targets
 
 
 class CausalLMWithCache(nn.Module):

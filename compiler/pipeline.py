@@ -113,7 +113,8 @@ def export_targets(
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task):
-            check_generation_request(chosen, [options.precision_for(t) for t in chosen], options.dynamic_batch)
+            asked_all = isinstance(targets, str) and targets.strip().lower() == "all"
+            chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic_batch)
             if options.task is None:
                 progress.say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
             with _timed(progress, timings, "generation", "KV-cache wrapper, torch.export (batch, seq, past dynamic)"):

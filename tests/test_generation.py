@@ -16,6 +16,7 @@ from compiler.generation import (
     PARITY_PROMPT,
     CacheLayout,
     CausalLMWithCache,
+    check_generation_request,
     generation_parity,
     input_names,
     is_causal_lm,
@@ -170,6 +171,13 @@ def test_generation_refuses_other_targets_and_non_causal_models(tmp_path, capsys
     assert code == 2 and "--dynamic-batch does not apply to a text-generation export" in err
     code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--precision", "int8", "-o", tmp_path / "d", capsys=capsys)
     assert code == 2 and "validated at fp32 only" in err
+    from targets import TARGETS
+
+    everything = list(TARGETS)
+    kept = check_generation_request(everything, True, lambda t: t.default_precision, None)
+    assert sorted(t.name for t in kept) == ["onnx", "openvino"]  # --target all: the targets that build one
+    with pytest.raises(UsageError, match=r"supports onnx and openvino, not .*edgetpu"):
+        check_generation_request(everything, False, lambda t: "fp32", None)
     with pytest.raises(UsageError, match="not a comma list"):
         parse_prompt("1,x")
 
