@@ -16,8 +16,10 @@ from compiler.generation import (
     PARITY_PROMPT,
     CacheLayout,
     CausalLMWithCache,
+    RecomputingDecoder,
     check_generation_request,
     generation_parity,
+    greedy,
     input_names,
     is_causal_lm,
     parse_prompt,
@@ -228,3 +230,12 @@ def test_which_models_are_causal_lms():
     assert not is_causal_lm(t5)  # encoder-decoder
     assert not is_causal_lm(wrapped.model)  # LlamaModel: no LM head
     assert not is_causal_lm(wrapped)  # a user's module around it: exported as its own forward
+
+
+def test_recomputing_without_the_cache_gives_the_same_tokens(exported, hf_tokens):
+    from targets.onnxrt import OnnxRuntimeRunner
+
+    result = exported[0]["onnx"]
+    run, layout = OnnxRuntimeRunner(result.directory / "model.onnx").run, CacheLayout.from_specs(result.manifest.inputs)
+    tokens, _ = greedy(RecomputingDecoder(run, layout), PARITY_PROMPT, 8)
+    assert tokens == hf_tokens[:8]
