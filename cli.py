@@ -58,6 +58,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         all_or_nothing=args.all_or_nothing,
         trust_pickle=args.trust_pickle,
         localize=args.localize,
+        task=args.task,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
@@ -212,6 +213,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
+    if args.generate is not None:
+        return _generate(model, args)
     notes: list[str] = []
     feeds = read_inputs_file(Path(args.inputs), model.inputs, notes)
     for note in notes:  # casts done and NaN/Inf inputs: shown even with -q or --json
@@ -232,6 +235,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, value in outputs.items():
             print(f"{name}: {value.dtype}{list(value.shape)}")
         print(f"saved to {args.output}")
+    return 0
+
+
+def _generate(model: Any, args: argparse.Namespace) -> int:
+    """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids."""
+    from compiler.decoding import generate_with_export, parse_prompt
+
+    prompt = parse_prompt(args.generate)
+    tokens = generate_with_export(model.run, model.inputs, prompt, args.max_new_tokens)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "generated": tokens}))
+    elif not args.quiet:
+        print(",".join(map(str, tokens)))
     return 0
 
 

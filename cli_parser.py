@@ -87,6 +87,12 @@ def _export_parser(sub: Any) -> None:
         metavar="SYM=N,N",
         help="for static-shape targets (tpu) with --dynamic: build one program per size, e.g. seq=32,64,128",
     )
+    export.add_argument(
+        "--task",
+        choices=("text-generation", "forward"),
+        help="text-generation: a causal LM's decoder with its KV cache as inputs/outputs, gated on 32 greedy tokens "
+        "(default for a transformers *ForCausalLM); forward: one full-sequence forward",
+    )
     export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
     export.add_argument("--atol", type=float, help="absolute tolerance override")
     export.add_argument("--rtol", type=float, help="relative tolerance override")
@@ -150,9 +156,14 @@ def _other_parsers(sub: Any) -> None:
     _trust_flag(debug)
     _output_flags(debug)
 
-    run = sub.add_parser("run", help="run an export on inputs from an .npz")
+    run = sub.add_parser("run", help="run an export on inputs from an .npz, or generate tokens with a decoder")
     run.add_argument("export_dir")
-    run.add_argument("--inputs", required=True, metavar="FILE.npz", help="arrays named like the model's inputs")
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--inputs", metavar="FILE.npz", help="arrays named like the model's inputs")
+    what.add_argument(
+        "--generate", metavar="IDS", help='greedy-decode after these prompt token ids ("1,5,9,3"): text generation'
+    )
+    run.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens --generate adds (default 32)")
     run.add_argument("--output", default="outputs.npz", help="where to save outputs (default outputs.npz)")
     run.add_argument("--target", help="which target of a multi-target export")
     _trust_flag(run)

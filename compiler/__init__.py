@@ -95,7 +95,9 @@ def export(
     `file.py:loader`), `calib_samples`, `calib_method` (minmax, percentile, entropy), `per_channel`,
     `symmetric_activations`, and `max_drop` with an optional `metric` ("file.py:fn") for accuracy-aware int8;
     `io` (e.g. "nhwc" for channels-last I/O); `opt_level` (0 none .. 3 target-specific), `adjust_passes`
-    ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`, `all_or_nothing`.
+    ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`, `all_or_nothing`;
+    `task` ("text-generation": a causal LM with its KV cache, the default for a transformers *ForCausalLM;
+    "forward": one full-sequence forward; see compiler.generation).
     An unknown keyword is a UsageError. The artifact is validated against the model; if it fails parity it is
     kept under `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     A `.pt2` model is read without running code from it; `trust_pickle=True` lets `torch.export.load`

@@ -7,11 +7,12 @@ same parts plus provenance, pass records, the parity report and the stage times.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from compiler.host import host_info, versions
-from compiler.types import ArtifactFile, Manifest, ParityReport, PassRecord
+from compiler.layout import NCHW_TO_NHWC, NHWC
+from compiler.types import ArtifactFile, Manifest, ParityReport, PassRecord, TensorSpec
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
@@ -78,3 +79,20 @@ def assemble_manifest(parts: ManifestParts) -> Manifest:
         },
         notes=notes,
     )
+
+
+def observed_outputs(specs: list[TensorSpec], report: ParityReport) -> list[TensorSpec]:
+    """The output specs with each static dimension as the artifact really produced it (a declared shape can be
+    wrong: an ONNX file may declare [1, 0] for an output of [1, 10]); named dynamic dimensions stay named."""
+    produced = {o.name: o.shape for o in report.outputs if o.shape is not None}
+    fixed = []
+    for spec in specs:
+        shape = produced.get(spec.name)
+        if shape is not None and spec.layout == NHWC and len(shape) == 4:
+            shape = [shape[i] for i in NCHW_TO_NHWC]  # the report's shapes are in the reference's layout
+        if shape is not None and len(shape) == len(spec.shape):
+            spec = replace(spec, shape=tuple(d if isinstance(d, str) else n for d, n in zip(spec.shape, shape)))
+        elif shape is not None:
+            spec = replace(spec, shape=tuple(shape))
+        fixed.append(spec)
+    return fixed

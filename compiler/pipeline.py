@@ -19,8 +19,15 @@ from compiler.artifacts import Artifact, build, hash_files
 from compiler.capture import CapturedModel, capture, lower
 from compiler.divergence import localize_export
 from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
-from compiler.layout import NCHW_TO_NHWC, NHWC
-from compiler.manifest import assemble_manifest, source_record
+from compiler.generation import (
+    TEXT_GENERATION,
+    as_generation,
+    name_generation_io,
+    skip_localization,
+    wants_generation,
+    with_generation,
+)
+from compiler.manifest import assemble_manifest, observed_outputs, source_record
 from compiler.optimize import optimize
 from compiler.options import ExportOptions
 from compiler.parity import ParitySamples, check_input_files, validate
@@ -39,7 +46,7 @@ from compiler.staging import (
     output_lock,
     staging_area,
 )
-from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure, TensorSpec
+from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure
 from targets import Target
 from targets.base import Route
 
@@ -107,6 +114,9 @@ def export_targets(
         with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
+        if wants_generation(source, options.task):
+            with _timed(progress, timings, "generation", "KV-cache wrapper, torch.export (batch, seq, past dynamic)"):
+                source, chosen = as_generation(source, chosen, targets, options, progress.say)
         outcomes: list[_Outcome] = []
         # Work files live in the staging directory too, and so do the converters' own temporary files.
         with staging_area(out) as staging, converter_temp_files(staging / "tmp"):
@@ -164,6 +174,7 @@ def prepare(
                 if options.all_or_nothing:
                     raise
                 lowering_failure = error
+        captured = name_generation_io(captured) if source.task == TEXT_GENERATION else captured
     with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
         samples = reference_samples(source, captured, options)
     calibration = calibration_data(group, captured, source, options, progress, timings)
@@ -214,13 +225,16 @@ def export_one(
     if shared.calibration is not None and not shared.calibration.representative and request.precision == "int8":
         notes.append(NOT_REPRESENTATIVE)
     assert chosen.report is not None
+    report = chosen.report
+    if shared.source.task == TEXT_GENERATION:
+        options = skip_localization(options, report, progress)
     report = localize_export(
         target,
         shared.captured,
         shared.samples,
         shared.calibration,
         options,
-        chosen.report,
+        report,
         directory,
         shared.scratch,
         progress,
@@ -261,6 +275,9 @@ def _try_route(
         with _timed(progress, own, f"validate {target.name}", f"{len(shared.samples.inputs)} input sets"):
             tolerance = options.tolerance(request.precision)
             report = validate(artifact, shared.samples, tolerance, shared.source.reference_name)
+        if shared.source.task == TEXT_GENERATION:
+            with _timed(progress, own, f"generate {target.name}", "greedy tokens vs the reference"):
+                report = with_generation(report, artifact, shared.source, shared.captured)
     except (UsageError, MissingBackendError) as error:
         raise _TargetFailed(step, error) from error
     except KilnError as error:
@@ -292,23 +309,6 @@ def _final_manifest(
     manifest = assemble_manifest(parts)
     manifest.outputs = observed_outputs(manifest.outputs, report)
     return manifest
-
-
-def observed_outputs(specs: list[TensorSpec], report: ParityReport) -> list[TensorSpec]:
-    """The output specs with each static dimension as the artifact really produced it (a declared shape can be
-    wrong: an ONNX file may declare [1, 0] for an output of [1, 10]); named dynamic dimensions stay named."""
-    produced = {o.name: o.shape for o in report.outputs if o.shape is not None}
-    fixed = []
-    for spec in specs:
-        shape = produced.get(spec.name)
-        if shape is not None and spec.layout == NHWC and len(shape) == 4:
-            shape = [shape[i] for i in NCHW_TO_NHWC]  # the report's shapes are in the reference's layout
-        if shape is not None and len(shape) == len(spec.shape):
-            spec = replace(spec, shape=tuple(d if isinstance(d, str) else n for d, n in zip(spec.shape, shape)))
-        elif shape is not None:
-            spec = replace(spec, shape=tuple(shape))
-        fixed.append(spec)
-    return fixed
 
 
 def publish(staging: Path, outcomes: list[_Outcome], out: Path) -> list[ExportResult]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from compiler.artifacts import Artifact, hash_files, load_runner
+from compiler.decoding import replay_generation
 from compiler.errors import MissingBackendError, UsageError
 from compiler.parity import ParitySamples, check_feed, validate
 from compiler.pt2_archive import trusting_pickles
@@ -171,6 +172,8 @@ def verify(path: str | Path, model: str | None = None, trust_pickle: bool = Fals
         tolerance = manifest.parity.tolerance if manifest.parity else Tolerance.for_precision(manifest.precision)
         with trusting_pickles(trust_pickle):
             report = validate(artifact, samples, tolerance, reference_name)
+            if manifest.parity is not None and manifest.parity.generation is not None:
+                report = replay_generation(report, artifact, manifest.parity.generation)
         yield Verification(directory, manifest, report, notes)
 
 
@@ -186,6 +189,10 @@ def _model_reference(
         notes.append(f"{model} has different weights from the model exported (state hash differs)")
     if samples is None:
         raise UsageError(f"{directory} stored no parity inputs", "re-export to store them")
+    if manifest.parity is not None and manifest.parity.generation is not None:
+        from compiler.generation import generation_reference
+
+        source = generation_reference(source)
     reference = reference_runner(source, manifest.inputs, manifest.outputs)
     samples.reference = [reference(feeds) for feeds in samples.inputs]
     return samples, source.reference_name

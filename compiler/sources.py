@@ -32,13 +32,14 @@ class ModelSource:
     exported: torch.export.ExportedProgram | None = None
     onnx_path: Path | None = None
     state_hash: str = ""
+    task: str | None = None  # "text-generation": a causal LM wrapped with its KV cache (compiler.generation)
 
     @property
     def reference_name(self) -> str:
         """What parity compares against."""
         if self.kind == "onnx":
             return "onnxruntime (source is ONNX)"
-        if self.exported is not None:
+        if self.exported is not None and self.task is None:
             return "pytorch (exported program from .pt2)"
         return "pytorch eager"
 

@@ -167,6 +167,7 @@ class ParityReport:
     outputs: list[OutputMetrics]
     runtime: dict[str, Any] = field(default_factory=dict)
     divergence: dict[str, Any] | None = None  # where it diverges (compiler.divergence.Divergence.to_dict)
+    generation: dict[str, Any] | None = None  # greedy decoding vs the reference (compiler.generation)
 
     def failures(self) -> list[OutputMetrics]:
         """The outputs that failed."""
@@ -179,6 +180,8 @@ class ParityReport:
         lines += ["  " + o.summary() for o in self.outputs]
         if self.divergence is not None:
             lines.append("  " + str(self.divergence.get("summary", "")))
+        if self.generation is not None:
+            lines.append("  " + generation_summary(self.generation))
         return "\n".join(lines)
 
     @classmethod
@@ -193,7 +196,18 @@ class ParityReport:
             outputs=[_from_dict(OutputMetrics, _non_finite_back(o)) for o in data["outputs"]],
             runtime=dict(data.get("runtime", {})),
             divergence=data.get("divergence"),
+            generation=data.get("generation"),
         )
+
+
+def generation_summary(generation: dict[str, Any]) -> str:
+    """One line for a parity report's `generation` record."""
+    verdict = "identical" if generation.get("identical") else f"DIFFER from step {generation.get('first_mismatch')}"
+    within = "within tolerance" if generation.get("logits_within_tolerance") else "OUTSIDE tolerance"
+    return (
+        f"generation: {generation.get('tokens')} greedy tokens {verdict}; step logits {within} "
+        f"(max abs err {generation.get('max_abs_logit_err', float('nan')):.3g})"
+    )
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,18 @@ def llama() -> tuple[nn.Module, tuple[Any, ...]]:
     return _ready(LlamaModel(config), use_cache=False), (torch.randint(0, 100, (1, 12)),)
 
 
+def llama_causal_lm() -> tuple[nn.Module, tuple[Any, ...]]:
+    """A Llama causal LM itself (not wrapped): Kiln exports it for text generation, with its KV cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval(), (torch.randint(0, 128, (1, 8)),)
+
+
 def mobilevit() -> tuple[nn.Module, tuple[Any, ...]]:
     """MobileViT classifier (inverted residuals, unfold-to-patches attention, fold back), BN statistics set."""
     from transformers import MobileViTConfig, MobileViTForImageClassification

@@ -1,0 +1,312 @@
+"""Text-generation export of a `transformers` causal LM: the decoder with its KV cache as named inputs and outputs,
+and the greedy loop that runs it (parity, `kiln run --generate`, benchmarks/bench_generate.py).
+
+One graph with a dynamic past length, not two (prefill + decode): the prompt is run with an empty cache (past
+length 0), each next token with the cache the previous step returned. One graph means one file and one set of weights
+(two graphs would duplicate them or need shared external data), one build and one parity gate per target; ONNX
+Runtime and OpenVINO both take a zero-length past (Optimum's merged decoder and OpenVINO GenAI's stateless model feed
+the same empty cache). torch.export is traced at a past of 5 with `Dim("past", min=0)`, so the 0 is not specialized.
+
+I/O (batch, seq, past and total = past + seq are named dynamic dims):
+`input_ids[batch, seq]`, `attention_mask[batch, total]`, `position_ids[batch, seq]`,
+`past_key_values.{i}.key|value[batch, kv_heads, past, head_dim]` -> `logits[batch, seq, vocab]`,
+`present.{i}.key|value[batch, kv_heads, total, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from compiler.decoding import (  # re-exported: the loop is part of the generation export's API
+    PARITY_PROMPT,
+    PARITY_TOKENS,
+    CachedDecoder,
+    CacheLayout,
+    RecomputingDecoder,
+    generate_with_export,
+    generation_parity,
+    greedy,
+    input_names,
+    parse_prompt,
+)
+from compiler.errors import UsageError
+
+if TYPE_CHECKING:
+    from compiler.artifacts import Artifact
+    from compiler.capture import CapturedModel
+    from compiler.options import ExportOptions
+    from compiler.progress import Progress
+    from compiler.sources import ModelSource
+    from compiler.types import ParityReport
+    from targets import Target
+
+TEXT_GENERATION = "text-generation"
+FORWARD = "forward"
+TASKS = (TEXT_GENERATION, FORWARD)
+GENERATION_TARGETS = ("onnx", "openvino")
+GENERATION_PRECISIONS = ("fp32",)
+GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
+_CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
+
+
+def is_causal_lm(module: Any) -> bool:
+    """True for a `transformers` decoder-only model that generates (e.g. LlamaForCausalLM, GPT2LMHeadModel)."""
+    if not type(module).__module__.startswith("transformers."):
+        return False
+    from transformers import GenerationMixin
+
+    config = getattr(module, "config", None)
+    return (
+        isinstance(module, GenerationMixin)
+        and bool(getattr(module, "can_generate", lambda: False)())
+        and config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+        and hasattr(config, "num_hidden_layers")
+        and hasattr(config, "vocab_size")
+    )
+
+
+def wants_generation(source: ModelSource, task: str | None) -> bool:
+    """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM."""
+    if task is not None and task not in TASKS:
+        raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(TASKS)}")
+    causal = source.kind == "torch" and source.exported is None and is_causal_lm(source.module)
+    if task == TEXT_GENERATION and not causal:
+        raise UsageError(
+            f"--task {TEXT_GENERATION} needs a transformers causal LM (e.g. LlamaForCausalLM); "
+            f"{source.description} is not one",
+            "return the *ForCausalLM model itself from the factory, or drop --task",
+        )
+    return causal and task != FORWARD
+
+
+def check_generation_request(
+    targets: list[Target], asked_all: bool, precision_of: Callable[[Target], str], dynamic: object
+) -> list[Target]:
+    """The targets of a generation export (`--target all`: those that build one); refuse targets, precisions and
+    flags it does not build, before any capture work."""
+    if asked_all:
+        targets = [t for t in targets if t.name in GENERATION_TARGETS]
+    other = [t.name for t in targets if t.name not in GENERATION_TARGETS]
+    if other:
+        raise UsageError(
+            f"text-generation export supports {' and '.join(GENERATION_TARGETS)}, not {', '.join(other)}: "
+            "its KV cache has a dynamic past length, which the other targets' static shapes cannot take",
+            f"use --target {','.join(GENERATION_TARGETS)}, or --task forward for one full-sequence forward",
+        )
+    bad = sorted({precision_of(t) for t in targets} - set(GENERATION_PRECISIONS))
+    if bad:
+        raise UsageError(
+            f"text-generation export is validated at fp32 only, not {', '.join(bad)}",
+            "drop --precision, or use --task forward",
+        )
+    if dynamic is not None:
+        raise UsageError(
+            "--dynamic/--dynamic-batch do not apply to a text-generation export: its batch, sequence and past "
+            "are dynamic already",
+            "drop --dynamic and --dynamic-batch",
+        )
+    return targets
+
+
+def as_generation(
+    source: ModelSource, chosen: list[Target], asked: str | list[str], options: ExportOptions, say: Callable[[str], Any]
+) -> tuple[ModelSource, list[Target]]:
+    """The source wrapped for a generation export (KV cache as flat tensors, exported), and its targets."""
+    asked_all = isinstance(asked, str) and asked.strip().lower() == "all"
+    chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic)
+    if options.task is None:
+        say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
+    return generation_source(source), chosen
+
+
+class CausalLMWithCache(nn.Module):
+    """A causal LM taking flat tensors: the cache's tensors go in and come out by name (a `DynamicCache` is built
+    inside), so that torch.export and the runtimes see plain tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        config: Any = model.config
+        self.layers = int(config.num_hidden_layers)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        from transformers import DynamicCache
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        config: Any = self.model.config
+        cache = DynamicCache(ddp_cache_data=pairs, config=config)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        result = {"logits": out.logits}
+        for i, layer in enumerate(out.past_key_values.layers):
+            result[f"present.{i}.key"], result[f"present.{i}.value"] = layer.keys, layer.values
+        return result
+
+
+def cache_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a transformers decoder config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
+def generation_source(source: ModelSource) -> ModelSource:
+    """`source` (a causal LM) as its cached decoder: the wrapper module, example inputs at the capture sizes, and
+    the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is)."""
+    assert source.module is not None
+    wrapper = CausalLMWithCache(source.module).eval()
+    config: Any = source.module.config
+    layers, kv_heads, head_dim = cache_shape(config)
+    batch, seq, past = _CAPTURE["batch"], _CAPTURE["seq"], _CAPTURE["past"]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(config.vocab_size), (batch, seq), generator=generator)
+    positions = torch.arange(past, past + seq).repeat(batch, 1)
+    cache = [torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in range(2 * layers)]
+    dtype = next(source.module.parameters()).dtype
+    examples = (ids, torch.ones(batch, past + seq, dtype=torch.long), positions, *[t.to(dtype) for t in cache])
+    max_len = int(getattr(config, "max_position_embeddings", 4096))
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=1024),
+        "seq": torch.export.Dim("seq", min=1, max=max_len),
+        "past": torch.export.Dim("past", min=0, max=max_len),
+    }
+    shapes = (
+        {0: dims["batch"], 1: dims["seq"]},
+        {0: dims["batch"], 1: torch.export.Dim.DYNAMIC},
+        {0: dims["batch"], 1: dims["seq"]},
+        tuple({0: dims["batch"], 2: dims["past"]} for _ in cache),
+    )
+    from compiler.capture import converter_output_captured
+
+    try:
+        with converter_output_captured():
+            program = torch.export.export(wrapper, examples, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        from compiler.errors import UnsupportedOpError
+
+        raise UnsupportedOpError(
+            f"torch.export of {source.description} with a dynamic KV cache failed: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
+            "export it with --task forward (one full-sequence forward, no cache)",
+        ) from None
+    return replace(
+        source,
+        description=f"{source.description} (text-generation, KV cache)",
+        example_inputs=examples,
+        module=wrapper,
+        exported=program,
+        task=TEXT_GENERATION,
+    )
+
+
+def generation_reference(source: ModelSource) -> ModelSource:
+    """`kiln verify --model` of a text-generation export: the causal LM wrapped with its cache, as exported."""
+    if source.kind != "torch" or not is_causal_lm(source.module):
+        raise UsageError(
+            f"{source.description} is not a transformers causal LM, but the export is a text-generation export",
+            "pass the *ForCausalLM model it was exported from",
+        )
+    assert source.module is not None
+    return replace(source, module=CausalLMWithCache(source.module).eval(), task=TEXT_GENERATION)
+
+
+def name_generation_io(captured: CapturedModel) -> CapturedModel:
+    """The captured model with its ONNX inputs named `past_key_values.{i}.key|value` (not the program's `past_0`)
+    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file."""
+    import onnx
+
+    from compiler.capture import onnx_signature
+
+    assert captured.onnx_path is not None
+    proto = onnx.load(str(captured.onnx_path), load_external_data=False)
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    names = input_names((len(inputs) - 3) // 2)
+    renamed = {value.name: name for value, name in zip(inputs, names)}
+    symbols: dict[str, str] = {}
+    for value, axes in zip(inputs, [("batch", "seq"), ("batch", "total"), ("batch", "seq")]):
+        for dim, name in zip(value.type.tensor_type.shape.dim, axes):
+            symbols.setdefault(dim.dim_param, name)
+    if len(inputs) > 3:
+        symbols.setdefault(inputs[3].type.tensor_type.shape.dim[2].dim_param, "past")
+    symbols.pop("", None)
+    for value in inputs:
+        value.name = renamed[value.name]
+    for node in _all_nodes(graph):
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b") if symbols else None
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if pattern is not None and dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: symbols[m[1]], dim.dim_param).replace(" ", "")
+    onnx.save(proto, str(captured.onnx_path))
+    specs_in, specs_out, _ = onnx_signature(captured.onnx_path, torch_layout=False)
+    return replace(captured, inputs=specs_in, outputs=specs_out)
+
+
+def _all_nodes(graph: Any) -> list[Any]:
+    """Every node of an ONNX graph, those of subgraphs (If/Loop bodies) included."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                nodes.extend(_all_nodes(sub))
+    return nodes
+
+
+def skip_localization(options: ExportOptions, report: ParityReport, progress: Progress) -> ExportOptions:
+    """The options with localization off for a text-generation export, said when it would have run: the divergence
+    probes feed the FX program by its own input names (`past_0`), which the renamed cache inputs no longer match."""
+    if options.localize is False or (options.localize is None and report.passed):
+        return options
+    progress.warn("localization does not support text-generation exports yet (renamed cache inputs): not localized")
+    return replace(options, localize=False)
+
+
+def with_generation(
+    report: ParityReport, artifact: Artifact, source: ModelSource, captured: CapturedModel
+) -> ParityReport:
+    """The parity report with the generation check added (`report.generation`): it fails when the greedy tokens
+    differ from the reference's or a step's logits are outside the report's tolerance."""
+    from compiler.artifacts import load_runner
+    from compiler.backend_errors import backend_failures
+    from compiler.reference import reference_runner
+    from targets import get_target
+
+    runner = load_runner(artifact)
+    reference = reference_runner(source, captured.inputs, captured.outputs)
+    layout = CacheLayout.from_specs(captured.inputs)
+    with backend_failures(get_target(artifact.target), "run"):
+        record = generation_parity(runner.run, reference, layout, report.tolerance)
+    return replace(report, passed=report.passed and record["passed"], generation=record)
+
+
+__all__ = [
+    "PARITY_PROMPT",
+    "PARITY_TOKENS",
+    "CacheLayout",
+    "CachedDecoder",
+    "RecomputingDecoder",
+    "generate_with_export",
+    "generation_parity",
+    "greedy",
+    "input_names",
+    "parse_prompt",
+]
