@@ -7,7 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from compiler.sources import check_onnx_external_data
+from compiler.types import TensorSpec
 
 
 def copy_onnx(source: Path, destination: Path) -> None:
@@ -80,3 +83,25 @@ def name_batch_dim(proto: Any, name: str) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in symbols:
                 dim.dim_param = name
+
+
+def onnx_signature(path: Path, torch_layout: bool) -> tuple[list[TensorSpec], list[TensorSpec], int]:
+    """Input and output specs (named dynamic dims) and the default-domain opset of an ONNX file."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+
+    def spec(value: Any, is_input: bool) -> TensorSpec:
+        tensor_type = value.type.tensor_type
+        shape: list[int | str] = []
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            shape.append(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or f"{value.name}_dim{axis}"))
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
+        layout = "NCHW" if torch_layout and is_input and len(shape) == 4 and dtype.startswith("float") else None
+        return TensorSpec(value.name, tuple(shape), dtype, layout)
+
+    inputs = [spec(v, True) for v in proto.graph.input if v.name not in initializers]
+    outputs = [spec(v, False) for v in proto.graph.output]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return inputs, outputs, opset

@@ -33,10 +33,10 @@ from compiler.options import ExportOptions
 from compiler.parity import ParitySamples, check_input_files, validate
 from compiler.progress import Progress
 from compiler.pt2_archive import trusting_pickles
-from compiler.quantization.calibration import CalibrationData, load_calibration
+from compiler.quantization.calibration import NOT_REPRESENTATIVE, CalibrationData, load_calibration
 from compiler.reference import reference_samples
 from compiler.routes import RouteAttempt, RouteGraphs, keep_only, route_info, routes_failed
-from compiler.selection import fit_to_source, select_targets
+from compiler.selection import capture_groups, fit_to_source, select_targets
 from compiler.sources import ModelSource, load_model, read_inputs_file_raw  # noqa: F401 (re-exports)
 from compiler.staging import (
     REJECTED,
@@ -51,11 +51,6 @@ from targets import Target
 from targets.base import Route
 
 __all__ = ["ExportOptions", "export_targets"]
-
-NOT_REPRESENTATIVE = (
-    "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
-    "pass --calib FILE.npz|DIR|file.py:loader"
-)
 
 
 @dataclass
@@ -120,7 +115,7 @@ def export_targets(
         outcomes: list[_Outcome] = []
         # Work files live in the staging directory too, and so do the converters' own temporary files.
         with staging_area(out) as staging, converter_temp_files(staging / "tmp"):
-            for batch, group in _capture_groups(source, chosen):
+            for batch, group in capture_groups(source, chosen):
                 shared = prepare(source, batch, group, options, staging / "work", progress, timings)
                 for target in group:
                     outcomes.append(_export_or_fail(target, shared, options, staging, progress, timings, len(chosen)))
@@ -194,30 +189,7 @@ def export_one(
     passes, the first that built is kept, rejected; a fallback route is tried only when no earlier one built),
     and write its manifest; when no route builds, the error becomes _TargetFailed naming the step."""
     own: dict[str, float] = {}
-    routes = shared.routes.applicable(target)
-    attempts: list[RouteAttempt] = []
-    built: dict[int, tuple[Artifact, list[PassRecord]]] = {}
-    for index, route in enumerate(routes):
-        if route.fallback and built:
-            break  # an earlier route converted (and failed parity): a fallback route is not a second opinion
-        attempt_dir = directory.with_name(f"{target.name}~{index}")
-        attempt, result = _try_route(target, route, shared, options, attempt_dir, progress, own)
-        attempts.append(attempt)
-        if result is not None:
-            built[index] = result
-        if not attempt.reason:
-            break
-        if index + 1 < len(routes):
-            progress.warn(f"{target.name}: route {route.name} not used ({attempt.step}): {attempt.reason}")
-    if not built:
-        if not attempts:
-            raise _TargetFailed("capture", UnsupportedOpError(f"{target.name} has no route from this model", None))
-        raise _TargetFailed(attempts[0].step, routes_failed(attempts))
-    index = next((i for i in built if not attempts[i].reason), min(built))
-    (artifact, records), chosen = built[index], attempts[index]
-    artifact.directory = keep_only(
-        artifact.directory, directory, [directory.with_name(f"{target.name}~{i}") for i in range(len(attempts))]
-    )
+    artifact, records, chosen, attempts = _build_by_routes(target, shared, options, directory, progress, own)
     for note in artifact.manifest.notes:
         progress.say(f"note: {note}")
     notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
@@ -245,6 +217,43 @@ def export_one(
     manifest.write(directory)
     progress.say(report.summary().replace("\n", "\n[kiln]   "))
     return _Outcome(target, directory, manifest)
+
+
+def _build_by_routes(
+    target: Target,
+    shared: _Shared,
+    options: ExportOptions,
+    directory: Path,
+    progress: Progress,
+    own: dict[str, float],
+) -> tuple[Artifact, list[PassRecord], RouteAttempt, list[RouteAttempt]]:
+    """Try the target's routes in order; the first build that passes parity (else the first that built), its
+    pass records, its attempt and every attempt. When no route builds, _TargetFailed names the step."""
+    routes = shared.routes.applicable(target)
+    attempts: list[RouteAttempt] = []
+    built: dict[int, tuple[Artifact, list[PassRecord]]] = {}
+    for index, route in enumerate(routes):
+        if route.fallback and built:
+            break  # an earlier route converted (and failed parity): a fallback route is not a second opinion
+        attempt_dir = directory.with_name(f"{target.name}~{index}")
+        attempt, result = _try_route(target, route, shared, options, attempt_dir, progress, own)
+        attempts.append(attempt)
+        if result is not None:
+            built[index] = result
+        if not attempt.reason:
+            break
+        if index + 1 < len(routes):
+            progress.warn(f"{target.name}: route {route.name} not used ({attempt.step}): {attempt.reason}")
+    if not built:
+        if not attempts:
+            raise _TargetFailed("capture", UnsupportedOpError(f"{target.name} has no route from this model", None))
+        raise _TargetFailed(attempts[0].step, routes_failed(attempts))
+    index = next((i for i in built if not attempts[i].reason), min(built))
+    (artifact, records), chosen = built[index], attempts[index]
+    artifact.directory = keep_only(
+        artifact.directory, directory, [directory.with_name(f"{target.name}~{i}") for i in range(len(attempts))]
+    )
+    return artifact, records, chosen, attempts
 
 
 def _try_route(
@@ -378,14 +387,3 @@ def calibration_data(
     if not data.representative:
         progress.warn(NOT_REPRESENTATIVE)
     return data
-
-
-def _capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[int | None, list[Target]]]:
-    """Targets grouped by the batch they must be captured at (None: the example inputs' own batch)."""
-    first = source.example_inputs[0] if source.example_inputs else None
-    example_batch = first.shape[0] if first is not None and first.dim() else None
-    groups: dict[int | None, list[Target]] = {}
-    for target in targets:
-        batch = target.fixed_batch if target.fixed_batch not in (None, example_batch) else None
-        groups.setdefault(batch, []).append(target)
-    return sorted(groups.items(), key=lambda item: item[0] or 0)

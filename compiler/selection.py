@@ -137,3 +137,14 @@ def fit_to_source(
                 "give the model as file.py:factory, .pt2 or zoo:NAME, or pick an ONNX-consuming target",
             )
     return targets
+
+
+def capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[int | None, list[Target]]]:
+    """Targets grouped by the batch they must be captured at (None: the example inputs' own batch)."""
+    first = source.example_inputs[0] if source.example_inputs else None
+    example_batch = first.shape[0] if first is not None and first.dim() else None
+    groups: dict[int | None, list[Target]] = {}
+    for target in targets:
+        batch = target.fixed_batch if target.fixed_batch not in (None, example_batch) else None
+        groups.setdefault(batch, []).append(target)
+    return sorted(groups.items(), key=lambda item: item[0] or 0)

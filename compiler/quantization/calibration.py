@@ -23,6 +23,11 @@ from compiler.errors import UsageError
 from compiler.layout import NHWC, nhwc_array
 from compiler.types import TensorSpec
 
+NOT_REPRESENTATIVE = (
+    "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
+    "pass --calib FILE.npz|DIR|file.py:loader"
+)
+
 DEFAULT_CALIBRATION_SAMPLES = 100
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 Feeds = dict[str, np.ndarray]
