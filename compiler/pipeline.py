@@ -24,7 +24,7 @@ from compiler.layout import NCHW_TO_NHWC, NHWC
 from compiler.manifest import assemble_manifest, source_record
 from compiler.optimize import optimize
 from compiler.options import ExportOptions
-from compiler.parity import ParitySamples, check_input_files, validate
+from compiler.parity import QUANTIZED_PRECISIONS, QUANTIZED_SAMPLES, ParitySamples, check_input_files, validate
 from compiler.progress import Progress
 from compiler.pt2_archive import trusting_pickles
 from compiler.quantization.calibration import CalibrationData, load_calibration
@@ -129,6 +129,12 @@ def _export_or_fail(
         return _Outcome(target, failure=TargetFailure(failed.step, failed.error.one_line(), failed.error.exit_code))
 
 
+NO_HELD_BACK = (
+    "the calibration source has no rows beyond --calib-samples, so the parity gate's extra int8 input sets are "
+    "random (it never judges on rows calibrated on): give more rows than --calib-samples to judge on real data"
+)
+
+
 def prepare(
     source: ModelSource,
     batch: int | None,
@@ -157,9 +163,11 @@ def prepare(
                 if options.all_or_nothing:
                     raise
                 lowering_failure = error
-    with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
-        samples = reference_samples(source, captured, options)
     calibration = calibration_data(group, captured, source, options, progress, timings)
+    quantized = any(options.precision_for(t) in QUANTIZED_PRECISIONS for t in group)
+    held = calibration.held_back_sets(captured.inputs, QUANTIZED_SAMPLES) if calibration is not None else []
+    with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
+        samples = reference_samples(source, captured, options, quantized, held)
     return _Shared(source, captured, samples, calibration, scratch, lowering_failure)
 
 
@@ -187,20 +195,21 @@ def export_one(
             artifact = build(target, graph, request, directory)
         for note in artifact.manifest.notes:
             progress.say(f"note: {note}")
-        notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
+        samples = shared.samples.for_precision(request.precision)
+        notes = [] if samples.save(directory) else ["parity samples too large to store: verify needs --model"]
         if shared.calibration is not None and not shared.calibration.representative and request.precision == "int8":
             notes.append(NOT_REPRESENTATIVE)
+        elif shared.calibration is not None and request.precision == "int8" and not shared.calibration.held_back:
+            notes.append(NO_HELD_BACK)
         step = "validate"
-        with _timed(progress, own, f"validate {target.name}", f"{len(shared.samples.inputs)} input sets"):
-            report = validate(
-                artifact, shared.samples, options.tolerance(request.precision), shared.source.reference_name
-            )
+        with _timed(progress, own, f"validate {target.name}", f"{len(samples.inputs)} input sets"):
+            report = validate(artifact, samples, options.tolerance(request.precision), shared.source.reference_name)
     except KilnError as error:
         raise _TargetFailed(step, error) from error
     report = localize_export(
         target,
         shared.captured,
-        shared.samples,
+        samples,
         shared.calibration,
         options,
         report,
@@ -320,7 +329,7 @@ def calibration_data(
         return None
     examples = [t.detach().cpu().numpy() for t in source.example_inputs]
     with _timed(progress, timings, "calibration", options.calibration.describe()):
-        data = load_calibration(options.calibration, model.inputs, examples)
+        data = load_calibration(options.calibration, model.inputs, examples, QUANTIZED_SAMPLES)
     if not data.representative:
         progress.warn(NOT_REPRESENTATIVE)
     return data

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from compiler.errors import UsageError
-from compiler.parity import Feeds, ParitySamples, make_inputs, read_inputs_file
+from compiler.parity import QUANTIZED_SAMPLES, Feeds, ParitySamples, make_inputs, read_inputs_file
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
@@ -44,8 +44,19 @@ def reference_runner(
     return run
 
 
-def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:
-    """Parity input sets and the reference model's outputs on each."""
+def reference_samples(
+    source: ModelSource,
+    model: CapturedModel,
+    options: ExportOptions,
+    quantized: bool = False,
+    held_back: list[Feeds] | None = None,
+) -> ParitySamples:
+    """Parity input sets and the reference model's outputs on each.
+
+    `quantized`: add sets up to QUANTIZED_SAMPLES (besides batch-range and user ones) after the others, for the
+    quantized precisions only (ParitySamples.for_precision): first `held_back` (calibration rows never calibrated
+    on), then random ones.
+    """
     if options.samples < 1:
         raise UsageError(f"--samples {options.samples}: need at least 1", "use the default of 4")
     examples = [t.detach().cpu().numpy() for t in source.example_inputs]
@@ -56,8 +67,18 @@ def reference_samples(source: ModelSource, model: CapturedModel, options: Export
         )
     batch = model.dynamic_batch
     user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.inputs_files]
+    missing = max(QUANTIZED_SAMPLES - options.samples, 0) if quantized else 0
+    held = (held_back or [])[:missing]
     inputs, origins = make_inputs(
-        examples, model.inputs, options.samples, [batch.minimum, batch.maximum] if batch else [], user_sets
+        examples,
+        model.inputs,
+        options.samples,
+        [batch.minimum, batch.maximum] if batch else [],
+        user_sets,
+        extra=missing - len(held),
     )
+    base = len(inputs) - (missing - len(held))
+    inputs += held
+    origins += [f"calib held-back#{i}" for i in range(len(held))]
     reference = reference_runner(source, model.inputs, model.outputs)
-    return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs])
+    return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs], base if missing else None)

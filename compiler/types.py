@@ -134,7 +134,16 @@ class OutputMetrics:
     mismatch_fraction: float = 0.0
     agreement: float = 1.0
     snr_db: float = float("inf")
-    top1_agreement: float | None = None  # classifier-shaped outputs only
+    top1_agreement: float | None = None  # classifier-shaped outputs only: agreement on the decided rows
+    # Top-1 on classifier outputs (None otherwise): rows decided (reference margin > 2 x the row's RMS error) and
+    # how many of them agree, near-ties (flips there not counted) and their flips, the Wilson 95% interval of the
+    # decided rows' agreement, and whether enough rows were decided for the top-1 criterion to apply.
+    top1_decided: int | None = None
+    top1_agreed: int | None = None
+    top1_near_ties: int | None = None
+    top1_near_tie_flips: int | None = None
+    top1_ci: list[float] | None = None
+    top1_decidable: bool | None = None
     worst_sample: int = 0
     reason: str = ""
     shape: list[int] | None = None  # the shape the artifact produced on the first input set
@@ -149,10 +158,19 @@ class OutputMetrics:
                 f"max_abs={self.max_abs_error:.3g} max_rel={self.max_rel_error:.3g} "
                 f"cosine={self.min_cosine:.6f} snr={self.snr_db:.1f}dB out_of_tol={self.mismatch_fraction:.2%}"
             )
-            if self.top1_agreement is not None:
-                figures += f" top1={self.top1_agreement:.2%}"
+            figures += self._top1_figure()
         reason = f"  <- {self.reason}" if self.reason else ""
         return f"{verdict} {self.name}: {figures}{reason}"
+
+    def _top1_figure(self) -> str:
+        """E.g. ` top-1 31/32 decided (1 near-tie), 95% CI [0.84, 0.99]`; empty for a non-classifier output."""
+        if self.top1_decided is None or self.top1_agreed is None:  # a manifest written before the counts existed
+            return f" top1={self.top1_agreement:.2%}" if self.top1_agreement is not None else ""
+        ties = self.top1_near_ties or 0
+        text = f" top-1 {self.top1_agreed}/{self.top1_decided} decided ({ties} near-tie{'s' * (ties != 1)})"
+        if self.top1_ci is not None:
+            text += f", 95% CI [{self.top1_ci[0]:.2f}, {self.top1_ci[1]:.2f}]"
+        return text + ("" if self.top1_decidable else ", not decidable")
 
 
 @dataclass

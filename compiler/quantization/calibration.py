@@ -68,6 +68,8 @@ class CalibrationData:
     origin: str
     representative: bool  # False: random inputs, so int8 ranges are guesses
     spec: CalibrationSpec = CalibrationSpec()
+    # Rows the source had beyond `spec.samples`: never calibrated on, so the parity gate judges on them.
+    held_back: Feeds | None = None
 
     @property
     def count(self) -> int:
@@ -78,6 +80,14 @@ class CalibrationData:
         """The rows regrouped into feeds of each input's static batch size."""
         batch = _batch_size(specs)
         return [{name: rows[i : i + batch] for name, rows in self.rows.items()} for i in range(0, self.count, batch)]
+
+    def held_back_sets(self, specs: list[TensorSpec], limit: int) -> list[Feeds]:
+        """At most `limit` parity input sets of whole static batches from the held-back rows (none without)."""
+        if not self.held_back:
+            return []
+        held = CalibrationData(self.held_back, self.origin, self.representative, self.spec)
+        batch = _batch_size(specs)
+        return [feeds for feeds in held.batches(specs) if len(next(iter(feeds.values()))) == batch][:limit]
 
     def in_layout(self, specs: list[TensorSpec]) -> CalibrationData:
         """The same samples for an artifact whose inputs are `specs`: channels-last where a spec says NHWC."""
@@ -93,6 +103,7 @@ class CalibrationData:
             "method": self.spec.method,
             "per_channel": self.spec.per_channel,
             "symmetric_activations": self.spec.symmetric_activations,
+            "held_back_rows": len(next(iter(self.held_back.values()))) if self.held_back else 0,
         }
 
 
@@ -106,25 +117,31 @@ def _batch_size(specs: list[TensorSpec]) -> int:
     return int(next(iter(sizes)))
 
 
-def load_calibration(spec: CalibrationSpec, inputs: list[TensorSpec], examples: list[np.ndarray]) -> CalibrationData:
-    """The calibration rows for these inputs from the spec's source, checked, at most `spec.samples` of them."""
+def load_calibration(
+    spec: CalibrationSpec, inputs: list[TensorSpec], examples: list[np.ndarray], hold_back: int = 0
+) -> CalibrationData:
+    """The calibration rows for these inputs from the spec's source, checked, at most `spec.samples` of them;
+    up to `hold_back` further rows of the source are kept apart (`held_back`) for the parity gate."""
     if spec.samples < 1:
         raise UsageError(f"--calib-samples {spec.samples}: need at least 1", "use the default of 100")
     if spec.source is None:
         return CalibrationData(_random_rows(inputs, examples, spec.samples), "random inputs", False, spec)
-    chunks = itertools.islice(_read_source(spec.source, inputs), spec.samples)
+    wanted = spec.samples + max(hold_back, 0)
+    chunks = itertools.islice(_read_source(spec.source, inputs), wanted)
     rows: dict[str, list[np.ndarray]] = {s.name: [] for s in inputs}
     count = 0
     for feeds in chunks:
         for input_spec in inputs:
             rows[input_spec.name].append(_check_rows(input_spec, feeds[input_spec.name], spec.source))
         count += len(next(iter(feeds.values())))
-        if count >= spec.samples:
+        if count >= wanted:
             break
     if count == 0:
         raise UsageError(f"calibration source {spec.source} yielded no samples", "give it at least one sample")
-    stacked = {name: np.concatenate(parts)[: spec.samples] for name, parts in rows.items()}
-    return CalibrationData(stacked, spec.source, True, spec)
+    stacked = {name: np.concatenate(parts)[:wanted] for name, parts in rows.items()}
+    calibrate = {name: rows[: spec.samples] for name, rows in stacked.items()}
+    held = {name: rows[spec.samples :] for name, rows in stacked.items()}
+    return CalibrationData(calibrate, spec.source, True, spec, held if count > spec.samples else None)
 
 
 def _random_rows(inputs: list[TensorSpec], examples: list[np.ndarray], count: int) -> Feeds:
