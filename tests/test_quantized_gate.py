@@ -9,7 +9,8 @@ import numpy as np
 
 from compiler.metrics import top1_matches, wilson_interval
 from compiler.parity import MIN_DECIDED_ROWS, QUANTIZED_SAMPLES, ParitySamples, compare
-from compiler.types import OutputMetrics, Tolerance
+from compiler.quantization.calibration import CalibrationSpec, load_calibration
+from compiler.types import OutputMetrics, TensorSpec, Tolerance
 
 INT8 = Tolerance.for_precision("int8")
 
@@ -133,3 +134,20 @@ def test_samples_for_precision_keep_unquantized_sets_as_before():
     assert len(samples.for_precision("int8-dynamic").inputs) == 6
     fp32 = samples.for_precision("fp32")
     assert fp32.origins == ["s0", "s1", "s2", "s3"] and len(fp32.reference) == 4
+
+
+def test_calibration_keeps_the_rows_past_calib_samples_apart(tmp_path):
+    rows = np.random.default_rng(11).normal(0, 1, (30, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", image=rows)
+    specs = [TensorSpec("image", (1, 3, 4, 4), "float32")]
+    spec = CalibrationSpec(str(tmp_path / "calib.npz"), 20)
+    data = load_calibration(spec, specs, [rows[:1]], hold_back=QUANTIZED_SAMPLES)
+    assert np.array_equal(data.rows["image"], rows[:20])  # calibrated on exactly what it was before
+    sets = data.held_back_sets(specs, QUANTIZED_SAMPLES)
+    assert len(sets) == 10 and all(np.array_equal(s["image"], rows[20 + i : 21 + i]) for i, s in enumerate(sets))
+    assert data.summary()["held_back_rows"] == 10 and len(data.held_back_sets(specs, 4)) == 4
+    assert data.held_back_sets([TensorSpec("image", ("batch", 3, 4, 4), "float32")], 32) == []
+    plain = load_calibration(spec, specs, [rows[:1]])
+    assert plain.held_back is None and np.array_equal(plain.rows["image"], rows[:20])
+    exact = load_calibration(CalibrationSpec(str(tmp_path / "calib.npz"), 30), specs, [rows[:1]], hold_back=32)
+    assert exact.held_back is None and exact.summary()["held_back_rows"] == 0

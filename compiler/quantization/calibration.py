@@ -83,10 +83,11 @@ class CalibrationData:
 
     def held_back_sets(self, specs: list[TensorSpec], limit: int) -> list[Feeds]:
         """At most `limit` parity input sets of whole static batches from the held-back rows (none without)."""
-        if not self.held_back:
-            return []
+        sizes = {s.shape[0] for s in specs if s.shape}
+        if not self.held_back or len(sizes) != 1 or not isinstance(next(iter(sizes)), int):
+            return []  # no rows held back, or no single static batch to group them in
         held = CalibrationData(self.held_back, self.origin, self.representative, self.spec)
-        batch = _batch_size(specs)
+        batch = int(next(iter(sizes)))
         return [feeds for feeds in held.batches(specs) if len(next(iter(feeds.values()))) == batch][:limit]
 
     def in_layout(self, specs: list[TensorSpec]) -> CalibrationData:
@@ -141,7 +142,8 @@ def load_calibration(
     stacked = {name: np.concatenate(parts)[:wanted] for name, parts in rows.items()}
     calibrate = {name: rows[: spec.samples] for name, rows in stacked.items()}
     held = {name: rows[spec.samples :] for name, rows in stacked.items()}
-    return CalibrationData(calibrate, spec.source, True, spec, held if count > spec.samples else None)
+    kept = len(next(iter(stacked.values())))
+    return CalibrationData(calibrate, spec.source, True, spec, held if kept > spec.samples else None)
 
 
 def _random_rows(inputs: list[TensorSpec], examples: list[np.ndarray], count: int) -> Feeds:
