@@ -81,4 +81,52 @@ def reference_samples(
     inputs += held
     origins += [f"calib held-back#{i}" for i in range(len(held))]
     reference = reference_runner(source, model.inputs, model.outputs)
-    return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs], base if missing else None)
+    outputs = [reference(feeds) for feeds in inputs[:base]] + batched_reference(reference, inputs[base:])
+    return ParitySamples(inputs, origins, outputs, base if missing else None)
+
+
+BATCHED_SETS = 8  # the quantized gate's extra sets go through the reference this many at a time
+
+
+def batched_reference(reference: Callable[[Feeds], Feeds], sets: list[Feeds]) -> list[Feeds]:
+    """The reference's outputs on `sets` (alike in shape), computed BATCHED_SETS sets per call, concatenated on
+    the batch axis; set by set when the batched call fails, splits unevenly, or its first set's outputs differ
+    from a run of that set alone (a model that mixes the rows of its batch, or whose batch is fixed)."""
+    if len(sets) < 2:
+        return [reference(feeds) for feeds in sets]
+    alone = reference(sets[0])
+    results: list[Feeds] = []
+    for start in range(0, len(sets), BATCHED_SETS):
+        chunk = sets[start : start + BATCHED_SETS]
+        split = _split(reference, chunk)
+        if split is None or (start == 0 and not _same(split[0], alone)):
+            return [alone] + [reference(feeds) for feeds in sets[1:]]
+        results += split
+    return results
+
+
+def _split(reference: Callable[[Feeds], Feeds], chunk: list[Feeds]) -> list[Feeds] | None:
+    """The outputs of one batched call, cut back into one per set; None when that is not possible."""
+    rows = [len(next(iter(feeds.values()))) if feeds and next(iter(feeds.values())).ndim else 0 for feeds in chunk]
+    if not rows[0] or any(r != rows[0] for r in rows):
+        return None
+    try:
+        joined = reference({name: np.concatenate([feeds[name] for feeds in chunk]) for name in chunk[0]})
+    except Exception:  # a model that cannot take another batch: run the sets one by one
+        return None
+    if any(np.ndim(v) == 0 or len(v) != rows[0] * len(chunk) for v in joined.values()):
+        return None
+    return [{k: v[i * rows[0] : (i + 1) * rows[0]] for k, v in joined.items()} for i in range(len(chunk))]
+
+
+def _same(batched: Feeds, alone: Feeds) -> bool:
+    """Outputs of one set computed in a batch and alone agree (up to float reordering)."""
+    return batched.keys() == alone.keys() and all(
+        batched[k].shape == alone[k].shape
+        and (
+            alone[k].dtype.kind not in "fc"
+            or np.allclose(batched[k], alone[k], rtol=1e-4, atol=1e-5 * (1 + float(np.abs(alone[k]).max(initial=0))))
+        )
+        and (alone[k].dtype.kind in "fc" or np.array_equal(batched[k], alone[k]))
+        for k in alone
+    )

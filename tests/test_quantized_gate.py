@@ -10,6 +10,7 @@ import numpy as np
 from compiler.metrics import top1_matches, wilson_interval
 from compiler.parity import MIN_DECIDED_ROWS, QUANTIZED_SAMPLES, ParitySamples, compare
 from compiler.quantization.calibration import CalibrationSpec, load_calibration
+from compiler.reference import batched_reference
 from compiler.types import OutputMetrics, TensorSpec, Tolerance
 
 INT8 = Tolerance.for_precision("int8")
@@ -151,3 +152,35 @@ def test_calibration_keeps_the_rows_past_calib_samples_apart(tmp_path):
     assert plain.held_back is None and np.array_equal(plain.rows["image"], rows[:20])
     exact = load_calibration(CalibrationSpec(str(tmp_path / "calib.npz"), 30), specs, [rows[:1]], hold_back=32)
     assert exact.held_back is None and exact.summary()["held_back_rows"] == 0
+
+
+def _torch_reference(module, calls: list[int]):
+    import torch
+
+    def run(feeds):
+        calls.append(len(feeds["x"]))
+        with torch.no_grad():
+            return {"y": module(torch.from_numpy(feeds["x"])).numpy()}
+
+    return run
+
+
+def test_extra_sets_go_through_the_reference_batched_unless_the_model_mixes_its_rows():
+    import torch
+
+    torch.manual_seed(0)
+    sets = [{"x": np.random.default_rng(i).normal(0, 1, (1, 6)).astype(np.float32)} for i in range(20)]
+    linear, calls = torch.nn.Linear(6, 3).eval(), []
+    batched = batched_reference(_torch_reference(linear, calls), sets)
+    alone = [_torch_reference(linear, [])(feeds) for feeds in sets]
+    assert calls == [1, 8, 8, 4]  # one check alone, then 8 sets per call
+    assert all(np.allclose(b["y"], a["y"], atol=1e-6) and b["y"].shape == (1, 3) for b, a in zip(batched, alone))
+
+    class MixesRows(torch.nn.Module):
+        def forward(self, x):
+            return x - x.mean(0)
+
+    calls = []
+    mixed = batched_reference(_torch_reference(MixesRows(), calls), sets)
+    assert calls[-19:] == [1] * 19  # the batched result disagreed with the set run alone: set by set
+    assert all(np.array_equal(m["y"], np.zeros((1, 6), np.float32)) for m in mixed)
