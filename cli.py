@@ -253,8 +253,9 @@ def _generate(model: Any, args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`kiln bench`: time exports in interleaved rounds, each in its own process."""
-    from compiler.bench_report import table
+    from compiler.bench_report import table, timing_failures
     from compiler.benchmark import BenchOptions, run_bench
+    from compiler.errors import EXIT_INTERNAL
     from compiler.progress import Progress
 
     options = BenchOptions(
@@ -274,7 +275,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, default=str))
     elif not args.quiet:
         print(table(result))
-    return 0
+    failures = timing_failures(result)
+    for line in failures:  # the report is written and printed, but an incomplete run is not a success
+        print(f"kiln: error: {line}", file=sys.stderr)
+    return EXIT_INTERNAL if failures else 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

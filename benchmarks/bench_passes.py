@@ -14,6 +14,11 @@ INFERENCE_PRECISION_HINT f32, as the target does) and times them in turn on the 
 `--repeat` runs after `--warmup`, re-run while disturbed: compiler.timing), and another process times PyTorch
 eager; a row's latency is the median over rounds. ONNX nodes: nodes of the graph the runtime was given.
 -O0/this = -O0 ms / this level's ms (>1: faster than the unoptimized export of the same runtime).
+
+The check after the table: no Kiln pass may make an artifact slower than the plain -O0 export on the same
+runtime. Each round times -O0 and the other levels in the same process, one after the other, so each round
+gives a ratio this/-O0; a level is "slower" only when it is slower in every round and the median ratio is
+above 1 + NOISE (outside the noise), "faster" likewise, else "within noise". The script exits 1 on "slower".
 """
 
 from __future__ import annotations
@@ -147,13 +152,48 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dic
             in_fresh_process(measure_eager, name, args.threads, args.repeat, args.warmup, timeout=timeout)["ms"]
         )
     baseline = {row["runtime"]: statistics.median(row["times_ms"]) for row in rows if row["level"] == 0}
+    zero = {row["runtime"]: row["times_ms"] for row in rows if row["level"] == 0}
     for row in rows:
         row.pop("directory")
+        row["ratio_rounds"] = [ms / base for ms, base in zip(row["times_ms"], zero[row["runtime"]]) if base > 0]
+        row["verdict_vs_O0"] = verdict(row["ratio_rounds"])
         row["ms"] = statistics.median(row["times_ms"])
         row["ratio_vs_O0"] = baseline[row["runtime"]] / row["ms"]
         row["eager_ms"] = statistics.median(eager_ms)
         row["speedup_vs_eager"] = row["eager_ms"] / row["ms"]
     return sorted(rows, key=lambda row: (row["runtime"], row["level"]))
+
+
+NOISE = 0.05  # a median per-round ratio within 5% of 1 is noise on a shared machine
+
+
+def verdict(ratios: list[float]) -> str:
+    """ "slower", "faster" or "within noise" from the per-round ratios this level ms / -O0 ms (see the docstring);
+    "one round: no verdict" with fewer than two rounds (no spread to judge the noise by)."""
+    if len(ratios) < 2:
+        return "one round: no verdict"
+    middle = statistics.median(ratios)
+    if min(ratios) > 1.0 and middle > 1 + NOISE:
+        return "slower"
+    if max(ratios) < 1.0 and middle < 1 - NOISE:
+        return "faster"
+    return "within noise"
+
+
+def slower_check(rows: list[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The lines of the check that no pass makes an artifact slower than -O0 (median ratio with its spread over
+    the rounds, and the verdict), and whether every level passed it."""
+    lines, ok = [], True
+    for row in rows:
+        if "error" in row or row["level"] == 0:
+            continue
+        ratios = row["ratio_rounds"]
+        ok = ok and row["verdict_vs_O0"] != "slower"
+        lines.append(
+            f"{row['model']} {row['runtime']} -O{row['level']}: ms/-O0 median {statistics.median(ratios):.3f} "
+            f"[{min(ratios):.3f}, {max(ratios):.3f}] over {len(ratios)} rounds: {row['verdict_vs_O0']}"
+        )
+    return lines, ok
 
 
 HEAD = ["model", "runtime", "level", "ONNX nodes", "ms", "-O0/this", "eager ms", "vs eager", "passes that changed"]
@@ -227,9 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += done
             print(markdown_table(done, header=False), flush=True)
     print(f"\ntook {time.perf_counter() - started:.0f}s; load average {os.getloadavg()[0]:.2f} at the end")
+    lines, no_slower = slower_check(rows)
+    print("\nCheck: no pass slower than -O0 on the same runtime (per-round ratio this/-O0, interleaved)")
+    print("\n".join(f"  {line}" for line in lines) or "  nothing to compare")
+    print("  OK" if no_slower else "  FAILED: a pass made an artifact slower (outside the noise)")
     if args.json:
         Path(args.json).write_text(json.dumps({"host": host, "results": rows}, indent=2, default=str) + "\n")
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any("error" in r for r in rows) or not no_slower else 0
 
 
 if __name__ == "__main__":

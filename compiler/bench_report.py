@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 SPREAD_LIMIT = 1.25
 SCHEMA = 1
+TIMED_FAILURE = "failed while timed"  # how a candidate's record starts when its worker failed in the rounds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,7 +88,7 @@ def report(
     for index, entry in enumerate(running):
         record = _record(entry, options)
         if index in failed:
-            record["failure"] = f"failed while timed: {failed[index]}"
+            record["failure"] = f"{TIMED_FAILURE}: {failed[index]}"
         elif times[index]:
             record |= latency_stats(times[index])
             record["peak_rss_mib"] = peaks[index]
@@ -114,6 +115,17 @@ def report(
         "spread_limit": SPREAD_LIMIT,
         "candidates": candidates,
     }
+
+
+def timing_failures(result: dict[str, Any]) -> list[str]:
+    """One line per candidate that loaded but failed while warmed up or timed (its worker died or hung): the
+    run is then incomplete and `kiln bench` must not exit 0. Candidates left out before timing (torch.compile
+    too slow to compile) are recorded, not failures."""
+    return [
+        f"{record['name']}: {record['failure']}"
+        for record in result["candidates"]
+        if str(record.get("failure") or "").startswith(TIMED_FAILURE)
+    ]
 
 
 def _record(entry: Started, options: BenchOptions) -> dict[str, Any]:

@@ -43,6 +43,38 @@ def top1_matches(got: np.ndarray, want: np.ndarray) -> int:
     return int(np.count_nonzero(np.argmax(got, axis=1) == np.argmax(want, axis=1)))
 
 
+# A row is a near-tie when the reference's top-1/top-2 margin is at most this many times the artifact's RMS error
+# on that row's scores. (Not max|error|: a margin above 2 * max|error| makes a flip impossible by construction.)
+NEAR_TIE_FACTOR = 2.0
+
+
+def top1_rows(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a [batch, classes] output: (agrees, decided). `agrees`: the artifact has the reference's argmax.
+    `decided`: the reference's top-1/top-2 margin exceeds NEAR_TIE_FACTOR times the row's RMS error, so that the
+    artifact's error cannot by itself explain a flip; the other rows are near-ties. A row whose error or margin is
+    not finite counts as decided (a NaN output's flips are counted, never excused)."""
+    g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    agrees = np.argmax(g, axis=1) == np.argmax(w, axis=1)
+    top2 = np.partition(w, w.shape[1] - 2, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.sqrt(np.mean((g - w) ** 2, axis=1))
+        decided = ~(margin <= NEAR_TIE_FACTOR * error)
+    return agrees, decided
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion `successes / trials`; (0, 1) with no trials."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)
+    return low, 1.0 if successes >= trials else min(1.0, centre + half)
+
+
 def mean_row_cosine(got: np.ndarray, want: np.ndarray) -> float:
     """The mean over the batch axis of each row's cosine similarity, clipped to [0, 1] (1.0 = identical)."""
     g = np.asarray(got, np.float64)

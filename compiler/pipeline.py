@@ -30,10 +30,10 @@ from compiler.generation import (
 from compiler.manifest import assemble_manifest, observed_outputs, source_record
 from compiler.optimize import optimize
 from compiler.options import ExportOptions
-from compiler.parity import ParitySamples, check_input_files, validate
+from compiler.parity import QUANTIZED_PRECISIONS, QUANTIZED_SAMPLES, ParitySamples, check_input_files, validate
 from compiler.progress import Progress
 from compiler.pt2_archive import trusting_pickles
-from compiler.quantization.calibration import NOT_REPRESENTATIVE, CalibrationData, load_calibration
+from compiler.quantization.calibration import NO_HELD_BACK, NOT_REPRESENTATIVE, CalibrationData, load_calibration
 from compiler.reference import reference_samples
 from compiler.routes import RouteAttempt, RouteGraphs, keep_only, route_info, routes_failed
 from compiler.selection import capture_groups, fit_to_source, select_targets
@@ -170,9 +170,11 @@ def prepare(
                     raise
                 lowering_failure = error
         captured = name_generation_io(captured) if source.task == TEXT_GENERATION else captured
-    with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
-        samples = reference_samples(source, captured, options)
     calibration = calibration_data(group, captured, source, options, progress, timings)
+    quantized = any(options.precision_for(t) in QUANTIZED_PRECISIONS for t in group)
+    held = calibration.held_back_sets(captured.inputs, QUANTIZED_SAMPLES) if calibration is not None else []
+    with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
+        samples = reference_samples(source, captured, options, quantized, held)
     routes = RouteGraphs(captured, scratch, optimize_onnx, lowering_failure)
     return _Shared(source, captured, samples, calibration, scratch, routes)
 
@@ -189,13 +191,16 @@ def export_one(
     passes, the first that built is kept, rejected; a fallback route is tried only when no earlier one built),
     and write its manifest; when no route builds, the error becomes _TargetFailed naming the step."""
     own: dict[str, float] = {}
+    request = options.build_request(target, shared.calibration)
+    samples = shared.samples.for_precision(request.precision)
     artifact, records, chosen, attempts = _build_by_routes(target, shared, options, directory, progress, own)
     for note in artifact.manifest.notes:
         progress.say(f"note: {note}")
-    notes = [] if shared.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
-    request = options.build_request(target, shared.calibration)
+    notes = [] if samples.save(directory) else ["parity samples too large to store: verify needs --model"]
     if shared.calibration is not None and not shared.calibration.representative and request.precision == "int8":
         notes.append(NOT_REPRESENTATIVE)
+    elif shared.calibration is not None and request.precision == "int8" and not shared.calibration.held_back:
+        notes.append(NO_HELD_BACK)
     assert chosen.report is not None
     report = chosen.report
     if shared.source.task == TEXT_GENERATION:
@@ -203,7 +208,7 @@ def export_one(
     report = localize_export(
         target,
         shared.captured,
-        shared.samples,
+        samples,
         shared.calibration,
         options,
         report,
@@ -281,9 +286,10 @@ def _try_route(
         with _timed(progress, own, f"build {target.name}", target.stage_detail(graph, request)):
             artifact = build(target, graph, request, directory)
         step = "validate"
-        with _timed(progress, own, f"validate {target.name}", f"{len(shared.samples.inputs)} input sets"):
+        samples = shared.samples.for_precision(request.precision)
+        with _timed(progress, own, f"validate {target.name}", f"{len(samples.inputs)} input sets"):
             tolerance = options.tolerance(request.precision)
-            report = validate(artifact, shared.samples, tolerance, shared.source.reference_name)
+            report = validate(artifact, samples, tolerance, shared.source.reference_name)
         if shared.source.task == TEXT_GENERATION:
             with _timed(progress, own, f"generate {target.name}", "greedy tokens vs the reference"):
                 report = with_generation(report, artifact, shared.source, shared.captured)
@@ -383,7 +389,7 @@ def calibration_data(
         return None
     examples = [t.detach().cpu().numpy() for t in source.example_inputs]
     with _timed(progress, timings, "calibration", options.calibration.describe()):
-        data = load_calibration(options.calibration, model.inputs, examples)
+        data = load_calibration(options.calibration, model.inputs, examples, QUANTIZED_SAMPLES)
     if not data.representative:
         progress.warn(NOT_REPRESENTATIVE)
     return data

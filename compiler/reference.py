@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from compiler.errors import UsageError
-from compiler.parity import Feeds, ParitySamples, make_inputs, read_inputs_file
+from compiler.parity import QUANTIZED_SAMPLES, Feeds, ParitySamples, make_inputs, read_inputs_file
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
@@ -71,8 +71,19 @@ def shape_points(
     return [], shaped
 
 
-def reference_samples(source: ModelSource, model: CapturedModel, options: ExportOptions) -> ParitySamples:
-    """Parity input sets and the reference model's outputs on each."""
+def reference_samples(
+    source: ModelSource,
+    model: CapturedModel,
+    options: ExportOptions,
+    quantized: bool = False,
+    held_back: list[Feeds] | None = None,
+) -> ParitySamples:
+    """Parity input sets and the reference model's outputs on each.
+
+    `quantized`: add sets up to QUANTIZED_SAMPLES (besides batch-range and user ones) after the others, for the
+    quantized precisions only (ParitySamples.for_precision): first `held_back` (calibration rows never calibrated
+    on), then random ones.
+    """
     if options.samples < 1:
         raise UsageError(f"--samples {options.samples}: need at least 1", "use the default of 4")
     examples = [t.detach().cpu().numpy() for t in source.example_inputs]
@@ -83,6 +94,61 @@ def reference_samples(source: ModelSource, model: CapturedModel, options: Export
         )
     user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.inputs_files]
     batches, shaped = shape_points(model, examples, options.buckets)
-    inputs, origins = make_inputs(examples, model.inputs, options.samples, batches, user_sets, shaped=shaped)
+    missing = max(QUANTIZED_SAMPLES - options.samples, 0) if quantized else 0
+    held = (held_back or [])[:missing]
+    inputs, origins = make_inputs(
+        examples, model.inputs, options.samples, batches, user_sets, shaped=shaped, extra=missing - len(held)
+    )
+    base = len(inputs) - (missing - len(held))
+    inputs += held
+    origins += [f"calib held-back#{i}" for i in range(len(held))]
     reference = reference_runner(source, model.inputs, model.outputs)
-    return ParitySamples(inputs, origins, [reference(feeds) for feeds in inputs])
+    outputs = [reference(feeds) for feeds in inputs[:base]] + batched_reference(reference, inputs[base:])
+    return ParitySamples(inputs, origins, outputs, base if missing else None)
+
+
+BATCHED_SETS = 8  # the quantized gate's extra sets go through the reference this many at a time
+
+
+def batched_reference(reference: Callable[[Feeds], Feeds], sets: list[Feeds]) -> list[Feeds]:
+    """The reference's outputs on `sets` (alike in shape), computed BATCHED_SETS sets per call, concatenated on
+    the batch axis; set by set when the batched call fails, splits unevenly, or its first set's outputs differ
+    from a run of that set alone (a model that mixes the rows of its batch, or whose batch is fixed)."""
+    if len(sets) < 2:
+        return [reference(feeds) for feeds in sets]
+    alone = reference(sets[0])
+    results: list[Feeds] = []
+    for start in range(0, len(sets), BATCHED_SETS):
+        chunk = sets[start : start + BATCHED_SETS]
+        split = _split(reference, chunk)
+        if split is None or (start == 0 and not _same(split[0], alone)):
+            return [alone] + [reference(feeds) for feeds in sets[1:]]
+        results += split
+    return results
+
+
+def _split(reference: Callable[[Feeds], Feeds], chunk: list[Feeds]) -> list[Feeds] | None:
+    """The outputs of one batched call, cut back into one per set; None when that is not possible."""
+    rows = [len(next(iter(feeds.values()))) if feeds and next(iter(feeds.values())).ndim else 0 for feeds in chunk]
+    if not rows[0] or any(r != rows[0] for r in rows):
+        return None
+    try:
+        joined = reference({name: np.concatenate([feeds[name] for feeds in chunk]) for name in chunk[0]})
+    except Exception:  # a model that cannot take another batch: run the sets one by one
+        return None
+    if any(np.ndim(v) == 0 or len(v) != rows[0] * len(chunk) for v in joined.values()):
+        return None
+    return [{k: v[i * rows[0] : (i + 1) * rows[0]] for k, v in joined.items()} for i in range(len(chunk))]
+
+
+def _same(batched: Feeds, alone: Feeds) -> bool:
+    """Outputs of one set computed in a batch and alone agree (up to float reordering)."""
+    return batched.keys() == alone.keys() and all(
+        batched[k].shape == alone[k].shape
+        and (
+            alone[k].dtype.kind not in "fc"
+            or np.allclose(batched[k], alone[k], rtol=1e-4, atol=1e-5 * (1 + float(np.abs(alone[k]).max(initial=0))))
+        )
+        and (alone[k].dtype.kind in "fc" or np.array_equal(batched[k], alone[k]))
+        for k in alone
+    )

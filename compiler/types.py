@@ -134,7 +134,15 @@ class OutputMetrics:
     mismatch_fraction: float = 0.0
     agreement: float = 1.0
     snr_db: float = float("inf")
-    top1_agreement: float | None = None  # classifier-shaped outputs only
+    top1_agreement: float | None = None  # classifier-shaped outputs only: agreement on the decided rows
+    # Top-1 counts on classifier outputs (None otherwise): decided rows, agreeing ones, near-ties and their flips,
+    # the Wilson 95% interval, whether top-1 applied (compiler.metrics.top1_rows).
+    top1_decided: int | None = None
+    top1_agreed: int | None = None
+    top1_near_ties: int | None = None
+    top1_near_tie_flips: int | None = None
+    top1_ci: list[float] | None = None
+    top1_decidable: bool | None = None
     worst_sample: int = 0
     reason: str = ""
     shape: list[int] | None = None  # the shape the artifact produced on the first input set
@@ -149,10 +157,19 @@ class OutputMetrics:
                 f"max_abs={self.max_abs_error:.3g} max_rel={self.max_rel_error:.3g} "
                 f"cosine={self.min_cosine:.6f} snr={self.snr_db:.1f}dB out_of_tol={self.mismatch_fraction:.2%}"
             )
-            if self.top1_agreement is not None:
-                figures += f" top1={self.top1_agreement:.2%}"
+            figures += self._top1_figure()
         reason = f"  <- {self.reason}" if self.reason else ""
         return f"{verdict} {self.name}: {figures}{reason}"
+
+    def _top1_figure(self) -> str:
+        """E.g. ` top-1 31/32 decided (1 near-tie), 95% CI [0.84, 0.99]`; empty for a non-classifier output."""
+        if self.top1_decided is None or self.top1_agreed is None:  # a manifest written before the counts existed
+            return f" top1={self.top1_agreement:.2%}" if self.top1_agreement is not None else ""
+        ties = self.top1_near_ties or 0
+        text = f" top-1 {self.top1_agreed}/{self.top1_decided} decided ({ties} near-tie{'s' * (ties != 1)})"
+        if self.top1_ci is not None:
+            text += f", 95% CI [{self.top1_ci[0]:.2f}, {self.top1_ci[1]:.2f}]"
+        return text + ("" if self.top1_decidable else ", not decidable")
 
 
 @dataclass
@@ -204,10 +221,8 @@ def generation_summary(generation: dict[str, Any]) -> str:
     """One line for a parity report's `generation` record."""
     verdict = "identical" if generation.get("identical") else f"DIFFER from step {generation.get('first_mismatch')}"
     within = "within tolerance" if generation.get("logits_within_tolerance") else "OUTSIDE tolerance"
-    return (
-        f"generation: {generation.get('tokens')} greedy tokens {verdict}; step logits {within} "
-        f"(max abs err {generation.get('max_abs_logit_err', float('nan')):.3g})"
-    )
+    err, tokens = generation.get("max_abs_logit_err", float("nan")), generation.get("tokens")
+    return f"generation: {tokens} greedy tokens {verdict}; step logits {within} (max abs err {err:.3g})"
 
 
 @dataclass(frozen=True)
@@ -341,8 +356,7 @@ def _json_safe(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class TargetFailure:
-    """Why one target of a multi-target export produced no artifact: the step that failed, the one-line error
-    and the exit code it would have had alone."""
+    """Why one target of a multi-target export built nothing: the failed step, its one-line error, exit code."""
 
     step: str
     message: str

@@ -224,3 +224,43 @@ def test_spread_and_its_flag():
     steady = latency_stats([[1.0, 1.1, 3.0], [1.05, 1.0, 1.1]])
     assert steady["spread_too_wide"] is False and steady["latency_ms"]["p50"] == pytest.approx(1.075)
     assert steady["latency_ms"]["p99"] <= 3.0 and steady["timed_runs"] == 6
+
+
+def test_a_worker_dying_in_the_middle_of_the_rounds_fails_the_command(cnn_export, monkeypatch, capsys):
+    """Regression: the report recorded the failure but `kiln bench` exited 0. The first worker's real process is
+    killed before its second timed round; the others finish, the report is printed, and the exit code is 4."""
+    from compiler.bench_worker import Worker
+
+    original, calls = Worker.time, {}
+
+    def time_then_die(self, runs, warmup=0):
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        if id(self) == next(iter(calls)) and calls[id(self)] == 3:  # warm-up, round 1, killed before round 2
+            self.kill()
+        return original(self, runs, warmup)
+
+    monkeypatch.setattr(Worker, "time", time_then_die)
+    code, out, err = run_cli("bench", cnn_export, *QUICK, "--json", "--no-write", capsys=capsys)
+    assert code == 4, err
+    records = {r["name"]: r for r in json.loads(out)["candidates"]}
+    failed = [r for r in records.values() if r["failure"]]
+    assert len(failed) == 1 and failed[0]["failure"].startswith("failed while timed: its process exited")
+    assert f"kiln: error: {failed[0]['name']}: failed while timed" in err
+    assert all("latency_ms" in r for r in records.values() if not r["failure"])
+
+
+def test_bench_passes_calls_a_level_slower_than_O0_only_outside_the_noise():
+    from benchmarks.bench_passes import slower_check, verdict
+
+    assert verdict([1.20, 1.15, 1.30]) == "slower"  # slower in every round, by more than the noise
+    assert verdict([1.20, 0.98, 1.30]) == "within noise"  # one round says faster: the rounds disagree
+    assert verdict([1.02, 1.03, 1.01]) == "within noise"  # always slower, but by less than NOISE
+    assert verdict([0.80, 0.85, 0.90]) == "faster" and verdict([1.5]) == "one round: no verdict"
+    rows = [
+        {"model": "m", "runtime": "onnx", "level": 0, "ratio_rounds": [1.0, 1.0], "verdict_vs_O0": "within noise"},
+        {"model": "m", "runtime": "onnx", "level": 2, "ratio_rounds": [1.2, 1.3], "verdict_vs_O0": "slower"},
+    ]
+    lines, ok = slower_check(rows)
+    assert not ok and lines == ["m onnx -O2: ms/-O0 median 1.250 [1.200, 1.300] over 2 rounds: slower"]
+    rows[1] |= {"ratio_rounds": [0.7, 0.8], "verdict_vs_O0": "faster"}
+    assert slower_check(rows)[1]

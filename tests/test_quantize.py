@@ -14,16 +14,18 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from compiler.parity import QUANTIZED_SAMPLES
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.quantization.calibration import CalibrationSpec, load_calibration
 from compiler.quantization.onnxrt import quantize_onnx
-from compiler.types import ExportResult
+from compiler.types import ExportResult, Manifest
 from targets.litert import LiteRtRunner
 from targets.onnxrt import OnnxRuntimeRunner
 from tests.conftest import run_cli
 from tests.models.digits import accuracy, trained_digits_cnn
 
 CALIBRATION_SAMPLES = 100
+HELD_BACK = 20  # rows of the calibration file past --calib-samples: the int8 parity gate judges on them
 
 
 @dataclass
@@ -58,7 +60,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
     root = tmp_path_factory.mktemp("digits")
     model, train_x, _, test_x, test_y = trained_digits_cnn()
     calibration = root / "calib.npz"
-    np.savez(calibration, image=train_x[:CALIBRATION_SAMPLES])
+    np.savez(calibration, image=train_x[: CALIBRATION_SAMPLES + HELD_BACK])
     example = (torch.from_numpy(train_x[:1]),)
     fp32 = export_targets(model, "onnx", root / "fp32", ExportOptions(), example_inputs=example)[0]
     options = ExportOptions(precision="int8", calibration=CalibrationSpec(str(calibration), CALIBRATION_SAMPLES))
@@ -201,3 +203,28 @@ def test_int8_squeezenet_source_keeps_its_softmax_output(tmp_path: Path) -> None
     image = np.random.default_rng(0).uniform(0, 1, (1, 3, 224, 224)).astype(np.float32)
     probabilities = OnnxRuntimeRunner(result.directory / "model.onnx").run({"data_0": image})["softmaxout_1"]
     np.testing.assert_allclose(probabilities, 0.001, rtol=1e-3)
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_int8_is_judged_on_held_back_calibration_rows_never_calibrated_on(digits: Digits, target: str) -> None:
+    """The rows past --calib-samples are parity sets; the rows calibrated on never are; the report, the manifest
+    and the stored samples record all QUANTIZED_SAMPLES sets and the top-1 counts (issue 17)."""
+    result = digits.int8[target]
+    report = result.parity
+    assert report is not None and report.passed, report.summary()
+    held = [o for o in report.sample_origins if o.startswith("calib held-back#")]
+    assert report.samples == QUANTIZED_SAMPLES and len(held) == HELD_BACK
+    assert report.sample_origins[:4] == ["example", "random#1", "random#2", "random#3"]
+    with np.load(digits.calibration) as data:
+        rows = data["image"]
+    with np.load(result.directory / "parity/inputs.npz") as stored:
+        judged = [stored[key] for key in stored.files if not key.startswith("0/")]  # 0: the example, train_x[:1]
+    calibrated = {row.tobytes() for row in rows[:CALIBRATION_SAMPLES]}
+    assert not any(row.tobytes() in calibrated for j in judged for row in j)
+    assert all(any(np.array_equal(row[None], j) for j in judged) for row in rows[CALIBRATION_SAMPLES:])
+    (logits,) = report.outputs
+    assert logits.top1_decided is not None and logits.top1_near_ties is not None
+    assert logits.top1_decided + logits.top1_near_ties == QUANTIZED_SAMPLES and logits.top1_ci is not None
+    stored_report = Manifest.read(result.directory).parity
+    assert stored_report is not None and stored_report.outputs[0].top1_ci == logits.top1_ci
+    assert stored_report.outputs[0].top1_decided == logits.top1_decided

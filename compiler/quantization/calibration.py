@@ -28,6 +28,11 @@ NOT_REPRESENTATIVE = (
     "pass --calib FILE.npz|DIR|file.py:loader"
 )
 
+NO_HELD_BACK = (
+    "the calibration source has no rows beyond --calib-samples, so the parity gate's extra int8 input sets are "
+    "random (it never judges on rows calibrated on): give more rows than --calib-samples to judge on real data"
+)
+
 DEFAULT_CALIBRATION_SAMPLES = 100
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 Feeds = dict[str, np.ndarray]
@@ -73,6 +78,8 @@ class CalibrationData:
     origin: str
     representative: bool  # False: random inputs, so int8 ranges are guesses
     spec: CalibrationSpec = CalibrationSpec()
+    # Rows the source had beyond `spec.samples`: never calibrated on, so the parity gate judges on them.
+    held_back: Feeds | None = None
 
     @property
     def count(self) -> int:
@@ -83,6 +90,15 @@ class CalibrationData:
         """The rows regrouped into feeds of each input's static batch size."""
         batch = _batch_size(specs)
         return [{name: rows[i : i + batch] for name, rows in self.rows.items()} for i in range(0, self.count, batch)]
+
+    def held_back_sets(self, specs: list[TensorSpec], limit: int) -> list[Feeds]:
+        """At most `limit` parity input sets of whole static batches from the held-back rows (none without)."""
+        sizes = {s.shape[0] for s in specs if s.shape}
+        if not self.held_back or len(sizes) != 1 or not isinstance(next(iter(sizes)), int):
+            return []  # no rows held back, or no single static batch to group them in
+        held = CalibrationData(self.held_back, self.origin, self.representative, self.spec)
+        batch = int(next(iter(sizes)))
+        return [feeds for feeds in held.batches(specs) if len(next(iter(feeds.values()))) == batch][:limit]
 
     def in_layout(self, specs: list[TensorSpec]) -> CalibrationData:
         """The same samples for an artifact whose inputs are `specs`: channels-last where a spec says NHWC."""
@@ -98,6 +114,7 @@ class CalibrationData:
             "method": self.spec.method,
             "per_channel": self.spec.per_channel,
             "symmetric_activations": self.spec.symmetric_activations,
+            "held_back_rows": len(next(iter(self.held_back.values()))) if self.held_back else 0,
         }
 
 
@@ -111,25 +128,32 @@ def _batch_size(specs: list[TensorSpec]) -> int:
     return int(next(iter(sizes)))
 
 
-def load_calibration(spec: CalibrationSpec, inputs: list[TensorSpec], examples: list[np.ndarray]) -> CalibrationData:
-    """The calibration rows for these inputs from the spec's source, checked, at most `spec.samples` of them."""
+def load_calibration(
+    spec: CalibrationSpec, inputs: list[TensorSpec], examples: list[np.ndarray], hold_back: int = 0
+) -> CalibrationData:
+    """The calibration rows for these inputs from the spec's source, checked, at most `spec.samples` of them;
+    up to `hold_back` further rows of the source are kept apart (`held_back`) for the parity gate."""
     if spec.samples < 1:
         raise UsageError(f"--calib-samples {spec.samples}: need at least 1", "use the default of 100")
     if spec.source is None:
         return CalibrationData(_random_rows(inputs, examples, spec.samples), "random inputs", False, spec)
-    chunks = itertools.islice(_read_source(spec.source, inputs), spec.samples)
+    wanted = spec.samples + max(hold_back, 0)
+    chunks = itertools.islice(_read_source(spec.source, inputs), wanted)
     rows: dict[str, list[np.ndarray]] = {s.name: [] for s in inputs}
     count = 0
     for feeds in chunks:
         for input_spec in inputs:
             rows[input_spec.name].append(_check_rows(input_spec, feeds[input_spec.name], spec.source))
         count += len(next(iter(feeds.values())))
-        if count >= spec.samples:
+        if count >= wanted:
             break
     if count == 0:
         raise UsageError(f"calibration source {spec.source} yielded no samples", "give it at least one sample")
-    stacked = {name: np.concatenate(parts)[: spec.samples] for name, parts in rows.items()}
-    return CalibrationData(stacked, spec.source, True, spec)
+    stacked = {name: np.concatenate(parts)[:wanted] for name, parts in rows.items()}
+    calibrate = {name: rows[: spec.samples] for name, rows in stacked.items()}
+    held = {name: rows[spec.samples :] for name, rows in stacked.items()}
+    kept = len(next(iter(stacked.values())))
+    return CalibrationData(calibrate, spec.source, True, spec, held if kept > spec.samples else None)
 
 
 def _random_rows(inputs: list[TensorSpec], examples: list[np.ndarray], count: int) -> Feeds:
