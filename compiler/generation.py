@@ -115,15 +115,16 @@ def check_generation_request(
     return targets
 
 
-def as_generation(
+def generation_targets(
     source: ModelSource, chosen: list[Target], asked: str | list[str], options: ExportOptions, say: Callable[[str], Any]
-) -> tuple[ModelSource, list[Target]]:
-    """The source wrapped for a generation export (KV cache as flat tensors, exported), and its targets."""
+) -> list[Target]:
+    """The targets of a generation export, checked before any work (`check_generation_request`); says when the
+    task was detected rather than asked for."""
     asked_all = isinstance(asked, str) and asked.strip().lower() == "all"
     chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic)
     if options.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
-    return generation_source(source), chosen
+    return chosen
 
 
 class CausalLMWithCache(nn.Module):

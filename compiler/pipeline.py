@@ -21,7 +21,8 @@ from compiler.divergence import localize_export
 from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from compiler.generation import (
     TEXT_GENERATION,
-    as_generation,
+    generation_source,
+    generation_targets,
     name_generation_io,
     skip_localization,
     wants_generation,
@@ -110,8 +111,9 @@ def export_targets(
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task):
+            chosen = generation_targets(source, chosen, targets, options, progress.say)
             with _timed(progress, timings, "generation", "KV-cache wrapper, torch.export (batch, seq, past dynamic)"):
-                source, chosen = as_generation(source, chosen, targets, options, progress.say)
+                source = generation_source(source)
         outcomes: list[_Outcome] = []
         # Work files live in the staging directory too, and so do the converters' own temporary files.
         with staging_area(out) as staging, converter_temp_files(staging / "tmp"):
