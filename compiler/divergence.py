@@ -82,6 +82,7 @@ class Divergence:
     seconds: float
     conversion_error: str | None = None  # the first diverging prefix did not convert: this is why
     notes: list[str] = field(default_factory=list)
+    method: str = "bisection"  # or fast-path, fast-path+bisection, every (see _search)
 
     def summary(self) -> str:
         """`first divergence: body.2 (Block) cosine 0.41; inputs cosine 1.000000` (one line)."""
@@ -137,13 +138,16 @@ def localize(
     progress: Progress | None = None,
     every: bool = False,
     output_failed: bool = True,
+    method: str = "auto",
 ) -> Divergence:
     """The first module of `source` (its captured FX program) whose output diverges from PyTorch on `target`,
     built with `options` (precision, passes, calibration) and judged on `samples`' inputs.
 
     `output_failed`: the whole model is known to fail (the gate said so), so the bisection needs no build of it;
     otherwise the last boundary is built first and, if it passes, nothing diverges. `every`: build every
-    boundary (a per-module error profile; N builds) instead of bisecting.
+    boundary (a per-module error profile; N builds) instead of bisecting. `method`: `auto` reads the boundaries
+    from the runtime in one build where it can (`compiler.fast_path`) and the answer is certain, else bisects;
+    `bisection` always bisects.
     """
     assert source.exported is not None, "localize needs the captured FX program"
     started = time.perf_counter()
@@ -152,13 +156,7 @@ def localize(
     bounds = module_boundaries(source.exported)
     probe = _Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
     precision = options.precision_for(target)
-    found: dict[int, ModuleError] = {}
-    if every:
-        for boundary in bounds:
-            found[boundary.index] = _measure(probe, boundary, len(bounds))
-        first = next((i for i in sorted(found) if not found[i].passed), None)
-    else:
-        first = _bisect(probe, bounds, found, output_failed)
+    found, first, used = _search(probe, bounds, method, every, output_failed)
     measured = [found[i] for i in sorted(found)]
     following = [found.get(b.index) or _unmeasured(b) for b in bounds[(first or 0) + 1 :][:FOLLOWING]]
     error = found[first] if first is not None else None
@@ -184,15 +182,48 @@ def localize(
         round(time.perf_counter() - started, 2),
         conversion,
         notes,
+        used,
     )
 
 
-def _bisect(probe: _Probe, bounds: list[Boundary], found: dict[int, ModuleError], output_failed: bool) -> int | None:
+def _search(
+    probe: _Probe, bounds: list[Boundary], method: str, every: bool, output_failed: bool
+) -> tuple[dict[int, ModuleError], int | None, str]:
+    """Every boundary measured, the first failing one and how it was found: `fast-path` (every boundary up to the
+    first failing one read from the runtime in one build), `fast-path+bisection` (the runtime's boundaries narrow
+    the search to the unmapped ones between the last passing and the first failing one, which are bisected),
+    `bisection`, or `every` (each boundary built)."""
+    fast = _fast(probe, bounds) if method != "bisection" else None
+    found: dict[int, ModuleError] = dict(fast or {})
+    failing = [i for i in sorted(found) if not found[i].passed]
+    first = failing[0] if failing else None
+    if fast and all(i in fast for i in range(len(bounds) if first is None else first + 1)):
+        return found, first, "fast-path"
+    if every:
+        for boundary in bounds:
+            found[boundary.index] = found.get(boundary.index) or _measure(probe, boundary, len(bounds))
+        return found, next((i for i in sorted(found) if not found[i].passed), None), "every"
+    if fast and (first is not None or output_failed):
+        low = max((i + 1 for i in found if found[i].passed and (first is None or i < first)), default=0)
+        high = len(bounds) if first is None else first
+        return found, _bisect(probe, bounds, found, True, low, high), "fast-path+bisection"
+    found = {}
+    return found, _bisect(probe, bounds, found, output_failed), "bisection"
+
+
+def _bisect(
+    probe: _Probe,
+    bounds: list[Boundary],
+    found: dict[int, ModuleError],
+    output_failed: bool,
+    low: int = 0,
+    high: int | None = None,
+) -> int | None:
     """The index of the first failing boundary (None: none fails), building about log2(N) prefixes.
 
     Invariant: every boundary below `low` passes (`low` - 1 was built and passed, or is the model's inputs) and
-    boundary `high` fails (`high` == N: the model's output, known to fail)."""
-    low, high = 0, len(bounds)
+    boundary `high` fails (`high` == N: the model's output, known to fail); `low`, `high`: a narrower start."""
+    high = len(bounds) if high is None else high
     if not bounds:
         return None
     if not output_failed:
@@ -249,24 +280,69 @@ class _NotBuilt(Exception):
 def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
     """The prefix up to `boundary`, optimized and built as the export was, and the parity inputs with PyTorch's
     value of the boundary as the reference."""
-    options, target = probe.options, probe.target
     example = list(probe.samples.inputs[0].values())
     prefix = prefix_program(probe.captured, boundary, example, PROBE)
-    work.mkdir(parents=True)
-    try:
-        if target.consumes == "onnx":
-            prefix = lower(prefix, work, options.opt_level > 0)
-        graph, _ = optimize(prefix, target, work, options, {})
-        request = replace(options.build_request(target, probe.calibration), accuracy=None)
-        artifact = build(target, graph, request, work / "artifact")
-    except KilnError as error:
-        raise _NotBuilt(error) from error
+    artifact, _ = _build_program(probe, prefix, work)
     assert probe.captured.exported is not None
     # PyTorch's value of the boundary, computed when needed: keeping every boundary's would cost N activations
     program, node = probe.captured.exported, boundary.node
     values = [intermediates(program, [node], feeds, probe.reference) for feeds in probe.samples.inputs]
     reference = [{PROBE: value[boundary.node]} for value in values]
     return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
+
+
+def _build_program(probe: _Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
+    """`program` optimized and built as the export was; the artifact and the ONNX graph it was built from."""
+    options, target = probe.options, probe.target
+    work.mkdir(parents=True)
+    try:
+        if target.consumes == "onnx":
+            program = lower(program, work, options.opt_level > 0)
+        graph, _ = optimize(program, target, work, options, {})
+        request = replace(options.build_request(target, probe.calibration), accuracy=None)
+        return build(target, graph, request, work / "artifact"), graph.onnx_path
+    except KilnError as error:
+        raise _NotBuilt(error) from error
+
+
+def _fast(probe: _Probe, bounds: list[Boundary]) -> dict[int, ModuleError] | None:
+    """Every boundary the runtime can expose with a certain mapping, measured from one build of the whole model
+    (`compiler.fast_path`); None when the target has no fast path or it cannot be used."""
+    from compiler import fast_path
+
+    layout = probe.options.build_request(probe.target, None).io_layout
+    if not bounds or not fast_path.supported(probe.target.name, layout):
+        return None
+    started = time.perf_counter()
+    try:
+        artifact, onnx_graph = _build_program(probe, probe.captured, probe.work / "whole")
+    except _NotBuilt:
+        return None  # the bisection names the module whose addition breaks conversion
+    finally:
+        probe.builds += 1
+    # the mapping is read from the ONNX graph the target built from (its quantizers keep value names, not always
+    # the exporter's metadata); a name the built graph does not have is not tapped
+    names = fast_path.certain_names(onnx_graph, bounds) if onnx_graph is not None and onnx_graph.is_file() else {}
+    if not names:
+        return None
+    runs = fast_path.tapped_runs(artifact, names, probe.samples.inputs)
+    assert probe.captured.exported is not None
+    program, nodes = probe.captured.exported, [bounds[i].node for i in names]
+    values = [intermediates(program, nodes, feeds, probe.reference) for feeds in probe.samples.inputs]
+    reference = [{i: value[bounds[i].node] for i in names} for value in values]
+    tolerance = probe.options.tolerance(artifact.manifest.precision)
+    found = {}
+    for index, metrics in fast_path.judge_taps(runs, reference, tolerance).items():
+        b = bounds[index]
+        error = ModuleError(index, b.module, b.kind, b.source, list(b.ops), True, metrics.passed)
+        error.max_abs, error.cosine, error.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+        error.reason = metrics.reason
+        found[index] = error
+    probe.progress.say(
+        f"localize {probe.target.name} build {probe.builds}: fast path, {len(found)} of {len(bounds)} module "
+        f"boundaries read from the runtime ({time.perf_counter() - started:.1f}s)"
+    )
+    return found
 
 
 def _unmeasured(boundary: Boundary) -> ModuleError:
