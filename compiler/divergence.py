@@ -83,6 +83,7 @@ class Divergence:
     conversion_error: str | None = None  # the first diverging prefix did not convert: this is why
     notes: list[str] = field(default_factory=list)
     method: str = "bisection"  # or fast-path, fast-path+bisection, every (see _search)
+    tolerance: dict[str, Any] = field(default_factory=dict)  # what each boundary was judged with
 
     def summary(self) -> str:
         """`first divergence: body.2 (Block) cosine 0.41; inputs cosine 1.000000` (one line)."""
@@ -106,9 +107,12 @@ class Divergence:
         return dict(_json_safe({"summary": self.summary(), **asdict(self)}))
 
     def write(self, directory: Path) -> Path:
-        """Write `divergence.json` into `directory`."""
+        """Write `divergence.json` and its error profile page `divergence.html` into `directory`."""
+        from compiler.profile_html import HTML_FILE, write_profile
+
         path = directory / DIVERGENCE_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_profile([self], directory / HTML_FILE)
         return path
 
 
@@ -183,6 +187,7 @@ def localize(
         conversion,
         notes,
         used,
+        _tolerance(options.tolerance(precision)),
     )
 
 
@@ -209,6 +214,11 @@ def _search(
         return found, _bisect(probe, bounds, found, True, low, high), "fast-path+bisection"
     found = {}
     return found, _bisect(probe, bounds, found, output_failed), "bisection"
+
+
+def _tolerance(tolerance: Any) -> dict[str, Any]:
+    keys = ("atol", "rtol", "max_mismatch", "min_cosine", "min_snr_db", "min_top1")
+    return {key: getattr(tolerance, key) for key in keys}
 
 
 def _bisect(
@@ -322,11 +332,13 @@ def _fast(probe: _Probe, bounds: list[Boundary]) -> dict[int, ModuleError] | Non
         probe.builds += 1
     # the mapping is read from the ONNX graph the target built from (its quantizers keep value names, not always
     # the exporter's metadata); a name the built graph does not have is not tapped
-    names = fast_path.certain_names(onnx_graph, bounds) if onnx_graph is not None and onnx_graph.is_file() else {}
+    assert probe.captured.exported is not None
+    returned = next(n for n in probe.captured.exported.graph.nodes if n.op == "output").args[0]
+    outputs = {getattr(node, "name", ""): position for position, node in enumerate(returned)}
+    names = fast_path.certain_names(onnx_graph, bounds, outputs) if onnx_graph and onnx_graph.is_file() else {}
     if not names:
         return None
     runs = fast_path.tapped_runs(artifact, names, probe.samples.inputs)
-    assert probe.captured.exported is not None
     program, nodes = probe.captured.exported, [bounds[i].node for i in names]
     values = [intermediates(program, nodes, feeds, probe.reference) for feeds in probe.samples.inputs]
     reference = [{i: value[bounds[i].node] for i in names} for value in values]

@@ -33,14 +33,20 @@ def supported(target: str, io_layout: str | None) -> bool:
     return target in FAST_TARGETS and io_layout != "nhwc"
 
 
-def certain_names(onnx_path: Path, bounds: list[Boundary]) -> dict[int, str]:
-    """Boundary index -> ONNX value name, for the boundaries whose value in `onnx_path` is certainly theirs."""
+def certain_names(onnx_path: Path, bounds: list[Boundary], outputs: dict[str, int]) -> dict[int, str]:
+    """Boundary index -> ONNX value name, for the boundaries whose value in `onnx_path` is certainly theirs;
+    `outputs`: the FX nodes that are the program's outputs, by position (the graph's output of that position)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     producers = {value: node for node in model.graph.node for value in node.output}
+    graph_outputs = [o.name for o in model.graph.output]
     found = {}
     for boundary in bounds:
+        position = outputs.get(boundary.node)
+        if position is not None and position < len(graph_outputs):
+            found[boundary.index] = graph_outputs[position]
+            continue
         node = producers.get(boundary.node)
         scopes = _name_scopes(node) if node is not None else []
         if scopes and scopes[-1] == boundary.node and boundary.module in scopes:

@@ -30,6 +30,7 @@ class CellOptions:
     timeout: float = DEFAULT_TIMEOUT_S  # wall-clock seconds before the cell's process group is killed
     memory_limit_gb: float | None = None  # address-space limit of the cell's process; None: physical RAM; 0: none
     expect: str = "pass"  # "pass", or "fail": a failure of this cell does not fail the run
+    localize: bool = True  # on a parity failure, find the first diverging module (compiler.divergence)
 
     def export_settings(self) -> dict[str, Any]:
         """The options that reach the export itself, as keywords of `compiler.options.export_options`."""
@@ -39,6 +40,7 @@ class CellOptions:
             "atol": self.atol,
             "rtol": self.rtol,
             "samples": self.samples,
+            "localize": None if self.localize else False,
         }
 
     def merged(self, overrides: dict[str, Any], where: str) -> CellOptions:
@@ -71,6 +73,7 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
     "memory_limit_gb": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),
     "expect": (lambda v: v in ("pass", "fail"), '"pass" or "fail"'),
+    "localize": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
