@@ -114,6 +114,7 @@ def test_int8_fast_path_and_bisection_name_the_same_module(
             fragile_int8["samples"],
             calibration=fragile_int8["calibration"],
             workdir=fragile_int8["work"] / f"{target}-{way}",
+            method=way,
         )
     fast, bisection = found["auto"], found["bisection"]
     assert fast.method == method and bisection.method == "bisection"
