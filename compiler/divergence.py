@@ -117,7 +117,7 @@ class Divergence:
 
 
 @dataclass
-class _Probe:
+class Probe:
     """What every prefix build of one localization shares."""
 
     captured: CapturedModel
@@ -158,7 +158,7 @@ def localize(
     progress = progress or Progress(quiet=True)
     options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
     bounds = module_boundaries(source.exported)
-    probe = _Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
+    probe = Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
     precision = options.precision_for(target)
     found, first, used = _search(probe, bounds, method, every, output_failed)
     measured = [found[i] for i in sorted(found)]
@@ -192,13 +192,15 @@ def localize(
 
 
 def _search(
-    probe: _Probe, bounds: list[Boundary], method: str, every: bool, output_failed: bool
+    probe: Probe, bounds: list[Boundary], method: str, every: bool, output_failed: bool
 ) -> tuple[dict[int, ModuleError], int | None, str]:
     """Every boundary measured, the first failing one and how it was found: `fast-path` (every boundary up to the
     first failing one read from the runtime in one build), `fast-path+bisection` (the runtime's boundaries narrow
     the search to the unmapped ones between the last passing and the first failing one, which are bisected),
     `bisection`, or `every` (each boundary built)."""
-    fast = _fast(probe, bounds) if method != "bisection" else None
+    from compiler.fast_path import read_boundaries
+
+    fast = read_boundaries(probe, bounds) if method != "bisection" else None
     found: dict[int, ModuleError] = dict(fast or {})
     failing = [i for i in sorted(found) if not found[i].passed]
     first = failing[0] if failing else None
@@ -222,7 +224,7 @@ def _tolerance(tolerance: Any) -> dict[str, Any]:
 
 
 def _bisect(
-    probe: _Probe,
+    probe: Probe,
     bounds: list[Boundary],
     found: dict[int, ModuleError],
     output_failed: bool,
@@ -252,7 +254,7 @@ def _bisect(
     return high if high < len(bounds) else None
 
 
-def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
+def _measure(probe: Probe, boundary: Boundary, count: int) -> ModuleError:
     """Build the program cut at `boundary` for the target and judge its output; one progress line."""
     started = time.perf_counter()
     probe.builds += 1
@@ -264,7 +266,7 @@ def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
         metrics = validate(artifact, samples, tolerance, "PyTorch intermediate").outputs[0]
         result.passed, result.reason = metrics.passed, metrics.reason
         result.max_abs, result.cosine, result.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
-    except _NotBuilt as failed:
+    except NotBuilt as failed:
         result.passed, result.reason = False, f"conversion failed: {failed.error.one_line()}"
         result.cosine, result.snr_db = 0.0, -math.inf
     except KilnError as error:
@@ -279,7 +281,7 @@ def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
     return result
 
 
-class _NotBuilt(Exception):
+class NotBuilt(Exception):
     """The prefix did not convert (as opposed to: it converted, then failed to run)."""
 
     def __init__(self, error: KilnError):
@@ -287,12 +289,12 @@ class _NotBuilt(Exception):
         self.error = error
 
 
-def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
+def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
     """The prefix up to `boundary`, optimized and built as the export was, and the parity inputs with PyTorch's
     value of the boundary as the reference."""
     example = list(probe.samples.inputs[0].values())
     prefix = prefix_program(probe.captured, boundary, example, PROBE)
-    artifact, _ = _build_program(probe, prefix, work)
+    artifact, _ = build_program(probe, prefix, work)
     assert probe.captured.exported is not None
     # PyTorch's value of the boundary, computed when needed: keeping every boundary's would cost N activations
     program, node = probe.captured.exported, boundary.node
@@ -301,7 +303,7 @@ def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, Par
     return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
 
 
-def _build_program(probe: _Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
+def build_program(probe: Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
     """`program` optimized and built as the export was; the artifact and the ONNX graph it was built from."""
     options, target = probe.options, probe.target
     work.mkdir(parents=True)
@@ -312,49 +314,7 @@ def _build_program(probe: _Probe, program: CapturedModel, work: Path) -> tuple[A
         request = replace(options.build_request(target, probe.calibration), accuracy=None)
         return build(target, graph, request, work / "artifact"), graph.onnx_path
     except KilnError as error:
-        raise _NotBuilt(error) from error
-
-
-def _fast(probe: _Probe, bounds: list[Boundary]) -> dict[int, ModuleError] | None:
-    """Every boundary the runtime can expose with a certain mapping, measured from one build of the whole model
-    (`compiler.fast_path`); None when the target has no fast path or it cannot be used."""
-    from compiler import fast_path
-
-    layout = probe.options.build_request(probe.target, None).io_layout
-    if not bounds or not fast_path.supported(probe.target.name, layout):
-        return None
-    started = time.perf_counter()
-    try:
-        artifact, onnx_graph = _build_program(probe, probe.captured, probe.work / "whole")
-    except _NotBuilt:
-        return None  # the bisection names the module whose addition breaks conversion
-    finally:
-        probe.builds += 1
-    # the mapping is read from the ONNX graph the target built from (its quantizers keep value names, not always
-    # the exporter's metadata); a name the built graph does not have is not tapped
-    assert probe.captured.exported is not None
-    returned = next(n for n in probe.captured.exported.graph.nodes if n.op == "output").args[0]
-    outputs = {getattr(node, "name", ""): position for position, node in enumerate(returned)}
-    names = fast_path.certain_names(onnx_graph, bounds, outputs) if onnx_graph and onnx_graph.is_file() else {}
-    if not names:
-        return None
-    runs = fast_path.tapped_runs(artifact, names, probe.samples.inputs)
-    program, nodes = probe.captured.exported, [bounds[i].node for i in names]
-    values = [intermediates(program, nodes, feeds, probe.reference) for feeds in probe.samples.inputs]
-    reference = [{i: value[bounds[i].node] for i in names} for value in values]
-    tolerance = probe.options.tolerance(artifact.manifest.precision)
-    found = {}
-    for index, metrics in fast_path.judge_taps(runs, reference, tolerance).items():
-        b = bounds[index]
-        error = ModuleError(index, b.module, b.kind, b.source, list(b.ops), True, metrics.passed)
-        error.max_abs, error.cosine, error.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
-        error.reason = metrics.reason
-        found[index] = error
-    probe.progress.say(
-        f"localize {probe.target.name} build {probe.builds}: fast path, {len(found)} of {len(bounds)} module "
-        f"boundaries read from the runtime ({time.perf_counter() - started:.1f}s)"
-    )
-    return found
+        raise NotBuilt(error) from error
 
 
 def _unmeasured(boundary: Boundary) -> ModuleError:

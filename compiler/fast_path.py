@@ -13,6 +13,7 @@ and bisects otherwise.
 from __future__ import annotations
 
 import ast
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     from compiler.artifacts import Artifact
     from compiler.cut import Boundary
+    from compiler.divergence import ModuleError, Probe
     from compiler.parity import Feeds
     from compiler.types import OutputMetrics, Tolerance
 
@@ -134,6 +136,54 @@ def _openvino_taps(artifact: Artifact, names: dict[int, str], inputs: list[Feeds
     return runs
 
 
+def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleError] | None:
+    """Every boundary the runtime can expose with a certain mapping, measured from one build of the whole model
+    (this module); None when the target has no fast path or it cannot be used."""
+    from compiler.cut import intermediates
+    from compiler.divergence import ModuleError, NotBuilt, build_program
+
+    layout = probe.options.build_request(probe.target, None).io_layout
+    if not bounds or not supported(probe.target.name, layout):
+        return None
+    started = time.perf_counter()
+    try:
+        artifact, onnx_graph = build_program(probe, probe.captured, probe.work / "whole")
+    except NotBuilt:
+        return None  # the bisection names the module whose addition breaks conversion
+    finally:
+        probe.builds += 1
+    # the mapping is read from the ONNX graph the target built from (its quantizers keep value names, not always
+    # the exporter's metadata); a name the built graph does not have is not tapped
+    assert probe.captured.exported is not None
+    returned = next(n for n in probe.captured.exported.graph.nodes if n.op == "output").args[0]
+    outputs = {getattr(node, "name", ""): position for position, node in enumerate(returned)}
+    names = certain_names(onnx_graph, bounds, outputs) if onnx_graph and onnx_graph.is_file() else {}
+    if not names:
+        return None
+    try:
+        runs = tapped_runs(artifact, names, probe.samples.inputs)
+    except Exception as refused:  # a runtime that refuses the extra outputs: the bisection still answers
+        why = f"{type(refused).__name__}: {str(refused)[:120]}"
+        probe.progress.say(f"localize: fast path not usable ({why}); bisecting")
+        return None
+    program, nodes = probe.captured.exported, [bounds[i].node for i in names]
+    values = [intermediates(program, nodes, feeds, probe.reference) for feeds in probe.samples.inputs]
+    reference = [{i: value[bounds[i].node] for i in names} for value in values]
+    tolerance = probe.options.tolerance(artifact.manifest.precision)
+    found = {}
+    for index, metrics in judge_taps(runs, reference, tolerance).items():
+        b = bounds[index]
+        error = ModuleError(index, b.module, b.kind, b.source, list(b.ops), True, metrics.passed)
+        error.max_abs, error.cosine, error.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+        error.reason = metrics.reason
+        found[index] = error
+    probe.progress.say(
+        f"localize {probe.target.name} build {probe.builds}: fast path, {len(found)} of {len(bounds)} module "
+        f"boundaries read from the runtime ({time.perf_counter() - started:.1f}s)"
+    )
+    return found
+
+
 def judge_taps(
     runs: list[dict[int, np.ndarray]], reference: list[dict[int, np.ndarray]], tolerance: Tolerance
 ) -> dict[int, OutputMetrics]:
@@ -141,6 +191,8 @@ def judge_taps(
     from compiler.parity import compare
 
     indices = sorted(set(runs[0]) & set(reference[0])) if runs else []
+    # a tensor of another shape than PyTorch's is not certainly that boundary's: not judged
+    indices = [i for i in indices if all(np.shape(r[i]) == np.shape(e[i]) for r, e in zip(runs, reference))]
     actual = [{str(i): run[i] for i in indices} for run in runs]
     expected = [{str(i): ref[i] for i in indices} for ref in reference]
     if not indices:
