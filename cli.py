@@ -190,11 +190,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_debug(args: argparse.Namespace) -> int:
     """`kiln debug`: the first module where an export diverges from its PyTorch model (`--all`: every one)."""
     from compiler.debug import debug, profile_table
+    from compiler.profile_html import write_profile
     from compiler.progress import Progress
 
     quiet_libraries()
     progress = Progress(quiet=args.quiet or args.json)
-    found = list(debug(args.export_dir, args.model, args.all, args.calib, progress, args.trust_pickle))
+    method = "bisection" if args.bisect else "auto"
+    found = list(debug(args.export_dir, args.model, args.all, args.calib, progress, args.trust_pickle, method))
+    if args.html:
+        write_profile([d.divergence for d in found], Path(args.html))
     if args.json:
         print(json.dumps([{"directory": str(d.directory), **d.divergence.to_dict()} for d in found], default=str))
     elif not args.quiet:
@@ -377,6 +381,7 @@ def _matrix(args: argparse.Namespace) -> int:
                 "warmup": args.warmup,
                 "timeout": args.timeout,
                 "memory_limit_gb": args.memory_limit_gb,
+                "localize": False if args.no_localize else None,
             },
         )
         settings.allow_fail = config.allow_fail + allow_fail

@@ -153,6 +153,12 @@ def _other_parsers(sub: Any) -> None:
     debug.add_argument("--model", required=True, help="the PyTorch model source the export was made from")
     debug.add_argument("--all", action="store_true", help="build every module boundary: the error of each, in order")
     debug.add_argument("--calib", metavar="SOURCE", help="int8 calibration data the export used (default: random)")
+    debug.add_argument(
+        "--bisect", action="store_true", help="build prefixes even where the runtime can expose the boundaries"
+    )
+    debug.add_argument(
+        "--html", metavar="FILE", help="write the error profile as one self-contained page (default: none)"
+    )
     _trust_flag(debug)
     _output_flags(debug)
 
@@ -261,6 +267,9 @@ def _matrix_parser(sub: Any) -> None:
     matrix.add_argument("--cache-dir", help="where cell results are cached across runs (default ~/.cache/kiln/matrix)")
     matrix.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     matrix.add_argument("--keep-artifacts", action="store_true", help="keep each cell's export under OUT/cells/")
+    matrix.add_argument(
+        "--no-localize", action="store_true", help="do not localize parity failures (config key: localize = false)"
+    )
     matrix.add_argument("--executor", choices=("local", "ray"), default="local", help="where cells run")
     matrix.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     matrix.add_argument("--list", action="store_true", help="print the cells of this shard and exit")

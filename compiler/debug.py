@@ -38,9 +38,11 @@ def debug(
     calib: str | None = None,
     progress: Progress | None = None,
     trust_pickle: bool = False,
+    method: str = "auto",
 ) -> Iterator[Diagnosis]:
     """Localize each export under `path` (a published or a `.rejected/<target>` directory) against `model`;
-    `every`: build every module boundary (a per-module error profile) instead of bisecting."""
+    `every`: build every module boundary (a per-module error profile) instead of bisecting; `method`: `auto`
+    (the runtime's fast path where it has one) or `bisection`."""
     from compiler.pipeline import calibration_data, load_model
     from targets import get_target
 
@@ -69,6 +71,7 @@ def debug(
                 progress=progress,
                 every=every,
                 output_failed=failed and not every,
+                method=method,
             )
         yield Diagnosis(directory, found)
 

@@ -82,6 +82,8 @@ class Divergence:
     seconds: float
     conversion_error: str | None = None  # the first diverging prefix did not convert: this is why
     notes: list[str] = field(default_factory=list)
+    method: str = "bisection"  # or fast-path, fast-path+bisection, every (see _search)
+    tolerance: dict[str, Any] = field(default_factory=dict)  # what each boundary was judged with
 
     def summary(self) -> str:
         """`first divergence: body.2 (Block) cosine 0.41; inputs cosine 1.000000` (one line)."""
@@ -105,14 +107,17 @@ class Divergence:
         return dict(_json_safe({"summary": self.summary(), **asdict(self)}))
 
     def write(self, directory: Path) -> Path:
-        """Write `divergence.json` into `directory`."""
+        """Write `divergence.json` and its error profile page `divergence.html` into `directory`."""
+        from compiler.profile_html import HTML_FILE, write_profile
+
         path = directory / DIVERGENCE_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_profile([self], directory / HTML_FILE)
         return path
 
 
 @dataclass
-class _Probe:
+class Probe:
     """What every prefix build of one localization shares."""
 
     captured: CapturedModel
@@ -137,28 +142,25 @@ def localize(
     progress: Progress | None = None,
     every: bool = False,
     output_failed: bool = True,
+    method: str = "auto",
 ) -> Divergence:
     """The first module of `source` (its captured FX program) whose output diverges from PyTorch on `target`,
     built with `options` (precision, passes, calibration) and judged on `samples`' inputs.
 
     `output_failed`: the whole model is known to fail (the gate said so), so the bisection needs no build of it;
     otherwise the last boundary is built first and, if it passes, nothing diverges. `every`: build every
-    boundary (a per-module error profile; N builds) instead of bisecting.
+    boundary (a per-module error profile; N builds) instead of bisecting. `method`: `auto` reads the boundaries
+    from the runtime in one build where it can (`compiler.fast_path`) and the answer is certain, else bisects;
+    `bisection` always bisects.
     """
     assert source.exported is not None, "localize needs the captured FX program"
     started = time.perf_counter()
     progress = progress or Progress(quiet=True)
     options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
     bounds = module_boundaries(source.exported)
-    probe = _Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
+    probe = Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
     precision = options.precision_for(target)
-    found: dict[int, ModuleError] = {}
-    if every:
-        for boundary in bounds:
-            found[boundary.index] = _measure(probe, boundary, len(bounds))
-        first = next((i for i in sorted(found) if not found[i].passed), None)
-    else:
-        first = _bisect(probe, bounds, found, output_failed)
+    found, first, used = _search(probe, bounds, method, every, output_failed)
     measured = [found[i] for i in sorted(found)]
     following = [found.get(b.index) or _unmeasured(b) for b in bounds[(first or 0) + 1 :][:FOLLOWING]]
     error = found[first] if first is not None else None
@@ -184,15 +186,56 @@ def localize(
         round(time.perf_counter() - started, 2),
         conversion,
         notes,
+        used,
+        _tolerance(options.tolerance(precision)),
     )
 
 
-def _bisect(probe: _Probe, bounds: list[Boundary], found: dict[int, ModuleError], output_failed: bool) -> int | None:
+def _search(
+    probe: Probe, bounds: list[Boundary], method: str, every: bool, output_failed: bool
+) -> tuple[dict[int, ModuleError], int | None, str]:
+    """Every boundary measured, the first failing one and how it was found: `fast-path` (every boundary up to the
+    first failing one read from the runtime in one build), `fast-path+bisection` (the runtime's boundaries narrow
+    the search to the unmapped ones between the last passing and the first failing one, which are bisected),
+    `bisection`, or `every` (each boundary built)."""
+    from compiler.fast_path import read_boundaries
+
+    fast = read_boundaries(probe, bounds) if method != "bisection" else None
+    found: dict[int, ModuleError] = dict(fast or {})
+    failing = [i for i in sorted(found) if not found[i].passed]
+    first = failing[0] if failing else None
+    if fast and all(i in fast for i in range(len(bounds) if first is None else first + 1)):
+        return found, first, "fast-path"
+    if every:
+        for boundary in bounds:
+            found[boundary.index] = found.get(boundary.index) or _measure(probe, boundary, len(bounds))
+        return found, next((i for i in sorted(found) if not found[i].passed), None), "every"
+    if fast and (first is not None or output_failed):
+        low = max((i + 1 for i in found if found[i].passed and (first is None or i < first)), default=0)
+        high = len(bounds) if first is None else first
+        return found, _bisect(probe, bounds, found, True, low, high), "fast-path+bisection"
+    found = {}
+    return found, _bisect(probe, bounds, found, output_failed), "bisection"
+
+
+def _tolerance(tolerance: Any) -> dict[str, Any]:
+    keys = ("atol", "rtol", "max_mismatch", "min_cosine", "min_snr_db", "min_top1")
+    return {key: getattr(tolerance, key) for key in keys}
+
+
+def _bisect(
+    probe: Probe,
+    bounds: list[Boundary],
+    found: dict[int, ModuleError],
+    output_failed: bool,
+    low: int = 0,
+    high: int | None = None,
+) -> int | None:
     """The index of the first failing boundary (None: none fails), building about log2(N) prefixes.
 
     Invariant: every boundary below `low` passes (`low` - 1 was built and passed, or is the model's inputs) and
-    boundary `high` fails (`high` == N: the model's output, known to fail)."""
-    low, high = 0, len(bounds)
+    boundary `high` fails (`high` == N: the model's output, known to fail); `low`, `high`: a narrower start."""
+    high = len(bounds) if high is None else high
     if not bounds:
         return None
     if not output_failed:
@@ -211,7 +254,7 @@ def _bisect(probe: _Probe, bounds: list[Boundary], found: dict[int, ModuleError]
     return high if high < len(bounds) else None
 
 
-def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
+def _measure(probe: Probe, boundary: Boundary, count: int) -> ModuleError:
     """Build the program cut at `boundary` for the target and judge its output; one progress line."""
     started = time.perf_counter()
     probe.builds += 1
@@ -223,7 +266,7 @@ def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
         metrics = validate(artifact, samples, tolerance, "PyTorch intermediate").outputs[0]
         result.passed, result.reason = metrics.passed, metrics.reason
         result.max_abs, result.cosine, result.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
-    except _NotBuilt as failed:
+    except NotBuilt as failed:
         result.passed, result.reason = False, f"conversion failed: {failed.error.one_line()}"
         result.cosine, result.snr_db = 0.0, -math.inf
     except KilnError as error:
@@ -238,7 +281,7 @@ def _measure(probe: _Probe, boundary: Boundary, count: int) -> ModuleError:
     return result
 
 
-class _NotBuilt(Exception):
+class NotBuilt(Exception):
     """The prefix did not convert (as opposed to: it converted, then failed to run)."""
 
     def __init__(self, error: KilnError):
@@ -246,27 +289,32 @@ class _NotBuilt(Exception):
         self.error = error
 
 
-def _build(probe: _Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
+def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
     """The prefix up to `boundary`, optimized and built as the export was, and the parity inputs with PyTorch's
     value of the boundary as the reference."""
-    options, target = probe.options, probe.target
     example = list(probe.samples.inputs[0].values())
     prefix = prefix_program(probe.captured, boundary, example, PROBE)
-    work.mkdir(parents=True)
-    try:
-        if target.consumes == "onnx":
-            prefix = lower(prefix, work, options.opt_level > 0)
-        graph, _ = optimize(prefix, target, work, options, {})
-        request = replace(options.build_request(target, probe.calibration), accuracy=None)
-        artifact = build(target, graph, request, work / "artifact")
-    except KilnError as error:
-        raise _NotBuilt(error) from error
+    artifact, _ = build_program(probe, prefix, work)
     assert probe.captured.exported is not None
     # PyTorch's value of the boundary, computed when needed: keeping every boundary's would cost N activations
     program, node = probe.captured.exported, boundary.node
     values = [intermediates(program, [node], feeds, probe.reference) for feeds in probe.samples.inputs]
     reference = [{PROBE: value[boundary.node]} for value in values]
     return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
+
+
+def build_program(probe: Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
+    """`program` optimized and built as the export was; the artifact and the ONNX graph it was built from."""
+    options, target = probe.options, probe.target
+    work.mkdir(parents=True)
+    try:
+        if target.consumes == "onnx":
+            program = lower(program, work, options.opt_level > 0)
+        graph, _ = optimize(program, target, work, options, {})
+        request = replace(options.build_request(target, probe.calibration), accuracy=None)
+        return build(target, graph, request, work / "artifact"), graph.onnx_path
+    except KilnError as error:
+        raise NotBuilt(error) from error
 
 
 def _unmeasured(boundary: Boundary) -> ModuleError:

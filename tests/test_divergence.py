@@ -73,12 +73,13 @@ def test_boundaries_in_execution_order_innermost_named() -> None:
 
 
 def test_int8_prefixes_build_with_the_calibration(tmp_path: Path) -> None:
-    """--localize on a passing int8 OpenVINO export: one build (the last boundary), calibrated and within
-    tolerance (the prefix takes the model's input names, so the calibration data fits it)."""
+    """--localize on a passing int8 OpenVINO export: one build (the whole model, every boundary read from
+    OpenVINO: the fast path), calibrated and within tolerance."""
     result, text = _export(plain(), "openvino", tmp_path / "out", precision="int8", localize=True)
     record = result.parity.divergence  # type: ignore[attr-defined]
     assert result.parity.passed and record["builds"] == 1 and record["first"] is None, text  # type: ignore[attr-defined]
-    assert record["measured"][0]["passed"] and record["measured"][0]["module"] == "head"
+    assert record["method"] == "fast-path" and len(record["measured"]) == record["boundaries"]
+    assert all(m["passed"] for m in record["measured"]) and record["measured"][-1]["module"] == "head"
 
 
 def test_fp16_overflow_names_the_scaling_module(tmp_path: Path) -> None:
@@ -205,10 +206,16 @@ def test_cli_localize_flags_and_debug(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_debug_all_profiles_every_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--all --bisect builds every boundary; --all alone reads them all from ONNX Runtime in one build."""
     out = tmp_path / "out"
     assert cli.main(["export", f"{PLANTED}:plain", "-t", "onnx", "--out", str(out), "-q"]) == 0
-    assert cli.main(["debug", str(out), "--model", f"{PLANTED}:plain", "--all", "-q", "--json"]) == 0
+    assert cli.main(["debug", str(out), "--model", f"{PLANTED}:plain", "--all", "--bisect", "-q", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)[0]
     assert found["first"] is None and found["builds"] == found["boundaries"] == len(Plain().body) * 3 + 2
     assert all(m["passed"] and m["cosine"] > 0.9999 for m in found["measured"])
     assert np.isfinite([m["max_abs"] for m in found["measured"]]).all()
+    assert cli.main(["debug", str(out), "--model", f"{PLANTED}:plain", "--all", "-q", "--json"]) == 0
+    fast = json.loads(capsys.readouterr().out)[0]
+    assert fast["method"] == "fast-path" and fast["builds"] == 1 and fast["first"] is None
+    assert [m["module"] for m in fast["measured"]] == [m["module"] for m in found["measured"]]
+    assert all(m["passed"] for m in fast["measured"])

@@ -327,6 +327,40 @@ def test_allow_fail_turns_the_run_green(matrix_run, capsys):
     assert suite.get("failures") == "0" and suite.get("skipped") == "5"  # 4 allowed failures, 1 unavailable
 
 
+def test_a_parity_failure_links_its_divergence_record(matrix_run):
+    """The failed cell's divergence record (kept in the cell's directory when the export is not) is linked from
+    report.json, report.md and report.html; a passed cell has none."""
+    from compiler.matrix.runner import safe_name
+
+    out = matrix_run["out"]
+    cells = _cells(out)
+    cell = cells["drifting/pt2/fp32"]
+    assert cell["divergence"] == f"cells/{safe_name('drifting/pt2/fp32')}/divergence.json"
+    record = json.loads((out / cell["divergence"]).read_text())
+    assert record["target"] == "pt2" and cell["divergence_summary"] == record["summary"]
+    page = cell["divergence"].removesuffix(".json") + ".html"
+    assert (out / page).is_file()
+    assert f"]({cell['divergence']})" in (out / "report.md").read_text()
+    assert f'href="{page}"' in (out / "report.html").read_text()
+    assert cells["tiny/onnx/fp32"]["divergence"] == ""
+
+
+def test_localize_false_turns_localization_off_in_a_cell(tmp_path):
+    """`localize = false` (config) reaches the cell's export: a parity failure without a divergence record."""
+    from compiler.errors import UsageError
+    from compiler.matrix.cell import run_cell
+    from compiler.matrix.config import CellOptions, CellSpec
+
+    with pytest.raises(UsageError, match="localize"):
+        CellOptions().merged({"localize": "no"}, "defaults")
+    options = CellOptions().merged({"localize": False}, "defaults")
+    cell = CellSpec(f"{MODELS}:drifting", "drifting", "pt2", "fp32", options)
+    job = {"cell": cell.to_dict(), "threads": 1, "export_dir": str(tmp_path / "export"), "repeat": 1, "warmup": 0}
+    outcome, code = run_cell(job)
+    assert code == 1 and outcome["status"] == "parity_failed" and "divergence" not in outcome
+    assert not list((tmp_path / "export").rglob("divergence.json"))
+
+
 def test_reports_agree_with_each_other(matrix_run):
     out, report = matrix_run["out"], matrix_run["report"]
     assert report["schema"] == "kiln.matrix.report" and report["schema_version"] == 1

@@ -72,6 +72,7 @@ def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
 def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any], int]:
     import torch
 
+    from compiler.divergence import DIVERGENCE_FILE
     from compiler.options import export_options
     from compiler.pipeline import export_targets
     from compiler.progress import Progress, quiet_libraries
@@ -104,6 +105,10 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
         "notes": list(manifest.notes),
         "threads": threads,
     }
+    record = result.directory / DIVERGENCE_FILE
+    if record.is_file() and parity.divergence:
+        outcome["divergence"] = str(record.relative_to(Path(job["export_dir"])))
+        outcome["divergence_summary"] = str(parity.divergence.get("summary", ""))
     try:
         outcome |= _latency(cell, result.directory, threads, int(job["repeat"]), int(job["warmup"]))
     except Exception as error:  # the verdict stands; say why there is no latency

@@ -36,6 +36,7 @@ class CellOptions:
     max_drop: float | None = None  # the accuracy budget of quantized precisions (with `metric`)
     metric: str | None = None  # file.py:fn measuring accuracy for max_drop
     min_cosine: float | None = None  # a stricter (or looser) parity cosine threshold
+    localize: bool = True  # on a parity failure, find the first diverging module (compiler.divergence)
 
     def export_settings(self) -> dict[str, Any]:
         """The options that reach the export itself, as keywords of `compiler.options.export_options`."""
@@ -46,6 +47,7 @@ class CellOptions:
             "atol": self.atol,
             "rtol": self.rtol,
             "samples": self.samples,
+            "localize": None if self.localize else False,
         }
         optional = {"opt_level": self.opt_level, "calib": self.calib, "min_cosine": self.min_cosine}
         if self.max_drop is not None:
@@ -93,6 +95,7 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "max_drop": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "metric": (lambda v: isinstance(v, str) and ":" in v, "file.py:function"),
     "min_cosine": (lambda v: _is_number(v) and math.isfinite(v) and -1 <= v <= 1, "a number from -1 to 1"),
+    "localize": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

@@ -111,8 +111,21 @@ def run_job(job: Job, keep_artifacts: bool = False) -> CellResult:
         result.reason = f"out of memory (limit {memory_gb:g} GiB of address space): {result.reason}"
     if result.status != PASSED:
         result.stderr_tail = tail
+    if result.divergence:
+        result.divergence = _divergence_link(job.cell_dir, export_dir / result.divergence, keep_artifacts)
     _clean_cell_dir(job.cell_dir, export_dir, scratch, keep_artifacts)
     return result
+
+
+def _divergence_link(cell_dir: Path, record: Path, keep_artifacts: bool) -> str:
+    """Where the cell's divergence record stays, relative to the run's output directory: in the kept export,
+    else copied (with its page, divergence.html) into the cell's directory before the export is removed."""
+    if not keep_artifacts:
+        for kept in [record, record.with_suffix(".html")]:
+            if kept.is_file():
+                shutil.copy(kept, cell_dir / kept.name)
+        record = cell_dir / record.name
+    return str(record.relative_to(cell_dir.parent.parent))
 
 
 def _write_job_file(job: Job, export_dir: Path, memory_gb: float) -> Path:

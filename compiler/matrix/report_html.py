@@ -35,6 +35,19 @@ pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
 """
 
 
+def _divergence_links(cell: dict[str, Any], summary: bool = False) -> str:
+    """Links to a failed cell's divergence record (divergence.json) and its error profile (divergence.html)."""
+    record = cell.get("divergence")
+    if not record:
+        return ""
+    page = record.removesuffix(".json") + ".html"
+    line = html.escape(_one_line(cell.get("divergence_summary", ""))) + ": " if summary else ""
+    return (
+        f'<div class="figures">{line}<a href="{html.escape(page)}">divergence</a> '
+        f'(<a href="{html.escape(record)}">json</a>)</div>'
+    )
+
+
 def html_page(report: dict[str, Any]) -> str:
     """report.html: the table, a latency bar chart and an error heat map (plotly, inlined: works offline)."""
     esc = html.escape
@@ -51,7 +64,7 @@ def html_page(report: dict[str, Any]) -> str:
             figures = "<br>".join(esc(f) for f in cell_figures(cell))
             tds.append(
                 f'<td class="{cell["status"]}" title="{title}">{ICONS[cell["status"]]} {esc(label)}'
-                f'<div class="figures">{figures}</div></td>'
+                f'<div class="figures">{figures}</div>{_divergence_links(cell)}</td>'
             )
         rows.append(f"<tr><th>{esc(model)}</th>{''.join(tds)}</tr>")
     failures = []
@@ -60,7 +73,7 @@ def html_page(report: dict[str, Any]) -> str:
             tail = cell.get("stderr_tail") or ""
             tail = f"<details><summary>output tail</summary><pre>{esc(tail)}</pre></details>" if tail else ""
             failures.append(f"<li><b>{esc(cell['cell_id'])}</b> ({esc(STATUS_LABELS[cell['status']])}): "
-                            f"{esc(_one_line(cell['reason']))}{tail}</li>")  # fmt: skip
+                            f"{esc(_one_line(cell['reason']))}{_divergence_links(cell, True)}{tail}</li>")  # fmt: skip
     regressions = "".join(
         f"<li><b>{esc(r['cell_id'])}</b> ({esc(r['kind'])}): {esc(r['detail'])}</li>" for r in report["regressions"]
     )

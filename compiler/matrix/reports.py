@@ -180,6 +180,9 @@ def markdown(report: dict[str, Any]) -> str:
             kind = STATUS_LABELS[cell["status"]] + (f", {cell['failure']}" if cell.get("failure") else "")
             allowed = ", allowed" if cell["allowed_to_fail"] else ""
             lines.append(f"- **{cell['cell_id']}** ({kind}{allowed}): {_one_line(cell['reason'])}")
+            if cell.get("divergence"):
+                record, page = cell["divergence"], str(Path(cell["divergence"]).with_suffix(".html"))
+                lines.append(f"  - {_one_line(cell['divergence_summary'])}: [{record}]({record}), [profile]({page})")
         lines.append("")
     unavailable = [c for c in report["cells"] if c["status"] == UNAVAILABLE]
     if unavailable:

@@ -90,6 +90,8 @@ class CellResult:
     started_at: str = ""
     finished_at: str = ""
     cell_dir: str = ""
+    divergence: str = ""  # the divergence record of a parity failure (divergence.json), relative to the run's out
+    divergence_summary: str = ""  # its one line: the first diverging module
 
     @property
     def failed(self) -> bool:
