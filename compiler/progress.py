@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
-CHATTY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "openvino", "nncf")
+CHATTY_LOGGERS = ("torch", "torchao", "onnxscript", "onnx_ir", "openvino", "nncf")
 
 
 def quiet_libraries() -> None:

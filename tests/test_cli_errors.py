@@ -311,3 +311,14 @@ def test_passes_value_may_start_with_a_dash(tmp_path, capsys):
                            capsys=capsys)  # fmt: skip
     assert_one_line_error(code, err, "unknown pass 'fold-all'")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_refusal_of_a_transformers_model_is_one_line_on_a_fresh_process(tmp_path):
+    """Loading a transformers model imports torchao, whose logger warned about its CUDA kernels it cannot load
+    ("Failed to load ..._C_mxfp8...so"), two extra stderr lines around a one-line refusal."""
+    model = f"{ROOT / 'tests' / 'models' / 'hf_models.py'}:llama_causal_lm"
+    argv = [sys.executable, str(ROOT / "cli.py"), "export", model, "-t", "tflite", "-q", "-o", str(tmp_path / "o")]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("kiln: error: text-generation export supports onnx and openvino")
