@@ -45,6 +45,7 @@ def _static_layer_class() -> type:
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
+            assert self.keys is not None and self.values is not None  # set at construction
             self.keys = torch.where(self.slot, key_states, self.keys)
             self.values = torch.where(self.slot, value_states, self.values)
             return self.keys, self.values
