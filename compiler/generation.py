@@ -16,7 +16,7 @@ I/O (batch, seq, past and total = past + seq are named dynamic dims):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from compiler.decoding import (  # re-exported: the loop is part of the generati
     CachedDecoder,
     CacheLayout,
     RecomputingDecoder,
+    StaticCacheLayout,
     generate_with_export,
     generation_parity,
     greedy,
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from compiler.options import ExportOptions
     from compiler.progress import Progress
     from compiler.sources import ModelSource
-    from compiler.types import ParityReport
+    from compiler.types import ParityReport, TensorSpec
     from targets import Target
 
 TEXT_GENERATION = "text-generation"
@@ -249,14 +250,20 @@ def generation_source(
     )
 
 
-def generation_reference(source: ModelSource) -> ModelSource:
-    """`kiln verify --model` of a text-generation export: the causal LM wrapped with its cache, as exported."""
+def generation_reference(source: ModelSource, inputs: Sequence[TensorSpec] = ()) -> ModelSource:
+    """`kiln verify --model` of a text-generation export: the causal LM wrapped with its cache, as exported (a
+    static cache of the export's length when its `inputs` say so)."""
     if source.kind != "torch" or not is_causal_lm(source.module):
         raise UsageError(
             f"{source.description} is not a transformers causal LM, but the export is a text-generation export",
             "pass the *ForCausalLM model it was exported from",
         )
     assert source.module is not None
+    layout = layout_of(inputs) if inputs else None
+    if isinstance(layout, StaticCacheLayout):
+        from compiler.static_cache import CausalLMWithStaticCache
+
+        return replace(source, module=CausalLMWithStaticCache(source.module, layout.size).eval(), task=TEXT_GENERATION)
     return replace(source, module=CausalLMWithCache(source.module).eval(), task=TEXT_GENERATION)
 
 

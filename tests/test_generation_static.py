@@ -5,6 +5,7 @@ cache's capacity and the requests it refuses."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 
 import numpy as np
@@ -89,6 +90,9 @@ def test_run_generate_and_verify_on_the_static_exports(exported, hf_tokens, tmp_
     shutil.copytree(results["tpu"].directory, directory)
     code, out, _ = run_cli("verify", directory, capsys=capsys)
     assert code == 0 and "generation: 32 greedy tokens identical" in out
+    code, out, _ = run_cli("verify", directory, "--model", FACTORY, "--json", capsys=capsys)  # static reference
+    parity = json.loads(out)[0]["parity"]
+    assert code == 0 and parity["passed"] and parity["generation"]["generated"] == hf_tokens
 
 
 def _reference(manifest):
