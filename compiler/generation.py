@@ -112,7 +112,8 @@ def check_generation_request(
     growing = [t.name for t in targets if t.name not in static]
     if static and growing:
         raise UsageError(
-            f"{', '.join(static)} take a static KV cache and {', '.join(growing)} a growing one: two different "
+            f"{', '.join(static)} {'take' if len(static) > 1 else 'takes'} a static KV cache and "
+            f"{', '.join(growing)} a growing one: two different "
             "graphs, not one export",
             "export them separately (--target tflite, then --target onnx,openvino)",
         )

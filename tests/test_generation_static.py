@@ -143,7 +143,7 @@ def test_the_decoder_refuses_more_tokens_than_the_cache_holds():
 
 def test_static_generation_refuses_bad_requests(tmp_path, capsys):
     code, _, err = run_cli("export", FACTORY, "-t", "tflite,onnx", "-o", tmp_path / "a", capsys=capsys)
-    assert code == 2 and "tflite take a static KV cache and onnx a growing one" in err
+    assert code == 2 and "tflite takes a static KV cache and onnx a growing one" in err
     code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--cache-size", "64", "-o", tmp_path / "b", capsys=capsys)
     assert code == 2 and "--cache-size applies to the static KV cache of tflite and tpu only" in err
     with pytest.raises(UsageError, match="must hold the gate's 36 tokens and at most the model's 128 positions"):
