@@ -60,6 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         localize=args.localize,
         task=args.task,
+        cache_size=args.cache_size,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))

@@ -93,6 +93,12 @@ def _export_parser(sub: Any) -> None:
         help="text-generation: a causal LM's decoder with its KV cache as inputs/outputs, gated on 32 greedy tokens "
         "(default for a transformers *ForCausalLM); forward: one full-sequence forward",
     )
+    export.add_argument(
+        "--cache-size",
+        type=int,
+        metavar="C",
+        help="text-generation on tflite/tpu: the static KV cache's length in tokens (default 64)",
+    )
     export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
     export.add_argument("--atol", type=float, help="absolute tolerance override")
     export.add_argument("--rtol", type=float, help="relative tolerance override")

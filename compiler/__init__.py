@@ -97,7 +97,8 @@ def export(
     `io` (e.g. "nhwc" for channels-last I/O); `opt_level` (0 none .. 3 target-specific), `adjust_passes`
     ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`, `all_or_nothing`;
     `task` ("text-generation": a causal LM with its KV cache, the default for a transformers *ForCausalLM;
-    "forward": one full-sequence forward; see compiler.generation).
+    "forward": one full-sequence forward; see compiler.generation); `cache_size` (the static KV cache's length
+    of a tflite/tpu text-generation export, default 64; see compiler.static_cache).
     An unknown keyword is a UsageError. The artifact is validated against the model; if it fails parity it is
     kept under `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     A `.pt2` model is read without running code from it; `trust_pickle=True` lets `torch.export.load`

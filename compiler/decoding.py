@@ -48,6 +48,18 @@ class CacheLayout:
             )
         return cls(len(keys), keys[0].shape[1], keys[0].shape[3], keys[0].dtype)
 
+    def decoder(self, run: Callable[[Feeds], Feeds]) -> CachedDecoder:
+        """A fresh decoding state over `run`."""
+        return CachedDecoder(run, self)
+
+
+def layout_of(inputs: Sequence[TensorSpec]) -> CacheLayout | StaticCacheLayout:
+    """The cache layout of a generation graph from its input specs: static (an `input_pos` input; tflite, tpu) or
+    growing (onnx, openvino)."""
+    if any(s.name == POSITION_INPUT for s in inputs):
+        return StaticCacheLayout.from_specs(inputs)
+    return CacheLayout.from_specs(inputs)
+
 
 class CachedDecoder:
     """One sequence's decoding state over a step function (named feeds -> named outputs): called with the new
@@ -106,7 +118,7 @@ def greedy(
 def generation_parity(
     run: Callable[[Feeds], Feeds],
     reference: Callable[[Feeds], Feeds],
-    layout: CacheLayout,
+    layout: CacheLayout | StaticCacheLayout,
     tolerance: Tolerance,
     prompt: Sequence[int] = PARITY_PROMPT,
     n: int = PARITY_TOKENS,
@@ -115,8 +127,8 @@ def generation_parity(
     are identical and every step's logits are within `tolerance` (atol + rtol * |ref|, cosine)."""
     from compiler.metrics import cosine
 
-    got, got_logits = greedy(CachedDecoder(run, layout), prompt, n)
-    want, want_logits = greedy(CachedDecoder(reference, layout), prompt, n)
+    got, got_logits = greedy(layout.decoder(run), prompt, n)
+    want, want_logits = greedy(layout.decoder(reference), prompt, n)
     same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)  # steps with the same prefix
     pairs = list(zip(got_logits[: same + 1], want_logits[: same + 1]))[:n]
     errors = [float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in pairs]
@@ -137,6 +149,76 @@ def generation_parity(
     }
 
 
+POSITION_INPUT = "input_pos"
+
+
+def static_input_names(layers: int) -> list[str]:
+    """The static-cache decode graph's input names, in order (compiler/static_cache.py): underscores, not dots, as
+    the TFLite and SavedModel signatures take Python identifiers."""
+    cache = [f"past_key_values_{i}_{kind}" for i in range(layers) for kind in ("key", "value")]
+    return ["input_ids", POSITION_INPUT, *cache]
+
+
+def static_output_names(layers: int) -> list[str]:
+    """The static-cache decode graph's output names, in order."""
+    return ["logits", *[f"present_{i}_{kind}" for i in range(layers) for kind in ("key", "value")]]
+
+
+@dataclass(frozen=True)
+class StaticCacheLayout:
+    """The cache of a static-cache decode graph: layers, kv heads, its fixed length, head dim and dtype."""
+
+    layers: int
+    kv_heads: int
+    size: int
+    head_dim: int
+    dtype: str = "float32"
+
+    @classmethod
+    def from_specs(cls, inputs: Sequence[TensorSpec]) -> StaticCacheLayout:
+        """The layout read from a static-cache graph's input specs (`past_key_values_{i}_key[1, heads, C, dim]`)."""
+        keys = [s for s in inputs if re.fullmatch(r"past_key_values_\d+_key", s.name)]
+        shape = keys[0].shape if keys else ()
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+            raise UsageError(
+                "this export has no static past_key_values inputs: it was not exported for text generation",
+                "export the causal LM with --task text-generation",
+            )
+        return cls(len(keys), int(shape[1]), int(shape[2]), int(shape[3]), keys[0].dtype)
+
+    def decoder(self, run: Callable[[Feeds], Feeds]) -> StaticCachedDecoder:
+        """A fresh decoding state over `run`."""
+        return StaticCachedDecoder(run, self)
+
+
+class StaticCachedDecoder:
+    """One sequence's decoding state over a static-cache step function: each call runs its token ids one at a
+    time at the next positions (the prompt too: the graph takes one token), keeps the returned cache and returns
+    the last position's logits; a UsageError when the sequence would outgrow the cache."""
+
+    def __init__(self, run: Callable[[Feeds], Feeds], layout: StaticCacheLayout):
+        self.run, self.layout = run, layout
+        shape = (1, layout.kv_heads, layout.size, layout.head_dim)
+        self.cache = [np.zeros(shape, layout.dtype) for _ in range(2 * layout.layers)]
+        self.length = 0
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        if self.length + len(ids) > self.layout.size:
+            raise UsageError(
+                f"{self.length + len(ids)} tokens do not fit the export's static KV cache of {self.layout.size}",
+                "ask for fewer tokens (--max-new-tokens), or export again with a larger --cache-size",
+            )
+        names, outputs_named = static_input_names(self.layout.layers), static_output_names(self.layout.layers)
+        logits = np.zeros(0)
+        for token in ids:
+            feeds = {"input_ids": np.asarray([[token]], np.int32), POSITION_INPUT: np.asarray([self.length], np.int32)}
+            outputs = self.run(feeds | dict(zip(names[2:], self.cache)))
+            self.cache = [np.asarray(outputs[n]) for n in outputs_named[1:]]
+            self.length += 1
+            logits = np.asarray(outputs["logits"][0, -1])
+        return logits
+
+
 def parse_prompt(text: str) -> list[int]:
     """`--generate "1,5,9,3"` as token ids."""
     try:
@@ -154,7 +236,14 @@ def generate_with_export(
     """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's step function."""
     if n < 1:
         raise UsageError(f"--max-new-tokens {n}: need at least 1", "use the default of 32")
-    tokens, _ = greedy(CachedDecoder(run, CacheLayout.from_specs(inputs)), prompt, n)
+    layout = layout_of(inputs)
+    if isinstance(layout, StaticCacheLayout) and len(prompt) + n - 1 > layout.size:
+        raise UsageError(
+            f"a {len(prompt)}-token prompt and {n} new tokens need {len(prompt) + n - 1} positions, more than the "
+            f"export's static KV cache of {layout.size}",
+            f"use --max-new-tokens {max(1, layout.size + 1 - len(prompt))} or less, or a larger --cache-size",
+        )
+    tokens, _ = greedy(layout.decoder(run), prompt, n)
     return tokens
 
 

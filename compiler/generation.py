@@ -16,7 +16,7 @@ I/O (batch, seq, past and total = past + seq are named dynamic dims):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +29,12 @@ from compiler.decoding import (  # re-exported: the loop is part of the generati
     CachedDecoder,
     CacheLayout,
     RecomputingDecoder,
+    StaticCacheLayout,
     generate_with_export,
     generation_parity,
     greedy,
     input_names,
+    layout_of,
     parse_prompt,
 )
 from compiler.errors import UsageError
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from compiler.options import ExportOptions
     from compiler.progress import Progress
     from compiler.sources import ModelSource
-    from compiler.types import ParityReport
+    from compiler.types import ParityReport, TensorSpec
     from targets import Target
 
 TEXT_GENERATION = "text-generation"
@@ -87,18 +89,37 @@ def wants_generation(source: ModelSource, task: str | None) -> bool:
 
 
 def check_generation_request(
-    targets: list[Target], asked_all: bool, precision_of: Callable[[Target], str], dynamic: object
+    targets: list[Target],
+    asked_all: bool,
+    precision_of: Callable[[Target], str],
+    dynamic: object,
+    cache_size: int | None = None,
 ) -> list[Target]:
-    """The targets of a generation export (`--target all`: those that build one); refuse targets, precisions and
-    flags it does not build, before any capture work."""
+    """The targets of a generation export (`--target all`: onnx and openvino); refuse targets, precisions and
+    flags it does not build, and a mix of growing-cache and static-cache targets, before any capture work."""
+    from compiler.static_cache import STATIC_TARGETS
+
     if asked_all:
         targets = [t for t in targets if t.name in GENERATION_TARGETS]
-    other = [t.name for t in targets if t.name not in GENERATION_TARGETS]
+    other = [t.name for t in targets if t.name not in (*GENERATION_TARGETS, *STATIC_TARGETS)]
     if other:
         raise UsageError(
-            f"text-generation export supports {' and '.join(GENERATION_TARGETS)}, not {', '.join(other)}: "
-            "its KV cache has a dynamic past length, which the other targets' static shapes cannot take",
+            f"text-generation export supports {' and '.join(GENERATION_TARGETS)}, not {', '.join(other)}: no KV-cache "
+            f"export for {'them' if len(other) > 1 else 'it'} yet ({' and '.join(STATIC_TARGETS)} take a static one)",
             f"use --target {','.join(GENERATION_TARGETS)}, or --task forward for one full-sequence forward",
+        )
+    static = [t.name for t in targets if t.name in STATIC_TARGETS]
+    growing = [t.name for t in targets if t.name not in static]
+    if static and growing:
+        raise UsageError(
+            f"{', '.join(static)} {'take' if len(static) > 1 else 'takes'} a static KV cache and "
+            f"{', '.join(growing)} a growing one: two different "
+            "graphs, not one export",
+            "export them separately (--target tflite, then --target onnx,openvino)",
+        )
+    if cache_size is not None and not static:
+        raise UsageError(
+            "--cache-size applies to the static KV cache of tflite and tpu only", "drop --cache-size for this target"
         )
     bad = sorted({precision_of(t) for t in targets} - set(GENERATION_PRECISIONS))
     if bad:
@@ -108,8 +129,7 @@ def check_generation_request(
         )
     if dynamic is not None:
         raise UsageError(
-            "--dynamic/--dynamic-batch do not apply to a text-generation export: its batch, sequence and past "
-            "are dynamic already",
+            "--dynamic/--dynamic-batch do not apply to a text-generation export: its shapes are set by the export",
             "drop --dynamic and --dynamic-batch",
         )
     return targets
@@ -121,7 +141,7 @@ def generation_targets(
     """The targets of a generation export, checked before any work (`check_generation_request`); says when the
     task was detected rather than asked for."""
     asked_all = isinstance(asked, str) and asked.strip().lower() == "all"
-    chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic)
+    chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic, options.cache_size)
     if options.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
     return chosen
@@ -166,9 +186,25 @@ def cache_shape(config: Any) -> tuple[int, int, int]:
     return int(config.num_hidden_layers), kv_heads, head_dim
 
 
-def generation_source(source: ModelSource) -> ModelSource:
+def generation_detail(targets: list[Target]) -> str:
+    """The generation stage's line: which cache the targets take."""
+    from compiler.static_cache import STATIC_TARGETS
+
+    if any(t.name in STATIC_TARGETS for t in targets):
+        return "static KV-cache decode step, torch.export (all shapes static)"
+    return "KV-cache wrapper, torch.export (batch, seq, past dynamic)"
+
+
+def generation_source(
+    source: ModelSource, targets: list[Target] | None = None, cache_size: int | None = None
+) -> ModelSource:
     """`source` (a causal LM) as its cached decoder: the wrapper module, example inputs at the capture sizes, and
-    the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is)."""
+    the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is); for
+    static-shape targets (tflite, tpu) the static-cache decode step of compiler/static_cache.py instead."""
+    from compiler.static_cache import STATIC_TARGETS, static_generation_source
+
+    if any(t.name in STATIC_TARGETS for t in targets or []):
+        return static_generation_source(source, cache_size)
     assert source.module is not None
     wrapper = CausalLMWithCache(source.module).eval()
     config: Any = source.module.config
@@ -215,25 +251,35 @@ def generation_source(source: ModelSource) -> ModelSource:
     )
 
 
-def generation_reference(source: ModelSource) -> ModelSource:
-    """`kiln verify --model` of a text-generation export: the causal LM wrapped with its cache, as exported."""
+def generation_reference(source: ModelSource, inputs: Sequence[TensorSpec] = ()) -> ModelSource:
+    """`kiln verify --model` of a text-generation export: the causal LM wrapped with its cache, as exported (a
+    static cache of the export's length when its `inputs` say so)."""
     if source.kind != "torch" or not is_causal_lm(source.module):
         raise UsageError(
             f"{source.description} is not a transformers causal LM, but the export is a text-generation export",
             "pass the *ForCausalLM model it was exported from",
         )
     assert source.module is not None
+    layout = layout_of(inputs) if inputs else None
+    if isinstance(layout, StaticCacheLayout):
+        from compiler.static_cache import CausalLMWithStaticCache
+
+        return replace(source, module=CausalLMWithStaticCache(source.module, layout.size).eval(), task=TEXT_GENERATION)
     return replace(source, module=CausalLMWithCache(source.module).eval(), task=TEXT_GENERATION)
 
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
     """The captured model with its ONNX inputs named `past_key_values.{i}.key|value` (not the program's `past_0`)
-    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file."""
+    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file.
+    A static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_cache.name_static_io`)."""
     import onnx
 
     from compiler.capture import onnx_signature
 
-    assert captured.onnx_path is not None
+    if captured.onnx_path is None:
+        from compiler.static_cache import name_static_io
+
+        return name_static_io(captured)
     proto = onnx.load(str(captured.onnx_path), load_external_data=False)
     graph = proto.graph
     initializers = {i.name for i in graph.initializer}
@@ -293,7 +339,7 @@ def with_generation(
 
     runner = load_runner(artifact)
     reference = reference_runner(source, captured.inputs, captured.outputs)
-    layout = CacheLayout.from_specs(captured.inputs)
+    layout = layout_of(captured.inputs)
     with backend_failures(get_target(artifact.target), "run"):
         record = generation_parity(runner.run, reference, layout, report.tolerance)
     return replace(report, passed=report.passed and record["passed"], generation=record)

@@ -21,6 +21,7 @@ from compiler.divergence import localize_export
 from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from compiler.generation import (
     TEXT_GENERATION,
+    generation_detail,
     generation_source,
     generation_targets,
     name_generation_io,
@@ -112,8 +113,8 @@ def export_targets(
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task):
             chosen = generation_targets(source, chosen, targets, options, progress.say)
-            with _timed(progress, timings, "generation", "KV-cache wrapper, torch.export (batch, seq, past dynamic)"):
-                source = generation_source(source)
+            with _timed(progress, timings, "generation", generation_detail(chosen)):
+                source = generation_source(source, chosen, options.cache_size)
         outcomes: list[_Outcome] = []
         # Work files live in the staging directory too, and so do the converters' own temporary files.
         with staging_area(out) as staging, converter_temp_files(staging / "tmp"):

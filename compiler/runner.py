@@ -192,7 +192,7 @@ def _model_reference(
     if manifest.parity is not None and manifest.parity.generation is not None:
         from compiler.generation import generation_reference
 
-        source = generation_reference(source)
+        source = generation_reference(source, manifest.inputs)
     reference = reference_runner(source, manifest.inputs, manifest.outputs)
     samples.reference = [reference(feeds) for feeds in samples.inputs]
     return samples, source.reference_name

@@ -1,0 +1,159 @@
+"""Text-generation export with a static KV cache (compiler/static_cache.py) to `tflite` and `tpu`: the one-token
+decode graph, gated on 32 greedy tokens identical to PyTorch; `kiln run --generate` and `kiln verify` on it; the
+cache's capacity and the requests it refuses."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers", reason="these tests build models with transformers")
+pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch")
+
+from compiler.decoding import (
+    PARITY_PROMPT,
+    StaticCachedDecoder,
+    StaticCacheLayout,
+    generation_parity,
+    greedy,
+    layout_of,
+    static_output_names,
+)
+from compiler.errors import UsageError
+from compiler.pipeline import export_targets
+from compiler.progress import Progress
+from compiler.reference import reference_runner
+from compiler.sources import from_module
+from compiler.static_cache import CausalLMWithStaticCache, check_cache_size, static_examples
+from compiler.types import Tolerance
+from tests.conftest import ROOT, run_cli
+from tests.models.hf_models import llama_causal_lm
+
+FACTORY = f"{ROOT / 'tests' / 'models' / 'hf_models.py'}:llama_causal_lm"
+CACHE = 40
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny Llama exported to tflite and tpu with a static cache of CACHE (one capture for both)."""
+    from compiler.options import ExportOptions
+
+    out = tmp_path_factory.mktemp("static") / "out"
+    said = io.StringIO()
+    results = export_targets(
+        FACTORY, "tflite,tpu", out, ExportOptions(cache_size=CACHE), progress=Progress(stream=said)
+    )
+    return {r.target: r for r in results}, said.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hf_tokens():
+    """The tokens transformers' own `generate` gives greedily after the parity prompt (its own cache)."""
+    import torch
+
+    model, _ = llama_causal_lm()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PARITY_PROMPT]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    return out[0, len(PARITY_PROMPT) :].tolist()
+
+
+def test_tflite_and_tpu_pass_the_32_token_gate(exported, hf_tokens):
+    results, said = exported
+    assert "static KV-cache decode step" in said
+    for target in ("tflite", "tpu"):
+        result = results[target]
+        assert result.failure is None and result.parity.passed, target
+        generation = result.parity.generation
+        assert generation["identical"] and generation["logits_within_tolerance"], target
+        assert generation["generated"] == generation["reference"] == hf_tokens, target
+        shapes = {s.name: s.shape for s in result.manifest.inputs}
+        assert shapes["input_ids"] == (1, 1) and shapes["input_pos"] == (1,)
+        assert shapes["past_key_values_1_value"] == (1, 2, CACHE, 16)  # [batch, kv heads, cache, head dim]
+
+
+def test_run_generate_and_verify_on_the_static_exports(exported, hf_tokens, tmp_path, capsys):
+    results, _ = exported
+    code, out, _ = run_cli(
+        "run", results["tflite"].directory, "--generate", "1,5,9,3", "--max-new-tokens", "8", capsys=capsys
+    )
+    assert code == 0 and out.strip() == ",".join(map(str, hf_tokens[:8]))
+    code, _, err = run_cli(
+        "run", results["tflite"].directory, "--generate", "1,5,9,3", "--max-new-tokens", "38", capsys=capsys
+    )
+    assert code == 2 and "need 41 positions, more than the export's static KV cache of 40" in err
+    assert "--max-new-tokens 37 or less" in err
+    directory = tmp_path / "tpu"
+    shutil.copytree(results["tpu"].directory, directory)
+    code, out, _ = run_cli("verify", directory, "--model", FACTORY, "--json", capsys=capsys)  # static reference
+    parity = json.loads(out)[0]["parity"]
+    assert code == 0 and parity["passed"] and parity["generation"]["generated"] == hf_tokens
+    assert parity["generation"]["against"] == "reference tokens stored at export"  # the tpu artifact replayed
+
+
+def _reference(manifest):
+    """PyTorch's static-cache step on the export's I/O."""
+    import torch
+
+    model, _ = llama_causal_lm()
+    wrapper = CausalLMWithStaticCache(model, CACHE).eval()
+    return reference_runner(
+        from_module(wrapper, static_examples(model.config, CACHE, torch.float32)), manifest.inputs, manifest.outputs
+    )
+
+
+def test_a_cache_that_is_not_written_fails_the_gate(exported):
+    """A step whose returned cache is the one it was given (the new key/value never written) decodes other tokens."""
+    from targets.litert import LiteRtRunner
+
+    manifest = exported[0]["tflite"].manifest
+    runner = LiteRtRunner(exported[0]["tflite"].directory / "model.tflite", manifest)
+    layout = layout_of(manifest.inputs)
+    assert layout == StaticCacheLayout(2, 2, CACHE, 16)
+
+    def forgetful(feeds):
+        outputs = runner.run(feeds)
+        names = static_output_names(layout.layers)[1:]
+        return outputs | {n: feeds[n.replace("present", "past_key_values")] for n in names}
+
+    tolerance = Tolerance(1e-4, 1e-4)
+    assert generation_parity(runner.run, _reference(manifest), layout, tolerance)["passed"]
+    record = generation_parity(forgetful, _reference(manifest), layout, tolerance)
+    assert not record["passed"] and not record["logits_within_tolerance"]
+
+
+def test_the_decoder_refuses_more_tokens_than_the_cache_holds():
+    layout = StaticCacheLayout(1, 1, 4, 2)
+    calls = []
+
+    def step(feeds):
+        calls.append(int(feeds["input_pos"][0]))
+        cache = np.zeros((1, 1, 4, 2), np.float32)
+        return {"logits": np.zeros((1, 1, 3), np.float32), "present_0_key": cache, "present_0_value": cache}
+
+    decoder = StaticCachedDecoder(step, layout)
+    greedy(decoder, [1, 2], 3)  # positions 0, 1 (prompt), then 2, 3
+    assert calls == [0, 1, 2, 3]
+    with pytest.raises(UsageError, match="5 tokens do not fit the export's static KV cache of 4"):
+        decoder([7])
+
+
+def test_static_generation_refuses_bad_requests(tmp_path, capsys):
+    code, _, err = run_cli("export", FACTORY, "-t", "tflite,onnx", "-o", tmp_path / "a", capsys=capsys)
+    assert code == 2 and "tflite takes a static KV cache and onnx a growing one" in err
+    code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--cache-size", "64", "-o", tmp_path / "b", capsys=capsys)
+    assert code == 2 and "--cache-size applies to the static KV cache of tflite and tpu only" in err
+    with pytest.raises(UsageError, match="must hold the gate's 36 tokens and at most the model's 128 positions"):
+        check_cache_size(20, 128)
+    with pytest.raises(UsageError, match="at most the model's 128 positions"):
+        check_cache_size(256, 128)
+    assert check_cache_size(None, 128) == 64 and check_cache_size(None, 48) == 48
+    from targets import TARGETS
+
+    with pytest.raises(UsageError, match=r"not .*edgetpu.* \(tflite and tpu take a static one\)"):
+        from compiler.generation import check_generation_request
+
+        check_generation_request(list(TARGETS), False, lambda t: "fp32", None)
