@@ -120,9 +120,17 @@ class TfliteTarget(Target):
     precisions = ("fp32", "fp16", "int8-dynamic", "int8")
     consumes = "torch"
     static_shapes = True
-    # Tried with litert-torch 0.10 (convert(..., dynamic_shapes=...)) on a BERT with a dynamic sequence length:
-    # its int64->int32 rewrite of aten.arange compares the symbolic end with ints and fails.
-    static_reason = "litert-torch cannot convert symbolic sizes (aten.arange with a dynamic end fails)"
+    # litert-torch 0.10 with convert(..., dynamic_shapes=...) (v1 and use_v2 converters alike): the first failure
+    # on a sequence-dynamic BERT is its int64->int32 rewrite of aten.arange (backend/export.py
+    # _convert_i64_to_i32 compares the symbolic end with ints), but past that every op lowered through its JAX
+    # bridge gets the dynamic dim as -2**63 (export_utils.IR_DYNAMIC): aten.slice with a symbolic end fails
+    # (TracerBoolConversionError), and so does a plain Linear on [2, s, 8] ("reshape new_sizes must all be
+    # positive"). Nothing Kiln rewrites in the FX graph avoids it: most ops go through that bridge.
+    # tests/test_dynamic_dims.py: test_litert_torch_still_cannot_lower_a_dynamic_dim checks this stays true.
+    static_reason = (
+        "litert-torch 0.10 lowers most ops through its JAX bridge, which rejects a dynamic dimension "
+        "(even a Linear on [2, s, 8] fails)"
+    )
     io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
