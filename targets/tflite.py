@@ -37,7 +37,8 @@ def convert(
     nhwc = request.io_layout == "nhwc"
     with tempfile.TemporaryDirectory(prefix="kiln-tflite-") as scratch:
         float_model = Path(scratch) / "float.tflite"
-        programs = [(name, v.exported, v.inputs, v.outputs) for name, v in variants or [(SIGNATURE, model)]]
+        signatures = variants or [(SIGNATURE, model)]
+        programs = [(name, v.exported, v.inputs, v.outputs) for name, v in signatures if v.exported is not None]
         try:
             decomposed = to_tflite_signatures(programs, nhwc, float_model)
         except Exception as exc:
