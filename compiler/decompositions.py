@@ -239,10 +239,8 @@ def _materialized_repeat(node: torch.fx.Node) -> bool:
     size = node.args[1]
     if value is None or not isinstance(size, (list, tuple)) or len(size) != value.dim():
         return False
-    try:
-        copies = [n for have, n in zip(value.shape, size) if int(have) == 1 and isinstance(n, int) and n > 1]
-    except Exception:  # symbolic sizes: leave it
-        return False
+    # a symbolic size is never compared: int() on it would add a guard fixing the dynamic dim to the example's
+    copies = [n for have, n in zip(value.shape, size) if type(have) is int and have == 1 and type(n) is int and n > 1]
     reshaped = any(str(user.target) in ("aten.reshape.default", "aten.view.default") for user in node.users)
     return bool(copies) and math.prod(copies) <= MAX_CONCAT_COPIES and reshaped
 
@@ -255,7 +253,7 @@ def expand_as_concat(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     assert isinstance(current, torch.fx.Node) and isinstance(node.args[1], (list, tuple))
     value = current.meta["val"]
     for dim, want in enumerate(node.args[1]):
-        if int(value.shape[dim]) != 1 or not isinstance(want, int) or want <= 1:
+        if type(value.shape[dim]) is not int or value.shape[dim] != 1 or type(want) is not int or want <= 1:
             continue
         with graph.inserting_before(node):
             current = graph.call_function(aten.cat.default, ([current] * want, dim))

@@ -42,17 +42,13 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
     """Why `target` cannot export with these options, or None."""
     precision = options.precision_for(target)
     if target.static_shapes and options.dynamic is not None:
-        if options.buckets and target.buckets:
-            return _buckets_refusal(target, options)
-        flag = "--dynamic-batch" if options.dynamic.batch is not None else "--dynamic"
-        bucket_hint = f"pass --buckets SYMBOL=SIZE,SIZE to build one program per size, or export {target.name} "
-        why = f": {target.static_reason}" if target.static_reason else ""
-        return UsageError(
-            f"target {target.name} needs static shapes, but {flag} {options.dynamic} was given{why}",
-            (bucket_hint if target.buckets else f"export {target.name} ")
-            + f"without {flag}, once per {'batch size' if flag == '--dynamic-batch' else 'shape'} you serve "
-            "(set the shape of the example inputs)",
+        refusal = (
+            _buckets_refusal(target, options)
+            if options.buckets and target.buckets
+            else _static_refusal(target, options)
         )
+        if refusal is not None:  # buckets that fit go on to the checks below (precision, the target's own)
+            return refusal
     if precision not in target.precisions:
         return UsageError(
             f"target {target.name} does not support precision {precision}",
@@ -80,6 +76,20 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
     except KilnError as refusal:
         return refusal
     return None
+
+
+def _static_refusal(target: Target, options: ExportOptions) -> KilnError:
+    """A dynamic dim on a static-shape target, without --buckets: why not, and the way forward."""
+    assert options.dynamic is not None
+    flag = "--dynamic-batch" if options.dynamic.batch is not None else "--dynamic"
+    bucket_hint = f"pass --buckets SYMBOL=SIZE,SIZE to build one program per size, or export {target.name} "
+    why = f": {target.static_reason}" if target.static_reason else ""
+    return UsageError(
+        f"target {target.name} needs static shapes, but {flag} {options.dynamic} was given{why}",
+        (bucket_hint if target.buckets else f"export {target.name} ")
+        + f"without {flag}, once per {'batch size' if flag == '--dynamic-batch' else 'shape'} you serve "
+        "(set the shape of the example inputs)",
+    )
 
 
 def _buckets_refusal(target: Target, options: ExportOptions) -> KilnError | None:

@@ -34,14 +34,38 @@ def to_tflite(
     program: torch.export.ExportedProgram, inputs: list[TensorSpec], outputs: list[TensorSpec], nhwc: bool, path: Path
 ) -> list[str]:
     """Convert the program to a float32 `.tflite` with named I/O; the ops Kiln decomposed first."""
+    return to_tflite_signatures([(SIGNATURE, program, inputs, outputs)], nhwc, path)
+
+
+def to_tflite_signatures(
+    programs: list[tuple[str, torch.export.ExportedProgram, list[TensorSpec], list[TensorSpec]]], nhwc: bool, path: Path
+) -> list[str]:
+    """Convert static programs to one float32 `.tflite` with one named-I/O signature each (`--buckets`: one per
+    size); the ops Kiln decomposed first, in any of them."""
     import litert_torch
+
+    converter: Any = litert_torch
+    decomposed: list[str] = []
+    for name, program, inputs, outputs in programs:
+        wrapper, samples, applied = _named_io(program, inputs, outputs, nhwc)
+        converter = converter.signature(name, wrapper, sample_kwargs=samples)
+        decomposed += [op for op in applied if op not in decomposed]
+    edge_model = converter.convert()
+    edge_model.export(str(path))
+    return decomposed
+
+
+def _named_io(
+    program: torch.export.ExportedProgram, inputs: list[TensorSpec], outputs: list[TensorSpec], nhwc: bool
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], list[str]]:
+    """The program (decomposed for TFLite) wrapped to take keyword inputs and return a dict of outputs, so the
+    TFLite signature carries Kiln's names; its sample inputs, and the ops decomposed."""
     import torch
 
     from compiler.decompositions import apply_decompositions, apply_legalizations, tflite_legalizations, tflite_table
 
     program, legalized = apply_legalizations(program, tflite_legalizations())
     program, decomposed = apply_decompositions(program, tflite_table())
-    decomposed = decomposed + legalized
     inner = program.module()
     image_inputs = {s.name for s in inputs if nhwc and is_image(s)}
     image_outputs = {s.name for s in outputs if nhwc and is_image(s)}
@@ -69,9 +93,7 @@ def to_tflite(
     }
     wrapper = NamedIO()
     wrapper.training = False  # not .eval(): an exported module refuses train()/eval() calls
-    edge_model = litert_torch.convert(wrapper, sample_kwargs=samples)
-    edge_model.export(str(path))
-    return decomposed
+    return wrapper, samples, decomposed + legalized
 
 
 @dataclass(frozen=True)
@@ -164,7 +186,11 @@ class LiteRtRunner(Runner):
         with native_stderr_silenced():  # LiteRT logs "INFO: Created ... XNNPACK delegate" from C++
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
-            self.signature = self.interpreter.get_signature_runner(SIGNATURE)
+            # `--buckets`: one signature per bucket, picked by the inputs' shapes
+            self.buckets: dict[str, dict[str, list[int]]] = manifest.runtime_config.get("buckets", {})
+            names = list(self.buckets) or [SIGNATURE]
+            self.signatures = {name: self.interpreter.get_signature_runner(name) for name in names}
+        self.signature = self.signatures[names[0]]
         self.input_details = self.signature.get_input_details()
         self.output_details = self.signature.get_output_details()
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
@@ -175,9 +201,15 @@ class LiteRtRunner(Runner):
         """Outputs by name, dequantized to float where the model's outputs are quantized."""
         import numpy as np
 
-        args = {name: _quantize(np.asarray(feeds[name]), detail) for name, detail in self.input_details.items()}
-        results = self.signature(**args)
-        return {spec.name: _dequantize(results[spec.name], self.output_details[spec.name]) for spec in self.outputs}
+        signature, inputs, outputs = self.signature, self.input_details, self.output_details
+        if self.buckets:
+            from targets.buckets import bucket_for
+
+            signature = self.signatures[bucket_for("tflite", self.buckets, feeds)]
+            inputs, outputs = signature.get_input_details(), signature.get_output_details()
+        args = {name: _quantize(np.asarray(feeds[name]), detail) for name, detail in inputs.items()}
+        results = signature(**args)
+        return {spec.name: _dequantize(results[spec.name], outputs[spec.name]) for spec in self.outputs}
 
     def io_quantization(self) -> dict[str, dict[str, Any]]:
         """Per quantized input/output: dtype, scale and zero point the model itself declares."""

@@ -10,15 +10,25 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from compiler.layout import channels_last
 from compiler.quantization.litert import quantize_tflite
 from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.litert import MODEL_FILE, LiteRtRunner, op_counts, read_ops, to_tflite
+from targets.buckets import bucket_note, bucket_subset, bucket_variants
+from targets.litert import MODEL_FILE, SIGNATURE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from compiler.capture import CapturedModel
     from compiler.types import Manifest
 
 
-def convert(model: CapturedModel, directory: Path, request: BuildRequest, precision: str) -> dict[str, Any]:
-    """Write `model.tflite` in `directory` at `precision`; what was decomposed and how it was calibrated."""
+def convert(
+    model: CapturedModel,
+    directory: Path,
+    request: BuildRequest,
+    precision: str,
+    variants: list[tuple[str, CapturedModel]] | None = None,
+) -> dict[str, Any]:
+    """Write `model.tflite` in `directory` at `precision` (with `variants`, `--buckets`' static programs: one
+    signature each); what was decomposed and how it was calibrated."""
     from compiler.decompositions import module_path_of
     from compiler.errors import UnsupportedOpError
     from targets.litert import converter_error_op
@@ -27,8 +37,10 @@ def convert(model: CapturedModel, directory: Path, request: BuildRequest, precis
     nhwc = request.io_layout == "nhwc"
     with tempfile.TemporaryDirectory(prefix="kiln-tflite-") as scratch:
         float_model = Path(scratch) / "float.tflite"
+        signatures = variants or [(SIGNATURE, model)]
+        programs = [(name, v.exported, v.inputs, v.outputs) for name, v in signatures if v.exported is not None]
         try:
-            decomposed = to_tflite(model.exported, model.inputs, model.outputs, nhwc, float_model)
+            decomposed = to_tflite_signatures(programs, nhwc, float_model)
         except Exception as exc:
             text = " ".join(str(exc).split("While executing")[0].split())
             op = converter_error_op(text)
@@ -120,15 +132,25 @@ class TfliteTarget(Target):
     precisions = ("fp32", "fp16", "int8-dynamic", "int8")
     consumes = "torch"
     static_shapes = True
-    # Tried with litert-torch 0.10 (convert(..., dynamic_shapes=...)) on a BERT with a dynamic sequence length:
-    # its int64->int32 rewrite of aten.arange compares the symbolic end with ints and fails.
-    static_reason = "litert-torch cannot convert symbolic sizes (aten.arange with a dynamic end fails)"
+    buckets = True  # --buckets: one static signature per size in the one .tflite (fp32)
+    # litert-torch 0.10 with convert(..., dynamic_shapes=...) (v1 and use_v2 converters alike): the first failure
+    # on a sequence-dynamic BERT is its int64->int32 rewrite of aten.arange (backend/export.py
+    # _convert_i64_to_i32 compares the symbolic end with ints), but past that every op lowered through its JAX
+    # bridge gets the dynamic dim as -2**63 (export_utils.IR_DYNAMIC): aten.slice with a symbolic end fails
+    # (TracerBoolConversionError), and so does a plain Linear on [2, s, 8] ("reshape new_sizes must all be
+    # positive"). Nothing Kiln rewrites in the FX graph avoids it: most ops go through that bridge.
+    # tests/test_dynamic_dims.py: test_litert_torch_still_cannot_lower_a_dynamic_dim checks this stays true.
+    static_reason = (
+        "litert-torch 0.10 lowers most ops through its JAX bridge, which rejects a dynamic dimension "
+        "(even a Linear on [2, s, 8] fails)"
+    )
     io_options = ("nhwc",)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Convert, quantize as the precision asks, and describe the graph."""
         nhwc = request.io_layout == "nhwc"
-        info = describe_graph(directory, convert(model, directory, request, request.precision), nhwc)
+        variants = bucket_variants(model, request.buckets) if request.buckets else None
+        info = describe_graph(directory, convert(model, directory, request, request.precision, variants), nhwc)
         notes = []
         if info["decompositions_applied"]:
             notes.append(f"decomposed for the TFLite converter: {', '.join(info['decompositions_applied'])}")
@@ -137,10 +159,30 @@ class TfliteTarget(Target):
         notes += calibration_notes(info)
         if nhwc and info["transposes_inside"]:
             notes.append(f"{info['transposes_inside']} TRANSPOSE ops remain inside the graph with --io nhwc")
-        built = BuildOutput(runtime_config={"signature": "serving_default", "threads": 2}, info=info, notes=notes)
+        config: dict[str, Any] = {"signature": SIGNATURE, "threads": 2}
+        if variants:
+            config["signature"] = variants[0][0]
+            config["buckets"] = {name: {s.name: list(s.shape) for s in v.inputs} for name, v in variants}
+            notes.append(bucket_note(model, request.buckets))
+        built = BuildOutput(runtime_config=config, info=info, notes=notes)
         if nhwc:
             add_nhwc_layout(model, directory, built)
         return built
+
+    def check_request(self, request: BuildRequest) -> None:
+        """`--buckets` builds fp32 only: the quantizers calibrate and rewrite the one `serving_default`."""
+        super().check_request(request)
+        if request.buckets and request.precision != "fp32":
+            from compiler.errors import UsageError
+
+            raise UsageError(
+                f"target tflite builds --buckets at fp32 only, not {request.precision}",
+                "drop --precision for the bucketed tflite export, or export one shape without --dynamic",
+            )
+
+    def parity_subset(self, inputs: list[dict[str, np.ndarray]], manifest: Manifest) -> list[int] | None:
+        """With buckets, parity runs on the input sets whose shapes are a bucket's (one or more per bucket)."""
+        return bucket_subset(inputs, manifest)
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """A LiteRT interpreter on `model.tflite`."""

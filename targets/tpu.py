@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from targets.base import BuildOutput, BuildRequest, Runner, Target
+from targets.buckets import bucket_for, bucket_note, bucket_subset, bucket_variants
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
 
@@ -162,18 +163,7 @@ class XlaRunner(Runner):
 
     def signature_for(self, feeds: dict[str, np.ndarray]) -> str:
         """The signature to run `feeds` with; a UsageError when no bucket has their shapes."""
-        if not self.buckets:
-            return "serving_default"
-        found = bucket_of(self.buckets, feeds)
-        if found is None:
-            from compiler.errors import UsageError
-
-            shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
-            raise UsageError(
-                f"no bucket of this tpu export has the input shapes {shapes}",
-                f"pad the inputs up to the next bucket ({', '.join(self.buckets)})",
-            )
-        return found
+        return bucket_for("tpu", self.buckets, feeds) if self.buckets else "serving_default"
 
     def runtime_info(self) -> dict[str, Any]:
         """TensorFlow/XLA version and the compute precision."""
@@ -241,10 +231,7 @@ class XlaTarget(Target):
 
     def parity_subset(self, inputs: list[dict[str, np.ndarray]], manifest: Manifest) -> list[int] | None:
         """With buckets, parity runs on the input sets whose shapes are a bucket's (one or more per bucket)."""
-        buckets = manifest.runtime_config.get("buckets")
-        if not buckets:
-            return None
-        return [i for i, feeds in enumerate(inputs) if bucket_of(buckets, feeds) is not None]
+        return bucket_subset(inputs, manifest)
 
     def _lower(
         self, model: CapturedModel, directory: Path, precision: str, stem: str
@@ -316,43 +303,3 @@ def check_portable_artifact(
         text = ir.Module.parse(bytecode).operation.get_asm()
     run = _xla_function(_with_platform_index(text), model, input_dtypes, output_dtypes)
     run(*[tf.zeros(list(s.shape), dtype) for s, dtype in zip(model.inputs, input_dtypes)])
-
-
-def bucket_variants(model: CapturedModel, buckets: dict[str, tuple[int, ...]]) -> list[tuple[str, CapturedModel]]:
-    """One static program per bucket size, `(signature, model)`: the captured program re-exported with the
-    bucketed symbol at that size (the others at their OPT, or MIN) and no dynamic dims."""
-    import torch
-
-    from compiler.capture import CapturedModel, fx_signature
-
-    assert model.exported is not None and model.dynamic is not None
-    names = [s.name for s in model.inputs]
-    args, _ = model.exported.example_inputs
-    variants = []
-    for symbol, sizes in buckets.items():
-        for size in sizes:
-            chosen = {d.symbol: d.opt or d.minimum for d in model.dynamic.dims} | {symbol: size}
-            inputs = tuple(model.dynamic.resized(names, list(args), chosen))
-            program = torch.export.export(model.exported.module(), inputs, strict=False)
-            specs_in, specs_out = fx_signature(program, [s.name for s in model.outputs])
-            variants.append((f"serving_{symbol}_{size}", CapturedModel(program, None, specs_in, specs_out, 0, None)))
-    return variants
-
-
-def bucket_of(buckets: dict[str, dict[str, list[int]]], feeds: dict[str, Any]) -> str | None:
-    """The signature whose input shapes `feeds` have, or None."""
-    for signature, shapes in buckets.items():
-        if all(list(feeds[name].shape) == shape for name, shape in shapes.items() if name in feeds):
-            return signature
-    return None
-
-
-def bucket_note(model: CapturedModel, buckets: dict[str, tuple[int, ...]]) -> str:
-    """The manifest's note on how a bucketed export is called."""
-    axes = [f"{n}:{a}" for d in (model.dynamic.dims if model.dynamic else ()) for n, a in d.axes]
-    sizes = "; ".join(f"{symbol}={','.join(map(str, values))}" for symbol, values in buckets.items())
-    return (
-        f"buckets {sizes}: one static signature per size (serving_SYMBOL_SIZE); the caller pads {', '.join(axes)} "
-        "up to the next bucket (e.g. attention_mask 0 on padded tokens) and drops the padded positions of the "
-        "outputs; parity was checked at each bucket size"
-    )

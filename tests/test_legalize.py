@@ -117,6 +117,23 @@ def test_a_repeat_is_materialized_for_litert_with_the_same_values():
     torch.testing.assert_close(legalized.module()(sample), program.module()(sample), rtol=0, atol=0)
 
 
+def test_a_repeat_over_a_dynamic_length_leaves_the_length_dynamic():
+    """The rewrite never compares a symbolic size: int() on one would add a guard fixing it to the example's
+    (the shape env then reads the length as 12 only, and any later rewrite bounds it by 12)."""
+    torch.manual_seed(0)
+    length = torch.export.Dim("length", min=8, max=64)
+    module = GroupedQueryScores().eval()
+    program = torch.export.export(module, (torch.randn(1, 12, 32),), dynamic_shapes=({1: length},), strict=False)
+    legalized, applied = apply_legalizations(program, tflite_legalizations())
+    assert applied == [REPEAT]
+    (x,) = [n for n in legalized.graph.nodes if n.op == "placeholder" and n.name == "x"]
+    symbol = x.meta["val"].shape[1].node
+    bounds = symbol.shape_env.bound_sympy(symbol.expr)
+    assert (int(bounds.lower), int(bounds.upper)) == (8, 64)
+    sample = torch.randn(1, 40, 32)
+    torch.testing.assert_close(legalized.module()(sample), module(sample), rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_grouped_query_scores_pass_parity_on_tflite(tmp_path):
     pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch")
