@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from compiler.artifacts import Artifact, build
 from compiler.capture import CapturedModel, lower
-from compiler.cut import Boundary, intermediates, module_boundaries, prefix_program, reference_module
+from compiler.cut import (
+    Boundary,
+    intermediates,
+    live_at,
+    live_name,
+    module_boundaries,
+    prefix_program,
+    reference_module,
+)
 from compiler.errors import KilnError
 from compiler.optimize import optimize
 from compiler.parity import ParitySamples, validate
@@ -53,6 +61,7 @@ class ModuleError:
     cosine: float = 1.0
     snr_db: float = math.inf
     reason: str = ""
+    cut_at: int | None = None  # measured as a live value of the prefix cut at that boundary (None: its own)
 
     def label(self) -> str:
         """`body.2 (Block)`."""
@@ -129,6 +138,8 @@ class Probe:
     progress: Progress
     reference: Any  # the captured program as a module to run in PyTorch (compiler.cut.reference_module)
     builds: int = 0
+    bounds: list[Boundary] = field(default_factory=list)
+    frontier: bool = True  # a prefix also outputs the earlier boundaries still live at its cut (compiler.cut.live_at)
 
 
 def localize(
@@ -159,6 +170,7 @@ def localize(
     options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
     bounds = module_boundaries(source.exported)
     probe = Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
+    probe.bounds = bounds
     precision = options.precision_for(target)
     found, first, used = _search(probe, bounds, method, every, output_failed)
     measured = [found[i] for i in sorted(found)]
@@ -207,8 +219,9 @@ def _search(
     if fast and all(i in fast for i in range(len(bounds) if first is None else first + 1)):
         return found, first, "fast-path"
     if every:
+        probe.frontier = False  # each boundary is built on its own
         for boundary in bounds:
-            found[boundary.index] = found.get(boundary.index) or _measure(probe, boundary, len(bounds))
+            found[boundary.index] = found.get(boundary.index) or _measure(probe, boundary)[boundary.index]
         return found, next((i for i in sorted(found) if not found[i].passed), None), "every"
     if fast and (first is not None or output_failed):
         low = max((i + 1 for i in found if found[i].passed and (first is None or i < first)), default=0)
@@ -233,52 +246,69 @@ def _bisect(
 ) -> int | None:
     """The index of the first failing boundary (None: none fails), building about log2(N) prefixes.
 
-    Invariant: every boundary below `low` passes (`low` - 1 was built and passed, or is the model's inputs) and
-    boundary `high` fails (`high` == N: the model's output, known to fail); `low`, `high`: a narrower start."""
+    Invariant: every boundary below `low` passes (`low` - 1 was built and passed with every boundary still live
+    at it, or is the model's inputs) and boundary `high` fails (`high` == N: the model's output, known to fail);
+    `low`, `high`: a narrower start. A prefix fails when its boundary or one still live at its cut fails (a
+    branch computed earlier and consumed later); the first failing one is the new `high`."""
     high = len(bounds) if high is None else high
     if not bounds:
         return None
     if not output_failed:
-        last = _measure(probe, bounds[-1], len(bounds))
-        found[last.index] = last
-        if last.passed:
+        low, high = _step(probe, bounds[-1], found, low, len(bounds))
+        if low == len(bounds):
             return None
-        high = last.index
     while low < high:
-        middle = (low + high) // 2
-        found[middle] = _measure(probe, bounds[middle], len(bounds))
-        if found[middle].passed:
-            low = middle + 1
-        else:
-            high = middle
+        low, high = _step(probe, bounds[(low + high) // 2], found, low, high)
     return high if high < len(bounds) else None
 
 
-def _measure(probe: Probe, boundary: Boundary, count: int) -> ModuleError:
-    """Build the program cut at `boundary` for the target and judge its output; one progress line."""
+def _step(probe: Probe, boundary: Boundary, found: dict[int, ModuleError], low: int, high: int) -> tuple[int, int]:
+    """Build the prefix cut at `boundary` and narrow (`low`, `high`): past it when it and every boundary live at
+    its cut pass, else to the first of them that fails (one judged before, below `low`, is left as it was)."""
+    measured = _measure(probe, boundary)
+    for index, error in measured.items():
+        if index == boundary.index or index not in found:
+            found[index] = error
+    failing = [i for i in sorted(measured) if not measured[i].passed and i >= low]
+    return (low, failing[0]) if failing else (boundary.index + 1, high)
+
+
+def _measure(probe: Probe, boundary: Boundary) -> dict[int, ModuleError]:
+    """Build the program cut at `boundary` for the target and judge its output and those of the boundaries still
+    live at the cut (by boundary index); one progress line."""
     started = time.perf_counter()
     probe.builds += 1
     work = probe.work / f"boundary-{boundary.index:04d}"
     result = ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops), True)
+    live: dict[int, ModuleError] = {}
     try:
-        artifact, samples = _build(probe, boundary, work)
+        artifact, samples, names = _build(probe, boundary, work)
         tolerance = probe.options.tolerance(artifact.manifest.precision)
-        metrics = validate(artifact, samples, tolerance, "PyTorch intermediate").outputs[0]
-        result.passed, result.reason = metrics.passed, metrics.reason
-        result.max_abs, result.cosine, result.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+        for metrics in validate(artifact, samples, tolerance, "PyTorch intermediate").outputs:
+            index = names[metrics.name]
+            b = probe.bounds[index] if index != boundary.index else boundary
+            error = result if index == boundary.index else ModuleError(index, b.module, b.kind, b.source, list(b.ops))
+            error.measured, error.passed, error.reason = True, metrics.passed, metrics.reason
+            error.max_abs, error.cosine, error.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+            if error is not result:
+                error.cut_at = boundary.index
+                live[index] = error
     except NotBuilt as failed:
         result.passed, result.reason = False, f"conversion failed: {failed.error.one_line()}"
         result.cosine, result.snr_db = 0.0, -math.inf
     except KilnError as error:
         result.passed, result.reason = False, error.one_line()  # the cut, or running the built prefix, failed
         result.cosine, result.snr_db = 0.0, -math.inf
-    verdict = "ok  " if result.passed else "FAIL"
+    verdict = "ok  " if result.passed and all(e.passed for e in live.values()) else "FAIL"
     seconds = time.perf_counter() - started
+    failing = [e.label() for e in live.values() if not e.passed]
+    also = f"; live at the cut: {len(live)}" + (f", failing {', '.join(failing)}" if failing else "") if live else ""
     probe.progress.say(
-        f"localize {probe.target.name} build {probe.builds}: [{boundary.index + 1}/{count}] {verdict} "
-        f"{boundary.label()} {result.figures() if not _unconverted(result) else result.reason} ({seconds:.1f}s)"
+        f"localize {probe.target.name} build {probe.builds}: [{boundary.index + 1}/{len(probe.bounds)}] {verdict} "
+        f"{boundary.label()} {result.figures() if not _unconverted(result) else result.reason}{also} "
+        f"({seconds:.1f}s)"
     )
-    return result
+    return {**live, boundary.index: result}
 
 
 class NotBuilt(Exception):
@@ -289,18 +319,22 @@ class NotBuilt(Exception):
         self.error = error
 
 
-def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
-    """The prefix up to `boundary`, optimized and built as the export was, and the parity inputs with PyTorch's
-    value of the boundary as the reference."""
-    example = list(probe.samples.inputs[0].values())
-    prefix = prefix_program(probe.captured, boundary, example, PROBE)
-    artifact, _ = build_program(probe, prefix, work)
+def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples, dict[str, int]]:
+    """The prefix up to `boundary` (its outputs: the boundary's tensor, then those of the boundaries still live at
+    the cut), optimized and built as the export was; the parity inputs with PyTorch's values of those boundaries
+    as the reference; and the boundary index of each output name."""
     assert probe.captured.exported is not None
-    # PyTorch's value of the boundary, computed when needed: keeping every boundary's would cost N activations
-    program, node = probe.captured.exported, boundary.node
-    values = [intermediates(program, [node], feeds, probe.reference) for feeds in probe.samples.inputs]
-    reference = [{PROBE: value[boundary.node]} for value in values]
-    return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
+    program = probe.captured.exported
+    live = live_at(program, probe.bounds, boundary) if probe.frontier and probe.bounds else []
+    example = list(probe.samples.inputs[0].values())
+    prefix = prefix_program(probe.captured, boundary, example, PROBE, live)
+    artifact, _ = build_program(probe, prefix, work)
+    names = {PROBE: boundary.index} | {live_name(PROBE, b): b.index for b in live}
+    nodes = {name: (boundary if index == boundary.index else probe.bounds[index]).node for name, index in names.items()}
+    # PyTorch's value of the boundaries, computed when needed: keeping every boundary's would cost N activations
+    values = [intermediates(program, list(nodes.values()), feeds, probe.reference) for feeds in probe.samples.inputs]
+    reference = [{name: value[node] for name, node in nodes.items()} for value in values]
+    return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference), names
 
 
 def build_program(probe: Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
