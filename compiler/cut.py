@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from compiler.capture import CapturedModel, fx_signature
+from compiler.capture import CapturedModel, EagerModel, fx_signature
 from compiler.errors import UnsupportedOpError
 
 if TYPE_CHECKING:
@@ -220,7 +220,8 @@ def prefix_program(
             "localize on a model without data-dependent control flow",
         ) from None
     specs_in, specs_out = fx_signature(program, [output_name, *(live_name(output_name, b) for b in live)], dynamic)
-    return CapturedModel(program, None, specs_in, specs_out, 0, dynamic)
+    eager = EagerModel(module, inputs, names)  # the TorchScript route traces the prefix's own ops
+    return CapturedModel(program, None, specs_in, specs_out, 0, dynamic, eager=eager)
 
 
 def live_name(output_name: str, boundary: Boundary) -> str:

@@ -11,15 +11,14 @@ the export pipeline's one call after the gate.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.artifacts import Artifact, build
-from compiler.capture import CapturedModel, lower
+from compiler.capture import EXPORTERS, CapturedModel, lower
 from compiler.cut import (
     Boundary,
     intermediates,
@@ -29,6 +28,7 @@ from compiler.cut import (
     prefix_program,
     reference_module,
 )
+from compiler.divergence_record import DIVERGENCE_FILE, Divergence, ModuleError
 from compiler.errors import KilnError
 from compiler.optimize import optimize
 from compiler.parity import ParitySamples, validate
@@ -38,91 +38,10 @@ if TYPE_CHECKING:
     from compiler.options import ExportOptions
     from compiler.quantization.calibration import CalibrationData
     from compiler.types import ParityReport
-    from targets.base import Target
+    from targets.base import Route, Target
 
-DIVERGENCE_FILE = "divergence.json"
 PROBE = "divergence_probe"  # the output name of a prefix build
 FOLLOWING = 3  # modules listed after the first diverging one
-
-
-@dataclass
-class ModuleError:
-    """One module boundary as the target computes it: its output's error against PyTorch (`measured` False: not
-    built), whether that is within the tolerance, and why not (or the conversion error)."""
-
-    index: int
-    module: str
-    kind: str
-    source: str = ""
-    ops: list[str] = field(default_factory=list)  # the ATen ops since the previous boundary
-    measured: bool = False
-    passed: bool | None = None  # None: not built
-    max_abs: float = 0.0
-    cosine: float = 1.0
-    snr_db: float = math.inf
-    reason: str = ""
-    cut_at: int | None = None  # measured as a live value of the prefix cut at that boundary (None: its own)
-
-    def label(self) -> str:
-        """`body.2 (Block)`."""
-        return f"{self.module} ({self.kind})"
-
-    def figures(self) -> str:
-        """`cosine .. snr ..dB max_abs ..`, or `not built`."""
-        if not self.measured:
-            return "not built"
-        return f"cosine {self.cosine:.6f} snr {self.snr_db:.1f}dB max_abs {self.max_abs:.3g}"
-
-
-@dataclass
-class Divergence:
-    """The answer of `localize`: the first module whose output diverges (None: every boundary built is within
-    tolerance), its output's error, its inputs' error (the previous boundary; None: the model's inputs, exact),
-    the next modules in order, every boundary measured, and what it cost."""
-
-    target: str
-    precision: str
-    first: ModuleError | None
-    inputs: ModuleError | None
-    following: list[ModuleError]
-    measured: list[ModuleError]
-    boundaries: int
-    builds: int
-    seconds: float
-    conversion_error: str | None = None  # the first diverging prefix did not convert: this is why
-    notes: list[str] = field(default_factory=list)
-    method: str = "bisection"  # or fast-path, fast-path+bisection, every (see _search)
-    tolerance: dict[str, Any] = field(default_factory=dict)  # what each boundary was judged with
-
-    def summary(self) -> str:
-        """`first divergence: body.2 (Block) cosine 0.41; inputs cosine 1.000000` (one line)."""
-        if self.first is None:
-            found = f"no divergence found at {len(self.measured)} of {self.boundaries} module boundaries"
-            return "; ".join([found, *self.notes])
-        if self.conversion_error:
-            ops = ", ".join(self.first.ops)
-            return f"first divergence: {self.first.label()} (ops {ops}) does not convert: {self.conversion_error}"
-        inputs = self.inputs.figures() if self.inputs is not None else "the model's inputs (exact)"
-        first = self.first
-        return (
-            f"first divergence: {first.label()} {first.figures()} ({first.reason}); inputs {inputs} "
-            f"({self.builds} builds, {self.seconds:.1f}s)"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The record written to the manifest (`parity.divergence`) and to `divergence.json`."""
-        from compiler.types import _json_safe
-
-        return dict(_json_safe({"summary": self.summary(), **asdict(self)}))
-
-    def write(self, directory: Path) -> Path:
-        """Write `divergence.json` and its error profile page `divergence.html` into `directory`."""
-        from compiler.profile_html import HTML_FILE, write_profile
-
-        path = directory / DIVERGENCE_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        write_profile([self], directory / HTML_FILE)
-        return path
 
 
 @dataclass
@@ -139,6 +58,7 @@ class Probe:
     reference: Any  # the captured program as a module to run in PyTorch (compiler.cut.reference_module)
     builds: int = 0
     bounds: list[Boundary] = field(default_factory=list)
+    route: Route | None = None  # the route that produced the artifact: prefixes are built by it (None: default)
     frontier: bool = True  # a prefix also outputs the earlier boundaries still live at its cut (compiler.cut.live_at)
 
 
@@ -154,6 +74,7 @@ def localize(
     every: bool = False,
     output_failed: bool = True,
     method: str = "auto",
+    route: Route | None = None,
 ) -> Divergence:
     """The first module of `source` (its captured FX program) whose output diverges from PyTorch on `target`,
     built with `options` (precision, passes, calibration) and judged on `samples`' inputs.
@@ -162,7 +83,8 @@ def localize(
     otherwise the last boundary is built first and, if it passes, nothing diverges. `every`: build every
     boundary (a per-module error profile; N builds) instead of bisecting. `method`: `auto` reads the boundaries
     from the runtime in one build where it can (`compiler.fast_path`) and the answer is certain, else bisects;
-    `bisection` always bisects.
+    `bisection` always bisects. `route`: the route that produced the artifact (`target_info.route`), by which
+    every prefix is built; None: the default capture (the dynamo exporter for an ONNX target).
     """
     assert source.exported is not None, "localize needs the captured FX program"
     started = time.perf_counter()
@@ -170,7 +92,7 @@ def localize(
     options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
     bounds = module_boundaries(source.exported)
     probe = Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
-    probe.bounds = bounds
+    probe.bounds, probe.route = bounds, route
     precision = options.precision_for(target)
     found, first, used = _search(probe, bounds, method, every, output_failed)
     measured = [found[i] for i in sorted(found)]
@@ -179,6 +101,8 @@ def localize(
     inputs = found.get(first - 1) if first else None
     conversion = error.reason.removeprefix("conversion failed: ") if error and _unconverted(error) else None
     notes = []
+    if route is None and len(target.routes()) > 1:
+        notes.append("prefixes built by the default capture: the route that produced the artifact is not known")
     if not bounds:
         notes.append("the model has no submodule to cut at: every op is in its own forward()")
     elif first is None and output_failed and not every:
@@ -200,6 +124,7 @@ def localize(
         notes,
         used,
         _tolerance(options.tolerance(precision)),
+        route.name if route is not None else "",
     )
 
 
@@ -338,17 +263,29 @@ def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, Pari
 
 
 def build_program(probe: Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
-    """`program` optimized and built as the export was; the artifact and the ONNX graph it was built from."""
-    options, target = probe.options, probe.target
+    """`program` optimized and built as the export was, by the export's route (`probe.route`): the artifact and
+    the ONNX graph it was built from (None: the route consumes the FX program)."""
+    options, target, route = probe.options, probe.target, probe.route
+    consumes = route.consumes if route is not None else target.consumes
     work.mkdir(parents=True)
     try:
-        if target.consumes == "onnx":
-            program = lower(program, work, options.opt_level > 0)
-        graph, _ = optimize(program, target, work, options, {})
+        if consumes == "onnx":
+            if route is None and program is not probe.captured:
+                program = replace(program, eager=None)  # the default capture of a prefix: the dynamo exporter
+            exporters = (route.exporter,) if route is not None and route.exporter else EXPORTERS
+            program = lower(program, work, options.opt_level > 0, exporters)
+        graph, _ = optimize(program, target, work, options, {}, consumes)
         request = replace(options.build_request(target, probe.calibration), accuracy=None)
-        return build(target, graph, request, work / "artifact"), graph.onnx_path
+        if route is not None:
+            request = replace(request, route=route.name)
+        return build(target, graph, request, work / "artifact"), graph.onnx_path if consumes == "onnx" else None
     except KilnError as error:
         raise NotBuilt(error) from error
+
+
+def route_named(target: Target, name: str | None) -> Route | None:
+    """The target's route called `name` (a manifest's `target_info.route`), or None."""
+    return next((r for r in target.routes() if r.name == name), None)
 
 
 def _unmeasured(boundary: Boundary) -> ModuleError:
@@ -377,10 +314,11 @@ def localize_export(
     directory: Path,
     work: Path,
     progress: Progress,
+    route: Route | None = None,
 ) -> ParityReport:
-    """The export pipeline's step after the gate: when wanted, localize, write `directory/divergence.json`, and
-    return the report with the record (`parity.divergence`). A localization that breaks costs a warning, never
-    the export."""
+    """The export pipeline's step after the gate: when wanted, localize (building the prefixes by `route`, the one
+    that produced the artifact), write `directory/divergence.json`, and return the report with the record
+    (`parity.divergence`). A localization that breaks costs a warning, never the export."""
     if not wanted(options, report, captured):
         return report
     try:
@@ -393,9 +331,25 @@ def localize_export(
             workdir=work / f"localize-{target.name}",
             progress=progress,
             output_failed=not report.passed,
+            route=route,
         )
     except Exception as error:  # a diagnostic must not turn a parity verdict into a crash
         progress.warn(f"localization failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
         return report
     found.write(directory)
     return replace(report, divergence=found.to_dict())
+
+
+__all__ = [  # the record's names are re-exported: `from compiler.divergence import DIVERGENCE_FILE` keeps working
+    "DIVERGENCE_FILE",
+    "PROBE",
+    "Divergence",
+    "ModuleError",
+    "NotBuilt",
+    "Probe",
+    "build_program",
+    "localize",
+    "localize_export",
+    "route_named",
+    "wanted",
+]
