@@ -100,16 +100,7 @@ def localize(
     error = found[first] if first is not None else None
     inputs = found.get(first - 1) if first else None
     conversion = error.reason.removeprefix("conversion failed: ") if error and _unconverted(error) else None
-    notes = []
-    if route is None and len(target.routes()) > 1:
-        notes.append("prefixes built by the default capture: the route that produced the artifact is not known")
-    if not bounds:
-        notes.append("the model has no submodule to cut at: every op is in its own forward()")
-    elif first is None and output_failed and not every:
-        notes.append(
-            f"the outputs fail but every module boundary passes: it diverges in forward()'s own ops after "
-            f"{bounds[-1].label()}"
-        )
+    notes = _notes(bounds, first is None and output_failed and not every, route is None and len(target.routes()) > 1)
     return Divergence(
         target.name,
         precision,
@@ -126,6 +117,22 @@ def localize(
         _tolerance(options.tolerance(precision)),
         route.name if route is not None else "",
     )
+
+
+def _notes(bounds: list[Boundary], outputs_only: bool, route_unknown: bool) -> list[str]:
+    """What the record says beside its answer: the route was not known, no module to cut at, or every boundary
+    passes while the outputs fail (`outputs_only`)."""
+    notes = []
+    if route_unknown:
+        notes.append("prefixes built by the default capture: the route that produced the artifact is not known")
+    if not bounds:
+        notes.append("the model has no submodule to cut at: every op is in its own forward()")
+    elif outputs_only:
+        notes.append(
+            f"the outputs fail but every module boundary passes: it diverges in forward()'s own ops after "
+            f"{bounds[-1].label()}"
+        )
+    return notes
 
 
 def _search(
