@@ -78,7 +78,7 @@ def test_prefixes_are_built_by_the_torchscript_route_that_made_the_artifact(tmp_
     result = export(CdistNet().eval(), (torch.randn(5, 4),), "onnx", tmp_path / "out", localize=True)
     assert result.manifest.target_info["route"] == "onnx(torchscript)"
     record = result.parity.divergence
-    assert record["route"] == "onnx(torchscript)" and record["first"] is None, record["summary"]
+    assert record["first"] is None and record["route"] == "onnx(torchscript)", record["summary"]
     assert record["measured"] and all(m["passed"] for m in record["measured"])
 
 
@@ -98,5 +98,5 @@ def test_prefixes_are_built_by_openvinos_direct_route(tmp_path: Path, monkeypatc
     route = "openvino.convert_model(ExportedProgram)"
     assert result.manifest.target_info["route"] == route
     record = result.parity.divergence
-    assert record["route"] == route and record["method"] == "bisection" and record["first"] is None, record["summary"]
+    assert record["first"] is None and record["route"] == route and record["method"] == "bisection", record["summary"]
     assert record["measured"] and all(m["passed"] for m in record["measured"])
