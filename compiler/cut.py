@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from compiler.capture import CapturedModel, fx_signature
+from compiler.capture import CapturedModel, EagerModel, fx_signature
 from compiler.errors import UnsupportedOpError
 
 if TYPE_CHECKING:
@@ -84,6 +84,17 @@ def module_boundaries(program: torch.export.ExportedProgram) -> list[Boundary]:
     return boundaries
 
 
+def live_at(program: torch.export.ExportedProgram, bounds: list[Boundary], cut: Boundary) -> list[Boundary]:
+    """The frontier of a cut at `cut`: the earlier boundaries whose values are still live there (read by a node
+    after `cut`'s, the program's output included), in order. A prefix judged on its last value alone would miss a
+    branch computed before the cut and consumed after it (DistilBERT's word embeddings, added to the position
+    embeddings that end the prefix)."""
+    position = {node.name: i for i, node in enumerate(program.graph.nodes)}
+    nodes = {node.name: node for node in program.graph.nodes}
+    end = position[cut.node]
+    return [b for b in bounds[: cut.index] if any(position[user.name] > end for user in nodes[b.node].users)]
+
+
 def _op_name(node: torch.fx.Node) -> str:
     name = getattr(node.target, "__name__", str(node.target))
     return name.split(".")[0].rstrip("_")
@@ -113,7 +124,7 @@ class _Prefix(torch.nn.Module):
     as the model's (`body.1.conv.weight`) and passes that find a layer by name find it in the prefix too; the
     weights of later layers are left out."""
 
-    def __init__(self, unlifted: torch.fx.GraphModule, stop: str, names: list[str]):
+    def __init__(self, unlifted: torch.fx.GraphModule, stop: str, names: list[str], live: tuple[str, ...] = ()):
         super().__init__()
         for path in _attributes_used(unlifted, stop):
             value = functools.reduce(getattr, path.split("."), unlifted)
@@ -128,7 +139,7 @@ class _Prefix(torch.nn.Module):
             elif isinstance(value, torch.Tensor):
                 owner.register_buffer(last, value)
         self.__dict__["_unlifted"] = unlifted  # not a child: its tensors are this module's already
-        self._stop = stop
+        self._stop, self._live = stop, live
         if all(name.isidentifier() for name in names):  # the prefix's inputs are named like the model's
             run = self.forward
             parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -146,7 +157,10 @@ class _Prefix(torch.nn.Module):
                 break
             interpreter.env[node] = interpreter.run_node(node)
             if node.name == self._stop:
-                return interpreter.env[node]
+                if not self._live:
+                    return interpreter.env[node]
+                by_name = {n.name: value for n, value in interpreter.env.items()}
+                return (interpreter.env[node], *(by_name[name] for name in self._live))
         raise RuntimeError(f"node {self._stop} not found in the program")
 
 
@@ -177,10 +191,15 @@ def _attributes_used(unlifted: torch.fx.GraphModule, stop: str) -> list[str]:
 
 
 def prefix_program(
-    captured: CapturedModel, boundary: Boundary, example: list[np.ndarray], output_name: str
+    captured: CapturedModel,
+    boundary: Boundary,
+    example: list[np.ndarray],
+    output_name: str,
+    live: list[Boundary] | None = None,
 ) -> CapturedModel:
-    """The captured model cut at `boundary`: a program (and its specs) whose one output, `output_name`, is the
-    boundary's tensor; with the capture's dynamic dims, if it has some."""
+    """The captured model cut at `boundary`: a program (and its specs) whose first output, `output_name`, is the
+    boundary's tensor, followed by the tensors of the `live` boundaries (`live_name(output_name, b)`); with the
+    capture's dynamic dims, if it has some."""
     assert captured.exported is not None
     inputs = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
     dynamic_shapes = None
@@ -190,7 +209,9 @@ def prefix_program(
         sizes = dynamic.capture_sizes(names, [tuple(t.shape) for t in inputs])
         inputs = tuple(dynamic.resized(names, list(inputs), sizes))
         dynamic_shapes = dynamic.torch_shapes(names)
-    module = _Prefix(captured.exported.module(), boundary.node, [s.name for s in captured.inputs])
+    live = live or []
+    names = [s.name for s in captured.inputs]
+    module = _Prefix(captured.exported.module(), boundary.node, names, tuple(b.node for b in live))
     try:
         program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
@@ -198,8 +219,14 @@ def prefix_program(
             f"cannot cut the program at {boundary.label()}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
             "localize on a model without data-dependent control flow",
         ) from None
-    specs_in, specs_out = fx_signature(program, [output_name], dynamic)
-    return CapturedModel(program, None, specs_in, specs_out, 0, dynamic)
+    specs_in, specs_out = fx_signature(program, [output_name, *(live_name(output_name, b) for b in live)], dynamic)
+    eager = EagerModel(module, inputs, names)  # the TorchScript route traces the prefix's own ops
+    return CapturedModel(program, None, specs_in, specs_out, 0, dynamic, eager=eager)
+
+
+def live_name(output_name: str, boundary: Boundary) -> str:
+    """The output name of a live boundary's tensor in a prefix program (`divergence_probe_3`)."""
+    return f"{output_name}_{boundary.index}"
 
 
 def reference_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

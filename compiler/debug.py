@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.capture import capture
-from compiler.divergence import Divergence, localize
+from compiler.divergence import Divergence, localize, route_named
 from compiler.errors import UsageError
 from compiler.options import ExportOptions, export_options
 from compiler.parity import ParitySamples
@@ -72,6 +72,7 @@ def debug(
                 every=every,
                 output_failed=failed and not every,
                 method=method,
+                route=route_named(target, manifest.target_info.get("route")),
             )
         yield Diagnosis(directory, found)
 

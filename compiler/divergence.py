@@ -11,16 +11,24 @@ the export pipeline's one call after the gate.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.artifacts import Artifact, build
-from compiler.capture import CapturedModel, lower
-from compiler.cut import Boundary, intermediates, module_boundaries, prefix_program, reference_module
+from compiler.capture import EXPORTERS, CapturedModel, lower
+from compiler.cut import (
+    Boundary,
+    intermediates,
+    live_at,
+    live_name,
+    module_boundaries,
+    prefix_program,
+    reference_module,
+)
+from compiler.divergence_record import DIVERGENCE_FILE, Divergence, ModuleError
 from compiler.errors import KilnError
 from compiler.optimize import optimize
 from compiler.parity import ParitySamples, validate
@@ -30,90 +38,10 @@ if TYPE_CHECKING:
     from compiler.options import ExportOptions
     from compiler.quantization.calibration import CalibrationData
     from compiler.types import ParityReport
-    from targets.base import Target
+    from targets.base import Route, Target
 
-DIVERGENCE_FILE = "divergence.json"
 PROBE = "divergence_probe"  # the output name of a prefix build
 FOLLOWING = 3  # modules listed after the first diverging one
-
-
-@dataclass
-class ModuleError:
-    """One module boundary as the target computes it: its output's error against PyTorch (`measured` False: not
-    built), whether that is within the tolerance, and why not (or the conversion error)."""
-
-    index: int
-    module: str
-    kind: str
-    source: str = ""
-    ops: list[str] = field(default_factory=list)  # the ATen ops since the previous boundary
-    measured: bool = False
-    passed: bool | None = None  # None: not built
-    max_abs: float = 0.0
-    cosine: float = 1.0
-    snr_db: float = math.inf
-    reason: str = ""
-
-    def label(self) -> str:
-        """`body.2 (Block)`."""
-        return f"{self.module} ({self.kind})"
-
-    def figures(self) -> str:
-        """`cosine .. snr ..dB max_abs ..`, or `not built`."""
-        if not self.measured:
-            return "not built"
-        return f"cosine {self.cosine:.6f} snr {self.snr_db:.1f}dB max_abs {self.max_abs:.3g}"
-
-
-@dataclass
-class Divergence:
-    """The answer of `localize`: the first module whose output diverges (None: every boundary built is within
-    tolerance), its output's error, its inputs' error (the previous boundary; None: the model's inputs, exact),
-    the next modules in order, every boundary measured, and what it cost."""
-
-    target: str
-    precision: str
-    first: ModuleError | None
-    inputs: ModuleError | None
-    following: list[ModuleError]
-    measured: list[ModuleError]
-    boundaries: int
-    builds: int
-    seconds: float
-    conversion_error: str | None = None  # the first diverging prefix did not convert: this is why
-    notes: list[str] = field(default_factory=list)
-    method: str = "bisection"  # or fast-path, fast-path+bisection, every (see _search)
-    tolerance: dict[str, Any] = field(default_factory=dict)  # what each boundary was judged with
-
-    def summary(self) -> str:
-        """`first divergence: body.2 (Block) cosine 0.41; inputs cosine 1.000000` (one line)."""
-        if self.first is None:
-            found = f"no divergence found at {len(self.measured)} of {self.boundaries} module boundaries"
-            return "; ".join([found, *self.notes])
-        if self.conversion_error:
-            ops = ", ".join(self.first.ops)
-            return f"first divergence: {self.first.label()} (ops {ops}) does not convert: {self.conversion_error}"
-        inputs = self.inputs.figures() if self.inputs is not None else "the model's inputs (exact)"
-        first = self.first
-        return (
-            f"first divergence: {first.label()} {first.figures()} ({first.reason}); inputs {inputs} "
-            f"({self.builds} builds, {self.seconds:.1f}s)"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The record written to the manifest (`parity.divergence`) and to `divergence.json`."""
-        from compiler.types import _json_safe
-
-        return dict(_json_safe({"summary": self.summary(), **asdict(self)}))
-
-    def write(self, directory: Path) -> Path:
-        """Write `divergence.json` and its error profile page `divergence.html` into `directory`."""
-        from compiler.profile_html import HTML_FILE, write_profile
-
-        path = directory / DIVERGENCE_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        write_profile([self], directory / HTML_FILE)
-        return path
 
 
 @dataclass
@@ -129,6 +57,9 @@ class Probe:
     progress: Progress
     reference: Any  # the captured program as a module to run in PyTorch (compiler.cut.reference_module)
     builds: int = 0
+    bounds: list[Boundary] = field(default_factory=list)
+    route: Route | None = None  # the route that produced the artifact: prefixes are built by it (None: default)
+    frontier: bool = True  # a prefix also outputs the earlier boundaries still live at its cut (compiler.cut.live_at)
 
 
 def localize(
@@ -143,6 +74,7 @@ def localize(
     every: bool = False,
     output_failed: bool = True,
     method: str = "auto",
+    route: Route | None = None,
 ) -> Divergence:
     """The first module of `source` (its captured FX program) whose output diverges from PyTorch on `target`,
     built with `options` (precision, passes, calibration) and judged on `samples`' inputs.
@@ -151,7 +83,8 @@ def localize(
     otherwise the last boundary is built first and, if it passes, nothing diverges. `every`: build every
     boundary (a per-module error profile; N builds) instead of bisecting. `method`: `auto` reads the boundaries
     from the runtime in one build where it can (`compiler.fast_path`) and the answer is certain, else bisects;
-    `bisection` always bisects.
+    `bisection` always bisects. `route`: the route that produced the artifact (`target_info.route`), by which
+    every prefix is built; None: the default capture (the dynamo exporter for an ONNX target).
     """
     assert source.exported is not None, "localize needs the captured FX program"
     started = time.perf_counter()
@@ -159,6 +92,7 @@ def localize(
     options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
     bounds = module_boundaries(source.exported)
     probe = Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
+    probe.bounds, probe.route = bounds, route
     precision = options.precision_for(target)
     found, first, used = _search(probe, bounds, method, every, output_failed)
     measured = [found[i] for i in sorted(found)]
@@ -166,14 +100,7 @@ def localize(
     error = found[first] if first is not None else None
     inputs = found.get(first - 1) if first else None
     conversion = error.reason.removeprefix("conversion failed: ") if error and _unconverted(error) else None
-    notes = []
-    if not bounds:
-        notes.append("the model has no submodule to cut at: every op is in its own forward()")
-    elif first is None and output_failed and not every:
-        notes.append(
-            f"the outputs fail but every module boundary passes: it diverges in forward()'s own ops after "
-            f"{bounds[-1].label()}"
-        )
+    notes = _notes(bounds, first is None and output_failed and not every, route is None and len(target.routes()) > 1)
     return Divergence(
         target.name,
         precision,
@@ -188,7 +115,24 @@ def localize(
         notes,
         used,
         _tolerance(options.tolerance(precision)),
+        route.name if route is not None else "",
     )
+
+
+def _notes(bounds: list[Boundary], outputs_only: bool, route_unknown: bool) -> list[str]:
+    """What the record says beside its answer: the route was not known, no module to cut at, or every boundary
+    passes while the outputs fail (`outputs_only`)."""
+    notes = []
+    if route_unknown:
+        notes.append("prefixes built by the default capture: the route that produced the artifact is not known")
+    if not bounds:
+        notes.append("the model has no submodule to cut at: every op is in its own forward()")
+    elif outputs_only:
+        notes.append(
+            f"the outputs fail but every module boundary passes: it diverges in forward()'s own ops after "
+            f"{bounds[-1].label()}"
+        )
+    return notes
 
 
 def _search(
@@ -207,8 +151,9 @@ def _search(
     if fast and all(i in fast for i in range(len(bounds) if first is None else first + 1)):
         return found, first, "fast-path"
     if every:
+        probe.frontier = False  # each boundary is built on its own
         for boundary in bounds:
-            found[boundary.index] = found.get(boundary.index) or _measure(probe, boundary, len(bounds))
+            found[boundary.index] = found.get(boundary.index) or _measure(probe, boundary)[boundary.index]
         return found, next((i for i in sorted(found) if not found[i].passed), None), "every"
     if fast and (first is not None or output_failed):
         low = max((i + 1 for i in found if found[i].passed and (first is None or i < first)), default=0)
@@ -233,52 +178,69 @@ def _bisect(
 ) -> int | None:
     """The index of the first failing boundary (None: none fails), building about log2(N) prefixes.
 
-    Invariant: every boundary below `low` passes (`low` - 1 was built and passed, or is the model's inputs) and
-    boundary `high` fails (`high` == N: the model's output, known to fail); `low`, `high`: a narrower start."""
+    Invariant: every boundary below `low` passes (`low` - 1 was built and passed with every boundary still live
+    at it, or is the model's inputs) and boundary `high` fails (`high` == N: the model's output, known to fail);
+    `low`, `high`: a narrower start. A prefix fails when its boundary or one still live at its cut fails (a
+    branch computed earlier and consumed later); the first failing one is the new `high`."""
     high = len(bounds) if high is None else high
     if not bounds:
         return None
     if not output_failed:
-        last = _measure(probe, bounds[-1], len(bounds))
-        found[last.index] = last
-        if last.passed:
+        low, high = _step(probe, bounds[-1], found, low, len(bounds))
+        if low == len(bounds):
             return None
-        high = last.index
     while low < high:
-        middle = (low + high) // 2
-        found[middle] = _measure(probe, bounds[middle], len(bounds))
-        if found[middle].passed:
-            low = middle + 1
-        else:
-            high = middle
+        low, high = _step(probe, bounds[(low + high) // 2], found, low, high)
     return high if high < len(bounds) else None
 
 
-def _measure(probe: Probe, boundary: Boundary, count: int) -> ModuleError:
-    """Build the program cut at `boundary` for the target and judge its output; one progress line."""
+def _step(probe: Probe, boundary: Boundary, found: dict[int, ModuleError], low: int, high: int) -> tuple[int, int]:
+    """Build the prefix cut at `boundary` and narrow (`low`, `high`): past it when it and every boundary live at
+    its cut pass, else to the first of them that fails (one judged before, below `low`, is left as it was)."""
+    measured = _measure(probe, boundary)
+    for index, error in measured.items():
+        if index == boundary.index or index not in found:
+            found[index] = error
+    failing = [i for i in sorted(measured) if not measured[i].passed and i >= low]
+    return (low, failing[0]) if failing else (boundary.index + 1, high)
+
+
+def _measure(probe: Probe, boundary: Boundary) -> dict[int, ModuleError]:
+    """Build the program cut at `boundary` for the target and judge its output and those of the boundaries still
+    live at the cut (by boundary index); one progress line."""
     started = time.perf_counter()
     probe.builds += 1
     work = probe.work / f"boundary-{boundary.index:04d}"
     result = ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops), True)
+    live: dict[int, ModuleError] = {}
     try:
-        artifact, samples = _build(probe, boundary, work)
+        artifact, samples, names = _build(probe, boundary, work)
         tolerance = probe.options.tolerance(artifact.manifest.precision)
-        metrics = validate(artifact, samples, tolerance, "PyTorch intermediate").outputs[0]
-        result.passed, result.reason = metrics.passed, metrics.reason
-        result.max_abs, result.cosine, result.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+        for metrics in validate(artifact, samples, tolerance, "PyTorch intermediate").outputs:
+            index = names[metrics.name]
+            b = probe.bounds[index] if index != boundary.index else boundary
+            error = result if index == boundary.index else ModuleError(index, b.module, b.kind, b.source, list(b.ops))
+            error.measured, error.passed, error.reason = True, metrics.passed, metrics.reason
+            error.max_abs, error.cosine, error.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+            if error is not result:
+                error.cut_at = boundary.index
+                live[index] = error
     except NotBuilt as failed:
         result.passed, result.reason = False, f"conversion failed: {failed.error.one_line()}"
         result.cosine, result.snr_db = 0.0, -math.inf
     except KilnError as error:
         result.passed, result.reason = False, error.one_line()  # the cut, or running the built prefix, failed
         result.cosine, result.snr_db = 0.0, -math.inf
-    verdict = "ok  " if result.passed else "FAIL"
+    verdict = "ok  " if result.passed and all(e.passed for e in live.values()) else "FAIL"
     seconds = time.perf_counter() - started
+    failing = [e.label() for e in live.values() if not e.passed]
+    also = f"; live at the cut: {len(live)}" + (f", failing {', '.join(failing)}" if failing else "") if live else ""
     probe.progress.say(
-        f"localize {probe.target.name} build {probe.builds}: [{boundary.index + 1}/{count}] {verdict} "
-        f"{boundary.label()} {result.figures() if not _unconverted(result) else result.reason} ({seconds:.1f}s)"
+        f"localize {probe.target.name} build {probe.builds}: [{boundary.index + 1}/{len(probe.bounds)}] {verdict} "
+        f"{boundary.label()} {result.figures() if not _unconverted(result) else result.reason}{also} "
+        f"({seconds:.1f}s)"
     )
-    return result
+    return {**live, boundary.index: result}
 
 
 class NotBuilt(Exception):
@@ -289,32 +251,48 @@ class NotBuilt(Exception):
         self.error = error
 
 
-def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples]:
-    """The prefix up to `boundary`, optimized and built as the export was, and the parity inputs with PyTorch's
-    value of the boundary as the reference."""
-    example = list(probe.samples.inputs[0].values())
-    prefix = prefix_program(probe.captured, boundary, example, PROBE)
-    artifact, _ = build_program(probe, prefix, work)
+def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples, dict[str, int]]:
+    """The prefix up to `boundary` (its outputs: the boundary's tensor, then those of the boundaries still live at
+    the cut), optimized and built as the export was; the parity inputs with PyTorch's values of those boundaries
+    as the reference; and the boundary index of each output name."""
     assert probe.captured.exported is not None
-    # PyTorch's value of the boundary, computed when needed: keeping every boundary's would cost N activations
-    program, node = probe.captured.exported, boundary.node
-    values = [intermediates(program, [node], feeds, probe.reference) for feeds in probe.samples.inputs]
-    reference = [{PROBE: value[boundary.node]} for value in values]
-    return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference)
+    program = probe.captured.exported
+    live = live_at(program, probe.bounds, boundary) if probe.frontier and probe.bounds else []
+    example = list(probe.samples.inputs[0].values())
+    prefix = prefix_program(probe.captured, boundary, example, PROBE, live)
+    artifact, _ = build_program(probe, prefix, work)
+    names = {PROBE: boundary.index} | {live_name(PROBE, b): b.index for b in live}
+    nodes = {name: (boundary if index == boundary.index else probe.bounds[index]).node for name, index in names.items()}
+    # PyTorch's value of the boundaries, computed when needed: keeping every boundary's would cost N activations
+    values = [intermediates(program, list(nodes.values()), feeds, probe.reference) for feeds in probe.samples.inputs]
+    reference = [{name: value[node] for name, node in nodes.items()} for value in values]
+    return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference), names
 
 
 def build_program(probe: Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
-    """`program` optimized and built as the export was; the artifact and the ONNX graph it was built from."""
-    options, target = probe.options, probe.target
+    """`program` optimized and built as the export was, by the export's route (`probe.route`): the artifact and
+    the ONNX graph it was built from (None: the route consumes the FX program)."""
+    options, target, route = probe.options, probe.target, probe.route
+    consumes = route.consumes if route is not None else target.consumes
     work.mkdir(parents=True)
     try:
-        if target.consumes == "onnx":
-            program = lower(program, work, options.opt_level > 0)
-        graph, _ = optimize(program, target, work, options, {})
+        if consumes == "onnx":
+            if route is None and program is not probe.captured:
+                program = replace(program, eager=None)  # the default capture of a prefix: the dynamo exporter
+            exporters = (route.exporter,) if route is not None and route.exporter else EXPORTERS
+            program = lower(program, work, options.opt_level > 0, exporters)
+        graph, _ = optimize(program, target, work, options, {}, consumes)
         request = replace(options.build_request(target, probe.calibration), accuracy=None)
-        return build(target, graph, request, work / "artifact"), graph.onnx_path
+        if route is not None:
+            request = replace(request, route=route.name)
+        return build(target, graph, request, work / "artifact"), graph.onnx_path if consumes == "onnx" else None
     except KilnError as error:
         raise NotBuilt(error) from error
+
+
+def route_named(target: Target, name: str | None) -> Route | None:
+    """The target's route called `name` (a manifest's `target_info.route`), or None."""
+    return next((r for r in target.routes() if r.name == name), None)
 
 
 def _unmeasured(boundary: Boundary) -> ModuleError:
@@ -343,10 +321,11 @@ def localize_export(
     directory: Path,
     work: Path,
     progress: Progress,
+    route: Route | None = None,
 ) -> ParityReport:
-    """The export pipeline's step after the gate: when wanted, localize, write `directory/divergence.json`, and
-    return the report with the record (`parity.divergence`). A localization that breaks costs a warning, never
-    the export."""
+    """The export pipeline's step after the gate: when wanted, localize (building the prefixes by `route`, the one
+    that produced the artifact), write `directory/divergence.json`, and return the report with the record
+    (`parity.divergence`). A localization that breaks costs a warning, never the export."""
     if not wanted(options, report, captured):
         return report
     try:
@@ -359,9 +338,25 @@ def localize_export(
             workdir=work / f"localize-{target.name}",
             progress=progress,
             output_failed=not report.passed,
+            route=route,
         )
     except Exception as error:  # a diagnostic must not turn a parity verdict into a crash
         progress.warn(f"localization failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
         return report
     found.write(directory)
     return replace(report, divergence=found.to_dict())
+
+
+__all__ = [  # the record's names are re-exported: `from compiler.divergence import DIVERGENCE_FILE` keeps working
+    "DIVERGENCE_FILE",
+    "PROBE",
+    "Divergence",
+    "ModuleError",
+    "NotBuilt",
+    "Probe",
+    "build_program",
+    "localize",
+    "localize_export",
+    "route_named",
+    "wanted",
+]

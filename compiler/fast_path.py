@@ -145,6 +145,8 @@ def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleErr
     layout = probe.options.build_request(probe.target, None).io_layout
     if not bounds or not supported(probe.target.name, layout):
         return None
+    if probe.route is not None and probe.route.consumes != "onnx":
+        return None  # the module boundaries are mapped through the ONNX graph the target built from
     started = time.perf_counter()
     try:
         artifact, onnx_graph = build_program(probe, probe.captured, probe.work / "whole")

@@ -323,7 +323,10 @@ def skip_localization(options: ExportOptions, report: ParityReport, progress: Pr
     probes feed the FX program by its own input names (`past_0`), which the renamed cache inputs no longer match."""
     if options.localize is False or (options.localize is None and report.passed):
         return options
-    progress.warn("localization does not support text-generation exports yet (renamed cache inputs): not localized")
+    progress.warn(
+        "localization does not support text-generation exports yet: not localized (its prefix probes would feed "
+        "the captured program's own cache inputs, `past_0`..., not the exported `past_key_values.{i}.key|value`)"
+    )
     return replace(options, localize=False)
 
 

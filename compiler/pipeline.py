@@ -218,6 +218,7 @@ def export_one(
         directory,
         shared.scratch,
         progress,
+        chosen.route,
     )
     manifest = _final_manifest(artifact, shared.source, records, notes, report, options, timings | own)
     if len(target.routes()) > 1:

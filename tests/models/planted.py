@@ -142,3 +142,28 @@ def unconvertible() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A model whose ONNX build fails at `binning`."""
     model, _ = build(Unconvertible())
     return model, (torch.randn(2, 4),)
+
+
+class Branching(nn.Module):
+    """Two branches from the stem: `early` (computed first, consumed last) scales past fp16's 65504 and `late`
+    scales it back where it joins the block stack's output. At fp16 the first divergence is `early`; a prefix
+    cut inside the block stack ends with a correct tensor while `early`'s infinite one is still live there."""
+
+    def __init__(self, depth: int = 4, channels: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.early = Scale(1e6)
+        self.body = nn.Sequential(*[Block(channels) for _ in range(depth)])
+        self.late = Scale(1e-6)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        side = self.early(x)
+        x = self.body(x) + self.late(torch.relu(side))
+        return self.head(x.mean((2, 3)))
+
+
+def branching() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """`kiln export tests/models/planted.py:branching --precision fp16`: diverges at `early`, in a branch."""
+    return build(Branching())
