@@ -292,6 +292,8 @@ def main() -> int:
             results["fp32"][name] = fp32_part(name, board, args)
         if name in int8_models and calib is not None:
             results["int8"][name] = int8_part(name, board, np.load(calib)["arg0"], args)
+        if args.json:  # so far, in case a later model stops the run
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if "gflops" in parts:
         results["gflops"] = gflops_part(results, args)
     print(report(results))

@@ -95,6 +95,8 @@ def _openvino(model: Any, threads: int, label: str, config: dict[str, str], exam
 def _attempt(found: list[Variant | str], label: str, make: Callable[[], Variant | list[Variant]]) -> None:
     try:
         made = make()
+        for variant in made if isinstance(made, list) else [made]:
+            variant.run()  # a peer that converts but cannot run on the example fails here, not in the timing
         found.extend(made if isinstance(made, list) else [made])
     except Exception as error:
         found.append(f"{label}: failed: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
