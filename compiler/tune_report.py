@@ -96,12 +96,18 @@ def rank(entries: list[Entry], objective: str) -> dict[str, Any]:
     board["pareto"] = pareto(alive)
     board["winner"], board["why"] = None, "no candidate passed the parity gate and could be timed"
     if alive:
-        tied = [r for r in alive if _tied(alive[0], r, objective)]
-        winner = min(tied, key=lambda r: (*_simpler(r), _measure(r, objective)))
+        winner, tied = choose(alive, objective)
         winner["winner"] = True
         board["winner"] = winner
         board["why"] = _why(winner, alive, tied, objective)
     return board
+
+
+def choose(alive: list[dict[str, Any]], objective: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The winner among ranked leaderboard rows (best first) by the tie rule, and the rows tied with the best;
+    also what `benchmarks/bench_tune.py` uses to pick the best of one precision from a leaderboard."""
+    tied = [r for r in alive if _tied(alive[0], r, objective)]
+    return min(tied, key=lambda r: (*_simpler(r), _measure(r, objective))), tied
 
 
 def _why(winner: dict[str, Any], alive: list[dict[str, Any]], tied: list[dict[str, Any]], objective: str) -> str:

@@ -21,7 +21,7 @@ import pytest
 from compiler.matrix.results import PASSED, CellResult, read_results
 from compiler.progress import Progress
 from compiler.tune import TuneOptions, run_tune
-from compiler.tune_report import publish, rank
+from compiler.tune_report import choose, publish, rank
 from compiler.types import Manifest
 from targets import get_target
 from targets.base import RuntimeSettings
@@ -151,6 +151,17 @@ def test_a_winner_inside_the_noise_is_a_tie_and_the_simpler_one_wins():
     assert rank([tflite, openvino], "latency")["winner"]["name"] == "tflite"  # a 1e-7 cosine is no reason to be slower
     noisy = _entry("fp32", "fp32", [0.3, 1.0, 3.0], 1.0)  # spread 10: within it, but slower in every round
     assert rank([_entry("int8", "int8", [0.1, 0.12, 0.1], 0.999), noisy], "latency")["winner"]["name"] == "int8"
+
+
+def test_choose_applies_the_tie_rule_to_the_rows_of_one_precision():
+    """What bench_tune reads from a leaderboard: the best fp32 row by the tie rule with the faster int8 left out;
+    ort is within the noise of ov (tied, equally simple and accurate to 6 digits: the faster wins), slow is not."""
+    rows = rank([_entry("int8", "int8", [0.5, 0.5, 0.5], 0.999), _entry("ov", "fp32", [1.0, 1.3, 1.0], 0.9999999),
+                 _entry("ort", "fp32", [1.1, 1.1, 1.1], 1.0), _entry("slow", "fp32", [2.0, 2.0, 2.0], 1.0)],
+                "latency")["candidates"]  # fmt: skip
+    winner, tied = choose([r for r in rows if r["precision"] == "fp32"], "latency")
+    assert winner["name"] == "ov" and [r["name"] for r in tied] == ["ov", "ort"]
+    assert choose([r for r in rows if r["precision"] == "int8"], "latency")[0]["name"] == "int8"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,222 @@
+"""The runs `benchmarks/bench_tune.py` times: Kiln's candidates from a tune leaderboard, the peers' fp32 and int8
+defaults, interleaved timing with spread, the machine's SGEMM rate and a model's FLOPs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPENVINO_TYPES = {"bfloat16": "bf16", "float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16"}
+Predict = Callable[[list[np.ndarray]], np.ndarray]  # inputs in the reference layout -> the first output
+
+
+@dataclass
+class Variant:
+    """One thing timed: how to run it on the example, how to predict on other inputs, its precision."""
+
+    label: str
+    run: Callable[[], Any]
+    predict: Predict
+    precision: str  # what it computes in: fp32, bf16 (OpenVINO's CPU default on bf16 CPUs), int8...
+
+
+def _first(outputs: Any) -> Any:
+    if isinstance(outputs, dict):
+        return next(iter(outputs.values()))
+    if isinstance(outputs, (list, tuple)):
+        return outputs[0]
+    return outputs
+
+
+def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
+    """A leaderboard candidate loaded with its runtime settings at `threads` threads (as `kiln bench` does)."""
+    from compiler.artifacts import Artifact, load_runner
+    from compiler.benchmark import bench_feeds
+    from targets.base import RuntimeSettings
+
+    directory = Path(row["directory"])
+    artifact = Artifact.read(directory)
+    runner = load_runner(artifact, threads, RuntimeSettings.from_dict(row["runtime_settings"]))
+    feeds = bench_feeds(directory, artifact.manifest, None, artifact_layout=True)
+    names = [s.name for s in artifact.manifest.inputs]
+    first = artifact.manifest.outputs[0].name
+    return Variant(
+        f"kiln tune: {row['name']}",
+        lambda: runner.run(feeds),
+        lambda xs: np.asarray(runner.run(dict(zip(names, xs)))[first]),
+        row["precision"],
+    )
+
+
+def eager_variant(module: Any, inputs: tuple[Any, ...]) -> Variant:
+    import torch
+
+    def predict(xs: list[np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            return _first(module(*[torch.from_numpy(x) for x in xs])).numpy()
+
+    return Variant("pytorch eager", lambda: predict([t.numpy() for t in inputs]), predict, "fp32")
+
+
+def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray]) -> Variant:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()  # ORT's defaults, but the thread count every runtime gets
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def predict(xs: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(session.run(None, dict(zip(names, xs)))[0])
+
+    return Variant(label, lambda: predict(example), predict, precision)
+
+
+def _openvino(model: Any, threads: int, label: str, config: dict[str, str], example: list[np.ndarray]) -> Variant:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **config})
+    request = compiled.create_infer_request()
+    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").split("'")[0]
+    precision = OPENVINO_TYPES.get(hint, hint)
+
+    def predict(xs: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(request.infer(list(xs))[compiled.outputs[0]]).copy()
+
+    return Variant(f"{label} [{precision}]", lambda: predict(example), predict, precision)
+
+
+def _attempt(found: list[Variant | str], label: str, make: Callable[[], Variant | list[Variant]]) -> None:
+    try:
+        made = make()
+        for variant in made if isinstance(made, list) else [made]:
+            variant.run()  # a peer that converts but cannot run on the example fails here, not in the timing
+        found.extend(made if isinstance(made, list) else [made])
+    except Exception as error:
+        found.append(f"{label}: failed: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
+
+
+def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int, work: Path) -> list[Variant | str]:
+    """The peers' fp32 defaults (or the error that stopped one): `torch.onnx.export` + ONNX Runtime,
+    `openvino.convert_model` compiled with the CPU's default inference precision and with f32 pinned,
+    `litert_torch.convert` (its own interpreter; it has no thread setting)."""
+    import torch
+
+    example = [t.numpy() for t in inputs]
+    found: list[Variant | str] = []
+
+    def onnx_export() -> Variant:
+        torch.onnx.export(module, inputs, str(work / "peer.onnx"))
+        return _ort(work / "peer.onnx", threads, "torch.onnx.export + ORT", "fp32", example)
+
+    def openvino() -> list[Variant]:
+        import openvino as ov
+
+        converted = ov.convert_model(module, example_input=inputs)
+        return [_openvino(converted, threads, "openvino.convert_model default", {}, example),
+                _openvino(converted, threads, "openvino.convert_model f32", {"INFERENCE_PRECISION_HINT": "f32"},
+                          example)]  # fmt: skip
+
+    def litert() -> Variant:
+        import litert_torch
+
+        edge = litert_torch.convert(module, inputs)
+        predict: Predict = lambda xs: np.asarray(_first(edge(*xs)))  # noqa: E731
+        return Variant("litert_torch.convert", lambda: predict(example), predict, "fp32")
+
+    _attempt(found, "torch.onnx.export + ORT", onnx_export)
+    _attempt(found, "openvino.convert_model", openvino)
+    _attempt(found, "litert_torch.convert", litert)
+    return found
+
+
+def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: int, work: Path) -> list[Variant | str]:
+    """The peers' int8 defaults on the same calibration rows: ORT `quantize_static(model, out, reader)` on
+    `torch.onnx.export`'s model, and `nncf.quantize(openvino.convert_model(module), nncf.Dataset(rows))`
+    compiled with OpenVINO's defaults (single-input models)."""
+    import torch
+
+    example = [t.numpy() for t in inputs]
+    found: list[Variant | str] = []
+
+    def ort_static() -> Variant:
+        from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+        fp32 = work / "peer.onnx"
+        torch.onnx.export(module, inputs, str(fp32))
+        name = __import__("onnx").load(str(fp32)).graph.input[0].name
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.rows = iter(rows)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                row = next(self.rows, None)
+                return None if row is None else {name: row[None]}
+
+        quantize_static(str(fp32), str(work / "peer-int8.onnx"), Reader())
+        return _ort(work / "peer-int8.onnx", threads, "ort quantize_static defaults", "int8", example)
+
+    def nncf_default() -> Variant:
+        import nncf
+        import openvino as ov
+
+        converted = ov.convert_model(module, example_input=inputs)
+        quantized = nncf.quantize(converted, nncf.Dataset([row[None] for row in rows]), subset_size=len(rows))
+        variant = _openvino(quantized, threads, "nncf.quantize defaults", {}, example)
+        variant.precision = f"int8+{variant.precision}"
+        return variant
+
+    _attempt(found, "ort quantize_static defaults", ort_static)
+    _attempt(found, "nncf.quantize defaults", nncf_default)
+    return found
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, count: int) -> dict[str, list[float]]:
+    """Each run's median of `count` runs per round (ms), over `rounds` rounds, the order rotating every round."""
+    names = list(runs)
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    for name in names:
+        runs[name]()  # warm-up
+        runs[name]()
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            times = []
+            for _ in range(count):
+                started = time.perf_counter()
+                runs[name]()
+                times.append((time.perf_counter() - started) * 1000)
+            medians[name].append(statistics.median(times))
+    return medians
+
+
+def sgemm_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    """torch's fp32 GEMM rate (GFLOP/s) at `threads` threads: the median of `repeats` size x size products."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def model_flops(module: Any, inputs: tuple[Any, ...]) -> int:
+    """FLOPs of one forward pass (2 per multiply-add, torch's FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
