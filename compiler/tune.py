@@ -194,6 +194,9 @@ class Entry:
     directory: Path | None = None
     rejected: str | None = None  # why it is not a candidate (parity, accuracy budget, load failure)
     timing: dict[str, Any] = field(default_factory=dict)
+    # Accuracy measured again with these runtime settings (`_parity_with_settings`); None: the build's own figures.
+    min_cosine: float | None = None
+    max_abs_error: float | None = None
 
     @property
     def build_name(self) -> str:
@@ -266,7 +269,8 @@ def _entries(builds: list[CellResult], options: TuneOptions, progress: Progress)
 
 def _parity_with_settings(entry: Entry, progress: Progress) -> str | None:
     """The parity gate again for a runtime setting that may change the numbers (the CPU's own inference
-    precision); None when it passes, else why it is rejected."""
+    precision); None when it passes, else why it is rejected. The entry keeps the accuracy measured so, which
+    the leaderboard and the tie rule use instead of the build's."""
     from compiler.artifacts import Artifact
     from compiler.parity import ParitySamples, validate
     from compiler.types import Tolerance
@@ -281,6 +285,9 @@ def _parity_with_settings(entry: Entry, progress: Progress) -> str | None:
     tolerance = manifest.parity.tolerance if manifest.parity else Tolerance.for_precision(manifest.precision)
     progress.say(f"parity of {entry.name} ...")
     report = validate(replace(artifact, manifest=manifest), samples, tolerance, "stored reference")
+    floats = [o for o in report.outputs if o.kind == "float"]
+    entry.min_cosine = min((o.min_cosine for o in floats), default=1.0)
+    entry.max_abs_error = max((o.max_abs_error for o in floats), default=0.0)
     failures = "; ".join(o.summary() for o in report.failures())
     return None if report.passed else f"parity failed with this setting: {failures}"[:400]
 

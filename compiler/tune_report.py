@@ -41,8 +41,8 @@ def _row(entry: Entry) -> dict[str, Any]:
         "spread_too_wide": timing.get("spread_too_wide", False),
         "throughput_items_per_s": timing.get("throughput_items_per_s"),
         "artifact_bytes": build.artifact_bytes,
-        "min_cosine": build.min_cosine,
-        "max_abs_error": build.max_abs_error,
+        "min_cosine": entry.min_cosine if entry.min_cosine is not None else build.min_cosine,
+        "max_abs_error": entry.max_abs_error if entry.max_abs_error is not None else build.max_abs_error,
         "directory": str(entry.directory) if entry.directory else None,
         "rejected": entry.rejected,
     }

@@ -191,3 +191,20 @@ def test_runtime_variants_default_first_and_only_what_applies():
     has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     assert any(v.inference_precision == "default" for v in fp32) == has_bf16  # elsewhere it is f32 anyway
     assert {v.performance_hint for v in fp32} == {None, "LATENCY", "THROUGHPUT"}
+
+
+def test_a_setting_rechecked_by_the_gate_reports_the_accuracy_it_measured(tuned):
+    """A runtime setting that may change the numbers (OpenVINO's CPU-default precision) is validated again; the
+    leaderboard and the tie rule must use that measurement, not the build's (bf16 showed cosine 1.000000)."""
+    from compiler.progress import Progress
+    from compiler.tune import Entry, _parity_with_settings
+    from compiler.tune_report import _row
+
+    _, board, _, _ = tuned
+    row = next(r for r in board["candidates"] if r["runtime_settings"] == {"graph_optimization": "basic"})
+    build = CellResult("m/onnx/fp32", "m", MODEL, "onnx", "fp32", PASSED, min_cosine=0.5, max_abs_error=9.0)
+    entry = Entry(row["name"], "onnx", "fp32", False, RuntimeSettings(graph_optimization="basic"), None, build,
+                  Path(row["directory"]))  # fmt: skip
+    assert _parity_with_settings(entry, Progress(quiet=True)) is None
+    measured = _row(entry)
+    assert measured["min_cosine"] > 0.9999 and measured["max_abs_error"] < 1e-4
