@@ -317,7 +317,7 @@ def test_a_refusal_of_a_transformers_model_is_one_line_on_a_fresh_process(tmp_pa
     """Loading a transformers model imports torchao, whose logger warned about its CUDA kernels it cannot load
     ("Failed to load ..._C_mxfp8...so"), two extra stderr lines around a one-line refusal."""
     model = f"{ROOT / 'tests' / 'models' / 'hf_models.py'}:llama_causal_lm"
-    argv = [sys.executable, str(ROOT / "cli.py"), "export", model, "-t", "tflite", "-q", "-o", str(tmp_path / "o")]
+    argv = [sys.executable, str(ROOT / "cli.py"), "export", model, "-t", "pt2", "-q", "-o", str(tmp_path / "o")]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
