@@ -146,21 +146,12 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
     found: list[Variant | str] = []
 
     def ort_static() -> Variant:
-        from onnxruntime.quantization import CalibrationDataReader, quantize_static
+        from benchmarks.bench_quant import ort_defaults
 
         fp32 = work / "peer.onnx"
         torch.onnx.export(module, inputs, str(fp32))
         name = __import__("onnx").load(str(fp32)).graph.input[0].name
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.rows = iter(rows)
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                row = next(self.rows, None)
-                return None if row is None else {name: row[None]}
-
-        quantize_static(str(fp32), str(work / "peer-int8.onnx"), Reader())
+        ort_defaults(fp32, work / "peer-int8.onnx", name, rows)
         return _ort(work / "peer-int8.onnx", threads, "ort quantize_static defaults", "int8", example)
 
     def nncf_default() -> Variant:
