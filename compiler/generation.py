@@ -74,8 +74,9 @@ def is_causal_lm(module: Any) -> bool:
     )
 
 
-def wants_generation(source: ModelSource, task: str | None) -> bool:
-    """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM."""
+def wants_generation(source: ModelSource, task: str | None, cache_size: int | None = None) -> bool:
+    """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM;
+    `--cache-size` on any other export is refused rather than ignored."""
     if task is not None and task not in TASKS:
         raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(TASKS)}")
     causal = source.kind == "torch" and source.exported is None and is_causal_lm(source.module)
@@ -85,7 +86,13 @@ def wants_generation(source: ModelSource, task: str | None) -> bool:
             f"{source.description} is not one",
             "return the *ForCausalLM model itself from the factory, or drop --task",
         )
-    return causal and task != FORWARD
+    wanted = causal and task != FORWARD
+    if cache_size is not None and not wanted:
+        raise UsageError(
+            f"--cache-size applies to a text-generation export only, and {source.description} is not exported so",
+            "drop --cache-size (or export a transformers causal LM to tflite/tpu)",
+        )
+    return wanted
 
 
 def check_generation_request(

@@ -111,7 +111,7 @@ def export_targets(
         with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
-        if wants_generation(source, options.task):
+        if wants_generation(source, options.task, options.cache_size):
             chosen = generation_targets(source, chosen, targets, options, progress.say)
             with _timed(progress, timings, "generation", generation_detail(chosen)):
                 source = generation_source(source, chosen, options.cache_size)

@@ -157,3 +157,10 @@ def test_static_generation_refuses_bad_requests(tmp_path, capsys):
         from compiler.generation import check_generation_request
 
         check_generation_request(list(TARGETS), False, lambda t: "fp32", None)
+
+
+def test_cache_size_on_an_export_that_is_not_text_generation_is_refused(tmp_path, capsys):
+    """`--cache-size` was silently ignored on a model that is not exported for generation."""
+    code, _, err = run_cli("export", "zoo:cnn", "-t", "onnx", "--cache-size", "64", "-o", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "--cache-size applies to a text-generation export only" in err
+    assert not (tmp_path / "o").exists()
