@@ -200,13 +200,14 @@ class OpenVinoTarget(Target):
         return built
 
     def runtime_variants(self, precision: str) -> tuple[RuntimeSettings, ...]:
-        """The CPU plugin's LATENCY and THROUGHPUT hints; for fp32/fp16 also the CPU's own inference precision
-        (bf16 on CPUs that have it, which the parity gate then judges; elsewhere it is the f32 the build pins)."""
+        """The CPU plugin's LATENCY and THROUGHPUT hints; also the CPU's own inference precision (bf16 on CPUs
+        that have it, which the parity gate then judges; elsewhere it is the f32 the build pins). For int8 that
+        is what `nncf.quantize`'s output gets by default: its unquantized ops in bf16."""
         import openvino as ov
 
         hints = ("LATENCY", "THROUGHPUT")
         bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        own = ("default",) if precision in ("fp32", "fp16") and bf16 else ()  # without bf16 the default is f32
+        own = ("default",) if precision != "bf16" and bf16 else ()  # without bf16 the default is f32
         return (
             RuntimeSettings(),
             *(RuntimeSettings(performance_hint=h) for h in hints),

@@ -185,10 +185,12 @@ def test_runtime_variants_default_first_and_only_what_applies():
 
     onnx = get_target("onnx").runtime_variants("fp32")
     assert onnx[0].is_default and RuntimeSettings(graph_optimization="basic") in onnx
-    int8 = get_target("openvino").runtime_variants("int8")
-    assert int8[0].is_default and all(v.inference_precision is None for v in int8)
-    fp32 = get_target("openvino").runtime_variants("fp32")
     has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    int8 = get_target("openvino").runtime_variants("int8")  # nncf.quantize's default: the rest in bf16
+    assert int8[0].is_default and any(v.inference_precision == "default" for v in int8) == has_bf16
+    bf16 = get_target("openvino").runtime_variants("bf16")  # already the CPU's own precision
+    assert all(v.inference_precision is None for v in bf16)
+    fp32 = get_target("openvino").runtime_variants("fp32")
     assert any(v.inference_precision == "default" for v in fp32) == has_bf16  # elsewhere it is f32 anyway
     assert {v.performance_hint for v in fp32} == {None, "LATENCY", "THROUGHPUT"}
 
