@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`kiln tune`'s picks against the peers' defaults, timed together in one process (issue 17's figures).
+"""`kiln tune`'s picks against the peers' defaults, timed together in one run (issue 17's figures).
 
 Run by hand::
 
@@ -10,8 +10,9 @@ Run by hand::
 Each model is tuned by `kiln tune` in a child process (--work/MODEL; `--reuse` takes a leaderboard already there)
 over --targets at fp32 and bf16 (and int8 for --int8-models with 50 calibration rows; resnet18 with the `cost`
 part: fp32, fp16, bf16, int8). Its picks are read from the leaderboard with tune's own tie rule
-(`compiler.tune_report.choose`) and loaded with their runtime settings; then, in the same process, they and the
-peers are timed in interleaved rounds at --threads threads. Parts:
+(`compiler.tune_report.choose`) and loaded with their runtime settings; then they and the peers are timed in
+interleaved rounds at --threads threads, each in its own worker process as `kiln tune` times its candidates
+(`benchmarks/peer_worker.py`; each round's runs last at least tune's MIN_ROUND_MS). Parts:
 
 * `fp32`: tune's fp32 pick and its float pick (fp32/fp16/bf16) against `torch.onnx.export` + ONNX Runtime,
   `openvino.convert_model` (its default inference precision, bf16 on CPUs that have it, and f32 pinned) and
@@ -124,10 +125,7 @@ def _agreement(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _time(variants: list[Variant], args: argparse.Namespace) -> dict[str, list[float]]:
-    import torch
-
-    with torch.no_grad():
-        return interleaved({v.label: v.run for v in variants}, args.rounds, args.runs)
+    return interleaved(variants, args.rounds, args.runs)
 
 
 def _line(model: str, variant: Variant, medians: list[float], quality: float, base_ms: float | None) -> dict:
@@ -145,7 +143,7 @@ def fp32_part(name: str, board: dict[str, Any], args: argparse.Namespace) -> dic
 
     module, inputs = _module(name)
     with torch.no_grad():
-        reference = eager_variant(module, inputs).predict([t.numpy() for t in inputs])
+        reference = eager_variant(name, module, inputs, args.threads).predict([t.numpy() for t in inputs])
     picks = {p["name"]: p for p in (pick(board, ("fp32",)), pick(board, FLOATS)) if p}
     if not picks:
         return {"model": name, "error": f"no fp32 candidate: {board.get('why')}"}
@@ -175,7 +173,7 @@ def int8_part(name: str, board: dict[str, Any], calib: np.ndarray, args: argpars
         return {"model": name, "error": "no int8 candidate passed"}
     module, inputs = _module(name)
     probe = _rows(inputs[0].numpy(), args.probe, seed=7)
-    eager = eager_variant(module, inputs)
+    eager = eager_variant(name, module, inputs, args.threads)
     variants = [kiln_variant(chosen, args.threads), eager]
     found = int8_peers(module, inputs, calib, args.threads, Path(args.work) / name)
     variants += [v for v in found if isinstance(v, Variant)]

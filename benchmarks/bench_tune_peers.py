@@ -1,5 +1,9 @@
 """The runs `benchmarks/bench_tune.py` times: Kiln's candidates from a tune leaderboard, the peers' fp32 and int8
-defaults, interleaved timing with spread, the machine's SGEMM rate and a model's FLOPs."""
+defaults, interleaved timing with spread, the machine's SGEMM rate and a model's FLOPs.
+
+Each variant is built (and its outputs measured) here, and saved where it has to be; it is timed in its own
+worker process (`benchmarks/peer_worker.py`, its `job`), as `kiln tune` and `kiln bench` time candidates: several
+runtimes' thread pools in one process would disturb each other, and a deployment runs one."""
 
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ class Variant:
     run: Callable[[], Any]
     predict: Predict
     precision: str  # what it computes in: fp32, bf16 (OpenVINO's CPU default on bf16 CPUs), int8...
+    job: dict[str, Any]  # what its timing worker loads (benchmarks/peer_worker.py)
+
+
+def save_example(inputs: tuple[Any, ...], work: Path) -> Path:
+    """The example as `work/example.npz` (arg0, arg1, ...), for the timing workers."""
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / "example.npz", **{f"arg{i}": t.numpy() for i, t in enumerate(inputs)})
+    return work / "example.npz"
 
 
 def _first(outputs: Any) -> Any:
@@ -46,25 +58,29 @@ def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
     feeds = bench_feeds(directory, artifact.manifest, None, artifact_layout=True)
     names = [s.name for s in artifact.manifest.inputs]
     first = artifact.manifest.outputs[0].name
+    job = {"kind": "kiln", "directory": str(directory), "threads": threads, "batch": None, "trust_pickle": False,
+           "runtime_settings": row["runtime_settings"]}  # fmt: skip
     return Variant(
         f"kiln tune: {row['name']}",
         lambda: runner.run(feeds),
         lambda xs: np.asarray(runner.run(dict(zip(names, xs)))[first]),
         row["precision"],
+        job,
     )
 
 
-def eager_variant(module: Any, inputs: tuple[Any, ...]) -> Variant:
+def eager_variant(name: str, module: Any, inputs: tuple[Any, ...], threads: int) -> Variant:
     import torch
 
     def predict(xs: list[np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             return _first(module(*[torch.from_numpy(x) for x in xs])).numpy()
 
-    return Variant("pytorch eager", lambda: predict([t.numpy() for t in inputs]), predict, "fp32")
+    job = {"kind": "eager", "model": name, "threads": threads}
+    return Variant("pytorch eager", lambda: predict([t.numpy() for t in inputs]), predict, "fp32", job)
 
 
-def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray]) -> Variant:
+def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray], inputs: Path) -> Variant:
     import onnxruntime as ort
 
     options = ort.SessionOptions()  # ORT's defaults, but the thread count every runtime gets
@@ -75,12 +91,16 @@ def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.
     def predict(xs: list[np.ndarray]) -> np.ndarray:
         return np.asarray(session.run(None, dict(zip(names, xs)))[0])
 
-    return Variant(label, lambda: predict(example), predict, precision)
+    job = {"kind": "ort", "path": str(path), "threads": threads, "inputs": str(inputs)}
+    return Variant(label, lambda: predict(example), predict, precision, job)
 
 
-def _openvino(model: Any, threads: int, label: str, config: dict[str, str], example: list[np.ndarray]) -> Variant:
+def _openvino(xml: Path, threads: int, label: str, config: dict[str, str], example: list[np.ndarray],
+              inputs: Path) -> Variant:  # fmt: skip
+    """The IR at `xml` (saved uncompressed: `ov.save_model(m, xml, compress_to_fp16=False)`) as OpenVINO runs it."""
     import openvino as ov
 
+    model = ov.Core().read_model(str(xml))
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **config})
     request = compiled.create_infer_request()
     hint = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").split("'")[0]
@@ -89,7 +109,8 @@ def _openvino(model: Any, threads: int, label: str, config: dict[str, str], exam
     def predict(xs: list[np.ndarray]) -> np.ndarray:
         return np.asarray(request.infer(list(xs))[compiled.outputs[0]]).copy()
 
-    return Variant(f"{label} [{precision}]", lambda: predict(example), predict, precision)
+    job = {"kind": "openvino", "path": str(xml), "threads": threads, "config": config, "inputs": str(inputs)}
+    return Variant(f"{label} [{precision}]", lambda: predict(example), predict, precision, job)
 
 
 def _attempt(found: list[Variant | str], label: str, make: Callable[[], Variant | list[Variant]]) -> None:
@@ -108,27 +129,29 @@ def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int, work: Path) -
     `litert_torch.convert` (its own interpreter; it has no thread setting)."""
     import torch
 
-    example = [t.numpy() for t in inputs]
+    example, saved = [t.numpy() for t in inputs], save_example(inputs, work)
     found: list[Variant | str] = []
 
     def onnx_export() -> Variant:
         torch.onnx.export(module, inputs, str(work / "peer.onnx"))
-        return _ort(work / "peer.onnx", threads, "torch.onnx.export + ORT", "fp32", example)
+        return _ort(work / "peer.onnx", threads, "torch.onnx.export + ORT", "fp32", example, saved)
 
     def openvino() -> list[Variant]:
         import openvino as ov
 
-        converted = ov.convert_model(module, example_input=inputs)
-        return [_openvino(converted, threads, "openvino.convert_model default", {}, example),
-                _openvino(converted, threads, "openvino.convert_model f32", {"INFERENCE_PRECISION_HINT": "f32"},
-                          example)]  # fmt: skip
+        ov.save_model(ov.convert_model(module, example_input=inputs), work / "peer.xml", compress_to_fp16=False)
+        f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+        return [_openvino(work / "peer.xml", threads, "openvino.convert_model default", {}, example, saved),
+                _openvino(work / "peer.xml", threads, "openvino.convert_model f32", f32, example, saved)]  # fmt: skip
 
     def litert() -> Variant:
         import litert_torch
 
         edge = litert_torch.convert(module, inputs)
+        edge.export(str(work / "peer.tflite"))
         predict: Predict = lambda xs: np.asarray(_first(edge(*xs)))  # noqa: E731
-        return Variant("litert_torch.convert", lambda: predict(example), predict, "fp32")
+        job = {"kind": "litert", "path": str(work / "peer.tflite"), "inputs": str(saved)}
+        return Variant("litert_torch.convert", lambda: predict(example), predict, "fp32", job)
 
     _attempt(found, "torch.onnx.export + ORT", onnx_export)
     _attempt(found, "openvino.convert_model", openvino)
@@ -142,7 +165,7 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
     compiled with OpenVINO's defaults (single-input models)."""
     import torch
 
-    example = [t.numpy() for t in inputs]
+    example, saved = [t.numpy() for t in inputs], save_example(inputs, work)
     found: list[Variant | str] = []
 
     def ort_static() -> Variant:
@@ -152,7 +175,7 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
         torch.onnx.export(module, inputs, str(fp32))
         name = __import__("onnx").load(str(fp32)).graph.input[0].name
         ort_defaults(fp32, work / "peer-int8.onnx", name, rows)
-        return _ort(work / "peer-int8.onnx", threads, "ort quantize_static defaults", "int8", example)
+        return _ort(work / "peer-int8.onnx", threads, "ort quantize_static defaults", "int8", example, saved)
 
     def nncf_default() -> Variant:
         import nncf
@@ -160,7 +183,8 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
 
         converted = ov.convert_model(module, example_input=inputs)
         quantized = nncf.quantize(converted, nncf.Dataset([row[None] for row in rows]), subset_size=len(rows))
-        variant = _openvino(quantized, threads, "nncf.quantize defaults", {}, example)
+        ov.save_model(quantized, work / "peer-nncf.xml", compress_to_fp16=False)
+        variant = _openvino(work / "peer-nncf.xml", threads, "nncf.quantize defaults", {}, example, saved)
         variant.precision = f"int8+{variant.precision}"
         return variant
 
@@ -169,22 +193,27 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
     return found
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, count: int) -> dict[str, list[float]]:
-    """Each run's median of `count` runs per round (ms), over `rounds` rounds, the order rotating every round."""
-    names = list(runs)
-    medians: dict[str, list[float]] = {n: [] for n in names}
-    for name in names:
-        runs[name]()  # warm-up
-        runs[name]()
-    for index in range(rounds):
-        for name in names[index % len(names) :] + names[: index % len(names)]:
-            times = []
-            for _ in range(count):
-                started = time.perf_counter()
-                runs[name]()
-                times.append((time.perf_counter() - started) * 1000)
-            medians[name].append(statistics.median(times))
-    return medians
+def interleaved(variants: list[Variant], rounds: int, runs: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Each variant's median per round (ms), over `rounds` rounds in a rotating order, each variant in its own
+    worker process; at least `runs` runs per round, and at least `kiln tune`'s MIN_ROUND_MS of them."""
+    from compiler.bench_worker import LOAD_TIMEOUT_S, Worker
+    from compiler.benchmark import BenchOptions, interleave, runs_per_round
+    from compiler.tune import MIN_ROUND_MS
+
+    options = BenchOptions(rounds=rounds, runs=runs, warmup=warmup, min_round_ms=MIN_ROUND_MS)
+    workers: list[Worker] = []
+    try:
+        for variant in variants:
+            workers.append(Worker(variant.job, module="benchmarks.peer_worker"))
+            workers[-1].start(LOAD_TIMEOUT_S)
+        counts = [runs_per_round(statistics.median(w.time(3, warmup)), options) for w in workers]
+        times, failed = interleave(workers, rounds, counts)
+    finally:
+        for worker in workers:
+            worker.close()
+    if failed:
+        raise RuntimeError("; ".join(f"{variants[i].label}: {why}" for i, why in failed.items()))
+    return {v.label: [statistics.median(r) for r in times[i]] for i, v in enumerate(variants)}
 
 
 def sgemm_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:

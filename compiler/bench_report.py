@@ -109,6 +109,7 @@ def report(
             "threads": options.threads,
             "rounds": options.rounds,
             "runs": options.runs,
+            "min_round_ms": options.min_round_ms,
             "warmup": options.warmup,
             "batch": options.batch,
         },

@@ -36,10 +36,16 @@ LOAD_TIMEOUT_S = 900.0  # a worker that neither loads nor answers in this long i
 
 def main() -> int:
     """Serve the parent until it says quit or closes stdin."""
+    return serve(load_candidate)
+
+
+def serve(load: Callable[[dict[str, Any]], tuple[Callable[[], Any], dict[str, Any]]]) -> int:
+    """The protocol above, with `load` turning the first line's job into a no-argument run and what loading it
+    found (`benchmarks/peer_worker.py` serves the peers' runtimes with it)."""
     answers = _protected_answer_channel()
     try:
         job = json.loads(sys.stdin.readline() or "{}")
-        run, info = _load(job)
+        run, info = load(job)
     except BaseException as error:  # every failure is answered as one line
         failure = as_kiln_error(error) if isinstance(error, Exception) else KilnError(type(error).__name__)
         _answer(answers, {"ok": False, "error": failure.one_line(), "exit_code": failure.exit_code})
@@ -71,7 +77,7 @@ def _answer(channel: TextIO, message: dict[str, Any]) -> None:
     channel.flush()
 
 
-def _load(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
+def load_candidate(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     """The candidate as a no-argument function that runs it once, and what loading it found."""
     from compiler.progress import quiet_libraries
 
@@ -168,14 +174,15 @@ class WorkerFailed(Exception):
 
 
 class Worker:
-    """A candidate's own process (`python -m compiler.bench_worker`), spoken to one JSON line at a time."""
+    """A candidate's own process (`python -m compiler.bench_worker`, or another module that `serve`s), spoken to
+    one JSON line at a time."""
 
-    def __init__(self, job: dict[str, Any]):
+    def __init__(self, job: dict[str, Any], module: str = "compiler.bench_worker"):
         self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close()): the worker's stderr
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "compiler.bench_worker"],
+            [sys.executable, "-m", module],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,

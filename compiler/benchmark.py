@@ -10,6 +10,8 @@ and first-inference times are not disturbed by each other.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 5
 COMPILE_TIMEOUT_S = 300.0  # torch.compile of a zoo model takes ~25 s on 2 cores; past this it is "too slow"
 EAGER, COMPILED, ARTIFACT = "eager", "compile", "artifact"
+MAX_RUNS = 5000  # the most runs per round a minimum round time asks for
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class BenchOptions:
     compile_timeout_s: float = COMPILE_TIMEOUT_S
     trust_pickle: bool = False
     write: bool = True
+    # Each candidate's runs in a round last at least this long: more runs for a fast model (`kiln tune`; 0, as
+    # `kiln bench` has it: exactly `runs`).
+    min_round_ms: float = 0.0
 
     def check(self) -> None:
         """A one-line UsageError for a count that makes no sense."""
@@ -201,16 +207,24 @@ def rotation(count: int, round_index: int) -> list[int]:
     return [(round_index + i) % count for i in range(count)]
 
 
+def runs_per_round(latency_ms: float, options: BenchOptions) -> int:
+    """`options.runs`, or more where that many runs of `latency_ms` would last under `options.min_round_ms`: ten
+    runs of a sub-millisecond model fit in one scheduler tick, so a single stall would decide its round."""
+    if options.min_round_ms <= 0 or not (math.isfinite(latency_ms) and latency_ms > 0):
+        return options.runs
+    return max(options.runs, min(MAX_RUNS, math.ceil(options.min_round_ms / latency_ms)))
+
+
 def interleave(
     workers: Sequence[Timed],
     rounds: int,
-    runs: int,
+    runs: int | Sequence[int],
     on_round: Callable[[int], None] | None = None,
     failed: dict[int, str] | None = None,
 ) -> tuple[list[list[list[float]]], dict[int, str]]:
-    """Run `rounds` rounds; in each, every worker runs `runs` timed runs, in the order `rotation` gives.
-    Returns times[worker][round] and the workers that failed (index -> why; skipped from then on, as are those
-    already in `failed`)."""
+    """Run `rounds` rounds; in each, every worker runs `runs` timed runs (or its own count, `runs[index]`), in the
+    order `rotation` gives. Returns times[worker][round] and the workers that failed (index -> why; skipped from
+    then on, as are those already in `failed`)."""
     times: list[list[list[float]]] = [[] for _ in workers]
     failed = dict(failed or {})
     for round_index in range(rounds):
@@ -220,7 +234,7 @@ def interleave(
             if index in failed:
                 continue
             try:
-                times[index].append(workers[index].time(runs))
+                times[index].append(workers[index].time(runs if isinstance(runs, int) else runs[index]))
             except WorkerFailed as error:
                 failed[index] = str(error)
     return times, failed
@@ -306,16 +320,20 @@ def time_candidates(
     workers = [s.worker for s in running if s.worker is not None]
     try:
         cold: dict[int, str] = {}
+        counts: list[int] = []
         for index, worker in enumerate(workers):
             try:
-                worker.time(0, options.warmup)
+                probe = worker.time(3 if options.min_round_ms > 0 else 0, options.warmup)
+                counts.append(runs_per_round(statistics.median(probe) if probe else 0.0, options))
             except WorkerFailed as error:
                 cold[index] = str(error)
+                counts.append(options.runs)
+        each = f"{min(counts, default=options.runs)}" + (f" to {max(counts)}" if len(set(counts)) > 1 else "")
 
         def say_round(index: int) -> None:
-            progress.say(f"round {index + 1}/{options.rounds}: {options.runs} runs of each of {len(workers)}")
+            progress.say(f"round {index + 1}/{options.rounds}: {each} runs of each of {len(workers)}")
 
-        times, failed = interleave(workers, options.rounds, options.runs, say_round, cold)
+        times, failed = interleave(workers, options.rounds, counts, say_round, cold)
         peaks = [None if i in failed else w.peak_rss_mib() for i, w in enumerate(workers)]
     except BaseException:  # Ctrl-C, or a worker that stopped answering: do not wait for the others
         for worker in workers:

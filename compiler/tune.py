@@ -31,6 +31,9 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 PLAIN = "-O0"  # the suffix of the plain (unoptimized) export's model name in the builds
 BEST_DIR = "best"
 BUILDS_DIR = "builds"
+# Each candidate's timed runs in a round last at least this long (more runs for a fast model): with ten runs of
+# a 0.1 ms model a round is one scheduler tick, and tune ranked a tiny model's candidates by their stalls.
+MIN_ROUND_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,8 @@ def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> Non
     live = [e for e in entries if e.rejected is None and e.directory is not None]
     if not live:
         return
-    bench = BenchOptions(rounds=options.rounds, runs=options.runs, warmup=options.warmup, write=False)
+    bench = BenchOptions(rounds=options.rounds, runs=options.runs, warmup=options.warmup, write=False,
+                         min_round_ms=MIN_ROUND_MS)  # fmt: skip
     candidates = [
         Candidate(e.name, ARTIFACT, e.directory, Artifact.read(e.directory).manifest, threads=e.threads,
                   settings=e.settings.to_dict())

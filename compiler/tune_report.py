@@ -38,6 +38,7 @@ def _row(entry: Entry) -> dict[str, Any]:
         "p90_ms": latency.get("p90"),
         "spread": timing.get("spread"),
         "round_medians_ms": timing.get("round_medians_ms"),
+        "timed_runs": timing.get("timed_runs"),
         "spread_too_wide": timing.get("spread_too_wide", False),
         "throughput_items_per_s": timing.get("throughput_items_per_s"),
         "artifact_bytes": build.artifact_bytes,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from compiler.bench_report import SPREAD_LIMIT, latency_stats, spread, too_wide
-from compiler.benchmark import WorkerFailed, interleave, rotation
+from compiler.benchmark import MAX_RUNS, BenchOptions, WorkerFailed, interleave, rotation, runs_per_round
 from compiler.options import export_options
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.types import BENCH_FILE, MANIFEST_NAME
@@ -43,7 +43,7 @@ def test_bench_json_report_and_verify_after(cnn_export, tmp_path, capsys):
     code, out, err = run_cli("bench", cnn_export, "--json", "--threads", "1", *QUICK, capsys=capsys)
     assert code == 0, err
     result = json.loads(out)
-    assert result["settings"] == {"threads": 1, "rounds": 3, "runs": 5, "warmup": 2, "batch": None}
+    assert result["settings"] == {"threads": 1, "rounds": 3, "runs": 5, "min_round_ms": 0.0, "warmup": 2, "batch": None}
     assert result["timed_on"]["cores"] and result["built_on"]["cpu"]
     records = {r["name"]: r for r in result["candidates"]}
     assert set(records) == {"onnx", "openvino"}
@@ -213,6 +213,13 @@ def test_a_worker_failing_mid_run_is_skipped_and_reported():
     times, failed = interleave(workers, rounds=3, runs=1)
     assert calls == ["a", "b", "a", "a"]
     assert failed == {1: "its process exited with status -9"} and [len(t) for t in times] == [3, 1]
+
+
+def test_a_minimum_round_time_gives_a_fast_model_more_runs():
+    tune = BenchOptions(runs=10, min_round_ms=50.0)
+    assert runs_per_round(0.1, tune) == 500 and runs_per_round(20.0, tune) == 10  # never fewer than --runs
+    assert runs_per_round(1e-6, tune) == MAX_RUNS and runs_per_round(float("nan"), tune) == 10
+    assert runs_per_round(0.1, BenchOptions(runs=10)) == 10  # kiln bench: exactly --runs
 
 
 def test_spread_and_its_flag():

@@ -20,7 +20,7 @@ import pytest
 
 from compiler.matrix.results import PASSED, CellResult, read_results
 from compiler.progress import Progress
-from compiler.tune import TuneOptions, run_tune
+from compiler.tune import MIN_ROUND_MS, TuneOptions, run_tune
 from compiler.tune_report import choose, publish, rank
 from compiler.types import Manifest
 from targets import get_target
@@ -67,6 +67,9 @@ def test_leaderboard_ranks_and_best_passes_verify(tuned, capsys):
     ranked = stored["candidates"]
     assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
     assert [r["p50_ms"] for r in ranked] == sorted(r["p50_ms"] for r in ranked)
+    # --rounds 2 --runs 3, but a round of a fast model lasts MIN_ROUND_MS: not 3 runs inside one scheduler tick
+    fast = [r for r in ranked if r["p50_ms"] < MIN_ROUND_MS / 10]
+    assert fast and all(r["timed_runs"] >= 2 * 10 for r in fast), [(r["p50_ms"], r["timed_runs"]) for r in fast]
     names = {r["name"] for r in ranked}
     assert {"onnx fp32", "onnx fp32 -O0", "onnx fp32 [graph-optimization=basic]"} <= names  # the plain export too
     assert stored["winner"]["name"] in names and stored["why"] and set(stored["pareto"]) <= names
