@@ -5,7 +5,7 @@ interval. Good artifacts with flipped near-ties pass; real flips, a 0.985-cosine
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -81,12 +81,18 @@ def test_flipped_near_ties_no_longer_reject_a_good_int8_classifier():
     assert "95% CI [" in metrics.summary()
 
 
-def test_issue_17_one_flipped_near_tie_in_four_sets_is_not_decidable():
+def _issue_17_sets() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Four sets of (artifact, reference) logits; on the second, fp32 hesitates and the artifact picks the other."""
     want = _logits(4, seed=2)
     got = _quantization_noise(want, seed=3)
     first, second = np.argsort(want[1][0])[-1], np.argsort(want[1][0])[-2]
     want[1][0, second] = want[1][0, first] - 0.005
     got[1][0, first], got[1][0, second] = want[1][0, second], want[1][0, first]
+    return got, want
+
+
+def test_issue_17_one_flipped_near_tie_in_four_sets_is_not_decidable():
+    got, want = _issue_17_sets()
     assert _old_top1(got, want) == 0.75  # the issue's figure: 75% < 90%, rejected
     metrics = _judge(got, want)
     assert metrics.passed, metrics.summary()
@@ -143,6 +149,7 @@ def test_unquantized_summaries_give_a_plain_top1_count_and_keep_every_figure():
     assert (fp32.top1_decided, fp32.top1_decidable, fp32.top1_gated) == (4, False, False) and fp32.top1_ci
     report = ParityReport(False, "eager", Tolerance.for_precision("fp32"), 4, ["example"] * 4, [fp32])
     assert ParityReport.from_dict(asdict(report)).outputs[0].summary() == fp32.summary()
+    assert "decided (0 near-ties)" in replace(fp32, top1_gated=None).summary()  # an older manifest: as it was
     int8 = _judge(got, want)
     assert int8.top1_gated and "top-1 4/4 decided (0 near-ties), 95% CI [0.51, 1.00], not decidable" in int8.summary()
     asked = _judge(got, want, Tolerance.for_precision("fp32").with_overrides(min_top1=0.5))
@@ -150,11 +157,7 @@ def test_unquantized_summaries_give_a_plain_top1_count_and_keep_every_figure():
 
 
 def test_an_unquantized_summary_counts_a_flipped_near_tie_as_a_flip():
-    want = _logits(4, seed=2)  # issue 17's sets, judged at fp32
-    got = _quantization_noise(want, seed=3)
-    first, second = np.argsort(want[1][0])[-1], np.argsort(want[1][0])[-2]
-    want[1][0, second] = want[1][0, first] - 0.005
-    got[1][0, first], got[1][0, second] = want[1][0, second], want[1][0, first]
+    got, want = _issue_17_sets()
     metrics = _judge(got, want, Tolerance.for_precision("fp32"))
     assert (metrics.top1_decided, metrics.top1_near_ties, metrics.top1_near_tie_flips) == (3, 1, 1)
     assert " top-1 3/4" in metrics.summary()  # every row counts: the argmax differs on one of four
