@@ -13,7 +13,7 @@ import torch
 
 from compiler.dynamic import BATCH_DIM, DynamicBatch, DynamicShapes, name_dynamic_dims  # noqa: F401 (re-export)
 from compiler.errors import UnsupportedOpError, UsageError
-from compiler.onnx_files import copy_onnx, name_batch_dim, name_unnamed_nodes, onnx_signature  # noqa: F401 (re-export)
+from compiler.onnx_files import copy_onnx, name_unnamed_nodes, onnx_signature  # noqa: F401 (re-export)
 from compiler.progress import converter_output_captured
 from compiler.sources import ModelSource
 from compiler.types import TensorSpec

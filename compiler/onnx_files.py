@@ -72,19 +72,6 @@ def _all_nodes(graph: Any) -> Iterator[Any]:
             yield from _all_nodes(sub)
 
 
-def name_batch_dim(proto: Any, name: str) -> None:
-    """Rename the exporter's symbol for dim 0 (e.g. `s43`) to `name` everywhere in the graph."""
-    symbols = {
-        i.type.tensor_type.shape.dim[0].dim_param
-        for i in proto.graph.input
-        if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param
-    }
-    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in symbols:
-                dim.dim_param = name
-
-
 def onnx_signature(path: Path, torch_layout: bool) -> tuple[list[TensorSpec], list[TensorSpec], int]:
     """Input and output specs (named dynamic dims) and the default-domain opset of an ONNX file."""
     import onnx

@@ -223,6 +223,7 @@ def _judge_float(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], toleranc
     metrics.snr_db = snr_db(signal, noise)
     if top1:
         _top1_figures(metrics, np.concatenate([a for a, _ in top1]), np.concatenate([d for _, d in top1]))
+        metrics.top1_gated = tolerance.min_top1 > 0
     metrics.reason = "; ".join(_float_failures(metrics, tolerance))
     metrics.passed = not metrics.reason
     return metrics

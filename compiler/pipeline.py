@@ -40,17 +40,10 @@ from compiler.reference import reference_samples
 from compiler.routes import RouteAttempt, RouteGraphs, keep_only, route_info, routes_failed
 from compiler.selection import capture_groups, fit_to_source, select_targets
 from compiler.sources import ModelSource, load_model, read_inputs_file_raw  # noqa: F401 (re-exports)
-from compiler.staging import (
-    REJECTED,
-    check_output_dir,
-    converter_temp_files,
-    install_tree,
-    output_lock,
-    staging_area,
-)
+from compiler.staging import REJECTED, check_output_dir, converter_temp_files, install_tree, output_lock, staging_area
 from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure
 from targets import Target
-from targets.base import Route
+from targets.base import BuildRequest, Route
 
 __all__ = ["ExportOptions", "export_targets"]
 
@@ -192,11 +185,13 @@ def export_one(
 ) -> _Outcome:
     """Build and validate one target by the first of its routes that builds and passes parity (when none
     passes, the first that built is kept, rejected; a fallback route is tried only when no earlier one built),
-    and write its manifest; when no route builds, the error becomes _TargetFailed naming the step."""
+    and write its manifest; when no route builds, the error becomes _TargetFailed naming the step. The build
+    request and the parity sets of its precision are computed here, once, for every route."""
     own: dict[str, float] = {}
     request = options.build_request(target, shared.calibration)
     samples = shared.samples.for_precision(request.precision)
-    artifact, records, chosen, attempts = _build_by_routes(target, shared, options, directory, progress, own)
+    built = _build_by_routes(target, request, samples, shared, options, directory, progress, own)
+    artifact, records, chosen, attempts = built
     for note in artifact.manifest.notes:
         progress.say(f"note: {note}")
     notes = [] if samples.save(directory) else ["parity samples too large to store: verify needs --model"]
@@ -230,6 +225,8 @@ def export_one(
 
 def _build_by_routes(
     target: Target,
+    request: BuildRequest,
+    samples: ParitySamples,
     shared: _Shared,
     options: ExportOptions,
     directory: Path,
@@ -245,7 +242,7 @@ def _build_by_routes(
         if route.fallback and built:
             break  # an earlier route converted (and failed parity): a fallback route is not a second opinion
         attempt_dir = directory.with_name(f"{target.name}~{index}")
-        attempt, result = _try_route(target, route, shared, options, attempt_dir, progress, own)
+        attempt, result = _try_route(target, route, request, samples, shared, options, attempt_dir, progress, own)
         attempts.append(attempt)
         if result is not None:
             built[index] = result
@@ -268,15 +265,18 @@ def _build_by_routes(
 def _try_route(
     target: Target,
     route: Route,
+    request: BuildRequest,
+    samples: ParitySamples,
     shared: _Shared,
     options: ExportOptions,
     directory: Path,
     progress: Progress,
     own: dict[str, float],
 ) -> tuple[RouteAttempt, tuple[Artifact, list[PassRecord]] | None]:
-    """One route of one target: optimize, build and validate its graph; the attempt, and the artifact with the
-    pass records when it built. A conversion or run failure is returned in the attempt (the next route is
-    tried); a usage error or a missing backend, which every route would meet, raises _TargetFailed."""
+    """One route of one target: optimize, build (as `request` asks) and validate its graph on `samples`; the
+    attempt, and the artifact with the pass records when it built. A conversion or run failure is returned in
+    the attempt (the next route is tried); a usage error or a missing backend, which every route would meet,
+    raises _TargetFailed."""
     step = "capture"
     try:
         graph = shared.routes.graph(route, target)
@@ -286,11 +286,10 @@ def _try_route(
             graph, records = optimize(graph, target, shared.routes.work_for(route), options, done, route.consumes)
         _say_rollbacks(records, progress)
         step = "build"
-        request = replace(options.build_request(target, shared.calibration), route=route.name)
+        request = replace(request, route=route.name)
         with _timed(progress, own, f"build {target.name}", target.stage_detail(graph, request)):
             artifact = build(target, graph, request, directory)
         step = "validate"
-        samples = shared.samples.for_precision(request.precision)
         with _timed(progress, own, f"validate {target.name}", f"{len(samples.inputs)} input sets"):
             tolerance = options.tolerance(request.precision)
             report = validate(artifact, samples, tolerance, shared.source.reference_name)

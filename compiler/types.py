@@ -65,15 +65,7 @@ class Tolerance:
     min_top1: float = 0.0
 
     def __post_init__(self) -> None:
-        check_thresholds(
-            atol=self.atol,
-            rtol=self.rtol,
-            max_mismatch=self.max_mismatch,
-            min_cosine=self.min_cosine,
-            min_agreement=self.min_agreement,
-            min_snr_db=self.min_snr_db,
-            min_top1=self.min_top1,
-        )
+        check_thresholds(**asdict(self))  # every field is a threshold, checked in field order
 
     @classmethod
     def for_precision(cls, precision: str) -> Tolerance:
@@ -143,6 +135,9 @@ class OutputMetrics:
     top1_near_tie_flips: int | None = None
     top1_ci: list[float] | None = None
     top1_decidable: bool | None = None
+    # Whether the gate judges top-1 (min_top1 > 0: quantized precisions' default, or --min-top1); the summary gives
+    # the decided rows and the CI only then. None: a manifest written before it existed (summarised as judged).
+    top1_gated: bool | None = None
     worst_sample: int = 0
     reason: str = ""
     shape: list[int] | None = None  # the shape the artifact produced on the first input set
@@ -162,10 +157,15 @@ class OutputMetrics:
         return f"{verdict} {self.name}: {figures}{reason}"
 
     def _top1_figure(self) -> str:
-        """E.g. ` top-1 31/32 decided (1 near-tie), 95% CI [0.84, 0.99]`; empty for a non-classifier output."""
+        """E.g. ` top-1 31/32 decided (1 near-tie), 95% CI [0.84, 0.99]` where the gate judges top-1; ` top-1 4/4`
+        (rows whose argmax agrees, near-ties included) where it does not: the element-wise tolerance decides
+        there, and the decided rows and the interval would be noise. Empty for a non-classifier output."""
         if self.top1_decided is None or self.top1_agreed is None:  # a manifest written before the counts existed
             return f" top1={self.top1_agreement:.2%}" if self.top1_agreement is not None else ""
         ties = self.top1_near_ties or 0
+        if self.top1_gated is False:
+            agreed = self.top1_agreed + ties - (self.top1_near_tie_flips or 0)
+            return f" top-1 {agreed}/{self.top1_decided + ties}"
         text = f" top-1 {self.top1_agreed}/{self.top1_decided} decided ({ties} near-tie{'s' * (ties != 1)})"
         if self.top1_ci is not None:
             text += f", 95% CI [{self.top1_ci[0]:.2f}, {self.top1_ci[1]:.2f}]"

@@ -5,13 +5,15 @@ interval. Good artifacts with flipped near-ties pass; real flips, a 0.985-cosine
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
 import numpy as np
 
 from compiler.metrics import top1_matches, wilson_interval
 from compiler.parity import MIN_DECIDED_ROWS, QUANTIZED_SAMPLES, ParitySamples, compare
 from compiler.quantization.calibration import CalibrationSpec, load_calibration
 from compiler.reference import batched_reference
-from compiler.types import OutputMetrics, TensorSpec, Tolerance
+from compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
 
 INT8 = Tolerance.for_precision("int8")
 
@@ -79,12 +81,18 @@ def test_flipped_near_ties_no_longer_reject_a_good_int8_classifier():
     assert "95% CI [" in metrics.summary()
 
 
-def test_issue_17_one_flipped_near_tie_in_four_sets_is_not_decidable():
+def _issue_17_sets() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Four sets of (artifact, reference) logits; on the second, fp32 hesitates and the artifact picks the other."""
     want = _logits(4, seed=2)
     got = _quantization_noise(want, seed=3)
     first, second = np.argsort(want[1][0])[-1], np.argsort(want[1][0])[-2]
     want[1][0, second] = want[1][0, first] - 0.005
     got[1][0, first], got[1][0, second] = want[1][0, second], want[1][0, first]
+    return got, want
+
+
+def test_issue_17_one_flipped_near_tie_in_four_sets_is_not_decidable():
+    got, want = _issue_17_sets()
     assert _old_top1(got, want) == 0.75  # the issue's figure: 75% < 90%, rejected
     metrics = _judge(got, want)
     assert metrics.passed, metrics.summary()
@@ -126,6 +134,33 @@ def test_truly_bad_artifacts_still_fail():
     got[5][0, :] = np.nan
     metrics = _judge(got, want)
     assert not metrics.passed and metrics.top1_near_ties == 0  # a NaN row's flip is counted, never excused
+
+
+def test_unquantized_summaries_give_a_plain_top1_count_and_keep_every_figure():
+    """fp32's gate is element-wise: its failure summary reads `top-1 4/4`, with no decided rows, interval or
+    "not decidable"; the int8 gate's summary of the same outputs keeps them all; so does the manifest."""
+    want = _logits(4, seed=12)
+    got = _quantization_noise(want, seed=13)  # ~0.03 of error: far outside fp32's atol, argmax unchanged
+    fp32 = _judge(got, want, Tolerance.for_precision("fp32"))
+    assert not fp32.passed and "elements outside atol" in fp32.reason
+    assert " top-1 4/4  <- " in fp32.summary()
+    for noise in ("not decidable", "decided", "near-tie", "95% CI"):
+        assert noise not in fp32.summary()
+    assert (fp32.top1_decided, fp32.top1_decidable, fp32.top1_gated) == (4, False, False) and fp32.top1_ci
+    report = ParityReport(False, "eager", Tolerance.for_precision("fp32"), 4, ["example"] * 4, [fp32])
+    assert ParityReport.from_dict(asdict(report)).outputs[0].summary() == fp32.summary()
+    assert "decided (0 near-ties)" in replace(fp32, top1_gated=None).summary()  # an older manifest: as it was
+    int8 = _judge(got, want)
+    assert int8.top1_gated and "top-1 4/4 decided (0 near-ties), 95% CI [0.51, 1.00], not decidable" in int8.summary()
+    asked = _judge(got, want, Tolerance.for_precision("fp32").with_overrides(min_top1=0.5))
+    assert asked.top1_gated and "95% CI [" in asked.summary()  # --min-top1 makes fp32's gate judge top-1
+
+
+def test_an_unquantized_summary_counts_a_flipped_near_tie_as_a_flip():
+    got, want = _issue_17_sets()
+    metrics = _judge(got, want, Tolerance.for_precision("fp32"))
+    assert (metrics.top1_decided, metrics.top1_near_ties, metrics.top1_near_tie_flips) == (3, 1, 1)
+    assert " top-1 3/4" in metrics.summary()  # every row counts: the argmax differs on one of four
 
 
 def test_samples_for_precision_keep_unquantized_sets_as_before():
