@@ -38,9 +38,11 @@ def save_example(inputs: tuple[Any, ...], work: Path) -> Path:
     return work / "example.npz"
 
 
-def _first(outputs: Any) -> Any:
+def _first(outputs: Any, name: str | None = None) -> Any:
+    """The first output: by `name` where the outputs are named (LiteRT returns its dict sorted by name, not in the
+    model's order), else the first in order."""
     if isinstance(outputs, dict):
-        return next(iter(outputs.values()))
+        return outputs[name] if name in outputs else next(iter(outputs.values()))
     if isinstance(outputs, (list, tuple)):
         return outputs[0]
     return outputs
@@ -149,7 +151,10 @@ def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int, work: Path) -
 
         edge = litert_torch.convert(module, inputs)
         edge.export(str(work / "peer.tflite"))
-        predict: Predict = lambda xs: np.asarray(_first(edge(*xs)))  # noqa: E731
+        with torch.no_grad():
+            eager = module(*inputs)
+        name = next(iter(eager)) if isinstance(eager, dict) else None
+        predict: Predict = lambda xs: np.asarray(_first(edge(*xs), name))  # noqa: E731
         job = {"kind": "litert", "path": str(work / "peer.tflite"), "inputs": str(saved)}
         return Variant("litert_torch.convert", lambda: predict(example), predict, "fp32", job)
 
