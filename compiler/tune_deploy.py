@@ -117,7 +117,8 @@ def time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str
             found = identity(cell, key, status=NOT_RUN, reason=why)
         builds.append(found)
     built_on = state.get("built_on", {}).get("host", "an unknown machine")
-    progress.say(f"time-only: {len(builds)} builds in {builds_dir} (built on {built_on}); none is rebuilt")
+    count = f"{len(builds)} build{'' if len(builds) == 1 else 's'}"
+    progress.say(f"time-only: {count} in {builds_dir} (built on {built_on}); none is rebuilt")
     return evaluate(state["model"], out, builds, state["skipped"], options, progress)
 
 
@@ -147,14 +148,17 @@ def locate_builds(builds: list[CellResult], builds_dir: Path) -> tuple[list[Cell
 
 def cell_directory(build: CellResult, builds_dir: Path) -> Path:
     """Where a build's cell directory is now: `builds_dir`/cells/<the cell's name>, the place the matrix wrote it.
-    The recorded `cell_dir` must name that place: an absolute path ending in cells/<name> (DIR's path when it was
-    built, maybe another machine's), or a relative one without `..`. Raises ValueError (the reason) for anything
-    else, and for a directory that resolves, through links, outside `builds_dir`; nothing outside is opened."""
+    The recorded `cell_dir` must name that place: an absolute path ending in builds/cells/<name> (DIR's path when
+    it was built, maybe on another machine), or cells/<name> relative to the builds. Raises ValueError (the reason)
+    for anything else, and for a directory that resolves, through links, outside `builds_dir`; nothing outside is
+    opened."""
     from compiler.matrix.runner import CELLS_DIR, safe_name
+    from compiler.tune import BUILDS_DIR
 
     expected = (CELLS_DIR, safe_name(build.cell_id))
     recorded = PurePath(build.cell_dir)
-    if tuple(recorded.parts[-2:]) != expected or (not recorded.is_absolute() and ".." in recorded.parts):
+    tail = recorded.parts[-3:] if recorded.is_absolute() else ("", *recorded.parts)
+    if tuple(tail) != (BUILDS_DIR if recorded.is_absolute() else "", *expected):
         raise ValueError(
             f"its recorded build directory {build.cell_dir!r} is not its own under {builds_dir} "
             f"({'/'.join(expected)}): refused, not followed (results.jsonl edited or forged?)"
@@ -180,15 +184,28 @@ def provenance(builds_dir: Path, builds: list[CellResult], options: TuneOptions)
     if not options.build_only:
         threads: Any = list(options.threads) or "each runtime's default"
         timed_on = this_machine() | {"threads": threads}
-    machines = [b.host for b in builds if b.status == PASSED and b.host]
+    machines = [_machine(b.host) for b in builds if b.status == PASSED and b.host]
     if not machines:
         try:
-            machines = [read_state(builds_dir).get("built_on") or {}]
+            machines = [_machine(read_state(builds_dir).get("built_on") or {})]
         except UsageError:
             machines = []
-    built_on = list({_identity(m): m for m in machines if m}.values())
+    built_on = list({_identity(m): m for m in machines}.values())
     elsewhere = timed_on is not None and any(_identity(m) != _identity(timed_on) for m in built_on)
     return {"timed_on": timed_on, "built_on": built_on, "built_elsewhere": elsewhere}
+
+
+def _machine(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A machine as a cell or tune.json recorded it (`compiler.host.this_machine`), reduced to plain strings and
+    numbers: the record may come from another machine, or be forged."""
+    flags = recorded.get("cpu_flags")
+    cores = recorded.get("cores")
+    return {
+        "host": str(recorded.get("host", "unknown"))[:200],
+        "cpu": str(recorded.get("cpu", "unknown"))[:200],
+        "cpu_flags": [str(f)[:40] for f in flags[:50]] if isinstance(flags, list) else [],
+        "cores": cores if isinstance(cores, int) and not isinstance(cores, bool) else None,
+    }
 
 
 def _identity(machine: dict[str, Any]) -> str:

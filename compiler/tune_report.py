@@ -93,7 +93,8 @@ def rank(entries: list[Entry], objective: str, timed: bool = True) -> dict[str, 
     if not timed:
         for row in alive:
             row["status"] = UNTIMED
-        why = f"{len(alive)} candidates built and verified, {UNTIMED} (--build-only): time them where they will run"
+        why = (f"{len(alive)} candidates built and verified, none timed (--build-only): time them where they will run, "
+               "with `kiln tune --time-only --out DIR`")  # fmt: skip
         return {"schema": SCHEMA, "objective": objective, "timed": False, "candidates": alive, "pareto": [],
                 "rejected": [r for r in rows if r["rejected"] is not None], "winner": None, "why": why}  # fmt: skip
     alive.sort(key=lambda r: (_measure(r, objective), -(r["min_cosine"] or -1.0)))
