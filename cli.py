@@ -290,7 +290,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
     from compiler.progress import Progress
-    from compiler.tune import DEFAULT_PRECISIONS, DEFAULT_TARGETS, TuneOptions, parse_list, parse_threads, run_tune
+    from compiler.tune import DEFAULT_PRECISIONS, DEFAULT_TARGETS, TuneOptions, parse_list, parse_threads
+    from compiler.tune_deploy import tune_or_time
 
     options = TuneOptions(
         targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
@@ -307,15 +308,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
         runs=args.runs,
         warmup=args.warmup,
         executor=args.executor,
+        build_only=args.build_only,
     )
-    board = run_tune(args.model, Path(args.out), options, Progress(quiet=args.quiet or args.json))
+    building = {"MODEL": args.model, "--targets": args.targets, "--precisions": args.precisions, "--calib": args.calib,
+                "--min-cosine": args.min_cosine, "--max-drop": args.max_drop, "--metric": args.metric,
+                "--no-plain": args.no_plain, "--executor": args.executor != "local"}  # fmt: skip
+    board = tune_or_time(args.model, Path(args.out), options, Progress(quiet=args.quiet or args.json),
+                         time_only=building if args.time_only else None)  # fmt: skip
     if args.json:
         print(json.dumps(board, indent=2, default=str))
     elif not args.quiet:
         from compiler.tune_report import markdown
 
         print(markdown(board))
-    return 0 if board["winner"] is not None else 1
+    return 0 if board["winner"] is not None or (args.build_only and board["candidates"]) else 1
 
 
 def cmd_quant_report(args: argparse.Namespace) -> int:

@@ -231,7 +231,7 @@ def _tune_parser(sub: Any) -> None:
         "the parity gate, the survivors timed in interleaved rounds; the winner goes to OUT/best, the leaderboard to "
         "OUT/leaderboard.{md,json,html}. A killed tune resumes (OUT/builds/results.jsonl).",
     )
-    tune.add_argument("model", metavar="MODEL", help="zoo:NAME, file.py:factory, file.pt2")
+    tune.add_argument("model", metavar="MODEL", nargs="?", help="zoo:NAME, file.py:factory, file.pt2")
     tune.add_argument("--out", required=True, help="output directory")
     tune.add_argument("--targets", help="comma list (default onnx,openvino,tflite)")
     tune.add_argument("--precisions", help="comma list (default fp32,fp16,bf16,int8)")
@@ -247,6 +247,11 @@ def _tune_parser(sub: Any) -> None:
     tune.add_argument("--runs", type=int, default=10, help="timed runs per candidate per round (default 10)")
     tune.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first (default 3)")
     tune.add_argument("--executor", default="local", help="local (default) or ray: where the builds run")
+    tune.add_argument("--build-only", action="store_true", help="build and verify; time nothing, publish no best/")
+    tune.add_argument(
+        "--time-only", action="store_true", help="no MODEL: time the builds in OUT/builds here (copied from the "
+        "build machine, at any path), publish OUT/best"
+    )  # fmt: skip
     _output_flags(tune)
 
 

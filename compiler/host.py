@@ -46,6 +46,15 @@ def host_info() -> dict[str, Any]:
     }
 
 
+def this_machine() -> dict[str, Any]:
+    """Which machine this is, as reports that may move between machines record it: its host name, CPU, the CPU
+    flags of `host_info` and its core count."""
+    import socket
+
+    info = host_info()
+    return {"host": socket.gethostname(), "cpu": info["cpu"], "cpu_flags": info["cpu_flags"], "cores": info["cores"]}
+
+
 def versions(*packages: str) -> dict[str, str]:
     """Installed versions of Kiln, Python, torch and the given packages."""
     found = {"python": platform.python_version()}

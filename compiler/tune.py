@@ -7,7 +7,8 @@ results.jsonl is the resume log, so a killed tune resumes and an unchanged candi
 settings (`targets.base.RuntimeSettings`: ONNX Runtime's graph optimization level, OpenVINO's performance hint and
 inference precision) and thread counts share one build and are timed as separate candidates, in the same
 interleaved rounds (`compiler.benchmark.time_candidates`). The ranking, the tie rule and the reports are in
-`compiler.tune_report`.
+`compiler.tune_report`. Building here and timing on the deployment machine (`--build-only`, `--time-only`, a
+moved DIR) is `compiler.tune_deploy`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class TuneOptions:
     warmup: int = 3
     executor: str = "local"
     timeout_s: float = 600.0
+    build_only: bool = False  # build and verify, time nothing, publish no best/ (`compiler.tune_deploy`)
 
     def check(self) -> None:
         """A one-line UsageError for a value that makes no sense."""
@@ -208,9 +210,10 @@ class Entry:
 
 
 def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -> dict[str, Any]:
-    """The whole command: build (resuming), verify, time, rank, publish `out/best`, write the leaderboards."""
+    """The whole command: build (resuming), verify, time, rank, publish `out/best`, write the leaderboards (with
+    `options.build_only`: build and verify only, to be timed elsewhere by `compiler.tune_deploy.time_builds`)."""
     from compiler.matrix import RunSettings, run_matrix
-    from compiler.tune_report import publish, rank, write_leaderboards
+    from compiler.tune_deploy import save_builds
 
     options.check()
     planned = plan(source, options)
@@ -218,10 +221,27 @@ def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -
     settings = RunSettings(out=out / BUILDS_DIR, keep_artifacts=True, executor=options.executor)
     report, _ = run_matrix(planned.config, settings, progress)
     builds = [_cell(c) for c in report["cells"]]
-    entries = _entries(builds, options, progress)
-    _time(entries, options, progress)
-    board = rank(entries, options.objective)
-    board |= {"model": source, "skipped": planned.skipped, "builds": len(builds)}
+    save_builds(out / BUILDS_DIR, source, planned.skipped, options.executor)
+    return evaluate(source, out, builds, planned.skipped, options, progress)
+
+
+def evaluate(
+    source: str, out: Path, builds: list[CellResult], skipped: list[dict[str, str]], options: TuneOptions,
+    progress: Progress,
+) -> dict[str, Any]:  # fmt: skip
+    """The builds' candidates verified (runtime settings), timed, ranked, the winner published to `out/best` and
+    the leaderboards written; the leaderboard. With `options.build_only`, nothing timed and nothing published.
+    Each build's files are found under `out/builds` wherever `out` was when it was built (`locate_builds`)."""
+    from compiler.tune_deploy import locate_builds, provenance
+    from compiler.tune_report import publish, rank, write_leaderboards
+
+    builds, refused = locate_builds(builds, out / BUILDS_DIR)
+    entries = refused + _entries(builds, options, progress)
+    if not options.build_only:
+        _time(entries, options, progress)
+    board = rank(entries, options.objective, timed=not options.build_only)
+    board |= {"model": source, "skipped": skipped, "builds": len(builds) + len(refused)}
+    board |= provenance(out / BUILDS_DIR, builds, options)
     if board["winner"] is not None:
         winner = next(e for e in entries if e.name == board["winner"]["name"])
         publish(winner, out / BEST_DIR, board)

@@ -22,6 +22,7 @@ ACCURACY_DIGITS = 6  # cosines equal to this many digits are equally accurate fo
 NOISE_FLOOR = 1.03  # two candidates within 3% are never told apart on these machines
 SIMPLICITY = {"fp32": 0, "fp16": 1, "bf16": 1, "int8-dynamic": 2, "int8": 3}
 SCHEMA = "kiln.tune/1"
+UNTIMED = "built, not timed"
 
 
 def _row(entry: Entry) -> dict[str, Any]:
@@ -84,15 +85,23 @@ def _simpler(row: dict[str, Any]) -> tuple[float, ...]:
     )
 
 
-def rank(entries: list[Entry], objective: str) -> dict[str, Any]:
+def rank(entries: list[Entry], objective: str, timed: bool = True) -> dict[str, Any]:
     """The leaderboard: survivors ranked by `objective` (accuracy breaks exact ties), the winner and why, the
-    Pareto front (latency vs accuracy) and the rejected with their reasons."""
+    Pareto front (latency vs accuracy) and the rejected with their reasons. Not `timed` (`--build-only`): the
+    survivors are listed as built, not timed, without ranks or a winner."""
     rows = [_row(e) for e in entries]
     alive = [r for r in rows if r["rejected"] is None]
+    if not timed:
+        for row in alive:
+            row["status"] = UNTIMED
+        why = (f"{len(alive)} candidates built and verified, none timed (--build-only): time them where they will run, "
+               "with `kiln tune --time-only --out DIR`")  # fmt: skip
+        return {"schema": SCHEMA, "objective": objective, "timed": False, "candidates": alive, "pareto": [],
+                "rejected": [r for r in rows if r["rejected"] is not None], "winner": None, "why": why}  # fmt: skip
     alive.sort(key=lambda r: (_measure(r, objective), -(r["min_cosine"] or -1.0)))
     for place, row in enumerate(alive, 1):
         row["rank"] = place
-    board: dict[str, Any] = {"schema": SCHEMA, "objective": objective, "candidates": alive}
+    board: dict[str, Any] = {"schema": SCHEMA, "objective": objective, "timed": True, "candidates": alive}
     board["rejected"] = [r for r in rows if r["rejected"] is not None]
     board["pareto"] = pareto(alive)
     board["winner"], board["why"] = None, "no candidate passed the parity gate and could be timed"
@@ -145,7 +154,9 @@ def cpu_notes(board: dict[str, Any]) -> list[str]:
     from compiler.host import host_info
 
     flags = set(host_info()["cpu_flags"])
-    notes = []
+    notes: list[str] = []
+    if not board.get("timed", True):
+        return notes
     fp32 = {r["target"]: r["p50_ms"] for r in reversed(board["candidates"]) if r["precision"] == "fp32"}
     best: dict[tuple[str, str], float] = {}
     for row in board["candidates"]:
@@ -206,8 +217,36 @@ def markdown(board: dict[str, Any]) -> str:
     lines = [f"# kiln tune: {board['model']} (objective: {board['objective']})", ""]
     winner = board["winner"]
     lines += [f"**Winner: {winner['name']}** -> `best/`. {board['why']}." if winner else f"No winner: {board['why']}."]
-    lines += ["", "| rank | candidate | p50 ms | p90 ms | spread | items/s | size KiB | min cosine | Pareto |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|:-:|"]  # fmt: skip
+    lines += ["", *where_lines(board)]
+    if not board.get("timed", True):
+        lines += ["", "| candidate | size KiB | min cosine | status |", "|---|---:|---:|---|"]
+        lines += [f"| {r['name']} | {(r['artifact_bytes'] or 0) / 1024:.0f} | {_cos(r['min_cosine'])} | {r['status']} |"
+                  for r in board["candidates"]]  # fmt: skip
+    else:
+        lines += _ranked_table(board)
+    return "\n".join(lines + _lists(board)) + "\n"
+
+
+def where_lines(board: dict[str, Any]) -> list[str]:
+    """Where the candidates were timed and built (host, CPU, flags, threads): a leaderboard moved between machines,
+    or timed on another machine than the one that built, says so."""
+
+    def name(m: dict[str, Any]) -> str:
+        flags = " ".join(m.get("cpu_flags") or []) or "none of note"
+        return f"{m.get('host')} ({m.get('cpu')}; CPU flags: {flags}; {m.get('cores')} cores)"
+
+    timed, built = board.get("timed_on"), board.get("built_on") or []
+    lines = [f"Timed on {name(timed)}, threads: {timed.get('threads')}." if timed else "Not timed (--build-only)."]
+    if built and board.get("built_elsewhere"):
+        lines.append(f"Built elsewhere, on {', '.join(name(m) for m in built)}: the timings are the timing machine's.")
+    elif built:
+        lines.append("Built on the same machine." if timed else f"Built on {', '.join(name(m) for m in built)}.")
+    return lines
+
+
+def _ranked_table(board: dict[str, Any]) -> list[str]:
+    lines = ["", "| rank | candidate | p50 ms | p90 ms | spread | items/s | size KiB | min cosine | Pareto |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|:-:|"]  # fmt: skip
     for r in board["candidates"]:
         spread = "n/a" if r["spread"] is None else f"{r['spread']:.2f}" + ("!" if r["spread_too_wide"] else "")
         lines.append(
@@ -216,6 +255,12 @@ def markdown(board: dict[str, Any]) -> str:
             f"{(r['artifact_bytes'] or 0) / 1024:.0f} | {_cos(r['min_cosine'])} | "
             f"{'yes' if r['name'] in board['pareto'] else ''} |"
         )
+    return lines
+
+
+def _lists(board: dict[str, Any]) -> list[str]:
+    """The rejected, the not built and the CPU notes."""
+    lines: list[str] = []
     if board["rejected"]:
         lines += ["", "## Rejected", ""] + [f"- {r['name']}: {r['rejected']}" for r in board["rejected"]]
     if board["skipped"]:
@@ -223,7 +268,7 @@ def markdown(board: dict[str, Any]) -> str:
         lines += [f"- {s['target']} {s['precision']}: {s['reason']}" for s in board["skipped"]]
     if board["cpu_notes"]:
         lines += ["", "## Precisions without a speed-up on this CPU", ""] + [f"- {n}" for n in board["cpu_notes"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _cos(value: float | None) -> str:
@@ -235,7 +280,7 @@ def html_page(board: dict[str, Any]) -> str:
     joined and marked, the winner ringed, the table and the rejected below."""
     import math
 
-    rows = board["candidates"]
+    rows = board["candidates"] if board.get("timed", True) else []
     width, height, pad = 640, 360, 50
     points = [(r, r["p50_ms"], max(1 - (r["min_cosine"] if r["min_cosine"] is not None else 0.0), 1e-9)) for r in rows]
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']

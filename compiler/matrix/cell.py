@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError
+from compiler.host import this_machine
 from compiler.matrix.config import CellSpec
 from compiler.matrix.results import CONVERSION_FAILED, PARITY_FAILED, PASSED, UNAVAILABLE
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     _limit_memory(job.get("memory_bytes"))
     _die_with_parent(int(job["parent_pid"]))
     outcome, code = run_cell(job)
+    outcome["host"] = this_machine()  # with Ray, the node that built it; `kiln tune` says where it was built
     partial = Path(result_path).with_suffix(".partial")
     partial.write_text(json.dumps(outcome, default=str))
     os.replace(partial, result_path)

@@ -45,6 +45,7 @@ VOLATILE_FIELDS = (
     "shard",
     "cell_dir",
     "stderr_tail",
+    "host",
 )
 RESULTS_FILE = "results.jsonl"
 
@@ -90,6 +91,7 @@ class CellResult:
     started_at: str = ""
     finished_at: str = ""
     cell_dir: str = ""
+    host: dict[str, Any] = field(default_factory=dict)  # the machine that ran the cell (`compiler.host.this_machine`)
     divergence: str = ""  # the divergence record of a parity failure (divergence.json), relative to the run's out
     divergence_summary: str = ""  # its one line: the first diverging module
 
