@@ -291,6 +291,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
     from compiler.progress import Progress
     from compiler.tune import DEFAULT_PRECISIONS, DEFAULT_TARGETS, TuneOptions, parse_list, parse_threads, run_tune
+    from compiler.tune_candidates import parse_io
 
     options = TuneOptions(
         targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
@@ -307,6 +308,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         runs=args.runs,
         warmup=args.warmup,
         executor=args.executor,
+        io=parse_io(args.io),
+        batch=args.batch,
     )
     board = run_tune(args.model, Path(args.out), options, Progress(quiet=args.quiet or args.json))
     if args.json:
