@@ -25,7 +25,7 @@ from compiler.tune_candidates import PLAIN, Variant, check_batch, check_io
 if TYPE_CHECKING:
     from compiler.matrix import CellResult, MatrixConfig
     from compiler.progress import Progress
-    from targets.base import RuntimeSettings
+    from targets.base import RuntimeSettings, Target
 
 OBJECTIVES = ("latency", "throughput", "size")
 DEFAULT_TARGETS = ("onnx", "openvino", "tflite")
@@ -124,7 +124,7 @@ def plan(source: str, options: TuneOptions) -> Plan:
 
     targets = list(dict.fromkeys(get_target(t) for t in options.targets))
     skipped: list[dict[str, str]] = []
-    chosen = []
+    chosen: list[Target] = []
     for target in targets:
         reason = target.unavailable_reason() or target.limitation()
         if reason:

@@ -136,6 +136,16 @@ def test_throughput_at_the_examples_batch_adds_dynamic_fp32_and_another_batch_re
     assert static and "built with a dynamic batch 1:8 instead" in static[0]["reason"]
 
 
+def test_a_matrix_cell_takes_io_nhwc_and_refuses_another():
+    from compiler.errors import UsageError
+    from compiler.matrix.config import CellOptions
+
+    assert CellOptions().merged({"io": "nhwc"}, "m").export_settings()["io"] == "nhwc"
+    assert "io" not in CellOptions().export_settings()
+    with pytest.raises(UsageError, match="io = 'nchw' is not valid"):
+        CellOptions().merged({"io": "nchw"}, "m")
+
+
 @pytest.mark.parametrize(
     ("model", "args", "message"),
     [

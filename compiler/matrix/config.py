@@ -97,7 +97,7 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "metric": (lambda v: isinstance(v, str) and ":" in v, "file.py:function"),
     "min_cosine": (lambda v: _is_number(v) and math.isfinite(v) and -1 <= v <= 1, "a number from -1 to 1"),
     "localize": (lambda v: isinstance(v, bool), "true or false"),
-    "io": (lambda v: isinstance(v, str), 'a string such as "nhwc"'),
+    "io": (lambda v: v == "nhwc", '"nhwc" (channels-last image I/O; the only --io option)'),
 }
 
 
