@@ -148,10 +148,11 @@ def plan(source: str, options: TuneOptions) -> Plan:
     asked = Asked(options.precisions, options.io, options.batch, options.objective, options.plain)
     builds, more = variants(asked, shape)
     skipped += more
+    batch = options.batch if options.batch is not None else shape.batch
     models = [
         ModelEntry(source, name + variant.suffix, targets=able, precisions=variant.precisions,
                    options=common | variant.export_options())
-        for variant, able in for_targets(builds, chosen, options.precisions, skipped)
+        for variant, able in for_targets(builds, chosen, options.precisions, batch, skipped)
     ]  # fmt: skip
     config = MatrixConfig(
         models=models,
@@ -163,7 +164,6 @@ def plan(source: str, options: TuneOptions) -> Plan:
         warmup=1,
     )
     config.cells()  # refuses what cannot be planned now
-    batch = options.batch if options.batch is not None else shape.batch
     return Plan(config, skipped, {name + v.suffix: v for v in builds}, batch)
 
 

@@ -104,13 +104,15 @@ class Variant:
         options |= {"io": "nhwc"} if self.layout == "nhwc" else {}
         return options | ({"dynamic_batch": self.batch_range} if self.batch_range else {})
 
-    def refusal(self, target: Target) -> str | None:
-        """Why `target` cannot build this variant, or None."""
+    def refusal(self, target: Target, batch: int | None) -> str | None:
+        """Why `target` cannot build this variant to be timed at `batch`, or None."""
         if self.layout == "nhwc" and "nhwc" not in target.io_options:
             return f"{target.name} takes no NHWC I/O (--io nhwc)"
         if self.batch_range and target.static_shapes:
             why = f" ({target.static_reason.rstrip('.')})" if target.static_reason else ""
             return f"{target.name} needs static shapes{why}: it cannot take a dynamic batch {self.batch_range}"
+        if not self.batch_range and target.fixed_batch not in (None, batch):
+            return f"{target.name} builds only at batch {target.fixed_batch}: it cannot be timed at batch {batch}"
         return None
 
 
@@ -178,15 +180,19 @@ def _skip(target: str, precision: str, variant: str, reason: str) -> dict[str, s
 
 
 def for_targets(
-    builds: list[Variant], targets: list[Target], precisions: tuple[str, ...], skipped: list[dict[str, str]]
+    builds: list[Variant],
+    targets: list[Target],
+    precisions: tuple[str, ...],
+    batch: int | None,
+    skipped: list[dict[str, str]],
 ) -> list[tuple[Variant, tuple[str, ...]]]:
-    """Each variant with the names of the targets that can build it (those that cannot are added to `skipped`);
-    variants no target can build are left out. A UsageError when none is left."""
+    """Each variant with the names of the targets that can build it to be timed at `batch` (those that cannot
+    are added to `skipped`); variants no target can build are left out. A UsageError when none is left."""
     planned, refusals = [], []
     for variant in builds:
         able = []
         for target in targets:
-            why = variant.refusal(target)
+            why = variant.refusal(target, batch)
             if why is None:
                 able.append(target.name)
             else:

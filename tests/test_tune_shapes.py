@@ -136,6 +136,19 @@ def test_throughput_at_the_examples_batch_adds_dynamic_fp32_and_another_batch_re
     assert static and "built with a dynamic batch 1:8 instead" in static[0]["reason"]
 
 
+def test_what_each_target_refuses_of_a_variant():
+    """NHWC where a target has no NHWC I/O, a dynamic batch on a static-shape target, and a static build of a
+    target whose batch is fixed (the Edge TPU's 1) to be timed at another batch."""
+    from targets import get_target
+
+    edgetpu, pt2, onnx = get_target("edgetpu"), get_target("pt2"), get_target("onnx")
+    assert "builds only at batch 1" in (Variant("nchw").refusal(edgetpu, 2) or "")
+    assert Variant("nhwc").refusal(edgetpu, 1) is None and Variant("nhwc", "1:4").refusal(onnx, 4) is None
+    assert "needs static shapes" in (Variant("nchw", "1:4").refusal(edgetpu, 4) or "")
+    assert "takes no NHWC I/O" in (Variant("nhwc").refusal(pt2, 2) or "")
+    assert Variant(None, "1:4").refusal(pt2, 4) is None
+
+
 def test_a_matrix_cell_takes_io_nhwc_and_refuses_another():
     from compiler.errors import UsageError
     from compiler.matrix.config import CellOptions
