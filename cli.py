@@ -291,6 +291,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
     from compiler.progress import Progress
     from compiler.tune import DEFAULT_PRECISIONS, DEFAULT_TARGETS, TuneOptions, parse_list, parse_threads
+    from compiler.tune_candidates import parse_io
     from compiler.tune_deploy import tune_or_time
 
     options = TuneOptions(
@@ -309,10 +310,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         executor=args.executor,
         build_only=args.build_only,
+        io=parse_io(args.io),
+        batch=args.batch,
     )
     building = {"MODEL": args.model, "--targets": args.targets, "--precisions": args.precisions, "--calib": args.calib,
                 "--min-cosine": args.min_cosine, "--max-drop": args.max_drop, "--metric": args.metric,
-                "--no-plain": args.no_plain, "--executor": args.executor != "local"}  # fmt: skip
+                "--no-plain": args.no_plain, "--executor": args.executor != "local", "--io": args.io,
+                "--batch": args.batch}  # fmt: skip
     board = tune_or_time(args.model, Path(args.out), options, Progress(quiet=args.quiet or args.json),
                          time_only=building if args.time_only else None)  # fmt: skip
     if args.json:

@@ -227,7 +227,8 @@ def _tune_parser(sub: Any) -> None:
     tune = sub.add_parser(
         "tune",
         help="build and verify every candidate, time the survivors, publish the fastest to OUT/best",
-        description="Candidates: targets x precisions (x the plain -O0 export, x runtime settings); each verified by "
+        description="Candidates: targets x precisions (x the plain -O0 export, NHWC image I/O, a dynamic batch, x "
+        "runtime settings); each verified by "
         "the parity gate, the survivors timed in interleaved rounds; the winner goes to OUT/best, the leaderboard to "
         "OUT/leaderboard.{md,json,html}. A killed tune resumes (OUT/builds/results.jsonl).",
     )
@@ -237,6 +238,15 @@ def _tune_parser(sub: Any) -> None:
     tune.add_argument("--precisions", help="comma list (default fp32,fp16,bf16,int8)")
     tune.add_argument("--objective", default="latency", help="latency (default), throughput or size")
     tune.add_argument("--threads", help="thread count(s) to time at, e.g. 2 or 1,2 (default: each runtime's)")
+    tune.add_argument(
+        "--io", help="image I/O layouts to build: nchw, nhwc or nchw,nhwc (default: NHWC too, at fp32 only)"
+    )
+    tune.add_argument(
+        "--batch",
+        type=int,
+        help="the batch every candidate is timed at, 1 to 1024 (default: the example's); "
+        "another than the example's builds dynamic-batch candidates",
+    )
     tune.add_argument("--min-cosine", type=float, help="parity: the worst cosine every candidate must reach")
     tune.add_argument("--max-drop", type=float, help="accuracy budget of quantized candidates")
     tune.add_argument("--metric", help="file.py:fn measuring accuracy for --max-drop")

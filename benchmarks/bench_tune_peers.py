@@ -49,9 +49,11 @@ def _first(outputs: Any, name: str | None = None) -> Any:
 
 
 def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
-    """A leaderboard candidate loaded with its runtime settings at `threads` threads (as `kiln bench` does)."""
+    """A leaderboard candidate loaded with its runtime settings at `threads` threads (as `kiln bench` does); its
+    `predict` takes and returns the reference's layout (an NHWC candidate's image I/O is transposed)."""
     from compiler.artifacts import Artifact, load_runner
     from compiler.benchmark import bench_feeds
+    from compiler.layout import nchw_array, nhwc_array, nhwc_names
     from targets.base import RuntimeSettings
 
     directory = Path(row["directory"])
@@ -59,16 +61,17 @@ def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
     runner = load_runner(artifact, threads, RuntimeSettings.from_dict(row["runtime_settings"]))
     feeds = bench_feeds(directory, artifact.manifest, None, artifact_layout=True)
     names = [s.name for s in artifact.manifest.inputs]
+    nhwc_in = set(nhwc_names(artifact.manifest.inputs))
     first = artifact.manifest.outputs[0].name
+    nhwc_out = first in nhwc_names(artifact.manifest.outputs)
+
+    def predict(xs: list[np.ndarray]) -> np.ndarray:
+        got = runner.run({n: nhwc_array(x) if n in nhwc_in else x for n, x in zip(names, xs)})[first]
+        return np.asarray(nchw_array(got) if nhwc_out else got)
+
     job = {"kind": "kiln", "directory": str(directory), "threads": threads, "batch": None, "trust_pickle": False,
            "runtime_settings": row["runtime_settings"]}  # fmt: skip
-    return Variant(
-        f"kiln tune: {row['name']}",
-        lambda: runner.run(feeds),
-        lambda xs: np.asarray(runner.run(dict(zip(names, xs)))[first]),
-        row["precision"],
-        job,
-    )
+    return Variant(f"kiln tune: {row['name']}", lambda: runner.run(feeds), predict, row["precision"], job)
 
 
 def eager_variant(name: str, module: Any, inputs: tuple[Any, ...], threads: int) -> Variant:

@@ -81,6 +81,7 @@ class Candidate:
     model: str | None = None
     threads: int | None = None  # this candidate's own thread count (`kiln tune`); None: the options'
     settings: dict[str, str] = field(default_factory=dict)  # RuntimeSettings.to_dict() to load it with
+    batch: int | None = None  # this candidate's own batch (`kiln tune`: dynamic-batch builds); None: the options'
 
     def job(self, options: BenchOptions) -> dict[str, Any]:
         """The first line its worker reads."""
@@ -90,7 +91,7 @@ class Candidate:
             "model": self.model,
             "threads": self.threads if self.threads is not None else options.threads,
             "runtime_settings": self.settings,
-            "batch": options.batch,
+            "batch": self.batch if self.batch is not None else options.batch,
             "trust_pickle": options.trust_pickle,
         }
 

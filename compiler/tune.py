@@ -1,6 +1,7 @@
-"""`kiln tune`: build every candidate (target x precision, plus the plain -O0 export), keep those the parity gate
-(and, for quantized ones, the accuracy budget) passes, time them with their runtime settings the way `kiln bench`
-does, and publish the winner to `DIR/best/` with a leaderboard.
+"""`kiln tune`: build every candidate (target x precision, plus the plain -O0 export, NHWC image I/O and a dynamic
+batch: `compiler.tune_candidates`), keep those the parity gate (and, for quantized ones, the accuracy budget)
+passes, time them with their runtime settings the way `kiln bench` does, all at one batch (`--batch`, default the
+example's), and publish the winner to `DIR/best/` with a leaderboard.
 
 The builds are cells of a `kiln matrix` run in `DIR/builds` (`compiler.matrix`: each in its own limited process;
 results.jsonl is the resume log, so a killed tune resumes and an unchanged candidate is not rebuilt). Runtime
@@ -20,16 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import UsageError
+from compiler.tune_candidates import PLAIN, Variant, check_batch, check_io
 
 if TYPE_CHECKING:
     from compiler.matrix import CellResult, MatrixConfig
     from compiler.progress import Progress
-    from targets.base import RuntimeSettings
+    from targets.base import RuntimeSettings, Target
 
 OBJECTIVES = ("latency", "throughput", "size")
 DEFAULT_TARGETS = ("onnx", "openvino", "tflite")
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-PLAIN = "-O0"  # the suffix of the plain (unoptimized) export's model name in the builds
 BEST_DIR = "best"
 BUILDS_DIR = "builds"
 # Each candidate's timed runs in a round last at least this long (more runs for a fast model): with ten runs of
@@ -57,6 +58,8 @@ class TuneOptions:
     executor: str = "local"
     timeout_s: float = 600.0
     build_only: bool = False  # build and verify, time nothing, publish no best/ (`compiler.tune_deploy`)
+    io: tuple[str, ...] | None = None  # layouts to build ("nchw", "nhwc"); None: NHWC at fp32 only, for images
+    batch: int | None = None  # the batch every candidate is timed at (None: the example's)
 
     def check(self) -> None:
         """A one-line UsageError for a value that makes no sense."""
@@ -78,6 +81,9 @@ class TuneOptions:
             raise UsageError("no candidates: --targets and --precisions must each name at least one", "e.g. onnx,fp32")
         if self.executor not in ("local", "ray"):
             raise UsageError(f"--executor {self.executor!r} is unknown", "use local or ray")
+        if self.io is not None:
+            check_io(self.io)
+        check_batch(self.batch)
 
 
 def parse_list(text: str | None, default: Sequence[str], flag: str) -> tuple[str, ...]:
@@ -104,37 +110,71 @@ def parse_threads(text: str | None) -> tuple[int, ...]:
 
 @dataclass
 class Plan:
-    """The builds: the matrix of candidates, and the (target, precision) pairs left out with why."""
+    """The builds: the matrix of candidates, the (target, precision) pairs and variants left out with why, what
+    each model entry of the matrix is (by its name), and the batch every candidate is timed at."""
 
-    config: MatrixConfig
+    config: MatrixConfig | None  # None: read back from DIR/builds (`kiln tune --time-only`), nothing to build
     skipped: list[dict[str, str]] = field(default_factory=list)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    batch: int | None = None  # None: the model has no batch dimension (timed on its example inputs)
 
 
 def plan(source: str, options: TuneOptions) -> Plan:
     """The matrix of builds for `source`: each target x each precision it has (the others listed as skipped), the
-    plain -O0 fp32 export of each target, the thresholds and the accuracy budget of quantized precisions."""
+    variants `compiler.tune_candidates` plans (NHWC, dynamic batch, the plain -O0 fp32 export) on the targets that
+    take them, the thresholds and the accuracy budget of quantized precisions."""
     from compiler.matrix.config import CellRule, MatrixConfig, ModelEntry, model_name
+    from compiler.tune_candidates import Asked, for_targets, probe, variants
     from targets import get_target
 
     targets = list(dict.fromkeys(get_target(t) for t in options.targets))
     skipped: list[dict[str, str]] = []
-    chosen: list[str] = []
+    chosen: list[Target] = []
     for target in targets:
         reason = target.unavailable_reason() or target.limitation()
         if reason:
             skipped.append({"target": target.name, "precision": "*", "reason": f"not available here: {reason}"})
             continue
-        chosen.append(target.name)
+        chosen.append(target)
         for precision in options.precisions:
             if precision not in target.precisions:
                 why = f"{target.name} has no {precision} (it has {', '.join(target.precisions)})"
                 skipped.append({"target": target.name, "precision": precision, "reason": why})
-    if not any(p in get_target(t).precisions for t in chosen for p in options.precisions):
+    if not any(p in t.precisions for t in chosen for p in options.precisions):
         raise UsageError(
             f"no candidates: none of the targets {','.join(options.targets)} has any of the precisions "
             f"{','.join(options.precisions)} here",
             "check --targets and --precisions (kiln targets lists each target's precisions)",
         )
+    common, quantized = _cell_options(options)
+    name = model_name(source)
+    source = absolute_source(source)
+    shape = probe(source)
+    asked = Asked(options.precisions, options.io, options.batch, options.objective, options.plain)
+    builds, more = variants(asked, shape)
+    skipped += more
+    batch = options.batch if options.batch is not None else shape.batch
+    models = [
+        ModelEntry(source, name + variant.suffix, targets=able, precisions=variant.precisions,
+                   options=common | variant.export_options())
+        for variant, able in for_targets(builds, chosen, options.precisions, batch, skipped)
+    ]  # fmt: skip
+    config = MatrixConfig(
+        models=models,
+        targets=[t.name for t in chosen],
+        precisions=list(options.precisions),
+        rules=[CellRule("*/*/int8*", quantized)] if quantized else [],
+        threads=max(options.threads, default=2),
+        repeat=3,
+        warmup=1,
+    )
+    config.cells()  # refuses what cannot be planned now
+    return Plan(config, skipped, {name + v.suffix: v for v in builds}, batch)
+
+
+def _cell_options(options: TuneOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The cell options of every build (timeout, thresholds) and those of the quantized ones (calibration data,
+    accuracy budget)."""
     common: dict[str, Any] = {"timeout": options.timeout_s}
     if options.min_cosine is not None:
         common["min_cosine"] = options.min_cosine
@@ -146,22 +186,7 @@ def plan(source: str, options: TuneOptions) -> Plan:
         if options.metric is not None:
             file, _, function = options.metric.rpartition(":")
             quantized["metric"] = f"{_existing(file, '--metric')}:{function}"
-    name = model_name(source)
-    source = absolute_source(source)
-    models = [ModelEntry(source, name, options=common)]
-    if options.plain and "fp32" in options.precisions:
-        models.append(ModelEntry(source, name + PLAIN, precisions=("fp32",), options=common | {"opt_level": 0}))
-    config = MatrixConfig(
-        models=models,
-        targets=chosen,
-        precisions=list(options.precisions),
-        rules=[CellRule("*/*/int8*", quantized)] if quantized else [],
-        threads=max(options.threads, default=2),
-        repeat=3,
-        warmup=1,
-    )
-    config.cells()  # refuses what cannot be planned now
-    return Plan(config, skipped)
+    return common, quantized
 
 
 def absolute_source(source: str) -> str:
@@ -202,11 +227,14 @@ class Entry:
     # Accuracy measured again with these runtime settings (`_parity_with_settings`); None: the build's own figures.
     min_cosine: float | None = None
     max_abs_error: float | None = None
+    variant: Variant = field(default_factory=Variant)  # its layout and batch range (`plain` above is its own)
+    batch: int | None = None  # the batch it is timed at (None: its example's)
 
     @property
     def build_name(self) -> str:
-        """target precision (-O0)."""
-        return f"{self.target} {self.precision}{' ' + PLAIN if self.plain else ''}"
+        """target precision (NHWC) (batch=MIN:MAX) (-O0)."""
+        label = replace(self.variant, plain=self.plain).label
+        return f"{self.target} {self.precision}{' ' + label if label else ''}"
 
 
 def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -> dict[str, Any]:
@@ -219,16 +247,16 @@ def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -
     planned = plan(source, options)
     out.mkdir(parents=True, exist_ok=True)
     settings = RunSettings(out=out / BUILDS_DIR, keep_artifacts=True, executor=options.executor)
+    assert planned.config is not None
     report, _ = run_matrix(planned.config, settings, progress)
     builds = [_cell(c) for c in report["cells"]]
-    save_builds(out / BUILDS_DIR, source, planned.skipped, options.executor)
-    return evaluate(source, out, builds, planned.skipped, options, progress)
+    save_builds(out / BUILDS_DIR, source, planned, options.executor)
+    return evaluate(source, out, builds, planned, options, progress)
 
 
 def evaluate(
-    source: str, out: Path, builds: list[CellResult], skipped: list[dict[str, str]], options: TuneOptions,
-    progress: Progress,
-) -> dict[str, Any]:  # fmt: skip
+    source: str, out: Path, builds: list[CellResult], planned: Plan, options: TuneOptions, progress: Progress
+) -> dict[str, Any]:
     """The builds' candidates verified (runtime settings), timed, ranked, the winner published to `out/best` and
     the leaderboards written; the leaderboard. With `options.build_only`, nothing timed and nothing published.
     Each build's files are found under `out/builds` wherever `out` was when it was built (`locate_builds`)."""
@@ -236,11 +264,11 @@ def evaluate(
     from compiler.tune_report import publish, rank, write_leaderboards
 
     builds, refused = locate_builds(builds, out / BUILDS_DIR)
-    entries = refused + _entries(builds, options, progress)
+    entries = refused + _entries(builds, planned, options, progress)
     if not options.build_only:
         _time(entries, options, progress)
-    board = rank(entries, options.objective, timed=not options.build_only)
-    board |= {"model": source, "skipped": skipped, "builds": len(builds) + len(refused)}
+    board = rank(entries, options.objective, planned.batch, timed=not options.build_only)
+    board |= {"model": source, "skipped": planned.skipped, "builds": len(builds) + len(refused)}
     board |= provenance(out / BUILDS_DIR, builds, options)
     if board["winner"] is not None:
         winner = next(e for e in entries if e.name == board["winner"]["name"])
@@ -255,8 +283,9 @@ def _cell(data: dict[str, Any]) -> CellResult:
     return CellResult.parse(data)
 
 
-def _entries(builds: list[CellResult], options: TuneOptions, progress: Progress) -> list[Entry]:
-    """Every build x runtime setting x thread count; a build that failed (or whose artifact is gone) once, rejected."""
+def _entries(builds: list[CellResult], planned: Plan, options: TuneOptions, progress: Progress) -> list[Entry]:
+    """Every build x runtime setting x thread count, each knowing its variant (layout, batch range) and the batch
+    it is timed at; a build that failed (or whose artifact is gone) once, rejected."""
     from compiler.matrix.results import PASSED, STATUS_LABELS
     from compiler.runner import export_dirs
     from targets import get_target
@@ -264,9 +293,10 @@ def _entries(builds: list[CellResult], options: TuneOptions, progress: Progress)
 
     entries: list[Entry] = []
     for build in builds:
-        plain = build.model.endswith(PLAIN)
+        kind = planned.variants.get(build.model) or Variant(plain=build.model.endswith(PLAIN))
         directory = Path(build.cell_dir) / "export" if build.cell_dir else None
-        base = Entry("", build.target, build.precision, plain, RuntimeSettings(), None, build, None)
+        base = Entry("", build.target, build.precision, kind.plain, RuntimeSettings(), None, build, None,
+                     variant=kind, batch=planned.batch if kind.batch_range else None)  # fmt: skip
         base.name = base.build_name
         if build.status != PASSED:
             base.rejected = f"{STATUS_LABELS.get(build.status, build.status)}: {build.reason or 'no reason recorded'}"
@@ -328,7 +358,7 @@ def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> Non
                          min_round_ms=MIN_ROUND_MS)  # fmt: skip
     candidates = [
         Candidate(e.name, ARTIFACT, e.directory, Artifact.read(e.directory).manifest, threads=e.threads,
-                  settings=e.settings.to_dict())
+                  settings=e.settings.to_dict(), batch=e.batch)
         for e in live if e.directory is not None
     ]  # fmt: skip
     progress.say(f"timing {len(candidates)} candidates in {options.rounds} interleaved rounds ...")

@@ -26,19 +26,23 @@ from compiler.errors import UsageError
 if TYPE_CHECKING:
     from compiler.matrix import CellResult
     from compiler.progress import Progress
-    from compiler.tune import Entry, TuneOptions
+    from compiler.tune import Entry, Plan, TuneOptions
 
 STATE_FILE = "tune.json"  # in DIR/builds: what `kiln tune` built, for `--time-only`
-STATE_SCHEMA = "kiln.tune.builds/1"
+STATE_SCHEMA = "kiln.tune.builds/2"
 BUILDING_FLAGS_HINT = "drop them: they were fixed when the builds were made (build again to change them)"
 
 
-def save_builds(builds_dir: Path, source: str, skipped: list[dict[str, str]], executor: str) -> None:
-    """DIR/builds/tune.json: the model, the (target, precision) pairs not built and why, and the machine that ran
-    the builds (the cells record their own, which with Ray is the node)."""
+def save_builds(builds_dir: Path, source: str, planned: Plan, executor: str) -> None:
+    """DIR/builds/tune.json: the model, the (target, precision) pairs not built and why, each model entry's
+    variant (layout, batch range) and the batch to time at, and the machine that ran the builds (the cells record
+    their own, which with Ray is the node)."""
     from compiler.host import this_machine
 
-    state = {"schema": STATE_SCHEMA, "model": source, "skipped": skipped, "executor": executor}
+    variants = {name: {"layout": v.layout, "batch_range": v.batch_range, "plain": v.plain}
+                for name, v in planned.variants.items()}  # fmt: skip
+    state = {"schema": STATE_SCHEMA, "model": source, "skipped": planned.skipped, "executor": executor,
+             "variants": variants, "batch": planned.batch}  # fmt: skip
     (builds_dir / STATE_FILE).write_text(json.dumps(state | {"built_on": this_machine()}, indent=1) + "\n")
 
 
@@ -61,9 +65,31 @@ def read_state(builds_dir: Path) -> dict[str, Any]:
         and isinstance(skipped, list)
         and all(isinstance(s, dict) and all(isinstance(v, str) for v in s.values()) for s in skipped)
         and isinstance(state.get("built_on", {}), dict)
+        and _plan_of(state) is not None
     ):
         raise UsageError(f"{path} is not a record of `kiln tune`'s builds ({STATE_SCHEMA})", hint)
     return state
+
+
+def _plan_of(state: dict[str, Any]) -> Plan | None:
+    """The plan a tune.json records (nothing to build: its variants, batch and what was not built), or None when
+    a field is not what `save_builds` writes."""
+    from compiler.tune import Plan
+    from compiler.tune_candidates import LAYOUTS, MAX_BATCH, Variant
+
+    batch, variants = state.get("batch"), state.get("variants")
+    if not (batch is None or (type(batch) is int and 1 <= batch <= MAX_BATCH)) or not isinstance(variants, dict):
+        return None
+    found: dict[str, Variant] = {}
+    for name, kind in variants.items():
+        if not isinstance(kind, dict) or set(kind) != {"layout", "batch_range", "plain"}:
+            return None
+        layout, batch_range, plain = kind["layout"], kind["batch_range"], kind["plain"]
+        ranged = isinstance(batch_range, str) and all(p.isdigit() for p in batch_range.split(":"))
+        if layout not in (None, *LAYOUTS) or not (batch_range is None or ranged) or type(plain) is not bool:
+            return None
+        found[str(name)] = Variant(layout, batch_range, plain)
+    return Plan(None, state["skipped"], found, batch)
 
 
 def tune_or_time(
@@ -119,7 +145,9 @@ def time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str
     built_on = state.get("built_on", {}).get("host", "an unknown machine")
     count = f"{len(builds)} build{'' if len(builds) == 1 else 's'}"
     progress.say(f"time-only: {count} in {builds_dir} (built on {built_on}); none is rebuilt")
-    return evaluate(state["model"], out, builds, state["skipped"], options, progress)
+    planned = _plan_of(state)
+    assert planned is not None  # read_state checked it
+    return evaluate(state["model"], out, builds, planned, options, progress)
 
 
 def locate_builds(builds: list[CellResult], builds_dir: Path) -> tuple[list[CellResult], list[Entry]]:

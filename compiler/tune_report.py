@@ -3,7 +3,11 @@
 Tie rule: candidates are timed in the same interleaved rounds, so the best one and another are compared round by
 round; the other is tied with the best unless it was slower in every round and its median per-round ratio is
 over NOISE_FLOOR (see `_tied`). Among the tied, the simplest wins (fp32 before fp16/bf16 before int8; the fewest
-non-default runtime settings), then the most accurate (highest worst-case cosine), then the fastest.
+non-default runtime settings and NHWC I/O, which changes what the caller must feed), then the most accurate
+(highest worst-case cosine), then the fastest.
+
+Every candidate is timed at one batch (`kiln tune --batch`, default the example's), which the leaderboard says;
+each row says its I/O layout and whether its batch is static or a dynamic range.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def _row(entry: Entry) -> dict[str, Any]:
         "target": entry.target,
         "precision": entry.precision,
         "opt_level": 0 if entry.plain else "default",
+        "io_layout": entry.variant.layout,  # "nchw" (as captured), "nhwc", None: no image inputs
+        "batch_range": entry.variant.batch_range or "static",
+        "batch": timing.get("batch", entry.batch),  # the rows it was timed on
         "runtime_settings": entry.settings.to_dict(),
         "threads": entry.threads,
         "p50_ms": latency.get("p50"),
@@ -80,15 +87,15 @@ def _simpler(row: dict[str, Any]) -> tuple[float, ...]:
     the 7th digit by rounding alone: that is no reason to prefer the slower one)."""
     return (
         SIMPLICITY.get(row["precision"], 4),
-        len(row["runtime_settings"]) + (row["threads"] is not None),
+        len(row["runtime_settings"]) + (row["threads"] is not None) + (row.get("io_layout") == "nhwc"),
         -round(row["min_cosine"] if row["min_cosine"] is not None else -1.0, ACCURACY_DIGITS),
     )
 
 
-def rank(entries: list[Entry], objective: str, timed: bool = True) -> dict[str, Any]:
+def rank(entries: list[Entry], objective: str, batch: int | None = None, timed: bool = True) -> dict[str, Any]:
     """The leaderboard: survivors ranked by `objective` (accuracy breaks exact ties), the winner and why, the
-    Pareto front (latency vs accuracy) and the rejected with their reasons. Not `timed` (`--build-only`): the
-    survivors are listed as built, not timed, without ranks or a winner."""
+    Pareto front (latency vs accuracy) and the rejected with their reasons; `batch`: what they were timed at. Not
+    `timed` (`--build-only`): the survivors are listed as built, not timed, without ranks or a winner."""
     rows = [_row(e) for e in entries]
     alive = [r for r in rows if r["rejected"] is None]
     if not timed:
@@ -96,12 +103,14 @@ def rank(entries: list[Entry], objective: str, timed: bool = True) -> dict[str, 
             row["status"] = UNTIMED
         why = (f"{len(alive)} candidates built and verified, none timed (--build-only): time them where they will run, "
                "with `kiln tune --time-only --out DIR`")  # fmt: skip
-        return {"schema": SCHEMA, "objective": objective, "timed": False, "candidates": alive, "pareto": [],
-                "rejected": [r for r in rows if r["rejected"] is not None], "winner": None, "why": why}  # fmt: skip
+        return {"schema": SCHEMA, "objective": objective, "batch": batch, "timed": False, "candidates": alive,
+                "pareto": [], "rejected": [r for r in rows if r["rejected"] is not None], "winner": None,
+                "why": why}  # fmt: skip
     alive.sort(key=lambda r: (_measure(r, objective), -(r["min_cosine"] or -1.0)))
     for place, row in enumerate(alive, 1):
         row["rank"] = place
-    board: dict[str, Any] = {"schema": SCHEMA, "objective": objective, "timed": True, "candidates": alive}
+    board: dict[str, Any] = {"schema": SCHEMA, "objective": objective, "batch": batch, "timed": True,
+                             "candidates": alive}  # fmt: skip
     board["rejected"] = [r for r in rows if r["rejected"] is not None]
     board["pareto"] = pareto(alive)
     board["winner"], board["why"] = None, "no candidate passed the parity gate and could be timed"
@@ -109,7 +118,7 @@ def rank(entries: list[Entry], objective: str, timed: bool = True) -> dict[str, 
         winner, tied = choose(alive, objective)
         winner["winner"] = True
         board["winner"] = winner
-        board["why"] = _why(winner, alive, tied, objective)
+        board["why"] = _why(winner, alive, tied, objective, batch)
     return board
 
 
@@ -120,8 +129,11 @@ def choose(alive: list[dict[str, Any]], objective: str) -> tuple[dict[str, Any],
     return min(tied, key=lambda r: (*_simpler(r), _measure(r, objective))), tied
 
 
-def _why(winner: dict[str, Any], alive: list[dict[str, Any]], tied: list[dict[str, Any]], objective: str) -> str:
+def _why(
+    winner: dict[str, Any], alive: list[dict[str, Any]], tied: list[dict[str, Any]], objective: str, batch: int | None
+) -> str:
     what = {"latency": "p50 latency", "throughput": "throughput", "size": "artifact size"}[objective]
+    what += f" at batch {batch}" if batch is not None and objective != "size" else ""
     if len(tied) == 1:
         runner_up = f"; next: {alive[1]['name']}" if len(alive) > 1 else ""
         return f"best {what} of {len(alive)} verified candidates, outside the noise of the others{runner_up}"
@@ -129,7 +141,7 @@ def _why(winner: dict[str, Any], alive: list[dict[str, Any]], tied: list[dict[st
     fastest = "" if winner is alive[0] else f" ({alive[0]['name']} measured best, within the noise)"
     return (
         f"tie: {len(tied)} candidates within the noise of the best {what} ({others}){fastest}; "
-        "chose the simplest (fp32 over quantized, fewest runtime settings), then the most accurate"
+        "chose the simplest (fp32 over quantized, fewest runtime settings, NCHW over NHWC), then the most accurate"
     )
 
 
@@ -200,7 +212,11 @@ def publish(winner: Entry, best: Path, board: dict[str, Any]) -> None:
         "candidate": winner.name,
         "runtime_settings": winner.settings.to_dict(),
         "timed_threads": winner.threads,
+        "io_layout": winner.variant.layout,
+        "batch_range": winner.variant.batch_range or "static",
+        "timed_batch": winner.timing.get("batch", winner.batch),
         "p50_ms": (winner.timing.get("latency_ms") or {}).get("p50"),
+        "throughput_items_per_s": winner.timing.get("throughput_items_per_s"),
     }
     manifest = replace(manifest, target_info={**manifest.target_info, "tune": tune})
     manifest.write(partial)
@@ -214,7 +230,9 @@ def publish(winner: Entry, best: Path, board: dict[str, Any]) -> None:
 
 def markdown(board: dict[str, Any]) -> str:
     """leaderboard.md: the ranked candidates, the winner and why, the rejected, the CPU notes."""
-    lines = [f"# kiln tune: {board['model']} (objective: {board['objective']})", ""]
+    batch = board.get("batch")
+    timed = f", timed at batch {batch}" if batch is not None else ""
+    lines = [f"# kiln tune: {board['model']} (objective: {board['objective']}{timed})", ""]
     winner = board["winner"]
     lines += [f"**Winner: {winner['name']}** -> `best/`. {board['why']}." if winner else f"No winner: {board['why']}."]
     lines += ["", *where_lines(board)]
@@ -245,12 +263,13 @@ def where_lines(board: dict[str, Any]) -> list[str]:
 
 
 def _ranked_table(board: dict[str, Any]) -> list[str]:
-    lines = ["", "| rank | candidate | p50 ms | p90 ms | spread | items/s | size KiB | min cosine | Pareto |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|:-:|"]  # fmt: skip
+    lines = ["", "| rank | candidate | I/O | batch | p50 ms | p90 ms | spread | items/s | size KiB | min cosine "
+             "| Pareto |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|:-:|"]  # fmt: skip
     for r in board["candidates"]:
         spread = "n/a" if r["spread"] is None else f"{r['spread']:.2f}" + ("!" if r["spread_too_wide"] else "")
         lines.append(
-            f"| {r['rank']} | {r['name']}{' **(winner)**' if r.get('winner') else ''} | {r['p50_ms']:.3f} | "
+            f"| {r['rank']} | {r['name']}{' **(winner)**' if r.get('winner') else ''} | "
+            f"{(r.get('io_layout') or 'n/a').upper()} | {r.get('batch_range', 'static')} | {r['p50_ms']:.3f} | "
             f"{r['p90_ms']:.3f} | {spread} | {r['throughput_items_per_s']:.0f} | "
             f"{(r['artifact_bytes'] or 0) / 1024:.0f} | {_cos(r['min_cosine'])} | "
             f"{'yes' if r['name'] in board['pareto'] else ''} |"
@@ -265,10 +284,16 @@ def _lists(board: dict[str, Any]) -> list[str]:
         lines += ["", "## Rejected", ""] + [f"- {r['name']}: {r['rejected']}" for r in board["rejected"]]
     if board["skipped"]:
         lines += ["", "## Not built", ""]
-        lines += [f"- {s['target']} {s['precision']}: {s['reason']}" for s in board["skipped"]]
+        lines += [f"- {_skipped_name(s)}: {s['reason']}" for s in board["skipped"]]
     if board["cpu_notes"]:
         lines += ["", "## Precisions without a speed-up on this CPU", ""] + [f"- {n}" for n in board["cpu_notes"]]
     return lines
+
+
+def _skipped_name(skipped: dict[str, str]) -> str:
+    """`target precision (variant)` of a build left out; "*": every one."""
+    variant = f" ({skipped['variant']})" if skipped.get("variant") else ""
+    return f"{skipped['target']} {skipped['precision']}{variant}"
 
 
 def _cos(value: float | None) -> str:

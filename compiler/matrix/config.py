@@ -37,6 +37,7 @@ class CellOptions:
     metric: str | None = None  # file.py:fn measuring accuracy for max_drop
     min_cosine: float | None = None  # a stricter (or looser) parity cosine threshold
     localize: bool = True  # on a parity failure, find the first diverging module (compiler.divergence)
+    io: str | None = None  # --io of the export ("nhwc": image I/O channels-last)
 
     def export_settings(self) -> dict[str, Any]:
         """The options that reach the export itself, as keywords of `compiler.options.export_options`."""
@@ -49,7 +50,7 @@ class CellOptions:
             "samples": self.samples,
             "localize": None if self.localize else False,
         }
-        optional = {"opt_level": self.opt_level, "calib": self.calib, "min_cosine": self.min_cosine}
+        optional = {"opt_level": self.opt_level, "calib": self.calib, "min_cosine": self.min_cosine, "io": self.io}
         if self.max_drop is not None:
             optional |= {"max_drop": self.max_drop, "metric": self.metric}
         return settings | {k: v for k, v in optional.items() if v is not None}
@@ -96,6 +97,7 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "metric": (lambda v: isinstance(v, str) and ":" in v, "file.py:function"),
     "min_cosine": (lambda v: _is_number(v) and math.isfinite(v) and -1 <= v <= 1, "a number from -1 to 1"),
     "localize": (lambda v: isinstance(v, bool), "true or false"),
+    "io": (lambda v: v == "nhwc", '"nhwc" (channels-last image I/O; the only --io option)'),
 }
 
 
