@@ -184,3 +184,32 @@ def test_ray_builds_the_cells_and_the_tune_publishes_a_winner(built, tmp_path, c
     board = _board(out)
     assert board["winner"] is not None and board["timed_on"] is not None
     assert Manifest.read(out / "best").target_info["tune"]["candidate"] == board["winner"]["name"]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [{"batch": 0}, {"batch": "4"}, {"variants": {"m-nhwc": {"layout": "nhwc;rm", "batch_range": None, "plain": False}}},
+     {"variants": {"m": {"layout": None, "batch_range": "1:x", "plain": False}}}, {"variants": []}],
+)  # fmt: skip
+def test_the_builds_record_keeps_each_variant_and_refuses_a_forged_one(tmp_path, forged):
+    """`--time-only` has no model to plan from: the layout and batch range of each build and the batch to time at
+    come back from builds/tune.json, as they were planned; a record whose fields are not what tune writes is refused."""
+    from compiler.errors import UsageError
+    from compiler.tune import Plan
+    from compiler.tune_candidates import Variant
+    from compiler.tune_deploy import STATE_FILE, _plan_of, read_state, save_builds
+
+    variants = {
+        "m": Variant("nchw"),
+        "m-nhwc": Variant("nhwc", precisions=("fp32",)),
+        "m-dynbatch": Variant(None, "1:4"),
+    }
+    save_builds(tmp_path, "zoo:cnn", Plan(None, [], variants, 4), "local")
+    back = _plan_of(read_state(tmp_path))
+    assert back is not None and back.batch == 4
+    assert {n: (v.layout, v.batch_range, v.plain) for n, v in back.variants.items()} == {
+        "m": ("nchw", None, False), "m-nhwc": ("nhwc", None, False), "m-dynbatch": (None, "1:4", False)}  # fmt: skip
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    (tmp_path / STATE_FILE).write_text(json.dumps(state | forged))
+    with pytest.raises(UsageError, match="is not a record of `kiln tune`'s builds"):
+        read_state(tmp_path)
