@@ -15,6 +15,7 @@ moved DIR) is `compiler.tune_deploy`.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -273,8 +274,21 @@ def evaluate(
     if board["winner"] is not None:
         winner = next(e for e in entries if e.name == board["winner"]["name"])
         publish(winner, out / BEST_DIR, board)
+    else:
+        _withdraw(out / BEST_DIR, progress)
     write_leaderboards(out, board)
     return board
+
+
+def _withdraw(best: Path, progress: Progress) -> None:
+    """Remove a `best/` an earlier tune published when this one chose nothing (--build-only, or no survivor): the
+    leaderboard written now does not describe it, and a script that deploys DIR/best must not find it."""
+    if best.is_dir() and not best.is_symlink():
+        stale = best.with_name(best.name + ".stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        best.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        progress.warn(f"removed {best}: an earlier tune published it, and this one chose no winner")
 
 
 def _cell(data: dict[str, Any]) -> CellResult:

@@ -97,6 +97,20 @@ def test_the_moved_directory_resumes_a_plain_tune_with_nothing_to_run(moved, cap
     assert _board(out)["winner"] is not None and (out / "best" / "manifest.json").is_file()
 
 
+def test_a_tune_that_chooses_nothing_withdraws_an_earlier_best(moved, tmp_path, capsys):
+    """--build-only again where an earlier tune published best/: the new leaderboard has no winner, so the old
+    best/ must not stay for a script to deploy."""
+    model, out = moved
+    if not (out / "best").is_dir():
+        assert run_cli("tune", "--time-only", "--out", out, *TIMING, capsys=capsys)[0] == 0
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    code, _, err = run_cli("tune", model, "--out", again, *ARGS, "--build-only", capsys=capsys)
+    assert code == 0, err
+    assert "0 to run" in err and "removed" in err and "chose no winner" in err
+    assert not (again / "best").exists() and _board(again)["winner"] is None
+
+
 def test_a_leaderboard_timed_elsewhere_says_where_it_was_built():
     from compiler.tune_report import where_lines
 
