@@ -265,11 +265,11 @@ def evaluate(
     from compiler.tune_report import publish, rank, write_leaderboards
 
     builds, refused = locate_builds(builds, out / BUILDS_DIR)
-    entries = refused + _entries(builds, planned, options, progress)
+    entries = _entries(builds, planned, options, progress, refused)
     if not options.build_only:
         _time(entries, options, progress)
     board = rank(entries, options.objective, planned.batch, timed=not options.build_only)
-    board |= {"model": source, "skipped": planned.skipped, "builds": len(builds) + len(refused)}
+    board |= {"model": source, "skipped": planned.skipped, "builds": len(builds)}
     board |= provenance(out / BUILDS_DIR, builds, options)
     if board["winner"] is not None:
         winner = next(e for e in entries if e.name == board["winner"]["name"])
@@ -297,9 +297,12 @@ def _cell(data: dict[str, Any]) -> CellResult:
     return CellResult.parse(data)
 
 
-def _entries(builds: list[CellResult], planned: Plan, options: TuneOptions, progress: Progress) -> list[Entry]:
+def _entries(
+    builds: list[CellResult], planned: Plan, options: TuneOptions, progress: Progress, refused: dict[str, str]
+) -> list[Entry]:
     """Every build x runtime setting x thread count, each knowing its variant (layout, batch range) and the batch
-    it is timed at; a build that failed (or whose artifact is gone) once, rejected."""
+    it is timed at; a build that failed, whose recorded directory is `refused` (cell id -> why) or whose artifact
+    is gone, once, rejected."""
     from compiler.matrix.results import PASSED, STATUS_LABELS
     from compiler.runner import export_dirs
     from targets import get_target
@@ -314,6 +317,10 @@ def _entries(builds: list[CellResult], planned: Plan, options: TuneOptions, prog
         base.name = base.build_name
         if build.status != PASSED:
             base.rejected = f"{STATUS_LABELS.get(build.status, build.status)}: {build.reason or 'no reason recorded'}"
+            entries.append(base)
+            continue
+        if build.cell_id in refused:
+            base.rejected = refused[build.cell_id]
             entries.append(base)
             continue
         if directory is None or not directory.is_dir():

@@ -26,7 +26,7 @@ from compiler.errors import UsageError
 if TYPE_CHECKING:
     from compiler.matrix import CellResult
     from compiler.progress import Progress
-    from compiler.tune import Entry, Plan, TuneOptions
+    from compiler.tune import Plan, TuneOptions
 
 STATE_FILE = "tune.json"  # in DIR/builds: what `kiln tune` built, for `--time-only`
 STATE_SCHEMA = "kiln.tune.builds/2"
@@ -150,27 +150,21 @@ def time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str
     return evaluate(state["model"], out, builds, planned, options, progress)
 
 
-def locate_builds(builds: list[CellResult], builds_dir: Path) -> tuple[list[CellResult], list[Entry]]:
+def locate_builds(builds: list[CellResult], builds_dir: Path) -> tuple[list[CellResult], dict[str, str]]:
     """The builds with each passed one's `cell_dir` made the path its files have now (under `builds_dir`), and
-    the builds whose recorded `cell_dir` is refused, as rejected candidates with the reason. A missing directory
-    is not refused here: the candidate is rejected as gone, as before."""
+    why each build whose recorded `cell_dir` is refused (by cell id; `compiler.tune._entries` rejects it with
+    that reason, never opening it). A missing directory is not refused here: the candidate is rejected as gone."""
     from compiler.matrix.results import PASSED
-    from compiler.tune import PLAIN, Entry
-    from targets.base import RuntimeSettings
 
     located: list[CellResult] = []
-    refused: list[Entry] = []
+    refused: dict[str, str] = {}
     for build in builds:
-        if build.status != PASSED:  # never opened: its status is the reason it is rejected
-            located.append(build)
-            continue
-        try:
-            located.append(replace(build, cell_dir=str(cell_directory(build, builds_dir))))
-        except ValueError as exc:
-            plain = build.model.endswith(PLAIN)
-            entry = Entry("", build.target, build.precision, plain, RuntimeSettings(), None, build, rejected=str(exc))
-            entry.name = entry.build_name
-            refused.append(entry)
+        if build.status == PASSED:  # a build that did not pass is never opened: its status is its reason
+            try:
+                build = replace(build, cell_dir=str(cell_directory(build, builds_dir)))
+            except ValueError as exc:
+                refused[build.cell_id] = str(exc)
+        located.append(build)
     return located, refused
 
 
