@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from compiler.dynamic import BATCH_DIM, DynamicBatch, DynamicShapes, name_dynamic_dims  # noqa: F401 (re-export)
+from compiler.dynamic import (  # noqa: F401 (BATCH_DIM, DynamicBatch, name_dynamic_dims: re-exports)
+    BATCH_DIM,
+    DynamicBatch,
+    DynamicShapes,
+    name_dynamic_dims,
+    shaped_like_forward,
+)
 from compiler.errors import UnsupportedOpError, UsageError
 from compiler.onnx_files import copy_onnx, name_unnamed_nodes, onnx_signature  # noqa: F401 (re-export)
 from compiler.progress import converter_output_captured
@@ -206,6 +212,8 @@ def export_program(source: ModelSource, dynamic: DynamicShapes | None) -> torch.
     if module is None:
         assert source.exported is not None
         module = source.exported.module()
+    elif dynamic_shapes is not None:
+        dynamic_shapes = shaped_like_forward(module, dynamic_shapes)
     try:
         with converter_output_captured():
             return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)

@@ -260,3 +260,19 @@ def name_dynamic_dims(proto: Any, dynamic: DynamicShapes) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 dim.dim_param = pattern.sub(lambda m: names[m[0]], dim.dim_param).replace(" ", "")
+
+
+def shaped_like_forward(module: Any, specs: tuple[dict[int, Any], ...]) -> tuple[Any, ...]:
+    """`dynamic_shapes` in the structure of `module.forward`'s parameters, which torch.export matches them against:
+    the inputs a `*args` parameter takes are one tuple there (a transformers wrapper's `forward(self, *args)`
+    was refused: "inputs[0] is a tuple, but dynamic_shapes[0] is a dict")."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return specs
+    if not any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return specs
+    named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+    return (*specs[:named], tuple(specs[named:])) if len(specs) > named else specs

@@ -290,3 +290,36 @@ def test_a_matrix_cell_takes_dynamic_specs():
     assert export_options(**cell.export_settings()).dynamic == DynamicShapes.parse(["input_ids:1=8:64"])
     with pytest.raises(UsageError, match="dynamic = 'input_ids:1=8:64' is not valid"):
         CellOptions().merged({"dynamic": "input_ids:1=8:64"}, "cell")
+
+
+VARARGS_MODEL = """
+import torch
+
+
+class Wrapper(torch.nn.Module):  # what a transformers wrapper looks like: forward(self, *args)
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 4)
+
+    def forward(self, *args):
+        image, frames = args
+        return self.linear(frames).mean(1) + image.mean((2, 3))[:, :1]
+
+
+def build():
+    torch.manual_seed(0)
+    return Wrapper().eval(), (torch.randn(1, 3, 8, 8), torch.randn(1, 5, 6))
+"""
+
+
+def test_a_forward_taking_star_args_gets_a_dynamic_batch(tmp_path, capsys):
+    """Regression: torch.export matches `dynamic_shapes` against forward's parameters, where `*args` is one tuple;
+    a transformers wrapper's `forward(self, *args)` failed with "inputs[0] is a tuple, but dynamic_shapes[0] is a
+    dict" (and so did every dynamic-batch candidate of `kiln tune --batch N` on it)."""
+    (tmp_path / "varargs.py").write_text(VARARGS_MODEL)
+    code, _, err = run_cli("export", f"{tmp_path / 'varargs.py'}:build", "--target", "onnx", "--dynamic-batch",
+                             "1:4", "--out", tmp_path / "out", capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["target_info"]["dynamic_batch"] == "1:4"
+    assert {"random batch=1", "random batch=4"} <= set(manifest["parity"]["sample_origins"])  # judged at min, max
