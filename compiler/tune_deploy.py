@@ -8,10 +8,11 @@ CPU, times the candidates there and publishes `best/`. It needs Kiln and the tar
 packages the model's code imports. `kiln tune MODEL --out DIR` on a moved DIR resumes too, where the cells' keys
 are unchanged (same model path, CPU and toolchain); on another machine they are not, and it would rebuild.
 
-results.jsonl records each cell's `cell_dir` as an absolute path where DIR was when it was built; `locate_builds`
-finds each cell's files at DIR/builds/cells/<cell> wherever DIR is now. The file is treated as hostile: a
-`cell_dir` that is not that cell's own directory (`/etc`, `../../x`), or a directory that resolves (through links)
-outside DIR/builds, is refused with the reason, never followed.
+results.jsonl records each cell's `cell_dir` as an absolute path where DIR was when it was built (relative to the
+working folder then, by a Kiln before issue 24, for a relative --out); `locate_builds` finds each cell's files at
+DIR/builds/cells/<cell> wherever DIR is now. The file is treated as hostile: a `cell_dir` that is not that cell's
+own directory (`/etc`, `../../x`), or a directory that resolves (through links) outside DIR/builds, is refused with
+the reason, never followed; what is found there is checked by `compiler.tune_files.check_build`.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ def save_builds(builds_dir: Path, source: str, planned: Plan, executor: str) -> 
     variant (layout, batch range) and the batch to time at, and the machine that ran the builds (the cells record
     their own, which with Ray is the node)."""
     from compiler.host import this_machine
+    from compiler.tune_files import write_text
 
     variants = {name: {"layout": v.layout, "batch_range": v.batch_range, "plain": v.plain}
                 for name, v in planned.variants.items()}  # fmt: skip
-    from compiler.tune_files import write_text
-
     state = {"schema": STATE_SCHEMA, "model": source, "skipped": planned.skipped, "executor": executor,
              "variants": variants, "batch": planned.batch}  # fmt: skip
     write_text(builds_dir / STATE_FILE, json.dumps(state | {"built_on": this_machine()}, indent=1) + "\n")
@@ -142,6 +142,7 @@ def time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str
 
 
 def _time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str, Any]:
+    """`time_builds` in a prepared, locked `out`."""
     from compiler.matrix.process import identity
     from compiler.matrix.results import NOT_RUN, RESULTS_FILE, read_results
     from compiler.matrix.runner import Plan

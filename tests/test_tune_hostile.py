@@ -92,14 +92,25 @@ def _change_a_weight(model_file: Path) -> None:
     onnx.save(model, model_file)
 
 
+def _list_a_wrong_size(export: Path) -> None:
+    """The manifest edited to list model.onnx as -5 bytes (its sha256 kept): it would win --objective size."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    for listed in manifest["files"]:
+        if listed["path"] == "model.onnx":
+            listed["size"] = -5
+    (export / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [
         (lambda export: _change_a_weight(export / "model.onnx"), "model.onnx changed since export (sha256 differs)"),
         (lambda export: (export / "extra.bin").write_bytes(b"\0"), "file extra.bin is not in the manifest"),
         (lambda export: (export / "parity" / "reference.npz").unlink(), "parity/reference.npz is missing"),
+        (_list_a_wrong_size, "model.onnx changed since export ("),
+        (lambda export: (export / "manifest.json").write_text("[" * 200_000 + "]" * 200_000), "cannot read"),
     ],
-    ids=["weight-changed", "file-added", "file-missing"],
+    ids=["weight-changed", "file-added", "file-missing", "size-forged", "manifest-nested-too-deep"],
 )
 @pytest.mark.parametrize("how", [("--time-only",), ("zoo:cnn", *B)], ids=["time-only", "resume"])
 def test_a_tampered_build_is_rejected_and_never_published(copy, capsys, tamper, reason, how):
