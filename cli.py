@@ -261,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`kiln bench`: time exports in interleaved rounds, each in its own process."""
     from compiler.bench_report import table, timing_failures
     from compiler.benchmark import BenchOptions, run_bench
-    from compiler.errors import EXIT_INTERNAL
+    from compiler.errors import EXIT_PARITY
     from compiler.progress import Progress
 
     options = BenchOptions(
@@ -273,6 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compare_eager=args.compare_eager,
         model=args.model,
         compile_timeout_s=args.compile_timeout,
+        round_timeout_s=args.round_timeout,
         trust_pickle=args.trust_pickle,
         write=not args.no_write,
     )
@@ -284,7 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failures = timing_failures(result)
     for line in failures:  # the report is written and printed, but an incomplete run is not a success
         print(f"kiln: error: {line}", file=sys.stderr)
-    return EXIT_INTERNAL if failures else 0
+    return EXIT_PARITY if failures else 0  # a candidate that could not be timed failed, as one that fails parity
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -312,6 +313,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         build_only=args.build_only,
         io=parse_io(args.io),
         batch=args.batch,
+        round_timeout_s=args.round_timeout,
+        force=args.force,
+        wait=args.wait,
     )
     building = {"MODEL": args.model, "--targets": args.targets, "--precisions": args.precisions, "--calib": args.calib,
                 "--min-cosine": args.min_cosine, "--max-drop": args.max_drop, "--metric": args.metric,

@@ -130,6 +130,8 @@ def timing_failures(result: dict[str, Any]) -> list[str]:
 
 
 def _record(entry: Started, options: BenchOptions) -> dict[str, Any]:
+    from compiler.manifest import manifest_figures
+
     candidate, info = entry.candidate, entry.info
     manifest = candidate.manifest
     artifact = candidate.kind == "artifact"
@@ -147,7 +149,7 @@ def _record(entry: Started, options: BenchOptions) -> dict[str, Any]:
         "runtime_info": info.get("runtime_info", {}),
         "load_s": info.get("load_s"),
         "first_inference_ms": info.get("first_ms"),
-        "artifact_bytes": sum(f.size for f in manifest.files if not f.path.startswith("parity/")) if artifact else None,
+        "artifact_bytes": manifest_figures(manifest)["artifact_bytes"] if artifact else None,
         "failure": entry.failure,
     }
 

@@ -133,9 +133,10 @@ def check_files(directory: Path, manifest: Manifest) -> None:
         found = actual.get(recorded.path)
         if found is None:
             raise UsageError(f"{directory}: artifact file {recorded.path} is missing", "re-export the model")
-        if found.sha256 != recorded.sha256:
+        if found.sha256 != recorded.sha256 or found.size != recorded.size:
+            what = "sha256 differs" if found.sha256 != recorded.sha256 else f"{found.size} bytes, not {recorded.size}"
             raise UsageError(
-                f"{directory}: {recorded.path} changed since export (sha256 differs)",
+                f"{directory}: {recorded.path} changed since export ({what})",
                 "re-export the model, or restore the file",
             )
 

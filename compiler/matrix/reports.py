@@ -45,16 +45,18 @@ __all__ = [  # the HTML page and the shared helpers moved to report_html and rep
 REPORT_SCHEMA = "kiln.matrix.report"
 REPORT_SCHEMA_VERSION = 1
 BASELINE_HINT = "pass the report.json of an earlier run"
+REPORT_FILES = ("report.json", "report.md", "junit.xml", "report.html")  # what `write_reports` writes into OUT
 ERROR_FLOOR_OF_ATOL = 0.01  # parity errors below 1% of atol are noise: growth below that is no regression
 
 
 def write_reports(plans: list[Plan], results: list[CellResult], out: Path, settings: RunSettings) -> dict[str, Any]:
     """Build report.json from the results and write it with report.md, junit.xml and report.html into `out`."""
     report = build_report(plans, results, settings)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    (out / "junit.xml").write_bytes(junit(report))
-    (out / "report.html").write_text(html_page(report))
+    json_file, markdown_file, junit_file, html_file = REPORT_FILES
+    (out / json_file).write_text(json.dumps(report, indent=1) + "\n")
+    (out / markdown_file).write_text(markdown(report))
+    (out / junit_file).write_bytes(junit(report))
+    (out / html_file).write_text(html_page(report))
     return report
 
 

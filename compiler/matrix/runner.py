@@ -150,8 +150,8 @@ class Plan:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise UsageError(f"{directory} holds no {PLAN_FILE}", "pass directories written by `kiln matrix`") from None
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}", "re-run that shard") from None
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            raise UsageError(f"cannot read {path}: {str(exc)[:200]}", "re-run that shard") from None
         try:
             cells = [CellSpec.from_dict(c["cell"]) for c in data["cells"]]
             keys = {c["cell"]["name"] + "/" + c["cell"]["target"] + "/" + c["cell"]["precision"]: c["key"]
