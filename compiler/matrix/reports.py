@@ -26,6 +26,7 @@ from compiler.matrix.report_text import (
     cell_figures,
 )
 from compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
+from compiler.safe_fs import write_file
 
 if TYPE_CHECKING:
     from compiler.matrix.runner import Plan, RunSettings
@@ -51,10 +52,10 @@ ERROR_FLOOR_OF_ATOL = 0.01  # parity errors below 1% of atol are noise: growth b
 def write_reports(plans: list[Plan], results: list[CellResult], out: Path, settings: RunSettings) -> dict[str, Any]:
     """Build report.json from the results and write it with report.md, junit.xml and report.html into `out`."""
     report = build_report(plans, results, settings)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    (out / "junit.xml").write_bytes(junit(report))
-    (out / "report.html").write_text(html_page(report))
+    write_file(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_file(out / "report.md", markdown(report))
+    write_file(out / "junit.xml", junit(report))
+    write_file(out / "report.html", html_page(report))
     return report
 
 
