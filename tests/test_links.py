@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from compiler.errors import UsageError
-from compiler.pipeline import ExportOptions, export_targets
 from compiler.safe_fs import check_tree, copy_tree, regular_files, within, write_file
 from tests.conftest import run_cli
 from tests.test_cli_errors import assert_one_line_error
@@ -126,14 +125,6 @@ def assert_no_secret(work: Path, *texts: str) -> None:
                 assert SECRET.encode() not in path.read_bytes(), f"the secret was copied into {path}"
 
 
-@pytest.fixture(scope="module")
-def cnn_export(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("links") / "cnn"
-    (result,) = export_targets("zoo:cnn", "onnx", out, ExportOptions())
-    assert result.published
-    return out
-
-
 def _copy(export: Path, destination: Path) -> Path:
     shutil.copytree(export, destination)
     return destination
@@ -199,9 +190,9 @@ READERS = {
 
 
 @pytest.mark.parametrize("command", list(READERS))
-def test_readers_refuse_an_export_file_that_links_outside(command, cnn_export, work, outside, capsys):
+def test_readers_refuse_an_export_file_that_links_outside(command, cnn_onnx_export, work, outside, capsys):
     relative, argv = READERS[command]
-    export = _copy(cnn_export, work / "export")
+    export = _copy(cnn_onnx_export, work / "export")
     _moved_out(export, relative, outside)
     before = outside.age()
     code, _, err = run_cli(*argv(export, work), capsys=capsys)
@@ -210,10 +201,10 @@ def test_readers_refuse_an_export_file_that_links_outside(command, cnn_export, w
     assert not (export / "bench.json").exists() and not (work / "outputs.npz").exists()
 
 
-def test_bench_refuses_a_target_directory_that_links_outside(cnn_export, work, outside, capsys):
+def test_bench_refuses_a_target_directory_that_links_outside(cnn_onnx_export, work, outside, capsys):
     """`kiln bench OUT` of a multi-target OUT whose `onnx/` links to an export elsewhere: neither timed nor
     written into (bench.json)."""
-    elsewhere = _copy(cnn_export, outside.root / "export")
+    elsewhere = _copy(cnn_onnx_export, outside.root / "export")
     link(work / "out" / "onnx", elsewhere)
     before = outside.age()
     code, _, err = run_cli("bench", work / "out", "--rounds", "1", "--runs", "2", "--warmup", "1", capsys=capsys)
@@ -221,7 +212,7 @@ def test_bench_refuses_a_target_directory_that_links_outside(cnn_export, work, o
     outside.assert_untouched(before)
 
 
-def test_verify_notices_what_was_added_to_an_export(cnn_export, work, capsys):
+def test_verify_notices_what_was_added_to_an_export(cnn_onnx_export, work, capsys):
     """A nested manifest.json, a FIFO and a linked directory (even one inside) are not the export's."""
     cases = {
         "nested manifest": (lambda e: shutil.copy(e / "manifest.json", (e / "sub").mkdir() or e / "sub"),
@@ -230,7 +221,7 @@ def test_verify_notices_what_was_added_to_an_export(cnn_export, work, capsys):
         "linked directory": (lambda e: link(e / "more", e / "parity"), f"more is a symbolic link: {REFUSED}"),
     }  # fmt: skip
     for name, (add, expected) in cases.items():
-        export = _copy(cnn_export, work / name.replace(" ", "-"))
+        export = _copy(cnn_onnx_export, work / name.replace(" ", "-"))
         add(export)
         code, _, err = run_cli("verify", export, capsys=capsys)
         assert_one_line_error(code, err, expected)

@@ -8,6 +8,7 @@ processes included: every process it started carries a marker in its environment
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from compiler.errors import EXIT_TERMINATED
-from compiler.pipeline import ExportOptions, export_targets
 from tests.conftest import ROOT
 
 MARK = "KILN_SIGNAL_TEST"
@@ -95,19 +95,12 @@ def test_sigterm_mid_export_cleans_up(tmp_path, child_tmp):
     assert list(child_tmp.iterdir()) == [], "no temporary file"
 
 
-@pytest.fixture(scope="module")
-def cnn_export(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("signals") / "cnn"
-    (result,) = export_targets("zoo:cnn", "onnx", out, ExportOptions())
-    assert result.published
-    return out
-
-
-def test_sigterm_mid_bench_stops_its_workers(cnn_export, child_tmp):
-    argv = ["bench", cnn_export, "--rounds", "1000", "--runs", "50", "--warmup", "1"]
+def test_sigterm_mid_bench_stops_its_workers(cnn_onnx_export, tmp_path, child_tmp):
+    export = shutil.copytree(cnn_onnx_export, tmp_path / "cnn")
+    argv = ["bench", export, "--rounds", "1000", "--runs", "50", "--warmup", "1"]
     code, err, mark = _terminate(argv, child_tmp, b"round 1/", children=True)
     _assert_terminated(code, err, mark)
-    assert not (cnn_export / "bench.json").exists(), "an interrupted run writes no report"
+    assert not (export / "bench.json").exists(), "an interrupted run writes no report"
 
 
 def test_sigterm_mid_matrix_stops_its_cells(tmp_path, child_tmp):
