@@ -319,3 +319,17 @@ def test_safe_fs_rules(tmp_path, outside):
     write_file(tree / "sub" / "out", "replaced")  # a link where Kiln writes a whole file is replaced
     assert (tree / "sub" / "out").read_text() == "replaced" and not (tree / "sub" / "out").is_symlink()
     outside.assert_untouched(before)
+
+
+def test_a_compile_cache_entry_holding_a_link_is_not_used(tmp_path, outside):
+    """An aoti cache entry's package is copied into the export: one that links elsewhere is a miss, not a copy."""
+    from compiler.cache import CompileCache
+
+    cache = CompileCache("aoti", tmp_path / "cache")
+    package = outside.file("model.pt2", SECRET)
+    (tmp_path / "model.pt2").write_bytes(b"a package")
+    entry = cache.store("k" * 64, {"what": "test"}, [tmp_path / "model.pt2"])
+    assert entry is not None and cache.lookup(entry.key) == entry
+    (entry.directory / "model.pt2").unlink()
+    link(entry.directory / "model.pt2", package)
+    assert cache.lookup(entry.key) is None
