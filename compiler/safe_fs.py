@@ -12,8 +12,8 @@ in this one module:
 - a path under a root (a cell directory under a matrix's `--out`) is used only when, every link followed, it
   stays inside that root (`within`); a directory is removed only as itself, a link in its place only unlinked
   (`remove_tree`);
-- a tree Kiln reads (an export) holds no link leading outside it and no special file (`check_tree`), and a
-  tree Kiln copies holds no link at all (`copy_tree`).
+- a tree Kiln reads (an export) holds no link leading outside it and no special file (`check_tree`); a tree
+  Kiln wrote, when it hashes (`regular_files`) or copies it (`copy_tree`), holds no link at all.
 
 A refusal is a UsageError (exit 2) that names the path. The checks guard against what a directory holds when
 Kiln comes to it, not against someone swapping its files while Kiln works (who can write there can change
