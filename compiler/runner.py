@@ -213,6 +213,12 @@ def _model_reference(
             f"{' '.join(str(exc).split())[:200]})",
             "pass the model the export was made from",
         ) from None
+    missing = [s.name for s in manifest.outputs if any(s.name not in outputs for outputs in samples.reference)]
+    if missing:
+        raise UsageError(
+            f"{model} returns fewer outputs than the export in {directory} (none for {', '.join(missing)})",
+            "pass the model the export was made from",
+        )
     return samples, source.reference_name
 
 

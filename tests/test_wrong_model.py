@@ -35,6 +35,13 @@ def test_verify_with_a_model_that_fails_on_the_stored_inputs_is_bad_input(cnn_on
     assert_one_line_error(code, err, f"{source}:build fails on the parity inputs stored in {cnn_onnx_export}")
 
 
+def test_verify_with_a_model_returning_fewer_outputs_is_bad_input(cnn_onnx_export, tmp_path, capsys):
+    source = tmp_path / "nothing.py"
+    source.write_text(SMALLER.replace("return image.reshape(1, 3 * 16 * 16).sum(dim=1, keepdim=True)", "return ()"))
+    code, _, err = run_cli("verify", cnn_onnx_export, "--model", f"{source}:build", capsys=capsys)
+    assert_one_line_error(code, err, f"{source}:build returns fewer outputs than the export in {cnn_onnx_export}")
+
+
 def test_debug_with_another_model_is_refused_before_localizing(cnn_onnx_export, capsys):
     code, _, err = run_cli("debug", cnn_onnx_export, "--model", "zoo:lstm", capsys=capsys)
     assert_one_line_error(code, err, "zoo:lstm does not take the inputs of this export: its input 1 is 'frames'")
