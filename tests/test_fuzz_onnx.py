@@ -2,9 +2,9 @@
 
 Mutants of a small valid model (byte flips, truncations, renamed ops, retyped initializers, bad dims,
 cycles, missing outputs, opset 99...), and one mutant per byte of the file (`whole_file_flips`), are exported
-with `kiln export MUTANT --target onnx`. All run in
-one worker process (`cli.main` per mutant, so torch is imported once); a worker that dies (a native
-crash) is restarted after the mutant that killed it, which is reported as a failure.
+with `kiln export MUTANT --target onnx`. All run in one worker process (`cli.main` per mutant, so torch is
+imported once); a worker that dies (a native crash) is restarted after the mutant that killed it, which is
+reported as a failure.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from compiler.errors import UsageError
-from compiler.safe_fs import check_tree, copy_tree, regular_files, within, write_file
+from compiler.safe_fs import check_tree, copy_tree, read_bytes, regular_files, within, write_file
 from tests.conftest import run_cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -315,6 +315,9 @@ def test_safe_fs_rules(tmp_path, outside):
         check_tree(tree)
     with pytest.raises(UsageError, match=f"{tree / 'sub'}/out is a symbolic link leading outside"):
         within(tree / "sub" / "out" / "keep.txt", tree)
+    os.mkfifo(tree / "results.jsonl")  # opened in place: a FIFO is refused at once, not waited on
+    with pytest.raises(UsageError, match=r"results\.jsonl is a FIFO: refused"):
+        read_bytes(tree / "results.jsonl")
     before = outside.age()
     write_file(tree / "sub" / "out", "replaced")  # a link where Kiln writes a whole file is replaced
     assert (tree / "sub" / "out").read_text() == "replaced" and not (tree / "sub" / "out").is_symlink()
