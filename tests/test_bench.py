@@ -39,9 +39,16 @@ def dynamic_cnn(tmp_path_factory):
 def test_bench_json_report_and_verify_after(cnn_export, tmp_path, capsys):
     outside = tmp_path / "outside.txt"
     outside.write_text("not kiln's")
-    (cnn_export / "onnx" / BENCH_FILE).symlink_to(outside)  # a planted link: replaced, never written through
+    planted = cnn_export / "onnx" / BENCH_FILE
+    planted.symlink_to(outside)  # a link leading out of the export: the export is refused, nothing written through
+    code, _, err = run_cli("bench", cnn_export, "--json", "--threads", "1", *QUICK, capsys=capsys)
+    assert code == 2 and f"{planted} is a symbolic link leading outside" in err, err
+    planted.unlink()
+    manifest = (cnn_export / "onnx" / "manifest.json").read_text()
+    planted.symlink_to("manifest.json")  # one that stays inside: replaced, never written through
     code, out, err = run_cli("bench", cnn_export, "--json", "--threads", "1", *QUICK, capsys=capsys)
     assert code == 0, err
+    assert (cnn_export / "onnx" / "manifest.json").read_text() == manifest
     result = json.loads(out)
     assert result["settings"] == {"threads": 1, "rounds": 3, "runs": 5, "min_round_ms": 0.0, "warmup": 2, "batch": None}
     assert result["timed_on"]["cores"] and result["built_on"]["cpu"]

@@ -26,6 +26,7 @@ from compiler.matrix.report_text import (
     cell_figures,
 )
 from compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
+from compiler.safe_fs import write_file
 
 if TYPE_CHECKING:
     from compiler.matrix.runner import Plan, RunSettings
@@ -53,10 +54,10 @@ def write_reports(plans: list[Plan], results: list[CellResult], out: Path, setti
     """Build report.json from the results and write it with report.md, junit.xml and report.html into `out`."""
     report = build_report(plans, results, settings)
     json_file, markdown_file, junit_file, html_file = REPORT_FILES
-    (out / json_file).write_text(json.dumps(report, indent=1) + "\n")
-    (out / markdown_file).write_text(markdown(report))
-    (out / junit_file).write_bytes(junit(report))
-    (out / html_file).write_text(html_page(report))
+    write_file(out / json_file, json.dumps(report, indent=1) + "\n")
+    write_file(out / markdown_file, markdown(report))
+    write_file(out / junit_file, junit(report))
+    write_file(out / html_file, html_page(report))
     return report
 
 
