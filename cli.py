@@ -3,7 +3,8 @@
 
 Errors become one line and an exit code here, in one place:
 0 done, 1 parity failure, 2 bad input or usage, 3 target unavailable on this machine,
-4 internal error (a bug: rerun with KILN_DEBUG=1 for the traceback), 130 interrupted.
+4 internal error (a bug: rerun with KILN_DEBUG=1 for the traceback), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM: cleaned up as for Ctrl-C, see compiler.signals).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 from cli_matrix import cmd_matrix
 from cli_parser import attach_dash_values, build_parser
-from compiler.errors import EXIT_INTERRUPTED, KilnError, as_kiln_error
+from compiler.errors import KilnError, as_kiln_error
 from compiler.progress import quiet_libraries
+from compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -191,8 +193,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_debug(args: argparse.Namespace) -> int:
     """`kiln debug`: the first module where an export diverges from its PyTorch model (`--all`: every one)."""
+    from compiler.profile_html import check_profile_path, write_profile
+
+    if args.html:
+        check_profile_path(Path(args.html))  # before any work (and before torch is imported), not after
     from compiler.debug import debug, profile_table
-    from compiler.profile_html import write_profile
     from compiler.progress import Progress
 
     quiet_libraries()
@@ -262,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`kiln bench`: time exports in interleaved rounds, each in its own process."""
     from compiler.bench_report import table, timing_failures
     from compiler.benchmark import BenchOptions, run_bench
-    from compiler.errors import EXIT_INTERNAL
+    from compiler.errors import EXIT_PARITY
     from compiler.progress import Progress
 
     options = BenchOptions(
@@ -274,6 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compare_eager=args.compare_eager,
         model=args.model,
         compile_timeout_s=args.compile_timeout,
+        round_timeout_s=args.round_timeout,
         trust_pickle=args.trust_pickle,
         write=not args.no_write,
     )
@@ -285,7 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failures = timing_failures(result)
     for line in failures:  # the report is written and printed, but an incomplete run is not a success
         print(f"kiln: error: {line}", file=sys.stderr)
-    return EXIT_INTERNAL if failures else 0
+    return EXIT_PARITY if failures else 0  # a candidate that could not be timed failed, as one that fails parity
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -313,6 +319,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         build_only=args.build_only,
         io=parse_io(args.io),
         batch=args.batch,
+        round_timeout_s=args.round_timeout,
+        force=args.force,
+        wait=args.wait,
     )
     building = {"MODEL": args.model, "--targets": args.targets, "--precisions": args.precisions, "--calib": args.calib,
                 "--min-cosine": args.min_cosine, "--max-drop": args.max_drop, "--metric": args.metric,
@@ -368,14 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
     try:
-        return int(HANDLERS[args.command](args))
+        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
+            return int(HANDLERS[args.command](args))
     except KilnError as error:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
-        print("kiln: interrupted; temporary files removed, nothing was published", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"kiln: {what}; temporary files removed, nothing was published", file=sys.stderr)
+        return interrupted_exit_code(interrupt)
     except Exception as error:  # a bug in Kiln or a backend: say so in one line
         if os.environ.get("KILN_DEBUG"):
             raise

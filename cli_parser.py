@@ -223,6 +223,7 @@ def _bench_parser(sub: Any) -> None:
         metavar="S",
         help="seconds torch.compile may take before it is left out (default 300)",
     )
+    _round_timeout_flag(bench)
     bench.add_argument("--no-write", action="store_true", help="do not write bench.json into the export directories")
     _trust_flag(bench)
     _output_flags(bench)
@@ -262,7 +263,15 @@ def _tune_parser(sub: Any) -> None:
     tune.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     tune.add_argument("--runs", type=int, default=10, help="timed runs per candidate per round (default 10)")
     tune.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first (default 3)")
+    _round_timeout_flag(tune)
     tune.add_argument("--executor", default="local", help="local (default) or ray: where the builds run")
+    tune.add_argument(
+        "--force", action="store_true", help="tune into an existing directory that is not a tune directory, or "
+        "replace a best/ that this tune directory's records do not show kiln tune published"
+    )  # fmt: skip
+    tune.add_argument(
+        "--wait", action="store_true", help="if another Kiln run into --out is running, wait for it instead of failing"
+    )
     tune.add_argument("--build-only", action="store_true", help="build and verify; time nothing, publish no best/")
     tune.add_argument(
         "--time-only", action="store_true", help="no MODEL: time the builds in OUT/builds here (copied from the "
@@ -320,6 +329,19 @@ def _matrix_report_flags(parser: argparse.ArgumentParser, out: str) -> None:
         "--latency-tolerance", type=float, default=0.10, help="latency growth that is a regression (default 0.10)"
     )
     _output_flags(parser)
+
+
+def _round_timeout_flag(parser: argparse.ArgumentParser) -> None:
+    from compiler.bench_worker import ROUND_TIMEOUT_S
+
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=ROUND_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds one candidate's runs of a round may take before its worker is killed and the candidate "
+        f"reported as failed (default {ROUND_TIMEOUT_S:g})",
+    )
 
 
 def _trust_flag(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from compiler.backend_errors import backend_failures
 from compiler.manifest import ManifestParts, assemble_manifest
 from compiler.progress import Progress, converter_output_captured
+from compiler.safe_fs import regular_files
 from compiler.types import MANIFEST_NAME, ArtifactFile, Manifest
 from passes.contract import snapshot
 
@@ -82,9 +83,12 @@ def load_runner(artifact: Artifact, threads: int | None = None, settings: Runtim
 
 
 def hash_files(directory: Path) -> list[ArtifactFile]:
-    """Every file of an artifact directory (but the manifest) with size and sha256."""
+    """Every file of an artifact directory (but its own manifest) with size and sha256; a link or a special file
+    in it (which no export holds) is a UsageError."""
     files = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for path in regular_files(directory):
+        if path.parent == directory and path.name == MANIFEST_NAME:
+            continue
         digest = hashlib.sha256()
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

@@ -10,12 +10,11 @@ On this project's 2-core machines the same model drifted 1.65 -> 2.66 ms within 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compiler.safe_fs import write_file
 from compiler.types import BENCH_FILE
 
 if TYPE_CHECKING:
@@ -130,6 +129,8 @@ def timing_failures(result: dict[str, Any]) -> list[str]:
 
 
 def _record(entry: Started, options: BenchOptions) -> dict[str, Any]:
+    from compiler.manifest import manifest_figures
+
     candidate, info = entry.candidate, entry.info
     manifest = candidate.manifest
     artifact = candidate.kind == "artifact"
@@ -147,13 +148,13 @@ def _record(entry: Started, options: BenchOptions) -> dict[str, Any]:
         "runtime_info": info.get("runtime_info", {}),
         "load_s": info.get("load_s"),
         "first_inference_ms": info.get("first_ms"),
-        "artifact_bytes": sum(f.size for f in manifest.files if not f.path.startswith("parity/")) if artifact else None,
+        "artifact_bytes": manifest_figures(manifest)["artifact_bytes"] if artifact else None,
         "failure": entry.failure,
     }
 
 
 def write_bench_files(result: dict[str, Any]) -> list[str]:
-    """Write bench.json beside each timed export's manifest (atomically: a temporary file, then os.replace);
+    """Write bench.json beside each timed export's manifest (atomically, a link there replaced: `write_file`);
     the lines to warn about, for directories it could not be written to."""
     notes = []
     for record in result["candidates"]:
@@ -161,18 +162,10 @@ def write_bench_files(result: dict[str, Any]) -> list[str]:
             continue
         directory = Path(record["directory"])
         text = json.dumps({**result, "candidate": record["name"]}, indent=2, default=str) + "\n"
-        temporary = None
         try:
-            handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{BENCH_FILE}.")
-            with os.fdopen(handle, "w") as stream:
-                stream.write(text)
-            os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from other users of the export
-            os.replace(temporary, directory / BENCH_FILE)
+            write_file(directory / BENCH_FILE, text)
         except OSError as error:
             notes.append(f"{directory / BENCH_FILE} not written: {error.strerror or error}")
-        finally:
-            if temporary is not None and os.path.exists(temporary):
-                os.unlink(temporary)
     return notes
 
 

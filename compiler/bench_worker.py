@@ -32,6 +32,7 @@ from typing import IO, Any, TextIO
 from compiler.errors import KilnError, UsageError, as_kiln_error
 
 LOAD_TIMEOUT_S = 900.0  # a worker that neither loads nor answers in this long is stuck
+ROUND_TIMEOUT_S = 300.0  # the default of `kiln bench --round-timeout`: one round's (or the warm-up's) runs
 
 
 def main() -> int:
@@ -177,7 +178,9 @@ class Worker:
     """A candidate's own process (`python -m compiler.bench_worker`, or another module that `serve`s), spoken to
     one JSON line at a time."""
 
-    def __init__(self, job: dict[str, Any], module: str = "compiler.bench_worker"):
+    def __init__(self, job: dict[str, Any], module: str = "compiler.bench_worker",
+                 round_timeout_s: float = ROUND_TIMEOUT_S):  # fmt: skip
+        self.round_timeout_s = round_timeout_s  # how long one `time` may take before the worker is killed
         self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close()): the worker's stderr
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
@@ -205,7 +208,7 @@ class Worker:
     def time(self, runs: int, warmup: int = 0) -> list[float]:
         """Milliseconds of `runs` timed runs after `warmup` untimed ones."""
         self._send({"op": "time", "runs": runs, "warmup": warmup})
-        return [float(t) for t in self._read(LOAD_TIMEOUT_S)["times_ms"]]
+        return [float(t) for t in self._read(self.round_timeout_s, " (--round-timeout): stopped or hung")["times_ms"]]
 
     def peak_rss_mib(self) -> float | None:
         """The worker's peak resident set size so far (VmHWM)."""
@@ -238,12 +241,12 @@ class Worker:
         except (BrokenPipeError, OSError):
             raise WorkerFailed(self._died()) from None
 
-    def _read(self, timeout: float) -> dict[str, Any]:
+    def _read(self, timeout: float, why: str = "") -> dict[str, Any]:
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         if not ready:
             self.kill()
-            raise WorkerFailed(f"no answer in {timeout:.0f} s")
+            raise WorkerFailed(f"no answer in {timeout:g} s{why}; killed it")
         line = self.process.stdout.readline()
         if not line:
             raise WorkerFailed(self._died())

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from compiler.bench_worker import LOAD_TIMEOUT_S, Worker, WorkerFailed
+from compiler.bench_worker import LOAD_TIMEOUT_S, ROUND_TIMEOUT_S, Worker, WorkerFailed
 from compiler.errors import KilnError, MissingBackendError, UsageError
+from compiler.limits import check_count, check_seconds, check_threads
 from compiler.types import Manifest
 
 if TYPE_CHECKING:
@@ -52,20 +53,18 @@ class BenchOptions:
     # Each candidate's runs in a round last at least this long: more runs for a fast model (`kiln tune`; 0, as
     # `kiln bench` has it: exactly `runs`).
     min_round_ms: float = 0.0
+    # A worker that does not finish one round's runs (or its warm-up) in this long is stopped or hung: it is
+    # killed and its candidate reported as failed, the others go on.
+    round_timeout_s: float = ROUND_TIMEOUT_S
 
     def check(self) -> None:
-        """A one-line UsageError for a count that makes no sense."""
-        for flag, value, least in (
-            ("--threads", self.threads, 1),
-            ("--rounds", self.rounds, 1),
-            ("--runs", self.runs, 1),
-            ("--warmup", self.warmup, 0),
-            ("--batch", self.batch, 1),
-        ):
-            if value is not None and value < least:
-                raise UsageError(f"{flag} {value}: must be at least {least}", f"e.g. {flag} {max(least, 2)}")
-        if self.compile_timeout_s <= 0:
-            raise UsageError(f"--compile-timeout {self.compile_timeout_s}: must be positive", "e.g. 300")
+        """A one-line UsageError for a count or a duration that makes no sense (`compiler.limits`)."""
+        check_threads("--threads", self.threads)
+        for flag, value, least in (("--rounds", self.rounds, 1), ("--runs", self.runs, 1),
+                                   ("--warmup", self.warmup, 0), ("--batch", self.batch, 1)):  # fmt: skip
+            check_count(flag, value, least)
+        check_seconds("--compile-timeout", self.compile_timeout_s)
+        check_seconds("--round-timeout", self.round_timeout_s)
         if self.model is not None and not self.compare_eager:
             raise UsageError("--model is only used with --compare-eager", "add --compare-eager, or drop --model")
 
@@ -262,7 +261,7 @@ def start_workers(
         for candidate in candidates:
             progress.say(f"loading {candidate.name} ...")
             timeout = options.compile_timeout_s if candidate.kind == COMPILED else LOAD_TIMEOUT_S
-            worker = Worker(candidate.job(options))
+            worker = Worker(candidate.job(options), round_timeout_s=options.round_timeout_s)
             try:
                 info = worker.start(timeout)
             except BaseException as error:

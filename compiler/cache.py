@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compiler.errors import UsageError
+from compiler.safe_fs import regular_files
+
 CACHE_ENV = "KILN_CACHE_DIR"
 ENTRY_FILE = "entry.json"
 
@@ -46,9 +49,14 @@ class CompileCache:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def lookup(self, key: str) -> CacheEntry | None:
-        """The complete entry stored under `key`, or None."""
+        """The complete entry stored under `key`, or None (also for one holding a link or a special file, which
+        Kiln never stores: its files would be copied into an export from wherever the link leads)."""
         directory = self.directory / key
-        return CacheEntry(key, directory) if (directory / ENTRY_FILE).is_file() else None
+        try:
+            files = regular_files(directory)
+        except (UsageError, OSError):
+            return None
+        return CacheEntry(key, directory) if directory / ENTRY_FILE in files else None
 
     def store(self, key: str, parts: dict[str, Any], files: list[Path]) -> CacheEntry | None:
         """Copy `files` into a new entry under `key`; None when the cache cannot be written (the build still counts)."""

@@ -18,7 +18,7 @@ from compiler.options import ExportOptions, export_options
 from compiler.parity import ParitySamples
 from compiler.progress import Progress
 from compiler.pt2_archive import trusting_pickles
-from compiler.reference import reference_samples
+from compiler.reference import check_model_inputs, reference_samples
 from compiler.runner import export_dirs
 from compiler.types import Manifest
 
@@ -56,9 +56,9 @@ def debug(
             if source.kind != "torch":
                 raise UsageError(f"{model} is not a PyTorch model", "localization cuts the PyTorch program: pass one")
             captured = capture(source, None, Path(work) / "capture", to_onnx=False)
+            check_model_inputs(model, captured.inputs, manifest.inputs, by_name=True)
             origins = manifest.parity.sample_origins if manifest.parity else []
             samples = ParitySamples.load(directory, origins) or reference_samples(source, captured, options)
-            _check_inputs(samples, captured.inputs, directory, model)
             calibration = calibration_data([target], captured, source, options, progress, {})
             failed = manifest.parity is not None and not manifest.parity.passed
             found = localize(
@@ -93,16 +93,6 @@ def _options(manifest: Manifest, calib: str | None) -> ExportOptions:
     )
     options.passes = [PASSES[p.name] for p in manifest.passes if p.name in PASSES and not p.rolled_back]
     return options
-
-
-def _check_inputs(samples: ParitySamples, inputs: list, directory: Path, model: str) -> None:
-    """The stored parity inputs must be the model's inputs."""
-    stored = list(samples.inputs[0]) if samples.inputs else []
-    if len(stored) != len(inputs):
-        raise UsageError(
-            f"{directory} was exported with {len(stored)} inputs, but {model} takes {len(inputs)}",
-            "pass the model the export was made from",
-        )
 
 
 def profile_table(divergence: Divergence) -> str:

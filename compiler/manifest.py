@@ -97,3 +97,19 @@ def observed_outputs(specs: list[TensorSpec], report: ParityReport) -> list[Tens
             spec = replace(spec, shape=tuple(shape))
         fixed.append(spec)
     return fixed
+
+
+def manifest_figures(manifest: Manifest) -> dict[str, Any]:
+    """What a manifest says of its artifact, as the matrix and tune report it: the worst error and cosine over
+    the float outputs of its parity report (None without one) and the artifact's bytes (its files, the parity
+    samples left out)."""
+    size = sum(f.size for f in manifest.files if not f.path.startswith("parity/"))
+    figures: dict[str, Any] = {"artifact_bytes": size}
+    if manifest.parity is None:
+        return figures | dict.fromkeys(("max_abs_error", "max_rel_error", "min_cosine"))
+    floats = [o for o in manifest.parity.outputs if o.kind == "float"]
+    return figures | {
+        "max_abs_error": max((o.max_abs_error for o in floats), default=0.0),
+        "max_rel_error": max((o.max_rel_error for o in floats), default=0.0),
+        "min_cosine": min((o.min_cosine for o in floats), default=1.0),
+    }

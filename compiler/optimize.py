@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compiler.errors import UsageError
 from passes import FX, ONNX, dump_graph, pipeline_for, run_pipeline, save_onnx
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def optimize(
         graph, records = run_pipeline(onnx_ir.load(str(model.onnx_path)), chosen, dump)
         destination = work / f"optimized-{len(done)}" / "model.onnx"
         destination.parent.mkdir(parents=True)
-        done[key] = replace(model, onnx_path=save_onnx(graph, destination)), records
+        done[key] = replace(model, onnx_path=_save(graph, destination, model.onnx_path)), records
     elif ir == FX and model.exported is not None and chosen:
         # FX passes may change the program in place: the capture is shared with other targets.
         program, records = run_pipeline(copy.deepcopy(model.exported), chosen, dump)
@@ -56,6 +57,39 @@ def optimize(
         if dump is not None:
             _dump_final(model, ir, dump)
     return done[key]
+
+
+def _save(graph: Any, destination: Path, given: Path) -> Path:
+    """`save_onnx` of the optimized graph. When it cannot be serialized because the graph the passes were given
+    cannot be either (a name that is not UTF-8, which ONNX's checker and ONNX Runtime let through), that is bad
+    input (UsageError naming the problem), not a bug of the passes."""
+    import onnx_ir
+
+    try:
+        return save_onnx(graph, destination)
+    except onnx_ir.serde.SerdeError as error:
+        try:
+            onnx_ir.serde.serialize_model(onnx_ir.load(str(given)))
+        except Exception:  # the input itself: reported with the error of the optimized graph (the same one)
+            raise UsageError(
+                f"the ONNX graph cannot be serialized: {_serde_problem(error)}",
+                "the model breaks the ONNX format (e.g. a name that is not UTF-8 text): re-export it",
+            ) from None
+        raise  # the input serializes, the passes' output does not: a bug
+
+
+def _serde_problem(error: BaseException) -> str:
+    """The innermost object a serialization failed on, and why, in one line."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    innermost = next((e for e in reversed(chain) if type(e).__name__ == "SerdeError"), error)
+    called, _, where = str(innermost).partition(" with: ")  # "Error calling serialize_node_into with: Node(..."
+    what = called.rpartition("serialize_")[2].removesuffix("_into")
+    where = f"{what} {' '.join(where.split())}"
+    where = where if len(where) <= 100 else where[:97] + "..."
+    root = chain[-1]
+    return f"{where}: {type(root).__name__}: {' '.join(str(root).split())[:200]}"
 
 
 def _dump_final(model: CapturedModel, ir: str, dump: Path) -> None:

@@ -49,6 +49,31 @@ def reference_runner(
     return run
 
 
+def check_model_inputs(model: str, given: list[TensorSpec], export: list[TensorSpec], by_name: bool = False) -> None:
+    """Refuse a model whose inputs cannot be the export's: another number of inputs, another rank or kind of
+    dtype (float, integer, bool) or, `by_name`, another name. One line naming the first difference."""
+
+    def kind(dtype: str) -> str:
+        return "float" if "float" in dtype else "bool" if dtype == "bool" else "integer"
+
+    detail = f"it takes {len(given)} inputs, the export {len(export)}" if len(given) != len(export) else ""
+    for position, (mine, theirs) in enumerate(zip(given, export), 1):
+        if detail:
+            break
+        if by_name and mine.name != theirs.name:
+            detail = f"its input {position} is '{mine.name}', the export's is '{theirs.name}'"
+        elif len(mine.shape) != len(theirs.shape) or kind(mine.dtype) != kind(theirs.dtype):
+            detail = (
+                f"its input {position} is {mine.dtype} of rank {len(mine.shape)}, the export's ('{theirs.name}') "
+                f"is {theirs.dtype} of rank {len(theirs.shape)}"
+            )
+    if detail:
+        raise UsageError(
+            f"{model} does not take the inputs of this export: {detail}",
+            f"pass the model the export was made from (inputs: {'; '.join(s.describe() for s in export)})",
+        )
+
+
 def shape_points(
     model: CapturedModel, examples: list[np.ndarray], buckets: dict[str, tuple[int, ...]]
 ) -> tuple[list[int], list[tuple[str, list[np.ndarray]]]]:

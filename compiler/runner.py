@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from compiler.artifacts import Artifact, hash_files, load_runner
-from compiler.errors import MissingBackendError, UsageError
+from compiler.errors import KilnError, MissingBackendError, UsageError
 from compiler.parity import ParitySamples, check_feed, validate
 from compiler.pt2_archive import trusting_pickles
+from compiler.safe_fs import check_tree
 from compiler.staging import REJECTED, STAGING_OWNER, staging_root_of
 from compiler.types import BENCH_FILE, MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
 
@@ -71,7 +72,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def export_dirs(path: str | Path) -> list[Path]:
     """The export directories under `path`: itself if it holds a manifest, else its target subdirectories.
-    Nothing inside a staging directory counts (an export being built, or one whose build was killed)."""
+    Nothing inside a staging directory counts (an export being built, or one whose build was killed), and an
+    export holding a link that leads outside `path` (or a FIFO, a device...) is refused (`safe_fs.check_tree`)."""
     path = Path(path)
     staging = staging_root_of(path)
     if staging is not None:
@@ -80,14 +82,17 @@ def export_dirs(path: str | Path) -> list[Path]:
             "export again: it is removed by the next export to the same --out; only the --out directory is an export",
         )
     if (path / MANIFEST_NAME).is_file():
-        return [path]
-    if not path.is_dir():
+        found = [path]
+    elif not path.is_dir():
         raise UsageError(f"{path} does not exist", "pass the directory written by `kiln export --out`")
-    found = sorted(p for p in path.iterdir() if (p / MANIFEST_NAME).is_file())
+    else:
+        found = sorted(p for p in path.iterdir() if (p / MANIFEST_NAME).is_file())
     if not found:
         rejected = path / REJECTED
         extra = f" (only rejected builds under {rejected})" if rejected.is_dir() else ""
         raise UsageError(f"{path} holds no Kiln export{extra}", "pass the directory written by `kiln export --out`")
+    for directory in found:
+        check_tree(directory, path)  # nothing read from an export may come from outside it
     return found
 
 
@@ -132,9 +137,10 @@ def check_files(directory: Path, manifest: Manifest) -> None:
         found = actual.get(recorded.path)
         if found is None:
             raise UsageError(f"{directory}: artifact file {recorded.path} is missing", "re-export the model")
-        if found.sha256 != recorded.sha256:
+        if found.sha256 != recorded.sha256 or found.size != recorded.size:
+            what = "sha256 differs" if found.sha256 != recorded.sha256 else f"{found.size} bytes, not {recorded.size}"
             raise UsageError(
-                f"{directory}: {recorded.path} changed since export (sha256 differs)",
+                f"{directory}: {recorded.path} changed since export ({what})",
                 "re-export the model, or restore the file",
             )
 
@@ -245,7 +251,7 @@ def _model_reference(
     model: str, manifest: Manifest, samples: ParitySamples | None, notes: list[str], directory: Path
 ) -> tuple[ParitySamples, str]:
     """The stored parity inputs with reference outputs recomputed from `model`; a note when its weights differ."""
-    from compiler.reference import reference_runner
+    from compiler.reference import check_model_inputs, reference_runner
     from compiler.sources import load_source
 
     source = load_source(model)
@@ -253,8 +259,26 @@ def _model_reference(
         notes.append(f"{model} has different weights from the model exported (state hash differs)")
     if samples is None:
         raise UsageError(f"{directory} stored no parity inputs", "re-export to store them")
+    examples = [TensorSpec(str(i), tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                for i, t in enumerate(source.example_inputs)]  # fmt: skip
+    check_model_inputs(model, examples, manifest.inputs)
     reference = reference_runner(source, manifest.inputs, manifest.outputs)
-    samples.reference = [reference(feeds) for feeds in samples.inputs]
+    try:
+        samples.reference = [reference(feeds) for feeds in samples.inputs]
+    except KilnError:
+        raise
+    except Exception as exc:  # the user's model failing on the export's own inputs: not this export's fault
+        raise UsageError(
+            f"{model} fails on the parity inputs stored in {directory} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]})",
+            "pass the model the export was made from",
+        ) from None
+    missing = [s.name for s in manifest.outputs if any(s.name not in outputs for outputs in samples.reference)]
+    if missing:
+        raise UsageError(
+            f"{model} returns fewer outputs than the export in {directory} (none for {', '.join(missing)})",
+            "pass the model the export was made from",
+        )
     return samples, source.reference_name
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import KilnError, UsageError
+from compiler.safe_fs import open_file, read_text
 
 REJECTED = ".rejected"
 STAGING_OWNER = ".kiln-staging.json"  # in every staging directory: who builds there, for which output
@@ -97,7 +98,7 @@ def _acquire(out: Path, wait: bool, on_wait: Callable[[str], None] | None) -> in
     told = False
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_file(path, os.O_RDWR | os.O_CREAT)  # a link planted there is refused, never followed
         except OSError as exc:
             raise UsageError(
                 f"cannot create the output directory {out}: {exc.strerror}", "choose a writable --out"
@@ -131,11 +132,11 @@ def _describe_owner(path: Path) -> str:
     """Who holds the lock file `path`, from what it wrote there (a moment after it took the lock)."""
     for _ in range(40):
         try:
-            owner = json.loads(path.read_text())
+            owner = json.loads(read_text(path))
             command = owner.get("command", "")
             command = command if len(command) <= 120 else command[:117] + "..."
             return f"pid {owner['pid']} on {owner.get('host', '?')}, started {owner.get('started', '?')}: {command}"
-        except (OSError, ValueError, KeyError, AttributeError):
+        except (OSError, ValueError, KeyError, AttributeError, UsageError):
             time.sleep(0.05)
     return "a process that did not say who it is"
 
@@ -185,8 +186,8 @@ def owner_alive(owner: dict[str, Any]) -> bool:
 
 def _read_owner(root: Path) -> dict[str, Any] | None:
     try:
-        owner = json.loads((root / STAGING_OWNER).read_text())
-    except (OSError, ValueError):
+        owner = json.loads(read_text(root / STAGING_OWNER))
+    except (OSError, ValueError, UsageError):
         return None
     return owner if isinstance(owner, dict) else None
 
@@ -197,6 +198,8 @@ def remove_stale_staging(out: Path) -> None:
     output lock held."""
     target = str(_canonical(out))
     for root in out.parent.glob(f".kiln-{glob.escape(out.name)}-*"):
+        if root.is_symlink():
+            continue  # not a staging directory: Kiln never follows a link it did not make
         owner = _read_owner(root)
         if owner is None or owner.get("out") != target or owner_alive(owner):
             continue
@@ -205,6 +208,8 @@ def remove_stale_staging(out: Path) -> None:
             shutil.rmtree(root, ignore_errors=True)
     # Kiln before the owner files moved a replaced export to `.kiln-old-OUT-STAGING`, beside `out`.
     for old in out.parent.glob(f".kiln-old-{glob.escape(out.name)}-.kiln-{glob.escape(out.name)}-*"):
+        if old.is_symlink():
+            continue
         with contextlib.suppress(OSError):
             if not os.path.lexists(out):
                 old.rename(out)
@@ -286,7 +291,7 @@ _redirected = False
 
 def _put_back(root: Path, out: Path) -> bool:
     """Move the export being replaced (`root/OLD`) back to `out` if nothing took its place; whether it did."""
-    if (root / OLD).is_dir() and not os.path.lexists(out):
+    if (root / OLD).is_dir() and not (root / OLD).is_symlink() and not os.path.lexists(out):
         (root / OLD).rename(out)
         return True
     return False

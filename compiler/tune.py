@@ -14,13 +14,13 @@ moved DIR) is `compiler.tune_deploy`.
 
 from __future__ import annotations
 
-import math
-import shutil
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compiler.bench_worker import ROUND_TIMEOUT_S
 from compiler.errors import UsageError
 from compiler.tune_candidates import PLAIN, Variant, check_batch, check_io
 
@@ -61,23 +61,27 @@ class TuneOptions:
     build_only: bool = False  # build and verify, time nothing, publish no best/ (`compiler.tune_deploy`)
     io: tuple[str, ...] | None = None  # layouts to build ("nchw", "nhwc"); None: NHWC at fp32 only, for images
     batch: int | None = None  # the batch every candidate is timed at (None: the example's)
+    round_timeout_s: float = ROUND_TIMEOUT_S  # a timing worker silent this long in a round is killed: candidate failed
+    force: bool = False  # tune into a directory that is not a tune directory; replace a best/ not proven tune's
+    wait: bool = False  # queue behind another Kiln run into the same --out instead of failing
 
     def check(self) -> None:
-        """A one-line UsageError for a value that makes no sense."""
+        """A one-line UsageError for a value that makes no sense: the thresholds as `kiln export` checks them
+        (`compiler.types.check_thresholds`), the counts and durations as `kiln bench` does (`compiler.limits`)."""
+        from compiler.limits import check_count, check_seconds, check_threads
+        from compiler.types import check_thresholds
+
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective {self.objective!r} is unknown", f"use one of: {', '.join(OBJECTIVES)}")
-        if self.min_cosine is not None and not (math.isfinite(self.min_cosine) and -1 <= self.min_cosine <= 1):
-            raise UsageError(
-                f"--min-cosine {self.min_cosine}: must be a number from -1 to 1", "e.g. --min-cosine 0.999"
-            )
-        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
-            raise UsageError(f"--max-drop {self.max_drop}: must be a finite number >= 0", "e.g. --max-drop 0.01")
+        check_thresholds(min_cosine=self.min_cosine, max_drop=self.max_drop)
         if self.metric is not None and self.max_drop is None:
             raise UsageError("--metric is only used with --max-drop", "add --max-drop X, or drop --metric")
-        for flag, value, least in (("--rounds", self.rounds, 1), ("--runs", self.runs, 1), ("--warmup", self.warmup, 0),
-                                   *(("--threads", t, 1) for t in self.threads)):  # fmt: skip
-            if value < least:
-                raise UsageError(f"{flag} {value}: must be at least {least}", f"e.g. {flag} {max(least, 2)}")
+        for flag, value, least in (("--rounds", self.rounds, 1), ("--runs", self.runs, 1),
+                                   ("--warmup", self.warmup, 0)):  # fmt: skip
+            check_count(flag, value, least)
+        for threads in self.threads:
+            check_threads("--threads", threads)
+        check_seconds("--round-timeout", self.round_timeout_s)
         if not self.targets or not self.precisions:
             raise UsageError("no candidates: --targets and --precisions must each name at least one", "e.g. onnx,fp32")
         if self.executor not in ("local", "ray"):
@@ -243,16 +247,19 @@ def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -
     `options.build_only`: build and verify only, to be timed elsewhere by `compiler.tune_deploy.time_builds`)."""
     from compiler.matrix import RunSettings, run_matrix
     from compiler.tune_deploy import save_builds
+    from compiler.tune_files import tune_directory
 
     options.check()
-    planned = plan(source, options)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = RunSettings(out=out / BUILDS_DIR, keep_artifacts=True, executor=options.executor)
-    assert planned.config is not None
-    report, _ = run_matrix(planned.config, settings, progress)
-    builds = [_cell(c) for c in report["cells"]]
-    save_builds(out / BUILDS_DIR, source, planned, options.executor)
-    return evaluate(source, out, builds, planned, options, progress)
+    out = Path(os.path.abspath(out))  # the cells run elsewhere (other processes, Ray) and record it
+    with tune_directory(out, options.force, options.wait, progress, building=True):
+        planned = plan(source, options)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = RunSettings(out=out / BUILDS_DIR, keep_artifacts=True, executor=options.executor)
+        assert planned.config is not None
+        report, _ = run_matrix(planned.config, settings, progress)
+        builds = [_cell(c) for c in report["cells"]]
+        save_builds(out / BUILDS_DIR, source, planned, options.executor)
+        return evaluate(source, out, builds, planned, options, progress)
 
 
 def evaluate(
@@ -260,8 +267,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """The builds' candidates verified (runtime settings), timed, ranked, the winner published to `out/best` and
     the leaderboards written; the leaderboard. With `options.build_only`, nothing timed and nothing published.
-    Each build's files are found under `out/builds` wherever `out` was when it was built (`locate_builds`)."""
+    Each build's files are found under `out/builds` wherever `out` was when it was built (`locate_builds`). Call
+    with `out` prepared and locked (`compiler.tune_files.tune_directory`)."""
     from compiler.tune_deploy import locate_builds, provenance
+    from compiler.tune_files import withdraw_best
     from compiler.tune_report import publish, rank, write_leaderboards
 
     builds, refused = locate_builds(builds, out / BUILDS_DIR)
@@ -275,20 +284,9 @@ def evaluate(
         winner = next(e for e in entries if e.name == board["winner"]["name"])
         publish(winner, out / BEST_DIR, board)
     else:
-        _withdraw(out / BEST_DIR, progress)
+        withdraw_best(out / BEST_DIR, progress)
     write_leaderboards(out, board)
     return board
-
-
-def _withdraw(best: Path, progress: Progress) -> None:
-    """Remove a `best/` an earlier tune published when this one chose nothing (--build-only, or no survivor): the
-    leaderboard written now does not describe it, and a script that deploys DIR/best must not find it."""
-    if best.is_dir() and not best.is_symlink():
-        stale = best.with_name(best.name + ".stale")
-        shutil.rmtree(stale, ignore_errors=True)
-        best.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        progress.warn(f"removed {best}: an earlier tune published it, and this one chose no winner")
 
 
 def _cell(data: dict[str, Any]) -> CellResult:
@@ -301,10 +299,12 @@ def _entries(
     builds: list[CellResult], planned: Plan, options: TuneOptions, progress: Progress, refused: dict[str, str]
 ) -> list[Entry]:
     """Every build x runtime setting x thread count, each knowing its variant (layout, batch range) and the batch
-    it is timed at; a build that failed, whose recorded directory is `refused` (cell id -> why) or whose artifact
-    is gone, once, rejected."""
+    it is timed at; a build that failed, whose recorded directory is `refused` (cell id -> why), whose artifact
+    is gone or is not what its manifest and tune's records say (`compiler.tune_files.check_build`), once,
+    rejected. The figures of a build come from its checked manifest, none from results.jsonl."""
+    from compiler.manifest import manifest_figures
     from compiler.matrix.results import PASSED, STATUS_LABELS
-    from compiler.runner import export_dirs
+    from compiler.tune_files import check_build
     from targets import get_target
     from targets.base import RuntimeSettings
 
@@ -312,22 +312,26 @@ def _entries(
     for build in builds:
         kind = planned.variants.get(build.model) or Variant(plain=build.model.endswith(PLAIN))
         directory = Path(build.cell_dir) / "export" if build.cell_dir else None
-        base = Entry("", build.target, build.precision, kind.plain, RuntimeSettings(), None, build, None,
+        unproven = replace(build, artifact_bytes=None, min_cosine=None, max_abs_error=None)
+        base = Entry("", build.target, build.precision, kind.plain, RuntimeSettings(), None, unproven, None,
                      variant=kind, batch=planned.batch if kind.batch_range else None)  # fmt: skip
         base.name = base.build_name
         if build.status != PASSED:
             base.rejected = f"{STATUS_LABELS.get(build.status, build.status)}: {build.reason or 'no reason recorded'}"
-            entries.append(base)
-            continue
-        if build.cell_id in refused:
+        elif build.cell_id in refused:
             base.rejected = refused[build.cell_id]
-            entries.append(base)
-            continue
-        if directory is None or not directory.is_dir():
+        elif directory is None or not directory.is_dir():
             base.rejected = f"its build directory {directory} is gone: delete {BUILDS_DIR}/results.jsonl to rebuild"
+        else:
+            try:
+                manifest = check_build(directory, build.target, build.precision, kind)
+                base.build = replace(build, **manifest_figures(manifest))
+            except ValueError as exc:
+                base.rejected = str(exc)[:500]
+        if base.rejected is not None:
             entries.append(base)
             continue
-        base.directory = export_dirs(directory)[0]
+        base.directory = directory
         variants = get_target(build.target).runtime_variants(build.precision) if options.runtime_search else ()
         for variant in variants or (RuntimeSettings(),):
             for threads in options.threads or (None,):
@@ -376,7 +380,7 @@ def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> Non
     if not live:
         return
     bench = BenchOptions(rounds=options.rounds, runs=options.runs, warmup=options.warmup, write=False,
-                         min_round_ms=MIN_ROUND_MS)  # fmt: skip
+                         min_round_ms=MIN_ROUND_MS, round_timeout_s=options.round_timeout_s)  # fmt: skip
     candidates = [
         Candidate(e.name, ARTIFACT, e.directory, Artifact.read(e.directory).manifest, threads=e.threads,
                   settings=e.settings.to_dict(), batch=e.batch)

@@ -8,15 +8,17 @@ CPU, times the candidates there and publishes `best/`. It needs Kiln and the tar
 packages the model's code imports. `kiln tune MODEL --out DIR` on a moved DIR resumes too, where the cells' keys
 are unchanged (same model path, CPU and toolchain); on another machine they are not, and it would rebuild.
 
-results.jsonl records each cell's `cell_dir` as an absolute path where DIR was when it was built; `locate_builds`
-finds each cell's files at DIR/builds/cells/<cell> wherever DIR is now. The file is treated as hostile: a
-`cell_dir` that is not that cell's own directory (`/etc`, `../../x`), or a directory that resolves (through links)
-outside DIR/builds, is refused with the reason, never followed.
+results.jsonl records each cell's `cell_dir` as an absolute path where DIR was when it was built (relative to the
+working folder then, by a Kiln before issue 24, for a relative --out); `locate_builds` finds each cell's files at
+DIR/builds/cells/<cell> wherever DIR is now. The file is treated as hostile: a `cell_dir` that is not that cell's
+own directory (`/etc`, `../../x`), or a directory that resolves (through links) outside DIR/builds, is refused with
+the reason, never followed; what is found there is checked by `compiler.tune_files.check_build`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
@@ -38,21 +40,24 @@ def save_builds(builds_dir: Path, source: str, planned: Plan, executor: str) -> 
     variant (layout, batch range) and the batch to time at, and the machine that ran the builds (the cells record
     their own, which with Ray is the node)."""
     from compiler.host import this_machine
+    from compiler.tune_files import write_text
 
     variants = {name: {"layout": v.layout, "batch_range": v.batch_range, "plain": v.plain}
                 for name, v in planned.variants.items()}  # fmt: skip
     state = {"schema": STATE_SCHEMA, "model": source, "skipped": planned.skipped, "executor": executor,
              "variants": variants, "batch": planned.batch}  # fmt: skip
-    (builds_dir / STATE_FILE).write_text(json.dumps(state | {"built_on": this_machine()}, indent=1) + "\n")
+    write_text(builds_dir / STATE_FILE, json.dumps(state | {"built_on": this_machine()}, indent=1) + "\n")
 
 
 def read_state(builds_dir: Path) -> dict[str, Any]:
     """DIR/builds/tune.json checked field by field (it may come from another machine); a UsageError if it is
     missing or not what `save_builds` writes."""
+    from compiler.tune_files import read_bytes
+
     path = builds_dir / STATE_FILE
     hint = "run `kiln tune MODEL --out DIR --build-only` first (on the build machine), then copy the whole DIR here"
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(read_bytes(path))
     except FileNotFoundError:
         raise UsageError(f"{path.parent.parent} holds no builds of `kiln tune` (no {path})", hint) from None
     except (OSError, ValueError, RecursionError) as exc:
@@ -74,6 +79,7 @@ def read_state(builds_dir: Path) -> dict[str, Any]:
 def _plan_of(state: dict[str, Any]) -> Plan | None:
     """The plan a tune.json records (nothing to build: its variants, batch and what was not built), or None when
     a field is not what `save_builds` writes."""
+    from compiler.dynamic import parse_batch
     from compiler.tune import Plan
     from compiler.tune_candidates import LAYOUTS, MAX_BATCH, Variant
 
@@ -85,7 +91,10 @@ def _plan_of(state: dict[str, Any]) -> Plan | None:
         if not isinstance(kind, dict) or set(kind) != {"layout", "batch_range", "plain"}:
             return None
         layout, batch_range, plain = kind["layout"], kind["batch_range"], kind["plain"]
-        ranged = isinstance(batch_range, str) and all(p.isdigit() for p in batch_range.split(":"))
+        try:  # the rule of --dynamic-batch MIN:MAX, which made it
+            ranged = isinstance(batch_range, str) and parse_batch(batch_range) is not None
+        except UsageError:
+            return None
         if layout not in (None, *LAYOUTS) or not (batch_range is None or ranged) or type(plain) is not bool:
             return None
         found[str(name)] = Variant(layout, batch_range, plain)
@@ -122,14 +131,23 @@ def time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str
     """`kiln tune --time-only --out DIR`: the builds recorded in DIR/builds (nothing rebuilt, no model needed),
     their runtime settings gated again and the candidates timed on this machine, the winner published to
     DIR/best, the leaderboards written; the leaderboard."""
+    from compiler.tune_files import tune_directory
+
+    if options.build_only:
+        raise UsageError("--build-only and --time-only together do nothing", "use one of them")
+    options.check()
+    out = Path(os.path.abspath(out))
+    with tune_directory(out, options.force, options.wait, progress, building=False):
+        return _time_builds(out, options, progress)
+
+
+def _time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str, Any]:
+    """`time_builds` in a prepared, locked `out`."""
     from compiler.matrix.process import identity
     from compiler.matrix.results import NOT_RUN, RESULTS_FILE, read_results
     from compiler.matrix.runner import Plan
     from compiler.tune import BUILDS_DIR, evaluate
 
-    if options.build_only:
-        raise UsageError("--build-only and --time-only together do nothing", "use one of them")
-    options.check()
     builds_dir = out / BUILDS_DIR
     state = read_state(builds_dir)
     plan = Plan.read(builds_dir)
@@ -170,17 +188,16 @@ def locate_builds(builds: list[CellResult], builds_dir: Path) -> tuple[list[Cell
 
 def cell_directory(build: CellResult, builds_dir: Path) -> Path:
     """Where a build's cell directory is now: `builds_dir`/cells/<the cell's name>, the place the matrix wrote it.
-    The recorded `cell_dir` must name that place: an absolute path ending in builds/cells/<name> (DIR's path when
-    it was built, maybe on another machine), or cells/<name> relative to the builds. Raises ValueError (the reason)
-    for anything else, and for a directory that resolves, through links, outside `builds_dir`; nothing outside is
-    opened."""
+    The recorded `cell_dir` must name that place: a path ending in builds/cells/<name> (DIR's path when it was
+    built, maybe on another machine; relative to where that tune ran when its --out was), or cells/<name> relative
+    to the builds. The recorded path itself is never opened. Raises ValueError (the reason) for anything else, and
+    for a directory that resolves, through links, outside `builds_dir`; nothing outside is opened."""
     from compiler.matrix.runner import CELLS_DIR, safe_name
     from compiler.tune import BUILDS_DIR
 
     expected = (CELLS_DIR, safe_name(build.cell_id))
-    recorded = PurePath(build.cell_dir)
-    tail = recorded.parts[-3:] if recorded.is_absolute() else ("", *recorded.parts)
-    if tuple(tail) != (BUILDS_DIR if recorded.is_absolute() else "", *expected):
+    parts = PurePath(build.cell_dir).parts
+    if parts[-3:] != (BUILDS_DIR, *expected) and parts != expected:
         raise ValueError(
             f"its recorded build directory {build.cell_dir!r} is not its own under {builds_dir} "
             f"({'/'.join(expected)}): refused, not followed (results.jsonl edited or forged?)"

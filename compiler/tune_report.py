@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,18 +191,39 @@ def cpu_notes(board: dict[str, Any]) -> list[str]:
 
 def publish(winner: Entry, best: Path, board: dict[str, Any]) -> None:
     """Copy the winner's export to `best` (replacing what was there), its runtime settings written into its
-    manifest's runtime_config and the choice recorded in target_info["tune"]."""
+    manifest's runtime_config and the choice recorded in target_info["tune"]. The copy is made in a staging
+    directory beside `best`, links copied as links (`compiler.tune_files.check_build` refused any before), checked
+    again against its manifest, and moved into place in one step (`compiler.tune_files.install_best`)."""
     from dataclasses import replace
 
-    from compiler.types import Manifest
+    from compiler.errors import UsageError
+    from compiler.runner import check_files
+    from compiler.staging import staging_area
+    from compiler.tune_files import check_tree, install_best
+    from compiler.types import BENCH_FILE, Manifest
     from targets import get_target
 
     assert winner.directory is not None
-    partial = best.with_name(best.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(winner.directory, partial, ignore=shutil.ignore_patterns("bench.json"))
-    manifest = get_target(winner.target).with_runtime_settings(Manifest.read(partial), winner.settings)
-    tune = {
+    with staging_area(best) as root:
+        tree = root / best.name
+        shutil.copytree(winner.directory, tree, symlinks=True, ignore=shutil.ignore_patterns(BENCH_FILE))
+        try:  # what was checked before the timing is still what is published
+            check_tree(tree)
+            check_files(tree, Manifest.read(tree))
+        except (ValueError, UsageError) as exc:
+            raise UsageError(
+                f"{winner.name} changed while it was timed ({getattr(exc, 'message', exc)}): nothing published",
+                "run kiln tune again",
+            ) from None
+        manifest = get_target(winner.target).with_runtime_settings(Manifest.read(tree), winner.settings)
+        manifest = replace(manifest, target_info={**manifest.target_info, "tune": _choice(winner, board)})
+        manifest.write(tree)
+        install_best(tree, best)
+
+
+def _choice(winner: Entry, board: dict[str, Any]) -> dict[str, Any]:
+    """What `best/`'s manifest records of how tune chose it (target_info["tune"])."""
+    return {
         "chosen_by": "kiln tune",
         "objective": board["objective"],
         "from_candidates": len(board["candidates"]) + len(board["rejected"]),
@@ -218,14 +238,6 @@ def publish(winner: Entry, best: Path, board: dict[str, Any]) -> None:
         "p50_ms": (winner.timing.get("latency_ms") or {}).get("p50"),
         "throughput_items_per_s": winner.timing.get("throughput_items_per_s"),
     }
-    manifest = replace(manifest, target_info={**manifest.target_info, "tune": tune})
-    manifest.write(partial)
-    old = best.with_name(best.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if best.exists():
-        os.replace(best, old)
-    os.replace(partial, best)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def markdown(board: dict[str, Any]) -> str:
@@ -344,9 +356,10 @@ def html_page(board: dict[str, Any]) -> str:
 def write_leaderboards(out: Path, board: dict[str, Any]) -> None:
     """leaderboard.md, leaderboard.json and leaderboard.html in `out`."""
     from compiler.host import host_info
+    from compiler.tune_files import LEADERBOARDS, write_text
 
     board["cpu_notes"] = cpu_notes(board)
     board["host"] = host_info()
-    (out / "leaderboard.json").write_text(json.dumps(board, indent=2, default=str) + "\n")
-    (out / "leaderboard.md").write_text(markdown(board))
-    (out / "leaderboard.html").write_text(html_page(board))
+    pages = (markdown(board), json.dumps(board, indent=2, default=str) + "\n", html_page(board))
+    for name, text in zip(LEADERBOARDS, pages):  # written anew, never through a link planted there
+        write_text(out / name, text)

@@ -301,8 +301,8 @@ class Manifest:
                 f"{directory} is not a Kiln export: {MANIFEST_NAME} is missing",
                 "pass the directory that `kiln export --out` wrote",
             ) from None
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}", "re-export the model") from None
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            raise UsageError(f"cannot read {path}: {str(exc)[:200]}", "re-export the model") from None
         try:
             return cls._from_json(data, path)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -61,6 +61,15 @@ def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Export
     return {r.target: r for r in results}
 
 
+@pytest.fixture(scope="session")
+def cnn_onnx_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """zoo:cnn exported to onnx alone (a few seconds): a small export for tests to copy and tamper with."""
+    out = tmp_path_factory.mktemp("cnn-onnx") / "cnn"
+    (result,) = export_targets("zoo:cnn", "onnx", out, ExportOptions())
+    assert result.published
+    return out
+
+
 def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the CLI in-process: exit code, stdout, stderr."""
     code = cli.main([str(a) for a in argv])

@@ -39,9 +39,16 @@ def dynamic_cnn(tmp_path_factory):
 def test_bench_json_report_and_verify_after(cnn_export, tmp_path, capsys):
     outside = tmp_path / "outside.txt"
     outside.write_text("not kiln's")
-    (cnn_export / "onnx" / BENCH_FILE).symlink_to(outside)  # a planted link: replaced, never written through
+    planted = cnn_export / "onnx" / BENCH_FILE
+    planted.symlink_to(outside)  # a link leading out of the export: the export is refused, nothing written through
+    code, _, err = run_cli("bench", cnn_export, "--json", "--threads", "1", *QUICK, capsys=capsys)
+    assert code == 2 and f"{planted} is a symbolic link leading outside" in err, err
+    planted.unlink()
+    manifest = (cnn_export / "onnx" / "manifest.json").read_text()
+    planted.symlink_to("manifest.json")  # one that stays inside: replaced, never written through
     code, out, err = run_cli("bench", cnn_export, "--json", "--threads", "1", *QUICK, capsys=capsys)
     assert code == 0, err
+    assert (cnn_export / "onnx" / "manifest.json").read_text() == manifest
     result = json.loads(out)
     assert result["settings"] == {"threads": 1, "rounds": 3, "runs": 5, "min_round_ms": 0.0, "warmup": 2, "batch": None}
     assert result["timed_on"]["cores"] and result["built_on"]["cpu"]
@@ -235,7 +242,8 @@ def test_spread_and_its_flag():
 
 def test_a_worker_dying_in_the_middle_of_the_rounds_fails_the_command(cnn_export, monkeypatch, capsys):
     """Regression: the report recorded the failure but `kiln bench` exited 0. The first worker's real process is
-    killed before its second timed round; the others finish, the report is printed, and the exit code is 4."""
+    killed before its second timed round; the others finish, the report is printed, and the exit code is 1 (the
+    candidate failed, as one that fails parity; it was 4, an internal error, before issue 24)."""
     from compiler.bench_worker import Worker
 
     original, calls = Worker.time, {}
@@ -248,7 +256,7 @@ def test_a_worker_dying_in_the_middle_of_the_rounds_fails_the_command(cnn_export
 
     monkeypatch.setattr(Worker, "time", time_then_die)
     code, out, err = run_cli("bench", cnn_export, *QUICK, "--json", "--no-write", capsys=capsys)
-    assert code == 4, err
+    assert code == 1, err
     records = {r["name"]: r for r in json.loads(out)["candidates"]}
     failed = [r for r in records.values() if r["failure"]]
     assert len(failed) == 1 and failed[0]["failure"].startswith("failed while timed: its process exited")

@@ -505,7 +505,7 @@ def test_bad_matrix_arguments_are_one_line_errors(argv, message, capsys):
     [
         ('models = ["zoo:cnn"]\n[[cells]]\nmatch = "cnn/*"\natol_typo = 1\n', "unknown option 'atol_typo'"),
         ('models = [{source = "zoo:cnn", timeout = "long"}]\n', "timeout = 'long' is not valid"),
-        ("jobs = 0\n", "'jobs' must be a whole number of at least 1"),
+        ("jobs = 0\n", "jobs 0: must be at least 1"),
         ('models = ["zoo:cnn"\n', "cannot read"),
     ],
 )

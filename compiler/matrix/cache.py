@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from compiler.errors import UsageError
 from compiler.matrix.results import PARITY_FAILED, PASSED, CellResult
+from compiler.safe_fs import read_bytes, write_file
 
 CACHE_SCHEMA = "kiln.matrix.cache/2"
 
@@ -48,11 +49,11 @@ class CellCache:
         """The cached result of this key, if there is one and it checks out (else None, and a warning)."""
         path = self._path(key)
         try:
-            text = path.read_bytes()
+            return self._check(json.loads(read_bytes(path)), key)
         except OSError:
             return None  # not cached
-        try:
-            return self._check(json.loads(text), key)
+        except UsageError:
+            problem = "is a link or not a regular file"
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             problem = str(exc) if isinstance(exc, _Untrusted) else "is not JSON (torn or edited)"
         if self.warn is not None:
@@ -82,6 +83,4 @@ class CellCache:
         path = self._path(result.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = result.to_dict()
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps({"schema": CACHE_SCHEMA, "sha256": _digest(data), "result": data}))
-        os.replace(partial, path)
+        write_file(path, json.dumps({"schema": CACHE_SCHEMA, "sha256": _digest(data), "result": data}))

@@ -75,6 +75,7 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
     import torch
 
     from compiler.divergence import DIVERGENCE_FILE
+    from compiler.manifest import manifest_figures
     from compiler.options import export_options
     from compiler.pipeline import export_targets
     from compiler.progress import Progress, quiet_libraries
@@ -90,18 +91,13 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
     manifest = result.manifest
     assert manifest is not None and manifest.parity is not None  # one target: a failure raises
     parity = manifest.parity
-    floats = [o for o in parity.outputs if o.kind == "float"]
-    outcome |= {
+    outcome |= manifest_figures(manifest) | {
         "status": PASSED if parity.passed else PARITY_FAILED,
         "reason": "" if parity.passed else "; ".join(o.summary() for o in parity.failures())[:500],
-        "max_abs_error": max((o.max_abs_error for o in floats), default=0.0),
-        "max_rel_error": max((o.max_rel_error for o in floats), default=0.0),
-        "min_cosine": min((o.min_cosine for o in floats), default=1.0),
         "outputs": [asdict(o) for o in parity.outputs],
         "tolerance": asdict(parity.tolerance),
         "reference": parity.reference,
         "runtime": parity.runtime,
-        "artifact_bytes": sum(f.size for f in manifest.files if not f.path.startswith("parity/")),
         "state_hash": manifest.source.get("state_hash"),
         "versions": manifest.versions,
         "notes": list(manifest.notes),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import UsageError
+from compiler.limits import MAX_COUNT, MAX_THREADS, accepts, check_count
+from compiler.types import check_thresholds
 
 DEFAULT_TIMEOUT_S = 600.0
 ROOT = Path(__file__).resolve().parent.parent.parent  # the directory holding compiler/, passes/, targets/
@@ -82,8 +83,8 @@ def _is_number(value: Any) -> bool:
 
 
 OPTION_CHECKS: dict[str, tuple[Any, str]] = {
-    "atol": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "rtol": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "atol": (lambda v: accepts(check_thresholds, atol=v), "a finite number >= 0"),
+    "rtol": (lambda v: accepts(check_thresholds, rtol=v), "a finite number >= 0"),
     "samples": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
     "dynamic_batch": (lambda v: isinstance(v, str), 'a string "MIN:MAX"'),
     "dynamic": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), 'a list of "NAME:AXIS=MIN:MAX"'),
@@ -93,9 +94,9 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "expect": (lambda v: v in ("pass", "fail"), '"pass" or "fail"'),
     "opt_level": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3, "a whole number 0..3"),
     "calib": (lambda v: isinstance(v, str), "a path (.npz or a directory)"),
-    "max_drop": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "max_drop": (lambda v: accepts(check_thresholds, max_drop=v), "a finite number >= 0"),
     "metric": (lambda v: isinstance(v, str) and ":" in v, "file.py:function"),
-    "min_cosine": (lambda v: _is_number(v) and math.isfinite(v) and -1 <= v <= 1, "a number from -1 to 1"),
+    "min_cosine": (lambda v: accepts(check_thresholds, min_cosine=v), "a number from 0 to 1"),
     "localize": (lambda v: isinstance(v, bool), "true or false"),
     "io": (lambda v: v == "nhwc", '"nhwc" (channels-last image I/O; the only --io option)'),
 }
@@ -263,9 +264,8 @@ def _names(value: Any, key: str) -> list[str]:
 
 
 def _positive(value: Any, key: str, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UsageError(f"'{key}' must be a whole number of at least {minimum}, got {value!r}", f"write {key} = 2")
-    return value
+    check_count(key, value, minimum, MAX_THREADS if key == "threads" else MAX_COUNT)  # the CLI's one check
+    return int(value)
 
 
 def _rule(table: Any) -> CellRule:

@@ -18,6 +18,7 @@ from typing import Any
 
 from compiler.matrix.config import ROOT, CellSpec, physical_memory_gb
 from compiler.matrix.results import CONVERSION_FAILED, PASSED, CellResult
+from compiler.safe_fs import remove_tree
 
 TAIL_LINES = 40
 TAIL_CHARS = 4000
@@ -84,7 +85,7 @@ _LIVE_LOCK = threading.Lock()
 def run_job(job: Job, keep_artifacts: bool = False) -> CellResult:
     """Run one cell in a new process group with its time and memory limits; its result, whatever happens."""
     cell, options = job.cell, job.cell.options
-    shutil.rmtree(job.cell_dir, ignore_errors=True)
+    remove_tree(job.cell_dir)  # a link in its place is removed, never followed
     job.cell_dir.mkdir(parents=True)
     export_dir = job.cell_dir / "export"
     result_path = job.cell_dir / "result.json"

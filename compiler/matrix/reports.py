@@ -26,6 +26,7 @@ from compiler.matrix.report_text import (
     cell_figures,
 )
 from compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
+from compiler.safe_fs import write_file
 
 if TYPE_CHECKING:
     from compiler.matrix.runner import Plan, RunSettings
@@ -45,16 +46,18 @@ __all__ = [  # the HTML page and the shared helpers moved to report_html and rep
 REPORT_SCHEMA = "kiln.matrix.report"
 REPORT_SCHEMA_VERSION = 1
 BASELINE_HINT = "pass the report.json of an earlier run"
+REPORT_FILES = ("report.json", "report.md", "junit.xml", "report.html")  # what `write_reports` writes into OUT
 ERROR_FLOOR_OF_ATOL = 0.01  # parity errors below 1% of atol are noise: growth below that is no regression
 
 
 def write_reports(plans: list[Plan], results: list[CellResult], out: Path, settings: RunSettings) -> dict[str, Any]:
     """Build report.json from the results and write it with report.md, junit.xml and report.html into `out`."""
     report = build_report(plans, results, settings)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    (out / "junit.xml").write_bytes(junit(report))
-    (out / "report.html").write_text(html_page(report))
+    json_file, markdown_file, junit_file, html_file = REPORT_FILES
+    write_file(out / json_file, json.dumps(report, indent=1) + "\n")
+    write_file(out / markdown_file, markdown(report))
+    write_file(out / junit_file, junit(report))
+    write_file(out / html_file, html_page(report))
     return report
 
 

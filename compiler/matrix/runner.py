@@ -34,6 +34,7 @@ from compiler.matrix.results import (
     repair_results,
 )
 from compiler.progress import Progress
+from compiler.safe_fs import read_text, within, write_file
 
 __all__ = [  # what this module always offered, the moved parts included
     "CELLS_DIR",
@@ -147,11 +148,11 @@ class Plan:
         """The plan.json of a matrix output directory."""
         path = directory / PLAN_FILE
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path))
         except FileNotFoundError:
             raise UsageError(f"{directory} holds no {PLAN_FILE}", "pass directories written by `kiln matrix`") from None
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}", "re-run that shard") from None
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            raise UsageError(f"cannot read {path}: {str(exc)[:200]}", "re-run that shard") from None
         try:
             cells = [CellSpec.from_dict(c["cell"]) for c in data["cells"]]
             keys = {c["cell"]["name"] + "/" + c["cell"]["target"] + "/" + c["cell"]["precision"]: c["key"]
@@ -183,7 +184,8 @@ def run_matrix(config: MatrixConfig, settings: RunSettings, progress: Progress) 
     plan.settings["allow_fail"] = settings.allow_fail  # so that a merge of the shards honours them too
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+    within(out / CELLS_DIR, out)  # the cells' directories are removed and rewritten: never outside `out`
+    write_file(out / PLAN_FILE, json.dumps(plan.to_dict(), indent=1) + "\n")
     results_path = out / RESULTS_FILE
     repair_results(results_path, progress.warn)  # a line torn by a kill must not swallow the next one
     finished = {} if settings.rerun else read_results(results_path, progress.warn)
