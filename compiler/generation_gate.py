@@ -365,7 +365,7 @@ def replay_generation(
     layout = layout_of(artifact.manifest.inputs)
     stored = check_record(stored_record, spec, capacity_of(spec, layout))
     runner = load_runner(artifact)
-    records = []
+    records: list[dict[str, Any]] = []
     for prompt, want in stored:
         got, _ = greedy(layout.decoder(runner.run), prompt.tokens, prompt.new_tokens)
         first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
