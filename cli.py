@@ -251,10 +251,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _generate(model: Any, args: argparse.Namespace) -> int:
     """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids."""
-    from compiler.decoding import generate_with_export, parse_prompt
+    from compiler.decoding import DecoderSpec, generate_with_export, parse_prompt
 
     prompt = parse_prompt(args.generate)
-    tokens = generate_with_export(model.run, model.inputs, prompt, args.max_new_tokens)
+    spec = DecoderSpec.from_dict(model.manifest.source.get("decoder"))
+    tokens = generate_with_export(model.run, model.inputs, spec, prompt, args.max_new_tokens)
     if args.json:
         print(json.dumps({"prompt": prompt, "generated": tokens}))
     elif not args.quiet:

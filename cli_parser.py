@@ -175,7 +175,13 @@ def _other_parsers(sub: Any) -> None:
     what.add_argument(
         "--generate", metavar="IDS", help='greedy-decode after these prompt token ids ("1,5,9,3"): text generation'
     )
-    run.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens --generate adds (default 32)")
+    run.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="tokens --generate adds (default 32; at most 4096, and within the model's positions)",
+    )
     run.add_argument("--output", default="outputs.npz", help="where to save outputs (default outputs.npz)")
     run.add_argument("--target", help="which target of a multi-target export")
     _trust_flag(run)

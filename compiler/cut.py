@@ -237,6 +237,44 @@ def reference_module(program: torch.export.ExportedProgram) -> torch.fx.GraphMod
     return unlifted  # type: ignore[return-value]
 
 
+def eager_check(eager: EagerModel, program: torch.export.ExportedProgram, bounds: list[Boundary], feeds: Feeds) -> str:
+    """The localization's reference is the captured program run in PyTorch (its values at every boundary); this
+    checks them against the user's own model: one eager run of `eager` with a forward hook on each boundary's
+    module, whose output (a module called once, returning one tensor of the boundary's shape) must equal the
+    captured program's value there. A note for the record: how many boundaries were checked, and which differ."""
+    paths = {b.module: b for b in bounds}
+    calls: dict[str, list[Any]] = {}
+    handles = []
+    for path in paths:
+        try:
+            module = eager.module.get_submodule(path)
+        except AttributeError:
+            continue
+        handles.append(
+            module.register_forward_hook(lambda _m, _a, out, path=path: calls.setdefault(path, []).append(out))
+        )
+    try:
+        with torch.no_grad():
+            eager.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in eager.input_names])
+    finally:
+        for handle in handles:
+            handle.remove()
+    own = {p: out[0] for p, out in calls.items() if len(out) == 1 and isinstance(out[0], torch.Tensor)}
+    captured = intermediates(program, [paths[p].node for p in own], feeds)
+    differ = []
+    for path, value in own.items():
+        want, got = value.detach().float().numpy(), captured[paths[path].node]
+        scale = float(np.max(np.abs(want), initial=0.0))
+        if want.shape == got.shape and not np.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
+            differ.append(paths[path].label())
+    checked = sum(1 for p, v in own.items() if tuple(v.shape) == captured[paths[p].node].shape)
+    text = f"boundary values from the captured program, {checked - len(differ)} of {len(bounds)} equal to the " \
+        "model's own module outputs (the rest: modules called more than once or not returning one tensor)"  # fmt: skip
+    if differ:
+        text += f"; the captured program DIFFERS from the model at {', '.join(differ[:3])} (torch.export)"
+    return text
+
+
 def intermediates(
     program: torch.export.ExportedProgram,
     nodes: list[str],

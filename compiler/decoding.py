@@ -1,6 +1,6 @@
 """The decoding loop of a text-generation export (see compiler/generation.py): a step function over named feeds
-with the KV cache kept between calls, greedy decoding, and the generation parity check. Numpy only: it runs on any
-runtime's step function (the gate, `kiln run --generate`, benchmarks/bench_generate.py)."""
+with the KV cache kept between calls, greedy decoding, and what a decoder's manifest says of it (`DecoderSpec`).
+Numpy only: it runs on any runtime's step function (the gate, `kiln run --generate`, benchmarks/bench_generate.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,53 @@ import numpy as np
 from compiler.errors import UsageError
 
 if TYPE_CHECKING:
-    from compiler.artifacts import Artifact
-    from compiler.types import ParityReport, TensorSpec, Tolerance
+    from compiler.types import TensorSpec
 
 Feeds = dict[str, np.ndarray]
-PARITY_TOKENS = 32
-PARITY_PROMPT = (1, 5, 9, 3)
+MAX_NEW_TOKENS = 4096  # `kiln run --generate --max-new-tokens`: at most this many (and within the model's positions)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a text-generation export must know of its causal LM beyond the graph: the vocabulary, the positions
+    the model has, and each layer's attention (`compiler.attention_masks`). Recorded in the manifest's
+    `source["decoder"]` and read back, checked, by `kiln run --generate` and `kiln verify`."""
+
+    vocab_size: int
+    max_positions: int
+    layer_types: tuple[str, ...]
+    window: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "vocab_size": self.vocab_size,
+            "max_positions": self.max_positions,
+            "layer_types": list(self.layer_types),
+            "sliding_window": self.window,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DecoderSpec:
+        """The spec a manifest recorded; a UsageError when it is missing or malformed (a hand-edited manifest)."""
+        try:
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            vocab, positions, window = data["vocab_size"], data["max_positions"], data["sliding_window"]
+            types = data["layer_types"]
+            for value in (vocab, positions, window):
+                if value is not None and (type(value) is not int or not 1 <= value <= 2**31 - 1):
+                    raise ValueError(f"{value!r} is not a count")
+            if vocab is None or positions is None:
+                raise ValueError("vocab_size and max_positions are required")
+            if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+                raise ValueError("layer_types is not a list of names")
+            return cls(vocab, positions, tuple(types), window)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(
+                f"the export's manifest has no valid decoder record (source.decoder: {exc})",
+                "re-export the model with this version of Kiln",
+            ) from None
 
 
 def input_names(layers: int) -> list[str]:
@@ -115,40 +156,6 @@ def greedy(
     return tokens, logits
 
 
-def generation_parity(
-    run: Callable[[Feeds], Feeds],
-    reference: Callable[[Feeds], Feeds],
-    layout: CacheLayout | StaticCacheLayout,
-    tolerance: Tolerance,
-    prompt: Sequence[int] = PARITY_PROMPT,
-    n: int = PARITY_TOKENS,
-) -> dict[str, Any]:
-    """Greedy decoding of `n` tokens by the artifact and by the reference on the same prompt: passed when the tokens
-    are identical and every step's logits are within `tolerance` (atol + rtol * |ref|, cosine)."""
-    from compiler.metrics import cosine
-
-    got, got_logits = greedy(layout.decoder(run), prompt, n)
-    want, want_logits = greedy(layout.decoder(reference), prompt, n)
-    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)  # steps with the same prefix
-    pairs = list(zip(got_logits[: same + 1], want_logits[: same + 1]))[:n]
-    errors = [float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in pairs]
-    outside = [float(np.mean(np.abs(a - b) > tolerance.atol + tolerance.rtol * np.abs(b))) for a, b in pairs]
-    cosines = [cosine(a, b) for a, b in pairs]
-    within = max(outside) <= tolerance.max_mismatch and min(cosines) >= tolerance.min_cosine
-    return {
-        "passed": same == n and within,
-        "prompt": [int(t) for t in prompt],
-        "tokens": n,
-        "identical": same == n,
-        "first_mismatch": None if same == n else same,
-        "max_abs_logit_err": max(errors),
-        "min_logit_cosine": min(cosines),
-        "logits_within_tolerance": within,
-        "generated": got,
-        "reference": want,
-    }
-
-
 POSITION_INPUT = "input_pos"
 
 
@@ -219,55 +226,44 @@ class StaticCachedDecoder:
         return logits
 
 
+SEPARATOR = r"[ \t]*,[ \t]*|[ \t]+"
+PROMPT_SYNTAX = re.compile(rf"[0-9]{{1,64}}(?:(?:{SEPARATOR})[0-9]{{1,64}})*")
+
+
 def parse_prompt(text: str) -> list[int]:
-    """`--generate "1,5,9,3"` as token ids."""
-    try:
-        ids = [int(t) for t in text.replace(" ", ",").split(",") if t.strip()]
-    except ValueError:
-        raise UsageError(f"--generate {text!r}: not a comma list of token ids", 'e.g. --generate "1,5,9,3"') from None
-    if not ids or min(ids) < 0:
-        raise UsageError(f"--generate {text!r}: need at least one non-negative token id", 'e.g. --generate "1,5,9,3"')
-    return ids
+    """`--generate "1,5,9,3"` (or "1 5 9 3", "1, 5") as token ids: ASCII digits separated by one comma or by
+    spaces, nothing else (no `1_0`, no full-width digits, no empty items, no sign)."""
+    if not PROMPT_SYNTAX.fullmatch(text.strip(" \t")):
+        raise UsageError(
+            f"--generate {text[:80]!r}: not a comma list of token ids (ASCII digits, one comma between ids)",
+            'e.g. --generate "1,5,9,3"',
+        )
+    return [int(t) for t in re.split(SEPARATOR, text.strip(" \t"))]
 
 
 def generate_with_export(
-    run: Callable[[Feeds], Feeds], inputs: Sequence[TensorSpec], prompt: Sequence[int], n: int
+    run: Callable[[Feeds], Feeds], inputs: Sequence[TensorSpec], spec: DecoderSpec, prompt: Sequence[int], n: int
 ) -> list[int]:
-    """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's step function."""
-    if n < 1:
-        raise UsageError(f"--max-new-tokens {n}: need at least 1", "use the default of 32")
-    layout = layout_of(inputs)
-    if isinstance(layout, StaticCacheLayout) and len(prompt) + n - 1 > layout.size:
+    """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's step function; a UsageError, before
+    any step, for an id outside the vocabulary or more positions than the model (or a static cache) has."""
+    if not 1 <= n <= MAX_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens {n}: need 1 to {MAX_NEW_TOKENS}", "use the default of 32")
+    bad = next((t for t in prompt if not 0 <= t < spec.vocab_size), None)
+    if bad is not None:
         raise UsageError(
-            f"a {len(prompt)}-token prompt and {n} new tokens need {len(prompt) + n - 1} positions, more than the "
-            f"export's static KV cache of {layout.size}",
-            f"use --max-new-tokens {max(1, layout.size + 1 - len(prompt))} or less, or a larger --cache-size",
+            f"token id {bad} is outside the model's vocabulary of {spec.vocab_size}",
+            f"give ids from 0 to {spec.vocab_size - 1}",
+        )
+    layout = layout_of(inputs)
+    capacity, what = spec.max_positions, f"the model's {spec.max_positions} positions"
+    if isinstance(layout, StaticCacheLayout) and layout.size < capacity:
+        capacity, what = layout.size, f"the export's static KV cache of {layout.size}"
+    need = len(prompt) + n - 1  # the last token is chosen, never fed back
+    if need > capacity:
+        raise UsageError(
+            f"a {len(prompt)}-token prompt and {n} new tokens need {need} positions, more than {what}",
+            f"use --max-new-tokens {max(1, capacity + 1 - len(prompt))} or less"
+            + (", or a larger --cache-size" if isinstance(layout, StaticCacheLayout) else ", or a shorter prompt"),
         )
     tokens, _ = greedy(layout.decoder(run), prompt, n)
     return tokens
-
-
-def replay_generation(report: ParityReport, artifact: Artifact, stored: dict[str, Any]) -> ParityReport:
-    """`kiln verify` of a text-generation export: the artifact decodes the stored prompt again and must give the
-    reference tokens recorded at export (PyTorch's); the report with that record as `generation`."""
-    from dataclasses import replace
-
-    from compiler.artifacts import load_runner
-
-    runner = load_runner(artifact)
-    tokens = generate_with_export(runner.run, artifact.manifest.inputs, stored["prompt"], int(stored["tokens"]))
-    want = [int(t) for t in stored["reference"]]
-    same = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), len(want))
-    record = {
-        "passed": tokens == want,
-        "prompt": stored["prompt"],
-        "tokens": len(tokens),
-        "identical": tokens == want,
-        "first_mismatch": None if tokens == want else same,
-        "against": "reference tokens stored at export",
-        "logits_within_tolerance": stored.get("logits_within_tolerance"),
-        "max_abs_logit_err": stored.get("max_abs_logit_err"),
-        "generated": tokens,
-        "reference": want,
-    }
-    return replace(report, passed=report.passed and record["passed"], generation=record)

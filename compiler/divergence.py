@@ -21,6 +21,7 @@ from compiler.artifacts import Artifact, build
 from compiler.capture import EXPORTERS, CapturedModel, lower
 from compiler.cut import (
     Boundary,
+    eager_check,
     intermediates,
     live_at,
     live_name,
@@ -93,6 +94,7 @@ def localize(
     bounds = module_boundaries(source.exported)
     probe = Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
     probe.bounds, probe.route = bounds, route
+    checked = eager_check(source.eager, source.exported, bounds, samples.inputs[0]) if source.eager and bounds else ""
     precision = options.precision_for(target)
     found, first, used = _search(probe, bounds, method, every, output_failed)
     measured = [found[i] for i in sorted(found)]
@@ -116,6 +118,7 @@ def localize(
         used,
         _tolerance(options.tolerance(precision)),
         route.name if route is not None else "",
+        checked or "boundary values from the program the user gave (a .pt2): it is the model",
     )
 
 

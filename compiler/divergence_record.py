@@ -61,21 +61,23 @@ class Divergence:
     method: str = "bisection"  # or fast-path, fast-path+bisection, every (see _search)
     tolerance: dict[str, Any] = field(default_factory=dict)  # what each boundary was judged with
     route: str = ""  # the route every prefix was built by (targets.base.Route.name; "": the default capture)
+    reference: str = ""  # what the boundaries were judged against, checked against the model (compiler.cut.eager_check)
 
     def summary(self) -> str:
         """`first divergence: body.2 (Block) cosine 0.41; inputs cosine 1.000000` (one line)."""
+        differs = [self.reference] if "DIFFERS" in self.reference else []
         if self.first is None:
             found = f"no divergence found at {len(self.measured)} of {self.boundaries} module boundaries"
-            return "; ".join([found, *self.notes])
+            return "; ".join([found, *self.notes, *differs])
         if self.conversion_error:
             ops = ", ".join(self.first.ops)
             return f"first divergence: {self.first.label()} (ops {ops}) does not convert: {self.conversion_error}"
         inputs = self.inputs.figures() if self.inputs is not None else "the model's inputs (exact)"
         first = self.first
-        return (
-            f"first divergence: {first.label()} {first.figures()} ({first.reason}); inputs {inputs} "
-            f"({self.builds} builds, {self.seconds:.1f}s)"
-        )
+        return "; ".join(
+            [f"first divergence: {first.label()} {first.figures()} ({first.reason})",
+             f"inputs {inputs} ({self.builds} builds, {self.seconds:.1f}s)", *differs]
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """The record written to the manifest (`parity.divergence`) and to `divergence.json`."""

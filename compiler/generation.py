@@ -16,42 +16,33 @@ I/O (batch, seq, past and total = past + seq are named dynamic dims):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from compiler.decoding import (  # re-exported: the loop is part of the generation export's API
-    PARITY_PROMPT,
-    PARITY_TOKENS,
-    CachedDecoder,
-    CacheLayout,
-    RecomputingDecoder,
-    StaticCacheLayout,
-    generate_with_export,
-    generation_parity,
-    greedy,
-    input_names,
-    layout_of,
-    parse_prompt,
-)
+from compiler.attention_masks import AttentionPattern
+from compiler.decoding import DecoderSpec, input_names, layout_of
 from compiler.errors import UsageError
 
 if TYPE_CHECKING:
     from compiler.artifacts import Artifact
     from compiler.capture import CapturedModel
     from compiler.options import ExportOptions
+    from compiler.parity import ParitySamples
     from compiler.progress import Progress
     from compiler.sources import ModelSource
-    from compiler.types import ParityReport, TensorSpec
+    from compiler.types import ParityReport
     from targets import Target
 
 TEXT_GENERATION = "text-generation"
 FORWARD = "forward"
 TASKS = (TEXT_GENERATION, FORWARD)
-GENERATION_TARGETS = ("onnx", "openvino")
+# What a target's `kv_cache` says it takes: a growing cache (one graph, the past length dynamic) or a static one (a
+# fixed-length cache, all shapes static).
+GROWING, STATIC = "growing", "static"
 GENERATION_PRECISIONS = ("fp32",)
 GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
@@ -102,31 +93,33 @@ def check_generation_request(
     dynamic: object,
     cache_size: int | None = None,
 ) -> list[Target]:
-    """The targets of a generation export (`--target all`: onnx and openvino); refuse targets, precisions and
-    flags it does not build, and a mix of growing-cache and static-cache targets, before any capture work."""
-    from compiler.static_cache import STATIC_TARGETS
+    """The targets of a generation export (`--target all`: those that take a growing cache); refuse targets,
+    precisions and flags it does not build, and a mix of growing-cache and static-cache targets, before any
+    capture work. What each target takes is its `kv_cache` (targets.base.Target)."""
+    from targets import TARGETS
 
+    by_cache = {kind: sorted(t.name for t in TARGETS if t.kv_cache == kind) for kind in (GROWING, STATIC)}
     if asked_all:
-        targets = [t for t in targets if t.name in GENERATION_TARGETS]
-    other = [t.name for t in targets if t.name not in (*GENERATION_TARGETS, *STATIC_TARGETS)]
+        targets = [t for t in targets if t.kv_cache == GROWING]
+    other = [t.name for t in targets if t.kv_cache is None]
     if other:
         raise UsageError(
-            f"text-generation export supports {' and '.join(GENERATION_TARGETS)}, not {', '.join(other)}: no KV-cache "
-            f"export for {'them' if len(other) > 1 else 'it'} yet ({' and '.join(STATIC_TARGETS)} take a static one)",
-            f"use --target {','.join(GENERATION_TARGETS)}, or --task forward for one full-sequence forward",
+            f"text-generation export supports {', '.join(by_cache[GROWING])} (a growing KV cache) and "
+            f"{', '.join(by_cache[STATIC])} (a static one), not {', '.join(other)}",
+            f"use --target {','.join(by_cache[GROWING])}, or --task forward for one full-sequence forward",
         )
-    static = [t.name for t in targets if t.name in STATIC_TARGETS]
-    growing = [t.name for t in targets if t.name not in static]
+    static = [t.name for t in targets if t.kv_cache == STATIC]
+    growing = [t.name for t in targets if t.kv_cache == GROWING]
     if static and growing:
         raise UsageError(
             f"{', '.join(static)} {'take' if len(static) > 1 else 'takes'} a static KV cache and "
-            f"{', '.join(growing)} a growing one: two different "
-            "graphs, not one export",
-            "export them separately (--target tflite, then --target onnx,openvino)",
+            f"{', '.join(growing)} a growing one: two different graphs, not one export",
+            f"export them separately (--target {','.join(static)}, then --target {','.join(growing)})",
         )
     if cache_size is not None and not static:
         raise UsageError(
-            "--cache-size applies to the static KV cache of tflite and tpu only", "drop --cache-size for this target"
+            f"--cache-size applies to a static KV cache ({', '.join(by_cache[STATIC])}) only",
+            "drop --cache-size for this target",
         )
     bad = sorted({precision_of(t) for t in targets} - set(GENERATION_PRECISIONS))
     if bad:
@@ -149,32 +142,43 @@ def generation_targets(
     task was detected rather than asked for."""
     asked_all = isinstance(asked, str) and asked.strip().lower() == "all"
     chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic, options.cache_size)
+    if options.inputs_files:
+        raise UsageError(
+            "--inputs does not apply to a text-generation export: its parity sets are decoding states the model "
+            "itself makes (a cache from a file has no token history to run the model on)",
+            "drop --inputs",
+        )
     if options.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
     return chosen
 
 
 class CausalLMWithCache(nn.Module):
-    """A causal LM taking flat tensors: the cache's tensors go in and come out by name (a `DynamicCache` is built
-    inside), so that torch.export and the runtimes see plain tensors."""
+    """A causal LM taking flat tensors: the cache's tensors go in and come out by name, so that torch.export and the
+    runtimes see plain tensors. Every layer keeps its whole past (a `DynamicCache` of plain layers is built inside);
+    the attention masks, one per kind of layer, are built here from the positions (`AttentionPattern.masks`): a
+    sliding layer sees its window, a full layer everything, and `attention_mask` drops padded keys."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         config: Any = model.config
         self.layers = int(config.num_hidden_layers)
+        self.pattern = AttentionPattern.of(config)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         from transformers import DynamicCache
 
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-        config: Any = self.model.config
-        cache = DynamicCache(ddp_cache_data=pairs, config=config)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        seen = past[0].shape[2]
+        query = torch.arange(input_ids.shape[1]) + seen
+        keys = torch.arange(attention_mask.shape[1])
+        mask = self.pattern.masks(query, keys, attention_mask != 0, past[0].dtype)
         out = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
@@ -183,6 +187,15 @@ class CausalLMWithCache(nn.Module):
         for i, layer in enumerate(out.past_key_values.layers):
             result[f"present.{i}.key"], result[f"present.{i}.value"] = layer.keys, layer.values
         return result
+
+
+def decoder_spec(model: nn.Module) -> DecoderSpec:
+    """What a text-generation export records of a causal LM (vocabulary, positions, attention layers); an
+    UnsupportedOpError for attention Kiln does not build (`AttentionPattern.of`)."""
+    config: Any = model.config
+    pattern = AttentionPattern.of(config)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
+    return DecoderSpec(int(config.vocab_size), int(positions), pattern.layer_types, pattern.window)
 
 
 def cache_shape(config: Any) -> tuple[int, int, int]:
@@ -195,9 +208,7 @@ def cache_shape(config: Any) -> tuple[int, int, int]:
 
 def generation_detail(targets: list[Target]) -> str:
     """The generation stage's line: which cache the targets take."""
-    from compiler.static_cache import STATIC_TARGETS
-
-    if any(t.name in STATIC_TARGETS for t in targets):
+    if any(t.kv_cache == STATIC for t in targets):
         return "static KV-cache decode step, torch.export (all shapes static)"
     return "KV-cache wrapper, torch.export (batch, seq, past dynamic)"
 
@@ -208,11 +219,12 @@ def generation_source(
     """`source` (a causal LM) as its cached decoder: the wrapper module, example inputs at the capture sizes, and
     the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is); for
     static-shape targets (tflite, tpu) the static-cache decode step of compiler/static_cache.py instead."""
-    from compiler.static_cache import STATIC_TARGETS, static_generation_source
+    from compiler.static_cache import static_generation_source
 
-    if any(t.name in STATIC_TARGETS for t in targets or []):
+    if any(t.kv_cache == STATIC for t in targets or []):
         return static_generation_source(source, cache_size)
     assert source.module is not None
+    spec = decoder_spec(source.module)
     wrapper = CausalLMWithCache(source.module).eval()
     config: Any = source.module.config
     layers, kv_heads, head_dim = cache_shape(config)
@@ -223,7 +235,7 @@ def generation_source(
     cache = [torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in range(2 * layers)]
     dtype = next(source.module.parameters()).dtype
     examples = (ids, torch.ones(batch, past + seq, dtype=torch.long), positions, *[t.to(dtype) for t in cache])
-    max_len = int(getattr(config, "max_position_embeddings", 4096))
+    max_len = spec.max_positions
     dims = {
         "batch": torch.export.Dim("batch", min=1, max=1024),
         "seq": torch.export.Dim("seq", min=1, max=max_len),
@@ -255,24 +267,9 @@ def generation_source(
         module=wrapper,
         exported=program,
         task=TEXT_GENERATION,
+        reference_model=source.module,
+        decoder=spec,
     )
-
-
-def generation_reference(source: ModelSource, inputs: Sequence[TensorSpec] = ()) -> ModelSource:
-    """`kiln verify --model` of a text-generation export: the causal LM wrapped with its cache, as exported (a
-    static cache of the export's length when its `inputs` say so)."""
-    if source.kind != "torch" or not is_causal_lm(source.module):
-        raise UsageError(
-            f"{source.description} is not a transformers causal LM, but the export is a text-generation export",
-            "pass the *ForCausalLM model it was exported from",
-        )
-    assert source.module is not None
-    layout = layout_of(inputs) if inputs else None
-    if isinstance(layout, StaticCacheLayout):
-        from compiler.static_cache import CausalLMWithStaticCache
-
-        return replace(source, module=CausalLMWithStaticCache(source.module, layout.size).eval(), task=TEXT_GENERATION)
-    return replace(source, module=CausalLMWithCache(source.module).eval(), task=TEXT_GENERATION)
 
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
@@ -337,33 +334,30 @@ def skip_localization(options: ExportOptions, report: ParityReport, progress: Pr
     return replace(options, localize=False)
 
 
-def with_generation(
-    report: ParityReport, artifact: Artifact, source: ModelSource, captured: CapturedModel
-) -> ParityReport:
-    """The parity report with the generation check added (`report.generation`): it fails when the greedy tokens
-    differ from the reference's or a step's logits are outside the report's tolerance."""
+def generation_samples(source: ModelSource, captured: CapturedModel, options: ExportOptions) -> ParitySamples:
+    """The parity sets of a text-generation export: decoding states made by the user's model
+    (`compiler.generation_gate.decoding_samples`), `--samples` of them at least."""
+    from compiler.generation_gate import CausalLMReference, decoding_samples
+
+    assert source.reference_model is not None and source.decoder is not None
+    layout = layout_of(captured.inputs)
+    return decoding_samples(CausalLMReference(source.reference_model), layout, source.decoder, options.samples)
+
+
+def with_generation(report: ParityReport, artifact: Artifact, source: ModelSource) -> ParityReport:
+    """The parity report with the generation check added (`report.generation`, see
+    `compiler.generation_gate.generation_parity`): it fails when the artifact's greedy tokens are not the user's
+    model's or a step's logits are outside the report's tolerance."""
     from compiler.artifacts import load_runner
     from compiler.backend_errors import backend_failures
-    from compiler.reference import reference_runner
+    from compiler.generation_gate import CausalLMReference, capacity_of, gate_prompts, generation_parity
     from targets import get_target
 
+    assert source.reference_model is not None and source.decoder is not None
     runner = load_runner(artifact)
-    reference = reference_runner(source, captured.inputs, captured.outputs)
-    layout = layout_of(captured.inputs)
+    layout = layout_of(artifact.manifest.inputs)
+    plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
+    reference = CausalLMReference(source.reference_model)
     with backend_failures(get_target(artifact.target), "run"):
-        record = generation_parity(runner.run, reference, layout, report.tolerance)
+        record = generation_parity(runner.run, layout, reference, plan, report.tolerance)
     return replace(report, passed=report.passed and record["passed"], generation=record)
-
-
-__all__ = [
-    "PARITY_PROMPT",
-    "PARITY_TOKENS",
-    "CacheLayout",
-    "CachedDecoder",
-    "RecomputingDecoder",
-    "generate_with_export",
-    "generation_parity",
-    "greedy",
-    "input_names",
-    "parse_prompt",
-]

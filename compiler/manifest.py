@@ -40,12 +40,13 @@ class ManifestParts:
 
 def source_record(source: ModelSource) -> dict[str, Any]:
     """What the manifest says about the model an artifact came from."""
-    return {
+    record = {
         "description": source.description,
         "kind": source.kind,
         "state_hash": source.state_hash,
         "reference": source.reference_name,
     }
+    return record | ({"decoder": source.decoder.to_dict()} if source.decoder is not None else {})
 
 
 def assemble_manifest(parts: ManifestParts) -> Manifest:

@@ -22,6 +22,7 @@ from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, 
 from compiler.generation import (
     TEXT_GENERATION,
     generation_detail,
+    generation_samples,
     generation_source,
     generation_targets,
     name_generation_io,
@@ -170,7 +171,10 @@ def prepare(
     quantized = any(options.precision_for(t) in QUANTIZED_PRECISIONS for t in group)
     held = calibration.held_back_sets(captured.inputs, QUANTIZED_SAMPLES) if calibration is not None else []
     with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
-        samples = reference_samples(source, captured, options, quantized, held)
+        if source.task == TEXT_GENERATION:
+            samples = generation_samples(source, captured, options)
+        else:
+            samples = reference_samples(source, captured, options, quantized, held)
     routes = RouteGraphs(captured, scratch, optimize_onnx, lowering_failure)
     return _Shared(source, captured, samples, calibration, scratch, routes)
 
@@ -295,7 +299,7 @@ def _try_route(
             report = validate(artifact, samples, tolerance, shared.source.reference_name)
         if shared.source.task == TEXT_GENERATION:
             with _timed(progress, own, f"generate {target.name}", "greedy tokens vs the reference"):
-                report = with_generation(report, artifact, shared.source, shared.captured)
+                report = with_generation(report, artifact, shared.source)
     except (UsageError, MissingBackendError) as error:
         raise _TargetFailed(step, error) from error
     except KilnError as error:

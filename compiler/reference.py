@@ -26,6 +26,11 @@ def reference_runner(
     """A function from named numpy inputs to the reference model's named numpy outputs, for a model with this
     input and output signature (`threads`: ONNX Runtime's thread count for an ONNX source; torch's is the
     caller's)."""
+    if source.reference_model is not None:  # a wrapper of the user's model is never the reference
+        raise UsageError(
+            f"{source.description} is Kiln's wrapper of the user's model, not a reference",
+            "run the user's model itself (compiler.generation_gate for text generation)",
+        )
     if source.kind == "onnx":
         from targets import onnx_reference_runner
 

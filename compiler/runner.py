@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compiler.artifacts import Artifact, hash_files, load_runner
-from compiler.decoding import replay_generation
 from compiler.errors import KilnError, MissingBackendError, UsageError
 from compiler.parity import ParitySamples, check_feed, validate
 from compiler.pt2_archive import trusting_pickles
@@ -167,6 +166,10 @@ def verify(path: str | Path, model: str | None = None, trust_pickle: bool = Fals
         check_files(directory, manifest)
         samples = ParitySamples.load(directory, manifest.parity.sample_origins if manifest.parity else [])
         notes: list[str] = []
+        generation = manifest.parity is not None and manifest.parity.generation is not None
+        if generation:
+            yield _verify_generation(artifact, model, trust_pickle, samples, notes)
+            continue
         if model is not None:
             with trusting_pickles(trust_pickle):
                 samples, reference_name = _model_reference(model, manifest, samples, notes, directory)
@@ -175,12 +178,73 @@ def verify(path: str | Path, model: str | None = None, trust_pickle: bool = Fals
         else:
             reference_name = f"stored reference ({manifest.source.get('reference', 'unknown')})"
         _check_runnable(manifest)
-        tolerance = manifest.parity.tolerance if manifest.parity else Tolerance.for_precision(manifest.precision)
         with trusting_pickles(trust_pickle):
-            report = validate(artifact, samples, tolerance, reference_name)
-            if manifest.parity is not None and manifest.parity.generation is not None:
-                report = replay_generation(report, artifact, manifest.parity.generation)
+            report = validate(artifact, samples, _tolerance(manifest), reference_name)
         yield Verification(directory, manifest, report, notes)
+
+
+def _tolerance(manifest: Manifest) -> Tolerance:
+    """The tolerance an export was judged at."""
+    return manifest.parity.tolerance if manifest.parity else Tolerance.for_precision(manifest.precision)
+
+
+def _verify_generation(
+    artifact: Artifact, model: str | None, trust_pickle: bool, stored: ParitySamples | None, notes: list[str]
+) -> Verification:
+    """`kiln verify` of a text-generation export. With `--model` (a causal LM), the whole gate again against that
+    model: decoding states it makes, and greedy decoding judged on its logits. Without, the stored decoding states
+    and reference outputs, and the stored prompts decoded again to the stored reference tokens."""
+    from compiler.decoding import DecoderSpec, layout_of
+    from compiler.generation import decoder_spec, is_causal_lm
+    from compiler.generation_gate import (
+        CausalLMReference,
+        capacity_of,
+        decoding_samples,
+        gate_prompts,
+        generation_parity,
+        replay_generation,
+    )
+    from compiler.sources import load_source
+
+    manifest = artifact.manifest
+    assert manifest.parity is not None
+    spec, layout, tolerance = (
+        DecoderSpec.from_dict(manifest.source.get("decoder")),
+        layout_of(manifest.inputs),
+        _tolerance(manifest),
+    )
+    _check_runnable(manifest)
+    if model is None:
+        if stored is None:
+            raise UsageError(
+                f"{artifact.directory} stored no reference outputs", "pass --model SOURCE to recompute them"
+            )
+        report = validate(artifact, stored, tolerance, f"stored reference ({manifest.source.get('reference')})")
+        report = replay_generation(report, artifact, spec, manifest.parity.generation or {})
+        return Verification(artifact.directory, manifest, report, notes)
+    with trusting_pickles(trust_pickle):
+        source = load_source(model)
+    if source.kind != "torch" or not is_causal_lm(source.module):
+        raise UsageError(
+            f"{source.description} is not a transformers causal LM, but the export is a text-generation export",
+            "pass the *ForCausalLM model it was exported from",
+        )
+    assert source.module is not None
+    if decoder_spec(source.module) != spec:
+        raise UsageError(
+            f"{source.description} is not the decoder exported: vocabulary, positions or attention layers differ "
+            f"({decoder_spec(source.module).to_dict()} vs {spec.to_dict()})",
+            "pass the *ForCausalLM model it was exported from",
+        )
+    if source.state_hash != manifest.source.get("state_hash"):
+        notes.append(f"{model} has different weights from the model exported (state hash differs)")
+    reference = CausalLMReference(source.module)
+    samples = decoding_samples(reference, layout, spec, len(manifest.parity.sample_origins))
+    report = validate(artifact, samples, tolerance, reference.name)
+    plan = gate_prompts(spec, capacity_of(spec, layout))
+    record = generation_parity(load_runner(artifact).run, layout, reference, plan, tolerance)
+    report = replace(report, passed=report.passed and record["passed"], generation=record)
+    return Verification(artifact.directory, manifest, report, notes)
 
 
 def _model_reference(
@@ -195,14 +259,9 @@ def _model_reference(
         notes.append(f"{model} has different weights from the model exported (state hash differs)")
     if samples is None:
         raise UsageError(f"{directory} stored no parity inputs", "re-export to store them")
-    if manifest.parity is not None and manifest.parity.generation is not None:
-        from compiler.generation import generation_reference
-
-        source = generation_reference(source, manifest.inputs)
-    else:
-        examples = [TensorSpec(str(i), tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                    for i, t in enumerate(source.example_inputs)]  # fmt: skip
-        check_model_inputs(model, examples, manifest.inputs)
+    examples = [TensorSpec(str(i), tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                for i, t in enumerate(source.example_inputs)]  # fmt: skip
+    check_model_inputs(model, examples, manifest.inputs)
     reference = reference_runner(source, manifest.inputs, manifest.outputs)
     try:
         samples.reference = [reference(feeds) for feeds in samples.inputs]

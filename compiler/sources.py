@@ -17,6 +17,7 @@ import torch
 from compiler.errors import KilnError, UsageError
 
 if TYPE_CHECKING:
+    from compiler.decoding import DecoderSpec
     from compiler.options import ExportOptions
 
 
@@ -33,10 +34,17 @@ class ModelSource:
     onnx_path: Path | None = None
     state_hash: str = ""
     task: str | None = None  # "text-generation": a causal LM wrapped with its KV cache (compiler.generation)
+    # A text-generation export: `module` is Kiln's cache wrapper (what is captured), `reference_model` the user's own
+    # causal LM, unmodified, which every parity check of the export runs (compiler.generation_gate), and `decoder`
+    # what the export must know of it (vocabulary, positions, attention layers).
+    reference_model: torch.nn.Module | None = None
+    decoder: DecoderSpec | None = None
 
     @property
     def reference_name(self) -> str:
         """What parity compares against."""
+        if self.reference_model is not None:
+            return f"transformers {type(self.reference_model).__name__} (the user's model, full-sequence forward)"
         if self.kind == "onnx":
             return "onnxruntime (source is ONNX)"
         if self.exported is not None and self.task is None:

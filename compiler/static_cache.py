@@ -4,9 +4,12 @@ One decode graph of fixed shapes: one token at a time (batch 1), the cache a fix
 default `DEFAULT_CACHE_SIZE`) given in and returned whole; the prompt is prefilled token by token through the same
 graph (no separate prefill signature: one graph, one copy of the weights; slower prefill, documented). The new key
 and value are written into the cache with a one-hot `where` on `input_pos` (no scatter, no index_copy: TFLite and
-XLA convert it to SELECT), and attention sees the cache slots at positions <= input_pos (an additive mask built in
-the graph from `input_pos`). No mutable buffers: converters take plain I/O best (litert-torch's generative API and
-transformers' executorch StaticCache keep the cache in buffers instead).
+XLA convert it to SELECT); slot j holds position j, and each layer's additive mask, built in the graph from
+`input_pos`, lets it see the slots its attention sees (`compiler.attention_masks`: positions <= input_pos, and only
+the last `sliding_window` of them on a sliding layer). No ring buffer: a sliding layer's cache is as long as the
+others (simpler, and the same tokens; a ring would save memory on models with long caches and short windows). No
+mutable buffers: converters take plain I/O best (litert-torch's generative API and transformers' executorch
+StaticCache keep the cache in buffers instead).
 
 I/O (ids and position int32): `input_ids[1, 1]`, `input_pos[1]`,
 `past_key_values_{i}_key|value[1, kv_heads, C, head_dim]` -> `logits[1, 1, vocab]`,
@@ -21,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compiler.decoding import static_output_names
+from compiler.attention_masks import AttentionPattern
+from compiler.decoding import DecoderSpec, static_output_names
 
 if TYPE_CHECKING:
     from compiler.capture import CapturedModel
     from compiler.sources import ModelSource
 
-STATIC_TARGETS = ("tflite", "tpu")
 DEFAULT_CACHE_SIZE = 64
 
 
@@ -63,15 +66,14 @@ class CausalLMWithStaticCache(nn.Module):
         self.layers = int(config.num_hidden_layers)
         self.cache_size = cache_size
         self.layer_class = _static_layer_class()
+        self.pattern = AttentionPattern.of(config)
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, *past: torch.Tensor) -> dict[str, torch.Tensor]:
         from transformers.cache_utils import Cache
 
         slots = torch.arange(self.cache_size, dtype=input_pos.dtype)
         slot = (slots == input_pos).view(1, 1, self.cache_size, 1)
-        dtype = past[0].dtype
-        visible = (slots <= input_pos).view(1, 1, 1, self.cache_size)
-        mask = torch.where(visible, torch.zeros((), dtype=dtype), torch.full((), torch.finfo(dtype).min, dtype=dtype))
+        mask = self.pattern.masks(input_pos, slots, None, past[0].dtype)
         layers = [self.layer_class(past[2 * i], past[2 * i + 1], slot) for i in range(self.layers)]
         cache = Cache(layers=layers)
         out = self.model(
@@ -97,21 +99,23 @@ def static_examples(config: Any, cache_size: int, dtype: torch.dtype) -> tuple[t
     return (ids, torch.tensor([3], dtype=torch.int32), *cache)
 
 
-def check_cache_size(size: int | None, max_positions: int) -> int:
-    """The cache length of a static-cache export (`--cache-size`, default DEFAULT_CACHE_SIZE within the model's
-    positions); a UsageError when the gate's prompt and tokens do not fit it or the model has fewer positions."""
-    from compiler.decoding import PARITY_PROMPT, PARITY_TOKENS
+def check_cache_size(size: int | None, spec: DecoderSpec) -> int:
+    """The cache length of a static-cache export: `--cache-size`, or by default DEFAULT_CACHE_SIZE or what the
+    gate's prompts need to cross the model's sliding window twice, within the model's positions; a UsageError when
+    the size asked for cannot hold the gate's prompts or exceeds the model's positions."""
     from compiler.errors import UsageError
+    from compiler.generation_gate import gate_prompts
 
-    need = len(PARITY_PROMPT) + PARITY_TOKENS
     if size is None:
-        size = max(need, min(DEFAULT_CACHE_SIZE, max_positions))
-    if not need <= size <= max_positions:
+        need = gate_prompts(spec, spec.max_positions).positions
+        return min(max(DEFAULT_CACHE_SIZE, need), spec.max_positions)
+    if not 1 <= size <= spec.max_positions:
         raise UsageError(
-            f"--cache-size {size}: the static KV cache must hold the gate's {need} tokens and at most the model's "
-            f"{max_positions} positions",
-            f"use a size from {need} to {max_positions}",
+            f"--cache-size {size}: the static KV cache must hold at least one token and at most the model's "
+            f"{spec.max_positions} positions",
+            f"use a size from {gate_prompts(spec, spec.max_positions).positions} to {spec.max_positions}",
         )
+    gate_prompts(spec, size, strict=True)
     return size
 
 
@@ -122,11 +126,12 @@ def static_generation_source(source: ModelSource, cache_size: int | None) -> Mod
 
     from compiler.capture import converter_output_captured
     from compiler.errors import UnsupportedOpError
-    from compiler.generation import TEXT_GENERATION
+    from compiler.generation import TEXT_GENERATION, decoder_spec
 
     assert source.module is not None
     config: Any = source.module.config
-    size = check_cache_size(cache_size, int(getattr(config, "max_position_embeddings", 4096)))
+    spec = decoder_spec(source.module)
+    size = check_cache_size(cache_size, spec)
     wrapper = CausalLMWithStaticCache(source.module, size).eval()
     examples = static_examples(config, size, next(source.module.parameters()).dtype)
     try:
@@ -145,6 +150,8 @@ def static_generation_source(source: ModelSource, cache_size: int | None) -> Mod
         module=wrapper,
         exported=program,
         task=TEXT_GENERATION,
+        reference_model=source.module,
+        decoder=spec,
     )
 
 

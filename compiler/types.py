@@ -218,11 +218,20 @@ class ParityReport:
 
 
 def generation_summary(generation: dict[str, Any]) -> str:
-    """One line for a parity report's `generation` record."""
-    verdict = "identical" if generation.get("identical") else f"DIFFER from step {generation.get('first_mismatch')}"
+    """One line for a parity report's `generation` record (compiler.generation_gate), whatever it holds."""
+    first = generation.get("first_mismatch")
+    where = first
+    if isinstance(first, dict):
+        prompt = first.get("prompt")
+        where = f"prompt {prompt + 1 if isinstance(prompt, int) else prompt}, from step {first.get('step')}"
+    verdict = "identical" if generation.get("identical") else f"DIFFER ({where})"
     within = "within tolerance" if generation.get("logits_within_tolerance") else "OUTSIDE tolerance"
-    err, tokens = generation.get("max_abs_logit_err", float("nan")), generation.get("tokens")
-    return f"generation: {tokens} greedy tokens {verdict}; step logits {within} (max abs err {err:.3g})"
+    err, tokens = generation.get("max_abs_logit_err"), generation.get("tokens")
+    prompts = generation.get("prompts")
+    count = f" over {len(prompts)} prompts" if isinstance(prompts, list) else ""
+    crossing = f" ({generation['crossing']})" if isinstance(generation.get("crossing"), str) else ""
+    error = f"{err:.3g}" if isinstance(err, int | float) else "n/a"
+    return f"generation: {tokens} greedy tokens{count} {verdict}{crossing}; step logits {within} (max abs err {error})"
 
 
 @dataclass(frozen=True)

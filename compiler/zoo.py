@@ -274,11 +274,12 @@ class TinyDetector(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.predict(self.backbone(image))
         batch, _, height, width = raw.shape
-        anchors = self.anchors.shape[1]
+        grid_xy, anchor_sizes = self.get_buffer("grid_xy"), self.get_buffer("anchors")
+        anchors = anchor_sizes.shape[1]
         raw = raw.reshape(batch, anchors, 5 + self.classes, height, width).permute(0, 1, 3, 4, 2)
         t = torch.sigmoid(raw)
-        xy = (t[..., 0:2] * 2.0 - 0.5 + self.grid_xy) * self.stride
-        wh = (t[..., 2:4] * 2.0) ** 2.0 * self.anchors  # the float-exponent power of YOLOv5's decode
+        xy = (t[..., 0:2] * 2.0 - 0.5 + grid_xy) * self.stride
+        wh = (t[..., 2:4] * 2.0) ** 2.0 * anchor_sizes  # the float-exponent power of YOLOv5's decode
         boxes = torch.cat([xy, wh], dim=-1).reshape(batch, -1, 4)
         scores = (t[..., 4:5] * t[..., 5:]).reshape(batch, -1, self.classes)
         return boxes, scores
@@ -315,8 +316,8 @@ def randomize_batchnorm(module: nn.Module, seed: int) -> None:
     for layer in module.modules():
         if isinstance(layer, nn.BatchNorm2d):
             n = layer.num_features
-            layer.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            layer.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+            layer.get_buffer("running_mean").copy_(torch.randn(n, generator=generator) * 0.1)
+            layer.get_buffer("running_var").copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
             layer.weight.data.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
             layer.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
 

@@ -123,6 +123,9 @@ class Target:
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (nhwc)
     devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
     accuracy_aware: bool = False  # True: its int8 build takes --max-drop (reverts sensitive layers to float)
+    # The KV cache a text-generation export to this target takes (compiler.generation): "growing" (one graph, the
+    # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
+    kv_cache: str | None = None
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
     # `kiln verify` accepts them although the manifest does not list them.
     later_files: tuple[str, ...] = ()

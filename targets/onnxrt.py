@@ -102,6 +102,7 @@ class OnnxRuntimeTarget(Target):
     """The optimized ONNX graph, for ONNX Runtime or any ONNX consumer."""
 
     name = "onnx"
+    kv_cache = "growing"
     aliases = ("onnxruntime", "ort")
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}

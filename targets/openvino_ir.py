@@ -149,6 +149,7 @@ class OpenVinoTarget(Target):
     """OpenVINO IR (`model.xml` + `model.bin`) for Intel/AMD CPUs."""
 
     name = "openvino"
+    kv_cache = "growing"
     aliases = ("cpu", "ov")
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}

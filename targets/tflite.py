@@ -122,6 +122,7 @@ class TfliteTarget(Target):
     """A `.tflite` flatbuffer validated in the LiteRT interpreter (XNNPACK)."""
 
     name = "tflite"
+    kv_cache = "static"
     aliases = ("litert", "mobile")
     description = "LiteRT/TFLite flatbuffer for Android/iOS, validated in the LiteRT interpreter (XNNPACK)"
     requires: ClassVar[dict[str, str]] = {

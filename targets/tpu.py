@@ -179,6 +179,7 @@ class XlaTarget(Target):
     """StableHLO + a TF SavedModel for Cloud TPU (TF Serving, Vertex AI), validated under XLA."""
 
     name = "tpu"
+    kv_cache = "static"
     aliases = ("xla", "stablehlo")
     description = "StableHLO (portable bytecode) + TF SavedModel via XlaCallModule for Cloud TPU, validated on XLA CPU"
     requires: ClassVar[dict[str, str]] = {"tensorflow": "tensorflow-cpu", "litert_torch": "litert-torch"}

@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +76,13 @@ def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The size of each package at the end of every run (tests/test_architecture.py keeps files under 600 lines and
+    functions under 80; the totals show where the code grows)."""
+    from tests.test_architecture import package_totals
+
+    terminalreporter.section("package totals")
+    for package, (modules, lines) in package_totals().items():
+        terminalreporter.write_line(f"{package:<24} {modules:>3} modules {lines:>6} lines")

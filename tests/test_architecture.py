@@ -23,8 +23,10 @@ FLOW_MODULES = (
     "compiler.manifest",
     "compiler.matrix",
 )
-MAX_FILE_LINES = 400
-MAX_FUNCTION_LINES = 60
+# Size rules that reward clarity: a file past this has stopped being one concept, a function past that one step.
+# Below them, split a file where the concept splits, never to meet a number (docs/architecture.md).
+MAX_FILE_LINES = 600
+MAX_FUNCTION_LINES = 80
 # Functions allowed past the limit, each with the reason its docstring gives.
 LONG_FUNCTIONS: dict[str, str] = {}
 
@@ -99,6 +101,16 @@ def test_the_rules_can_fail(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from targets.onnxrt import OnnxRuntimeRunner\n    import cli\n")
     assert _imports(sample) == ["targets.onnxrt", "targets.onnxrt.OnnxRuntimeRunner", "cli"]
+
+
+def package_totals() -> dict[str, tuple[int, int]]:
+    """Modules and lines of each package (and its subpackages), for the report at the end of a test run."""
+    totals: dict[str, tuple[int, int]] = {}
+    for path in _sources(*PACKAGES):
+        package = ".".join(path.relative_to(ROOT).parent.parts)
+        modules, lines = totals.get(package, (0, 0))
+        totals[package] = (modules + 1, lines + len(path.read_text().splitlines()))
+    return dict(sorted(totals.items()))
 
 
 @pytest.mark.parametrize("package", PACKAGES)
