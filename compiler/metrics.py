@@ -1,7 +1,7 @@
 """Every error measure Kiln reports, in one place: cosine similarity, signal-to-noise ratio, top-1 agreement,
 absolute and relative error.
 
-The parity gate (compiler/parity.py), the accuracy-aware quantization search and the per-layer quantization
+The parity gate (compiler/parity/gate.py), the accuracy-aware quantization search and the per-layer quantization
 report all judge "how far is this tensor from the reference" with these functions, so that a cosine or an
 SNR means the same thing in every report. Pure numpy; imports nothing else of Kiln.
 """

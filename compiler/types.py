@@ -86,7 +86,7 @@ def check_thresholds(**values: float | None) -> None:
     """The one check of every parity and accuracy threshold, for the CLI, the library, matrix cells and stored
     manifests alike: a number, finite and non-negative; cosine, top-1 and the other fractions at most 1. A NaN
     would switch a comparison off (every `x < nan` is false), so it is refused, not ignored."""
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     for name, value in values.items():
         if value is None:
@@ -128,7 +128,7 @@ class OutputMetrics:
     snr_db: float = float("inf")
     top1_agreement: float | None = None  # classifier-shaped outputs only: agreement on the decided rows
     # Top-1 counts on classifier outputs (None otherwise): decided rows, agreeing ones, near-ties and their flips,
-    # the Wilson 95% interval, whether top-1 applied (compiler.metrics.top1_rows).
+    # the Wilson 95% interval, whether top-1 applied (kiln.compiler.metrics.top1_rows).
     top1_decided: int | None = None
     top1_agreed: int | None = None
     top1_near_ties: int | None = None
@@ -183,8 +183,8 @@ class ParityReport:
     sample_origins: list[str]
     outputs: list[OutputMetrics]
     runtime: dict[str, Any] = field(default_factory=dict)
-    divergence: dict[str, Any] | None = None  # where it diverges (compiler.divergence.Divergence.to_dict)
-    generation: dict[str, Any] | None = None  # greedy decoding vs the reference (compiler.generation)
+    divergence: dict[str, Any] | None = None  # where it diverges (kiln.compiler.diagnose.divergence.Divergence.to_dict)
+    generation: dict[str, Any] | None = None  # greedy decoding vs the reference (kiln.compiler.generation.export)
 
     def failures(self) -> list[OutputMetrics]:
         """The outputs that failed."""
@@ -218,7 +218,7 @@ class ParityReport:
 
 
 def generation_summary(generation: dict[str, Any]) -> str:
-    """One line for a parity report's `generation` record (compiler.generation_gate), whatever it holds."""
+    """One line for a parity report's `generation` record (kiln.compiler.generation.gate), whatever it holds."""
     first = generation.get("first_mismatch")
     where = first
     if isinstance(first, dict):
@@ -291,7 +291,7 @@ class Manifest:
     @classmethod
     def read(cls, directory: Path) -> Manifest:
         """Read `manifest.json` from an export directory."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         path = Path(directory) / MANIFEST_NAME
         try:
@@ -313,7 +313,7 @@ class Manifest:
     @classmethod
     def _from_json(cls, data: Any, path: Path) -> Manifest:
         """The manifest from parsed JSON; a wrong shape raises KeyError, TypeError, ValueError or AttributeError."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if not isinstance(data, dict):
             raise TypeError(f"a JSON object was expected, not {type(data).__name__}")

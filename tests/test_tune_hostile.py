@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from kiln import cli
+from kiln.compiler.types import Manifest
 
-import cli
-from compiler.types import Manifest
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

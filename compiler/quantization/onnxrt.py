@@ -32,13 +32,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
-from compiler.quantization.summary import QuantizeSummary
+from kiln.compiler.errors import UsageError
+from kiln.compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import onnx
-
-    from compiler.quantization.calibration import CalibrationData
+    from kiln.compiler.quantization.calibration import CalibrationData
 
 ONNX_PRECISIONS = ("int8", "int8-dynamic", "fp16")
 # Ops that carry weights: what quantization is about, and what the summary counts.
@@ -133,6 +132,7 @@ def _static_int8(
     fp32: Path, destination: Path, calibration: CalibrationData, exclude: Sequence[str]
 ) -> tuple[str, dict[str, Any]]:
     """Calibrated Q/DQ int8 with ONNX Runtime's quantize_static; the settings used."""
+    from kiln.compiler.capture.program import onnx_signature
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -140,8 +140,6 @@ def _static_int8(
         QuantType,
         quantize_static,
     )
-
-    from compiler.capture import onnx_signature
 
     spec = calibration.spec
     inputs, _, _ = onnx_signature(fp32, torch_layout=False)
