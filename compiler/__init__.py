@@ -37,8 +37,8 @@ from compiler.errors import (
 if TYPE_CHECKING:
     import torch
 
+    from compiler.export_result import ExportResult
     from compiler.runner import LoadedModel
-    from compiler.types import ExportResult
 
 __all__ = [
     "Artifact",

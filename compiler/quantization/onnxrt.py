@@ -17,6 +17,13 @@ The settings were chosen by measurement on ONNX Runtime's x86 CPU kernels (MLAS)
   the quantizer gives a Softmax output the fixed uint8 range [0, 1], a step of 1/255, and rounds every
   probability under 0.002 to 0, all of them for a near-uniform 1000-class output (ONNX's light squeezenet
   came out all zeros). Nothing after a graph output computes in int8, so the pair only loses precision.
+- a Concat of inputs whose calibrated ranges differ by more than MIXED_RANGE_RATIO stays in float (no
+  Quantize/Dequantize pair after it, nor after the data movement that follows: Reshape and its kind only quantize
+  a quantized input), while each input keeps the Q/DQ pair of its own range. Quantized as one tensor, it takes
+  the widest input's range: a YOLO-style head concatenating box coordinates in pixels (0..640, steps of 2.5) with
+  class scores in [0, 1] rounded every score to 0 (the argmax class agreed with PyTorch on chance anchors), where
+  OpenVINO's int8 was right. The ranges are read from the first calibrated graph (its scales), which is then
+  calibrated again with those Concats left out.
 - fp16 keeps float32 inputs and outputs and leaves `FP16_BLOCKED_OPS` in float32. ONNX Runtime's
   CPU provider runs the result, inserting casts to float32 around ops it has no fp16 kernel for.
 - bf16 is not offered: ONNX Runtime's CPU provider has no bf16 kernels for MatMul, Add or Relu
@@ -33,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.errors import UsageError
+from compiler.quantization.qdq_graph import QdqGraph, load_onnx
 from compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
@@ -77,6 +85,9 @@ FRAGILE_FP16_OPS = (
     "Range",
 )
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+# A Concat whose inputs' calibrated ranges differ by more than this is kept in float over its inputs, each quantized
+# with its own range (see the module's docstring): one uint8 range would leave the narrow input under 16 levels.
+MIXED_RANGE_RATIO = 16.0
 
 
 def quantize_onnx(
@@ -149,7 +160,7 @@ def _static_int8(
     full = [b for b in batches if all(len(v) == len(next(iter(batches[0].values()))) for v in b.values())]
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
+        def __init__(self) -> None:  # each quantize_static call takes a new reader
             self.feeds: Iterator[dict[str, Any]] = iter(full)
 
         def get_next(self) -> dict[str, Any] | None:
@@ -167,20 +178,29 @@ def _static_int8(
         "weights": "int8 symmetric, 7-bit range (reduce_range: no int16 saturation on AVX2 without VNNI)",
         "reduce_range": True,
     }
-    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-        quantize_static(
-            str(fp32),
-            str(destination),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=spec.per_channel,
-            reduce_range=True,
-            activation_type=activation_type,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude),
-            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
-        )
+
+    def quantize(excluded: list[str]) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            quantize_static(
+                str(fp32),
+                str(destination),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=spec.per_channel,
+                reduce_range=True,
+                activation_type=activation_type,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+            )
+
+    quantize(list(exclude))
+    mixed = QdqGraph.of(load_onnx(destination)).mixed_range_concats(MIXED_RANGE_RATIO)
+    concats = [name for name in mixed if name not in exclude]
+    if concats:  # calibrated again, with those concatenations in float: each input keeps its own range
+        quantize([*exclude, *concats])
+    settings["float_concats"] = concats
     settings["float_softmax_outputs"] = float_softmax_outputs(destination)
     keep_in_float(destination, exclude, fp32)
     return "onnxruntime quantize_static (QDQ)", settings
