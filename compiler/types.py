@@ -161,10 +161,10 @@ class OutputMetrics:
                 f"max_abs={self.max_abs_error:.3g} max_rel={self.max_rel_error:.3g} "
                 f"cosine={self.min_cosine:.6f} snr={self.snr_db:.1f}dB out_of_tol={self.mismatch_fraction:.2%}"
             )
-            figures += self._top1_figure()
             if self.channel_axis is not None:
                 figures += f" worst channel [axis {self.channel_axis}, #{self.channel_index}]: "
                 figures += f"cosine={self.channel_cosine:.4f} snr={self.channel_snr_db:.1f}dB"
+            figures += self._top1_figure()
         reason = f"  <- {self.reason}" if self.reason else ""
         return f"{verdict} {self.name}: {figures}{reason}"
 

@@ -84,6 +84,23 @@ def test_tolerance_override_and_no_gate(tmp_path, capsys):
     code, _, _ = run_cli(
         "export", f"{USER_MODELS}:stateful", "-t", "onnx", "--out", tmp_path / "a", "--atol", "100", "-q", capsys=capsys
     )
+    assert code == 1  # every element within atol, but each channel is off by a factor: its SNR is under 1 dB
+    code, _, _ = run_cli(
+        "export",
+        f"{USER_MODELS}:stateful",
+        "-t",
+        "onnx",
+        "--out",
+        tmp_path / "a2",
+        "--atol",
+        "100",
+        "--min-channel-cosine",
+        "0",
+        "--min-channel-snr",
+        "0",
+        "-q",
+        capsys=capsys,
+    )
     assert code == 0
     code, _, _ = run_cli(
         "export",

@@ -46,7 +46,7 @@ from compiler.quantization.summary import QuantizeSummary
 if TYPE_CHECKING:
     import onnx
 
-    from compiler.quantization.calibration import CalibrationData
+    from compiler.quantization.calibration import CalibrationData, CalibrationSpec
 
 ONNX_PRECISIONS = ("int8", "int8-dynamic", "fp16")
 # Ops that carry weights: what quantization is about, and what the summary counts.
@@ -144,30 +144,13 @@ def _static_int8(
     fp32: Path, destination: Path, calibration: CalibrationData, exclude: Sequence[str]
 ) -> tuple[str, dict[str, Any]]:
     """Calibrated Q/DQ int8 with ONNX Runtime's quantize_static; the settings used."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     from compiler.capture import onnx_signature
 
     spec = calibration.spec
     inputs, _, _ = onnx_signature(fp32, torch_layout=False)
     batches = calibration.batches(inputs)
     full = [b for b in batches if all(len(v) == len(next(iter(batches[0].values()))) for v in b.values())]
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:  # each quantize_static call takes a new reader
-            self.feeds: Iterator[dict[str, Any]] = iter(full)
-
-        def get_next(self) -> dict[str, Any] | None:
-            return next(self.feeds, None)
-
     symmetric = bool(spec.symmetric_activations)
-    activation_type = QuantType.QInt8 if symmetric else QuantType.QUInt8
     settings = {
         "format": "QDQ",
         "calibration_method": spec.method,
@@ -178,32 +161,52 @@ def _static_int8(
         "weights": "int8 symmetric, 7-bit range (reduce_range: no int16 saturation on AVX2 without VNNI)",
         "reduce_range": True,
     }
-
-    def quantize(excluded: list[str]) -> None:
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-            quantize_static(
-                str(fp32),
-                str(destination),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=spec.per_channel,
-                reduce_range=True,
-                activation_type=activation_type,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded,
-                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
-                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
-            )
-
-    quantize(list(exclude))
+    _quantize_static(fp32, destination, full, spec, list(exclude))
     mixed = QdqGraph.of(load_onnx(destination)).mixed_range_concats(MIXED_RANGE_RATIO)
     concats = [name for name in mixed if name not in exclude]
     if concats:  # calibrated again, with those concatenations in float: each input keeps its own range
-        quantize([*exclude, *concats])
+        _quantize_static(fp32, destination, full, spec, [*exclude, *concats])
     settings["float_concats"] = concats
     settings["float_softmax_outputs"] = float_softmax_outputs(destination)
     keep_in_float(destination, exclude, fp32)
     return "onnxruntime quantize_static (QDQ)", settings
+
+
+def _quantize_static(
+    fp32: Path, destination: Path, feeds: list[dict[str, Any]], spec: CalibrationSpec, exclude: list[str]
+) -> None:
+    """One call of ONNX Runtime's quantize_static with Kiln's settings (see the module's docstring), calibrated on
+    `feeds`, leaving the nodes named in `exclude` unquantized."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.feeds: Iterator[dict[str, Any]] = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.feeds, None)
+
+    symmetric = bool(spec.symmetric_activations)
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+        quantize_static(
+            str(fp32),
+            str(destination),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=spec.per_channel,
+            reduce_range=True,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+        )
 
 
 def _dynamic_int8(fp32: Path, destination: Path, exclude: Sequence[str]) -> tuple[str, dict[str, Any]]:
