@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 SCALED = ROOT / "tests" / "models" / "scaled.py"
 MODELS = [f"zoo:{name}" for name in ("cnn", "mobilenet", "transformer", "lstm", "decoder", "unet", "detector")]
-MODELS += ["zoo:multimodal", "scaled:outlier_output", "scaled:yolo_head", "scaled:mid_outlier"]
+MODELS += ["zoo:multimodal", "scaled:outlier_logits", "scaled:outlier_output", "scaled:yolo_head", "scaled:mid_outlier"]
 TARGETS = {  # the targets that build each precision here
     "fp32": "onnx,openvino,tflite,tpu",
     "fp16": "onnx,openvino,tflite",

@@ -16,6 +16,7 @@ import pytest
 
 from compiler.artifacts import Artifact, load_runner
 from compiler.metrics import ChannelSums, channel_axes
+from compiler.options import export_options
 from compiler.parity import ParitySamples, compare, in_reference_layout
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.progress import Progress
@@ -154,10 +155,12 @@ def _class_agreement(directory: Path) -> float:
 
 
 @pytest.mark.slow
-def test_a_1000x_channel_output_is_rejected_at_int8(tmp_path, capsys):
-    """The old gate published these (whole cosine 0.9987-0.9992): 15 of 16 channels all one value."""
+@pytest.mark.parametrize("model", ["outlier_logits", "outlier_output"])
+def test_a_1000x_channel_output_is_rejected_at_int8(model, tmp_path, capsys):
+    """The old gate published these: whole cosine 0.9987-0.9997, top-1 128/128 on the [4, 16] logits (the argmax is
+    always the big channel), and 15 of 16 channels one value each."""
     code, out, _ = run_cli(
-        "export", f"{SCALED}:outlier_output", "-t", "onnx,tflite", "--precision", "int8", "--out", tmp_path / "o",
+        "export", f"{SCALED}:{model}", "-t", "onnx,tflite", "--precision", "int8", "--out", tmp_path / "o",
         "--no-localize", capsys=capsys,
     )  # fmt: skip
     assert code == 1 and out.count("REJECTED (parity failed)") == 2, out
@@ -195,6 +198,17 @@ def test_the_yolo_head_gets_a_correct_int8_onnx_artifact_and_the_old_recipe_is_r
     (output,) = old.parity.outputs  # type: ignore[union-attr]
     assert not old.published and output.min_cosine > 0.999 and abs(output.channel_cosine) < 0.05
     assert _class_agreement(old.directory) < 0.2
+
+
+@pytest.mark.slow
+def test_max_drop_finds_a_correct_int8_yolo_head_on_onnx(tmp_path):
+    """--max-drop gets the recipe's correct artifact at once (nothing to keep in float); the gate passes it."""
+    model, inputs = yolo_head()
+    options = export_options(precision="int8", max_drop=0.01, localize=False)
+    (result,) = export_targets(model, "onnx", tmp_path / "o", options, inputs)
+    quantization = result.manifest.target_info["quantization"]  # type: ignore[union-attr]
+    assert result.published and quantization["accuracy_aware"]["reverted"] == []
+    assert _class_agreement(result.directory) > 0.9
 
 
 @pytest.mark.slow

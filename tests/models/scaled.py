@@ -58,6 +58,19 @@ class OutlierOutput(nn.Module):
         return self.head(self.backbone(x))
 
 
+class OutlierLogits(nn.Module):
+    """A classifier-shaped [4, 16] output whose channel 0 is about 1000x its 15 others (`head` holds it): its argmax is
+    always channel 0, so top-1 agrees whatever the others are."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.backbone = Backbone(channels)
+        self.head = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).mean((2, 3)))
+
+
 class YoloHead(nn.Module):
     """A YOLOv8-style head: boxes `sigmoid(...) * 640` (4 channels, pixels) concatenated with CLASSES class scores
     `sigmoid(...)` (in [0, 1]) along axis 1, flattened to [1, 4 + CLASSES, anchors]."""
@@ -97,6 +110,15 @@ def outlier_output() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     model = _seeded(OutlierOutput())
     _outlier(model.head)
     return model, (_image(),)
+
+
+def outlier_logits() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """`kiln export tests/models/scaled.py:outlier_logits --precision int8`: [4, 16] logits, channel 0 1000x."""
+    model = _seeded(OutlierLogits())
+    with torch.no_grad():
+        model.head.weight[0] *= 1000.0
+        model.head.bias[0] = 2000.0  # far from 0 on every row: its cosine is 0.9999 per row
+    return model, (torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
 
 
 def yolo_head() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
