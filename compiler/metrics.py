@@ -176,18 +176,28 @@ class ChannelSums:
 
     @staticmethod
     def _add_axis(sums: dict[str, np.ndarray], g: np.ndarray, w: np.ndarray) -> None:
-        finite = np.isfinite(g) & np.isfinite(w)
-        same = (g == w) | (np.isnan(g) & np.isnan(w))
+        """Add one sample's [before, channels, after] views to one axis' sums."""
+        finite = bool(np.isfinite(g).all() and np.isfinite(w).all())
+        mask = None if finite else np.isfinite(g) & np.isfinite(w)
         if not sums:
-            sums.update({k: np.zeros(len(w)) for k in ChannelSums.FIELDS}, bad=np.zeros(len(w), bool))
-            sums["shift"] = np.where(finite, w, 0.0).mean(axis=1)  # near each channel's mean: sums stay exact
-        sums["bad"] |= np.any(~finite & ~same, axis=1)
-        shift = sums["shift"][:, None]
-        x, y = np.where(finite, w - shift, 0.0), np.where(finite, g - shift, 0.0)
-        sums["n"] += np.count_nonzero(finite, axis=1)
-        for name, value in (("sx", x), ("sy", y), ("sxx", x * x), ("syy", y * y), ("sxy", x * y)):
-            sums[name] += value.sum(axis=1)
-        sums["noise"] += ((x - y) ** 2).sum(axis=1)
+            sums.update({k: np.zeros(w.shape[1]) for k in ChannelSums.FIELDS}, bad=np.zeros(w.shape[1], bool))
+            known = w if mask is None else np.where(mask, w, 0.0)
+            sums["shift"] = known.mean(axis=(0, 2))  # near each channel's mean: the sums below stay exact
+        shift = sums["shift"][None, :, None]
+        x, y = w - shift, g - shift
+        if mask is None:
+            sums["n"] += w.shape[0] * w.shape[2]
+        else:  # a non-finite value the other side does not share spoils its channel; shared ones are left out
+            same = (g == w) | (np.isnan(g) & np.isnan(w))
+            sums["bad"] |= np.any(~mask & ~same, axis=(0, 2))
+            x, y = np.where(mask, x, 0.0), np.where(mask, y, 0.0)
+            sums["n"] += np.count_nonzero(mask, axis=(0, 2))
+        sums["sx"] += x.sum(axis=(0, 2))
+        sums["sy"] += y.sum(axis=(0, 2))
+        for name, a, b in (("sxx", x, x), ("syy", y, y), ("sxy", x, y)):
+            sums[name] += np.einsum("icj,icj->c", a, b)
+        error = x - y
+        sums["noise"] += np.einsum("icj,icj->c", error, error)
 
     def channels(self) -> list[Channel]:
         """Every judged channel (not zero in the reference) of every channel axis."""
@@ -199,9 +209,9 @@ class ChannelSums:
 
 
 def _by_channel(array: np.ndarray, axis: int) -> np.ndarray:
-    """`array` as float64 [channels along `axis`, every other element]."""
-    moved = np.moveaxis(np.asarray(array, np.float64), axis, 0)
-    return moved.reshape(moved.shape[0], -1)
+    """`array` as a float64 view [the axes before `axis`, the channels along it, the axes after it] (no copy)."""
+    a = np.asarray(array, np.float64)
+    return a.reshape(math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1 :]))
 
 
 def _channel_figures(sums: dict[str, np.ndarray], flat: float) -> dict[int, tuple[float, float]]:
