@@ -37,8 +37,8 @@ from compiler.errors import (
 if TYPE_CHECKING:
     import torch
 
+    from compiler.export_result import ExportResult
     from compiler.runner import LoadedModel
-    from compiler.types import ExportResult
 
 __all__ = [
     "Artifact",
@@ -89,13 +89,13 @@ def export(
 
     `options` are the CLI's export options as keywords: `precision` (default: the target's own, fp32; int8
     for edgetpu), `device`, `dynamic_batch` ("MIN:MAX"), `dynamic` (["input_ids:1=8:128:64", ...]), `buckets`
-    ("seq=32,64"), `inputs` (extra parity .npz files), `atol`, `rtol`,
-    `min_cosine`, `min_snr_db`, `min_top1`, `samples`, `parity_gate`, `force`, `wait` (wait for another export
-    to the same `out` instead of failing), `trust_pickle`; int8 calibration: `calib` (FILE.npz, a directory, or
-    `file.py:loader`), `calib_samples`, `calib_method` (minmax, percentile, entropy), `per_channel`,
-    `symmetric_activations`, and `max_drop` with an optional `metric` ("file.py:fn") for accuracy-aware int8;
-    `io` (e.g. "nhwc" for channels-last I/O); `opt_level` (0 none .. 3 target-specific), `adjust_passes`
-    ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`, `all_or_nothing`;
+    ("seq=32,64"), `inputs` (extra parity .npz files), `atol`, `rtol`, `min_cosine`, `min_snr_db`, `min_top1`,
+    `min_channel_cosine`, `min_channel_snr_db` (the worst channel's), `samples`, `parity_gate`, `force`, `wait`
+    (wait for another export to the same `out` instead of failing), `trust_pickle`; int8 calibration: `calib`
+    (FILE.npz, a directory, or `file.py:loader`), `calib_samples`, `calib_method` (minmax, percentile, entropy),
+    `per_channel`, `symmetric_activations`, and `max_drop` with an optional `metric` ("file.py:fn") for
+    accuracy-aware int8; `io` (e.g. "nhwc" for channels-last I/O); `opt_level` (0 none .. 3 target-specific),
+    `adjust_passes` ("+name,-name"), `passes` (an explicit list of `passes.base.Pass`), `dump_passes`, `all_or_nothing`;
     `task` ("text-generation": a causal LM with its KV cache, the default for a transformers *ForCausalLM;
     "forward": one full-sequence forward; see compiler.generation); `cache_size` (the static KV cache's length
     of a tflite/tpu text-generation export, default 64; see compiler.static_cache).

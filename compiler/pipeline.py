@@ -19,6 +19,7 @@ from compiler.artifacts import Artifact, build, hash_files
 from compiler.capture import CapturedModel, capture, lower
 from compiler.divergence import localize_export
 from compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
+from compiler.export_result import ExportResult, TargetFailure
 from compiler.generation import (
     TEXT_GENERATION,
     generation_detail,
@@ -42,7 +43,7 @@ from compiler.routes import RouteAttempt, RouteGraphs, keep_only, route_info, ro
 from compiler.selection import capture_groups, fit_to_source, select_targets
 from compiler.sources import ModelSource, load_model, read_inputs_file_raw  # noqa: F401 (re-exports)
 from compiler.staging import REJECTED, check_output_dir, converter_temp_files, install_tree, output_lock, staging_area
-from compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure
+from compiler.types import Manifest, ParityReport, PassRecord
 from targets import Target
 from targets.base import BuildRequest, Route
 

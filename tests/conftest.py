@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
+from compiler.export_result import ExportResult  # noqa: E402
 from compiler.pipeline import ExportOptions, export_targets  # noqa: E402
-from compiler.types import ExportResult  # noqa: E402
 
 USER_MODELS = ROOT / "tests" / "models" / "user_models.py"
 ZOO_MODELS = ("cnn", "mobilenet", "transformer", "lstm", "decoder", "unet", "detector", "multimodal")

@@ -14,11 +14,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from compiler.export_result import ExportResult
 from compiler.parity import QUANTIZED_SAMPLES
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.quantization.calibration import CalibrationSpec, load_calibration
 from compiler.quantization.onnxrt import quantize_onnx
-from compiler.types import ExportResult, Manifest
+from compiler.types import Manifest
 from targets.litert import LiteRtRunner
 from targets.onnxrt import OnnxRuntimeRunner
 from tests.conftest import run_cli

@@ -11,11 +11,11 @@ import torch
 
 from compiler import export, load
 from compiler.errors import UsageError
+from compiler.export_result import ExportResult
 from compiler.parity import random_like
 from compiler.pipeline import ExportOptions, export_targets
 from compiler.quantization.calibration import CALIBRATION_METHODS, CalibrationData, CalibrationSpec
 from compiler.quantization.openvino import quantize_openvino, weighted_op_states
-from compiler.types import ExportResult
 from compiler.zoo import ZOO
 from tests.models.digits import accuracy, trained_digits_cnn
 
