@@ -37,7 +37,7 @@ from kiln.compiler.errors import (
 if TYPE_CHECKING:
     import torch
     from kiln.compiler.export.loading import LoadedModel
-    from kiln.compiler.types import ExportResult
+    from kiln.compiler.export.result import ExportResult
 
 __all__ = [
     "Artifact",

@@ -73,6 +73,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
         min_snr_db=args.min_snr,
         min_top1=args.min_top1,
+        min_channel_cosine=args.min_channel_cosine,
+        min_channel_snr_db=args.min_channel_snr,
         opt_level=args.opt_level,
         adjust_passes=args.passes,
         dump_passes=args.dump_passes,

@@ -105,6 +105,12 @@ def _export_parser(sub: Any) -> None:
     export.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (override)")
     export.add_argument("--min-snr", type=float, metavar="DB", help="minimum signal-to-noise ratio in dB (override)")
     export.add_argument("--min-top1", type=float, help="minimum top-1 agreement of classifier outputs (override)")
+    export.add_argument(
+        "--min-channel-cosine", type=float, help="minimum cosine of the worst channel, about its own mean (override)"
+    )
+    export.add_argument(
+        "--min-channel-snr", type=float, metavar="DB", help="minimum SNR of the worst channel, in dB (override)"
+    )
     export.add_argument("--samples", type=int, default=4, help="parity input sets besides batch-range ones (default 4)")
     export.add_argument(
         "-O",

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from kiln import cli  # noqa: E402
 from kiln.compiler.export.pipeline import ExportOptions, export_targets  # noqa: E402
-from kiln.compiler.types import ExportResult  # noqa: E402
+from kiln.compiler.export.result import ExportResult  # noqa: E402
 
 USER_MODELS = ROOT / "tests" / "models" / "user_models.py"
 ZOO_MODELS = ("cnn", "mobilenet", "transformer", "lstm", "decoder", "unet", "detector", "multimodal")

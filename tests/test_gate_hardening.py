@@ -8,8 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from kiln import KilnError, export, load
-from kiln import UsageError
+from kiln import KilnError, UsageError, export, load
 from kiln.compiler.errors import InternalError
 from kiln.compiler.export.pipeline import ExportOptions, export_targets
 from kiln.compiler.parity.gate import compare

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from kiln import export, load
-from kiln import UsageError
+from kiln import UsageError, export, load
 from kiln.compiler.capture.zoo import ZOO
 
 from tests.conftest import USER_MODELS, run_cli

@@ -13,10 +13,11 @@ import onnx
 import pytest
 import torch
 from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.result import ExportResult
 from kiln.compiler.parity.gate import QUANTIZED_SAMPLES
 from kiln.compiler.quantization.calibration import CalibrationSpec, load_calibration
 from kiln.compiler.quantization.onnxrt import quantize_onnx
-from kiln.compiler.types import ExportResult, Manifest
+from kiln.compiler.types import Manifest
 from kiln.targets.litert import LiteRtRunner
 from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import numpy_helper

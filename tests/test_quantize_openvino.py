@@ -12,10 +12,10 @@ from kiln import export, load
 from kiln.compiler.capture.zoo import ZOO
 from kiln.compiler.errors import UsageError
 from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.result import ExportResult
 from kiln.compiler.parity.gate import random_like
 from kiln.compiler.quantization.calibration import CALIBRATION_METHODS, CalibrationData, CalibrationSpec
 from kiln.compiler.quantization.openvino import quantize_openvino, weighted_op_states
-from kiln.compiler.types import ExportResult
 
 from tests.models.digits import accuracy, trained_digits_cnn
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,8 +172,7 @@ def _search(
 
 
 def _tolerance(tolerance: Any) -> dict[str, Any]:
-    keys = ("atol", "rtol", "max_mismatch", "min_cosine", "min_snr_db", "min_top1")
-    return {key: getattr(tolerance, key) for key in keys}
+    return {key: value for key, value in asdict(tolerance).items() if key != "min_agreement"}
 
 
 def _bisect(
@@ -228,8 +227,7 @@ def _measure(probe: Probe, boundary: Boundary) -> dict[int, ModuleError]:
             index = names[metrics.name]
             b = probe.bounds[index] if index != boundary.index else boundary
             error = result if index == boundary.index else ModuleError(index, b.module, b.kind, b.source, list(b.ops))
-            error.measured, error.passed, error.reason = True, metrics.passed, metrics.reason
-            error.max_abs, error.cosine, error.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+            error.take(metrics)
             if error is not result:
                 error.cut_at = boundary.index
                 live[index] = error

@@ -8,7 +8,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.compiler.types import OutputMetrics
 
 DIVERGENCE_FILE = "divergence.json"
 
@@ -30,6 +33,18 @@ class ModuleError:
     snr_db: float = math.inf
     reason: str = ""
     cut_at: int | None = None  # measured as a live value of the prefix cut at that boundary (None: its own)
+    # The worst channel (None: no channel axis), as the gate gives it (kiln.compiler.types.OutputMetrics)
+    channel_axis: int | None = None
+    channel_index: int | None = None
+    channel_cosine: float = 1.0
+    channel_snr_db: float = math.inf
+
+    def take(self, metrics: OutputMetrics) -> None:
+        """Record the gate's verdict and figures for this boundary's tensor."""
+        self.measured, self.passed, self.reason = True, metrics.passed, metrics.reason
+        self.max_abs, self.cosine, self.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
+        self.channel_axis, self.channel_index = metrics.channel_axis, metrics.channel_index
+        self.channel_cosine, self.channel_snr_db = metrics.channel_cosine, metrics.channel_snr_db
 
     def label(self) -> str:
         """`body.2 (Block)`."""
@@ -39,7 +54,13 @@ class ModuleError:
         """`cosine .. snr ..dB max_abs ..`, or `not built`."""
         if not self.measured:
             return "not built"
-        return f"cosine {self.cosine:.6f} snr {self.snr_db:.1f}dB max_abs {self.max_abs:.3g}"
+        figures = f"cosine {self.cosine:.6f} snr {self.snr_db:.1f}dB max_abs {self.max_abs:.3g}"
+        if self.channel_axis is None:
+            return figures
+        return (
+            f"{figures}; worst channel [axis {self.channel_axis}, #{self.channel_index}] cosine "
+            f"{self.channel_cosine:.4f} snr {self.channel_snr_db:.1f}dB"
+        )
 
 
 @dataclass

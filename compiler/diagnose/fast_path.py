@@ -5,9 +5,9 @@ tensor is added as an extra output of the built graph: an extra graph output of 
 Runtime, an extra output of the `ov.Model` before it is compiled for OpenVINO. A boundary is tapped only when
 its mapping is certain: the ONNX value is named after the boundary's FX node and the node producing it carries
 the dynamo exporter's `pkg.torch.onnx.name_scopes`, ending with that FX node and containing the module. In an
-int8 QDQ graph the value the next layer reads (the DequantizeLinear after the value's QuantizeLinear) is tapped.
-`kiln.compiler.diagnose.divergence.localize` uses the answer only when every boundary up to the first failing one is
-tapped,
+int8 graph the value the next layer reads is tapped: the DequantizeLinear after the value's QuantizeLinear (QDQ), the
+FakeQuantize after it (OpenVINO): a tensor whose quantization loses channels is the boundary where they are lost.
+`kiln.compiler.diagnose.divergence.localize` uses the answer only when every boundary up to the first failing one is tapped,
 and bisects otherwise.
 """
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 FAST_TARGETS = ("onnx", "openvino")
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+FAKE_QUANTIZED = "::fake_quantized"  # the name a tapped FakeQuantize output is given (OpenVINO int8)
 
 
 def supported(target: str, io_layout: str | None) -> bool:
@@ -125,8 +126,13 @@ def _openvino_taps(artifact: Artifact, names: dict[int, str], inputs: list[Feeds
         for port in op.outputs():
             for name in port.get_names():
                 ports.setdefault(name, port)
-    taps = {index: name for index, name in names.items() if name in ports}
-    model.add_outputs([ports[name] for name in dict.fromkeys(taps.values())])
+    taps: dict[int, str] = {}
+    outputs: dict[str, Any] = {}
+    for index, name in names.items():
+        if name in ports:
+            tapped, port = _read_back(ports[name], name)
+            taps[index], outputs[tapped] = tapped, port
+    model.add_outputs(list(outputs.values()))
     compiled = core.compile_model(model, "CPU", dict(artifact.manifest.runtime_config))
     by_name = {name: out for out in compiled.outputs for name in out.get_names()}
     request = compiled.create_infer_request()
@@ -135,6 +141,17 @@ def _openvino_taps(artifact: Artifact, names: dict[int, str], inputs: list[Feeds
         results = request.infer(feeds)
         runs.append({index: np.array(results[by_name[name]]) for index, name in taps.items() if name in by_name})
     return runs
+
+
+def _read_back(port: Any, name: str) -> tuple[str, Any]:
+    """The tensor `name` (an OpenVINO output port) as the next layers read it: in an int8 IR, the output of the
+    FakeQuantize that is its one consumer (given the name `name` + FAKE_QUANTIZED to be tapped by), else itself."""
+    consumers = list(port.get_target_inputs())
+    if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "FakeQuantize":
+        return name, port
+    quantized = consumers[0].get_node().output(0)
+    quantized.get_tensor().add_names({name + FAKE_QUANTIZED})
+    return name + FAKE_QUANTIZED, quantized
 
 
 def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleError] | None:
@@ -176,9 +193,8 @@ def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleErr
     found = {}
     for index, metrics in judge_taps(runs, reference, tolerance).items():
         b = bounds[index]
-        error = ModuleError(index, b.module, b.kind, b.source, list(b.ops), True, metrics.passed)
-        error.max_abs, error.cosine, error.snr_db = metrics.max_abs_error, metrics.min_cosine, metrics.snr_db
-        error.reason = metrics.reason
+        error = ModuleError(index, b.module, b.kind, b.source, list(b.ops))
+        error.take(metrics)
         found[index] = error
     probe.progress.say(
         f"localize {probe.target.name} build {probe.builds}: fast path, {len(found)} of {len(bounds)} module "

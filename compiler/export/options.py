@@ -53,6 +53,8 @@ class ExportOptions:
     min_cosine: float | None = None
     min_snr_db: float | None = None
     min_top1: float | None = None
+    min_channel_cosine: float | None = None  # the worst channel's thresholds (kiln.compiler.metrics.ChannelSums)
+    min_channel_snr_db: float | None = None
     trust_pickle: bool = False  # --trust-pickle: a .pt2 source may run the pickles it carries
     localize: bool | None = None  # where parity diverges: None on failure, True always, False never
     all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
@@ -94,6 +96,8 @@ class ExportOptions:
             min_cosine=self.min_cosine,
             min_snr_db=self.min_snr_db,
             min_top1=self.min_top1,
+            min_channel_cosine=self.min_channel_cosine,
+            min_channel_snr_db=self.min_channel_snr_db,
         )
 
 

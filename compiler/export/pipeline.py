@@ -1,8 +1,7 @@
 """The export pipeline, in one place: load -> capture -> optimize -> build -> validate -> publish.
 
 `export_targets` reads as that flow; each step is one call to a public function that other commands use on
-their own: `kiln.compiler.export.optimize.optimize`, `kiln.compiler.export.artifacts.build`,
-`kiln.compiler.parity.gate.validate`,
+their own: `kiln.compiler.export.optimize.optimize`, `kiln.compiler.export.artifacts.build`, `kiln.compiler.parity.gate.validate`,
 `kiln.compiler.export.manifest.assemble_manifest`, `kiln.compiler.export.staging.install_tree`.
 """
 
@@ -24,6 +23,7 @@ from kiln.compiler.export.artifacts import Artifact, build, hash_files
 from kiln.compiler.export.manifest import assemble_manifest, observed_outputs, source_record
 from kiln.compiler.export.optimize import optimize
 from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.result import ExportResult, TargetFailure
 from kiln.compiler.export.routes import RouteAttempt, RouteGraphs, keep_only, route_info, routes_failed
 from kiln.compiler.export.selection import capture_groups, fit_to_source, select_targets
 from kiln.compiler.export.staging import (
@@ -60,7 +60,7 @@ from kiln.compiler.quantization.calibration import (
     CalibrationData,
     load_calibration,
 )
-from kiln.compiler.types import ExportResult, Manifest, ParityReport, PassRecord, TargetFailure
+from kiln.compiler.types import Manifest, ParityReport, PassRecord
 from kiln.targets import Target
 from kiln.targets.base import BuildRequest, Route
 

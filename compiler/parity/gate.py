@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from kiln.compiler.errors import UsageError
 from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
-from kiln.compiler.metrics import cosine, is_classifier, snr_db, top1_rows, wilson_interval
+from kiln.compiler.metrics import (
+    Channel,
+    ChannelSums,
+    cosine,
+    is_classifier,
+    snr_db,
+    top1_rows,
+    wilson_interval,
+)
 
 # Re-exported: the checks of user input files have always been imported from here.
 from kiln.compiler.parity.input_files import arrays_by_input as arrays_by_input
@@ -197,14 +206,17 @@ def _judge_exact(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], toleranc
 
 
 def _judge_float(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], tolerance: Tolerance) -> OutputMetrics:
-    """Float outputs: elementwise closeness, cosine, SNR and (classifier outputs) top-1 agreement."""
+    """Float outputs: elementwise closeness, cosine, SNR, the worst channel's cosine and SNR about its own mean, and
+    (classifier outputs) top-1 agreement."""
     metrics = OutputMetrics(name, True, "float")
     mismatched = total = 0
     signal = noise = 0.0
     top1: list[tuple[np.ndarray, np.ndarray]] = []
+    channels = ChannelSums(tolerance.rtol)
     for index, (got, want) in enumerate(pairs):
         total += want.size
         g, w = got.astype(np.float64), want.astype(np.float64)
+        channels.add(g, w)
         diff = np.where(np.isnan(g) & np.isnan(w), 0.0, np.abs(g - w))
         diff = np.where(np.isnan(diff), np.inf, diff)
         mismatched += int(np.count_nonzero(diff > tolerance.atol + tolerance.rtol * np.abs(np.nan_to_num(w))))
@@ -220,12 +232,25 @@ def _judge_float(name: str, pairs: list[tuple[np.ndarray, np.ndarray]], toleranc
             top1.append(top1_rows(g, w))
     metrics.mismatch_fraction = mismatched / total if total else 0.0
     metrics.snr_db = snr_db(signal, noise)
+    worst = _worst_channel(channels.channels(), tolerance)
+    if worst is not None:
+        metrics.channel_axis, metrics.channel_index = worst.axis, worst.index
+        metrics.channel_cosine, metrics.channel_snr_db = worst.cosine, worst.snr_db
     if top1:
         _top1_figures(metrics, np.concatenate([a for a, _ in top1]), np.concatenate([d for _, d in top1]))
         metrics.top1_gated = tolerance.min_top1 > 0
     metrics.reason = "; ".join(_float_failures(metrics, tolerance))
     metrics.passed = not metrics.reason
     return metrics
+
+
+def _worst_channel(channels: list[Channel], tolerance: Tolerance) -> Channel | None:
+    """The channel the report names: the one with the lowest SNR (then cosine) among those that fail a channel
+    threshold, else among all."""
+    snr = tolerance.min_channel_snr_db if tolerance.min_channel_snr_db is not None else -math.inf
+    cos = tolerance.min_channel_cosine if tolerance.min_channel_cosine is not None else -math.inf
+    failing = [c for c in channels if c.cosine < cos or c.snr_db < snr]
+    return min(failing or channels, key=lambda c: (c.snr_db, c.cosine), default=None)
 
 
 def _top1_figures(metrics: OutputMetrics, agrees: np.ndarray, decided: np.ndarray) -> None:
@@ -253,6 +278,12 @@ def _float_failures(metrics: OutputMetrics, tolerance: Tolerance) -> list[str]:
         reasons.append(f"cosine {metrics.min_cosine:.6f} < {tolerance.min_cosine}")
     if tolerance.min_snr_db is not None and metrics.snr_db < tolerance.min_snr_db:
         reasons.append(f"SNR {metrics.snr_db:.1f} dB < {tolerance.min_snr_db} dB")
+    if metrics.channel_axis is not None:
+        where = f"worst channel [axis {metrics.channel_axis}, #{metrics.channel_index}]"
+        if tolerance.min_channel_cosine is not None and metrics.channel_cosine < tolerance.min_channel_cosine:
+            reasons.append(f"{where} cosine {metrics.channel_cosine:.4f} < {tolerance.min_channel_cosine}")
+        if tolerance.min_channel_snr_db is not None and metrics.channel_snr_db < tolerance.min_channel_snr_db:
+            reasons.append(f"{where} SNR {metrics.channel_snr_db:.1f} dB < {tolerance.min_channel_snr_db} dB")
     top1 = metrics.top1_agreement
     if top1 is not None and metrics.top1_decidable and top1 < tolerance.min_top1:
         reasons.append(

@@ -1,5 +1,6 @@
-"""What the per-layer quantization report (compiler/quantization/report.py) reads of ONNX graphs: producers and
-consumers of a Q/DQ graph, its float tensors, copies of it with more outputs or with fp32 feeds for each
+"""What the per-layer quantization report (compiler/quantization/report.py) and the int8 recipe
+(compiler/quantization/onnxrt.py) read of ONNX graphs: producers and consumers of a Q/DQ graph, the calibrated
+scales of its tensors, its float tensors, copies of it with more outputs or with fp32 feeds for each
 layer, un-optimized ONNX Runtime sessions that emulate Q/DQ exactly as written, and the PyTorch module a
 node of the dynamo exporter comes from."""
 
@@ -66,6 +67,30 @@ class QdqGraph:
         while node is not None and node.op_type in QDQ_OPS:
             node = self.producer.get(node.input[0])
         return node
+
+    def scale_of(self, tensor: str) -> float | None:
+        """The step of the DequantizeLinear that computes `tensor` (the largest, if per channel), from its constant
+        scale; None when `tensor` is not dequantized there."""
+        from onnx import numpy_helper
+
+        node = self.producer.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            return None
+        scale = next((i for i in self.model.graph.initializer if i.name == node.input[1]), None)
+        return float(numpy_helper.to_array(scale).max()) if scale is not None else None
+
+    def mixed_range_concats(self, ratio: float) -> list[str]:
+        """The Concat nodes whose quantized inputs' calibrated ranges (their scales: a range is its scale times
+        the levels of its type) differ by more than `ratio`. Quantized as one tensor, the concatenation takes the
+        widest input's range, and an input `ratio` times narrower keeps fewer than 256 / `ratio` of its levels."""
+        found = []
+        for node in self.model.graph.node:
+            if node.op_type != "Concat":
+                continue
+            scales = [s for s in (self.scale_of(name) for name in node.input) if s is not None and s > 0]
+            if len(scales) >= 2 and max(scales) > ratio * min(scales):
+                found.append(str(node.name))
+        return found
 
     def is_quantized(self, node: onnx.NodeProto) -> bool:
         """Whether `node` computes on int8 values: an input comes through a DequantizeLinear and no weight of it
