@@ -192,23 +192,24 @@ def cpu_notes(board: dict[str, Any]) -> list[str]:
 def publish(winner: Entry, best: Path, board: dict[str, Any]) -> None:
     """Copy the winner's export to `best` (replacing what was there), its runtime settings written into its
     manifest's runtime_config and the choice recorded in target_info["tune"]. The copy is made in a staging
-    directory beside `best`, links copied as links (`compiler.tune_files.check_build` refused any before), checked
-    again against its manifest, and moved into place in one step (`compiler.tune_files.install_best`)."""
+    directory beside `best` from a build holding no link (`compiler.safe_fs.copy_tree`; `compiler.tune_files.
+    check_build` refused any before), checked again against its manifest, and moved into place in one step
+    (`compiler.tune_files.install_best`)."""
     from dataclasses import replace
 
     from compiler.errors import UsageError
     from compiler.runner import check_files
+    from compiler.safe_fs import copy_tree
     from compiler.staging import staging_area
-    from compiler.tune_files import check_tree, install_best
+    from compiler.tune_files import install_best
     from compiler.types import BENCH_FILE, Manifest
     from targets import get_target
 
     assert winner.directory is not None
     with staging_area(best) as root:
         tree = root / best.name
-        shutil.copytree(winner.directory, tree, symlinks=True, ignore=shutil.ignore_patterns(BENCH_FILE))
         try:  # what was checked before the timing is still what is published
-            check_tree(tree)
+            copy_tree(winner.directory, tree, ignore=shutil.ignore_patterns(BENCH_FILE))
             check_files(tree, Manifest.read(tree))
         except (ValueError, UsageError) as exc:
             raise UsageError(
@@ -356,10 +357,11 @@ def html_page(board: dict[str, Any]) -> str:
 def write_leaderboards(out: Path, board: dict[str, Any]) -> None:
     """leaderboard.md, leaderboard.json and leaderboard.html in `out`."""
     from compiler.host import host_info
-    from compiler.tune_files import LEADERBOARDS, write_text
+    from compiler.safe_fs import write_file
+    from compiler.tune_files import LEADERBOARDS
 
     board["cpu_notes"] = cpu_notes(board)
     board["host"] = host_info()
     pages = (markdown(board), json.dumps(board, indent=2, default=str) + "\n", html_page(board))
     for name, text in zip(LEADERBOARDS, pages):  # written anew, never through a link planted there
-        write_text(out / name, text)
+        write_file(out / name, text)
