@@ -213,10 +213,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_debug(args: argparse.Namespace) -> int:
     """`kiln debug`: the first module where an export diverges from its PyTorch model (`--all`: every one)."""
-    from kiln.compiler.diagnose.profile_html import check_profile_path, write_profile
+    from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
+    from kiln.compiler.parity.input_files import check_output_file
 
     if args.html:
-        check_profile_path(Path(args.html))  # before any work (and before torch is imported), not after
+        check_output_file(Path(args.html), "--html", HTML_FILE)  # before any work (and torch's import), not after
     from kiln.compiler.diagnose.debug import debug, profile_table
     from kiln.compiler.progress import Progress
 
@@ -237,26 +238,26 @@ def cmd_debug(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
-    import numpy as np
     from kiln.compiler.export.loading import load
     from kiln.compiler.parity.gate import read_inputs_file
+    from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
+    output = outputs_file(args.output) if args.generate is None else None  # checked before any work
     model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
-    if args.generate is not None:
+    if output is None:
         return _generate(model, args)
     notes: list[str] = []
     feeds = read_inputs_file(Path(args.inputs), model.inputs, notes)
     for note in notes:  # casts done and NaN/Inf inputs: shown even with -q or --json
         print(f"kiln: warning: {note}", file=sys.stderr)
     outputs = model.run(feeds)
-    arrays: dict[str, Any] = dict(outputs)
-    np.savez(args.output, **arrays)
+    save_npz(output, dict(outputs))
     if args.json:
         print(
             json.dumps(
                 {
-                    "output_file": args.output,
+                    "output_file": str(output),
                     "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
                 }
             )
@@ -264,7 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for name, value in outputs.items():
             print(f"{name}: {value.dtype}{list(value.shape)}")
-        print(f"saved to {args.output}")
+        print(f"saved to {output}")
     return 0
 
 

@@ -10,8 +10,8 @@ in this one module:
 - a file Kiln opens in place (a lock, a log it appends to, a record it reads back) is opened with O_NOFOLLOW
   and must be a regular file (`open_file`, `read_bytes`): a link, a FIFO or a device there is refused;
 - a path under a root (a cell directory under a matrix's `--out`) is used only when, every link followed, it
-  stays inside that root (`within`); a directory is removed only as itself, a link in its place only unlinked
-  (`remove_tree`);
+  stays inside that root (`within`); a directory Kiln made is recognised only as itself, never through a link
+  (`is_directory`), and removed only as itself, a link in its place only unlinked (`remove_tree`);
 - a tree Kiln reads (an export) holds no link leading outside it and no special file (`check_tree`); a tree
   Kiln wrote, when it hashes (`regular_files`) or copies it (`copy_tree`), holds no link at all.
 
@@ -120,6 +120,14 @@ def _first_link(path: Path, root: Path) -> Path | None:
         if current.is_symlink():
             return current
     return None
+
+
+def is_directory(path: Path) -> bool:
+    """Whether `path` is a directory itself, not a link to one (nor a file)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def remove_tree(path: Path) -> None:

@@ -76,7 +76,7 @@ def test_two_exports_to_one_out_at_once_one_fails_naming_the_other(tmp_path):
     (winner,) = [pid for pid, (code, _) in results.items() if code == 0]
     (loser,) = [pid for pid in results if pid != winner]
     code, err = results[loser]
-    assert_one_line_error(code, err, f"another Kiln export to {out} is running (pid {winner} ")
+    assert_one_line_error(code, err, f"another kiln export is writing to {out} (pid {winner} ")
     assert "cli.py export zoo:" in err and "--wait" in err
     expected = "zoo:cnn" if winner == first.pid else "zoo:lstm"
     assert _assert_consistent(out) == expected
@@ -89,10 +89,10 @@ def test_two_exports_to_one_out_with_wait_run_one_after_the_other(tmp_path):
     second = _export_process("zoo:lstm", "--target", "onnx", "--out", out, "--wait", "--force")
     results = {first.pid: _finish(first), second.pid: _finish(second)}
     assert [code for code, _ in results.values()] == [0, 0], results
-    waited = [pid for pid, (_, err) in results.items() if "waiting for the export to" in err]
+    waited = [pid for pid, (_, err) in results.items() if f"waiting for the kiln export writing to {out}" in err]
     assert len(waited) == 1, results
     (other,) = [pid for pid in results if pid != waited[0]]
-    assert f"by pid {other} " in results[waited[0]][1]
+    assert f"(pid {other} " in results[waited[0]][1]
     # The one that waited published last: its export is the one in place, whole.
     assert _assert_consistent(out) == ("zoo:cnn" if waited[0] == first.pid else "zoo:lstm")
     assert _leftovers(tmp_path) == []
@@ -113,6 +113,25 @@ def test_an_export_to_a_locked_out_fails_at_once(tmp_path, capsys):
         assert time.monotonic() - started < 120
         assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
+
+
+def test_the_lock_names_the_command_that_holds_it(tmp_path):
+    """A tune holding --out: an export (or another tune) is told a kiln tune is writing there, not an export; a
+    lock file that does not say which command (an older Kiln, or forged) is named neutrally."""
+    out = tmp_path / "o"
+    with output_lock(out, command="tune"):
+        assert json.loads(lock_path(out).read_text())["kiln"] == "tune"
+        with pytest.raises(UsageError, match=f"another kiln tune is writing to {out} \\(pid {os.getpid()} "):
+            compiler.export("zoo:cnn", target="onnx", out=out)
+        with pytest.raises(UsageError, match="another kiln tune is writing"), output_lock(out, command="tune"):
+            pass
+        owner = json.loads(lock_path(out).read_text())
+        for forged in ({}, {"kiln": "tune; rm -rf /"}, {"kiln": ["tune"]}):
+            lock_path(out).write_text(json.dumps({k: v for k, v in owner.items() if k != "kiln"} | forged))
+            neutral = f"another Kiln run is writing to {out} \\(pid {os.getpid()} "
+            with pytest.raises(UsageError, match=neutral), output_lock(out):
+                pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_export_removes_the_lock_and_the_directories_it_made(tmp_path, capsys):

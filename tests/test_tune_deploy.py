@@ -158,7 +158,7 @@ def test_a_cell_directory_linked_outside_is_refused_and_a_missing_one_is_gone(mo
     cell.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     code, _, err = run_cli("tune", "--time-only", "--out", copy, *TIMING, capsys=capsys)
     (rejected,) = _board(copy)["rejected"]
-    assert code == 1 and "leads outside" in rejected["rejected"] and "refused, not followed" in rejected["rejected"]
+    assert code == 1 and "leading outside" in rejected["rejected"] and "refused, not followed" in rejected["rejected"]
     cell.unlink()
     code, _, err = run_cli("tune", "--time-only", "--out", copy, *TIMING, capsys=capsys)
     (rejected,) = _board(copy)["rejected"]

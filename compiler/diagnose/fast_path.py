@@ -7,7 +7,7 @@ its mapping is certain: the ONNX value is named after the boundary's FX node and
 the dynamo exporter's `pkg.torch.onnx.name_scopes`, ending with that FX node and containing the module. In an
 int8 graph the value the next layer reads is tapped: the DequantizeLinear after the value's QuantizeLinear (QDQ), the
 FakeQuantize after it (OpenVINO): a tensor whose quantization loses channels is the boundary where they are lost.
-`kiln.compiler.diagnose.divergence.localize` uses the answer only when every boundary up to the first failing one is tapped,
+`divergence.localize` uses the answer only when every boundary up to the first failing one is tapped,
 and bisects otherwise.
 """
 

@@ -14,8 +14,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.compiler.errors import UsageError
-
 if TYPE_CHECKING:
     from kiln.compiler.diagnose.divergence import Divergence, ModuleError
 
@@ -37,20 +35,11 @@ LEGEND = (
 )
 
 
-def check_profile_path(path: Path) -> Path:
-    """Refuse an `--html` path the page cannot be written to (before any work): its directory missing, or a
-    directory (or something else that is not a file) at the path itself."""
-    if not path.parent.is_dir():
-        raise UsageError(f"--html {path}: directory {path.parent} does not exist", "create it or pass another path")
-    if path.exists() and not path.is_file():
-        what = "a directory" if path.is_dir() else "not a regular file"
-        raise UsageError(f"--html {path} is {what}", "pass the path of the page to write, e.g. divergence.html")
-    return path
-
-
 def write_profile(found: list[Divergence], path: Path) -> Path:
-    """Write the page for one or more localizations (one section each) to `path`."""
-    check_profile_path(path).write_text(profile_page(found))
+    """Write the page for one or more localizations (one section each) to `path` (`--html`)."""
+    from kiln.compiler.parity.input_files import check_output_file
+
+    check_output_file(path, "--html", HTML_FILE).write_text(profile_page(found))
     return path
 
 

@@ -1,7 +1,7 @@
 """The export pipeline, in one place: load -> capture -> optimize -> build -> validate -> publish.
 
 `export_targets` reads as that flow; each step is one call to a public function that other commands use on
-their own: `kiln.compiler.export.optimize.optimize`, `kiln.compiler.export.artifacts.build`, `kiln.compiler.parity.gate.validate`,
+their own: `export.optimize.optimize`, `export.artifacts.build`, `parity.gate.validate`,
 `kiln.compiler.export.manifest.assemble_manifest`, `kiln.compiler.export.staging.install_tree`.
 """
 

@@ -1,7 +1,8 @@
 """Build in a staging directory beside the output, then move the finished tree into place.
 
-One export at a time per output path: `output_lock` holds an `fcntl.flock` lock on
-`OUT_PARENT/.kiln-OUTNAME.lock` for the whole export. Each staging directory carries an owner file
+One Kiln run at a time per output path: `output_lock` holds an `fcntl.flock` lock on
+`OUT_PARENT/.kiln-OUTNAME.lock` for the whole export (or tune: `kiln.compiler.perf.tune_files.tune_directory`). Each
+staging directory carries an owner file
 (`STAGING_OWNER`: PID, process start time, host, output path), which marks it as unfinished (nothing
 under it is accepted as an export, see `staging_root_of`) and lets a later export to the same output
 remove it once its owner is gone (killed with SIGKILL, or a crash of the machine).
@@ -15,8 +16,8 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shlex
-import shutil
 import socket
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.compiler.errors import KilnError, UsageError
-from kiln.compiler.safe_fs import open_file, read_text
+from kiln.compiler.safe_fs import is_directory, open_file, read_text, remove_tree
 
 REJECTED = ".rejected"
 STAGING_OWNER = ".kiln-staging.json"  # in every staging directory: who builds there, for which output
@@ -58,12 +59,15 @@ def lock_path(out: Path) -> Path:
 
 
 @contextmanager
-def output_lock(out: Path, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold the export lock of `out` for the block: another process holding it makes this raise UsageError at
-    once naming that process, or, with `wait`, block until it is done (`on_wait` is told whom we wait for).
+def output_lock(
+    out: Path, wait: bool = False, on_wait: Callable[[str], None] | None = None, command: str = "export"
+) -> Iterator[None]:
+    """Hold the lock of `out` for the block (taken by `kiln COMMAND`: export, tune): another process holding it
+    makes this raise UsageError at once naming that process and its command, or, with `wait`, block until it is
+    done (`on_wait` is told whom we wait for).
 
-    The lock is an `fcntl.flock` on `lock_path(out)`; the file holds the owner's PID, host, start time and
-    command line, and is removed at the end. The kernel releases the lock when its owner dies, even by
+    The lock is an `fcntl.flock` on `lock_path(out)`; the file holds the owner's Kiln command, PID, host, start
+    time and command line, and is removed at the end. The kernel releases the lock when its owner dies, even by
     SIGKILL, so a lock file left behind by a killed run never blocks anyone. Once the lock is held, staging
     directories of `out` left by dead processes are removed (see `remove_stale_staging`).
 
@@ -82,7 +86,7 @@ def output_lock(out: Path, wait: bool = False, on_wait: Callable[[str], None] | 
     try:
         with contextlib.suppress(OSError):  # who holds it is for messages only: a full disk must not stop us
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(_owner_record(out)).encode())
+            os.write(fd, json.dumps(_owner_record(out) | {"kiln": command}).encode())
         remove_stale_staging(out)
         yield
     finally:
@@ -107,14 +111,14 @@ def _acquire(out: Path, wait: bool, on_wait: Callable[[str], None] | None) -> in
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = _describe_owner(path)
+                holder, owner = _describe_owner(path)
                 if not wait:
                     raise UsageError(
-                        f"another Kiln export to {out} is running ({owner})",
+                        f"another {holder} is writing to {out} ({owner})",
                         "wait for it to finish, or pass --wait (wait=True) to start when it is done",
                     ) from None
                 if on_wait is not None and not told:
-                    on_wait(f"waiting for the export to {out} by {owner}")
+                    on_wait(f"waiting for the {holder} writing to {out} ({owner})")
                     told = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
             # The holder removes the file before releasing it: a lock on a removed file locks nothing.
@@ -128,17 +132,22 @@ def _acquire(out: Path, wait: bool, on_wait: Callable[[str], None] | None) -> in
         os.close(fd)
 
 
-def _describe_owner(path: Path) -> str:
-    """Who holds the lock file `path`, from what it wrote there (a moment after it took the lock)."""
+def _describe_owner(path: Path) -> tuple[str, str]:
+    """Which Kiln command holds the lock file `path` ("kiln tune"; "Kiln run" when it does not say) and who runs
+    it, from what it wrote there (a moment after it took the lock)."""
     for _ in range(40):
         try:
             owner = json.loads(read_text(path))
-            command = owner.get("command", "")
+            kiln = owner.get("kiln")
+            named = isinstance(kiln, str) and re.fullmatch(r"[a-z][a-z-]{0,19}", kiln)
+            holder = f"kiln {kiln}" if named else "Kiln run"
+            command = str(owner.get("command", ""))
             command = command if len(command) <= 120 else command[:117] + "..."
-            return f"pid {owner['pid']} on {owner.get('host', '?')}, started {owner.get('started', '?')}: {command}"
+            started = owner.get("started", "?")
+            return holder, f"pid {owner['pid']} on {owner.get('host', '?')}, started {started}: {command}"
         except (OSError, ValueError, KeyError, AttributeError, UsageError):
             time.sleep(0.05)
-    return "a process that did not say who it is"
+    return "Kiln run", "a process that did not say who it is"
 
 
 def _owner_record(out: Path) -> dict[str, Any]:
@@ -198,23 +207,23 @@ def remove_stale_staging(out: Path) -> None:
     output lock held."""
     target = str(_canonical(out))
     for root in out.parent.glob(f".kiln-{glob.escape(out.name)}-*"):
-        if root.is_symlink():
-            continue  # not a staging directory: Kiln never follows a link it did not make
+        if not is_directory(root):
+            continue  # a link (or a file) is no staging directory: Kiln never follows a link it did not make
         owner = _read_owner(root)
         if owner is None or owner.get("out") != target or owner_alive(owner):
             continue
         with contextlib.suppress(OSError):  # cannot: left for later, this export goes on
             _put_back(root, out)
-            shutil.rmtree(root, ignore_errors=True)
+            remove_tree(root)
     # Kiln before the owner files moved a replaced export to `.kiln-old-OUT-STAGING`, beside `out`.
     for old in out.parent.glob(f".kiln-old-{glob.escape(out.name)}-.kiln-{glob.escape(out.name)}-*"):
-        if old.is_symlink():
+        if not is_directory(old):
             continue
         with contextlib.suppress(OSError):
             if not os.path.lexists(out):
                 old.rename(out)
             else:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)
 
 
 def staging_root_of(path: Path) -> Path | None:
@@ -249,7 +258,8 @@ def staging_area(out: Path) -> Iterator[Path]:
         raise
     finally:
         _put_back(root, out)  # a swap cut short (Ctrl-C between its two renames) keeps the previous export
-        shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(root)
 
 
 TEMP_VARIABLES = ("TMPDIR", "TEMP", "TMP")  # what tempfile and C/C++ converters (TensorFlow, OpenVINO) read
@@ -291,7 +301,7 @@ _redirected = False
 
 def _put_back(root: Path, out: Path) -> bool:
     """Move the export being replaced (`root/OLD`) back to `out` if nothing took its place; whether it did."""
-    if (root / OLD).is_dir() and not (root / OLD).is_symlink() and not os.path.lexists(out):
+    if is_directory(root / OLD) and not os.path.lexists(out):
         (root / OLD).rename(out)
         return True
     return False

@@ -1,5 +1,7 @@
-"""Arrays a user hands Kiln: `--inputs` and `--calib` `.npz` files, read without unpickling and checked against
-the model's input specs (shape, dtype, the cast rule). Re-exported by `kiln.compiler.parity.gate`."""
+"""Files a user names on the command line: the `--inputs` and `--calib` `.npz` files, read without unpickling and
+checked against the model's input specs (shape, dtype, the cast rule; re-exported by `kiln.compiler.parity.gate`), and
+the
+files Kiln writes where a flag says (`kiln run --output`, `kiln debug --html`), checked before any work."""
 
 from __future__ import annotations
 
@@ -15,6 +17,32 @@ if TYPE_CHECKING:
     from kiln.targets.base import Target
 
 Feeds = dict[str, np.ndarray]
+
+
+def check_output_file(path: Path, flag: str, example: str) -> Path:
+    """Refuse (UsageError) a path `flag` names that a file cannot be written to, before any work: its directory
+    missing, or a directory (or anything but a regular file) at the path itself."""
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {path.parent} does not exist", "create it or pass another path")
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise UsageError(f"{flag} {path} is {what}", f"pass the path of the file to write, e.g. {example}")
+    return path
+
+
+def outputs_file(text: str) -> Path:
+    """Where `kiln run --output TEXT` saves the outputs: TEXT, with `.npz` added unless it ends so (as `np.savez`
+    adds it), checked by `check_output_file`."""
+    return check_output_file(Path(text if text.endswith(".npz") else f"{text}.npz"), "--output", "outputs.npz")
+
+
+def save_npz(path: Path, arrays: dict[str, Any], flag: str = "--output") -> Path:
+    """Write `arrays` to the `.npz` file `path` (from `outputs_file`); an OS error is a UsageError naming it."""
+    try:
+        np.savez(path, **arrays)
+    except OSError as exc:
+        raise UsageError(f"cannot write {flag} {path}: {exc.strerror or exc}", "choose a writable path") from None
+    return path
 
 
 def read_npz(path: Path, flag: str = "--inputs") -> Feeds:

@@ -11,8 +11,8 @@ are unchanged (same model path, CPU and toolchain); on another machine they are 
 results.jsonl records each cell's `cell_dir` as an absolute path where DIR was when it was built (relative to the
 working folder then, by a Kiln before issue 24, for a relative --out); `locate_builds` finds each cell's files at
 DIR/builds/cells/<cell> wherever DIR is now. The file is treated as hostile: a `cell_dir` that is not that cell's
-own directory (`/etc`, `../../x`), or a directory that resolves (through links) outside DIR/builds, is refused with
-the reason, never followed; what is found there is checked by `kiln.compiler.perf.tune_files.check_build`.
+own directory (`/etc`, `../../x`), or a cell directory that is a symbolic link, rejects that build with the
+reason, never followed; what is found there is checked by `kiln.compiler.perf.tune_files.check_build`.
 """
 
 from __future__ import annotations
@@ -40,19 +40,19 @@ def save_builds(builds_dir: Path, source: str, planned: Plan, executor: str) -> 
     variant (layout, batch range) and the batch to time at, and the machine that ran the builds (the cells record
     their own, which with Ray is the node)."""
     from kiln.compiler.host import this_machine
-    from kiln.compiler.perf.tune_files import write_text
+    from kiln.compiler.safe_fs import write_file
 
     variants = {name: {"layout": v.layout, "batch_range": v.batch_range, "plain": v.plain}
                 for name, v in planned.variants.items()}  # fmt: skip
     state = {"schema": STATE_SCHEMA, "model": source, "skipped": planned.skipped, "executor": executor,
              "variants": variants, "batch": planned.batch}  # fmt: skip
-    write_text(builds_dir / STATE_FILE, json.dumps(state | {"built_on": this_machine()}, indent=1) + "\n")
+    write_file(builds_dir / STATE_FILE, json.dumps(state | {"built_on": this_machine()}, indent=1) + "\n")
 
 
 def read_state(builds_dir: Path) -> dict[str, Any]:
     """DIR/builds/tune.json checked field by field (it may come from another machine); a UsageError if it is
     missing or not what `save_builds` writes."""
-    from kiln.compiler.perf.tune_files import read_bytes
+    from kiln.compiler.safe_fs import read_bytes
 
     path = builds_dir / STATE_FILE
     hint = "run `kiln tune MODEL --out DIR --build-only` first (on the build machine), then copy the whole DIR here"
@@ -191,9 +191,11 @@ def cell_directory(build: CellResult, builds_dir: Path) -> Path:
     The recorded `cell_dir` must name that place: a path ending in builds/cells/<name> (DIR's path when it was
     built, maybe on another machine; relative to where that tune ran when its --out was), or cells/<name> relative
     to the builds. The recorded path itself is never opened. Raises ValueError (the reason) for anything else, and
-    for a directory that resolves, through links, outside `builds_dir`; nothing outside is opened."""
+    for a cell or export directory that is a symbolic link (`kiln.compiler.safe_fs`: the matrix writes none, so where
+    it leads is never looked into); the rest of the tune goes on."""
     from kiln.compiler.matrix.run import CELLS_DIR, safe_name
     from kiln.compiler.perf.tune import BUILDS_DIR
+    from kiln.compiler.safe_fs import refused
 
     expected = (CELLS_DIR, safe_name(build.cell_id))
     parts = PurePath(build.cell_dir).parts
@@ -203,12 +205,10 @@ def cell_directory(build: CellResult, builds_dir: Path) -> Path:
             f"({'/'.join(expected)}): refused, not followed (results.jsonl edited or forged?)"
         )
     directory = builds_dir.joinpath(*expected)
-    root = builds_dir.resolve()
-    for path in (directory, directory / "export"):
-        if path.exists() and not path.resolve().is_relative_to(root):
-            raise ValueError(
-                f"its build directory {path} leads outside {builds_dir} (to {path.resolve()}): refused, not followed"
-            )
+    for path in (directory, directory / "export"):  # the matrix made both directories: neither is a link
+        if os.path.islink(path):
+            outside = not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(builds_dir))
+            raise ValueError(f"its build directory {refused(path, root=builds_dir if outside else None).message}")
     return directory
 
 

@@ -4,22 +4,24 @@ following a link out of it.
 A tune directory holds builds/ (the matrix of the builds: plan.json, results.jsonl, tune.json, best.json, the
 matrix's reports and cells/<cell>/export/), the leaderboards and best/. It may have been copied from elsewhere,
 edited or forged, and another Kiln may run into it. `tune_directory` holds the export lock of --out for the whole
-run (`kiln.compiler.export.staging.output_lock`: a second run into it fails at once naming the first, or waits
-with --wait)
+run (`export.staging.output_lock`: a second run into it fails at once naming the first, or waits with --wait)
 and `prepare`s it first:
 
 * --out must be a directory or nothing; an existing, non-empty one that is no tune directory (no builds/plan.json
   nor builds/tune.json) is refused without --force, as `kiln export` refuses an existing --out;
-* a symbolic link at a path tune or the matrix of its builds reads or writes (`watched`; when building, each
-  cell too) is refused, even with --force: tune never reads or writes through a link in its directory;
+* a symbolic link at a path tune or the matrix of its builds reads or writes (`watched`) is refused, even with
+  --force: tune never reads or writes through a link in its directory (a link at or in one build rejects that
+  build alone, see `check_build` and `kiln.compiler.perf.tune_deploy.cell_directory`);
 * a best/ that Kiln's own records do not prove a tune published (the sha256 of its manifest.json in
   builds/best.json, and nothing in it but the files that manifest lists) is refused without --force: tune
   replaces or removes only what it made.
 
 Before a build can be timed or win, `check_build` proves its export is what its manifest lists and what tune's
 records say it is. best/ is put in place and removed through a staging directory (`install_best`,
-`withdraw_best`), and tune's records and leaderboards are written by `write_text` (a new file renamed over the
-old: a link planted meanwhile is replaced, never written through).
+`withdraw_best`). Every file is read, written and copied by `kiln.compiler.safe_fs`, the one home of the link rule:
+records and leaderboards are written whole (`write_file`: a link planted meanwhile is replaced, never written
+through), records read back with O_NOFOLLOW (`read_bytes`), best/ copied from a build holding no link
+(`copy_tree`).
 """
 
 from __future__ import annotations
@@ -28,14 +30,13 @@ import hashlib
 import json
 import math
 import os
-import secrets
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.compiler.errors import UsageError
+from kiln.compiler.safe_fs import read_bytes, regular_files, write_file
 
 if TYPE_CHECKING:
     from kiln.compiler.perf.tune_candidates import Variant
@@ -63,12 +64,12 @@ def watched() -> tuple[str, ...]:
 @contextmanager
 def tune_directory(out: Path, force: bool, wait: bool, progress: Progress, building: bool) -> Iterator[None]:
     """Hold the lock of `out` for the block, after `prepare`: `building` (not `--time-only`) refuses a directory
-    that is not a tune directory, and links at the cells too. A best/ that a tune killed while replacing it left
+    that is not a tune directory. A best/ that a tune killed while replacing it left
     in a staging directory is put back first (`kiln.compiler.export.staging.remove_stale_staging`)."""
     from kiln.compiler.export.staging import output_lock, remove_stale_staging
     from kiln.compiler.perf.tune import BEST_DIR
 
-    with output_lock(out, wait, progress.say):
+    with output_lock(out, wait, progress.say, command="tune"):
         if out.is_dir():
             remove_stale_staging(out / BEST_DIR)
         prepare(out, force, building)
@@ -78,16 +79,13 @@ def tune_directory(out: Path, force: bool, wait: bool, progress: Progress, build
 def prepare(out: Path, force: bool, building: bool) -> None:
     """Refuse (one-line UsageError) an `out` tune must not use; see the module's docstring."""
     from kiln.compiler.export.staging import check_output_dir
-    from kiln.compiler.matrix.run import CELLS_DIR, PLAN_FILE
+    from kiln.compiler.matrix.run import PLAN_FILE
     from kiln.compiler.perf.tune import BEST_DIR, BUILDS_DIR
 
     check_output_dir(out, force=True)  # a file, or a link to nothing: refused even with --force, as by export
     if not out.is_dir():
         return
     linked = [name for name in watched() if (out / name).is_symlink()]
-    cells = out / BUILDS_DIR / CELLS_DIR
-    if building and cells.is_dir() and not linked:
-        linked += [str(p.relative_to(out)) for p in sorted(cells.iterdir()) if p.is_symlink()]
     if linked:
         more = f" (and {len(linked) - 1} more)" if len(linked) > 1 else ""
         raise UsageError(
@@ -130,12 +128,12 @@ def foreign_best(out: Path) -> str | None:
     if best.is_symlink() or not best.is_dir():
         return "is not a directory"
     try:
-        check_tree(best)
+        regular_files(best)  # a tree Kiln wrote: no link at all, no special file
         digest = hashlib.sha256(read_bytes(best / MANIFEST_NAME)).hexdigest()
     except OSError as exc:
         return f"is not an export published by kiln tune ({MANIFEST_NAME}: {exc.strerror})"
-    except ValueError as exc:
-        return f"is not an export published by kiln tune ({exc})"
+    except UsageError as exc:
+        return f"is not an export published by kiln tune ({exc.message})"
     if digest not in published(out):
         return f"is not recorded as published by kiln tune here (its {MANIFEST_NAME} is not in builds/{BEST_RECORD})"
     try:
@@ -152,7 +150,7 @@ def published(out: Path) -> list[str]:
 
     try:
         data = json.loads(read_bytes(out / BUILDS_DIR / BEST_RECORD))
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError, RecursionError, UsageError):
         return []
     digests = data.get("manifests") if isinstance(data, dict) and data.get("schema") == BEST_SCHEMA else None
     if not isinstance(digests, list):
@@ -171,11 +169,11 @@ def install_best(tree: Path, best: Path) -> None:
 
     out = best.parent
     digests = [hashlib.sha256(read_bytes(tree / MANIFEST_NAME)).hexdigest()]
-    with suppress(OSError, ValueError):
+    with suppress(OSError, UsageError):
         current = hashlib.sha256(read_bytes(best / MANIFEST_NAME)).hexdigest()
         digests = [d for d in published(out) if d == current] + digests
     (out / BUILDS_DIR).mkdir(exist_ok=True)
-    write_text(out / BUILDS_DIR / BEST_RECORD, json.dumps({"schema": BEST_SCHEMA, "manifests": digests}) + "\n")
+    write_file(out / BUILDS_DIR / BEST_RECORD, json.dumps({"schema": BEST_SCHEMA, "manifests": digests}) + "\n")
     install_tree(tree, best)
 
 
@@ -204,7 +202,7 @@ def check_build(directory: Path, target: str, precision: str, variant: Variant) 
     from kiln.compiler.types import Manifest
 
     try:
-        check_tree(directory)
+        regular_files(directory)  # before anything is read: Kiln wrote no link and no special file there
         manifest = Manifest.read(directory)
         check_files(directory, manifest)
     except (UsageError, ValueError, OSError) as exc:
@@ -230,42 +228,3 @@ def check_build(directory: Path, target: str, precision: str, variant: Variant) 
             "forged?): not timed, never published"
         )
     return manifest
-
-
-def check_tree(directory: Path) -> None:
-    """Raise ValueError naming the first entry under `directory` that is a symbolic link (reading it could leave
-    the directory) or neither a file nor a directory (a FIFO would block the reader)."""
-    for root, directories, files in os.walk(directory):  # never descends a link (followlinks=False)
-        for name in sorted(directories + files):
-            path = Path(root) / name
-            mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}), refused, not followed")
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise ValueError(f"{path} is not a regular file")
-
-
-def read_bytes(path: Path) -> bytes:
-    """The bytes of the regular file `path`; OSError (ELOOP) when it is a link, ValueError for a FIFO or a
-    device (opened without blocking, never read)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        return handle.read()
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write `path` as a new file: created beside it under a name no one can have planted (O_EXCL, O_NOFOLLOW),
-    then renamed over it, so that a link there is replaced, never written through, and no reader sees half of
-    it."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temporary)
-        raise

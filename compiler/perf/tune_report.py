@@ -192,24 +192,25 @@ def cpu_notes(board: dict[str, Any]) -> list[str]:
 def publish(winner: Entry, best: Path, board: dict[str, Any]) -> None:
     """Copy the winner's export to `best` (replacing what was there), its runtime settings written into its
     manifest's runtime_config and the choice recorded in target_info["tune"]. The copy is made in a staging
-    directory beside `best`, links copied as links (`kiln.compiler.perf.tune_files.check_build` refused any before),
-    checked
-    again against its manifest, and moved into place in one step (`kiln.compiler.perf.tune_files.install_best`)."""
+    directory beside `best` from a build holding no link (`kiln.compiler.safe_fs.copy_tree`;
+    `kiln.compiler.perf.tune_files.
+    check_build` refused any before), checked again against its manifest, and moved into place in one step
+    (`kiln.compiler.perf.tune_files.install_best`)."""
     from dataclasses import replace
 
     from kiln.compiler.errors import UsageError
     from kiln.compiler.export.loading import check_files
     from kiln.compiler.export.staging import staging_area
-    from kiln.compiler.perf.tune_files import check_tree, install_best
+    from kiln.compiler.perf.tune_files import install_best
+    from kiln.compiler.safe_fs import copy_tree
     from kiln.compiler.types import BENCH_FILE, Manifest
     from kiln.targets import get_target
 
     assert winner.directory is not None
     with staging_area(best) as root:
         tree = root / best.name
-        shutil.copytree(winner.directory, tree, symlinks=True, ignore=shutil.ignore_patterns(BENCH_FILE))
         try:  # what was checked before the timing is still what is published
-            check_tree(tree)
+            copy_tree(winner.directory, tree, ignore=shutil.ignore_patterns(BENCH_FILE))
             check_files(tree, Manifest.read(tree))
         except (ValueError, UsageError) as exc:
             raise UsageError(
@@ -357,10 +358,11 @@ def html_page(board: dict[str, Any]) -> str:
 def write_leaderboards(out: Path, board: dict[str, Any]) -> None:
     """leaderboard.md, leaderboard.json and leaderboard.html in `out`."""
     from kiln.compiler.host import host_info
-    from kiln.compiler.perf.tune_files import LEADERBOARDS, write_text
+    from kiln.compiler.perf.tune_files import LEADERBOARDS
+    from kiln.compiler.safe_fs import write_file
 
     board["cpu_notes"] = cpu_notes(board)
     board["host"] = host_info()
     pages = (markdown(board), json.dumps(board, indent=2, default=str) + "\n", html_page(board))
     for name, text in zip(LEADERBOARDS, pages):  # written anew, never through a link planted there
-        write_text(out / name, text)
+        write_file(out / name, text)
