@@ -31,9 +31,9 @@ def _checkout_as_kiln() -> None:
 
 if __name__ == "__main__" and not __package__:
     _checkout_as_kiln()
-    from kiln.cli import main_entry
+    import importlib
 
-    main_entry()
+    importlib.import_module("kiln.cli").main_entry()  # this file again, as the module kiln.cli
 
 from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
 from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
