@@ -4,7 +4,7 @@
 Errors become one line and an exit code here, in one place:
 0 done, 1 parity failure, 2 bad input or usage, 3 target unavailable on this machine,
 4 internal error (a bug: rerun with KILN_DEBUG=1 for the traceback), 130 interrupted (Ctrl-C), 143 terminated
-(SIGTERM: cleaned up as for Ctrl-C, see compiler.signals).
+(SIGTERM: cleaned up as for Ctrl-C, see kiln.compiler.signals).
 """
 
 from __future__ import annotations
@@ -17,18 +17,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli_matrix import cmd_matrix
-from cli_parser import attach_dash_values, build_parser
-from compiler.errors import KilnError, as_kiln_error
-from compiler.progress import quiet_libraries
-from compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt
+
+def _checkout_as_kiln() -> None:
+    """`python cli.py` from a checkout: this folder is the package `kiln` (installed, the same files are)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("kiln", root / "__init__.py", submodule_search_locations=[str(root)])
+    assert spec is not None and spec.loader is not None
+    sys.modules["kiln"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["kiln"])
+
+
+if __name__ == "__main__" and not __package__:
+    _checkout_as_kiln()
+    import importlib
+
+    importlib.import_module("kiln.cli").main_entry()  # this file again, as the module kiln.cli
+
+from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
+from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
+from kiln.compiler.errors import KilnError, as_kiln_error  # noqa: E402
+from kiln.compiler.progress import quiet_libraries  # noqa: E402
+from kiln.compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt  # noqa: E402
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kiln export`: capture once, build every requested target, gate on parity."""
-    from compiler.options import export_options
-    from compiler.pipeline import export_targets
-    from compiler.progress import Progress
+    from kiln.compiler.export.options import export_options
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.progress import Progress
 
     quiet_libraries()
     options = export_options(
@@ -95,7 +113,7 @@ def _model_stem(model: str) -> str:
 
 def cmd_targets(args: argparse.Namespace) -> int:
     """`kiln targets`: every target, its aliases, precisions, needs and availability here."""
-    from targets import TARGETS
+    from kiln.targets import TARGETS
 
     rows: list[dict[str, Any]] = []
     for target in TARGETS:
@@ -133,7 +151,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     """`kiln passes`: every graph pass, its IR, the level that runs it, and what it does."""
-    from passes import LEVELS, PASSES
+    from kiln.passes import LEVELS, PASSES
 
     rows: list[dict[str, Any]] = [
         {
@@ -162,7 +180,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """`kiln verify`: re-run parity on an existing export."""
-    from compiler.runner import verify
+    from kiln.compiler.export.loading import verify
 
     quiet_libraries()
     results = list(verify(args.export_dir, args.model, trust_pickle=args.trust_pickle))
@@ -195,13 +213,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_debug(args: argparse.Namespace) -> int:
     """`kiln debug`: the first module where an export diverges from its PyTorch model (`--all`: every one)."""
-    from compiler.input_files import check_output_file
-    from compiler.profile_html import HTML_FILE, write_profile
+    from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
+    from kiln.compiler.parity.input_files import check_output_file
 
     if args.html:
         check_output_file(Path(args.html), "--html", HTML_FILE)  # before any work (and torch's import), not after
-    from compiler.debug import debug, profile_table
-    from compiler.progress import Progress
+    from kiln.compiler.diagnose.debug import debug, profile_table
+    from kiln.compiler.progress import Progress
 
     quiet_libraries()
     progress = Progress(quiet=args.quiet or args.json)
@@ -220,9 +238,9 @@ def cmd_debug(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
-    from compiler.input_files import outputs_file, save_npz
-    from compiler.parity import read_inputs_file
-    from compiler.runner import load
+    from kiln.compiler.export.loading import load
+    from kiln.compiler.parity.gate import read_inputs_file
+    from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
     output = outputs_file(args.output) if args.generate is None else None  # checked before any work
@@ -253,7 +271,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _generate(model: Any, args: argparse.Namespace) -> int:
     """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids."""
-    from compiler.decoding import DecoderSpec, generate_with_export, parse_prompt
+    from kiln.compiler.generation.decoding import DecoderSpec, generate_with_export, parse_prompt
 
     prompt = parse_prompt(args.generate)
     spec = DecoderSpec.from_dict(model.manifest.source.get("decoder"))
@@ -267,10 +285,10 @@ def _generate(model: Any, args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`kiln bench`: time exports in interleaved rounds, each in its own process."""
-    from compiler.bench_report import table, timing_failures
-    from compiler.benchmark import BenchOptions, run_bench
-    from compiler.errors import EXIT_PARITY
-    from compiler.progress import Progress
+    from kiln.compiler.errors import EXIT_PARITY
+    from kiln.compiler.perf.bench_report import table, timing_failures
+    from kiln.compiler.perf.benchmark import BenchOptions, run_bench
+    from kiln.compiler.progress import Progress
 
     options = BenchOptions(
         threads=args.threads,
@@ -298,10 +316,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
-    from compiler.progress import Progress
-    from compiler.tune import DEFAULT_PRECISIONS, DEFAULT_TARGETS, TuneOptions, parse_list, parse_threads
-    from compiler.tune_candidates import parse_io
-    from compiler.tune_deploy import tune_or_time
+    from kiln.compiler.perf.tune import (
+        DEFAULT_PRECISIONS,
+        DEFAULT_TARGETS,
+        TuneOptions,
+        parse_list,
+        parse_threads,
+    )
+    from kiln.compiler.perf.tune_candidates import parse_io
+    from kiln.compiler.perf.tune_deploy import tune_or_time
+    from kiln.compiler.progress import Progress
 
     options = TuneOptions(
         targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
@@ -334,7 +358,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(board, indent=2, default=str))
     elif not args.quiet:
-        from compiler.tune_report import markdown
+        from kiln.compiler.perf.tune_report import markdown
 
         print(markdown(board))
     return 0 if board["winner"] is not None or (args.build_only and board["candidates"]) else 1
@@ -342,8 +366,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_quant_report(args: argparse.Namespace) -> int:
     """`kiln quant-report`: the per-layer error of a quantized export against fp32, worst layer first."""
-    from compiler.quantization.report import REPORT_FILE, QuantReport, not_quantized
-    from compiler.runner import export_dirs
+    from kiln.compiler.export.loading import export_dirs
+    from kiln.compiler.quantization.report import REPORT_FILE, QuantReport, not_quantized
 
     directories = export_dirs(args.export_dir)
     quantized = [d for d in directories if (d / REPORT_FILE).is_file()]

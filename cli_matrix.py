@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compiler.signals import Terminated, interrupted_exit_code
+from kiln.compiler.signals import Terminated, interrupted_exit_code
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
@@ -29,8 +29,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from compiler.matrix import RunSettings, Shard, load_config, merge_matrix, run_matrix
-    from compiler.progress import Progress
+    from kiln.compiler.matrix import RunSettings, Shard, load_config, merge_matrix, run_matrix
+    from kiln.compiler.progress import Progress
 
     allow_fail = [p.strip() for value in args.allow_fail or [] for p in value.split(",") if p.strip()]
     settings = RunSettings(
@@ -83,7 +83,7 @@ def _matrix(args: argparse.Namespace) -> int:
 
 def _list_cells(config: Any, settings: Any, as_json: bool) -> int:
     """`kiln matrix --list`: the cells this shard would run, without running them."""
-    from compiler.matrix.runner import plan_matrix
+    from kiln.compiler.matrix.run import plan_matrix
 
     plan = plan_matrix(config, settings.shard, settings.executor)
     cells = plan.mine()

@@ -338,7 +338,7 @@ def _matrix_report_flags(parser: argparse.ArgumentParser, out: str) -> None:
 
 
 def _round_timeout_flag(parser: argparse.ArgumentParser) -> None:
-    from compiler.bench_worker import ROUND_TIMEOUT_S
+    from kiln.compiler.perf.bench_worker import ROUND_TIMEOUT_S
 
     parser.add_argument(
         "--round-timeout",

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The per-channel parity figures (issue 23, point 6): for each model, precision and target, the whole output's
-cosine and SNR, the worst channel's (compiler.metrics.ChannelSums: axis, index, cosine and SNR about the channel's
+cosine and SNR, the worst channel's (kiln.compiler.metrics.ChannelSums: axis, index, cosine and SNR about the channel's
 own mean), the gate's verdict and, for detectors, how often the artifact's argmax class agrees with PyTorch's.
 
 Run by hand (tens of minutes for everything on two cores; each export runs in this process)::
@@ -86,8 +86,8 @@ def source(model: str) -> str:
 
 def class_agreement(directory: Path, classes: Callable[[dict[str, np.ndarray]], np.ndarray]) -> float | None:
     """The fraction of anchors whose argmax class the artifact shares with PyTorch, on the stored parity sets."""
-    from compiler.artifacts import Artifact, load_runner
-    from compiler.parity import ParitySamples, in_reference_layout
+    from kiln.compiler.export.artifacts import Artifact, load_runner
+    from kiln.compiler.parity.gate import ParitySamples, in_reference_layout
 
     artifact = Artifact.read(directory)
     samples = ParitySamples.load(directory, [])
@@ -103,9 +103,9 @@ def class_agreement(directory: Path, classes: Callable[[dict[str, np.ndarray]], 
 
 
 def measure(model: str, precision: str, targets: str, work: Path) -> list[Row]:
-    from compiler.options import export_options
-    from compiler.pipeline import export_targets
-    from compiler.progress import Progress
+    from kiln.compiler.export.options import export_options
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.progress import Progress
 
     options = export_options(precision=precision, localize=False, force=True)
     out = work / f"{model.replace(':', '-')}-{precision}"

@@ -8,9 +8,10 @@ Run by hand::
 
 For each model the ONNX graph is captured once (as an export does), then these variants are built and timed
 on the same input (`--threads` threads, median of `--repeat` runs after warm-up, the least disturbed of up to
-3 batches, see compiler/timing.py):
+3 batches, see compiler/perf/timing.py):
 
-* `ort nchw`: ONNX Runtime on the captured graph; `ort nhwc`: on Kiln's NHWC graph (`passes.layout.to_nhwc`);
+* `ort nchw`: ONNX Runtime on the captured graph; `ort nhwc`: on Kiln's NHWC graph
+(`kiln.passes.channels_last.to_nhwc`);
 * `ov nchw`: OpenVINO IR of the captured graph; `ov nhwc ppp`: the same IR with OpenVINO's PrePostProcessor
   (tensor layout NHWC, model layout NCHW), what the `openvino` target builds; `ov nhwc onnx`: the IR
   converted from Kiln's NHWC ONNX graph.
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compiler.timing import least_disturbed  # noqa: E402
+from kiln.compiler.perf.timing import least_disturbed  # noqa: E402
 
 
 def resnet_like() -> tuple[Any, tuple[Any, ...]]:
@@ -79,8 +80,8 @@ def resnet_like() -> tuple[Any, tuple[Any, ...]]:
 
 def capture_onnx(name: str, work: Path) -> Path:
     """The model's ONNX graph as an export captures it."""
-    from compiler.capture import capture
-    from compiler.sources import from_module, load_source
+    from kiln.compiler.capture.program import capture
+    from kiln.compiler.capture.sources import from_module, load_source
 
     source = from_module(*resnet_like()) if name == "resnet18-like" else load_source(f"zoo:{name}")
     directory = work / name
@@ -113,10 +114,9 @@ def measure(name: str, work: Path, threads: int, repeat: int) -> list[dict[str, 
     import onnx_ir
     import onnxruntime as ort
     import openvino as ov
-
-    from passes import save_onnx
-    from passes.layout import NCHW_TO_NHWC, count_ops, image_values, to_nhwc
-    from targets.openvino_ir import nhwc_io
+    from kiln.passes import save_onnx
+    from kiln.passes.channels_last import NCHW_TO_NHWC, count_ops, image_values, to_nhwc
+    from kiln.targets.openvino_ir import nhwc_io
 
     nchw_path = capture_onnx(name, work)
     graph = onnx_ir.load(str(nchw_path))
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    from compiler.progress import quiet_libraries
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     rows = []

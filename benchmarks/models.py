@@ -4,9 +4,8 @@ larger than the zoo's so that kernels, not per-call overhead, dominate the timin
 from __future__ import annotations
 
 import torch
+from kiln.compiler.capture.zoo import randomize_batchnorm
 from torch import nn
-
-from compiler.zoo import randomize_batchnorm
 
 
 class BasicBlock(nn.Module):
@@ -59,7 +58,7 @@ def resnet18() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 def bert4() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A 4-layer BERT-like encoder (dim 256, 4 heads) on 2x128 tokens with padding, random weights."""
-    from compiler.zoo import TinyTransformer
+    from kiln.compiler.capture.zoo import TinyTransformer
 
     torch.manual_seed(0)
     model = TinyTransformer(vocab=1000, dim=256, heads=4, layers=4, max_len=128)

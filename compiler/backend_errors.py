@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from compiler.errors import KilnError, UnsupportedOpError, plain_text
+from kiln.compiler.errors import KilnError, UnsupportedOpError, plain_text
 
 if TYPE_CHECKING:
-    from targets.base import Target
+    from kiln.targets.base import Target
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Every error measure Kiln reports, in one place: cosine similarity, signal-to-noise ratio, top-1 agreement,
 absolute and relative error.
 
-The parity gate (compiler/parity.py), the accuracy-aware quantization search and the per-layer quantization
+The parity gate (compiler/parity/gate.py), the accuracy-aware quantization search and the per-layer quantization
 report all judge "how far is this tensor from the reference" with these functions, so that a cosine or an
 SNR means the same thing in every report. Pure numpy; imports nothing else of Kiln.
 """
@@ -155,7 +155,7 @@ class ChannelSums:
     mean); a channel that is zero in the reference has no scale of its own and is left to the whole-tensor
     measures; a channel where the artifact gives a non-finite value the reference does not (or the reverse) scores
     cosine 0 and SNR -inf. An axis whose size differs between samples (a dynamic dimension) is not a channel axis.
-    `channels()` gives every judged channel's figures; the gate (compiler.parity) names the worst."""
+    `channels()` gives every judged channel's figures; the gate (kiln.compiler.parity.gate) names the worst."""
 
     FIELDS = ("n", "sx", "sy", "sxx", "syy", "sxy", "noise")
 

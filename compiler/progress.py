@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
-from compiler.signals import raise_if_terminated
+from kiln.compiler.signals import raise_if_terminated
 
 CHATTY_LOGGERS = ("torch", "torchao", "onnxscript", "onnx_ir", "openvino", "nncf")
 

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from compiler.errors import UsageError
+from kiln.compiler.errors import UsageError
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 

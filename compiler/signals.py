@@ -8,7 +8,7 @@ processes), and the command exits with `EXIT_TERMINATED` (143, 128 + 15) instead
 
 A second SIGTERM while the first unwinds is ignored (a supervisor that insists sends SIGKILL). A converter that
 catches the first `Terminated` (some catch everything) does not stop Kiln for long: the next stage that starts
-raises it again (`raise_if_terminated`, called by `compiler.progress.Progress.stage`).
+raises it again (`raise_if_terminated`, called by `kiln.compiler.progress.Progress.stage`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from compiler.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from kiln.compiler.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 
 class Terminated(KeyboardInterrupt):

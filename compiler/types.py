@@ -53,7 +53,7 @@ class Tolerance:
     reference is at least `min_cosine`, their signal-to-noise ratio at least `min_snr_db`
     (when set) and, for classifier-shaped outputs ([batch, classes]), the argmax agrees with
     the reference's on at least `min_top1` of the rows. Each channel is judged too (along axis 1 and the last axis,
-    compiler.metrics.ChannelSums): the worst one's cosine and SNR about its own mean must reach
+    kiln.compiler.metrics.ChannelSums): the worst one's cosine and SNR about its own mean must reach
     `min_channel_cosine` and `min_channel_snr_db`; a channel whose spread is within `rtol` of its RMS is flat at
     this precision and is measured against its values. Integer and boolean outputs pass when at least
     `min_agreement` of their elements are equal.
@@ -92,7 +92,7 @@ def check_thresholds(**values: float | None) -> None:
     """The one check of every parity and accuracy threshold, for the CLI, the library, matrix cells and stored
     manifests alike: a number, finite and non-negative; cosine, top-1 and the other fractions at most 1. A NaN
     would switch a comparison off (every `x < nan` is false), so it is refused, not ignored."""
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     for name, value in values.items():
         if value is None:
@@ -132,7 +132,7 @@ class OutputMetrics:
     snr_db: float = float("inf")
     top1_agreement: float | None = None  # classifier-shaped outputs only: agreement on the decided rows
     # Top-1 counts on classifier outputs (None otherwise): decided rows, agreeing ones, near-ties and their flips,
-    # the Wilson 95% interval, whether top-1 applied (compiler.metrics.top1_rows).
+    # the Wilson 95% interval, whether top-1 applied (kiln.compiler.metrics.top1_rows).
     top1_decided: int | None = None
     top1_agreed: int | None = None
     top1_near_ties: int | None = None
@@ -142,7 +142,7 @@ class OutputMetrics:
     # Whether the gate judges top-1 (min_top1 > 0: quantized precisions' default, or --min-top1); the summary gives
     # the decided rows and the CI only then. None: a manifest written before it existed (summarised as judged).
     top1_gated: bool | None = None
-    # The worst channel (compiler.metrics.ChannelSums.worst): its axis and index, cosine and SNR about its mean.
+    # The worst channel (kiln.compiler.metrics.ChannelSums.worst): its axis and index, cosine and SNR about its mean.
     channel_axis: int | None = None
     channel_index: int | None = None
     channel_cosine: float = 1.0
@@ -195,8 +195,8 @@ class ParityReport:
     sample_origins: list[str]
     outputs: list[OutputMetrics]
     runtime: dict[str, Any] = field(default_factory=dict)
-    divergence: dict[str, Any] | None = None  # where it diverges (compiler.divergence.Divergence.to_dict)
-    generation: dict[str, Any] | None = None  # greedy decoding vs the reference (compiler.generation)
+    divergence: dict[str, Any] | None = None  # where it diverges (kiln.compiler.diagnose.divergence.Divergence.to_dict)
+    generation: dict[str, Any] | None = None  # greedy decoding vs the reference (kiln.compiler.generation.export)
 
     def failures(self) -> list[OutputMetrics]:
         """The outputs that failed."""
@@ -230,7 +230,7 @@ class ParityReport:
 
 
 def generation_summary(generation: dict[str, Any]) -> str:
-    """One line for a parity report's `generation` record (compiler.generation_gate), whatever it holds."""
+    """One line for a parity report's `generation` record (kiln.compiler.generation.gate), whatever it holds."""
     first = generation.get("first_mismatch")
     where = first
     if isinstance(first, dict):
@@ -303,7 +303,7 @@ class Manifest:
     @classmethod
     def read(cls, directory: Path) -> Manifest:
         """Read `manifest.json` from an export directory."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         path = Path(directory) / MANIFEST_NAME
         try:
@@ -325,7 +325,7 @@ class Manifest:
     @classmethod
     def _from_json(cls, data: Any, path: Path) -> Manifest:
         """The manifest from parsed JSON; a wrong shape raises KeyError, TypeError, ValueError or AttributeError."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if not isinstance(data, dict):
             raise TypeError(f"a JSON object was expected, not {type(data).__name__}")

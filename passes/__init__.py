@@ -1,6 +1,6 @@
 """Graph passes over the ONNX graph (onnx_ir) and the FX graph (torch.export), and the pipelines that run them.
 
-A pass (`passes.base.Pass`) is a small named unit: it takes a graph and returns the graph and whether it
+A pass (`kiln.passes.base.Pass`) is a small named unit: it takes a graph and returns the graph and whether it
 changed anything, the way `onnx_ir.passes` does. A pipeline is the list of passes chosen for one target
 at one optimization level (`-O0` none, `-O1` cleanup, `-O2` fusion, `-O3` target-specific), adjusted
 by `--passes +name,-name`; passes always run in the registry's order below.
@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from passes import cleanup, fusion, fx, layout
-from passes.base import DEFAULT_LEVEL, FX, LEVELS, ONNX, Pass, PassResult
+from kiln.passes import channels_last, cleanup, fusion, fx
+from kiln.passes.base import DEFAULT_LEVEL, FX, LEVELS, ONNX, Pass, PassResult
 
 if TYPE_CHECKING:
-    from compiler.types import PassRecord
+    from kiln.compiler.types import PassRecord
 
 __all__ = ["DEFAULT_LEVEL", "FX", "LEVELS", "ONNX", "PASSES", "Pass", "PassAdjustments", "PassResult"]
 
 PASSES: dict[str, Pass] = {
-    p.name: p for p in [*cleanup.PASSES, *fusion.PASSES, *layout.PASSES, *cleanup.FINAL, *fx.PASSES]
+    p.name: p for p in [*cleanup.PASSES, *fusion.PASSES, *channels_last.PASSES, *cleanup.FINAL, *fx.PASSES]
 }
 
 
@@ -38,7 +38,7 @@ class PassAdjustments:
     @classmethod
     def parse(cls, text: str | None) -> PassAdjustments:
         """Parse `+name,-name` (a bare name means +name); unknown names are refused with a suggestion."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         added: list[str] = []
         removed: list[str] = []
@@ -56,7 +56,7 @@ class PassAdjustments:
 
 def pipeline_for(ir: str, target: str, level: int = DEFAULT_LEVEL, adjust: PassAdjustments | None = None) -> list[Pass]:
     """The passes run over `ir` for `target` at `level`, with the user's adjustments, in registry order."""
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     if level not in LEVELS:
         raise UsageError(f"-O{level}: no such optimization level", "use -O0, -O1, -O2 or -O3")
@@ -91,11 +91,11 @@ def run_pipeline(graph: Any, pipeline: Sequence[Pass], dump: Path | None = None)
     """Run `pipeline` over `graph`, recording what each pass did; with `dump`, write the graph after each pass.
 
     A pass that raises, or that changes the graph so that a check it passed before fails (see
-    `passes.contract.check_graph`; and the I/O signature, when the pass preserves it), is rolled back: the
+    `kiln.passes.contract.check_graph`; and the I/O signature, when the pass preserves it), is rolled back: the
     graph before it goes on to the next pass, and its record says why in `rolled_back`.
     """
-    from compiler.types import PassRecord
-    from passes.contract import check_graph, example_feeds, is_fx, run
+    from kiln.compiler.types import PassRecord
+    from kiln.passes.contract import check_graph, example_feeds, is_fx, run
 
     if dump is not None:
         dump_graph(graph, dump / "00-captured")
@@ -124,8 +124,8 @@ def _run_checked(
 ) -> tuple[Any, bool, str | None, float]:
     """Run one pass and check its result: the graph to go on with, whether it changed, why it was rolled
     back (None if kept), and the pass's own time in seconds (the checks not counted)."""
-    from passes.base import SIGNATURE
-    from passes.contract import check_graph, signature, snapshot
+    from kiln.passes.base import SIGNATURE
+    from kiln.passes.contract import check_graph, signature, snapshot
 
     kept = snapshot(graph)
     started = time.perf_counter()

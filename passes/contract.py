@@ -13,12 +13,11 @@ import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from passes.base import MODULE_NAMES, OUTPUTS, SIGNATURE
+from kiln.passes.base import MODULE_NAMES, OUTPUTS, SIGNATURE
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from passes.base import Pass
+    from kiln.passes.base import Pass
 
 ORT_CHECK_BYTES = 256 * 2**20  # ONNX Runtime builds a session for models with up to this many bytes of constants
 RTOL = 1e-4  # outputs kept "to fp32 round-off": |after - before| <= RTOL * max(1, max |before|) + ATOL
@@ -150,7 +149,7 @@ def module_paths(graph: Any) -> dict[str, tuple[str, ...] | None]:
             if n.meta.get("nn_module_stack") else None
             for n in graph.graph.nodes if n.op == "call_function"
         }  # fmt: skip
-    from passes.subgraphs import all_graphs
+    from kiln.passes.subgraphs import all_graphs
 
     found: dict[str, tuple[str, ...] | None] = {}
     for subgraph in all_graphs(graph):
@@ -189,7 +188,7 @@ def _unscoped_allowed(graph: Any, name: str) -> bool:
     """Whether the new node `name` is one a pass may add without a module name (a constant, a pin)."""
     if is_fx(graph):
         return False
-    from passes.subgraphs import all_graphs
+    from kiln.passes.subgraphs import all_graphs
 
     return any(n.name == name and n.op_type in UNSCOPED_OPS for g in all_graphs(graph) for n in g)
 

@@ -3,7 +3,7 @@
 It folds Transposes of constants into the constants, merges consecutive Transposes (dropping those that
 end up as the identity), and pushes a Transpose down through elementwise ops (unary ones, and binary ones
 whose other operand is a constant or a scalar, which is permuted instead) when that brings it onto
-another Transpose it then merges with. `passes.layout.to_nhwc` relies on it to cancel the Transposes it
+another Transpose it then merges with. `kiln.passes.channels_last.to_nhwc` relies on it to cancel the Transposes it
 puts at the graph's boundary.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from passes.base import FUSION, ONNX, Pass, PassResult
+from kiln.passes.base import FUSION, ONNX, Pass, PassResult
 
 if TYPE_CHECKING:
     import numpy as np

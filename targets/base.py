@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.capture import CapturedModel
-    from compiler.quantization.calibration import AccuracyBudget, CalibrationData
-    from compiler.types import Manifest, PassRecord, TensorSpec
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+    from kiln.compiler.types import Manifest, PassRecord, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,9 @@ class Route:
 
     name: str  # as the manifest records it, e.g. "onnx(dynamo)"
     consumes: str  # the graph the route hands to `Target.build`: "onnx" or "torch" (the FX program)
-    exporter: str = ""  # for an ONNX route from a PyTorch model: the ONNX exporter (compiler.capture.EXPORTERS)
+    exporter: str = (
+        ""  # for an ONNX route from a PyTorch model: the ONNX exporter (kiln.compiler.capture.program.EXPORTERS)
+    )
     # True: tried only when no earlier route converted (a fallback for conversion failures, not a second
     # opinion on an artifact that converted and failed parity).
     fallback: bool = False
@@ -123,7 +124,8 @@ class Target:
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (nhwc)
     devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
     accuracy_aware: bool = False  # True: its int8 build takes --max-drop (reverts sensitive layers to float)
-    # The KV cache a text-generation export to this target takes (compiler.generation): "growing" (one graph, the
+    # The KV cache a text-generation export to this target takes (kiln.compiler.generation.export): "growing" (one
+    # graph, the
     # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
     kv_cache: str | None = None
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
@@ -154,7 +156,7 @@ class Target:
 
     def check_request(self, request: BuildRequest) -> None:
         """Raise a one-line error, before any capture work, when this target cannot build `request` here."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if request.device is not None and self.devices and request.device not in self.devices:
             raise UsageError(
@@ -182,7 +184,7 @@ class Target:
     def with_runtime_settings(self, manifest: Manifest, settings: RuntimeSettings) -> Manifest:
         """`manifest` with `settings` written into its runtime_config, as `load` reads them (the default: no
         settings to apply; a target with runtime settings overrides this)."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if not settings.is_default:
             raise UsageError(f"target {self.name} takes no runtime settings ({settings.label()})", "drop them")

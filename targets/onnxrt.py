@@ -9,17 +9,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings, Target
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.capture import CapturedModel
-    from compiler.quantization.accuracy import AccuracyResult
-    from compiler.quantization.calibration import AccuracyBudget, CalibrationData
-    from compiler.quantization.report import QuantReport
-    from compiler.quantization.summary import QuantizeSummary
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.quantization.accuracy import AccuracyResult
+    from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+    from kiln.compiler.quantization.report import QuantReport
+    from kiln.compiler.quantization.summary import QuantizeSummary
+    from kiln.compiler.types import Manifest
 
 MODEL_FILE = "model.onnx"
 INFERENCE_PRECISION = {
@@ -36,8 +35,7 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, path: Path, manifest: Manifest | None = None, threads: int = 0):
         import onnxruntime as ort
-
-        from compiler.types import TensorSpec
+        from kiln.compiler.types import TensorSpec
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -78,8 +76,7 @@ GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 def _graph_optimization_level(name: str) -> Any:
     """ONNX Runtime's GraphOptimizationLevel for "disable", "basic", "extended" or "all"."""
     import onnxruntime as ort
-
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     if name not in GRAPH_OPTIMIZATION_LEVELS:
         raise UsageError(
@@ -118,8 +115,8 @@ class OnnxRuntimeTarget(Target):
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
             graph = model.onnx_path
             if request.io_layout == "nhwc":
-                from compiler.layout import channels_last, nhwc_names
-                from passes.layout import nhwc_onnx_file
+                from kiln.compiler.image_layout import channels_last, nhwc_names
+                from kiln.passes.channels_last import nhwc_onnx_file
 
                 output.inputs, output.outputs = channels_last(model.inputs), channels_last(model.outputs)
                 graph = Path(scratch) / MODEL_FILE
@@ -143,9 +140,9 @@ class OnnxRuntimeTarget(Target):
     ) -> None:
         """Write `graph` quantized at the requested precision into the artifact directory; calibrated int8 also
         gets its per-layer report (`quant_report.json`) and, with --max-drop, reverts its most sensitive layers."""
-        from compiler.quantization.accuracy import reverted_note
-        from compiler.quantization.onnxrt import quantize_onnx
-        from compiler.quantization.report import module_classes
+        from kiln.compiler.quantization.accuracy import reverted_note
+        from kiln.compiler.quantization.onnxrt import quantize_onnx
+        from kiln.compiler.quantization.report import module_classes
 
         calibration = request.calibration
         if request.precision == "int8":
@@ -196,8 +193,8 @@ def accuracy_aware_onnx(
     budget: AccuracyBudget,
     module_classes: dict[str, str] | None = None,
 ) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
-    """`--max-drop` for this target: compiler.quantization.accuracy.accuracy_aware_qdq run with ONNX Runtime."""
-    from compiler.quantization.accuracy import accuracy_aware_qdq
+    """`--max-drop` for this target: kiln.compiler.quantization.accuracy.accuracy_aware_qdq run with ONNX Runtime."""
+    from kiln.compiler.quantization.accuracy import accuracy_aware_qdq
 
     return accuracy_aware_qdq(fp32_onnx, destination, calibration, budget, OnnxRuntimeRunner, module_classes)
 
@@ -214,9 +211,9 @@ def quantize_onnx_artifact(
     `BuildOutput.info` (report summary, --max-drop result)."""
     from dataclasses import asdict
 
-    from compiler.capture import onnx_signature
-    from compiler.quantization.onnxrt import quantize_onnx
-    from compiler.quantization.report import write_quant_report
+    from kiln.compiler.capture.program import onnx_signature
+    from kiln.compiler.quantization.onnxrt import quantize_onnx
+    from kiln.compiler.quantization.report import write_quant_report
 
     info: dict[str, Any] = {}
     if budget is not None:

@@ -4,7 +4,7 @@ Routes, tried in order (`OpenVinoTarget.routes`): the IR is converted from Kiln'
 (`onnx(dynamo)`, then `onnx(torchscript)`): the ONNX route is the one every pass writes to, it accepts
 `.onnx` sources, and OpenVINO's direct PyTorch frontend fails on models (e.g. transformers' GPT-2) that
 its ONNX frontend reads. When neither ONNX route converts, `openvino.convert_model` converts the exported
-program directly (`DIRECT_ROUTE`, see `targets.openvino_direct`).
+program directly (`DIRECT_ROUTE`, see `kiln.targets.openvino_direct`).
 """
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from compiler.quantization.openvino import QUANTIZED_PRECISIONS
-from targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, RuntimeSettings, Target
+from kiln.compiler.quantization.openvino import QUANTIZED_PRECISIONS
+from kiln.targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
     import numpy as np
     import openvino as ov
-
-    from compiler.capture import CapturedModel
-    from compiler.quantization.accuracy import AccuracyResult
-    from compiler.quantization.summary import QuantizeSummary
-    from compiler.types import Manifest, TensorSpec
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.quantization.accuracy import AccuracyResult
+    from kiln.compiler.quantization.summary import QuantizeSummary
+    from kiln.compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
@@ -121,10 +120,9 @@ def _with_nhwc_io(ov_model: Any, model: CapturedModel, built: BuildOutput) -> An
     import time
 
     import onnx_ir
-
-    from compiler.layout import channels_last, nhwc_names
-    from compiler.types import PassRecord
-    from passes.layout import NHWC_STEP, ONNX_CHANNELS_FIRST_OPS, LayoutCounts, count_ops
+    from kiln.compiler.image_layout import channels_last, nhwc_names
+    from kiln.compiler.types import PassRecord
+    from kiln.passes.channels_last import NHWC_STEP, ONNX_CHANNELS_FIRST_OPS, LayoutCounts, count_ops
 
     assert model.onnx_path is not None
     inputs, outputs = channels_last(model.inputs), channels_last(model.outputs)
@@ -165,8 +163,7 @@ class OpenVinoTarget(Target):
         """Convert the ONNX graph to IR, quantized with NNCF for int8/int8-dynamic; weights stay fp32 unless
         fp16 was asked for."""
         import openvino as ov
-
-        from targets.openvino_direct import convert_direct
+        from kiln.targets.openvino_direct import convert_direct
 
         precision = request.precision
         if request.route == DIRECT_ROUTE.name:
@@ -220,7 +217,7 @@ class OpenVinoTarget(Target):
         inference precision "default" drops the pinned hint, "f32" pins f32."""
         from dataclasses import replace
 
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if settings.graph_optimization:
             return super().with_runtime_settings(manifest, settings)
@@ -251,14 +248,14 @@ def _quantize(
 ) -> tuple[ov.Model, QuantizeSummary, AccuracyResult | None]:
     """The model quantized with NNCF as the request asks (accuracy-aware with --max-drop), its summary, and
     the --max-drop result."""
-    from compiler.quantization.openvino import quantize_openvino
+    from kiln.compiler.quantization.openvino import quantize_openvino
 
     if request.accuracy is None:
         quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
         return quantized, summary, None
-    from compiler.quantization.accuracy import accuracy_aware_nncf
-    from compiler.quantization.report import module_classes
-    from targets.onnxrt import OnnxRuntimeRunner
+    from kiln.compiler.quantization.accuracy import accuracy_aware_nncf
+    from kiln.compiler.quantization.report import module_classes
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
 
     assert model.onnx_path is not None and request.calibration is not None
     classes = module_classes(model.exported) if model.exported is not None else None

@@ -7,17 +7,16 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from compiler.layout import channels_last
-from compiler.quantization.litert import quantize_tflite
-from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.buckets import bucket_note, bucket_subset, bucket_variants
-from targets.litert import MODEL_FILE, SIGNATURE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
+from kiln.compiler.image_layout import channels_last
+from kiln.compiler.quantization.litert import quantize_tflite
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.buckets import bucket_note, bucket_subset, bucket_variants
+from kiln.targets.litert import MODEL_FILE, SIGNATURE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 
 def convert(
@@ -29,9 +28,9 @@ def convert(
 ) -> dict[str, Any]:
     """Write `model.tflite` in `directory` at `precision` (with `variants`, `--buckets`' static programs: one
     signature each); what was decomposed and how it was calibrated."""
-    from compiler.decompositions import module_path_of
-    from compiler.errors import UnsupportedOpError
-    from targets.litert import converter_error_op
+    from kiln.compiler.capture.decompositions import module_path_of
+    from kiln.compiler.errors import UnsupportedOpError
+    from kiln.targets.litert import converter_error_op
 
     assert model.exported is not None, "a LiteRT target needs the FX program"
     nhwc = request.io_layout == "nhwc"
@@ -94,14 +93,15 @@ def describe_graph(directory: Path, info: dict[str, Any], nhwc: bool) -> dict[st
 
 
 def add_nhwc_layout(model: CapturedModel, directory: Path, built: BuildOutput) -> None:
-    """For an NHWC `.tflite`: channels-last I/O specs, `info["layout"]` (see passes.layout.LayoutCounts) and the
+    """For an NHWC `.tflite`: channels-last I/O specs, `info["layout"]` (see kiln.passes.channels_last.LayoutCounts)
+    and the
     layout step's pass record, into `built`.
 
     The converter does the layout work inside its own conversion: the record's `nodes_before` is the op count
     of the naive per-op conversion (the artifact's ops plus the transposes it avoided), its time is not apart.
     """
-    from compiler.types import PassRecord
-    from passes.layout import NHWC_STEP, TFLITE_CHANNELS_LAST_OPS, LayoutCounts
+    from kiln.compiler.types import PassRecord
+    from kiln.passes.channels_last import NHWC_STEP, TFLITE_CHANNELS_LAST_OPS, LayoutCounts
 
     assert model.exported is not None
     ops = read_ops(directory / MODEL_FILE)
@@ -174,7 +174,7 @@ class TfliteTarget(Target):
         """`--buckets` builds fp32 only: the quantizers calibrate and rewrite the one `serving_default`."""
         super().check_request(request)
         if request.buckets and request.precision != "fp32":
-            from compiler.errors import UsageError
+            from kiln.compiler.errors import UsageError
 
             raise UsageError(
                 f"target tflite builds --buckets at fp32 only, not {request.precision}",

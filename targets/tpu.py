@@ -15,17 +15,16 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.buckets import bucket_for, bucket_note, bucket_subset, bucket_variants
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.buckets import bucket_for, bucket_note, bucket_subset, bucket_variants
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 BYTECODE_FILE = "model.stablehlo.mlirbc"
 TEXT_FILE = "model.stablehlo.mlir"
@@ -239,12 +238,11 @@ class XlaTarget(Target):
     ) -> tuple[str, str, list[Any], list[Any], list[str]]:
         """Lower one (static) program to StableHLO and write it (`stem`.stablehlo.mlirbc, and .mlir when small):
         the module text, StableHLO version, input and output TF dtypes, and the ops decomposed first."""
+        from kiln.compiler.capture.decompositions import apply_decompositions, module_path_of, stablehlo_table
+        from kiln.compiler.errors import UnsupportedOpError
         from litert_converter.mlir.dialects import stablehlo
         from litert_torch.backend.export import exported_program_to_mlir
         from litert_torch.backend.tf_integration import torch_dtype_to_tf
-
-        from compiler.decompositions import apply_decompositions, module_path_of, stablehlo_table
-        from compiler.errors import UnsupportedOpError
 
         assert model.exported is not None, "the tpu target needs the FX program"
         program = _to_bfloat16(model.exported) if precision == "bf16" else model.exported

@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-from compiler.export_result import ExportResult  # noqa: E402
-from compiler.pipeline import ExportOptions, export_targets  # noqa: E402
+from kiln import cli  # noqa: E402
+from kiln.compiler.export.pipeline import ExportOptions, export_targets  # noqa: E402
+from kiln.compiler.export.result import ExportResult  # noqa: E402
 
 USER_MODELS = ROOT / "tests" / "models" / "user_models.py"
 ZOO_MODELS = ("cnn", "mobilenet", "transformer", "lstm", "decoder", "unet", "detector", "multimodal")
@@ -30,7 +30,7 @@ logging.getLogger("torch").setLevel(logging.ERROR)
 @pytest.fixture(scope="session", autouse=True)
 def kiln_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Compile caches (aoti packages) go to a temporary directory for the session, never to ~/.cache/kiln."""
-    from compiler.cache import CACHE_ENV
+    from kiln.targets.compile_cache import CACHE_ENV
 
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("kiln-cache"))
@@ -56,7 +56,7 @@ def zoo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult]:
     """The transformer exported with a dynamic batch of 1..8 to ONNX and OpenVINO."""
     out = tmp_path_factory.mktemp("dynamic") / "transformer"
-    from compiler.capture import DynamicBatch
+    from kiln.compiler.capture.program import DynamicBatch
 
     results = export_targets("zoo:transformer", "onnx,openvino", out, ExportOptions(dynamic_batch=DynamicBatch(1, 8)))
     return {r.target: r for r in results}

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from compiler.backend_errors import backend_failures, operation_named_in
-from compiler.errors import UnsupportedOpError, UsageError, plain_text
+from kiln.compiler.backend_errors import backend_failures, operation_named_in
+from kiln.compiler.errors import UnsupportedOpError, UsageError, plain_text
 
 # (message as a backend wrote it, the operation Kiln should name or None)
 MESSAGES = [

@@ -7,12 +7,19 @@ import shutil
 import sys
 
 import pytest
+from kiln.compiler.export.options import export_options
+from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.perf.bench_report import SPREAD_LIMIT, latency_stats, spread, too_wide
+from kiln.compiler.perf.benchmark import (
+    MAX_RUNS,
+    BenchOptions,
+    WorkerFailed,
+    interleave,
+    rotation,
+    runs_per_round,
+)
+from kiln.compiler.types import BENCH_FILE, MANIFEST_NAME
 
-from compiler.bench_report import SPREAD_LIMIT, latency_stats, spread, too_wide
-from compiler.benchmark import MAX_RUNS, BenchOptions, WorkerFailed, interleave, rotation, runs_per_round
-from compiler.options import export_options
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.types import BENCH_FILE, MANIFEST_NAME
 from tests.conftest import run_cli
 
 QUICK = ("--rounds", "3", "--runs", "5", "--warmup", "2")
@@ -244,7 +251,7 @@ def test_a_worker_dying_in_the_middle_of_the_rounds_fails_the_command(cnn_export
     """Regression: the report recorded the failure but `kiln bench` exited 0. The first worker's real process is
     killed before its second timed round; the others finish, the report is printed, and the exit code is 1 (the
     candidate failed, as one that fails parity; it was 4, an internal error, before issue 24)."""
-    from compiler.bench_worker import Worker
+    from kiln.compiler.perf.bench_worker import Worker
 
     original, calls = Worker.time, {}
 

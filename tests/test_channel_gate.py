@@ -1,5 +1,5 @@
 """The per-channel parity gate (issue 23, point 6): every float output is judged channel by channel as well as whole
-(compiler.metrics.ChannelSums), so that an int8 artifact whose small channels are lost to a 1000x bigger one is
+(kiln.compiler.metrics.ChannelSums), so that an int8 artifact whose small channels are lost to a 1000x bigger one is
 rejected although its whole-tensor cosine is 0.9999; the int8 recipe on `onnx` keeps a Concat of differently
 scaled branches in float, so a YOLO-style head gets a correct artifact; localization names the layer whose
 output holds the outlier channel. The models are in tests/models/scaled.py."""
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kiln.compiler.export.artifacts import Artifact, load_runner
+from kiln.compiler.export.options import export_options
+from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.metrics import ChannelSums, channel_axes
+from kiln.compiler.parity.gate import ParitySamples, compare, in_reference_layout
+from kiln.compiler.progress import Progress
+from kiln.compiler.quantization import onnxrt
+from kiln.compiler.types import Manifest, Tolerance
 
-from compiler.artifacts import Artifact, load_runner
-from compiler.metrics import ChannelSums, channel_axes
-from compiler.options import export_options
-from compiler.parity import ParitySamples, compare, in_reference_layout
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.progress import Progress
-from compiler.quantization import onnxrt
-from compiler.types import Manifest, Tolerance
 from tests.conftest import run_cli
 from tests.models.scaled import mid_outlier, yolo_head
 

@@ -265,7 +265,7 @@ class _BrokenConverter(__import__("targets").Target):
 
 @pytest.fixture
 def extra_targets(monkeypatch):
-    import targets
+    from kiln import targets
 
     monkeypatch.setattr(targets, "TARGETS", [*targets.TARGETS, _NeedsAbsentBackend(), _BrokenConverter()])
 
@@ -303,7 +303,7 @@ def test_passes_value_may_start_with_a_dash(tmp_path, capsys):
     code, _, err = run_cli("export", "zoo:cnn", "-t", "onnx", "-o", out, "-O1", "--passes", "-identity-elimination",
                            "-q", capsys=capsys)  # fmt: skip
     assert code == 0, err
-    from compiler.types import Manifest
+    from kiln.compiler.types import Manifest
 
     names = [r.name for r in Manifest.read(out).passes]
     assert names and "identity-elimination" not in names
@@ -321,4 +321,4 @@ def test_a_refusal_of_a_transformers_model_is_one_line_on_a_fresh_process(tmp_pa
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("kiln: error: text-generation export supports onnx and openvino")
+    assert result.stderr.startswith("kiln: error: text-generation export supports onnx, openvino (a growing KV cache)")

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-import compiler
-from compiler.errors import KilnError, UsageError
-from compiler.pipeline import export_targets
-from compiler.runner import verify
-from compiler.staging import (
+from kiln import compiler
+from kiln.compiler.errors import KilnError, UsageError
+from kiln.compiler.export.loading import verify
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.export.staging import (
     OLD,
     STAGING_OWNER,
     install_tree,
@@ -28,7 +27,8 @@ from compiler.staging import (
     process_start,
     staging_area,
 )
-from compiler.types import Manifest
+from kiln.compiler.types import Manifest
+
 from tests.conftest import ROOT, run_cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -171,7 +171,7 @@ def test_an_export_killed_mid_build_is_cleaned_by_the_next(tmp_path, capsys):
 KILLED_WHILE_STAGED = """
 import os, shutil, signal, sys
 from pathlib import Path
-from compiler.staging import staging_area
+from kiln.compiler.export.staging import staging_area
 out, export, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 with staging_area(out) as staging:
     shutil.copytree(export, staging / "tree")  # a whole export, manifest and all, not yet moved into place

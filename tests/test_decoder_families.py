@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("transformers", reason="these tests build models with transformers")
 
-from compiler.pipeline import export_targets
+from kiln.compiler.export.pipeline import export_targets
+
 from tests.conftest import ROOT
 from tests.models import decoders
 

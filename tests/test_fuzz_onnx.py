@@ -177,7 +177,7 @@ _WORKER = textwrap.dedent(
     """
     import contextlib, io, json, sys
     from pathlib import Path
-    import cli
+    from kiln import cli
     work, results = Path(sys.argv[1]), Path(sys.argv[2])
     with results.open("a") as log:
         for name in sys.argv[3:]:

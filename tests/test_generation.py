@@ -1,5 +1,6 @@
-"""Text-generation export of a causal LM (compiler/generation.py): the decoder with its KV cache to ONNX Runtime and
-OpenVINO, gated against the user's own model (compiler/generation_gate.py); `kiln run --generate` and its limits;
+"""Text-generation export of a causal LM (compiler/generation/export.py): the decoder with its KV cache to ONNX Runtime
+and
+OpenVINO, gated against the user's own model (compiler/generation/gate.py); `kiln run --generate` and its limits;
 a broken cache fails the gate."""
 
 from __future__ import annotations
@@ -13,26 +14,34 @@ import pytest
 
 pytest.importorskip("transformers", reason="these tests build models with transformers")
 
-from compiler.decoding import CacheLayout, DecoderSpec, RecomputingDecoder, greedy, input_names, parse_prompt
-from compiler.errors import UsageError
-from compiler.generation import (
+from kiln.compiler.capture.sources import from_module
+from kiln.compiler.errors import UsageError
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.generation.decoding import (
+    CacheLayout,
+    DecoderSpec,
+    RecomputingDecoder,
+    greedy,
+    input_names,
+    parse_prompt,
+)
+from kiln.compiler.generation.export import (
     check_generation_request,
     decoder_spec,
     is_causal_lm,
     skip_localization,
     with_generation,
 )
-from compiler.generation_gate import (
+from kiln.compiler.generation.gate import (
     PARITY_PROMPT,
     CausalLMReference,
     capacity_of,
     gate_prompts,
     generation_parity,
 )
-from compiler.pipeline import export_targets
-from compiler.progress import Progress
-from compiler.sources import from_module
-from compiler.types import MANIFEST_NAME, Manifest, Tolerance
+from kiln.compiler.progress import Progress
+from kiln.compiler.types import MANIFEST_NAME, Manifest, Tolerance
+
 from tests.conftest import ROOT, run_cli
 from tests.models.hf_models import llama_causal_lm
 
@@ -119,7 +128,7 @@ def _gate(manifest):
 
 
 def test_a_miswired_cache_fails_the_generation_gate(exported, tmp_path):
-    from targets.onnxrt import OnnxRuntimeRunner
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
 
     manifest = exported[0]["onnx"].manifest
     layout, reference, plan = _gate(manifest)
@@ -139,8 +148,7 @@ def test_the_pipeline_gate_rejects_a_planted_cache(exported, tmp_path):
     from dataclasses import replace
 
     import torch
-
-    from compiler.artifacts import Artifact
+    from kiln.compiler.export.artifacts import Artifact
 
     result = exported[0]["onnx"]
     directory = tmp_path / "planted"
@@ -156,7 +164,7 @@ def test_the_pipeline_gate_rejects_a_planted_cache(exported, tmp_path):
 
 
 def test_a_tolerance_no_runtime_meets_fails_the_gate(exported):
-    from targets.onnxrt import OnnxRuntimeRunner
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
 
     manifest = exported[0]["onnx"].manifest
     runner = OnnxRuntimeRunner(exported[0]["onnx"].directory / "model.onnx")
@@ -180,7 +188,7 @@ def test_generation_refuses_other_targets_and_non_causal_models(tmp_path, capsys
     assert code == 2 and "--dynamic/--dynamic-batch do not apply to a text-generation export" in err
     code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--precision", "int8", "-o", tmp_path / "d", capsys=capsys)
     assert code == 2 and "validated at fp32 only" in err
-    from targets import TARGETS
+    from kiln.targets import TARGETS
 
     everything = list(TARGETS)
     kept = check_generation_request(everything, True, lambda t: t.default_precision, None)
@@ -247,7 +255,7 @@ def test_verify_replays_the_stored_tokens_and_fails_when_they_differ(exported, h
 
 
 def test_localization_is_skipped_and_said_for_generation_exports(exported):
-    from compiler.options import ExportOptions
+    from kiln.compiler.export.options import ExportOptions
 
     report = exported[0]["onnx"].manifest.parity
     said = io.StringIO()
@@ -271,7 +279,7 @@ def test_which_models_are_causal_lms():
 
 
 def test_recomputing_without_the_cache_gives_the_same_tokens(exported, hf_tokens):
-    from targets.onnxrt import OnnxRuntimeRunner
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
 
     result = exported[0]["onnx"]
     run, layout = OnnxRuntimeRunner(result.directory / "model.onnx").run, CacheLayout.from_specs(result.manifest.inputs)

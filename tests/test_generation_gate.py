@@ -1,5 +1,5 @@
 """The text-generation gate compares with the user's own model, never with Kiln's cache wrapper
-(compiler/generation_gate.py). Each test here plants a bug in the wrapper (a window one slot too wide, a mask that
+(compiler/generation/gate.py). Each test here plants a bug in the wrapper (a window one slot too wide, a mask that
 sees the next slot, the new key and value written one slot off, a dropped soft-cap), exports through the real
 converters, runtimes and gate, and expects the export rejected (exit 1): compared with the wrapper, as the gate did
 before, each of these artifacts matched its reference and was published."""
@@ -15,13 +15,14 @@ import torch
 
 pytest.importorskip("transformers", reason="these tests build models with transformers")
 
-from compiler.attention_masks import SLIDING, AttentionPattern
-from compiler.decoding import DecoderSpec, StaticCacheLayout
-from compiler.errors import UsageError
-from compiler.generation import CausalLMWithCache
-from compiler.generation_gate import CausalLMReference, check_record, decoding_samples, gate_prompts
-from compiler.static_cache import CausalLMWithStaticCache
-from compiler.types import MANIFEST_NAME
+from kiln.compiler.errors import UsageError
+from kiln.compiler.generation.attention_masks import SLIDING, AttentionPattern
+from kiln.compiler.generation.decoding import DecoderSpec, StaticCacheLayout
+from kiln.compiler.generation.export import CausalLMWithCache
+from kiln.compiler.generation.gate import CausalLMReference, check_record, decoding_samples, gate_prompts
+from kiln.compiler.generation.static_kv_cache import CausalLMWithStaticCache
+from kiln.compiler.types import MANIFEST_NAME
+
 from tests.conftest import ROOT, run_cli
 from tests.models import decoders
 
@@ -175,7 +176,7 @@ def test_a_forged_generation_record_is_refused_before_decoding():
 
 
 def test_a_manifest_without_a_valid_decoder_record_is_refused(tmp_path, capsys):
-    from compiler.decoding import DecoderSpec as Spec
+    from kiln.compiler.generation.decoding import DecoderSpec as Spec
 
     with pytest.raises(UsageError, match="no valid decoder record"):
         Spec.from_dict({"vocab_size": float("nan"), "max_positions": 8, "layer_types": ["x"], "sliding_window": None})

@@ -1,4 +1,5 @@
-"""Text-generation export with a static KV cache (compiler/static_cache.py) to `tflite` and `tpu`: the one-token
+"""Text-generation export with a static KV cache (compiler/generation/static_kv_cache.py) to `tflite` and `tpu`: the
+one-token
 decode graph, gated on 32 greedy tokens identical to PyTorch; `kiln run --generate` and `kiln verify` on it; the
 cache's capacity and the requests it refuses."""
 
@@ -14,7 +15,9 @@ import pytest
 pytest.importorskip("transformers", reason="these tests build models with transformers")
 pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch")
 
-from compiler.decoding import (
+from kiln.compiler.errors import UsageError
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.generation.decoding import (
     DecoderSpec,
     StaticCachedDecoder,
     StaticCacheLayout,
@@ -22,12 +25,17 @@ from compiler.decoding import (
     layout_of,
     static_output_names,
 )
-from compiler.errors import UsageError
-from compiler.generation_gate import PARITY_PROMPT, CausalLMReference, capacity_of, gate_prompts, generation_parity
-from compiler.pipeline import export_targets
-from compiler.progress import Progress
-from compiler.static_cache import check_cache_size
-from compiler.types import Tolerance
+from kiln.compiler.generation.gate import (
+    PARITY_PROMPT,
+    CausalLMReference,
+    capacity_of,
+    gate_prompts,
+    generation_parity,
+)
+from kiln.compiler.generation.static_kv_cache import check_cache_size
+from kiln.compiler.progress import Progress
+from kiln.compiler.types import Tolerance
+
 from tests.conftest import ROOT, run_cli
 from tests.models.hf_models import llama_causal_lm
 
@@ -38,7 +46,7 @@ CACHE = 40
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The tiny Llama exported to tflite and tpu with a static cache of CACHE (one capture for both)."""
-    from compiler.options import ExportOptions
+    from kiln.compiler.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("static") / "out"
     said = io.StringIO()
@@ -105,7 +113,7 @@ def _gate(manifest):
 
 def test_a_cache_that_is_not_written_fails_the_gate(exported):
     """A step whose returned cache is the one it was given (the new key/value never written) decodes other tokens."""
-    from targets.litert import LiteRtRunner
+    from kiln.targets.litert import LiteRtRunner
 
     manifest = exported[0]["tflite"].manifest
     runner = LiteRtRunner(exported[0]["tflite"].directory / "model.tflite", manifest)
@@ -153,10 +161,10 @@ def test_static_generation_refuses_bad_requests(tmp_path, capsys):
     assert check_cache_size(None, DecoderSpec(128, 48, ("full_attention",))) == 48
     sliding = DecoderSpec(128, 256, ("sliding_attention",), 48)  # crossing 48 twice: a 51-token prompt, 48 tokens
     assert check_cache_size(None, sliding) == 98
-    from targets import TARGETS
+    from kiln.targets import TARGETS
 
     with pytest.raises(UsageError, match=r"\(a static one\), not .*edgetpu"):
-        from compiler.generation import check_generation_request
+        from kiln.compiler.generation.export import check_generation_request
 
         check_generation_request(list(TARGETS), False, lambda t: "fp32", None)
 

@@ -1,4 +1,4 @@
-"""FX legalizations before the ONNX and LiteRT lowerings (compiler/decompositions.py: `onnx_legalizations`)."""
+"""FX legalizations before the ONNX and LiteRT lowerings (compiler/capture/decompositions.py: `onnx_legalizations`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from kiln.compiler.capture.decompositions import apply_legalizations, onnx_legalizations, tflite_legalizations
+from kiln.compiler.capture.program import lower_to_onnx
 from torch import nn
-
-from compiler.capture import lower_to_onnx
-from compiler.decompositions import apply_legalizations, onnx_legalizations, tflite_legalizations
 
 SDPA = "aten.scaled_dot_product_attention.default (contiguous output)"
 REPEAT = "aten.expand.default (repeat as concatenation)"
@@ -137,7 +136,7 @@ def test_a_repeat_over_a_dynamic_length_leaves_the_length_dynamic():
 @pytest.mark.slow
 def test_grouped_query_scores_pass_parity_on_tflite(tmp_path):
     pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch")
-    from compiler.pipeline import export_targets
+    from kiln.compiler.export.pipeline import export_targets
 
     torch.manual_seed(0)
     (result,) = export_targets(
@@ -148,8 +147,9 @@ def test_grouped_query_scores_pass_parity_on_tflite(tmp_path):
 
 
 def test_when_every_onnx_route_fails_the_error_names_each_reason(tmp_path):
-    from compiler.capture import EagerModel
-    from compiler.errors import UnsupportedOpError
+    from kiln.compiler.capture.program import EagerModel
+    from kiln.compiler.errors import UnsupportedOpError
+
     from tests.models.user_models import bucketize
 
     module, inputs = bucketize()

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from kiln import UsageError, export, load
+from kiln.compiler.capture.zoo import ZOO
 
-from compiler import UsageError, export, load
-from compiler.zoo import ZOO
 from tests.conftest import USER_MODELS, run_cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -64,7 +64,7 @@ def test_verify_with_a_different_model_fails(tmp_path, capsys, zoo_exports):
     directory = zoo_exports["cnn"]["onnx"].directory
     factory = tmp_path / "other.py"
     factory.write_text(
-        "import torch\nfrom compiler.zoo import SmallCNN\n"
+        "import torch\nfrom kiln.compiler.capture.zoo import SmallCNN\n"
         "def build():\n    torch.manual_seed(123)\n"
         "    return SmallCNN().eval(), (torch.randn(1, 3, 32, 32),)\n"
     )

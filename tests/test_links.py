@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kiln.compiler.errors import UsageError
+from kiln.compiler.safe_fs import check_tree, copy_tree, read_bytes, regular_files, within, write_file
 
-from compiler.errors import UsageError
-from compiler.safe_fs import check_tree, copy_tree, read_bytes, regular_files, within, write_file
 from tests.conftest import run_cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -326,7 +326,7 @@ def test_safe_fs_rules(tmp_path, outside):
 
 def test_a_compile_cache_entry_holding_a_link_is_not_used(tmp_path, outside):
     """An aoti cache entry's package is copied into the export: one that links elsewhere is a miss, not a copy."""
-    from compiler.cache import CompileCache
+    from kiln.targets.compile_cache import CompileCache
 
     cache = CompileCache("aoti", tmp_path / "cache")
     package = outside.file("model.pt2", SECRET)

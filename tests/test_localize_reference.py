@@ -5,10 +5,9 @@ localization is the user's model too, and says where torch.export's capture diff
 from __future__ import annotations
 
 import torch
+from kiln.compiler.capture.program import EagerModel
+from kiln.compiler.diagnose.cut import eager_check, module_boundaries
 from torch import nn
-
-from compiler.capture import EagerModel
-from compiler.cut import eager_check, module_boundaries
 
 
 class ExportOnly(nn.Module):

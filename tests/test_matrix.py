@@ -16,9 +16,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from kiln.compiler.matrix.cell_cache import CellCache
+from kiln.compiler.matrix.results import CellResult, append_result, read_results, repair_results
 
-from compiler.matrix.cache import CellCache
-from compiler.matrix.results import CellResult, append_result, read_results, repair_results
 from tests.conftest import ROOT, run_cli
 
 MODELS = ROOT / "tests" / "models" / "matrix_models.py"
@@ -330,7 +330,7 @@ def test_allow_fail_turns_the_run_green(matrix_run, capsys):
 def test_a_parity_failure_links_its_divergence_record(matrix_run):
     """The failed cell's divergence record (kept in the cell's directory when the export is not) is linked from
     report.json, report.md and report.html; a passed cell has none."""
-    from compiler.matrix.runner import safe_name
+    from kiln.compiler.matrix.run import safe_name
 
     out = matrix_run["out"]
     cells = _cells(out)
@@ -347,9 +347,9 @@ def test_a_parity_failure_links_its_divergence_record(matrix_run):
 
 def test_localize_false_turns_localization_off_in_a_cell(tmp_path):
     """`localize = false` (config) reaches the cell's export: a parity failure without a divergence record."""
-    from compiler.errors import UsageError
-    from compiler.matrix.cell import run_cell
-    from compiler.matrix.config import CellOptions, CellSpec
+    from kiln.compiler.errors import UsageError
+    from kiln.compiler.matrix.cell import run_cell
+    from kiln.compiler.matrix.config import CellOptions, CellSpec
 
     with pytest.raises(UsageError, match="localize"):
         CellOptions().merged({"localize": "no"}, "defaults")
@@ -517,8 +517,8 @@ def test_bad_config_is_a_one_line_error(text, message, tmp_path, capsys):
 
 
 def test_zoo_all_on_all_targets_plans_every_registered_target(capsys):
-    from compiler.zoo import ZOO
-    from targets import TARGETS
+    from kiln.compiler.capture.zoo import ZOO
+    from kiln.targets import TARGETS
 
     code, listing, _ = run_cli("matrix", "--models", "zoo:all", "--targets", "all", "--list", capsys=capsys)
     assert code == 0

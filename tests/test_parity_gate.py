@@ -8,11 +8,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from kiln import ParityError, export
+from kiln.compiler.parity.gate import compare
+from kiln.compiler.types import Tolerance
+from kiln.passes import ONNX, PASSES, Pass, PassResult
 
-from compiler import ParityError, export
-from compiler.parity import compare
-from compiler.types import Tolerance
-from passes import ONNX, PASSES, Pass, PassResult
 from tests.conftest import USER_MODELS, run_cli
 
 FP32 = Tolerance.for_precision("fp32")
@@ -108,7 +108,7 @@ BROKEN_PASS = Pass(
 
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_broken_artifact_is_rejected_by_the_library(tmp_path, target):
-    from compiler.zoo import cnn
+    from kiln.compiler.capture.zoo import cnn
 
     module, inputs = cnn()
     with pytest.raises(ParityError, match="failed parity"):

@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("litert_torch", reason="the tflite rewrites need litert-torch")
 
-from compiler import decompositions
+from kiln.compiler.capture import decompositions
+
 from tests.conftest import ROOT, run_cli
 
 MODELS = ROOT / "tests" / "models"
@@ -107,9 +108,9 @@ def test_a_broken_rewrite_is_rejected_by_the_gate(case, monkeypatch, tmp_path, c
 @pytest.mark.slow
 def test_a_broken_nhwc_rewrite_is_rejected_by_the_gate(monkeypatch, tmp_path, capsys):
     """The NHWC input transpose with H and W swapped: on a square image the graph runs, on the wrong pixels."""
-    import passes.layout
+    from kiln.passes import channels_last
 
-    monkeypatch.setattr(passes.layout, "NHWC_TO_NCHW", (0, 3, 2, 1))
+    monkeypatch.setattr(channels_last, "NHWC_TO_NCHW", (0, 3, 2, 1))
     code, out, err = run_cli(
         "export", "zoo:cnn", "-t", "onnx", "--io", "nhwc", "-o", tmp_path / "out", "--json", "--no-localize",
         capsys=capsys,

@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from kiln.compiler.errors import EXIT_TERMINATED
 
-from compiler.errors import EXIT_TERMINATED
 from tests.conftest import ROOT
 
 MARK = "KILN_SIGNAL_TEST"

@@ -14,13 +14,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from kiln.compiler.capture.program import CapturedModel, capture
+from kiln.compiler.capture.sources import from_module
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.passes import ONNX, PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.passes.subgraphs import eliminate_identities
 
-from compiler.capture import CapturedModel, capture
-from compiler.options import ExportOptions
-from compiler.pipeline import export_targets
-from compiler.sources import from_module
-from passes import ONNX, PASSES, PassAdjustments, pipeline_for, run_pipeline
-from passes.subgraphs import eliminate_identities
 from tests.models import subgraphs
 
 ONNX_PASSES = [name for name, p in PASSES.items() if p.ir == ONNX]

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+from kiln import cli
+from kiln.compiler.types import Manifest
 
-import cli
-from compiler.types import Manifest
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +220,7 @@ def test_planted_staging_directories_of_best_are_never_followed(copy, tmp_path, 
     """Beside best/, named like its staging directories (a dead owner naming DIR/best, a replaced best/ `old/` to
     put back): a link to a directory outside, a real one whose `old` links outside, and a link named like an
     older Kiln's staging. None is followed: nothing outside is moved into best/, changed or removed."""
-    from compiler.staging import OLD, STAGING_OWNER
+    from kiln.compiler.export.staging import OLD, STAGING_OWNER
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     owner = json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "out": str(copy.resolve() / "best")})

@@ -8,7 +8,7 @@ import math
 import statistics
 from typing import Any
 
-from compiler.matrix.report_text import (
+from kiln.compiler.matrix.report_text import (
     ICONS,
     LEGEND,
     _allowed,
@@ -20,7 +20,7 @@ from compiler.matrix.report_text import (
     _settings_line,
     cell_figures,
 )
-from compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS
+from kiln.compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, TypeGuard
 
-from compiler.matrix.results import FAILED_STATUSES, STATUS_LABELS
+from kiln.compiler.matrix.results import FAILED_STATUSES, STATUS_LABELS
 
 ICONS = {
     "passed": "✅",

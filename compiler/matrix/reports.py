@@ -11,10 +11,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
-from compiler.matrix.config import matches
-from compiler.matrix.report_html import STYLE, html_page
-from compiler.matrix.report_text import (
+from kiln.compiler.errors import UsageError
+from kiln.compiler.matrix.config import matches
+from kiln.compiler.matrix.report_html import STYLE, html_page
+from kiln.compiler.matrix.report_text import (
     ICONS,
     LEGEND,
     _allowed,
@@ -25,11 +25,11 @@ from compiler.matrix.report_text import (
     _settings_line,
     cell_figures,
 )
-from compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
-from compiler.safe_fs import write_file
+from kiln.compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
+from kiln.compiler.safe_fs import write_file
 
 if TYPE_CHECKING:
-    from compiler.matrix.runner import Plan, RunSettings
+    from kiln.compiler.matrix.run import Plan, RunSettings
 __all__ = [  # the HTML page and the shared helpers moved to report_html and report_text, and stay importable here
     "ICONS",
     "LEGEND",
@@ -63,7 +63,7 @@ def write_reports(plans: list[Plan], results: list[CellResult], out: Path, setti
 
 def build_report(plans: list[Plan], results: list[CellResult], settings: RunSettings) -> dict[str, Any]:
     """The whole result as JSON-ready data: summary, columns, rows, cells and regressions."""
-    import compiler
+    import kiln
 
     expect_fail = {c.cell_id for plan in plans for c in plan.cells if c.options.expect == "fail"}
     cells = []
@@ -80,7 +80,7 @@ def build_report(plans: list[Plan], results: list[CellResult], settings: RunSett
         "schema": REPORT_SCHEMA,
         "schema_version": REPORT_SCHEMA_VERSION,
         "generated_at": _now(),
-        "kiln_version": compiler.__version__,
+        "kiln_version": kiln.__version__,
         "hosts": hosts,
         "settings": plans[0].settings if plans else {},
         "shards": sorted({str(p.shard) for p in plans}),
@@ -102,14 +102,14 @@ def build_report(plans: list[Plan], results: list[CellResult], settings: RunSett
 
 
 def _now() -> str:
-    from compiler.matrix.runner import now
+    from kiln.compiler.matrix.run import now
 
     return now()
 
 
 def _columns(cells: list[dict[str, Any]]) -> list[str]:
     """`target/precision` columns in registry order of targets and each target's order of precisions."""
-    from targets import TARGETS
+    from kiln.targets import TARGETS
 
     order = {t.name: (i, list(t.precisions)) for i, t in enumerate(TARGETS)}
 

@@ -10,9 +10,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import UsageError
-from compiler.safe_fs import open_file, read_bytes
-from compiler.types import _json_safe
+from kiln.compiler.errors import UsageError
+from kiln.compiler.safe_fs import open_file, read_bytes
+from kiln.compiler.types import _json_safe
 
 PASSED = "passed"
 PARITY_FAILED = "parity_failed"
@@ -92,7 +92,9 @@ class CellResult:
     started_at: str = ""
     finished_at: str = ""
     cell_dir: str = ""
-    host: dict[str, Any] = field(default_factory=dict)  # the machine that ran the cell (`compiler.host.this_machine`)
+    host: dict[str, Any] = field(
+        default_factory=dict
+    )  # the machine that ran the cell (`kiln.compiler.host.this_machine`)
     divergence: str = ""  # the divergence record of a parity failure (divergence.json), relative to the run's out
     divergence_summary: str = ""  # its one line: the first diverging module
 

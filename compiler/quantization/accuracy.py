@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from compiler.errors import ParityError, UsageError
-from compiler.metrics import is_classifier, mean_row_cosine, top1_matches
-from compiler.quantization.calibration import AccuracyBudget, CalibrationData
+from kiln.compiler.errors import ParityError, UsageError
+from kiln.compiler.metrics import is_classifier, mean_row_cosine, top1_matches
+from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
 
 if TYPE_CHECKING:
-    from compiler.quantization.report import QuantReport
-    from compiler.quantization.summary import QuantizeSummary
-    from targets.base import Runner
+    from kiln.compiler.quantization.report import QuantReport
+    from kiln.compiler.quantization.summary import QuantizeSummary
+    from kiln.targets.base import Runner
 
 Feeds = dict[str, np.ndarray]
 MAX_ROUNDS = 12  # quantizations after the first; enough to reach 2**10 reverted layers by doubling
@@ -202,7 +201,7 @@ def scorer(metric: str | None, inputs: Feeds, reference: Feeds) -> tuple[str, Ca
     if metric is None:
         return DEFAULT_METRIC, lambda outputs: agreement(outputs, reference)
     path, _, name = metric.rpartition(":") if ".py:" in metric else (metric, "", "")
-    from compiler.sources import python_function
+    from kiln.compiler.capture.sources import python_function
 
     fn = python_function(Path(path), name, metric, "a float (higher is better) from (outputs, inputs)")
 
@@ -263,7 +262,7 @@ def sensitivity_ranking(
     """Names of the quantized layers of a Q/DQ graph, most sensitive (lowest local SNR) first; fills `labels`
     (node name -> PyTorch module label). Also the ranking for targets with their own quantizer (OpenVINO/NNCF):
     the ONNX nodes and OpenVINO ops share names."""
-    from compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
+    from kiln.compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
 
     report = quant_report(fp32_onnx, quantized_onnx, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
     if labels is not None:
@@ -282,8 +281,8 @@ def accuracy_aware_qdq(
     """`--max-drop` for an ONNX Q/DQ artifact: quantize `fp32_onnx` to int8 into `destination`, reverting the
     most sensitive layers until within budget; the result, the per-layer report and the quantization summary
     of the model kept. `open_runner(path)` runs an ONNX file (the fp32 one and each candidate)."""
-    from compiler.quantization.onnxrt import quantize_onnx
-    from compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
+    from kiln.compiler.quantization.onnxrt import quantize_onnx
+    from kiln.compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
 
     fp32_runner = open_runner(fp32_onnx)
     feeds = calibration.batches(fp32_runner.inputs)
@@ -322,8 +321,8 @@ def accuracy_aware_nncf(
     """
     import tempfile
 
-    from compiler.quantization.onnxrt import quantize_onnx
-    from compiler.quantization.openvino import ops_for_onnx_nodes, quantize_openvino
+    from kiln.compiler.quantization.onnxrt import quantize_onnx
+    from kiln.compiler.quantization.openvino import ops_for_onnx_nodes, quantize_openvino
 
     feeds = calibration.batches(fp32_runner.inputs)
     labels: dict[str, str] = {}

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from compiler.errors import UsageError
-from compiler.layout import NHWC, nhwc_array
-from compiler.types import TensorSpec
+from kiln.compiler.errors import UsageError
+from kiln.compiler.image_layout import NHWC, nhwc_array
+from kiln.compiler.types import TensorSpec
 
 NOT_REPRESENTATIVE = (
     "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
@@ -157,7 +156,7 @@ def load_calibration(
 
 
 def _random_rows(inputs: list[TensorSpec], examples: list[np.ndarray], count: int) -> Feeds:
-    from compiler.parity import random_like
+    from kiln.compiler.parity.gate import random_like
 
     rng = np.random.default_rng(1)
     return {s.name: random_like(example, count, rng) for s, example in zip(inputs, examples)}
@@ -201,13 +200,13 @@ def _from_file(path: Path, inputs: list[TensorSpec]) -> Feeds:
         raise
     except Exception as exc:
         raise UsageError(f"cannot read calibration file {path}: {exc}", "save samples with numpy.savez") from None
-    from compiler.parity import arrays_by_input
+    from kiln.compiler.parity.gate import arrays_by_input
 
     return arrays_by_input(arrays, inputs, path)
 
 
 def _from_loader(path: Path, function: str, source: str, inputs: list[TensorSpec]) -> Iterator[Feeds]:
-    from compiler.sources import python_function
+    from kiln.compiler.capture.sources import python_function
 
     loader = python_function(path, function, source, "an iterable of input tuples")
     try:

@@ -39,14 +39,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
-from compiler.quantization.qdq_graph import QdqGraph, load_onnx
-from compiler.quantization.summary import QuantizeSummary
+from kiln.compiler.errors import UsageError
+from kiln.compiler.quantization.qdq_graph import QdqGraph, load_onnx
+from kiln.compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import onnx
-
-    from compiler.quantization.calibration import CalibrationData, CalibrationSpec
+    from kiln.compiler.quantization.calibration import CalibrationData, CalibrationSpec
 
 ONNX_PRECISIONS = ("int8", "int8-dynamic", "fp16")
 # Ops that carry weights: what quantization is about, and what the summary counts.
@@ -144,7 +143,7 @@ def _static_int8(
     fp32: Path, destination: Path, calibration: CalibrationData, exclude: Sequence[str]
 ) -> tuple[str, dict[str, Any]]:
     """Calibrated Q/DQ int8 with ONNX Runtime's quantize_static; the settings used."""
-    from compiler.capture import onnx_signature
+    from kiln.compiler.capture.program import onnx_signature
 
     spec = calibration.spec
     inputs, _, _ = onnx_signature(fp32, torch_layout=False)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
+from kiln.compiler.errors import UsageError
 
 if TYPE_CHECKING:
     import onnx

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from compiler.errors import UsageError
-from compiler.metrics import ErrorSums
-from compiler.quantization.qdq_graph import (
+from kiln.compiler.errors import UsageError
+from kiln.compiler.metrics import ErrorSums
+from kiln.compiler.quantization.qdq_graph import (
     FP32_FEED_SUFFIX,
     QdqGraph,
     float_tensors,
@@ -38,7 +37,7 @@ from compiler.quantization.qdq_graph import (
     session,
     with_outputs,
 )
-from compiler.types import _json_safe, _non_finite_back
+from kiln.compiler.types import _json_safe, _non_finite_back
 
 if TYPE_CHECKING:
     import torch

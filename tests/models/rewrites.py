@@ -1,4 +1,4 @@
-"""Small models that need each of Kiln's graph rewrites before a converter (compiler/decompositions.py): a float
+"""Small models that need each of Kiln's graph rewrites before a converter (compiler/capture/decompositions.py): a float
 power, a spatial mean and a global average pool (TFLite decompositions). The rewrites' other users come from
 tests/models (EmbeddingBag, grouped-query attention, T5's attention) and the zoo (NHWC I/O)."""
 
