@@ -202,20 +202,22 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
 
 
 def interleaved(variants: list[Variant], rounds: int, runs: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Each variant's median per round (ms), over `rounds` rounds in a rotating order, each variant in its own
-    worker process; at least `runs` runs per round, and at least `kiln tune`'s MIN_ROUND_MS of them."""
+    """Each variant's median per round (ms), timed by Kiln's timing method (`kiln.compiler.perf.rounds`, as `kiln
+    tune` ranks its candidates): each variant in its own worker process, alone (the others stopped) and warmed up
+    at each turn, `rounds` rounds in a rotating order of at least `runs` runs and at least MIN_ROUND_MS."""
     from kiln.compiler.perf.bench_worker import LOAD_TIMEOUT_S, Worker
-    from kiln.compiler.perf.benchmark import BenchOptions, interleave, runs_per_round
+    from kiln.compiler.perf.rounds import interleave, sized_turns
     from kiln.compiler.perf.tune import MIN_ROUND_MS
 
-    options = BenchOptions(rounds=rounds, runs=runs, warmup=warmup, min_round_ms=MIN_ROUND_MS)
     workers: list[Worker] = []
     try:
         for variant in variants:
             workers.append(Worker(variant.job, module="benchmarks.peer_worker"))
             workers[-1].start(LOAD_TIMEOUT_S)
-        counts = [runs_per_round(statistics.median(w.time(3, warmup)), options) for w in workers]
-        times, failed = interleave(workers, rounds, counts)
+            workers[-1].pause()
+        failed: dict[int, str] = {}
+        counts, warms = sized_turns(workers, runs, MIN_ROUND_MS, warmup, failed)
+        times, failed = interleave(workers, rounds, counts, failed=failed, warm=warms)
     finally:
         for worker in workers:
             worker.close()

@@ -28,7 +28,7 @@ from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 B = ("--targets", "onnx", "--precisions", "fp32", "--no-plain", "--no-runtime-search", "--io", "nchw")
-T = ("--rounds", "1", "--runs", "2", "--warmup", "1")
+T = ("--rounds", "1", "--runs", "2", "--warmup", "1", "--confirm-budget", "5")
 CELL = Path("builds", "cells", "cnn__onnx__fp32", "export")  # the one build's export, under the tune directory
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "tests" / "models" / "planted.py") + ":plain"  # example batch 2, one 2x3x16x16 image input
 FLAT = str(ROOT / "tests" / "models" / "matrix_models.py") + ":tiny"  # 2x8: no image input
 OPTIONS = TuneOptions(targets=("onnx", "openvino"), precisions=("fp32",), objective="throughput", batch=4,
-                      plain=False, runtime_search=False, rounds=2, runs=3, warmup=1)  # fmt: skip
+                      plain=False, runtime_search=False, rounds=2, runs=3, warmup=1, confirm_budget_s=5)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
