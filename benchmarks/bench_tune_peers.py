@@ -48,7 +48,7 @@ def _first(outputs: Any, name: str | None = None) -> Any:
     return outputs
 
 
-def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
+def kiln_variant(row: dict[str, Any], threads: int | None) -> Variant:
     """A leaderboard candidate loaded with its runtime settings at `threads` threads (as `kiln bench` does); its
     `predict` takes and returns the reference's layout (an NHWC candidate's image I/O is transposed)."""
     from kiln.compiler.export.artifacts import Artifact, load_runner
@@ -85,11 +85,13 @@ def eager_variant(name: str, module: Any, inputs: tuple[Any, ...], threads: int)
     return Variant("pytorch eager", lambda: predict([t.numpy() for t in inputs]), predict, "fp32", job)
 
 
-def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray], inputs: Path) -> Variant:
+def _ort(
+    path: Path, threads: int | None, label: str, precision: str, example: list[np.ndarray], inputs: Path
+) -> Variant:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()  # ORT's defaults, but the thread count every runtime gets
-    options.intra_op_num_threads = threads
+    options = ort.SessionOptions()  # ORT's defaults, but the thread count every runtime gets (None: its own)
+    options.intra_op_num_threads = threads or 0
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
@@ -100,13 +102,16 @@ def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.
     return Variant(label, lambda: predict(example), predict, precision, job)
 
 
-def _openvino(xml: Path, threads: int, label: str, config: dict[str, str], example: list[np.ndarray],
+def _openvino(xml: Path, threads: int | None, label: str, config: dict[str, str], example: list[np.ndarray],
               inputs: Path) -> Variant:  # fmt: skip
-    """The IR at `xml` (saved uncompressed: `ov.save_model(m, xml, compress_to_fp16=False)`) as OpenVINO runs it."""
+    """The IR at `xml` (saved uncompressed: `ov.save_model(m, xml, compress_to_fp16=False)`) as OpenVINO runs it
+    (`threads` None: its own thread count)."""
     import openvino as ov
 
     model = ov.Core().read_model(str(xml))
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **config})
+    compiled = ov.Core().compile_model(
+        model, "CPU", {**({"INFERENCE_NUM_THREADS": threads} if threads else {}), **config}
+    )
     request = compiled.create_infer_request()
     hint = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").split("'")[0]
     precision = OPENVINO_TYPES.get(hint, hint)
@@ -128,7 +133,7 @@ def _attempt(found: list[Variant | str], label: str, make: Callable[[], Variant 
         found.append(f"{label}: failed: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
 
 
-def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int, work: Path) -> list[Variant | str]:
+def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int | None, work: Path) -> list[Variant | str]:
     """The peers' fp32 defaults (or the error that stopped one): `torch.onnx.export` + ONNX Runtime,
     `openvino.convert_model` compiled with the CPU's default inference precision and with f32 pinned,
     `litert_torch.convert` (its own interpreter; it has no thread setting)."""

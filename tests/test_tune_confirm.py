@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from kiln import cli
 from kiln.compiler.perf.confirm import CONFIDENCE, Blocks, Comparison, confidence, verdict
 from kiln.compiler.types import Manifest
 
@@ -102,6 +104,25 @@ def _tune(out: Path, model: str, precisions: str, budget: str, capsys, *more: st
     return json.loads((out / "leaderboard.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def mlp_builds(tmp_path_factory):
+    """The mlp built once for onnx fp32 (--build-only): its candidates are the default and `basic` levels."""
+    out = tmp_path_factory.mktemp("confirm") / "mlp"
+    code = cli.main(["tune", f"{MODELS}:mlp", "--out", str(out), "--targets", "onnx", "--precisions", "fp32",
+                     "--no-plain", "--io", "nchw", "--build-only", "-q"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _time_only(builds: Path, out: Path, budget: str, capsys) -> dict:
+    """`kiln tune --time-only` of a copy of `builds` at `out` (made on the first call)."""
+    if not out.exists():
+        shutil.copytree(builds, out, symlinks=True)
+    code, _, err = run_cli("tune", "--time-only", "--out", out, *TIMING, "--confirm-budget", budget, capsys=capsys)
+    assert code == 0, err
+    return json.loads((out / "leaderboard.json").read_text())
+
+
 def test_two_tunes_pick_the_clearly_faster_candidate_both_times(tmp_path, capsys):
     """int8 is several times faster than fp32 on wide convolutions: both tunes (the second reuses the builds and
     times them again) confirm it in fresh processes, decided, and record that in best/'s manifest."""
@@ -121,12 +142,12 @@ def test_two_tunes_pick_the_clearly_faster_candidate_both_times(tmp_path, capsys
     assert "## Confirmation" in page and "Machine noise" in page and "Timing: each candidate in its own process" in page
 
 
-def test_two_equal_candidates_are_not_decided_and_the_tie_rule_picks_the_same_one(tmp_path, capsys):
+def test_two_equal_candidates_are_not_decided_and_the_tie_rule_picks_the_same_one(mlp_builds, tmp_path, capsys):
     """The same graph under ONNX Runtime's `all` and `basic` optimization levels (nothing for `all` to add): no
     tune may call one of them faster; each says "no decided winner", names both, and the tie rule (fewest runtime
     settings) picks the default both times; best/'s manifest says it was not decided and with what it is tied."""
     out = tmp_path / "mlp"
-    boards = [_tune(out, "mlp", "fp32", "15", capsys) for _ in range(2)]
+    boards = [_time_only(mlp_builds, out, "15", capsys) for _ in range(2)]
     basic = "onnx fp32 [graph-optimization=basic]"
     for board in boards:
         assert board["decided"] is False and set(board["tied"]) == {"onnx fp32", basic}, board["why"]
@@ -141,10 +162,10 @@ def test_two_equal_candidates_are_not_decided_and_the_tie_rule_picks_the_same_on
     assert "not decided: the tie rule's pick" in (out / "leaderboard.md").read_text()
 
 
-def test_no_confirmation_with_a_zero_budget_and_a_bad_budget_is_one_line_exit_2(tmp_path, capsys):
+def test_no_confirmation_with_a_zero_budget_and_a_bad_budget_is_one_line_exit_2(mlp_builds, tmp_path, capsys):
     for bad in ("nan", "-1"):
         code, _, err = run_cli("tune", f"{MODELS}:mlp", "--out", tmp_path / "o", "--confirm-budget", bad,
                                capsys=capsys)  # fmt: skip
         assert code == 2 and f"--confirm-budget {bad}" in err and len(err.strip().splitlines()) == 1, err
-    board = _tune(tmp_path / "zero", "mlp", "fp32", "0", capsys)
+    board = _time_only(mlp_builds, tmp_path / "zero", "0", capsys)
     assert board["confirmation"] == {"skipped": "not confirmed: --confirm-budget 0"} and board["decided"] is False

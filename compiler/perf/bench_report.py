@@ -82,6 +82,7 @@ def report(
 ) -> dict[str, Any]:
     """The report of one `kiln bench` run: host, settings, and one record per candidate (left-out ones too)."""
     from kiln.compiler.host import host_info
+    from kiln.compiler.perf.rounds import METHOD
 
     records: dict[int, dict[str, Any]] = {}
     for index, entry in enumerate(running):
@@ -112,6 +113,7 @@ def report(
             "warmup": options.warmup,
             "batch": options.batch,
         },
+        "timing_method": METHOD,
         "spread_limit": SPREAD_LIMIT,
         "candidates": candidates,
     }
@@ -204,6 +206,8 @@ def table(result: dict[str, Any]) -> str:
         info = ", ".join(f"{k} {v}" for k, v in r["runtime_info"].items())
         details.append(f"  {r['name']}: threads {r['threads_asked'] or 'default'} via {r['thread_control']}; {info}")
     lines += details
+    if result.get("timing_method"):
+        lines.append(f"  timing: {result['timing_method']}")
     if flagged:
         lines.append(
             f"! spread (slowest / fastest round median) over {result['spread_limit']}: the rounds of that candidate "
