@@ -18,7 +18,8 @@ undecided run names that pick among the tied ones.
 **Against the peers.** Each decided pick (with --all-picks, every pick), as published in --work/MODEL/best/ by the
 last run, is timed again against the peers' defaults: ONNX Runtime on `torch.onnx.export`'s model,
 `openvino.convert_model` at its default and at f32 precision, `litert_torch.convert` (each runtime at its own
-thread count, as a user gets it; `benchmarks/bench_tune_peers.py`), by the confirmation's method
+thread count, as a user gets it, or at --threads where it has a setting: litert_torch has none;
+`benchmarks/bench_tune_peers.py`), by the confirmation's method
 (`kiln.compiler.perf.confirm`: blocks of fresh processes, each one alone and warm, alternating rounds) for up to
 --peer-budget seconds, with the margin of `kiln tune` (3%, or the machine's noise when larger). A peer is within
 the pick's accuracy budget when its cosine against PyTorch eager on the example is at least the pick's (to 6
@@ -61,6 +62,7 @@ def tune_once(name: str, run: int, args: argparse.Namespace) -> dict[str, Any]:
                "--out", str(out), "--targets", args.targets, "--precisions", args.precisions,
                "--confirm-budget", str(args.confirm_budget), "-q"]  # fmt: skip
     command += ["--no-plain"] if args.no_plain else []
+    command += ["--threads", str(args.threads)] if args.threads else []
     load, started = _load(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = round(time.perf_counter() - started, 1)
@@ -113,8 +115,8 @@ def against_peers(name: str, pick: dict[str, Any], args: argparse.Namespace) -> 
     best = Path(pick["directory"])
     precision = Manifest.read(best).precision
     row = {"directory": str(best), "runtime_settings": {}, "precision": precision, "name": pick["pick"]}
-    variants: list[Variant] = [kiln_variant(row, None)]
-    found = fp32_peers(module, inputs, None, Path(args.work) / name / "peers")
+    variants: list[Variant] = [kiln_variant(row, args.threads)]
+    found = fp32_peers(module, inputs, args.threads, Path(args.work) / name / "peers")
     variants += [v for v in found if isinstance(v, Variant)]
     example = [t.numpy() for t in inputs]
     cosines = [float(cosine(v.predict(example), reference)) for v in variants]
@@ -123,7 +125,7 @@ def against_peers(name: str, pick: dict[str, Any], args: argparse.Namespace) -> 
     del variants, found  # the runtimes loaded here to measure accuracy: none stays beside the timed ones
     gc.collect()
     progress = Progress()
-    noise = measure(progress)
+    noise = measure(progress, args.threads)
     needed = margin(noise)
     settings = ConfirmSettings(args.peer_budget, needed, runs=10, min_round_ms=MIN_ROUND_MS)
     blocks = time_blocks(contenders, settings, progress)
@@ -136,15 +138,23 @@ def against_peers(name: str, pick: dict[str, Any], args: argparse.Namespace) -> 
         theirs = Comparison(contenders[index].label, contenders[0].label, blocks.ratios(index, 0))
         rows.append({"peer": contenders[index].label, "cosine": round(cosines[index], 7),
                      "in_budget": cosines[index] >= cosines[0] - 1e-6, "median_ratio": round(mine.median_ratio, 3),
-                     "p_pick_faster": round(mine.confidence, 3),
+                     "p_pick_faster": round(mine.confidence, 3), "pick_beats_peer": mine.decided(needed),
                      "peer_beats_pick": theirs.decided(needed)})  # fmt: skip
     kept = [r for r in rows if "failure" not in r]
     return {"model": name, "pick": pick["pick"], "pick_cosine": round(cosines[0], 7), "blocks": blocks.count,
             "seconds": blocks.seconds, "margin_pct": round(100 * needed, 2), "noise_pct": noise.percent,
             "peers": rows, "peer_failures": failures,
             "holds_up": not any(r["in_budget"] and r["peer_beats_pick"] for r in kept),
+            "undecided": [r["peer"] for r in kept if r["in_budget"] and not r["pick_beats_peer"]
+                          and not r["peer_beats_pick"]],
             "pick_ms": round(statistics.median(statistics.median(b) for b in blocks.medians[0]), 4)
             if blocks.medians[0] else None, "load": _load()}  # fmt: skip
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["peer_beats_pick"]:
+        return "PEER FASTER"
+    return "pick faster" if row["pick_beats_peer"] else "not decided"
 
 
 def report(runs: list[dict[str, Any]], peers: list[dict[str, Any]]) -> str:
@@ -171,7 +181,7 @@ def report(runs: list[dict[str, Any]], peers: list[dict[str, Any]]) -> str:
         lines.append(f"- {model}: {'consistent' if consistent(mine) else 'NOT consistent'}")
     if peers:
         lines += ["", "### Against the peers' defaults (fresh-process blocks)", "",
-                  "| model | pick | peer | cosine | in budget | peer / pick | P(pick faster) | peer beats pick |",
+                  "| model | pick | peer | cosine | in budget | peer / pick | P(pick faster) | verdict |",
                   "|---|---|---|---:|---|---:|---:|---|"]  # fmt: skip
         for p in peers:
             for r in p["peers"]:
@@ -180,12 +190,14 @@ def report(runs: list[dict[str, Any]], peers: list[dict[str, Any]]) -> str:
                     continue
                 lines.append(f"| {p['model']} | {p['pick']} ({p['pick_ms']} ms) | {r['peer']} | {r['cosine']} | "
                              f"{'yes' if r['in_budget'] else 'no'} | {r['median_ratio']:.2f}x | {r['p_pick_faster']} "
-                             f"| {'YES' if r['peer_beats_pick'] else 'no'} |")  # fmt: skip
+                             f"| {_verdict(r)} |")  # fmt: skip
         lines.append("")
         for p in peers:
-            lines.append(f"- {p['model']}: {p['pick']} {'holds up' if p['holds_up'] else 'is beaten by a peer'} "
-                         f"({p['blocks']} blocks, {p['seconds']} s, margin {p['margin_pct']}%, load {p['load']}); "
-                         f"peers that did not convert or run: {'; '.join(p['peer_failures']) or 'none'}")  # fmt: skip
+            held = "holds up" if p["holds_up"] else "is beaten by a peer within its accuracy budget"
+            held += f" (not decided against {', '.join(p['undecided'])})" if p["holds_up"] and p["undecided"] else ""
+            lines.append(f"- {p['model']}: {p['pick']} {held}; {p['blocks']} blocks, {p['seconds']} s, margin "
+                         f"{p['margin_pct']}% (machine noise {p['noise_pct']}%), load {p['load']}; peers that did not "
+                         f"convert or run: {'; '.join(p['peer_failures']) or 'none'}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -196,6 +208,7 @@ def main() -> int:
     parser.add_argument("--targets", default="onnx,openvino,tflite")
     parser.add_argument("--precisions", default="fp32,bf16,int8")
     parser.add_argument("--no-plain", action="store_true", help="leave tune's plain -O0 candidates out (faster)")
+    parser.add_argument("--threads", type=int, help="kiln tune --threads, and the peers' (default: each runtime's)")
     parser.add_argument("--confirm-budget", type=float, default=90.0, help="kiln tune --confirm-budget (default 90)")
     parser.add_argument("--peer-budget", type=float, default=120.0, help="seconds of fresh-process blocks per pick")
     parser.add_argument("--all-picks", action="store_true", help="time undecided picks against the peers too")

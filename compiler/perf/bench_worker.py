@@ -115,7 +115,12 @@ def load_candidate(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, An
     if job["kind"] == "noise":
         from kiln.compiler.perf.noise import workload
 
-        run, control, info, load_s = workload(), "none", {"runtime": "numpy", "batch": None}, 0.0
+        run, control, info, load_s = (
+            workload(threads),
+            "torch.set_num_threads",
+            {"runtime": "torch", "batch": None},
+            0.0,
+        )
     elif job["kind"] == "artifact":
         run, control, info, load_s = _artifact(Path(job["directory"]), threads, job.get("batch"), job["trust_pickle"],
                                                job.get("runtime_settings"))  # fmt: skip

@@ -395,7 +395,8 @@ def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> Noi
     live = [e for e in entries if e.rejected is None and e.directory is not None]
     if not live:
         return None
-    noise = measure(progress) if len(live) > 1 else Noise([], "one candidate: nothing to tell apart")
+    noise = measure(progress, options.threads[0] if options.threads else None) if len(live) > 1 else None
+    noise = noise or Noise([], "one candidate: nothing to tell apart")
     progress.say(noise.describe())
     bench = BenchOptions(rounds=options.rounds, runs=options.runs, warmup=options.warmup, write=False,
                          min_round_ms=MIN_ROUND_MS, round_timeout_s=options.round_timeout_s)  # fmt: skip
