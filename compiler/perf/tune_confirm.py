@@ -89,8 +89,8 @@ def confirm(board: dict[str, Any], entries: list[Entry], options: TuneOptions, n
     widened = noise is not None and noise.percent is not None and noise.percent / 100 > gap
     if widened:
         progress.say(
-            f"{noise.describe() if noise else ''}: larger than the {100 * gap:.1f}% between the best two; "
-            f"the confirmation runs twice the rounds per block, for up to {options.confirm_budget_s:g} s"
+            f"the machine's noise ({noise.percent if noise else 0:g}%) is larger than the {100 * gap:.1f}% between "
+            f"the best two: the confirmation runs twice the rounds per block, for up to {options.confirm_budget_s:g} s"
         )
     settings = ConfirmSettings(options.confirm_budget_s, needed, ROUNDS_PER_BLOCK * (2 if widened else 1),
                                options.runs, options.warmup, MIN_ROUND_MS, options.round_timeout_s)  # fmt: skip
