@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--peer-budget", type=float, default=120.0, help="seconds of fresh-process blocks per pick")
     parser.add_argument("--all-picks", action="store_true", help="time undecided picks against the peers too")
     parser.add_argument("--no-peers", action="store_true", help="only the repeated tunes")
+    parser.add_argument("--reuse", metavar="FILE", help="take the runs from an earlier --json FILE, tune no more")
     parser.add_argument("--work", default="/tmp/kiln-tune-repeat")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     args = parser.parse_args()
@@ -221,14 +222,17 @@ def main() -> int:
     quiet_libraries()
     runs: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
+    earlier = json.loads(Path(args.reuse).read_text())["runs"] if args.reuse else []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        for run in range(1, args.repeats + 1):
+        if args.reuse:
+            runs += [r for r in earlier if r["model"] == name]
+        for run in range(1, 0 if args.reuse else args.repeats + 1):
             print(f"[tune_repeat] {name}: kiln tune run {run}/{args.repeats} (load {_load()}) ...", file=sys.stderr,
                   flush=True)  # fmt: skip
             runs.append(tune_once(name, run, args))
             print(f"[tune_repeat]   -> {runs[-1].get('pick')} decided={runs[-1].get('decided')} "
                   f"{runs[-1].get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
-        last = runs[-1]
+        last = runs[-1] if runs and runs[-1]["model"] == name else {"error": "no run"}
         if not args.no_peers and "error" not in last and (last["decided"] or args.all_picks):
             print(f"[tune_repeat] {name}: {last['pick']} against the peers ...", file=sys.stderr, flush=True)
             peers.append(against_peers(name, last, args))

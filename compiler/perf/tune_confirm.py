@@ -140,7 +140,7 @@ def _reject_failed(board: dict[str, Any], entries: list[Entry], chosen: list[dic
 def _decide(board: dict[str, Any], alive: list[dict[str, Any]], blocks: Blocks, needed: float) -> None:
     """The board's winner from the blocks: the decided one, or the tie rule's pick among those not beaten."""
     from kiln.compiler.perf.confirm import Comparison, verdict
-    from kiln.compiler.perf.tune_report import tie_key
+    from kiln.compiler.perf.tune_report import measured, tie_key
 
     for row in board["candidates"]:
         row.pop("winner", None)
@@ -162,22 +162,24 @@ def _decide(board: dict[str, Any], alive: list[dict[str, Any]], blocks: Blocks, 
     pick["winner"] = True
     board |= {"winner": pick, "decided": found.decided, "tied": [r["name"] for r in tied],
               "confidence": round(min(c.confidence for c in against), 4) if against else None,
-              "why": _why(pick, found.decided, tied, against, blocks),
+              "why": _why(pick, found.decided, tied, against, blocks, measured(board["objective"], board["batch"])),
               "confirmation": {"comparisons": [c.to_dict(needed) for c in against]}}  # fmt: skip
 
 
-def _why(pick: dict[str, Any], decided: bool, tied: list[dict[str, Any]], against: list[Comparison],
-         blocks: Blocks) -> str:  # fmt: skip
-    """The leaderboard's one-line reason."""
+def _why(pick: dict[str, Any], decided: bool, tied: list[dict[str, Any]], against: list[Comparison], blocks: Blocks,
+         what: str) -> str:  # fmt: skip
+    """The leaderboard's one-line reason (`what`: the objective in words)."""
     each = "; ".join(f"{c.slower} {c.median_ratio:.2f}x its time, slower in {c.wins} of {len(c.block_ratios)} "
                      f"blocks, P({pick['name']} faster) {c.confidence:.2f}" for c in against)  # fmt: skip
     if decided:
-        return f"confirmed in {blocks.count} blocks of fresh processes: faster than every other contender ({each})"
+        return (f"confirmed in {blocks.count} blocks of fresh processes: the best {what}, faster than every other "
+                f"contender ({each})")  # fmt: skip
     names = [r["name"] for r in tied]
     listed = ", ".join(names[:-1]) + f" and {names[-1]}"
     spread = max((abs(c.median_ratio - 1) for c in against if c.slower in names), default=0.0)
     return (
-        f"no decided winner: {listed} are within {100 * spread:.1f}% in {blocks.count} blocks of fresh processes "
+        f"no decided winner: {listed} are within {100 * spread:.1f}% ({what}) in {blocks.count} blocks of fresh "
+        "processes "
         f"({each}; stopped: {blocks.stopped}); chose {pick['name']} by the tie rule (the simplest: fp32 before "
         "fp16/bf16 before int8, the fewest runtime settings, NCHW before NHWC; then the most accurate; then the "
         "smallest artifact; then by name)"

@@ -147,8 +147,7 @@ def choose(alive: list[dict[str, Any]], objective: str) -> tuple[dict[str, Any],
 def _why(
     winner: dict[str, Any], alive: list[dict[str, Any]], level: list[dict[str, Any]], objective: str, batch: int | None
 ) -> str:
-    what = {"latency": "p50 latency", "throughput": "throughput", "size": "artifact size"}[objective]
-    what += f" at batch {batch}" if batch is not None and objective != "size" else ""
+    what = measured(objective, batch)
     if len(level) == 1:
         runner_up = f"; next: {alive[1]['name']}" if len(alive) > 1 else ""
         return f"best {what} of {len(alive)} verified candidates, outside the noise of the others{runner_up}"
@@ -159,6 +158,12 @@ def _why(
         "chose the simplest (fp32 over quantized, fewest runtime settings, NCHW over NHWC), then the most accurate, "
         "then the smallest, then by name"
     )
+
+
+def measured(objective: str, batch: int | None) -> str:
+    """What the objective compares, in words ("p50 latency at batch 4")."""
+    what = {"latency": "p50 latency", "throughput": "throughput", "size": "artifact size"}[objective]
+    return what + (f" at batch {batch}" if batch is not None and objective != "size" else "")
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[str]:
