@@ -57,6 +57,24 @@ def test_the_verdict_names_the_fastest_and_what_it_did_not_beat():
     assert verdict(blocks, 0.03).decided
 
 
+def _row(name: str, ratio: float, size: int) -> dict:
+    """A ranked leaderboard row of an fp32 candidate with default settings, `ratio` times the best's time."""
+    return {"name": name, "p50_ms": ratio, "round_medians_ms": [ratio] * 3, "precision": "fp32", "threads": None,
+            "runtime_settings": {}, "io_layout": None, "min_cosine": 1.0, "artifact_bytes": size}  # fmt: skip
+
+
+def test_the_contenders_are_the_close_ones_the_tie_rule_prefers():
+    """Regression (a ResNet-18 tuned twice at one thread): seven candidates within 6% of the best; the ranking's
+    noise put the plain OpenVINO build among the first three in one tune and not in the other, and two undecided
+    confirmations picked two different builds. Taken in the tie rule's order, the close ones the tie rule prefers
+    are timed again whatever order the noise gave them."""
+    from kiln.compiler.perf.tune_confirm import contenders
+
+    rows = [_row("a", 1.0, 300), _row("b", 1.01, 200), _row("c", 1.02, 100), _row("d", 1.04, 50), _row("e", 1.2, 10)]
+    assert [r["name"] for r in contenders(rows, "latency", 0.06)] == ["a", "d", "c"]
+    assert [r["name"] for r in contenders(rows[:1] + rows[4:], "latency", 0.06)] == ["a", "e"]  # none close: the next
+
+
 def test_a_stopped_worker_dies_with_its_parent(tmp_path):
     """Between its turns a worker is stopped (SIGSTOP), so that its threads cannot spin beside the one timed; its
     parent killed (SIGKILL) while it is stopped must not leave it stopped forever (it could not read the end of

@@ -1,15 +1,15 @@
 """`kiln tune`'s confirmation phase: the pick must hold up when timed again in fresh processes, as a user will run
 it (issue 30).
 
-After the ranking, the best candidate and its runners-up (`contenders`: the next one always, and every other one
-within the margin of the best, at most MAX_CONTENDERS) are timed again in blocks of fresh processes, each with its
-own runtime settings and threads (`kiln.compiler.perf.confirm`). Only a contender that beats every other one there
-(P(faster in a fresh process) >= 0.95 and faster by the margin at the median block) is a decided winner. Otherwise
-the leaderboard says "no decided winner: A and B are within X%" and the pick is made among the contenders not
-beaten by the tie rule (`kiln.compiler.perf.tune_report.tie_key`: the simplest, then the most accurate, then the
-smallest artifact, then by name: never by a measured speed, which is what could not be told apart). Either way the
-leaderboard and best/'s manifest record whether it was decided and the probability that the pick is faster than
-each other contender.
+After the ranking, the best candidate and its runners-up (`contenders`: those within twice the margin of the best
+that the tie rule prefers, or the next one; at most MAX_CONTENDERS) are timed again in blocks of fresh processes,
+each with its own runtime settings and threads (`kiln.compiler.perf.confirm`). Only a contender that beats every
+other one there (P(slower by more than the margin in a fresh process) >= 0.95 for each) is a decided winner.
+Otherwise the leaderboard says "no decided winner: A and B are within X%" and the pick is made among the
+contenders not beaten by the tie rule (`kiln.compiler.perf.tune_report.tie_key`: the simplest, then the most
+accurate, then the smallest artifact, then by name: never by a measured speed, which is what could not be told
+apart). Either way the leaderboard and best/'s manifest record whether it was decided and the probability that
+the pick is faster than each other contender.
 
 The margin is the larger of 3% (NOISE_FLOOR) and the machine's noise measured before the ranking
 (`kiln.compiler.perf.noise`); when that noise is larger than the gap the ranking found between the best two, the
@@ -46,13 +46,16 @@ def margin(noise: Noise | None) -> float:
 
 
 def contenders(rows: list[dict[str, Any]], objective: str, within: float) -> list[dict[str, Any]]:
-    """The ranked rows (best first) to time again: the best, the next one, and every other one tied with the best
-    in the ranking or within `within` of it (per-round ratio), at most MAX_CONTENDERS."""
-    from kiln.compiler.perf.tune_report import round_ratio, tied
+    """The ranked rows (best first) to time again: the best, and of the others tied with it in the ranking or
+    within `within` of it (per-round ratio), those the tie rule prefers, MAX_CONTENDERS in all; the next one when
+    none is that close. Taking the close ones in the tie rule's order, not the ranking's, keeps the tie rule's
+    favourite among the contenders whatever order the noise put the close ones in: two tunes that decide nothing
+    then pick the same one."""
+    from kiln.compiler.perf.tune_report import round_ratio, tie_key, tied
 
     best = rows[0]
     close = [r for r in rows[1:] if tied(best, r, objective) or round_ratio(best, r) <= 1 + within]
-    chosen = [best, *close][:MAX_CONTENDERS]
+    chosen = [best, *sorted(close, key=tie_key)][:MAX_CONTENDERS]
     return chosen if len(chosen) > 1 or len(rows) < 2 else [best, rows[1]]
 
 
@@ -84,7 +87,7 @@ def confirm(board: dict[str, Any], entries: list[Entry], options: TuneOptions, n
         return
     needed = margin(noise)
     rows = board["candidates"]
-    chosen = contenders(rows, board["objective"], needed)
+    chosen = contenders(rows, board["objective"], 2 * needed)  # the ranking's few rounds: twice the margin
     gap = round_ratio(rows[0], rows[1]) - 1
     widened = noise is not None and noise.percent is not None and noise.percent / 100 > gap
     if widened:
