@@ -57,6 +57,24 @@ def test_the_verdict_names_the_fastest_and_what_it_did_not_beat():
     assert verdict(blocks, 0.03).decided
 
 
+def test_a_contender_whose_fresh_process_fails_is_left_out_and_the_others_go_on(tmp_path):
+    """Real worker processes: two copies of the fixed noise workload, and an export that is gone by the time it is
+    timed again. One block (a budget of 1 s): the gone one is recorded as failed to load, the others are timed."""
+    from kiln.compiler.perf.confirm import ConfirmSettings, Contender, time_blocks
+    from kiln.compiler.progress import Progress
+
+    noise = {"kind": "noise", "directory": "", "threads": 1, "trust_pickle": False}
+    gone = {"kind": "artifact", "directory": str(tmp_path / "gone"), "threads": 1, "runtime_settings": {},
+            "batch": None, "trust_pickle": False}  # fmt: skip
+    contenders = [Contender("a", noise), Contender("gone", gone), Contender("b", noise)]
+    blocks = time_blocks(contenders, ConfirmSettings(budget_s=1, margin=0.03, rounds=2, runs=3), Progress(quiet=True))
+    assert blocks.count == 1 and "budget" in blocks.stopped and list(blocks.failed) == [1]
+    assert blocks.failed[1].startswith("its fresh process failed to load: ")
+    assert [len(m) for m in blocks.medians] == [1, 0, 1] and len(blocks.medians[0][0]) == 2  # one block, 2 rounds
+    found = verdict(blocks, 0.03)
+    assert found is not None and not found.decided and len(found.comparisons) == 1  # one block decides nothing
+
+
 def _row(name: str, ratio: float, size: int) -> dict:
     """A ranked leaderboard row of an fp32 candidate with default settings, `ratio` times the best's time."""
     return {"name": name, "p50_ms": ratio, "round_medians_ms": [ratio] * 3, "precision": "fp32", "threads": None,

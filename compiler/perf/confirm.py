@@ -231,8 +231,10 @@ def _block(contenders: Sequence[Contender], settings: ConfirmSettings, blocks: B
             worker = Worker(contender.job, contender.module, settings.round_timeout_s)
             try:
                 worker.start(LOAD_TIMEOUT_S)
-            except (KilnError, WorkerFailed) as error:
+            except BaseException as error:
                 worker.close(force=True)
+                if not isinstance(error, (KilnError, WorkerFailed)):  # Ctrl-C while it loads
+                    raise
                 blocks.failed[index] = f"its fresh process failed to load: {error}"
                 continue
             worker.pause()

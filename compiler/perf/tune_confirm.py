@@ -174,6 +174,8 @@ def _why(pick: dict[str, Any], decided: bool, tied: list[dict[str, Any]], agains
     """The leaderboard's one-line reason (`what`: the objective in words)."""
     each = "; ".join(f"{c.slower} {c.median_ratio:.2f}x its time, slower in {c.wins} of {len(c.block_ratios)} "
                      f"blocks, P({pick['name']} faster) {c.confidence:.2f}" for c in against)  # fmt: skip
+    if not against:
+        return f"the only contender whose fresh processes ran in {blocks.count} blocks; the others failed there"
     if decided:
         return (f"confirmed in {blocks.count} blocks of fresh processes: the best {what}, faster than every other "
                 f"contender ({each})")  # fmt: skip
