@@ -399,6 +399,9 @@ HANDLERS = {
 __all__ = ["HANDLERS", "build_parser", "main", "main_entry"]
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
@@ -408,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as error:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # `kiln targets | head`: the reader left; say nothing more, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
         what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
