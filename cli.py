@@ -37,7 +37,7 @@ if __name__ == "__main__" and not __package__:
 
 from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
 from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
-from kiln.compiler.errors import KilnError, as_kiln_error  # noqa: E402
+from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error  # noqa: E402
 from kiln.compiler.progress import quiet_libraries  # noqa: E402
 from kiln.compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt  # noqa: E402
 
@@ -397,9 +397,6 @@ HANDLERS = {
     "matrix": cmd_matrix,
 }
 __all__ = ["HANDLERS", "build_parser", "main", "main_entry"]
-
-
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 def main(argv: list[str] | None = None) -> int:
