@@ -25,6 +25,8 @@ REPO_PATH = re.compile(
     r"(?<![\w/.~$-])(?:compiler|passes|targets|tests|benchmarks|examples|docs|\.ci|\.github)/(?:[\w-]+/)*(?:[\w-]+\.\w+)?"
 )
 # A dotted name of the package: `compiler.x.y` (the repository's view) or `kiln.compiler.x.y` (the installed one).
+# ... and the name after it: `file.py:name`, or `file.py: name` closing a code span (not `file.py:17`, a line).
+REPO_PATH_AND_NAME = re.compile(REPO_PATH.pattern + r"(?::[A-Za-z_]\w*|: \w+(?=`))?")
 DOTTED = re.compile(r"(?<![\w./-])(?:kiln\.)?(?:compiler|passes|targets|cli|cli_parser|cli_matrix)(?:\.\w+)+(?!\.?\w)")
 
 
@@ -113,13 +115,17 @@ def mentioned(pattern: re.Pattern[str]) -> Iterator[tuple[str, str]]:
 
 
 def test_repository_paths_exist() -> None:
-    """`compiler/perf/tune.py`, `tests/models/planted.py:overflow`, `benchmarks/` ...: each file or folder is there
-    (placeholders such as `targets/NAME.py` are left out)."""
-    missing = [
-        f"{where}: {path}"
-        for where, path in mentioned(REPO_PATH)
-        if not re.search(r"[A-Z]{3,}|<", path) and not (ROOT / path.rstrip("/.")).exists()
-    ]
+    """`compiler/perf/tune.py`, `benchmarks/`, `tests/models/planted.py:overflow` ...: each file or folder is there,
+    and so is the name after a file's colon (placeholders such as `targets/NAME.py` are left out)."""
+    missing = []
+    for where, path in mentioned(REPO_PATH_AND_NAME):
+        file, _, name = (part.strip() for part in path.partition(":"))
+        if re.search(r"[A-Z]{3,}|<", path):
+            continue
+        if not (ROOT / file.rstrip("/.")).exists():
+            missing.append(f"{where}: {file}")
+        elif name and file.endswith(".py") and name not in defined_names(ROOT / file):
+            missing.append(f"{where}: {name} is not defined in {file}")
     assert not missing, "\n".join(missing)
 
 
