@@ -24,9 +24,9 @@ CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 REPO_PATH = re.compile(
     r"(?<![\w/.~$-])(?:compiler|passes|targets|tests|benchmarks|examples|docs|\.ci|\.github)/(?:[\w-]+/)*(?:[\w-]+\.\w+)?"
 )
-# A dotted name of the package: `compiler.x.y` (the repository's view) or `kiln.compiler.x.y` (the installed one).
 # ... and the name after it: `file.py:name`, or `file.py: name` closing a code span (not `file.py:17`, a line).
 REPO_PATH_AND_NAME = re.compile(REPO_PATH.pattern + r"(?::[A-Za-z_]\w*|: \w+(?=`))?")
+# A dotted name of the package: `compiler.x.y` (the repository's view) or `kiln.compiler.x.y` (the installed one).
 DOTTED = re.compile(r"(?<![\w./-])(?:kiln\.)?(?:compiler|passes|targets|cli|cli_parser|cli_matrix)(?:\.\w+)+(?!\.?\w)")
 
 
