@@ -126,25 +126,31 @@ def test_a_build_only_leaderboard_has_its_table_and_says_why_there_is_no_chart(t
     assert "kiln tune --time-only" in dom and "No winner" in dom
 
 
-def test_the_error_profile_has_labelled_axes_and_fits_the_window(tmp_path):
-    """divergence.html in the same look: three charts whose y axes carry values, the x axis the boundaries."""
+def _divergence(first: int, module: str = "body") -> Divergence:
+    """40 boundaries measured, the error growing steadily, the first failing one at `first`."""
     points = []
     for index in range(40):
-        bad = index >= 25
-        point = ModuleError(index, f"body.{index}", "Conv2d", measured=True, passed=not bad,
+        point = ModuleError(index, f"{module}.{index}", "Conv2d", measured=True, passed=index < first,
                             max_abs=0.0 if index == 0 else 10 ** (-7 + index / 8), cosine=1 - index * 1e-4,
                             snr_db=math.inf if index == 0 else 90 - index)  # fmt: skip
         points.append(point)
-    divergence = Divergence("onnx", "fp16", points[25], points[24], points[26:], points, 40, 7, 3.0,
-                            tolerance={"min_cosine": 0.998, "min_snr_db": 60.0})  # fmt: skip
-    page = _write(tmp_path, "divergence.html", profile_page([divergence]))
+    return Divergence("onnx", "fp16", points[first], points[first - 1], points[first + 1 :], points, 40, 7, 3.0,
+                      tolerance={"min_cosine": 0.998, "min_snr_db": 60.0})  # fmt: skip
+
+
+def test_the_error_profile_has_labelled_axes_and_fits_the_window(tmp_path):
+    """divergence.html in the same look: three charts per localization whose y axes carry values, the x axis the
+    boundaries; the first divergence's name stays inside its chart when it is near the end."""
+    late = "decoder.layers.final_projection_with_a_long_name"
+    page = _write(tmp_path, "divergence.html", profile_page([_divergence(25), _divergence(38, late)]))
     dom, measured = render(page, tmp_path)
     fits_the_window(measured)
-    assert len(measured["charts"]) == 3
+    assert len(measured["charts"]) == 6
     for chart in measured["charts"]:
         assert len(chart["y_ticks"]) >= 3 and chart["points"] == 40
         assert chart["x_ticks"][0] in ("1", "5") and "40" in chart["x_ticks"]
-    assert "1e-7" in measured["charts"][2]["y_ticks"] and "body.25 (Conv2d)" in dom
+    assert measured["charts"][0]["y_ticks"][-1] == "1.000" and measured["charts"][1]["y_ticks"][-1] == "90"
+    assert "1e-7" in measured["charts"][2]["y_ticks"] and "body.25 (Conv2d)" in dom and f"{late}.38 (Conv2d)" in dom
     assert STYLE in page.read_text()
 
 

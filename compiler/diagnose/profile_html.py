@@ -57,8 +57,8 @@ def _section(divergence: Divergence) -> str:
         figures = (f"{p.cosine:.6f}", f"{p.snr_db:.1f}", f"{p.max_abs:.3g}")
         rows.append((kind, [Cell(str(p.index + 1), "num"), p.label(), "ok" if p.passed else "FAIL",
                             *(Cell(f, "num") for f in figures), p.reason]))  # fmt: skip
-    head: list[str | Cell] = [Cell("#", "num"), "module", "verdict", Cell("cosine", "num"), Cell("SNR dB", "num"),
-            Cell("max abs", "num"), "why"]  # fmt: skip
+    labels = ("cosine", "SNR dB", "max abs")
+    head: list[str | Cell] = [Cell("#", "num"), "module", "verdict", *(Cell(h, "num") for h in labels), "why"]
     return (
         f'<h2>{esc(divergence.target)} {esc(divergence.precision)}</h2><p class="verdict"><b>'
         f"{esc(divergence.summary())}</b></p><p>{len(points)} of {divergence.boundaries} module boundaries measured, "
@@ -93,8 +93,9 @@ def _chart(
                      f'stroke="{LINE}" stroke-dasharray="5,4"/>')  # fmt: skip
     if divergence.first is not None:
         fx = frame.x(divergence.first.index + 1)
+        side = f'x="{fx + 4:.1f}"' if fx < WIDTH / 2 else f'x="{fx - 4:.1f}" text-anchor="end"'  # inside the chart
         parts.append(f'<line x1="{fx:.1f}" x2="{fx:.1f}" y1="{frame.top}" y2="{HEIGHT - frame.bottom}" '
-                     f'stroke="{FAILED}"/><text x="{fx + 4:.1f}" y="{frame.top + 12}" fill="{FAILED}">'
+                     f'stroke="{FAILED}"/><text {side} y="{frame.top + 12}" fill="{FAILED}">'
                      f"{esc(divergence.first.label())}</text>")  # fmt: skip
     points = list(zip(divergence.measured, values))
     path = " ".join(f"{frame.x(p.index + 1):.1f},{y(v):.1f}" for p, v in points)
