@@ -19,6 +19,19 @@ from typing import Any
 from kiln.compiler.pages import FRONT, POINT, Axis, Cell, Frame, esc, linear_axis, number, page, table
 from kiln.compiler.perf.tune_report import ACCURACY_DIGITS, cpu_notes
 
+EXACT = -ACCURACY_DIGITS - 1.0  # where the "exact" band is drawn, a decade below the last digit the tie rule reads
+CHART_LEGEND = (
+    "x: median (p50) latency in ms. y: the worst cosine to the reference over the parity inputs, on a log scale of "
+    f"1 − cosine (lower is more accurate); a cosine of 1 to {ACCURACY_DIGITS} digits (every fp32 build, as a rule) "
+    'sits on the "exact" band at the bottom: what the tie rule counts as equally accurate. Each point is labelled '
+    "with its rank in the table. Orange: the Pareto front (no candidate is both faster and more accurate); ringed: "
+    "the winner."
+)
+TABLE_LEGEND = (
+    'spread: the slowest over the fastest round\'s median ("!": too wide to trust); max abs error: against the '
+    "reference; Pareto: on the front of the chart."
+)
+
 
 def write_leaderboards(out: Path, board: dict[str, Any]) -> None:
     """leaderboard.md, leaderboard.json and leaderboard.html in `out`."""
@@ -139,19 +152,6 @@ def html_page(board: dict[str, Any]) -> str:
     return page(f"kiln tune: {board['model']}", body)
 
 
-CHART_LEGEND = (
-    "x: median (p50) latency in ms. y: the worst cosine to the reference over the parity inputs, on a log scale of "
-    f"1 − cosine (lower is more accurate); a cosine of 1 to {ACCURACY_DIGITS} digits (every fp32 build, as a rule) "
-    'sits on the "exact" band at the bottom: what the tie rule counts as equally accurate. Each point is labelled '
-    "with its rank in the table. Orange: the Pareto front (no candidate is both faster and more accurate); ringed: "
-    "the winner."
-)
-TABLE_LEGEND = (
-    'spread: the slowest over the fastest round\'s median ("!": too wide to trust); max abs error: against the '
-    "reference; Pareto: on the front of the chart."
-)
-
-
 def _ranked_html(board: dict[str, Any]) -> str:
     labels = ("p50 ms", "p90 ms", "spread", "items/s", "size KiB", "min cosine", "max abs error")
     head: list[str | Cell] = [Cell("rank", "num"), "candidate", "I/O", "batch", *(Cell(h, "num") for h in labels),
@@ -194,9 +194,6 @@ def accuracy_position(cosine: float | None) -> float | None:
     if round(cosine, ACCURACY_DIGITS) >= 1.0:
         return EXACT
     return max(math.log10(1.0 - cosine), EXACT + 0.5)
-
-
-EXACT = -ACCURACY_DIGITS - 1.0  # the "exact" band, a decade below the last digit the tie rule reads
 
 
 def accuracy_axis(positions: list[float]) -> Axis:
