@@ -358,7 +358,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(board, indent=2, default=str))
     elif not args.quiet:
-        from kiln.compiler.perf.tune_report import markdown
+        from kiln.compiler.perf.leaderboard import markdown
 
         print(markdown(board))
     return 0 if board["winner"] is not None or (args.build_only and board["candidates"]) else 1
