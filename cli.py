@@ -151,7 +151,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     """`kiln passes`: every graph pass, its IR, the level that runs it, and what it does."""
-    from kiln.passes import LEVELS, PASSES
+    from kiln.passes import PASSES
+    from kiln.passes.base import LEVELS
 
     rows: list[dict[str, Any]] = [
         {

@@ -114,8 +114,9 @@ def measure(name: str, work: Path, threads: int, repeat: int) -> list[dict[str, 
     import onnx_ir
     import onnxruntime as ort
     import openvino as ov
-    from kiln.passes import save_onnx
-    from kiln.passes.channels_last import NCHW_TO_NHWC, count_ops, image_values, to_nhwc
+    from kiln.compiler.image_layout import NCHW_TO_NHWC
+    from kiln.passes.channels_last import count_ops, image_values, to_nhwc
+    from kiln.passes.graphs import save_onnx
     from kiln.targets.openvino_ir import nhwc_io
 
     nchw_path = capture_onnx(name, work)

@@ -17,7 +17,7 @@ from kiln.compiler.diagnose.divergence import DIVERGENCE_FILE
 from kiln.compiler.export.pipeline import ExportOptions, export_targets
 from kiln.compiler.progress import Progress
 from kiln.compiler.types import Manifest
-from kiln.passes import ONNX, Pass, PassResult
+from kiln.passes.base import ONNX, Pass, PassResult
 
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import Plain, cancellation, overflow, plain, unconvertible

@@ -12,7 +12,7 @@ from kiln.compiler.diagnose.divergence import DIVERGENCE_FILE, localize
 from kiln.compiler.diagnose.profile_html import HTML_FILE
 from kiln.compiler.export.pipeline import ExportOptions, export_targets
 from kiln.compiler.progress import Progress
-from kiln.passes import FX, Pass, PassResult
+from kiln.passes.base import FX, Pass, PassResult
 
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import overflow, plain

@@ -18,7 +18,8 @@ from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import from_module
 from kiln.compiler.export.options import ExportOptions
 from kiln.compiler.export.pipeline import export_targets
-from kiln.passes import ONNX, PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.passes import PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.passes.base import ONNX
 from kiln.passes.subgraphs import eliminate_identities
 
 from tests.models import subgraphs

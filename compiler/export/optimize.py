@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
-from kiln.passes import FX, ONNX, dump_graph, pipeline_for, run_pipeline, save_onnx
+from kiln.passes import pipeline_for, run_pipeline
+from kiln.passes.base import FX, ONNX
+from kiln.passes.graphs import dump_graph, save_onnx
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel
