@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 MANIFEST_NAME = "manifest.json"
 # Written by `kiln bench` beside the manifest after the export; the one unlisted file `kiln verify` accepts.
@@ -88,6 +88,11 @@ THRESHOLD_FLAGS |= {"min_channel_cosine": "--min-channel-cosine"}
 FRACTIONS = ("max_mismatch", "min_cosine", "min_agreement", "min_top1", "min_channel_cosine")  # within [0, 1]
 
 
+def is_finite_number(value: Any) -> TypeGuard[float]:
+    """A real number (an int or a float, not a bool), neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_thresholds(**values: float | None) -> None:
     """The one check of every parity and accuracy threshold, for the CLI, the library, matrix cells and stored
     manifests alike: a number, finite and non-negative; cosine, top-1 and the other fractions at most 1. A NaN
@@ -98,7 +103,7 @@ def check_thresholds(**values: float | None) -> None:
         if value is None:
             continue
         flag = THRESHOLD_FLAGS.get(name, name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ok = is_finite_number(value) and value >= 0
         if not ok:
             raise UsageError(f"{flag} {value}: a threshold must be a finite number >= 0", f"e.g. {flag} 0.01")
         if name in FRACTIONS and value > 1:

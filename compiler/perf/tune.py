@@ -25,7 +25,8 @@ from kiln.compiler.perf.bench_worker import ROUND_TIMEOUT_S
 from kiln.compiler.perf.tune_candidates import PLAIN, Variant, check_batch, check_io
 
 if TYPE_CHECKING:
-    from kiln.compiler.matrix import CellResult, MatrixConfig
+    from kiln.compiler.matrix.config import MatrixConfig
+    from kiln.compiler.matrix.results import CellResult
     from kiln.compiler.progress import Progress
     from kiln.targets.base import RuntimeSettings, Target
 
@@ -248,7 +249,8 @@ def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -
     """The whole command: build (resuming), verify, time, rank, publish `out/best`, write the leaderboards (with
     `options.build_only`: build and verify only, to be timed elsewhere by
     `kiln.compiler.perf.tune_deploy.time_builds`)."""
-    from kiln.compiler.matrix import RunSettings, run_matrix
+    from kiln.compiler.matrix.plan import RunSettings
+    from kiln.compiler.matrix.run import run_matrix
     from kiln.compiler.perf.tune_deploy import save_builds
     from kiln.compiler.perf.tune_files import tune_directory
 
@@ -293,7 +295,7 @@ def evaluate(
 
 
 def _cell(data: dict[str, Any]) -> CellResult:
-    from kiln.compiler.matrix import CellResult
+    from kiln.compiler.matrix.results import CellResult
 
     return CellResult.parse(data)
 

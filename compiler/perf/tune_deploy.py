@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from kiln.compiler.errors import UsageError
 
 if TYPE_CHECKING:
-    from kiln.compiler.matrix import CellResult
+    from kiln.compiler.matrix.results import CellResult
     from kiln.compiler.perf.tune import Plan, TuneOptions
     from kiln.compiler.progress import Progress
 
@@ -143,9 +143,9 @@ def time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str
 
 def _time_builds(out: Path, options: TuneOptions, progress: Progress) -> dict[str, Any]:
     """`time_builds` in a prepared, locked `out`."""
+    from kiln.compiler.matrix.plan import Plan
     from kiln.compiler.matrix.process import identity
     from kiln.compiler.matrix.results import NOT_RUN, RESULTS_FILE, read_results
-    from kiln.compiler.matrix.run import Plan
     from kiln.compiler.perf.tune import BUILDS_DIR, evaluate
 
     builds_dir = out / BUILDS_DIR
@@ -193,7 +193,7 @@ def cell_directory(build: CellResult, builds_dir: Path) -> Path:
     to the builds. The recorded path itself is never opened. Raises ValueError (the reason) for anything else, and
     for a cell or export directory that is a symbolic link (`kiln.compiler.safe_fs`: the matrix writes none, so where
     it leads is never looked into); the rest of the tune goes on."""
-    from kiln.compiler.matrix.run import CELLS_DIR, safe_name
+    from kiln.compiler.matrix.plan import CELLS_DIR, safe_name
     from kiln.compiler.perf.tune import BUILDS_DIR
     from kiln.compiler.safe_fs import refused
 

@@ -51,9 +51,9 @@ WITHDRAWN = "withdrawn"  # inside a staging directory of best/: the best/ being 
 
 def watched() -> tuple[str, ...]:
     """The paths under --out that tune and the matrix of its builds read or write, relative to it."""
+    from kiln.compiler.matrix.plan import CELLS_DIR, PLAN_FILE
     from kiln.compiler.matrix.reports import REPORT_FILES
     from kiln.compiler.matrix.results import RESULTS_FILE
-    from kiln.compiler.matrix.run import CELLS_DIR, PLAN_FILE
     from kiln.compiler.perf.tune import BEST_DIR, BUILDS_DIR
     from kiln.compiler.perf.tune_deploy import STATE_FILE
 
@@ -79,7 +79,7 @@ def tune_directory(out: Path, force: bool, wait: bool, progress: Progress, build
 def prepare(out: Path, force: bool, building: bool) -> None:
     """Refuse (one-line UsageError) an `out` tune must not use; see the module's docstring."""
     from kiln.compiler.export.staging import check_output_dir
-    from kiln.compiler.matrix.run import PLAN_FILE
+    from kiln.compiler.matrix.plan import PLAN_FILE
     from kiln.compiler.perf.tune import BEST_DIR, BUILDS_DIR
 
     check_output_dir(out, force=True)  # a file, or a link to nothing: refused even with --force, as by export
@@ -108,7 +108,7 @@ def prepare(out: Path, force: bool, building: bool) -> None:
 
 def is_tune_directory(out: Path) -> bool:
     """Whether `out` holds the records of tune's builds (builds/plan.json or builds/tune.json)."""
-    from kiln.compiler.matrix.run import PLAN_FILE
+    from kiln.compiler.matrix.plan import PLAN_FILE
     from kiln.compiler.perf.tune import BUILDS_DIR
     from kiln.compiler.perf.tune_deploy import STATE_FILE
 
