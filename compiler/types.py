@@ -227,7 +227,7 @@ class ParityReport:
             tolerance=_from_dict(Tolerance, data["tolerance"]),
             samples=data["samples"],
             sample_origins=list(data.get("sample_origins", [])),
-            outputs=[_from_dict(OutputMetrics, _non_finite_back(o)) for o in data["outputs"]],
+            outputs=[_from_dict(OutputMetrics, non_finite_back(o)) for o in data["outputs"]],
             runtime=dict(data.get("runtime", {})),
             divergence=data.get("divergence"),
             generation=data.get("generation"),
@@ -297,7 +297,7 @@ class Manifest:
 
     def to_json(self) -> str:
         """The manifest as pretty JSON (non-finite floats written as strings)."""
-        return json.dumps(_json_safe(asdict(self)), indent=2, sort_keys=False) + "\n"
+        return json.dumps(json_safe(asdict(self)), indent=2, sort_keys=False) + "\n"
 
     def write(self, directory: Path) -> Path:
         """Write `manifest.json` into `directory`."""
@@ -364,17 +364,17 @@ class Manifest:
         )
 
 
-def _non_finite_back(data: dict[str, Any]) -> dict[str, Any]:
-    """Undo `_json_safe` for one flat dict: "inf", "-inf" and "nan" strings become floats again."""
+def non_finite_back(data: dict[str, Any]) -> dict[str, Any]:
+    """Undo `json_safe` for one flat dict: "inf", "-inf" and "nan" strings become floats again."""
     return {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in data.items()}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Replace NaN/inf (invalid JSON) with strings, recursively; tuples become lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -103,9 +103,9 @@ class Divergence:
 
     def to_dict(self) -> dict[str, Any]:
         """The record written to the manifest (`parity.divergence`) and to `divergence.json`."""
-        from kiln.compiler.types import _json_safe
+        from kiln.compiler.types import json_safe
 
-        return dict(_json_safe({"summary": self.summary(), **asdict(self)}))
+        return dict(json_safe({"summary": self.summary(), **asdict(self)}))
 
     def write(self, directory: Path) -> Path:
         """Write `divergence.json` and its error profile page `divergence.html` into `directory`."""
