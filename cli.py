@@ -240,8 +240,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
     from kiln.compiler.export.loading import load
-    from kiln.compiler.parity.gate import read_inputs_file
-    from kiln.compiler.parity.input_files import outputs_file, save_npz
+    from kiln.compiler.parity.input_files import outputs_file, read_inputs_file, save_npz
 
     quiet_libraries()
     output = outputs_file(args.output) if args.generate is None else None  # checked before any work
@@ -397,7 +396,7 @@ HANDLERS = {
     "tune": cmd_tune,
     "matrix": cmd_matrix,
 }
-__all__ = ["HANDLERS", "build_parser", "main", "main_entry"]
+__all__ = ["HANDLERS", "main", "main_entry"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,7 +211,7 @@ def quantize_onnx_artifact(
     `BuildOutput.info` (report summary, --max-drop result)."""
     from dataclasses import asdict
 
-    from kiln.compiler.capture.program import onnx_signature
+    from kiln.compiler.capture.onnx_files import onnx_signature
     from kiln.compiler.quantization.onnxrt import quantize_onnx
     from kiln.compiler.quantization.report import write_quant_report
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kiln.compiler.image_layout import channels_last
-from kiln.compiler.quantization.litert import quantize_tflite
+from kiln.compiler.quantization.litert import SIGNATURE, quantize_tflite
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 from kiln.targets.buckets import bucket_note, bucket_subset, bucket_variants
-from kiln.targets.litert import MODEL_FILE, SIGNATURE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
+from kiln.targets.litert import MODEL_FILE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
 
 if TYPE_CHECKING:
     import numpy as np

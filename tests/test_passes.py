@@ -193,7 +193,8 @@ def test_cli_refuses_an_unknown_pass_and_level(tmp_path, capsys):
 
 def test_dump_passes_writes_the_graph_after_each_pass(tmp_path):
     from kiln.compiler.capture.zoo import cnn
-    from kiln.compiler.export.pipeline import ExportOptions, export_targets
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
 
     module, inputs = cnn()
     dump = tmp_path / "dump"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kiln.compiler.capture.program import capture
 from kiln.compiler.capture.pt2_archive import trusting_pickles
-from kiln.compiler.diagnose.divergence import Divergence, localize, route_named
+from kiln.compiler.diagnose.divergence import localize, route_named
+from kiln.compiler.diagnose.divergence_record import Divergence
 from kiln.compiler.errors import UsageError
 from kiln.compiler.export.loading import export_dirs
 from kiln.compiler.export.options import ExportOptions, export_options
@@ -44,7 +45,8 @@ def debug(
     """Localize each export under `path` (a published or a `.rejected/<target>` directory) against `model`;
     `every`: build every module boundary (a per-module error profile) instead of bisecting; `method`: `auto`
     (the runtime's fast path where it has one) or `bisection`."""
-    from kiln.compiler.export.pipeline import calibration_data, load_model
+    from kiln.compiler.capture.sources import load_model
+    from kiln.compiler.export.pipeline import calibration_data
     from kiln.targets import get_target
 
     progress = progress or Progress(quiet=True)

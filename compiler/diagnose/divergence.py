@@ -30,7 +30,7 @@ from kiln.compiler.diagnose.cut import (
     prefix_program,
     reference_module,
 )
-from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE, Divergence, ModuleError
+from kiln.compiler.diagnose.divergence_record import Divergence, ModuleError
 from kiln.compiler.errors import KilnError
 from kiln.compiler.export.artifacts import Artifact, build
 from kiln.compiler.export.optimize import optimize
@@ -351,18 +351,3 @@ def localize_export(
         return report
     found.write(directory)
     return replace(report, divergence=found.to_dict())
-
-
-__all__ = [  # the record's names are re-exported (a shim to remove)
-    "DIVERGENCE_FILE",
-    "PROBE",
-    "Divergence",
-    "ModuleError",
-    "NotBuilt",
-    "Probe",
-    "build_program",
-    "localize",
-    "localize_export",
-    "route_named",
-    "wanted",
-]

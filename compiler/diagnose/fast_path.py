@@ -22,7 +22,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from kiln.compiler.diagnose.cut import Boundary
-    from kiln.compiler.diagnose.divergence import ModuleError, Probe
+    from kiln.compiler.diagnose.divergence import Probe
+    from kiln.compiler.diagnose.divergence_record import ModuleError
     from kiln.compiler.export.artifacts import Artifact
     from kiln.compiler.parity.gate import Feeds
     from kiln.compiler.types import OutputMetrics, Tolerance
@@ -158,7 +159,8 @@ def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleErr
     """Every boundary the runtime can expose with a certain mapping, measured from one build of the whole model
     (this module); None when the target has no fast path or it cannot be used."""
     from kiln.compiler.diagnose.cut import intermediates
-    from kiln.compiler.diagnose.divergence import ModuleError, NotBuilt, build_program
+    from kiln.compiler.diagnose.divergence import NotBuilt, build_program
+    from kiln.compiler.diagnose.divergence_record import ModuleError
 
     layout = probe.options.build_request(probe.target, None).io_layout
     if not bounds or not supported(probe.target.name, layout):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kiln.compiler.diagnose.divergence import Divergence, ModuleError
+    from kiln.compiler.diagnose.divergence_record import Divergence, ModuleError
 
 HTML_FILE = "divergence.html"
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 900, 170, 70, 20, 20, 30

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from kiln.compiler.parity.gate import ParitySamples
     from kiln.compiler.progress import Progress
     from kiln.compiler.types import ParityReport
-    from kiln.targets import Target
+    from kiln.targets.base import Target
 
 TEXT_GENERATION = "text-generation"
 FORWARD = "forward"
@@ -247,7 +247,7 @@ def generation_source(
         {0: dims["batch"], 1: dims["seq"]},
         tuple({0: dims["batch"], 2: dims["past"]} for _ in cache),
     )
-    from kiln.compiler.capture.program import converter_output_captured
+    from kiln.compiler.progress import converter_output_captured
 
     try:
         with converter_output_captured():
@@ -277,7 +277,7 @@ def name_generation_io(captured: CapturedModel) -> CapturedModel:
     and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file.
     A static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_cache.name_static_io`)."""
     import onnx
-    from kiln.compiler.capture.program import onnx_signature
+    from kiln.compiler.capture.onnx_files import onnx_signature
 
     if captured.onnx_path is None:
         from kiln.compiler.generation.static_kv_cache import name_static_io

@@ -124,9 +124,9 @@ def static_generation_source(source: ModelSource, cache_size: int | None) -> Mod
     (all shapes static; `capture` takes a source's program as it is)."""
     from dataclasses import replace
 
-    from kiln.compiler.capture.program import converter_output_captured
     from kiln.compiler.errors import UnsupportedOpError
     from kiln.compiler.generation.export import TEXT_GENERATION, decoder_spec
+    from kiln.compiler.progress import converter_output_captured
 
     assert source.module is not None
     config: Any = source.module.config

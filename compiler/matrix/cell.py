@@ -73,7 +73,7 @@ def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any], int]:
     import torch
-    from kiln.compiler.diagnose.divergence import DIVERGENCE_FILE
+    from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
     from kiln.compiler.export.manifest import manifest_figures
     from kiln.compiler.export.options import export_options
     from kiln.compiler.export.pipeline import export_targets

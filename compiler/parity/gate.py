@@ -20,13 +20,6 @@ from kiln.compiler.metrics import (
     top1_rows,
     wilson_interval,
 )
-
-# Re-exported: the checks of user input files have always been imported from here.
-from kiln.compiler.parity.input_files import arrays_by_input as arrays_by_input
-from kiln.compiler.parity.input_files import check_feed as check_feed
-from kiln.compiler.parity.input_files import check_input_files as check_input_files
-from kiln.compiler.parity.input_files import read_inputs_file as read_inputs_file
-from kiln.compiler.parity.input_files import read_npz as read_npz
 from kiln.compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
 
 DEFAULT_SAMPLES = 4

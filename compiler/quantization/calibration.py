@@ -200,7 +200,7 @@ def _from_file(path: Path, inputs: list[TensorSpec]) -> Feeds:
         raise
     except Exception as exc:
         raise UsageError(f"cannot read calibration file {path}: {exc}", "save samples with numpy.savez") from None
-    from kiln.compiler.parity.gate import arrays_by_input
+    from kiln.compiler.parity.input_files import arrays_by_input
 
     return arrays_by_input(arrays, inputs, path)
 
