@@ -6,7 +6,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
+
+if TYPE_CHECKING:
+    import numpy as np
+
+Feeds: TypeAlias = "dict[str, np.ndarray]"  # arrays by tensor name: a model's inputs or outputs
 
 MANIFEST_NAME = "manifest.json"
 # Written by `kiln bench` beside the manifest after the export; the one unlisted file `kiln verify` accepts.

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
     from kiln.compiler.quantization.report import QuantReport
     from kiln.compiler.quantization.summary import QuantizeSummary
-    from kiln.compiler.types import Manifest
+    from kiln.compiler.types import Feeds, Manifest
 
 MODEL_FILE = "model.onnx"
 INFERENCE_PRECISION = {
@@ -106,6 +106,7 @@ class OnnxRuntimeTarget(Target):
     precisions = ("fp32", "int8", "int8-dynamic", "fp16")  # bf16: ORT's CPU provider has no bf16 kernels
     io_options = ("nhwc",)
     accuracy_aware = True
+    tappable = True  # extra graph outputs (kiln.compiler.diagnose.fast_path)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """The optimized ONNX file (and any external data) in the artifact directory: with `--io nhwc`
@@ -185,6 +186,12 @@ class OnnxRuntimeTarget(Target):
         """An ONNX Runtime session on the artifact (with the graph optimization level its runtime_config names)."""
         return OnnxRuntimeRunner(directory / MODEL_FILE, manifest, threads=threads or 0)
 
+    def tapped_runs(
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+    ) -> list[dict[int, np.ndarray]]:
+        """The artifact's ONNX graph with each tensor added as a graph output, run by ONNX Runtime."""
+        return _tapped_runs(directory / MODEL_FILE, names, inputs)
+
 
 def accuracy_aware_onnx(
     fp32_onnx: Path,
@@ -226,3 +233,45 @@ def quantize_onnx_artifact(
         report = write_quant_report(destination.parent, fp32_onnx, destination, feeds, module_classes)
     info["quant_report"] = asdict(report.summary)
     return summary, info
+
+
+def _tapped_runs(path: Path, names: dict[int, str], inputs: list[Feeds]) -> list[dict[int, np.ndarray]]:
+    """`Target.tapped_runs` for an ONNX file: each tensor (in a QDQ graph, as read back) an extra graph output."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    outputs = {o.name for o in model.graph.output}
+    produced = {value for node in model.graph.node for value in node.output}
+    taps: dict[int, str] = {}
+    for index, name in names.items():
+        tapped = _dequantized(model, name)
+        if tapped in types and tapped in produced:
+            taps[index] = tapped
+            if tapped not in outputs:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(tapped, types[tapped], None))
+                outputs.add(tapped)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    wanted = list(dict.fromkeys(taps.values()))
+    runs = []
+    for feeds in inputs:
+        values = dict(zip(wanted, session.run(wanted, feeds)))
+        runs.append({index: values[name] for index, name in taps.items()})
+    return runs
+
+
+def _dequantized(model: Any, name: str) -> str:
+    """The DequantizeLinear output that reads `name` back after its QuantizeLinear (a QDQ graph), else `name`."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for value in node.input:
+            consumers.setdefault(value, []).append(node)
+    users = consumers.get(name, [])
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+        after = consumers.get(users[0].output[0], [])
+        if after and all(n.op_type == "DequantizeLinear" for n in after):
+            return str(after[0].output[0])
+    return name

@@ -24,7 +24,7 @@ from kiln.compiler.capture.program import CapturedModel, EagerModel, fx_signatur
 from kiln.compiler.errors import UnsupportedOpError
 
 if TYPE_CHECKING:
-    from kiln.compiler.parity.gate import Feeds
+    from kiln.compiler.types import Feeds
 
 # Ops that only move or relabel data: a module made of these alone is not worth a build of its own.
 TRIVIAL_OPS = {

@@ -20,7 +20,7 @@ from kiln.compiler.metrics import (
     top1_rows,
     wilson_interval,
 )
-from kiln.compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
+from kiln.compiler.types import Feeds, OutputMetrics, ParityReport, TensorSpec, Tolerance
 
 DEFAULT_SAMPLES = 4
 # Quantized precisions are judged on at least this many input sets: on 4, one flipped near-tie is 25 points of
@@ -33,7 +33,6 @@ SAVED_SAMPLES_LIMIT = 64 * 2**20
 INPUTS_FILE = "parity/inputs.npz"
 REFERENCE_FILE = "parity/reference.npz"
 
-Feeds = dict[str, np.ndarray]
 
 if TYPE_CHECKING:
     from kiln.compiler.export.artifacts import Artifact

@@ -10,13 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kiln.compiler.errors import UsageError
-from kiln.compiler.types import TensorSpec
+from kiln.compiler.types import Feeds, TensorSpec
 
 if TYPE_CHECKING:
     from kiln.compiler.export.options import ExportOptions
     from kiln.targets.base import Target
-
-Feeds = dict[str, np.ndarray]
 
 
 def check_output_file(path: Path, flag: str, example: str) -> Path:

@@ -29,13 +29,13 @@ import numpy as np
 from kiln.compiler.errors import ParityError, UsageError
 from kiln.compiler.metrics import is_classifier, mean_row_cosine, top1_matches
 from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+from kiln.compiler.types import Feeds
 
 if TYPE_CHECKING:
     from kiln.compiler.quantization.report import QuantReport
     from kiln.compiler.quantization.summary import QuantizeSummary
     from kiln.targets.base import Runner
 
-Feeds = dict[str, np.ndarray]
 MAX_ROUNDS = 12  # quantizations after the first; enough to reach 2**10 reverted layers by doubling
 DEFAULT_METRIC = "agreement with fp32 (top-1 for classifier outputs, else cosine; equality for integers)"
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from kiln.compiler.errors import UsageError
 from kiln.compiler.image_layout import NHWC, nhwc_array
-from kiln.compiler.types import TensorSpec
+from kiln.compiler.types import Feeds, TensorSpec
 
 NOT_REPRESENTATIVE = (
     "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
@@ -34,7 +34,6 @@ NO_HELD_BACK = (
 
 DEFAULT_CALIBRATION_SAMPLES = 100
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from kiln.compiler.errors import UsageError
 from kiln.compiler.metrics import ErrorSums
 from kiln.compiler.quantization.qdq_graph import (
@@ -37,14 +36,13 @@ from kiln.compiler.quantization.qdq_graph import (
     session,
     with_outputs,
 )
-from kiln.compiler.types import json_safe, non_finite_back
+from kiln.compiler.types import Feeds, json_safe, non_finite_back
 
 if TYPE_CHECKING:
     import torch
 
 REPORT_FILE = "quant_report.json"
 DEFAULT_REPORT_SAMPLES = 16
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass
