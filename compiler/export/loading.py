@@ -195,8 +195,8 @@ def _verify_generation(
     model: decoding states it makes, and greedy decoding judged on its logits. Without, the stored decoding states
     and reference outputs, and the stored prompts decoded again to the stored reference tokens."""
     from kiln.compiler.capture.sources import load_source
+    from kiln.compiler.generation.causal_lm import decoder_spec, is_causal_lm
     from kiln.compiler.generation.decoding import DecoderSpec, layout_of
-    from kiln.compiler.generation.export import decoder_spec, is_causal_lm
     from kiln.compiler.generation.gate import (
         CausalLMReference,
         capacity_of,

@@ -34,8 +34,8 @@ from kiln.compiler.export.staging import (
     output_lock,
     staging_area,
 )
+from kiln.compiler.generation.causal_lm import TEXT_GENERATION
 from kiln.compiler.generation.export import (
-    TEXT_GENERATION,
     generation_detail,
     generation_samples,
     generation_source,

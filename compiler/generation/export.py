@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import AttentionPattern
-from kiln.compiler.generation.decoding import DecoderSpec, input_names, layout_of
+from kiln.compiler.generation.causal_lm import FORWARD, TASKS, TEXT_GENERATION, cache_shape, decoder_spec, is_causal_lm
+from kiln.compiler.generation.decoding import input_names, layout_of
+from kiln.compiler.generation.static_kv_cache import name_static_io, static_generation_source
 from torch import nn
 
 if TYPE_CHECKING:
@@ -36,32 +38,12 @@ if TYPE_CHECKING:
     from kiln.compiler.types import ParityReport
     from kiln.targets.base import Target
 
-TEXT_GENERATION = "text-generation"
-FORWARD = "forward"
-TASKS = (TEXT_GENERATION, FORWARD)
 # What a target's `kv_cache` says it takes: a growing cache (one graph, the past length dynamic) or a static one (a
 # fixed-length cache, all shapes static).
 GROWING, STATIC = "growing", "static"
 GENERATION_PRECISIONS = ("fp32",)
 GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
-
-
-def is_causal_lm(module: Any) -> bool:
-    """True for a `transformers` decoder-only model that generates (e.g. LlamaForCausalLM, GPT2LMHeadModel)."""
-    if not type(module).__module__.startswith("transformers."):
-        return False
-    from transformers import GenerationMixin
-
-    config = getattr(module, "config", None)
-    return (
-        isinstance(module, GenerationMixin)
-        and bool(getattr(module, "can_generate", lambda: False)())
-        and config is not None
-        and not getattr(config, "is_encoder_decoder", False)
-        and hasattr(config, "num_hidden_layers")
-        and hasattr(config, "vocab_size")
-    )
 
 
 def wants_generation(source: ModelSource, task: str | None, cache_size: int | None = None) -> bool:
@@ -188,23 +170,6 @@ class CausalLMWithCache(nn.Module):
         return result
 
 
-def decoder_spec(model: nn.Module) -> DecoderSpec:
-    """What a text-generation export records of a causal LM (vocabulary, positions, attention layers); an
-    UnsupportedOpError for attention Kiln does not build (`AttentionPattern.of`)."""
-    config: Any = model.config
-    pattern = AttentionPattern.of(config)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
-    return DecoderSpec(int(config.vocab_size), int(positions), pattern.layer_types, pattern.window)
-
-
-def cache_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a transformers decoder config."""
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return int(config.num_hidden_layers), kv_heads, head_dim
-
-
 def generation_detail(targets: list[Target]) -> str:
     """The generation stage's line: which cache the targets take."""
     if any(t.kv_cache == STATIC for t in targets):
@@ -219,8 +184,6 @@ def generation_source(
     the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is); for
     static-shape targets (tflite, tpu) the static-cache decode step of compiler/generation/static_kv_cache.py
     instead."""
-    from kiln.compiler.generation.static_kv_cache import static_generation_source
-
     if any(t.kv_cache == STATIC for t in targets or []):
         return static_generation_source(source, cache_size)
     assert source.module is not None
@@ -280,8 +243,6 @@ def name_generation_io(captured: CapturedModel) -> CapturedModel:
     from kiln.compiler.capture.onnx_files import onnx_signature
 
     if captured.onnx_path is None:
-        from kiln.compiler.generation.static_kv_cache import name_static_io
-
         return name_static_io(captured)
     proto = onnx.load(str(captured.onnx_path), load_external_data=False)
     graph = proto.graph

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from kiln.compiler.generation.attention_masks import AttentionPattern
+from kiln.compiler.generation.causal_lm import TEXT_GENERATION, cache_shape, decoder_spec
 from kiln.compiler.generation.decoding import DecoderSpec, static_output_names
 from torch import nn
 
@@ -90,8 +91,6 @@ class CausalLMWithStaticCache(nn.Module):
 def static_examples(config: Any, cache_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Example inputs of the decode graph: a token at position 3 over a random cache; int32 ids and position
     (TFLite runs 64-bit I/O as 32-bit, and 32-bit is what TPUs take)."""
-    from kiln.compiler.generation.export import cache_shape
-
     layers, kv_heads, head_dim = cache_shape(config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(config.vocab_size), (1, 1), generator=generator, dtype=torch.int32)
@@ -125,7 +124,6 @@ def static_generation_source(source: ModelSource, cache_size: int | None) -> Mod
     from dataclasses import replace
 
     from kiln.compiler.errors import UnsupportedOpError
-    from kiln.compiler.generation.export import TEXT_GENERATION, decoder_spec
     from kiln.compiler.progress import converter_output_captured
 
     assert source.module is not None
