@@ -53,7 +53,7 @@ def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
     `predict` takes and returns the reference's layout (an NHWC candidate's image I/O is transposed)."""
     from kiln.compiler.export.artifacts import Artifact, load_runner
     from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
-    from kiln.compiler.perf.benchmark import bench_feeds
+    from kiln.compiler.perf.timing import bench_feeds
     from kiln.targets.base import RuntimeSettings
 
     directory = Path(row["directory"])
