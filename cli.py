@@ -239,8 +239,9 @@ def cmd_debug(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
+    from kiln.compiler.capture.inputs import read_inputs_file
     from kiln.compiler.export.loading import load
-    from kiln.compiler.parity.input_files import outputs_file, read_inputs_file, save_npz
+    from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
     output = outputs_file(args.output) if args.generate is None else None  # checked before any work

@@ -58,10 +58,7 @@ def test_colour_codes_are_stripped_from_one_line_errors():
 
 
 def test_colour_codes_are_stripped_from_backend_failures():
-    class _Target:
-        name = "onnx"
-
-    with pytest.raises(UnsupportedOpError) as raised, backend_failures(_Target(), "convert"):  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedOpError) as raised, backend_failures("onnx", "convert"):
         raise RuntimeError(SWIN + ": operation \x1b[1mRoll\x1b[0m")
     assert "\x1b" not in raised.value.message
     assert "(operation Roll)" in raised.value.message and "This is step 2/3 of exporting" in raised.value.message

@@ -7,16 +7,17 @@ import importlib.util
 import inspect
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from kiln.compiler.capture.inputs import read_npz
 from kiln.compiler.errors import KilnError, UsageError
 
 if TYPE_CHECKING:
-    from kiln.compiler.export.options import ExportOptions
     from kiln.compiler.generation.decoding import DecoderSpec
 
 
@@ -349,10 +350,13 @@ def state_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
-    """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module."""
+def load_model(
+    model: str | Path | torch.nn.Module, example_inputs: Any, inputs_files: Sequence[Path] = ()
+) -> ModelSource:
+    """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module; an .onnx
+    source takes its example inputs from the first of the user's `inputs_files` (`--inputs`) when given."""
     if isinstance(model, (str, Path)):
-        user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
+        user = [read_npz(p, "--inputs") for p in inputs_files] if str(model).endswith(".onnx") else None
         return load_source(str(model), user)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
@@ -362,12 +366,3 @@ def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options
     if example_inputs is None:
         raise UsageError("export(module, ...) needs example_inputs", "pass example_inputs=(tensor, ...)")
     return from_module(model, example_inputs)
-
-
-def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a user's .npz, unchecked (an .onnx source takes its example inputs from it)."""
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None

@@ -55,7 +55,7 @@ def debug(
         target = get_target(manifest.target)
         options = _options(manifest, calib)
         with trusting_pickles(trust_pickle), tempfile.TemporaryDirectory(prefix="kiln-debug-") as work:
-            source = load_model(model, None, options)
+            source = load_model(model, None, options.inputs_files)
             if source.kind != "torch":
                 raise UsageError(f"{model} is not a PyTorch model", "localization cuts the PyTorch program: pass one")
             captured = capture(source, None, Path(work) / "capture", to_onnx=False)

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kiln.compiler.capture.inputs import check_feed
 from kiln.compiler.capture.pt2_archive import trusting_pickles
 from kiln.compiler.errors import KilnError, MissingBackendError, UsageError
 from kiln.compiler.export.artifacts import Artifact, hash_files, load_runner
 from kiln.compiler.export.staging import REJECTED, STAGING_OWNER, staging_root_of
 from kiln.compiler.parity.gate import ParitySamples, validate
-from kiln.compiler.parity.input_files import check_feed
 from kiln.compiler.safe_fs import check_tree
 from kiln.compiler.types import BENCH_FILE, MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
 

@@ -113,7 +113,7 @@ def export_targets(
         check_input_files(options, chosen)
         timings: dict[str, float] = {}  # the stages every target shares
         with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
-            source = load_model(model, example_inputs, options)
+            source = load_model(model, example_inputs, options.inputs_files)
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task, options.cache_size):
             chosen = generation_targets(source, chosen, targets, options, progress.say)

@@ -311,13 +311,12 @@ def with_generation(report: ParityReport, artifact: Artifact, source: ModelSourc
     from kiln.compiler.backend_errors import backend_failures
     from kiln.compiler.export.artifacts import load_runner
     from kiln.compiler.generation.gate import CausalLMReference, capacity_of, gate_prompts, generation_parity
-    from kiln.targets import get_target
 
     assert source.reference_model is not None and source.decoder is not None
     runner = load_runner(artifact)
     layout = layout_of(artifact.manifest.inputs)
     plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
     reference = CausalLMReference(source.reference_model)
-    with backend_failures(get_target(artifact.target), "run"):
+    with backend_failures(artifact.target, "run"):
         record = generation_parity(runner.run, layout, reference, plan, report.tolerance)
     return replace(report, passed=report.passed and record["passed"], generation=record)

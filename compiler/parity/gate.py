@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from kiln.compiler.capture.inputs import random_like
 from kiln.compiler.errors import UsageError
 from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
 from kiln.compiler.metrics import (
@@ -130,25 +131,6 @@ def make_inputs(
         sets.append({n: random_like(e, None, rng) for n, e in zip(names, examples)})
         origins.append(f"random#{i}")
     return sets, origins
-
-
-def random_like(example: np.ndarray, batch: int | None, rng: np.random.Generator) -> np.ndarray:
-    """A random array like `example` whose values stay valid and alike: its mean and spread, within its range.
-
-    Floats follow the example's mean and standard deviation (clipped to its range), so that
-    quantized artifacts are judged on inputs like the data they were calibrated for.
-    """
-    shape = example.shape if batch is None else (batch, *example.shape[1:])
-    if example.ndim == 0 or example.size == 0:
-        return example.copy()
-    if example.dtype == np.bool_ or len(np.unique(example)) <= 2:
-        # Masks and flags: reuse whole rows of the example so every row stays realistic.
-        return example[rng.integers(0, example.shape[0], shape[0])]
-    low, high = example.min(), example.max()
-    if example.dtype.kind in "iu":
-        return rng.integers(low, high, size=shape, endpoint=True).astype(example.dtype)
-    values = rng.normal(float(example.mean()), float(example.std()), size=shape)
-    return np.clip(values, float(low), float(high)).astype(example.dtype)
 
 
 def compare(actual: list[Feeds], expected: list[Feeds], tolerance: Tolerance) -> list[OutputMetrics]:
@@ -333,5 +315,5 @@ def validate(
     subset = target.parity_subset(samples.inputs, artifact.manifest)
     if subset is not None:
         samples = samples.subset(subset)
-    with backend_failures(target, "run"):
+    with backend_failures(target.name, "run"):
         return judge(run, samples, tolerance, reference, runner.runtime_info())

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from kiln.compiler.capture.inputs import read_inputs_file
 from kiln.compiler.errors import UsageError
 from kiln.compiler.parity.gate import QUANTIZED_SAMPLES, ParitySamples, make_inputs
-from kiln.compiler.parity.input_files import read_inputs_file
 from kiln.compiler.types import Feeds
 
 if TYPE_CHECKING:

@@ -9,10 +9,10 @@ packages the model's code imports. `kiln tune MODEL --out DIR` on a moved DIR re
 are unchanged (same model path, CPU and toolchain); on another machine they are not, and it would rebuild.
 
 results.jsonl records each cell's `cell_dir` as an absolute path where DIR was when it was built (relative to the
-working folder then, by a Kiln before issue 24, for a relative --out); `tune_files.locate_builds` finds each cell's files at
-DIR/builds/cells/<cell> wherever DIR is now. The file is treated as hostile: a `cell_dir` that is not that cell's
-own directory (`/etc`, `../../x`), or a cell directory that is a symbolic link, rejects that build with the
-reason, never followed; what is found there is checked by `kiln.compiler.perf.tune_files.check_build`.
+working folder then, by a Kiln before issue 24, for a relative --out); `tune_files.locate_builds` finds each
+cell's files at DIR/builds/cells/<cell> wherever DIR is now. The file is treated as hostile: a `cell_dir` that is
+not that cell's own directory (`/etc`, `../../x`), or a cell directory that is a symbolic link, rejects that build
+with the reason, never followed; what is found there is checked by `kiln.compiler.perf.tune_files.check_build`.
 """
 
 from __future__ import annotations

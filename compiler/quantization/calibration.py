@@ -155,7 +155,7 @@ def load_calibration(
 
 
 def _random_rows(inputs: list[TensorSpec], examples: list[np.ndarray], count: int) -> Feeds:
-    from kiln.compiler.parity.gate import random_like
+    from kiln.compiler.capture.inputs import random_like
 
     rng = np.random.default_rng(1)
     return {s.name: random_like(example, count, rng) for s, example in zip(inputs, examples)}
@@ -199,7 +199,7 @@ def _from_file(path: Path, inputs: list[TensorSpec]) -> Feeds:
         raise
     except Exception as exc:
         raise UsageError(f"cannot read calibration file {path}: {exc}", "save samples with numpy.savez") from None
-    from kiln.compiler.parity.input_files import arrays_by_input
+    from kiln.compiler.capture.inputs import arrays_by_input
 
     return arrays_by_input(arrays, inputs, path)
 
