@@ -86,11 +86,9 @@ def eager_variant(name: str, module: Any, inputs: tuple[Any, ...], threads: int)
 
 
 def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray], inputs: Path) -> Variant:
-    import onnxruntime as ort
+    from kiln.compiler.ort_session import ort_session
 
-    options = ort.SessionOptions()  # ORT's defaults, but the thread count every runtime gets
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)  # ORT's defaults, but the thread count every runtime gets
     names = [i.name for i in session.get_inputs()]
 
     def predict(xs: list[np.ndarray]) -> np.ndarray:

@@ -13,6 +13,7 @@ import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.ort_session import ort_session
 from kiln.passes.base import MODULE_NAMES, OUTPUTS, SIGNATURE
 
 if TYPE_CHECKING:
@@ -65,7 +66,6 @@ def _check_onnx(model: Any) -> dict[str, str | None]:
     """serializes, onnx.checker (full), onnxruntime (a session, for small models): None or the problem."""
     import onnx
     import onnx_ir as ir
-    import onnxruntime as ort
 
     try:
         proto = ir.to_proto(model)
@@ -77,11 +77,8 @@ def _check_onnx(model: Any) -> dict[str, str | None]:
     except Exception as error:
         found["onnx.checker"] = _one_line(error)
     if proto.ByteSize() <= ORT_CHECK_BYTES:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            ort_session(proto.SerializeToString(), optimization="disable")
             found["onnxruntime"] = None
         except Exception as error:
             found["onnxruntime"] = _one_line(error)
@@ -101,11 +98,8 @@ def run(graph: Any, feeds: Any) -> list[np.ndarray]:
         leaves = torch.utils._pytree.tree_leaves(result)
         return [np.asarray(t.detach().cpu().numpy()) for t in leaves if isinstance(t, torch.Tensor)]
     import onnx_ir as ir
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(ir.to_proto(graph).SerializeToString())
     return [np.asarray(o) for o in session.run(None, dict(feeds))]
 
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kiln.compiler.ort_session import graph_optimization_level, ort_session
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
@@ -34,16 +35,10 @@ class OnnxRuntimeRunner(Runner):
     thread_control = "onnxruntime intra_op_num_threads"
 
     def __init__(self, path: Path, manifest: Manifest | None = None, threads: int = 0):
-        import onnxruntime as ort
         from kiln.compiler.types import TensorSpec
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
         level = (manifest.runtime_config if manifest is not None else {}).get(GRAPH_OPTIMIZATION_KEY)
-        if level is not None:
-            options.graph_optimization_level = _graph_optimization_level(str(level))
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads, str(level) if level is not None else None)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.precision = manifest.precision if manifest is not None else "fp32"
         self.graph_optimization = str(level or "all")
@@ -70,21 +65,6 @@ class OnnxRuntimeRunner(Runner):
 
 
 GRAPH_OPTIMIZATION_KEY = "graph_optimization_level"  # runtime_config key: RuntimeSettings.graph_optimization
-GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def _graph_optimization_level(name: str) -> Any:
-    """ONNX Runtime's GraphOptimizationLevel for "disable", "basic", "extended" or "all"."""
-    import onnxruntime as ort
-    from kiln.compiler.errors import UsageError
-
-    if name not in GRAPH_OPTIMIZATION_LEVELS:
-        raise UsageError(
-            f"ONNX Runtime graph optimization level {name!r} is unknown", f"use {', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
-        )
-    return getattr(
-        ort.GraphOptimizationLevel, f"ORT_{'DISABLE_ALL' if name == 'disable' else 'ENABLE_' + name.upper()}"
-    )
 
 
 def _ort_dtype(type_string: str) -> str:
@@ -178,7 +158,7 @@ class OnnxRuntimeTarget(Target):
             return super().with_runtime_settings(manifest, settings)
         config = {k: v for k, v in manifest.runtime_config.items() if k != GRAPH_OPTIMIZATION_KEY}
         if settings.graph_optimization is not None:
-            _graph_optimization_level(settings.graph_optimization)  # refuse an unknown level now
+            graph_optimization_level(settings.graph_optimization)  # refuse an unknown level now
             config[GRAPH_OPTIMIZATION_KEY] = settings.graph_optimization
         return replace(manifest, runtime_config=config)
 
@@ -238,7 +218,6 @@ def quantize_onnx_artifact(
 def _tapped_runs(path: Path, names: dict[int, str], inputs: list[Feeds]) -> list[dict[int, np.ndarray]]:
     """`Target.tapped_runs` for an ONNX file: each tensor (in a QDQ graph, as read back) an extra graph output."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
@@ -252,9 +231,7 @@ def _tapped_runs(path: Path, names: dict[int, str], inputs: list[Feeds]) -> list
             if tapped not in outputs:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(tapped, types[tapped], None))
                 outputs.add(tapped)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString())
     wanted = list(dict.fromkeys(taps.values()))
     runs = []
     for feeds in inputs:

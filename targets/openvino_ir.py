@@ -282,6 +282,7 @@ def _tapped_runs(
     directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
 ) -> list[dict[int, np.ndarray]]:
     """`Target.tapped_runs` for an IR: each tensor (in an int8 IR, as read back) an extra output of the `ov.Model`."""
+    import numpy as np
     import openvino as ov
 
     core = ov.Core()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from kiln.compiler.capture.inputs import read_npz
 from kiln.compiler.errors import KilnError, UsageError
+from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
     from kiln.compiler.generation.decoding import DecoderSpec
@@ -295,12 +296,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_runs(path: Path, feeds: dict[str, np.ndarray]) -> None:
     """Prove ONNX Runtime (the reference) can load the model and run it once on the example inputs."""
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path)
         session.run(None, feeds)
     except Exception as exc:
         raise UsageError(

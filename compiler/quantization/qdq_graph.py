@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
+from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
     import onnx
@@ -192,16 +193,11 @@ def local_model(q: QdqGraph, fp32_names: dict[str, int], outputs: dict[str, int]
 
 def session(model: onnx.ModelProto, work: Path, name: str) -> Any:
     """An ONNX Runtime session without graph optimizations: Q/DQ are emulated exactly as written."""
-    import onnxruntime as ort
-
-    path = work / f"{name}.onnx"
     import onnx
 
+    path = work / f"{name}.onnx"
     onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, optimization="disable")
 
 
 def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, str]) -> tuple[str, str, list[str]]:
