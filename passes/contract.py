@@ -13,6 +13,7 @@ import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.onnx_metadata import NAME_SCOPES, name_scopes
 from kiln.compiler.ort_session import ort_session
 from kiln.passes.base import MODULE_NAMES, OUTPUTS, SIGNATURE
 
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 ORT_CHECK_BYTES = 256 * 2**20  # ONNX Runtime builds a session for models with up to this many bytes of constants
 RTOL = 1e-4  # outputs kept "to fp32 round-off": |after - before| <= RTOL * max(1, max |before|) + ATOL
 ATOL = 1e-5
-NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of a node: ['', 'stem', 'stem.bn', op]
 UNSCOPED_OPS = frozenset({"Constant", "Identity"})  # ops a pass may add without a module name
 
 
@@ -148,20 +148,10 @@ def module_paths(graph: Any) -> dict[str, tuple[str, ...] | None]:
     found: dict[str, tuple[str, ...] | None] = {}
     for subgraph in all_graphs(graph):
         for node in subgraph:
-            scopes = node.metadata_props.get(NAME_SCOPES)
+            scopes = name_scopes(node)
             if node.name:
-                found[node.name] = tuple(_scopes(scopes)[:-1]) if scopes else None
+                found[node.name] = tuple(scopes[:-1]) if node.metadata_props.get(NAME_SCOPES) else None
     return found
-
-
-def _scopes(text: str) -> list[str]:
-    import ast
-
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return [text]
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _module_name_violations(before: Any, after: Any) -> list[str]:

@@ -13,21 +13,19 @@ and bisects otherwise.
 
 from __future__ import annotations
 
-import ast
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from kiln.compiler.diagnose.probe import NotBuilt, Probe, build_program
+from kiln.compiler.onnx_metadata import name_scopes
 
 if TYPE_CHECKING:
     from kiln.compiler.diagnose.cut import Boundary
     from kiln.compiler.diagnose.divergence_record import ModuleError
     from kiln.compiler.types import OutputMetrics, Tolerance
     from kiln.targets.base import Target
-
-NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
 def supported(target: Target, io_layout: str | None) -> bool:
@@ -51,19 +49,10 @@ def certain_names(onnx_path: Path, bounds: list[Boundary], outputs: dict[str, in
             found[boundary.index] = graph_outputs[position]
             continue
         node = producers.get(boundary.node)
-        scopes = _name_scopes(node) if node is not None else []
+        scopes = name_scopes(node) if node is not None else []
         if scopes and scopes[-1] == boundary.node and boundary.module in scopes:
             found[boundary.index] = boundary.node
     return found
-
-
-def _name_scopes(node: Any) -> list[str]:
-    text = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), "")
-    try:
-        scopes = ast.literal_eval(text) if text else []
-    except (ValueError, SyntaxError):
-        return []
-    return [str(s) for s in scopes] if isinstance(scopes, list) else []
 
 
 def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleError] | None:
