@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kiln.compiler.errors import KilnError, UnsupportedOpError, plain_text
+from kiln.compiler.errors import KilnError, UnsupportedOpError, error_text, plain_text
 
 
 @contextmanager
@@ -21,7 +21,7 @@ def backend_failures(target: str, action: str) -> Iterator[None]:
         text = plain_text(str(exc))
         what = f" (operation {op})" if (op := operation_named_in(text)) else ""
         raise UnsupportedOpError(
-            f"{target} could not {action} the model{what}: {type(exc).__name__}: {text[:300]}",
+            f"{target} could not {action} the model{what}: {error_text(exc)}",
             "try another target, or replace that operation in the model",
         ) from None
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
+from kiln.compiler.errors import error_text
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -328,9 +330,7 @@ class Manifest:
         try:
             return cls._from_json(data, path)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UsageError(
-                f"{path} is malformed ({type(exc).__name__}: {str(exc)[:120]})", "re-export the model"
-            ) from None
+            raise UsageError(f"{path} is malformed ({error_text(exc, 120)})", "re-export the model") from None
 
     @classmethod
     def _from_json(cls, data: Any, path: Path) -> Manifest:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.errors import error_text
 from kiln.passes import cleanup, fusion, fx, transpose_sinking
 from kiln.passes.base import DEFAULT_LEVEL, LEVELS, Pass
 from kiln.passes.graphs import count_nodes, dump_graph
@@ -125,7 +126,7 @@ def _run_checked(
         result, changed = graph_pass(graph)
     except Exception as error:  # a pass bug costs the optimization, not the export
         seconds = round(time.perf_counter() - started, 4)
-        return kept, False, f"the pass raised {type(error).__name__}: {' '.join(str(error).split())[:300]}", seconds
+        return kept, False, f"the pass raised {error_text(error)}", seconds
     seconds = round(time.perf_counter() - started, 4)
     if not changed:
         return result, False, None, seconds

@@ -13,6 +13,7 @@ import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.errors import error_text
 from kiln.compiler.onnx_metadata import NAME_SCOPES, name_scopes
 from kiln.compiler.ort_session import ort_session
 from kiln.passes.base import MODULE_NAMES, OUTPUTS, SIGNATURE
@@ -57,7 +58,7 @@ def check_graph(graph: Any, reference: Sequence[np.ndarray] | None = None) -> di
             if reference is not None:
                 problem = _compare(reference, outputs)
         except Exception as error:  # any failure to run is the finding
-            problem = _one_line(error)
+            problem = error_text(error)
         return {"runs": problem}
     return _check_onnx(graph)
 
@@ -70,18 +71,18 @@ def _check_onnx(model: Any) -> dict[str, str | None]:
     try:
         proto = ir.to_proto(model)
     except Exception as error:
-        return {"serializes": _one_line(error)}
+        return {"serializes": error_text(error)}
     found: dict[str, str | None] = {"serializes": None, "onnx.checker": None}
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as error:
-        found["onnx.checker"] = _one_line(error)
+        found["onnx.checker"] = error_text(error)
     if proto.ByteSize() <= ORT_CHECK_BYTES:
         try:
             ort_session(proto.SerializeToString(), optimization="disable")
             found["onnxruntime"] = None
         except Exception as error:
-            found["onnxruntime"] = _one_line(error)
+            found["onnxruntime"] = error_text(error)
     return found
 
 
@@ -195,11 +196,6 @@ def check_preserves(graph_pass: Pass, before: Any, after: Any, feeds: Any = None
         if problem:
             violations.append(f"outputs: {problem}")
     return violations
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}"
 
 
 __all__ = ["check_graph", "check_preserves", "module_paths", "run", "signature", "snapshot"]

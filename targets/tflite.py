@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kiln.compiler.errors import error_text, plain_text
 from kiln.compiler.image_layout import channels_last
 from kiln.compiler.quantization.litert import SIGNATURE, quantize_tflite
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
@@ -41,11 +42,11 @@ def convert(
         try:
             decomposed = to_tflite_signatures(programs, nhwc, float_model)
         except Exception as exc:
-            text = " ".join(str(exc).split("While executing")[0].split())
-            op = converter_error_op(text)
+            text = str(exc).split("While executing")[0]  # the FX node's stack trace follows
+            op = converter_error_op(plain_text(text))
             where = f" in {module_path_of(model.exported, op)}" if op else ""
             raise UnsupportedOpError(
-                f"LiteRT conversion failed{' on ' + op if op else ''}{where}: {type(exc).__name__}: {text[:200]}",
+                f"LiteRT conversion failed{' on ' + op if op else ''}{where}: {error_text(exc, 200, text)}",
                 "replace that operation in the model, or try another target",
             ) from None
         info: dict[str, Any] = {"decompositions_applied": decomposed}

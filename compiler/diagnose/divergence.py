@@ -34,7 +34,7 @@ from kiln.compiler.diagnose.divergence_record import Divergence, ModuleError
 from kiln.compiler.diagnose.fast_path import read_boundaries
 from kiln.compiler.diagnose.probe import PROBE, NotBuilt, Probe, build_program
 from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
-from kiln.compiler.errors import KilnError
+from kiln.compiler.errors import KilnError, error_text
 from kiln.compiler.export.artifacts import Artifact
 from kiln.compiler.parity.gate import ParitySamples, validate
 from kiln.compiler.progress import Progress
@@ -297,7 +297,7 @@ def localize_export(
             route=route,
         )
     except Exception as error:  # a diagnostic must not turn a parity verdict into a crash
-        progress.warn(f"localization failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        progress.warn(f"localization failed: {error_text(error, 200)}")
         return report
     found.write(directory)
     write_profile([found], directory / HTML_FILE)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from kiln.compiler.diagnose.probe import NotBuilt, Probe, build_program
+from kiln.compiler.errors import error_text
 from kiln.compiler.onnx_metadata import name_scopes
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleErr
     try:
         runs = probe.target.tapped_runs(artifact.directory, artifact.manifest, names, probe.samples.inputs)
     except Exception as refused:  # a runtime that refuses the extra outputs: the bisection still answers
-        why = f"{type(refused).__name__}: {str(refused)[:120]}"
+        why = error_text(refused, 120)
         probe.progress.say(f"localize: fast path not usable ({why}); bisecting")
         return None
     program, nodes = probe.captured.exported, [bounds[i].node for i in names]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from kiln.compiler.capture.inputs import check_feed
 from kiln.compiler.capture.pt2_archive import trusting_pickles
-from kiln.compiler.errors import KilnError, MissingBackendError, UsageError
+from kiln.compiler.errors import KilnError, MissingBackendError, UsageError, error_text
 from kiln.compiler.export.artifacts import Artifact, hash_files, load_runner
 from kiln.compiler.export.staging import REJECTED, STAGING_OWNER, staging_root_of
 from kiln.compiler.parity.gate import ParitySamples, validate
@@ -269,8 +269,7 @@ def _model_reference(
         raise
     except Exception as exc:  # the user's model failing on the export's own inputs: not this export's fault
         raise UsageError(
-            f"{model} fails on the parity inputs stored in {directory} ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:200]})",
+            f"{model} fails on the parity inputs stored in {directory} ({error_text(exc, 200)})",
             "pass the model the export was made from",
         ) from None
     missing = [s.name for s in manifest.outputs if any(s.name not in outputs for outputs in samples.reference)]

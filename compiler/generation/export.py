@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from kiln.compiler.errors import UsageError
+from kiln.compiler.errors import UsageError, error_text
 from kiln.compiler.generation.attention_masks import AttentionPattern
 from kiln.compiler.generation.causal_lm import FORWARD, TASKS, TEXT_GENERATION, cache_shape, decoder_spec, is_causal_lm
 from kiln.compiler.generation.decoding import input_names, layout_of
@@ -219,8 +219,7 @@ def generation_source(
         from kiln.compiler.errors import UnsupportedOpError
 
         raise UnsupportedOpError(
-            f"torch.export of {source.description} with a dynamic KV cache failed: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
+            f"torch.export of {source.description} with a dynamic KV cache failed: {error_text(exc)}",
             "export it with --task forward (one full-sequence forward, no cache)",
         ) from None
     return replace(

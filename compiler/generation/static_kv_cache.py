@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from kiln.compiler.errors import error_text
 from kiln.compiler.generation.attention_masks import AttentionPattern
 from kiln.compiler.generation.causal_lm import TEXT_GENERATION, cache_shape, decoder_spec
 from kiln.compiler.generation.decoding import DecoderSpec, static_output_names
@@ -136,9 +137,8 @@ def static_generation_source(source: ModelSource, cache_size: int | None) -> Mod
         with converter_output_captured():
             program = torch.export.export(wrapper, examples, strict=False)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise UnsupportedOpError(
-            f"torch.export of {source.description} with a static KV cache failed: {type(exc).__name__}: {text}",
+            f"torch.export of {source.description} with a static KV cache failed: {error_text(exc)}",
             "export it with --task forward (one full-sequence forward, no cache)",
         ) from None
     return replace(

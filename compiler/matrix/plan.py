@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.errors import UsageError
+from kiln.compiler.errors import UsageError, error_text
 from kiln.compiler.matrix.config import CellSpec, MatrixConfig, cell_key, kiln_code_hash
 from kiln.compiler.safe_fs import read_text
 
@@ -107,7 +107,7 @@ class Plan:
             return cls(cells, keys, Shard.parse(data["shard"]), data.get("settings", {}), data.get("host", {}))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise UsageError(
-                f"{path} is not a plan of `kiln matrix` ({type(exc).__name__}: {exc})", "re-run that shard"
+                f"{path} is not a plan of `kiln matrix` ({error_text(exc)})", "re-run that shard"
             ) from None
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kiln.compiler.capture.inputs import random_like
-from kiln.compiler.errors import UsageError
+from kiln.compiler.errors import UsageError, error_text
 from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
 from kiln.compiler.metrics import (
     Channel,
@@ -92,7 +92,7 @@ def _unpack(path: Path) -> list[Feeds]:
                 sets.setdefault(int(index), {})[name] = data[key]
     except Exception as exc:
         raise UsageError(
-            f"stored parity file {path} is unreadable ({type(exc).__name__}: {str(exc)[:160]})",
+            f"stored parity file {path} is unreadable ({error_text(exc, 160)})",
             "re-export the model, or pass --model SOURCE to recompute the reference",
         ) from None
     return [sets[i] for i in sorted(sets)]

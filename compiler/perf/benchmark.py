@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kiln.compiler.errors import KilnError, MissingBackendError, UsageError
+from kiln.compiler.errors import KilnError, MissingBackendError, UsageError, error_text
 from kiln.compiler.limits import check_count, check_seconds, check_threads
 from kiln.compiler.perf.bench_report import (
     SCHEMA,
@@ -278,7 +278,7 @@ def start_workers(
 def _as_error(candidate: Candidate, error: Exception) -> KilnError:
     if isinstance(error, KilnError):
         return error
-    failed = KilnError(f"{candidate.name}: the benchmark worker failed: {error}", "rerun with KILN_DEBUG=1")
+    failed = KilnError(f"{candidate.name}: the benchmark worker failed: {error_text(error)}", "rerun with KILN_DEBUG=1")
     failed.exit_code = 4
     return failed
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from kiln.compiler.errors import ParityError, UsageError
+from kiln.compiler.errors import ParityError, UsageError, error_text
 from kiln.compiler.metrics import is_classifier, mean_row_cosine, top1_matches
 from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
 from kiln.compiler.types import Feeds, TensorSpec
@@ -223,7 +223,7 @@ def scorer(metric: str | None, inputs: Feeds, reference: Feeds) -> tuple[str, Ca
             return float(value)
         except Exception as exc:
             raise UsageError(
-                f"metric {metric} failed: {type(exc).__name__}: {exc}",
+                f"metric {metric} failed: {error_text(exc)}",
                 "fn(outputs, inputs) takes dicts of arrays by name (calibration samples stacked) and returns a float",
             ) from exc
 

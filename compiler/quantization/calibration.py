@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.compiler.errors import UsageError
+from kiln.compiler.errors import UsageError, error_text
 from kiln.compiler.image_layout import NHWC, nhwc_array
 from kiln.compiler.types import Feeds, TensorSpec
 
@@ -221,7 +221,7 @@ def _from_loader(path: Path, function: str, source: str, inputs: list[TensorSpec
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"{source} raised {type(exc).__name__}: {exc}", "fix the loader so that it runs") from exc
+        raise UsageError(f"{source} raised {error_text(exc)}", "fix the loader so that it runs") from exc
 
 
 def _as_array(value: Any) -> np.ndarray:
