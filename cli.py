@@ -126,6 +126,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
                 "devices": list(target.devices),
                 "consumes": target.consumes,
                 "accuracy_aware": target.accuracy_aware,
+                "kv_cache": target.kv_cache,
+                "tappable": target.tappable,
+                "tuned_by_default": target.tuned_by_default,
                 "requires": list(target.requires.values()),
                 "available": reason is None,
                 "why_unavailable": reason,
@@ -319,8 +322,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
     from kiln.compiler.perf.tune import (
         DEFAULT_PRECISIONS,
-        DEFAULT_TARGETS,
         TuneOptions,
+        default_targets,
         parse_list,
         parse_threads,
     )
@@ -329,7 +332,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from kiln.compiler.progress import Progress
 
     options = TuneOptions(
-        targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
+        targets=parse_list(args.targets, default_targets(), "--targets"),
         precisions=parse_list(args.precisions, DEFAULT_PRECISIONS, "--precisions"),
         objective=args.objective,
         threads=parse_threads(args.threads),

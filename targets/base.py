@@ -131,6 +131,9 @@ class Target:
     # True: `tapped_runs` runs a built artifact with intermediate tensors as extra outputs, so that localization
     # reads every module boundary from one build (kiln.compiler.diagnose.fast_path) instead of bisecting.
     tappable: bool = False
+    # True: `kiln tune` builds and times it when no --targets is given (a runtime whose artifacts run on the machine
+    # that tunes, worth timing against the others).
+    tuned_by_default: bool = False
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
     # `kiln verify` accepts them although the manifest does not list them.
     later_files: tuple[str, ...] = ()

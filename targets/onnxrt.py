@@ -79,6 +79,7 @@ class OnnxRuntimeTarget(Target):
     """The optimized ONNX graph, for ONNX Runtime or any ONNX consumer."""
 
     name = "onnx"
+    tuned_by_default = True  # kiln tune without --targets
     kv_cache = "growing"
     aliases = ("onnxruntime", "ort")
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"

@@ -148,6 +148,7 @@ class OpenVinoTarget(Target):
     """OpenVINO IR (`model.xml` + `model.bin`) for Intel/AMD CPUs."""
 
     name = "openvino"
+    tuned_by_default = True  # kiln tune without --targets
     kv_cache = "growing"
     aliases = ("cpu", "ov")
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"

@@ -123,6 +123,7 @@ class TfliteTarget(Target):
     """A `.tflite` flatbuffer validated in the LiteRT interpreter (XNNPACK)."""
 
     name = "tflite"
+    tuned_by_default = True  # kiln tune without --targets
     kv_cache = "static"
     aliases = ("litert", "mobile")
     description = "LiteRT/TFLite flatbuffer for Android/iOS, validated in the LiteRT interpreter (XNNPACK)"

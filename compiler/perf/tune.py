@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,18 +41,24 @@ if TYPE_CHECKING:
     from kiln.targets.base import Target
 
 OBJECTIVES = ("latency", "throughput", "size")
-DEFAULT_TARGETS = ("onnx", "openvino", "tflite")
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Each candidate's timed runs in a round last at least this long (more runs for a fast model): with ten runs of
 # a 0.1 ms model a round is one scheduler tick, and tune ranked a tiny model's candidates by their stalls.
 MIN_ROUND_MS = 50.0
 
 
+def default_targets() -> tuple[str, ...]:
+    """What `kiln tune` builds without --targets: the targets that say so (`Target.tuned_by_default`)."""
+    from kiln.targets import TARGETS
+
+    return tuple(t.name for t in TARGETS if t.tuned_by_default)
+
+
 @dataclass(frozen=True)
 class TuneOptions:
     """What `kiln tune` was asked."""
 
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] = field(default_factory=default_targets)
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     objective: str = "latency"
     threads: tuple[int, ...] = ()  # thread counts to time each candidate at (empty: each runtime's default)
