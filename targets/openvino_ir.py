@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.xml"
 FAKE_QUANTIZED = "::fake_quantized"  # the name a tapped FakeQuantize output is given (int8)
-WEIGHTS_FILE = "model.bin"
 # What the runtime is asked to compute in, per export precision. fp16 keeps fp16 weights
 # in the IR but computes in f32; bf16 asks the CPU plugin for bf16 where the CPU has it.
 # int8 runs its quantized ops in int8 and the rest in f32 (not bf16 on CPUs that have it), so that

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from kiln.compiler.types import Manifest
 
 BYTECODE_FILE = "model.stablehlo.mlirbc"
-TEXT_FILE = "model.stablehlo.mlir"
 HLO_FILE = "model.hlo.txt"
 SAVED_MODEL_DIR = "saved_model"
 TEXT_LIMIT = 8 * 2**20  # write the readable .mlir only below this size

@@ -168,11 +168,6 @@ def flat_output_names(outputs: Any) -> list[str]:
     return [f"output_{n}" if n and n[0].isdigit() else (n or "output") for n in names]
 
 
-def resize_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """The tensor with dim 0 resized to `batch` by cycling its rows."""
-    return tensor[torch.arange(batch) % tensor.shape[0]]
-
-
 def input_names(source: ModelSource) -> list[str]:
     """The names torch.export gives the source's inputs: forward's parameter names (`args_0`... for `*args`;
     a .pt2's own names)."""
