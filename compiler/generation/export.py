@@ -21,9 +21,17 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from kiln.compiler.errors import UsageError, error_text
+from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import AttentionPattern
-from kiln.compiler.generation.causal_lm import FORWARD, TASKS, TEXT_GENERATION, cache_shape, decoder_spec, is_causal_lm
+from kiln.compiler.generation.causal_lm import (
+    FORWARD,
+    TASKS,
+    TEXT_GENERATION,
+    cache_shape,
+    decoder_source,
+    decoder_spec,
+    is_causal_lm,
+)
 from kiln.compiler.generation.decoding import input_names, layout_of
 from kiln.compiler.generation.static_kv_cache import name_static_io, static_generation_source
 from torch import nn
@@ -187,7 +195,7 @@ def generation_source(
     if any(t.kv_cache == STATIC for t in targets or []):
         return static_generation_source(source, cache_size)
     assert source.module is not None
-    spec = decoder_spec(source.module)
+    spec = decoder_spec(source.module)  # refuses attention Kiln does not build, before any work
     wrapper = CausalLMWithCache(source.module).eval()
     config: Any = source.module.config
     layers, kv_heads, head_dim = cache_shape(config)
@@ -210,28 +218,7 @@ def generation_source(
         {0: dims["batch"], 1: dims["seq"]},
         tuple({0: dims["batch"], 2: dims["past"]} for _ in cache),
     )
-    from kiln.compiler.progress import converter_output_captured
-
-    try:
-        with converter_output_captured():
-            program = torch.export.export(wrapper, examples, dynamic_shapes=shapes, strict=False)
-    except Exception as exc:
-        from kiln.compiler.errors import UnsupportedOpError
-
-        raise UnsupportedOpError(
-            f"torch.export of {source.description} with a dynamic KV cache failed: {error_text(exc)}",
-            "export it with --task forward (one full-sequence forward, no cache)",
-        ) from None
-    return replace(
-        source,
-        description=f"{source.description} (text-generation, KV cache)",
-        example_inputs=examples,
-        module=wrapper,
-        exported=program,
-        task=TEXT_GENERATION,
-        reference_model=source.module,
-        decoder=spec,
-    )
+    return decoder_source(source, wrapper, examples, "dynamic KV cache", shapes)
 
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:

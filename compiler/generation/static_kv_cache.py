@@ -23,9 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from kiln.compiler.errors import error_text
 from kiln.compiler.generation.attention_masks import AttentionPattern
-from kiln.compiler.generation.causal_lm import TEXT_GENERATION, cache_shape, decoder_spec
+from kiln.compiler.generation.causal_lm import cache_shape, decoder_source, decoder_spec
 from kiln.compiler.generation.decoding import DecoderSpec, static_output_names
 from torch import nn
 
@@ -122,35 +121,13 @@ def check_cache_size(size: int | None, spec: DecoderSpec) -> int:
 def static_generation_source(source: ModelSource, cache_size: int | None) -> ModelSource:
     """`source` (a causal LM) as its static-cache decode step: the wrapper, its example inputs and its program
     (all shapes static; `capture` takes a source's program as it is)."""
-    from dataclasses import replace
-
-    from kiln.compiler.errors import UnsupportedOpError
-    from kiln.compiler.progress import converter_output_captured
-
     assert source.module is not None
     config: Any = source.module.config
     spec = decoder_spec(source.module)
     size = check_cache_size(cache_size, spec)
     wrapper = CausalLMWithStaticCache(source.module, size).eval()
     examples = static_examples(config, size, next(source.module.parameters()).dtype)
-    try:
-        with converter_output_captured():
-            program = torch.export.export(wrapper, examples, strict=False)
-    except Exception as exc:
-        raise UnsupportedOpError(
-            f"torch.export of {source.description} with a static KV cache failed: {error_text(exc)}",
-            "export it with --task forward (one full-sequence forward, no cache)",
-        ) from None
-    return replace(
-        source,
-        description=f"{source.description} (text-generation, static KV cache of {size})",
-        example_inputs=examples,
-        module=wrapper,
-        exported=program,
-        task=TEXT_GENERATION,
-        reference_model=source.module,
-        decoder=spec,
-    )
+    return decoder_source(source, wrapper, examples, f"static KV cache of {size}")
 
 
 def name_static_io(captured: CapturedModel) -> CapturedModel:
