@@ -223,8 +223,8 @@ def generation_source(
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
     """The captured model with its ONNX inputs named `past_key_values.{i}.key|value` (not the program's `past_0`)
-    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file.
-    A static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_cache.name_static_io`)."""
+    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file. A
+    static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_kv_cache.name_static_io`)."""
     import onnx
     from kiln.compiler.capture.onnx_files import onnx_signature
 

@@ -101,7 +101,7 @@ class Variant:
         return " ".join(parts + ([PLAIN] if self.plain else []))
 
     def export_options(self) -> dict[str, Any]:
-        """The matrix cell options (`kiln.compiler.matrix.CellOptions`) that make it."""
+        """The matrix cell options (`kiln.compiler.matrix.config.CellOptions`) that make it."""
         options: dict[str, Any] = {"opt_level": 0} if self.plain else {}
         options |= {"io": "nhwc"} if self.layout == "nhwc" else {}
         return options | ({"dynamic_batch": self.batch_range} if self.batch_range else {})
