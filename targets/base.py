@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import numpy as np
     from kiln.compiler.capture.program import CapturedModel
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
-    from kiln.compiler.types import Manifest, PassRecord, TensorSpec
+    from kiln.compiler.types import Feeds, Manifest, PassRecord, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ class Target:
         raise NotImplementedError
 
     def tapped_runs(
-        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[dict[str, np.ndarray]]
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
     ) -> list[dict[int, np.ndarray]]:
         """A `tappable` target's artifact in `directory` run on each input set with the tensors `names` (index ->
         value name in the ONNX graph it was built from) as extra outputs: per input set, index -> the runtime's
