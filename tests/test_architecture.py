@@ -34,6 +34,7 @@ HELPERS = (  # the core's small services, above the leaves
     "kiln.compiler.host",
     "kiln.compiler.processes",
     "kiln.compiler.backend_errors",
+    "kiln.compiler.pages",
 )
 CAPTURE = ("kiln.compiler.capture.*",)
 QUANTIZATION = ("kiln.compiler.quantization.*",)

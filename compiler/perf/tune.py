@@ -7,9 +7,9 @@ The builds are cells of a `kiln matrix` run in `DIR/builds` (`kiln.compiler.matr
 results.jsonl is the resume log, so a killed tune resumes and an unchanged candidate is not rebuilt). Runtime
 settings (`kiln.targets.base.RuntimeSettings`: ONNX Runtime's graph optimization level, OpenVINO's performance hint and
 inference precision) and thread counts share one build and are timed as separate candidates, in the same
-interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`). The ranking, the tie rule and the reports are in
-`kiln.compiler.perf.tune_report`. Building here and timing on the deployment machine (`--build-only`, `--time-only`, a
-moved DIR) is `kiln.compiler.perf.tune_deploy`.
+interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`). The ranking and the tie rule are in
+`kiln.compiler.perf.tune_report`, the leaderboards in `kiln.compiler.perf.leaderboard`. Building here and timing on
+the deployment machine (`--build-only`, `--time-only`, a moved DIR) is `kiln.compiler.perf.tune_deploy`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.perf.bench_worker import ROUND_TIMEOUT_S
+from kiln.compiler.perf.leaderboard import write_leaderboards
 from kiln.compiler.perf.tune_candidates import PLAIN, Entry, Plan, Variant, check_batch, check_io
 from kiln.compiler.perf.tune_files import (
     BEST_DIR,
@@ -33,7 +34,7 @@ from kiln.compiler.perf.tune_files import (
     tune_directory,
     withdraw_best,
 )
-from kiln.compiler.perf.tune_report import publish, rank, write_leaderboards
+from kiln.compiler.perf.tune_report import publish, rank
 
 if TYPE_CHECKING:
     from kiln.compiler.matrix.results import CellResult
