@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kiln import cli  # noqa: E402
-from kiln.compiler.export.pipeline import ExportOptions, export_targets  # noqa: E402
+from kiln.compiler.export.options import ExportOptions  # noqa: E402
+from kiln.compiler.export.pipeline import export_targets  # noqa: E402
 from kiln.compiler.export.result import ExportResult  # noqa: E402
 
 USER_MODELS = ROOT / "tests" / "models" / "user_models.py"
