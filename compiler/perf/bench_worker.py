@@ -7,7 +7,7 @@ The parent (`kiln.compiler.perf.benchmark`) writes one JSON job per line on stdi
   loads it (timed), runs it once (the first inference, timed: for `torch.compile` this is the compilation) and
   answers `{"ok": true, "load_s", "first_ms", "thread_control", "runtime_info", "pausable"}`, or `{"ok": false,
   "error", "exit_code"}` when it cannot (a one-line Kiln error and its exit code); `kind` "noise" is the fixed
-  workload of `kiln.compiler.perf.noise`;
+  workload (`noise_workload`) that `kiln.compiler.perf.noise` times;
 * then `{"op": "time", "runs": N, "warmup": W}` -> `{"times_ms": [...]}`, `{"op": "stats"}` -> `{"peak_rss_mib"}`,
   and `{"op": "quit"}` (or the end of stdin: the parent died) ends it.
 
@@ -44,6 +44,7 @@ LOAD_TIMEOUT_S = 900.0  # a worker that neither loads nor answers in this long i
 ROUND_TIMEOUT_S = 300.0  # the default of `kiln bench --round-timeout`: one round's (or the warm-up's) runs
 PARENT_ENV = "KILN_WORKER_PARENT"  # the parent's pid, for a worker to see that it was orphaned before it asked
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+NOISE_SIZE = 256  # the noise workload's matrices' side (about 0.3 ms a product on 2 cores)
 
 
 def main() -> int:
@@ -113,10 +114,8 @@ def load_candidate(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, An
     quiet_libraries()
     threads = job.get("threads")
     if job["kind"] == "noise":
-        from kiln.compiler.perf.noise import workload
-
         run, control, info, load_s = (
-            workload(threads),
+            noise_workload(threads),
             "torch.set_num_threads",
             {"runtime": "torch", "batch": None},
             0.0,
@@ -144,12 +143,25 @@ def _rows(feeds: dict[str, Any]) -> int | None:
     return next((int(v.shape[0]) for v in feeds.values() if getattr(v, "ndim", 0)), None)
 
 
+def noise_workload(threads: int | None) -> Callable[[], Any]:
+    """The fixed workload of the machine's noise probe (`kiln.compiler.perf.noise`): one product of two fixed
+    NOISE_SIZE x NOISE_SIZE float32 matrices, on `threads` threads (None: torch's default, one per core), as the
+    candidates' runtimes would use them."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(NOISE_SIZE, NOISE_SIZE, generator=generator) for _ in range(2))
+    return lambda: torch.mm(a, b)
+
+
 def _artifact(
     directory: Path, threads: int | None, batch: int | None, trust_pickle: bool, settings: dict[str, Any] | None = None
 ) -> tuple[Callable[[], Any], str, dict[str, Any], float]:
     from kiln.compiler.capture.pt2_archive import trusting_pickles
     from kiln.compiler.export.artifacts import Artifact, load_runner
-    from kiln.compiler.perf.benchmark import bench_feeds
+    from kiln.compiler.perf.timing import bench_feeds
     from kiln.targets.base import RuntimeSettings
 
     artifact = Artifact.read(directory)
@@ -168,7 +180,7 @@ def _torch(job: dict[str, Any], threads: int | None) -> tuple[Callable[[], Any],
     from kiln.compiler.capture.pt2_archive import trusting_pickles
     from kiln.compiler.capture.sources import load_source
     from kiln.compiler.parity.reference import reference_runner
-    from kiln.compiler.perf.benchmark import bench_feeds
+    from kiln.compiler.perf.timing import bench_feeds
     from kiln.compiler.types import Manifest
 
     if threads:

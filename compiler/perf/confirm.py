@@ -61,7 +61,7 @@ class ConfirmSettings:
     timed runs per turn (at least `min_round_ms` of them), warm-up runs of a fresh process, and the timeouts."""
 
     budget_s: float
-    margin: float
+    margin: float = 0.03
     rounds: int = ROUNDS_PER_BLOCK
     runs: int = 10
     warmup: int = 3

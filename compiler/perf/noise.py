@@ -1,41 +1,31 @@
 """The machine's timing noise, measured before candidates are compared (`kiln tune`, `kiln bench`).
 
-One fixed workload (WORKLOAD: a float32 matrix product in torch, at the candidates' thread count) runs in two
-worker processes, timed by the timing method (`kiln.compiler.perf.rounds`) in alternating rounds as two candidates
-would be: an A/A test. On a quiet machine each round's ratio of the two medians is 1; how far it strays is how far
-two equal candidates can look apart in one round. `Noise.percent` is the median of |ratio - 1|, in percent: in
-half the rounds the two differed by more. A difference between candidates smaller than that cannot be told by a
-few rounds: `kiln tune` says so, widens its confirmation (`kiln.compiler.perf.tune_confirm`), and decides no winner
-by less than it.
+One fixed workload (WORKLOAD: a float32 matrix product in torch, at the candidates' thread count; the worker's
+`kiln.compiler.perf.bench_worker.noise_workload`) runs in two worker processes, timed by the timing method
+(`kiln.compiler.perf.rounds`) in alternating rounds as two candidates would be: an A/A test. On a quiet machine each
+round's ratio of the two medians is 1; how far it strays is how far two equal candidates can look apart in one
+round. `Noise.percent` is the median of |ratio - 1|, in percent: in half the rounds the two differed by more. A
+difference between candidates smaller than that cannot be told by a few rounds: `kiln tune` says so, widens its
+confirmation (`kiln.compiler.perf.tune_confirm`), and decides no winner by less than it.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from kiln.compiler.errors import KilnError
+from kiln.compiler.perf.bench_worker import LOAD_TIMEOUT_S, NOISE_SIZE, Worker, WorkerFailed
+from kiln.compiler.perf.rounds import interleave, sized_turns
 
 if TYPE_CHECKING:
     from kiln.compiler.progress import Progress
 
-SIZE = 256  # the matrices' side (about 0.3 ms a product on 2 cores)
-WORKLOAD = f"a {SIZE}x{SIZE} float32 matrix product (torch) in two worker processes, alternating rounds"
+WORKLOAD = f"a {NOISE_SIZE}x{NOISE_SIZE} float32 matrix product (torch) in two worker processes, alternating rounds"
 ROUNDS = 10
 ROUND_MS = 50.0  # timed runs per turn last at least this long (as tune's candidates': its MIN_ROUND_MS)
-
-
-def workload(threads: int | None) -> Callable[[], Any]:
-    """The fixed workload: one product of two fixed SIZE x SIZE float32 matrices, on `threads` threads (None:
-    torch's default, one per core), as the candidates' runtimes would use them."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(SIZE, SIZE, generator=generator), torch.randn(SIZE, SIZE, generator=generator)
-    return lambda: torch.mm(a, b)
 
 
 @dataclass(frozen=True)
@@ -68,10 +58,6 @@ class Noise:
 def measure(progress: Progress, threads: int | None = None, rounds: int = ROUNDS) -> Noise:
     """Time the fixed workload at `threads` threads in two workers, in `rounds` alternating rounds, as candidates
     are timed."""
-    from kiln.compiler.errors import KilnError
-    from kiln.compiler.perf.bench_worker import LOAD_TIMEOUT_S, Worker, WorkerFailed
-    from kiln.compiler.perf.rounds import interleave, sized_turns
-
     progress.say("measuring the machine's noise ...")
     workers: list[Worker] = []
     try:

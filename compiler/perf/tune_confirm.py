@@ -20,14 +20,17 @@ pair is within the margin, or when `--confirm-budget` seconds are spent (0: no c
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from kiln.compiler.perf.confirm import ROUNDS_PER_BLOCK
+from kiln.compiler.export.artifacts import Artifact
+from kiln.compiler.perf.benchmark import ARTIFACT, BenchOptions, Candidate
+from kiln.compiler.perf.confirm import Blocks, Comparison, ConfirmSettings, Contender, time_blocks, verdict
+from kiln.compiler.perf.tune_report import NOISE_FLOOR, measured, pareto, round_ratio, tie_key, tied
 
 if TYPE_CHECKING:
-    from kiln.compiler.perf.confirm import Blocks, Comparison
     from kiln.compiler.perf.noise import Noise
-    from kiln.compiler.perf.tune import Entry, TuneOptions
+    from kiln.compiler.perf.tune_candidates import Entry
     from kiln.compiler.progress import Progress
 
 MAX_CONTENDERS = 3
@@ -39,8 +42,6 @@ BLOCKS_METHOD = (
 
 def margin(noise: Noise | None) -> float:
     """The difference a decided win needs: 3% (NOISE_FLOOR), or the machine's noise when larger."""
-    from kiln.compiler.perf.tune_report import NOISE_FLOOR
-
     measured = noise.percent if noise is not None else None
     return max(NOISE_FLOOR - 1, (measured or 0.0) / 100)
 
@@ -51,17 +52,15 @@ def contenders(rows: list[dict[str, Any]], objective: str, within: float) -> lis
     none is that close. Taking the close ones in the tie rule's order, not the ranking's, keeps the tie rule's
     favourite among the contenders whatever order the noise put the close ones in: two tunes that decide nothing
     then pick the same one."""
-    from kiln.compiler.perf.tune_report import round_ratio, tie_key, tied
-
     best = rows[0]
     close = [r for r in rows[1:] if tied(best, r, objective) or round_ratio(best, r) <= 1 + within]
     chosen = [best, *sorted(close, key=tie_key)][:MAX_CONTENDERS]
     return chosen if len(chosen) > 1 or len(rows) < 2 else [best, rows[1]]
 
 
-def skipped(board: dict[str, Any], options: TuneOptions) -> str | None:
-    """Why there is nothing to confirm, or None."""
-    if options.confirm_budget_s == 0:
+def skipped(board: dict[str, Any], budget_s: float) -> str | None:
+    """Why there is nothing to confirm (`budget_s`: the seconds it may take), or None."""
+    if budget_s == 0:
         return "not confirmed: --confirm-budget 0"
     if board["objective"] == "size":
         return "nothing to re-time: artifact sizes are exact"
@@ -70,17 +69,14 @@ def skipped(board: dict[str, Any], options: TuneOptions) -> str | None:
     return None
 
 
-def confirm(board: dict[str, Any], entries: list[Entry], options: TuneOptions, noise: Noise | None,
+def confirm(board: dict[str, Any], entries: list[Entry], asked: ConfirmSettings, noise: Noise | None,
             progress: Progress) -> None:  # fmt: skip
     """Time the ranking's best and its runners-up again (see the module's docstring) and set the board's winner,
     why, `decided`, `confidence` and `confirmation` (the ranking's winner stands, undecided, where there is nothing
-    to confirm)."""
-    from kiln.compiler.perf.confirm import ConfirmSettings, Contender, time_blocks
-    from kiln.compiler.perf.tune import MIN_ROUND_MS
-    from kiln.compiler.perf.tune_report import round_ratio
-
+    to confirm). `asked`: the budget, runs, warm-up and timeouts; its margin and rounds are set here, from the
+    noise."""
     board["noise"] = noise.to_dict() if noise is not None else None
-    why_not = skipped(board, options)
+    why_not = skipped(board, asked.budget_s)
     if why_not is not None:
         board |= {"decided": board["objective"] == "size" or len(board["candidates"]) == 1, "confidence": None,
                   "confirmation": {"skipped": why_not}}  # fmt: skip
@@ -93,10 +89,9 @@ def confirm(board: dict[str, Any], entries: list[Entry], options: TuneOptions, n
     if widened:
         progress.say(
             f"the machine's noise ({noise.percent if noise else 0:g}%) is larger than the {100 * gap:.1f}% between "
-            f"the best two: the confirmation runs twice the rounds per block, for up to {options.confirm_budget_s:g} s"
+            f"the best two: the confirmation runs twice the rounds per block, for up to {asked.budget_s:g} s"
         )
-    settings = ConfirmSettings(options.confirm_budget_s, needed, ROUNDS_PER_BLOCK * (2 if widened else 1),
-                               options.runs, options.warmup, MIN_ROUND_MS, options.round_timeout_s)  # fmt: skip
+    settings = replace(asked, margin=needed, rounds=asked.rounds * (2 if widened else 1))
     by_name = {e.name: e for e in entries}
     progress.say(f"confirming {', '.join(r['name'] for r in chosen)} in fresh processes ...")
     blocks = time_blocks([Contender(r["name"], _job(by_name[r["name"]])) for r in chosen], settings, progress)
@@ -104,7 +99,7 @@ def confirm(board: dict[str, Any], entries: list[Entry], options: TuneOptions, n
     _decide(board, [r for i, r in enumerate(chosen) if i not in blocks.failed], blocks, needed)
     board["confirmation"] |= {"method": BLOCKS_METHOD, "contenders": [r["name"] for r in chosen],
                               "rounds_per_block": settings.rounds, "blocks": blocks.count, "seconds": blocks.seconds,
-                              "budget_s": options.confirm_budget_s, "stopped": blocks.stopped,
+                              "budget_s": settings.budget_s, "stopped": blocks.stopped,
                               "margin_pct": round(100 * needed, 2), "ranking_gap_pct": round(100 * gap, 2),
                               "widened": widened, "failed": {blocks.labels[i]: why for i, why in blocks.failed.items()},
                               "block_medians_ms": {blocks.labels[i]: [round(statistics.median(b), 4) for b in m]
@@ -113,9 +108,6 @@ def confirm(board: dict[str, Any], entries: list[Entry], options: TuneOptions, n
 
 def _job(entry: Entry) -> dict[str, Any]:
     """The worker job of a candidate, as the ranking timed it."""
-    from kiln.compiler.export.artifacts import Artifact
-    from kiln.compiler.perf.benchmark import ARTIFACT, BenchOptions, Candidate
-
     assert entry.directory is not None
     manifest = Artifact.read(entry.directory).manifest
     candidate = Candidate(entry.name, ARTIFACT, entry.directory, manifest, threads=entry.threads,
@@ -135,16 +127,11 @@ def _reject_failed(board: dict[str, Any], entries: list[Entry], chosen: list[dic
         board["candidates"].remove(row)
         board["rejected"].append(row)
     if blocks.failed:
-        from kiln.compiler.perf.tune_report import pareto
-
         board["pareto"] = pareto(board["candidates"])
 
 
 def _decide(board: dict[str, Any], alive: list[dict[str, Any]], blocks: Blocks, needed: float) -> None:
     """The board's winner from the blocks: the decided one, or the tie rule's pick among those not beaten."""
-    from kiln.compiler.perf.confirm import Comparison, verdict
-    from kiln.compiler.perf.tune_report import measured, tie_key
-
     for row in board["candidates"]:
         row.pop("winner", None)
     found = verdict(blocks, needed)
