@@ -272,7 +272,7 @@ def _tune_parser(sub: Any) -> None:
     tune.add_argument("--runs", type=int, default=10, help="timed runs per candidate per round (default 10)")
     tune.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first (default 3)")
     _round_timeout_flag(tune)
-    from kiln.compiler.perf.tune import CONFIRM_BUDGET_S
+    from kiln.compiler.perf.confirm import CONFIRM_BUDGET_S
 
     tune.add_argument(
         "--confirm-budget", type=float, default=CONFIRM_BUDGET_S, metavar="S", help="seconds the confirmation may "

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from kiln.compiler.perf.bench_worker import Worker
     from kiln.compiler.progress import Progress
 
+CONFIRM_BUDGET_S = 90.0  # the default of `kiln tune --confirm-budget`: seconds the confirmation may take
 CONFIDENCE = 0.95  # the probability that the winner is faster in a fresh process, that a decided pick needs
 DECIDING_BLOCKS = 4  # the fewest blocks that can reach CONFIDENCE (all won: P = 1 - 1/32)
 MAX_BLOCKS = 12

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.perf.bench_worker import ROUND_TIMEOUT_S
-from kiln.compiler.perf.confirm import ConfirmSettings
+from kiln.compiler.perf.confirm import CONFIRM_BUDGET_S, ConfirmSettings
 from kiln.compiler.perf.leaderboard import write_leaderboards
 from kiln.compiler.perf.rounds import METHOD
 from kiln.compiler.perf.tune_candidates import PLAIN, Entry, Plan, Variant, check_batch, check_io
@@ -52,7 +52,6 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Each candidate's timed runs in a round last at least this long (more runs for a fast model): with ten runs of
 # a 0.1 ms model a round is one scheduler tick, and tune ranked a tiny model's candidates by their stalls.
 MIN_ROUND_MS = 50.0
-CONFIRM_BUDGET_S = 90.0  # the default of --confirm-budget: seconds the confirmation may take
 
 
 def default_targets() -> tuple[str, ...]:
