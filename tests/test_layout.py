@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 from kiln.compiler.capture.program import capture
 from kiln.compiler.capture.sources import load_source
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.parity.gate import in_reference_layout
 from kiln.compiler.types import TensorSpec
 from kiln.passes import PASSES, save_onnx

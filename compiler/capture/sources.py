@@ -352,7 +352,7 @@ def state_hash(tensors: dict[str, torch.Tensor]) -> str:
 def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
     """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module."""
     if isinstance(model, (str, Path)):
-        user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
+        user = [read_inputs_file_raw(p) for p in options.parity.inputs_files] if str(model).endswith(".onnx") else None
         return load_source(str(model), user)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
