@@ -37,7 +37,7 @@ if __name__ == "__main__" and not __package__:
 
 from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
 from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
-from kiln.compiler.errors import KilnError, as_kiln_error, within_kiln  # noqa: E402
+from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error, within_kiln  # noqa: E402
 from kiln.compiler.progress import quiet_libraries  # noqa: E402
 from kiln.compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt  # noqa: E402
 
@@ -324,7 +324,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(board, indent=2, default=str))
     elif not args.quiet:
-        from kiln.compiler.perf.tune_report import markdown
+        from kiln.compiler.perf.leaderboard import markdown
 
         print(markdown(board))
     return 0 if board["winner"] is not None or (args.build_only and board["candidates"]) else 1
@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as error:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # `kiln targets | head`: the reader left; say nothing more, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
         what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"

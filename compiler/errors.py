@@ -20,6 +20,7 @@ EXIT_UNAVAILABLE = 3  # the target is not available on this machine
 EXIT_INTERNAL = 4  # a bug in Kiln or a backend
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15), see kiln.compiler.signals
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout left (`kiln targets | head`), as a shell reports it
 
 # Terminal escape sequences (colours, bold...) that converters print into their messages
 _ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[@-Z\\-_])")

@@ -57,7 +57,7 @@ def zoo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult]:
     """The transformer exported with a dynamic batch of 1..8 to ONNX and OpenVINO."""
     out = tmp_path_factory.mktemp("dynamic") / "transformer"
-    from kiln.compiler.capture.program import DynamicBatch
+    from kiln.compiler.capture.dynamic import DynamicBatch
 
     results = export_targets("zoo:transformer", "onnx,openvino", out, ExportOptions(shapes=Shapes(DynamicBatch(1, 8))))
     return {r.target: r for r in results}

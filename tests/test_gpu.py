@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from kiln.compiler.capture.program import DynamicBatch
+from kiln.compiler.capture.dynamic import DynamicBatch
 from kiln.compiler.export.loading import verify
 from kiln.compiler.export.options import ExportOptions, Shapes
 from kiln.compiler.export.pipeline import export_targets

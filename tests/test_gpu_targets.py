@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from kiln import load
-from kiln.compiler.capture.program import DynamicBatch
+from kiln.compiler.capture.dynamic import DynamicBatch
 from kiln.compiler.capture.zoo import ZOO
 from kiln.compiler.export.options import ExportOptions, Shapes
 from kiln.compiler.export.pipeline import export_targets

@@ -78,7 +78,7 @@ def test_llama_with_grouped_query_attention_passes_parity_on_tflite(tmp_path_fac
 
 
 def test_the_torchscript_route_keeps_a_dynamic_batch(tmp_path):
-    from kiln.compiler.capture.program import DynamicBatch
+    from kiln.compiler.capture.dynamic import DynamicBatch
     from kiln.compiler.export.options import ExportOptions, Shapes
 
     options = ExportOptions(shapes=Shapes(DynamicBatch(1, 8)))

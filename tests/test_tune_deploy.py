@@ -112,7 +112,7 @@ def test_a_tune_that_chooses_nothing_withdraws_an_earlier_best(moved, tmp_path, 
 
 
 def test_a_leaderboard_timed_elsewhere_says_where_it_was_built():
-    from kiln.compiler.perf.tune_report import where_lines
+    from kiln.compiler.perf.leaderboard import where_lines
 
     here = {"host": "deploy", "cpu": "Xeon", "cpu_flags": ["avx512_vnni"], "cores": 8, "threads": [4]}
     there = {"host": "builder", "cpu": "EPYC", "cpu_flags": ["avx2"], "cores": 2}

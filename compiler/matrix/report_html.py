@@ -21,18 +21,7 @@ from kiln.compiler.matrix.report_text import (
     cell_figures,
 )
 from kiln.compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 0.35em 0.6em; font-size: 0.9em; vertical-align: top; }
-th { background: #f3f3f3; }
-td.passed { background: #e6f6e6; } td.parity_failed { background: #fff3d6; }
-td.conversion_failed, td.not_run { background: #fde2e2; } td.unavailable { background: #eee; color: #666; }
-td .figures { color: #555; font-size: 0.85em; }
-pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
-.legend { color: #555; font-size: 0.85em; max-width: 70em; }
-"""
+from kiln.compiler.pages import page
 
 
 def _divergence_links(cell: dict[str, Any], summary: bool = False) -> str:
@@ -78,20 +67,15 @@ def html_page(report: dict[str, Any]) -> str:
         f"<li><b>{esc(r['cell_id'])}</b> ({esc(r['kind'])}): {esc(r['detail'])}</li>" for r in report["regressions"]
     )
     charts = _charts(report)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Kiln conversion matrix</title>',
-        f"<style>{STYLE}</style></head><body>",
-        "<h1>Kiln conversion matrix</h1>",
-        f"<p><b>{esc(_headline(report))}</b></p><p>{esc(_settings_line(report))}</p>",
-        f'<table id="matrix-table"><thead><tr><th>model</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>',
+    return page("Kiln conversion matrix", [
+        f'<p class="verdict"><b>{esc(_headline(report))}</b></p><p>{esc(_settings_line(report))}</p>',
+        f'<div class="wide"><table id="matrix-table"><thead><tr><th>model</th>{head}</tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table></div>',
         f'<p class="legend">{esc(LEGEND)}</p>',
         f"<h2>Regressions against {esc(str(report['baseline']))}</h2><ul>{regressions}</ul>" if regressions else "",
         f"<h2>Failures</h2><ul>{''.join(failures)}</ul>" if failures else "",
         charts,
-        "</body></html>",
-    ]
-    return "\n".join(p for p in parts if p) + "\n"
+    ])  # fmt: skip
 
 
 def _charts(report: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.matrix.config import matches
-from kiln.compiler.matrix.report_html import STYLE, html_page
+from kiln.compiler.matrix.report_html import html_page
 from kiln.compiler.matrix.report_text import (
     ICONS,
     LEGEND,
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = [  # the HTML page and the shared helpers moved to report_html and report_text, and stay importable here
     "ICONS",
     "LEGEND",
-    "STYLE",
     "build_report",
     "cell_figures",
     "compare_with_baseline",

@@ -7,9 +7,9 @@ The builds are cells of a `kiln matrix` run in `DIR/builds` (`kiln.compiler.matr
 results.jsonl is the resume log, so a killed tune resumes and an unchanged candidate is not rebuilt). Runtime
 settings (`kiln.targets.base.RuntimeSettings`: ONNX Runtime's graph optimization level, OpenVINO's performance hint and
 inference precision) and thread counts share one build and are timed as separate candidates, in the same
-interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`). The ranking, the tie rule and the reports are in
-`kiln.compiler.perf.tune_report`. Building here and timing on the deployment machine (`--build-only`, `--time-only`, a
-moved DIR) is `kiln.compiler.perf.tune_deploy`.
+interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`). The ranking and the tie rule are in
+`kiln.compiler.perf.tune_report`, the leaderboards in `kiln.compiler.perf.leaderboard`. Building here and timing on
+the deployment machine (`--build-only`, `--time-only`, a moved DIR) is `kiln.compiler.perf.tune_deploy`.
 """
 
 from __future__ import annotations
@@ -272,9 +272,10 @@ def evaluate(
     the leaderboards written; the leaderboard. With `options.build_only`, nothing timed and nothing published.
     Each build's files are found under `out/builds` wherever `out` was when it was built (`locate_builds`). Call
     with `out` prepared and locked (`kiln.compiler.perf.tune_files.tune_directory`)."""
+    from kiln.compiler.perf.leaderboard import write_leaderboards
     from kiln.compiler.perf.tune_deploy import locate_builds, provenance
     from kiln.compiler.perf.tune_files import withdraw_best
-    from kiln.compiler.perf.tune_report import publish, rank, write_leaderboards
+    from kiln.compiler.perf.tune_report import publish, rank
 
     builds, refused = locate_builds(builds, out / BUILDS_DIR)
     entries = _entries(builds, planned, options, progress, refused)
