@@ -10,6 +10,7 @@ from pathlib import Path
 
 import kiln
 import kiln.compiler.export.stages as stages
+import numpy as np
 import pytest
 from kiln.cli_parser import build_parser
 from kiln.compiler.errors import InternalError, UsageError
@@ -67,6 +68,12 @@ def test_each_step_takes_its_option_group_and_a_failed_gate_is_kept_rejected(
     assert fp16.request.precision == "fp16" and fp16.artifact.manifest.precision == "fp16"
     assert [r.name for r in fp16.optimized.records] != [r.name for r in cnn["validated"].optimized.records]  # type: ignore[attr-defined]
     assert kiln.validate(fp16).passed
+    # int8 first needs calibration data and the quantized gate's 32 sets: made then, the first ones unchanged
+    fp32_sets = cnn["validated"].samples.inputs  # type: ignore[attr-defined]
+    int8 = captured.optimize("onnx").build(precision="int8").validate()  # type: ignore[attr-defined]
+    assert int8.request.calibration is not None and len(int8.samples.inputs) == 32
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(fp32_sets, int8.samples.inputs) for k in a)
+    assert len(captured.samples_for("fp32").inputs) == len(fp32_sets)  # type: ignore[attr-defined]
     with pytest.raises(UsageError, match="does not support precision int4"):
         captured.optimize("onnx").build(precision="int4")  # type: ignore[attr-defined]
 

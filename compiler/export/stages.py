@@ -111,7 +111,7 @@ class Captured:
         are added, e.g. over several routes)."""
         target = get_target(target) if isinstance(target, str) else target
         batch = example_batch(self.source)
-        if target.fixed_batch not in (None, batch):
+        if batch is not None and target.fixed_batch not in (None, batch):
             raise UsageError(
                 f"target {target.name} builds at batch {target.fixed_batch}, the capture is at batch {batch}",
                 f"capture it with example inputs of batch {target.fixed_batch} (kiln.export does that itself)",
