@@ -15,7 +15,7 @@ The same export as composable stages, each carrying its own state (kiln.compiler
     built = optimized.build(precision="fp32")                # Built: the artifact
     validated = built.validate()                             # Validated: its parity report
     validated.save("exports/model")                          # published as kiln.export publishes
-    timing = kiln.bench(validated)                           # Built.bench: its latency here
+    timing = kiln.bench(validated)                           # its latency here
 
 `kiln.optimize`, `kiln.build`, `kiln.validate` and `kiln.bench` are those steps as functions of the stage
 before (`kiln.build(optimized, precision="int8")`); the option groups (`kiln.PassOptions`, `kiln.Thresholds`,
@@ -40,9 +40,12 @@ from kiln.compiler.errors import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from kiln.compiler.export.loading import LoadedModel
     from kiln.compiler.export.result import ExportResult
+    from kiln.compiler.export.stages import Built
+    from kiln.compiler.perf.timing import BenchSettings, Timing
 
 __all__ = [
     "Artifact",
@@ -76,7 +79,6 @@ _LAZY = {
     "optimize": (_STAGES, "Captured.optimize"),
     "build": (_STAGES, "Optimized.build"),
     "validate": (_STAGES, "Built.validate"),
-    "bench": (_STAGES, "Built.bench"),
 }
 _LAZY |= {name: (_OPTIONS, name) for name in ("Calibration", "ExportOptions", "OutputOptions", "ParityOptions")}
 _LAZY |= {name: (_OPTIONS, name) for name in ("PassOptions", "Shapes", "SourceOptions", "Thresholds")}
@@ -146,6 +148,17 @@ def load(path: str | Path, target: str | None = None, *, trust_pickle: bool = Fa
             f"load() takes the path of an export directory, got {type(path).__name__}", "e.g. 'exports/cnn'"
         )
     return load_export(path, target, trust_pickle)
+
+
+@kiln_errors_only
+def bench(
+    built: Built, settings: BenchSettings | None = None, feeds: dict[str, np.ndarray] | None = None
+) -> Timing:
+    """Time a built artifact (a `Built` or `Validated` stage) with its target's runtime on `feeds` (None: its
+    first parity input set), in this process (`kiln bench` times exports in separate processes, interleaved)."""
+    from kiln.compiler.perf.timing import bench as time_artifact
+
+    return time_artifact(built.artifact, feeds if feeds is not None else built.first_inputs(), settings)
 
 
 def __getattr__(name: str) -> Any:

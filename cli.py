@@ -92,6 +92,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
                 "devices": list(target.devices),
                 "consumes": target.consumes,
                 "accuracy_aware": target.accuracy_aware,
+                "kv_cache": target.kv_cache,
+                "tappable": target.tappable,
+                "tuned_by_default": target.tuned_by_default,
                 "requires": list(target.requires.values()),
                 "available": reason is None,
                 "why_unavailable": reason,
@@ -117,7 +120,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     """`kiln passes`: every graph pass, its IR, the level that runs it, and what it does."""
-    from kiln.passes import LEVELS, PASSES
+    from kiln.passes import PASSES
+    from kiln.passes.base import LEVELS
 
     rows: list[dict[str, Any]] = [
         {
@@ -204,8 +208,8 @@ def cmd_debug(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
+    from kiln.compiler.capture.inputs import read_inputs_file
     from kiln.compiler.export.loading import load
-    from kiln.compiler.parity.gate import read_inputs_file
     from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
@@ -284,8 +288,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
     from kiln.compiler.perf.tune import (
         DEFAULT_PRECISIONS,
-        DEFAULT_TARGETS,
         TuneOptions,
+        default_targets,
         parse_list,
         parse_threads,
     )
@@ -294,7 +298,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from kiln.compiler.progress import Progress
 
     options = TuneOptions(
-        targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
+        targets=parse_list(args.targets, default_targets(), "--targets"),
         precisions=parse_list(args.precisions, DEFAULT_PRECISIONS, "--precisions"),
         objective=args.objective,
         threads=parse_threads(args.threads),
@@ -362,7 +366,7 @@ HANDLERS = {
     "tune": cmd_tune,
     "matrix": cmd_matrix,
 }
-__all__ = ["HANDLERS", "build_parser", "main", "main_entry"]
+__all__ = ["HANDLERS", "main", "main_entry"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,12 +13,12 @@ import pytest
 from kiln import cli
 from kiln.compiler.capture.program import CapturedModel, fx_signature
 from kiln.compiler.diagnose.cut import module_boundaries, prefix_program
-from kiln.compiler.diagnose.divergence import DIVERGENCE_FILE
+from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
 from kiln.compiler.export.options import ExportOptions, export_options
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.progress import Progress
 from kiln.compiler.types import Manifest
-from kiln.passes import ONNX, Pass, PassResult
+from kiln.passes.base import ONNX, Pass, PassResult
 
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import Plain, cancellation, overflow, plain, unconvertible
@@ -147,7 +147,8 @@ def test_a_prefix_that_does_not_convert_is_the_answer(tmp_path: Path) -> None:
     the op, and the prefixes before it convert and match."""
     from kiln.compiler.capture.program import capture
     from kiln.compiler.capture.sources import from_module
-    from kiln.compiler.diagnose.divergence import Recipe, localize
+    from kiln.compiler.diagnose.divergence import localize
+    from kiln.compiler.diagnose.probe import Recipe
     from kiln.compiler.parity.reference import reference_samples
     from kiln.targets import get_target
 

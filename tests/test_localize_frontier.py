@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 from kiln import export
-from kiln.compiler.diagnose.divergence import Recipe, Search, localize
+from kiln.compiler.diagnose.divergence import Search, localize
+from kiln.compiler.diagnose.probe import Recipe
 from kiln.compiler.export.options import ExportOptions
 from kiln.compiler.progress import Progress
 

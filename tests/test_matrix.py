@@ -331,7 +331,7 @@ def test_allow_fail_turns_the_run_green(matrix_run, capsys):
 def test_a_parity_failure_links_its_divergence_record(matrix_run):
     """The failed cell's divergence record (kept in the cell's directory when the export is not) is linked from
     report.json, report.md and report.html; a passed cell has none."""
-    from kiln.compiler.matrix.run import safe_name
+    from kiln.compiler.matrix.plan import safe_name
 
     out = matrix_run["out"]
     cells = _cells(out)

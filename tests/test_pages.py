@@ -16,8 +16,7 @@ from kiln.compiler.diagnose.profile_html import profile_page
 from kiln.compiler.matrix.results import PASSED, CellResult
 from kiln.compiler.pages import STYLE, linear_axis
 from kiln.compiler.perf.leaderboard import EXACT, accuracy_position, html_page, markdown
-from kiln.compiler.perf.tune import Entry
-from kiln.compiler.perf.tune_candidates import Variant
+from kiln.compiler.perf.tune_candidates import Entry, Variant
 from kiln.compiler.perf.tune_report import rank
 from kiln.targets.base import RuntimeSettings
 

@@ -9,18 +9,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 from kiln.compiler.errors import UsageError
-from kiln.passes import (
-    FX,
-    LEVELS,
-    ONNX,
-    PASSES,
-    Pass,
-    PassAdjustments,
-    PassResult,
-    count_nodes,
-    pipeline_for,
-    run_pipeline,
-)
+from kiln.passes import PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.passes.base import FX, LEVELS, ONNX, Pass, PassResult
+from kiln.passes.graphs import count_nodes
 from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import TensorProto, helper
 

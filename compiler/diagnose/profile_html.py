@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from kiln.compiler.pages import FAILED, LINE, POINT, Axis, Cell, Frame, decade_axis, esc, linear_axis, page, table
 
 if TYPE_CHECKING:
-    from kiln.compiler.diagnose.divergence import Divergence
+    from kiln.compiler.diagnose.divergence_record import Divergence
 
 HTML_FILE = "divergence.html"
 WIDTH, HEIGHT = 900, 200

@@ -24,7 +24,8 @@ from kiln.compiler.quantization.calibration import (
     CalibrationSpec,
 )
 from kiln.compiler.types import Tolerance, check_thresholds
-from kiln.passes import DEFAULT_LEVEL, Pass, PassAdjustments
+from kiln.passes import PassAdjustments
+from kiln.passes.base import DEFAULT_LEVEL, Pass
 
 if TYPE_CHECKING:
     from kiln.targets.base import BuildRequest, Target

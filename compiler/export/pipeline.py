@@ -24,9 +24,9 @@ from kiln.compiler.export.selection import capture_groups, fit_to_source, select
 from kiln.compiler.export.stages import Captured, capture_source
 from kiln.compiler.export.staging import check_output_dir, converter_temp_files, output_lock, staging_area
 from kiln.compiler.generation.export import generation_detail, generation_source, generation_targets, wants_generation
-from kiln.compiler.parity.gate import check_input_files
+from kiln.compiler.parity.input_files import check_input_files
 from kiln.compiler.progress import Progress
-from kiln.targets import Target
+from kiln.targets.base import Target
 
 
 def export_targets(
@@ -55,7 +55,7 @@ def export_targets(
         check_input_files(options, chosen)
         timings: dict[str, float] = {}  # the stages every target shares
         with progress.timed(timings, "load", model if isinstance(model, str) else type(model).__name__):
-            source = load_model(model, example_inputs, options)
+            source = load_model(model, example_inputs, options.parity.inputs_files)
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.source.task, options.source.cache_size):
             chosen = generation_targets(source, chosen, targets, options, progress.say)

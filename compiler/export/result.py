@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.export.staging import REJECTED, install_tree
-from kiln.compiler.types import Manifest, ParityReport, _json_safe
+from kiln.compiler.types import Manifest, ParityReport, json_safe
 
 if TYPE_CHECKING:
     from kiln.targets.base import Target
@@ -47,7 +47,7 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Machine-readable summary for `--json`."""
-        return _json_safe(
+        return json_safe(
             {
                 "target": self.target,
                 "directory": str(self.directory),

@@ -29,38 +29,34 @@ import torch
 from kiln.compiler.capture.program import CapturedModel, capture, lower
 from kiln.compiler.capture.pt2_archive import trusting_pickles
 from kiln.compiler.capture.sources import ModelSource, load_model
-from kiln.compiler.diagnose.divergence import Recipe, Search, localize, wanted
-from kiln.compiler.errors import KilnError, UnsupportedOpError, UsageError, kiln_errors_only
+from kiln.compiler.diagnose.divergence import Search, localize, wanted
+from kiln.compiler.diagnose.probe import Recipe
+from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
+from kiln.compiler.errors import KilnError, UnsupportedOpError, UsageError, error_text, kiln_errors_only
 from kiln.compiler.export.artifacts import Artifact, build, hash_files
 from kiln.compiler.export.manifest import assemble_manifest, observed_outputs, source_record
 from kiln.compiler.export.optimize import optimize
 from kiln.compiler.export.options import ExportOptions, OutputOptions, PassOptions, Thresholds, export_options
 from kiln.compiler.export.result import ExportResult, Outcome, publish
-from kiln.compiler.export.routes import RouteGraphs
+from kiln.compiler.export.route_graphs import RouteGraphs
 from kiln.compiler.export.selection import example_batch, refusal
 from kiln.compiler.export.staging import check_output_dir, output_lock, staging_area
+from kiln.compiler.generation.causal_lm import TEXT_GENERATION
 from kiln.compiler.generation.export import (
-    TEXT_GENERATION,
     generation_samples,
     name_generation_io,
     skip_localization,
     wants_generation,
     with_generation,
 )
-from kiln.compiler.parity.gate import (
-    QUANTIZED_PRECISIONS,
-    QUANTIZED_SAMPLES,
-    ParitySamples,
-    check_input_files,
-    validate,
-)
+from kiln.compiler.parity.gate import QUANTIZED_PRECISIONS, QUANTIZED_SAMPLES, ParitySamples, validate
+from kiln.compiler.parity.input_files import check_input_files
 from kiln.compiler.parity.reference import reference_samples
-from kiln.compiler.perf.timing import BenchSettings, Timing, bench
 from kiln.compiler.progress import Progress
 from kiln.compiler.quantization.calibration import NO_HELD_BACK, NOT_REPRESENTATIVE, CalibrationData, load_calibration
 from kiln.compiler.types import Manifest, ParityReport, PassRecord
-from kiln.targets import Target, get_target
-from kiln.targets.base import BuildRequest, Route
+from kiln.targets import get_target
+from kiln.targets.base import BuildRequest, Route, Target
 
 
 class Captured:
@@ -256,7 +252,7 @@ def capture_model(model: torch.nn.Module | str | Path, example_inputs: Any = Non
     work = Path(tempfile.mkdtemp(prefix="kiln-capture-"))
     try:
         with trusting_pickles(settings.source.trust_pickle):
-            source = load_model(model, example_inputs, settings)
+            source = load_model(model, example_inputs, settings.parity.inputs_files)
         if wants_generation(source, settings.source.task, settings.source.cache_size):
             raise UsageError(
                 f"{source.description} is exported for text generation, which the stages do not compose yet",
@@ -329,12 +325,9 @@ class Built:
                 report = with_generation(report, self.artifact, source)
         return Validated(self.optimized, self.artifact, self.request, options, report, samples)
 
-    @kiln_errors_only
-    def bench(self, settings: BenchSettings | None = None, feeds: dict[str, np.ndarray] | None = None) -> Timing:
-        """`kiln.bench`: time this artifact with its target's runtime on `feeds` (None: its first parity input
-        set), in this process (`kiln bench` times exports in separate processes, interleaved)."""
-        feeds = feeds if feeds is not None else self.optimized.captured.samples_for(self.request.precision).inputs[0]
-        return bench(self.artifact, feeds, settings)
+    def first_inputs(self) -> dict[str, np.ndarray]:
+        """The first parity input set at this artifact's precision: what `kiln.bench` times by default."""
+        return self.optimized.captured.samples_for(self.request.precision).inputs[0]
 
 
 @dataclass
@@ -364,9 +357,10 @@ class Validated(Built):
         try:
             found = localize(captured.graph, recipe, self.samples, search, workdir=work, progress=captured.progress)
         except Exception as error:  # a diagnostic must not turn a parity verdict into a crash
-            captured.progress.warn(f"localization failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            captured.progress.warn(f"localization failed: {error_text(error, 200)}")
             return self
         found.write(self.artifact.directory)
+        write_profile([found], self.artifact.directory / HTML_FILE)
         return replace(self, report=replace(self.report, divergence=found.to_dict()))
 
     @kiln_errors_only

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln.compiler.perf.tune import Entry
+    from kiln.compiler.perf.tune_candidates import Entry
 
 ACCURACY_DIGITS = 6  # cosines equal to this many digits are equally accurate for the tie rule
 NOISE_FLOOR = 1.03  # two candidates within 3% are never told apart on these machines

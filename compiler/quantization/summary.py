@@ -1,16 +1,11 @@
-"""`QuantizeSummary`: what one quantization did, the result every per-toolchain quantizer returns; `QuantizedModel`:
-the model a quantization kept, with its summary (and, for `--max-drop`, the accuracy-aware search's result)."""
+"""`QuantizeSummary`: what one quantization did, the result every per-toolchain quantizer returns."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kiln.compiler.types import PassRecord
-
-if TYPE_CHECKING:
-    from kiln.compiler.quantization.accuracy import AccuracyResult
-    from kiln.compiler.quantization.report import QuantReport
 
 
 @dataclass(frozen=True)
@@ -40,15 +35,3 @@ class QuantizeSummary:
         return PassRecord(
             f"quantize-{self.precision}", True, self.nodes_before, self.nodes_after, round(self.seconds, 4), self.ir
         )
-
-
-@dataclass
-class QuantizedModel:
-    """What a quantization kept: the model (an OpenVINO model, or the path of a Q/DQ ONNX file), its quantization
-    summary, the accuracy-aware search's result (None: quantized as asked, without `--max-drop`) and the per-layer
-    report of the model kept (where the quantizer makes one)."""
-
-    model: Any
-    summary: QuantizeSummary
-    accuracy: AccuracyResult | None = None
-    report: QuantReport | None = None
