@@ -12,8 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import kiln
+import pytest
 from kiln.compiler.errors import KilnError, UsageError
 from kiln.compiler.export.loading import verify
 from kiln.compiler.export.pipeline import export_targets
