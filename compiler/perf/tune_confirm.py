@@ -1,8 +1,8 @@
 """`kiln tune`'s confirmation phase: the pick must hold up when timed again in fresh processes, as a user will run
 it (issue 30).
 
-After the ranking, the best candidate and its runners-up (`contenders`: those within twice the margin of the best
-that the tie rule prefers, or the next one; at most MAX_CONTENDERS) are timed again in blocks of fresh processes,
+After the ranking, the best candidate and its runners-up (`contenders`: the next one, and those within twice the
+margin of the best that the tie rule prefers; at most MAX_CONTENDERS) are timed again in blocks of fresh processes,
 each with its own runtime settings and threads (`kiln.compiler.perf.confirm`). Only a contender that beats every
 other one there (P(slower by more than the margin in a fresh process) >= 0.95 for each) is a decided winner.
 Otherwise the leaderboard says "no decided winner: A and B are within X%" and the pick is made among the
@@ -47,15 +47,16 @@ def margin(noise: Noise | None) -> float:
 
 
 def contenders(rows: list[dict[str, Any]], objective: str, within: float) -> list[dict[str, Any]]:
-    """The ranked rows (best first) to time again: the best, and of the others tied with it in the ranking or
-    within `within` of it (per-round ratio), those the tie rule prefers, MAX_CONTENDERS in all; the next one when
-    none is that close. Taking the close ones in the tie rule's order, not the ranking's, keeps the tie rule's
-    favourite among the contenders whatever order the noise put the close ones in: two tunes that decide nothing
-    then pick the same one."""
+    """The ranked rows (best first) to time again: the best, the next one always, and of the others tied with it in
+    the ranking or within `within` of it (per-round ratio), those the tie rule prefers, MAX_CONTENDERS in all.
+    Taking the close ones in the tie rule's order, not the ranking's, keeps the tie rule's favourite among the
+    contenders whatever order the noise put the close ones in: two tunes that decide nothing then pick the same
+    one. The next one is always there because a ranking's best can be ahead by its noise alone: a BERT-mini's
+    OpenVINO build ranked 16% ahead of the next and was "confirmed" against a far one that one noisy round had
+    tied with it, while the next, never timed again, had matched it in two other tunes."""
     best = rows[0]
-    close = [r for r in rows[1:] if tied(best, r, objective) or round_ratio(best, r) <= 1 + within]
-    chosen = [best, *sorted(close, key=tie_key)][:MAX_CONTENDERS]
-    return chosen if len(chosen) > 1 or len(rows) < 2 else [best, rows[1]]
+    close = [r for r in rows[2:] if tied(best, r, objective) or round_ratio(best, r) <= 1 + within]
+    return [best, *rows[1:2], *sorted(close, key=tie_key)][:MAX_CONTENDERS]
 
 
 def skipped(board: dict[str, Any], budget_s: float) -> str | None:
