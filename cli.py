@@ -316,6 +316,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         io=parse_io(args.io),
         batch=args.batch,
         round_timeout_s=args.round_timeout,
+        confirm_budget_s=args.confirm_budget,
         force=args.force,
         wait=args.wait,
     )

@@ -298,6 +298,13 @@ def _tune_parser(sub: Any) -> None:
     tune.add_argument("--runs", type=int, default=10, help="timed runs per candidate per round (default 10)")
     tune.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first (default 3)")
     _round_timeout_flag(tune)
+    from kiln.compiler.perf.confirm import CONFIRM_BUDGET_S
+
+    tune.add_argument(
+        "--confirm-budget", type=float, default=CONFIRM_BUDGET_S, metavar="S", help="seconds the confirmation may "
+        "take: the best candidates timed again in fresh processes, in more blocks while undecided (default "
+        f"{CONFIRM_BUDGET_S:g}; 0: no confirmation)"
+    )  # fmt: skip
     tune.add_argument("--executor", default="local", help="local (default) or ray: where the builds run")
     tune.add_argument(
         "--force", action="store_true", help="tune into an existing directory that is not a tune directory, or "

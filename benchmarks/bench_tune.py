@@ -11,8 +11,10 @@ Each model is tuned by `kiln tune` in a child process (--work/MODEL; `--reuse` t
 over --targets at fp32 and bf16 (and int8 for --int8-models with 50 calibration rows; resnet18 with the `cost`
 part: fp32, fp16, bf16, int8). Its picks are read from the leaderboard with tune's own tie rule
 (`kiln.compiler.perf.tune_report.choose`) and loaded with their runtime settings; then they and the peers are timed in
-interleaved rounds at --threads threads, each in its own worker process as `kiln tune` times its candidates
-(`benchmarks/peer_worker.py`; each round's runs last at least tune's MIN_ROUND_MS). Parts:
+interleaved rounds at --threads threads by Kiln's timing method, as `kiln tune` times its candidates
+(`kiln.compiler.perf.rounds`: each in its own worker process, `benchmarks/peer_worker.py`, alone while the others
+are stopped, warmed up at each turn; each round's runs last at least tune's MIN_ROUND_MS). Whether tune's published
+pick holds up when timed again in fresh processes, and tunes again, is `benchmarks/tune_repeat.py`. Parts:
 
 * `fp32`: tune's fp32 pick and its float pick (fp32/fp16/bf16) against `torch.onnx.export` + ONNX Runtime,
   `openvino.convert_model` (its default inference precision, bf16 on CPUs that have it, and f32 pinned) and

@@ -48,7 +48,7 @@ def _first(outputs: Any, name: str | None = None) -> Any:
     return outputs
 
 
-def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
+def kiln_variant(row: dict[str, Any], threads: int | None) -> Variant:
     """A leaderboard candidate loaded with its runtime settings at `threads` threads (as `kiln bench` does); its
     `predict` takes and returns the reference's layout (an NHWC candidate's image I/O is transposed)."""
     from kiln.compiler.export.artifacts import Artifact, load_runner
@@ -85,10 +85,12 @@ def eager_variant(name: str, module: Any, inputs: tuple[Any, ...], threads: int)
     return Variant("pytorch eager", lambda: predict([t.numpy() for t in inputs]), predict, "fp32", job)
 
 
-def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray], inputs: Path) -> Variant:
+def _ort(
+    path: Path, threads: int | None, label: str, precision: str, example: list[np.ndarray], inputs: Path
+) -> Variant:
     from kiln.compiler.ort_session import ort_session
 
-    session = ort_session(path, threads)  # ORT's defaults, but the thread count every runtime gets
+    session = ort_session(path, threads or 0)  # ORT's defaults, but the thread count every runtime gets (0: its own)
     names = [i.name for i in session.get_inputs()]
 
     def predict(xs: list[np.ndarray]) -> np.ndarray:
@@ -98,13 +100,16 @@ def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.
     return Variant(label, lambda: predict(example), predict, precision, job)
 
 
-def _openvino(xml: Path, threads: int, label: str, config: dict[str, str], example: list[np.ndarray],
+def _openvino(xml: Path, threads: int | None, label: str, config: dict[str, str], example: list[np.ndarray],
               inputs: Path) -> Variant:  # fmt: skip
-    """The IR at `xml` (saved uncompressed: `ov.save_model(m, xml, compress_to_fp16=False)`) as OpenVINO runs it."""
+    """The IR at `xml` (saved uncompressed: `ov.save_model(m, xml, compress_to_fp16=False)`) as OpenVINO runs it
+    (`threads` None: its own thread count)."""
     import openvino as ov
 
     model = ov.Core().read_model(str(xml))
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, **config})
+    compiled = ov.Core().compile_model(
+        model, "CPU", {**({"INFERENCE_NUM_THREADS": threads} if threads else {}), **config}
+    )
     request = compiled.create_infer_request()
     hint = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").split("'")[0]
     precision = OPENVINO_TYPES.get(hint, hint)
@@ -126,7 +131,7 @@ def _attempt(found: list[Variant | str], label: str, make: Callable[[], Variant 
         found.append(f"{label}: failed: {type(error).__name__}: {' '.join(str(error).split())[:150]}")
 
 
-def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int, work: Path) -> list[Variant | str]:
+def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int | None, work: Path) -> list[Variant | str]:
     """The peers' fp32 defaults (or the error that stopped one): `torch.onnx.export` + ONNX Runtime,
     `openvino.convert_model` compiled with the CPU's default inference precision and with f32 pinned,
     `litert_torch.convert` (its own interpreter; it has no thread setting)."""
@@ -200,20 +205,22 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
 
 
 def interleaved(variants: list[Variant], rounds: int, runs: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Each variant's median per round (ms), over `rounds` rounds in a rotating order, each variant in its own
-    worker process; at least `runs` runs per round, and at least `kiln tune`'s MIN_ROUND_MS of them."""
+    """Each variant's median per round (ms), timed by Kiln's timing method (`kiln.compiler.perf.rounds`, as `kiln
+    tune` ranks its candidates): each variant in its own worker process, alone (the others stopped) and warmed up
+    at each turn, `rounds` rounds in a rotating order of at least `runs` runs and at least MIN_ROUND_MS."""
     from kiln.compiler.perf.bench_worker import LOAD_TIMEOUT_S, Worker
-    from kiln.compiler.perf.benchmark import BenchOptions, interleave, runs_per_round
+    from kiln.compiler.perf.rounds import interleave, sized_turns
     from kiln.compiler.perf.tune import MIN_ROUND_MS
 
-    options = BenchOptions(rounds=rounds, runs=runs, warmup=warmup, min_round_ms=MIN_ROUND_MS)
     workers: list[Worker] = []
     try:
         for variant in variants:
             workers.append(Worker(variant.job, module="benchmarks.peer_worker"))
             workers[-1].start(LOAD_TIMEOUT_S)
-        counts = [runs_per_round(statistics.median(w.time(3, warmup)), options) for w in workers]
-        times, failed = interleave(workers, rounds, counts)
+            workers[-1].pause()
+        failed: dict[int, str] = {}
+        counts, warms = sized_turns(workers, runs, MIN_ROUND_MS, warmup, failed)
+        times, failed = interleave(workers, rounds, counts, failed=failed, warm=warms)
     finally:
         for worker in workers:
             worker.close()

@@ -8,7 +8,7 @@ its candidates. The job (first line) says what to load:
 
 * `{"kind": "kiln", ...}`: a Kiln export with its runtime settings (`kiln.compiler.perf.bench_worker`'s artifact job);
 * `{"kind": "ort", "path", "threads", "inputs"}`: an ONNX file in ONNX Runtime with its defaults but the thread
-  count;
+  count (null: its own);
 * `{"kind": "openvino", "path", "threads", "config", "inputs"}`: an OpenVINO IR compiled for the CPU with `config`;
 * `{"kind": "litert", "path", "inputs"}`: a `.tflite` from `litert_torch.convert`, run by `litert_torch.load` (its
   own interpreter and defaults);
@@ -37,7 +37,7 @@ def _ort(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     import onnxruntime as ort
     from kiln.compiler.ort_session import ort_session
 
-    session = ort_session(job["path"], int(job["threads"]))
+    session = ort_session(job["path"], int(job["threads"] or 0))  # 0: ONNX Runtime's own count
     feeds = dict(zip([i.name for i in session.get_inputs()], _example(job["inputs"])))
     return lambda: session.run(None, feeds), {"runtime": f"onnxruntime {ort.__version__}"}
 
@@ -45,7 +45,8 @@ def _ort(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
 def _openvino(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     import openvino as ov
 
-    config = {"INFERENCE_NUM_THREADS": int(job["threads"]), **job["config"]}
+    threads = {"INFERENCE_NUM_THREADS": int(job["threads"])} if job["threads"] else {}  # none: OpenVINO's own
+    config = {**threads, **job["config"]}
     compiled = ov.Core().compile_model(job["path"], "CPU", config)
     request, feeds = compiled.create_infer_request(), _example(job["inputs"])
     precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))

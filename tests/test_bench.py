@@ -11,7 +11,7 @@ from kiln.compiler.export.options import ExportOptions, export_options
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.perf.bench_report import SPREAD_LIMIT, latency_stats, spread, too_wide
 from kiln.compiler.perf.bench_worker import WorkerFailed
-from kiln.compiler.perf.benchmark import MAX_RUNS, BenchOptions, interleave, rotation, runs_per_round
+from kiln.compiler.perf.rounds import MAX_RUNS, interleave, rotation, runs_per_round
 from kiln.compiler.types import BENCH_FILE, MANIFEST_NAME
 
 from tests.conftest import run_cli
@@ -194,40 +194,48 @@ def test_torch_compile_too_slow_is_left_out_and_the_rest_goes_on(cnn_export, cap
 
 
 class Recording:
-    """A scheduler-side stand-in for a worker process: records the order its calls arrive in."""
+    """A scheduler-side stand-in for a worker process: records the order its calls arrive in, and whether it was
+    running (not paused) when another one was timed."""
 
-    def __init__(self, name: str, calls: list[str], fail_at: int | None = None):
+    def __init__(self, name: str, calls: list[str], fail_at: int | None = None, running: set[str] | None = None):
         self.name, self.calls, self.fail_at = name, calls, fail_at
+        self.running = running if running is not None else set()
 
     def time(self, runs: int, warmup: int = 0) -> list[float]:
+        self.running.add(self.name)
         if self.fail_at is not None and sum(c == self.name for c in self.calls) == self.fail_at:
             raise WorkerFailed("its process exited with status -9")
+        assert self.running == {self.name}, f"{self.name} timed beside {self.running - {self.name}}"
         self.calls.append(self.name)
-        return [1.0] * runs
+        return [float(warmup)] * runs
+
+    def pause(self) -> None:
+        self.running.discard(self.name)
 
 
-def test_interleaving_rotates_the_order_every_round():
+def test_interleaving_rotates_the_order_every_round_each_turn_alone_and_warmed():
     calls: list[str] = []
-    workers = [Recording(n, calls) for n in "abc"]
-    times, failed = interleave(workers, rounds=4, runs=2)
+    running: set[str] = set()
+    workers = [Recording(n, calls, running=running) for n in "abc"]
+    times, failed = interleave(workers, rounds=4, runs=2, warm=[3, 1, 2])
     assert calls == list("abcbcacababc")
-    assert failed == {} and [len(t) for t in times] == [4, 4, 4] and times[0][0] == [1.0, 1.0]
-    assert rotation(3, 5) == [2, 0, 1]
+    assert failed == {} and [len(t) for t in times] == [4, 4, 4] and times[0][0] == [3.0, 3.0]  # a's 3 warm-up runs
+    assert rotation(3, 5) == [2, 0, 1] and not running  # every worker paused after its turn
 
 
 def test_a_worker_failing_mid_run_is_skipped_and_reported():
     calls: list[str] = []
-    workers = [Recording("a", calls), Recording("b", calls, fail_at=1)]
+    running: set[str] = set()
+    workers = [Recording("a", calls, running=running), Recording("b", calls, fail_at=1, running=running)]
     times, failed = interleave(workers, rounds=3, runs=1)
     assert calls == ["a", "b", "a", "a"]
     assert failed == {1: "its process exited with status -9"} and [len(t) for t in times] == [3, 1]
 
 
 def test_a_minimum_round_time_gives_a_fast_model_more_runs():
-    tune = BenchOptions(runs=10, min_round_ms=50.0)
-    assert runs_per_round(0.1, tune) == 500 and runs_per_round(20.0, tune) == 10  # never fewer than --runs
-    assert runs_per_round(1e-6, tune) == MAX_RUNS and runs_per_round(float("nan"), tune) == 10
-    assert runs_per_round(0.1, BenchOptions(runs=10)) == 10  # kiln bench: exactly --runs
+    assert runs_per_round(0.1, 10, 50.0) == 500 and runs_per_round(20.0, 10, 50.0) == 10  # never fewer than --runs
+    assert runs_per_round(1e-6, 10, 50.0) == MAX_RUNS and runs_per_round(float("nan"), 10, 50.0) == 10
+    assert runs_per_round(0.1, 10, 0.0) == 10  # kiln bench: exactly --runs
 
 
 def test_spread_and_its_flag():

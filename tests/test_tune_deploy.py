@@ -20,8 +20,9 @@ from kiln.compiler.types import Manifest
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ("--targets", "onnx", "--precisions", "fp32", "--no-plain", "--rounds", "2", "--runs", "3", "--warmup", "1")
-TIMING = ("--rounds", "2", "--runs", "3", "--warmup", "1")
+ARGS = ("--targets", "onnx", "--precisions", "fp32", "--no-plain", "--rounds", "2", "--runs", "3", "--warmup", "1",
+        "--confirm-budget", "5")  # fmt: skip
+TIMING = ("--rounds", "2", "--runs", "3", "--warmup", "1", "--confirm-budget", "5")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 B = ("--targets", "onnx", "--precisions", "fp32", "--no-plain", "--no-runtime-search", "--io", "nchw")
-T = ("--rounds", "1", "--runs", "2", "--warmup", "1")
+R = ("--rounds", "1", "--runs", "2", "--warmup", "1")  # timing flags of kiln bench and kiln tune
+T = (*R, "--confirm-budget", "5")  # kiln tune's: a short confirmation
 CELL = Path("builds", "cells", "cnn__onnx__fp32", "export")  # the one build's export, under the tune directory
 
 
@@ -325,7 +326,7 @@ def test_bad_tune_numbers_are_one_line_exit_2(tmp_path, capsys, argv, message):
     ],
 )
 def test_bad_bench_numbers_are_one_line_exit_2(base, capsys, argv, message):
-    code, _, err = run_cli("bench", base / CELL, *T, "--no-write", *argv, capsys=capsys)
+    code, _, err = run_cli("bench", base / CELL, *R, "--no-write", *argv, capsys=capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 

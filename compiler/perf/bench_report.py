@@ -132,6 +132,8 @@ def table(result: dict[str, Any]) -> str:
         info = ", ".join(f"{k} {v}" for k, v in r["runtime_info"].items())
         details.append(f"  {r['name']}: threads {r['threads_asked'] or 'default'} via {r['thread_control']}; {info}")
     lines += details
+    if result.get("timing_method"):
+        lines.append(f"  timing: {result['timing_method']}")
     if flagged:
         lines.append(
             f"! spread (slowest / fastest round median) over {result['spread_limit']}: the rounds of that candidate "

@@ -5,18 +5,26 @@ The parent (`kiln.compiler.perf.benchmark`) writes one JSON job per line on stdi
 * the first line is the candidate (`kind`: "artifact", "eager" or "compile"; `directory`: the export whose
   stored parity inputs are timed; `batch`, `threads`, `model` for eager/compile, `trust_pickle`). The worker
   loads it (timed), runs it once (the first inference, timed: for `torch.compile` this is the compilation) and
-  answers `{"ok": true, "load_s", "first_ms", "thread_control", "runtime_info"}`, or `{"ok": false, "error",
-  "exit_code"}` when it cannot (a one-line Kiln error and its exit code);
+  answers `{"ok": true, "load_s", "first_ms", "thread_control", "runtime_info", "pausable"}`, or `{"ok": false,
+  "error", "exit_code"}` when it cannot (a one-line Kiln error and its exit code); `kind` "noise" is the fixed
+  workload (`noise_workload`) that `kiln.compiler.perf.noise` times;
 * then `{"op": "time", "runs": N, "warmup": W}` -> `{"times_ms": [...]}`, `{"op": "stats"}` -> `{"peak_rss_mib"}`,
   and `{"op": "quit"}` (or the end of stdin: the parent died) ends it.
 
 The answers go on a copy of the original stdout; file descriptor 1 is pointed at stderr, so that whatever a
 runtime prints cannot corrupt them. `Worker` is the parent's end of the same protocol.
+
+Between its turns the parent stops a worker (SIGSTOP, `Worker.pause`; the timing method,
+`kiln.compiler.perf.rounds`), so that its runtime's threads cannot spin beside the candidate being timed. A stopped
+worker would never see its stdin close if the parent died, so each worker first asks the kernel to kill it when its
+parent dies (Linux's PR_SET_PDEATHSIG); one that cannot ask (another OS) answers `"pausable": false` and is never
+stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import select
@@ -34,6 +42,9 @@ from kiln.compiler.processes import module_command
 
 LOAD_TIMEOUT_S = 900.0  # a worker that neither loads nor answers in this long is stuck
 ROUND_TIMEOUT_S = 300.0  # the default of `kiln bench --round-timeout`: one round's (or the warm-up's) runs
+PARENT_ENV = "KILN_WORKER_PARENT"  # the parent's pid, for a worker to see that it was orphaned before it asked
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+NOISE_SIZE = 256  # the noise workload's matrices' side (about 0.3 ms a product on 2 cores)
 
 
 def main() -> int:
@@ -45,6 +56,7 @@ def serve(load: Callable[[dict[str, Any]], tuple[Callable[[], Any], dict[str, An
     """The protocol above, with `load` turning the first line's job into a no-argument run and what loading it
     found (`benchmarks/peer_worker.py` serves the peers' runtimes with it)."""
     answers = _protected_answer_channel()
+    pausable = _die_with_parent()
     try:
         job = json.loads(sys.stdin.readline() or "{}")
         run, info = load(job)
@@ -52,7 +64,7 @@ def serve(load: Callable[[dict[str, Any]], tuple[Callable[[], Any], dict[str, An
         failure = as_kiln_error(error) if isinstance(error, Exception) else KilnError(type(error).__name__)
         _answer(answers, {"ok": False, "error": failure.one_line(), "exit_code": failure.exit_code})
         return failure.exit_code
-    _answer(answers, {"ok": True, **info})
+    _answer(answers, {"ok": True, **info, "pausable": pausable})
     from kiln.compiler.perf.timing import time_ms
 
     for line in sys.stdin:
@@ -64,6 +76,22 @@ def serve(load: Callable[[dict[str, Any]], tuple[Callable[[], Any], dict[str, An
         else:
             break
     return 0
+
+
+def _die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (a stopped worker cannot notice it itself);
+    False where it cannot be asked (not Linux, no libc prctl, not started by `Worker`)."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if not sys.platform.startswith("linux") or not parent.isdigit():
+        return False
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != int(parent):  # the parent died before the request: nobody will read the answers
+        os._exit(0)
+    return True
 
 
 def _protected_answer_channel() -> TextIO:
@@ -85,7 +113,14 @@ def load_candidate(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, An
 
     quiet_libraries()
     threads = job.get("threads")
-    if job["kind"] == "artifact":
+    if job["kind"] == "noise":
+        run, control, info, load_s = (
+            noise_workload(threads),
+            "torch.set_num_threads",
+            {"runtime": "torch", "batch": None},
+            0.0,
+        )
+    elif job["kind"] == "artifact":
         run, control, info, load_s = _artifact(Path(job["directory"]), threads, job.get("batch"), job["trust_pickle"],
                                                job.get("runtime_settings"))  # fmt: skip
     else:
@@ -106,6 +141,19 @@ def load_candidate(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, An
 def _rows(feeds: dict[str, Any]) -> int | None:
     """The batch of the inputs: dim 0 of the first one that has a dimension."""
     return next((int(v.shape[0]) for v in feeds.values() if getattr(v, "ndim", 0)), None)
+
+
+def noise_workload(threads: int | None) -> Callable[[], Any]:
+    """The fixed workload of the machine's noise probe (`kiln.compiler.perf.noise`): one product of two fixed
+    NOISE_SIZE x NOISE_SIZE float32 matrices, on `threads` threads (None: torch's default, one per core), as the
+    candidates' runtimes would use them."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(NOISE_SIZE, NOISE_SIZE, generator=generator) for _ in range(2))
+    return lambda: torch.mm(a, b)
 
 
 def _artifact(
@@ -181,6 +229,8 @@ class Worker:
     def __init__(self, job: dict[str, Any], module: str = "kiln.compiler.perf.bench_worker",
                  round_timeout_s: float = ROUND_TIMEOUT_S):  # fmt: skip
         self.round_timeout_s = round_timeout_s  # how long one `time` may take before the worker is killed
+        self.pausable = False  # whether it dies with this process (it said so once loaded): only then is it stopped
+        self.paused = False
         self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close()): the worker's stderr
         self.process = subprocess.Popen(
             module_command(module),
@@ -189,6 +239,7 @@ class Worker:
             stderr=self.log,
             text=True,
             start_new_session=True,  # its own process group: killing it also ends torch.compile's helpers
+            env={**os.environ, PARENT_ENV: str(os.getpid())},
         )
         self._send(job)
 
@@ -200,7 +251,24 @@ class Worker:
             error = KilnError(str(answer.get("error", "the worker failed")))
             error.exit_code = int(answer.get("exit_code", 4))
             raise error
+        self.pausable = answer.get("pausable") is True
         return answer
+
+    def pause(self) -> None:
+        """Stop the process (SIGSTOP) until it is next spoken to: none of its threads runs, or spins waiting for
+        work, while another candidate is timed. Only the process itself: a helper it started (torch.compile's)
+        would not die with it if left stopped."""
+        if self.pausable and not self.paused and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGSTOP)
+                self.paused = True
+
+    def resume(self) -> None:
+        """Let a paused process run again (SIGCONT)."""
+        if self.paused:
+            self.paused = False
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)
 
     def time(self, runs: int, warmup: int = 0) -> list[float]:
         """Milliseconds of `runs` timed runs after `warmup` untimed ones."""
@@ -232,6 +300,7 @@ class Worker:
 
     def _send(self, message: dict[str, Any]) -> None:
         assert self.process.stdin is not None
+        self.resume()
         try:
             self.process.stdin.write(json.dumps(message) + "\n")
             self.process.stdin.flush()

@@ -1,21 +1,20 @@
-"""`kiln bench`: time existing exports where they will run, each candidate in its own process, in interleaved
-rounds, so that a noisy neighbour (or the machine's drift) hits every candidate alike.
+"""`kiln bench`: time existing exports where they will run, by the timing method of `kiln.compiler.perf.rounds`
+(each candidate in its own process, alone, warmed up, in interleaved rounds), so that a noisy neighbour (or the
+machine's drift) hits every candidate alike.
 
 `run_bench(paths, options)` is the whole command: find the candidates (`find_candidates`), start one worker
 process per candidate (`kiln.compiler.perf.bench_worker`; loaded once, timed loading and first inference), warm each
 up, run `options.rounds` rounds in which every candidate runs `options.runs` timed runs in a rotating order
-(`interleave`), and summarize (`kiln.compiler.perf.bench_report`). Workers are loaded one after the other, so that load
-and first-inference times are not disturbed by each other.
+(`kiln.compiler.perf.rounds.interleave`), and summarize (`kiln.compiler.perf.bench_report`). Workers are loaded one
+after the other, each stopped once loaded, so that load and first-inference times are not disturbed by each other.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import KilnError, MissingBackendError, UsageError, error_text
 from kiln.compiler.limits import check_count, check_seconds, check_threads
@@ -28,6 +27,7 @@ from kiln.compiler.perf.bench_report import (
     write_bench_files,
 )
 from kiln.compiler.perf.bench_worker import LOAD_TIMEOUT_S, ROUND_TIMEOUT_S, Worker, WorkerFailed
+from kiln.compiler.perf.rounds import METHOD, interleave, sized_turns
 from kiln.compiler.types import Manifest
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ DEFAULT_RUNS = 20
 DEFAULT_WARMUP = 5
 COMPILE_TIMEOUT_S = 300.0  # torch.compile of a zoo model takes ~25 s on 2 cores; past this it is "too slow"
 EAGER, COMPILED, ARTIFACT = "eager", "compile", "artifact"
-MAX_RUNS = 5000  # the most runs per round a minimum round time asks for
 
 
 @dataclass(frozen=True)
@@ -182,52 +181,6 @@ def eager_source(candidates: list[Candidate], model: str | None) -> str:
     )
 
 
-class Timed(Protocol):
-    """What the scheduler needs of a worker."""
-
-    def time(self, runs: int, warmup: int = 0) -> list[float]:
-        """Milliseconds of `runs` timed runs after `warmup` untimed ones."""
-        ...
-
-
-def rotation(count: int, round_index: int) -> list[int]:
-    """The order candidates run in, in round `round_index`: each starts a round in turn."""
-    return [(round_index + i) % count for i in range(count)]
-
-
-def runs_per_round(latency_ms: float, options: BenchOptions) -> int:
-    """`options.runs`, or more where that many runs of `latency_ms` would last under `options.min_round_ms`: ten
-    runs of a sub-millisecond model fit in one scheduler tick, so a single stall would decide its round."""
-    if options.min_round_ms <= 0 or not (math.isfinite(latency_ms) and latency_ms > 0):
-        return options.runs
-    return max(options.runs, min(MAX_RUNS, math.ceil(options.min_round_ms / latency_ms)))
-
-
-def interleave(
-    workers: Sequence[Timed],
-    rounds: int,
-    runs: int | Sequence[int],
-    on_round: Callable[[int], None] | None = None,
-    failed: dict[int, str] | None = None,
-) -> tuple[list[list[list[float]]], dict[int, str]]:
-    """Run `rounds` rounds; in each, every worker runs `runs` timed runs (or its own count, `runs[index]`), in the
-    order `rotation` gives. Returns times[worker][round] and the workers that failed (index -> why; skipped from
-    then on, as are those already in `failed`)."""
-    times: list[list[list[float]]] = [[] for _ in workers]
-    failed = dict(failed or {})
-    for round_index in range(rounds):
-        if on_round is not None:
-            on_round(round_index)
-        for index in rotation(len(workers), round_index):
-            if index in failed:
-                continue
-            try:
-                times[index].append(workers[index].time(runs if isinstance(runs, int) else runs[index]))
-            except WorkerFailed as error:
-                failed[index] = str(error)
-    return times, failed
-
-
 @dataclass
 class Started:
     """A worker that loaded, or why its candidate is left out."""
@@ -266,6 +219,7 @@ def start_workers(
                 started.append(Started(candidate, None, failure=why))
                 progress.say(f"{candidate.name} left out: {why}")
                 continue
+            worker.pause()  # alone: the next one loads without this one's threads beside it
             started.append(Started(candidate, worker, info))
     except BaseException:
         for entry in started:
@@ -306,20 +260,13 @@ def time_candidates(
     workers = [s.worker for s in running if s.worker is not None]
     try:
         cold: dict[int, str] = {}
-        counts: list[int] = []
-        for index, worker in enumerate(workers):
-            try:
-                probe = worker.time(3 if options.min_round_ms > 0 else 0, options.warmup)
-                counts.append(runs_per_round(statistics.median(probe) if probe else 0.0, options))
-            except WorkerFailed as error:
-                cold[index] = str(error)
-                counts.append(options.runs)
+        counts, warms = sized_turns(workers, options.runs, options.min_round_ms, options.warmup, cold)
         each = f"{min(counts, default=options.runs)}" + (f" to {max(counts)}" if len(set(counts)) > 1 else "")
 
         def say_round(index: int) -> None:
-            progress.say(f"round {index + 1}/{options.rounds}: {each} runs of each of {len(workers)}")
+            progress.say(f"round {index + 1}/{options.rounds}: {each} runs of each of {len(workers)}, alone")
 
-        times, failed = interleave(workers, options.rounds, counts, say_round, cold)
+        times, failed = interleave(workers, options.rounds, counts, say_round, cold, warms)
         peaks = [None if i in failed else w.peak_rss_mib() for i, w in enumerate(workers)]
     except BaseException:  # Ctrl-C, or a worker that stopped answering: do not wait for the others
         for worker in workers:
@@ -370,6 +317,7 @@ def report(
             "warmup": options.warmup,
             "batch": options.batch,
         },
+        "timing_method": METHOD,
         "spread_limit": SPREAD_LIMIT,
         "candidates": candidates,
     }

@@ -27,6 +27,8 @@ CHART_LEGEND = (
     "with its rank in the table. Orange: the Pareto front (no candidate is both faster and more accurate); ringed: "
     "the winner."
 )
+CONFIRMATION_COLUMNS = ("blocks", "slower in", "by over the margin in", "median ratio", "P(pick faster)",
+                        "P(by over the margin)", "decided")  # fmt: skip
 TABLE_LEGEND = (
     'spread: the slowest over the fastest round\'s median ("!": too wide to trust); max abs error: against the '
     "reference; Pareto: on the front of the chart."
@@ -50,8 +52,16 @@ def markdown(board: dict[str, Any]) -> str:
     """leaderboard.md: the ranked candidates, the winner and why, the rejected, the CPU notes."""
     lines = [f"# kiln tune: {board['model']} ({_heading(board)})", ""]
     winner = board["winner"]
-    lines += [f"**Winner: {winner['name']}** -> `best/`. {board['why']}." if winner else f"No winner: {board['why']}."]
-    lines += ["", *where_lines(board)]
+    lines += [f"**Winner: {winner['name']}**{_undecided(board)} -> `best/`. {board['why']}." if winner
+              else f"No winner: {board['why']}."]  # fmt: skip
+    lines += ["", *where_lines(board), *timing_lines(board)]
+    confirmation = board.get("confirmation") or {}
+    if "blocks" in confirmation:
+        lines += ["", "## Confirmation", "", confirmation_summary(confirmation), "",
+                  "| pick vs | " + " | ".join(CONFIRMATION_COLUMNS) + " |",
+                  "|---|" + "---:|" * (len(CONFIRMATION_COLUMNS) - 1) + "---|"]  # fmt: skip
+        lines += [f"| {c['slower']} | " + " | ".join(_comparison(c)) + " |" for c in confirmation["comparisons"]]
+        lines += [f"- {name}: {why}" for name, why in confirmation.get("failed", {}).items()]
     if not board.get("timed", True):
         lines += ["", "| candidate | size KiB | min cosine | status |", "|---|---:|---:|---|"]
         lines += [f"| {r['name']} | {(r['artifact_bytes'] or 0) / 1024:.0f} | {_cos(r['min_cosine'])} | {r['status']} |"
@@ -81,6 +91,39 @@ def where_lines(board: dict[str, Any]) -> list[str]:
     elif built:
         lines.append("Built on the same machine." if timed else f"Built on {', '.join(name(m) for m in built)}.")
     return lines
+
+
+def _undecided(board: dict[str, Any]) -> str:
+    return " (not decided: the tie rule's pick)" if board.get("decided") is False else ""
+
+
+def timing_lines(board: dict[str, Any]) -> list[str]:
+    """How the candidates were timed, the machine's noise, and a confirmation that was skipped."""
+    if not board.get("timed", True) or "timing_method" not in board:
+        return []
+    lines = [f"Timing: {board['timing_method']}."]
+    if board.get("noise"):
+        note = board["noise"]["note"]
+        lines.append(f"{note[:1].upper()}{note[1:]}.")
+    skipped = (board.get("confirmation") or {}).get("skipped")
+    return lines + ([f"Confirmation: {skipped}."] if skipped else [])
+
+
+def confirmation_summary(found: dict[str, Any]) -> str:
+    """The confirmation in one sentence: the contenders, blocks x rounds, the budget, the margin, why it stopped."""
+    widened = " (the noise is larger than the ranking's gap: twice the rounds)" if found["widened"] else ""
+    return (
+        f"{', '.join(found['contenders'])} timed again in {found['method']}: {found['blocks']} blocks x "
+        f"{found['rounds_per_block']} rounds{widened}, {found['seconds']:g} s of a {found['budget_s']:g} s budget; "
+        f"a win needs P(slower by over {found['margin_pct']:g}%) >= 0.95; stopped: {found['stopped']}."
+    )
+
+
+def _comparison(c: dict[str, Any]) -> list[str]:
+    """One row of the confirmation's table, after the contender's name (CONFIRMATION_COLUMNS)."""
+    return [str(c["blocks"]), str(c["wins"]), str(c["wins_by_margin"]), number(c["median_ratio"], ".3f"),
+            number(c["confidence"], ".3f"), number(c["confidence_by_margin"], ".3f"),
+            "yes" if c["decided"] else "no"]  # fmt: skip
 
 
 def _ranked_table(board: dict[str, Any]) -> list[str]:
@@ -128,10 +171,18 @@ def html_page(board: dict[str, Any]) -> str:
     """leaderboard.html: the winner and why, where it was timed, the chart, the table, the rejected with their
     reasons, the precisions not built and the CPU notes. Self-contained: inline SVG, no script."""
     winner, timed = board["winner"], board.get("timed", True)
-    verdict = (f"Winner: <b>{esc(winner['name'])}</b> → <code>best/</code>. {esc(board['why'])}." if winner
-               else f"No winner: {esc(board['why'])}.")  # fmt: skip
+    verdict = (f"Winner: <b>{esc(winner['name'])}</b>{esc(_undecided(board))} → <code>best/</code>. "
+               f"{esc(board['why'])}." if winner else f"No winner: {esc(board['why'])}.")  # fmt: skip
     body = [f"<p>{esc(_heading(board))}</p>", f'<p class="verdict">{verdict}</p>',
-            f'<p class="legend">{esc(" ".join(where_lines(board)))}</p>']  # fmt: skip
+            f'<p class="legend">{esc(" ".join(where_lines(board) + timing_lines(board)))}</p>']  # fmt: skip
+    confirmation = board.get("confirmation") or {}
+    if "blocks" in confirmation:
+        head: list[str | Cell] = ["pick vs", *(Cell(h, "num") for h in CONFIRMATION_COLUMNS[:-1]), "decided"]
+        rows = [("", [c["slower"], *(Cell(f, "num") for f in _comparison(c)[:-1]), _comparison(c)[-1]])
+                for c in confirmation["comparisons"]]  # fmt: skip
+        rows += [("fail", [name, Cell(esc(why), "text")]) for name, why in confirmation.get("failed", {}).items()]
+        body += ["<h2>Confirmation</h2>", f'<p class="legend">{esc(confirmation_summary(confirmation))}</p>',
+                 table(head, rows, "confirmation")]  # fmt: skip
     if timed and board["candidates"]:
         body += ["<h2>Latency against accuracy</h2>", chart(board), f'<p class="legend">{esc(CHART_LEGEND)}</p>']
     elif not timed:

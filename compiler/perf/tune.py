@@ -1,15 +1,17 @@
 """`kiln tune`: build every candidate (target x precision, plus the plain -O0 export, NHWC image I/O and a dynamic
 batch: `kiln.compiler.perf.tune_candidates`), keep those the parity gate (and, for quantized ones, the accuracy budget)
-passes, time them with their runtime settings the way `kiln bench` does, all at one batch (`--batch`, default the
-example's), and publish the winner to `DIR/best/` with a leaderboard.
+passes, time them with their runtime settings the way `kiln bench` does (`kiln.compiler.perf.rounds`), all at one
+batch (`--batch`, default the example's), time the best and its runners-up again in fresh processes
+(`kiln.compiler.perf.tune_confirm`), and publish the winner to `DIR/best/` with a leaderboard.
 
 The builds are cells of a `kiln matrix` run in `DIR/builds` (`kiln.compiler.matrix`: each in its own limited process;
 results.jsonl is the resume log, so a killed tune resumes and an unchanged candidate is not rebuilt). Runtime
 settings (`kiln.targets.base.RuntimeSettings`: ONNX Runtime's graph optimization level, OpenVINO's performance hint and
 inference precision) and thread counts share one build and are timed as separate candidates, in the same
-interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`). The ranking and the tie rule are in
-`kiln.compiler.perf.tune_report`, the leaderboards in `kiln.compiler.perf.leaderboard`. Building here and timing on
-the deployment machine (`--build-only`, `--time-only`, a moved DIR) is `kiln.compiler.perf.tune_deploy`.
+interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`), after the machine's noise is measured
+(`kiln.compiler.perf.noise`). The ranking and the tie rule are in `kiln.compiler.perf.tune_report`, the confirmation
+in `kiln.compiler.perf.tune_confirm`, the leaderboards in `kiln.compiler.perf.leaderboard`. Building here and timing
+on the deployment machine (`--build-only`, `--time-only`, a moved DIR) is `kiln.compiler.perf.tune_deploy`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.perf.bench_worker import ROUND_TIMEOUT_S
+from kiln.compiler.perf.confirm import CONFIRM_BUDGET_S, ConfirmSettings
 from kiln.compiler.perf.leaderboard import write_leaderboards
+from kiln.compiler.perf.rounds import METHOD
 from kiln.compiler.perf.tune_candidates import PLAIN, Entry, Plan, Variant, check_batch, check_io
+from kiln.compiler.perf.tune_confirm import confirm
 from kiln.compiler.perf.tune_files import (
     BEST_DIR,
     BUILDS_DIR,
@@ -38,6 +43,7 @@ from kiln.compiler.perf.tune_report import publish, rank
 
 if TYPE_CHECKING:
     from kiln.compiler.matrix.results import CellResult
+    from kiln.compiler.perf.noise import Noise
     from kiln.compiler.progress import Progress
     from kiln.targets.base import Target
 
@@ -78,6 +84,7 @@ class TuneOptions:
     io: tuple[str, ...] | None = None  # layouts to build ("nchw", "nhwc"); None: NHWC at fp32 only, for images
     batch: int | None = None  # the batch every candidate is timed at (None: the example's)
     round_timeout_s: float = ROUND_TIMEOUT_S  # a timing worker silent this long in a round is killed: candidate failed
+    confirm_budget_s: float = CONFIRM_BUDGET_S  # the confirmation in fresh processes may take this long (0: none)
     force: bool = False  # tune into a directory that is not a tune directory; replace a best/ not proven tune's
     wait: bool = False  # queue behind another Kiln run into the same --out instead of failing
 
@@ -99,6 +106,8 @@ class TuneOptions:
         for threads in self.threads:
             check_threads("--threads", threads)
         check_seconds("--round-timeout", self.round_timeout_s)
+        if self.confirm_budget_s != 0:
+            check_seconds("--confirm-budget", self.confirm_budget_s)
         if not self.targets or not self.precisions:
             raise UsageError("no candidates: --targets and --precisions must each name at least one", "e.g. onnx,fp32")
         if self.executor not in ("local", "ray"):
@@ -251,11 +260,15 @@ def evaluate(
     with `out` prepared and locked (`kiln.compiler.perf.tune_files.tune_directory`)."""
     builds, refused = locate_builds(builds, out / BUILDS_DIR)
     entries = _entries(builds, planned, options, progress, refused)
-    if not options.build_only:
-        _time(entries, options, progress)
+    noise = None if options.build_only else _time(entries, options, progress)
     board = rank(entries, options.objective, planned.batch, timed=not options.build_only)
     board |= {"model": source, "skipped": planned.skipped, "builds": len(builds)}
     board |= provenance(out / BUILDS_DIR, builds, None if options.build_only else options.threads)
+    if board["winner"] is not None:
+        board["timing_method"] = METHOD
+        asked = ConfirmSettings(options.confirm_budget_s, runs=options.runs, warmup=options.warmup,
+                                min_round_ms=MIN_ROUND_MS, round_timeout_s=options.round_timeout_s)  # fmt: skip
+        confirm(board, entries, asked, noise, progress)
     if board["winner"] is not None:
         winner = next(e for e in entries if e.name == board["winner"]["name"])
         publish(winner, out / BEST_DIR, board)
@@ -345,15 +358,20 @@ def _parity_with_settings(entry: Entry, progress: Progress) -> str | None:
     return None if report.passed else f"parity failed with this setting: {failures}"[:400]
 
 
-def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> None:
-    """Time every candidate not rejected in the same interleaved rounds (`kiln bench`'s machinery); a candidate
-    that fails to load or run is rejected with its reason."""
+def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> Noise | None:
+    """Measure the machine's noise, then time every candidate not rejected in the same interleaved rounds (`kiln
+    bench`'s machinery); a candidate that fails to load or run is rejected with its reason. The noise (None:
+    nothing to time)."""
     from kiln.compiler.export.artifacts import Artifact
     from kiln.compiler.perf.benchmark import ARTIFACT, BenchOptions, Candidate, time_candidates
+    from kiln.compiler.perf.noise import Noise, measure
 
     live = [e for e in entries if e.rejected is None and e.directory is not None]
     if not live:
-        return
+        return None
+    noise = measure(progress, options.threads[0] if options.threads else None) if len(live) > 1 else None
+    noise = noise or Noise([], "one candidate: nothing to tell apart")
+    progress.say(noise.describe())
     bench = BenchOptions(rounds=options.rounds, runs=options.runs, warmup=options.warmup, write=False,
                          min_round_ms=MIN_ROUND_MS, round_timeout_s=options.round_timeout_s)  # fmt: skip
     candidates = [
@@ -369,3 +387,4 @@ def _time(entries: list[Entry], options: TuneOptions, progress: Progress) -> Non
         if record.get("failure") or "latency_ms" not in record:
             entry.rejected = f"could not be timed: {record.get('failure') or 'no timing'}"
         entry.timing = record
+    return noise

@@ -1,11 +1,15 @@
 """`kiln tune`'s ranking, its tie rule and publishing the winner; the leaderboards are rendered from the ranking by
 `kiln.compiler.perf.leaderboard`.
 
-Tie rule: candidates are timed in the same interleaved rounds, so the best one and another are compared round by
+Ranking: candidates are timed in the same interleaved rounds, so the best one and another are compared round by
 round; the other is tied with the best unless it was slower in every round and its median per-round ratio is
-over NOISE_FLOOR (see `_tied`). Among the tied, the simplest wins (fp32 before fp16/bf16 before int8; the fewest
-non-default runtime settings and NHWC I/O, which changes what the caller must feed), then the most accurate
-(highest worst-case cosine), then the fastest.
+over NOISE_FLOOR (see `tied`). The ranking's best and its runners-up are then timed again in fresh processes
+(`kiln.compiler.perf.tune_confirm`), which decides the winner or says there is none.
+
+Tie rule (`tie_key`), among the tied: the simplest wins (fp32 before fp16/bf16 before int8; the fewest non-default
+runtime settings and NHWC I/O, which changes what the caller must feed), then the most accurate (highest
+worst-case cosine), then the smallest artifact, then the name: never a measured speed, which is what could not
+be told apart, so that two tunes on one machine make the same choice.
 
 Every candidate is timed at one batch (`kiln tune --batch`, default the example's), which the leaderboard says;
 each row says its I/O layout and whether its batch is static or a dynamic range.
@@ -65,29 +69,41 @@ def _measure(row: dict[str, Any], objective: str) -> float:
     return float(row["p50_ms"])
 
 
-def _tied(best: dict[str, Any], other: dict[str, Any], objective: str) -> bool:
+def _round_ratios(best: dict[str, Any], other: dict[str, Any]) -> list[float]:
+    """The per-round ratios other / best, sorted (their p50s' ratio where there are no rounds)."""
+    pairs = zip(best.get("round_medians_ms") or [best["p50_ms"]], other.get("round_medians_ms") or [other["p50_ms"]])
+    return sorted(b / a for a, b in pairs if a > 0)
+
+
+def round_ratio(best: dict[str, Any], other: dict[str, Any]) -> float:
+    """The median of the per-round ratios other / best (inf: nothing to compare)."""
+    ratios = _round_ratios(best, other)
+    return ratios[len(ratios) // 2] if ratios else float("inf")
+
+
+def tied(best: dict[str, Any], other: dict[str, Any], objective: str) -> bool:
     """Whether `other` is within the noise of `best`. Timed in the same interleaved rounds, so compared round by
     round: a tie unless `other` was worse in every round and by more than NOISE_FLOOR at the median of the
     per-round ratios (a candidate with a wide spread of its own is not "tied" with a faster, steadier one just
     because it is noisy). Sizes: within 1%."""
     if objective == "size":
         return abs(_measure(other, objective)) <= abs(_measure(best, objective)) * 1.01
-    pairs = list(
-        zip(best.get("round_medians_ms") or [best["p50_ms"]], other.get("round_medians_ms") or [other["p50_ms"]])
-    )
-    ratios = sorted(b / a for a, b in pairs if a > 0)
+    ratios = _round_ratios(best, other)
     if not ratios:
         return True
     return ratios[0] <= 1.0 or ratios[len(ratios) // 2] <= NOISE_FLOOR
 
 
-def _simpler(row: dict[str, Any]) -> tuple[float, ...]:
-    """Simplicity, then accuracy to ACCURACY_DIGITS of the worst cosine (fp32 artifacts differ from each other in
-    the 7th digit by rounding alone: that is no reason to prefer the slower one)."""
+def tie_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The tie rule: simplicity, then accuracy to ACCURACY_DIGITS of the worst cosine (fp32 artifacts differ from
+    each other in the 7th digit by rounding alone: that is no reason to prefer one), then the smaller artifact, then
+    the name."""
     return (
         SIMPLICITY.get(row["precision"], 4),
         len(row["runtime_settings"]) + (row["threads"] is not None) + (row.get("io_layout") == "nhwc"),
         -round(row["min_cosine"] if row["min_cosine"] is not None else -1.0, ACCURACY_DIGITS),
+        row["artifact_bytes"] if row["artifact_bytes"] is not None else float("inf"),
+        row["name"],
     )
 
 
@@ -114,34 +130,40 @@ def rank(entries: list[Entry], objective: str, batch: int | None = None, timed: 
     board["pareto"] = pareto(alive)
     board["winner"], board["why"] = None, "no candidate passed the parity gate and could be timed"
     if alive:
-        winner, tied = choose(alive, objective)
+        winner, level = choose(alive, objective)
         winner["winner"] = True
         board["winner"] = winner
-        board["why"] = _why(winner, alive, tied, objective, batch)
+        board["why"] = _why(winner, alive, level, objective, batch)
     return board
 
 
 def choose(alive: list[dict[str, Any]], objective: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The winner among ranked leaderboard rows (best first) by the tie rule, and the rows tied with the best;
     also what `benchmarks/bench_tune.py` uses to pick the best of one precision from a leaderboard."""
-    tied = [r for r in alive if _tied(alive[0], r, objective)]
-    return min(tied, key=lambda r: (*_simpler(r), _measure(r, objective))), tied
+    found = [r for r in alive if tied(alive[0], r, objective)]
+    return min(found, key=tie_key), found
 
 
 def _why(
-    winner: dict[str, Any], alive: list[dict[str, Any]], tied: list[dict[str, Any]], objective: str, batch: int | None
+    winner: dict[str, Any], alive: list[dict[str, Any]], level: list[dict[str, Any]], objective: str, batch: int | None
 ) -> str:
-    what = {"latency": "p50 latency", "throughput": "throughput", "size": "artifact size"}[objective]
-    what += f" at batch {batch}" if batch is not None and objective != "size" else ""
-    if len(tied) == 1:
+    what = measured(objective, batch)
+    if len(level) == 1:
         runner_up = f"; next: {alive[1]['name']}" if len(alive) > 1 else ""
         return f"best {what} of {len(alive)} verified candidates, outside the noise of the others{runner_up}"
-    others = ", ".join(r["name"] for r in tied if r is not winner)
+    others = ", ".join(r["name"] for r in level if r is not winner)
     fastest = "" if winner is alive[0] else f" ({alive[0]['name']} measured best, within the noise)"
     return (
-        f"tie: {len(tied)} candidates within the noise of the best {what} ({others}){fastest}; "
-        "chose the simplest (fp32 over quantized, fewest runtime settings, NCHW over NHWC), then the most accurate"
+        f"tie: {len(level)} candidates within the noise of the best {what} ({others}){fastest}; "
+        "chose the simplest (fp32 over quantized, fewest runtime settings, NCHW over NHWC), then the most accurate, "
+        "then the smallest, then by name"
     )
+
+
+def measured(objective: str, batch: int | None) -> str:
+    """What the objective compares, in words ("p50 latency at batch 4")."""
+    what = {"latency": "p50 latency", "throughput": "throughput", "size": "artifact size"}[objective]
+    return what + (f" at batch {batch}" if batch is not None and objective != "size" else "")
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[str]:
@@ -245,4 +267,9 @@ def _choice(winner: Entry, board: dict[str, Any]) -> dict[str, Any]:
         "timed_batch": winner.timing.get("batch", winner.batch),
         "p50_ms": (winner.timing.get("latency_ms") or {}).get("p50"),
         "throughput_items_per_s": winner.timing.get("throughput_items_per_s"),
+        "decided": board.get("decided"),
+        "confidence": board.get("confidence"),  # P(it is faster in a fresh process than each other contender)
+        "tied_with": [name for name in board.get("tied") or [] if name != winner.name],
+        "timing_method": board.get("timing_method"),
+        "machine_noise_pct": (board.get("noise") or {}).get("percent"),
     }
