@@ -83,6 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         localize=args.localize,
         task=args.task,
         cache_size=args.cache_size,
+        llm_format=args.llm_format,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
@@ -275,7 +276,7 @@ def _generate(model: Any, args: argparse.Namespace) -> int:
 
     prompt = parse_prompt(args.generate)
     spec = DecoderSpec.from_dict(model.manifest.source.get("decoder"))
-    tokens = generate_with_export(model.run, model.inputs, spec, prompt, args.max_new_tokens)
+    tokens = generate_with_export(model.runner, model.inputs, spec, prompt, args.max_new_tokens)
     if args.json:
         print(json.dumps({"prompt": prompt, "generated": tokens}))
     elif not args.quiet:

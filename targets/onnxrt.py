@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kiln.targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings, Target
+from kiln.targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,9 +107,25 @@ class OnnxRuntimeTarget(Target):
     io_options = ("nhwc",)
     accuracy_aware = True
 
+    def routes(self) -> tuple[Route, ...]:
+        """For text generation, an onnxruntime-genai folder first (`kiln.targets.onnxrt_genai`); the ONNX routes."""
+        from kiln.targets.onnxrt_genai import GENAI_ROUTE
+
+        return (GENAI_ROUTE, *ONNX_ROUTES)
+
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """The optimized ONNX file (and any external data) in the artifact directory: with `--io nhwc`
-        rewritten for channels-last image I/O, and quantized when the precision is not fp32."""
+        rewritten for channels-last image I/O, and quantized when the precision is not fp32; by the
+        `onnxruntime-genai` route, with the folder onnxruntime-genai loads around it."""
+        from kiln.targets.onnxrt_genai import GENAI_ROUTE, write_genai_folder
+
+        output = self._build_graph(model, directory, request)
+        if request.route == GENAI_ROUTE.name:
+            write_genai_folder(directory, request.language_model, output)
+        return output
+
+    def _build_graph(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
+        """The ONNX file of `build`."""
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         output = BuildOutput(runtime_config={"providers": ["CPUExecutionProvider"]})
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
@@ -182,7 +198,12 @@ class OnnxRuntimeTarget(Target):
         return replace(manifest, runtime_config=config)
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
-        """An ONNX Runtime session on the artifact (with the graph optimization level its runtime_config names)."""
+        """An ONNX Runtime session on the artifact (with the graph optimization level its runtime_config names);
+        for an `onnxruntime-genai` artifact, with onnxruntime-genai's Generator for decoding."""
+        from kiln.targets.onnxrt_genai import LLM_FORMAT, OnnxGenAIRunner
+
+        if manifest.target_info.get("llm_format") == LLM_FORMAT:
+            return OnnxGenAIRunner(directory, manifest, threads=threads or 0)
         return OnnxRuntimeRunner(directory / MODEL_FILE, manifest, threads=threads or 0)
 
 

@@ -18,6 +18,7 @@ from kiln.compiler.errors import KilnError, UsageError
 if TYPE_CHECKING:
     from kiln.compiler.export.options import ExportOptions
     from kiln.compiler.generation.decoding import DecoderSpec
+    from kiln.compiler.generation.language_model import LanguageModel
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ModelSource:
     # what the export must know of it (vocabulary, positions, attention layers).
     reference_model: torch.nn.Module | None = None
     decoder: DecoderSpec | None = None
+    language_model: LanguageModel | None = None  # what the runtimes' LLM formats need (a growing-cache export)
 
     @property
     def reference_name(self) -> str:

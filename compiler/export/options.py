@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.dynamic import DynamicShapes
 from kiln.compiler.errors import UsageError
+from kiln.compiler.generation.language_model import LLM_FORMATS
 from kiln.compiler.parity.gate import DEFAULT_SAMPLES
 from kiln.compiler.quantization.calibration import (
     DEFAULT_CALIBRATION_SAMPLES,
@@ -61,12 +62,15 @@ class ExportOptions:
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets seq=32,64: static-shape targets
     task: str | None = None  # --task: text-generation (KV cache) or forward; None: text-generation for a causal LM
     cache_size: int | None = None  # --cache-size: a static KV cache's length (tflite, tpu text generation)
+    llm_format: str | None = None  # --llm-format genai|stateless (text generation); None: genai where a target has it
     dynamic_batch: InitVar[DynamicShapes | None] = None  # the older name of `dynamic` (DynamicBatch(1, 8))
 
     def __post_init__(self, dynamic_batch: DynamicShapes | None) -> None:
         """Refuse bad thresholds before any work (the tolerance of any precision applies the same overrides)."""
         if dynamic_batch is not None:
             self.dynamic = dynamic_batch
+        if self.llm_format is not None and self.llm_format not in LLM_FORMATS:
+            raise UsageError(f"--llm-format {self.llm_format}: unknown format", f"use one of: {', '.join(LLM_FORMATS)}")
         self.tolerance("fp32")
         if self.accuracy is not None:
             check_thresholds(max_drop=self.accuracy.max_drop)

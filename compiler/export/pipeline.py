@@ -35,7 +35,6 @@ from kiln.compiler.export.staging import (
     staging_area,
 )
 from kiln.compiler.generation.export import (
-    TEXT_GENERATION,
     generation_detail,
     generation_samples,
     generation_source,
@@ -45,6 +44,7 @@ from kiln.compiler.generation.export import (
     wants_generation,
     with_generation,
 )
+from kiln.compiler.generation.language_model import TEXT_GENERATION
 from kiln.compiler.parity.gate import (
     QUANTIZED_PRECISIONS,
     QUANTIZED_SAMPLES,
@@ -123,7 +123,7 @@ def export_targets(
         with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
             source = load_model(model, example_inputs, options)
         chosen = fit_to_source(source, chosen, targets, progress)
-        if wants_generation(source, options.task, options.cache_size):
+        if wants_generation(source, options.task, options.cache_size, options.llm_format):
             chosen = generation_targets(source, chosen, targets, options, progress.say)
             with _timed(progress, timings, "generation", generation_detail(chosen)):
                 source = generation_source(source, chosen, options.cache_size)
@@ -193,7 +193,7 @@ def prepare(
             samples = generation_samples(source, captured, options)
         else:
             samples = reference_samples(source, captured, options, quantized, held)
-    routes = RouteGraphs(captured, scratch, optimize_onnx, lowering_failure)
+    routes = RouteGraphs(captured, scratch, optimize_onnx, lowering_failure, source.task, options.llm_format)
     return _Shared(source, captured, samples, calibration, scratch, routes)
 
 
@@ -210,7 +210,7 @@ def export_one(
     and write its manifest; when no route builds, the error becomes _TargetFailed naming the step. The build
     request and the parity sets of its precision are computed here, once, for every route."""
     own: dict[str, float] = {}
-    request = options.build_request(target, shared.calibration)
+    request = replace(options.build_request(target, shared.calibration), language_model=shared.source.language_model)
     samples = shared.samples.for_precision(request.precision)
     built = _build_by_routes(target, request, samples, shared, options, directory, progress, own)
     artifact, records, chosen, attempts = built

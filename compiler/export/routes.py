@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.program import EXPORTERS, CapturedModel, lower
 from kiln.compiler.errors import KilnError, UnsupportedOpError, plain_text
+from kiln.compiler.generation.language_model import GENAI
 from kiln.targets.base import ONNX_FILE, Route
 
 if TYPE_CHECKING:
@@ -65,8 +66,17 @@ def parity_reason(report: ParityReport) -> str:
 class RouteGraphs:
     """The graph each route hands to a target, for one capture; and the pass pipelines run on each graph."""
 
-    def __init__(self, captured: CapturedModel, scratch: Path, optimize_onnx: bool, failure: KilnError | None):
+    def __init__(
+        self,
+        captured: CapturedModel,
+        scratch: Path,
+        optimize_onnx: bool,
+        failure: KilnError | None,
+        task: str | None = None,
+        llm_format: str | None = None,
+    ):
         self.captured, self.scratch, self.optimize_onnx = captured, scratch, optimize_onnx
+        self.task, self.llm_format = task, llm_format
         self.lowered: dict[str, CapturedModel | KilnError] = {}  # by exporter
         self.optimized: dict[str, dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]]] = {}
         if captured.onnx_path is not None and captured.exported is not None:
@@ -81,8 +91,13 @@ class RouteGraphs:
                 self.lowered[exporter] = failure
 
     def applicable(self, target: Target) -> list[Route]:
-        """The target's routes this source can take, in order."""
-        routes = target.routes()
+        """The target's routes this source can take, in order: a route for a task only on an export of that
+        task, first (its runtime's own format); `--llm-format` keeps only the text-generation routes (genai) or
+        only the plain ones (stateless)."""
+        routes = [r for r in target.routes() if not r.task or r.task == self.task]
+        if self.llm_format is not None:
+            routes = [r for r in routes if bool(r.task) == (self.llm_format == GENAI)]
+        routes = sorted(routes, key=lambda r: not r.task)  # stable: the task's own routes first
         if self.captured.exported is None:  # an .onnx source: the file is the one ONNX graph
             return [ONNX_FILE] if any(r.consumes == "onnx" for r in routes) else []
         return [r for r in routes if r.exporter != "torchscript" or self.captured.eager is not None]

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import AttentionPattern
-from kiln.compiler.generation.decoding import DecoderSpec, input_names, layout_of
+from kiln.compiler.generation.decoding import DecoderSpec, decoding_of, input_names, layout_of
+from kiln.compiler.generation.language_model import FORWARD, GENAI, TASKS, TEXT_GENERATION
 from torch import nn
 
 if TYPE_CHECKING:
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
     from kiln.compiler.types import ParityReport
     from kiln.targets import Target
 
-TEXT_GENERATION = "text-generation"
-FORWARD = "forward"
-TASKS = (TEXT_GENERATION, FORWARD)
 # What a target's `kv_cache` says it takes: a growing cache (one graph, the past length dynamic) or a static one (a
 # fixed-length cache, all shapes static).
 GROWING, STATIC = "growing", "static"
@@ -64,9 +62,11 @@ def is_causal_lm(module: Any) -> bool:
     )
 
 
-def wants_generation(source: ModelSource, task: str | None, cache_size: int | None = None) -> bool:
+def wants_generation(
+    source: ModelSource, task: str | None, cache_size: int | None = None, llm_format: str | None = None
+) -> bool:
     """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM;
-    `--cache-size` on any other export is refused rather than ignored."""
+    `--cache-size` and `--llm-format` on any other export are refused rather than ignored."""
     if task is not None and task not in TASKS:
         raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(TASKS)}")
     causal = source.kind == "torch" and source.exported is None and is_causal_lm(source.module)
@@ -81,6 +81,11 @@ def wants_generation(source: ModelSource, task: str | None, cache_size: int | No
         raise UsageError(
             f"--cache-size applies to a text-generation export only, and {source.description} is not exported so",
             "drop --cache-size (or export a transformers causal LM to tflite/tpu)",
+        )
+    if llm_format is not None and not wanted:
+        raise UsageError(
+            f"--llm-format applies to a text-generation export only, and {source.description} is not exported so",
+            "drop --llm-format",
         )
     return wanted
 
@@ -147,6 +152,14 @@ def generation_targets(
             "itself makes (a cache from a file has no token history to run the model on)",
             "drop --inputs",
         )
+    if options.llm_format == GENAI:
+        plain = [t.name for t in chosen if not any(r.task == TEXT_GENERATION for r in t.routes())]
+        if plain:
+            raise UsageError(
+                f"--llm-format genai: {', '.join(plain)} {'has' if len(plain) == 1 else 'have'} no runtime LLM "
+                "format (onnx writes an onnxruntime-genai folder, openvino OpenVINO GenAI's stateful model)",
+                "drop --llm-format for these targets",
+            )
     if options.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
     return chosen
@@ -260,6 +273,8 @@ def generation_source(
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
             "export it with --task forward (one full-sequence forward, no cache)",
         ) from None
+    from kiln.compiler.generation.language_model import LanguageModel
+
     return replace(
         source,
         description=f"{source.description} (text-generation, KV cache)",
@@ -269,6 +284,7 @@ def generation_source(
         task=TEXT_GENERATION,
         reference_model=source.module,
         decoder=spec,
+        language_model=LanguageModel.of(source.module, spec.window),
     )
 
 
@@ -354,7 +370,7 @@ def with_generation(report: ParityReport, artifact: Artifact, source: ModelSourc
 
     assert source.reference_model is not None and source.decoder is not None
     runner = load_runner(artifact)
-    layout = layout_of(artifact.manifest.inputs)
+    layout = decoding_of(runner, artifact.manifest.inputs)
     plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
     reference = CausalLMReference(source.reference_model)
     with backend_failures(get_target(artifact.target), "run"):

@@ -126,7 +126,8 @@ def static_generation_source(source: ModelSource, cache_size: int | None) -> Mod
 
     from kiln.compiler.capture.program import converter_output_captured
     from kiln.compiler.errors import UnsupportedOpError
-    from kiln.compiler.generation.export import TEXT_GENERATION, decoder_spec
+    from kiln.compiler.generation.export import decoder_spec
+    from kiln.compiler.generation.language_model import TEXT_GENERATION
 
     assert source.module is not None
     config: Any = source.module.config

@@ -1,0 +1,167 @@
+"""The `onnx` target's text-generation route, `onnxruntime-genai`: the folder `onnxruntime_genai.Model(folder)`
+loads and its `Generator` runs.
+
+- `model.onnx`: Kiln's step graph (`input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key|value`
+  -> `logits`, `present.{i}.key|value`), rewritten for ONNX Runtime where a fused op helps
+  (`kiln.passes.genai_attention`: each layer's attention and its cache append as one `GroupQueryAttention`, the
+  RMS norms as `SimplifiedLayerNormalization`); with a fused attention the cache is one buffer of the model's
+  length that the runtime appends to in place (`past_present_share_buffer`).
+- `genai_config.json`: the decoder's file, I/O names, heads and layers, the special tokens and greedy search
+  defaults; `config.json`, `generation_config.json` and, when the model has one, the tokenizer's files
+  (`tokenizer.json`, which onnxruntime-genai's `Tokenizer` reads).
+
+Kiln's runner (`OnnxGenAIRunner`) runs the graph two ways: `run` with ONNX Runtime on the step graph's feeds (the
+parity gate's decoding states, the cache fed in and out), and `decoder()` with onnxruntime-genai's own `Generator`
+(`append_tokens`, `get_logits`), the cache kept by the runtime, as users run it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.compiler.generation.language_model import TEXT_GENERATION
+from kiln.targets.base import Route
+from kiln.targets.onnxrt import MODEL_FILE, OnnxRuntimeRunner
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    import numpy as np
+    from kiln.compiler.generation.language_model import LanguageModel
+    from kiln.compiler.types import Manifest
+    from kiln.targets.base import BuildOutput
+
+LLM_FORMAT = "onnxruntime-genai"  # target_info["llm_format"] of an artifact built by this route
+GENAI_ROUTE = Route(LLM_FORMAT, "onnx", "dynamo", task=TEXT_GENERATION)
+CONFIG_FILE = "genai_config.json"
+# The decoder-only model types onnxruntime-genai 0.18 knows (its `model.type`); another model's graph runs as its
+# generic decoder-only model, named "llama" (Kiln's graph carries everything model-specific itself).
+GENAI_TYPES = (
+    "chatglm", "ernie4_5", "gemma", "gemma2", "gemma3_text", "granite", "internlm2", "llama", "mistral",
+    "nemotron", "olmo", "phi3", "qwen2", "qwen3", "smollm3",
+)  # fmt: skip
+GENERIC_TYPE = "llama"
+
+
+def genai_config(language_model: LanguageModel, shared_buffer: bool) -> dict[str, Any]:
+    """genai_config.json for Kiln's step graph of `language_model` (`shared_buffer`: the graph appends to a cache
+    buffer of the model's length in place, as a fused GroupQueryAttention does)."""
+    known = language_model.model_type in GENAI_TYPES
+    return {
+        "model": {
+            "type": language_model.model_type if known else GENERIC_TYPE,
+            "bos_token_id": language_model.bos if language_model.bos is not None else 0,
+            "eos_token_id": language_model.eos[0] if len(language_model.eos) == 1 else language_model.eos,
+            "pad_token_id": language_model.pad if language_model.pad is not None else 0,
+            "vocab_size": language_model.vocab,
+            "context_length": language_model.context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": language_model.head_dim,
+                "hidden_size": language_model.hidden,
+                "num_attention_heads": language_model.heads,
+                "num_key_value_heads": language_model.kv_heads,
+                "num_hidden_layers": language_model.layers,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_length": language_model.context,
+            "min_length": 0,
+            "past_present_share_buffer": shared_buffer,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_folder(directory: Path, language_model: LanguageModel | None, built: BuildOutput) -> None:
+    """Beside the built `model.onnx`: genai_config.json, the model's config files and tokenizer; what it wrote
+    into `built` (info, notes)."""
+    if language_model is None:
+        from kiln.compiler.errors import UnsupportedOpError
+
+        raise UnsupportedOpError(f"the {LLM_FORMAT} route needs a text-generation export of a transformers causal LM")
+    shared = bool(built.info.get("genai_rewrite", {}).get("fused_attention"))
+    config = genai_config(language_model, shared)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    written = language_model.write_config_files(directory)
+    if language_model.model_type not in GENAI_TYPES:
+        built.notes.append(
+            f"onnxruntime-genai has no model type {language_model.model_type!r}: {CONFIG_FILE} names its generic "
+            f"decoder-only model ({GENERIC_TYPE!r}), which runs Kiln's graph as it is"
+        )
+    if language_model.tokenizer is None:
+        built.notes.append(f"no tokenizer written ({language_model.tokenizer_origin}): the Generator takes token ids")
+    built.info |= {
+        "llm_format": LLM_FORMAT,
+        "genai_config": {"type": config["model"]["type"], "past_present_share_buffer": shared},
+        "tokenizer": language_model.tokenizer_record([n for n in written if n.startswith("tokenizer")]),
+        "config_files": [CONFIG_FILE, *written],
+    }
+
+
+class OnnxGenAIRunner(OnnxRuntimeRunner):
+    """An `onnxruntime-genai` artifact: ONNX Runtime for the step graph's feeds, onnxruntime-genai's Generator for
+    decoding (loaded on first use)."""
+
+    keeps_cache = True
+
+    def __init__(self, directory: Path, manifest: Manifest, threads: int = 0):
+        super().__init__(directory / MODEL_FILE, manifest, threads)
+        self.directory, self.threads = directory, threads
+        self.context = int(manifest.source.get("decoder", {}).get("max_positions") or 0)
+        self.genai: Any = None
+
+    def decoder(self) -> Callable[[Sequence[int]], np.ndarray]:
+        """A new sequence in onnxruntime-genai's Generator."""
+        import onnxruntime_genai as og
+
+        if self.genai is None:
+            config = og.Config(str(self.directory))
+            if self.threads:
+                options = {"session_options": {"intra_op_num_threads": self.threads}}
+                config.overlay(json.dumps({"model": {"decoder": options}}))
+            self.genai = og.Model(config)
+        params = og.GeneratorParams(self.genai)
+        if self.context:
+            params.set_search_options(max_length=self.context)
+        return _GenAIDecoder(og.Generator(self.genai, params))
+
+    def runtime_info(self) -> dict[str, Any]:
+        """ONNX Runtime's, and onnxruntime-genai's version."""
+        import onnxruntime_genai as og
+
+        return super().runtime_info() | {"generation_runtime": f"onnxruntime-genai {og.__version__}"}
+
+
+class _GenAIDecoder:
+    """One sequence in an onnxruntime-genai Generator: `append_tokens`, then the last position's logits."""
+
+    def __init__(self, generator: Any):
+        self.generator = generator
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        self.generator.append_tokens(list(ids))
+        return np.asarray(self.generator.get_logits())[0, -1].copy()
