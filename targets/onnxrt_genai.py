@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
     from kiln.compiler.generation.language_model import LanguageModel
     from kiln.compiler.types import Manifest
+    from kiln.passes.genai_attention import Fusion
     from kiln.targets.base import BuildOutput
 
 LLM_FORMAT = "onnxruntime-genai"  # target_info["llm_format"] of an artifact built by this route
@@ -101,7 +102,16 @@ def write_genai_folder(directory: Path, language_model: LanguageModel | None, bu
         from kiln.compiler.errors import UnsupportedOpError
 
         raise UnsupportedOpError(f"the {LLM_FORMAT} route needs a text-generation export of a transformers causal LM")
-    shared = bool(built.info.get("genai_rewrite", {}).get("fused_attention"))
+    fusion = rewrite_graph(directory / MODEL_FILE, language_model)
+    built.info["genai_rewrite"] = fusion.to_dict()
+    if fusion.skipped:
+        built.notes.append(
+            f"{len(fusion.skipped)} attention layer(s) left unfused for onnxruntime-genai: "
+            + "; ".join(f"layer {k}: {v}" for k, v in list(fusion.skipped.items())[:2])
+        )
+    # A fused attention appends to the cache in place: the runtime passes one buffer as past and present. A graph
+    # with any layer left as Concat(past, new) needs past and present apart.
+    shared = fusion.fused_attention > 0 and not fusion.skipped
     config = genai_config(language_model, shared)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     written = language_model.write_config_files(directory)
@@ -118,6 +128,33 @@ def write_genai_folder(directory: Path, language_model: LanguageModel | None, bu
         "tokenizer": language_model.tokenizer_record([n for n in written if n.startswith("tokenizer")]),
         "config_files": [CONFIG_FILE, *written],
     }
+
+
+def rewrite_graph(path: Path, language_model: LanguageModel) -> Fusion:
+    """The step graph at `path` rewritten in place for onnxruntime-genai (`kiln.passes.genai_attention`)."""
+    import onnx_ir as ir
+    from kiln.passes.genai_attention import Attention, rewrite_for_genai
+
+    model = ir.load(str(path))
+    windows = language_model.windows or (None,) * language_model.layers
+    attention = Attention(
+        language_model.heads, language_model.kv_heads, language_model.head_dim, windows, language_model.context
+    )
+    fusion = rewrite_for_genai(model, attention)
+    if fusion.fused_attention or fusion.rms_norms:
+        data = path.name + ".data"
+        large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value) > 2**31 - 2**26
+        written = path.parent / "rewritten"  # beside, not over, the files the lazy initializers still read
+        written.mkdir()
+        ir.save(model, str(written / path.name), external_data=data if large else None)
+        del model
+        for name in (path.name, data):
+            if (written / name).exists():
+                (written / name).replace(path.parent / name)
+            elif name == data and (path.parent / name).exists():
+                (path.parent / name).unlink()
+        written.rmdir()
+    return fusion
 
 
 class OnnxGenAIRunner(OnnxRuntimeRunner):

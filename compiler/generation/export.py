@@ -284,7 +284,7 @@ def generation_source(
         task=TEXT_GENERATION,
         reference_model=source.module,
         decoder=spec,
-        language_model=LanguageModel.of(source.module, spec.window),
+        language_model=LanguageModel.of(source.module, spec),
     )
 
 

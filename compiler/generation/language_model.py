@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.compiler.generation.decoding import DecoderSpec
 
 TEXT_GENERATION = "text-generation"  # `--task`: the decoder with its KV cache
 FORWARD = "forward"  # `--task`: one full-sequence forward
@@ -43,13 +46,15 @@ class LanguageModel:
     bos: int | None
     eos: list[int]
     pad: int | None
-    window: int | None = None  # the sliding window, when some layer has one
+    windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: it sees every earlier position)
     tokenizer: Any = field(default=None, compare=False, repr=False)  # a transformers fast tokenizer, or None
     tokenizer_origin: str = ""  # where it came from, or why there is none
 
     @classmethod
-    def of(cls, model: Any, window: int | None = None) -> LanguageModel:
-        """The description of a transformers causal LM (`window`: its sliding window, from the DecoderSpec)."""
+    def of(cls, model: Any, spec: DecoderSpec) -> LanguageModel:
+        """The description of a transformers causal LM (its attention layers from `spec`)."""
+        from kiln.compiler.generation.attention_masks import SLIDING
+
         config = model.config
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -71,7 +76,7 @@ class LanguageModel:
             bos=_first(generation_dict.get("bos_token_id", getattr(config, "bos_token_id", None))),
             eos=eos,
             pad=_first(generation_dict.get("pad_token_id", getattr(config, "pad_token_id", None))),
-            window=window,
+            windows=tuple(spec.window if kind == SLIDING else None for kind in spec.layer_types),
             tokenizer=tokenizer,
             tokenizer_origin=origin,
         )
