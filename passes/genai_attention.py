@@ -135,7 +135,7 @@ def _fuse_layer(state: _Graph, layer: int) -> bool:
         "num_heads": attention.heads,
         "kv_num_heads": attention.kv_heads,
         "scale": float(query_scale * key_scale * scale),
-        "local_window_size": window - 1 if window else -1,
+        "local_window_size": window or -1,  # keys at q - window < k <= q, as transformers
         "softcap": float(softcap),
         "do_rotary": int(rotary is not None),
         "rotary_interleaved": 0,

@@ -1,11 +1,12 @@
 """The `openvino` target's text-generation route, `openvino-genai`: OpenVINO GenAI's own LLM format, the folder that
 `openvino_genai.LLMPipeline(folder, "CPU")` and optimum-intel's `OVModelForCausalLM.from_pretrained(folder)` load.
 
-- `openvino_model.xml` / `.bin`: the IR of Kiln's step graph made **stateful** as optimum-intel makes it: a `beam_idx`
-  input gathers every cache tensor along the batch (beam reordering), and OpenVINO's `MakeStateful` turns each
-  `past_key_values.{i}.key|value` input and its `present.{i}.key|value` output into one internal variable, so the
-  runtime keeps the cache between calls (inputs: `input_ids`, `attention_mask`, `position_ids`, `beam_idx`;
-  output: `logits`). A new sequence starts with `reset_state()`.
+- `openvino_model.xml` / `.bin`: the IR of Kiln's step graph, each attention as one `ScaledDotProductAttention`
+  (`fuse_attention`: what the CPU plugin fuses with the cache it keeps), made **stateful** as optimum-intel makes
+  it: a `beam_idx` input gathers every cache tensor along the batch (beam reordering), and OpenVINO's
+  `MakeStateful` turns each `past_key_values.{i}.key|value` input and its `present.{i}.key|value` output into one
+  internal variable, so the runtime keeps the cache between calls (inputs: `input_ids`, `attention_mask`,
+  `position_ids`, `beam_idx`; output: `logits`). A new sequence starts with `reset_state()`.
 - `config.json`, `generation_config.json` (the model's own), and when the model has a tokenizer
   (`kiln.compiler.generation.language_model`): its files and `openvino_tokenizer.xml` / `openvino_detokenizer.xml`
   converted by openvino-tokenizers.
@@ -74,6 +75,85 @@ def make_stateful(ov_model: ov.Model) -> list[str]:
     return cache
 
 
+def fuse_attention(ov_model: ov.Model) -> int:
+    """Each attention of `ov_model` (Kiln's step graph: `MatMul(q, k^T)`, the mask's `Add`, `Softmax`, `MatMul` with
+    the values) as one `ScaledDotProductAttention`, which the CPU plugin fuses with a stateful cache into its own
+    attention over a cache kept in place; the count fused. An attention whose scores are soft-capped (a Tanh
+    between the MatMul and the Add), or read otherwise, is left as it is."""
+    import numpy as np
+    from openvino import opset13
+
+    fused = 0
+    for softmax in [op for op in ov_model.get_ordered_ops() if op.get_type_name() == "Softmax"]:
+        add = softmax.input_value(0).get_node()
+        weighted = [t.get_node() for t in softmax.output(0).get_target_inputs()]
+        if add.get_type_name() != "Add" or len(weighted) != 1 or not _plain_matmul(weighted[0]):
+            continue
+        scores = next((add.input_value(i) for i in (0, 1) if _plain_matmul(add.input_value(i).get_node())), None)
+        if scores is None or weighted[0].input_value(0).get_node() is not softmax:
+            continue
+        mask = add.input_value(1) if add.input_value(0) == scores else add.input_value(0)
+        query, query_scale = _unscaled(scores.get_node().input_value(0))
+        key, key_scale = _unscaled(scores.get_node().input_value(1))
+        key = _untransposed(key)
+        value = weighted[0].input_value(1)
+        if key is None or any(v.get_partial_shape().rank.get_length() != 4 for v in (query, key, value)):
+            continue
+        scale = opset13.constant(np.float32(query_scale * key_scale), query.get_element_type())
+        attention = opset13.scaled_dot_product_attention(query, key, value, mask, scale, causal=False)
+        weighted[0].output(0).replace(attention.output(0))
+        fused += 1
+    if fused:
+        ov_model.validate_nodes_and_infer_types()
+    return fused
+
+
+def _plain_matmul(node: Any) -> bool:
+    attributes = node.get_attributes() if node.get_type_name() == "MatMul" else {}
+    return bool(attributes) and not attributes["transpose_a"] and not attributes["transpose_b"]
+
+
+def _unscaled(output: Any) -> tuple[Any, float]:
+    """`output` before the Multiplys by scalar constants that make it, and their product."""
+    import numpy as np
+
+    scale = 1.0
+    while output.get_node().get_type_name() == "Multiply":
+        node = output.get_node()
+        constant = next((i for i in (0, 1) if node.input_value(i).get_node().get_type_name() == "Constant"), None)
+        if constant is None:
+            break
+        data = node.input_value(constant).get_node().get_data()
+        if np.asarray(data).size != 1:
+            break
+        scale *= float(np.asarray(data).reshape(-1)[0])
+        output = node.input_value(1 - constant)
+    return output, scale
+
+
+def _untransposed(output: Any) -> Any:
+    """The [B, H, T, D] keys whose transpose [B, H, D, T] `output` is: a Transpose of the last two axes, or the
+    exporter's 3-D form of it (Reshape to [B*H, T, D], Transpose (0, 2, 1), Reshape to [B, H, D, T]); else None."""
+    import numpy as np
+
+    node = output.get_node()
+    if node.get_type_name() == "Transpose":
+        order = node.input_value(1).get_node()
+        if order.get_type_name() == "Constant" and list(np.asarray(order.get_data())) == [0, 1, 3, 2]:
+            return node.input_value(0)
+        return None
+    chain = ["Reshape", "Transpose", "Reshape"]
+    for kind in chain:
+        if node.get_type_name() != kind:
+            return None
+        if kind == "Transpose":
+            order = node.input_value(1).get_node()
+            if order.get_type_name() != "Constant" or list(np.asarray(order.get_data())) != [0, 2, 1]:
+                return None
+        output, node = node.input_value(0), node.input_value(0).get_node()
+    return output
+
+
 def write_genai_folder(
     ov_model: ov.Model, directory: Path, language_model: LanguageModel | None, precision_config: dict[str, Any],
     built: BuildOutput,
@@ -86,6 +166,7 @@ def write_genai_folder(
         from kiln.compiler.errors import UnsupportedOpError
 
         raise UnsupportedOpError(f"the {LLM_FORMAT} route needs a text-generation export of a transformers causal LM")
+    attention = fuse_attention(ov_model)
     cache = make_stateful(ov_model)
     for key in ("KV_CACHE_PRECISION",):  # what LLMPipeline reads from the model itself (runtime_options)
         if key in precision_config:
@@ -101,6 +182,7 @@ def write_genai_folder(
             "inputs": [i.get_any_name() for i in ov_model.inputs],
             "outputs": [o.get_any_name() for o in ov_model.outputs],
             "states": len(cache),
+            "fused_attention": attention,
         },
         "tokenizer": language_model.tokenizer_record(converted),
         "config_files": written,
