@@ -303,7 +303,7 @@ def eager_weight_bytes(hf: Path) -> int:
     tied = json.loads((hf / "config.json").read_text()).get("tie_word_embeddings")
     total = 0
     with safe_open(str(hf / "model.safetensors"), "np") as weights:
-        for key in weights:
+        for key in list(weights.keys()):  # a safetensors file is not iterable
             if "embed_tokens" not in key or tied:
                 count = 1
                 for dim in weights.get_slice(key).get_shape():
@@ -476,6 +476,7 @@ def time_model(name: str, found: list[Candidate], args: argparse.Namespace) -> d
                         candidate.skipped = f"did not load: {exc}"
                         continue
                     loaded.setdefault(candidate.name, worker.hello)
+                    worker.ask({"op": "run", "prompt": prompt_of(16, vocab), "new": 2})  # first-call costs
                     if args.keep_loaded:
                         workers[candidate.name] = worker
                 for context in args.contexts if round_index else args.contexts[:1]:

@@ -126,13 +126,14 @@ def _generate_with_stamps(model: Any, torch: Any) -> Run:
 
 
 def _optimum(job: dict[str, Any]) -> tuple[Run, dict[str, Any]]:
-    import optimum.intel
+    from importlib.metadata import version
+
     import torch
     from optimum.intel import OVModelForCausalLM
 
     config = {"INFERENCE_NUM_THREADS": str(job["threads"]), **{k: str(v) for k, v in job.get("config", {}).items()}}
     model = OVModelForCausalLM.from_pretrained(job["path"], ov_config=config)
-    return _generate_with_stamps(model, torch), {"runtime": f"optimum-intel {optimum.intel.__version__}"}
+    return _generate_with_stamps(model, torch), {"runtime": f"optimum-intel {version('optimum-intel')}"}
 
 
 def _eager(job: dict[str, Any]) -> tuple[Run, dict[str, Any]]:
