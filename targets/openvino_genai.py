@@ -248,7 +248,8 @@ class OpenVinoStatefulRunner(Runner):
                 self.states[name].state = ov.Tensor(np.ascontiguousarray(feeds[name]))
         elif mask.shape[1] == ids.shape[1]:
             self.request.reset_state()
-        step = {n: feeds[n] for n in ("input_ids", "attention_mask", "position_ids") if n in feeds}
+        names = ("input_ids", "attention_mask", "position_ids")
+        step: dict[str, np.ndarray] = {n: feeds[n] for n in names if n in feeds}
         step[BEAM_INPUT] = np.arange(ids.shape[0], dtype=np.int32)
         results = self.request.infer(step)
         outputs = {"logits": results[self.compiled.output("logits")].copy()}

@@ -54,10 +54,10 @@ class LanguageModel:
     def of(cls, model: Any, spec: DecoderSpec) -> LanguageModel:
         """The description of a transformers causal LM (its attention layers from `spec`)."""
         from kiln.compiler.generation.attention_masks import SLIDING
+        from kiln.compiler.generation.export import cache_shape
 
         config = model.config
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        layers, kv_heads, head_dim = cache_shape(config)
         generation = getattr(model, "generation_config", None)
         generation_dict = generation.to_dict() if generation is not None else {}
         eos = _token_ids(generation_dict.get("eos_token_id", getattr(config, "eos_token_id", None)))
@@ -66,13 +66,13 @@ class LanguageModel:
             model_type=str(getattr(config, "model_type", "") or type(model).__name__.lower()),
             config=config.to_dict(),
             generation_config=generation_dict,
-            layers=int(config.num_hidden_layers),
-            heads=heads,
+            layers=layers,
+            heads=int(config.num_attention_heads),
             kv_heads=kv_heads,
-            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            head_dim=head_dim,
             hidden=int(config.hidden_size),
             vocab=int(config.vocab_size),
-            context=int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)),
+            context=spec.max_positions,
             bos=_first(generation_dict.get("bos_token_id", getattr(config, "bos_token_id", None))),
             eos=eos,
             pad=_first(generation_dict.get("pad_token_id", getattr(config, "pad_token_id", None))),
