@@ -24,8 +24,9 @@ with, all at `--threads` threads:
 At int4, Kiln has no `--precision int4` yet: its int4 rows are Kiln's fp32 artifacts quantized here with the tools
 its peers use, at their settings (`kiln onnx int4`: ONNX Runtime's `MatMulNBitsQuantizer`, the builder's block
 size 32, symmetric, accuracy level 4; `kiln openvino int4`: `nncf.compress_weights`, optimum-intel's default int4,
-asymmetric, group 128). The `default` precision compares the two OpenVINO artifacts at the runtime's own inference
-precision (bf16 on a CPU with AVX-512 BF16, else f32), optimum-intel's default.
+asymmetric, group 128, or 64 where 128 does not divide the widths). The `default` precision compares the two
+OpenVINO artifacts at the runtime's own inference precision (bf16 on a CPU with AVX-512 BF16, else f32),
+optimum-intel's default.
 
 Method: for each round, context C (`--contexts`) and candidate (the order rotating per round), a prompt of C random
 token ids and `--new-tokens` greedy tokens: `prefill` is the time to the first token, `decode` the median time of
@@ -187,11 +188,20 @@ def builder_output(hf: Path, out: Path, precision: str) -> float | None:
     return built(out, lambda: timed_command(command, out / "build.log"))
 
 
+def int4_group_size(hf: Path) -> int:
+    """OpenVINO's int4 group: optimum-intel's default 128 where it divides every layer's input width, else the largest
+    of 64 and 32 that does (SmolLM's 576 is not a multiple of 128, and NNCF refuses a group that does not divide)."""
+    config = json.loads((hf / "config.json").read_text())
+    widths = (config["hidden_size"], config["intermediate_size"])
+    return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 32)
+
+
 def optimum_output(hf: Path, out: Path, weights: str | None) -> float | None:
-    """optimum-intel's export of `hf` (`weights`: fp32 or int4; None: its default, which is int8 weights for a
-    model of more than 1B parameters)."""
+    """optimum-intel's export of `hf` (`weights`: fp32 or int4, asymmetric, `int4_group_size`; None: its default,
+    which is int8 weights for a model of more than 1B parameters)."""
+    group = ["--group-size", str(int4_group_size(hf))] if weights == "int4" else []
     command = [OPTIMUM_PYTHON, "-m", "optimum.commands.optimum_cli", "export", "openvino", "-m", str(hf),
-               "--task", "text-generation-with-past", *(["--weight-format", weights] if weights else []),
+               "--task", "text-generation-with-past", *(["--weight-format", weights] if weights else []), *group,
                str(out / "model")]  # fmt: skip
     return built(out, lambda: timed_command(command, out / "build.log"))
 
@@ -216,8 +226,9 @@ def kiln_int4_onnx(kiln: Path, out: Path) -> float | None:
     return built(out, make)
 
 
-def kiln_int4_openvino(kiln: Path, out: Path) -> float | None:
-    """Kiln's OpenVINO GenAI folder with its weights compressed by NNCF (optimum-intel's default int4)."""
+def kiln_int4_openvino(kiln: Path, out: Path, group: int) -> float | None:
+    """Kiln's OpenVINO GenAI folder with its weights compressed by NNCF (optimum-intel's int4: asymmetric, `group`;
+    NNCF's defaults otherwise: the embedding and the last MatMul in int8)."""
 
     def make() -> float:
         import nncf
@@ -227,7 +238,7 @@ def kiln_int4_openvino(kiln: Path, out: Path) -> float | None:
         target = out / "model"
         shutil.copytree(kiln / "openvino", target, ignore=shutil.ignore_patterns("openvino_model.*", "parity"))
         model = ov.Core().read_model(str(kiln / "openvino" / "openvino_model.xml"))
-        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0)
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group, ratio=1.0)
         ov.save_model(compressed, str(target / "openvino_model.xml"), compress_to_fp16=False)
         return round(time.perf_counter() - started, 1)
 
@@ -360,7 +371,7 @@ def candidates(name: str, work: Path, args: argparse.Namespace) -> list[Candidat
         (True, Candidate("kiln onnx int4", "int4", "genai", own / "kiln-int4-onnx" / "model", kiln=True),
          then(kiln_build, lambda: kiln_int4_onnx(export, own / "kiln-int4-onnx"))),
         (True, Candidate("kiln openvino int4", "int4", "llmpipeline", own / "kiln-int4-openvino" / "model", True),
-         then(kiln_build, lambda: kiln_int4_openvino(export, own / "kiln-int4-openvino"))),
+         then(kiln_build, lambda: kiln_int4_openvino(export, own / "kiln-int4-openvino", int4_group_size(hf)))),
         (True, Candidate("builder int4", "int4", "genai", own / "builder-int4" / "model"),
          lambda: builder_output(hf, own / "builder-int4", "int4")),
         (optimum, Candidate("optimum-intel int4", "int4", "optimum", own / "optimum-int4" / "model",

@@ -156,7 +156,7 @@ def _untransposed(output: Any) -> Any:
 
 def write_genai_folder(
     ov_model: ov.Model, directory: Path, language_model: LanguageModel | None, precision_config: dict[str, Any],
-    built: BuildOutput,
+    built: BuildOutput, fp16_weights: bool = False,
 ) -> None:  # fmt: skip
     """The `openvino-genai` folder of a converted step graph (quantized already, if asked): the stateful IR, the
     model's config files and its tokenizer converted; what it wrote into `built` (info, notes)."""
@@ -171,7 +171,7 @@ def write_genai_folder(
     for key in ("KV_CACHE_PRECISION",):  # what LLMPipeline reads from the model itself (runtime_options)
         if key in precision_config:
             ov_model.set_rt_info(str(precision_config[key]), ["runtime_options", key])
-    ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=False)
+    ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=fp16_weights)
     written = language_model.write_config_files(directory)
     converted, note = convert_tokenizer(language_model, directory)
     if note:

@@ -192,7 +192,7 @@ class OpenVinoTarget(Target):
         if request.route == GENAI_ROUTE.name:
             if config["INFERENCE_PRECISION_HINT"] == "f32":  # the cache as computed (the CPU's default is u8)
                 config["KV_CACHE_PRECISION"] = "f32"
-            write_genai_folder(ov_model, directory, request.language_model, config, built)
+            write_genai_folder(ov_model, directory, request.language_model, config, built, precision == "fp16")
         else:  # save_model compresses weights to fp16 by default: only an fp16 export may.
             ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=precision == "fp16")
         cpu = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
