@@ -120,7 +120,7 @@ def _generate_with_stamps(model: Any, torch: Any) -> Run:
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, streamer=streamer
             )
-        return (*_times(started, streamer.stamps), [int(t) for t in out[0, len(prompt):]])
+        return (*_times(started, streamer.stamps), [int(t) for t in out[0, len(prompt) :]])
 
     return run
 

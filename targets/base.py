@@ -11,10 +11,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     import numpy as np
+    from kiln.compiler.capture.language_model import LanguageModel
     from kiln.compiler.capture.program import CapturedModel
-    from kiln.compiler.generation.language_model import LanguageModel
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
-    from kiln.compiler.types import Manifest, PassRecord, TensorSpec
+    from kiln.compiler.types import Feeds, Manifest, PassRecord, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ class Route:
     # True: tried only when no earlier route converted (a fallback for conversion failures, not a second
     # opinion on an artifact that converted and failed parity).
     fallback: bool = False
-    # The task this route builds for ("": any). A text-generation route writes the runtime's own LLM format
-    # (an OpenVINO stateful model, an onnxruntime-genai folder): offered to a text-generation export only, and
-    # there before the plain routes (`--llm-format stateless` leaves it out).
-    task: str = ""
+    # True: the route writes the runtime's own LLM format (an OpenVINO stateful model, an onnxruntime-genai
+    # folder): offered to a text-generation export only, and there before the plain routes (`--llm-format
+    # stateless` leaves it out, `--llm-format genai` keeps it alone).
+    llm_format: bool = False
 
 
 # The ONNX routes of a PyTorch model, in the order they are tried; an .onnx source has the one ONNX_FILE route.
@@ -145,6 +145,12 @@ class Target:
     # graph, the
     # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
     kv_cache: str | None = None
+    # True: `tapped_runs` runs a built artifact with intermediate tensors as extra outputs, so that localization
+    # reads every module boundary from one build (kiln.compiler.diagnose.fast_path) instead of bisecting.
+    tappable: bool = False
+    # True: `kiln tune` builds and times it when no --targets is given (a runtime whose artifacts run on the machine
+    # that tunes, worth timing against the others).
+    tuned_by_default: bool = False
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
     # `kiln verify` accepts them although the manifest does not list them.
     later_files: tuple[str, ...] = ()
@@ -211,3 +217,12 @@ class Target:
         """A runner for the artifact in `directory`, configured as the manifest says; `threads` sets the runtime's
         thread count where it has one (None: the runtime's default; `Runner.thread_control` says how)."""
         raise NotImplementedError
+
+    def tapped_runs(
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+    ) -> list[dict[int, np.ndarray]]:
+        """A `tappable` target's artifact in `directory` run on each input set with the tensors `names` (index ->
+        value name in the ONNX graph it was built from) as extra outputs: per input set, index -> the runtime's
+        value (as the next layer reads it back in a quantized graph); a name the runtime cannot expose is left
+        out. A target that cannot be tapped raises NotImplementedError."""
+        raise NotImplementedError(f"target {self.name} cannot be tapped for intermediate tensors")

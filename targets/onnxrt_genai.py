@@ -10,9 +10,9 @@ loads and its `Generator` runs.
   defaults; `config.json`, `generation_config.json` and, when the model has one, the tokenizer's files
   (`tokenizer.json`, which onnxruntime-genai's `Tokenizer` reads).
 
-Kiln's runner (`OnnxGenAIRunner`) runs the graph two ways: `run` with ONNX Runtime on the step graph's feeds (the
-parity gate's decoding states, the cache fed in and out), and `decoder()` with onnxruntime-genai's own `Generator`
-(`append_tokens`, `get_logits`), the cache kept by the runtime, as users run it.
+Kiln's runner (`kiln.targets.onnxrt.OnnxGenAIRunner`) runs the graph two ways: `run` with ONNX Runtime on the step
+graph's feeds (the parity gate's decoding states, the cache fed in and out), and `decoder()` with onnxruntime-genai's
+own `Generator` (`append_tokens`, `get_logits`), the cache kept by the runtime, as users run it.
 """
 
 from __future__ import annotations
@@ -21,21 +21,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.compiler.generation.language_model import TEXT_GENERATION
 from kiln.targets.base import Route
-from kiln.targets.onnxrt import MODEL_FILE, OnnxRuntimeRunner
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-
-    import numpy as np
-    from kiln.compiler.generation.language_model import LanguageModel
-    from kiln.compiler.types import Manifest
+    from kiln.compiler.capture.language_model import LanguageModel
     from kiln.passes.genai_attention import Fusion
     from kiln.targets.base import BuildOutput
 
 LLM_FORMAT = "onnxruntime-genai"  # target_info["llm_format"] of an artifact built by this route
-GENAI_ROUTE = Route(LLM_FORMAT, "onnx", "dynamo", task=TEXT_GENERATION)
+GENAI_ROUTE = Route(LLM_FORMAT, "onnx", "dynamo", llm_format=True)
 CONFIG_FILE = "genai_config.json"
 # The decoder-only model types onnxruntime-genai 0.18 knows (its `model.type`); another model's graph runs as its
 # generic decoder-only model, named "llama" (Kiln's graph carries everything model-specific itself).
@@ -46,9 +40,9 @@ GENAI_TYPES = (
 GENERIC_TYPE = "llama"
 
 
-def genai_config(language_model: LanguageModel, shared_buffer: bool) -> dict[str, Any]:
-    """genai_config.json for Kiln's step graph of `language_model` (`shared_buffer`: the graph appends to a cache
-    buffer of the model's length in place, as a fused GroupQueryAttention does)."""
+def genai_config(language_model: LanguageModel, graph_file: str, shared_buffer: bool) -> dict[str, Any]:
+    """genai_config.json for Kiln's step graph `graph_file` of `language_model` (`shared_buffer`: the graph appends
+    to a cache buffer of the model's length in place, as a fused GroupQueryAttention does)."""
     known = language_model.model_type in GENAI_TYPES
     return {
         "model": {
@@ -60,7 +54,7 @@ def genai_config(language_model: LanguageModel, shared_buffer: bool) -> dict[str
             "context_length": language_model.context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": MODEL_FILE,
+                "filename": graph_file,
                 "head_size": language_model.head_dim,
                 "hidden_size": language_model.hidden,
                 "num_attention_heads": language_model.heads,
@@ -95,14 +89,15 @@ def genai_config(language_model: LanguageModel, shared_buffer: bool) -> dict[str
     }
 
 
-def write_genai_folder(directory: Path, language_model: LanguageModel | None, built: BuildOutput) -> None:
-    """Beside the built `model.onnx`: genai_config.json, the model's config files and tokenizer; what it wrote
-    into `built` (info, notes)."""
+def write_genai_folder(graph: Path, language_model: LanguageModel | None, built: BuildOutput) -> None:
+    """Beside the built step graph `graph` (rewritten in place): genai_config.json, the model's config files and
+    tokenizer; what it wrote into `built` (info, notes)."""
     if language_model is None:
         from kiln.compiler.errors import UnsupportedOpError
 
         raise UnsupportedOpError(f"the {LLM_FORMAT} route needs a text-generation export of a transformers causal LM")
-    fusion = rewrite_graph(directory / MODEL_FILE, language_model)
+    directory = graph.parent
+    fusion = rewrite_graph(graph, language_model)
     built.info["genai_rewrite"] = fusion.to_dict()
     if fusion.skipped:
         built.notes.append(
@@ -112,7 +107,7 @@ def write_genai_folder(directory: Path, language_model: LanguageModel | None, bu
     # A fused attention appends to the cache in place: the runtime passes one buffer as past and present. A graph
     # with any layer left as Concat(past, new) needs past and present apart.
     shared = fusion.fused_attention > 0 and not fusion.skipped
-    config = genai_config(language_model, shared)
+    config = genai_config(language_model, graph.name, shared)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     written = language_model.write_config_files(directory)
     if language_model.model_type not in GENAI_TYPES:
@@ -155,50 +150,3 @@ def rewrite_graph(path: Path, language_model: LanguageModel) -> Fusion:
                 (path.parent / name).unlink()
         written.rmdir()
     return fusion
-
-
-class OnnxGenAIRunner(OnnxRuntimeRunner):
-    """An `onnxruntime-genai` artifact: ONNX Runtime for the step graph's feeds, onnxruntime-genai's Generator for
-    decoding (loaded on first use)."""
-
-    keeps_cache = True
-
-    def __init__(self, directory: Path, manifest: Manifest, threads: int = 0):
-        super().__init__(directory / MODEL_FILE, manifest, threads)
-        self.directory, self.threads = directory, threads
-        self.context = int(manifest.source.get("decoder", {}).get("max_positions") or 0)
-        self.genai: Any = None
-
-    def decoder(self) -> Callable[[Sequence[int]], np.ndarray]:
-        """A new sequence in onnxruntime-genai's Generator."""
-        import onnxruntime_genai as og
-
-        if self.genai is None:
-            config = og.Config(str(self.directory))
-            if self.threads:
-                options = {"session_options": {"intra_op_num_threads": self.threads}}
-                config.overlay(json.dumps({"model": {"decoder": options}}))
-            self.genai = og.Model(config)
-        params = og.GeneratorParams(self.genai)
-        if self.context:
-            params.set_search_options(max_length=self.context)
-        return _GenAIDecoder(og.Generator(self.genai, params))
-
-    def runtime_info(self) -> dict[str, Any]:
-        """ONNX Runtime's, and onnxruntime-genai's version."""
-        import onnxruntime_genai as og
-
-        return super().runtime_info() | {"generation_runtime": f"onnxruntime-genai {og.__version__}"}
-
-
-class _GenAIDecoder:
-    """One sequence in an onnxruntime-genai Generator: `append_tokens`, then the last position's logits."""
-
-    def __init__(self, generator: Any):
-        self.generator = generator
-
-    def __call__(self, ids: Sequence[int]) -> np.ndarray:
-        import numpy as np
-
-        self.generator.append_tokens(list(ids))
-        return np.asarray(self.generator.get_logits())[0, -1].copy()

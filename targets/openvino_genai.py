@@ -21,7 +21,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.compiler.generation.language_model import TEXT_GENERATION
 from kiln.targets.base import Route, Runner
 
 if TYPE_CHECKING:
@@ -29,12 +28,12 @@ if TYPE_CHECKING:
 
     import numpy as np
     import openvino as ov
-    from kiln.compiler.generation.language_model import LanguageModel
+    from kiln.compiler.capture.language_model import LanguageModel
     from kiln.compiler.types import Manifest
     from kiln.targets.base import BuildOutput
 
 LLM_FORMAT = "openvino-genai"  # target_info["llm_format"] of an artifact built by this route
-GENAI_ROUTE = Route(LLM_FORMAT, "onnx", "dynamo", task=TEXT_GENERATION)
+GENAI_ROUTE = Route(LLM_FORMAT, "onnx", "dynamo", llm_format=True)
 MODEL_FILE = "openvino_model.xml"
 TOKENIZER_FILE, DETOKENIZER_FILE = "openvino_tokenizer.xml", "openvino_detokenizer.xml"
 BEAM_INPUT = "beam_idx"

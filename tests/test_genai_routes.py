@@ -18,7 +18,7 @@ pytest.importorskip("openvino_genai", reason="needs openvino-genai (pip install 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.export.options import export_options
 from kiln.compiler.export.pipeline import export_targets
-from kiln.compiler.generation.language_model import find_tokenizer
+from kiln.compiler.generation.llm_format import find_tokenizer
 
 from tests.conftest import ROOT, run_cli
 from tests.models import decoders, genai_models

@@ -124,7 +124,7 @@ def test_routes_are_declared_through_the_target_interface():
     ]
     assert [r.name for r in get_target("onnx").routes()] == ["onnxruntime-genai", "onnx(dynamo)", "onnx(torchscript)"]
     # The runtimes' LLM formats are routes of a text-generation export only (docs/llm-formats.md).
-    assert {r.name for t in ("onnx", "openvino") for r in get_target(t).routes() if r.task == "text-generation"} == {
+    assert {r.name for t in ("onnx", "openvino") for r in get_target(t).routes() if r.llm_format} == {
         "onnxruntime-genai",
         "openvino-genai",
     }

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.dynamic import DynamicShapes
 from kiln.compiler.errors import UsageError
-from kiln.compiler.generation.language_model import LLM_FORMATS
+from kiln.compiler.generation.llm_format import LLM_FORMATS
 from kiln.compiler.parity.gate import DEFAULT_SAMPLES
 from kiln.compiler.quantization.calibration import (
     DEFAULT_CALIBRATION_SAMPLES,
@@ -20,7 +20,8 @@ from kiln.compiler.quantization.calibration import (
     CalibrationSpec,
 )
 from kiln.compiler.types import Tolerance, check_thresholds
-from kiln.passes import DEFAULT_LEVEL, Pass, PassAdjustments
+from kiln.passes import PassAdjustments
+from kiln.passes.base import DEFAULT_LEVEL, Pass
 
 if TYPE_CHECKING:
     from kiln.targets.base import BuildRequest, Target

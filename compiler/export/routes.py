@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.program import EXPORTERS, CapturedModel, lower
 from kiln.compiler.errors import KilnError, UnsupportedOpError, plain_text
-from kiln.compiler.generation.language_model import GENAI
+from kiln.compiler.generation.causal_lm import TEXT_GENERATION
+from kiln.compiler.generation.llm_format import GENAI
 from kiln.targets.base import ONNX_FILE, Route
 
 if TYPE_CHECKING:
     from kiln.compiler.types import ParityReport, PassRecord
-    from kiln.targets import Target
+    from kiln.targets.base import Target
 
 LOWERING_HINT = "use a target that consumes the FX graph, or replace that operation in the model"
 
@@ -91,13 +92,14 @@ class RouteGraphs:
                 self.lowered[exporter] = failure
 
     def applicable(self, target: Target) -> list[Route]:
-        """The target's routes this source can take, in order: a route for a task only on an export of that
-        task, first (its runtime's own format); `--llm-format` keeps only the text-generation routes (genai) or
-        only the plain ones (stateless)."""
-        routes = [r for r in target.routes() if not r.task or r.task == self.task]
+        """The target's routes this source can take, in order: a route that writes the runtime's own LLM format
+        only on a text-generation export, first; `--llm-format` keeps only those routes (genai) or only the plain
+        ones (stateless)."""
+        generating = self.task == TEXT_GENERATION
+        routes = [r for r in target.routes() if generating or not r.llm_format]
         if self.llm_format is not None:
-            routes = [r for r in routes if bool(r.task) == (self.llm_format == GENAI)]
-        routes = sorted(routes, key=lambda r: not r.task)  # stable: the task's own routes first
+            routes = [r for r in routes if r.llm_format == (self.llm_format == GENAI)]
+        routes = sorted(routes, key=lambda r: not r.llm_format)  # stable: the runtime's own LLM format first
         if self.captured.exported is None:  # an .onnx source: the file is the one ONNX graph
             return [ONNX_FILE] if any(r.consumes == "onnx" for r in routes) else []
         return [r for r in routes if r.exporter != "torchscript" or self.captured.eager is not None]

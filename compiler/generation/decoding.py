@@ -7,16 +7,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from kiln.compiler.errors import UsageError
+from kiln.compiler.types import Feeds
 
 if TYPE_CHECKING:
     from kiln.compiler.types import TensorSpec
-    from kiln.targets.base import Runner
 
-Feeds = dict[str, np.ndarray]
 MAX_NEW_TOKENS = 4096  # `kiln run --generate --max-new-tokens`: at most this many (and within the model's positions)
 
 
@@ -94,11 +93,22 @@ class CacheLayout:
         return CachedDecoder(run, self)
 
 
+class StepRunner(Protocol):
+    """What decoding needs of an artifact's runner (`kiln.targets.base.Runner` is one): its step function, and
+    whether its runtime keeps the KV cache itself, with a fresh decoding state in that runtime's loop."""
+
+    keeps_cache: bool
+
+    def run(self, feeds: Feeds) -> Feeds: ...
+
+    def decoder(self) -> Callable[[Sequence[int]], np.ndarray]: ...
+
+
 class RuntimeLoop:
     """The decoding of an artifact whose runtime keeps the KV cache itself (`Runner.keeps_cache`: an OpenVINO
     stateful model, an onnxruntime-genai folder): each decoder is the runner's own (`Runner.decoder`)."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: StepRunner):
         self.runner = runner
 
     def decoder(self, run: Callable[[Feeds], Feeds] | None = None) -> Callable[[Sequence[int]], np.ndarray]:
@@ -107,7 +117,7 @@ class RuntimeLoop:
         return self.runner.decoder()
 
 
-def decoding_of(runner: Runner, inputs: Sequence[TensorSpec]) -> CacheLayout | StaticCacheLayout | RuntimeLoop:
+def decoding_of(runner: StepRunner, inputs: Sequence[TensorSpec]) -> CacheLayout | StaticCacheLayout | RuntimeLoop:
     """How an artifact decodes: in its runtime's own loop when the runtime keeps the cache, else by Kiln's
     decoders over its step graph, the cache layout read from its inputs (`layout_of`)."""
     return RuntimeLoop(runner) if runner.keeps_cache else layout_of(inputs)
@@ -262,7 +272,7 @@ def parse_prompt(text: str) -> list[int]:
 
 
 def generate_with_export(
-    runner: Runner, inputs: Sequence[TensorSpec], spec: DecoderSpec, prompt: Sequence[int], n: int
+    runner: StepRunner, inputs: Sequence[TensorSpec], spec: DecoderSpec, prompt: Sequence[int], n: int
 ) -> list[int]:
     """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's runner; a UsageError, before any
     step, for an id outside the vocabulary or more positions than the model (or a static cache) has."""

@@ -23,8 +23,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import AttentionPattern
-from kiln.compiler.generation.decoding import DecoderSpec, decoding_of, input_names, layout_of
-from kiln.compiler.generation.language_model import FORWARD, GENAI, TASKS, TEXT_GENERATION
+from kiln.compiler.generation.causal_lm import (
+    FORWARD,
+    TASKS,
+    TEXT_GENERATION,
+    cache_shape,
+    decoder_source,
+    decoder_spec,
+    is_causal_lm,
+)
+from kiln.compiler.generation.decoding import decoding_of, input_names, layout_of
+from kiln.compiler.generation.llm_format import GENAI, language_model_of
+from kiln.compiler.generation.static_kv_cache import name_static_io, static_generation_source
 from torch import nn
 
 if TYPE_CHECKING:
@@ -35,7 +45,7 @@ if TYPE_CHECKING:
     from kiln.compiler.parity.gate import ParitySamples
     from kiln.compiler.progress import Progress
     from kiln.compiler.types import ParityReport
-    from kiln.targets import Target
+    from kiln.targets.base import Target
 
 # What a target's `kv_cache` says it takes: a growing cache (one graph, the past length dynamic) or a static one (a
 # fixed-length cache, all shapes static).
@@ -43,23 +53,6 @@ GROWING, STATIC = "growing", "static"
 GENERATION_PRECISIONS = ("fp32",)
 GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
-
-
-def is_causal_lm(module: Any) -> bool:
-    """True for a `transformers` decoder-only model that generates (e.g. LlamaForCausalLM, GPT2LMHeadModel)."""
-    if not type(module).__module__.startswith("transformers."):
-        return False
-    from transformers import GenerationMixin
-
-    config = getattr(module, "config", None)
-    return (
-        isinstance(module, GenerationMixin)
-        and bool(getattr(module, "can_generate", lambda: False)())
-        and config is not None
-        and not getattr(config, "is_encoder_decoder", False)
-        and hasattr(config, "num_hidden_layers")
-        and hasattr(config, "vocab_size")
-    )
 
 
 def wants_generation(
@@ -153,7 +146,7 @@ def generation_targets(
             "drop --inputs",
         )
     if options.llm_format == GENAI:
-        plain = [t.name for t in chosen if not any(r.task == TEXT_GENERATION for r in t.routes())]
+        plain = [t.name for t in chosen if not any(r.llm_format for r in t.routes())]
         if plain:
             raise UsageError(
                 f"--llm-format genai: {', '.join(plain)} {'has' if len(plain) == 1 else 'have'} no runtime LLM "
@@ -201,23 +194,6 @@ class CausalLMWithCache(nn.Module):
         return result
 
 
-def decoder_spec(model: nn.Module) -> DecoderSpec:
-    """What a text-generation export records of a causal LM (vocabulary, positions, attention layers); an
-    UnsupportedOpError for attention Kiln does not build (`AttentionPattern.of`)."""
-    config: Any = model.config
-    pattern = AttentionPattern.of(config)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
-    return DecoderSpec(int(config.vocab_size), int(positions), pattern.layer_types, pattern.window)
-
-
-def cache_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a transformers decoder config."""
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return int(config.num_hidden_layers), kv_heads, head_dim
-
-
 def generation_detail(targets: list[Target]) -> str:
     """The generation stage's line: which cache the targets take."""
     if any(t.kv_cache == STATIC for t in targets):
@@ -232,12 +208,10 @@ def generation_source(
     the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is); for
     static-shape targets (tflite, tpu) the static-cache decode step of compiler/generation/static_kv_cache.py
     instead."""
-    from kiln.compiler.generation.static_kv_cache import static_generation_source
-
     if any(t.kv_cache == STATIC for t in targets or []):
         return static_generation_source(source, cache_size)
     assert source.module is not None
-    spec = decoder_spec(source.module)
+    spec = decoder_spec(source.module)  # refuses attention Kiln does not build, before any work
     wrapper = CausalLMWithCache(source.module).eval()
     config: Any = source.module.config
     layers, kv_heads, head_dim = cache_shape(config)
@@ -260,44 +234,19 @@ def generation_source(
         {0: dims["batch"], 1: dims["seq"]},
         tuple({0: dims["batch"], 2: dims["past"]} for _ in cache),
     )
-    from kiln.compiler.capture.program import converter_output_captured
-
-    try:
-        with converter_output_captured():
-            program = torch.export.export(wrapper, examples, dynamic_shapes=shapes, strict=False)
-    except Exception as exc:
-        from kiln.compiler.errors import UnsupportedOpError
-
-        raise UnsupportedOpError(
-            f"torch.export of {source.description} with a dynamic KV cache failed: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
-            "export it with --task forward (one full-sequence forward, no cache)",
-        ) from None
-    from kiln.compiler.generation.language_model import LanguageModel
-
-    return replace(
-        source,
-        description=f"{source.description} (text-generation, KV cache)",
-        example_inputs=examples,
-        module=wrapper,
-        exported=program,
-        task=TEXT_GENERATION,
-        reference_model=source.module,
-        decoder=spec,
-        language_model=LanguageModel.of(source.module, spec),
-    )
+    generated = decoder_source(source, wrapper, examples, "dynamic KV cache", shapes)
+    assert generated.decoder is not None
+    return replace(generated, language_model=language_model_of(source.module, generated.decoder))
 
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
     """The captured model with its ONNX inputs named `past_key_values.{i}.key|value` (not the program's `past_0`)
-    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file.
-    A static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_cache.name_static_io`)."""
+    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file. A
+    static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_kv_cache.name_static_io`)."""
     import onnx
-    from kiln.compiler.capture.program import onnx_signature
+    from kiln.compiler.capture.onnx_files import onnx_signature
 
     if captured.onnx_path is None:
-        from kiln.compiler.generation.static_kv_cache import name_static_io
-
         return name_static_io(captured)
     proto = onnx.load(str(captured.onnx_path), load_external_data=False)
     graph = proto.graph
@@ -366,13 +315,12 @@ def with_generation(report: ParityReport, artifact: Artifact, source: ModelSourc
     from kiln.compiler.backend_errors import backend_failures
     from kiln.compiler.export.artifacts import load_runner
     from kiln.compiler.generation.gate import CausalLMReference, capacity_of, gate_prompts, generation_parity
-    from kiln.targets import get_target
 
     assert source.reference_model is not None and source.decoder is not None
     runner = load_runner(artifact)
     layout = decoding_of(runner, artifact.manifest.inputs)
     plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
     reference = CausalLMReference(source.reference_model)
-    with backend_failures(get_target(artifact.target), "run"):
+    with backend_failures(artifact.target, "run"):
         record = generation_parity(runner.run, layout, reference, plan, report.tolerance)
     return replace(report, passed=report.passed and record["passed"], generation=record)
