@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -50,6 +51,7 @@ class Fusion:
 
     fused_attention: int = 0
     fused_rotary: int = 0
+    packed_qkv: int = 0  # fused layers whose query, key and value projections became one MatMul
     rms_norms: int = 0
     skipped: dict[int, str] = field(default_factory=dict)  # -1: the graph as a whole
 
@@ -58,6 +60,7 @@ class Fusion:
         return {
             "fused_attention": self.fused_attention,
             "fused_rotary": self.fused_rotary,
+            "packed_qkv": self.packed_qkv,
             "rms_norms": self.rms_norms,
             "skipped": {str(k): v for k, v in self.skipped.items()},
         }
@@ -97,9 +100,72 @@ def rewrite_for_genai(model: ir.Model, attention: Attention) -> Fusion:
     left = sorted({v.name or "" for n in model.graph for v in n.outputs if (v.name or "").endswith(UNFUSED)})
     if left:  # something else still reads a replaced cache append: correct, but computed twice
         fusion.skipped[-1] = f"still computed besides the fused attention: {', '.join(left[:4])}"
+    fusion.packed_qkv = sum(_pack_projections(model, node) for node in list(model.graph) if _is_gqa(node))
     fusion.rms_norms = _fuse_rms_norms(model)
     _clean_up(model)
     return fusion
+
+
+def _is_gqa(node: ir.Node) -> bool:
+    return node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN
+
+
+def _pack_projections(model: ir.Model, attention: ir.Node) -> bool:
+    """The fused attention's query, key and value as one packed projection, as onnxruntime-genai's model builder
+    makes them (one MatMul of the weights side by side, and one Add of the biases when the projections have them;
+    GroupQueryAttention then reads the packed tensor alone): a decoded token runs one matrix product, not three.
+    Whether it packed; a layer whose projections are not MatMuls of constant weights on one input (a bias Add
+    or none for all three) is left as it is."""
+    import onnx_ir as ir
+
+    projections = [p for p in (_projection(v) for v in attention.inputs[:3]) if p is not None]
+    if len(projections) != 3 or len({id(p[0]) for p in projections}) != 1:
+        return False
+    biases = [p[2] for p in projections if p[2] is not None]
+    if len(biases) not in (0, 3):
+        return False
+    source = projections[0][0]
+    weights = np.concatenate([p[1] for p in projections], axis=1)
+    tape = ir.tape.Tape()
+    name = f"kiln_qkv_{attention.name or id(attention)}"
+    packed_weights = ir.Value(name=f"{name}_weight", const_value=ir.tensor(weights))
+    model.graph.register_initializer(packed_weights)
+    packed = tape.op("MatMul", [source, packed_weights])
+    if biases:
+        packed_bias = ir.Value(name=f"{name}_bias", const_value=ir.tensor(np.concatenate(biases)))
+        model.graph.register_initializer(packed_bias)
+        packed = tape.op("Add", [packed, packed_bias])
+    for node in tape.nodes:
+        model.graph.insert_before(attention, node)
+    attention.replace_input_with(0, packed)
+    attention.replace_input_with(1, None)
+    attention.replace_input_with(2, None)
+    return True
+
+
+def _projection(value: ir.Value | None) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
+    """(input, weight [in, out], bias [out] or None) when `value` is `MatMul(input, W)` or `Add` of it and a
+    constant bias, with W a constant matrix and nothing else reading `value` or the product; else None."""
+    node = value.producer() if value is not None else None
+    if value is None or node is None or len(value.uses()) != 1:
+        return None
+    bias = None
+    if node.op_type == "Add":
+        product, constant = node.inputs
+        if product is None or constant is None or constant.const_value is None or product.const_value is not None:
+            product, constant = constant, product
+        if product is None or constant is None or constant.const_value is None or len(product.uses()) != 1:
+            return None
+        bias = np.asarray(constant.const_value.numpy())
+        node = product.producer()
+        if node is None or bias.ndim != 1:
+            return None
+    if node.op_type != "MatMul" or node.inputs[0] is None or node.inputs[1] is None:
+        return None
+    weight = node.inputs[1].const_value
+    if weight is None or len(weight.shape) != 2:
+        return None
+    return node.inputs[0], np.asarray(weight.numpy()), bias
 
 
 def _fuse_layer(state: _Graph, layer: int) -> bool:
@@ -336,7 +402,6 @@ def _evaluate(model: ir.Model, values: list[ir.Value], positions: int) -> list[n
     """`values` computed by the graph from `position_ids` = 0..positions-1 alone (ONNX Runtime on the extracted
     subgraph); a _NoMatch when they need any other input."""
     import onnx_ir as ir
-    import onnxruntime as ort
 
     position_ids = next((v for v in model.graph.inputs if v.name == "position_ids"), None)
     if position_ids is None:
@@ -349,7 +414,7 @@ def _evaluate(model: ir.Model, values: list[ir.Value], positions: int) -> list[n
         if item.const_value is not None:
             item.const_value = ir.tensor(item.const_value.numpy())  # in memory: the small model has no data file
     small = ir.Model(sub, ir_version=model.ir_version)
-    session = ort.InferenceSession(ir.to_proto(small).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(ir.to_proto(small).SerializeToString())
     feeds = {"position_ids": np.arange(positions, dtype=np.int64)[None]}
     return [np.asarray(t, np.float32) for t in session.run(None, feeds)]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.errors import error_text
 from kiln.targets.base import Route, Runner
 
 if TYPE_CHECKING:
@@ -202,8 +203,7 @@ def convert_tokenizer(language_model: LanguageModel, directory: Path) -> tuple[l
     except ImportError:
         return [], "no tokenizer converted: openvino-tokenizers is not installed (pip install openvino-tokenizers)"
     except Exception as exc:  # a tokenizer the converter does not know: the LLM itself is still usable
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return [], f"the tokenizer was not converted by openvino-tokenizers: {type(exc).__name__}: {text}"
+        return [], f"the tokenizer was not converted by openvino-tokenizers: {error_text(exc)}"
     ov.save_model(tokenizer, str(directory / TOKENIZER_FILE))
     ov.save_model(detokenizer, str(directory / DETOKENIZER_FILE))
     return [TOKENIZER_FILE, DETOKENIZER_FILE], ""

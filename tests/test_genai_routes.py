@@ -150,21 +150,26 @@ def test_llm_format_is_refused_where_it_does_not_apply(capsys):
 
 
 @pytest.mark.slow
-def test_the_fused_attention_matches_the_step_graph_across_a_sliding_window(tmp_path):
-    """The onnxruntime-genai rewrite (GroupQueryAttention with the model's window) against the step graph it
-    replaces, on decoding states whose past is longer than Mistral's 16-token window."""
+@pytest.mark.parametrize("family,window", [("mistral", 16), ("qwen2", None)])
+def test_the_fused_attention_matches_the_step_graph_across_a_sliding_window(tmp_path, family, window):
+    """The onnxruntime-genai rewrite (GroupQueryAttention with the model's window, the query, key and value
+    projections packed into one MatMul, Qwen2's biases into one Add) against the step graph it replaces, on
+    decoding states whose past is longer than Mistral's 16-token window."""
     import onnx_ir as ir
-    import onnxruntime as ort
+    from kiln.compiler.ort_session import ort_session
     from kiln.passes.genai_attention import Attention, rewrite_for_genai
 
-    (result,) = export_targets(f"{ROOT / 'tests/models/decoders.py'}:mistral", "onnx", tmp_path / "stateless",
+    (result,) = export_targets(f"{ROOT / 'tests/models/decoders.py'}:{family}", "onnx", tmp_path / "stateless",
                                export_options(llm_format="stateless"))  # fmt: skip
     model = ir.load(str(result.directory / "model.onnx"))
-    fusion = rewrite_for_genai(model, Attention(4, 2, 16, (16, 16), decoders.POSITIONS))
-    assert fusion.fused_attention == 2 and not fusion.skipped
+    fusion = rewrite_for_genai(model, Attention(4, 2, 16, (window, window), decoders.POSITIONS))
+    assert fusion.fused_attention == 2 and fusion.packed_qkv == 2 and not fusion.skipped
+    attention = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.inputs[1] is None and n.inputs[2] is None for n in attention)  # the packed form
+    assert sum(n.op_type == "MatMul" for n in model.graph) == 2 * 5 + 1  # qkv, o, gate, up, down; the head
     ir.save(model, str(tmp_path / "fused.onnx"))
-    plain = ort.InferenceSession(str(result.directory / "model.onnx"), providers=["CPUExecutionProvider"])
-    fused = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    plain = ort_session(result.directory / "model.onnx")
+    fused = ort_session(tmp_path / "fused.onnx")
     assert {i.name for i in fused.get_inputs()} == {i.name for i in plain.get_inputs()}
     rng = np.random.default_rng(7)
     for past, new in ((0, 5), (20, 1), (30, 3)):
