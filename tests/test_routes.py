@@ -133,7 +133,7 @@ def test_routes_are_declared_through_the_target_interface():
 def test_a_text_generation_route_is_offered_first_and_only_to_a_text_generation_export(tmp_path):
     from types import SimpleNamespace
 
-    from kiln.compiler.export.routes import RouteGraphs
+    from kiln.compiler.export.route_graphs import RouteGraphs
     from kiln.targets import get_target
 
     captured = SimpleNamespace(onnx_path=None, exported=object(), eager=object(), lowering={})
