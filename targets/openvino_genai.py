@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 LLM_FORMAT = "openvino-genai"  # target_info["llm_format"] of an artifact built by this route
 GENAI_ROUTE = Route(LLM_FORMAT, "onnx", "dynamo", llm_format=True)
+ATTENTION_BACKEND = "ATTENTION_BACKEND"  # an LLMPipeline property: SDPA (the stateful model) or PA (paged attention)
+PIPELINE_PROPERTIES = (ATTENTION_BACKEND,)  # runtime_config keys for LLMPipeline, not the CPU plugin
 MODEL_FILE = "openvino_model.xml"
 TOKENIZER_FILE, DETOKENIZER_FILE = "openvino_tokenizer.xml", "openvino_detokenizer.xml"
 BEAM_INPUT = "beam_idx"
@@ -168,6 +170,12 @@ def write_genai_folder(
         raise UnsupportedOpError(f"the {LLM_FORMAT} route needs a text-generation export of a transformers causal LM")
     attention = fuse_attention(ov_model)
     cache = make_stateful(ov_model)
+    if len(set(language_model.windows)) > 1:  # layers of different windows (Qwen2's max_window_layers)
+        precision_config[ATTENTION_BACKEND] = "SDPA"
+        built.notes.append(
+            "LLMPipeline's default PagedAttention backend gives other tokens on a model whose layers have different "
+            f"sliding windows: runtime_config asks {ATTENTION_BACKEND}=SDPA (the stateful model as gated)"
+        )
     for key in ("KV_CACHE_PRECISION",):  # what LLMPipeline reads from the model itself (runtime_options)
         if key in precision_config:
             ov_model.set_rt_info(str(precision_config[key]), ["runtime_options", key])
@@ -209,6 +217,11 @@ def convert_tokenizer(language_model: LanguageModel, directory: Path) -> tuple[l
     return [TOKENIZER_FILE, DETOKENIZER_FILE], ""
 
 
+def plugin_config(runtime_config: dict[str, Any]) -> dict[str, Any]:
+    """The CPU plugin's part of an artifact's runtime_config (LLMPipeline's own properties left out)."""
+    return {k: v for k, v in runtime_config.items() if k not in PIPELINE_PROPERTIES}
+
+
 class OpenVinoStatefulRunner(Runner):
     """Runs an `openvino-genai` artifact (the stateful IR) on the CPU plugin."""
 
@@ -218,7 +231,8 @@ class OpenVinoStatefulRunner(Runner):
     def __init__(self, directory: Path, manifest: Manifest):
         import openvino as ov
 
-        self.compiled = ov.Core().compile_model(str(directory / MODEL_FILE), "CPU", dict(manifest.runtime_config))
+        config = plugin_config(manifest.runtime_config)
+        self.compiled = ov.Core().compile_model(str(directory / MODEL_FILE), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
         self.cache = [s.name for s in manifest.inputs if s.name.startswith(CACHE_PREFIX)]

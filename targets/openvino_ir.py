@@ -309,7 +309,9 @@ def _tapped_runs(
             tapped, port = _read_back(ports[name], name)
             taps[index], outputs[tapped] = tapped, port
     model.add_outputs(list(outputs.values()))
-    compiled = core.compile_model(model, "CPU", dict(manifest.runtime_config))
+    from kiln.targets.openvino_genai import plugin_config
+
+    compiled = core.compile_model(model, "CPU", plugin_config(manifest.runtime_config))
     by_name = {name: out for out in compiled.outputs for name in out.get_names()}
     request = compiled.create_infer_request()
     runs = []
