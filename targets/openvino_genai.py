@@ -170,11 +170,11 @@ def write_genai_folder(
         raise UnsupportedOpError(f"the {LLM_FORMAT} route needs a text-generation export of a transformers causal LM")
     attention = fuse_attention(ov_model)
     cache = make_stateful(ov_model)
-    if len(set(language_model.windows)) > 1:  # layers of different windows (Qwen2's max_window_layers)
+    if any(window is not None for window in language_model.windows):
         precision_config[ATTENTION_BACKEND] = "SDPA"
         built.notes.append(
-            "LLMPipeline's default PagedAttention backend gives other tokens on a model whose layers have different "
-            f"sliding windows: runtime_config asks {ATTENTION_BACKEND}=SDPA (the stateful model as gated)"
+            "LLMPipeline's default PagedAttention backend gives other tokens once a sliding window is crossed: "
+            f"runtime_config asks {ATTENTION_BACKEND}=SDPA (the stateful model as gated)"
         )
     for key in ("KV_CACHE_PRECISION",):  # what LLMPipeline reads from the model itself (runtime_options)
         if key in precision_config:
