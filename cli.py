@@ -245,7 +245,7 @@ def _generate(model: Any, args: argparse.Namespace) -> int:
 
     prompt = parse_prompt(args.generate)
     spec = DecoderSpec.from_dict(model.manifest.source.get("decoder"))
-    tokens = generate_with_export(model.run, model.inputs, spec, prompt, args.max_new_tokens)
+    tokens = generate_with_export(model.runner, model.inputs, spec, prompt, args.max_new_tokens)
     if args.json:
         print(json.dumps({"prompt": prompt, "generated": tokens}))
     elif not args.quiet:

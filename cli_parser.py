@@ -115,6 +115,13 @@ def _export_parser(sub: Any) -> None:
         metavar="C",
         help="text-generation on tflite/tpu: the static KV cache's length in tokens (default 64)",
     )
+    export.add_argument(
+        "--llm-format",
+        choices=("genai", "stateless"),
+        help="text-generation on onnx/openvino: genai (default) writes the runtime's own LLM format, an "
+        "onnxruntime-genai folder or OpenVINO GenAI's stateful model, with the tokenizer when the model has one; "
+        "stateless: Kiln's step graph, the KV cache as inputs and outputs",
+    )
     export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
     export.add_argument("--atol", type=float, help="absolute tolerance override")
     export.add_argument("--rtol", type=float, help="relative tolerance override")

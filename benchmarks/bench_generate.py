@@ -97,6 +97,7 @@ def main() -> int:
 
     import torch
     from kiln.compiler.export.loading import load
+    from kiln.compiler.export.options import export_options
     from kiln.compiler.export.pipeline import export_targets
     from kiln.compiler.generation.decoding import CacheLayout
     from kiln.compiler.progress import quiet_libraries
@@ -106,8 +107,12 @@ def main() -> int:
     params = sum(p.numel() for p in model.parameters())
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-gen-") as scratch:
-        results = export_targets(
-            model, args.targets, Path(scratch) / "out", example_inputs=(torch.zeros(1, 8, dtype=torch.long),)
+        results = export_targets(  # the step graph, the cache fed in and out (the LLM formats: bench_llm.py)
+            model,
+            args.targets,
+            Path(scratch) / "out",
+            export_options(llm_format="stateless"),
+            example_inputs=(torch.zeros(1, 8, dtype=torch.long),),
         )
         for result in results:
             assert result.published and result.manifest is not None, f"{result.target} did not pass parity"

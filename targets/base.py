@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     import numpy as np
+    from kiln.compiler.capture.language_model import LanguageModel
     from kiln.compiler.capture.program import CapturedModel
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
     from kiln.compiler.types import Feeds, Manifest, PassRecord, TensorSpec
@@ -25,6 +28,7 @@ class BuildRequest:
     accuracy: AccuracyBudget | None = None  # --max-drop, for quantized precisions
     route: str = ""  # the name of the Route being built (empty: the target's first)
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets: symbol -> sizes to build at
+    language_model: LanguageModel | None = None  # a text-generation export: what its route's LLM format needs
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ class Route:
     # True: tried only when no earlier route converted (a fallback for conversion failures, not a second
     # opinion on an artifact that converted and failed parity).
     fallback: bool = False
+    # True: the route writes the runtime's own LLM format (an OpenVINO stateful model, an onnxruntime-genai
+    # folder): offered to a text-generation export only, and there before the plain routes (`--llm-format
+    # stateless` leaves it out, `--llm-format genai` keeps it alone).
+    llm_format: bool = False
 
 
 # The ONNX routes of a PyTorch model, in the order they are tried; an .onnx source has the one ONNX_FILE route.
@@ -85,7 +93,7 @@ class BuildOutput:
     runtime_config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    inputs: list[TensorSpec] | None = None  # the artifact's own I/O when it differs from the model's (layout)
+    inputs: list[TensorSpec] | None = None  # the artifact's own I/O when it differs from the model's (layout, state)
     outputs: list[TensorSpec] | None = None
     passes: list[PassRecord] = field(default_factory=list)  # graph changes made while building (quantization...)
 
@@ -97,6 +105,10 @@ class Runner:
     outputs: list[TensorSpec]
     # How a thread count given to Target.load reaches the runtime (for timing reports).
     thread_control: str = "runtime default (no thread setting known for this target)"
+    # True: a text-generation artifact whose runtime keeps the KV cache itself (an OpenVINO stateful model,
+    # onnxruntime-genai's Generator): it decodes through `decoder()`. False: a step graph that Kiln's decoders
+    # drive through `run`, the cache fed in and out (`kiln.compiler.generation.decoding.decoding_of`).
+    keeps_cache: bool = False
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name."""
@@ -105,6 +117,11 @@ class Runner:
     def runtime_info(self) -> dict[str, Any]:
         """What the runtime actually used (precision, threads...), for the parity report."""
         return {}
+
+    def decoder(self) -> Callable[[Sequence[int]], np.ndarray]:
+        """A fresh one-sequence decoding state in the runtime's own text-generation loop (`keeps_cache`): called
+        with new token ids, it runs them and returns the last position's logits."""
+        raise NotImplementedError
 
 
 class Target:

@@ -3,6 +3,7 @@ Runtime's CPU provider."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import replace
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kiln.compiler.ort_session import graph_optimization_level, ort_session
-from kiln.targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings, Target
+from kiln.targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     import numpy as np
     from kiln.compiler.capture.program import CapturedModel
     from kiln.compiler.quantization.accuracy import QuantizedModel
@@ -88,9 +91,25 @@ class OnnxRuntimeTarget(Target):
     accuracy_aware = True
     tappable = True  # extra graph outputs (kiln.compiler.diagnose.fast_path)
 
+    def routes(self) -> tuple[Route, ...]:
+        """For text generation, an onnxruntime-genai folder first (`kiln.targets.onnxrt_genai`); the ONNX routes."""
+        from kiln.targets.onnxrt_genai import GENAI_ROUTE
+
+        return (GENAI_ROUTE, *ONNX_ROUTES)
+
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """The optimized ONNX file (and any external data) in the artifact directory: with `--io nhwc`
-        rewritten for channels-last image I/O, and quantized when the precision is not fp32."""
+        rewritten for channels-last image I/O, and quantized when the precision is not fp32; by the
+        `onnxruntime-genai` route, with the folder onnxruntime-genai loads around it."""
+        from kiln.targets.onnxrt_genai import GENAI_ROUTE, write_genai_folder
+
+        output = self._build_graph(model, directory, request)
+        if request.route == GENAI_ROUTE.name:
+            write_genai_folder(directory / MODEL_FILE, request.language_model, output)
+        return output
+
+    def _build_graph(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
+        """The ONNX file of `build`."""
         assert model.onnx_path is not None, "an ONNX target needs the lowered graph"
         output = BuildOutput(runtime_config={"providers": ["CPUExecutionProvider"]})
         with tempfile.TemporaryDirectory(prefix="kiln-onnx-") as scratch:
@@ -163,7 +182,12 @@ class OnnxRuntimeTarget(Target):
         return replace(manifest, runtime_config=config)
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
-        """An ONNX Runtime session on the artifact (with the graph optimization level its runtime_config names)."""
+        """An ONNX Runtime session on the artifact (with the graph optimization level its runtime_config names);
+        for an `onnxruntime-genai` artifact, with onnxruntime-genai's Generator for decoding."""
+        from kiln.targets.onnxrt_genai import LLM_FORMAT
+
+        if manifest.target_info.get("llm_format") == LLM_FORMAT:
+            return OnnxGenAIRunner(directory, manifest, threads=threads or 0)
         return OnnxRuntimeRunner(directory / MODEL_FILE, manifest, threads=threads or 0)
 
     def tapped_runs(
@@ -254,3 +278,50 @@ def _dequantized(model: Any, name: str) -> str:
         if after and all(n.op_type == "DequantizeLinear" for n in after):
             return str(after[0].output[0])
     return name
+
+
+class OnnxGenAIRunner(OnnxRuntimeRunner):
+    """An `onnxruntime-genai` artifact: ONNX Runtime for the step graph's feeds, onnxruntime-genai's Generator for
+    decoding (loaded on first use)."""
+
+    keeps_cache = True
+
+    def __init__(self, directory: Path, manifest: Manifest, threads: int = 0):
+        super().__init__(directory / MODEL_FILE, manifest, threads)
+        self.directory, self.threads = directory, threads
+        self.context = int(manifest.source.get("decoder", {}).get("max_positions") or 0)
+        self.genai: Any = None
+
+    def decoder(self) -> Callable[[Sequence[int]], np.ndarray]:
+        """A new sequence in onnxruntime-genai's Generator."""
+        import onnxruntime_genai as og
+
+        if self.genai is None:
+            config = og.Config(str(self.directory))
+            if self.threads:
+                options = {"session_options": {"intra_op_num_threads": self.threads}}
+                config.overlay(json.dumps({"model": {"decoder": options}}))
+            self.genai = og.Model(config)
+        params = og.GeneratorParams(self.genai)
+        if self.context:
+            params.set_search_options(max_length=self.context)
+        return _GenAIDecoder(og.Generator(self.genai, params))
+
+    def runtime_info(self) -> dict[str, Any]:
+        """ONNX Runtime's, and onnxruntime-genai's version."""
+        import onnxruntime_genai as og
+
+        return super().runtime_info() | {"generation_runtime": f"onnxruntime-genai {og.__version__}"}
+
+
+class _GenAIDecoder:
+    """One sequence in an onnxruntime-genai Generator: `append_tokens`, then the last position's logits."""
+
+    def __init__(self, generator: Any):
+        self.generator = generator
+
+    def __call__(self, ids: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
+        self.generator.append_tokens(list(ids))
+        return np.asarray(self.generator.get_logits())[0, -1].copy()

@@ -157,14 +157,18 @@ class OpenVinoTarget(Target):
     tappable = True  # extra outputs of the ov.Model (kiln.compiler.diagnose.fast_path)
 
     def routes(self) -> tuple[Route, ...]:
-        """The ONNX routes, then OpenVINO's own PyTorch frontend on the exported program."""
-        return (*ONNX_ROUTES, DIRECT_ROUTE)
+        """For text generation, OpenVINO GenAI's stateful model first (`kiln.targets.openvino_genai`); the ONNX
+        routes, then OpenVINO's own PyTorch frontend on the exported program."""
+        from kiln.targets.openvino_genai import GENAI_ROUTE
+
+        return (GENAI_ROUTE, *ONNX_ROUTES, DIRECT_ROUTE)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Convert the ONNX graph to IR, quantized with NNCF for int8/int8-dynamic; weights stay fp32 unless
         fp16 was asked for."""
         import openvino as ov
         from kiln.targets.openvino_direct import convert_direct
+        from kiln.targets.openvino_genai import GENAI_ROUTE, write_genai_folder
 
         precision = request.precision
         if request.route == DIRECT_ROUTE.name:
@@ -186,9 +190,13 @@ class OpenVinoTarget(Target):
                 built.info["calibration"] = request.calibration.summary()
         if request.io_layout == "nhwc":
             ov_model = _with_nhwc_io(ov_model, model, built)
-        # save_model compresses weights to fp16 by default: only an fp16 export may.
-        ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=precision == "fp16")
         config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
+        if request.route == GENAI_ROUTE.name:
+            if config["INFERENCE_PRECISION_HINT"] == "f32":  # the cache as computed (the CPU's default is u8)
+                config["KV_CACHE_PRECISION"] = "f32"
+            write_genai_folder(ov_model, directory, request.language_model, config, built, precision == "fp16")
+        else:  # save_model compresses weights to fp16 by default: only an fp16 export may.
+            ov.save_model(ov_model, str(directory / MODEL_FILE), compress_to_fp16=precision == "fp16")
         cpu = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if precision == "bf16" and "BF16" not in cpu:
             built.notes.append(
@@ -237,11 +245,15 @@ class OpenVinoTarget(Target):
         return replace(manifest, runtime_config=config)
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
-        """A compiled model on the CPU plugin."""
+        """A compiled model on the CPU plugin (a stateful one for an `openvino-genai` artifact)."""
+        from kiln.targets.openvino_genai import LLM_FORMAT, OpenVinoStatefulRunner
+
         if threads:
             from dataclasses import replace
 
             manifest = replace(manifest, runtime_config={**manifest.runtime_config, "INFERENCE_NUM_THREADS": threads})
+        if manifest.target_info.get("llm_format") == LLM_FORMAT:
+            return OpenVinoStatefulRunner(directory, manifest)
         return OpenVinoRunner(directory, manifest)
 
     def tapped_runs(
@@ -297,7 +309,9 @@ def _tapped_runs(
             tapped, port = _read_back(ports[name], name)
             taps[index], outputs[tapped] = tapped, port
     model.add_outputs(list(outputs.values()))
-    compiled = core.compile_model(model, "CPU", dict(manifest.runtime_config))
+    from kiln.targets.openvino_genai import plugin_config
+
+    compiled = core.compile_model(model, "CPU", plugin_config(manifest.runtime_config))
     by_name = {name: out for out in compiled.outputs for name in out.get_names()}
     request = compiled.create_infer_request()
     runs = []

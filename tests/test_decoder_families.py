@@ -1,10 +1,12 @@
 """Every popular decoder family (tests/models/decoders.py: Llama, Mistral, Gemma 2 and 3, Qwen2/Qwen3 with and
 without sliding windows, Phi-3, OLMo 2, GPT-2, GPT-NeoX, OPT), exported for text generation to one growing-cache
-target (onnx or openvino) and one static-cache target (tflite or tpu), then driven by a plain greedy loop written
-here on the runtime's own API (ONNX Runtime `InferenceSession`, OpenVINO `compile_model`, the LiteRT interpreter's
-signature runner, the SavedModel's signature), never Kiln's decoder, on prompts the gate never used: one of two
-tokens and one longer than the model's sliding window whose decoding crosses the window several times. The tokens
-must be transformers' own `generate`."""
+target (onnx or openvino: their runtimes' own LLM formats, the default) and one static-cache target (tflite or
+tpu), then driven by a plain greedy loop written here on the runtime's own API (onnxruntime-genai's `Generator`,
+OpenVINO GenAI's `LLMPipeline`, the LiteRT interpreter's signature runner, the SavedModel's signature), never Kiln's
+decoder, on prompts the gate never used: one of two tokens and one longer than the model's sliding window whose
+decoding crosses the window several times. The tokens must be transformers' own `generate`. Kiln's stateless step
+graph (`--llm-format stateless`) is driven the same way with ONNX Runtime's `InferenceSession` and OpenVINO's
+`compile_model`, the cache fed back by hand."""
 
 from __future__ import annotations
 
@@ -47,6 +49,34 @@ def _hf_tokens(model, prompt: list[int]) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
     assert out.shape[1] == len(prompt) + NEW_TOKENS
     return out[0, len(prompt) :].tolist()
+
+
+def _genai_tokens(target: str, directory: Path, runtime_config: dict, prompt: list[int]) -> list[int]:
+    """Greedy tokens from the runtime's own LLM loader: onnxruntime-genai's Generator (the logits of each appended
+    token, its argmax appended next: the model's end-of-sequence token does not stop it), or OpenVINO GenAI's
+    LLMPipeline (greedy, `ignore_eos`) with the export's runtime settings."""
+    if target == "onnx":
+        import onnxruntime_genai as og
+
+        model = og.Model(str(directory))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + NEW_TOKENS)
+        generator = og.Generator(model, params)
+        tokens, ids = [], list(prompt)
+        for _ in range(NEW_TOKENS):
+            generator.append_tokens(ids)
+            ids = [int(np.argmax(generator.get_logits()[0, -1]))]
+            tokens.append(ids[0])
+        return tokens
+    import openvino as ov
+    import openvino_genai as ovg
+
+    pipe = ovg.LLMPipeline(str(directory), "CPU", **runtime_config)
+    config = ovg.GenerationConfig()
+    config.max_new_tokens, config.ignore_eos, config.do_sample = NEW_TOKENS, True, False
+    ids = ov.Tensor(np.asarray([prompt], np.int64))
+    result = pipe.generate(ovg.TokenizedInputs(ids, ov.Tensor(np.ones((1, len(prompt)), np.int64))), config)
+    return [int(t) for t in result.tokens[0]]
 
 
 def _growing_step(target: str, directory: Path):
@@ -142,12 +172,31 @@ def test_each_family_decodes_like_transformers_on_prompts_the_gate_never_used(ex
         shapes = {s.name: s.shape for s in result.manifest.inputs}
         layers = sum(1 for name in shapes if name.endswith("key"))
         if target in GROWING:
-            _, kv_heads, _, head_dim = shapes["past_key_values.0.key"]
-            run = _growing_step(target, result.directory)
-            got = [_greedy_growing(run, layers, kv_heads, head_dim, p) for p in prompts]
+            assert result.manifest.target_info["llm_format"] in ("onnxruntime-genai", "openvino-genai")
+            config = result.manifest.runtime_config
+            got = [_genai_tokens(target, result.directory, config, p) for p in prompts]
         else:
             _, kv_heads, size, head_dim = shapes["past_key_values_0_key"]
             assert size >= len(prompts[1]) + NEW_TOKENS - 1
             run = _static_step(target, result.directory)
             got = [_greedy_static(run, layers, kv_heads, size, head_dim, p) for p in prompts]
         assert got == want, f"{family} on {target}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", GROWING)
+def test_the_stateless_step_graph_decodes_like_transformers_with_the_cache_fed_by_hand(tmp_path, target):
+    """`--llm-format stateless`: Kiln's step graph, the cache as inputs and outputs, on a sliding-window model."""
+    from kiln.compiler.export.options import export_options
+
+    model, _ = decoders.mistral()
+    prompts = _prompts(model.config.sliding_window)
+    want = [_hf_tokens(model, p) for p in prompts]
+    (result,) = export_targets(f"{MODELS}:mistral", target, tmp_path, export_options(llm_format="stateless"))
+    assert result.published and result.manifest.target_info["route"] == "onnx(dynamo)"
+    assert "llm_format" not in result.manifest.target_info
+    shapes = {s.name: s.shape for s in result.manifest.inputs}
+    _, kv_heads, _, head_dim = shapes["past_key_values.0.key"]
+    layers = sum(1 for name in shapes if name.endswith("key"))
+    run = _growing_step(target, result.directory)
+    assert [_greedy_growing(run, layers, kv_heads, head_dim, p) for p in prompts] == want

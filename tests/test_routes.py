@@ -117,8 +117,31 @@ def test_routes_are_declared_through_the_target_interface():
     from kiln.targets import get_target
 
     assert [r.name for r in get_target("openvino").routes()] == [
+        "openvino-genai",
         "onnx(dynamo)",
         "onnx(torchscript)",
         "openvino.convert_model(ExportedProgram)",
     ]
-    assert [r.name for r in get_target("onnx").routes()] == ["onnx(dynamo)", "onnx(torchscript)"]
+    assert [r.name for r in get_target("onnx").routes()] == ["onnxruntime-genai", "onnx(dynamo)", "onnx(torchscript)"]
+    # The runtimes' LLM formats are routes of a text-generation export only (docs/llm-formats.md).
+    assert {r.name for t in ("onnx", "openvino") for r in get_target(t).routes() if r.llm_format} == {
+        "onnxruntime-genai",
+        "openvino-genai",
+    }
+
+
+def test_a_text_generation_route_is_offered_first_and_only_to_a_text_generation_export(tmp_path):
+    from types import SimpleNamespace
+
+    from kiln.compiler.export.route_graphs import RouteGraphs
+    from kiln.targets import get_target
+
+    captured = SimpleNamespace(onnx_path=None, exported=object(), eager=object(), lowering={})
+
+    def names(**choice: str) -> list[str]:
+        return [r.name for r in RouteGraphs(captured, tmp_path, True, None, **choice).applicable(get_target("onnx"))]
+
+    assert names() == ["onnx(dynamo)", "onnx(torchscript)"]
+    assert names(task="text-generation") == ["onnxruntime-genai", "onnx(dynamo)", "onnx(torchscript)"]
+    assert names(task="text-generation", llm_format="stateless") == ["onnx(dynamo)", "onnx(torchscript)"]
+    assert names(task="text-generation", llm_format="genai") == ["onnxruntime-genai"]

@@ -19,6 +19,7 @@ from kiln.compiler.errors import KilnError, UsageError, error_text
 from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
+    from kiln.compiler.capture.language_model import LanguageModel
     from kiln.compiler.generation.decoding import DecoderSpec
 
 
@@ -42,6 +43,7 @@ class ModelSource:
     # what the export must know of it (vocabulary, positions, attention layers).
     reference_model: torch.nn.Module | None = None
     decoder: DecoderSpec | None = None
+    language_model: LanguageModel | None = None  # what the runtimes' LLM formats need (a growing-cache export)
 
     @property
     def reference_name(self) -> str:

@@ -196,7 +196,7 @@ def _verify_generation(
     and reference outputs, and the stored prompts decoded again to the stored reference tokens."""
     from kiln.compiler.capture.sources import load_source
     from kiln.compiler.generation.causal_lm import decoder_spec, is_causal_lm
-    from kiln.compiler.generation.decoding import DecoderSpec, layout_of
+    from kiln.compiler.generation.decoding import DecoderSpec, decoding_of, layout_of
     from kiln.compiler.generation.gate import (
         CausalLMReference,
         capacity_of,
@@ -242,7 +242,8 @@ def _verify_generation(
     samples = decoding_samples(reference, layout, spec, len(manifest.parity.sample_origins))
     report = validate(artifact, samples, tolerance, reference.name)
     plan = gate_prompts(spec, capacity_of(spec, layout))
-    record = generation_parity(load_runner(artifact).run, layout, reference, plan, tolerance)
+    runner = load_runner(artifact)
+    record = generation_parity(runner.run, decoding_of(runner, manifest.inputs), reference, plan, tolerance)
     report = replace(report, passed=report.passed and record["passed"], generation=record)
     return Verification(artifact.directory, manifest, report, notes)
 

@@ -1,8 +1,8 @@
 """What an export is asked to do, as small option groups, one per concern: `Shapes` (dynamic dims, buckets),
 `PassOptions` (-O, --passes, --dump-passes), `Calibration` (int8 calibration, --max-drop), `Thresholds` (the
 gate's overrides), `ParityOptions` (parity input sets, the gate, localization), `OutputOptions` (--force, --wait,
---all-or-nothing) and `SourceOptions` (--trust-pickle, --task, --cache-size); `ExportOptions` holds them with the
-precision, device and I/O options.
+--all-or-nothing) and `SourceOptions` (--trust-pickle, --task, --cache-size, --llm-format); `ExportOptions` holds
+them with the precision, device and I/O options.
 
 The CLI's flags, the library's keyword arguments (`kiln.export(**options)`) and a matrix cell's options are one
 flat vocabulary, `KEYWORDS`: `export_options(**keywords)` maps it onto the groups, in this one place."""
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.dynamic import DynamicShapes
 from kiln.compiler.errors import UsageError
+from kiln.compiler.generation.llm_format import LLM_FORMATS
 from kiln.compiler.parity.gate import DEFAULT_SAMPLES
 from kiln.compiler.quantization.calibration import (
     DEFAULT_CALIBRATION_SAMPLES,
@@ -167,12 +168,18 @@ class OutputOptions:
 @dataclass(frozen=True)
 class SourceOptions:
     """How the model is read and what it is exported as: `--trust-pickle` (a .pt2 may run its pickles), `--task`
-    (text-generation with its KV cache, or forward; None: text-generation for a causal LM) and `--cache-size` (a
-    static KV cache's length: tflite, tpu text generation)."""
+    (text-generation with its KV cache, or forward; None: text-generation for a causal LM), `--cache-size` (a
+    static KV cache's length: tflite, tpu text generation) and `--llm-format` (onnx, openvino text generation:
+    genai, the runtime's own LLM format, or stateless, Kiln's step graph; None: genai where a target has it)."""
 
     trust_pickle: bool = False
     task: str | None = None
     cache_size: int | None = None
+    llm_format: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.llm_format is not None and self.llm_format not in LLM_FORMATS:
+            raise UsageError(f"--llm-format {self.llm_format}: unknown format", f"use one of: {', '.join(LLM_FORMATS)}")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def export_targets(
         with progress.timed(timings, "load", model if isinstance(model, str) else type(model).__name__):
             source = load_model(model, example_inputs, options.parity.inputs_files)
         chosen = fit_to_source(source, chosen, targets, progress)
-        if wants_generation(source, options.source.task, options.source.cache_size):
+        if wants_generation(source, options.source.task, options.source.cache_size, options.source.llm_format):
             chosen = generation_targets(source, chosen, targets, options, progress.say)
             with progress.timed(timings, "generation", generation_detail(chosen)):
                 source = generation_source(source, chosen, options.source.cache_size)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from kiln.compiler.capture.program import EXPORTERS, CapturedModel, lower
 from kiln.compiler.errors import KilnError, UnsupportedOpError
+from kiln.compiler.generation.causal_lm import TEXT_GENERATION
+from kiln.compiler.generation.llm_format import GENAI
 from kiln.targets.base import ONNX_FILE, Route
 
 if TYPE_CHECKING:
@@ -23,8 +25,17 @@ LOWERING_HINT = "use a target that consumes the FX graph, or replace that operat
 class RouteGraphs:
     """The graph each route hands to a target, for one capture; and the pass pipelines run on each graph."""
 
-    def __init__(self, captured: CapturedModel, scratch: Path, optimize_onnx: bool, failure: KilnError | None):
+    def __init__(
+        self,
+        captured: CapturedModel,
+        scratch: Path,
+        optimize_onnx: bool,
+        failure: KilnError | None,
+        task: str | None = None,
+        llm_format: str | None = None,
+    ):
         self.captured, self.scratch, self.optimize_onnx = captured, scratch, optimize_onnx
+        self.task, self.llm_format = task, llm_format  # the export's task, and --llm-format
         self.lowered: dict[str, CapturedModel | KilnError] = {}  # by exporter
         self.optimized: dict[str, dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]]] = {}
         if captured.onnx_path is not None and captured.exported is not None:
@@ -39,8 +50,14 @@ class RouteGraphs:
                 self.lowered[exporter] = failure
 
     def applicable(self, target: Target) -> list[Route]:
-        """The target's routes this source can take, in order."""
-        routes = target.routes()
+        """The target's routes this source can take, in order: a route that writes the runtime's own LLM format
+        only on a text-generation export, first; `--llm-format` keeps only those routes (genai) or only the plain
+        ones (stateless)."""
+        generating = self.task == TEXT_GENERATION
+        routes = [r for r in target.routes() if generating or not r.llm_format]
+        if self.llm_format is not None:
+            routes = [r for r in routes if r.llm_format == (self.llm_format == GENAI)]
+        routes = sorted(routes, key=lambda r: not r.llm_format)  # stable: the runtime's own LLM format first
         if self.captured.exported is None:  # an .onnx source: the file is the one ONNX graph
             return [ONNX_FILE] if any(r.consumes == "onnx" for r in routes) else []
         return [r for r in routes if r.exporter != "torchscript" or self.captured.eager is not None]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from kiln.compiler.types import ParityReport
     from kiln.targets.base import Target
 
+
 @dataclass
 class RouteAttempt:
     """One route tried for one target: the step it reached and why it was not used ("" when it was)."""

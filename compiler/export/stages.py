@@ -78,7 +78,7 @@ class Captured:
         self.source, self.graph, self.options, self.work = source, graph, options, work
         self.progress = progress or Progress(quiet=True)
         self.timings = {} if timings is None else timings  # the shared stages' seconds (load, capture, ...)
-        self.routes = RouteGraphs(graph, work, options.passes.level > 0, lowering_failure)
+        self.routes = self._route_graphs(lowering_failure)
         # lowered to ONNX already, or never to be (an .onnx source, or a lowering that failed)
         self._lowered = graph.onnx_path is not None or graph.exported is None or lowering_failure is not None
         self._calibration: CalibrationData | None = None
@@ -206,7 +206,12 @@ class Captured:
                 self.graph = lower(self.graph, self.work, self.options.passes.level > 0)
             except UnsupportedOpError as error:
                 failure = error
-        self.routes = RouteGraphs(self.graph, self.work, self.options.passes.level > 0, failure)
+        self.routes = self._route_graphs(failure)
+
+    def _route_graphs(self, failure: KilnError | None) -> RouteGraphs:
+        """Each route's graph of this capture (`failure`: the ONNX lowering's, which fails the ONNX routes)."""
+        level, source = self.options.passes.level, self.source
+        return RouteGraphs(self.graph, self.work, level > 0, failure, source.task, self.options.source.llm_format)
 
 
 def capture_source(
@@ -253,7 +258,7 @@ def capture_model(model: torch.nn.Module | str | Path, example_inputs: Any = Non
     try:
         with trusting_pickles(settings.source.trust_pickle):
             source = load_model(model, example_inputs, settings.parity.inputs_files)
-        if wants_generation(source, settings.source.task, settings.source.cache_size):
+        if wants_generation(source, settings.source.task, settings.source.cache_size, settings.source.llm_format):
             raise UsageError(
                 f"{source.description} is exported for text generation, which the stages do not compose yet",
                 "use kiln.export(...) for it, or pass task='forward' for one full-sequence forward",
@@ -288,7 +293,11 @@ class Optimized:
             raise refused
         precision = options.precision_for(self.target)
         calibration = self.captured.calibration_for(precision)
-        request = replace(options.build_request(self.target, calibration), route=self.route.name)
+        request = replace(
+            options.build_request(self.target, calibration),
+            route=self.route.name,
+            language_model=self.captured.source.language_model,
+        )
         directory = directory or self.captured.new_dir(f"build-{self.target.name}")
         detail = self.target.stage_detail(self.graph, request)
         with self.captured.progress.timed(self.timings, f"build {self.target.name}", detail):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from kiln.compiler.errors import UsageError
@@ -91,6 +91,36 @@ class CacheLayout:
     def decoder(self, run: Callable[[Feeds], Feeds]) -> CachedDecoder:
         """A fresh decoding state over `run`."""
         return CachedDecoder(run, self)
+
+
+class StepRunner(Protocol):
+    """What decoding needs of an artifact's runner (`kiln.targets.base.Runner` is one): its step function, and
+    whether its runtime keeps the KV cache itself, with a fresh decoding state in that runtime's loop."""
+
+    keeps_cache: bool
+
+    def run(self, feeds: Feeds) -> Feeds: ...
+
+    def decoder(self) -> Callable[[Sequence[int]], np.ndarray]: ...
+
+
+class RuntimeLoop:
+    """The decoding of an artifact whose runtime keeps the KV cache itself (`Runner.keeps_cache`: an OpenVINO
+    stateful model, an onnxruntime-genai folder): each decoder is the runner's own (`Runner.decoder`)."""
+
+    def __init__(self, runner: StepRunner):
+        self.runner = runner
+
+    def decoder(self, run: Callable[[Feeds], Feeds] | None = None) -> Callable[[Sequence[int]], np.ndarray]:
+        """A fresh decoding state in the runtime's loop (`run`, the runner's step function, is not used: the
+        runtime feeds its own cache)."""
+        return self.runner.decoder()
+
+
+def decoding_of(runner: StepRunner, inputs: Sequence[TensorSpec]) -> CacheLayout | StaticCacheLayout | RuntimeLoop:
+    """How an artifact decodes: in its runtime's own loop when the runtime keeps the cache, else by Kiln's
+    decoders over its step graph, the cache layout read from its inputs (`layout_of`)."""
+    return RuntimeLoop(runner) if runner.keeps_cache else layout_of(inputs)
 
 
 def layout_of(inputs: Sequence[TensorSpec]) -> CacheLayout | StaticCacheLayout:
@@ -242,10 +272,10 @@ def parse_prompt(text: str) -> list[int]:
 
 
 def generate_with_export(
-    run: Callable[[Feeds], Feeds], inputs: Sequence[TensorSpec], spec: DecoderSpec, prompt: Sequence[int], n: int
+    runner: StepRunner, inputs: Sequence[TensorSpec], spec: DecoderSpec, prompt: Sequence[int], n: int
 ) -> list[int]:
-    """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's step function; a UsageError, before
-    any step, for an id outside the vocabulary or more positions than the model (or a static cache) has."""
+    """`kiln run --generate`: `n` greedy tokens after `prompt` from an export's runner; a UsageError, before any
+    step, for an id outside the vocabulary or more positions than the model (or a static cache) has."""
     if not 1 <= n <= MAX_NEW_TOKENS:
         raise UsageError(f"--max-new-tokens {n}: need 1 to {MAX_NEW_TOKENS}", "use the default of 32")
     bad = next((t for t in prompt if not 0 <= t < spec.vocab_size), None)
@@ -254,7 +284,7 @@ def generate_with_export(
             f"token id {bad} is outside the model's vocabulary of {spec.vocab_size}",
             f"give ids from 0 to {spec.vocab_size - 1}",
         )
-    layout = layout_of(inputs)
+    layout = decoding_of(runner, inputs)
     capacity, what = spec.max_positions, f"the model's {spec.max_positions} positions"
     if isinstance(layout, StaticCacheLayout) and layout.size < capacity:
         capacity, what = layout.size, f"the export's static KV cache of {layout.size}"
@@ -265,5 +295,5 @@ def generate_with_export(
             f"use --max-new-tokens {max(1, capacity + 1 - len(prompt))} or less"
             + (", or a larger --cache-size" if isinstance(layout, StaticCacheLayout) else ", or a shorter prompt"),
         )
-    tokens, _ = greedy(layout.decoder(run), prompt, n)
+    tokens, _ = greedy(layout.decoder(runner.run), prompt, n)
     return tokens

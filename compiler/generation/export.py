@@ -32,7 +32,8 @@ from kiln.compiler.generation.causal_lm import (
     decoder_spec,
     is_causal_lm,
 )
-from kiln.compiler.generation.decoding import input_names, layout_of
+from kiln.compiler.generation.decoding import decoding_of, input_names, layout_of
+from kiln.compiler.generation.llm_format import GENAI, language_model_of
 from kiln.compiler.generation.static_kv_cache import name_static_io, static_generation_source
 from torch import nn
 
@@ -54,9 +55,11 @@ GENERATION_NOTE = "exported for text generation, with its KV cache (--task forwa
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
 
 
-def wants_generation(source: ModelSource, task: str | None, cache_size: int | None = None) -> bool:
+def wants_generation(
+    source: ModelSource, task: str | None, cache_size: int | None = None, llm_format: str | None = None
+) -> bool:
     """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM;
-    `--cache-size` on any other export is refused rather than ignored."""
+    `--cache-size` and `--llm-format` on any other export are refused rather than ignored."""
     if task is not None and task not in TASKS:
         raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(TASKS)}")
     causal = source.kind == "torch" and source.exported is None and is_causal_lm(source.module)
@@ -71,6 +74,11 @@ def wants_generation(source: ModelSource, task: str | None, cache_size: int | No
         raise UsageError(
             f"--cache-size applies to a text-generation export only, and {source.description} is not exported so",
             "drop --cache-size (or export a transformers causal LM to tflite/tpu)",
+        )
+    if llm_format is not None and not wanted:
+        raise UsageError(
+            f"--llm-format applies to a text-generation export only, and {source.description} is not exported so",
+            "drop --llm-format",
         )
     return wanted
 
@@ -139,6 +147,14 @@ def generation_targets(
             "itself makes (a cache from a file has no token history to run the model on)",
             "drop --inputs",
         )
+    if options.source.llm_format == GENAI:
+        plain = [t.name for t in chosen if not any(r.llm_format for r in t.routes())]
+        if plain:
+            raise UsageError(
+                f"--llm-format genai: {', '.join(plain)} {'has' if len(plain) == 1 else 'have'} no runtime LLM "
+                "format (onnx writes an onnxruntime-genai folder, openvino OpenVINO GenAI's stateful model)",
+                "drop --llm-format for these targets",
+            )
     if options.source.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
     return chosen
@@ -220,7 +236,9 @@ def generation_source(
         {0: dims["batch"], 1: dims["seq"]},
         tuple({0: dims["batch"], 2: dims["past"]} for _ in cache),
     )
-    return decoder_source(source, wrapper, examples, "dynamic KV cache", shapes)
+    generated = decoder_source(source, wrapper, examples, "dynamic KV cache", shapes)
+    assert generated.decoder is not None
+    return replace(generated, language_model=language_model_of(source.module, generated.decoder))
 
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
@@ -302,7 +320,7 @@ def with_generation(report: ParityReport, artifact: Artifact, source: ModelSourc
 
     assert source.reference_model is not None and source.decoder is not None
     runner = load_runner(artifact)
-    layout = layout_of(artifact.manifest.inputs)
+    layout = decoding_of(runner, artifact.manifest.inputs)
     plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
     reference = CausalLMReference(source.reference_model)
     with backend_failures(artifact.target, "run"):

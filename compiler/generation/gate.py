@@ -32,10 +32,11 @@ from kiln.compiler.generation.decoding import (
     POSITION_INPUT,
     CacheLayout,
     DecoderSpec,
+    RuntimeLoop,
     StaticCacheLayout,
+    decoding_of,
     greedy,
     input_names,
-    layout_of,
     static_input_names,
     static_output_names,
 )
@@ -81,7 +82,7 @@ class GatePlan:
         return max(p.positions for p in self.prompts)
 
 
-def capacity_of(spec: DecoderSpec, layout: CacheLayout | StaticCacheLayout) -> int:
+def capacity_of(spec: DecoderSpec, layout: CacheLayout | StaticCacheLayout | RuntimeLoop) -> int:
     """The positions an export can decode: a static cache's length, else the model's positions."""
     return min(layout.size, spec.max_positions) if isinstance(layout, StaticCacheLayout) else spec.max_positions
 
@@ -152,14 +153,15 @@ class CausalLMReference:
 
 def generation_parity(
     run: Callable[[Feeds], Feeds],
-    layout: CacheLayout | StaticCacheLayout,
+    layout: CacheLayout | StaticCacheLayout | RuntimeLoop,
     reference: CausalLMReference,
     plan: GatePlan,
     tolerance: Tolerance,
 ) -> dict[str, Any]:
-    """Greedy decoding of each prompt of `plan` by the artifact (`run`, its cache fed back), judged against the
-    user's model on the same token stream: passed when every token is the model's greedy choice and every step's
-    logits are within `tolerance` (elements within atol + rtol * |ref| but for `max_mismatch` of them, cosine)."""
+    """Greedy decoding of each prompt of `plan` by the artifact (`run`, its cache fed back; or, for a `RuntimeLoop`,
+    the runtime's own loop keeping its cache), judged against the user's model on the same token stream: passed
+    when every token is the model's greedy choice and every step's logits are within `tolerance` (elements within
+    atol + rtol * |ref| but for `max_mismatch` of them, cosine)."""
     records = [_decode_one(run, layout, reference, prompt, tolerance) for prompt in plan.prompts]
     failing = next((i for i, r in enumerate(records) if not r["identical"]), None)
     return {
@@ -178,7 +180,7 @@ def generation_parity(
 
 def _decode_one(
     run: Callable[[Feeds], Feeds],
-    layout: CacheLayout | StaticCacheLayout,
+    layout: CacheLayout | StaticCacheLayout | RuntimeLoop,
     reference: CausalLMReference,
     prompt: GatePrompt,
     tolerance: Tolerance,
@@ -362,9 +364,9 @@ def replay_generation(
     and must give the reference tokens recorded at export (the user's model's); the report with that record."""
     from kiln.compiler.export.artifacts import load_runner
 
-    layout = layout_of(artifact.manifest.inputs)
-    stored = check_record(stored_record, spec, capacity_of(spec, layout))
     runner = load_runner(artifact)
+    layout = decoding_of(runner, artifact.manifest.inputs)
+    stored = check_record(stored_record, spec, capacity_of(spec, layout))
     records: list[dict[str, Any]] = []
     for prompt, want in stored:
         got, _ = greedy(layout.decoder(runner.run), prompt.tokens, prompt.new_tokens)
