@@ -11,6 +11,7 @@ from compiler.errors import UsageError
 from targets.aoti import AotiTarget
 from targets.base import BuildOutput, BuildRequest, Runner, Target
 from targets.edgetpu import EdgeTpuTarget
+from targets.executorch import ExecuTorchTarget
 from targets.onnxrt import OnnxRuntimeTarget
 from targets.openvino_ir import OpenVinoTarget
 from targets.pt2 import ExportedProgramTarget
@@ -25,6 +26,7 @@ TARGETS: list[Target] = [
     XlaTarget(),
     TfliteTarget(),
     EdgeTpuTarget(),
+    ExecuTorchTarget(),
     AotiTarget(),
     TensorRtTarget(),
 ]
