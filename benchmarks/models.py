@@ -1,5 +1,5 @@
-"""Benchmark-sized models (random weights, nothing downloaded): a ResNet-18 and a 4-layer BERT-like encoder,
-larger than the zoo's so that kernels, not per-call overhead, dominate the timings."""
+"""Benchmark-sized models (random weights, nothing downloaded): a ResNet-18, a 4-layer BERT-like encoder, and the
+zoo's MobileNet and UNet on larger images, so that kernels, not per-call overhead, dominate the timings."""
 
 from __future__ import annotations
 
@@ -69,4 +69,20 @@ def bert4() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return model.eval(), (input_ids, attention_mask)
 
 
-MODELS = {"resnet18": resnet18, "bert4": bert4}
+def mobilenet224() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The zoo's MobileNetV3-style classifier (depthwise + squeeze-excite) on a 1x3x224x224 image."""
+    from compiler.zoo import ZOO
+
+    model, _ = ZOO["mobilenet"]()
+    return model, (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)),)
+
+
+def unet128() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The zoo's 2-level UNet (transposed conv, bilinear upsampling, skip concats) on a 1x3x128x128 image."""
+    from compiler.zoo import ZOO
+
+    model, _ = ZOO["unet"]()
+    return model, (torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4)),)
+
+
+MODELS = {"resnet18": resnet18, "bert4": bert4, "mobilenet224": mobilenet224, "unet128": unet128}

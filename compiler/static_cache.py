@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from compiler.capture import CapturedModel
     from compiler.sources import ModelSource
 
-STATIC_TARGETS = ("tflite", "tpu")
+STATIC_TARGETS = ("tflite", "tpu", "executorch")  # executorch: until targets declare `kv_cache`
 DEFAULT_CACHE_SIZE = 64
 
 

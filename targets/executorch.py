@@ -5,9 +5,10 @@ Route: the `torch.export` program (after Kiln's FX passes) -> fp16: re-exported 
 kept, `compiler.precision`); int8: quantized with PT2E and the XNNPACK quantizer (`compiler.quantization.pt2e`)
 -> `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])` -> `to_executorch()` -> `model.pte`.
 Ops XNNPACK does not take run in the runtime's own CPU kernels; the manifest lists both sets
-(`target_info.delegation`). Dynamic dims keep their range: ExecuTorch plans memory for the upper bound, and a
-model it cannot lower with them is refused with its reason. Parity runs the `.pte` in `executorch.runtime`, the
-runtime the C++ API wraps (`examples/executorch_cpp/`).
+(`target_info.delegation`), and an op the runtime has no kernel for either is refused at build, by name. Dynamic
+dims keep their range: ExecuTorch plans memory for the upper bound (a lowering that fails is refused with its
+reason, as any conversion failure). Parity runs the `.pte` in `executorch.runtime`, the runtime the C++ API wraps
+(`examples/executorch_cpp/`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     import torch
 
     from compiler.capture import CapturedModel
-    from compiler.dynamic import DynamicShapes
     from compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.pte"
@@ -78,27 +78,42 @@ def delegation_note(placed: dict[str, Any]) -> str | None:
     )
 
 
-def to_pte(program: torch.export.ExportedProgram, path: Path, dynamic: DynamicShapes | None) -> dict[str, Any]:
-    """Lower `program` to XNNPACK and write the ExecuTorch program to `path`; which ops were delegated. With
-    dynamic dims, a failure to lower is a refusal that says so."""
+def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict[str, Any]:
+    """Lower `program` to XNNPACK and write the ExecuTorch program to `path`; which ops were delegated. An op left
+    to the runtime that the runtime has no kernel for (the `.pte` would not load) is refused here, by name."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from compiler.errors import UnsupportedOpError, plain_text
+    from compiler.decompositions import module_path_of
+    from compiler.errors import UnsupportedOpError
 
-    try:
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        placed = delegation(edge.exported_program().graph_module)
-        path.write_bytes(edge.to_executorch().buffer)
-    except Exception as exc:
-        if dynamic is None:
-            raise
-        text = plain_text(str(exc)).split("\n")[0][:300]
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    placed = delegation(edge.exported_program().graph_module)
+    lowered = edge.to_executorch()
+    missing = missing_kernels(lowered.executorch_program.execution_plan)
+    if missing:
+        also = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
         raise UnsupportedOpError(
-            f"ExecuTorch cannot lower this model with the dynamic dims {dynamic}: {type(exc).__name__}: {text}",
-            "export executorch without --dynamic/--dynamic-batch, once per shape you serve",
-        ) from None
+            f"ExecuTorch has no kernel for {missing[0]} in {module_path_of(program, missing[0])}{also}, and XNNPACK "
+            "does not take it: the program would not load",
+            "replace that operation in the model, or try another target",
+        )
+    path.write_bytes(lowered.buffer)
     return placed
+
+
+def missing_kernels(plans: list[Any]) -> list[str]:
+    """The operators the execution plans call that the ExecuTorch runtime here has no kernel for
+    (`aten::sort.values`); the quantized kernels count (the runner loads them)."""
+    from compiler.progress import native_stderr_silenced
+
+    with native_stderr_silenced():
+        import executorch.kernels.quantized  # noqa: F401 (registers the quantized_decomposed kernels)
+        from executorch.runtime import Runtime
+
+        known = set(Runtime.get().operator_registry.operator_names)
+    used = {f"{o.name}.{o.overload}" if o.overload else o.name for plan in plans for o in plan.operators}
+    return sorted(used - known)
 
 
 class ExecuTorchRunner(Runner):
@@ -107,12 +122,14 @@ class ExecuTorchRunner(Runner):
     thread_control = "executorch thread pool size (portable_lib._unsafe_reset_threadpool, process-wide)"
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], precision: str, threads: int):
-        from executorch.extension.pybindings import portable_lib
-        from executorch.runtime import Runtime
-
         from compiler.progress import native_stderr_silenced
 
-        with native_stderr_silenced():  # the runtime logs its CPU probing and thread pool resets from C++
+        # its imports (torchao's) and the runtime (CPU probing, thread pool resets, from C++) log to stderr
+        with native_stderr_silenced():
+            import executorch.kernels.quantized  # noqa: F401 (quantize/dequantize ops XNNPACK left to the runtime)
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime
+
             if portable_lib._threadpool_get_thread_count() != threads:
                 portable_lib._unsafe_reset_threadpool(threads)
             self.program = Runtime.get().load_program(Path(path))
@@ -176,7 +193,7 @@ class ExecuTorchTarget(Target):
 
                 names = [s.name for s in model.inputs]
                 program = reduced_precision_program(program, "fp16", names, model.dynamic)
-            built.info["delegation"] = to_pte(program, path, model.dynamic)
+            built.info["delegation"] = to_pte(program, path)
         built.info["model_bytes"] = path.stat().st_size
         note = delegation_note(built.info["delegation"])
         built.notes += [note] if note else []
@@ -198,7 +215,7 @@ class ExecuTorchTarget(Target):
         placed: list[dict[str, Any]] = []
 
         def lowered(program: torch.export.ExportedProgram) -> Runner:
-            placed[:] = [to_pte(program, path, model.dynamic)]
+            placed[:] = [to_pte(program, path)]
             return ExecuTorchRunner(path, model.inputs, model.outputs, "int8", THREADS)
 
         extra: dict[str, Any] = {}
