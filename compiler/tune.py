@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from targets.base import RuntimeSettings, Target
 
 OBJECTIVES = ("latency", "throughput", "size")
-DEFAULT_TARGETS = ("onnx", "openvino", "tflite")
+DEFAULT_TARGETS = ("onnx", "openvino", "tflite", "executorch")  # those not installed are listed as not built
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 BEST_DIR = "best"
 BUILDS_DIR = "builds"

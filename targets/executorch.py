@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.pte"
 METHOD = "forward"
+PROGRAM_IDENTIFIER = b"ET12"  # the flatbuffer file identifier of ExecuTorch 1.x programs (bytes 4-8)
 THREADS = 2  # the thread pool's size when none is asked for (as the LiteRT runner: 2 threads)
 INFERENCE_PRECISION = {
     "fp32": "f32",
@@ -116,6 +117,23 @@ def missing_kernels(plans: list[Any]) -> list[str]:
     return sorted(used - known)
 
 
+def check_program_file(path: Path) -> None:
+    """A one-line UsageError unless `path` starts like an ExecuTorch program (flatbuffer identifier `ET12`): the
+    runtime's own check of a foreign file logs its bytes through Python and aborts the process on non-UTF-8 ones."""
+    from compiler.errors import UsageError
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}", "re-export the model") from None
+    if len(head) < 8 or head[4:8] != PROGRAM_IDENTIFIER:
+        raise UsageError(
+            f"{path} is not an ExecuTorch program (no {PROGRAM_IDENTIFIER.decode()} identifier in its header)",
+            "re-export the model with --target executorch",
+        )
+
+
 class ExecuTorchRunner(Runner):
     """Runs a `.pte` in the ExecuTorch runtime (`executorch.runtime`, XNNPACK delegate) on the CPU."""
 
@@ -124,6 +142,7 @@ class ExecuTorchRunner(Runner):
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], precision: str, threads: int):
         from compiler.progress import native_stderr_silenced
 
+        check_program_file(path)
         # its imports (torchao's) and the runtime (CPU probing, thread pool resets, from C++) log to stderr
         with native_stderr_silenced():
             import executorch.kernels.quantized  # noqa: F401 (quantize/dequantize ops XNNPACK left to the runtime)

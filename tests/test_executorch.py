@@ -279,3 +279,69 @@ def test_accuracy_budget_applies_to_executorch_int8_only():
     options = export_options(precision="fp16", max_drop=0.01)
     with pytest.raises(UsageError, match="--max-drop does not apply to target executorch at precision fp16"):
         select_targets("executorch", options, Progress(quiet=True))
+
+
+def test_every_target_includes_executorch():
+    from targets import get_target, resolve_targets
+
+    target = get_target("et")
+    assert target.name == "executorch" and target in resolve_targets("all")
+    assert target.kv_cache == "static" and target.consumes == "torch" and target.accuracy_aware
+
+
+@pytest.mark.slow
+def test_static_cache_generation_gives_transformers_tokens(tmp_path, capsys):
+    """A causal LM exported for text generation (the static-cache decode step): the gate's 32 tokens, then `kiln run
+    --generate` on a prompt the gate did not use, against transformers' own `generate`."""
+    pytest.importorskip("transformers", reason="this test builds a model with transformers")
+    from compiler.decoding import PARITY_PROMPT
+    from tests.models.hf_models import llama_causal_lm
+
+    (result,) = export_targets(f"{HF}:llama_causal_lm", "executorch", tmp_path / "llama", ExportOptions())
+    generation = result.parity.generation
+    assert result.published and generation["identical"] and generation["logits_within_tolerance"]
+    assert {s.name: s.shape for s in result.manifest.inputs}["input_ids"] == (1, 1)
+    prompt = [7, 3, 11, 2, 9]
+    assert prompt != PARITY_PROMPT[: len(prompt)]
+    ids = ",".join(map(str, prompt))
+    code, out, err = run_cli("run", result.directory, "--generate", ids, "--max-new-tokens", "12", capsys=capsys)
+    model, _ = llama_causal_lm()
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert code == 0, err
+    assert out.strip() == ",".join(str(t) for t in tokens[0, len(prompt) :].tolist())
+
+
+@pytest.mark.slow
+def test_fp16_overflow_is_localized_through_the_same_lowering(tmp_path):
+    """fp16 on ExecuTorch: `up` scales activations past 65504; the prefix programs go through the same lowering and
+    runtime, and the first divergence is named with its input still matching."""
+    import io
+    import math
+
+    from compiler.progress import Progress
+    from tests.models.planted import overflow
+
+    module, inputs = overflow()
+    said = io.StringIO()
+    options = ExportOptions(precision="fp16")
+    (result,) = export_targets(module, "executorch", tmp_path / "o", options, inputs, Progress(stream=said))
+    record = result.parity.divergence
+    assert not result.parity.passed and record is not None, said.getvalue()
+    assert record["first"]["module"] == "up" and record["first"]["kind"] == "Scale", record["first"]
+    assert record["inputs"]["passed"]
+    assert record["builds"] <= math.ceil(math.log2(record["boundaries"])) + 2
+    assert said.getvalue().count("localize executorch build") == record["builds"]
+
+
+@pytest.mark.slow
+def test_tune_times_executorch_as_a_candidate(tmp_path, capsys):
+    out = tmp_path / "tune"
+    args = ["--targets", "executorch,onnx", "--precisions", "fp32", "--rounds", "2", "--runs", "3", "--warmup", "1"]
+    code, _, err = run_cli("tune", "zoo:cnn", "--out", out, *args, "--io", "nchw", "--no-plain", "-q", capsys=capsys)
+    assert code == 0, err
+    board = json.loads((out / "leaderboard.json").read_text())
+    timed = {r["name"]: r for r in board["candidates"]}
+    assert "executorch fp32" in timed and timed["executorch fp32"]["p50_ms"] > 0
+    assert board["winner"]["name"] in timed
+    assert run_cli("verify", out / "best", "-q", capsys=capsys)[0] == 0

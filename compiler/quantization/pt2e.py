@@ -167,7 +167,7 @@ class _Recorder:
         graph_module: torch.fx.GraphModule,
         keep: set[str] | None = None,
         forced: dict[str, Any] | None = None,
-        computed: set[str] = frozenset(),  # type: ignore[assignment]
+        computed: frozenset[str] | set[str] = frozenset(),
     ):
         import torch
 
@@ -251,19 +251,15 @@ def _layer(node: torch.fx.Node, total: ErrorSums, local: ErrorSums, classes: dic
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     module = str(stack[-1][0]) if stack else "?"
     module_class = classes.get(module) or (str(stack[-1][1]).rsplit(".", 1)[-1] if stack else "")
-    return LayerError(
+    return LayerError.measured(
+        total,
+        local,
         name=node.name,
         op_type=str(getattr(node.target, "__name__", node.target)).split(".")[0],
         tensor=node.name,
         module=module,
         module_class=module_class,
         quantized=is_quantized(node),
-        cosine=total.cosine,
-        snr_db=total.snr_db,
-        max_abs=total.max_abs,
-        local_cosine=local.cosine,
-        local_snr_db=local.snr_db,
-        local_max_abs=local.max_abs,
     )
 
 
