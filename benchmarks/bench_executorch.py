@@ -6,6 +6,7 @@ Run by hand::
 
     .venv/bin/python benchmarks/bench_executorch.py
     .venv/bin/python benchmarks/bench_executorch.py --models resnet18,bert4 --rounds 7 --json et.json
+    .venv/bin/python benchmarks/bench_executorch.py --out bench-et   # keeps the exports: run again to re-time them
 
 For each model, every artifact is made by Kiln's own pipeline (`export_targets`: passes, calibration, parity gate),
 one capture for the three targets at each precision; int8 is calibrated on random rows in the example's range (the
@@ -51,9 +52,13 @@ def export_all(source: str, work: Path) -> tuple[list[Path], list[str]]:
     from compiler.options import export_options
     from compiler.pipeline import export_targets
     from compiler.progress import Progress
+    from compiler.types import MANIFEST_NAME
 
     published, missing = [], []
     for precision in PRECISIONS:
+        if (work / precision).is_dir():  # --out of an earlier run: time its exports again
+            published += [m.parent for m in sorted((work / precision).glob(f"*/{MANIFEST_NAME}"))]
+            continue
         results = export_targets(
             source, TARGETS, work / precision, export_options(precision=precision), None, Progress(quiet=True)
         )
@@ -123,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per candidate per round (default 20)")
     parser.add_argument("--json", help="write every row (and the host) to this file")
+    parser.add_argument(
+        "--out",
+        help="keep the exports here (default: a temporary directory); exports an earlier run "
+        "left here are timed again, not rebuilt",
+    )
     args = parser.parse_args(argv)
 
     from compiler.host import host_info
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-et-") as scratch:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             source = MODELS[model] if MODELS[model].startswith("zoo:") else str(ROOT / MODELS[model])
-            directories, missing = export_all(source, Path(scratch) / model)
+            directories, missing = export_all(source, Path(args.out or scratch) / model)
             table = rows(model, time_model(source, directories, args.threads, args.rounds, args.runs))
             print_table(model, table, missing)
             every += table

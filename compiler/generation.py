@@ -112,7 +112,7 @@ def check_generation_request(
     if other:
         raise UsageError(
             f"text-generation export supports {' and '.join(GENERATION_TARGETS)}, not {', '.join(other)}: no KV-cache "
-            f"export for {'them' if len(other) > 1 else 'it'} yet ({' and '.join(STATIC_TARGETS)} take a static one)",
+            f"export for {'them' if len(other) > 1 else 'it'} yet ({', '.join(STATIC_TARGETS)} take a static one)",
             f"use --target {','.join(GENERATION_TARGETS)}, or --task forward for one full-sequence forward",
         )
     static = [t.name for t in targets if t.name in STATIC_TARGETS]
@@ -126,7 +126,8 @@ def check_generation_request(
         )
     if cache_size is not None and not static:
         raise UsageError(
-            "--cache-size applies to the static KV cache of tflite and tpu only", "drop --cache-size for this target"
+            f"--cache-size applies to the static KV cache of {', '.join(STATIC_TARGETS)} only",
+            "drop --cache-size for this target",
         )
     bad = sorted({precision_of(t) for t in targets} - set(GENERATION_PRECISIONS))
     if bad:

@@ -145,7 +145,7 @@ def test_static_generation_refuses_bad_requests(tmp_path, capsys):
     code, _, err = run_cli("export", FACTORY, "-t", "tflite,onnx", "-o", tmp_path / "a", capsys=capsys)
     assert code == 2 and "tflite takes a static KV cache and onnx a growing one" in err
     code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--cache-size", "64", "-o", tmp_path / "b", capsys=capsys)
-    assert code == 2 and "--cache-size applies to the static KV cache of tflite and tpu only" in err
+    assert code == 2 and "--cache-size applies to the static KV cache of tflite, tpu, executorch only" in err
     with pytest.raises(UsageError, match="must hold the gate's 36 tokens and at most the model's 128 positions"):
         check_cache_size(20, 128)
     with pytest.raises(UsageError, match="at most the model's 128 positions"):
@@ -153,7 +153,7 @@ def test_static_generation_refuses_bad_requests(tmp_path, capsys):
     assert check_cache_size(None, 128) == 64 and check_cache_size(None, 48) == 48
     from targets import TARGETS
 
-    with pytest.raises(UsageError, match=r"not .*edgetpu.* \(tflite and tpu take a static one\)"):
+    with pytest.raises(UsageError, match=r"not .*edgetpu.* \(tflite, tpu, executorch take a static one\)"):
         from compiler.generation import check_generation_request
 
         check_generation_request(list(TARGETS), False, lambda t: "fp32", None)
