@@ -3,7 +3,8 @@
 
 Errors become one line and an exit code here, in one place:
 0 done, 1 parity failure, 2 bad input or usage, 3 target unavailable on this machine,
-4 internal error (a bug: rerun with KILN_DEBUG=1 for the traceback), 130 interrupted.
+4 internal error (a bug: rerun with KILN_DEBUG=1 for the traceback), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM: cleaned up as for Ctrl-C, see kiln.compiler.signals).
 """
 
 from __future__ import annotations
@@ -16,17 +17,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli_matrix import cmd_matrix
-from cli_parser import attach_dash_values, build_parser
-from compiler.errors import EXIT_INTERRUPTED, KilnError, as_kiln_error
-from compiler.progress import quiet_libraries
+
+def _checkout_as_kiln() -> None:
+    """`python cli.py` from a checkout: this folder is the package `kiln` (installed, the same files are)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("kiln", root / "__init__.py", submodule_search_locations=[str(root)])
+    assert spec is not None and spec.loader is not None
+    sys.modules["kiln"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["kiln"])
+
+
+if __name__ == "__main__" and not __package__:
+    _checkout_as_kiln()
+    import importlib
+
+    importlib.import_module("kiln.cli").main_entry()  # this file again, as the module kiln.cli
+
+from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
+from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
+from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error  # noqa: E402
+from kiln.compiler.progress import quiet_libraries  # noqa: E402
+from kiln.compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt  # noqa: E402
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kiln export`: capture once, build every requested target, gate on parity."""
-    from compiler.options import export_options
-    from compiler.pipeline import export_targets
-    from compiler.progress import Progress
+    from kiln.compiler.export.options import export_options
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.progress import Progress
 
     quiet_libraries()
     options = export_options(
@@ -53,6 +73,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
         min_snr_db=args.min_snr,
         min_top1=args.min_top1,
+        min_channel_cosine=args.min_channel_cosine,
+        min_channel_snr_db=args.min_channel_snr,
         opt_level=args.opt_level,
         adjust_passes=args.passes,
         dump_passes=args.dump_passes,
@@ -91,7 +113,7 @@ def _model_stem(model: str) -> str:
 
 def cmd_targets(args: argparse.Namespace) -> int:
     """`kiln targets`: every target, its aliases, precisions, needs and availability here."""
-    from targets import TARGETS
+    from kiln.targets import TARGETS
 
     rows: list[dict[str, Any]] = []
     for target in TARGETS:
@@ -104,6 +126,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
                 "devices": list(target.devices),
                 "consumes": target.consumes,
                 "accuracy_aware": target.accuracy_aware,
+                "kv_cache": target.kv_cache,
+                "tappable": target.tappable,
+                "tuned_by_default": target.tuned_by_default,
                 "requires": list(target.requires.values()),
                 "available": reason is None,
                 "why_unavailable": reason,
@@ -129,7 +154,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     """`kiln passes`: every graph pass, its IR, the level that runs it, and what it does."""
-    from passes import LEVELS, PASSES
+    from kiln.passes import PASSES
+    from kiln.passes.base import LEVELS
 
     rows: list[dict[str, Any]] = [
         {
@@ -158,7 +184,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """`kiln verify`: re-run parity on an existing export."""
-    from compiler.runner import verify
+    from kiln.compiler.export.loading import verify
 
     quiet_libraries()
     results = list(verify(args.export_dir, args.model, trust_pickle=args.trust_pickle))
@@ -191,9 +217,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_debug(args: argparse.Namespace) -> int:
     """`kiln debug`: the first module where an export diverges from its PyTorch model (`--all`: every one)."""
-    from compiler.debug import debug, profile_table
-    from compiler.profile_html import write_profile
-    from compiler.progress import Progress
+    from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
+    from kiln.compiler.parity.input_files import check_output_file
+
+    if args.html:
+        check_output_file(Path(args.html), "--html", HTML_FILE)  # before any work (and torch's import), not after
+    from kiln.compiler.diagnose.debug import debug, profile_table
+    from kiln.compiler.progress import Progress
 
     quiet_libraries()
     progress = Progress(quiet=args.quiet or args.json)
@@ -212,27 +242,26 @@ def cmd_debug(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
-    import numpy as np
-
-    from compiler.parity import read_inputs_file
-    from compiler.runner import load
+    from kiln.compiler.capture.inputs import read_inputs_file
+    from kiln.compiler.export.loading import load
+    from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
+    output = outputs_file(args.output) if args.generate is None else None  # checked before any work
     model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
-    if args.generate is not None:
+    if output is None:
         return _generate(model, args)
     notes: list[str] = []
     feeds = read_inputs_file(Path(args.inputs), model.inputs, notes)
     for note in notes:  # casts done and NaN/Inf inputs: shown even with -q or --json
         print(f"kiln: warning: {note}", file=sys.stderr)
     outputs = model.run(feeds)
-    arrays: dict[str, Any] = dict(outputs)
-    np.savez(args.output, **arrays)
+    save_npz(output, dict(outputs))
     if args.json:
         print(
             json.dumps(
                 {
-                    "output_file": args.output,
+                    "output_file": str(output),
                     "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
                 }
             )
@@ -240,16 +269,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for name, value in outputs.items():
             print(f"{name}: {value.dtype}{list(value.shape)}")
-        print(f"saved to {args.output}")
+        print(f"saved to {output}")
     return 0
 
 
 def _generate(model: Any, args: argparse.Namespace) -> int:
     """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids."""
-    from compiler.decoding import generate_with_export, parse_prompt
+    from kiln.compiler.generation.decoding import DecoderSpec, generate_with_export, parse_prompt
 
     prompt = parse_prompt(args.generate)
-    tokens = generate_with_export(model.run, model.inputs, prompt, args.max_new_tokens)
+    spec = DecoderSpec.from_dict(model.manifest.source.get("decoder"))
+    tokens = generate_with_export(model.run, model.inputs, spec, prompt, args.max_new_tokens)
     if args.json:
         print(json.dumps({"prompt": prompt, "generated": tokens}))
     elif not args.quiet:
@@ -259,10 +289,10 @@ def _generate(model: Any, args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`kiln bench`: time exports in interleaved rounds, each in its own process."""
-    from compiler.bench_report import table, timing_failures
-    from compiler.benchmark import BenchOptions, run_bench
-    from compiler.errors import EXIT_PARITY
-    from compiler.progress import Progress
+    from kiln.compiler.errors import EXIT_PARITY
+    from kiln.compiler.perf.bench_report import table, timing_failures
+    from kiln.compiler.perf.benchmark import BenchOptions, run_bench
+    from kiln.compiler.progress import Progress
 
     options = BenchOptions(
         threads=args.threads,
@@ -290,13 +320,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
-    from compiler.progress import Progress
-    from compiler.tune import DEFAULT_PRECISIONS, DEFAULT_TARGETS, TuneOptions, parse_list, parse_threads
-    from compiler.tune_candidates import parse_io
-    from compiler.tune_deploy import tune_or_time
+    from kiln.compiler.perf.tune import (
+        DEFAULT_PRECISIONS,
+        TuneOptions,
+        default_targets,
+        parse_list,
+        parse_threads,
+    )
+    from kiln.compiler.perf.tune_candidates import parse_io
+    from kiln.compiler.perf.tune_deploy import tune_or_time
+    from kiln.compiler.progress import Progress
 
     options = TuneOptions(
-        targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
+        targets=parse_list(args.targets, default_targets(), "--targets"),
         precisions=parse_list(args.precisions, DEFAULT_PRECISIONS, "--precisions"),
         objective=args.objective,
         threads=parse_threads(args.threads),
@@ -326,7 +362,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(board, indent=2, default=str))
     elif not args.quiet:
-        from compiler.tune_report import markdown
+        from kiln.compiler.perf.leaderboard import markdown
 
         print(markdown(board))
     return 0 if board["winner"] is not None or (args.build_only and board["candidates"]) else 1
@@ -334,8 +370,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_quant_report(args: argparse.Namespace) -> int:
     """`kiln quant-report`: the per-layer error of a quantized export against fp32, worst layer first."""
-    from compiler.quantization.report import REPORT_FILE, QuantReport, not_quantized
-    from compiler.runner import export_dirs
+    from kiln.compiler.export.loading import export_dirs
+    from kiln.compiler.quantization.report import REPORT_FILE, QuantReport, not_quantized
 
     directories = export_dirs(args.export_dir)
     quantized = [d for d in directories if (d / REPORT_FILE).is_file()]
@@ -364,21 +400,26 @@ HANDLERS = {
     "tune": cmd_tune,
     "matrix": cmd_matrix,
 }
-__all__ = ["HANDLERS", "build_parser", "main", "main_entry"]
+__all__ = ["HANDLERS", "main", "main_entry"]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
     try:
-        return int(HANDLERS[args.command](args))
+        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
+            return int(HANDLERS[args.command](args))
     except KilnError as error:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
+    except BrokenPipeError:  # `kiln targets | head`: the reader left; say nothing more, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
-        print("kiln: interrupted; temporary files removed, nothing was published", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"kiln: {what}; temporary files removed, nothing was published", file=sys.stderr)
+        return interrupted_exit_code(interrupt)
     except Exception as error:  # a bug in Kiln or a backend: say so in one line
         if os.environ.get("KILN_DEBUG"):
             raise

@@ -10,29 +10,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import EXIT_INTERRUPTED
+from kiln.compiler.signals import Terminated, interrupted_exit_code
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     """`kiln matrix`: every model on every target, each cell in its own limited process; reports for CI."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a cancelled CI job: like Ctrl-C
     try:
         return _matrix(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (cli.main runs every command in sigterm_as_interrupt)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
+        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
         print(
-            f"kiln: interrupted; running cells were stopped, finished ones are in {Path(args.out) / 'results.jsonl'}: "
+            f"kiln: {what}; running cells were stopped, finished ones are in {Path(args.out) / 'results.jsonl'}: "
             "run the same command again to resume",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return interrupted_exit_code(interrupt)
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from compiler.matrix import RunSettings, Shard, load_config, merge_matrix, run_matrix
-    from compiler.progress import Progress
+    from kiln.compiler.matrix.config import load_config
+    from kiln.compiler.matrix.plan import RunSettings, Shard
+    from kiln.compiler.matrix.run import merge_matrix, run_matrix
+    from kiln.compiler.progress import Progress
 
     allow_fail = [p.strip() for value in args.allow_fail or [] for p in value.split(",") if p.strip()]
     settings = RunSettings(
@@ -85,7 +85,7 @@ def _matrix(args: argparse.Namespace) -> int:
 
 def _list_cells(config: Any, settings: Any, as_json: bool) -> int:
     """`kiln matrix --list`: the cells this shard would run, without running them."""
-    from compiler.matrix.runner import plan_matrix
+    from kiln.compiler.matrix.plan import plan_matrix
 
     plan = plan_matrix(config, settings.shard, settings.executor)
     cells = plan.mine()

@@ -105,6 +105,12 @@ def _export_parser(sub: Any) -> None:
     export.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (override)")
     export.add_argument("--min-snr", type=float, metavar="DB", help="minimum signal-to-noise ratio in dB (override)")
     export.add_argument("--min-top1", type=float, help="minimum top-1 agreement of classifier outputs (override)")
+    export.add_argument(
+        "--min-channel-cosine", type=float, help="minimum cosine of the worst channel, about its own mean (override)"
+    )
+    export.add_argument(
+        "--min-channel-snr", type=float, metavar="DB", help="minimum SNR of the worst channel, in dB (override)"
+    )
     export.add_argument("--samples", type=int, default=4, help="parity input sets besides batch-range ones (default 4)")
     export.add_argument(
         "-O",
@@ -175,7 +181,13 @@ def _other_parsers(sub: Any) -> None:
     what.add_argument(
         "--generate", metavar="IDS", help='greedy-decode after these prompt token ids ("1,5,9,3"): text generation'
     )
-    run.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens --generate adds (default 32)")
+    run.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="tokens --generate adds (default 32; at most 4096, and within the model's positions)",
+    )
     run.add_argument("--output", default="outputs.npz", help="where to save outputs (default outputs.npz)")
     run.add_argument("--target", help="which target of a multi-target export")
     _trust_flag(run)
@@ -235,7 +247,9 @@ def _tune_parser(sub: Any) -> None:
     )
     tune.add_argument("model", metavar="MODEL", nargs="?", help="zoo:NAME, file.py:factory, file.pt2")
     tune.add_argument("--out", required=True, help="output directory")
-    tune.add_argument("--targets", help="comma list (default onnx,openvino,tflite,executorch)")
+    tune.add_argument(
+        "--targets", help="comma list (default: the targets `kiln targets --json` marks tuned_by_default)"
+    )
     tune.add_argument("--precisions", help="comma list (default fp32,fp16,bf16,int8)")
     tune.add_argument("--objective", default="latency", help="latency (default), throughput or size")
     tune.add_argument("--threads", help="thread count(s) to time at, e.g. 2 or 1,2 (default: each runtime's)")
@@ -326,7 +340,7 @@ def _matrix_report_flags(parser: argparse.ArgumentParser, out: str) -> None:
 
 
 def _round_timeout_flag(parser: argparse.ArgumentParser) -> None:
-    from compiler.bench_worker import ROUND_TIMEOUT_S
+    from kiln.compiler.perf.bench_worker import ROUND_TIMEOUT_S
 
     parser.add_argument(
         "--round-timeout",

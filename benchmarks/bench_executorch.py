@@ -10,13 +10,13 @@ Run by hand::
 
 For each model, every artifact is made by Kiln's own pipeline (`export_targets`: passes, calibration, parity gate),
 one capture for the three targets at each precision; int8 is calibrated on random rows in the example's range (the
-timing does not depend on the data; the gate still judges each artifact). Then every published artifact and
-PyTorch eager are timed by `compiler.benchmark.time_candidates` (what `kiln bench` runs): each in its own worker
+timing does not depend on the data; the gate still judges each artifact). Then every published artifact and PyTorch
+eager are timed by `kiln.compiler.perf.benchmark.time_candidates` (what `kiln bench` runs): each in its own worker
 process, `--rounds` interleaved rounds of `--runs` runs, every runtime at `--threads` threads (ExecuTorch's thread
 pool, ONNX Runtime's intra-op threads, the LiteRT interpreter's threads, `torch.set_num_threads`). A figure is the
 median of the round medians; `x eager` is the median of the per-round ratios of eager to it; `spread` the widest
-ratio between two round medians of one candidate (above 1.25 the machine's speed changed during the run). Nothing
-is hard-coded: every figure comes from the run that prints it.
+ratio between two round medians of one candidate (above 1.25 the machine's speed changed during the run). Nothing is
+hard-coded: every figure comes from the run that prints it.
 
 Models: `resnet18` (1x3x224x224), `mobilenet224` (the zoo's MobileNetV3-style net at 224x224), `unet128` (the
 zoo's UNet at 128x128) and `bert4` (4-layer encoder, 2x128 tokens) from benchmarks/models.py, and the zoo's `lstm`.
@@ -49,10 +49,10 @@ PRECISIONS = ("fp32", "int8")
 def export_all(source: str, work: Path) -> tuple[list[Path], list[str]]:
     """The model exported to every target at every precision: the published directories, and one line per
     artifact that was not published (failed to build, or rejected by the gate)."""
-    from compiler.options import export_options
-    from compiler.pipeline import export_targets
-    from compiler.progress import Progress
-    from compiler.types import MANIFEST_NAME
+    from kiln.compiler.export.options import export_options
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.progress import Progress
+    from kiln.compiler.types import MANIFEST_NAME
 
     published, missing = [], []
     for precision in PRECISIONS:
@@ -74,8 +74,8 @@ def export_all(source: str, work: Path) -> tuple[list[Path], list[str]]:
 def time_model(source: str, directories: list[Path], threads: int, rounds: int, runs: int) -> dict[str, Any]:
     """Every export and PyTorch eager timed in one interleaved run (`kiln bench --compare-eager`, without
     torch.compile)."""
-    from compiler.benchmark import EAGER, BenchOptions, Candidate, find_candidates, time_candidates
-    from compiler.progress import Progress
+    from kiln.compiler.perf.benchmark import EAGER, BenchOptions, Candidate, find_candidates, time_candidates
+    from kiln.compiler.progress import Progress
 
     options = BenchOptions(threads=threads, rounds=rounds, runs=runs, warmup=5, write=False)
     candidates = find_candidates(directories, options)
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from compiler.host import host_info
-    from compiler.progress import quiet_libraries
+    from kiln.compiler.host import host_info
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     host = host_info()

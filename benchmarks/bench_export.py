@@ -14,7 +14,7 @@ Every measurement runs in a fresh process (multiprocessing "spawn"), so that not
 * for each target, an export process runs `export_targets("zoo:NAME", target, tmp, ExportOptions(force=True))`
   and records the wall time of each stage (`Progress.timings`) and of the whole call, then its own peak RSS
   (`VmHWM`: the export's peak, Python and library imports included);
-* then a latency process loads the artifact with `compiler.runner.load`, gives its runtime `--threads`
+* then a latency process loads the artifact with `kiln.compiler.export.loading.load`, gives its runtime `--threads`
   threads, checks that it computes what eager computes on the example inputs (fed by input name) and times
   `--repeat` runs.
 
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compiler.timing import BATCHES, NOISY, least_disturbed, runner_with_threads  # noqa: E402
+from kiln.compiler.perf.timing import BATCHES, NOISY, least_disturbed, runner_with_threads  # noqa: E402
 
 DEFAULT_TARGETS = ("onnx", "openvino", "pt2")
 DEFAULT_REPEAT = 100
@@ -79,8 +79,7 @@ def _setup(threads: int) -> None:
     """Quiet converter chatter and give torch `threads` threads (OMP_NUM_THREADS is inherited)."""
 
     import torch
-
-    from compiler.progress import quiet_libraries
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(threads)
@@ -89,8 +88,7 @@ def _setup(threads: int) -> None:
 def _eager(model: str) -> tuple[Any, tuple[Any, ...], Callable[[], Any]]:
     """The zoo module, its example inputs, and a function running it on them without autograd."""
     import torch
-
-    from compiler.zoo import ZOO
+    from kiln.compiler.capture.zoo import ZOO
 
     module, example_inputs = ZOO[model]()
     module.eval()
@@ -113,8 +111,9 @@ def measure_eager(model: str, threads: int, repeat: int, warmup: int) -> dict[st
 def measure_export(model: str, target: str, precision: str, threads: int, out: str) -> dict[str, Any]:
     """Export `zoo:model` to `target` in `out`: stage times, wall time, peak RSS, artifact size."""
     _setup(threads)
-    from compiler.pipeline import ExportOptions, export_targets
-    from compiler.progress import Progress
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.progress import Progress
 
     row: dict[str, Any] = {"rss_after_imports_mib": round((_status_kib("VmRSS") or 0) / 1024, 1)}
     progress = Progress(quiet=True)
@@ -140,9 +139,8 @@ def measure_artifact(model: str, directory: str, threads: int, repeat: int, warm
     _setup(threads)
     import numpy as np
     import torch
-
-    from compiler.runner import load
-    from compiler.sources import state_hash
+    from kiln.compiler.capture.sources import state_hash
+    from kiln.compiler.export.loading import load
 
     module, example_inputs, eager = _eager(model)
     expected = [leaf.detach().numpy() for leaf in torch.utils._pytree.tree_leaves(eager())]
@@ -352,10 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     # Inherited by every worker before it imports torch (OpenMP reads it once, when it loads).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
-    from compiler.errors import KilnError
-    from compiler.host import host_info, versions
-    from compiler.zoo import ZOO
-    from targets import get_target
+    from kiln.compiler.capture.zoo import ZOO
+    from kiln.compiler.errors import KilnError
+    from kiln.compiler.host import host_info, versions
+    from kiln.targets import get_target
 
     models = _split(args.models) if args.models else list(ZOO)
     unknown = [m for m in models if m not in ZOO]

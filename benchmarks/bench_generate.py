@@ -47,8 +47,7 @@ def step_feeds(run: Any, layout: Any, context: int) -> tuple[dict[str, Any], dic
     """Feeds of the cached step (past = context-1 tokens from a real prefill, 1 new token) and of the recomputing
     step (all `context` tokens, empty past)."""
     import numpy as np
-
-    from compiler.decoding import CachedDecoder, input_names
+    from kiln.compiler.generation.decoding import CachedDecoder, input_names
 
     ids = list(np.random.default_rng(0).integers(0, 16000, context))
     decoder = CachedDecoder(run, layout)
@@ -97,11 +96,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-
-    from compiler.decoding import CacheLayout
-    from compiler.pipeline import export_targets
-    from compiler.progress import quiet_libraries
-    from compiler.runner import load
+    from kiln.compiler.export.loading import load
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.generation.decoding import CacheLayout
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     model = build_model()

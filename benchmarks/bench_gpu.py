@@ -50,9 +50,8 @@ def time_ms(fn: Callable[[], Any], repeat: int, warmup: int) -> list[float]:
 def artifact_call(directory: Path, target: str, feeds: dict[str, Any]) -> Callable[[], Any]:
     """A function running the exported artifact once on GPU-resident copies of `feeds`."""
     import torch
-
-    from compiler.types import Manifest
-    from targets import get_target
+    from kiln.compiler.types import Manifest
+    from kiln.targets import get_target
 
     manifest = Manifest.read(directory)
     runner = get_target(target).load(directory, manifest)
@@ -66,9 +65,9 @@ def artifact_call(directory: Path, target: str, feeds: dict[str, Any]) -> Callab
 def bench_model(model: str, targets: list[str], precision: str, repeat: int, warmup: int, out: Path) -> list[dict]:
     """Rows for one zoo model: eager, then each target (parity and latency)."""
     import torch
-
-    from compiler.pipeline import ExportOptions, export_targets
-    from compiler.zoo import ZOO
+    from kiln.compiler.capture.zoo import ZOO
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
 
     module, inputs = ZOO[model]()
     module = module.cuda().eval()
@@ -106,8 +105,7 @@ def bench_model(model: str, targets: list[str], precision: str, repeat: int, war
 def main() -> int:
     """Run the benchmark and print a table (and JSON with --json)."""
     import torch
-
-    from compiler.zoo import ZOO
+    from kiln.compiler.capture.zoo import ZOO
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(ZOO), help="comma list of zoo models (default: all)")

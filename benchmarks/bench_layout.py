@@ -8,9 +8,10 @@ Run by hand::
 
 For each model the ONNX graph is captured once (as an export does), then these variants are built and timed
 on the same input (`--threads` threads, median of `--repeat` runs after warm-up, the least disturbed of up to
-3 batches, see compiler/timing.py):
+3 batches, see compiler/perf/timing.py):
 
-* `ort nchw`: ONNX Runtime on the captured graph; `ort nhwc`: on Kiln's NHWC graph (`passes.layout.to_nhwc`);
+* `ort nchw`: ONNX Runtime on the captured graph; `ort nhwc`: on Kiln's NHWC graph
+(`kiln.passes.channels_last.to_nhwc`);
 * `ov nchw`: OpenVINO IR of the captured graph; `ov nhwc ppp`: the same IR with OpenVINO's PrePostProcessor
   (tensor layout NHWC, model layout NCHW), what the `openvino` target builds; `ov nhwc onnx`: the IR
   converted from Kiln's NHWC ONNX graph.
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compiler.timing import least_disturbed  # noqa: E402
+from kiln.compiler.perf.timing import least_disturbed  # noqa: E402
 
 
 def resnet_like() -> tuple[Any, tuple[Any, ...]]:
@@ -79,8 +80,8 @@ def resnet_like() -> tuple[Any, tuple[Any, ...]]:
 
 def capture_onnx(name: str, work: Path) -> Path:
     """The model's ONNX graph as an export captures it."""
-    from compiler.capture import capture
-    from compiler.sources import from_module, load_source
+    from kiln.compiler.capture.program import capture
+    from kiln.compiler.capture.sources import from_module, load_source
 
     source = from_module(*resnet_like()) if name == "resnet18-like" else load_source(f"zoo:{name}")
     directory = work / name
@@ -111,29 +112,27 @@ def measure(name: str, work: Path, threads: int, repeat: int) -> list[dict[str, 
     """Every variant of one model: counts and latency."""
     import numpy as np
     import onnx_ir
-    import onnxruntime as ort
     import openvino as ov
-
-    from passes import save_onnx
-    from passes.layout import NCHW_TO_NHWC, count_ops, image_values, to_nhwc
-    from targets.openvino_ir import nhwc_io
+    from kiln.compiler.image_layout import NCHW_TO_NHWC
+    from kiln.compiler.ort_session import ort_session
+    from kiln.passes.channels_last import count_ops, image_values, to_nhwc
+    from kiln.passes.graphs import save_onnx
+    from kiln.targets.openvino_ir import nhwc_io
 
     nchw_path = capture_onnx(name, work)
     graph = onnx_ir.load(str(nchw_path))
     inputs, outputs = image_values(graph)
     to_nhwc(graph)
     nhwc_path = save_onnx(graph, work / f"{name}-nhwc.onnx")
-    session = ort.InferenceSession(str(nchw_path), providers=["CPUExecutionProvider"])
+    session = ort_session(nchw_path)
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
     nhwc_feeds = {k: np.ascontiguousarray(v.transpose(NCHW_TO_NHWC)) if k in inputs else v for k, v in feeds.items()}
 
     rows: list[dict[str, Any]] = []
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     for variant, path, data in (("ort nchw", nchw_path, feeds), ("ort nhwc", nhwc_path, nhwc_feeds)):
-        ort_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        latency = least_disturbed(lambda s=ort_session, d=data: s.run(None, d), repeat, 10)
+        timed = ort_session(path, threads)  # sequential execution: no inter-op threads
+        latency = least_disturbed(lambda s=timed, d=data: s.run(None, d), repeat, 10)
         transposes = count_ops(onnx_ir.load(str(path)), {"Transpose"})
         rows.append({"model": name, "variant": variant, "graph_transposes": transposes, "ms": latency.median_ms})
 
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    from compiler.progress import quiet_libraries
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     rows = []

@@ -11,7 +11,7 @@ BERT-like encoder at 2x128 tokens, both with random weights), one process export
 at -O0 and -O2, and to `onnx` at -O3 (fp32; every artifact passes Kiln's parity gate). Then, `--rounds`
 times: one fresh process per runtime loads that runtime's artifacts with `--threads` threads (OpenVINO with
 INFERENCE_PRECISION_HINT f32, as the target does) and times them in turn on the example inputs (a median of
-`--repeat` runs after `--warmup`, re-run while disturbed: compiler.timing), and another process times PyTorch
+`--repeat` runs after `--warmup`, re-run while disturbed: kiln.compiler.perf.timing), and another process times PyTorch
 eager; a row's latency is the median over rounds. ONNX nodes: nodes of the graph the runtime was given.
 -O0/this = -O0 ms / this level's ms (>1: faster than the unoptimized export of the same runtime).
 
@@ -45,8 +45,9 @@ LEVELS = (("onnx", 0), ("onnx", 2), ("onnx", 3), ("openvino", 0), ("openvino", 2
 
 def model_factory(name: str) -> Callable[[], tuple[Any, tuple[Any, ...]]]:
     """The factory of a zoo model or of one of the benchmarks' larger models (benchmarks/models.py)."""
+    from kiln.compiler.capture.zoo import ZOO
+
     from benchmarks.models import MODELS
-    from compiler.zoo import ZOO
 
     return MODELS.get(name) or ZOO[name]
 
@@ -62,8 +63,7 @@ def _setup(threads: int) -> None:
     """Quiet converter chatter; `threads` threads for torch (OMP_NUM_THREADS is inherited)."""
 
     import torch
-
-    from compiler.progress import quiet_libraries
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(threads)
@@ -72,8 +72,8 @@ def _setup(threads: int) -> None:
 def measure_artifacts(name: str, directories: list[str], threads: int, repeat: int, warmup: int) -> dict[str, Any]:
     """In a fresh process: latency (ms) of each export of one runtime, taken in turn, on the example inputs."""
     _setup(threads)
-    from compiler.runner import load
-    from compiler.timing import least_disturbed, runner_with_threads
+    from kiln.compiler.export.loading import load
+    from kiln.compiler.perf.timing import least_disturbed, runner_with_threads
 
     _, example_inputs = model_factory(name)()
     runs = []
@@ -89,8 +89,7 @@ def measure_eager(name: str, threads: int, repeat: int, warmup: int) -> dict[str
     """In a fresh process: latency (ms) of the PyTorch module on its example inputs."""
     _setup(threads)
     import torch
-
-    from compiler.timing import least_disturbed
+    from kiln.compiler.perf.timing import least_disturbed
 
     module, example_inputs = model_factory(name)()
 
@@ -104,8 +103,10 @@ def measure_eager(name: str, threads: int, repeat: int, warmup: int) -> dict[str
 def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Export `name` at each level; then, in rounds, time each runtime's exports together (one fresh process
     per runtime, so that no other runtime's thread pool competes) and eager (in its own process)."""
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
+
     from benchmarks.bench_export import in_fresh_process
-    from compiler.pipeline import ExportOptions, export_targets
 
     module, example_inputs = model_factory(name)()
     rows: list[dict[str, Any]] = []
@@ -237,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat, --rounds and --threads must be >= 1, --warmup >= 0")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
+    from kiln.compiler.capture.zoo import ZOO
+    from kiln.compiler.host import host_info, versions
+
     from benchmarks.models import MODELS as BENCHMARK_MODELS
-    from compiler.host import host_info, versions
-    from compiler.zoo import ZOO
 
     _setup(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

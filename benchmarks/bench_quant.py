@@ -10,7 +10,7 @@ Run by hand::
 For each model, in one process with `--threads` threads for every runtime:
 
 * `eager fp32`: the PyTorch module (torch.no_grad);
-* `kiln onnx int8`, `kiln openvino int8`: `compiler.export(..., precision="int8", calib=FILE.npz)`, i.e. the
+* `kiln onnx int8`, `kiln openvino int8`: `kiln.export(..., precision="int8", calib=FILE.npz)`, i.e. the
   whole pipeline (passes, calibration spec defaults, parity gate);
 * `ort quantize_static defaults`: `onnxruntime.quantization.quantize_static(fp32.onnx, out, reader)` with
   nothing else set, on Kiln's fp32 ONNX export and the same calibration rows;
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compiler.timing import least_disturbed  # noqa: E402
+from kiln.compiler.perf.timing import least_disturbed  # noqa: E402
 
 Feeds = dict[str, np.ndarray]
 Predict = Callable[[Feeds], np.ndarray]  # feeds -> the first output
@@ -78,7 +78,7 @@ def model_and_data(name: str, calib_count: int, agreement: int) -> tuple[Any, np
 
         module, (example,) = MODELS[name]()
     else:
-        from compiler import zoo
+        from kiln.compiler.capture import zoo
 
         module, (example,) = getattr(zoo, name)()
     example = example.numpy()
@@ -104,8 +104,8 @@ def eager_predict(module: Any) -> Predict:
 
 
 def kiln_predict(directory: Path, threads: int) -> Predict:
-    from compiler import load
-    from compiler.timing import runner_with_threads
+    from kiln import load
+    from kiln.compiler.perf.timing import runner_with_threads
 
     loaded = load(directory)
     runner, _ = runner_with_threads(loaded, threads)
@@ -114,7 +114,7 @@ def kiln_predict(directory: Path, threads: int) -> Predict:
 
 
 def ort_predict(path: Path, threads: int) -> Predict:
-    from targets.onnxrt import OnnxRuntimeRunner
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(path, threads=threads)
     return lambda feeds: next(iter(runner.run(feeds).values()))
@@ -178,8 +178,7 @@ def measure(model: str, variant: str, predict: Predict, args: argparse.Namespace
 def bench_model(model: str, args: argparse.Namespace, work: Path) -> list[Row]:
     """Every variant of one model."""
     import torch
-
-    from compiler import export
+    from kiln import export
 
     module, calib, probe, held_out = model_and_data(model, args.calib_samples, args.agreement)
     name = "arg0"
@@ -253,8 +252,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-
-    from compiler.progress import quiet_libraries
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

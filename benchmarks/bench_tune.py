@@ -10,7 +10,7 @@ Run by hand::
 Each model is tuned by `kiln tune` in a child process (--work/MODEL; `--reuse` takes a leaderboard already there)
 over --targets at fp32 and bf16 (and int8 for --int8-models with 50 calibration rows; resnet18 with the `cost`
 part: fp32, fp16, bf16, int8). Its picks are read from the leaderboard with tune's own tie rule
-(`compiler.tune_report.choose`) and loaded with their runtime settings; then they and the peers are timed in
+(`kiln.compiler.perf.tune_report.choose`) and loaded with their runtime settings; then they and the peers are timed in
 interleaved rounds at --threads threads, each in its own worker process as `kiln tune` times its candidates
 (`benchmarks/peer_worker.py`; each round's runs last at least tune's MIN_ROUND_MS). Parts:
 
@@ -67,8 +67,9 @@ def _source(name: str) -> str:
 
 
 def _module(name: str) -> tuple[Any, tuple[Any, ...]]:
+    from kiln.compiler.capture.zoo import ZOO
+
     from benchmarks.models import MODELS
-    from compiler.zoo import ZOO
 
     return (MODELS.get(name) or ZOO[name])()
 
@@ -110,14 +111,14 @@ def tune(name: str, precisions: tuple[str, ...], calib: Path | None, args: argpa
 
 def pick(board: dict[str, Any], precisions: tuple[str, ...]) -> dict[str, Any] | None:
     """Tune's choice among its verified candidates of these precisions (its tie rule)."""
-    from compiler.tune_report import choose
+    from kiln.compiler.perf.tune_report import choose
 
     alive = [r for r in board.get("candidates", []) if r["precision"] in precisions]
     return choose(alive, board.get("objective", "latency"))[0] if alive else None
 
 
 def _agreement(got: np.ndarray, want: np.ndarray) -> float:
-    from compiler.metrics import is_classifier, mean_row_cosine, top1_matches
+    from kiln.compiler.metrics import is_classifier, mean_row_cosine, top1_matches
 
     if is_classifier(want):
         return top1_matches(got, want) / len(want)
@@ -138,8 +139,7 @@ def _line(model: str, variant: Variant, medians: list[float], quality: float, ba
 def fp32_part(name: str, board: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Tune's fp32 and float picks against the peers' fp32 defaults, with each one's cosine on the example."""
     import torch
-
-    from compiler.metrics import cosine
+    from kiln.compiler.metrics import cosine
 
     module, inputs = _module(name)
     with torch.no_grad():
@@ -218,7 +218,7 @@ def _table(title: str, rows: list[dict[str, Any]], quality: str) -> str:
 
 def report(results: dict[str, Any]) -> str:
     """Markdown: one table per part, the ratios and the failures under it."""
-    from compiler.host import host_info
+    from kiln.compiler.host import host_info
 
     host = host_info()
     text = [f"{time.strftime('%Y-%m-%d')} {host['cpu']}, {host['cores']} cores, flags {' '.join(host['cpu_flags'])}"]
@@ -264,8 +264,7 @@ def main() -> int:
             True,
         )
     import torch
-
-    from compiler.progress import quiet_libraries
+    from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

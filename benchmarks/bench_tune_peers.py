@@ -51,10 +51,10 @@ def _first(outputs: Any, name: str | None = None) -> Any:
 def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
     """A leaderboard candidate loaded with its runtime settings at `threads` threads (as `kiln bench` does); its
     `predict` takes and returns the reference's layout (an NHWC candidate's image I/O is transposed)."""
-    from compiler.artifacts import Artifact, load_runner
-    from compiler.benchmark import bench_feeds
-    from compiler.layout import nchw_array, nhwc_array, nhwc_names
-    from targets.base import RuntimeSettings
+    from kiln.compiler.export.artifacts import Artifact, load_runner
+    from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
+    from kiln.compiler.perf.timing import bench_feeds
+    from kiln.targets.base import RuntimeSettings
 
     directory = Path(row["directory"])
     artifact = Artifact.read(directory)
@@ -86,11 +86,9 @@ def eager_variant(name: str, module: Any, inputs: tuple[Any, ...], threads: int)
 
 
 def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray], inputs: Path) -> Variant:
-    import onnxruntime as ort
+    from kiln.compiler.ort_session import ort_session
 
-    options = ort.SessionOptions()  # ORT's defaults, but the thread count every runtime gets
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)  # ORT's defaults, but the thread count every runtime gets
     names = [i.name for i in session.get_inputs()]
 
     def predict(xs: list[np.ndarray]) -> np.ndarray:
@@ -204,9 +202,9 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
 def interleaved(variants: list[Variant], rounds: int, runs: int, warmup: int = 3) -> dict[str, list[float]]:
     """Each variant's median per round (ms), over `rounds` rounds in a rotating order, each variant in its own
     worker process; at least `runs` runs per round, and at least `kiln tune`'s MIN_ROUND_MS of them."""
-    from compiler.bench_worker import LOAD_TIMEOUT_S, Worker
-    from compiler.benchmark import BenchOptions, interleave, runs_per_round
-    from compiler.tune import MIN_ROUND_MS
+    from kiln.compiler.perf.bench_worker import LOAD_TIMEOUT_S, Worker
+    from kiln.compiler.perf.benchmark import BenchOptions, interleave, runs_per_round
+    from kiln.compiler.perf.tune import MIN_ROUND_MS
 
     options = BenchOptions(rounds=rounds, runs=runs, warmup=warmup, min_round_ms=MIN_ROUND_MS)
     workers: list[Worker] = []

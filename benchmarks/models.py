@@ -4,9 +4,8 @@ zoo's MobileNet and UNet on larger images, so that kernels, not per-call overhea
 from __future__ import annotations
 
 import torch
+from kiln.compiler.capture.zoo import randomize_batchnorm
 from torch import nn
-
-from compiler.zoo import randomize_batchnorm
 
 
 class BasicBlock(nn.Module):
@@ -59,7 +58,7 @@ def resnet18() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 def bert4() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A 4-layer BERT-like encoder (dim 256, 4 heads) on 2x128 tokens with padding, random weights."""
-    from compiler.zoo import TinyTransformer
+    from kiln.compiler.capture.zoo import TinyTransformer
 
     torch.manual_seed(0)
     model = TinyTransformer(vocab=1000, dim=256, heads=4, layers=4, max_len=128)
@@ -71,7 +70,7 @@ def bert4() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 def mobilenet224() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """The zoo's MobileNetV3-style classifier (depthwise + squeeze-excite) on a 1x3x224x224 image."""
-    from compiler.zoo import ZOO
+    from kiln.compiler.capture.zoo import ZOO
 
     model, _ = ZOO["mobilenet"]()
     return model, (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)),)
@@ -79,7 +78,7 @@ def mobilenet224() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 def unet128() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """The zoo's 2-level UNet (transposed conv, bilinear upsampling, skip concats) on a 1x3x128x128 image."""
-    from compiler.zoo import ZOO
+    from kiln.compiler.capture.zoo import ZOO
 
     model, _ = ZOO["unet"]()
     return model, (torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4)),)

@@ -1,10 +1,12 @@
 """One variant of `benchmarks/bench_tune.py` in its own process: `python -m benchmarks.peer_worker`.
 
-It speaks `compiler.bench_worker`'s protocol (`serve`), so Kiln's picks and the peers are timed alike: each in its
-own process, loaded once, in the same interleaved rounds (`compiler.benchmark.interleave`), as `kiln tune` times
+It speaks `kiln.compiler.perf.bench_worker`'s protocol (`serve`), so Kiln's picks and the peers are timed alike: each
+in its
+own process, loaded once, in the same interleaved rounds (`kiln.compiler.perf.benchmark.interleave`), as `kiln tune`
+times
 its candidates. The job (first line) says what to load:
 
-* `{"kind": "kiln", ...}`: a Kiln export with its runtime settings (`compiler.bench_worker`'s artifact job);
+* `{"kind": "kiln", ...}`: a Kiln export with its runtime settings (`kiln.compiler.perf.bench_worker`'s artifact job);
 * `{"kind": "ort", "path", "threads", "inputs"}`: an ONNX file in ONNX Runtime with its defaults but the thread
   count;
 * `{"kind": "openvino", "path", "threads", "config", "inputs"}`: an OpenVINO IR compiled for the CPU with `config`;
@@ -23,8 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-from compiler.bench_worker import load_candidate, serve
+from kiln.compiler.perf.bench_worker import load_candidate, serve
 
 
 def _example(path: str) -> list[np.ndarray]:
@@ -34,10 +35,9 @@ def _example(path: str) -> list[np.ndarray]:
 
 def _ort(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     import onnxruntime as ort
+    from kiln.compiler.ort_session import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(job["threads"])
-    session = ort.InferenceSession(job["path"], options, providers=["CPUExecutionProvider"])
+    session = ort_session(job["path"], int(job["threads"]))
     feeds = dict(zip([i.name for i in session.get_inputs()], _example(job["inputs"])))
     return lambda: session.run(None, feeds), {"runtime": f"onnxruntime {ort.__version__}"}
 
@@ -61,9 +61,9 @@ def _litert(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
 
 def _eager(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     import torch
+    from kiln.compiler.capture.zoo import ZOO
 
     from benchmarks.models import MODELS
-    from compiler.zoo import ZOO
 
     torch.set_num_threads(int(job["threads"]))
     module, inputs = (MODELS.get(job["model"]) or ZOO[job["model"]])()

@@ -1,14 +1,14 @@
 """The one check of the command line's whole numbers and durations (threads, rounds, runs, timeouts), for the CLI,
 the library and the records read back from disk alike. Parity thresholds have theirs in
-`compiler.types.check_thresholds`."""
+`kiln.compiler.types.check_thresholds`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
-from compiler.errors import UsageError
+from kiln.compiler.errors import UsageError
+from kiln.compiler.types import is_finite_number
 
 MAX_THREADS = 1024  # a thread count above this is a typo, not a machine
 MAX_COUNT = 2**31 - 1  # the largest count the runtimes' C ints take
@@ -38,12 +38,12 @@ def check_seconds(flag: str, value: float | None) -> None:
     never end."""
     if value is None:
         return
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    if not (is_finite_number(value) and value > 0):
         raise UsageError(f"{flag} {value}: must be a finite number of seconds > 0", f"e.g. {flag} 300")
 
 
 def accepts(check: Callable[..., None], **values: Any) -> bool:
-    """Whether `check` (one here, or `compiler.types.check_thresholds`) takes `values`, none of them None: for a
+    """Whether `check` (one here, or `kiln.compiler.types.check_thresholds`) takes `values`, none of them None: for a
     table of options that says what is wrong in its own words."""
     try:
         check(**values)

@@ -1,7 +1,7 @@
 """Every error measure Kiln reports, in one place: cosine similarity, signal-to-noise ratio, top-1 agreement,
 absolute and relative error.
 
-The parity gate (compiler/parity.py), the accuracy-aware quantization search and the per-layer quantization
+The parity gate (compiler/parity/gate.py), the accuracy-aware quantization search and the per-layer quantization
 report all judge "how far is this tensor from the reference" with these functions, so that a cosine or an
 SNR means the same thing in every report. Pure numpy; imports nothing else of Kiln.
 """
@@ -9,6 +9,7 @@ SNR means the same thing in every report. Pure numpy; imports nothing else of Ki
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -121,3 +122,117 @@ class ErrorSums:
     def snr_db(self) -> float:
         """Signal-to-noise ratio of all samples taken together, in dB."""
         return snr_db(self.reference_power, self.noise)
+
+
+def channel_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes along which an output of this shape is judged channel by channel (axis 0 is the batch): axis 1,
+    the channel or feature axis of [N, C, ...] and [N, F], and the last axis, the features of [B, S, H] and the
+    channels of a channels-last image or a [N, anchors, 4 + classes] detection head. None for a scalar or a
+    vector: the whole tensor is its one channel."""
+    return tuple(sorted({1, len(shape) - 1})) if len(shape) >= 2 else ()
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One channel of an output (index `index` along `axis`) and its error against the reference's values of that
+    channel alone: cosine and SNR measured about the channel's own reference mean (see ChannelSums)."""
+
+    axis: int
+    index: int
+    cosine: float
+    snr_db: float
+
+
+class ChannelSums:
+    """Running per-channel sums of one output's error over several samples, along each of its `channel_axes`.
+
+    Each channel is measured against its own spread: its signal is its reference values minus the channel's
+    reference mean (over every sample and every other axis), and its cosine is that of the artifact's values and
+    the reference's, both minus that mean. A channel lost to a range set by a 1000x bigger one (quantized to one
+    value) scores a cosine near 0 and an SNR near 0 dB there, while the whole tensor's are those of the big channel.
+    Degenerate channels: a channel whose reference spread is at most `flat` times its RMS (constant, or nearly so:
+    a spread the precision cannot be asked to keep) is measured against its values themselves (about 0, not its
+    mean); a channel that is zero in the reference has no scale of its own and is left to the whole-tensor
+    measures; a channel where the artifact gives a non-finite value the reference does not (or the reverse) scores
+    cosine 0 and SNR -inf. An axis whose size differs between samples (a dynamic dimension) is not a channel axis.
+    `channels()` gives every judged channel's figures; the gate (kiln.compiler.parity.gate) names the worst."""
+
+    FIELDS = ("n", "sx", "sy", "sxx", "syy", "sxy", "noise")
+
+    def __init__(self, flat: float) -> None:
+        self.flat = flat
+        self.sums: dict[int, dict[str, np.ndarray]] | None = None
+
+    def add(self, got: np.ndarray, want: np.ndarray) -> None:
+        """Add one sample (`got` of `want`'s shape)."""
+        if self.sums is None:
+            self.sums = {axis: {} for axis in channel_axes(want.shape)}
+        for axis in list(self.sums):
+            sums = self.sums[axis]
+            if want.ndim <= axis or (sums and len(sums["n"]) != want.shape[axis]):
+                del self.sums[axis]
+                continue
+            self._add_axis(sums, _by_channel(got, axis), _by_channel(want, axis))
+
+    @staticmethod
+    def _add_axis(sums: dict[str, np.ndarray], g: np.ndarray, w: np.ndarray) -> None:
+        """Add one sample's [before, channels, after] views to one axis' sums."""
+        finite = bool(np.isfinite(g).all() and np.isfinite(w).all())
+        mask = None if finite else np.isfinite(g) & np.isfinite(w)
+        if not sums:
+            sums.update({k: np.zeros(w.shape[1]) for k in ChannelSums.FIELDS}, bad=np.zeros(w.shape[1], bool))
+            known = w if mask is None else np.where(mask, w, 0.0)
+            sums["shift"] = known.mean(axis=(0, 2))  # near each channel's mean: the sums below stay exact
+        shift = sums["shift"][None, :, None]
+        x, y = w - shift, g - shift
+        if mask is None:
+            sums["n"] += w.shape[0] * w.shape[2]
+        else:  # a non-finite value the other side does not share spoils its channel; shared ones are left out
+            same = (g == w) | (np.isnan(g) & np.isnan(w))
+            sums["bad"] |= np.any(~mask & ~same, axis=(0, 2))
+            x, y = np.where(mask, x, 0.0), np.where(mask, y, 0.0)
+            sums["n"] += np.count_nonzero(mask, axis=(0, 2))
+        sums["sx"] += x.sum(axis=(0, 2))
+        sums["sy"] += y.sum(axis=(0, 2))
+        for name, a, b in (("sxx", x, x), ("syy", y, y), ("sxy", x, y)):
+            sums[name] += np.einsum("icj,icj->c", a, b)
+        error = x - y
+        sums["noise"] += np.einsum("icj,icj->c", error, error)
+
+    def channels(self) -> list[Channel]:
+        """Every judged channel (not zero in the reference) of every channel axis."""
+        found = []
+        for axis, sums in (self.sums or {}).items():
+            if sums:
+                found += [Channel(axis, int(i), c, s) for i, (c, s) in _channel_figures(sums, self.flat).items()]
+        return found
+
+
+def _by_channel(array: np.ndarray, axis: int) -> np.ndarray:
+    """`array` as a float64 view [the axes before `axis`, the channels along it, the axes after it] (no copy)."""
+    a = np.asarray(array, np.float64)
+    return a.reshape(math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1 :]))
+
+
+def _channel_figures(sums: dict[str, np.ndarray], flat: float) -> dict[int, tuple[float, float]]:
+    """Channel index -> (cosine, SNR dB) from one axis' sums, each about its centre: the reference mean, or 0 for a
+    flat channel; channels zero in the reference are left out."""
+    n, sx, sy, shift = sums["n"], sums["sx"], sums["sy"], sums["shift"]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        mean = np.where(n > 0, sx / np.maximum(n, 1), 0.0)  # the reference mean, less the shift
+        spread = np.maximum(sums["sxx"] - n * mean * mean, 0.0)
+        raw = sums["sxx"] + 2 * shift * sx + n * shift * shift  # the sum of the reference's squares
+        offset = np.where(spread <= flat * flat * raw, shift, -mean)  # shift minus the centre
+        power = np.maximum(sums["sxx"] + 2 * offset * sx + n * offset * offset, 0.0)
+        got = np.maximum(sums["syy"] + 2 * offset * sy + n * offset * offset, 0.0)
+        dot = sums["sxy"] + offset * (sx + sy) + n * offset * offset
+    figures = {}
+    for i in np.flatnonzero(raw > 0):
+        if sums["bad"][i]:
+            figures[int(i)] = (0.0, -math.inf)
+            continue
+        norm = math.sqrt(float(power[i]) * float(got[i]))
+        both_zero = power[i] == got[i] == 0.0
+        value = float(np.clip(dot[i] / norm, -1.0, 1.0)) if norm else (1.0 if both_zero else 0.0)
+        figures[int(i)] = (value, snr_db(float(power[i]), float(sums["noise"][i])))
+    return figures

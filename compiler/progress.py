@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
+from kiln.compiler.signals import raise_if_terminated
+
 CHATTY_LOGGERS = ("torch", "torchao", "onnxscript", "onnx_ir", "openvino", "nncf")
 
 
@@ -45,6 +47,7 @@ class Progress:
     @contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[StageTime]:
         """Time a stage and report its start and end; the yielded StageTime holds its seconds once it ends."""
+        raise_if_terminated()  # a SIGTERM that a converter swallowed stops the run here
         self.say(f"{name}{' ' + detail if detail else ''} ...", end="")
         timed = StageTime(name)
         started = time.perf_counter()

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kiln import export, load
 from torch import nn
-
-from compiler import export, load
 
 
 class Classifier(nn.Module):

@@ -1,6 +1,6 @@
 """Graph passes over the ONNX graph (onnx_ir) and the FX graph (torch.export), and the pipelines that run them.
 
-A pass (`passes.base.Pass`) is a small named unit: it takes a graph and returns the graph and whether it
+A pass (`kiln.passes.base.Pass`) is a small named unit: it takes a graph and returns the graph and whether it
 changed anything, the way `onnx_ir.passes` does. A pipeline is the list of passes chosen for one target
 at one optimization level (`-O0` none, `-O1` cleanup, `-O2` fusion, `-O3` target-specific), adjusted
 by `--passes +name,-name`; passes always run in the registry's order below.
@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from passes import cleanup, fusion, fx, layout
-from passes.base import DEFAULT_LEVEL, FX, LEVELS, ONNX, Pass, PassResult
+from kiln.compiler.errors import error_text
+from kiln.passes import cleanup, fusion, fx, transpose_sinking
+from kiln.passes.base import DEFAULT_LEVEL, LEVELS, Pass
+from kiln.passes.graphs import count_nodes, dump_graph
 
 if TYPE_CHECKING:
-    from compiler.types import PassRecord
-
-__all__ = ["DEFAULT_LEVEL", "FX", "LEVELS", "ONNX", "PASSES", "Pass", "PassAdjustments", "PassResult"]
+    from kiln.compiler.types import PassRecord
 
 PASSES: dict[str, Pass] = {
-    p.name: p for p in [*cleanup.PASSES, *fusion.PASSES, *layout.PASSES, *cleanup.FINAL, *fx.PASSES]
+    p.name: p for p in [*cleanup.PASSES, *fusion.PASSES, *transpose_sinking.PASSES, *cleanup.FINAL, *fx.PASSES]
 }
 
 
@@ -38,7 +38,7 @@ class PassAdjustments:
     @classmethod
     def parse(cls, text: str | None) -> PassAdjustments:
         """Parse `+name,-name` (a bare name means +name); unknown names are refused with a suggestion."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         added: list[str] = []
         removed: list[str] = []
@@ -56,7 +56,7 @@ class PassAdjustments:
 
 def pipeline_for(ir: str, target: str, level: int = DEFAULT_LEVEL, adjust: PassAdjustments | None = None) -> list[Pass]:
     """The passes run over `ir` for `target` at `level`, with the user's adjustments, in registry order."""
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     if level not in LEVELS:
         raise UsageError(f"-O{level}: no such optimization level", "use -O0, -O1, -O2 or -O3")
@@ -80,22 +80,15 @@ def pipeline_for(ir: str, target: str, level: int = DEFAULT_LEVEL, adjust: PassA
     return chosen
 
 
-def count_nodes(graph: Any) -> int:
-    """Number of nodes that compute something: ONNX nodes of the main graph, or FX call_function nodes."""
-    if hasattr(graph, "graph_module"):
-        return sum(1 for n in graph.graph.nodes if n.op == "call_function")
-    return sum(1 for _ in graph.graph)
-
-
 def run_pipeline(graph: Any, pipeline: Sequence[Pass], dump: Path | None = None) -> tuple[Any, list[PassRecord]]:
     """Run `pipeline` over `graph`, recording what each pass did; with `dump`, write the graph after each pass.
 
     A pass that raises, or that changes the graph so that a check it passed before fails (see
-    `passes.contract.check_graph`; and the I/O signature, when the pass preserves it), is rolled back: the
+    `kiln.passes.contract.check_graph`; and the I/O signature, when the pass preserves it), is rolled back: the
     graph before it goes on to the next pass, and its record says why in `rolled_back`.
     """
-    from compiler.types import PassRecord
-    from passes.contract import check_graph, example_feeds, is_fx, run
+    from kiln.compiler.types import PassRecord
+    from kiln.passes.contract import check_graph, example_feeds, is_fx, run
 
     if dump is not None:
         dump_graph(graph, dump / "00-captured")
@@ -124,8 +117,8 @@ def _run_checked(
 ) -> tuple[Any, bool, str | None, float]:
     """Run one pass and check its result: the graph to go on with, whether it changed, why it was rolled
     back (None if kept), and the pass's own time in seconds (the checks not counted)."""
-    from passes.base import SIGNATURE
-    from passes.contract import check_graph, signature, snapshot
+    from kiln.passes.base import SIGNATURE
+    from kiln.passes.contract import check_graph, signature, snapshot
 
     kept = snapshot(graph)
     started = time.perf_counter()
@@ -133,7 +126,7 @@ def _run_checked(
         result, changed = graph_pass(graph)
     except Exception as error:  # a pass bug costs the optimization, not the export
         seconds = round(time.perf_counter() - started, 4)
-        return kept, False, f"the pass raised {type(error).__name__}: {' '.join(str(error).split())[:300]}", seconds
+        return kept, False, f"the pass raised {error_text(error)}", seconds
     seconds = round(time.perf_counter() - started, 4)
     if not changed:
         return result, False, None, seconds
@@ -144,26 +137,3 @@ def _run_checked(
     if broken:
         return kept, False, "it broke the graph: " + "; ".join(broken), seconds
     return result, True, None, seconds
-
-
-def dump_graph(graph: Any, stem: Path) -> Path:
-    """Write a graph for reading: an ONNX model as `stem.onnx`, an FX program as `stem.txt`."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(graph, "graph_module"):
-        path = stem.with_suffix(".txt")
-        path.write_text(str(graph))
-        return path
-    return save_onnx(graph, stem.with_suffix(".onnx"))
-
-
-def save_onnx(model: Any, destination: Path) -> Path:
-    """Save an onnx_ir model as one self-contained file, or with external data beyond 2 GB."""
-    import onnx_ir as ir
-
-    large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > 2**30
-    if large:
-        ir.save(model, str(destination), external_data=destination.name + ".data")
-    else:
-        # Pull weights that lived in the source's external files into the new self-contained file.
-        ir.save(ir.external_data.load_to_model(model), str(destination))
-    return destination

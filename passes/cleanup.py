@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from passes.base import CLEANUP, ONNX, Pass, PassResult, onnx_ir_pass
-from passes.subgraphs import eliminate_identities
+from kiln.passes.base import CLEANUP, ONNX, Pass, PassResult, onnx_ir_pass
+from kiln.passes.subgraphs import eliminate_identities
 
 
 def _identity_elimination(model: Any) -> PassResult:

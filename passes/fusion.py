@@ -20,8 +20,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from passes.base import CLEANUP, FUSION, ONNX, TARGET_SPECIFIC, Pass, PassResult
-from passes.subgraphs import eliminate_identities, pinned_subgraph_outputs
+from kiln.passes.base import CLEANUP, FUSION, ONNX, TARGET_SPECIFIC, Pass, PassResult
+from kiln.passes.subgraphs import eliminate_identities, pinned_subgraph_outputs
 
 LAYER_NORM_OPSET = 18  # LayerNormalization is opset 17; the rules match ReduceMean with axes as an input (18)
 GELU_OPSET = 20  # the ONNX Gelu op

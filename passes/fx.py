@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Any
 
-from passes.base import CLEANUP, FUSION, FX, OUTPUTS, SIGNATURE, Pass, PassResult
+from kiln.passes.base import CLEANUP, FUSION, FX, OUTPUTS, SIGNATURE, Pass, PassResult
 
 if TYPE_CHECKING:
     import torch

@@ -7,17 +7,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import UsageError
-from targets.aoti import AotiTarget
-from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.edgetpu import EdgeTpuTarget
-from targets.executorch import ExecuTorchTarget
-from targets.onnxrt import OnnxRuntimeTarget
-from targets.openvino_ir import OpenVinoTarget
-from targets.pt2 import ExportedProgramTarget
-from targets.tensorrt import TensorRtTarget
-from targets.tflite import TfliteTarget
-from targets.tpu import XlaTarget
+from kiln.compiler.errors import UsageError
+from kiln.targets.aoti import AotiTarget
+from kiln.targets.base import Target
+from kiln.targets.edgetpu import EdgeTpuTarget
+from kiln.targets.executorch import ExecuTorchTarget
+from kiln.targets.onnxrt import OnnxRuntimeTarget
+from kiln.targets.openvino_ir import OpenVinoTarget
+from kiln.targets.pt2 import ExportedProgramTarget
+from kiln.targets.tensorrt import TensorRtTarget
+from kiln.targets.tflite import TfliteTarget
+from kiln.targets.tpu import XlaTarget
 
 TARGETS: list[Target] = [
     OnnxRuntimeTarget(),
@@ -29,17 +29,6 @@ TARGETS: list[Target] = [
     ExecuTorchTarget(),
     AotiTarget(),
     TensorRtTarget(),
-]
-
-__all__ = [
-    "TARGETS",
-    "BuildOutput",
-    "BuildRequest",
-    "Runner",
-    "Target",
-    "get_target",
-    "onnx_reference_runner",
-    "resolve_targets",
 ]
 
 
@@ -83,6 +72,6 @@ def resolve_targets(spec: str | list[str]) -> list[Target]:
 
 def onnx_reference_runner(path: Path, threads: int | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """The reference of an `.onnx` source: the file itself under ONNX Runtime (CPU provider)."""
-    from targets.onnxrt import OnnxRuntimeRunner
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(path, threads=threads or 0).run

@@ -7,7 +7,7 @@ moved to the device -> `torch._inductor.aoti_compile_and_package`. The package l
 
 Device: `--device cuda|cpu`. Without `--device`, `aoti` and its alias `cuda` compile for CUDA when a CUDA
 GPU is present and otherwise stop with an error that says to pass `--device cpu`. Compiling takes tens of
-seconds, so packages are cached (`compiler/cache.py`) under a key of the graph, the weights, precision,
+seconds, so packages are cached (`targets/compile_cache.py`) under a key of the graph, the weights, precision,
 device, dynamic batch, the torch version and the CPU or GPU; a cached package is validated like a new one.
 """
 
@@ -20,14 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 MODEL_FILE = "model.pt2"
 CACHE_KIND = "aoti"
@@ -40,8 +39,8 @@ DEVICES = ("cuda", "cpu")
 
 def resolve_device(requested: str | None) -> str:
     """The device to compile for: the one asked for, else cuda when present; a one-line error when it is absent."""
-    from compiler.errors import MissingBackendError
-    from compiler.gpu import cuda_unavailable_reason
+    from kiln.compiler.errors import MissingBackendError
+    from kiln.targets.gpu import cuda_unavailable_reason
 
     if requested == "cpu":
         return "cpu"
@@ -62,8 +61,7 @@ def resolve_device(requested: str | None) -> str:
 def _program_hash(program: torch.export.ExportedProgram) -> str:
     """sha256 of the program's graph code and of its weights, buffers and tensor constants."""
     import torch
-
-    from compiler.sources import state_hash
+    from kiln.compiler.capture.sources import state_hash
 
     tensors = dict(program.state_dict) | {k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}
     digest = hashlib.sha256(program.graph_module.code.encode())
@@ -74,11 +72,11 @@ def _program_hash(program: torch.export.ExportedProgram) -> str:
 def _device_facts(device: str) -> dict[str, Any]:
     """What about the device changes the compiled code: the GPU (compute capability) or the CPU and its ISA."""
     if device == "cuda":
-        from compiler.gpu import cuda_device_facts
+        from kiln.targets.gpu import cuda_device_facts
 
         facts = cuda_device_facts()
         return {"gpu": facts["gpu"], "compute_capability": facts["compute_capability"], "cuda": facts["cuda"]}
-    from compiler.host import host_info
+    from kiln.compiler.host import host_info
 
     host = host_info()
     return {"cpu": host["cpu"], "cpu_flags": host["cpu_flags"], "machine": host["machine"]}
@@ -92,8 +90,7 @@ class _KeyMemo:
 
     def get(self, model: CapturedModel, precision: str, device: str) -> tuple[str, dict[str, Any]]:
         import torch
-
-        from compiler.cache import CompileCache
+        from kiln.targets.compile_cache import CompileCache
 
         wanted = (precision, device)
         if self.last is not None and self.last[0] is model.exported and self.last[1] == wanted:
@@ -195,7 +192,7 @@ class AotiTarget(Target):
 
     def limitation(self) -> str | None:
         """On a machine without a CUDA GPU, only `--device cpu` packages can be built (and validated) here."""
-        from compiler.gpu import cuda_unavailable_reason
+        from kiln.targets.gpu import cuda_unavailable_reason
 
         reason = cuda_unavailable_reason()
         return f"--device cpu only ({reason})" if reason else None
@@ -207,7 +204,7 @@ class AotiTarget(Target):
 
     def stage_detail(self, model: CapturedModel, request: BuildRequest) -> str:
         """Precision, device, and whether the package comes from the compile cache."""
-        from compiler.cache import CompileCache
+        from kiln.targets.compile_cache import CompileCache
 
         device = resolve_device(request.device)
         key, _ = self._keys.get(model, request.precision, device)
@@ -218,8 +215,7 @@ class AotiTarget(Target):
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Compile the program into `model.pt2`, or copy it from the compile cache."""
         import torch
-
-        from compiler.cache import CompileCache
+        from kiln.targets.compile_cache import CompileCache
 
         assert model.exported is not None, "the aoti target needs the FX program"
         device = resolve_device(request.device)
@@ -233,7 +229,7 @@ class AotiTarget(Target):
         else:
             program = model.exported
             if request.precision != "fp32":
-                from compiler.precision import reduced_precision_program
+                from kiln.targets.precision import reduced_precision_program
 
                 program = reduced_precision_program(
                     program, request.precision, [s.name for s in model.inputs], model.dynamic
@@ -263,8 +259,8 @@ class AotiTarget(Target):
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The package, loaded on its device; a one-line error when this machine lacks that device."""
-        from compiler.errors import MissingBackendError
-        from compiler.gpu import cuda_device_facts, cuda_unavailable_reason
+        from kiln.compiler.errors import MissingBackendError
+        from kiln.targets.gpu import cuda_device_facts, cuda_unavailable_reason
 
         if manifest.runtime_config.get("device") == "cuda":
             built_for = (

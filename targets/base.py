@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.capture import CapturedModel
-    from compiler.quantization.calibration import AccuracyBudget, CalibrationData
-    from compiler.types import Manifest, PassRecord, TensorSpec
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+    from kiln.compiler.types import Feeds, Manifest, PassRecord, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,9 @@ class Route:
 
     name: str  # as the manifest records it, e.g. "onnx(dynamo)"
     consumes: str  # the graph the route hands to `Target.build`: "onnx" or "torch" (the FX program)
-    exporter: str = ""  # for an ONNX route from a PyTorch model: the ONNX exporter (compiler.capture.EXPORTERS)
+    exporter: str = (
+        ""  # for an ONNX route from a PyTorch model: the ONNX exporter (kiln.compiler.capture.program.EXPORTERS)
+    )
     # True: tried only when no earlier route converted (a fallback for conversion failures, not a second
     # opinion on an artifact that converted and failed parity).
     fallback: bool = False
@@ -123,6 +124,16 @@ class Target:
     io_options: tuple[str, ...] = ()  # what `--io` may ask of this target (nhwc)
     devices: tuple[str, ...] = ()  # devices it compiles for (--device); empty: it takes no --device
     accuracy_aware: bool = False  # True: its int8 build takes --max-drop (reverts sensitive layers to float)
+    # The KV cache a text-generation export to this target takes (kiln.compiler.generation.export): "growing" (one
+    # graph, the
+    # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
+    kv_cache: str | None = None
+    # True: `tapped_runs` runs a built artifact with intermediate tensors as extra outputs, so that localization
+    # reads every module boundary from one build (kiln.compiler.diagnose.fast_path) instead of bisecting.
+    tappable: bool = False
+    # True: `kiln tune` builds and times it when no --targets is given (a runtime whose artifacts run on the machine
+    # that tunes, worth timing against the others).
+    tuned_by_default: bool = False
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
     # `kiln verify` accepts them although the manifest does not list them.
     later_files: tuple[str, ...] = ()
@@ -151,7 +162,7 @@ class Target:
 
     def check_request(self, request: BuildRequest) -> None:
         """Raise a one-line error, before any capture work, when this target cannot build `request` here."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if request.device is not None and self.devices and request.device not in self.devices:
             raise UsageError(
@@ -179,7 +190,7 @@ class Target:
     def with_runtime_settings(self, manifest: Manifest, settings: RuntimeSettings) -> Manifest:
         """`manifest` with `settings` written into its runtime_config, as `load` reads them (the default: no
         settings to apply; a target with runtime settings overrides this)."""
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if not settings.is_default:
             raise UsageError(f"target {self.name} takes no runtime settings ({settings.label()})", "drop them")
@@ -189,3 +200,12 @@ class Target:
         """A runner for the artifact in `directory`, configured as the manifest says; `threads` sets the runtime's
         thread count where it has one (None: the runtime's default; `Runner.thread_control` says how)."""
         raise NotImplementedError
+
+    def tapped_runs(
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+    ) -> list[dict[int, np.ndarray]]:
+        """A `tappable` target's artifact in `directory` run on each input set with the tensors `names` (index ->
+        value name in the ONNX graph it was built from) as extra outputs: per input set, index -> the runtime's
+        value (as the next layer reads it back in a quantized graph); a name the runtime cannot expose is left
+        out. A target that cannot be tapped raises NotImplementedError."""
+        raise NotImplementedError(f"target {self.name} cannot be tapped for intermediate tensors")

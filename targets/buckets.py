@@ -7,17 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 
 def bucket_variants(model: CapturedModel, buckets: dict[str, tuple[int, ...]]) -> list[tuple[str, CapturedModel]]:
     """One static program per bucket size, `(signature, model)`: the captured program re-exported with the
     bucketed symbol at that size (the others at their OPT, or MIN) and no dynamic dims."""
     import torch
-
-    from compiler.capture import CapturedModel, fx_signature
+    from kiln.compiler.capture.program import CapturedModel, fx_signature
 
     assert model.exported is not None and model.dynamic is not None
     names = [s.name for s in model.inputs]
@@ -64,7 +62,7 @@ def bucket_for(target: str, buckets: dict[str, dict[str, list[int]]], feeds: dic
     """The signature of the bucket whose shapes `feeds` have; a UsageError naming the buckets when none has."""
     found = bucket_of(buckets, feeds)
     if found is None:
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
         raise UsageError(

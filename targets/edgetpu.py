@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.litert import MODEL_FILE, LiteRtRunner, TfliteOp, read_ops
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.litert import MODEL_FILE, LiteRtRunner, TfliteOp, read_ops
 
 if TYPE_CHECKING:
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 COMPILER = "edgetpu_compiler"
 COMPILED_FILE = "model_edgetpu.tflite"
@@ -167,7 +167,7 @@ def audit(ops: list[TfliteOp]) -> dict[str, Any]:
 
 def run_compiler(directory: Path) -> dict[str, Any]:
     """Run `edgetpu_compiler` on the int8 model when it is on PATH; its log and result."""
-    from compiler.errors import UnsupportedOpError
+    from kiln.compiler.errors import UnsupportedOpError
 
     executable = shutil.which(COMPILER)
     if executable is None:
@@ -214,7 +214,7 @@ class EdgeTpuTarget(Target):
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """Quantize to int8 with calibration, audit the ops, and compile when the compiler is here."""
-        from targets.tflite import add_nhwc_layout, calibration_notes, convert, describe_graph
+        from kiln.targets.tflite import add_nhwc_layout, calibration_notes, convert, describe_graph
 
         nhwc = request.io_layout == "nhwc"
         info = describe_graph(directory, convert(model, directory, request, "int8"), nhwc)

@@ -2,7 +2,7 @@
 phones, embedded boards and desktop C++, its ops delegated to XNNPACK where XNNPACK takes them.
 
 Route: the `torch.export` program (after Kiln's FX passes) -> fp16: re-exported to compute in fp16 (float32 I/O
-kept, `compiler.precision`); int8: quantized with PT2E and the XNNPACK quantizer (`compiler.quantization.pt2e`)
+kept, `kiln.targets.precision`); int8: quantized with PT2E and the XNNPACK quantizer (`kiln.compiler.quantization.pt2e`)
 -> `to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])` -> `to_executorch()` -> `model.pte`.
 Ops XNNPACK does not take run in the runtime's own CPU kernels; the manifest lists both sets
 (`target_info.delegation`), and an op the runtime has no kernel for either is refused at build, by name. Dynamic
@@ -17,14 +17,13 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest, TensorSpec
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.pte"
 METHOD = "forward"
@@ -84,9 +83,8 @@ def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict[str, Any]:
     to the runtime that the runtime has no kernel for (the `.pte` would not load) is refused here, by name."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-
-    from compiler.decompositions import module_path_of
-    from compiler.errors import UnsupportedOpError
+    from kiln.compiler.capture.decompositions import module_path_of
+    from kiln.compiler.errors import UnsupportedOpError
 
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     placed = delegation(edge.exported_program().graph_module)
@@ -106,7 +104,7 @@ def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict[str, Any]:
 def missing_kernels(plans: list[Any]) -> list[str]:
     """The operators the execution plans call that the ExecuTorch runtime here has no kernel for
     (`aten::sort.values`); the quantized kernels count (the runner loads them)."""
-    from compiler.progress import native_stderr_silenced
+    from kiln.compiler.progress import native_stderr_silenced
 
     with native_stderr_silenced():
         import executorch.kernels.quantized  # noqa: F401 (registers the quantized_decomposed kernels)
@@ -120,7 +118,7 @@ def missing_kernels(plans: list[Any]) -> list[str]:
 def check_program_file(path: Path) -> None:
     """A one-line UsageError unless `path` starts like an ExecuTorch program (flatbuffer identifier `ET12`): the
     runtime's own check of a foreign file logs its bytes through Python and aborts the process on non-UTF-8 ones."""
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     try:
         with open(path, "rb") as handle:
@@ -140,7 +138,7 @@ class ExecuTorchRunner(Runner):
     thread_control = "executorch thread pool size (portable_lib._unsafe_reset_threadpool, process-wide)"
 
     def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], precision: str, threads: int):
-        from compiler.progress import native_stderr_silenced
+        from kiln.compiler.progress import native_stderr_silenced
 
         check_program_file(path)
         # its imports (torchao's) and the runtime (CPU probing, thread pool resets, from C++) log to stderr
@@ -192,7 +190,8 @@ class ExecuTorchTarget(Target):
     precisions = ("fp32", "fp16", "int8")
     consumes = "torch"
     accuracy_aware = True
-    kv_cache = "static"  # text generation: the static-cache decode step (compiler/static_cache.py)
+    kv_cache = "static"  # text generation: the static-cache decode step (compiler/generation/static_kv_cache.py)
+    tuned_by_default = True  # `kiln tune` times it by default: its artifacts run on the CPU that tunes
 
     def stage_detail(self, model: CapturedModel, request: BuildRequest) -> str:
         """Precision and the lowering."""
@@ -208,7 +207,7 @@ class ExecuTorchTarget(Target):
         else:
             program = model.exported
             if request.precision == "fp16":
-                from compiler.precision import reduced_precision_program
+                from kiln.targets.precision import reduced_precision_program
 
                 names = [s.name for s in model.inputs]
                 program = reduced_precision_program(program, "fp16", names, model.dynamic)
@@ -224,10 +223,10 @@ class ExecuTorchTarget(Target):
         in `built`; which ops the kept program delegated."""
         from dataclasses import asdict
 
-        from compiler.quantization.accuracy import reverted_note
-        from compiler.quantization.pt2e import accuracy_aware_pt2e, pt2e_report, quantize_pt2e
-        from compiler.quantization.report import DEFAULT_REPORT_SAMPLES, module_classes
-        from targets.pt2 import ExportedProgramRunner
+        from kiln.compiler.quantization.accuracy import reverted_note
+        from kiln.compiler.quantization.pt2e import accuracy_aware_pt2e, pt2e_report, quantize_pt2e
+        from kiln.compiler.quantization.report import DEFAULT_REPORT_SAMPLES, module_classes
+        from kiln.targets.pt2 import ExportedProgramRunner
 
         assert model.exported is not None and request.calibration is not None, "int8 needs calibration data"
         calibration, classes = request.calibration, module_classes(model.exported)
@@ -267,7 +266,7 @@ class ExecuTorchTarget(Target):
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """The `.pte` in the ExecuTorch runtime, its thread pool at `threads` (else the manifest's, 2)."""
-        from compiler.limits import check_threads
+        from kiln.compiler.limits import check_threads
 
         count = threads or manifest.runtime_config.get("threads", THREADS)
         check_threads("the manifest's runtime_config.threads", count)  # a forged manifest: a one-line error

@@ -14,27 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.layout import NCHW_TO_NHWC, NHWC_TO_NCHW, is_image
-from compiler.quantization.litert import SIGNATURE
-from targets.base import Runner
+from kiln.compiler.image_layout import NCHW_TO_NHWC, NHWC_TO_NCHW, is_image
+from kiln.compiler.quantization.litert import SIGNATURE
+from kiln.targets.base import Runner
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from compiler.types import Manifest, TensorSpec
+    from kiln.compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.tflite"
 THREADS = 2
-
-
-def to_tflite(
-    program: torch.export.ExportedProgram, inputs: list[TensorSpec], outputs: list[TensorSpec], nhwc: bool, path: Path
-) -> list[str]:
-    """Convert the program to a float32 `.tflite` with named I/O; the ops Kiln decomposed first."""
-    return to_tflite_signatures([(SIGNATURE, program, inputs, outputs)], nhwc, path)
 
 
 def to_tflite_signatures(
@@ -61,8 +53,12 @@ def _named_io(
     """The program (decomposed for TFLite) wrapped to take keyword inputs and return a dict of outputs, so the
     TFLite signature carries Kiln's names; its sample inputs, and the ops decomposed."""
     import torch
-
-    from compiler.decompositions import apply_decompositions, apply_legalizations, tflite_legalizations, tflite_table
+    from kiln.compiler.capture.decompositions import (
+        apply_decompositions,
+        apply_legalizations,
+        tflite_legalizations,
+        tflite_table,
+    )
 
     program, legalized = apply_legalizations(program, tflite_legalizations())
     program, decomposed = apply_decompositions(program, tflite_table())
@@ -180,8 +176,7 @@ class LiteRtRunner(Runner):
     def __init__(self, path: Path, manifest: Manifest, threads: int | None = None):
         threads = threads or THREADS
         from ai_edge_litert.interpreter import Interpreter
-
-        from compiler.progress import native_stderr_silenced
+        from kiln.compiler.progress import native_stderr_silenced
 
         with native_stderr_silenced():  # LiteRT logs "INFO: Created ... XNNPACK delegate" from C++
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
@@ -203,7 +198,7 @@ class LiteRtRunner(Runner):
 
         signature, inputs, outputs = self.signature, self.input_details, self.output_details
         if self.buckets:
-            from targets.buckets import bucket_for
+            from kiln.targets.buckets import bucket_for
 
             signature = self.signatures[bucket_for("tflite", self.buckets, feeds)]
             inputs, outputs = signature.get_input_details(), signature.get_output_details()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UnsupportedOpError
+from kiln.compiler.errors import UnsupportedOpError
 
 if TYPE_CHECKING:
-    from compiler.capture import CapturedModel
-    from targets.base import BuildRequest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.targets.base import BuildRequest
 
 
 def convert_direct(model: CapturedModel, request: BuildRequest, route: str) -> Any:

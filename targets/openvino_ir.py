@@ -4,7 +4,7 @@ Routes, tried in order (`OpenVinoTarget.routes`): the IR is converted from Kiln'
 (`onnx(dynamo)`, then `onnx(torchscript)`): the ONNX route is the one every pass writes to, it accepts
 `.onnx` sources, and OpenVINO's direct PyTorch frontend fails on models (e.g. transformers' GPT-2) that
 its ONNX frontend reads. When neither ONNX route converts, `openvino.convert_model` converts the exported
-program directly (`DIRECT_ROUTE`, see `targets.openvino_direct`).
+program directly (`DIRECT_ROUTE`, see `kiln.targets.openvino_direct`).
 """
 
 from __future__ import annotations
@@ -12,20 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from compiler.quantization.openvino import QUANTIZED_PRECISIONS
-from targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, RuntimeSettings, Target
+from kiln.compiler.quantization.openvino import QUANTIZED_PRECISIONS
+from kiln.targets.base import ONNX_ROUTES, BuildOutput, BuildRequest, Route, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
     import numpy as np
     import openvino as ov
-
-    from compiler.capture import CapturedModel
-    from compiler.quantization.accuracy import AccuracyResult
-    from compiler.quantization.summary import QuantizeSummary
-    from compiler.types import Manifest, TensorSpec
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.quantization.accuracy import AccuracyResult
+    from kiln.compiler.quantization.summary import QuantizeSummary
+    from kiln.compiler.types import Feeds, Manifest, TensorSpec
 
 MODEL_FILE = "model.xml"
-WEIGHTS_FILE = "model.bin"
+FAKE_QUANTIZED = "::fake_quantized"  # the name a tapped FakeQuantize output is given (int8)
 # What the runtime is asked to compute in, per export precision. fp16 keeps fp16 weights
 # in the IR but computes in f32; bf16 asks the CPU plugin for bf16 where the CPU has it.
 # int8 runs its quantized ops in int8 and the rest in f32 (not bf16 on CPUs that have it), so that
@@ -121,10 +120,9 @@ def _with_nhwc_io(ov_model: Any, model: CapturedModel, built: BuildOutput) -> An
     import time
 
     import onnx_ir
-
-    from compiler.layout import channels_last, nhwc_names
-    from compiler.types import PassRecord
-    from passes.layout import NHWC_STEP, ONNX_CHANNELS_FIRST_OPS, LayoutCounts, count_ops
+    from kiln.compiler.image_layout import channels_last, nhwc_names
+    from kiln.compiler.types import PassRecord
+    from kiln.passes.channels_last import NHWC_STEP, ONNX_CHANNELS_FIRST_OPS, LayoutCounts, count_ops
 
     assert model.onnx_path is not None
     inputs, outputs = channels_last(model.inputs), channels_last(model.outputs)
@@ -149,12 +147,15 @@ class OpenVinoTarget(Target):
     """OpenVINO IR (`model.xml` + `model.bin`) for Intel/AMD CPUs."""
 
     name = "openvino"
+    tuned_by_default = True  # kiln tune without --targets
+    kv_cache = "growing"
     aliases = ("cpu", "ov")
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
     precisions = ("fp32", "fp16", "bf16", "int8-dynamic", "int8")
     io_options = ("nhwc",)
     accuracy_aware = True
+    tappable = True  # extra outputs of the ov.Model (kiln.compiler.diagnose.fast_path)
 
     def routes(self) -> tuple[Route, ...]:
         """The ONNX routes, then OpenVINO's own PyTorch frontend on the exported program."""
@@ -164,8 +165,7 @@ class OpenVinoTarget(Target):
         """Convert the ONNX graph to IR, quantized with NNCF for int8/int8-dynamic; weights stay fp32 unless
         fp16 was asked for."""
         import openvino as ov
-
-        from targets.openvino_direct import convert_direct
+        from kiln.targets.openvino_direct import convert_direct
 
         precision = request.precision
         if request.route == DIRECT_ROUTE.name:
@@ -219,7 +219,7 @@ class OpenVinoTarget(Target):
         inference precision "default" drops the pinned hint, "f32" pins f32."""
         from dataclasses import replace
 
-        from compiler.errors import UsageError
+        from kiln.compiler.errors import UsageError
 
         if settings.graph_optimization:
             return super().with_runtime_settings(manifest, settings)
@@ -244,20 +244,26 @@ class OpenVinoTarget(Target):
             manifest = replace(manifest, runtime_config={**manifest.runtime_config, "INFERENCE_NUM_THREADS": threads})
         return OpenVinoRunner(directory, manifest)
 
+    def tapped_runs(
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+    ) -> list[dict[int, np.ndarray]]:
+        """The IR with each tensor added as an output of the `ov.Model`, compiled as `load` compiles it."""
+        return _tapped_runs(directory, manifest, names, inputs)
+
 
 def _quantize(
     ov_model: ov.Model, model: CapturedModel, request: BuildRequest
 ) -> tuple[ov.Model, QuantizeSummary, AccuracyResult | None]:
     """The model quantized with NNCF as the request asks (accuracy-aware with --max-drop), its summary, and
     the --max-drop result."""
-    from compiler.quantization.openvino import quantize_openvino
+    from kiln.compiler.quantization.openvino import quantize_openvino
 
     if request.accuracy is None:
         quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
         return quantized, summary, None
-    from compiler.quantization.accuracy import accuracy_aware_nncf
-    from compiler.quantization.report import module_classes
-    from targets.onnxrt import OnnxRuntimeRunner
+    from kiln.compiler.quantization.accuracy import accuracy_aware_nncf
+    from kiln.compiler.quantization.report import module_classes
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
 
     assert model.onnx_path is not None and request.calibration is not None
     classes = module_classes(model.exported) if model.exported is not None else None
@@ -270,3 +276,45 @@ def _quantize(
     return accuracy_aware_nncf(
         ov_model, model.onnx_path, request.calibration, request.accuracy, fp32_runner, open_runner, classes
     )
+
+
+def _tapped_runs(
+    directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+) -> list[dict[int, np.ndarray]]:
+    """`Target.tapped_runs` for an IR: each tensor (in an int8 IR, as read back) an extra output of the `ov.Model`."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(directory / MODEL_FILE))
+    ports: dict[str, Any] = {}
+    for op in model.get_ordered_ops():
+        for port in op.outputs():
+            for name in port.get_names():
+                ports.setdefault(name, port)
+    taps: dict[int, str] = {}
+    outputs: dict[str, Any] = {}
+    for index, name in names.items():
+        if name in ports:
+            tapped, port = _read_back(ports[name], name)
+            taps[index], outputs[tapped] = tapped, port
+    model.add_outputs(list(outputs.values()))
+    compiled = core.compile_model(model, "CPU", dict(manifest.runtime_config))
+    by_name = {name: out for out in compiled.outputs for name in out.get_names()}
+    request = compiled.create_infer_request()
+    runs = []
+    for feeds in inputs:
+        results = request.infer(feeds)
+        runs.append({index: np.array(results[by_name[name]]) for index, name in taps.items() if name in by_name})
+    return runs
+
+
+def _read_back(port: Any, name: str) -> tuple[str, Any]:
+    """The tensor `name` (an OpenVINO output port) as the next layers read it: in an int8 IR, the output of the
+    FakeQuantize that is its one consumer (given the name `name` + FAKE_QUANTIZED to be tapped by), else itself."""
+    consumers = list(port.get_target_inputs())
+    if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "FakeQuantize":
+        return name, port
+    quantized = consumers[0].get_node().output(0)
+    quantized.get_tensor().add_names({name + FAKE_QUANTIZED})
+    return name + FAKE_QUANTIZED, quantized

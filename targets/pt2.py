@@ -2,7 +2,7 @@
 
 The portable PyTorch artifact: loadable with `torch.export.load` on any machine with the
 same torch, and the input of AOTInductor and ExecuTorch. Validated by running the
-reloaded program, read back with `compiler.pt2_archive.load_program` (no pickled code runs
+reloaded program, read back with `kiln.compiler.capture.pt2_archive.load_program` (no pickled code runs
 unless trusted).
 """
 
@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest, TensorSpec
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.pt2"
 
@@ -30,7 +29,7 @@ class ExportedProgramRunner(Runner):
 
     def __init__(self, directory: Path, manifest: Manifest, trust_pickle: bool | None = None):
         """`trust_pickle`: run the archive's pickles (None: as the enclosing `trusting_pickles` block says)."""
-        from compiler.pt2_archive import load_program
+        from kiln.compiler.capture.pt2_archive import load_program
 
         self.module = load_program(directory / MODEL_FILE, trust_pickle).module()
         self.inputs, self.outputs = manifest.inputs, manifest.outputs

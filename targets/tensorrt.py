@@ -20,21 +20,20 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets import trt_engine
-from targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets import trt_engine
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 BUILD_SCRIPT = "build_engine.py"
 
 
 def engine_unavailable_reason() -> str | None:
     """None when an engine can be built and run here, else what is missing."""
-    from compiler.gpu import cuda_unavailable_reason
+    from kiln.targets.gpu import cuda_unavailable_reason
 
     missing = []
     if importlib.util.find_spec("tensorrt") is None:
@@ -48,7 +47,7 @@ def engine_unavailable_reason() -> str | None:
 def profiles(model: CapturedModel, precision: str) -> dict[str, Any]:
     """profiles.json: precision, TF32 off for fp32, and min/opt/max per input: for each dynamic axis its
     range's MIN, OPT (MAX when the range gives none) and MAX."""
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     shapes: dict[str, Any] = {}
     for spec in model.inputs:
@@ -89,11 +88,12 @@ def prepare_onnx(source: Path, destination: Path) -> dict[str, Any]:
 def _reduced_precision_onnx(model: CapturedModel, precision: str, work: Path) -> Path:
     """The model lowered to ONNX computing in `precision` (float32 I/O kept), through Kiln's graph passes."""
     import onnx_ir
-
-    from compiler.capture import lower_to_onnx
-    from compiler.errors import UsageError
-    from compiler.precision import reduced_precision_program
-    from passes import ONNX, pipeline_for, run_pipeline, save_onnx
+    from kiln.compiler.capture.program import lower_to_onnx
+    from kiln.compiler.errors import UsageError
+    from kiln.passes import pipeline_for, run_pipeline
+    from kiln.passes.base import ONNX
+    from kiln.passes.graphs import save_onnx
+    from kiln.targets.precision import reduced_precision_program
 
     if model.exported is None:
         raise UsageError(
@@ -112,7 +112,7 @@ def _reduced_precision_onnx(model: CapturedModel, precision: str, work: Path) ->
 
 def read_engine_record(directory: Path) -> dict[str, Any]:
     """engine.json beside model.engine; a one-line error when it is missing or unreadable."""
-    from compiler.errors import UsageError
+    from kiln.compiler.errors import UsageError
 
     path = directory / trt_engine.ENGINE_RECORD_FILE
     try:
@@ -127,8 +127,8 @@ def read_engine_record(directory: Path) -> dict[str, Any]:
 
 def check_engine_runs_here(directory: Path, record: dict[str, Any]) -> None:
     """Raise a one-line error unless the engine's TensorRT version, GPU model and ONNX match this machine and kit."""
-    from compiler.errors import MissingBackendError, UsageError
-    from compiler.gpu import cuda_device_facts, cuda_unavailable_reason
+    from kiln.compiler.errors import MissingBackendError, UsageError
+    from kiln.targets.gpu import cuda_device_facts, cuda_unavailable_reason
 
     built = (
         f"{trt_engine.ENGINE_FILE} was built with TensorRT {record.get('tensorrt_version', '?')} for "
@@ -165,8 +165,7 @@ class TensorRtEngineRunner(Runner):
 
     def __init__(self, directory: Path, manifest: Manifest, record: dict[str, Any]):
         import tensorrt as trt
-
-        from compiler.errors import MissingBackendError
+        from kiln.compiler.errors import MissingBackendError
 
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
         self.record = record
@@ -237,7 +236,7 @@ class KitRunner(Runner):
     thread_control = "onnxruntime intra_op_num_threads"
 
     def __init__(self, directory: Path, manifest: Manifest, threads: int | None = None):
-        from targets.onnxrt import OnnxRuntimeRunner
+        from kiln.targets.onnxrt import OnnxRuntimeRunner
 
         self.onnx = OnnxRuntimeRunner(directory / trt_engine.ONNX_FILE, manifest, threads=threads or 0)
         self.inputs, self.outputs = manifest.inputs, manifest.outputs

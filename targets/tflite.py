@@ -7,17 +7,17 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from compiler.layout import channels_last
-from compiler.quantization.litert import quantize_tflite
-from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.buckets import bucket_note, bucket_subset, bucket_variants
-from targets.litert import MODEL_FILE, SIGNATURE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
+from kiln.compiler.errors import error_text, plain_text
+from kiln.compiler.image_layout import channels_last
+from kiln.compiler.quantization.litert import SIGNATURE, quantize_tflite
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.buckets import bucket_note, bucket_subset, bucket_variants
+from kiln.targets.litert import MODEL_FILE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 
 def convert(
@@ -29,9 +29,9 @@ def convert(
 ) -> dict[str, Any]:
     """Write `model.tflite` in `directory` at `precision` (with `variants`, `--buckets`' static programs: one
     signature each); what was decomposed and how it was calibrated."""
-    from compiler.decompositions import module_path_of
-    from compiler.errors import UnsupportedOpError
-    from targets.litert import converter_error_op
+    from kiln.compiler.capture.decompositions import module_path_of
+    from kiln.compiler.errors import UnsupportedOpError
+    from kiln.targets.litert import converter_error_op
 
     assert model.exported is not None, "a LiteRT target needs the FX program"
     nhwc = request.io_layout == "nhwc"
@@ -42,11 +42,11 @@ def convert(
         try:
             decomposed = to_tflite_signatures(programs, nhwc, float_model)
         except Exception as exc:
-            text = " ".join(str(exc).split("While executing")[0].split())
-            op = converter_error_op(text)
+            text = str(exc).split("While executing")[0]  # the FX node's stack trace follows
+            op = converter_error_op(plain_text(text))
             where = f" in {module_path_of(model.exported, op)}" if op else ""
             raise UnsupportedOpError(
-                f"LiteRT conversion failed{' on ' + op if op else ''}{where}: {type(exc).__name__}: {text[:200]}",
+                f"LiteRT conversion failed{' on ' + op if op else ''}{where}: {error_text(exc, 200, text)}",
                 "replace that operation in the model, or try another target",
             ) from None
         info: dict[str, Any] = {"decompositions_applied": decomposed}
@@ -94,14 +94,15 @@ def describe_graph(directory: Path, info: dict[str, Any], nhwc: bool) -> dict[st
 
 
 def add_nhwc_layout(model: CapturedModel, directory: Path, built: BuildOutput) -> None:
-    """For an NHWC `.tflite`: channels-last I/O specs, `info["layout"]` (see passes.layout.LayoutCounts) and the
+    """For an NHWC `.tflite`: channels-last I/O specs, `info["layout"]` (see kiln.passes.channels_last.LayoutCounts)
+    and the
     layout step's pass record, into `built`.
 
     The converter does the layout work inside its own conversion: the record's `nodes_before` is the op count
     of the naive per-op conversion (the artifact's ops plus the transposes it avoided), its time is not apart.
     """
-    from compiler.types import PassRecord
-    from passes.layout import NHWC_STEP, TFLITE_CHANNELS_LAST_OPS, LayoutCounts
+    from kiln.compiler.types import PassRecord
+    from kiln.passes.channels_last import NHWC_STEP, TFLITE_CHANNELS_LAST_OPS, LayoutCounts
 
     assert model.exported is not None
     ops = read_ops(directory / MODEL_FILE)
@@ -122,6 +123,8 @@ class TfliteTarget(Target):
     """A `.tflite` flatbuffer validated in the LiteRT interpreter (XNNPACK)."""
 
     name = "tflite"
+    tuned_by_default = True  # kiln tune without --targets
+    kv_cache = "static"
     aliases = ("litert", "mobile")
     description = "LiteRT/TFLite flatbuffer for Android/iOS, validated in the LiteRT interpreter (XNNPACK)"
     requires: ClassVar[dict[str, str]] = {
@@ -173,7 +176,7 @@ class TfliteTarget(Target):
         """`--buckets` builds fp32 only: the quantizers calibrate and rewrite the one `serving_default`."""
         super().check_request(request)
         if request.buckets and request.precision != "fp32":
-            from compiler.errors import UsageError
+            from kiln.compiler.errors import UsageError
 
             raise UsageError(
                 f"target tflite builds --buckets at fp32 only, not {request.precision}",

@@ -15,20 +15,19 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from targets.base import BuildOutput, BuildRequest, Runner, Target
-from targets.buckets import bucket_for, bucket_note, bucket_subset, bucket_variants
+from kiln.compiler.errors import error_text
+from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.buckets import bucket_for, bucket_note, bucket_subset, bucket_variants
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from compiler.capture import CapturedModel
-    from compiler.types import Manifest
+    from kiln.compiler.capture.program import CapturedModel
+    from kiln.compiler.types import Manifest
 
 BYTECODE_FILE = "model.stablehlo.mlirbc"
-TEXT_FILE = "model.stablehlo.mlir"
 HLO_FILE = "model.hlo.txt"
 SAVED_MODEL_DIR = "saved_model"
 TEXT_LIMIT = 8 * 2**20  # write the readable .mlir only below this size
@@ -179,6 +178,7 @@ class XlaTarget(Target):
     """StableHLO + a TF SavedModel for Cloud TPU (TF Serving, Vertex AI), validated under XLA."""
 
     name = "tpu"
+    kv_cache = "static"
     aliases = ("xla", "stablehlo")
     description = "StableHLO (portable bytecode) + TF SavedModel via XlaCallModule for Cloud TPU, validated on XLA CPU"
     requires: ClassVar[dict[str, str]] = {"tensorflow": "tensorflow-cpu", "litert_torch": "litert-torch"}
@@ -238,12 +238,11 @@ class XlaTarget(Target):
     ) -> tuple[str, str, list[Any], list[Any], list[str]]:
         """Lower one (static) program to StableHLO and write it (`stem`.stablehlo.mlirbc, and .mlir when small):
         the module text, StableHLO version, input and output TF dtypes, and the ops decomposed first."""
+        from kiln.compiler.capture.decompositions import apply_decompositions, module_path_of, stablehlo_table
+        from kiln.compiler.errors import UnsupportedOpError
         from litert_converter.mlir.dialects import stablehlo
         from litert_torch.backend.export import exported_program_to_mlir
         from litert_torch.backend.tf_integration import torch_dtype_to_tf
-
-        from compiler.decompositions import apply_decompositions, module_path_of, stablehlo_table
-        from compiler.errors import UnsupportedOpError
 
         assert model.exported is not None, "the tpu target needs the FX program"
         program = _to_bfloat16(model.exported) if precision == "bf16" else model.exported
@@ -254,8 +253,8 @@ class XlaTarget(Target):
             op = re.search(r"(aten\.[\w.]+|aten::[\w.]+)", str(exc))
             where = f" in {module_path_of(program, op[1])}" if op else ""
             raise UnsupportedOpError(
-                f"StableHLO lowering failed{' on ' + op[1] if op else ''}{where}: {type(exc).__name__}: "
-                f"{' '.join(str(exc).split(' While executing')[0].split())[:200]}",
+                f"StableHLO lowering failed{' on ' + op[1] if op else ''}{where}: "
+                f"{error_text(exc, 200, str(exc).split(' While executing')[0])}",
                 "replace that operation in the model (for example with a decomposition into basic ops)",
             ) from None
         text = _stablehlo_text(lowered)

@@ -7,12 +7,13 @@ import shutil
 import sys
 
 import pytest
+from kiln.compiler.export.options import ExportOptions, export_options
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.perf.bench_report import SPREAD_LIMIT, latency_stats, spread, too_wide
+from kiln.compiler.perf.bench_worker import WorkerFailed
+from kiln.compiler.perf.benchmark import MAX_RUNS, BenchOptions, interleave, rotation, runs_per_round
+from kiln.compiler.types import BENCH_FILE, MANIFEST_NAME
 
-from compiler.bench_report import SPREAD_LIMIT, latency_stats, spread, too_wide
-from compiler.benchmark import MAX_RUNS, BenchOptions, WorkerFailed, interleave, rotation, runs_per_round
-from compiler.options import export_options
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.types import BENCH_FILE, MANIFEST_NAME
 from tests.conftest import run_cli
 
 QUICK = ("--rounds", "3", "--runs", "5", "--warmup", "2")
@@ -39,9 +40,16 @@ def dynamic_cnn(tmp_path_factory):
 def test_bench_json_report_and_verify_after(cnn_export, tmp_path, capsys):
     outside = tmp_path / "outside.txt"
     outside.write_text("not kiln's")
-    (cnn_export / "onnx" / BENCH_FILE).symlink_to(outside)  # a planted link: replaced, never written through
+    planted = cnn_export / "onnx" / BENCH_FILE
+    planted.symlink_to(outside)  # a link leading out of the export: the export is refused, nothing written through
+    code, _, err = run_cli("bench", cnn_export, "--json", "--threads", "1", *QUICK, capsys=capsys)
+    assert code == 2 and f"{planted} is a symbolic link leading outside" in err, err
+    planted.unlink()
+    manifest = (cnn_export / "onnx" / "manifest.json").read_text()
+    planted.symlink_to("manifest.json")  # one that stays inside: replaced, never written through
     code, out, err = run_cli("bench", cnn_export, "--json", "--threads", "1", *QUICK, capsys=capsys)
     assert code == 0, err
+    assert (cnn_export / "onnx" / "manifest.json").read_text() == manifest
     result = json.loads(out)
     assert result["settings"] == {"threads": 1, "rounds": 3, "runs": 5, "min_round_ms": 0.0, "warmup": 2, "batch": None}
     assert result["timed_on"]["cores"] and result["built_on"]["cpu"]
@@ -237,7 +245,7 @@ def test_a_worker_dying_in_the_middle_of_the_rounds_fails_the_command(cnn_export
     """Regression: the report recorded the failure but `kiln bench` exited 0. The first worker's real process is
     killed before its second timed round; the others finish, the report is printed, and the exit code is 1 (the
     candidate failed, as one that fails parity; it was 4, an internal error, before issue 24)."""
-    from compiler.bench_worker import Worker
+    from kiln.compiler.perf.bench_worker import Worker
 
     original, calls = Worker.time, {}
 

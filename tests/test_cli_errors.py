@@ -22,6 +22,7 @@ BAD_MODELS = {
     "wrong return": (f"{USER_MODELS}:wrong_return", "returned str, not (module, example_inputs)"),
     "inputs do not match forward": (f"{USER_MODELS}:wrong_inputs", "do not match TwoLayer.forward(x)"),
     "inputs of the wrong shape": (f"{USER_MODELS}:wrong_shape", "mat1 and mat2 shapes cannot be multiplied"),
+    "forward's bare assert fails": (f"{USER_MODELS}:failing_assert", "(2, 3):float32) failed: AssertionError (hint"),
     "data-dependent control flow": (f"{USER_MODELS}:data_dependent", "user_models.py:"),
     "unknown zoo model": ("zoo:resnet9000", "no built-in model"),
     "unknown source kind": ("model.h5", "don't know how to load"),
@@ -265,7 +266,7 @@ class _BrokenConverter(__import__("targets").Target):
 
 @pytest.fixture
 def extra_targets(monkeypatch):
-    import targets
+    from kiln import targets
 
     monkeypatch.setattr(targets, "TARGETS", [*targets.TARGETS, _NeedsAbsentBackend(), _BrokenConverter()])
 
@@ -303,7 +304,7 @@ def test_passes_value_may_start_with_a_dash(tmp_path, capsys):
     code, _, err = run_cli("export", "zoo:cnn", "-t", "onnx", "-o", out, "-O1", "--passes", "-identity-elimination",
                            "-q", capsys=capsys)  # fmt: skip
     assert code == 0, err
-    from compiler.types import Manifest
+    from kiln.compiler.types import Manifest
 
     names = [r.name for r in Manifest.read(out).passes]
     assert names and "identity-elimination" not in names
@@ -321,4 +322,4 @@ def test_a_refusal_of_a_transformers_model_is_one_line_on_a_fresh_process(tmp_pa
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("kiln: error: text-generation export supports onnx and openvino")
+    assert result.stderr.startswith("kiln: error: text-generation export supports onnx, openvino (a growing KV cache)")

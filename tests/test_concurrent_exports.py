@@ -12,13 +12,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import kiln
 import pytest
-
-import compiler
-from compiler.errors import KilnError, UsageError
-from compiler.pipeline import export_targets
-from compiler.runner import verify
-from compiler.staging import (
+from kiln.compiler.errors import KilnError, UsageError
+from kiln.compiler.export.loading import verify
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.export.staging import (
     OLD,
     STAGING_OWNER,
     install_tree,
@@ -28,7 +27,8 @@ from compiler.staging import (
     process_start,
     staging_area,
 )
-from compiler.types import Manifest
+from kiln.compiler.types import Manifest
+
 from tests.conftest import ROOT, run_cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -76,7 +76,7 @@ def test_two_exports_to_one_out_at_once_one_fails_naming_the_other(tmp_path):
     (winner,) = [pid for pid, (code, _) in results.items() if code == 0]
     (loser,) = [pid for pid in results if pid != winner]
     code, err = results[loser]
-    assert_one_line_error(code, err, f"another Kiln export to {out} is running (pid {winner} ")
+    assert_one_line_error(code, err, f"another kiln export is writing to {out} (pid {winner} ")
     assert "cli.py export zoo:" in err and "--wait" in err
     expected = "zoo:cnn" if winner == first.pid else "zoo:lstm"
     assert _assert_consistent(out) == expected
@@ -89,10 +89,10 @@ def test_two_exports_to_one_out_with_wait_run_one_after_the_other(tmp_path):
     second = _export_process("zoo:lstm", "--target", "onnx", "--out", out, "--wait", "--force")
     results = {first.pid: _finish(first), second.pid: _finish(second)}
     assert [code for code, _ in results.values()] == [0, 0], results
-    waited = [pid for pid, (_, err) in results.items() if "waiting for the export to" in err]
+    waited = [pid for pid, (_, err) in results.items() if f"waiting for the kiln export writing to {out}" in err]
     assert len(waited) == 1, results
     (other,) = [pid for pid in results if pid != waited[0]]
-    assert f"by pid {other} " in results[waited[0]][1]
+    assert f"(pid {other} " in results[waited[0]][1]
     # The one that waited published last: its export is the one in place, whole.
     assert _assert_consistent(out) == ("zoo:cnn" if waited[0] == first.pid else "zoo:lstm")
     assert _leftovers(tmp_path) == []
@@ -109,10 +109,29 @@ def test_an_export_to_a_locked_out_fails_at_once(tmp_path, capsys):
         assert_one_line_error(code, err, f"(pid {os.getpid()} on ")
         # The same process, through the library: one lock per open file, not per process.
         with pytest.raises(UsageError, match=f"pid {os.getpid()} "):
-            compiler.export("zoo:cnn", target="onnx", out=out)
+            kiln.export("zoo:cnn", target="onnx", out=out)
         assert time.monotonic() - started < 120
         assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
+
+
+def test_the_lock_names_the_command_that_holds_it(tmp_path):
+    """A tune holding --out: an export (or another tune) is told a kiln tune is writing there, not an export; a
+    lock file that does not say which command (an older Kiln, or forged) is named neutrally."""
+    out = tmp_path / "o"
+    with output_lock(out, command="tune"):
+        assert json.loads(lock_path(out).read_text())["kiln"] == "tune"
+        with pytest.raises(UsageError, match=f"another kiln tune is writing to {out} \\(pid {os.getpid()} "):
+            kiln.export("zoo:cnn", target="onnx", out=out)
+        with pytest.raises(UsageError, match="another kiln tune is writing"), output_lock(out, command="tune"):
+            pass
+        owner = json.loads(lock_path(out).read_text())
+        for forged in ({}, {"kiln": "tune; rm -rf /"}, {"kiln": ["tune"]}):
+            lock_path(out).write_text(json.dumps({k: v for k, v in owner.items() if k != "kiln"} | forged))
+            neutral = f"another Kiln run is writing to {out} \\(pid {os.getpid()} "
+            with pytest.raises(UsageError, match=neutral), output_lock(out):
+                pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_export_removes_the_lock_and_the_directories_it_made(tmp_path, capsys):
@@ -152,7 +171,7 @@ def test_an_export_killed_mid_build_is_cleaned_by_the_next(tmp_path, capsys):
 KILLED_WHILE_STAGED = """
 import os, shutil, signal, sys
 from pathlib import Path
-from compiler.staging import staging_area
+from kiln.compiler.export.staging import staging_area
 out, export, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 with staging_area(out) as staging:
     shutil.copytree(export, staging / "tree")  # a whole export, manifest and all, not yet moved into place
@@ -182,7 +201,7 @@ def test_a_killed_runs_staged_export_is_not_an_export(tmp_path, capsys, onnx_exp
         code, _, err = run_cli("run", path, "--inputs", export / "parity" / "inputs.npz", capsys=capsys)
         assert_one_line_error(code, err, "staging directory of an unfinished export")
         with pytest.raises(UsageError, match="staging directory"):
-            compiler.load(path)
+            kiln.load(path)
     with output_lock(out):  # what every export to `out` takes first
         pass
     assert list(tmp_path.iterdir()) == []

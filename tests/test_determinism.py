@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from kiln.compiler.types import MANIFEST_NAME
 
-from compiler.types import MANIFEST_NAME
 from tests.conftest import ROOT
 
 TARGETS = "onnx,openvino,tflite,tpu"

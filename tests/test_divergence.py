@@ -1,5 +1,5 @@
 """Localization: the first module where an artifact diverges from PyTorch, found by building prefixes of the
-captured program (compiler/divergence.py). Each model has its divergence planted at a known module."""
+captured program (compiler/diagnose/divergence.py). Each model has its divergence planted at a known module."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kiln import cli
+from kiln.compiler.capture.program import CapturedModel, fx_signature
+from kiln.compiler.diagnose.cut import module_boundaries, prefix_program
+from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.progress import Progress
+from kiln.compiler.types import Manifest
+from kiln.passes.base import ONNX, Pass, PassResult
 
-import cli
-from compiler.capture import CapturedModel, fx_signature
-from compiler.cut import module_boundaries, prefix_program
-from compiler.divergence import DIVERGENCE_FILE
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.progress import Progress
-from compiler.types import Manifest
-from passes import ONNX, Pass, PassResult
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import Plain, cancellation, overflow, plain, unconvertible
 
@@ -144,11 +145,11 @@ def test_int8_outlier_weight_names_the_fragile_conv_on_onnx_and_openvino(tmp_pat
 def test_a_prefix_that_does_not_convert_is_the_answer(tmp_path: Path) -> None:
     """The library call on a model ONNX cannot take: the module whose addition breaks conversion is named, with
     the op, and the prefixes before it convert and match."""
-    from compiler.capture import capture
-    from compiler.divergence import localize
-    from compiler.reference import reference_samples
-    from compiler.sources import from_module
-    from targets import get_target
+    from kiln.compiler.capture.program import capture
+    from kiln.compiler.capture.sources import from_module
+    from kiln.compiler.diagnose.divergence import localize
+    from kiln.compiler.parity.reference import reference_samples
+    from kiln.targets import get_target
 
     source = from_module(*unconvertible())
     captured = capture(source, None, tmp_path / "capture", to_onnx=False)

@@ -8,13 +8,13 @@ import json
 
 import onnx
 import pytest
+from kiln.compiler.capture.dynamic import DynamicBatch, DynamicShapes
+from kiln.compiler.capture.program import CapturedModel
+from kiln.compiler.errors import UsageError
+from kiln.compiler.export.options import export_options
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.types import TensorSpec
 
-from compiler.capture import CapturedModel, DynamicBatch
-from compiler.dynamic import DynamicShapes
-from compiler.errors import UsageError
-from compiler.options import export_options
-from compiler.pipeline import export_targets
-from compiler.types import TensorSpec
 from tests.conftest import ROOT, run_cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -149,7 +149,7 @@ def test_litert_torch_still_cannot_lower_a_dynamic_dim():
 
 
 def test_tensorrt_profile_from_the_ranges():
-    from targets.tensorrt import profiles
+    from kiln.targets.tensorrt import profiles
 
     dynamic = resolved("seq=input_ids:1,attention_mask:1=8:64:32")
     specs = [TensorSpec("input_ids", (2, "seq"), "int64"), TensorSpec("attention_mask", (2, "seq"), "int64")]
@@ -211,8 +211,7 @@ def test_tpu_builds_one_signature_per_bucket_and_checks_each(tmp_path):
     assert any("the caller pads input_ids:1, attention_mask:1 up to the next bucket" in n for n in manifest["notes"])
     import numpy as np
     import tensorflow as tf
-
-    from compiler.artifacts import Artifact, load_runner
+    from kiln.compiler.export.artifacts import Artifact, load_runner
 
     loaded = tf.saved_model.load(str(result.directory / "saved_model"))
     assert set(loaded.signatures) == set(buckets)
@@ -238,8 +237,7 @@ def test_tflite_builds_one_signature_per_bucket_and_checks_min_opt_max(tmp_path)
     assert any("the caller pads input_ids:1, attention_mask:1 up to the next bucket" in n for n in manifest["notes"])
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
-
-    from compiler.artifacts import Artifact, load_runner
+    from kiln.compiler.export.artifacts import Artifact, load_runner
 
     assert set(Interpreter(str(result.directory / "model.tflite")).get_signature_list()) == set(buckets)
     runner = load_runner(Artifact.read(result.directory))
@@ -283,7 +281,7 @@ def test_bad_buckets_are_usage_errors(options, expected):
 
 
 def test_a_matrix_cell_takes_dynamic_specs():
-    from compiler.matrix.config import CellOptions
+    from kiln.compiler.matrix.config import CellOptions
 
     cell = CellOptions().merged({"dynamic": ["input_ids:1=8:64"]}, "cell")
     assert cell.export_settings()["dynamic"] == ("input_ids:1=8:64",)

@@ -15,12 +15,15 @@ import torch
 
 pytest.importorskip("executorch", reason="the executorch target needs executorch (pip install .[executorch])")
 
-from compiler.capture import DynamicBatch
-from compiler.parity import INPUTS_FILE, REFERENCE_FILE, random_like
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantization.calibration import CalibrationData, CalibrationSpec
-from compiler.sources import from_module, load_source
-from compiler.types import MANIFEST_NAME, ExportResult
+from kiln.compiler.capture.inputs import random_like
+from kiln.compiler.capture.sources import from_module, load_source
+from kiln.compiler.export.options import export_options
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.export.result import ExportResult
+from kiln.compiler.parity.gate import INPUTS_FILE, REFERENCE_FILE
+from kiln.compiler.quantization.calibration import CalibrationData, CalibrationSpec
+from kiln.compiler.types import MANIFEST_NAME
+
 from tests.conftest import ROOT, run_cli
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 
@@ -41,7 +44,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult]
     """Each model of MODELS exported once to executorch at fp32: name -> result."""
     root = tmp_path_factory.mktemp("executorch")
     return {
-        name: export_targets(source, "executorch", root / name, ExportOptions())[0] for name, source in MODELS.items()
+        name: export_targets(source, "executorch", root / name, export_options())[0] for name, source in MODELS.items()
     }
 
 
@@ -91,10 +94,10 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, exports) -> dict[str, Ex
     root = tmp_path_factory.mktemp("executorch-q")
     calib = root / "images.npz"
     np.savez(calib, image=np.random.default_rng(1).standard_normal((48, 3, 32, 32)).astype(np.float32))
-    int8 = ExportOptions(precision="int8", calibration=CalibrationSpec(str(calib), samples=32))
+    int8 = export_options(precision="int8", calib=calib, calib_samples=32)
     return {
         "int8": export_targets("zoo:cnn", "executorch", root / "int8", int8)[0],
-        "fp16": export_targets("zoo:cnn", "executorch", root / "fp16", ExportOptions(precision="fp16"))[0],
+        "fp16": export_targets("zoo:cnn", "executorch", root / "fp16", export_options(precision="fp16"))[0],
     }
 
 
@@ -133,8 +136,8 @@ def test_fp16_computes_in_fp16_inside_xnnpack(quantized, exports):
 def test_the_report_ranks_the_layer_int8_ruins_first(tmp_path):
     """PT2E's per-layer report on the fragile CNN (features.2 weighs a dead channel by 200): its local error is the
     worst, though layers after it have a worse total error."""
-    from compiler.capture import capture
-    from compiler.quantization.pt2e import pt2e_report, quantize_pt2e
+    from kiln.compiler.capture.program import capture
+    from kiln.compiler.quantization.pt2e import pt2e_report, quantize_pt2e
 
     module, example = fragile_cnn()
     captured = capture(from_module(module, example), None, tmp_path, to_onnx=False)
@@ -165,7 +168,7 @@ def test_max_drop_keeps_the_fragile_layer_in_float(tmp_path, capsys):
 
 
 def test_a_dynamic_batch_keeps_its_range(tmp_path):
-    (result,) = export_targets("zoo:cnn", "executorch", tmp_path / "o", ExportOptions(dynamic_batch=DynamicBatch(1, 8)))
+    (result,) = export_targets("zoo:cnn", "executorch", tmp_path / "o", export_options(dynamic_batch="1:8"))
     assert result.published and result.parity.passed
     with np.load(result.directory / INPUTS_FILE) as stored:
         assert {stored[key].shape[0] for key in stored.files} >= {1, 8}  # judged at both ends of the range
@@ -224,8 +227,8 @@ def test_a_forged_program_is_refused_not_a_crash(exports, tmp_path):
     abort the process; Kiln refuses it in one line first (run in a child: an abort would take pytest down)."""
     import sys
 
-    from compiler.artifacts import hash_files
-    from compiler.types import Manifest
+    from kiln.compiler.export.artifacts import hash_files
+    from kiln.compiler.types import Manifest
 
     copy = tmp_path / "forged"
     shutil.copytree(exports["cnn"].directory, copy)
@@ -291,10 +294,9 @@ def test_cpp_runner_refuses_wrong_inputs(run_pte, exports, tmp_path):
 
 
 def test_accuracy_budget_applies_to_executorch_int8_only():
-    from compiler.errors import UsageError
-    from compiler.options import export_options
-    from compiler.progress import Progress
-    from compiler.selection import select_targets
+    from kiln.compiler.errors import UsageError
+    from kiln.compiler.export.selection import select_targets
+    from kiln.compiler.progress import Progress
 
     options = export_options(precision="fp16", max_drop=0.01)
     with pytest.raises(UsageError, match="--max-drop does not apply to target executorch at precision fp16"):
@@ -302,7 +304,7 @@ def test_accuracy_budget_applies_to_executorch_int8_only():
 
 
 def test_every_target_includes_executorch():
-    from targets import get_target, resolve_targets
+    from kiln.targets import get_target, resolve_targets
 
     target = get_target("et")
     assert target.name == "executorch" and target in resolve_targets("all")
@@ -314,10 +316,11 @@ def test_static_cache_generation_gives_transformers_tokens(tmp_path, capsys):
     """A causal LM exported for text generation (the static-cache decode step): the gate's 32 tokens, then `kiln run
     --generate` on a prompt the gate did not use, against transformers' own `generate`."""
     pytest.importorskip("transformers", reason="this test builds a model with transformers")
-    from compiler.decoding import PARITY_PROMPT
+    from kiln.compiler.generation.gate import PARITY_PROMPT
+
     from tests.models.hf_models import llama_causal_lm
 
-    (result,) = export_targets(f"{HF}:llama_causal_lm", "executorch", tmp_path / "llama", ExportOptions())
+    (result,) = export_targets(f"{HF}:llama_causal_lm", "executorch", tmp_path / "llama", export_options())
     generation = result.parity.generation
     assert result.published and generation["identical"] and generation["logits_within_tolerance"]
     assert {s.name: s.shape for s in result.manifest.inputs}["input_ids"] == (1, 1)
@@ -341,12 +344,13 @@ def test_fp16_overflow_is_localized_through_the_same_lowering(tmp_path):
     import io
     import math
 
-    from compiler.progress import Progress
+    from kiln.compiler.progress import Progress
+
     from tests.models.planted import overflow
 
     module, inputs = overflow()
     said = io.StringIO()
-    options = ExportOptions(precision="fp16")
+    options = export_options(precision="fp16")
     (result,) = export_targets(module, "executorch", tmp_path / "o", options, inputs, Progress(stream=said))
     record = result.parity.divergence
     assert not result.parity.passed and record is not None, said.getvalue()

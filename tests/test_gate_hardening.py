@@ -8,13 +8,14 @@ import json
 import numpy as np
 import onnx
 import pytest
+from kiln import KilnError, UsageError, export, load
+from kiln.compiler.errors import InternalError
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.parity.gate import compare
+from kiln.compiler.types import Tolerance
 from onnx import TensorProto, helper
 
-from compiler import KilnError, UsageError, export, load
-from compiler.errors import InternalError
-from compiler.parity import compare
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.types import Tolerance
 from tests.conftest import USER_MODELS, run_cli
 
 

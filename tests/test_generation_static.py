@@ -1,4 +1,5 @@
-"""Text-generation export with a static KV cache (compiler/static_cache.py) to `tflite` and `tpu`: the one-token
+"""Text-generation export with a static KV cache (compiler/generation/static_kv_cache.py) to `tflite` and `tpu`: the
+one-token
 decode graph, gated on 32 greedy tokens identical to PyTorch; `kiln run --generate` and `kiln verify` on it; the
 cache's capacity and the requests it refuses."""
 
@@ -14,22 +15,27 @@ import pytest
 pytest.importorskip("transformers", reason="these tests build models with transformers")
 pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch")
 
-from compiler.decoding import (
-    PARITY_PROMPT,
+from kiln.compiler.errors import UsageError
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.generation.decoding import (
+    DecoderSpec,
     StaticCachedDecoder,
     StaticCacheLayout,
-    generation_parity,
     greedy,
     layout_of,
     static_output_names,
 )
-from compiler.errors import UsageError
-from compiler.pipeline import export_targets
-from compiler.progress import Progress
-from compiler.reference import reference_runner
-from compiler.sources import from_module
-from compiler.static_cache import CausalLMWithStaticCache, check_cache_size, static_examples
-from compiler.types import Tolerance
+from kiln.compiler.generation.gate import (
+    PARITY_PROMPT,
+    CausalLMReference,
+    capacity_of,
+    gate_prompts,
+    generation_parity,
+)
+from kiln.compiler.generation.static_kv_cache import check_cache_size
+from kiln.compiler.progress import Progress
+from kiln.compiler.types import Tolerance
+
 from tests.conftest import ROOT, run_cli
 from tests.models.hf_models import llama_causal_lm
 
@@ -40,7 +46,7 @@ CACHE = 40
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The tiny Llama exported to tflite and tpu with a static cache of CACHE (one capture for both)."""
-    from compiler.options import ExportOptions
+    from kiln.compiler.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("static") / "out"
     said = io.StringIO()
@@ -56,12 +62,13 @@ def hf_tokens():
     import torch
 
     model, _ = llama_causal_lm()
+    model.generation_config.eos_token_id = None  # plain greedy: never stops, never forbids a token
     with torch.no_grad():
-        out = model.generate(torch.tensor([PARITY_PROMPT]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+        out = model.generate(torch.tensor([PARITY_PROMPT]), max_new_tokens=32, do_sample=False)
     return out[0, len(PARITY_PROMPT) :].tolist()
 
 
-def test_tflite_and_tpu_pass_the_32_token_gate(exported, hf_tokens):
+def test_tflite_and_tpu_pass_the_generation_gate(exported, hf_tokens):
     results, said = exported
     assert "static KV-cache decode step" in said
     for target in ("tflite", "tpu"):
@@ -69,7 +76,9 @@ def test_tflite_and_tpu_pass_the_32_token_gate(exported, hf_tokens):
         assert result.failure is None and result.parity.passed, target
         generation = result.parity.generation
         assert generation["identical"] and generation["logits_within_tolerance"], target
-        assert generation["generated"] == generation["reference"] == hf_tokens, target
+        first = generation["prompts"][0]
+        assert first["generated"] == first["reference"] == hf_tokens, target
+        assert "decoding state: position 39" in result.parity.sample_origins  # the cache's last slot
         shapes = {s.name: s.shape for s in result.manifest.inputs}
         assert shapes["input_ids"] == (1, 1) and shapes["input_pos"] == (1,)
         assert shapes["past_key_values_1_value"] == (1, 2, CACHE, 16)  # [batch, kv heads, cache, head dim]
@@ -88,26 +97,23 @@ def test_run_generate_and_verify_on_the_static_exports(exported, hf_tokens, tmp_
     assert "--max-new-tokens 37 or less" in err
     directory = tmp_path / "tpu"
     shutil.copytree(results["tpu"].directory, directory)
-    code, out, _ = run_cli("verify", directory, "--model", FACTORY, "--json", capsys=capsys)  # static reference
+    code, out, _ = run_cli("verify", directory, "--model", FACTORY, "--json", capsys=capsys)
     parity = json.loads(out)[0]["parity"]
-    assert code == 0 and parity["passed"] and parity["generation"]["generated"] == hf_tokens
-    assert parity["generation"]["against"] == "reference tokens stored at export"  # the tpu artifact replayed
+    assert code == 0 and parity["passed"] and parity["generation"]["prompts"][0]["generated"] == hf_tokens
+    assert parity["generation"]["against"].startswith("transformers LlamaForCausalLM")  # the model run again
+    code, out, _ = run_cli("verify", directory, capsys=capsys)
+    assert code == 0 and "identical" in out  # the stored prompts replayed
 
 
-def _reference(manifest):
-    """PyTorch's static-cache step on the export's I/O."""
-    import torch
-
-    model, _ = llama_causal_lm()
-    wrapper = CausalLMWithStaticCache(model, CACHE).eval()
-    return reference_runner(
-        from_module(wrapper, static_examples(model.config, CACHE, torch.float32)), manifest.inputs, manifest.outputs
-    )
+def _gate(manifest):
+    """The gate's reference (the user's tiny Llama itself), the export's layout and the gate's prompts."""
+    spec, layout = DecoderSpec.from_dict(manifest.source["decoder"]), layout_of(manifest.inputs)
+    return layout, CausalLMReference(llama_causal_lm()[0]), gate_prompts(spec, capacity_of(spec, layout))
 
 
 def test_a_cache_that_is_not_written_fails_the_gate(exported):
     """A step whose returned cache is the one it was given (the new key/value never written) decodes other tokens."""
-    from targets.litert import LiteRtRunner
+    from kiln.targets.litert import LiteRtRunner
 
     manifest = exported[0]["tflite"].manifest
     runner = LiteRtRunner(exported[0]["tflite"].directory / "model.tflite", manifest)
@@ -120,8 +126,8 @@ def test_a_cache_that_is_not_written_fails_the_gate(exported):
         return outputs | {n: feeds[n.replace("present", "past_key_values")] for n in names}
 
     tolerance = Tolerance(1e-4, 1e-4)
-    assert generation_parity(runner.run, _reference(manifest), layout, tolerance)["passed"]
-    record = generation_parity(forgetful, _reference(manifest), layout, tolerance)
+    assert generation_parity(runner.run, *_gate(manifest), tolerance)["passed"]
+    record = generation_parity(forgetful, *_gate(manifest), tolerance)
     assert not record["passed"] and not record["logits_within_tolerance"]
 
 
@@ -145,16 +151,20 @@ def test_static_generation_refuses_bad_requests(tmp_path, capsys):
     code, _, err = run_cli("export", FACTORY, "-t", "tflite,onnx", "-o", tmp_path / "a", capsys=capsys)
     assert code == 2 and "tflite takes a static KV cache and onnx a growing one" in err
     code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--cache-size", "64", "-o", tmp_path / "b", capsys=capsys)
-    assert code == 2 and "--cache-size applies to the static KV cache of tflite, tpu, executorch only" in err
-    with pytest.raises(UsageError, match="must hold the gate's 36 tokens and at most the model's 128 positions"):
-        check_cache_size(20, 128)
+    assert code == 2 and "--cache-size applies to a static KV cache (tflite, tpu) only" in err
+    full = DecoderSpec(128, 128, ("full_attention",) * 2)
+    with pytest.raises(UsageError, match="--cache-size 20: the gate decodes 35 positions"):
+        check_cache_size(20, full)
     with pytest.raises(UsageError, match="at most the model's 128 positions"):
-        check_cache_size(256, 128)
-    assert check_cache_size(None, 128) == 64 and check_cache_size(None, 48) == 48
-    from targets import TARGETS
+        check_cache_size(256, full)
+    assert check_cache_size(None, full) == 64
+    assert check_cache_size(None, DecoderSpec(128, 48, ("full_attention",))) == 48
+    sliding = DecoderSpec(128, 256, ("sliding_attention",), 48)  # crossing 48 twice: a 51-token prompt, 48 tokens
+    assert check_cache_size(None, sliding) == 98
+    from kiln.targets import TARGETS
 
-    with pytest.raises(UsageError, match=r"not .*edgetpu.* \(tflite, tpu, executorch take a static one\)"):
-        from compiler.generation import check_generation_request
+    with pytest.raises(UsageError, match=r"\(a static one\), not .*edgetpu"):
+        from kiln.compiler.generation.export import check_generation_request
 
         check_generation_request(list(TARGETS), False, lambda t: "fp32", None)
 

@@ -15,10 +15,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from kiln.compiler.capture.dynamic import DynamicBatch
+from kiln.compiler.export.loading import verify
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 
-from compiler.capture import DynamicBatch
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.runner import verify
 from tests.conftest import ZOO_MODELS
 from tests.test_gpu_targets import _eager, _fresh_inputs, run_aoti  # noqa: F401 (run_aoti: the C++ build fixture)
 

@@ -17,12 +17,13 @@ import types
 import numpy as np
 import pytest
 import torch
+from kiln import load
+from kiln.compiler.capture.dynamic import DynamicBatch
+from kiln.compiler.capture.zoo import ZOO
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.targets.compile_cache import CACHE_ENV, CompileCache
 
-from compiler import load
-from compiler.cache import CACHE_ENV, CompileCache
-from compiler.capture import DynamicBatch
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.zoo import ZOO
 from tests.conftest import ROOT, ZOO_MODELS, run_cli
 
 NO_CUDA = not torch.cuda.is_available()
@@ -106,7 +107,7 @@ def test_aoti_reexport_comes_from_the_cache_and_is_still_validated(gpu_kit_expor
 
 
 def test_aoti_cache_key_follows_the_weights():
-    from targets.aoti import _program_hash
+    from kiln.targets.aoti import _program_hash
 
     def program(seed: int) -> torch.export.ExportedProgram:
         module, inputs = ZOO["cnn"]()
@@ -355,7 +356,7 @@ def test_targets_say_exactly_what_is_missing(capsys):
 
 
 def test_all_leaves_out_targets_limited_here():
-    from targets import resolve_targets
+    from kiln.targets import resolve_targets
 
     chosen = {t.name for t in resolve_targets("all")}
     assert ("aoti" in chosen) == (not NO_CUDA)

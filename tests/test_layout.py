@@ -6,16 +6,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from kiln.compiler.capture.program import capture
+from kiln.compiler.capture.sources import load_source
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.image_layout import NCHW_TO_NHWC
+from kiln.compiler.parity.gate import in_reference_layout
+from kiln.compiler.types import TensorSpec
+from kiln.passes import PASSES
+from kiln.passes.channels_last import NHWC_STEP, count_ops, to_nhwc
+from kiln.passes.graphs import save_onnx
+from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import TensorProto, helper, numpy_helper
-
-from compiler.capture import capture
-from compiler.parity import in_reference_layout
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.sources import load_source
-from compiler.types import TensorSpec
-from passes import PASSES, save_onnx
-from passes.layout import NCHW_TO_NHWC, NHWC_STEP, count_ops, to_nhwc
-from targets.onnxrt import OnnxRuntimeRunner
 
 SINKING = PASSES["transpose-sinking"]
 ZOO_GRAPHS = ("cnn", "mobilenet", "unet", "transformer")  # transformer: Transposes of its own
@@ -236,7 +238,7 @@ def test_nhwc_io_passes_parity_and_counts_transposes(nhwc_exports, name, target)
 
 
 def test_nhwc_onnx_artifact_takes_channels_last_images(nhwc_exports):
-    from compiler import load
+    from kiln import load
 
     result = nhwc_exports["unet", "onnx"]
     session = OnnxRuntimeRunner(result.directory / "model.onnx")

@@ -1,15 +1,14 @@
-"""FX legalizations before the ONNX and LiteRT lowerings (compiler/decompositions.py: `onnx_legalizations`)."""
+"""FX legalizations before the ONNX and LiteRT lowerings (compiler/capture/decompositions.py: `onnx_legalizations`)."""
 
 from __future__ import annotations
 
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from kiln.compiler.capture.decompositions import apply_legalizations, onnx_legalizations, tflite_legalizations
+from kiln.compiler.capture.program import lower_to_onnx
+from kiln.compiler.ort_session import ort_session
 from torch import nn
-
-from compiler.capture import lower_to_onnx
-from compiler.decompositions import apply_legalizations, onnx_legalizations, tflite_legalizations
 
 SDPA = "aten.scaled_dot_product_attention.default (contiguous output)"
 REPEAT = "aten.expand.default (repeat as concatenation)"
@@ -81,7 +80,7 @@ def test_the_dynamo_exporter_fails_without_the_legalization_and_converts_with_it
         torch.onnx.export(program, (), dynamo=True, verbose=False)
     record = lower_to_onnx(program, tmp_path / "model.onnx", ["output"], None)
     assert record == {"decompositions_applied": [SDPA], "onnx_route": {"route": "dynamo", "failed": {}}}
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort_session(tmp_path / "model.onnx")
     (got,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
     torch.testing.assert_close(torch.from_numpy(got), module(*inputs), rtol=1e-4, atol=1e-5)
 
@@ -137,7 +136,7 @@ def test_a_repeat_over_a_dynamic_length_leaves_the_length_dynamic():
 @pytest.mark.slow
 def test_grouped_query_scores_pass_parity_on_tflite(tmp_path):
     pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch")
-    from compiler.pipeline import export_targets
+    from kiln.compiler.export.pipeline import export_targets
 
     torch.manual_seed(0)
     (result,) = export_targets(
@@ -148,8 +147,9 @@ def test_grouped_query_scores_pass_parity_on_tflite(tmp_path):
 
 
 def test_when_every_onnx_route_fails_the_error_names_each_reason(tmp_path):
-    from compiler.capture import EagerModel
-    from compiler.errors import UnsupportedOpError
+    from kiln.compiler.capture.program import EagerModel
+    from kiln.compiler.errors import UnsupportedOpError
+
     from tests.models.user_models import bucketize
 
     module, inputs = bucketize()

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from kiln import UsageError, export, load
+from kiln.compiler.capture.zoo import ZOO
 
-from compiler import UsageError, export, load
-from compiler.zoo import ZOO
 from tests.conftest import USER_MODELS, run_cli
+from tests.test_cli_errors import assert_one_line_error
 
 
 def test_library_export_and_load(tmp_path):
@@ -63,7 +64,7 @@ def test_verify_with_a_different_model_fails(tmp_path, capsys, zoo_exports):
     directory = zoo_exports["cnn"]["onnx"].directory
     factory = tmp_path / "other.py"
     factory.write_text(
-        "import torch\nfrom compiler.zoo import SmallCNN\n"
+        "import torch\nfrom kiln.compiler.capture.zoo import SmallCNN\n"
         "def build():\n    torch.manual_seed(123)\n"
         "    return SmallCNN().eval(), (torch.randn(1, 3, 32, 32),)\n"
     )
@@ -94,6 +95,30 @@ def test_run_saves_outputs(tmp_path, capsys, zoo_exports):
     assert code == 0 and json.loads(out)["outputs"]["output"]["shape"] == [2, 4]
     with np.load(output) as saved:
         np.testing.assert_allclose(saved["output"], load(directory)(ids, mask)["output"])
+
+
+def test_run_checks_its_output_path_first_and_prints_where_it_saved(tmp_path, capsys, cnn_onnx_export):
+    """--output in a folder that does not exist, or naming a directory: one line, exit 2, before anything runs
+    (it was a FileNotFoundError after the run, exit 4). --output NAME without .npz saves NAME.npz (as np.savez
+    does), and that is the path printed and in the JSON (it printed NAME)."""
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, image=np.zeros((1, 3, 32, 32), np.float32))
+    run = ("run", cnn_onnx_export, "--inputs", inputs, "--output")
+    missing = tmp_path / "nodir" / "x.npz"
+    code, _, err = run_cli(*run, missing, capsys=capsys)
+    assert_one_line_error(code, err, f"--output {missing}: directory {missing.parent} does not exist")
+    (tmp_path / "d.npz").mkdir()
+    code, _, err = run_cli(*run, tmp_path / "d", capsys=capsys)
+    assert_one_line_error(code, err, f"--output {tmp_path / 'd.npz'} is a directory")
+    (tmp_path / "somedir").mkdir()
+    code, out, err = run_cli(*run, tmp_path / "somedir", capsys=capsys)
+    assert code == 0 and out.splitlines()[-1] == f"saved to {tmp_path / 'somedir.npz'}", (out, err)
+    code, out, err = run_cli(*run, tmp_path / "somedir", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["output_file"] == str(tmp_path / "somedir.npz"), (out, err)
+    with np.load(tmp_path / "somedir.npz") as saved:
+        expected = load(cnn_onnx_export)(np.zeros((1, 3, 32, 32), np.float32))["output"]
+        np.testing.assert_allclose(saved["output"], expected)
+    assert list((tmp_path / "somedir").iterdir()) == []
 
 
 def test_export_json_output(tmp_path, capsys):

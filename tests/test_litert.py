@@ -16,14 +16,16 @@ import torch
 pytest.importorskip("litert_torch", reason="the tflite target needs litert-torch (pip install .[tpu])")
 pytest.importorskip("ai_edge_quantizer", reason="the tflite target needs ai-edge-quantizer (pip install .[tpu])")
 
-from compiler import export, load
-from compiler.parity import ParitySamples, judge
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantization.calibration import CalibrationSpec
-from compiler.types import Manifest, Tolerance
-from compiler.zoo import ZOO
-from targets.edgetpu import COMPILER
-from targets.litert import read_ops
+from kiln import export, load
+from kiln.compiler.capture.zoo import ZOO
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.parity.gate import ParitySamples, judge
+from kiln.compiler.quantization.calibration import CalibrationSpec
+from kiln.compiler.types import Manifest, Tolerance
+from kiln.targets.edgetpu import COMPILER
+from kiln.targets.litert import read_ops
+
 from tests.conftest import ROOT, USER_MODELS, ZOO_MODELS, run_cli
 
 CALIBRATION_ROWS = 32

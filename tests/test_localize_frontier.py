@@ -1,6 +1,6 @@
 """Localization on a branching model: a prefix cut is judged on every boundary still live at the cut (the
 frontier), so a divergence in a branch computed early and consumed late is named where it is, by the bisection
-as by the fast path (compiler/divergence.py, compiler.cut.live_at)."""
+as by the fast path (compiler/diagnose/divergence.py, kiln.compiler.diagnose.cut.live_at)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ from typing import Any
 
 import pytest
 import torch
+from kiln import export
+from kiln.compiler.diagnose.divergence import localize
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.progress import Progress
 
-from compiler import export
-from compiler.divergence import localize
-from compiler.pipeline import ExportOptions
-from compiler.progress import Progress
 from tests.models.planted import branching
 
 
 @pytest.fixture(scope="module")
 def branching_fp16(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The branching model captured once, with its fp16 parity samples."""
-    from compiler.capture import capture
-    from compiler.reference import reference_samples
-    from compiler.sources import from_module
+    from kiln.compiler.capture.program import capture
+    from kiln.compiler.capture.sources import from_module
+    from kiln.compiler.parity.reference import reference_samples
 
     work = tmp_path_factory.mktemp("branching")
     source = from_module(*branching())
@@ -36,7 +36,7 @@ def test_bisection_judges_the_branch_live_at_the_cut(branching_fp16: dict[str, A
     """fp16 on ONNX Runtime: `early` overflows, but every block of the stack is computed before it is consumed,
     so a cut in the stack ends with a correct tensor. The bisection names `early` (judged as a value live at a
     later cut) and agrees with the fast path, which reads every boundary in one build."""
-    from targets import get_target
+    from kiln.targets import get_target
 
     found = {}
     for way in ("auto", "bisection"):
@@ -89,7 +89,7 @@ def _raising(*args: Any, **kwargs: Any) -> None:
 def test_prefixes_are_built_by_openvinos_direct_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No ONNX exporter converts (both planted to raise): the artifact is OpenVINO's own conversion of the exported
     program, and so are the prefixes (lowered to ONNX, they would not convert)."""
-    import compiler.capture as capture
+    import kiln.compiler.capture.program as capture
 
     monkeypatch.setattr(capture, "_dynamo_onnx", _raising)
     monkeypatch.setattr(capture, "_torchscript_onnx", _raising)

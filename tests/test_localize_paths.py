@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kiln.compiler.diagnose.divergence import localize
+from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
+from kiln.compiler.diagnose.profile_html import HTML_FILE
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.progress import Progress
+from kiln.passes.base import FX, Pass, PassResult
 
-from compiler.divergence import DIVERGENCE_FILE, localize
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.profile_html import HTML_FILE
-from compiler.progress import Progress
-from passes import FX, Pass, PassResult
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import overflow, plain
 from tests.test_divergence import _bound
@@ -81,11 +83,11 @@ def test_tflite_wrong_fx_pass_names_the_shifted_conv(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def fragile_int8(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The fragile CNN captured once, with its parity samples and int8 calibration, for both runtimes."""
-    from compiler.capture import capture
-    from compiler.pipeline import calibration_data
-    from compiler.reference import reference_samples
-    from compiler.sources import from_module
-    from targets import get_target
+    from kiln.compiler.capture.program import capture
+    from kiln.compiler.capture.sources import from_module
+    from kiln.compiler.export.pipeline import calibration_data
+    from kiln.compiler.parity.reference import reference_samples
+    from kiln.targets import get_target
 
     work = tmp_path_factory.mktemp("fragile")
     source = from_module(*fragile_cnn())
@@ -103,7 +105,7 @@ def test_int8_fast_path_and_bisection_name_the_same_module(
 ) -> None:
     """ONNX Runtime's QDQ graph fuses the conv with its ReLU, so the conv's own output is not in it: the fast path
     narrows the search to it and one prefix build settles it. OpenVINO exposes every boundary: one build."""
-    from targets import get_target
+    from kiln.targets import get_target
 
     found = {}
     for way in ("auto", "bisection"):
@@ -131,7 +133,8 @@ def test_fp16_fast_path_agrees_with_the_bisection_in_one_build(
     `up`; `kiln debug --bisect` on the same rejected export names `up` too; both pages are well-formed."""
     import json
 
-    import cli
+    from kiln import cli
+
     from tests.test_divergence import PLANTED
 
     out = tmp_path / "out"

@@ -12,14 +12,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-
-from compiler.capture import CapturedModel, capture
-from compiler.options import ExportOptions
-from compiler.pipeline import export_targets
-from compiler.sources import load_source
-from passes import FX, ONNX, PASSES, Pass, PassResult, run_pipeline
-from passes.base import CLEANUP
-from passes.contract import check_preserves, module_paths
+from kiln.compiler.capture.program import CapturedModel, capture
+from kiln.compiler.capture.sources import load_source
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.passes import PASSES, run_pipeline
+from kiln.passes.base import CLEANUP, FX, ONNX, Pass, PassResult
+from kiln.passes.contract import check_preserves, module_paths
 
 MODELS = ("cnn", "transformer")
 

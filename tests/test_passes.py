@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from kiln.compiler.errors import UsageError
+from kiln.passes import PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.passes.base import FX, LEVELS, ONNX, Pass, PassResult
+from kiln.passes.graphs import count_nodes
+from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import TensorProto, helper
-
-from compiler.errors import UsageError
-from passes import FX, LEVELS, ONNX, PASSES, Pass, PassAdjustments, PassResult, count_nodes, pipeline_for, run_pipeline
-from targets.onnxrt import OnnxRuntimeRunner
 
 # The onnx_ir cleanup passes, tested here on one redundant graph; the others in tests/test_fusion_passes.py.
 ONNX_IR_CLEANUP = (
@@ -168,7 +169,7 @@ def test_target_specific_pass_runs_only_for_its_target(monkeypatch):
 
 
 def test_cli_passes_lists_every_pass(capsys):
-    from cli import main
+    from kiln.cli import main
 
     assert main(["passes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -179,7 +180,7 @@ def test_cli_passes_lists_every_pass(capsys):
 
 
 def test_cli_refuses_an_unknown_pass_and_level(tmp_path, capsys):
-    from cli import main
+    from kiln.cli import main
 
     code = main(["export", "zoo:cnn", "-t", "onnx", "-o", str(tmp_path / "o"), "--passes", "+fold-everything"])
     err = capsys.readouterr().err
@@ -191,8 +192,9 @@ def test_cli_refuses_an_unknown_pass_and_level(tmp_path, capsys):
 
 
 def test_dump_passes_writes_the_graph_after_each_pass(tmp_path):
-    from compiler.pipeline import ExportOptions, export_targets
-    from compiler.zoo import cnn
+    from kiln.compiler.capture.zoo import cnn
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
 
     module, inputs = cnn()
     dump = tmp_path / "dump"

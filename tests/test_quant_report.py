@@ -16,16 +16,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from kiln.compiler.capture.program import capture
+from kiln.compiler.capture.sources import load_source
+from kiln.compiler.errors import ParityError, UsageError
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.quantization.accuracy import agreement
+from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
+from kiln.compiler.quantization.onnxrt import quantize_onnx
+from kiln.compiler.quantization.report import QuantReport, layer_errors, module_classes
+from kiln.targets.onnxrt import OnnxRuntimeRunner, accuracy_aware_onnx, quantize_onnx_artifact
 
-from compiler.capture import capture
-from compiler.errors import ParityError, UsageError
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantization.accuracy import agreement
-from compiler.quantization.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
-from compiler.quantization.onnxrt import quantize_onnx
-from compiler.quantization.report import QuantReport, layer_errors, module_classes
-from compiler.sources import load_source
-from targets.onnxrt import OnnxRuntimeRunner, accuracy_aware_onnx, quantize_onnx_artifact
 from tests.conftest import run_cli
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 

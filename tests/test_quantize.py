@@ -12,15 +12,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.export.result import ExportResult
+from kiln.compiler.parity.gate import QUANTIZED_SAMPLES
+from kiln.compiler.quantization.calibration import CalibrationSpec, load_calibration
+from kiln.compiler.quantization.onnxrt import quantize_onnx
+from kiln.compiler.types import Manifest
+from kiln.targets.litert import LiteRtRunner
+from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import numpy_helper
 
-from compiler.parity import QUANTIZED_SAMPLES
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantization.calibration import CalibrationSpec, load_calibration
-from compiler.quantization.onnxrt import quantize_onnx
-from compiler.types import ExportResult, Manifest
-from targets.litert import LiteRtRunner
-from targets.onnxrt import OnnxRuntimeRunner
 from tests.conftest import run_cli
 from tests.models.digits import accuracy, trained_digits_cnn
 

@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kiln import export, load
+from kiln.compiler.capture.inputs import random_like
+from kiln.compiler.capture.zoo import ZOO
+from kiln.compiler.errors import UsageError
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.export.result import ExportResult
+from kiln.compiler.quantization.calibration import CALIBRATION_METHODS, CalibrationData, CalibrationSpec
+from kiln.compiler.quantization.openvino import quantize_openvino, weighted_op_states
 
-from compiler import export, load
-from compiler.errors import UsageError
-from compiler.parity import random_like
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.quantization.calibration import CALIBRATION_METHODS, CalibrationData, CalibrationSpec
-from compiler.quantization.openvino import quantize_openvino, weighted_op_states
-from compiler.types import ExportResult
-from compiler.zoo import ZOO
 from tests.models.digits import accuracy, trained_digits_cnn
 
 ov = pytest.importorskip("openvino")

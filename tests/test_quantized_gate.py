@@ -8,12 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 
 import numpy as np
-
-from compiler.metrics import top1_matches, wilson_interval
-from compiler.parity import MIN_DECIDED_ROWS, QUANTIZED_SAMPLES, ParitySamples, compare
-from compiler.quantization.calibration import CalibrationSpec, load_calibration
-from compiler.reference import batched_reference
-from compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
+from kiln.compiler.metrics import top1_matches, wilson_interval
+from kiln.compiler.parity.gate import MIN_DECIDED_ROWS, QUANTIZED_SAMPLES, ParitySamples, compare
+from kiln.compiler.parity.reference import batched_reference
+from kiln.compiler.quantization.calibration import CalibrationSpec, load_calibration
+from kiln.compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
 
 INT8 = Tolerance.for_precision("int8")
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import kiln.compiler.capture.program as capture
 import numpy as np
 import onnx
 import pytest
 import torch
+from kiln import export
+from kiln.compiler.errors import UnsupportedOpError
 from onnx import helper, numpy_helper
-
-import compiler.capture as capture
-from compiler import export
-from compiler.errors import UnsupportedOpError
 
 
 class TinyNet(torch.nn.Module):
@@ -115,7 +114,7 @@ def test_no_route_builds_names_every_route(tmp_path, monkeypatch):
 
 
 def test_routes_are_declared_through_the_target_interface():
-    from targets import get_target
+    from kiln.targets import get_target
 
     assert [r.name for r in get_target("openvino").routes()] == [
         "onnx(dynamo)",

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from compiler.pipeline import export_targets
+from kiln.compiler.export.pipeline import export_targets
 
 
 class _LastHiddenState(torch.nn.Module):

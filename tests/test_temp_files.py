@@ -10,8 +10,9 @@ import sys
 import tempfile
 import textwrap
 
-from compiler.pipeline import export_targets
-from compiler.staging import converter_temp_files
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.export.staging import converter_temp_files
+
 from tests.conftest import ROOT
 
 # A real export whose onnx build, once done, makes temporary files as converters do (Python's tempfile and a
@@ -19,8 +20,8 @@ from tests.conftest import ROOT
 KILLED_AFTER_CONVERTING = """
 import os, signal, subprocess, sys, tempfile
 from pathlib import Path
-import targets.onnxrt as onnxrt
-from compiler.pipeline import export_targets
+import kiln.targets.onnxrt as onnxrt
+from kiln.compiler.export.pipeline import export_targets
 
 real_build = onnxrt.OnnxRuntimeTarget.build
 

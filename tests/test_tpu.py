@@ -11,8 +11,10 @@ import torch
 pytest.importorskip("tensorflow", reason="the tpu target needs tensorflow-cpu (pip install .[tpu])")
 pytest.importorskip("litert_torch", reason="the tpu target needs litert-torch (pip install .[tpu])")
 
-from compiler.pipeline import ExportOptions, export_targets
-from compiler.zoo import ZOO
+from kiln.compiler.capture.zoo import ZOO
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+
 from tests.conftest import USER_MODELS, ZOO_MODELS, run_cli
 
 
@@ -73,11 +75,10 @@ def test_saved_model_signature_names_match_pytorch(tpu_exports):
 
 def test_portable_stablehlo_reloads_and_runs_on_its_own(tpu_exports):
     import tensorflow as tf
+    from kiln.targets.tpu import _with_platform_index, _xla_function
     from litert_converter.mlir import ir
     from litert_converter.mlir.dialects import stablehlo
     from litert_torch.backend.export_utils import create_ir_context
-
-    from targets.tpu import _with_platform_index, _xla_function
 
     result = tpu_exports["lstm", "fp32"]
     bytecode = stablehlo.deserialize_portable_artifact_str((result.directory / "model.stablehlo.mlirbc").read_bytes())

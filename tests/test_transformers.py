@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("transformers", reason="these tests build models with transformers")
 
-from compiler.pipeline import export_targets
+from kiln.compiler.export.pipeline import export_targets
+
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -77,8 +78,8 @@ def test_llama_with_grouped_query_attention_passes_parity_on_tflite(tmp_path_fac
 
 
 def test_the_torchscript_route_keeps_a_dynamic_batch(tmp_path):
-    from compiler.capture import DynamicBatch
-    from compiler.pipeline import ExportOptions
+    from kiln.compiler.capture.dynamic import DynamicBatch
+    from kiln.compiler.export.options import ExportOptions
 
     options = ExportOptions(dynamic_batch=DynamicBatch(1, 8))
     (result,) = export_targets(f"{HF_MODELS}:cdist_head", "onnx", tmp_path / "o", options)

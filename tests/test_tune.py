@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from kiln.compiler.matrix.results import PASSED, CellResult, read_results
+from kiln.compiler.perf.tune import MIN_ROUND_MS, TuneOptions, run_tune
+from kiln.compiler.perf.tune_report import choose, publish, rank
+from kiln.compiler.progress import Progress
+from kiln.compiler.types import Manifest
+from kiln.targets import get_target
+from kiln.targets.base import RuntimeSettings
 
-from compiler.matrix.results import PASSED, CellResult, read_results
-from compiler.progress import Progress
-from compiler.tune import MIN_ROUND_MS, TuneOptions, run_tune
-from compiler.tune_report import choose, publish, rank
-from compiler.types import Manifest
-from targets import get_target
-from targets.base import RuntimeSettings
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,8 +106,8 @@ def test_a_killed_tune_resumes_without_rebuilding(tuned):
 
 def test_runtime_settings_reach_the_runtime_and_the_published_manifest(tuned, tmp_path, capsys):
     """A winner with a runtime setting is published with it in its runtime_config; verify loads it so."""
-    from compiler.artifacts import Artifact, load_runner
-    from compiler.tune import Entry
+    from kiln.compiler.export.artifacts import Artifact, load_runner
+    from kiln.compiler.perf.tune_candidates import Entry
 
     _, board, _, _ = tuned
     row = next(r for r in board["candidates"] if r["runtime_settings"] == {"graph_optimization": "basic"})
@@ -133,7 +133,7 @@ def test_runtime_settings_reach_the_runtime_and_the_published_manifest(tuned, tm
 def _entry(name: str, precision: str, rounds: list[float], cosine: float):
     import statistics
 
-    from compiler.tune import Entry
+    from kiln.compiler.perf.tune_candidates import Entry
 
     build = CellResult(f"m/onnx/{precision}", "m", "zoo:cnn", "onnx", precision, PASSED, min_cosine=cosine)
     p50 = statistics.median(rounds)
@@ -203,9 +203,10 @@ def test_runtime_variants_default_first_and_only_what_applies():
 def test_a_setting_rechecked_by_the_gate_reports_the_accuracy_it_measured(tuned):
     """A runtime setting that may change the numbers (OpenVINO's CPU-default precision) is validated again; the
     leaderboard and the tie rule must use that measurement, not the build's (bf16 showed cosine 1.000000)."""
-    from compiler.progress import Progress
-    from compiler.tune import Entry, _parity_with_settings
-    from compiler.tune_report import _row
+    from kiln.compiler.perf.tune import _parity_with_settings
+    from kiln.compiler.perf.tune_candidates import Entry
+    from kiln.compiler.perf.tune_report import _row
+    from kiln.compiler.progress import Progress
 
     _, board, _, _ = tuned
     row = next(r for r in board["candidates"] if r["runtime_settings"] == {"graph_optimization": "basic"})

@@ -14,15 +14,16 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from kiln import cli
+from kiln.compiler.types import Manifest
 
-import cli
-from compiler.types import Manifest
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +170,81 @@ def test_links_beside_best_are_never_followed(copy, tmp_path, capsys):
     assert run_cli("verify", copy / "best", capsys=capsys)[0] == 0
 
 
+def _snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under `root`: a file's bytes, a link's target, a directory's name."""
+    found: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        found[name] = os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else "dir"
+    return found
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """A tune directory of two builds: onnx fp32 and its plain -O0 export."""
+    out = tmp_path_factory.mktemp("hostile-two") / "two"
+    argv = ["tune", "zoo:cnn", "--out", str(out), "--targets", "onnx", "--precisions", "fp32", "--no-runtime-search",
+            "--io", "nchw", "--build-only", "-q"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "how",
+    [("--time-only", "--no-runtime-search"), ("zoo:cnn", *B[:4], "--no-runtime-search", "--io", "nchw")],
+    ids=["time-only", "resume"],
+)
+def test_a_build_linked_outside_is_rejected_alone_and_the_others_go_on(two, tmp_path, capsys, how):
+    """One build's cell directory replaced by a link to its copy outside: that build is rejected with the reason,
+    never opened; the other is timed and wins. Before, a resume stopped the whole tune with exit 2 (while
+    --time-only rejected the build alone); a link at tune's own files still stops it (above)."""
+    copy = tmp_path / "tuned"
+    shutil.copytree(two, copy, symlinks=True)
+    cell = copy / "builds" / "cells" / "cnn__onnx__fp32"
+    outside = tmp_path / "outside"
+    shutil.move(cell, outside)
+    cell.symlink_to(outside, target_is_directory=True)
+    before = _snapshot(outside)
+    code, _, err = run_cli("tune", *how, "--out", copy, *T, capsys=capsys)
+    assert code == 0, err
+    board = _board(copy)
+    assert board["winner"]["name"] == "onnx fp32 -O0"
+    (rejected,) = board["rejected"]
+    assert rejected["name"] == "onnx fp32", rejected
+    assert f"{cell} is a symbolic link leading outside {copy / 'builds'}: refused, not followed" in rejected["rejected"]
+    assert _snapshot(outside) == before and cell.is_symlink()
+    assert Manifest.read(copy / "best").target_info["tune"]["candidate"] == "onnx fp32 -O0"
+
+
+def test_planted_staging_directories_of_best_are_never_followed(copy, tmp_path, capsys):
+    """Beside best/, named like its staging directories (a dead owner naming DIR/best, a replaced best/ `old/` to
+    put back): a link to a directory outside, a real one whose `old` links outside, and a link named like an
+    older Kiln's staging. None is followed: nothing outside is moved into best/, changed or removed."""
+    from kiln.compiler.export.staging import OLD, STAGING_OWNER
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "out": str(copy.resolve() / "best")})
+    outside = tmp_path / "outside"
+    for name in ("linked", "old-of-real", "legacy"):
+        (outside / name / OLD).mkdir(parents=True)
+        (outside / name / STAGING_OWNER).write_text(owner)
+        (outside / name / OLD / "manifest.json").write_text("not Kiln's")
+    (copy / ".kiln-best-aaaa1111").symlink_to(outside / "linked", target_is_directory=True)
+    real = copy / ".kiln-best-bbbb2222"
+    real.mkdir()
+    (real / STAGING_OWNER).write_text(owner)
+    (real / OLD).symlink_to(outside / "old-of-real", target_is_directory=True)
+    (copy / ".kiln-old-best-.kiln-best-cccc3333").symlink_to(outside / "legacy", target_is_directory=True)
+    before = _snapshot(outside)
+    code, _, err = run_cli("tune", "--time-only", "--out", copy, *T, capsys=capsys)
+    assert code == 0, err
+    assert _snapshot(outside) == before
+    assert not os.path.lexists(real), "a real staging directory of a dead owner is removed (its link as a link)"
+    assert (copy / ".kiln-best-aaaa1111").is_symlink() and (copy / ".kiln-old-best-.kiln-best-cccc3333").is_symlink()
+    assert (copy / "best").is_dir() and not (copy / "best").is_symlink()
+    assert run_cli("verify", copy / "best", capsys=capsys)[0] == 0
+
+
 def test_a_directory_tune_did_not_make_is_refused_without_force(tmp_path, capsys):
     """Before, tune built into it and removed its best/ ("an earlier tune published it")."""
     out = tmp_path / "mine"
@@ -214,12 +290,12 @@ def test_two_tunes_into_one_out_are_locked_against_each_other(tmp_path):
             time.sleep(0.05)
         second = _kiln("tune", "zoo:cnn", "--out", out, *B, *T, cwd=tmp_path)
         assert first.poll() is None, "the first tune ended before the second tried: the test proves nothing"
-        assert second.returncode == 2 and f"another Kiln export to {out} is running" in second.stderr, second.stderr
+        assert second.returncode == 2 and f"another kiln tune is writing to {out}" in second.stderr, second.stderr
         queued = _kiln("tune", "zoo:cnn", "--out", out, *B, *T, "--wait", cwd=tmp_path)
     finally:
         first.wait(timeout=600)
     assert first.returncode == 0, first.stderr.read() if first.stderr else ""
-    assert queued.returncode == 0 and "waiting for" in queued.stderr, queued.stderr
+    assert queued.returncode == 0 and f"waiting for the kiln tune writing to {out}" in queued.stderr, queued.stderr
     assert "1 already done, 0 from the cache, 0 to run" in queued.stderr
     winner = _board(out)["winner"]["name"]
     assert Manifest.read(out / "best").target_info["tune"]["candidate"] == winner

@@ -1,4 +1,5 @@
-"""`kiln tune`'s layout and batch candidates (compiler.tune_candidates): NHWC image I/O built and gated like any
+"""`kiln tune`'s layout and batch candidates (kiln.compiler.perf.tune_candidates): NHWC image I/O built and gated like
+any
 candidate and named so in the leaderboard; `--batch N` other than the example's builds dynamic-batch candidates
 timed at N, the static builds listed as not built with why; the plans of the other cases; bad input.
 
@@ -12,14 +13,15 @@ import json
 from pathlib import Path
 
 import pytest
+from kiln.compiler.matrix.results import PASSED, CellResult
+from kiln.compiler.perf.leaderboard import markdown
+from kiln.compiler.perf.tune import TuneOptions, plan, run_tune
+from kiln.compiler.perf.tune_candidates import MAX_BATCH, Entry, Variant
+from kiln.compiler.perf.tune_report import publish
+from kiln.compiler.progress import Progress
+from kiln.compiler.types import Manifest
+from kiln.targets.base import RuntimeSettings
 
-from compiler.matrix.results import PASSED, CellResult
-from compiler.progress import Progress
-from compiler.tune import Entry, TuneOptions, plan, run_tune
-from compiler.tune_candidates import MAX_BATCH, Variant
-from compiler.tune_report import markdown, publish
-from compiler.types import Manifest
-from targets.base import RuntimeSettings
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +141,7 @@ def test_throughput_at_the_examples_batch_adds_dynamic_fp32_and_another_batch_re
 def test_what_each_target_refuses_of_a_variant():
     """NHWC where a target has no NHWC I/O, a dynamic batch on a static-shape target, and a static build of a
     target whose batch is fixed (the Edge TPU's 1) to be timed at another batch."""
-    from targets import get_target
+    from kiln.targets import get_target
 
     edgetpu, pt2, onnx = get_target("edgetpu"), get_target("pt2"), get_target("onnx")
     assert "builds only at batch 1" in (Variant("nchw").refusal(edgetpu, 2) or "")
@@ -150,8 +152,8 @@ def test_what_each_target_refuses_of_a_variant():
 
 
 def test_a_matrix_cell_takes_io_nhwc_and_refuses_another():
-    from compiler.errors import UsageError
-    from compiler.matrix.config import CellOptions
+    from kiln.compiler.errors import UsageError
+    from kiln.compiler.matrix.config import CellOptions
 
     assert CellOptions().merged({"io": "nhwc"}, "m").export_settings()["io"] == "nhwc"
     assert "io" not in CellOptions().export_settings()

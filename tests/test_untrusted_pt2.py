@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kiln.compiler.capture.pt2_archive import load_program
+from kiln.compiler.errors import UsageError
 
-from compiler.errors import UsageError
-from compiler.pt2_archive import load_program
 from tests.conftest import run_cli
 from tests.test_cli_errors import assert_one_line_error
 
@@ -110,7 +110,7 @@ def test_pickled_sample_inputs_are_refused_and_run_only_when_trusted(tmp_path, c
 
 
 def test_library_export_refuses_then_trusts(tmp_path):
-    from compiler import export
+    from kiln import export
 
     marker = tmp_path / "MARKER"
     evil = _evil_inputs(tmp_path, marker)
@@ -192,7 +192,7 @@ def test_shape_expression_is_refused(tmp_path):
 
 def test_node_calling_a_python_function_is_refused(tmp_path):
     """A node may name any callable under `torch.` (even `torch.os.*`): torch's verifier refuses it, Kiln says so."""
-    from compiler.sources import load_source
+    from kiln.compiler.capture.sources import load_source
 
     clean = _saved(tmp_path / "clean.pt2")
 
@@ -209,7 +209,7 @@ def test_node_calling_a_python_function_is_refused(tmp_path):
 
 def test_pt2_export_runs_untrusted_pickles_only_with_the_flag(tmp_path, capsys):
     """`kiln run` / `compiler.load` of a pt2 export read its model.pt2 with the safe loader."""
-    from compiler import export, load
+    from kiln import export, load
 
     module = _Tiny().eval()
     out = tmp_path / "export"
@@ -247,7 +247,7 @@ def test_pt2_export_runs_untrusted_pickles_only_with_the_flag(tmp_path, capsys):
     ],
 )
 def test_shape_expressions_torch_writes_are_accepted(expression):
-    from compiler.pt2_archive import _is_shape_expression
+    from kiln.compiler.capture.pt2_archive import _is_shape_expression
 
     assert _is_shape_expression(expression)
 
@@ -265,6 +265,6 @@ def test_shape_expressions_torch_writes_are_accepted(expression):
     ],
 )
 def test_shape_expressions_beyond_arithmetic_are_refused(expression):
-    from compiler.pt2_archive import _is_shape_expression
+    from kiln.compiler.capture.pt2_archive import _is_shape_expression
 
     assert not _is_shape_expression(expression)

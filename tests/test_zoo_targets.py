@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from kiln import load
+from kiln.compiler.capture.zoo import ZOO
+from kiln.compiler.types import Manifest
 
-from compiler import load
-from compiler.types import Manifest
-from compiler.zoo import ZOO
 from tests.conftest import ZOO_MODELS
 
 TARGETS = ("onnx", "openvino", "pt2")
@@ -113,7 +113,7 @@ def test_loaded_export_matches_pytorch_on_new_input(zoo_exports, target):
 
 
 def test_parity_inputs_stay_in_the_example_range(zoo_exports):
-    from compiler.parity import ParitySamples
+    from kiln.compiler.parity.gate import ParitySamples
 
     result = zoo_exports["transformer"]["onnx"]
     samples = ParitySamples.load(result.directory, result.parity.sample_origins)

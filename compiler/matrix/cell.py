@@ -1,4 +1,4 @@
-"""One matrix cell in its own process: `python -m compiler.matrix.cell JOB.json RESULT.json`.
+"""One matrix cell in its own process: `python -m kiln.compiler.matrix.cell JOB.json RESULT.json`.
 
 The process exports the model to the cell's target (the normal pipeline, parity gate included), then times
 the artifact and the reference on the example inputs with the same number of threads. It writes what it
@@ -19,10 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError
-from compiler.host import this_machine
-from compiler.matrix.config import CellSpec
-from compiler.matrix.results import CONVERSION_FAILED, PARITY_FAILED, PASSED, UNAVAILABLE
+from kiln.compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError, error_text
+from kiln.compiler.host import this_machine
+from kiln.compiler.matrix.config import CellSpec
+from kiln.compiler.matrix.results import CONVERSION_FAILED, PARITY_FAILED, PASSED, UNAVAILABLE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """Export, validate and time one cell; its outcome (fields of CellResult) and exit code."""
-    from targets import get_target
+    from kiln.targets import get_target
 
     cell = CellSpec.from_dict(job["cell"])
     target = get_target(cell.target)
@@ -66,19 +66,17 @@ def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
         return {"status": CONVERSION_FAILED, "reason": "interrupted", "failure": "interrupted"}, EXIT_INTERRUPTED
     except Exception as error:
         traceback.print_exc()
-        first = (str(error).strip().splitlines() or [""])[0][:300]
-        reason = f"internal error: {type(error).__name__}: {first}"
+        reason = f"internal error: {error_text(error)}"
         return {"status": CONVERSION_FAILED, "reason": reason, "failure": "internal"}, EXIT_INTERNAL
 
 
 def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any], int]:
     import torch
-
-    from compiler.divergence import DIVERGENCE_FILE
-    from compiler.manifest import manifest_figures
-    from compiler.options import export_options
-    from compiler.pipeline import export_targets
-    from compiler.progress import Progress, quiet_libraries
+    from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
+    from kiln.compiler.export.manifest import manifest_figures
+    from kiln.compiler.export.options import export_options
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.progress import Progress, quiet_libraries
 
     quiet_libraries()
     threads = int(job["threads"])
@@ -111,17 +109,17 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
         outcome |= _latency(cell, result.directory, threads, int(job["repeat"]), int(job["warmup"]))
     except Exception as error:  # the verdict stands; say why there is no latency
         traceback.print_exc()
-        outcome["notes"].append(f"latency not measured: {type(error).__name__}: {str(error)[:200]}")
+        outcome["notes"].append(f"latency not measured: {error_text(error, 200)}")
     return outcome, 0 if parity.passed else 1
 
 
 def _latency(cell: CellSpec, directory: Path, threads: int, repeat: int, warmup: int) -> dict[str, Any]:
     """Median latency of the artifact and of the reference on the first parity input set (the example)."""
-    from compiler.artifacts import Artifact
-    from compiler.parity import ParitySamples
-    from compiler.reference import reference_runner
-    from compiler.sources import load_source
-    from compiler.timing import BenchSettings, bench, least_disturbed
+    from kiln.compiler.capture.sources import load_source
+    from kiln.compiler.export.artifacts import Artifact
+    from kiln.compiler.parity.gate import ParitySamples
+    from kiln.compiler.parity.reference import reference_runner
+    from kiln.compiler.perf.timing import BenchSettings, bench, least_disturbed
 
     artifact = Artifact.read(directory)
     samples = ParitySamples.load(directory, [])

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import UsageError
-from compiler.limits import MAX_COUNT, MAX_THREADS, accepts, check_count
-from compiler.types import check_thresholds
+from kiln.compiler.errors import UsageError
+from kiln.compiler.limits import MAX_COUNT, MAX_THREADS, accepts, check_count
+from kiln.compiler.types import check_thresholds, is_finite_number
 
 DEFAULT_TIMEOUT_S = 600.0
 ROOT = Path(__file__).resolve().parent.parent.parent  # the directory holding compiler/, passes/, targets/
@@ -37,11 +37,11 @@ class CellOptions:
     max_drop: float | None = None  # the accuracy budget of quantized precisions (with `metric`)
     metric: str | None = None  # file.py:fn measuring accuracy for max_drop
     min_cosine: float | None = None  # a stricter (or looser) parity cosine threshold
-    localize: bool = True  # on a parity failure, find the first diverging module (compiler.divergence)
+    localize: bool = True  # on a parity failure, find the first diverging module (kiln.compiler.diagnose.divergence)
     io: str | None = None  # --io of the export ("nhwc": image I/O channels-last)
 
     def export_settings(self) -> dict[str, Any]:
-        """The options that reach the export itself, as keywords of `compiler.options.export_options`."""
+        """The options that reach the export itself, as keywords of `kiln.compiler.export.options.export_options`."""
         settings: dict[str, Any] = {
             "dynamic_batch": self.dynamic_batch,
             "dynamic": self.dynamic,
@@ -78,10 +78,6 @@ class CellOptions:
         return replace(self, **values)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "atol": (lambda v: accepts(check_thresholds, atol=v), "a finite number >= 0"),
     "rtol": (lambda v: accepts(check_thresholds, rtol=v), "a finite number >= 0"),
@@ -89,8 +85,8 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "dynamic_batch": (lambda v: isinstance(v, str), 'a string "MIN:MAX"'),
     "dynamic": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), 'a list of "NAME:AXIS=MIN:MAX"'),
     "inputs": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), "a list of .npz paths"),
-    "timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
-    "memory_limit_gb": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),
+    "timeout": (lambda v: is_finite_number(v) and v > 0, "a number of seconds > 0"),
+    "memory_limit_gb": (lambda v: is_finite_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),
     "expect": (lambda v: v in ("pass", "fail"), '"pass" or "fail"'),
     "opt_level": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3, "a whole number 0..3"),
     "calib": (lambda v: isinstance(v, str), "a path (.npz or a directory)"),
@@ -169,7 +165,7 @@ class MatrixConfig:
 
     def cells(self) -> list[CellSpec]:
         """Every cell, sorted by id: each model on each of its targets at each precision that target has."""
-        from targets import TARGETS, get_target
+        from kiln.targets import TARGETS, get_target
 
         cells: list[CellSpec] = []
         for model in self.models:
@@ -310,7 +306,7 @@ def _models(value: Any) -> list[ModelEntry]:
 
 
 def _zoo_names_bare() -> list[str]:
-    from compiler.zoo import ZOO
+    from kiln.compiler.capture.zoo import ZOO
 
     return list(ZOO)
 
@@ -338,7 +334,7 @@ def model_fingerprint(model: ModelEntry) -> str:
     the zoo name or factory, and the bytes of the extra `files`. A missing file hashes as missing."""
     digest = hashlib.sha256(model.source.encode())
     if model.source.startswith("zoo:"):
-        paths = [ROOT / "compiler" / "zoo.py"]
+        paths = [ROOT / "compiler" / "capture" / "zoo.py"]
     else:
         paths = [Path(_split_source(model.source)[0])]
     for path in [*paths, *(Path(f) for f in model.files)]:
@@ -362,8 +358,8 @@ def kiln_code_hash() -> str:
 
 def toolchain(target: str) -> dict[str, str]:
     """Versions of Python, torch, ONNX and the target's packages, without importing them."""
-    from compiler.host import versions
-    from targets import get_target
+    from kiln.compiler.host import versions
+    from kiln.targets import get_target
 
     return versions(*get_target(target).requires.values())
 

@@ -3,15 +3,13 @@ hand each result to `on_done` as it ends (in the calling thread)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from compiler.errors import MissingBackendError, UsageError
-from compiler.matrix.config import ROOT
-from compiler.matrix.process import Job, identity, kill_live_cells, now, run_job
-from compiler.matrix.results import CONVERSION_FAILED, UNAVAILABLE, CellResult
+from kiln.compiler.errors import MissingBackendError, UsageError, error_text
+from kiln.compiler.matrix.process import Job, identity, kill_live_cells, now, run_job
+from kiln.compiler.matrix.results import CONVERSION_FAILED, UNAVAILABLE, CellResult
 
 
 def run_local(jobs: list[Job], workers: int, keep_artifacts: bool, on_done: Callable[[CellResult], None]) -> None:
@@ -44,10 +42,9 @@ def run_ray(jobs: list[Job], address: str | None, keep_artifacts: bool, on_done:
         import ray
     except ImportError:
         raise MissingBackendError("--executor ray needs ray", "pip install 'kiln[ray]'") from None
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}}
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # its workers import the installed `kiln` (pip install 'kiln[ray]' on each node)
         try:
-            ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except ConnectionError as exc:
             raise UsageError(f"cannot reach the Ray cluster at {address}: {exc}", "check --address") from None
     remote = ray.remote(_ray_cell)
@@ -58,7 +55,7 @@ def run_ray(jobs: list[Job], address: str | None, keep_artifacts: bool, on_done:
             on_done(identity(job.cell, job.key, status=UNAVAILABLE, reason=reason, finished_at=now()))
         jobs = [j for j in jobs if not j.cell.gpu]
     for job in jobs:
-        task = remote.options(num_cpus=1, num_gpus=1 if job.cell.gpu else 0, runtime_env=runtime_env, max_retries=0)
+        task = remote.options(num_cpus=1, num_gpus=1 if job.cell.gpu else 0, max_retries=0)
         refs[task.remote(job.payload(), keep_artifacts)] = job
     _collect_ray(ray, refs, on_done)
 
@@ -74,7 +71,7 @@ def _collect_ray(ray: Any, refs: dict[Any, Job], on_done: Callable[[CellResult],
                 try:
                     result = CellResult.from_dict(ray.get(ref))
                 except Exception as exc:  # the Ray task itself failed (worker lost, node died)
-                    reason = f"ray task failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                    reason = f"ray task failed: {error_text(exc)}"
                     result = identity(job.cell, job.key, status=CONVERSION_FAILED, failure="crash", reason=reason)
                 on_done(result)
     except BaseException:

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -16,12 +15,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from compiler.matrix.config import ROOT, CellSpec, physical_memory_gb
-from compiler.matrix.results import CONVERSION_FAILED, PASSED, CellResult
+from kiln.compiler.matrix.config import CellSpec, physical_memory_gb
+from kiln.compiler.matrix.results import CONVERSION_FAILED, PASSED, CellResult
+from kiln.compiler.processes import module_command
+from kiln.compiler.safe_fs import remove_tree
 
 TAIL_LINES = 40
 TAIL_CHARS = 4000
-KILL_GRACE_S = 5.0
 
 
 @dataclass
@@ -84,7 +84,7 @@ _LIVE_LOCK = threading.Lock()
 def run_job(job: Job, keep_artifacts: bool = False) -> CellResult:
     """Run one cell in a new process group with its time and memory limits; its result, whatever happens."""
     cell, options = job.cell, job.cell.options
-    shutil.rmtree(job.cell_dir, ignore_errors=True)
+    remove_tree(job.cell_dir)  # a link in its place is removed, never followed
     job.cell_dir.mkdir(parents=True)
     export_dir = job.cell_dir / "export"
     result_path = job.cell_dir / "result.json"
@@ -96,7 +96,7 @@ def run_job(job: Job, keep_artifacts: bool = False) -> CellResult:
     scratch.mkdir()
     started_at, started = now(), time.monotonic()
     log_path = job.cell_dir / "cell.log"
-    command = [sys.executable, "-m", "compiler.matrix.cell", str(job_file), str(result_path)]
+    command = module_command("kiln.compiler.matrix.cell", str(job_file), str(result_path))
     returncode, timed_out = _run_process_group(command, _cell_env(job.threads, scratch), log_path, options.timeout)
     duration = round(time.monotonic() - started, 3)
     tail = _tail(log_path)
@@ -146,9 +146,8 @@ def _write_job_file(job: Job, export_dir: Path, memory_gb: float) -> Path:
 
 
 def _cell_env(threads: int, scratch: Path) -> dict[str, str]:
-    """The cell process's environment: Kiln importable, its thread count, its own temporary directory."""
+    """The cell process's environment: its thread count, its own temporary directory."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["OMP_NUM_THREADS"] = str(threads)  # read once, when torch loads
     env["TMPDIR"] = str(scratch)
     env.pop("KILN_DEBUG", None)

@@ -11,36 +11,26 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
-from compiler.matrix.config import matches
-from compiler.matrix.report_html import STYLE, html_page
-from compiler.matrix.report_text import (
+from kiln.compiler.errors import UsageError
+from kiln.compiler.matrix.config import matches
+from kiln.compiler.matrix.process import now
+from kiln.compiler.matrix.report_html import html_page
+from kiln.compiler.matrix.report_text import (
     ICONS,
     LEGEND,
-    _allowed,
-    _headline,
-    _number,
-    _one_line,
-    _rows,
-    _settings_line,
+    allowed_mark,
     cell_figures,
+    headline,
+    reason_text,
+    settings_line,
+    table_rows,
 )
-from compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
+from kiln.compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
+from kiln.compiler.safe_fs import write_file
+from kiln.compiler.types import is_finite_number
 
 if TYPE_CHECKING:
-    from compiler.matrix.runner import Plan, RunSettings
-__all__ = [  # the HTML page and the shared helpers moved to report_html and report_text, and stay importable here
-    "ICONS",
-    "LEGEND",
-    "STYLE",
-    "build_report",
-    "cell_figures",
-    "compare_with_baseline",
-    "html_page",
-    "junit",
-    "markdown",
-    "write_reports",
-]
+    from kiln.compiler.matrix.plan import Plan, RunSettings
 
 REPORT_SCHEMA = "kiln.matrix.report"
 REPORT_SCHEMA_VERSION = 1
@@ -53,16 +43,16 @@ def write_reports(plans: list[Plan], results: list[CellResult], out: Path, setti
     """Build report.json from the results and write it with report.md, junit.xml and report.html into `out`."""
     report = build_report(plans, results, settings)
     json_file, markdown_file, junit_file, html_file = REPORT_FILES
-    (out / json_file).write_text(json.dumps(report, indent=1) + "\n")
-    (out / markdown_file).write_text(markdown(report))
-    (out / junit_file).write_bytes(junit(report))
-    (out / html_file).write_text(html_page(report))
+    write_file(out / json_file, json.dumps(report, indent=1) + "\n")
+    write_file(out / markdown_file, markdown(report))
+    write_file(out / junit_file, junit(report))
+    write_file(out / html_file, html_page(report))
     return report
 
 
 def build_report(plans: list[Plan], results: list[CellResult], settings: RunSettings) -> dict[str, Any]:
     """The whole result as JSON-ready data: summary, columns, rows, cells and regressions."""
-    import compiler
+    import kiln
 
     expect_fail = {c.cell_id for plan in plans for c in plan.cells if c.options.expect == "fail"}
     cells = []
@@ -78,8 +68,8 @@ def build_report(plans: list[Plan], results: list[CellResult], settings: RunSett
     return {
         "schema": REPORT_SCHEMA,
         "schema_version": REPORT_SCHEMA_VERSION,
-        "generated_at": _now(),
-        "kiln_version": compiler.__version__,
+        "generated_at": now(),
+        "kiln_version": kiln.__version__,
         "hosts": hosts,
         "settings": plans[0].settings if plans else {},
         "shards": sorted({str(p.shard) for p in plans}),
@@ -100,15 +90,9 @@ def build_report(plans: list[Plan], results: list[CellResult], settings: RunSett
     }
 
 
-def _now() -> str:
-    from compiler.matrix.runner import now
-
-    return now()
-
-
 def _columns(cells: list[dict[str, Any]]) -> list[str]:
     """`target/precision` columns in registry order of targets and each target's order of precisions."""
-    from targets import TARGETS
+    from kiln.targets import TARGETS
 
     order = {t.name: (i, list(t.precisions)) for i, t in enumerate(TARGETS)}
 
@@ -140,13 +124,18 @@ def compare_with_baseline(cells: list[dict[str, Any]], settings: RunSettings) ->
         if before["status"] == PASSED and cell["status"] in FAILED_STATUSES:
             kinds.append(("now_fails", f"passed before, now {STATUS_LABELS[cell['status']]}: {cell['reason'][:200]}"))
         new_error, old_error = cell.get("max_abs_error"), before.get("max_abs_error")
-        if _number(new_error) and _number(old_error):
+        if is_finite_number(new_error) and is_finite_number(old_error):
             atol = (cell.get("tolerance") or {}).get("atol") or 1e-4
             if new_error > settings.error_factor * max(old_error, ERROR_FLOOR_OF_ATOL * atol):
                 kinds.append(("error_grew", f"max abs error {old_error:.3g} -> {new_error:.3g} "
                                             f"(over {settings.error_factor:g}x)"))  # fmt: skip
         new_ms, old_ms = cell.get("latency_ms"), before.get("latency_ms")
-        if _number(new_ms) and _number(old_ms) and old_ms > 0 and new_ms > settings.latency_factor * old_ms:
+        if (
+            is_finite_number(new_ms)
+            and is_finite_number(old_ms)
+            and old_ms > 0
+            and new_ms > settings.latency_factor * old_ms
+        ):
             kinds.append(("slower", f"latency {old_ms:.3g} -> {new_ms:.3g} ms (+{100 * (new_ms / old_ms - 1):.0f}%)"))
         for kind, detail in kinds:
             found.append(
@@ -161,11 +150,11 @@ def compare_with_baseline(cells: list[dict[str, Any]], settings: RunSettings) ->
 def markdown(report: dict[str, Any]) -> str:
     """report.md: a table with one row per model and one column per target/precision, a legend, the failures."""
     columns = report["columns"]
-    lines = ["# Kiln conversion matrix", "", f"**{_headline(report)}**", "", _settings_line(report), ""]
+    lines = ["# Kiln conversion matrix", "", f"**{headline(report)}**", "", settings_line(report), ""]
     lines.append("| model | " + " | ".join(c.replace("/", " ") for c in columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
-    for model, cells in _rows(report):
-        row = [" · ".join([ICONS[c["status"]] + _allowed(c), *cell_figures(c)]) if c else "" for c in cells]
+    for model, cells in table_rows(report):
+        row = [" · ".join([ICONS[c["status"]] + allowed_mark(c), *cell_figures(c)]) if c else "" for c in cells]
         lines.append(f"| {model} | " + " | ".join(row) + " |")
     lines += ["", f"Legend: {LEGEND}", ""]
     if report["regressions"]:
@@ -181,15 +170,15 @@ def markdown(report: dict[str, Any]) -> str:
         for cell in failed:
             kind = STATUS_LABELS[cell["status"]] + (f", {cell['failure']}" if cell.get("failure") else "")
             allowed = ", allowed" if cell["allowed_to_fail"] else ""
-            lines.append(f"- **{cell['cell_id']}** ({kind}{allowed}): {_one_line(cell['reason'])}")
+            lines.append(f"- **{cell['cell_id']}** ({kind}{allowed}): {reason_text(cell['reason'])}")
             if cell.get("divergence"):
                 record, page = cell["divergence"], str(Path(cell["divergence"]).with_suffix(".html"))
-                lines.append(f"  - {_one_line(cell['divergence_summary'])}: [{record}]({record}), [profile]({page})")
+                lines.append(f"  - {reason_text(cell['divergence_summary'])}: [{record}]({record}), [profile]({page})")
         lines.append("")
     unavailable = [c for c in report["cells"] if c["status"] == UNAVAILABLE]
     if unavailable:
         lines += ["## Unavailable here", ""]
-        lines += [f"- {c['cell_id']}: {_one_line(c['reason'])}" for c in unavailable]
+        lines += [f"- {c['cell_id']}: {reason_text(c['reason'])}" for c in unavailable]
         lines.append("")
     return "\n".join(lines)
 
@@ -219,7 +208,7 @@ def junit(report: dict[str, Any]) -> bytes:
         counted = [r for r in regressions.get(cell["cell_id"], []) if not r["allowed_to_fail"]]
         if cell["status"] in FAILED_STATUSES and not cell["allowed_to_fail"]:
             failures += 1
-            failure = ET.SubElement(case, "failure", message=f"{label}: {_one_line(cell['reason'])}"[:1000],
+            failure = ET.SubElement(case, "failure", message=f"{label}: {reason_text(cell['reason'])}"[:1000],
                                     type=cell["status"])  # fmt: skip
             failure.text = cell.get("stderr_tail") or cell["reason"]
         elif counted:
@@ -229,7 +218,7 @@ def junit(report: dict[str, Any]) -> bytes:
         elif cell["status"] in FAILED_STATUSES or cell["status"] == UNAVAILABLE:
             skipped += 1
             prefix = "allowed to fail: " if cell["status"] in FAILED_STATUSES else f"{label}: "
-            ET.SubElement(case, "skipped", message=prefix + _one_line(cell["reason"])[:1000])
+            ET.SubElement(case, "skipped", message=prefix + reason_text(cell["reason"])[:1000])
         out = ET.SubElement(case, "system-out")
         out.text = f"status: {label}; " + "; ".join(cell_figures(cell))
     suite.set("tests", str(len(report["cells"])))

@@ -10,8 +10,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import UsageError
-from compiler.types import _json_safe
+from kiln.compiler.errors import UsageError
+from kiln.compiler.safe_fs import open_file, read_bytes
+from kiln.compiler.types import json_safe
 
 PASSED = "passed"
 PARITY_FAILED = "parity_failed"
@@ -91,7 +92,9 @@ class CellResult:
     started_at: str = ""
     finished_at: str = ""
     cell_dir: str = ""
-    host: dict[str, Any] = field(default_factory=dict)  # the machine that ran the cell (`compiler.host.this_machine`)
+    host: dict[str, Any] = field(
+        default_factory=dict
+    )  # the machine that ran the cell (`kiln.compiler.host.this_machine`)
     divergence: str = ""  # the divergence record of a parity failure (divergence.json), relative to the run's out
     divergence_summary: str = ""  # its one line: the first diverging module
 
@@ -102,7 +105,7 @@ class CellResult:
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON-ready data (non-finite floats become strings)."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def comparable(self) -> dict[str, Any]:
         """The fields that a re-run of the same cell reproduces (no timings, clocks or places)."""
@@ -185,7 +188,7 @@ def append_result(path: Path, result: CellResult) -> None:
     mid-write can leave at most a partial last line, which `repair_results` drops before the next run appends.
     """
     view = memoryview((json.dumps(result.to_dict(), sort_keys=True) + "\n").encode())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # a link there is refused, not followed
     try:
         while view:  # a regular file takes it in one write; a short one (a signal, a full disk) goes on from there
             view = view[os.write(fd, view) :]
@@ -198,7 +201,7 @@ def repair_results(path: Path, warn: Callable[[str], None]) -> None:
     """Make a results.jsonl safe to append to: a last line without its newline (a run killed while writing it)
     gets its newline if it is a whole result, else is cut off, with a warning naming the cell that runs again."""
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -212,7 +215,7 @@ def repair_results(path: Path, warn: Callable[[str], None]) -> None:
         fixed = False
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
         fixed = True
-    with path.open("r+b") as handle:
+    with os.fdopen(open_file(path, os.O_RDWR), "r+b") as handle:
         if fixed:
             handle.truncate(start)
         else:
@@ -233,7 +236,7 @@ def read_results(path: Path, warn: Callable[[str], None] | None = None) -> dict[
     if not path.is_file():
         return found
     try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        text = read_bytes(path).decode("utf-8", errors="replace")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc}", "check the directory") from None
     for number, line in enumerate(text.split("\n"), 1):

@@ -4,7 +4,7 @@ toolchain, the per-layer error report and the accuracy-aware `--max-drop` search
 Why it lives in `compiler/` and not in `passes/`: quantization is a build-time step that a target calls on its
 own toolchain's format (an ONNX graph for ONNX Runtime, an OpenVINO model for NNCF, a `.tflite` for
 ai-edge-quantizer), driven by calibration data. It is not a rewrite of Kiln's shared graph that every target
-sees. Targets import this package; it never imports a target module (`targets.base` interfaces only): what it
+sees. Targets import this package; it never imports a target module (`kiln.targets.base` interfaces only): what it
 needs from a runtime, such as a runner for a candidate model, the target passes in.
 
 Modules:
@@ -28,5 +28,5 @@ summary); `precision` is one of the toolchain's quantized precisions; `calibrati
 (None where the precision needs none); `exclude` names the layers (ONNX node names; FX node names for PT2E) kept
 in float, for the toolchains that can (ONNX Runtime, NNCF, PT2E). PT2E's source is the `torch.export` program, which
 it re-exports quantized (so it also takes the inputs' specs and dynamic dims, and returns the converted module its
-report reads). Bad requests raise `compiler.errors.UsageError`.
+report reads). Bad requests raise `kiln.compiler.errors.UsageError`.
 """

@@ -14,7 +14,7 @@ calibration sample stacked on the batch axis, for the fp32 and for the quantized
 the difference.
 
 The search imports no target: the target passes in how to run a model (`open_runner`, `fp32_runner`), and
-`accuracy_aware` itself takes any `quantize(exclude) -> Runner`.
+`accuracy_aware` itself takes any `quantize(exclude) -> ModelRunner` (a target's `Runner` is one).
 """
 
 from __future__ import annotations
@@ -23,20 +23,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-
-from compiler.errors import ParityError, UsageError
-from compiler.metrics import is_classifier, mean_row_cosine, top1_matches
-from compiler.quantization.calibration import AccuracyBudget, CalibrationData
+from kiln.compiler.errors import ParityError, UsageError, error_text
+from kiln.compiler.metrics import is_classifier, mean_row_cosine, top1_matches
+from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+from kiln.compiler.types import Feeds, TensorSpec
 
 if TYPE_CHECKING:
-    from compiler.quantization.report import QuantReport
-    from compiler.quantization.summary import QuantizeSummary
-    from targets.base import Runner
+    from kiln.compiler.quantization.report import QuantReport
+    from kiln.compiler.quantization.summary import QuantizeSummary
 
-Feeds = dict[str, np.ndarray]
+
+class ModelRunner(Protocol):
+    """What the search needs of a model it scores: its input specs, and outputs by name for inputs by name."""
+
+    inputs: list[TensorSpec]
+
+    def run(self, feeds: Feeds) -> Feeds:
+        """Outputs by name for inputs by name."""
+        ...
+
+
 MAX_ROUNDS = 12  # quantizations after the first; enough to reach 2**10 reverted layers by doubling
 DEFAULT_METRIC = "agreement with fp32 (top-1 for classifier outputs, else cosine; equality for integers)"
 
@@ -56,7 +65,7 @@ class AccuracyResult:
     """What the accuracy-aware loop settled on: the runner of the kept model, the layers kept in float
     (ONNX node names, and their PyTorch modules), the drop before and after, and every round tried."""
 
-    runner: Runner
+    runner: ModelRunner
     reverted: list[str]
     drop: float
     drop_before: float
@@ -93,8 +102,8 @@ def reverted_note(modules: Sequence[str]) -> str:
 
 
 def accuracy_aware(
-    quantize: Callable[[Sequence[str]], Runner],
-    fp32_runner: Runner,
+    quantize: Callable[[Sequence[str]], ModelRunner],
+    fp32_runner: ModelRunner,
     calibration: CalibrationData,
     budget: AccuracyBudget,
     candidates: Sequence[str] | Callable[[], Sequence[str]],
@@ -146,7 +155,7 @@ class _Search:
 
     def __init__(
         self,
-        quantize: Callable[[Sequence[str]], Runner],
+        quantize: Callable[[Sequence[str]], ModelRunner],
         feeds: list[Feeds],
         score: Callable[[Feeds], float],
         score_fp32: float,
@@ -156,7 +165,7 @@ class _Search:
         self.history: list[AccuracyRound] = []
         self.last = 0  # how many ranked layers the last quantization kept in float (the model on disk)
 
-    def attempt(self, count: int) -> tuple[Runner, float]:
+    def attempt(self, count: int) -> tuple[ModelRunner, float]:
         """Quantize with the first `count` ranked layers in float; its runner and drop."""
         started = time.perf_counter()
         runner = self.quantize(self.ranked[:count])
@@ -165,7 +174,9 @@ class _Search:
         self.last = count
         return runner, self.score_fp32 - value
 
-    def grow(self, runner: Runner, drop: float, max_drop: float, max_rounds: int) -> tuple[int, int, Runner, float]:
+    def grow(
+        self, runner: ModelRunner, drop: float, max_drop: float, max_rounds: int
+    ) -> tuple[int, int, ModelRunner, float]:
         """Keep one ranked layer in float, one more, then twice as many each round (all of them at round
         `max_rounds`) until the drop is within `max_drop` or every layer is in float: the count of the round
         before (which missed the budget), the last count tried, its runner and drop."""
@@ -178,8 +189,8 @@ class _Search:
         return previous, kept, runner, drop
 
     def bisect(
-        self, low: int, kept: int, best: tuple[Runner, float], max_drop: float, max_attempts: int
-    ) -> tuple[int, Runner, float]:
+        self, low: int, kept: int, best: tuple[ModelRunner, float], max_drop: float, max_attempts: int
+    ) -> tuple[int, ModelRunner, float]:
         """The fewest ranked layers in float between `low` (misses the budget) and `kept` (meets it, with
         runner and drop `best`) that still meet it, by bisection within `max_attempts` quantizations in all;
         the count, its runner and drop. The model left on disk is that one."""
@@ -202,7 +213,7 @@ def scorer(metric: str | None, inputs: Feeds, reference: Feeds) -> tuple[str, Ca
     if metric is None:
         return DEFAULT_METRIC, lambda outputs: agreement(outputs, reference)
     path, _, name = metric.rpartition(":") if ".py:" in metric else (metric, "", "")
-    from compiler.sources import python_function
+    from kiln.compiler.capture.sources import python_function
 
     fn = python_function(Path(path), name, metric, "a float (higher is better) from (outputs, inputs)")
 
@@ -212,7 +223,7 @@ def scorer(metric: str | None, inputs: Feeds, reference: Feeds) -> tuple[str, Ca
             return float(value)
         except Exception as exc:
             raise UsageError(
-                f"metric {metric} failed: {type(exc).__name__}: {exc}",
+                f"metric {metric} failed: {error_text(exc)}",
                 "fn(outputs, inputs) takes dicts of arrays by name (calibration samples stacked) and returns a float",
             ) from exc
 
@@ -236,7 +247,7 @@ def agreement(outputs: Feeds, reference: Feeds) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
-def _outputs(runner: Runner, feeds: list[Feeds]) -> Feeds:
+def _outputs(runner: ModelRunner, feeds: list[Feeds]) -> Feeds:
     """The runner's outputs on every batch, stacked along the batch axis."""
     return _stacked([runner.run(feed) for feed in feeds])
 
@@ -263,7 +274,7 @@ def sensitivity_ranking(
     """Names of the quantized layers of a Q/DQ graph, most sensitive (lowest local SNR) first; fills `labels`
     (node name -> PyTorch module label). Also the ranking for targets with their own quantizer (OpenVINO/NNCF):
     the ONNX nodes and OpenVINO ops share names."""
-    from compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
+    from kiln.compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
 
     report = quant_report(fp32_onnx, quantized_onnx, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
     if labels is not None:
@@ -276,21 +287,21 @@ def accuracy_aware_qdq(
     destination: Path,
     calibration: CalibrationData,
     budget: AccuracyBudget,
-    open_runner: Callable[[Path], Runner],
+    open_runner: Callable[[Path], ModelRunner],
     module_classes: dict[str, str] | None = None,
 ) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
     """`--max-drop` for an ONNX Q/DQ artifact: quantize `fp32_onnx` to int8 into `destination`, reverting the
     most sensitive layers until within budget; the result, the per-layer report and the quantization summary
     of the model kept. `open_runner(path)` runs an ONNX file (the fp32 one and each candidate)."""
-    from compiler.quantization.onnxrt import quantize_onnx
-    from compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
+    from kiln.compiler.quantization.onnxrt import quantize_onnx
+    from kiln.compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
 
     fp32_runner = open_runner(fp32_onnx)
     feeds = calibration.batches(fp32_runner.inputs)
     labels: dict[str, str] = {}
     kept: list[QuantizeSummary] = []
 
-    def build(exclude: Sequence[str]) -> Runner:
+    def build(exclude: Sequence[str]) -> ModelRunner:
         kept[:] = [quantize_onnx(fp32_onnx, destination, "int8", calibration, exclude)]
         return open_runner(destination)
 
@@ -308,8 +319,8 @@ def accuracy_aware_nncf(
     fp32_onnx: Path,
     calibration: CalibrationData,
     budget: AccuracyBudget,
-    fp32_runner: Runner,
-    open_runner: Callable[[Any], Runner],
+    fp32_runner: ModelRunner,
+    open_runner: Callable[[Any], ModelRunner],
     module_classes: dict[str, str] | None = None,
 ) -> tuple[Any, QuantizeSummary, AccuracyResult]:
     """`--max-drop` for OpenVINO: quantize `ov_model` to int8 with NNCF, keeping the most sensitive layers in
@@ -322,14 +333,14 @@ def accuracy_aware_nncf(
     """
     import tempfile
 
-    from compiler.quantization.onnxrt import quantize_onnx
-    from compiler.quantization.openvino import ops_for_onnx_nodes, quantize_openvino
+    from kiln.compiler.quantization.onnxrt import quantize_onnx
+    from kiln.compiler.quantization.openvino import ops_for_onnx_nodes, quantize_openvino
 
     feeds = calibration.batches(fp32_runner.inputs)
     labels: dict[str, str] = {}
     kept: list[tuple[Any, QuantizeSummary]] = []
 
-    def build(exclude: Sequence[str]) -> Runner:
+    def build(exclude: Sequence[str]) -> ModelRunner:
         kept[:] = [quantize_openvino(ov_model, "int8", calibration, exclude)]
         return open_runner(kept[0][0])
 

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
-from compiler.quantization.summary import QuantizeSummary
+from kiln.compiler.errors import UsageError
+from kiln.compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from compiler.quantization.calibration import CalibrationData, CalibrationSpec
-    from compiler.types import TensorSpec
+    from kiln.compiler.quantization.calibration import CalibrationData, CalibrationSpec
+    from kiln.compiler.types import TensorSpec
 
 SIGNATURE = "serving_default"  # the signature litert_torch writes, and the one calibration feeds
 CALIBRATION_THREADS = 2
@@ -97,7 +96,7 @@ def static_int8_settings(spec: CalibrationSpec | None) -> dict[str, Any]:
     """What ai_edge_quantizer can do of a calibration spec: per-channel or per-tensor int8 weights (symmetric:
     TFLite kernels take no other), symmetric or asymmetric int8 activations (asymmetric by default: LiteRT's
     usual int8 scheme), and min/max ranges, the only activation calibration it has."""
-    from compiler.quantization.calibration import CalibrationSpec
+    from kiln.compiler.quantization.calibration import CalibrationSpec
 
     spec = spec or CalibrationSpec()
     return {

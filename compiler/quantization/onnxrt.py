@@ -17,6 +17,13 @@ The settings were chosen by measurement on ONNX Runtime's x86 CPU kernels (MLAS)
   the quantizer gives a Softmax output the fixed uint8 range [0, 1], a step of 1/255, and rounds every
   probability under 0.002 to 0, all of them for a near-uniform 1000-class output (ONNX's light squeezenet
   came out all zeros). Nothing after a graph output computes in int8, so the pair only loses precision.
+- a Concat of inputs whose calibrated ranges differ by more than MIXED_RANGE_RATIO stays in float (no
+  Quantize/Dequantize pair after it, nor after the data movement that follows: Reshape and its kind only quantize
+  a quantized input), while each input keeps the Q/DQ pair of its own range. Quantized as one tensor, it takes
+  the widest input's range: a YOLO-style head concatenating box coordinates in pixels (0..640, steps of 2.5) with
+  class scores in [0, 1] rounded every score to 0 (the argmax class agreed with PyTorch on chance anchors), where
+  OpenVINO's int8 was right. The ranges are read from the first calibrated graph (its scales), which is then
+  calibrated again with those Concats left out.
 - fp16 keeps float32 inputs and outputs and leaves `FP16_BLOCKED_OPS` in float32. ONNX Runtime's
   CPU provider runs the result, inserting casts to float32 around ops it has no fp16 kernel for.
 - bf16 is not offered: ONNX Runtime's CPU provider has no bf16 kernels for MatMul, Add or Relu
@@ -32,13 +39,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
-from compiler.quantization.summary import QuantizeSummary
+from kiln.compiler.errors import UsageError
+from kiln.compiler.quantization.qdq_graph import QdqGraph, load_onnx
+from kiln.compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import onnx
-
-    from compiler.quantization.calibration import CalibrationData
+    from kiln.compiler.quantization.calibration import CalibrationData, CalibrationSpec
 
 ONNX_PRECISIONS = ("int8", "int8-dynamic", "fp16")
 # Ops that carry weights: what quantization is about, and what the summary counts.
@@ -77,6 +84,9 @@ FRAGILE_FP16_OPS = (
     "Range",
 )
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+# A Concat whose inputs' calibrated ranges differ by more than this is kept in float over its inputs, each quantized
+# with its own range (see the module's docstring): one uint8 range would leave the narrow input under 16 levels.
+MIXED_RANGE_RATIO = 16.0
 
 
 def quantize_onnx(
@@ -133,30 +143,13 @@ def _static_int8(
     fp32: Path, destination: Path, calibration: CalibrationData, exclude: Sequence[str]
 ) -> tuple[str, dict[str, Any]]:
     """Calibrated Q/DQ int8 with ONNX Runtime's quantize_static; the settings used."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    from compiler.capture import onnx_signature
+    from kiln.compiler.capture.onnx_files import onnx_signature
 
     spec = calibration.spec
     inputs, _, _ = onnx_signature(fp32, torch_layout=False)
     batches = calibration.batches(inputs)
     full = [b for b in batches if all(len(v) == len(next(iter(batches[0].values()))) for v in b.values())]
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.feeds: Iterator[dict[str, Any]] = iter(full)
-
-        def get_next(self) -> dict[str, Any] | None:
-            return next(self.feeds, None)
-
     symmetric = bool(spec.symmetric_activations)
-    activation_type = QuantType.QInt8 if symmetric else QuantType.QUInt8
     settings = {
         "format": "QDQ",
         "calibration_method": spec.method,
@@ -167,6 +160,38 @@ def _static_int8(
         "weights": "int8 symmetric, 7-bit range (reduce_range: no int16 saturation on AVX2 without VNNI)",
         "reduce_range": True,
     }
+    _quantize_static(fp32, destination, full, spec, list(exclude))
+    mixed = QdqGraph.of(load_onnx(destination)).mixed_range_concats(MIXED_RANGE_RATIO)
+    concats = [name for name in mixed if name not in exclude]
+    if concats:  # calibrated again, with those concatenations in float: each input keeps its own range
+        _quantize_static(fp32, destination, full, spec, [*exclude, *concats])
+    settings["float_concats"] = concats
+    settings["float_softmax_outputs"] = float_softmax_outputs(destination)
+    keep_in_float(destination, exclude, fp32)
+    return "onnxruntime quantize_static (QDQ)", settings
+
+
+def _quantize_static(
+    fp32: Path, destination: Path, feeds: list[dict[str, Any]], spec: CalibrationSpec, exclude: list[str]
+) -> None:
+    """One call of ONNX Runtime's quantize_static with Kiln's settings (see the module's docstring), calibrated on
+    `feeds`, leaving the nodes named in `exclude` unquantized."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.feeds: Iterator[dict[str, Any]] = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.feeds, None)
+
+    symmetric = bool(spec.symmetric_activations)
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
         quantize_static(
             str(fp32),
@@ -175,15 +200,12 @@ def _static_int8(
             quant_format=QuantFormat.QDQ,
             per_channel=spec.per_channel,
             reduce_range=True,
-            activation_type=activation_type,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude),
+            nodes_to_exclude=exclude,
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[spec.method]),
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
-    settings["float_softmax_outputs"] = float_softmax_outputs(destination)
-    keep_in_float(destination, exclude, fp32)
-    return "onnxruntime quantize_static (QDQ)", settings
 
 
 def _dynamic_int8(fp32: Path, destination: Path, exclude: Sequence[str]) -> tuple[str, dict[str, Any]]:

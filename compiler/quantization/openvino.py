@@ -31,14 +31,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
-from compiler.quantization.summary import QuantizeSummary
+from kiln.compiler.errors import UsageError
+from kiln.compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import openvino as ov
-
-    from compiler.quantization.calibration import CalibrationData
-    from compiler.types import TensorSpec
+    from kiln.compiler.quantization.calibration import CalibrationData
+    from kiln.compiler.types import TensorSpec
 
 QUANTIZED_PRECISIONS = ("int8", "int8-dynamic")
 # Ops whose weights are quantized (the ones NNCF puts FakeQuantize on, or compresses the weights of).
@@ -159,7 +158,7 @@ def _quantize_static(
 
 def model_inputs(ov_model: ov.Model) -> list[TensorSpec]:
     """The model's inputs as TensorSpecs (static dims as ints, dynamic ones as names)."""
-    from compiler.types import TensorSpec
+    from kiln.compiler.types import TensorSpec
 
     specs = []
     for port in ov_model.inputs:

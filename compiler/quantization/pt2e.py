@@ -31,22 +31,18 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from compiler.errors import UsageError
-from compiler.metrics import ErrorSums
-from compiler.quantization.summary import QuantizeSummary
+from kiln.compiler.errors import UsageError
+from kiln.compiler.metrics import ErrorSums
+from kiln.compiler.quantization.summary import QuantizeSummary
 
 if TYPE_CHECKING:
     import torch
+    from kiln.compiler.capture.dynamic import DynamicShapes
+    from kiln.compiler.quantization.accuracy import AccuracyResult, ModelRunner
+    from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
+    from kiln.compiler.quantization.report import QuantReport
+    from kiln.compiler.types import Feeds, TensorSpec
 
-    from compiler.dynamic import DynamicShapes
-    from compiler.quantization.accuracy import AccuracyResult
-    from compiler.quantization.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
-    from compiler.quantization.report import QuantReport
-    from compiler.types import TensorSpec
-    from targets.base import Runner
-
-Feeds = dict[str, np.ndarray]
 METHOD_USED = {"minmax": "minmax", "entropy": "histogram", "percentile": "histogram"}
 METHOD_NOTES = {
     "entropy": "calibration method entropy: PyTorch has no KL-divergence observer; used HistogramObserver, the "
@@ -207,8 +203,7 @@ def pt2e_report(
     """The per-layer report of the quantized `converted` graph against the fp32 `program` on `feeds` (see the
     module docstring): layers worst local SNR first."""
     import torch
-
-    from compiler.quantization.report import QuantReport, ReportSummary
+    from kiln.compiler.quantization.report import QuantReport, ReportSummary
 
     if not feeds:
         raise UsageError("the per-layer quantization report needs at least one input sample", "give calibration data")
@@ -246,7 +241,7 @@ def pt2e_report(
 
 def _layer(node: torch.fx.Node, total: ErrorSums, local: ErrorSums, classes: dict[str, str]) -> Any:
     """The LayerError of one weighted node, with the PyTorch module it came from."""
-    from compiler.quantization.report import LayerError
+    from kiln.compiler.quantization.report import LayerError
 
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     module = str(stack[-1][0]) if stack else "?"
@@ -269,21 +264,21 @@ def accuracy_aware_pt2e(
     budget: AccuracyBudget,
     inputs: list[TensorSpec],
     dynamic: DynamicShapes | None,
-    fp32_runner: Runner,
-    open_runner: Callable[[torch.export.ExportedProgram], Runner],
+    fp32_runner: ModelRunner,
+    open_runner: Callable[[torch.export.ExportedProgram], ModelRunner],
     classes: dict[str, str] | None = None,
 ) -> tuple[torch.export.ExportedProgram, QuantizeSummary, QuantReport, AccuracyResult]:
     """`--max-drop` for ExecuTorch: quantize with PT2E, keeping the layers with the worst local error in float
     until the drop (measured on `open_runner(quantized program)`, the lowered artifact) is within budget; the
     program kept, its summary, its per-layer report and the result. `fp32_runner` runs the reference."""
-    from compiler.quantization.accuracy import accuracy_aware
-    from compiler.quantization.report import DEFAULT_REPORT_SAMPLES
+    from kiln.compiler.quantization.accuracy import accuracy_aware
+    from kiln.compiler.quantization.report import DEFAULT_REPORT_SAMPLES
 
     feeds = calibration.batches(inputs)[:DEFAULT_REPORT_SAMPLES]
     labels: dict[str, str] = {}
     kept: list[tuple[torch.export.ExportedProgram, torch.fx.GraphModule, QuantizeSummary]] = []
 
-    def build(exclude: Sequence[str]) -> Runner:
+    def build(exclude: Sequence[str]) -> ModelRunner:
         kept[:] = [quantize_pt2e(program, calibration, inputs, dynamic, exclude)]
         return open_runner(kept[0][0])
 

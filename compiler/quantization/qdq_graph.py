@@ -1,16 +1,18 @@
-"""What the per-layer quantization report (compiler/quantization/report.py) reads of ONNX graphs: producers and
-consumers of a Q/DQ graph, its float tensors, copies of it with more outputs or with fp32 feeds for each
+"""What the per-layer quantization report (compiler/quantization/report.py) and the int8 recipe
+(compiler/quantization/onnxrt.py) read of ONNX graphs: producers and consumers of a Q/DQ graph, the calibrated
+scales of its tensors, its float tensors, copies of it with more outputs or with fp32 feeds for each
 layer, un-optimized ONNX Runtime sessions that emulate Q/DQ exactly as written, and the PyTorch module a
 node of the dynamo exporter comes from."""
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler.errors import UsageError
+from kiln.compiler.errors import UsageError
+from kiln.compiler.onnx_metadata import class_hierarchy, name_scopes
+from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
     import onnx
@@ -66,6 +68,30 @@ class QdqGraph:
         while node is not None and node.op_type in QDQ_OPS:
             node = self.producer.get(node.input[0])
         return node
+
+    def scale_of(self, tensor: str) -> float | None:
+        """The step of the DequantizeLinear that computes `tensor` (the largest, if per channel), from its constant
+        scale; None when `tensor` is not dequantized there."""
+        from onnx import numpy_helper
+
+        node = self.producer.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            return None
+        scale = next((i for i in self.model.graph.initializer if i.name == node.input[1]), None)
+        return float(numpy_helper.to_array(scale).max()) if scale is not None else None
+
+    def mixed_range_concats(self, ratio: float) -> list[str]:
+        """The Concat nodes whose quantized inputs' calibrated ranges (their scales: a range is its scale times
+        the levels of its type) differ by more than `ratio`. Quantized as one tensor, the concatenation takes the
+        widest input's range, and an input `ratio` times narrower keeps fewer than 256 / `ratio` of its levels."""
+        found = []
+        for node in self.model.graph.node:
+            if node.op_type != "Concat":
+                continue
+            scales = [s for s in (self.scale_of(name) for name in node.input) if s is not None and s > 0]
+            if len(scales) >= 2 and max(scales) > ratio * min(scales):
+                found.append(str(node.name))
+        return found
 
     def is_quantized(self, node: onnx.NodeProto) -> bool:
         """Whether `node` computes on int8 values: an input comes through a DequantizeLinear and no weight of it
@@ -167,16 +193,11 @@ def local_model(q: QdqGraph, fp32_names: dict[str, int], outputs: dict[str, int]
 
 def session(model: onnx.ModelProto, work: Path, name: str) -> Any:
     """An ONNX Runtime session without graph optimizations: Q/DQ are emulated exactly as written."""
-    import onnxruntime as ort
-
-    path = work / f"{name}.onnx"
     import onnx
 
+    path = work / f"{name}.onnx"
     onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, optimization="disable")
 
 
 def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, str]) -> tuple[str, str, list[str]]:
@@ -187,9 +208,7 @@ def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, s
     named after the parameter's module: after Conv+BatchNorm folding the Conv carries the BatchNorm's
     scope, which is then listed as merged. '?' when the node has no metadata (an ONNX source).
     """
-    meta = {p.key: p.value for p in node.metadata_props}
-    scopes = _literal_list(meta.get("pkg.torch.onnx.name_scopes"))
-    hierarchy = _literal_list(meta.get("pkg.torch.onnx.class_hierarchy"))
+    scopes, hierarchy = name_scopes(node), class_hierarchy(node)
     scoped = scopes[-2] if len(scopes) >= 2 else ("?" if not scopes else "")
     scoped_class = hierarchy[-2].rsplit(".", 1)[-1] if len(hierarchy) >= 2 and len(scopes) >= 2 else ""
     if not scopes and not hierarchy:
@@ -202,14 +221,3 @@ def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, s
         return scoped, classes.get(scoped, scoped_class), []
     merged = [scoped] if scoped not in ("", "?") else []
     return owner, classes.get(owner, ""), merged
-
-
-def _literal_list(text: str | None) -> list[str]:
-    """A Python list literal from the exporter's metadata, as strings ([] when absent or unreadable)."""
-    if not text:
-        return []
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []

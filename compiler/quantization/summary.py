@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from compiler.types import PassRecord
+from kiln.compiler.types import PassRecord
 
 
 @dataclass(frozen=True)
