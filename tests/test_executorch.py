@@ -309,6 +309,9 @@ def test_every_target_includes_executorch():
     target = get_target("et")
     assert target.name == "executorch" and target in resolve_targets("all")
     assert target.kv_cache == "static" and target.consumes == "torch" and target.accuracy_aware
+    from kiln.compiler.perf.tune import default_targets
+
+    assert target.tuned_by_default and "executorch" in default_targets()  # kiln tune times it without --targets
 
 
 @pytest.mark.slow
