@@ -61,7 +61,7 @@ class ExportOptions:
     all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets seq=32,64: static-shape targets
     task: str | None = None  # --task: text-generation (KV cache) or forward; None: text-generation for a causal LM
-    cache_size: int | None = None  # --cache-size: a static KV cache's length (tflite, tpu text generation)
+    cache_size: int | None = None  # --cache-size: a static KV cache's length (a static-cache target's text generation)
     dynamic_batch: InitVar[DynamicShapes | None] = None  # the older name of `dynamic` (DynamicBatch(1, 8))
 
     def __post_init__(self, dynamic_batch: DynamicShapes | None) -> None:

@@ -70,7 +70,7 @@ def wants_generation(source: ModelSource, task: str | None, cache_size: int | No
     if cache_size is not None and not wanted:
         raise UsageError(
             f"--cache-size applies to a text-generation export only, and {source.description} is not exported so",
-            "drop --cache-size (or export a transformers causal LM to tflite/tpu)",
+            "drop --cache-size (or export a transformers causal LM to a static-cache target: tflite, tpu, executorch)",
         )
     return wanted
 
