@@ -51,7 +51,7 @@ TARGETS = "onnx,tflite,executorch"
 PRECISIONS = ("fp32", "int8")
 
 
-def export_all(source: str, work: Path) -> tuple[list[Path], list[str]]:
+def export_all(source: str, work: Path, calib_samples: int) -> tuple[list[Path], list[str]]:
     """The model exported to every target at every precision: the published directories, and one line per
     artifact that was not published (failed to build, or rejected by the gate)."""
     from kiln.compiler.export.options import export_options
@@ -65,7 +65,12 @@ def export_all(source: str, work: Path) -> tuple[list[Path], list[str]]:
             published += [m.parent for m in sorted((work / precision).glob(f"*/{MANIFEST_NAME}"))]
             continue
         results = export_targets(
-            source, TARGETS, work / precision, export_options(precision=precision), None, Progress(quiet=True)
+            source,
+            TARGETS,
+            work / precision,
+            export_options(precision=precision, calib_samples=calib_samples),
+            None,
+            Progress(quiet=True),
         )
         for result in results:
             if result.published:
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per candidate per round (default 20)")
+    parser.add_argument(
+        "--calib-samples", type=int, default=32, help="random calibration rows of each int8 export (default 32)"
+    )
     parser.add_argument("--json", help="write every row (and the host) to this file")
     parser.add_argument(
         "--out",
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             source = MODELS[model] if MODELS[model].startswith("zoo:") else str(ROOT / MODELS[model])
             work = Path(args.out or scratch) / model
-            directories, missing = export_all(source, work)
+            directories, missing = export_all(source, work, args.calib_samples)
             recipe, said = recipe_export(source, directories, work)
             table = rows(model, time_model(source, directories, recipe, args.threads, args.rounds, args.runs))
             print_table(model, table, [*missing, said])
