@@ -95,6 +95,7 @@ def recipe_export(source: str, directories: list[Path], work: Path) -> tuple[Pat
     from executorch.runtime import Runtime
     from kiln.compiler.capture.sources import load_source
     from kiln.compiler.export.artifacts import hash_files
+    from kiln.compiler.progress import native_stderr_silenced
     from kiln.compiler.types import Manifest
 
     kiln_fp32 = next((d for d in directories if d.parent.name == "fp32" and d.name == "executorch"), None)
@@ -115,8 +116,9 @@ def recipe_export(source: str, directories: list[Path], work: Path) -> tuple[Pat
     manifest = Manifest.read(directory)
     manifest.files = hash_files(directory)
     manifest.write(directory)
-    method = Runtime.get().load_program(directory / "model.pte").load_method("forward")
-    got = torch.utils._pytree.tree_leaves(method.execute(list(model.example_inputs)))
+    with native_stderr_silenced():  # the runtime's CPU probing logs from C++
+        method = Runtime.get().load_program(directory / "model.pte").load_method("forward")
+        got = torch.utils._pytree.tree_leaves(method.execute(list(model.example_inputs)))
     with torch.no_grad():
         want = torch.utils._pytree.tree_leaves(module(*model.example_inputs))
     error = max(float(np.max(np.abs(g.numpy() - w.numpy()))) for g, w in zip(got, want))
