@@ -15,7 +15,7 @@ $(PY):
 # Pinned install: every package, direct or not, comes from constraints.txt.
 $(STAMP): constraints.txt pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "setuptools" "pip"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt -e ".[dev,tpu,matrix,ray,genai]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints.txt -e ".[dev,tpu,matrix,ray,genai,executorch]"
 	touch $(STAMP)
 
 demo: install

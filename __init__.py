@@ -109,7 +109,7 @@ def export(
     `task` ("text-generation": a causal LM with its KV cache, the default for a transformers *ForCausalLM;
     "forward": one full-sequence forward; see kiln.compiler.generation.export); `cache_size` (the static KV
     cache's length
-    of a tflite/tpu text-generation export, default 64; see kiln.compiler.generation.static_kv_cache).
+    of a tflite/tpu/executorch text-generation export, default 64; see kiln.compiler.generation.static_kv_cache).
     An unknown keyword is a UsageError. The artifact is validated against the model; if it fails parity it is
     kept under `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     A `.pt2` model is read without running code from it; `trust_pickle=True` lets `torch.export.load`

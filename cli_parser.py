@@ -113,7 +113,7 @@ def _export_parser(sub: Any) -> None:
         "--cache-size",
         type=int,
         metavar="C",
-        help="text-generation on tflite/tpu: the static KV cache's length in tokens (default 64)",
+        help="text-generation on tflite/tpu/executorch: the static KV cache's length in tokens (default 64)",
     )
     export.add_argument(
         "--llm-format",

@@ -1,7 +1,7 @@
 """Benchmark-sized models (random weights, nothing downloaded), larger than the zoo's so that kernels, not per-call
-overhead, dominate the timings: a ResNet-18 and a 4-layer BERT-like encoder (Kiln's own code), and for
-`benchmarks/tune_repeat.py` a MobileNetV2 (torchvision's layout) and a BERT-mini and a ViT-tiny from `transformers`
-configs."""
+overhead, dominate the timings: a ResNet-18 and a 4-layer BERT-like encoder (Kiln's own code), the zoo's MobileNet
+and UNet on larger images, and for `benchmarks/tune_repeat.py` a MobileNetV2 (torchvision's layout) and a
+BERT-mini and a ViT-tiny from `transformers` configs."""
 
 from __future__ import annotations
 
@@ -155,5 +155,21 @@ def vit_tiny() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return LastHidden(ViTModel(config, add_pooling_layer=False)).eval(), (torch.randn(1, 3, 224, 224),)
 
 
-MODELS = {"resnet18": resnet18, "bert4": bert4, "mobilenet_v2": mobilenet_v2, "bert_mini": bert_mini,
-          "vit_tiny": vit_tiny}  # fmt: skip
+def mobilenet224() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The zoo's MobileNetV3-style classifier (depthwise + squeeze-excite) on a 1x3x224x224 image."""
+    from kiln.compiler.capture.zoo import ZOO
+
+    model, _ = ZOO["mobilenet"]()
+    return model, (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)),)
+
+
+def unet128() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The zoo's 2-level UNet (transposed conv, bilinear upsampling, skip concats) on a 1x3x128x128 image."""
+    from kiln.compiler.capture.zoo import ZOO
+
+    model, _ = ZOO["unet"]()
+    return model, (torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4)),)
+
+
+MODELS = {"resnet18": resnet18, "bert4": bert4, "mobilenet224": mobilenet224, "unet128": unet128,
+          "mobilenet_v2": mobilenet_v2, "bert_mini": bert_mini, "vit_tiny": vit_tiny}  # fmt: skip

@@ -11,6 +11,7 @@ from kiln.compiler.errors import UsageError
 from kiln.targets.aoti import AotiTarget
 from kiln.targets.base import Target
 from kiln.targets.edgetpu import EdgeTpuTarget
+from kiln.targets.executorch import ExecuTorchTarget
 from kiln.targets.onnxrt import OnnxRuntimeTarget
 from kiln.targets.openvino_ir import OpenVinoTarget
 from kiln.targets.pt2 import ExportedProgramTarget
@@ -25,6 +26,7 @@ TARGETS: list[Target] = [
     XlaTarget(),
     TfliteTarget(),
     EdgeTpuTarget(),
+    ExecuTorchTarget(),
     AotiTarget(),
     TensorRtTarget(),
 ]

@@ -15,8 +15,9 @@ from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
     from kiln.compiler.capture.program import CapturedModel
-    from kiln.compiler.types import Manifest
+    from kiln.compiler.types import Manifest, TensorSpec
 
 MODEL_FILE = "model.pt2"
 
@@ -32,6 +33,15 @@ class ExportedProgramRunner(Runner):
 
         self.module = load_program(directory / MODEL_FILE, trust_pickle).module()
         self.inputs, self.outputs = manifest.inputs, manifest.outputs
+
+    @classmethod
+    def in_memory(
+        cls, program: torch.export.ExportedProgram, inputs: list[TensorSpec], outputs: list[TensorSpec]
+    ) -> ExportedProgramRunner:
+        """A runner on a program not saved (e.g. the fp32 reference of another target's --max-drop search)."""
+        runner = cls.__new__(cls)
+        runner.module, runner.inputs, runner.outputs = program.module(), inputs, outputs
+        return runner
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name."""

@@ -170,7 +170,10 @@ def test_a_tolerance_no_runtime_meets_fails_the_gate(exported):
 
 def test_generation_refuses_other_targets_and_non_causal_models(tmp_path, capsys):
     code, _, err = run_cli("export", FACTORY, "-t", "pt2", "-o", tmp_path / "a", capsys=capsys)
-    assert code == 2 and "supports onnx, openvino (a growing KV cache) and tflite, tpu (a static one), not pt2" in err
+    assert (
+        code == 2
+        and "supports onnx, openvino (a growing KV cache) and executorch, tflite, tpu (a static one), not pt2" in err
+    )
     assert len(err.strip().splitlines()) <= 2
     llama_model = f"{ROOT / 'tests' / 'models' / 'hf_models.py'}:llama"
     code, _, err = run_cli(

@@ -150,7 +150,7 @@ def test_static_generation_refuses_bad_requests(tmp_path, capsys):
     code, _, err = run_cli("export", FACTORY, "-t", "tflite,onnx", "-o", tmp_path / "a", capsys=capsys)
     assert code == 2 and "tflite takes a static KV cache and onnx a growing one" in err
     code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--cache-size", "64", "-o", tmp_path / "b", capsys=capsys)
-    assert code == 2 and "--cache-size applies to a static KV cache (tflite, tpu) only" in err
+    assert code == 2 and "--cache-size applies to a static KV cache (executorch, tflite, tpu) only" in err
     full = DecoderSpec(128, 128, ("full_attention",) * 2)
     with pytest.raises(UsageError, match="--cache-size 20: the gate decodes 35 positions"):
         check_cache_size(20, full)

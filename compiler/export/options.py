@@ -169,8 +169,9 @@ class OutputOptions:
 class SourceOptions:
     """How the model is read and what it is exported as: `--trust-pickle` (a .pt2 may run its pickles), `--task`
     (text-generation with its KV cache, or forward; None: text-generation for a causal LM), `--cache-size` (a
-    static KV cache's length: tflite, tpu text generation) and `--llm-format` (onnx, openvino text generation:
-    genai, the runtime's own LLM format, or stateless, Kiln's step graph; None: genai where a target has it)."""
+    static KV cache's length: a static-cache target's text generation) and `--llm-format` (onnx, openvino text
+    generation: genai, the runtime's own LLM format, or stateless, Kiln's step graph; None: genai where a target
+    has it)."""
 
     trust_pickle: bool = False
     task: str | None = None

@@ -73,7 +73,7 @@ def wants_generation(
     if cache_size is not None and not wanted:
         raise UsageError(
             f"--cache-size applies to a text-generation export only, and {source.description} is not exported so",
-            "drop --cache-size (or export a transformers causal LM to tflite/tpu)",
+            "drop --cache-size (or export a transformers causal LM to a static-cache target: tflite, tpu, executorch)",
         )
     if llm_format is not None and not wanted:
         raise UsageError(

@@ -14,6 +14,8 @@ Modules:
 - `onnxrt`: ONNX Runtime Q/DQ int8, weights-only int8 and fp16 (`quantize_onnx`);
 - `openvino`: NNCF for OpenVINO (`quantize_openvino`);
 - `litert`: ai-edge-quantizer for LiteRT (`quantize_tflite`);
+- `pt2e`: PT2E with ExecuTorch's XNNPACK quantizer on the FX program (`quantize_pt2e`), its per-layer report
+  (`pt2e_report`) and its `--max-drop` driver (`accuracy_aware_pt2e`);
 - `report` (with `qdq_graph`): the per-layer error report of a Q/DQ graph (`quant_report.json`);
 - `accuracy`: the `--max-drop` search (`accuracy_aware`) and its ONNX and OpenVINO drivers.
 
@@ -23,6 +25,8 @@ The interface every per-toolchain quantizer follows:
 
 `source` is the float model (a path, or the toolchain's in-memory model, which is then returned with the
 summary); `precision` is one of the toolchain's quantized precisions; `calibration` is a `CalibrationData`
-(None where the precision needs none); `exclude` names the layers (ONNX node names) kept in float, for the
-toolchains that can (ONNX Runtime, NNCF). Bad requests raise `kiln.compiler.errors.UsageError`.
+(None where the precision needs none); `exclude` names the layers (ONNX node names; FX node names for PT2E) kept
+in float, for the toolchains that can (ONNX Runtime, NNCF, PT2E). PT2E's source is the `torch.export` program, which
+it re-exports quantized (so it also takes the inputs' specs and dynamic dims, and returns the converted module its
+report reads). Bad requests raise `kiln.compiler.errors.UsageError`.
 """

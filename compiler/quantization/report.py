@@ -63,6 +63,14 @@ class LayerError:
     local_snr_db: float = math.inf
     local_max_abs: float = 0.0
 
+    @classmethod
+    def measured(cls, total: ErrorSums, local: ErrorSums, **fields: Any) -> LayerError:
+        """A layer with its total and local errors from the running sums of every sample."""
+        layer = cls(**fields)
+        layer.cosine, layer.snr_db, layer.max_abs = total.cosine, total.snr_db, total.max_abs
+        layer.local_cosine, layer.local_snr_db, layer.local_max_abs = local.cosine, local.snr_db, local.max_abs
+        return layer
+
     @property
     def label(self) -> str:
         """The module as people know it, e.g. `features.3 (Conv2d) +features.4`."""
@@ -277,7 +285,9 @@ def _layer(
         extra, _, _ = module_of(fp32_node, fp32.constants, classes)
         if extra not in (module, *merged):
             merged.append(extra)
-    return LayerError(
+    return LayerError.measured(
+        total,
+        local,
         name=computer.name,
         op_type=op_type,
         tensor=name,
@@ -285,10 +295,4 @@ def _layer(
         module_class=module_class,
         merged=merged,
         quantized=q.is_quantized(computer),
-        cosine=total.cosine,
-        snr_db=total.snr_db,
-        max_abs=total.max_abs,
-        local_cosine=local.cosine,
-        local_snr_db=local.snr_db,
-        local_max_abs=local.max_abs,
     )

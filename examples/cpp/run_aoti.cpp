@@ -13,24 +13,20 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <map>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "npy.h"
+
 namespace {
 
-const char kMagic[] = "\x93NUMPY";
-const size_t kMagicSize = 6;
-
-// numpy dtype string (without the byte-order character) <-> ATen scalar type.
+// numpy type code (without the byte-order character) <-> ATen scalar type.
 const std::map<std::string, at::ScalarType>& npy_types() {
   static const std::map<std::string, at::ScalarType> types = {
       {"f4", at::kFloat}, {"f8", at::kDouble}, {"f2", at::kHalf}, {"i8", at::kLong}, {"i4", at::kInt},
@@ -39,101 +35,25 @@ const std::map<std::string, at::ScalarType>& npy_types() {
   return types;
 }
 
-std::string npy_descr(at::ScalarType type) {
-  for (const auto& [code, scalar] : npy_types()) {
-    if (scalar == type) {
-      return (code == "i1" || code == "u1" || code == "b1" ? "|" : "<") + code;
-    }
-  }
-  throw std::runtime_error(std::string("no .npy type for output dtype ") + c10::toString(type));
-}
-
-// The value text of `'key': VALUE` in a .npy header dict.
-std::string header_field(const std::string& header, const std::string& key) {
-  const auto at = header.find("'" + key + "'");
-  if (at == std::string::npos) {
-    throw std::runtime_error("the .npy header has no '" + key + "'");
-  }
-  auto start = header.find(':', at) + 1;
-  while (header[start] == ' ') {
-    ++start;
-  }
-  const char open = header[start];
-  const auto end = open == '(' ? header.find(')', start) + 1
-                   : open == '\'' ? header.find('\'', start + 1) + 1
-                                  : header.find_first_of(",}", start);
-  return header.substr(start, end - start);
-}
-
 at::Tensor read_npy(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) {
-    throw std::runtime_error("cannot open " + path);
+  const npy::Array array = npy::read(path);
+  if (npy_types().count(array.code) == 0) {
+    throw std::runtime_error(path + ": unsupported dtype " + array.code + " (need little-endian numeric or bool)");
   }
-  char magic[kMagicSize + 2];
-  file.read(magic, sizeof(magic));
-  if (!file || std::memcmp(magic, kMagic, kMagicSize) != 0) {
-    throw std::runtime_error(path + " is not a .npy file (write it with numpy.save)");
-  }
-  const int major = static_cast<unsigned char>(magic[kMagicSize]);
-  uint32_t header_size = 0;
-  unsigned char size_bytes[4] = {0, 0, 0, 0};
-  file.read(reinterpret_cast<char*>(size_bytes), major == 1 ? 2 : 4);
-  for (int i = 3; i >= 0; --i) {
-    header_size = (header_size << 8) | size_bytes[i];
-  }
-  std::string header(header_size, '\0');
-  file.read(header.data(), header_size);
-
-  const std::string descr = header_field(header, "descr");  // e.g. '<f4'
-  const std::string code = descr.substr(2, descr.size() - 3);
-  if (descr[1] == '>' || npy_types().count(code) == 0) {
-    throw std::runtime_error(path + ": unsupported dtype " + descr + " (need little-endian numeric or bool)");
-  }
-  if (header_field(header, "fortran_order") != "False") {
-    throw std::runtime_error(path + " is in Fortran order: save numpy.ascontiguousarray(x)");
-  }
-  std::vector<int64_t> shape;
-  std::stringstream dims(header_field(header, "shape"));
-  std::string dim;
-  dims.ignore(1);  // '('
-  while (std::getline(dims, dim, ',')) {
-    if (dim.find_first_of("0123456789") != std::string::npos) {
-      shape.push_back(std::stoll(dim));
-    }
-  }
-  at::Tensor tensor = at::empty(shape, at::TensorOptions().dtype(npy_types().at(code)));
-  file.read(static_cast<char*>(tensor.data_ptr()), static_cast<std::streamsize>(tensor.nbytes()));
-  if (!file) {
-    throw std::runtime_error(path + " is shorter than its header says");
-  }
+  at::Tensor tensor = at::empty(array.shape, at::TensorOptions().dtype(npy_types().at(array.code)));
+  std::memcpy(tensor.data_ptr(), array.data.data(), array.data.size());
   return tensor;
 }
 
 void write_npy(const std::string& path, const at::Tensor& value) {
   const at::Tensor tensor = value.to(at::kCPU).contiguous();
-  std::string shape = "(";
-  for (int64_t axis = 0; axis < tensor.dim(); ++axis) {
-    shape += (axis ? ", " : "") + std::to_string(tensor.size(axis));
+  for (const auto& [code, scalar] : npy_types()) {
+    if (scalar == tensor.scalar_type()) {
+      npy::write(path, code, tensor.sizes().vec(), tensor.const_data_ptr(), tensor.nbytes());
+      return;
+    }
   }
-  shape += tensor.dim() == 1 ? ",)" : ")";  // numpy writes (), (3,) and (1, 3)
-  std::string header =
-      "{'descr': '" + npy_descr(tensor.scalar_type()) + "', 'fortran_order': False, 'shape': " + shape + ", }";
-  const size_t unpadded = kMagicSize + 2 + 2 + header.size() + 1;
-  header.append((64 - unpadded % 64) % 64, ' ');
-  header += '\n';
-  std::ofstream file(path, std::ios::binary);
-  const uint16_t size = static_cast<uint16_t>(header.size());
-  const char version[2] = {1, 0};
-  const char size_bytes[2] = {static_cast<char>(size & 0xff), static_cast<char>(size >> 8)};
-  file.write(kMagic, kMagicSize);
-  file.write(version, 2);
-  file.write(size_bytes, 2);
-  file.write(header.data(), static_cast<std::streamsize>(header.size()));
-  file.write(static_cast<const char*>(tensor.const_data_ptr()), static_cast<std::streamsize>(tensor.nbytes()));
-  if (!file) {
-    throw std::runtime_error("cannot write " + path);
-  }
+  throw std::runtime_error(std::string("no .npy type for output dtype ") + c10::toString(tensor.scalar_type()));
 }
 
 }  // namespace
