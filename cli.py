@@ -83,6 +83,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         localize=args.localize,
         task=args.task,
         cache_size=args.cache_size,
+        group_size=args.group_size,
+        weights=args.weights,
     )
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import numpy as np
     from kiln.compiler.capture.program import CapturedModel
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+    from kiln.compiler.quantization.weight_only import WeightOnlySpec
     from kiln.compiler.types import Manifest, PassRecord, TensorSpec
 
 
@@ -25,6 +26,7 @@ class BuildRequest:
     accuracy: AccuracyBudget | None = None  # --max-drop, for quantized precisions
     route: str = ""  # the name of the Route being built (empty: the target's first)
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets: symbol -> sizes to build at
+    weights: WeightOnlySpec | None = None  # a text-generation export at int8/int4: weight-only quantization
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,12 @@ class Target:
     # graph, the
     # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
     kv_cache: str | None = None
+    # The precisions it builds a text-generation export at by weight-only quantization (int8, int4:
+    # kiln.compiler.quantization.weight_only), besides fp32; whether its toolchain takes asymmetric weights; and why a
+    # precision is not offered where the plain "not supported" would not say (shown in the refusal).
+    weight_only: tuple[str, ...] = ()
+    asymmetric_weights: bool = True
+    precision_notes: ClassVar[dict[str, str]] = {}
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
     # `kiln verify` accepts them although the manifest does not list them.
     later_files: tuple[str, ...] = ()

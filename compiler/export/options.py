@@ -18,6 +18,7 @@ from kiln.compiler.quantization.calibration import (
     CalibrationData,
     CalibrationSpec,
 )
+from kiln.compiler.quantization.weight_only import BITS, WeightOnlySpec, check_weight_flags
 from kiln.compiler.types import Tolerance, check_thresholds
 from kiln.passes import DEFAULT_LEVEL, Pass, PassAdjustments
 
@@ -61,6 +62,8 @@ class ExportOptions:
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets seq=32,64: static-shape targets
     task: str | None = None  # --task: text-generation (KV cache) or forward; None: text-generation for a causal LM
     cache_size: int | None = None  # --cache-size: a static KV cache's length (tflite, tpu text generation)
+    group_size: int | None = None  # --group-size: int4 weight groups of a text-generation export (default 128)
+    weights: str | None = None  # --weights sym|asym: a text-generation export's int8/int4 weights (default sym)
     dynamic_batch: InitVar[DynamicShapes | None] = None  # the older name of `dynamic` (DynamicBatch(1, 8))
 
     def __post_init__(self, dynamic_batch: DynamicShapes | None) -> None:
@@ -70,6 +73,7 @@ class ExportOptions:
         self.tolerance("fp32")
         if self.accuracy is not None:
             check_thresholds(max_drop=self.accuracy.max_drop)
+        check_weight_flags(self.group_size, self.weights)
 
     def precision_for(self, target: Target) -> str:
         """The precision asked of `target`: the user's, or the target's default."""
@@ -77,10 +81,16 @@ class ExportOptions:
 
     def build_request(self, target: Target, calibration: CalibrationData | None) -> BuildRequest:
         """What the target's build is asked for."""
+        from kiln.compiler.generation.export import TEXT_GENERATION
         from kiln.targets.base import BuildRequest
 
+        precision = self.precision_for(target)
+        weights = None
+        if self.task == TEXT_GENERATION and precision in BITS:
+            weights = WeightOnlySpec.for_precision(precision, self.group_size, self.weights)
         return BuildRequest(
-            precision=self.precision_for(target),
+            precision=precision,
+            weights=weights,
             io_layout="nhwc" if "nhwc" in self.io else None,
             calibration=calibration,
             accuracy=self.accuracy,

@@ -36,15 +36,18 @@ from kiln.compiler.export.staging import (
 )
 from kiln.compiler.generation.export import (
     TEXT_GENERATION,
+    check_weight_request,
     generation_detail,
     generation_samples,
     generation_source,
+    generation_streams,
     generation_targets,
     name_generation_io,
     skip_localization,
     wants_generation,
     with_generation,
 )
+from kiln.compiler.generation.stream_gate import TokenStream, stream_gated
 from kiln.compiler.parity.gate import (
     QUANTIZED_PRECISIONS,
     QUANTIZED_SAMPLES,
@@ -78,6 +81,7 @@ class _Shared:
     calibration: CalibrationData | None
     scratch: Path
     routes: RouteGraphs
+    streams: list[TokenStream] | None = None  # a quantized text-generation export's token streams (stream_gate)
 
 
 @dataclass
@@ -125,8 +129,11 @@ def export_targets(
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task, options.cache_size):
             chosen = generation_targets(source, chosen, targets, options, progress.say)
+            options = replace(options, task=TEXT_GENERATION)  # int8/int4 builds are weight-only from here
             with _timed(progress, timings, "generation", generation_detail(chosen)):
                 source = generation_source(source, chosen, options.cache_size)
+        else:
+            check_weight_request(chosen, options, generation=False)
         outcomes: list[_Outcome] = []
         # Work files live in the staging directory too, and so do the converters' own temporary files.
         with staging_area(out) as staging, converter_temp_files(staging / "tmp"):
@@ -185,16 +192,21 @@ def prepare(
                     raise
                 lowering_failure = error
         captured = name_generation_io(captured) if source.task == TEXT_GENERATION else captured
-    calibration = calibration_data(group, captured, source, options, progress, timings)
+    calibration = None
+    if source.task != TEXT_GENERATION:  # a text-generation export's int8/int4 are weight-only
+        calibration = calibration_data(group, captured, source, options, progress, timings)
     quantized = any(options.precision_for(t) in QUANTIZED_PRECISIONS for t in group)
     held = calibration.held_back_sets(captured.inputs, QUANTIZED_SAMPLES) if calibration is not None else []
     with _timed(progress, timings, "reference", f"{source.reference_name} on parity inputs"):
+        streams = None
         if source.task == TEXT_GENERATION:
             samples = generation_samples(source, captured, options)
+            if any(stream_gated(options.precision_for(t)) for t in group):
+                streams = generation_streams(source, captured)
         else:
             samples = reference_samples(source, captured, options, quantized, held)
     routes = RouteGraphs(captured, scratch, optimize_onnx, lowering_failure)
-    return _Shared(source, captured, samples, calibration, scratch, routes)
+    return _Shared(source, captured, samples, calibration, scratch, routes, streams)
 
 
 def export_one(
@@ -316,8 +328,9 @@ def _try_route(
             tolerance = options.tolerance(request.precision)
             report = validate(artifact, samples, tolerance, shared.source.reference_name)
         if shared.source.task == TEXT_GENERATION:
-            with _timed(progress, own, f"generate {target.name}", "greedy tokens vs the reference"):
-                report = with_generation(report, artifact, shared.source)
+            what = "teacher-forced streams" if shared.streams else "greedy tokens"
+            with _timed(progress, own, f"generate {target.name}", f"{what} vs the reference"):
+                report = with_generation(report, artifact, shared.source, shared.streams)
     except (UsageError, MissingBackendError) as error:
         raise _TargetFailed(step, error) from error
     except KilnError as error:
