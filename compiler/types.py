@@ -115,7 +115,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "int8-dynamic": Tolerance(1e-1, 1e-1, 1.0, 0.995, 0.95, 20.0, 0.9, min_channel_cosine=0.5, min_channel_snr_db=1.0),
     "int8": Tolerance(1e-1, 1e-1, 1.0, 0.99, 0.95, 15.0, 0.9, min_channel_cosine=0.5, min_channel_snr_db=1.0),
     # int4 weights (a text-generation export's decoding states; its tokens: kiln.compiler.generation.stream_gate).
-    "int4": Tolerance(1e-1, 1e-1, 1.0, 0.95, 0.9, 10.0, 0.8, min_channel_cosine=0.5, min_channel_snr_db=1.0),
+    "int4": Tolerance(1e-1, 1e-1, 1.0, 0.85, 0.9, 6.0, 0.8, min_channel_cosine=0.5, min_channel_snr_db=1.0),
 }
 
 
@@ -258,8 +258,9 @@ def _stream_summary(record: dict[str, Any]) -> str:
     def number(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
 
-    limits = record.get("thresholds") if isinstance(record.get("thresholds"), dict) else {}
-    failed = record.get("failed") if isinstance(record.get("failed"), list) else []
+    stored_limits, stored_failed = record.get("thresholds"), record.get("failed")
+    limits: dict[str, Any] = stored_limits if isinstance(stored_limits, dict) else {}
+    failed: list[Any] = stored_failed if isinstance(stored_failed, list) else []
     verdict = "within thresholds" if record.get("passed") else f"OUTSIDE ({', '.join(map(str, failed))})"
     figures = [
         f"top-1 {number(record.get('top1'), '.3f')} (>= {limits.get('min_top1')})",

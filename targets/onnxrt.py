@@ -210,7 +210,8 @@ def quantize_weights_artifact(
 
     spec = request.weights
     assert spec is not None
-    fp32, kept = onnx.load(str(graph)), []
+    fp32 = onnx.load(str(graph))
+    kept: list[Any] = []
 
     def quantize(apart: Sequence[str]) -> Runner:
         keep = {"keep_8bit" if spec.bits < spec.head_bits else "keep_float": apart}

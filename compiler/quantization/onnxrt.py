@@ -533,5 +533,5 @@ def rank_by_weight_error(proto: onnx.ModelProto, spec: WeightOnlySpec, names: Se
             scale = (np.max(groups, axis=1, keepdims=True) - low) / levels
         scale = np.where(scale == 0, 1.0, scale)
         rounded = np.round((groups - low) / scale) * scale + low
-        errors[name] = float(np.linalg.norm(rounded - groups) / max(np.linalg.norm(groups), 1e-30))
+        errors[name] = float(np.linalg.norm(rounded - groups)) / max(float(np.linalg.norm(groups)), 1e-30)
     return sorted(errors, key=lambda n: -errors[n])

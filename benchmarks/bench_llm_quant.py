@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""The quantized text-generation gate's figures: every held-out decoder family exported at fp32, int8 and int4 to
+onnx and openvino and at int8 to tflite, and the planted too-coarse quantizations, each judged by the real gate.
+
+Run by hand::
+
+    .venv/bin/python benchmarks/bench_llm_quant.py
+    .venv/bin/python benchmarks/bench_llm_quant.py --families llama,qwen2 --json llm_quant.json
+
+For each family of tests/models/decoders.py (small configs, random weights) and precision, one `kiln export
+--task text-generation` (onnx and openvino share a capture; tflite gets its own, static cache). Each row: whether
+the gate published it; the decoding states' worst logits cosine and SNR (the per-output check, at the precision's
+Tolerance); and the teacher-forced streams of kiln.compiler.generation.stream_gate against the user's fp32 model:
+top-1 agreement, mean and worst step logit cosine, perplexity ratio (fp32 rows: the greedy tokens, identical or
+not). Then the planted rows (tests/models/coarse_weights.py): int4 asked of the toolchains as 2 bits, and int4
+with one scale per matrix on onnx, which the gate must reject. Nothing is hard-coded: every figure comes from the
+manifests the run writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FAMILIES = ("llama", "qwen2", "phi3", "gpt_neox", "olmo2")
+CELLS = (("onnx,openvino", "fp32"), ("onnx,openvino", "int8"), ("onnx,openvino", "int4"), ("tflite", "int8"))
+
+
+def planted_cells() -> list[tuple[str, str, str, AbstractContextManager[Any]]]:
+    """(label, targets, precision, context) of the planted too-coarse quantizations."""
+    from tests.models.coarse_weights import per_tensor_onnx_weights, two_bit_weights
+
+    return [
+        ("int4 asked as 2 bits", "onnx,openvino", "int4", two_bit_weights()),
+        ("int4 one scale per matrix", "onnx", "int4", per_tensor_onnx_weights()),
+    ]
+
+
+def row(family: str, label: str, result: Any, seconds: float) -> dict[str, Any]:
+    """The figures of one export's manifest."""
+    parity = result.manifest.parity if result.manifest is not None else None
+    out: dict[str, Any] = {"family": family, "target": result.target, "precision": label, "seconds": round(seconds, 1)}
+    out["published"] = bool(result.published)
+    if parity is None:
+        out["failure"] = result.failure.message if result.failure else "no parity report"
+        return out
+    logits = next((o for o in parity.outputs if o.name == "logits"), None)
+    out["states_cosine"] = round(logits.min_cosine, 4) if logits else None
+    out["states_snr_db"] = round(logits.snr_db, 1) if logits else None
+    generation = parity.generation or {}
+    if generation.get("kind") == "teacher-forced streams":
+        for key in ("top1", "mean_logit_cosine", "min_logit_cosine", "ppl_ratio"):
+            value = generation.get(key)
+            out[key] = round(value, 4) if isinstance(value, float) else value
+        out["tokens"] = generation.get("tokens")
+    else:
+        out["identical"] = generation.get("identical")
+        out["tokens"] = generation.get("tokens")
+    return out
+
+
+def export_rows(family: str, targets: str, precision: str, label: str, context: Any, scratch: Path) -> list[dict]:
+    """One export (in-process, so that a planted quantizer applies), its rows."""
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
+
+    models = ROOT / "tests" / "models" / "decoders.py"
+    out = scratch / f"{family}-{targets.replace(',', '+')}-{label.replace(' ', '_')}"
+    options = ExportOptions(precision=precision, force=True)
+    started = time.perf_counter()
+    with context:
+        results = export_targets(f"{models}:{family}", targets, out, options)
+    seconds = time.perf_counter() - started
+    return [row(family, label, r, seconds) for r in results]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--no-planted", action="store_true", help="leave out the planted too-coarse rows")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    from kiln.compiler.generation.stream_gate import STREAM_TOLERANCES
+    from kiln.compiler.progress import quiet_libraries
+
+    quiet_libraries()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-llm-quant-") as scratch:
+        for family in args.families.split(","):
+            for targets, precision in CELLS:
+                rows += export_rows(family, targets, precision, precision, nullcontext(), Path(scratch))
+                print(json.dumps(rows[-1]), flush=True)
+        if not args.no_planted:
+            for label, targets, precision, context in planted_cells():
+                rows += export_rows("llama", targets, precision, label, context, Path(scratch))
+                print(json.dumps(rows[-1]), flush=True)
+    print("\nthresholds:", {k: vars(v) for k, v in STREAM_TOLERANCES.items()})
+    head = f"{'family':<9} {'target':<9} {'precision':<26} {'gate':<9} {'top-1':>6} {'mean cos':>9} {'min cos':>8}"
+    print(head + f" {'ppl ratio':>9} {'states cos':>10} {'states SNR':>10}")
+    for r in rows:
+        gate = "published" if r["published"] else "REJECTED"
+        if "top1" in r:
+            figures = (
+                f"{r['top1']:>6.3f} {r['mean_logit_cosine']:>9.4f} {r['min_logit_cosine']:>8.3f} {r['ppl_ratio']:>9.3f}"
+            )
+        else:
+            figures = f"{'identical' if r.get('identical') else 'DIFFER':>6} {'':>9} {'':>8} {'':>9}"
+        states = f"{r.get('states_cosine')!s:>10} {r.get('states_snr_db')!s:>10}"
+        print(f"{r['family']:<9} {r['target']:<9} {r['precision']:<26} {gate:<9} {figures} {states}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
