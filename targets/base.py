@@ -131,8 +131,9 @@ class Target:
     # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
     kv_cache: str | None = None
     # The precisions it builds a text-generation export at by weight-only quantization (int8, int4:
-    # kiln.compiler.quantization.weight_only), besides fp32; whether its toolchain takes asymmetric weights; and why a
-    # precision is not offered where the plain "not supported" would not say (shown in the refusal).
+    # kiln.compiler.quantization.weight_only), besides fp32 (int4 is for text generation only: not in `precisions`,
+    # which `--precision all` of the matrix and tune iterate); whether its toolchain takes asymmetric weights; and why
+    # a precision is not offered where the plain "not supported" would not say (shown in the refusal).
     weight_only: tuple[str, ...] = ()
     asymmetric_weights: bool = True
     precision_notes: ClassVar[dict[str, str]] = {}

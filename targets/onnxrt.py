@@ -112,7 +112,7 @@ class OnnxRuntimeTarget(Target):
     aliases = ("onnxruntime", "ort")
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
-    precisions = ("fp32", "int8", "int8-dynamic", "fp16", "int4")  # bf16: ORT's CPU provider has no bf16 kernels
+    precisions = ("fp32", "int8", "int8-dynamic", "fp16")  # bf16: ORT's CPU provider has no bf16 kernels
     weight_only = ("int8", "int4")  # text generation: MatMulNBits (kiln.compiler.quantization.weight_only)
     io_options = ("nhwc",)
     accuracy_aware = True

@@ -153,7 +153,7 @@ class OpenVinoTarget(Target):
     aliases = ("cpu", "ov")
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
-    precisions = ("fp32", "fp16", "bf16", "int8-dynamic", "int8", "int4")
+    precisions = ("fp32", "fp16", "bf16", "int8-dynamic", "int8")
     weight_only = ("int8", "int4")  # text generation: nncf.compress_weights (kiln.compiler.quantization.weight_only)
     io_options = ("nhwc",)
     accuracy_aware = True

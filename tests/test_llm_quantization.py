@@ -117,8 +117,8 @@ def test_one_scale_per_matrix_is_rejected_by_the_gate(tmp_path, capsys):
     with per_tensor_onnx_weights():
         code, results = _export("qwen2", "onnx", tmp_path / "out", capsys, "--precision", "int4")
     assert code == 1 and not results["results"][0]["published"]
-    generation = json.loads((tmp_path / "out" / "manifest.json").read_text())["parity"]["generation"]
-    assert not generation["passed"] and "ppl_ratio" in generation["failed"]
+    manifest = json.loads((tmp_path / "out" / ".rejected" / "onnx" / "manifest.json").read_text())
+    assert not manifest["parity"]["generation"]["passed"] and "ppl_ratio" in manifest["parity"]["generation"]["failed"]
 
 
 @pytest.mark.slow
@@ -139,7 +139,7 @@ def test_weight_only_requests_are_checked_before_any_work(tmp_path, capsys):
         (("--precision", "int4", "--group-size", "100"), "--group-size 100: not a group size"),
         (("--precision", "int4", "-t", "tflite"), "target tflite does not support precision int4"),
         (("--precision", "int8", "-t", "tflite", "--weights", "asym"), "tflite takes symmetric weights only"),
-        (("--precision", "int8", "-t", "tpu"), "target tpu does not support precision int8: its route lowers"),
+        (("--precision", "int8", "-t", "tpu"), "target tpu does not support precision int8: its weights are constants"),
         (
             (
                 "--group-size",

@@ -49,7 +49,7 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
         )
         if refusal is not None:  # buckets that fit go on to the checks below (precision, the target's own)
             return refusal
-    if precision not in target.precisions:
+    if precision not in (*target.precisions, *target.weight_only):  # weight_only: text generation's int4
         why = target.precision_notes.get(precision)
         return UsageError(
             f"target {target.name} does not support precision {precision}" + (f": {why}" if why else ""),
