@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.passes import channels_last, cleanup, fusion, fx
-from kiln.passes.base import DEFAULT_LEVEL, FX, LEVELS, ONNX, Pass, PassResult
+from kiln.compiler.errors import error_text
+from kiln.passes import cleanup, fusion, fx, transpose_sinking
+from kiln.passes.base import DEFAULT_LEVEL, LEVELS, Pass
+from kiln.passes.graphs import count_nodes, dump_graph
 
 if TYPE_CHECKING:
     from kiln.compiler.types import PassRecord
 
-__all__ = ["DEFAULT_LEVEL", "FX", "LEVELS", "ONNX", "PASSES", "Pass", "PassAdjustments", "PassResult"]
-
 PASSES: dict[str, Pass] = {
-    p.name: p for p in [*cleanup.PASSES, *fusion.PASSES, *channels_last.PASSES, *cleanup.FINAL, *fx.PASSES]
+    p.name: p for p in [*cleanup.PASSES, *fusion.PASSES, *transpose_sinking.PASSES, *cleanup.FINAL, *fx.PASSES]
 }
 
 
@@ -80,13 +80,6 @@ def pipeline_for(ir: str, target: str, level: int = DEFAULT_LEVEL, adjust: PassA
     return chosen
 
 
-def count_nodes(graph: Any) -> int:
-    """Number of nodes that compute something: ONNX nodes of the main graph, or FX call_function nodes."""
-    if hasattr(graph, "graph_module"):
-        return sum(1 for n in graph.graph.nodes if n.op == "call_function")
-    return sum(1 for _ in graph.graph)
-
-
 def run_pipeline(graph: Any, pipeline: Sequence[Pass], dump: Path | None = None) -> tuple[Any, list[PassRecord]]:
     """Run `pipeline` over `graph`, recording what each pass did; with `dump`, write the graph after each pass.
 
@@ -133,7 +126,7 @@ def _run_checked(
         result, changed = graph_pass(graph)
     except Exception as error:  # a pass bug costs the optimization, not the export
         seconds = round(time.perf_counter() - started, 4)
-        return kept, False, f"the pass raised {type(error).__name__}: {' '.join(str(error).split())[:300]}", seconds
+        return kept, False, f"the pass raised {error_text(error)}", seconds
     seconds = round(time.perf_counter() - started, 4)
     if not changed:
         return result, False, None, seconds
@@ -144,26 +137,3 @@ def _run_checked(
     if broken:
         return kept, False, "it broke the graph: " + "; ".join(broken), seconds
     return result, True, None, seconds
-
-
-def dump_graph(graph: Any, stem: Path) -> Path:
-    """Write a graph for reading: an ONNX model as `stem.onnx`, an FX program as `stem.txt`."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(graph, "graph_module"):
-        path = stem.with_suffix(".txt")
-        path.write_text(str(graph))
-        return path
-    return save_onnx(graph, stem.with_suffix(".onnx"))
-
-
-def save_onnx(model: Any, destination: Path) -> Path:
-    """Save an onnx_ir model as one self-contained file, or with external data beyond 2 GB."""
-    import onnx_ir as ir
-
-    large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > 2**30
-    if large:
-        ir.save(model, str(destination), external_data=destination.name + ".data")
-    else:
-        # Pull weights that lived in the source's external files into the new self-contained file.
-        ir.save(ir.external_data.load_to_model(model), str(destination))
-    return destination

@@ -19,7 +19,8 @@ from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import SLIDING, AttentionPattern
 from kiln.compiler.generation.decoding import DecoderSpec, StaticCacheLayout
 from kiln.compiler.generation.export import CausalLMWithCache
-from kiln.compiler.generation.gate import CausalLMReference, check_record, decoding_samples, gate_prompts
+from kiln.compiler.generation.gate import check_record, decoding_samples, gate_prompts
+from kiln.compiler.generation.reference import CausalLMReference
 from kiln.compiler.generation.static_kv_cache import CausalLMWithStaticCache
 from kiln.compiler.types import MANIFEST_NAME
 

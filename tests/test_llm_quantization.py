@@ -210,8 +210,9 @@ def test_the_prefill_step_matches_the_users_model_on_its_decoding_states():
     model on the gate's decoding states, in PyTorch alone: a full-attention model and one whose 8-token window is
     shorter than the 16-token chunk (its expected keys come from one run per new position)."""
     import torch
-    from kiln.compiler.generation.export import cache_shape, decoder_spec
-    from kiln.compiler.generation.gate import CausalLMReference, decoding_samples
+    from kiln.compiler.generation.causal_lm import cache_shape, decoder_spec
+    from kiln.compiler.generation.gate import decoding_samples
+    from kiln.compiler.generation.reference import CausalLMReference
     from kiln.compiler.generation.static_kv_cache import CausalLMWithStaticCache
 
     for family in ("llama", "gemma2"):

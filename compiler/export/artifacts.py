@@ -59,7 +59,7 @@ def build(
         graph = replace(graph, exported=snapshot(graph.exported))
     with (
         progress.stage(f"build {target.name}", target.stage_detail(graph, request)),
-        backend_failures(target, "convert"),
+        backend_failures(target.name, "convert"),
         converter_output_captured(),
     ):
         built = target.build(graph, directory, request)
@@ -78,7 +78,7 @@ def load_runner(artifact: Artifact, threads: int | None = None, settings: Runtim
     manifest = artifact.manifest
     if settings is not None and not settings.is_default:
         manifest = target.with_runtime_settings(manifest, settings)
-    with backend_failures(target, "run"):
+    with backend_failures(target.name, "run"):
         return target.load(artifact.directory, manifest, threads=threads)
 
 

@@ -20,7 +20,8 @@ from kiln.compiler.quantization.calibration import (
 )
 from kiln.compiler.quantization.weight_only import BITS, WeightOnlySpec, check_weight_flags
 from kiln.compiler.types import Tolerance, check_thresholds
-from kiln.passes import DEFAULT_LEVEL, Pass, PassAdjustments
+from kiln.passes import PassAdjustments
+from kiln.passes.base import DEFAULT_LEVEL, Pass
 
 if TYPE_CHECKING:
     from kiln.targets.base import BuildRequest, Target
@@ -81,7 +82,7 @@ class ExportOptions:
 
     def build_request(self, target: Target, calibration: CalibrationData | None) -> BuildRequest:
         """What the target's build is asked for."""
-        from kiln.compiler.generation.export import TEXT_GENERATION
+        from kiln.compiler.generation.causal_lm import TEXT_GENERATION
         from kiln.targets.base import BuildRequest
 
         precision = self.precision_for(target)

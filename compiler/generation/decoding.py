@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kiln.compiler.errors import UsageError
+from kiln.compiler.types import Feeds
 
 if TYPE_CHECKING:
     from kiln.compiler.types import TensorSpec
 
-Feeds = dict[str, np.ndarray]
 MAX_NEW_TOKENS = 4096  # `kiln run --generate --max-new-tokens`: at most this many (and within the model's positions)
 
 

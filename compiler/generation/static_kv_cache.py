@@ -22,10 +22,12 @@ TFLite and SavedModel signatures take Python identifiers).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from kiln.compiler.generation.attention_masks import AttentionPattern
+from kiln.compiler.generation.causal_lm import cache_shape, decoder_program, decoder_source, decoder_spec
 from kiln.compiler.generation.decoding import DecoderSpec, static_output_names
 from torch import nn
 
@@ -105,8 +107,6 @@ class CausalLMWithStaticCache(nn.Module):
 def static_examples(config: Any, cache_size: int, dtype: torch.dtype, tokens: int = 1) -> tuple[torch.Tensor, ...]:
     """Example inputs of the decode graph (`tokens` 1) or the prefill graph: tokens from position 3 over a random
     cache; int32 ids and position (TFLite runs 64-bit I/O as 32-bit, and 32-bit is what TPUs take)."""
-    from kiln.compiler.generation.export import cache_shape
-
     layers, kv_heads, head_dim = cache_shape(config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(config.vocab_size), (1, tokens), generator=generator, dtype=torch.int32)
@@ -137,10 +137,6 @@ def check_cache_size(size: int | None, spec: DecoderSpec) -> int:
 def static_generation_source(source: ModelSource, cache_size: int | None) -> ModelSource:
     """`source` (a causal LM) as its static-cache decode step: the wrapper, its example inputs and its program
     (all shapes static; `capture` takes a source's program as it is)."""
-    from dataclasses import replace
-
-    from kiln.compiler.generation.export import TEXT_GENERATION, decoder_spec
-
     assert source.module is not None
     config: Any = source.module.config
     size = check_cache_size(cache_size, replace(decoder_spec(source.module), prefill_chunk=PREFILL_CHUNK))
@@ -148,41 +144,13 @@ def static_generation_source(source: ModelSource, cache_size: int | None) -> Mod
     chunk = wrapper.prefill_chunk if wrapper.prefill_chunk > 1 else None
     spec = replace(decoder_spec(source.module), prefill_chunk=chunk)
     examples = static_examples(config, size, next(source.module.parameters()).dtype)
-    program = _export_static(wrapper, examples, source.description)
-    return replace(
-        source,
-        description=f"{source.description} (text-generation, static KV cache of {size})",
-        example_inputs=examples,
-        module=wrapper,
-        exported=program,
-        task=TEXT_GENERATION,
-        reference_model=source.module,
-        decoder=spec,
-    )
-
-
-def _export_static(wrapper: CausalLMWithStaticCache, examples: tuple[torch.Tensor, ...], what: str) -> Any:
-    """torch.export of the static-cache wrapper at the examples' shapes; an UnsupportedOpError when it fails."""
-    from kiln.compiler.capture.program import converter_output_captured
-    from kiln.compiler.errors import UnsupportedOpError
-
-    try:
-        with converter_output_captured():
-            return torch.export.export(wrapper, examples, strict=False)
-    except Exception as exc:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise UnsupportedOpError(
-            f"torch.export of {what} with a static KV cache failed: {type(exc).__name__}: {text}",
-            "export it with --task forward (one full-sequence forward, no cache)",
-        ) from None
+    return decoder_source(source, wrapper, examples, f"static KV cache of {size}", spec=spec)
 
 
 def name_static_io(captured: CapturedModel) -> CapturedModel:
     """The captured static-cache model with its input specs named as the decoder feeds them (`input_pos`,
     `past_key_values_{i}_key`), not the program's `past_0` (the outputs are named by the wrapper already), and its
     chunked prefill program as a second signature (`PREFILL_SIGNATURE`), exported from the same wrapper."""
-    from dataclasses import replace
-
     from kiln.compiler.capture.program import CapturedModel, fx_signature
     from kiln.compiler.generation.decoding import static_input_names
 
@@ -194,7 +162,7 @@ def name_static_io(captured: CapturedModel) -> CapturedModel:
     model: Any = wrapper.model
     dtype = next(model.parameters()).dtype
     examples = static_examples(model.config, wrapper.cache_size, dtype, wrapper.prefill_chunk)
-    program = _export_static(wrapper, examples, f"the {wrapper.prefill_chunk}-token prefill")
+    program = decoder_program(wrapper, examples, f"the {wrapper.prefill_chunk}-token prefill with a static KV cache")
     inputs, outputs = fx_signature(program, [s.name for s in captured.outputs])
     prefill = CapturedModel(program, None, [replace(s, name=n) for s, n in zip(inputs, names)], outputs, 0, None)
     return replace(captured, signatures=((PREFILL_SIGNATURE, prefill),))

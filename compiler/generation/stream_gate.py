@@ -35,8 +35,9 @@ from kiln.compiler.errors import UsageError
 from kiln.compiler.metrics import cosine, next_token_nll
 
 if TYPE_CHECKING:
-    from kiln.compiler.generation.decoding import CacheLayout, DecoderSpec, Feeds, StaticCacheLayout
-    from kiln.compiler.generation.gate import CausalLMReference
+    from kiln.compiler.generation.decoding import CacheLayout, DecoderSpec, StaticCacheLayout
+    from kiln.compiler.generation.reference import CausalLMReference
+    from kiln.compiler.types import Feeds
 
 STREAM_PROMPTS = (4, 6, 8, 12, 16, 24)  # the prompt lengths of the streams (16 and 24: a 16-token prefill chunk)
 STREAM_TOKENS = 64  # each stream's length, prompt included (at most the export's capacity + 1)
