@@ -15,6 +15,12 @@ top-1 agreement, mean and worst step logit cosine, perplexity ratio (fp32 rows: 
 not). Then the planted rows (tests/models/coarse_weights.py): int4 asked of the toolchains as 2 bits, and int4
 with one scale per matrix on onnx, which the gate must reject. Nothing is hard-coded: every figure comes from the
 manifests the run writes.
+
+`--speed` instead measures what the quantization buys: benchmarks/bench_generate.py's ~20M-parameter Llama-style
+model (hidden 320, 6 layers, vocab 16000, random weights at transformers' init) exported at fp32, int8 and int4
+to each target (each gated as always), then per target: the artifact's bytes over fp32's, and one decode step
+(past of `--context` - 1 tokens from a real prefill, one new token) of the three precisions timed interleaved (one
+of each per round, `--repeat` rounds), medians and ratios to fp32. Threads: each runtime's default.
 """
 
 from __future__ import annotations
@@ -84,8 +90,89 @@ def export_rows(family: str, targets: str, precision: str, label: str, context: 
     return [row(family, label, r, seconds) for r in results]
 
 
+SPEED_PRECISIONS = ("fp32", "int8", "int4")
+
+
+def artifact_bytes(directory: Path) -> int:
+    """The bytes of an export's model files (what a deployment ships; not the manifest)."""
+    return sum(
+        p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.suffix in (".onnx", ".xml", ".bin", ".data")
+    )
+
+
+def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dict[str, Any]]:
+    """Size and interleaved decode-step time of the fp32, int8 and int4 exports of the ~20M Llama, per target."""
+    import statistics
+
+    import torch
+    from kiln.compiler.export.loading import load
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
+    from kiln.compiler.generation.decoding import CacheLayout
+
+    from benchmarks.bench_generate import build_model, step_feeds
+
+    model = build_model()
+    example = (torch.zeros(1, 8, dtype=torch.long),)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-llm-speed-") as scratch:
+        built: dict[tuple[str, str], Any] = {}
+        for precision in SPEED_PRECISIONS:
+            started = time.perf_counter()
+            options = ExportOptions(precision=precision, force=True)
+            results = export_targets(model, targets, Path(scratch) / precision, options, example_inputs=example)
+            print(f"exported {precision} in {time.perf_counter() - started:.0f}s", flush=True)
+            for result in results:
+                assert result.published and result.manifest is not None, f"{result.target} {precision} rejected"
+                built[(result.target, precision)] = result
+        for target in dict.fromkeys(t for t, _ in built):
+            runs, feeds = {}, {}
+            for precision in SPEED_PRECISIONS:
+                loaded = load(built[(target, precision)].directory)
+                runs[precision] = loaded.run
+                feeds[precision] = step_feeds(loaded.run, CacheLayout.from_specs(loaded.inputs), context)[0]
+            for _ in range(warmup):
+                for precision in SPEED_PRECISIONS:
+                    runs[precision](feeds[precision])
+            times: dict[str, list[float]] = {p: [] for p in SPEED_PRECISIONS}
+            for _ in range(repeat):
+                for precision in SPEED_PRECISIONS:
+                    start = time.perf_counter()
+                    runs[precision](feeds[precision])
+                    times[precision].append((time.perf_counter() - start) * 1000)
+            fp32_ms = statistics.median(times["fp32"])
+            fp32_bytes = artifact_bytes(built[(target, "fp32")].directory)
+            for precision in SPEED_PRECISIONS:
+                result = built[(target, precision)]
+                size = artifact_bytes(result.directory)
+                ms = statistics.median(times[precision])
+                generation = result.manifest.parity.generation or {}
+                rows.append({
+                    "target": target, "precision": precision, "bytes": size, "size_ratio": round(size / fp32_bytes, 3),
+                    "decode_ms": round(ms, 3), "speedup": round(fp32_ms / ms, 2),
+                    "spread": round(max(times[precision]) / min(times[precision]), 2),
+                    "top1": generation.get("top1"), "ppl_ratio": generation.get("ppl_ratio"),
+                })  # fmt: skip
+    return rows
+
+
+def print_speed(rows: list[dict[str, Any]], context: int, repeat: int) -> None:
+    """The size and speed table."""
+    print(f"\ndecode step at context {context}, batch 1, {repeat} interleaved rounds (median ms; speed-up over fp32)")
+    print(f"{'target':<9} {'precision':<9} {'MB':>7} {'size/fp32':>9} {'ms/token':>9} {'speed-up':>8} {'spread':>6}")
+    for r in rows:
+        print(
+            f"{r['target']:<9} {r['precision']:<9} {r['bytes'] / 1e6:>7.1f} {r['size_ratio']:>9.3f} "
+            f"{r['decode_ms']:>9.3f} {r['speedup']:>7.2f}x {r['spread']:>6.2f}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed", action="store_true", help="size and decode speed of fp32/int8/int4 instead")
+    parser.add_argument("--targets", default="onnx,openvino", help="--speed: the targets")
+    parser.add_argument("--context", type=int, default=128, help="--speed: the decode step's context")
+    parser.add_argument("--repeat", type=int, default=40, help="--speed: interleaved rounds")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--no-planted", action="store_true", help="leave out the planted too-coarse rows")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -95,6 +182,12 @@ def main() -> int:
     from kiln.compiler.progress import quiet_libraries
 
     quiet_libraries()
+    if args.speed:
+        speed = speed_rows(args.targets, args.context, args.repeat, warmup=3)
+        print_speed(speed, args.context, args.repeat)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"speed": speed}, indent=2))
+        return 0
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-llm-quant-") as scratch:
         for family in args.families.split(","):

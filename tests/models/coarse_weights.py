@@ -51,3 +51,29 @@ def per_tensor_onnx_weights() -> Iterator[None]:
     """The onnx target's weight-only quantizer replaced by `per_tensor_int4`."""
     with mock.patch("kiln.compiler.quantization.onnxrt.quantize_onnx_weights", per_tensor_int4):
         yield
+
+
+def without_zero_points(quantize: Any) -> Any:
+    """`quantize` (quantize_onnx_weights) followed by the planted bug: each MatMulNBits's zero-points input emptied,
+    its initializer left behind (the graph stays valid; the kernel takes its default zero point)."""
+
+    def planted(model: Any, spec: Any, keep_float: Sequence[str] = (), keep_8bit: Sequence[str] = ()) -> Any:
+        proto, summary = quantize(model, spec, keep_float, keep_8bit)
+        dropped = 0
+        for node in proto.graph.node:
+            if node.op_type == "MatMulNBits" and len(node.input) > 3 and node.input[3]:
+                node.input[3] = ""
+                dropped += 1
+        assert dropped, "no MatMulNBits with zero points: plant this on --weights asym"
+        return proto, summary
+
+    return planted
+
+
+@contextmanager
+def dropped_zero_points() -> Iterator[None]:
+    """The onnx target's weight-only quantizer with `without_zero_points` planted after it."""
+    from kiln.compiler.quantization import onnxrt
+
+    with mock.patch.object(onnxrt, "quantize_onnx_weights", without_zero_points(onnxrt.quantize_onnx_weights)):
+        yield
