@@ -42,13 +42,20 @@ FAMILIES = ("llama", "qwen2", "phi3", "gpt_neox", "olmo2")
 CELLS = (("onnx,openvino", "fp32"), ("onnx,openvino", "int8"), ("onnx,openvino", "int4"), ("tflite", "int8"))
 
 
-def planted_cells() -> list[tuple[str, str, str, AbstractContextManager[Any]]]:
-    """(label, targets, precision, context) of the planted too-coarse quantizations."""
-    from tests.models.coarse_weights import per_tensor_onnx_weights, two_bit_weights
+def planted_cells() -> list[tuple[str, str, str, AbstractContextManager[Any], dict[str, Any]]]:
+    """(label, targets, precision, context, other options) of the planted too-coarse or broken quantizations."""
+    from tests.models.coarse_weights import dropped_zero_points, per_tensor_onnx_weights, two_bit_weights
 
     return [
-        ("int4 asked as 2 bits", "onnx,openvino", "int4", two_bit_weights()),
-        ("int4 one scale per matrix", "onnx", "int4", per_tensor_onnx_weights()),
+        ("int4 asked as 2 bits", "onnx,openvino", "int4", two_bit_weights(), {}),
+        ("int4 one scale per matrix", "onnx", "int4", per_tensor_onnx_weights(), {}),
+        (
+            "int4 asym, zero points dropped",
+            "onnx",
+            "int4",
+            dropped_zero_points(),
+            {"weights": "asym", "group_size": 32},
+        ),
     ]
 
 
@@ -75,14 +82,16 @@ def row(family: str, label: str, result: Any, seconds: float) -> dict[str, Any]:
     return out
 
 
-def export_rows(family: str, targets: str, precision: str, label: str, context: Any, scratch: Path) -> list[dict]:
+def export_rows(
+    family: str, targets: str, precision: str, label: str, context: Any, scratch: Path, **other: Any
+) -> list[dict]:
     """One export (in-process, so that a planted quantizer applies), its rows."""
     from kiln.compiler.export.options import ExportOptions
     from kiln.compiler.export.pipeline import export_targets
 
     models = ROOT / "tests" / "models" / "decoders.py"
     out = scratch / f"{family}-{targets.replace(',', '+')}-{label.replace(' ', '_')}"
-    options = ExportOptions(precision=precision, force=True)
+    options = ExportOptions(precision=precision, force=True, **other)
     started = time.perf_counter()
     with context:
         results = export_targets(f"{models}:{family}", targets, out, options)
@@ -173,7 +182,7 @@ def main() -> int:
     parser.add_argument("--targets", default="onnx,openvino", help="--speed: the targets")
     parser.add_argument("--context", type=int, default=128, help="--speed: the decode step's context")
     parser.add_argument("--repeat", type=int, default=40, help="--speed: interleaved rounds")
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated; none: the planted rows only")
     parser.add_argument("--no-planted", action="store_true", help="leave out the planted too-coarse rows")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args()
@@ -190,16 +199,16 @@ def main() -> int:
         return 0
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-llm-quant-") as scratch:
-        for family in args.families.split(","):
+        for family in filter(None, args.families.split(",")):
             for targets, precision in CELLS:
                 rows += export_rows(family, targets, precision, precision, nullcontext(), Path(scratch))
                 print(json.dumps(rows[-1]), flush=True)
         if not args.no_planted:
-            for label, targets, precision, context in planted_cells():
-                rows += export_rows("llama", targets, precision, label, context, Path(scratch))
+            for label, targets, precision, context, other in planted_cells():
+                rows += export_rows("llama", targets, precision, label, context, Path(scratch), **other)
                 print(json.dumps(rows[-1]), flush=True)
     print("\nthresholds:", {k: vars(v) for k, v in STREAM_TOLERANCES.items()})
-    head = f"{'family':<9} {'target':<9} {'precision':<26} {'gate':<9} {'top-1':>6} {'mean cos':>9} {'min cos':>8}"
+    head = f"{'family':<9} {'target':<9} {'precision':<31} {'gate':<9} {'top-1':>6} {'mean cos':>9} {'min cos':>8}"
     print(head + f" {'ppl ratio':>9} {'states cos':>10} {'states SNR':>10}")
     for r in rows:
         gate = "published" if r["published"] else "REJECTED"
@@ -210,7 +219,7 @@ def main() -> int:
         else:
             figures = f"{'identical' if r.get('identical') else 'DIFFER':>6} {'':>9} {'':>8} {'':>9}"
         states = f"{r.get('states_cosine')!s:>10} {r.get('states_snr_db')!s:>10}"
-        print(f"{r['family']:<9} {r['target']:<9} {r['precision']:<26} {gate:<9} {figures} {states}")
+        print(f"{r['family']:<9} {r['target']:<9} {r['precision']:<31} {gate:<9} {figures} {states}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
     return 0
