@@ -230,3 +230,24 @@ def test_the_prefill_step_matches_the_users_model_on_its_decoding_states():
                 got = wrapper(*[torch.from_numpy(v) for v in feeds.values()])
             for name, value in want.items():
                 assert np.max(np.abs(got[name].numpy() - value)) < 1e-4, (family, samples.origins[index], name)
+
+
+@pytest.mark.slow
+def test_xla_still_folds_int8_weights_into_float_constants():
+    """Why `tpu` refuses int8/int4 weights, measured: XLA compiles an int8 weight times its per-channel scales into
+    one float32 constant (no int8 left in the optimized program), so integer weights would save nothing there.
+    When this fails, XLA keeps integer weights: reconsider the refusal (targets/tpu.py, precision_notes)."""
+    tf = pytest.importorskip("tensorflow")
+    from kiln.targets import get_target
+
+    rng = np.random.default_rng(0)
+    weights, scales = rng.integers(-127, 128, (256, 512)).astype(np.int8), rng.random(512).astype(np.float32)
+
+    @tf.function(jit_compile=True)
+    def linear(x):
+        return tf.matmul(x, tf.cast(tf.constant(weights), tf.float32) * tf.constant(scales))
+
+    hlo = linear.experimental_get_compiler_ir(tf.zeros((1, 256)))(stage="optimized_hlo")
+    constants = [line for line in hlo.splitlines() if " constant(" in line]
+    assert any("f32[256,512]" in line for line in constants) and not any("s8[" in line for line in constants), hlo
+    assert "XLA folds integer weights" in get_target("tpu").precision_notes["int8"]
