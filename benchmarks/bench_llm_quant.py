@@ -132,26 +132,31 @@ def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dic
             results = export_targets(model, targets, Path(scratch) / precision, options, example_inputs=example)
             print(f"exported {precision} in {time.perf_counter() - started:.0f}s", flush=True)
             for result in results:
-                assert result.published and result.manifest is not None, f"{result.target} {precision} rejected"
-                built[(result.target, precision)] = result
+                if result.published and result.manifest is not None:
+                    built[(result.target, precision)] = result
+                else:  # its gate figures are in the manifest under .rejected; not timed
+                    why = result.failure.message if result.failure else "parity failed"
+                    print(f"{result.target} {precision} REJECTED: {why}", flush=True)
+                    rows.append({"target": result.target, "precision": precision, "rejected": why})
         for target in dict.fromkeys(t for t, _ in built):
+            precisions = [p for p in SPEED_PRECISIONS if (target, p) in built]
             runs, feeds = {}, {}
-            for precision in SPEED_PRECISIONS:
+            for precision in precisions:
                 loaded = load(built[(target, precision)].directory)
                 runs[precision] = loaded.run
                 feeds[precision] = step_feeds(loaded.run, CacheLayout.from_specs(loaded.inputs), context)[0]
             for _ in range(warmup):
-                for precision in SPEED_PRECISIONS:
+                for precision in precisions:
                     runs[precision](feeds[precision])
-            times: dict[str, list[float]] = {p: [] for p in SPEED_PRECISIONS}
+            times: dict[str, list[float]] = {p: [] for p in precisions}
             for _ in range(repeat):
-                for precision in SPEED_PRECISIONS:
+                for precision in precisions:
                     start = time.perf_counter()
                     runs[precision](feeds[precision])
                     times[precision].append((time.perf_counter() - start) * 1000)
             fp32_ms = statistics.median(times["fp32"])
             fp32_bytes = artifact_bytes(built[(target, "fp32")].directory)
-            for precision in SPEED_PRECISIONS:
+            for precision in precisions:
                 result = built[(target, precision)]
                 size = artifact_bytes(result.directory)
                 ms = statistics.median(times[precision])
@@ -170,6 +175,9 @@ def print_speed(rows: list[dict[str, Any]], context: int, repeat: int) -> None:
     print(f"\ndecode step at context {context}, batch 1, {repeat} interleaved rounds (median ms; speed-up over fp32)")
     print(f"{'target':<9} {'precision':<9} {'MB':>7} {'size/fp32':>9} {'ms/token':>9} {'speed-up':>8} {'spread':>6}")
     for r in rows:
+        if "rejected" in r:
+            print(f"{r['target']:<9} {r['precision']:<9} REJECTED by the gate: {r['rejected']}")
+            continue
         print(
             f"{r['target']:<9} {r['precision']:<9} {r['bytes'] / 1e6:>7.1f} {r['size_ratio']:>9.3f} "
             f"{r['decode_ms']:>9.3f} {r['speedup']:>7.2f}x {r['spread']:>6.2f}"

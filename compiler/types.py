@@ -127,7 +127,10 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "int8-dynamic": Tolerance(1e-1, 1e-1, 1.0, 0.995, 0.95, 20.0, 0.9, min_channel_cosine=0.5, min_channel_snr_db=1.0),
     "int8": Tolerance(1e-1, 1e-1, 1.0, 0.99, 0.95, 15.0, 0.9, min_channel_cosine=0.5, min_channel_snr_db=1.0),
     # int4 weights (a text-generation export's decoding states; its tokens: kiln.compiler.generation.stream_gate).
-    "int4": Tolerance(1e-1, 1e-1, 1.0, 0.85, 0.9, 6.0, 0.8, min_channel_cosine=0.5, min_channel_snr_db=1.0),
+    # No worst-channel criterion: a channel of the logits is one vocabulary entry over a few decoding states, nearly
+    # constant on a model at transformers' init, and int4's noise swamps its spread (a 20M Llama's int4 onnx export:
+    # whole logits cosine 0.966, 13 dB; worst vocabulary column -4.4 dB). The streams judge the tokens instead.
+    "int4": Tolerance(1e-1, 1e-1, 1.0, 0.85, 0.9, 6.0, 0.8),
 }
 
 
