@@ -37,55 +37,19 @@ if __name__ == "__main__" and not __package__:
 
 from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
 from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
-from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error  # noqa: E402
+from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error, within_kiln  # noqa: E402
 from kiln.compiler.progress import quiet_libraries  # noqa: E402
 from kiln.compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt  # noqa: E402
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kiln export`: capture once, build every requested target, gate on parity."""
-    from kiln.compiler.export.options import export_options
+    from kiln.compiler.export.options import KEYWORDS, export_options
     from kiln.compiler.export.pipeline import export_targets
     from kiln.compiler.progress import Progress
 
     quiet_libraries()
-    options = export_options(
-        precision=args.precision,
-        device=args.device,
-        dynamic_batch=args.dynamic_batch,
-        dynamic=args.dynamic,
-        buckets=args.buckets,
-        inputs=args.inputs,
-        atol=args.atol,
-        rtol=args.rtol,
-        samples=args.samples,
-        parity_gate=not args.no_parity_gate,
-        force=args.force,
-        wait=args.wait,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calib_method=args.calib_method,
-        per_channel=not args.per_tensor,
-        symmetric_activations={"symmetric": True, "asymmetric": False}.get(args.activations or ""),
-        max_drop=args.max_drop,
-        metric=args.metric,
-        io=args.io,
-        min_cosine=args.min_cosine,
-        min_snr_db=args.min_snr,
-        min_top1=args.min_top1,
-        min_channel_cosine=args.min_channel_cosine,
-        min_channel_snr_db=args.min_channel_snr,
-        opt_level=args.opt_level,
-        adjust_passes=args.passes,
-        dump_passes=args.dump_passes,
-        all_or_nothing=args.all_or_nothing,
-        trust_pickle=args.trust_pickle,
-        localize=args.localize,
-        task=args.task,
-        cache_size=args.cache_size,
-        group_size=args.group_size,
-        weights=args.weights,
-    )
+    options = export_options(**{name: value for name, value in vars(args).items() if name in KEYWORDS})
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
     failed = [r for r in results if r.failure is not None or (r.parity is not None and not r.parity.passed)]
@@ -418,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
     try:
-        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
+        # SIGTERM cleans up like Ctrl-C, then exits 143; a bug's exception reaches the handlers below as it is
+        with sigterm_as_interrupt(), within_kiln():
             return int(HANDLERS[args.command](args))
     except KilnError as error:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)

@@ -86,12 +86,12 @@ def export_rows(
     family: str, targets: str, precision: str, label: str, context: Any, scratch: Path, **other: Any
 ) -> list[dict]:
     """One export (in-process, so that a planted quantizer applies), its rows."""
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import export_options
     from kiln.compiler.export.pipeline import export_targets
 
     models = ROOT / "tests" / "models" / "decoders.py"
     out = scratch / f"{family}-{targets.replace(',', '+')}-{label.replace(' ', '_')}"
-    options = ExportOptions(precision=precision, force=True, **other)
+    options = export_options(precision=precision, force=True, **other)
     started = time.perf_counter()
     with context:
         results = export_targets(f"{models}:{family}", targets, out, options)
@@ -115,7 +115,7 @@ def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dic
 
     import torch
     from kiln.compiler.export.loading import load
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import export_options
     from kiln.compiler.export.pipeline import export_targets
     from kiln.compiler.generation.decoding import CacheLayout
 
@@ -128,7 +128,7 @@ def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dic
         built: dict[tuple[str, str], Any] = {}
         for precision in SPEED_PRECISIONS:
             started = time.perf_counter()
-            options = ExportOptions(precision=precision, force=True)
+            options = export_options(precision=precision, force=True)
             results = export_targets(model, targets, Path(scratch) / precision, options, example_inputs=example)
             print(f"exported {precision} in {time.perf_counter() - started:.0f}s", flush=True)
             for result in results:

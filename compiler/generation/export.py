@@ -133,15 +133,17 @@ def generation_targets(
     """The targets of a generation export, checked before any work (`check_generation_request`); says when the
     task was detected rather than asked for."""
     asked_all = isinstance(asked, str) and asked.strip().lower() == "all"
-    chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic, options.cache_size)
+    chosen = check_generation_request(
+        chosen, asked_all, options.precision_for, options.shapes.dynamic, options.source.cache_size
+    )
     check_weight_request(chosen, options, generation=True)
-    if options.inputs_files:
+    if options.parity.inputs_files:
         raise UsageError(
             "--inputs does not apply to a text-generation export: its parity sets are decoding states the model "
             "itself makes (a cache from a file has no token history to run the model on)",
             "drop --inputs",
         )
-    if options.task is None:
+    if options.source.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
     return chosen
 
@@ -160,12 +162,14 @@ def check_weight_request(targets: list[Target], options: ExportOptions, generati
                 "exported for text generation here",
                 "export a transformers causal LM (--task text-generation), or use int8 or int8-dynamic",
             )
-        refusal = weight_flags_refusal(precision, options.group_size, options.weights, generation)
+        refusal = weight_flags_refusal(
+            precision, options.weight_only.group_size, options.weight_only.weights, generation
+        )
         if refusal:
             raise UsageError(refusal, "drop them, or export a causal LM with --precision int8 or int4")
-        if generation and options.weights == "asym" and not target.asymmetric_weights:
+        if generation and options.weight_only.weights == "asym" and not target.asymmetric_weights:
             raise UsageError(f"{target.name} takes symmetric weights only", f"drop --weights asym for {target.name}")
-    if generation and options.calibration.source is not None:
+    if generation and options.calibration.spec.source is not None:
         raise UsageError(
             "--calib does not apply to a text-generation export: its int8 and int4 are weight-only (no activation "
             "ranges to calibrate)",
@@ -303,13 +307,13 @@ def _all_nodes(graph: Any) -> list[Any]:
 def skip_localization(options: ExportOptions, report: ParityReport, progress: Progress) -> ExportOptions:
     """The options with localization off for a text-generation export, said when it would have run: the divergence
     probes feed the FX program by its own input names (`past_0`), which the renamed cache inputs no longer match."""
-    if options.localize is False or (options.localize is None and report.passed):
+    if options.parity.localize is False or (options.parity.localize is None and report.passed):
         return options
     progress.warn(
         "localization does not support text-generation exports yet: not localized (its prefix probes would feed "
         "the captured program's own cache inputs, `past_0`..., not the exported `past_key_values.{i}.key|value`)"
     )
-    return replace(options, localize=False)
+    return replace(options, parity=replace(options.parity, localize=False))
 
 
 def generation_samples(source: ModelSource, captured: CapturedModel, options: ExportOptions) -> ParitySamples:
@@ -320,7 +324,7 @@ def generation_samples(source: ModelSource, captured: CapturedModel, options: Ex
 
     assert source.reference_model is not None and source.decoder is not None
     layout = layout_of(captured.inputs, source.decoder)
-    return decoding_samples(CausalLMReference(source.reference_model), layout, source.decoder, options.samples)
+    return decoding_samples(CausalLMReference(source.reference_model), layout, source.decoder, options.parity.samples)
 
 
 def generation_streams(source: ModelSource, captured: CapturedModel) -> list[TokenStream]:
