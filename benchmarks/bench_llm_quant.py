@@ -109,7 +109,9 @@ def artifact_bytes(directory: Path) -> int:
     )
 
 
-def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dict[str, Any]]:
+def speed_rows(
+    targets: str, context: int, repeat: int, warmup: int, precisions: tuple[str, ...] = SPEED_PRECISIONS
+) -> list[dict[str, Any]]:
     """Size and interleaved decode-step time of the fp32, int8 and int4 exports of the ~20M Llama, per target."""
     import statistics
 
@@ -126,7 +128,7 @@ def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dic
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-llm-speed-") as scratch:
         built: dict[tuple[str, str], Any] = {}
-        for precision in SPEED_PRECISIONS:
+        for precision in precisions:
             started = time.perf_counter()
             options = export_options(precision=precision, force=True)
             results = export_targets(model, targets, Path(scratch) / precision, options, example_inputs=example)
@@ -134,29 +136,31 @@ def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dic
             for result in results:
                 if result.published and result.manifest is not None:
                     built[(result.target, precision)] = result
-                else:  # its gate figures are in the manifest under .rejected; not timed
-                    why = result.failure.message if result.failure else "parity failed"
+                else:  # not timed; the gate's figures say why
+                    why = result.failure.message if result.failure else rejection(result)
                     print(f"{result.target} {precision} REJECTED: {why}", flush=True)
                     rows.append({"target": result.target, "precision": precision, "rejected": why})
         for target in dict.fromkeys(t for t, _ in built):
-            precisions = [p for p in SPEED_PRECISIONS if (target, p) in built]
+            timed = [p for p in precisions if (target, p) in built]
             runs, feeds = {}, {}
-            for precision in precisions:
+            for precision in timed:
                 loaded = load(built[(target, precision)].directory)
                 runs[precision] = loaded.run
                 feeds[precision] = step_feeds(loaded.run, CacheLayout.from_specs(loaded.inputs), context)[0]
             for _ in range(warmup):
-                for precision in precisions:
+                for precision in timed:
                     runs[precision](feeds[precision])
-            times: dict[str, list[float]] = {p: [] for p in precisions}
+            times: dict[str, list[float]] = {p: [] for p in timed}
             for _ in range(repeat):
-                for precision in precisions:
+                for precision in timed:
                     start = time.perf_counter()
                     runs[precision](feeds[precision])
                     times[precision].append((time.perf_counter() - start) * 1000)
+            if "fp32" not in timed:  # nothing to compare with
+                continue
             fp32_ms = statistics.median(times["fp32"])
             fp32_bytes = artifact_bytes(built[(target, "fp32")].directory)
-            for precision in precisions:
+            for precision in timed:
                 result = built[(target, precision)]
                 size = artifact_bytes(result.directory)
                 ms = statistics.median(times[precision])
@@ -168,6 +172,17 @@ def speed_rows(targets: str, context: int, repeat: int, warmup: int) -> list[dic
                     "top1": generation.get("top1"), "ppl_ratio": generation.get("ppl_ratio"),
                 })  # fmt: skip
     return rows
+
+
+def rejection(result: Any) -> str:
+    """Why the gate rejected a result: its failing outputs and the generation record's figures."""
+    parity = result.parity
+    if parity is None:
+        return "no parity report"
+    failing = [f"{o.name}: {o.summary()}" for o in parity.outputs if not o.passed]
+    generation = parity.generation or {}
+    figures = {k: generation.get(k) for k in ("top1", "mean_logit_cosine", "ppl_ratio", "failed")}
+    return "; ".join([*failing[:2], f"streams {figures}"])
 
 
 def print_speed(rows: list[dict[str, Any]], context: int, repeat: int) -> None:
@@ -190,6 +205,7 @@ def main() -> int:
     parser.add_argument("--targets", default="onnx,openvino", help="--speed: the targets")
     parser.add_argument("--context", type=int, default=128, help="--speed: the decode step's context")
     parser.add_argument("--repeat", type=int, default=40, help="--speed: interleaved rounds")
+    parser.add_argument("--precisions", default=",".join(SPEED_PRECISIONS), help="--speed: the precisions")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated; none: the planted rows only")
     parser.add_argument("--no-planted", action="store_true", help="leave out the planted too-coarse rows")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -200,7 +216,8 @@ def main() -> int:
 
     quiet_libraries()
     if args.speed:
-        speed = speed_rows(args.targets, args.context, args.repeat, warmup=3)
+        precisions = tuple(args.precisions.split(","))
+        speed = speed_rows(args.targets, args.context, args.repeat, warmup=3, precisions=precisions)
         print_speed(speed, args.context, args.repeat)
         if args.json:
             Path(args.json).write_text(json.dumps({"speed": speed}, indent=2))

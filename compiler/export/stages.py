@@ -43,6 +43,7 @@ from kiln.compiler.export.selection import example_batch, refusal
 from kiln.compiler.export.staging import check_output_dir, output_lock, staging_area
 from kiln.compiler.generation.causal_lm import TEXT_GENERATION
 from kiln.compiler.generation.export import (
+    check_weight_request,
     generation_samples,
     generation_streams,
     name_generation_io,
@@ -302,6 +303,8 @@ class Optimized:
         refused = refusal(self.target, options)
         if refused is not None:
             raise refused
+        if self.captured.source.task != TEXT_GENERATION:  # int4, --group-size, --weights: text generation's
+            check_weight_request([self.target], options, generation=False)
         precision = options.precision_for(self.target)
         calibration = self.captured.calibration_for(precision)
         request = replace(options.build_request(self.target, calibration), route=self.route.name)
