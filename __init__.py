@@ -108,8 +108,9 @@ def export(
     ("+name,-name"), `passes` (an explicit list of `kiln.passes.base.Pass`), `dump_passes`, `all_or_nothing`;
     `task` ("text-generation": a causal LM with its KV cache, the default for a transformers *ForCausalLM;
     "forward": one full-sequence forward; see kiln.compiler.generation.export); `cache_size` (the static KV
-    cache's length
-    of a tflite/tpu/executorch text-generation export, default 64; see kiln.compiler.generation.static_kv_cache).
+    cache's length of a tflite/tpu/executorch text-generation export, default 64; see
+    kiln.compiler.generation.static_kv_cache); `group_size` and `weights` ("sym", "asym") for a text-generation
+    export's weight-only int8/int4 (kiln.compiler.quantization.weight_only).
     An unknown keyword is a UsageError. The artifact is validated against the model; if it fails parity it is
     kept under `out/.rejected/` and `ParityError` is raised (unless `raise_on_parity_failure=False`).
     A `.pt2` model is read without running code from it; `trust_pickle=True` lets `torch.export.load`
@@ -151,9 +152,7 @@ def load(path: str | Path, target: str | None = None, *, trust_pickle: bool = Fa
 
 
 @kiln_errors_only
-def bench(
-    built: Built, settings: BenchSettings | None = None, feeds: dict[str, np.ndarray] | None = None
-) -> Timing:
+def bench(built: Built, settings: BenchSettings | None = None, feeds: dict[str, np.ndarray] | None = None) -> Timing:
     """Time a built artifact (a `Built` or `Validated` stage) with its target's runtime on `feeds` (None: its
     first parity input set), in this process (`kiln bench` times exports in separate processes, interleaved)."""
     from kiln.compiler.perf.timing import bench as time_artifact

@@ -89,6 +89,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
                 "name": target.name,
                 "aliases": list(target.aliases),
                 "precisions": list(target.precisions),
+                "text_generation": _generation_row(target),
                 "devices": list(target.devices),
                 "consumes": target.consumes,
                 "accuracy_aware": target.accuracy_aware,
@@ -111,11 +112,19 @@ def cmd_targets(args: argparse.Namespace) -> int:
             state += f", limited here: {row['limited_here']}"
         aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
         devices = f"; devices: {', '.join(row['devices'])}" if row["devices"] else ""
+        generation = row["text_generation"]
+        if generation:
+            devices += f"; text generation ({generation['kv_cache']} cache): {', '.join(generation['precisions'])}"
         print(
             f"{row['name']}{aliases}\n    {row['description']}\n    precisions: {', '.join(row['precisions'])}"
             f"{devices}; needs: {', '.join(row['requires'])}; {state}"
         )
     return 0
+
+
+def _generation_row(target: Any) -> dict[str, Any] | None:
+    """A target's text-generation export (None: none): its KV cache and precisions (int8/int4: docs/llm.md)."""
+    return {"kv_cache": target.kv_cache, "precisions": ["fp32", *target.weight_only]} if target.kv_cache else None
 
 
 def cmd_passes(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def _export_parser(sub: Any) -> None:
     export.add_argument(
         "--precision",
         help="fp32, fp16, bf16, int8-dynamic, int8 where the target supports it (default: the target's own, "
-        "fp32; int8 for edgetpu)",
+        "fp32; int8 for edgetpu); for text generation int8 and int4 are weight-only",
     )
     export.add_argument(
         "--calib", metavar="SOURCE", help="int8 calibration data: FILE.npz, DIR of .npy/.npz, or file.py:loader"
@@ -121,6 +121,18 @@ def _export_parser(sub: Any) -> None:
         help="text-generation on onnx/openvino: genai (default) writes the runtime's own LLM format, an "
         "onnxruntime-genai folder or OpenVINO GenAI's stateful model, with the tokenizer when the model has one; "
         "stateless: Kiln's step graph, the KV cache as inputs and outputs",
+    )
+    export.add_argument(
+        "--group-size",
+        type=int,
+        metavar="G",
+        help="text-generation at int4: input channels per weight scale, 16/32/64/128/256 (default 128; on onnx "
+        "also int8's blocks)",
+    )
+    export.add_argument(
+        "--weights",
+        choices=("sym", "asym"),
+        help="text-generation at int8/int4: symmetric weights (default) or with zero points (asym)",
     )
     export.add_argument("--inputs", action="append", metavar="FILE.npz", help="extra parity inputs (repeatable)")
     export.add_argument("--atol", type=float, help="absolute tolerance override")

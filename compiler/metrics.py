@@ -24,6 +24,18 @@ def cosine(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.dot(a, b) / norm)
 
 
+def next_token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The negative log-likelihood of each target token under the logits that predict it ([positions, vocab] and
+    [positions]), in nats: log-sum-exp of the row minus the target's logit, in float64 (inf for a non-finite row).
+    Their mean's exponential is the perplexity of the stream."""
+    rows = np.asarray(logits, np.float64)
+    top = np.max(rows, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.log(np.sum(np.exp(rows - top), axis=-1)) + top[:, 0]
+        nll = total - rows[np.arange(len(rows)), np.asarray(targets, np.int64)]
+    return np.where(np.isfinite(nll), nll, np.inf)
+
+
 def snr_db(signal: float, noise: float) -> float:
     """Signal-to-noise ratio in dB from the reference's power and the error's power (inf when exact,
     -inf when the reference is all zeros but the error is not, or the error is not finite)."""

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from kiln.compiler.capture.language_model import LanguageModel
     from kiln.compiler.capture.program import CapturedModel
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+    from kiln.compiler.quantization.weight_only import WeightOnlySpec
     from kiln.compiler.types import Feeds, Manifest, PassRecord, TensorSpec
 
 
@@ -29,6 +30,7 @@ class BuildRequest:
     route: str = ""  # the name of the Route being built (empty: the target's first)
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets: symbol -> sizes to build at
     language_model: LanguageModel | None = None  # a text-generation export: what its route's LLM format needs
+    weights: WeightOnlySpec | None = None  # a text-generation export at int8/int4: weight-only quantization
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,13 @@ class Target:
     # graph, the
     # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
     kv_cache: str | None = None
+    # The precisions it builds a text-generation export at by weight-only quantization (int8, int4:
+    # kiln.compiler.quantization.weight_only), besides fp32 (int4 is for text generation only: not in `precisions`,
+    # which `--precision all` of the matrix and tune iterate); whether its toolchain takes asymmetric weights; and why
+    # a precision is not offered where the plain "not supported" would not say (shown in the refusal).
+    weight_only: tuple[str, ...] = ()
+    asymmetric_weights: bool = True
+    precision_notes: ClassVar[dict[str, str]] = {}
     # True: `tapped_runs` runs a built artifact with intermediate tensors as extra outputs, so that localization
     # reads every module boundary from one build (kiln.compiler.diagnose.fast_path) instead of bisecting.
     tappable: bool = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +32,10 @@ INFERENCE_PRECISION = {
 }
 
 
+# A text-generation export's int8/int4 (kiln.compiler.quantization.weight_only)
+WEIGHT_ONLY = "int4/int8 weights (MatMulNBits), activations quantized to int8 per block inside the kernel"
+
+
 class OnnxRuntimeRunner(Runner):
     """Runs an ONNX file with ONNX Runtime (CPU provider)."""
 
@@ -43,6 +48,10 @@ class OnnxRuntimeRunner(Runner):
         self.session = ort_session(path, threads, str(level) if level is not None else None)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.precision = manifest.precision if manifest is not None else "fp32"
+        quantization = manifest.target_info.get("quantization") if manifest is not None else None
+        matmul_nbits = isinstance(quantization, dict) and "MatMulNBits" in str(quantization.get("tool"))
+        own = INFERENCE_PRECISION.get(self.precision, self.precision)
+        self.inference_precision = WEIGHT_ONLY if matmul_nbits else own
         self.graph_optimization = str(level or "all")
         if manifest is not None:
             self.inputs, self.outputs = manifest.inputs, manifest.outputs
@@ -61,7 +70,7 @@ class OnnxRuntimeRunner(Runner):
         return {
             "runtime": f"onnxruntime {ort.__version__}",
             "providers": self.session.get_providers(),
-            "inference_precision": INFERENCE_PRECISION.get(self.precision, self.precision),
+            "inference_precision": self.inference_precision,
             "graph_optimization": self.graph_optimization,
         }
 
@@ -87,6 +96,7 @@ class OnnxRuntimeTarget(Target):
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
     requires: ClassVar[dict[str, str]] = {"onnx": "onnx", "onnxruntime": "onnxruntime"}
     precisions = ("fp32", "int8", "int8-dynamic", "fp16")  # bf16: ORT's CPU provider has no bf16 kernels
+    weight_only = ("int8", "int4")  # text generation: MatMulNBits (kiln.compiler.quantization.weight_only)
     io_options = ("nhwc",)
     accuracy_aware = True
     tappable = True  # extra graph outputs (kiln.compiler.diagnose.fast_path)
@@ -128,6 +138,9 @@ class OnnxRuntimeTarget(Target):
             if request.precision == "fp32":
                 for file in graph.parent.iterdir():
                     shutil.copy2(file, directory / (MODEL_FILE if file == graph else file.name))
+                return output
+            if request.weights is not None:
+                quantize_weights_artifact(model, graph, directory / MODEL_FILE, request, output)
                 return output
             if request.calibration is not None and output.inputs is not None:
                 request = replace(request, calibration=request.calibration.in_layout(output.inputs))
@@ -195,6 +208,44 @@ class OnnxRuntimeTarget(Target):
     ) -> list[dict[int, np.ndarray]]:
         """The artifact's ONNX graph with each tensor added as a graph output, run by ONNX Runtime."""
         return _tapped_runs(directory / MODEL_FILE, names, inputs)
+
+
+def quantize_weights_artifact(
+    model: CapturedModel, graph: Path, destination: Path, request: BuildRequest, output: BuildOutput
+) -> None:
+    """The weight-only int8/int4 of a text-generation export (`request.weights`) into `destination`, with its
+    summary, note and pass record in `output`."""
+    import onnx
+    from kiln.compiler.quantization.accuracy import accuracy_aware_weights, kept_apart_note, weight_candidates
+    from kiln.compiler.quantization.onnxrt import quantize_onnx_weights, save_onnx
+
+    spec = request.weights
+    assert spec is not None
+    fp32 = onnx.load(str(graph))
+    kept: list[Any] = []
+
+    def quantize(apart: Sequence[str]) -> Runner:
+        keep = {"keep_8bit" if spec.bits < spec.head_bits else "keep_float": apart}
+        proto, summary = quantize_onnx_weights(fp32, spec, **keep)
+        save_onnx(proto, destination)
+        kept[:] = [summary]
+        return OnnxRuntimeRunner(destination)
+
+    if request.accuracy is None:
+        quantize(())
+    else:  # --max-drop: the most sensitive layers kept apart until within budget
+        aware = accuracy_aware_weights(
+            quantize, OnnxRuntimeRunner(graph), request.accuracy, weight_candidates(fp32, spec)
+        )
+        output.info["accuracy_aware"] = aware.summary()
+        output.notes.append(kept_apart_note(aware.reverted, spec.bits))
+    summary = kept[0]
+    output.info["quantization"] = summary.to_dict()
+    output.notes.append(
+        f"{spec.describe()}: {summary.quantized} linear layers as MatMulNBits"
+        + (f" ({len(summary.settings['int8_layers'])} in int8)" if summary.settings["int8_layers"] else "")
+    )
+    output.passes.append(summary.pass_record())
 
 
 def accuracy_aware_onnx(

@@ -9,6 +9,7 @@ program directly (`DIRECT_ROUTE`, see `kiln.targets.openvino_direct`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,6 +30,7 @@ FAKE_QUANTIZED = "::fake_quantized"  # the name a tapped FakeQuantize output is 
 # int8 runs its quantized ops in int8 and the rest in f32 (not bf16 on CPUs that have it), so that
 # it validates the same on every CPU.
 INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f32", "bf16": "bf16", "int8": "f32", "int8-dynamic": "f32"}
+INFERENCE_PRECISION["int4"] = "f32"  # a text-generation export's int4 weights, decompressed to f32
 # Runtime layers that are bookkeeping, not compute (left out of the int8 layer count).
 _NOT_COMPUTE = ("Const", "Input", "Output", "Parameter", "Result")
 # OpenVINO's PyTorch frontend on the torch.export program: the route after the ONNX ones.
@@ -152,6 +154,7 @@ class OpenVinoTarget(Target):
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
     requires: ClassVar[dict[str, str]] = {"openvino": "openvino", "onnx": "onnx"}
     precisions = ("fp32", "fp16", "bf16", "int8-dynamic", "int8")
+    weight_only = ("int8", "int4")  # text generation: nncf.compress_weights (kiln.compiler.quantization.weight_only)
     io_options = ("nhwc",)
     accuracy_aware = True
     tappable = True  # extra outputs of the ov.Model (kiln.compiler.diagnose.fast_path)
@@ -177,7 +180,9 @@ class OpenVinoTarget(Target):
             assert model.onnx_path is not None, "an ONNX route needs the lowered graph"
             ov_model = ov.convert_model(str(model.onnx_path))
         built = BuildOutput(info={"weights": "fp16" if precision == "fp16" else "fp32"})
-        if precision in QUANTIZED_PRECISIONS:  # before the layout change: calibration rows are channels-first
+        if request.weights is not None:  # a text-generation export's weight-only int8/int4
+            ov_model = _compress_weights(ov_model, model, request, built)
+        elif precision in QUANTIZED_PRECISIONS:  # before the layout change: calibration rows are channels-first
             quantized = _quantize(ov_model, model, request)
             ov_model, quantization, aware = quantized.model, quantized.summary, quantized.accuracy
             built.passes.append(quantization.pass_record())
@@ -261,6 +266,46 @@ class OpenVinoTarget(Target):
     ) -> list[dict[int, np.ndarray]]:
         """The IR with each tensor added as an output of the `ov.Model`, compiled as `load` compiles it."""
         return _tapped_runs(directory, manifest, names, inputs)
+
+
+def _compress_weights(ov_model: ov.Model, model: CapturedModel, request: BuildRequest, built: BuildOutput) -> ov.Model:
+    """The weight-only int8/int4 of a text-generation export (`request.weights`, NNCF), recorded in `built`; with
+    --max-drop, the most sensitive linear layers kept apart (ranked on the fp32 ONNX graph, whose node names the
+    OpenVINO ops keep) until within budget."""
+    from kiln.compiler.quantization.openvino import compress_openvino_weights
+
+    spec = request.weights
+    assert spec is not None
+    kept: list[Any] = []
+
+    def compress(apart: Sequence[str]) -> Any:
+        keep = {"keep_8bit" if spec.bits < spec.head_bits else "keep_float": apart}
+        kept[:] = list(compress_openvino_weights(ov_model, spec, **keep))
+        return kept[0]
+
+    if request.accuracy is None:
+        compress(())
+    else:
+        import onnx
+        from kiln.compiler.quantization.accuracy import accuracy_aware_weights, kept_apart_note, weight_candidates
+        from kiln.targets.onnxrt import OnnxRuntimeRunner
+
+        assert model.onnx_path is not None, "--max-drop ranks the layers on the ONNX graph"
+        fp32 = OnnxRuntimeRunner(model.onnx_path)
+        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[spec.precision]}
+
+        def runner(apart: Sequence[str]) -> Runner:
+            return OpenVinoRunner.in_memory(compress(apart), config, fp32.inputs, fp32.outputs)
+
+        candidates = weight_candidates(onnx.load(str(model.onnx_path)), spec)
+        aware = accuracy_aware_weights(runner, fp32, request.accuracy, candidates)
+        built.info["accuracy_aware"] = aware.summary()
+        built.notes.append(kept_apart_note(aware.reverted, spec.bits))
+    compressed, summary = kept
+    built.passes.append(summary.pass_record())
+    built.info |= {"weights": spec.precision, "quantization": summary.to_dict()}
+    built.notes.append(f"{spec.describe()}: {summary.quantized} layers compressed by NNCF")
+    return compressed
 
 
 def _quantize(ov_model: ov.Model, model: CapturedModel, request: BuildRequest) -> QuantizedModel:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from kiln.compiler.errors import error_text, plain_text
 from kiln.compiler.image_layout import channels_last
-from kiln.compiler.quantization.litert import SIGNATURE, quantize_tflite
+from kiln.compiler.quantization.litert import SIGNATURE, quantize_tflite, quantize_tflite_weights
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 from kiln.targets.buckets import bucket_note, bucket_subset, bucket_variants
 from kiln.targets.litert import MODEL_FILE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
@@ -53,6 +53,11 @@ def convert(
         if precision == "fp32":
             shutil.copy(float_model, directory / MODEL_FILE)
             return info
+        info["float_model_bytes"] = float_model.stat().st_size
+        if request.weights is not None:  # a text-generation export's weight-only int8
+            summary = quantize_tflite_weights(float_model, directory / MODEL_FILE, request.weights)
+            info["quantization"] = summary.to_dict()
+            return info
         calibration = None
         if precision == "int8":
             calibration = request.calibration
@@ -62,7 +67,6 @@ def convert(
         summary = quantize_tflite(float_model, directory / MODEL_FILE, precision, calibration, specs)
         if summary.settings:
             info["calibration"]["used"] = summary.settings
-        info["float_model_bytes"] = float_model.stat().st_size
     return info
 
 
@@ -133,6 +137,8 @@ class TfliteTarget(Target):
         "ai_edge_quantizer": "ai-edge-quantizer",
     }
     precisions = ("fp32", "fp16", "int8-dynamic", "int8")
+    weight_only = ("int8",)  # text generation: ai-edge-quantizer's weight-only recipe
+    asymmetric_weights = False  # TFLite kernels take symmetric int8 weights only
     consumes = "torch"
     static_shapes = True
     buckets = True  # --buckets: one static signature per size in the one .tflite (fp32)
@@ -153,6 +159,8 @@ class TfliteTarget(Target):
         """Convert, quantize as the precision asks, and describe the graph."""
         nhwc = request.io_layout == "nhwc"
         variants = bucket_variants(model, request.buckets) if request.buckets else None
+        if model.signatures:  # more programs of the model (a static-cache decoder's prefill): one signature each
+            variants = [(SIGNATURE, model), *model.signatures]
         info = describe_graph(directory, convert(model, directory, request, request.precision, variants), nhwc)
         notes = []
         if info["decompositions_applied"]:
@@ -163,9 +171,10 @@ class TfliteTarget(Target):
         if nhwc and info["transposes_inside"]:
             notes.append(f"{info['transposes_inside']} TRANSPOSE ops remain inside the graph with --io nhwc")
         config: dict[str, Any] = {"signature": SIGNATURE, "threads": 2}
-        if variants:
+        if variants:  # the runner picks the signature whose input shapes the feeds have
             config["signature"] = variants[0][0]
             config["buckets"] = {name: {s.name: list(s.shape) for s in v.inputs} for name, v in variants}
+        if request.buckets:
             notes.append(bucket_note(model, request.buckets))
         built = BuildOutput(runtime_config=config, info=info, notes=notes)
         if nhwc:

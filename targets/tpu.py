@@ -183,6 +183,14 @@ class XlaTarget(Target):
     description = "StableHLO (portable bytecode) + TF SavedModel via XlaCallModule for Cloud TPU, validated on XLA CPU"
     requires: ClassVar[dict[str, str]] = {"tensorflow": "tensorflow-cpu", "litert_torch": "litert-torch"}
     precisions = ("fp32", "bf16")
+    # The StableHLO lowering keeps an int8 constant and its dequantization, but XLA folds the two back into one f32
+    # constant at compile time (checked on XLA CPU: an int8 [256, 512] weight times its scales compiled to an
+    # f32[512,256] constant): the compiled program would read f32 weights, no memory or bandwidth saved.
+    _NO_INT = (
+        "its weights are constants of the compiled program, and XLA folds integer weights and their "
+        "dequantization back into float32 constants at compile time (nothing saved); use fp32 or bf16"
+    )
+    precision_notes: ClassVar[dict[str, str]] = {"int8": _NO_INT, "int4": _NO_INT}
     consumes = "torch"
     static_shapes = True
     buckets = True
@@ -193,10 +201,11 @@ class XlaTarget(Target):
         import tensorflow as tf
 
         variants = bucket_variants(model, request.buckets) if request.buckets else [("serving_default", model)]
+        variants += list(model.signatures)  # more programs of the model (a static-cache decoder's prefill)
         holder = tf.Module()
         signatures, lowered = {}, []
         for signature, variant in variants:
-            stem = "model" if len(variants) == 1 else f"model.{signature.removeprefix('serving_')}"
+            stem = "model" if signature == "serving_default" else f"model.{signature.removeprefix('serving_')}"
             lowering = self._lower(variant, directory, request.precision, stem)
             serve = _xla_function(_with_platform_index(lowering[0]), variant, *lowering[2:4])
             setattr(holder, signature, serve)
@@ -215,8 +224,9 @@ class XlaTarget(Target):
         if report["int64_or_float64_io"]:
             notes.append(f"64-bit I/O on TPU: {', '.join(report['int64_or_float64_io'])} (consider int32 inputs)")
         config: dict[str, Any] = {"platforms": PLATFORMS, "signature": variants[0][0]}
-        if request.buckets:
+        if len(variants) > 1:  # the runner picks the signature whose input shapes the feeds have
             config["buckets"] = {sig: {s.name: list(s.shape) for s in v.inputs} for sig, v in variants}
+        if request.buckets:
             notes.append(bucket_note(model, request.buckets))
         return BuildOutput(
             runtime_config=config,

@@ -120,11 +120,11 @@ def _greedy_growing(run, layers: int, kv_heads: int, head_dim: int, prompt: list
 
 
 def _static_step(target: str, directory: Path):
-    """The runtime's own signature on the static-cache export."""
+    """The runtime's own decode signature on the static-cache export (`serving_default`; `prefill` takes 16 tokens)."""
     if target == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
-        runner = Interpreter(model_path=str(directory / "model.tflite")).get_signature_runner()
+        runner = Interpreter(model_path=str(directory / "model.tflite")).get_signature_runner("serving_default")
         return lambda feeds: runner(**feeds)
     import tensorflow as tf
 

@@ -29,11 +29,11 @@ from kiln.compiler.generation.decoding import (
 from kiln.compiler.generation.export import check_generation_request, skip_localization, with_generation
 from kiln.compiler.generation.gate import (
     PARITY_PROMPT,
-    CausalLMReference,
     capacity_of,
     gate_prompts,
     generation_parity,
 )
+from kiln.compiler.generation.reference import CausalLMReference
 from kiln.compiler.progress import Progress
 from kiln.compiler.types import MANIFEST_NAME, Manifest, Tolerance
 
@@ -184,8 +184,8 @@ def test_generation_refuses_other_targets_and_non_causal_models(tmp_path, capsys
         "export", FACTORY, "-t", "onnx", "--dynamic-batch", "1:4", "-o", tmp_path / "c", capsys=capsys
     )
     assert code == 2 and "--dynamic/--dynamic-batch do not apply to a text-generation export" in err
-    code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--precision", "int8", "-o", tmp_path / "d", capsys=capsys)
-    assert code == 2 and "validated at fp32 only" in err
+    code, _, err = run_cli("export", FACTORY, "-t", "onnx", "--precision", "fp16", "-o", tmp_path / "d", capsys=capsys)
+    assert code == 2 and "text-generation export to onnx is built at fp32, int8, int4, not fp16" in err
     from kiln.targets import TARGETS
 
     everything = list(TARGETS)

@@ -19,7 +19,8 @@ from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import SLIDING, AttentionPattern
 from kiln.compiler.generation.decoding import DecoderSpec, StaticCacheLayout
 from kiln.compiler.generation.export import CausalLMWithCache
-from kiln.compiler.generation.gate import CausalLMReference, check_record, decoding_samples, gate_prompts
+from kiln.compiler.generation.gate import check_record, decoding_samples, gate_prompts
+from kiln.compiler.generation.reference import CausalLMReference
 from kiln.compiler.generation.static_kv_cache import CausalLMWithStaticCache
 from kiln.compiler.types import MANIFEST_NAME
 
@@ -188,3 +189,23 @@ def test_a_manifest_without_a_valid_decoder_record_is_refused(tmp_path, capsys):
     with pytest.raises(UsageError, match="no valid decoder record"):
         Spec.from_dict(None)
     assert MANIFEST_NAME == "manifest.json"
+
+
+@pytest.mark.slow
+def test_a_prefill_chunk_written_one_slot_off_is_rejected(monkeypatch, tmp_path, capsys):
+    """The chunked prefill signature (static cache) writes its 16 keys one slot late; the one-token decode step is
+    right. The prefill's decoding states (judged on the user's model) and the long gate prompt both take it."""
+    from kiln.compiler.generation import static_kv_cache
+
+    written = static_kv_cache._written
+
+    def one_slot_late(slots, new, cache):
+        return written(torch.roll(slots, 1, dims=1) if new.shape[2] > 1 else slots, new, cache)
+
+    monkeypatch.setattr(static_kv_cache, "_written", one_slot_late)
+    code, results = _export("llama", "tflite", tmp_path / "out", capsys)
+    (result,) = results["results"]
+    assert code == 1 and not result["published"]
+    manifest = json.loads((tmp_path / "out" / ".rejected" / "tflite" / MANIFEST_NAME).read_text())
+    failed = [o["name"] for o in manifest["parity"]["outputs"] if not o["passed"]]
+    assert any(name.startswith("present_") for name in failed), failed  # the cache the prefill wrote

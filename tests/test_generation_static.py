@@ -27,11 +27,11 @@ from kiln.compiler.generation.decoding import (
 )
 from kiln.compiler.generation.gate import (
     PARITY_PROMPT,
-    CausalLMReference,
     capacity_of,
     gate_prompts,
     generation_parity,
 )
+from kiln.compiler.generation.reference import CausalLMReference
 from kiln.compiler.generation.static_kv_cache import check_cache_size
 from kiln.compiler.progress import Progress
 from kiln.compiler.types import Tolerance

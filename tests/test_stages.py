@@ -74,7 +74,7 @@ def test_each_step_takes_its_option_group_and_a_failed_gate_is_kept_rejected(
     assert int8.request.calibration is not None and len(int8.samples.inputs) == 32
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(fp32_sets, int8.samples.inputs) for k in a)
     assert len(captured.samples_for("fp32").inputs) == len(fp32_sets)  # type: ignore[attr-defined]
-    with pytest.raises(UsageError, match="does not support precision int4"):
+    with pytest.raises(UsageError, match="int4 is the weight-only 4-bit of a text-generation export"):
         captured.optimize("onnx").build(precision="int4")  # type: ignore[attr-defined]
 
 

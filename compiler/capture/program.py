@@ -33,6 +33,9 @@ class CapturedModel:
     dynamic: DynamicShapes | None  # resolved against the inputs
     lowering: dict[str, Any] = field(default_factory=dict)  # how the ONNX graph was made, for the manifest
     eager: EagerModel | None = field(default=None, repr=False, compare=False)  # for the TorchScript route
+    # More static programs of the same model, each one more signature of the artifact on the targets that take the
+    # FX program (a static-cache decoder's chunked prefill, kiln.compiler.generation.static_kv_cache): (name, model).
+    signatures: tuple[tuple[str, CapturedModel], ...] = ()
 
 
 @dataclass(frozen=True)

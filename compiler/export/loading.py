@@ -198,21 +198,16 @@ def _verify_generation(
     from kiln.compiler.generation.causal_lm import decoder_spec, is_causal_lm
     from kiln.compiler.generation.decoding import DecoderSpec, decoding_of, layout_of
     from kiln.compiler.generation.gate import (
-        CausalLMReference,
-        capacity_of,
         decoding_samples,
-        gate_prompts,
-        generation_parity,
+        judge_generation,
         replay_generation,
     )
+    from kiln.compiler.generation.reference import CausalLMReference
 
     manifest = artifact.manifest
     assert manifest.parity is not None
-    spec, layout, tolerance = (
-        DecoderSpec.from_dict(manifest.source.get("decoder")),
-        layout_of(manifest.inputs),
-        _tolerance(manifest),
-    )
+    spec = DecoderSpec.from_dict(manifest.source.get("decoder"))
+    layout, tolerance = layout_of(manifest.inputs, spec), _tolerance(manifest)
     _check_runnable(manifest)
     if model is None:
         if stored is None:
@@ -230,7 +225,7 @@ def _verify_generation(
             "pass the *ForCausalLM model it was exported from",
         )
     assert source.module is not None
-    if decoder_spec(source.module) != spec:
+    if decoder_spec(source.module) != spec.of_model():
         raise UsageError(
             f"{source.description} is not the decoder exported: vocabulary, positions or attention layers differ "
             f"({decoder_spec(source.module).to_dict()} vs {spec.to_dict()})",
@@ -241,9 +236,9 @@ def _verify_generation(
     reference = CausalLMReference(source.module)
     samples = decoding_samples(reference, layout, spec, len(manifest.parity.sample_origins))
     report = validate(artifact, samples, tolerance, reference.name)
-    plan = gate_prompts(spec, capacity_of(spec, layout))
     runner = load_runner(artifact)
-    record = generation_parity(runner.run, decoding_of(runner, manifest.inputs), reference, plan, tolerance)
+    decoding = decoding_of(runner, manifest.inputs, spec)
+    record = judge_generation(runner.run, decoding, reference, spec, manifest.precision, tolerance)
     report = replace(report, passed=report.passed and record["passed"], generation=record)
     return Verification(artifact.directory, manifest, report, notes)
 

@@ -1,8 +1,8 @@
 """What an export is asked to do, as small option groups, one per concern: `Shapes` (dynamic dims, buckets),
 `PassOptions` (-O, --passes, --dump-passes), `Calibration` (int8 calibration, --max-drop), `Thresholds` (the
 gate's overrides), `ParityOptions` (parity input sets, the gate, localization), `OutputOptions` (--force, --wait,
---all-or-nothing) and `SourceOptions` (--trust-pickle, --task, --cache-size, --llm-format); `ExportOptions` holds
-them with the precision, device and I/O options.
+--all-or-nothing), `SourceOptions` (--trust-pickle, --task, --cache-size, --llm-format) and `WeightOnly`
+(--group-size, --weights); `ExportOptions` holds them with the precision, device and I/O options.
 
 The CLI's flags, the library's keyword arguments (`kiln.export(**options)`) and a matrix cell's options are one
 flat vocabulary, `KEYWORDS`: `export_options(**keywords)` maps it onto the groups, in this one place."""
@@ -24,6 +24,7 @@ from kiln.compiler.quantization.calibration import (
     CalibrationData,
     CalibrationSpec,
 )
+from kiln.compiler.quantization.weight_only import BITS, WeightOnlySpec, check_weight_flags
 from kiln.compiler.types import Tolerance, check_thresholds
 from kiln.passes import PassAdjustments
 from kiln.passes.base import DEFAULT_LEVEL, Pass
@@ -184,6 +185,23 @@ class SourceOptions:
 
 
 @dataclass(frozen=True)
+class WeightOnly:
+    """The weight-only int8/int4 of a text-generation export (kiln.compiler.quantization.weight_only): `--group-size`
+    (int4's groups, int8's blocks on onnx; None: 128) and `--weights sym|asym` (None: sym), refused before any work
+    when no toolchain takes them."""
+
+    group_size: int | None = None
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        check_weight_flags(self.group_size, self.weights)
+
+    def spec(self, precision: str) -> WeightOnlySpec:
+        """The spec of `--precision int8|int4` with these flags."""
+        return WeightOnlySpec.for_precision(precision, self.group_size, self.weights)
+
+
+@dataclass(frozen=True)
 class ExportOptions:
     """Everything about an export except the model, the targets and where it goes: the precision (None: each
     target's default), the device (targets that compile for one), the I/O options, and one group per concern."""
@@ -198,6 +216,7 @@ class ExportOptions:
     parity: ParityOptions = field(default_factory=ParityOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
     source: SourceOptions = field(default_factory=SourceOptions)
+    weight_only: WeightOnly = field(default_factory=WeightOnly)
 
     def precision_for(self, target: Target) -> str:
         """The precision asked of `target`: the user's, or the target's default."""
@@ -205,10 +224,16 @@ class ExportOptions:
 
     def build_request(self, target: Target, calibration: CalibrationData | None) -> BuildRequest:
         """What the target's build is asked for."""
+        from kiln.compiler.generation.causal_lm import TEXT_GENERATION
         from kiln.targets.base import BuildRequest
 
+        precision = self.precision_for(target)
+        weights = None
+        if self.source.task == TEXT_GENERATION and precision in BITS:
+            weights = self.weight_only.spec(precision)
         return BuildRequest(
-            precision=self.precision_for(target),
+            precision=precision,
+            weights=weights,
             io_layout="nhwc" if "nhwc" in self.io else None,
             calibration=calibration,
             accuracy=self.calibration.accuracy,
@@ -229,6 +254,7 @@ GROUPS: dict[str, tuple[type, tuple[str, ...]]] = {
     "parity": (ParityOptions, ("samples", "inputs", "parity_gate", "localize")),
     "output": (OutputOptions, tuple(OutputOptions.__dataclass_fields__)),
     "source": (SourceOptions, tuple(SourceOptions.__dataclass_fields__)),
+    "weight_only": (WeightOnly, tuple(WeightOnly.__dataclass_fields__)),
 }
 KEYWORDS = ("precision", "device", "io", *(name for _, names in GROUPS.values() for name in names))
 

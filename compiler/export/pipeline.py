@@ -10,6 +10,7 @@ several targets reported instead of raised, and publishing them together.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,14 @@ from kiln.compiler.export.routes import TargetFailed, choose_route
 from kiln.compiler.export.selection import capture_groups, fit_to_source, select_targets
 from kiln.compiler.export.stages import Captured, capture_source
 from kiln.compiler.export.staging import check_output_dir, converter_temp_files, output_lock, staging_area
-from kiln.compiler.generation.export import generation_detail, generation_source, generation_targets, wants_generation
+from kiln.compiler.generation.causal_lm import TEXT_GENERATION
+from kiln.compiler.generation.export import (
+    check_weight_request,
+    generation_detail,
+    generation_source,
+    generation_targets,
+    wants_generation,
+)
 from kiln.compiler.parity.input_files import check_input_files
 from kiln.compiler.progress import Progress
 from kiln.targets.base import Target
@@ -59,8 +67,12 @@ def export_targets(
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.source.task, options.source.cache_size, options.source.llm_format):
             chosen = generation_targets(source, chosen, targets, options, progress.say)
+            # int8/int4 builds are weight-only from here (ExportOptions.build_request)
+            options = replace(options, source=replace(options.source, task=TEXT_GENERATION))
             with progress.timed(timings, "generation", generation_detail(chosen)):
                 source = generation_source(source, chosen, options.source.cache_size)
+        else:
+            check_weight_request(chosen, options, generation=False)
         outcomes: list[Outcome] = []
         # Work files live in the staging directory too, and so do the converters' own temporary files.
         with staging_area(out) as staging, converter_temp_files(staging / "tmp"):

@@ -51,15 +51,17 @@ def refusal(target: Target, options: ExportOptions) -> KilnError | None:
         )
         if refused is not None:  # buckets that fit go on to the checks below (precision, the target's own)
             return refused
-    if precision not in target.precisions:
+    if precision not in (*target.precisions, *target.weight_only):  # weight_only: text generation's int4
+        why = target.precision_notes.get(precision)
         return UsageError(
-            f"target {target.name} does not support precision {precision}",
+            f"target {target.name} does not support precision {precision}" + (f": {why}" if why else ""),
             f"use one of: {', '.join(target.precisions)}",
         )
-    if options.calibration.accuracy is not None and (precision != "int8" or not target.accuracy_aware):
+    if options.calibration.accuracy is not None and (precision not in ("int8", "int4") or not target.accuracy_aware):
         return UsageError(
             f"--max-drop does not apply to target {target.name} at precision {precision}",
-            "it is for --precision int8 on targets that can keep layers in float (kiln targets --json: accuracy_aware)",
+            "it is for --precision int8 (and int4 of text generation) on targets that can keep layers in float "
+            "(kiln targets --json: accuracy_aware)",
         )
     unsupported_io = [o for o in options.io if o not in target.io_options]
     if unsupported_io:

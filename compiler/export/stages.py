@@ -43,12 +43,15 @@ from kiln.compiler.export.selection import example_batch, refusal
 from kiln.compiler.export.staging import check_output_dir, output_lock, staging_area
 from kiln.compiler.generation.causal_lm import TEXT_GENERATION
 from kiln.compiler.generation.export import (
+    check_weight_request,
     generation_samples,
+    generation_streams,
     name_generation_io,
     skip_localization,
     wants_generation,
     with_generation,
 )
+from kiln.compiler.generation.stream_gate import TokenStream, stream_gated
 from kiln.compiler.parity.gate import QUANTIZED_PRECISIONS, QUANTIZED_SAMPLES, ParitySamples, validate
 from kiln.compiler.parity.input_files import check_input_files
 from kiln.compiler.parity.reference import reference_samples
@@ -85,6 +88,7 @@ class Captured:
         self._calibrated = False
         self._samples: ParitySamples | None = None
         self._quantized_samples = False
+        self._streams: list[TokenStream] | None = None
         self.removes_work: weakref.finalize | None = None  # a work directory of its own (kiln.capture)
 
     def close(self) -> None:
@@ -138,6 +142,8 @@ class Captured:
         them is quantized)."""
         self.calibrate(targets)
         self._reference(any(self.options.precision_for(t) in QUANTIZED_PRECISIONS for t in targets))
+        for target in targets:
+            self.streams_for(self.options.precision_for(target))
 
     def calibrate(self, targets: list[Target]) -> CalibrationData | None:
         """The calibration data of `targets`: loaded when one of them is built at calibrated int8 (loud when it is
@@ -150,8 +156,9 @@ class Captured:
         return None
 
     def calibration_for(self, precision: str) -> CalibrationData | None:
-        """The calibration data a build at `precision` gets (loaded on first use by an int8 build)."""
-        if precision == "int8" and not self._calibrated:
+        """The calibration data a build at `precision` gets (loaded on first use by an int8 build; none for text
+        generation, whose int8 is weight-only)."""
+        if precision == "int8" and not self._calibrated and self.source.task != TEXT_GENERATION:
             self._calibrated = True
             spec = self.options.calibration.spec
             examples = [t.detach().cpu().numpy() for t in self.source.example_inputs]
@@ -169,6 +176,16 @@ class Captured:
             self._reference(quantized)
         assert self._samples is not None
         return self._samples.for_precision(precision)
+
+    def streams_for(self, precision: str) -> list[TokenStream] | None:
+        """The token streams a weight-quantized text-generation artifact of `precision` is judged on
+        (kiln.compiler.generation.stream_gate), made by the user's model once for every target; else None."""
+        if self.source.task != TEXT_GENERATION or not stream_gated(precision):
+            return None
+        if self._streams is None:
+            with self.progress.timed(self.timings, "streams", f"{self.source.reference_name}, teacher-forced"):
+                self._streams = generation_streams(self.source, self.graph)
+        return self._streams
 
     def calibration_notes(self, precision: str) -> list[str]:
         """What a manifest says of the calibration of a build at `precision`: random, or nothing held back."""
@@ -291,6 +308,8 @@ class Optimized:
         refused = refusal(self.target, options)
         if refused is not None:
             raise refused
+        if self.captured.source.task != TEXT_GENERATION:  # int4, --group-size, --weights: text generation's
+            check_weight_request([self.target], options, generation=False)
         precision = options.precision_for(self.target)
         calibration = self.captured.calibration_for(precision)
         request = replace(
@@ -330,8 +349,10 @@ class Built:
         with progress.timed(timings, f"validate {name}", f"{len(samples.inputs)} input sets"):
             report = validate(self.artifact, samples, tolerance, source.reference_name)
         if source.task == TEXT_GENERATION:
-            with progress.timed(timings, f"generate {name}", "greedy tokens vs the reference"):
-                report = with_generation(report, self.artifact, source)
+            streams = captured.streams_for(precision)
+            what = "teacher-forced streams" if streams else "greedy tokens"
+            with progress.timed(timings, f"generate {name}", f"{what} vs the reference"):
+                report = with_generation(report, self.artifact, source, streams)
         return Validated(self.optimized, self.artifact, self.request, options, report, samples)
 
     def first_inputs(self) -> dict[str, np.ndarray]:

@@ -53,24 +53,36 @@ def cache_shape(config: Any) -> tuple[int, int, int]:
     return int(config.num_hidden_layers), kv_heads, head_dim
 
 
-def decoder_source(
-    source: ModelSource, wrapper: nn.Module, examples: tuple[Any, ...], cache: str, dynamic_shapes: Any = None
-) -> ModelSource:
-    """`source` (a causal LM) as its cached decoder: `wrapper` (the LM with its KV cache as flat tensors; `cache`
-    names which) `torch.export`ed on `examples` (`capture` takes a source's program as it is), the user's own model
-    kept as the reference of every parity check."""
+def decoder_program(wrapper: nn.Module, examples: tuple[Any, ...], what: str, dynamic_shapes: Any = None) -> Any:
+    """`torch.export` of `wrapper` (a causal LM with its KV cache as flat tensors) on `examples`; an
+    UnsupportedOpError naming `what` when it fails."""
     import torch
     from kiln.compiler.progress import converter_output_captured
 
-    assert source.module is not None
     try:
         with converter_output_captured():
-            program = torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise UnsupportedOpError(
-            f"torch.export of {source.description} with a {cache} failed: {error_text(exc)}",
+            f"torch.export of {what} failed: {error_text(exc)}",
             "export it with --task forward (one full-sequence forward, no cache)",
         ) from None
+
+
+def decoder_source(
+    source: ModelSource,
+    wrapper: nn.Module,
+    examples: tuple[Any, ...],
+    cache: str,
+    dynamic_shapes: Any = None,
+    spec: DecoderSpec | None = None,
+) -> ModelSource:
+    """`source` (a causal LM) as its cached decoder: `wrapper` (the LM with its KV cache as flat tensors; `cache`
+    names which) `torch.export`ed on `examples` (`capture` takes a source's program as it is), the user's own model
+    kept as the reference of every parity check; `spec` what the export records of the decoder (by default
+    `decoder_spec` of the model)."""
+    assert source.module is not None
+    program = decoder_program(wrapper, examples, f"{source.description} with a {cache}", dynamic_shapes)
     return replace(
         source,
         description=f"{source.description} (text-generation, {cache})",
@@ -79,5 +91,5 @@ def decoder_source(
         exported=program,
         task=TEXT_GENERATION,
         reference_model=source.module,
-        decoder=decoder_spec(source.module),
+        decoder=spec or decoder_spec(source.module),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -29,6 +29,9 @@ class DecoderSpec:
     max_positions: int
     layer_types: tuple[str, ...]
     window: int | None = None
+    # A static-cache export's chunked prefill: the tokens its `prefill` signature takes at once (None: no such
+    # signature; growing-cache exports take any number of tokens per step).
+    prefill_chunk: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -37,7 +40,12 @@ class DecoderSpec:
             "max_positions": self.max_positions,
             "layer_types": list(self.layer_types),
             "sliding_window": self.window,
+            "prefill_chunk": self.prefill_chunk,
         }
+
+    def of_model(self) -> DecoderSpec:
+        """What the causal LM itself declares, without the export's own choices (its prefill chunk)."""
+        return replace(self, prefill_chunk=None)
 
     @classmethod
     def from_dict(cls, data: Any) -> DecoderSpec:
@@ -46,15 +54,15 @@ class DecoderSpec:
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
             vocab, positions, window = data["vocab_size"], data["max_positions"], data["sliding_window"]
-            types = data["layer_types"]
-            for value in (vocab, positions, window):
+            types, chunk = data["layer_types"], data.get("prefill_chunk")
+            for value in (vocab, positions, window, chunk):
                 if value is not None and (type(value) is not int or not 1 <= value <= 2**31 - 1):
                     raise ValueError(f"{value!r} is not a count")
             if vocab is None or positions is None:
                 raise ValueError("vocab_size and max_positions are required")
             if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
                 raise ValueError("layer_types is not a list of names")
-            return cls(vocab, positions, tuple(types), window)
+            return cls(vocab, positions, tuple(types), window, chunk)
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(
                 f"the export's manifest has no valid decoder record (source.decoder: {exc})",
@@ -117,17 +125,20 @@ class RuntimeLoop:
         return self.runner.decoder()
 
 
-def decoding_of(runner: StepRunner, inputs: Sequence[TensorSpec]) -> CacheLayout | StaticCacheLayout | RuntimeLoop:
+def decoding_of(
+    runner: StepRunner, inputs: Sequence[TensorSpec], spec: DecoderSpec | None = None
+) -> CacheLayout | StaticCacheLayout | RuntimeLoop:
     """How an artifact decodes: in its runtime's own loop when the runtime keeps the cache, else by Kiln's
     decoders over its step graph, the cache layout read from its inputs (`layout_of`)."""
-    return RuntimeLoop(runner) if runner.keeps_cache else layout_of(inputs)
+    return RuntimeLoop(runner) if runner.keeps_cache else layout_of(inputs, spec)
 
 
-def layout_of(inputs: Sequence[TensorSpec]) -> CacheLayout | StaticCacheLayout:
+def layout_of(inputs: Sequence[TensorSpec], spec: DecoderSpec | None = None) -> CacheLayout | StaticCacheLayout:
     """The cache layout of a generation graph from its input specs: static (an `input_pos` input; tflite, tpu) or
-    growing (onnx, openvino)."""
+    growing (onnx, openvino); a static one with the prefill chunk `spec` records."""
     if any(s.name == POSITION_INPUT for s in inputs):
-        return StaticCacheLayout.from_specs(inputs)
+        chunk = spec.prefill_chunk if spec is not None else None
+        return replace(StaticCacheLayout.from_specs(inputs), chunk=chunk or 1)
     return CacheLayout.from_specs(inputs)
 
 
@@ -203,13 +214,15 @@ def static_output_names(layers: int) -> list[str]:
 
 @dataclass(frozen=True)
 class StaticCacheLayout:
-    """The cache of a static-cache decode graph: layers, kv heads, its fixed length, head dim and dtype."""
+    """The cache of a static-cache decode graph: layers, kv heads, its fixed length, head dim and dtype, and the
+    tokens its prefill signature takes at once (`chunk`; 1: none, every token is one decode step)."""
 
     layers: int
     kv_heads: int
     size: int
     head_dim: int
     dtype: str = "float32"
+    chunk: int = 1
 
     @classmethod
     def from_specs(cls, inputs: Sequence[TensorSpec]) -> StaticCacheLayout:
@@ -229,9 +242,11 @@ class StaticCacheLayout:
 
 
 class StaticCachedDecoder:
-    """One sequence's decoding state over a static-cache step function: each call runs its token ids one at a
-    time at the next positions (the prompt too: the graph takes one token), keeps the returned cache and returns
-    the last position's logits; a UsageError when the sequence would outgrow the cache."""
+    """One sequence's decoding state over a static-cache step function: each call runs its token ids at the next
+    positions, `layout.chunk` at a time through the prefill signature while a whole chunk is left (and fits the
+    cache), the rest one at a time through the decode signature (`run` picks the signature by the shapes of its
+    feeds); it keeps the returned cache and returns the last position's logits; a UsageError when the sequence
+    would outgrow the cache."""
 
     def __init__(self, run: Callable[[Feeds], Feeds], layout: StaticCacheLayout):
         self.run, self.layout = run, layout
@@ -246,12 +261,16 @@ class StaticCachedDecoder:
                 "ask for fewer tokens (--max-new-tokens), or export again with a larger --cache-size",
             )
         names, outputs_named = static_input_names(self.layout.layers), static_output_names(self.layout.layers)
-        logits = np.zeros(0)
-        for token in ids:
-            feeds = {"input_ids": np.asarray([[token]], np.int32), POSITION_INPUT: np.asarray([self.length], np.int32)}
+        logits, done, chunk = np.zeros(0), 0, self.layout.chunk
+        while done < len(ids):
+            take = chunk if chunk > 1 and len(ids) - done >= chunk else 1
+            feeds = {
+                "input_ids": np.asarray([ids[done : done + take]], np.int32),
+                POSITION_INPUT: np.asarray([self.length], np.int32),
+            }
             outputs = self.run(feeds | dict(zip(names[2:], self.cache)))
             self.cache = [np.asarray(outputs[n]) for n in outputs_named[1:]]
-            self.length += 1
+            self.length, done = self.length + take, done + take
             logits = np.asarray(outputs["logits"][0, -1])
         return logits
 
@@ -284,7 +303,7 @@ def generate_with_export(
             f"token id {bad} is outside the model's vocabulary of {spec.vocab_size}",
             f"give ids from 0 to {spec.vocab_size - 1}",
         )
-    layout = decoding_of(runner, inputs)
+    layout = decoding_of(runner, inputs, spec)
     capacity, what = spec.max_positions, f"the model's {spec.max_positions} positions"
     if isinstance(layout, StaticCacheLayout) and layout.size < capacity:
         capacity, what = layout.size, f"the export's static KV cache of {layout.size}"

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from kiln.compiler.capture.sources import ModelSource
     from kiln.compiler.export.artifacts import Artifact
     from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.generation.stream_gate import TokenStream
     from kiln.compiler.parity.gate import ParitySamples
     from kiln.compiler.progress import Progress
     from kiln.compiler.types import ParityReport
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 # What a target's `kv_cache` says it takes: a growing cache (one graph, the past length dynamic) or a static one (a
 # fixed-length cache, all shapes static).
 GROWING, STATIC = "growing", "static"
-GENERATION_PRECISIONS = ("fp32",)
 GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
 
@@ -118,12 +118,15 @@ def check_generation_request(
             f"--cache-size applies to a static KV cache ({', '.join(by_cache[STATIC])}) only",
             "drop --cache-size for this target",
         )
-    bad = sorted({precision_of(t) for t in targets} - set(GENERATION_PRECISIONS))
-    if bad:
-        raise UsageError(
-            f"text-generation export is validated at fp32 only, not {', '.join(bad)}",
-            "drop --precision, or use --task forward",
-        )
+    for target in targets:
+        offered = ("fp32", *target.weight_only)
+        if precision_of(target) not in offered:
+            why = target.precision_notes.get(precision_of(target))
+            raise UsageError(
+                f"text-generation export to {target.name} is built at {', '.join(offered)}, not "
+                f"{precision_of(target)}" + (f": {why}" if why else ""),
+                f"use --precision {' or '.join(offered)} for {target.name}, or --task forward",
+            )
     if dynamic is not None:
         raise UsageError(
             "--dynamic/--dynamic-batch do not apply to a text-generation export: its shapes are set by the export",
@@ -141,6 +144,7 @@ def generation_targets(
     chosen = check_generation_request(
         chosen, asked_all, options.precision_for, options.shapes.dynamic, options.source.cache_size
     )
+    check_weight_request(chosen, options, generation=True)
     if options.parity.inputs_files:
         raise UsageError(
             "--inputs does not apply to a text-generation export: its parity sets are decoding states the model "
@@ -158,6 +162,35 @@ def generation_targets(
     if options.source.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
     return chosen
+
+
+def check_weight_request(targets: list[Target], options: ExportOptions, generation: bool) -> None:
+    """Refuse, before any capture work, what the weight-only int8/int4 of text generation does not take: int4 or
+    `--group-size`/`--weights` on an export that is not text generation (`generation` False), the flags at fp32,
+    asymmetric weights on a toolchain without them, and `--calib` (weight-only quantization calibrates nothing)."""
+    from kiln.compiler.quantization.weight_only import weight_flags_refusal
+
+    for target in targets:
+        precision = options.precision_for(target)
+        if precision == "int4" and not generation:
+            raise UsageError(
+                f"--precision int4 is the weight-only 4-bit of a text-generation export, and {target.name} is not "
+                "exported for text generation here",
+                "export a transformers causal LM (--task text-generation), or use int8 or int8-dynamic",
+            )
+        refusal = weight_flags_refusal(
+            precision, options.weight_only.group_size, options.weight_only.weights, generation
+        )
+        if refusal:
+            raise UsageError(refusal, "drop them, or export a causal LM with --precision int8 or int4")
+        if generation and options.weight_only.weights == "asym" and not target.asymmetric_weights:
+            raise UsageError(f"{target.name} takes symmetric weights only", f"drop --weights asym for {target.name}")
+    if generation and options.calibration.spec.source is not None:
+        raise UsageError(
+            "--calib does not apply to a text-generation export: its int8 and int4 are weight-only (no activation "
+            "ranges to calibrate)",
+            "drop --calib",
+        )
 
 
 class CausalLMWithCache(nn.Module):
@@ -243,8 +276,9 @@ def generation_source(
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
     """The captured model with its ONNX inputs named `past_key_values.{i}.key|value` (not the program's `past_0`)
-    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file. A
-    static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_kv_cache.name_static_io`)."""
+    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file.
+    A static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed and its prefill signature
+    (`static_kv_cache.name_static_io`)."""
     import onnx
     from kiln.compiler.capture.onnx_files import onnx_signature
 
@@ -303,26 +337,43 @@ def skip_localization(options: ExportOptions, report: ParityReport, progress: Pr
 def generation_samples(source: ModelSource, captured: CapturedModel, options: ExportOptions) -> ParitySamples:
     """The parity sets of a text-generation export: decoding states made by the user's model
     (`kiln.compiler.generation.gate.decoding_samples`), `--samples` of them at least."""
-    from kiln.compiler.generation.gate import CausalLMReference, decoding_samples
+    from kiln.compiler.generation.gate import decoding_samples
+    from kiln.compiler.generation.reference import CausalLMReference
 
     assert source.reference_model is not None and source.decoder is not None
-    layout = layout_of(captured.inputs)
+    layout = layout_of(captured.inputs, source.decoder)
     return decoding_samples(CausalLMReference(source.reference_model), layout, source.decoder, options.parity.samples)
 
 
-def with_generation(report: ParityReport, artifact: Artifact, source: ModelSource) -> ParityReport:
+def generation_streams(source: ModelSource, captured: CapturedModel) -> list[TokenStream]:
+    """The token streams a weight-quantized export is judged on (`stream_gate.reference_streams`), made once by the
+    user's model for every target of the capture."""
+    from kiln.compiler.generation.gate import capacity_of
+    from kiln.compiler.generation.reference import CausalLMReference
+    from kiln.compiler.generation.stream_gate import reference_streams
+
+    assert source.reference_model is not None and source.decoder is not None
+    capacity = capacity_of(source.decoder, layout_of(captured.inputs, source.decoder))
+    return reference_streams(CausalLMReference(source.reference_model), source.decoder, capacity)
+
+
+def with_generation(
+    report: ParityReport, artifact: Artifact, source: ModelSource, streams: list[TokenStream] | None = None
+) -> ParityReport:
     """The parity report with the generation check added (`report.generation`, see
-    `kiln.compiler.generation.gate.generation_parity`): it fails when the artifact's greedy tokens are not the user's
-    model's or a step's logits are outside the report's tolerance."""
+    `kiln.compiler.generation.gate.judge_generation`): it fails when the artifact's greedy tokens are not the user's
+    model's or a step's logits are outside the report's tolerance (fp32), or when a weight-quantized artifact's
+    teacher-forced figures miss their thresholds (kiln.compiler.generation.stream_gate)."""
     from kiln.compiler.backend_errors import backend_failures
     from kiln.compiler.export.artifacts import load_runner
-    from kiln.compiler.generation.gate import CausalLMReference, capacity_of, gate_prompts, generation_parity
+    from kiln.compiler.generation.gate import judge_generation
+    from kiln.compiler.generation.reference import CausalLMReference
 
     assert source.reference_model is not None and source.decoder is not None
     runner = load_runner(artifact)
-    layout = decoding_of(runner, artifact.manifest.inputs)
-    plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
+    layout = decoding_of(runner, artifact.manifest.inputs, source.decoder)
     reference = CausalLMReference(source.reference_model)
+    precision = artifact.manifest.precision
     with backend_failures(artifact.target, "run"):
-        record = generation_parity(runner.run, layout, reference, plan, report.tolerance)
+        record = judge_generation(runner.run, layout, reference, source.decoder, precision, report.tolerance, streams)
     return replace(report, passed=report.passed and record["passed"], generation=record)

@@ -20,12 +20,11 @@ Two checks, both against `CausalLMReference` (the user's model, unmodified, a fu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from kiln.compiler.errors import UnsupportedOpError, UsageError
 from kiln.compiler.generation.decoding import (
     MAX_NEW_TOKENS,
@@ -40,12 +39,14 @@ from kiln.compiler.generation.decoding import (
     static_input_names,
     static_output_names,
 )
+from kiln.compiler.generation.reference import CausalLMReference
 from kiln.compiler.metrics import cosine
 from kiln.compiler.parity.gate import ParitySamples
 from kiln.compiler.types import Feeds
 
 if TYPE_CHECKING:
     from kiln.compiler.export.artifacts import Artifact
+    from kiln.compiler.generation.stream_gate import TokenStream
     from kiln.compiler.types import ParityReport, Tolerance
 
 PARITY_PROMPT = (1, 5, 9, 3)
@@ -90,10 +91,12 @@ def capacity_of(spec: DecoderSpec, layout: CacheLayout | StaticCacheLayout | Run
 def gate_prompts(spec: DecoderSpec, capacity: int, strict: bool = False) -> GatePlan:
     """The gate's prompts within `capacity` positions: PARITY_PROMPT with PARITY_TOKENS new tokens, and a seeded
     random prompt longer than the sliding window (when the model has one that binds within `capacity`) whose
-    decoding crosses the window twice. When `capacity` cannot hold that: a UsageError if `strict` (a cache size
+    decoding crosses the window twice, and longer than a static cache's prefill chunk (so that it takes the chunk).
+    When `capacity` cannot hold that: a UsageError if `strict` (a cache size
     the user chose), else the second prompt decodes as far as the capacity goes (the model's own positions)."""
     window = spec.window if spec.window is not None and spec.window < capacity else None
     length = window + 3 if window is not None else UNWINDOWED_PROMPT
+    length = max(length, (spec.prefill_chunk or 0) + 3)  # a static cache's prefill chunk, then decode steps
     new = max(LONG_TOKENS, window or 0)
     tokens = tuple(int(t) for t in np.random.default_rng(SEED).integers(0, spec.vocab_size, length))
     short = GatePrompt(PARITY_PROMPT, PARITY_TOKENS)
@@ -124,31 +127,25 @@ def _unwindowed(spec: DecoderSpec, capacity: int) -> str:
     return f"the {spec.window}-token sliding window never binds within {capacity} positions"
 
 
-class CausalLMReference:
-    """The user's causal LM as transformers runs it: a full-sequence forward over token ids, nothing of Kiln's in
-    between. `run` gives the logits at every position and the model's own KV cache (`use_cache=True`)."""
+def judge_generation(
+    run: Callable[[Feeds], Feeds],
+    layout: CacheLayout | StaticCacheLayout | RuntimeLoop,
+    reference: CausalLMReference,
+    spec: DecoderSpec,
+    precision: str,
+    tolerance: Tolerance,
+    streams: list[TokenStream] | None = None,
+) -> dict[str, Any]:
+    """The generation check of an export of `precision` against the user's model: greedy decoding of the gate's
+    prompts (fp32, `generation_parity`), or the teacher-forced streams of a weight-quantized export
+    (kiln.compiler.generation.stream_gate; `streams` when they were made already)."""
+    from kiln.compiler.generation.stream_gate import STREAM_TOLERANCES, reference_streams, stream_parity
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.name = f"transformers {type(model).__name__} (the user's model, full-sequence forward)"
-
-    def run(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        """Logits [rows, positions, vocab] and each layer's (keys, values) [rows, kv heads, kept, head dim]."""
-        with torch.no_grad():
-            out = self.model(input_ids=torch.from_numpy(np.asarray(ids, np.int64)), use_cache=True)
-        layers = getattr(out.past_key_values, "layers", None)
-        if layers is None:
-            raise UnsupportedOpError(
-                f"{type(self.model).__name__} returns no KV cache (past_key_values.layers) from a forward with "
-                "use_cache=True, which the gate needs to build decoding states",
-                "export it with --task forward (one full-sequence forward)",
-            )
-        cache = [(layer.keys.float().numpy(), layer.values.float().numpy()) for layer in layers]
-        return out.logits.float().numpy(), cache
-
-    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """The logits at every position of one sequence: row i predicts token i + 1."""
-        return self.run(np.asarray([tokens]))[0][0]
+    capacity = capacity_of(spec, layout)
+    if precision in STREAM_TOLERANCES:
+        streams = streams if streams is not None else reference_streams(reference, spec, capacity)
+        return stream_parity(run, layout, reference, streams, STREAM_TOLERANCES[precision])
+    return generation_parity(run, layout, reference, gate_prompts(spec, capacity), tolerance)
 
 
 def generation_parity(
@@ -225,8 +222,8 @@ def decoding_samples(
         before = reference.run(ids[:, :past])[1] if past else [(None, None)] * len(cache)
         _check_cache(reference, cache, layout)
         if isinstance(layout, StaticCacheLayout):
-            feeds, want = _static_state(ids, past, before, cache, layout, rng)
-            origins.append(f"decoding state: position {past}")
+            feeds, want = _static_state(ids, past, before, _fresh(reference, ids, past, cache), layout, rng)
+            origins.append(f"decoding state: position {past}" if new == 1 else _prefill_origin(past, new))
         else:
             feeds, want = _growing_state(ids, past, before, cache, layout, rng)
             origins.append(f"decoding state: past {past}, {new} new token(s), batch {rows}")
@@ -244,7 +241,9 @@ def _states(
     if isinstance(layout, StaticCacheLayout):
         pasts = [0, min(3, capacity - 1), far, capacity - 1]
         pasts += [int(rng.integers(0, capacity)) for _ in range(count - len(pasts))]
-        return [(p, 1, 1) for p in pasts]
+        chunk = layout.chunk if 1 < layout.chunk <= capacity else 0  # the prefill signature's states: from the
+        prefills = [(0, chunk, 1), (max(0, min(far, capacity - chunk)), chunk, 1), (capacity - chunk, chunk, 1)]
+        return [(p, 1, 1) for p in pasts] + (prefills if chunk else [])  # start, past the window, to the last slot
     most = max(1, min(3, (spec.window or 4) - 1, capacity - 1))  # new tokens a sliding cache layer still holds
     states = [(0, min(6, capacity), 2), (min(5, capacity - 1), 1, 2), (max(0, far - most), most, 1), (far, 1, 2)]
     states += [(int(rng.integers(1, capacity)), 1, 1) for _ in range(count - len(states))]
@@ -305,26 +304,46 @@ def _growing_state(
     return feeds, want
 
 
+def _prefill_origin(past: int, new: int) -> str:
+    return f"decoding state: positions {past} to {past + new - 1} (prefill)"
+
+
+def _fresh(
+    reference: CausalLMReference, ids: np.ndarray, past: int, cache: list[tuple[np.ndarray, np.ndarray]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each layer's keys and values of the new positions `past`.. of `ids`, by the user's model: from its cache of
+    the whole sequence where it kept them all, else (a sliding layer keeps only its window) from one run per new
+    position, whose last key is that position's."""
+    new = ids.shape[1] - past
+    if all(keys.shape[2] >= new for keys, _ in cache):
+        return [(keys[:, :, -new:], values[:, :, -new:]) for keys, values in cache]
+    runs = [reference.run(ids[:, : past + i + 1])[1] for i in range(new)]
+    return [
+        tuple(np.concatenate([run[layer][kind][:, :, -1:] for run in runs], axis=2) for kind in (0, 1))  # type: ignore[misc]
+        for layer in range(len(cache))
+    ]
+
+
 def _static_state(
     ids: np.ndarray,
     past: int,
     before: list[tuple[Any, Any]],
-    after: list[tuple[np.ndarray, np.ndarray]],
+    fresh: list[tuple[np.ndarray, np.ndarray]],
     layout: StaticCacheLayout,
     rng: np.random.Generator,
 ) -> tuple[Feeds, Feeds]:
     """A static-cache step's feeds (the model's cache in slots [0, past), noise after) and the cache it must
-    return: the same with the model's new key/value in slot `past`."""
+    return: the same with the model's new keys and values (`fresh`) in the slots from `past` on."""
     names, outputs = static_input_names(layout.layers), static_output_names(layout.layers)
     feeds: Feeds = {"input_ids": ids[:, past:].astype(np.int32), POSITION_INPUT: np.asarray([past], np.int32)}
     want: Feeds = {}
-    for i, ((keys, values), (full_keys, full_values)) in enumerate(zip(before, after)):
-        for j, (given, full) in enumerate(((keys, full_keys), (values, full_values))):
-            rest = _noise_like(full, (1, layout.kv_heads, layout.size - past, layout.head_dim), rng)
-            fed = np.concatenate([_kept(given, past, rng, full), rest], axis=2)
+    for i, ((keys, values), (new_keys, new_values)) in enumerate(zip(before, fresh)):
+        for j, (given, new) in enumerate(((keys, new_keys), (values, new_values))):
+            rest = _noise_like(new, (1, layout.kv_heads, layout.size - past, layout.head_dim), rng)
+            fed = np.concatenate([_kept(given, past, rng, new), rest], axis=2)
             feeds[names[2 + 2 * i + j]] = fed
             written = fed.copy()
-            written[:, :, past] = full[:, :, -1]
+            written[:, :, past : past + new.shape[2]] = new
             want[outputs[1 + 2 * i + j]] = written
     return feeds, want
 
@@ -361,11 +380,16 @@ def replay_generation(
     report: ParityReport, artifact: Artifact, spec: DecoderSpec, stored_record: dict[str, Any]
 ) -> ParityReport:
     """`kiln verify` of a text-generation export without the model: the artifact decodes the stored prompts again
-    and must give the reference tokens recorded at export (the user's model's); the report with that record."""
+    and must give the reference tokens recorded at export (the user's model's), or, quantized, is judged again on
+    the stored streams (`stream_gate.replay_streams`); the report with that record."""
     from kiln.compiler.export.artifacts import load_runner
+    from kiln.compiler.generation.stream_gate import replay_streams, stream_gated
 
     runner = load_runner(artifact)
-    layout = decoding_of(runner, artifact.manifest.inputs)
+    layout = decoding_of(runner, artifact.manifest.inputs, spec)
+    if stream_gated(artifact.manifest.precision):
+        streams = replay_streams(runner.run, layout, stored_record, spec, capacity_of(spec, layout))
+        return replace(report, passed=report.passed and streams["passed"], generation=streams)
     stored = check_record(stored_record, spec, capacity_of(spec, layout))
     records: list[dict[str, Any]] = []
     for prompt, want in stored:

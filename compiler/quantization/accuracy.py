@@ -46,6 +46,12 @@ class ModelRunner(Protocol):
         ...
 
 
+class GraphRunner(ModelRunner, Protocol):
+    """A ModelRunner that also gives its output specs (the weight-only search reads the logits' vocabulary)."""
+
+    outputs: list[TensorSpec]
+
+
 MAX_ROUNDS = 12  # quantizations after the first; enough to reach 2**10 reverted layers by doubling
 DEFAULT_METRIC = "agreement with fp32 (top-1 for classifier outputs, else cosine; equality for integers)"
 
@@ -116,13 +122,14 @@ def reverted_note(modules: Sequence[str]) -> str:
 def accuracy_aware(
     quantize: Callable[[Sequence[str]], ModelRunner],
     fp32_runner: ModelRunner,
-    calibration: CalibrationData,
+    feeds: list[Feeds],
     budget: AccuracyBudget,
     candidates: Sequence[str] | Callable[[], Sequence[str]],
     labels: dict[str, str] | None = None,
     max_rounds: int = MAX_ROUNDS,
 ) -> AccuracyResult:
-    """Quantize, and keep the most sensitive layers in float until the metric drops at most `budget.max_drop`.
+    """Quantize, and keep the most sensitive layers in float until the metric drops at most `budget.max_drop` on
+    `feeds` (the calibration batches).
 
     `quantize(exclude)` builds the quantized model with the ONNX nodes `exclude` in float and returns its
     runner (the last call is the model kept). `candidates` are node names worst first, or a function
@@ -132,7 +139,6 @@ def accuracy_aware(
     """
     if budget.max_drop < 0:
         raise UsageError(f"--max-drop {budget.max_drop}: must be >= 0", "e.g. --max-drop 0.01 for one point")
-    feeds = calibration.batches(fp32_runner.inputs)
     reference = _outputs(fp32_runner, feeds)
     metric_name, score = scorer(budget.metric, _stacked(feeds), reference)
     search = _Search(quantize, feeds, score, score(reference))
@@ -320,7 +326,7 @@ def accuracy_aware_qdq(
     def ranking() -> list[str]:
         return sensitivity_ranking(fp32_onnx, destination, feeds, labels, module_classes)
 
-    result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
+    result = accuracy_aware(build, fp32_runner, feeds, budget, ranking, labels)
     report = quant_report(fp32_onnx, destination, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
     report.summary.reverted = list(result.reverted_modules)
     return QuantizedModel(destination, kept[0], result, report)
@@ -369,5 +375,76 @@ def accuracy_aware_nncf(
             ranked = sensitivity_ranking(fp32_onnx, proxy, feeds, labels, module_classes)
         return [name for name in ranked if mapped(name)]
 
-    result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
+    result = accuracy_aware(build, fp32_runner, feeds, budget, ranking, labels)
     return QuantizedModel(kept[0][0], kept[0][1], result)
+
+
+# --- the driver for the weight-only int8/int4 of text generation --------------------------------------------------
+
+SEARCH_SEQUENCES, SEARCH_TOKENS, SEARCH_SEED = 8, 32, 11
+
+
+def kept_apart_note(modules: Sequence[str], bits: int) -> str:
+    """The manifest note naming the linear layers --max-drop kept apart on a weight-only export."""
+    where = "in int8" if bits < 8 else "in float"
+    return f"--max-drop: {len(modules)} linear layer(s) kept {where}: {', '.join(modules) or 'none needed'}"
+
+
+def weight_candidates(proto: Any, spec: Any) -> list[str]:
+    """The linear layers --max-drop may keep apart on a weight-only export, most sensitive first: every MatMul with
+    constant weights but, on a 4-bit export, the LM head (8 bits already)."""
+    from kiln.compiler.quantization.onnxrt import constant_matmuls, lm_head, rank_by_weight_error
+
+    weighted = constant_matmuls(proto)
+    head = lm_head(proto, weighted) if spec.bits < spec.head_bits else None
+    return rank_by_weight_error(proto, spec, [name for name in weighted if name != head])
+
+
+def accuracy_aware_weights(
+    quantize: Callable[[Sequence[str]], GraphRunner],
+    fp32_runner: GraphRunner,
+    budget: AccuracyBudget,
+    ranked: Sequence[str],
+) -> AccuracyResult:
+    """`--max-drop` for the weight-only int8/int4 of a text-generation export: `quantize(apart)` builds it with
+    the linear layers `apart` kept apart (in 8 bits on an int4 export, in float on an int8 one) and returns its
+    runner; `ranked` are the candidates, most sensitive first (onnxrt.rank_by_weight_error). Scored on
+    SEARCH_SEQUENCES seeded random sequences of SEARCH_TOKENS tokens, each run whole with an empty cache (teacher
+    forcing: the logits at every position), against `fp32_runner` (the fp32 graph): by default the top-1
+    agreement of the next-token logits, or the user's metric, `fn(outputs, inputs)` with `outputs["logits"]`
+    [positions, vocab] and the stacked inputs."""
+    vocab = int(fp32_runner.outputs[0].shape[-1]) if fp32_runner.outputs else 0
+    names = [s.name for s in fp32_runner.inputs]
+    if "logits" not in {s.name for s in fp32_runner.outputs} or not isinstance(vocab, int) or vocab < 2:
+        raise UsageError("--max-drop on this text-generation graph: it has no logits[..., vocab] output")
+    rng = np.random.default_rng(SEARCH_SEED)
+    length = SEARCH_TOKENS
+    feeds = []
+    for _ in range(SEARCH_SEQUENCES):
+        feed: Feeds = {
+            "input_ids": rng.integers(0, vocab, (1, length)),
+            "attention_mask": np.ones((1, length), np.int64),
+            "position_ids": np.arange(length, dtype=np.int64)[None],
+        }
+        for spec in fp32_runner.inputs[3:]:  # past_key_values.{i}.key|value [batch, heads, past, dim]: empty
+            feed[spec.name] = np.zeros((1, int(spec.shape[1]), 0, int(spec.shape[3])), np.float32)
+        feeds.append({name: feed[name] for name in names})
+
+    def build(apart: Sequence[str]) -> ModelRunner:
+        return NextTokenLogits(quantize(apart))
+
+    return accuracy_aware(build, NextTokenLogits(fp32_runner), feeds, budget, ranked)
+
+
+class NextTokenLogits:
+    """A text-generation graph's runner giving only its logits, as [positions, vocab] (rows of a classifier:
+    the default metric is then their top-1 agreement)."""
+
+    def __init__(self, runner: GraphRunner):
+        self.runner, self.inputs = runner, runner.inputs
+        self.outputs = [s for s in runner.outputs if s.name == "logits"]
+
+    def run(self, feeds: Feeds) -> Feeds:
+        """{"logits": [positions, vocab]}."""
+        logits = np.asarray(self.runner.run(feeds)["logits"])
+        return {"logits": logits.reshape(-1, logits.shape[-1])}

@@ -19,6 +19,7 @@ from kiln.compiler.quantization.summary import QuantizeSummary
 if TYPE_CHECKING:
     import numpy as np
     from kiln.compiler.quantization.calibration import CalibrationData, CalibrationSpec
+    from kiln.compiler.quantization.weight_only import WeightOnlySpec
     from kiln.compiler.types import TensorSpec
 
 SIGNATURE = "serving_default"  # the signature litert_torch writes, and the one calibration feeds
@@ -144,3 +145,36 @@ def _calibrate(source: Path, engine: Any, calibration: list[dict[str, np.ndarray
     )
     calib.calibrate({SIGNATURE: calibration}, manager)
     return calib.get_model_qsvs()
+
+
+def quantize_tflite_weights(source: Path, destination: Path, spec: WeightOnlySpec) -> QuantizeSummary:
+    """Write the float32 `.tflite` `source` (every signature of it) with int8 weights to `destination`, by
+    ai-edge-quantizer's weight-only recipe: symmetric int8 per output channel (TFLite kernels take no other), the
+    weights dequantized in the graph, compute in float. See kiln.compiler.quantization.weight_only."""
+    from importlib.metadata import version
+
+    from ai_edge_quantizer import qtyping, quantizer
+
+    if spec.bits != 8 or not spec.symmetric:
+        raise UsageError(
+            f"LiteRT weight-only quantization takes int8 sym weights, not {spec.precision} "
+            f"{'sym' if spec.symmetric else 'asym'}",
+            "use --precision int8 without --weights asym for tflite",
+        )
+    start = time.perf_counter()
+    engine = quantizer.Quantizer(str(source))
+    engine.add_weight_only_config(
+        regex=".*",
+        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        num_bits=spec.bits,
+        granularity=qtyping.QuantGranularity.CHANNELWISE,
+    )
+    engine.quantize(enable_progress_report=False).export_model(str(destination), overwrite=True)
+    return QuantizeSummary(
+        precision=spec.precision,
+        tool=f"ai-edge-quantizer {version('ai-edge-quantizer')} (weight-only recipe)",
+        method="weights-only",
+        settings={**spec.to_dict(), "granularity": "per output channel", "compute": "float (explicit dequantize)"},
+        seconds=round(time.perf_counter() - start, 3),
+        ir="tflite",
+    )

@@ -3,6 +3,8 @@
 - `int8`: post-training quantization (`nncf.quantize`) calibrated on `CalibrationData`: FakeQuantize
   on activations and weights, which the CPU plugin runs as int8 kernels.
 - `int8-dynamic`: weights-only int8 (`nncf.compress_weights`, INT8_ASYM); activations stay float.
+- text generation at `int8`/`int4`: weights-only, as the spec of kiln.compiler.quantization.weight_only says
+  (`compress_openvino_weights`).
 
 How `CalibrationSpec` maps onto NNCF:
 - `method`: minmax -> global min/max of the calibration batches (`RangeEstimatorParametersSet.MINMAX`, like
@@ -29,6 +31,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
@@ -37,6 +40,7 @@ from kiln.compiler.quantization.summary import QuantizeSummary
 if TYPE_CHECKING:
     import openvino as ov
     from kiln.compiler.quantization.calibration import CalibrationData
+    from kiln.compiler.quantization.weight_only import WeightOnlySpec
     from kiln.compiler.types import TensorSpec
 
 QUANTIZED_PRECISIONS = ("int8", "int8-dynamic")
@@ -46,6 +50,7 @@ WEIGHTED_OPS = frozenset(
 )
 # Ops a quantized tensor passes through on its way to a weighted op (weight decompression, reshapes).
 _PASS_THROUGH = frozenset({"Convert", "Reshape", "Transpose", "Subtract", "Multiply", "Unsqueeze", "Squeeze"})
+LOW_BIT_TYPES = ("i8", "u8", "i4", "u4", "i2", "u2")  # the element types of quantized (compressed) weights
 RANGE_ESTIMATORS = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE", "entropy": "HISTOGRAM"}
 ENTROPY_NOTE = (
     "calibration method entropy: NNCF has no KL-divergence (entropy) estimator; used its HISTOGRAM estimator, "
@@ -223,12 +228,76 @@ def weighted_op_states(ov_model: ov.Model) -> dict[str, bool]:
 
 
 def _quantized_source(node: Any, depth: int = 4) -> bool:
-    """Whether `node` is a FakeQuantize or an 8-bit constant, possibly behind decompression/reshape ops."""
+    """Whether `node` is a FakeQuantize or a low-bit constant, possibly behind decompression/reshape ops."""
     kind = node.get_type_name()
     if kind == "FakeQuantize":
         return True
     if kind == "Constant":
-        return node.get_element_type().get_type_name() in ("i8", "u8")
+        return node.get_element_type().get_type_name() in LOW_BIT_TYPES
     if kind not in _PASS_THROUGH or depth == 0:
         return False
     return any(_quantized_source(node.input_value(i).get_node(), depth - 1) for i in range(node.get_input_size()))
+
+
+def compress_openvino_weights(
+    ov_model: ov.Model,
+    spec: WeightOnlySpec,
+    keep_float: Sequence[str] = (),
+    keep_8bit: Sequence[str] = (),
+) -> tuple[ov.Model, QuantizeSummary]:
+    """A copy of `ov_model` with its weights compressed by `nncf.compress_weights` as `spec` says (INT8_SYM/ASYM
+    per channel; INT4_SYM/ASYM in groups of `spec.group_size`, every layer but the embeddings and the LM head, which
+    NNCF keeps in 8 bits, its default for 4-bit modes). The ops of the ONNX nodes `keep_float` stay float, those of
+    `keep_8bit` take 8 bits. A group size that does not divide a layer's input channels is adjusted for that layer
+    (NNCF's ADJUST fallback: the largest divisor from 32 on, else 8 bits). See
+    kiln.compiler.quantization.weight_only."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    float_ops, eight_ops = ops_for_onnx_nodes(ov_model, keep_float), ops_for_onnx_nodes(ov_model, keep_8bit)
+    start, model = time.perf_counter(), ov_model.clone()
+    with _nncf_quiet():
+        extra: dict[str, Any] = {}
+        if spec.bits < spec.head_bits:
+            extra = {
+                "group_size": spec.group_size,
+                "ratio": 1.0,
+                "all_layers": False,
+                "backup_mode": nncf.BackupMode.INT8_SYM if spec.symmetric else nncf.BackupMode.INT8_ASYM,
+                "advanced_parameters": AdvancedCompressionParameters(
+                    group_size_fallback_mode=GroupSizeFallbackMode.ADJUST
+                ),
+            }
+        skipped = [*float_ops, *eight_ops]
+        scope = nncf.IgnoredScope(names=skipped, validate=False) if skipped else None
+        model = nncf.compress_weights(model, mode=_compress_mode(spec), ignored_scope=scope, **extra)
+        if eight_ops:  # then those in 8 bits, every other layer (already compressed) ignored
+            others = [n for n in weighted_op_states(model) if n not in eight_ops]
+            eight = replace(spec, bits=spec.head_bits)
+            scope = nncf.IgnoredScope(names=others, validate=False)
+            model = nncf.compress_weights(model, mode=_compress_mode(eight), ignored_scope=scope)
+    states = weighted_op_states(model)
+    return model, QuantizeSummary(
+        precision=spec.precision,
+        tool=f"nncf {nncf.__version__} compress_weights",
+        method="weights-only",
+        settings={**spec.to_dict(), "mode": str(_compress_mode(spec).value), "int8_layers": eight_ops},
+        nodes_before=len(ov_model.get_ordered_ops()),
+        nodes_after=len(model.get_ordered_ops()),
+        quantized=sum(states.values()),
+        kept_float=tuple(name for name, q in states.items() if not q),
+        excluded=tuple(keep_float),
+        seconds=round(time.perf_counter() - start, 3),
+        ir="openvino",
+    )
+
+
+def _compress_mode(spec: WeightOnlySpec) -> Any:
+    """NNCF's CompressWeightsMode for a spec (INT2_SYM only for the gate's planted-bug tests)."""
+    import nncf
+
+    name = f"INT{spec.bits}_{'SYM' if spec.symmetric else 'ASYM'}"
+    mode = getattr(nncf.CompressWeightsMode, name, None)
+    if mode is None:
+        raise UsageError(f"NNCF has no {spec.precision} {'sym' if spec.symmetric else 'asym'} weight compression")
+    return mode

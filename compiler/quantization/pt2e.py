@@ -287,7 +287,7 @@ def accuracy_aware_pt2e(
         labels.update({layer.name: layer.label for layer in report.layers})
         return [layer.name for layer in report.layers if layer.quantized]
 
-    result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
+    result = accuracy_aware(build, fp32_runner, calibration.batches(fp32_runner.inputs), budget, ranking, labels)
     quantized, converted, summary = kept[0]
     report = pt2e_report(program, converted, feeds, inputs, classes)
     report.summary.reverted = list(result.reverted_modules)
