@@ -156,12 +156,17 @@ def dump_graph(graph: Any, stem: Path) -> Path:
     return save_onnx(graph, stem.with_suffix(".onnx"))
 
 
+EXTERNAL_DATA_BYTES = 64 * 2**20  # weights beyond this go to `model.onnx.data`, written tensor by tensor
+
+
 def save_onnx(model: Any, destination: Path) -> Path:
-    """Save an onnx_ir model as one self-contained file, or with external data beyond 2 GB."""
+    """Save an onnx_ir model as one self-contained file, or, with more than EXTERNAL_DATA_BYTES of weights, with
+    external data (`NAME.data` beside it): written one tensor at a time, so that saving never holds the model's
+    weights twice (a self-contained file is one protobuf, built whole in memory and then serialized)."""
     import onnx_ir as ir
 
-    large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > 2**30
-    if large:
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weights > EXTERNAL_DATA_BYTES:
         ir.save(model, str(destination), external_data=destination.name + ".data")
     else:
         # Pull weights that lived in the source's external files into the new self-contained file.

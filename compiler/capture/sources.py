@@ -1,4 +1,5 @@
-"""Loading a model from what the user points at: a zoo name, a Python factory, a .pt2 or an .onnx file."""
+"""Loading a model from what the user points at: a zoo name, a Python factory, a .pt2 or an .onnx file, or a
+Hugging Face checkpoint folder (`kiln.compiler.capture.hf_folder`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib.util
 import inspect
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import torch
 from kiln.compiler.errors import KilnError, UsageError
 
 if TYPE_CHECKING:
+    from kiln.compiler.capture.hf_folder import FolderRequest
     from kiln.compiler.export.options import ExportOptions
     from kiln.compiler.generation.decoding import DecoderSpec
 
@@ -40,6 +42,10 @@ class ModelSource:
     # what the export must know of it (vocabulary, positions, attention layers).
     reference_model: torch.nn.Module | None = None
     decoder: DecoderSpec | None = None
+    # What the manifest records of a checkpoint folder (task, architecture, input shapes), and the files the export
+    # carries beside its artifact (export-relative path -> source file: the folder's tokenizer).
+    origin: dict[str, Any] = field(default_factory=dict)
+    carried: dict[str, Path] = field(default_factory=dict)
 
     @property
     def reference_name(self) -> str:
@@ -51,6 +57,17 @@ class ModelSource:
         if self.exported is not None and self.task is None:
             return "pytorch (exported program from .pt2)"
         return "pytorch eager"
+
+    def weight_addresses(self) -> list[int]:
+        """Where the model's weights are in memory (the data pointer of each parameter and buffer of the module, the
+        reference model and the exported program), for `kiln.compiler.memory.release_pages`."""
+        tensors: list[torch.Tensor] = []
+        for module in (self.module, self.reference_model):
+            if module is not None:
+                tensors += [*module.parameters(), *module.buffers()]
+        if self.exported is not None:
+            tensors += list(self.exported.state_dict.values())
+        return [t.data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
 
     def with_batch(self, batch: int) -> ModelSource:
         """This source with example inputs resized to `batch` rows (for targets that need a fixed batch)."""
@@ -64,15 +81,23 @@ class ModelSource:
 
 
 def load_source(
-    spec: str, user_inputs: list[dict[str, np.ndarray]] | None = None, trust_pickle: bool | None = None
+    spec: str,
+    user_inputs: list[dict[str, np.ndarray]] | None = None,
+    trust_pickle: bool | None = None,
+    folder: FolderRequest | None = None,
 ) -> ModelSource:
-    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2` or `file.onnx`.
+    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2`, `file.onnx` or a checkpoint folder
+    (`folder`: what was asked of it; None: its task inferred, nothing trusted).
 
     A `.pt2` is read without running code from it unless `trust_pickle` (None: the enclosing
     `kiln.compiler.capture.pt2_archive.trusting_pickles` block decides, by default not trusted).
     """
+    from kiln.compiler.capture.hf_folder import FolderRequest, is_checkpoint_folder
+
     if spec.startswith("zoo:"):
         return _load_zoo(spec)
+    if is_checkpoint_folder(Path(spec)):
+        return _load_folder(Path(spec), folder or FolderRequest(trust_pickle=bool(trust_pickle)))
     path_part, separator, factory = spec.rpartition(":")
     if not separator:
         path_part, factory = spec, ""
@@ -83,9 +108,26 @@ def load_source(
         return _load_pt2(path, spec, trust_pickle)
     if path.suffix == ".onnx":
         return _load_onnx(path, spec, user_inputs)
+    if path.is_dir():
+        raise UsageError(f"{path} holds no config.json", "pass a checkpoint folder written by save_pretrained")
     raise UsageError(
-        f"don't know how to load model '{spec}'", "use zoo:NAME, path/to/file.py:factory, file.pt2 or file.onnx"
+        f"don't know how to load model '{spec}'",
+        "use zoo:NAME, path/to/file.py:factory, file.pt2, file.onnx or a checkpoint folder "
+        "(config.json + *.safetensors)",
     )
+
+
+def _load_folder(folder: Path, request: FolderRequest) -> ModelSource:
+    """A Hugging Face checkpoint folder: its model for the task, example inputs from its config, its tokenizer
+    carried into the export."""
+    from kiln.compiler.capture.hf_folder import TOKENIZER_DIR, load_folder, tokenizer_files
+
+    module, inputs, record = load_folder(folder, request)
+    source = from_module(module, inputs, str(folder))
+    source.name = folder.resolve().name
+    source.origin = record
+    source.carried = {f"{TOKENIZER_DIR}/{path.name}": path for path in tokenizer_files(folder)}
+    return source
 
 
 def from_module(module: torch.nn.Module, example_inputs: Any, description: str = "") -> ModelSource:
@@ -351,9 +393,27 @@ def state_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
     """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module."""
+    from kiln.compiler.capture.hf_folder import TASKS as FOLDER_TASKS
+    from kiln.compiler.capture.hf_folder import FolderRequest, is_checkpoint_folder
+    from kiln.compiler.generation.export import TASKS
+
+    folder = isinstance(model, (str, Path)) and is_checkpoint_folder(Path(model))
+    if options.task is not None and options.task not in FOLDER_TASKS:
+        raise UsageError(f"--task {options.task}: unknown task", f"use one of: {', '.join(FOLDER_TASKS)}")
+    if options.task not in (None, *TASKS) and not folder:
+        raise UsageError(
+            f"--task {options.task} applies to a checkpoint folder (config.json + *.safetensors) only",
+            f"pass such a folder, or --task {' or '.join(TASKS)}",
+        )
+    if (options.shapes or options.trust_remote_code) and not folder:
+        raise UsageError(
+            "--shape and --trust-remote-code apply to a checkpoint folder only",
+            "drop them, or give example inputs in the factory",
+        )
     if isinstance(model, (str, Path)):
         user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
-        return load_source(str(model), user)
+        request = FolderRequest(options.task, options.shapes, options.trust_remote_code, options.trust_pickle)
+        return load_source(str(model), user, folder=request)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
             f"the model must be a torch.nn.Module or a source string, not {type(model).__name__}",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from kiln.compiler.backend_errors import backend_failures
 from kiln.compiler.export.manifest import ManifestParts, assemble_manifest
+from kiln.compiler.memory import release_pages
 from kiln.compiler.progress import Progress, converter_output_captured
 from kiln.compiler.safe_fs import regular_files
 from kiln.compiler.types import MANIFEST_NAME, ArtifactFile, Manifest
@@ -79,7 +80,9 @@ def load_runner(artifact: Artifact, threads: int | None = None, settings: Runtim
     if settings is not None and not settings.is_default:
         manifest = target.with_runtime_settings(manifest, settings)
     with backend_failures(target, "run"):
-        return target.load(artifact.directory, manifest, threads=threads)
+        runner = target.load(artifact.directory, manifest, threads=threads)
+    release_pages([artifact.directory])  # mapped artifact files the runtime read while loading (OpenVINO's .bin)
+    return runner
 
 
 def hash_files(directory: Path) -> list[ArtifactFile]:

@@ -46,7 +46,8 @@ def source_record(source: ModelSource) -> dict[str, Any]:
         "state_hash": source.state_hash,
         "reference": source.reference_name,
     }
-    return record | ({"decoder": source.decoder.to_dict()} if source.decoder is not None else {})
+    record |= {"decoder": source.decoder.to_dict()} if source.decoder is not None else {}
+    return record | ({"checkpoint": source.origin} if source.origin else {})
 
 
 def assemble_manifest(parts: ManifestParts) -> Manifest:

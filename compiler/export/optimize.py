@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.passes import FX, ONNX, dump_graph, pipeline_for, run_pipeline, save_onnx
+from kiln.passes.contract import snapshot
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel
@@ -49,8 +49,9 @@ def optimize(
         destination.parent.mkdir(parents=True)
         done[key] = replace(model, onnx_path=_save(graph, destination, model.onnx_path)), records
     elif ir == FX and model.exported is not None and chosen:
-        # FX passes may change the program in place: the capture is shared with other targets.
-        program, records = run_pipeline(copy.deepcopy(model.exported), chosen, dump)
+        # FX passes may change the program in place: the capture is shared with other targets (the copy shares the
+        # weights: a pass gives a weight a new value by replacing it in the copy's state dict, never in place).
+        program, records = run_pipeline(snapshot(model.exported), chosen, dump)
         done[key] = replace(model, exported=program), records
     else:
         done[key] = model, []

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.dynamic import DynamicShapes
+from kiln.compiler.capture.hf_folder import parse_shapes
 from kiln.compiler.errors import UsageError
 from kiln.compiler.parity.gate import DEFAULT_SAMPLES
 from kiln.compiler.quantization.calibration import (
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 IO_OPTIONS = ("nhwc",)  # int8 I/O is not an option: every int8 TFLite/Edge TPU artifact takes int8 I/O
 # ExportOptions fields that export_options() makes from a differently named plain value
-PARSED_FIELDS = {"inputs_files", "calibration", "accuracy", "pass_adjustments", "dynamic", "buckets"}
+PARSED_FIELDS = {"inputs_files", "calibration", "accuracy", "pass_adjustments", "dynamic", "buckets", "shapes"}
 
 
 @dataclass
@@ -59,7 +60,9 @@ class ExportOptions:
     localize: bool | None = None  # where parity diverges: None on failure, True always, False never
     all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets seq=32,64: static-shape targets
-    task: str | None = None  # --task: text-generation (KV cache) or forward; None: text-generation for a causal LM
+    task: str | None = None  # --task: text-generation, forward, or a checkpoint folder's task (hf_folder.TASKS)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --shape NAME=DIMS: a checkpoint folder's inputs
+    trust_remote_code: bool = False  # --trust-remote-code: a checkpoint folder may run its own Python code
     cache_size: int | None = None  # --cache-size: a static KV cache's length (tflite, tpu text generation)
     dynamic_batch: InitVar[DynamicShapes | None] = None  # the older name of `dynamic` (DynamicBatch(1, 8))
 
@@ -147,11 +150,12 @@ def export_options(
     io: str | None = None,
     adjust_passes: str | None = None,
     dump_passes: str | Path | None = None,
+    shape: list[str] | tuple[str, ...] | None = None,
     **plain: Any,
 ) -> ExportOptions:
     """ExportOptions from plain values, as the CLI, the library and a matrix cell hold them: strings for
     `dynamic_batch` ("MIN:MAX"), `dynamic` (["input_ids:1=8:128:64", ...]), `buckets` ("seq=32,64,128"),
-    `io` ("nhwc"), `adjust_passes` ("+name,-name"); the calibration and accuracy
+    `io` ("nhwc"), `adjust_passes` ("+name,-name"), `shape` (["input_ids=1x64", ...]); the calibration and accuracy
     settings as separate values. `plain` holds the fields of ExportOptions that need no parsing (precision,
     atol, samples, opt_level, ...); an unknown name is a UsageError."""
     known = {f.name for f in fields(ExportOptions)} - PARSED_FIELDS
@@ -175,5 +179,6 @@ def export_options(
         io=parse_io(io),
         pass_adjustments=PassAdjustments.parse(adjust_passes),
         dump_passes=Path(dump_passes) if dump_passes else None,
+        shapes=parse_shapes(shape),
         **plain,
     )

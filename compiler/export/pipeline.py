@@ -7,6 +7,8 @@ their own: `export.optimize.optimize`, `export.artifacts.build`, `parity.gate.va
 
 from __future__ import annotations
 
+import gc
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -45,6 +47,7 @@ from kiln.compiler.generation.export import (
     wants_generation,
     with_generation,
 )
+from kiln.compiler.memory import peak_rss, release_pages
 from kiln.compiler.parity.gate import (
     QUANTIZED_PRECISIONS,
     QUANTIZED_SAMPLES,
@@ -193,6 +196,7 @@ def prepare(
             samples = generation_samples(source, captured, options)
         else:
             samples = reference_samples(source, captured, options, quantized, held)
+    settle(source)
     routes = RouteGraphs(captured, scratch, optimize_onnx, lowering_failure)
     return _Shared(source, captured, samples, calibration, scratch, routes)
 
@@ -214,6 +218,7 @@ def export_one(
     samples = shared.samples.for_precision(request.precision)
     built = _build_by_routes(target, request, samples, shared, options, directory, progress, own)
     artifact, records, chosen, attempts = built
+    carry_files(shared.source.carried, artifact.directory)
     for note in artifact.manifest.notes:
         progress.say(f"note: {note}")
     notes = [] if samples.save(directory) else ["parity samples too large to store: verify needs --model"]
@@ -237,7 +242,7 @@ def export_one(
         progress,
         chosen.route,
     )
-    manifest = _final_manifest(artifact, shared.source, records, notes, report, options, timings | own)
+    manifest = _final_manifest(artifact, shared.source, records, notes, report, options, timings | own, progress.peaks)
     if len(target.routes()) > 1:
         manifest.target_info |= route_info(chosen, attempts)
     manifest.write(directory)
@@ -308,16 +313,19 @@ def _try_route(
             graph, records = optimize(graph, target, shared.routes.work_for(route), options, done, route.consumes)
         _say_rollbacks(records, progress)
         step = "build"
+        settle(shared.source)
         request = replace(request, route=route.name)
         with _timed(progress, own, f"build {target.name}", target.stage_detail(graph, request)):
             artifact = build(target, graph, request, directory)
         step = "validate"
+        settle(shared.source)
         with _timed(progress, own, f"validate {target.name}", f"{len(samples.inputs)} input sets"):
             tolerance = options.tolerance(request.precision)
             report = validate(artifact, samples, tolerance, shared.source.reference_name)
         if shared.source.task == TEXT_GENERATION:
             with _timed(progress, own, f"generate {target.name}", "greedy tokens vs the reference"):
                 report = with_generation(report, artifact, shared.source)
+            settle(shared.source)
     except (UsageError, MissingBackendError) as error:
         raise _TargetFailed(step, error) from error
     except KilnError as error:
@@ -333,8 +341,10 @@ def _final_manifest(
     report: ParityReport,
     options: ExportOptions,
     timings: dict[str, float],
+    peaks: dict[str, int],
 ) -> Manifest:
-    """The manifest of a validated build: its parts, with the outputs' shapes as the artifact produced them."""
+    """The manifest of a validated build: its parts, with the outputs' shapes as the artifact produced them, and the
+    process's peak resident set so far (`host.peak_rss`, and when each stage ended: `host.peak_rss_by_stage`)."""
     assert artifact.parts is not None
     parts = replace(
         artifact.parts,
@@ -348,7 +358,25 @@ def _final_manifest(
     )
     manifest = assemble_manifest(parts)
     manifest.outputs = observed_outputs(manifest.outputs, report)
+    manifest.host = {**manifest.host, "peak_rss": peak_rss(), "peak_rss_by_stage": dict(peaks)}
     return manifest
+
+
+def carry_files(files: dict[str, Path], directory: Path) -> None:
+    """Copy the files the source carries into the export (a checkpoint folder's tokenizer), at their relative
+    paths; the manifest lists and hashes them like the artifact's own."""
+    for relative, path in files.items():
+        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, directory / relative)
+
+
+def settle(source: ModelSource) -> None:
+    """Between the steps that read the weights in turn (the model for the reference, a converter, a runtime): free
+    what the last step left (its garbage, a runtime session) and drop the resident pages of the model's
+    memory-mapped weights (`kiln.compiler.memory.release_pages`), so that the steps do not add up one copy of the
+    weights each in this process's memory."""
+    gc.collect()
+    release_pages(addresses=source.weight_addresses())
 
 
 def publish(staging: Path, outcomes: list[_Outcome], out: Path) -> list[ExportResult]:

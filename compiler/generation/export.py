@@ -15,6 +15,7 @@ I/O (batch, seq, past and total = past + seq are named dynamic dims):
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -67,8 +68,10 @@ def is_causal_lm(module: Any) -> bool:
 def wants_generation(source: ModelSource, task: str | None, cache_size: int | None = None) -> bool:
     """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM;
     `--cache-size` on any other export is refused rather than ignored."""
-    if task is not None and task not in TASKS:
-        raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(TASKS)}")
+    from kiln.compiler.capture.hf_folder import TASKS as FOLDER_TASKS
+
+    if task is not None and task not in (*TASKS, *FOLDER_TASKS):
+        raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(FOLDER_TASKS)}")
     causal = source.kind == "torch" and source.exported is None and is_causal_lm(source.module)
     if task == TEXT_GENERATION and not causal:
         raise UsageError(
@@ -346,17 +349,28 @@ def generation_samples(source: ModelSource, captured: CapturedModel, options: Ex
 def with_generation(report: ParityReport, artifact: Artifact, source: ModelSource) -> ParityReport:
     """The parity report with the generation check added (`report.generation`, see
     `kiln.compiler.generation.gate.generation_parity`): it fails when the artifact's greedy tokens are not the user's
-    model's or a step's logits are outside the report's tolerance."""
+    model's or a step's logits are outside the report's tolerance. The artifact decodes every prompt first and its
+    runtime is let go before the user's model runs, so that the two never hold their weights at once."""
     from kiln.compiler.backend_errors import backend_failures
     from kiln.compiler.export.artifacts import load_runner
-    from kiln.compiler.generation.gate import CausalLMReference, capacity_of, gate_prompts, generation_parity
+    from kiln.compiler.generation.gate import (
+        CausalLMReference,
+        capacity_of,
+        decode_prompts,
+        gate_prompts,
+        judge_decoding,
+    )
+    from kiln.compiler.memory import release_pages
     from kiln.targets import get_target
 
     assert source.reference_model is not None and source.decoder is not None
-    runner = load_runner(artifact)
     layout = layout_of(artifact.manifest.inputs)
     plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
-    reference = CausalLMReference(source.reference_model)
+    runner = load_runner(artifact)
     with backend_failures(get_target(artifact.target), "run"):
-        record = generation_parity(runner.run, layout, reference, plan, report.tolerance)
+        streams = decode_prompts(runner.run, layout, plan)
+    del runner
+    gc.collect()
+    release_pages([artifact.directory])
+    record = judge_decoding(streams, CausalLMReference(source.reference_model), plan, report.tolerance)
     return replace(report, passed=report.passed and record["passed"], generation=record)
