@@ -8,7 +8,10 @@ set would grow by one copy of the weights per step. `release_pages` drops the re
 the step that reads them is over (`madvise(MADV_DONTNEED)`): the data stays in the page cache (nothing is copied
 or lost) and comes back on the next read. Only pages that equal their file are dropped: a mapping that can be
 written to is released only when none of its pages was (its `Anonymous` count in /proc/self/smaps is 0), so a
-weight changed in memory is never undone. Elsewhere than Linux nothing is released.
+weight changed in memory is never undone. `pages_released` does the same every fraction of a second while a
+runtime reads a mapped file to make its own copy (OpenVINO repacks every MatMul weight as it compiles, its
+converter transposes them): those pages would otherwise stay resident beside the copy. It touches read-only
+mappings only, which nobody can write to meanwhile. Elsewhere than Linux nothing is released.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import ctypes
 import os
 import resource
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +104,10 @@ def _modified_pages(mappings: list[Mapping]) -> dict[int, int]:
     return found
 
 
-def release_pages(paths: Iterable[Path | str] = (), addresses: Iterable[int] = ()) -> int:
+def release_pages(paths: Iterable[Path | str] = (), addresses: Iterable[int] = (), read_only: bool = False) -> int:
     """Drop the resident pages of the file mappings of this process that map a file under one of `paths` (a file
-    or a directory) or hold one of `addresses` (e.g. tensors' `data_ptr()`), when those pages equal their file;
-    the bytes of address space released (resident or not)."""
+    or a directory) or hold one of `addresses` (e.g. tensors' `data_ptr()`), when those pages equal their file
+    (`read_only`: of read-only mappings only); the bytes of address space released (resident or not)."""
     roots = [os.path.realpath(p) for p in paths]
     points = sorted(set(addresses))
     if sys.platform != "linux" or (not roots and not points):
@@ -111,7 +116,7 @@ def release_pages(paths: Iterable[Path | str] = (), addresses: Iterable[int] = (
     for mapping in file_mappings():
         under = any(mapping.path == r or mapping.path.startswith(r.rstrip("/") + "/") for r in roots)
         holds = any(mapping.start <= a < mapping.end for a in points)
-        if under or holds:
+        if (under or holds) and not (read_only and mapping.writable):
             chosen.append(mapping)
     modified = _modified_pages(chosen)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -125,3 +130,38 @@ def release_pages(paths: Iterable[Path | str] = (), addresses: Iterable[int] = (
         ):
             released += mapping.end - mapping.start
     return released
+
+
+@contextmanager
+def pages_released(paths: Iterable[Path | str], interval: float = 0.25) -> Iterator[None]:
+    """While the block runs, drop every `interval` seconds the resident pages of the read-only mappings of files
+    under `paths` (see the module's note), and once more at its end."""
+    roots = [Path(p) for p in paths]
+    if sys.platform != "linux" or not roots:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            release_pages(roots, read_only=True)
+
+    watcher = threading.Thread(target=loop, name="kiln-pages-released", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        release_pages(roots, read_only=True)
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's `malloc_trim`), where there is such a call: a
+    runtime's freed weights can otherwise stay in this process's resident set."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass

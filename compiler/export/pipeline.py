@@ -47,7 +47,7 @@ from kiln.compiler.generation.export import (
     wants_generation,
     with_generation,
 )
-from kiln.compiler.memory import peak_rss, release_pages
+from kiln.compiler.memory import peak_rss, release_pages, trim_heap
 from kiln.compiler.parity.gate import (
     QUANTIZED_PRECISIONS,
     QUANTIZED_SAMPLES,
@@ -376,6 +376,7 @@ def settle(source: ModelSource) -> None:
     memory-mapped weights (`kiln.compiler.memory.release_pages`), so that the steps do not add up one copy of the
     weights each in this process's memory."""
     gc.collect()
+    trim_heap()
     release_pages(addresses=source.weight_addresses())
 
 
