@@ -107,7 +107,7 @@ def _initial_value(name: str, shape: tuple[int, ...], std: float) -> torch.Tenso
 def write_decoder_folder(size: str, directory: Path) -> Path:
     """Write the decoder `size` of DECODERS as a checkpoint folder: config.json, generation_config.json and
     model-0000i-of-0000n.safetensors shards with model.safetensors.index.json (one model.safetensors when it
-    fits one shard). Returns `directory`."""
+    fits one shard), and a tokenizer. Returns `directory`."""
     import transformers
     from kiln.compiler.safetensors_file import write_safetensors
 
@@ -144,7 +144,23 @@ def write_decoder_folder(size: str, directory: Path) -> Path:
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(directory)
     transformers.GenerationConfig(do_sample=False).save_pretrained(directory)
+    save_tokenizer(directory, config.vocab_size)
     return directory
+
+
+def save_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer with `vocab_size` entries (`<unk>`, `<s>`, `</s>`, then `w3`, `w4`...), saved as
+    transformers saves one: onnxruntime-genai's builder needs a tokenizer, and `kiln run --prompt` uses it."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab_size)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(directory)
 
 
 def main() -> None:
