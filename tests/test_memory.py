@@ -72,7 +72,7 @@ def test_manifest_and_json_report_peak_rss(tmp_path, capsys):
     assert report["results"][0]["peak_rss"] == host["peak_rss"]
     stages = host["peak_rss_by_stage"]
     assert {"load", "capture", "reference", "build onnx", "validate onnx"} <= set(stages)
-    assert list(stages.values()) == sorted(stages.values())  # a high-water mark only grows
+    assert 0 < stages["load"] <= stages["validate onnx"] <= host["peak_rss"]  # the high-water mark then
 
 
 def _export_peak(factory: str, target: str, out: Path) -> int:
@@ -99,3 +99,66 @@ def test_tpu_build_memory_grows_at_most_three_times_the_weights(tmp_path):
     weights = sized.weight_bytes(sized.bert_large()[0]) - sized.weight_bytes(sized.bert_small()[0])
     growth = (large - small) / weights
     assert growth <= 3.0, f"peak {small / 2**30:.2f} -> {large / 2**30:.2f} GiB: {growth:.2f}x the weights' growth"
+
+
+def test_large_onnx_is_saved_with_its_unchanged_weights_linked(tmp_path, monkeypatch):
+    """Above EXTERNAL_DATA_BYTES a graph is saved with external data; weights still read unchanged from the source's
+    data file are linked (same file, nothing rewritten), new ones written beside it, and the graph computes the
+    same."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from kiln import passes
+
+    source = tmp_path / "src"
+    source.mkdir()
+    x = ir.Value(name="x", shape=ir.Shape([2, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    weight = ir.Value(name="w", const_value=ir.tensor(np.random.default_rng(0).standard_normal((64, 512)).astype("f4")))
+    node = ir.node("MatMul", [x, weight])
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 20})
+    model = ir.Model(graph, ir_version=10)
+    monkeypatch.setattr(passes, "EXTERNAL_DATA_BYTES", 0)
+    passes.save_onnx(model, source / "model.onnx")
+    assert (source / "model.onnx.data").stat().st_size == 64 * 512 * 4
+    loaded = ir.load(str(source / "model.onnx"))
+    bias = ir.Value(name="b", const_value=ir.tensor(np.arange(512, dtype="f4")))  # a weight a pass made
+    add = ir.node("Add", [loaded.graph.outputs[0], bias])
+    loaded.graph.append(add)
+    loaded.graph.register_initializer(bias)
+    loaded.graph.outputs[0] = add.outputs[0]
+    add.outputs[0].name = "y"
+    optimized = tmp_path / "opt"
+    optimized.mkdir()
+    passes.save_onnx(loaded, optimized / "model.onnx")
+    assert os.path.samefile(optimized / "model.onnx.data", source / "model.onnx.data")  # linked, not rewritten
+    assert (optimized / "model.onnx.extra.data").stat().st_size == 512 * 4
+    feeds = {"x": np.ones((2, 64), "f4")}
+    session = ort.InferenceSession(str(optimized / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = feeds["x"] @ weight.const_value.numpy() + np.arange(512, dtype="f4")
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected, rtol=1e-5)
+
+
+def test_linear_weights_are_transposed_as_the_file_is_written(tmp_path):
+    """The exporter's `MatMul(x, Transpose(W))` becomes `MatMul(x, W.transposed)` with W transposed while the
+    file is written (no transposed copy of every weight held in memory), and the graph computes what PyTorch does."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from kiln.compiler.capture.program import lower_to_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).eval()
+    example = torch.randn(2, 3, 512)
+    program = torch.export.export(model, (example,), strict=False)
+    lower_to_onnx(program, tmp_path / "model.onnx", ["output"], None)
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    names = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    assert names["0.weight.transposed"] == (512, 256)  # 131072 elements: deferred (>= 65536)
+    assert names["val_2"] == (256, 8)  # 2048: left to the exporter's optimizer, which folds it
+    assert "Transpose" not in {n.op_type for n in proto.graph.node}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(example).numpy()
+    np.testing.assert_allclose(
+        session.run(None, {session.get_inputs()[0].name: example.numpy()})[0], expected, atol=1e-5
+    )
