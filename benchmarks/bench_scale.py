@@ -155,7 +155,7 @@ def run_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
     spare = int(args.spare_gb * GIB)
     out = Path(tempfile.mkdtemp(prefix=f"kiln-scale-{size}-", dir=args.work_dir))
     record: dict[str, Any] = {"size": size, "weights": weights, "load_average": os.getloadavg()}
-    wait_for_memory(int(1.6 * weights + GIB), spare, args.patience)
+    wait_for_memory(int(1.3 * weights + 1.5 * GIB), spare, args.patience)
     print(f"[{size}] kiln export ({weights / GIB:.2f} GiB of weights)")
     kiln = timed_run(
         [sys.executable, str(ROOT / "cli.py"), "export", str(folder), "-t", args.targets, "--out", str(out / "kiln"),

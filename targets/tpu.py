@@ -39,6 +39,7 @@ WEIGHTS_FILE = "model.weights.safetensors"
 SAVED_MODEL_DIR = "saved_model"
 TEXT_LIMIT = 8 * 2**20  # write the readable .mlir and the HLO text only below this size
 PLATFORMS = ["TPU", "CPU"]
+RELEASE_EVERY = 256 * 2**20  # bytes of mapped weights read into variables between two hand-backs of their pages
 MXU_LANES, MXU_SUBLANES = 128, 8
 
 
@@ -121,6 +122,24 @@ def _variable(name: str, tensor: torch.Tensor) -> Any:
     else:
         array = value.numpy()
     return tf.Variable(array, trainable=False, name=re.sub(r"[^A-Za-z0-9_.\-/]", "_", name).lstrip("._-/") or "w")
+
+
+def _add_variables(variables: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """A tf.Variable for each weight `variables` lacks. The model's weights are memory-mapped (a checkpoint
+    folder's safetensors): their pages, read to make each variable, are handed back every RELEASE_EVERY bytes, so
+    that the weights are not resident twice (`kiln.compiler.memory.release_pages`)."""
+    from kiln.compiler.memory import release_pages
+
+    read = 0
+    for name, tensor in weights.items():
+        if name in variables:
+            continue
+        variables[name] = _variable(name, tensor)
+        read += tensor.numel() * tensor.element_size()
+        if read >= RELEASE_EVERY:
+            release_pages(addresses=[t.data_ptr() for t in weights.values() if t.numel()])
+            read = 0
+    release_pages(addresses=[t.data_ptr() for t in weights.values() if t.numel()])
 
 
 def _xla_function(
@@ -261,9 +280,7 @@ class XlaTarget(Target):
         for signature, variant in variants:
             stem = "model" if len(variants) == 1 else f"model.{signature.removeprefix('serving_')}"
             lowering = self._lower(variant, directory, request.precision, stem)
-            for name, tensor in lowering.weights.items():
-                if name not in variables:
-                    variables[name] = _variable(name, tensor)
+            _add_variables(variables, lowering.weights)
             serve = _xla_function(_with_platform_index(lowering.text), variant, lowering, variables)
             setattr(holder, signature, serve)
             signatures[signature] = serve
