@@ -37,7 +37,7 @@ if __name__ == "__main__" and not __package__:
 
 from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
 from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
-from kiln.compiler.errors import KilnError, as_kiln_error  # noqa: E402
+from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error  # noqa: E402
 from kiln.compiler.progress import quiet_libraries  # noqa: E402
 from kiln.compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt  # noqa: E402
 
@@ -133,6 +133,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
                 "devices": list(target.devices),
                 "consumes": target.consumes,
                 "accuracy_aware": target.accuracy_aware,
+                "kv_cache": target.kv_cache,
+                "tappable": target.tappable,
+                "tuned_by_default": target.tuned_by_default,
                 "requires": list(target.requires.values()),
                 "available": reason is None,
                 "why_unavailable": reason,
@@ -158,7 +161,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     """`kiln passes`: every graph pass, its IR, the level that runs it, and what it does."""
-    from kiln.passes import LEVELS, PASSES
+    from kiln.passes import PASSES
+    from kiln.passes.base import LEVELS
 
     rows: list[dict[str, Any]] = [
         {
@@ -245,8 +249,8 @@ def cmd_debug(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`kiln run`: execute an export on inputs from an .npz and save the outputs."""
+    from kiln.compiler.capture.inputs import read_inputs_file
     from kiln.compiler.export.loading import load
-    from kiln.compiler.parity.gate import read_inputs_file
     from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
@@ -347,8 +351,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """`kiln tune`: build and verify every candidate, time the survivors, publish the fastest to OUT/best."""
     from kiln.compiler.perf.tune import (
         DEFAULT_PRECISIONS,
-        DEFAULT_TARGETS,
         TuneOptions,
+        default_targets,
         parse_list,
         parse_threads,
     )
@@ -357,7 +361,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from kiln.compiler.progress import Progress
 
     options = TuneOptions(
-        targets=parse_list(args.targets, DEFAULT_TARGETS, "--targets"),
+        targets=parse_list(args.targets, default_targets(), "--targets"),
         precisions=parse_list(args.precisions, DEFAULT_PRECISIONS, "--precisions"),
         objective=args.objective,
         threads=parse_threads(args.threads),
@@ -387,7 +391,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(board, indent=2, default=str))
     elif not args.quiet:
-        from kiln.compiler.perf.tune_report import markdown
+        from kiln.compiler.perf.leaderboard import markdown
 
         print(markdown(board))
     return 0 if board["winner"] is not None or (args.build_only and board["candidates"]) else 1
@@ -425,7 +429,7 @@ HANDLERS = {
     "tune": cmd_tune,
     "matrix": cmd_matrix,
 }
-__all__ = ["HANDLERS", "build_parser", "main", "main_entry"]
+__all__ = ["HANDLERS", "main", "main_entry"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as error:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # `kiln targets | head`: the reader left; say nothing more, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the goodbye
         what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"

@@ -29,7 +29,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from kiln.compiler.matrix import RunSettings, Shard, load_config, merge_matrix, run_matrix
+    from kiln.compiler.matrix.config import load_config
+    from kiln.compiler.matrix.plan import RunSettings, Shard
+    from kiln.compiler.matrix.run import merge_matrix, run_matrix
     from kiln.compiler.progress import Progress
 
     allow_fail = [p.strip() for value in args.allow_fail or [] for p in value.split(",") if p.strip()]
@@ -83,7 +85,7 @@ def _matrix(args: argparse.Namespace) -> int:
 
 def _list_cells(config: Any, settings: Any, as_json: bool) -> int:
     """`kiln matrix --list`: the cells this shard would run, without running them."""
-    from kiln.compiler.matrix.run import plan_matrix
+    from kiln.compiler.matrix.plan import plan_matrix
 
     plan = plan_matrix(config, settings.shard, settings.executor)
     cells = plan.mine()

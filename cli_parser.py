@@ -270,7 +270,9 @@ def _tune_parser(sub: Any) -> None:
     )
     tune.add_argument("model", metavar="MODEL", nargs="?", help="zoo:NAME, file.py:factory, file.pt2")
     tune.add_argument("--out", required=True, help="output directory")
-    tune.add_argument("--targets", help="comma list (default onnx,openvino,tflite)")
+    tune.add_argument(
+        "--targets", help="comma list (default: the targets `kiln targets --json` marks tuned_by_default)"
+    )
     tune.add_argument("--precisions", help="comma list (default fp32,fp16,bf16,int8)")
     tune.add_argument("--objective", default="latency", help="latency (default), throughput or size")
     tune.add_argument("--threads", help="thread count(s) to time at, e.g. 2 or 1,2 (default: each runtime's)")

@@ -111,7 +111,8 @@ def measure_eager(model: str, threads: int, repeat: int, warmup: int) -> dict[st
 def measure_export(model: str, target: str, precision: str, threads: int, out: str) -> dict[str, Any]:
     """Export `zoo:model` to `target` in `out`: stage times, wall time, peak RSS, artifact size."""
     _setup(threads)
-    from kiln.compiler.export.pipeline import ExportOptions, export_targets
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
     from kiln.compiler.progress import Progress
 
     row: dict[str, Any] = {"rss_after_imports_mib": round((_status_kib("VmRSS") or 0) / 1024, 1)}

@@ -66,7 +66,8 @@ def bench_model(model: str, targets: list[str], precision: str, repeat: int, war
     """Rows for one zoo model: eager, then each target (parity and latency)."""
     import torch
     from kiln.compiler.capture.zoo import ZOO
-    from kiln.compiler.export.pipeline import ExportOptions, export_targets
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
 
     module, inputs = ZOO[model]()
     module = module.cuda().eval()

@@ -112,10 +112,11 @@ def measure(name: str, work: Path, threads: int, repeat: int) -> list[dict[str, 
     """Every variant of one model: counts and latency."""
     import numpy as np
     import onnx_ir
-    import onnxruntime as ort
     import openvino as ov
-    from kiln.passes import save_onnx
-    from kiln.passes.channels_last import NCHW_TO_NHWC, count_ops, image_values, to_nhwc
+    from kiln.compiler.image_layout import NCHW_TO_NHWC
+    from kiln.compiler.large_graphs import save_onnx
+    from kiln.compiler.ort_session import ort_session
+    from kiln.passes.channels_last import count_ops, image_values, to_nhwc
     from kiln.targets.openvino_ir import nhwc_io
 
     nchw_path = capture_onnx(name, work)
@@ -123,17 +124,15 @@ def measure(name: str, work: Path, threads: int, repeat: int) -> list[dict[str, 
     inputs, outputs = image_values(graph)
     to_nhwc(graph)
     nhwc_path = save_onnx(graph, work / f"{name}-nhwc.onnx")
-    session = ort.InferenceSession(str(nchw_path), providers=["CPUExecutionProvider"])
+    session = ort_session(nchw_path)
     rng = np.random.default_rng(0)
     feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
     nhwc_feeds = {k: np.ascontiguousarray(v.transpose(NCHW_TO_NHWC)) if k in inputs else v for k, v in feeds.items()}
 
     rows: list[dict[str, Any]] = []
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     for variant, path, data in (("ort nchw", nchw_path, feeds), ("ort nhwc", nhwc_path, nhwc_feeds)):
-        ort_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        latency = least_disturbed(lambda s=ort_session, d=data: s.run(None, d), repeat, 10)
+        timed = ort_session(path, threads)  # sequential execution: no inter-op threads
+        latency = least_disturbed(lambda s=timed, d=data: s.run(None, d), repeat, 10)
         transposes = count_ops(onnx_ir.load(str(path)), {"Transpose"})
         rows.append({"model": name, "variant": variant, "graph_transposes": transposes, "ms": latency.median_ms})
 

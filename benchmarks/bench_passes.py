@@ -103,7 +103,8 @@ def measure_eager(name: str, threads: int, repeat: int, warmup: int) -> dict[str
 def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Export `name` at each level; then, in rounds, time each runtime's exports together (one fresh process
     per runtime, so that no other runtime's thread pool competes) and eager (in its own process)."""
-    from kiln.compiler.export.pipeline import ExportOptions, export_targets
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
 
     from benchmarks.bench_export import in_fresh_process
 

@@ -10,7 +10,7 @@ Run by hand::
 For each model, in one process with `--threads` threads for every runtime:
 
 * `eager fp32`: the PyTorch module (torch.no_grad);
-* `kiln onnx int8`, `kiln openvino int8`: `compiler.export(..., precision="int8", calib=FILE.npz)`, i.e. the
+* `kiln onnx int8`, `kiln openvino int8`: `kiln.export(..., precision="int8", calib=FILE.npz)`, i.e. the
   whole pipeline (passes, calibration spec defaults, parity gate);
 * `ort quantize_static defaults`: `onnxruntime.quantization.quantize_static(fp32.onnx, out, reader)` with
   nothing else set, on Kiln's fp32 ONNX export and the same calibration rows;

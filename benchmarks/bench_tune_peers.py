@@ -53,7 +53,7 @@ def kiln_variant(row: dict[str, Any], threads: int) -> Variant:
     `predict` takes and returns the reference's layout (an NHWC candidate's image I/O is transposed)."""
     from kiln.compiler.export.artifacts import Artifact, load_runner
     from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
-    from kiln.compiler.perf.benchmark import bench_feeds
+    from kiln.compiler.perf.timing import bench_feeds
     from kiln.targets.base import RuntimeSettings
 
     directory = Path(row["directory"])
@@ -86,11 +86,9 @@ def eager_variant(name: str, module: Any, inputs: tuple[Any, ...], threads: int)
 
 
 def _ort(path: Path, threads: int, label: str, precision: str, example: list[np.ndarray], inputs: Path) -> Variant:
-    import onnxruntime as ort
+    from kiln.compiler.ort_session import ort_session
 
-    options = ort.SessionOptions()  # ORT's defaults, but the thread count every runtime gets
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)  # ORT's defaults, but the thread count every runtime gets
     names = [i.name for i in session.get_inputs()]
 
     def predict(xs: list[np.ndarray]) -> np.ndarray:

@@ -35,10 +35,9 @@ def _example(path: str) -> list[np.ndarray]:
 
 def _ort(job: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
     import onnxruntime as ort
+    from kiln.compiler.ort_session import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(job["threads"])
-    session = ort.InferenceSession(job["path"], options, providers=["CPUExecutionProvider"])
+    session = ort_session(job["path"], int(job["threads"]))
     feeds = dict(zip([i.name for i in session.get_inputs()], _example(job["inputs"])))
     return lambda: session.run(None, feeds), {"runtime": f"onnxruntime {ort.__version__}"}
 

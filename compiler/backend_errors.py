@@ -5,17 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
-from kiln.compiler.errors import KilnError, UnsupportedOpError, plain_text
-
-if TYPE_CHECKING:
-    from kiln.targets.base import Target
+from kiln.compiler.errors import KilnError, UnsupportedOpError, error_text, plain_text
 
 
 @contextmanager
-def backend_failures(target: Target, action: str) -> Iterator[None]:
-    """Turn a backend's own exception into an UnsupportedOpError naming the target and the op if it says."""
+def backend_failures(target: str, action: str) -> Iterator[None]:
+    """Turn a backend's own exception into an UnsupportedOpError naming the target (`target`: its name) and the op
+    if it says."""
     try:
         yield
     except (KilnError, OSError, KeyboardInterrupt):
@@ -24,7 +21,7 @@ def backend_failures(target: Target, action: str) -> Iterator[None]:
         text = plain_text(str(exc))
         what = f" (operation {op})" if (op := operation_named_in(text)) else ""
         raise UnsupportedOpError(
-            f"{target.name} could not {action} the model{what}: {type(exc).__name__}: {text[:300]}",
+            f"{target} could not {action} the model{what}: {error_text(exc)}",
             "try another target, or replace that operation in the model",
         ) from None
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 
-EXIT_OK = 0
 EXIT_PARITY = 1  # an artifact failed parity
 EXIT_USAGE = 2  # bad input or usage
 EXIT_UNAVAILABLE = 3  # the target is not available on this machine
 EXIT_INTERNAL = 4  # a bug in Kiln or a backend
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15), see kiln.compiler.signals
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout left (`kiln targets | head`), as a shell reports it
 
 # Terminal escape sequences (colours, bold...) that converters print into their messages
 _ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[@-Z\\-_])")
@@ -23,6 +23,15 @@ _ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[@-Z\\-_]
 def plain_text(text: str) -> str:
     """`text` without terminal escape sequences (e.g. `\\x1b[96m`), on one line with single spaces."""
     return " ".join(_ANSI_ESCAPE.sub("", text).split())
+
+
+def error_text(error: BaseException, limit: int = 300, text: str | None = None) -> str:
+    """How another library's (or the user's code's) exception is named inside a Kiln message: `Type: message`,
+    the message as plain text on one line (`plain_text`) cut at `limit` characters; the type alone when it says
+    nothing. `text`: the part of the message worth showing, where the caller picked it (a converter's summary
+    line, the message before its traceback)."""
+    shown = plain_text(str(error) if text is None else text)[:limit]
+    return f"{type(error).__name__}: {shown}" if shown else type(error).__name__
 
 
 class KilnError(Exception):
@@ -77,10 +86,6 @@ def as_kiln_error(error: Exception) -> KilnError:
     """Any exception as a Kiln error: itself if it is one, else an InternalError with the message the CLI prints."""
     if isinstance(error, KilnError):
         return error
-    lines = str(error).strip().splitlines()
-    first = lines[0][:300] if lines else ""
-    internal = InternalError(
-        f"internal error: {type(error).__name__}: {first}", "rerun with KILN_DEBUG=1 for the traceback"
-    )
+    internal = InternalError(f"internal error: {error_text(error)}", "rerun with KILN_DEBUG=1 for the traceback")
     internal.__cause__ = error
     return internal

@@ -4,11 +4,11 @@ the library and the records read back from disk alike. Parity thresholds have th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 from kiln.compiler.errors import UsageError
+from kiln.compiler.types import is_finite_number
 
 MAX_THREADS = 1024  # a thread count above this is a typo, not a machine
 MAX_COUNT = 2**31 - 1  # the largest count the runtimes' C ints take
@@ -38,7 +38,7 @@ def check_seconds(flag: str, value: float | None) -> None:
     never end."""
     if value is None:
         return
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+    if not (is_finite_number(value) and value > 0):
         raise UsageError(f"{flag} {value}: must be a finite number of seconds > 0", f"e.g. {flag} 300")
 
 

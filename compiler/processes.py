@@ -20,7 +20,5 @@ runpy.run_module(name, run_name="__main__", alter_sys=True)
 
 def module_command(module: str, *args: str) -> list[str]:
     """The command that runs `module` (e.g. "kiln.compiler.matrix.cell") with `args` in a child Python."""
-    import kiln
-
-    root = str(Path(kiln.__file__).parent)
+    root = str(Path(__file__).parent.parent)  # the folder of the package `kiln` (compiler/ is in it)
     return [sys.executable, "-c", BOOTSTRAP, root, module, *args]

@@ -49,5 +49,5 @@ def write_safetensors(
         file.write(encoded)
         for _, tensor in entries:
             if tensor.numel():
-                file.write(memoryview(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                file.write(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return offset

@@ -6,7 +6,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
+
+from kiln.compiler.errors import error_text
+
+if TYPE_CHECKING:
+    import numpy as np
+
+Feeds: TypeAlias = "dict[str, np.ndarray]"  # arrays by tensor name: a model's inputs or outputs
 
 MANIFEST_NAME = "manifest.json"
 # Written by `kiln bench` beside the manifest after the export; the one unlisted file `kiln verify` accepts.
@@ -88,6 +95,11 @@ THRESHOLD_FLAGS |= {"min_channel_cosine": "--min-channel-cosine"}
 FRACTIONS = ("max_mismatch", "min_cosine", "min_agreement", "min_top1", "min_channel_cosine")  # within [0, 1]
 
 
+def is_finite_number(value: Any) -> TypeGuard[float]:
+    """A real number (an int or a float, not a bool), neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_thresholds(**values: float | None) -> None:
     """The one check of every parity and accuracy threshold, for the CLI, the library, matrix cells and stored
     manifests alike: a number, finite and non-negative; cosine, top-1 and the other fractions at most 1. A NaN
@@ -98,7 +110,7 @@ def check_thresholds(**values: float | None) -> None:
         if value is None:
             continue
         flag = THRESHOLD_FLAGS.get(name, name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ok = is_finite_number(value) and value >= 0
         if not ok:
             raise UsageError(f"{flag} {value}: a threshold must be a finite number >= 0", f"e.g. {flag} 0.01")
         if name in FRACTIONS and value > 1:
@@ -222,7 +234,7 @@ class ParityReport:
             tolerance=_from_dict(Tolerance, data["tolerance"]),
             samples=data["samples"],
             sample_origins=list(data.get("sample_origins", [])),
-            outputs=[_from_dict(OutputMetrics, _non_finite_back(o)) for o in data["outputs"]],
+            outputs=[_from_dict(OutputMetrics, non_finite_back(o)) for o in data["outputs"]],
             runtime=dict(data.get("runtime", {})),
             divergence=data.get("divergence"),
             generation=data.get("generation"),
@@ -292,7 +304,7 @@ class Manifest:
 
     def to_json(self) -> str:
         """The manifest as pretty JSON (non-finite floats written as strings)."""
-        return json.dumps(_json_safe(asdict(self)), indent=2, sort_keys=False) + "\n"
+        return json.dumps(json_safe(asdict(self)), indent=2, sort_keys=False) + "\n"
 
     def write(self, directory: Path) -> Path:
         """Write `manifest.json` into `directory`."""
@@ -318,9 +330,7 @@ class Manifest:
         try:
             return cls._from_json(data, path)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UsageError(
-                f"{path} is malformed ({type(exc).__name__}: {str(exc)[:120]})", "re-export the model"
-            ) from None
+            raise UsageError(f"{path} is malformed ({error_text(exc, 120)})", "re-export the model") from None
 
     @classmethod
     def _from_json(cls, data: Any, path: Path) -> Manifest:
@@ -359,17 +369,17 @@ class Manifest:
         )
 
 
-def _non_finite_back(data: dict[str, Any]) -> dict[str, Any]:
-    """Undo `_json_safe` for one flat dict: "inf", "-inf" and "nan" strings become floats again."""
+def non_finite_back(data: dict[str, Any]) -> dict[str, Any]:
+    """Undo `json_safe` for one flat dict: "inf", "-inf" and "nan" strings become floats again."""
     return {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in data.items()}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Replace NaN/inf (invalid JSON) with strings, recursively; tuples become lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

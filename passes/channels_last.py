@@ -1,7 +1,6 @@
 """Layout: the NCHW -> NHWC I/O conversion of the ONNX graph (`--io nhwc`) and how to count its Transposes.
 
-Transpose sinking (the registered `transpose-sinking` pass, -O2) lives in `kiln.passes.transpose_sinking`;
-its names are re-exported here.
+Transpose sinking (the registered `transpose-sinking` pass, -O2) is `kiln.passes.transpose_sinking`.
 
 `to_nhwc` is not a registered pass because it changes the graph's signature: image inputs and
 outputs become channels-last behind a Transpose at the boundary, which sinking then moves and
@@ -19,37 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.image_layout import NCHW_TO_NHWC, NHWC_TO_NCHW
+from kiln.compiler.large_graphs import save_onnx
 from kiln.passes.base import ONNX, PassResult
-from kiln.passes.transpose_sinking import (
-    BINARY_ELEMENTWISE,
-    PASSES,
-    UNARY_ELEMENTWISE,
-    _fresh,
-    _names_in,
-    _permuted,
-    sink_transposes,
-)
+from kiln.passes.graphs import count_nodes, fresh_name, names_in, permuted_shape
+from kiln.passes.transpose_sinking import sink_transposes
 
 if TYPE_CHECKING:
     import onnx_ir as ir
     from kiln.compiler.types import PassRecord
-
-__all__ = [
-    "BINARY_ELEMENTWISE",
-    "NCHW_TO_NHWC",
-    "NHWC_STEP",
-    "NHWC_TO_NCHW",
-    "ONNX_CHANNELS_FIRST_OPS",
-    "PASSES",
-    "TFLITE_CHANNELS_LAST_OPS",
-    "UNARY_ELEMENTWISE",
-    "LayoutCounts",
-    "count_ops",
-    "image_values",
-    "nhwc_onnx_file",
-    "sink_transposes",
-    "to_nhwc",
-]
 
 NHWC_STEP = "nhwc-layout"  # the name of the layout step in a manifest's passes (a build-time step, not in PASSES)
 
@@ -166,16 +142,18 @@ def to_nhwc(model: ir.Model, inputs: Iterable[str] | None = None, outputs: Itera
     input_names = set(default_inputs if inputs is None else inputs)
     output_names = set(default_outputs if outputs is None else outputs)
     graph = model.graph
-    taken = _names_in(model)
+    taken = names_in(model)
     changed = False
     for index, old in enumerate(list(graph.inputs)):
         if old.name not in input_names or old.shape is None or len(old.shape) != 4:
             continue
         name = str(old.name)
-        nhwc = ir.val(name, shape=_permuted(old.shape, NCHW_TO_NHWC), type=old.type)
-        transpose = ir.node("Transpose", [nhwc], {"perm": list(NHWC_TO_NCHW)}, name=_fresh(f"{name}_to_nchw", taken))
+        nhwc = ir.val(name, shape=permuted_shape(old.shape, NCHW_TO_NHWC), type=old.type)
+        transpose = ir.node(
+            "Transpose", [nhwc], {"perm": list(NHWC_TO_NCHW)}, name=fresh_name(f"{name}_to_nchw", taken)
+        )
         nchw = transpose.outputs[0]
-        nchw.name, nchw.shape, nchw.type = _fresh(f"{name}_nchw", taken), old.shape, old.type
+        nchw.name, nchw.shape, nchw.type = fresh_name(f"{name}_nchw", taken), old.shape, old.type
         old.replace_all_uses_with(nchw, replace_graph_outputs=True)
         graph.inputs[index] = nhwc
         first = next(iter(graph), None)
@@ -188,10 +166,10 @@ def to_nhwc(model: ir.Model, inputs: Iterable[str] | None = None, outputs: Itera
         if old.name not in output_names or old.shape is None or len(old.shape) != 4:
             continue
         name = str(old.name)
-        old.name = _fresh(f"{name}_nchw", taken)
-        transpose = ir.node("Transpose", [old], {"perm": list(NCHW_TO_NHWC)}, name=_fresh(f"{name}_to_nhwc", taken))
+        old.name = fresh_name(f"{name}_nchw", taken)
+        transpose = ir.node("Transpose", [old], {"perm": list(NCHW_TO_NHWC)}, name=fresh_name(f"{name}_to_nhwc", taken))
         result = transpose.outputs[0]
-        result.name, result.shape, result.type = name, _permuted(old.shape, NCHW_TO_NHWC), old.type
+        result.name, result.shape, result.type = name, permuted_shape(old.shape, NCHW_TO_NHWC), old.type
         graph.append(transpose)
         graph.outputs[index] = result
         changed = True
@@ -206,7 +184,6 @@ def nhwc_onnx_file(
     (`to_nhwc`); the transposes before and after, and the layout step as a pass record."""
     import onnx_ir as ir
     from kiln.compiler.types import PassRecord
-    from kiln.passes import count_nodes, save_onnx
 
     model = ir.load(str(source))
     nodes_before, own = count_nodes(model), count_ops(model, {"Transpose"})

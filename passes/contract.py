@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.errors import error_text
+from kiln.compiler.onnx_metadata import NAME_SCOPES, name_scopes
+from kiln.compiler.ort_session import ort_session
 from kiln.passes.base import MODULE_NAMES, OUTPUTS, SIGNATURE
 
 if TYPE_CHECKING:
@@ -22,21 +24,12 @@ if TYPE_CHECKING:
 ORT_CHECK_BYTES = 256 * 2**20  # ONNX Runtime builds a session for models with up to this many bytes of constants
 RTOL = 1e-4  # outputs kept "to fp32 round-off": |after - before| <= RTOL * max(1, max |before|) + ATOL
 ATOL = 1e-5
-NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of a node: ['', 'stem', 'stem.bn', op]
 UNSCOPED_OPS = frozenset({"Constant", "Identity"})  # ops a pass may add without a module name
 
 
 def is_fx(graph: Any) -> bool:
     """Whether `graph` is a torch.export program (else an onnx_ir model)."""
     return hasattr(graph, "graph_module")
-
-
-def snapshot(graph: Any) -> Any:
-    """A copy of the graph that a pass changing `graph` in place leaves alone (constant tensors shared)."""
-    if not is_fx(graph):
-        return graph.clone()
-    tensors = [*graph.state_dict.values(), *graph.constants.values()]
-    return copy.deepcopy(graph, memo={id(t): t for t in tensors})
 
 
 def example_feeds(graph: Any) -> Any:
@@ -56,7 +49,7 @@ def check_graph(graph: Any, reference: Sequence[np.ndarray] | None = None) -> di
             if reference is not None:
                 problem = _compare(reference, outputs)
         except Exception as error:  # any failure to run is the finding
-            problem = _one_line(error)
+            problem = error_text(error)
         return {"runs": problem}
     return _check_onnx(graph)
 
@@ -65,26 +58,22 @@ def _check_onnx(model: Any) -> dict[str, str | None]:
     """serializes, onnx.checker (full), onnxruntime (a session, for small models): None or the problem."""
     import onnx
     import onnx_ir as ir
-    import onnxruntime as ort
 
     try:
         proto = ir.to_proto(model)
     except Exception as error:
-        return {"serializes": _one_line(error)}
+        return {"serializes": error_text(error)}
     found: dict[str, str | None] = {"serializes": None, "onnx.checker": None}
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as error:
-        found["onnx.checker"] = _one_line(error)
+        found["onnx.checker"] = error_text(error)
     if proto.ByteSize() <= ORT_CHECK_BYTES:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            ort_session(proto.SerializeToString(), optimization="disable")
             found["onnxruntime"] = None
         except Exception as error:
-            found["onnxruntime"] = _one_line(error)
+            found["onnxruntime"] = error_text(error)
     return found
 
 
@@ -101,11 +90,8 @@ def run(graph: Any, feeds: Any) -> list[np.ndarray]:
         leaves = torch.utils._pytree.tree_leaves(result)
         return [np.asarray(t.detach().cpu().numpy()) for t in leaves if isinstance(t, torch.Tensor)]
     import onnx_ir as ir
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(ir.to_proto(graph).SerializeToString())
     return [np.asarray(o) for o in session.run(None, dict(feeds))]
 
 
@@ -154,20 +140,10 @@ def module_paths(graph: Any) -> dict[str, tuple[str, ...] | None]:
     found: dict[str, tuple[str, ...] | None] = {}
     for subgraph in all_graphs(graph):
         for node in subgraph:
-            scopes = node.metadata_props.get(NAME_SCOPES)
+            scopes = name_scopes(node)
             if node.name:
-                found[node.name] = tuple(_scopes(scopes)[:-1]) if scopes else None
+                found[node.name] = tuple(scopes[:-1]) if node.metadata_props.get(NAME_SCOPES) else None
     return found
-
-
-def _scopes(text: str) -> list[str]:
-    import ast
-
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return [text]
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _module_name_violations(before: Any, after: Any) -> list[str]:
@@ -213,9 +189,4 @@ def check_preserves(graph_pass: Pass, before: Any, after: Any, feeds: Any = None
     return violations
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}"
-
-
-__all__ = ["check_graph", "check_preserves", "module_paths", "run", "signature", "snapshot"]
+__all__ = ["check_graph", "check_preserves", "module_paths", "run", "signature"]

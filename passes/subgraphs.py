@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kiln.passes.graphs import fresh_name
+
 if TYPE_CHECKING:
     import onnx_ir as ir
 
@@ -29,11 +31,6 @@ def all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
     for function in model.functions.values():
         yield function.graph
         yield from function.subgraphs()
-
-
-def _owned(value: ir.Value, graph: ir.Graph) -> bool:
-    """Whether `graph` itself defines `value` (an input, an initializer or a node output of it)."""
-    return value.graph is graph
 
 
 def eliminate_identities(model: ir.Model) -> int:
@@ -163,11 +160,7 @@ def _remove_identity(graph: ir.Graph, node: ir.Node) -> bool:
 
 def _fresh_name(model: ir.Model, stem: str) -> str:
     """A value name no graph of the model uses yet."""
-    taken = {str(v.name) for g in all_graphs(model) for v in _values(g)}
-    name, suffix = stem, 1
-    while name in taken:
-        name, suffix = f"{stem}_{suffix}", suffix + 1
-    return name
+    return fresh_name(stem, {str(v.name) for g in all_graphs(model) for v in _values(g)})
 
 
 def _values(graph: ir.Graph) -> Iterator[Any]:

@@ -9,9 +9,10 @@ puts at the graph's boundary.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kiln.passes.base import FUSION, ONNX, Pass, PassResult
+from kiln.passes.graphs import fresh_name, names_in, permuted_shape
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +40,7 @@ BINARY_ELEMENTWISE = frozenset(
 def sink_transposes(model: ir.Model) -> PassResult:
     """Fold, merge and cancel Transposes (through elementwise chains) until none can be; outputs stay identical."""
     graph = model.graph
-    taken = _names_in(model)
+    taken = names_in(model)
     changed = False
     progress = True
     while progress:
@@ -78,7 +79,7 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 def _new_initializer(graph: ir.Graph, array: np.ndarray, stem: str, taken: set[str]) -> ir.Value:
     import onnx_ir as ir
 
-    value = ir.val(_fresh(stem, taken), const_value=ir.tensor(array))
+    value = ir.val(fresh_name(stem, taken), const_value=ir.tensor(array))
     graph.register_initializer(value)
     return value
 
@@ -132,7 +133,7 @@ def _drop_identity(node: ir.Node, taken: set[str]) -> bool:
             return False
         name = output.name
         output.replace_all_uses_with(source, replace_graph_outputs=True)
-        output.name = _fresh(f"{name}_unused", taken)
+        output.name = fresh_name(f"{name}_unused", taken)
         source.name = name
         source.type, source.shape = source.type or output.type, source.shape or output.shape
     else:
@@ -178,7 +179,7 @@ def _sink(node: ir.Node, taken: set[str]) -> bool:
                     _drop_if_unused(graph, operand)
         flowing = op.outputs[0]
         if flowing.shape is not None:
-            flowing.shape = _permuted(flowing.shape, inverse)
+            flowing.shape = permuted_shape(flowing.shape, inverse)
     _remove_if_unused(node)
     # The chain's last op now feeds the closing Transpose untransposed: it absorbs the permutation.
     closing = current.consumers()[0]
@@ -227,28 +228,6 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
     """Remove an initializer nothing uses any more."""
     if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
         graph.initializers.pop(str(value.name))
-
-
-def _permuted(shape: Any, perm: tuple[int, ...]) -> Any:
-    import onnx_ir as ir
-
-    dims = list(shape)
-    return ir.Shape([dims[i] for i in perm])
-
-
-def _names_in(model: ir.Model) -> set[str]:
-    import onnx_ir as ir
-
-    return set(ir.convenience.create_value_mapping(model.graph)) | {n.name for n in model.graph if n.name}
-
-
-def _fresh(stem: str, taken: set[str]) -> str:
-    """A name not yet used in the graph, based on `stem`."""
-    name, suffix = stem, 1
-    while name in taken:
-        name, suffix = f"{stem}_{suffix}", suffix + 1
-    taken.add(name)
-    return name
 
 
 PASSES = [

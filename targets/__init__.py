@@ -9,7 +9,7 @@ from typing import Any
 
 from kiln.compiler.errors import UsageError
 from kiln.targets.aoti import AotiTarget
-from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.base import Target
 from kiln.targets.edgetpu import EdgeTpuTarget
 from kiln.targets.onnxrt import OnnxRuntimeTarget
 from kiln.targets.openvino_ir import OpenVinoTarget
@@ -27,17 +27,6 @@ TARGETS: list[Target] = [
     EdgeTpuTarget(),
     AotiTarget(),
     TensorRtTarget(),
-]
-
-__all__ = [
-    "TARGETS",
-    "BuildOutput",
-    "BuildRequest",
-    "Runner",
-    "Target",
-    "get_target",
-    "onnx_reference_runner",
-    "resolve_targets",
 ]
 
 

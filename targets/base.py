@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import numpy as np
     from kiln.compiler.capture.program import CapturedModel
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
-    from kiln.compiler.types import Manifest, PassRecord, TensorSpec
+    from kiln.compiler.types import Feeds, Manifest, PassRecord, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,12 @@ class Target:
     # graph, the
     # past length dynamic), "static" (a fixed-length cache, all shapes static), or None: no text generation.
     kv_cache: str | None = None
+    # True: `tapped_runs` runs a built artifact with intermediate tensors as extra outputs, so that localization
+    # reads every module boundary from one build (kiln.compiler.diagnose.fast_path) instead of bisecting.
+    tappable: bool = False
+    # True: `kiln tune` builds and times it when no --targets is given (a runtime whose artifacts run on the machine
+    # that tunes, worth timing against the others).
+    tuned_by_default: bool = False
     # Files this target's own tools add to a published export (e.g. an engine built later on the GPU machine):
     # `kiln verify` accepts them although the manifest does not list them.
     later_files: tuple[str, ...] = ()
@@ -194,3 +200,12 @@ class Target:
         """A runner for the artifact in `directory`, configured as the manifest says; `threads` sets the runtime's
         thread count where it has one (None: the runtime's default; `Runner.thread_control` says how)."""
         raise NotImplementedError
+
+    def tapped_runs(
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+    ) -> list[dict[int, np.ndarray]]:
+        """A `tappable` target's artifact in `directory` run on each input set with the tensors `names` (index ->
+        value name in the ONNX graph it was built from) as extra outputs: per input set, index -> the runtime's
+        value (as the next layer reads it back in a quantized graph); a name the runtime cannot expose is left
+        out. A target that cannot be tapped raises NotImplementedError."""
+        raise NotImplementedError(f"target {self.name} cannot be tapped for intermediate tensors")

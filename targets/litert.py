@@ -29,13 +29,6 @@ MODEL_FILE = "model.tflite"
 THREADS = 2
 
 
-def to_tflite(
-    program: torch.export.ExportedProgram, inputs: list[TensorSpec], outputs: list[TensorSpec], nhwc: bool, path: Path
-) -> list[str]:
-    """Convert the program to a float32 `.tflite` with named I/O; the ops Kiln decomposed first."""
-    return to_tflite_signatures([(SIGNATURE, program, inputs, outputs)], nhwc, path)
-
-
 def to_tflite_signatures(
     programs: list[tuple[str, torch.export.ExportedProgram, list[TensorSpec], list[TensorSpec]]], nhwc: bool, path: Path
 ) -> list[str]:

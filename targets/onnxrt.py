@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kiln.compiler.ort_session import graph_optimization_level, ort_session
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings, Target
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
     from kiln.compiler.quantization.report import QuantReport
     from kiln.compiler.quantization.summary import QuantizeSummary
-    from kiln.compiler.types import Manifest
+    from kiln.compiler.types import Feeds, Manifest
 
 MODEL_FILE = "model.onnx"
 INFERENCE_PRECISION = {
@@ -34,16 +35,10 @@ class OnnxRuntimeRunner(Runner):
     thread_control = "onnxruntime intra_op_num_threads"
 
     def __init__(self, path: Path, manifest: Manifest | None = None, threads: int = 0):
-        import onnxruntime as ort
         from kiln.compiler.types import TensorSpec
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
         level = (manifest.runtime_config if manifest is not None else {}).get(GRAPH_OPTIMIZATION_KEY)
-        if level is not None:
-            options.graph_optimization_level = _graph_optimization_level(str(level))
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads, str(level) if level is not None else None)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.precision = manifest.precision if manifest is not None else "fp32"
         self.graph_optimization = str(level or "all")
@@ -70,21 +65,6 @@ class OnnxRuntimeRunner(Runner):
 
 
 GRAPH_OPTIMIZATION_KEY = "graph_optimization_level"  # runtime_config key: RuntimeSettings.graph_optimization
-GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def _graph_optimization_level(name: str) -> Any:
-    """ONNX Runtime's GraphOptimizationLevel for "disable", "basic", "extended" or "all"."""
-    import onnxruntime as ort
-    from kiln.compiler.errors import UsageError
-
-    if name not in GRAPH_OPTIMIZATION_LEVELS:
-        raise UsageError(
-            f"ONNX Runtime graph optimization level {name!r} is unknown", f"use {', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
-        )
-    return getattr(
-        ort.GraphOptimizationLevel, f"ORT_{'DISABLE_ALL' if name == 'disable' else 'ENABLE_' + name.upper()}"
-    )
 
 
 def _ort_dtype(type_string: str) -> str:
@@ -99,6 +79,7 @@ class OnnxRuntimeTarget(Target):
     """The optimized ONNX graph, for ONNX Runtime or any ONNX consumer."""
 
     name = "onnx"
+    tuned_by_default = True  # kiln tune without --targets
     kv_cache = "growing"
     aliases = ("onnxruntime", "ort")
     description = "ONNX file (opset >= 18), validated with ONNX Runtime on the CPU"
@@ -106,6 +87,7 @@ class OnnxRuntimeTarget(Target):
     precisions = ("fp32", "int8", "int8-dynamic", "fp16")  # bf16: ORT's CPU provider has no bf16 kernels
     io_options = ("nhwc",)
     accuracy_aware = True
+    tappable = True  # extra graph outputs (kiln.compiler.diagnose.fast_path)
 
     def build(self, model: CapturedModel, directory: Path, request: BuildRequest) -> BuildOutput:
         """The optimized ONNX file (and any external data) in the artifact directory: with `--io nhwc`
@@ -126,7 +108,7 @@ class OnnxRuntimeTarget(Target):
                 output.info["layout"] = counts.to_info()
                 output.passes.append(record)
             if request.precision == "fp32":
-                from kiln.passes import link_or_copy
+                from kiln.compiler.large_graphs import link_or_copy
 
                 for file in graph.parent.iterdir():
                     if file == graph:
@@ -182,13 +164,19 @@ class OnnxRuntimeTarget(Target):
             return super().with_runtime_settings(manifest, settings)
         config = {k: v for k, v in manifest.runtime_config.items() if k != GRAPH_OPTIMIZATION_KEY}
         if settings.graph_optimization is not None:
-            _graph_optimization_level(settings.graph_optimization)  # refuse an unknown level now
+            graph_optimization_level(settings.graph_optimization)  # refuse an unknown level now
             config[GRAPH_OPTIMIZATION_KEY] = settings.graph_optimization
         return replace(manifest, runtime_config=config)
 
     def load(self, directory: Path, manifest: Manifest, threads: int | None = None) -> Runner:
         """An ONNX Runtime session on the artifact (with the graph optimization level its runtime_config names)."""
         return OnnxRuntimeRunner(directory / MODEL_FILE, manifest, threads=threads or 0)
+
+    def tapped_runs(
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+    ) -> list[dict[int, np.ndarray]]:
+        """The artifact's ONNX graph with each tensor added as a graph output, run by ONNX Runtime."""
+        return _tapped_runs(directory / MODEL_FILE, names, inputs)
 
 
 def accuracy_aware_onnx(
@@ -216,7 +204,7 @@ def quantize_onnx_artifact(
     `BuildOutput.info` (report summary, --max-drop result)."""
     from dataclasses import asdict
 
-    from kiln.compiler.capture.program import onnx_signature
+    from kiln.compiler.capture.onnx_files import onnx_signature
     from kiln.compiler.quantization.onnxrt import quantize_onnx
     from kiln.compiler.quantization.report import write_quant_report
 
@@ -231,3 +219,42 @@ def quantize_onnx_artifact(
         report = write_quant_report(destination.parent, fp32_onnx, destination, feeds, module_classes)
     info["quant_report"] = asdict(report.summary)
     return summary, info
+
+
+def _tapped_runs(path: Path, names: dict[int, str], inputs: list[Feeds]) -> list[dict[int, np.ndarray]]:
+    """`Target.tapped_runs` for an ONNX file: each tensor (in a QDQ graph, as read back) an extra graph output."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    outputs = {o.name for o in model.graph.output}
+    produced = {value for node in model.graph.node for value in node.output}
+    taps: dict[int, str] = {}
+    for index, name in names.items():
+        tapped = _dequantized(model, name)
+        if tapped in types and tapped in produced:
+            taps[index] = tapped
+            if tapped not in outputs:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(tapped, types[tapped], None))
+                outputs.add(tapped)
+    session = ort_session(model.SerializeToString())
+    wanted = list(dict.fromkeys(taps.values()))
+    runs = []
+    for feeds in inputs:
+        values = dict(zip(wanted, session.run(wanted, feeds)))
+        runs.append({index: values[name] for index, name in taps.items()})
+    return runs
+
+
+def _dequantized(model: Any, name: str) -> str:
+    """The DequantizeLinear output that reads `name` back after its QuantizeLinear (a QDQ graph), else `name`."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for value in node.input:
+            consumers.setdefault(value, []).append(node)
+    users = consumers.get(name, [])
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+        after = consumers.get(users[0].output[0], [])
+        if after and all(n.op_type == "DequantizeLinear" for n in after):
+            return str(after[0].output[0])
+    return name

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel
     from kiln.compiler.quantization.accuracy import AccuracyResult
     from kiln.compiler.quantization.summary import QuantizeSummary
-    from kiln.compiler.types import Manifest, TensorSpec
+    from kiln.compiler.types import Feeds, Manifest, TensorSpec
 
 MODEL_FILE = "model.xml"
-WEIGHTS_FILE = "model.bin"
+FAKE_QUANTIZED = "::fake_quantized"  # the name a tapped FakeQuantize output is given (int8)
 # What the runtime is asked to compute in, per export precision. fp16 keeps fp16 weights
 # in the IR but computes in f32; bf16 asks the CPU plugin for bf16 where the CPU has it.
 # int8 runs its quantized ops in int8 and the rest in f32 (not bf16 on CPUs that have it), so that
@@ -163,6 +163,7 @@ class OpenVinoTarget(Target):
     """OpenVINO IR (`model.xml` + `model.bin`) for Intel/AMD CPUs."""
 
     name = "openvino"
+    tuned_by_default = True  # kiln tune without --targets
     kv_cache = "growing"
     aliases = ("cpu", "ov")
     description = "OpenVINO IR (.xml + .bin), validated on the OpenVINO CPU runtime"
@@ -170,6 +171,7 @@ class OpenVinoTarget(Target):
     precisions = ("fp32", "fp16", "bf16", "int8-dynamic", "int8")
     io_options = ("nhwc",)
     accuracy_aware = True
+    tappable = True  # extra outputs of the ov.Model (kiln.compiler.diagnose.fast_path)
 
     def routes(self) -> tuple[Route, ...]:
         """The ONNX routes, then OpenVINO's own PyTorch frontend on the exported program."""
@@ -258,6 +260,12 @@ class OpenVinoTarget(Target):
             manifest = replace(manifest, runtime_config={**manifest.runtime_config, "INFERENCE_NUM_THREADS": threads})
         return OpenVinoRunner(directory, manifest)
 
+    def tapped_runs(
+        self, directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+    ) -> list[dict[int, np.ndarray]]:
+        """The IR with each tensor added as an output of the `ov.Model`, compiled as `load` compiles it."""
+        return _tapped_runs(directory, manifest, names, inputs)
+
 
 def _quantize(
     ov_model: ov.Model, model: CapturedModel, request: BuildRequest
@@ -284,3 +292,45 @@ def _quantize(
     return accuracy_aware_nncf(
         ov_model, model.onnx_path, request.calibration, request.accuracy, fp32_runner, open_runner, classes
     )
+
+
+def _tapped_runs(
+    directory: Path, manifest: Manifest, names: dict[int, str], inputs: list[Feeds]
+) -> list[dict[int, np.ndarray]]:
+    """`Target.tapped_runs` for an IR: each tensor (in an int8 IR, as read back) an extra output of the `ov.Model`."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(directory / MODEL_FILE))
+    ports: dict[str, Any] = {}
+    for op in model.get_ordered_ops():
+        for port in op.outputs():
+            for name in port.get_names():
+                ports.setdefault(name, port)
+    taps: dict[int, str] = {}
+    outputs: dict[str, Any] = {}
+    for index, name in names.items():
+        if name in ports:
+            tapped, port = _read_back(ports[name], name)
+            taps[index], outputs[tapped] = tapped, port
+    model.add_outputs(list(outputs.values()))
+    compiled = core.compile_model(model, "CPU", dict(manifest.runtime_config))
+    by_name = {name: out for out in compiled.outputs for name in out.get_names()}
+    request = compiled.create_infer_request()
+    runs = []
+    for feeds in inputs:
+        results = request.infer(feeds)
+        runs.append({index: np.array(results[by_name[name]]) for index, name in taps.items() if name in by_name})
+    return runs
+
+
+def _read_back(port: Any, name: str) -> tuple[str, Any]:
+    """The tensor `name` (an OpenVINO output port) as the next layers read it: in an int8 IR, the output of the
+    FakeQuantize that is its one consumer (given the name `name` + FAKE_QUANTIZED to be tapped by), else itself."""
+    consumers = list(port.get_target_inputs())
+    if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "FakeQuantize":
+        return name, port
+    quantized = consumers[0].get_node().output(0)
+    quantized.get_tensor().add_names({name + FAKE_QUANTIZED})
+    return name + FAKE_QUANTIZED, quantized

@@ -7,11 +7,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kiln.compiler.errors import error_text, plain_text
 from kiln.compiler.image_layout import channels_last
-from kiln.compiler.quantization.litert import quantize_tflite
+from kiln.compiler.quantization.litert import SIGNATURE, quantize_tflite
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 from kiln.targets.buckets import bucket_note, bucket_subset, bucket_variants
-from kiln.targets.litert import MODEL_FILE, SIGNATURE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
+from kiln.targets.litert import MODEL_FILE, LiteRtRunner, op_counts, read_ops, to_tflite_signatures
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,11 +42,11 @@ def convert(
         try:
             decomposed = to_tflite_signatures(programs, nhwc, float_model)
         except Exception as exc:
-            text = " ".join(str(exc).split("While executing")[0].split())
-            op = converter_error_op(text)
+            text = str(exc).split("While executing")[0]  # the FX node's stack trace follows
+            op = converter_error_op(plain_text(text))
             where = f" in {module_path_of(model.exported, op)}" if op else ""
             raise UnsupportedOpError(
-                f"LiteRT conversion failed{' on ' + op if op else ''}{where}: {type(exc).__name__}: {text[:200]}",
+                f"LiteRT conversion failed{' on ' + op if op else ''}{where}: {error_text(exc, 200, text)}",
                 "replace that operation in the model, or try another target",
             ) from None
         info: dict[str, Any] = {"decompositions_applied": decomposed}
@@ -122,6 +123,7 @@ class TfliteTarget(Target):
     """A `.tflite` flatbuffer validated in the LiteRT interpreter (XNNPACK)."""
 
     name = "tflite"
+    tuned_by_default = True  # kiln tune without --targets
     kv_cache = "static"
     aliases = ("litert", "mobile")
     description = "LiteRT/TFLite flatbuffer for Android/iOS, validated in the LiteRT interpreter (XNNPACK)"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kiln.compiler.errors import error_text
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
 from kiln.targets.buckets import bucket_for, bucket_note, bucket_subset, bucket_variants
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from kiln.compiler.types import Manifest
 
 BYTECODE_FILE = "model.stablehlo.mlirbc"
-TEXT_FILE = "model.stablehlo.mlir"
 HLO_FILE = "model.hlo.txt"
 WEIGHTS_FILE = "model.weights.safetensors"
 SAVED_MODEL_DIR = "saved_model"
@@ -343,8 +343,8 @@ class XlaTarget(Target):
             op = re.search(r"(aten\.[\w.]+|aten::[\w.]+)", str(exc))
             where = f" in {module_path_of(program, op[1])}" if op else ""
             raise UnsupportedOpError(
-                f"StableHLO lowering failed{' on ' + op[1] if op else ''}{where}: {type(exc).__name__}: "
-                f"{' '.join(str(exc).split(' While executing')[0].split())[:200]}",
+                f"StableHLO lowering failed{' on ' + op[1] if op else ''}{where}: "
+                f"{error_text(exc, 200, str(exc).split(' While executing')[0])}",
                 "replace that operation in the model (for example with a decomposition into basic ops)",
             ) from None
         text = _stablehlo_text(lowered)

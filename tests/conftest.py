@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kiln import cli  # noqa: E402
-from kiln.compiler.export.pipeline import ExportOptions, export_targets  # noqa: E402
+from kiln.compiler.export.options import ExportOptions  # noqa: E402
+from kiln.compiler.export.pipeline import export_targets  # noqa: E402
 from kiln.compiler.export.result import ExportResult  # noqa: E402
 
 USER_MODELS = ROOT / "tests" / "models" / "user_models.py"
@@ -56,7 +57,7 @@ def zoo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult]:
     """The transformer exported with a dynamic batch of 1..8 to ONNX and OpenVINO."""
     out = tmp_path_factory.mktemp("dynamic") / "transformer"
-    from kiln.compiler.capture.program import DynamicBatch
+    from kiln.compiler.capture.dynamic import DynamicBatch
 
     results = export_targets("zoo:transformer", "onnx,openvino", out, ExportOptions(dynamic_batch=DynamicBatch(1, 8)))
     return {r.target: r for r in results}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from kiln.compiler.backend_errors import backend_failures, operation_named_in
-from kiln.compiler.errors import UnsupportedOpError, UsageError, plain_text
+from kiln.compiler.errors import UnsupportedOpError, UsageError, as_kiln_error, error_text, plain_text
 
 # (message as a backend wrote it, the operation Kiln should name or None)
 MESSAGES = [
@@ -58,10 +58,17 @@ def test_colour_codes_are_stripped_from_one_line_errors():
 
 
 def test_colour_codes_are_stripped_from_backend_failures():
-    class _Target:
-        name = "onnx"
-
-    with pytest.raises(UnsupportedOpError) as raised, backend_failures(_Target(), "convert"):  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedOpError) as raised, backend_failures("onnx", "convert"):
         raise RuntimeError(SWIN + ": operation \x1b[1mRoll\x1b[0m")
     assert "\x1b" not in raised.value.message
     assert "(operation Roll)" in raised.value.message and "This is step 2/3 of exporting" in raised.value.message
+
+
+def test_error_text_names_any_exception_on_one_line():
+    assert error_text(RuntimeError(SWIN + "\n\nTraceback:\n  more")) == (
+        "RuntimeError: This is step 2/3 of exporting the model to ONNX: failed on aten::roll Traceback: more"
+    )
+    assert error_text(ValueError("x" * 500), limit=10) == "ValueError: " + "x" * 10
+    assert error_text(AssertionError()) == "AssertionError"  # an empty message: the type alone
+    assert error_text(KeyError("a\nb"), text="picked\n part") == "KeyError: picked part"
+    assert as_kiln_error(AssertionError()).message == "internal error: AssertionError"

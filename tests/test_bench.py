@@ -7,17 +7,11 @@ import shutil
 import sys
 
 import pytest
-from kiln.compiler.export.options import export_options
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions, export_options
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.perf.bench_report import SPREAD_LIMIT, latency_stats, spread, too_wide
-from kiln.compiler.perf.benchmark import (
-    MAX_RUNS,
-    BenchOptions,
-    WorkerFailed,
-    interleave,
-    rotation,
-    runs_per_round,
-)
+from kiln.compiler.perf.bench_worker import WorkerFailed
+from kiln.compiler.perf.benchmark import MAX_RUNS, BenchOptions, interleave, rotation, runs_per_round
 from kiln.compiler.types import BENCH_FILE, MANIFEST_NAME
 
 from tests.conftest import run_cli

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kiln.compiler.export.artifacts import Artifact, load_runner
-from kiln.compiler.export.options import export_options
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions, export_options
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.metrics import ChannelSums, channel_axes
 from kiln.compiler.parity.gate import ParitySamples, compare, in_reference_layout
 from kiln.compiler.progress import Progress

@@ -22,6 +22,7 @@ BAD_MODELS = {
     "wrong return": (f"{USER_MODELS}:wrong_return", "returned str, not (module, example_inputs)"),
     "inputs do not match forward": (f"{USER_MODELS}:wrong_inputs", "do not match TwoLayer.forward(x)"),
     "inputs of the wrong shape": (f"{USER_MODELS}:wrong_shape", "mat1 and mat2 shapes cannot be multiplied"),
+    "forward's bare assert fails": (f"{USER_MODELS}:failing_assert", "(2, 3):float32) failed: AssertionError (hint"),
     "data-dependent control flow": (f"{USER_MODELS}:data_dependent", "user_models.py:"),
     "unknown zoo model": ("zoo:resnet9000", "no built-in model"),
     "unknown source kind": ("model.h5", "don't know how to load"),

@@ -12,8 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import kiln
 import pytest
-from kiln import compiler
 from kiln.compiler.errors import KilnError, UsageError
 from kiln.compiler.export.loading import verify
 from kiln.compiler.export.pipeline import export_targets
@@ -109,7 +109,7 @@ def test_an_export_to_a_locked_out_fails_at_once(tmp_path, capsys):
         assert_one_line_error(code, err, f"(pid {os.getpid()} on ")
         # The same process, through the library: one lock per open file, not per process.
         with pytest.raises(UsageError, match=f"pid {os.getpid()} "):
-            compiler.export("zoo:cnn", target="onnx", out=out)
+            kiln.export("zoo:cnn", target="onnx", out=out)
         assert time.monotonic() - started < 120
         assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
@@ -122,7 +122,7 @@ def test_the_lock_names_the_command_that_holds_it(tmp_path):
     with output_lock(out, command="tune"):
         assert json.loads(lock_path(out).read_text())["kiln"] == "tune"
         with pytest.raises(UsageError, match=f"another kiln tune is writing to {out} \\(pid {os.getpid()} "):
-            compiler.export("zoo:cnn", target="onnx", out=out)
+            kiln.export("zoo:cnn", target="onnx", out=out)
         with pytest.raises(UsageError, match="another kiln tune is writing"), output_lock(out, command="tune"):
             pass
         owner = json.loads(lock_path(out).read_text())
@@ -201,7 +201,7 @@ def test_a_killed_runs_staged_export_is_not_an_export(tmp_path, capsys, onnx_exp
         code, _, err = run_cli("run", path, "--inputs", export / "parity" / "inputs.npz", capsys=capsys)
         assert_one_line_error(code, err, "staging directory of an unfinished export")
         with pytest.raises(UsageError, match="staging directory"):
-            compiler.load(path)
+            kiln.load(path)
     with output_lock(out):  # what every export to `out` takes first
         pass
     assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("transformers", reason="these tests build models with transformers")
 
 from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.ort_session import ort_session
 
 from tests.conftest import ROOT
 from tests.models import decoders
@@ -51,9 +52,7 @@ def _hf_tokens(model, prompt: list[int]) -> list[int]:
 def _growing_step(target: str, directory: Path):
     """The runtime's own session on the growing-cache export: named numpy feeds in, outputs by name out."""
     if target == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort_session(directory / "model.onnx")
         names = [o.name for o in session.get_outputs()]
         return lambda feeds: dict(zip(names, session.run(None, feeds)))
     import openvino as ov

@@ -13,11 +13,12 @@ import pytest
 from kiln import cli
 from kiln.compiler.capture.program import CapturedModel, fx_signature
 from kiln.compiler.diagnose.cut import module_boundaries, prefix_program
-from kiln.compiler.diagnose.divergence import DIVERGENCE_FILE
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.progress import Progress
 from kiln.compiler.types import Manifest
-from kiln.passes import ONNX, Pass, PassResult
+from kiln.passes.base import ONNX, Pass, PassResult
 
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import Plain, cancellation, overflow, plain, unconvertible

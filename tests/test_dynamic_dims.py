@@ -8,8 +8,8 @@ import json
 
 import onnx
 import pytest
-from kiln.compiler.capture.dynamic import DynamicShapes
-from kiln.compiler.capture.program import CapturedModel, DynamicBatch
+from kiln.compiler.capture.dynamic import DynamicBatch, DynamicShapes
+from kiln.compiler.capture.program import CapturedModel
 from kiln.compiler.errors import UsageError
 from kiln.compiler.export.options import export_options
 from kiln.compiler.export.pipeline import export_targets

@@ -23,8 +23,12 @@ import pytest
 import torch
 from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import from_module, load_source
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
-from kiln.passes import FX, ONNX, PASSES, PassAdjustments, count_nodes, fusion, fx, pipeline_for, save_onnx
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.large_graphs import save_onnx
+from kiln.passes import PASSES, PassAdjustments, fusion, fx, pipeline_for
+from kiln.passes.base import FX, ONNX
+from kiln.passes.graphs import count_nodes
 from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import TensorProto, helper
 from torch import nn

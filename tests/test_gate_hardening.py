@@ -10,7 +10,8 @@ import onnx
 import pytest
 from kiln import KilnError, UsageError, export, load
 from kiln.compiler.errors import InternalError
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.parity.gate import compare
 from kiln.compiler.types import Tolerance
 from onnx import TensorProto, helper

@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="these tests build models with transf
 from kiln.compiler.capture.sources import from_module
 from kiln.compiler.errors import UsageError
 from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.generation.causal_lm import decoder_spec, is_causal_lm
 from kiln.compiler.generation.decoding import (
     CacheLayout,
     DecoderSpec,
@@ -25,13 +26,7 @@ from kiln.compiler.generation.decoding import (
     input_names,
     parse_prompt,
 )
-from kiln.compiler.generation.export import (
-    check_generation_request,
-    decoder_spec,
-    is_causal_lm,
-    skip_localization,
-    with_generation,
-)
+from kiln.compiler.generation.export import check_generation_request, skip_localization, with_generation
 from kiln.compiler.generation.gate import (
     PARITY_PROMPT,
     CausalLMReference,

@@ -15,9 +15,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from kiln.compiler.capture.program import DynamicBatch
+from kiln.compiler.capture.dynamic import DynamicBatch
 from kiln.compiler.export.loading import verify
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 
 from tests.conftest import ZOO_MODELS
 from tests.test_gpu_targets import _eager, _fresh_inputs, run_aoti  # noqa: F401 (run_aoti: the C++ build fixture)

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 from kiln import load
-from kiln.compiler.capture.program import DynamicBatch
+from kiln.compiler.capture.dynamic import DynamicBatch
 from kiln.compiler.capture.zoo import ZOO
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.targets.compile_cache import CACHE_ENV, CompileCache
 
 from tests.conftest import ROOT, ZOO_MODELS, run_cli

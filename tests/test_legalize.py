@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from kiln.compiler.capture.decompositions import apply_legalizations, onnx_legalizations, tflite_legalizations
 from kiln.compiler.capture.program import lower_to_onnx
+from kiln.compiler.ort_session import ort_session
 from torch import nn
 
 SDPA = "aten.scaled_dot_product_attention.default (contiguous output)"
@@ -80,7 +80,7 @@ def test_the_dynamo_exporter_fails_without_the_legalization_and_converts_with_it
         torch.onnx.export(program, (), dynamo=True, verbose=False)
     record = lower_to_onnx(program, tmp_path / "model.onnx", ["output"], None)
     assert record == {"decompositions_applied": [SDPA], "onnx_route": {"route": "dynamo", "failed": {}}}
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort_session(tmp_path / "model.onnx")
     (got,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
     torch.testing.assert_close(torch.from_numpy(got), module(*inputs), rtol=1e-4, atol=1e-5)
 

@@ -18,7 +18,8 @@ pytest.importorskip("ai_edge_quantizer", reason="the tflite target needs ai-edge
 
 from kiln import export, load
 from kiln.compiler.capture.zoo import ZOO
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.parity.gate import ParitySamples, judge
 from kiln.compiler.quantization.calibration import CalibrationSpec
 from kiln.compiler.types import Manifest, Tolerance

@@ -11,7 +11,7 @@ import pytest
 import torch
 from kiln import export
 from kiln.compiler.diagnose.divergence import localize
-from kiln.compiler.export.pipeline import ExportOptions
+from kiln.compiler.export.options import ExportOptions
 from kiln.compiler.progress import Progress
 
 from tests.models.planted import branching

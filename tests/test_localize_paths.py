@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kiln.compiler.diagnose.divergence import DIVERGENCE_FILE, localize
+from kiln.compiler.diagnose.divergence import localize
+from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
 from kiln.compiler.diagnose.profile_html import HTML_FILE
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.progress import Progress
-from kiln.passes import FX, Pass, PassResult
+from kiln.passes.base import FX, Pass, PassResult
 
 from tests.models.fragile import FRAGILE_MODULE, fragile_cnn
 from tests.models.planted import overflow, plain

@@ -11,7 +11,8 @@ import torch
 from kiln import ParityError, export
 from kiln.compiler.parity.gate import compare
 from kiln.compiler.types import Tolerance
-from kiln.passes import ONNX, PASSES, Pass, PassResult
+from kiln.passes import PASSES
+from kiln.passes.base import ONNX, Pass, PassResult
 
 from tests.conftest import USER_MODELS, run_cli
 

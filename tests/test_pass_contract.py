@@ -16,8 +16,8 @@ from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import load_source
 from kiln.compiler.export.options import ExportOptions
 from kiln.compiler.export.pipeline import export_targets
-from kiln.passes import FX, ONNX, PASSES, Pass, PassResult, run_pipeline
-from kiln.passes.base import CLEANUP
+from kiln.passes import PASSES, run_pipeline
+from kiln.passes.base import CLEANUP, FX, ONNX, Pass, PassResult
 from kiln.passes.contract import check_preserves, module_paths
 
 MODELS = ("cnn", "transformer")

@@ -9,18 +9,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 from kiln.compiler.errors import UsageError
-from kiln.passes import (
-    FX,
-    LEVELS,
-    ONNX,
-    PASSES,
-    Pass,
-    PassAdjustments,
-    PassResult,
-    count_nodes,
-    pipeline_for,
-    run_pipeline,
-)
+from kiln.passes import PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.passes.base import FX, LEVELS, ONNX, Pass, PassResult
+from kiln.passes.graphs import count_nodes
 from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import TensorProto, helper
 
@@ -202,7 +193,8 @@ def test_cli_refuses_an_unknown_pass_and_level(tmp_path, capsys):
 
 def test_dump_passes_writes_the_graph_after_each_pass(tmp_path):
     from kiln.compiler.capture.zoo import cnn
-    from kiln.compiler.export.pipeline import ExportOptions, export_targets
+    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.pipeline import export_targets
 
     module, inputs = cnn()
     dump = tmp_path / "dump"

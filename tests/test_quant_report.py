@@ -19,7 +19,8 @@ import torch
 from kiln.compiler.capture.program import capture
 from kiln.compiler.capture.sources import load_source
 from kiln.compiler.errors import ParityError, UsageError
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.quantization.accuracy import agreement
 from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData, CalibrationSpec
 from kiln.compiler.quantization.onnxrt import quantize_onnx

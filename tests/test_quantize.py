@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.export.result import ExportResult
 from kiln.compiler.parity.gate import QUANTIZED_SAMPLES
 from kiln.compiler.quantization.calibration import CalibrationSpec, load_calibration

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from kiln import export, load
+from kiln.compiler.capture.inputs import random_like
 from kiln.compiler.capture.zoo import ZOO
 from kiln.compiler.errors import UsageError
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.export.result import ExportResult
-from kiln.compiler.parity.gate import random_like
 from kiln.compiler.quantization.calibration import CALIBRATION_METHODS, CalibrationData, CalibrationSpec
 from kiln.compiler.quantization.openvino import quantize_openvino, weighted_op_states
 

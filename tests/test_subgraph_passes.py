@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import from_module
 from kiln.compiler.export.options import ExportOptions
 from kiln.compiler.export.pipeline import export_targets
-from kiln.passes import ONNX, PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.compiler.ort_session import ort_session
+from kiln.passes import PASSES, PassAdjustments, pipeline_for, run_pipeline
+from kiln.passes.base import ONNX
 from kiln.passes.subgraphs import eliminate_identities
 
 from tests.models import subgraphs
@@ -32,9 +33,7 @@ HAND_BUILT: dict[str, Callable[[], onnx.ModelProto]] = {
 
 
 def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return ort_session(proto.SerializeToString()).run(None, feeds)
 
 
 def _assert_valid_and_same(before: onnx.ModelProto, after: ir.Model, feeds: list[dict[str, np.ndarray]]) -> None:

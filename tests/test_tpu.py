@@ -12,7 +12,8 @@ pytest.importorskip("tensorflow", reason="the tpu target needs tensorflow-cpu (p
 pytest.importorskip("litert_torch", reason="the tpu target needs litert-torch (pip install .[tpu])")
 
 from kiln.compiler.capture.zoo import ZOO
-from kiln.compiler.export.pipeline import ExportOptions, export_targets
+from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.pipeline import export_targets
 
 from tests.conftest import USER_MODELS, ZOO_MODELS, run_cli
 

@@ -78,8 +78,8 @@ def test_llama_with_grouped_query_attention_passes_parity_on_tflite(tmp_path_fac
 
 
 def test_the_torchscript_route_keeps_a_dynamic_batch(tmp_path):
-    from kiln.compiler.capture.program import DynamicBatch
-    from kiln.compiler.export.pipeline import ExportOptions
+    from kiln.compiler.capture.dynamic import DynamicBatch
+    from kiln.compiler.export.options import ExportOptions
 
     options = ExportOptions(dynamic_batch=DynamicBatch(1, 8))
     (result,) = export_targets(f"{HF_MODELS}:cdist_head", "onnx", tmp_path / "o", options)

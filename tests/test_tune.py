@@ -107,7 +107,7 @@ def test_a_killed_tune_resumes_without_rebuilding(tuned):
 def test_runtime_settings_reach_the_runtime_and_the_published_manifest(tuned, tmp_path, capsys):
     """A winner with a runtime setting is published with it in its runtime_config; verify loads it so."""
     from kiln.compiler.export.artifacts import Artifact, load_runner
-    from kiln.compiler.perf.tune import Entry
+    from kiln.compiler.perf.tune_candidates import Entry
 
     _, board, _, _ = tuned
     row = next(r for r in board["candidates"] if r["runtime_settings"] == {"graph_optimization": "basic"})
@@ -133,7 +133,7 @@ def test_runtime_settings_reach_the_runtime_and_the_published_manifest(tuned, tm
 def _entry(name: str, precision: str, rounds: list[float], cosine: float):
     import statistics
 
-    from kiln.compiler.perf.tune import Entry
+    from kiln.compiler.perf.tune_candidates import Entry
 
     build = CellResult(f"m/onnx/{precision}", "m", "zoo:cnn", "onnx", precision, PASSED, min_cosine=cosine)
     p50 = statistics.median(rounds)
@@ -203,7 +203,8 @@ def test_runtime_variants_default_first_and_only_what_applies():
 def test_a_setting_rechecked_by_the_gate_reports_the_accuracy_it_measured(tuned):
     """A runtime setting that may change the numbers (OpenVINO's CPU-default precision) is validated again; the
     leaderboard and the tie rule must use that measurement, not the build's (bf16 showed cosine 1.000000)."""
-    from kiln.compiler.perf.tune import Entry, _parity_with_settings
+    from kiln.compiler.perf.tune import _parity_with_settings
+    from kiln.compiler.perf.tune_candidates import Entry
     from kiln.compiler.perf.tune_report import _row
     from kiln.compiler.progress import Progress
 

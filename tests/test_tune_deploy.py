@@ -112,7 +112,7 @@ def test_a_tune_that_chooses_nothing_withdraws_an_earlier_best(moved, tmp_path, 
 
 
 def test_a_leaderboard_timed_elsewhere_says_where_it_was_built():
-    from kiln.compiler.perf.tune_report import where_lines
+    from kiln.compiler.perf.leaderboard import where_lines
 
     here = {"host": "deploy", "cpu": "Xeon", "cpu_flags": ["avx512_vnni"], "cores": 8, "threads": [4]}
     there = {"host": "builder", "cpu": "EPYC", "cpu_flags": ["avx2"], "cores": 2}
@@ -209,9 +209,8 @@ def test_the_builds_record_keeps_each_variant_and_refuses_a_forged_one(tmp_path,
     """`--time-only` has no model to plan from: the layout and batch range of each build and the batch to time at
     come back from builds/tune.json, as they were planned; a record whose fields are not what tune writes is refused."""
     from kiln.compiler.errors import UsageError
-    from kiln.compiler.perf.tune import Plan
-    from kiln.compiler.perf.tune_candidates import Variant
-    from kiln.compiler.perf.tune_deploy import STATE_FILE, _plan_of, read_state, save_builds
+    from kiln.compiler.perf.tune_candidates import Plan, Variant
+    from kiln.compiler.perf.tune_files import STATE_FILE, plan_of, read_state, save_builds
 
     variants = {
         "m": Variant("nchw"),
@@ -219,7 +218,7 @@ def test_the_builds_record_keeps_each_variant_and_refuses_a_forged_one(tmp_path,
         "m-dynbatch": Variant(None, "1:4"),
     }
     save_builds(tmp_path, "zoo:cnn", Plan(None, [], variants, 4), "local")
-    back = _plan_of(read_state(tmp_path))
+    back = plan_of(read_state(tmp_path))
     assert back is not None and back.batch == 4
     assert {n: (v.layout, v.batch_range, v.plain) for n, v in back.variants.items()} == {
         "m": ("nchw", None, False), "m-nhwc": ("nhwc", None, False), "m-dynbatch": (None, "1:4", False)}  # fmt: skip

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 from kiln.compiler.matrix.results import PASSED, CellResult
-from kiln.compiler.perf.tune import Entry, TuneOptions, plan, run_tune
-from kiln.compiler.perf.tune_candidates import MAX_BATCH, Variant
-from kiln.compiler.perf.tune_report import markdown, publish
+from kiln.compiler.perf.leaderboard import markdown
+from kiln.compiler.perf.tune import TuneOptions, plan, run_tune
+from kiln.compiler.perf.tune_candidates import MAX_BATCH, Entry, Variant
+from kiln.compiler.perf.tune_report import publish
 from kiln.compiler.progress import Progress
 from kiln.compiler.types import Manifest
 from kiln.targets.base import RuntimeSettings

@@ -10,7 +10,7 @@ import pytest
 import torch
 from kiln.compiler.errors import UsageError
 from kiln.compiler.export.options import export_options
-from kiln.compiler.parity.gate import check_input_files
+from kiln.compiler.parity.input_files import check_input_files
 
 from tests.conftest import run_cli
 from tests.test_cli_errors import assert_one_line_error
@@ -130,7 +130,7 @@ def _spec(dtype, shape=(2, 4)):
     ],
 )
 def test_check_feed_casts_within_a_kind_or_without_loss_and_says_so(given, expected):
-    from kiln.compiler.parity.gate import check_feed
+    from kiln.compiler.capture.inputs import check_feed
 
     notes: list[str] = []
     fed = check_feed(_spec(expected), given, "f.npz", notes)
@@ -148,14 +148,14 @@ def test_check_feed_casts_within_a_kind_or_without_loss_and_says_so(given, expec
     ],
 )
 def test_check_feed_refuses_casts_between_kinds_or_with_loss(given, expected, message):
-    from kiln.compiler.parity.gate import check_feed
+    from kiln.compiler.capture.inputs import check_feed
 
     with pytest.raises(UsageError, match=message):
         check_feed(_spec(expected), given, "f.npz", [])
 
 
 def test_check_feed_notes_nan_and_inf():
-    from kiln.compiler.parity.gate import check_feed
+    from kiln.compiler.capture.inputs import check_feed
 
     notes: list[str] = []
     values = np.ones((2, 4), np.float32)

@@ -283,7 +283,7 @@ def apply_legalizations(
     """A copy of the program with the table's rewrites applied where needed (the program itself is shared by
     other targets, so it is not changed; the copy shares its weights), and their names (`op (what)`); the program
     itself when none is."""
-    from kiln.passes.contract import snapshot
+    from kiln.compiler.large_graphs import snapshot
 
     needed = [n for n in program.graph.nodes if n.op == "call_function" and n.target in table]
     if not any(table[n.target].needed(n) for n in needed):

@@ -144,11 +144,6 @@ class DynamicShapes:
         }
         return list(chosen.items())
 
-    def with_only(self, names: list[str]) -> DynamicShapes:
-        """These dims restricted to inputs in `names` (dropping dims left without axes)."""
-        dims = [replace(d, axes=tuple(a for a in d.axes if a[0] in names)) for d in self.dims]
-        return DynamicShapes(tuple(d for d in dims if d.axes))
-
 
 def resize_axis(array: Any, axis: int, size: int) -> Any:
     """`array` (numpy or torch) resized along `axis` to `size` by cycling its entries."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from kiln.compiler.errors import UsageError
-from kiln.compiler.generation.export import FORWARD, TEXT_GENERATION
+from kiln.compiler.generation.decoding import FORWARD, TEXT_GENERATION
 from torch import nn
 
 CONFIG = "config.json"

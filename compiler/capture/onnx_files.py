@@ -73,7 +73,7 @@ def _all_nodes(graph: Any) -> Iterator[Any]:
 
 def has_external_data(path: Path) -> bool:
     """Whether an ONNX file keeps tensors in external data files (a model with large weights, see
-    `kiln.passes.save_onnx`)."""
+    `kiln.compiler.large_graphs.save_onnx`)."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)

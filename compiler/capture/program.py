@@ -13,7 +13,7 @@ import torch
 from kiln.compiler.capture.dynamic import BATCH_DIM, DynamicShapes, name_dynamic_dims, shaped_like_forward
 from kiln.compiler.capture.onnx_files import copy_onnx, onnx_signature
 from kiln.compiler.capture.sources import ModelSource
-from kiln.compiler.errors import UnsupportedOpError, UsageError
+from kiln.compiler.errors import UnsupportedOpError, UsageError, error_text
 from kiln.compiler.progress import converter_output_captured
 from kiln.compiler.types import TensorSpec
 
@@ -139,8 +139,7 @@ def run_eager(source: ModelSource, inputs: tuple[Any, ...]) -> Any:
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in inputs)
         raise UsageError(
-            f"running {source.description} on its example inputs ({shapes}) failed: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            f"running {source.description} on its example inputs ({shapes}) failed: {error_text(exc)}",
             "check the shapes and dtypes of the example inputs",
         ) from None
 
@@ -167,11 +166,6 @@ def flat_output_names(outputs: Any) -> list[str]:
     if len(names) == 1 and names[0] == "":
         return ["output"]
     return [f"output_{n}" if n and n[0].isdigit() else (n or "output") for n in names]
-
-
-def resize_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """The tensor with dim 0 resized to `batch` by cycling its rows."""
-    return tensor[torch.arange(batch) % tensor.shape[0]]
 
 
 def input_names(source: ModelSource) -> list[str]:
@@ -250,9 +244,8 @@ def _capture_error(exc: Exception, source: ModelSource, dynamic: DynamicShapes |
             else "narrow or drop the --dynamic ranges, or give axes the model needs equal one symbol "
             "(SYMBOL=a:1,b:1=MIN:MAX)",
         )
-    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
     return UnsupportedOpError(
-        f"torch.export failed on {source.description}{at}: {type(exc).__name__}: {first}",
+        f"torch.export failed on {source.description}{at}: {error_text(exc)}",
         "see https://pytorch.org/docs/stable/export.html for what export supports",
     )
 
@@ -295,7 +288,7 @@ def lower_to_onnx(
                 _torchscript_onnx(eager, path, output_names, dynamic, exported)
             break
         except Exception as exc:
-            failed[route] = _one_line(exc)
+            failed[route] = _exporter_error(exc)
             errors.append(exc)
     else:
         if not errors:
@@ -309,7 +302,7 @@ def lower_to_onnx(
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise UnsupportedOpError(
-            f"the lowered ONNX graph ({route} route) fails onnx.checker: {str(exc).splitlines()[0][:300]}",
+            f"the lowered ONNX graph ({route} route) fails onnx.checker: {error_text(exc)}",
             "report this as a Kiln bug with the model",
         ) from None
     return {"decompositions_applied": legalized, "onnx_route": {"route": route, "failed": failed}}
@@ -320,7 +313,7 @@ def _dynamo_onnx(program: torch.export.ExportedProgram, path: Path, output_names
     unless `optimize` is False. Weights a Transpose reads are transposed as the file is written
     (`defer_weight_transposes`), and a model with large weights is saved with external data (`save_onnx`): the
     weights are never copied whole in memory."""
-    from kiln.passes import save_onnx
+    from kiln.compiler.large_graphs import save_onnx
 
     with converter_output_captured():
         onnx_program = torch.onnx.export(
@@ -405,14 +398,11 @@ def _torchscript_onnx(
         )
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message that says something (the dynamo exporter's first line is a
-    banner; the cause is in its "Exception summary")."""
-    text = str(exc).strip()
-    summary = re.search(r"## Exception summary\s*\n+(.+)", text)
-    line = summary[1] if summary else (text.splitlines()[0] if text else "")
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
-    return f"{type(exc).__name__}: {line[:300]}"
+def _exporter_error(exc: BaseException) -> str:
+    """An ONNX exporter's exception named (`error_text`) by the line that says something: the dynamo exporter's
+    first line is a banner, the cause is in its "Exception summary"."""
+    summary = re.search(r"## Exception summary\s*\n+(.+)", str(exc).strip())
+    return error_text(exc, text=summary[1] if summary else None)
 
 
 class LoweringError(UnsupportedOpError):

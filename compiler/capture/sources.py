@@ -8,17 +8,19 @@ import importlib.util
 import inspect
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from kiln.compiler.errors import KilnError, UsageError
+from kiln.compiler.capture.inputs import read_npz
+from kiln.compiler.errors import KilnError, UsageError, error_text
+from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.hf_folder import FolderRequest
-    from kiln.compiler.export.options import ExportOptions
     from kiln.compiler.generation.decoding import DecoderSpec
 
 
@@ -198,7 +200,7 @@ def python_function(path: Path, name: str, spec: str, returns: str) -> Any:
     try:
         loader_spec.loader.exec_module(user_module)
     except Exception as exc:
-        raise UsageError(f"importing {path} failed: {type(exc).__name__}: {exc}", "fix the error in that file") from exc
+        raise UsageError(f"importing {path} failed: {error_text(exc)}", "fix the error in that file") from exc
     fn = getattr(user_module, name, None)
     if fn is None or not callable(fn):
         available = [n for n, v in vars(user_module).items() if inspect.isfunction(v) and v.__module__ == module_name]
@@ -213,7 +215,7 @@ def _load_python(path: Path, factory: str, spec: str) -> ModelSource:
     try:
         produced = fn()
     except Exception as exc:
-        raise UsageError(f"{spec} raised {type(exc).__name__}: {exc}", "fix the factory so that it runs") from exc
+        raise UsageError(f"{spec} raised {error_text(exc)}", "fix the factory so that it runs") from exc
     if isinstance(produced, torch.nn.Module):
         inputs = getattr(produced, "example_inputs", None)
         if inputs is None:
@@ -245,7 +247,7 @@ def _load_pt2(path: Path, spec: str, trust_pickle: bool | None = None) -> ModelS
         raise
     except Exception as exc:
         raise UsageError(
-            f"{path} is not a readable torch.export program ({type(exc).__name__}: {str(exc)[:200]})",
+            f"{path} is not a readable torch.export program ({error_text(exc, 200)})",
             "save it with torch.export.save(torch.export.export(model, args), 'model.pt2')",
         ) from None
     args, kwargs = exported.example_inputs or ((), {})
@@ -268,7 +270,7 @@ def check_onnx_external_data(path: Path) -> None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise UsageError(
-            f"{path} is not a valid ONNX model ({type(exc).__name__}: {str(exc)[:200]})",
+            f"{path} is not a valid ONNX model ({error_text(exc, 200)})",
             "re-export it, or check that the file is complete",
         ) from None
     base = path.resolve().parent
@@ -296,7 +298,7 @@ def _load_onnx(path: Path, spec: str, user_inputs: list[dict[str, np.ndarray]] |
         onnx.checker.check_model(str(path), full_check=True)  # full: strict shape and type inference too
     except Exception as exc:
         raise UsageError(
-            f"{path} fails the ONNX checker: {_first_line(exc)}", "re-export the model; Kiln accepts only valid ONNX"
+            f"{path} fails the ONNX checker: {_ort_error(exc)}", "re-export the model; Kiln accepts only valid ONNX"
         ) from None
     proto = onnx.load(str(path), load_external_data=False)
     newest = onnx.defs.onnx_opset_version()
@@ -327,25 +329,23 @@ def _load_onnx(path: Path, spec: str, user_inputs: list[dict[str, np.ndarray]] |
     return ModelSource(spec, path.stem, "onnx", inputs, onnx_path=path, state_hash=digest.hexdigest())
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, shortened (ORT's "Load model from PATH failed:" cut)."""
-    text = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+def _ort_error(exc: BaseException) -> str:
+    """ONNX Runtime's exception named (`error_text`) by what it says: its first line without the
+    "[ONNXRuntimeError] : N : CODE :" prefix and the "Load model from PATH failed:" preamble."""
+    text = next((line for line in str(exc).splitlines() if line.strip()), "")
     text = text.split(" failed:", 1)[-1] if "Load model from" in text else text
-    return re.sub(r"^\s*\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text).strip()[:240]
+    return error_text(exc, 240, re.sub(r"^\s*\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text))
 
 
 def _check_runs(path: Path, feeds: dict[str, np.ndarray]) -> None:
     """Prove ONNX Runtime (the reference) can load the model and run it once on the example inputs."""
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path)
         session.run(None, feeds)
     except Exception as exc:
         raise UsageError(
-            f"ONNX Runtime cannot run {path}: {_first_line(exc)}",
+            f"ONNX Runtime cannot run {path}: {_ort_error(exc)}",
             "Kiln's reference for an .onnx source is ONNX Runtime: re-export a model it can run",
         ) from None
 
@@ -391,28 +391,35 @@ def state_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options: ExportOptions) -> ModelSource:
-    """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module."""
+def load_model(
+    model: str | Path | torch.nn.Module,
+    example_inputs: Any,
+    inputs_files: Sequence[Path] = (),
+    request: FolderRequest | None = None,
+) -> ModelSource:
+    """The model the user gave: a source string (a checkpoint folder, zoo:NAME, file.py:factory, .pt2, .onnx) or a
+    module; an .onnx source takes its example inputs from the first of the user's `inputs_files` (`--inputs`) when
+    given, a checkpoint folder what `request` asks (--task, --shape, --trust-remote-code, --trust-pickle)."""
     from kiln.compiler.capture.hf_folder import TASKS as FOLDER_TASKS
     from kiln.compiler.capture.hf_folder import FolderRequest, is_checkpoint_folder
-    from kiln.compiler.generation.export import TASKS
+    from kiln.compiler.generation.decoding import TASKS
 
+    request = request or FolderRequest()
     folder = isinstance(model, (str, Path)) and is_checkpoint_folder(Path(model))
-    if options.task is not None and options.task not in FOLDER_TASKS:
-        raise UsageError(f"--task {options.task}: unknown task", f"use one of: {', '.join(FOLDER_TASKS)}")
-    if options.task not in (None, *TASKS) and not folder:
+    if request.task is not None and request.task not in FOLDER_TASKS:
+        raise UsageError(f"--task {request.task}: unknown task", f"use one of: {', '.join(FOLDER_TASKS)}")
+    if request.task not in (None, *TASKS) and not folder:
         raise UsageError(
-            f"--task {options.task} applies to a checkpoint folder (config.json + *.safetensors) only",
+            f"--task {request.task} applies to a checkpoint folder (config.json + *.safetensors) only",
             f"pass such a folder, or --task {' or '.join(TASKS)}",
         )
-    if (options.shapes or options.trust_remote_code) and not folder:
+    if (request.shapes or request.trust_remote_code) and not folder:
         raise UsageError(
             "--shape and --trust-remote-code apply to a checkpoint folder only",
             "drop them, or give example inputs in the factory",
         )
     if isinstance(model, (str, Path)):
-        user = [read_inputs_file_raw(p) for p in options.inputs_files] if str(model).endswith(".onnx") else None
-        request = FolderRequest(options.task, options.shapes, options.trust_remote_code, options.trust_pickle)
+        user = [read_npz(p, "--inputs") for p in inputs_files] if str(model).endswith(".onnx") else None
         return load_source(str(model), user, folder=request)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
@@ -422,12 +429,3 @@ def load_model(model: str | Path | torch.nn.Module, example_inputs: Any, options
     if example_inputs is None:
         raise UsageError("export(module, ...) needs example_inputs", "pass example_inputs=(tensor, ...)")
     return from_module(model, example_inputs)
-
-
-def read_inputs_file_raw(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a user's .npz, unchecked (an .onnx source takes its example inputs from it)."""
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise UsageError(f"cannot read inputs file {path}: {exc}", "pass an .npz written by numpy.savez") from None

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from kiln.compiler.capture.program import CapturedModel, EagerModel, fx_signature
-from kiln.compiler.errors import UnsupportedOpError
+from kiln.compiler.errors import UnsupportedOpError, error_text
 
 if TYPE_CHECKING:
-    from kiln.compiler.parity.gate import Feeds
+    from kiln.compiler.types import Feeds
 
 # Ops that only move or relabel data: a module made of these alone is not worth a build of its own.
 TRIVIAL_OPS = {
@@ -215,7 +215,7 @@ def prefix_program(
         program = torch.export.export(module, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise UnsupportedOpError(
-            f"cannot cut the program at {boundary.label()}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            f"cannot cut the program at {boundary.label()}: {error_text(exc, 200)}",
             "localize on a model without data-dependent control flow",
         ) from None
     specs_in, specs_out = fx_signature(program, [output_name, *(live_name(output_name, b) for b in live)], dynamic)

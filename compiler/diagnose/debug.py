@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kiln.compiler.capture.program import capture
 from kiln.compiler.capture.pt2_archive import trusting_pickles
-from kiln.compiler.diagnose.divergence import Divergence, localize, route_named
+from kiln.compiler.diagnose.divergence import localize, route_named
+from kiln.compiler.diagnose.divergence_record import Divergence
 from kiln.compiler.errors import UsageError
 from kiln.compiler.export.loading import export_dirs
 from kiln.compiler.export.options import ExportOptions, export_options
@@ -44,7 +45,8 @@ def debug(
     """Localize each export under `path` (a published or a `.rejected/<target>` directory) against `model`;
     `every`: build every module boundary (a per-module error profile) instead of bisecting; `method`: `auto`
     (the runtime's fast path where it has one) or `bisection`."""
-    from kiln.compiler.export.pipeline import calibration_data, load_model
+    from kiln.compiler.capture.sources import load_model
+    from kiln.compiler.export.pipeline import calibration_data
     from kiln.targets import get_target
 
     progress = progress or Progress(quiet=True)
@@ -53,7 +55,7 @@ def debug(
         target = get_target(manifest.target)
         options = _options(manifest, calib)
         with trusting_pickles(trust_pickle), tempfile.TemporaryDirectory(prefix="kiln-debug-") as work:
-            source = load_model(model, None, options)
+            source = load_model(model, None, options.inputs_files)
             if source.kind != "torch":
                 raise UsageError(f"{model} is not a PyTorch model", "localization cuts the PyTorch program: pass one")
             captured = capture(source, None, Path(work) / "capture", to_onnx=False)

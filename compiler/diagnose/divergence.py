@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.compiler.capture.program import EXPORTERS, CapturedModel, lower
+from kiln.compiler.capture.program import CapturedModel
 from kiln.compiler.diagnose.cut import (
     Boundary,
     eager_check,
@@ -30,10 +30,12 @@ from kiln.compiler.diagnose.cut import (
     prefix_program,
     reference_module,
 )
-from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE, Divergence, ModuleError
-from kiln.compiler.errors import KilnError
-from kiln.compiler.export.artifacts import Artifact, build
-from kiln.compiler.export.optimize import optimize
+from kiln.compiler.diagnose.divergence_record import Divergence, ModuleError
+from kiln.compiler.diagnose.fast_path import read_boundaries
+from kiln.compiler.diagnose.probe import PROBE, NotBuilt, Probe, build_program
+from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
+from kiln.compiler.errors import KilnError, error_text
+from kiln.compiler.export.artifacts import Artifact
 from kiln.compiler.parity.gate import ParitySamples, validate
 from kiln.compiler.progress import Progress
 
@@ -43,28 +45,7 @@ if TYPE_CHECKING:
     from kiln.compiler.types import ParityReport
     from kiln.targets.base import Route, Target
 
-PROBE = "divergence_probe"  # the output name of a prefix build
 FOLLOWING = 3  # modules listed after the first diverging one
-
-
-@dataclass
-class Probe:
-    """What every prefix build of one localization shares."""
-
-    captured: CapturedModel
-    target: Target
-    options: ExportOptions
-    samples: ParitySamples
-    calibration: CalibrationData | None
-    work: Path
-    progress: Progress
-    reference: Any  # the captured program as a module to run in PyTorch (kiln.compiler.diagnose.cut.reference_module)
-    builds: int = 0
-    bounds: list[Boundary] = field(default_factory=list)
-    route: Route | None = None  # the route that produced the artifact: prefixes are built by it (None: default)
-    frontier: bool = (
-        True  # a prefix also outputs the earlier boundaries still live at its cut (kiln.compiler.diagnose.cut.live_at)
-    )
 
 
 def localize(
@@ -150,8 +131,6 @@ def _search(
     first failing one read from the runtime in one build), `fast-path+bisection` (the runtime's boundaries narrow
     the search to the unmapped ones between the last passing and the first failing one, which are bisected),
     `bisection`, or `every` (each boundary built)."""
-    from kiln.compiler.diagnose.fast_path import read_boundaries
-
     fast = read_boundaries(probe, bounds) if method != "bisection" else None
     found: dict[int, ModuleError] = dict(fast or {})
     failing = [i for i in sorted(found) if not found[i].passed]
@@ -249,14 +228,6 @@ def _measure(probe: Probe, boundary: Boundary) -> dict[int, ModuleError]:
     return {**live, boundary.index: result}
 
 
-class NotBuilt(Exception):
-    """The prefix did not convert (as opposed to: it converted, then failed to run)."""
-
-    def __init__(self, error: KilnError):
-        super().__init__(error.one_line())
-        self.error = error
-
-
 def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, ParitySamples, dict[str, int]]:
     """The prefix up to `boundary` (its outputs: the boundary's tensor, then those of the boundaries still live at
     the cut), optimized and built as the export was; the parity inputs with PyTorch's values of those boundaries
@@ -273,27 +244,6 @@ def _build(probe: Probe, boundary: Boundary, work: Path) -> tuple[Artifact, Pari
     values = [intermediates(program, list(nodes.values()), feeds, probe.reference) for feeds in probe.samples.inputs]
     reference = [{name: value[node] for name, node in nodes.items()} for value in values]
     return artifact, ParitySamples(probe.samples.inputs, probe.samples.origins, reference), names
-
-
-def build_program(probe: Probe, program: CapturedModel, work: Path) -> tuple[Artifact, Path | None]:
-    """`program` optimized and built as the export was, by the export's route (`probe.route`): the artifact and
-    the ONNX graph it was built from (None: the route consumes the FX program)."""
-    options, target, route = probe.options, probe.target, probe.route
-    consumes = route.consumes if route is not None else target.consumes
-    work.mkdir(parents=True)
-    try:
-        if consumes == "onnx":
-            if route is None and program is not probe.captured:
-                program = replace(program, eager=None)  # the default capture of a prefix: the dynamo exporter
-            exporters = (route.exporter,) if route is not None and route.exporter else EXPORTERS
-            program = lower(program, work, options.opt_level > 0, exporters)
-        graph, _ = optimize(program, target, work, options, {}, consumes)
-        request = replace(options.build_request(target, probe.calibration), accuracy=None)
-        if route is not None:
-            request = replace(request, route=route.name)
-        return build(target, graph, request, work / "artifact"), graph.onnx_path if consumes == "onnx" else None
-    except KilnError as error:
-        raise NotBuilt(error) from error
 
 
 def route_named(target: Target, name: str | None) -> Route | None:
@@ -347,22 +297,8 @@ def localize_export(
             route=route,
         )
     except Exception as error:  # a diagnostic must not turn a parity verdict into a crash
-        progress.warn(f"localization failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        progress.warn(f"localization failed: {error_text(error, 200)}")
         return report
     found.write(directory)
+    write_profile([found], directory / HTML_FILE)
     return replace(report, divergence=found.to_dict())
-
-
-__all__ = [  # the record's names are re-exported (a shim to remove)
-    "DIVERGENCE_FILE",
-    "PROBE",
-    "Divergence",
-    "ModuleError",
-    "NotBuilt",
-    "Probe",
-    "build_program",
-    "localize",
-    "localize_export",
-    "route_named",
-    "wanted",
-]

@@ -103,18 +103,12 @@ class Divergence:
 
     def to_dict(self) -> dict[str, Any]:
         """The record written to the manifest (`parity.divergence`) and to `divergence.json`."""
-        from kiln.compiler.types import _json_safe
+        from kiln.compiler.types import json_safe
 
-        return dict(_json_safe({"summary": self.summary(), **asdict(self)}))
+        return dict(json_safe({"summary": self.summary(), **asdict(self)}))
 
     def write(self, directory: Path) -> Path:
-        """Write `divergence.json` and its error profile page `divergence.html` into `directory`."""
-        from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
-
+        """Write `divergence.json` into `directory` (its page is `kiln.compiler.diagnose.profile_html`'s)."""
         path = directory / DIVERGENCE_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        write_profile([self], directory / HTML_FILE)
         return path
-
-
-__all__ = ["DIVERGENCE_FILE", "Divergence", "ModuleError"]

@@ -13,28 +13,26 @@ and bisects otherwise.
 
 from __future__ import annotations
 
-import ast
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from kiln.compiler.diagnose.probe import NotBuilt, Probe, build_program
+from kiln.compiler.errors import error_text
+from kiln.compiler.onnx_metadata import name_scopes
 
 if TYPE_CHECKING:
     from kiln.compiler.diagnose.cut import Boundary
-    from kiln.compiler.diagnose.divergence import ModuleError, Probe
-    from kiln.compiler.export.artifacts import Artifact
-    from kiln.compiler.parity.gate import Feeds
+    from kiln.compiler.diagnose.divergence_record import ModuleError
     from kiln.compiler.types import OutputMetrics, Tolerance
-
-FAST_TARGETS = ("onnx", "openvino")
-NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-FAKE_QUANTIZED = "::fake_quantized"  # the name a tapped FakeQuantize output is given (OpenVINO int8)
+    from kiln.targets.base import Target
 
 
-def supported(target: str, io_layout: str | None) -> bool:
-    """Whether `target` has a fast path (not for NHWC I/O, whose boundaries are in another layout)."""
-    return target in FAST_TARGETS and io_layout != "nhwc"
+def supported(target: Target, io_layout: str | None) -> bool:
+    """Whether `target` has a fast path: it can be tapped (`Target.tappable`), and not for NHWC I/O, whose
+    boundaries are in another layout."""
+    return target.tappable and io_layout != "nhwc"
 
 
 def certain_names(onnx_path: Path, bounds: list[Boundary], outputs: dict[str, int]) -> dict[int, str]:
@@ -52,116 +50,20 @@ def certain_names(onnx_path: Path, bounds: list[Boundary], outputs: dict[str, in
             found[boundary.index] = graph_outputs[position]
             continue
         node = producers.get(boundary.node)
-        scopes = _name_scopes(node) if node is not None else []
+        scopes = name_scopes(node) if node is not None else []
         if scopes and scopes[-1] == boundary.node and boundary.module in scopes:
             found[boundary.index] = boundary.node
     return found
-
-
-def _name_scopes(node: Any) -> list[str]:
-    text = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), "")
-    try:
-        scopes = ast.literal_eval(text) if text else []
-    except (ValueError, SyntaxError):
-        return []
-    return [str(s) for s in scopes] if isinstance(scopes, list) else []
-
-
-def _dequantized(model: Any, name: str) -> str:
-    """The DequantizeLinear output that reads `name` back after its QuantizeLinear (a QDQ graph), else `name`."""
-    consumers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for value in node.input:
-            consumers.setdefault(value, []).append(node)
-    users = consumers.get(name, [])
-    if len(users) == 1 and users[0].op_type == "QuantizeLinear":
-        after = consumers.get(users[0].output[0], [])
-        if after and all(n.op_type == "DequantizeLinear" for n in after):
-            return str(after[0].output[0])
-    return name
-
-
-def tapped_runs(artifact: Artifact, names: dict[int, str], inputs: list[Feeds]) -> list[dict[int, np.ndarray]]:
-    """Run the built artifact with the boundaries' tensors as extra outputs: per input set, boundary index ->
-    the runtime's value (boundaries the runtime cannot expose are left out)."""
-    if artifact.target == "onnx":
-        return _onnxruntime_taps(artifact.directory / "model.onnx", names, inputs)
-    return _openvino_taps(artifact, names, inputs)
-
-
-def _onnxruntime_taps(path: Path, names: dict[int, str], inputs: list[Feeds]) -> list[dict[int, np.ndarray]]:
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
-    outputs = {o.name for o in model.graph.output}
-    produced = {value for node in model.graph.node for value in node.output}
-    taps: dict[int, str] = {}
-    for index, name in names.items():
-        tapped = _dequantized(model, name)
-        if tapped in types and tapped in produced:
-            taps[index] = tapped
-            if tapped not in outputs:
-                model.graph.output.append(onnx.helper.make_tensor_value_info(tapped, types[tapped], None))
-                outputs.add(tapped)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = list(dict.fromkeys(taps.values()))
-    runs = []
-    for feeds in inputs:
-        values = dict(zip(wanted, session.run(wanted, feeds)))
-        runs.append({index: values[name] for index, name in taps.items()})
-    return runs
-
-
-def _openvino_taps(artifact: Artifact, names: dict[int, str], inputs: list[Feeds]) -> list[dict[int, np.ndarray]]:
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(artifact.directory / "model.xml"))
-    ports: dict[str, Any] = {}
-    for op in model.get_ordered_ops():
-        for port in op.outputs():
-            for name in port.get_names():
-                ports.setdefault(name, port)
-    taps: dict[int, str] = {}
-    outputs: dict[str, Any] = {}
-    for index, name in names.items():
-        if name in ports:
-            tapped, port = _read_back(ports[name], name)
-            taps[index], outputs[tapped] = tapped, port
-    model.add_outputs(list(outputs.values()))
-    compiled = core.compile_model(model, "CPU", dict(artifact.manifest.runtime_config))
-    by_name = {name: out for out in compiled.outputs for name in out.get_names()}
-    request = compiled.create_infer_request()
-    runs = []
-    for feeds in inputs:
-        results = request.infer(feeds)
-        runs.append({index: np.array(results[by_name[name]]) for index, name in taps.items() if name in by_name})
-    return runs
-
-
-def _read_back(port: Any, name: str) -> tuple[str, Any]:
-    """The tensor `name` (an OpenVINO output port) as the next layers read it: in an int8 IR, the output of the
-    FakeQuantize that is its one consumer (given the name `name` + FAKE_QUANTIZED to be tapped by), else itself."""
-    consumers = list(port.get_target_inputs())
-    if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "FakeQuantize":
-        return name, port
-    quantized = consumers[0].get_node().output(0)
-    quantized.get_tensor().add_names({name + FAKE_QUANTIZED})
-    return name + FAKE_QUANTIZED, quantized
 
 
 def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleError] | None:
     """Every boundary the runtime can expose with a certain mapping, measured from one build of the whole model
     (this module); None when the target has no fast path or it cannot be used."""
     from kiln.compiler.diagnose.cut import intermediates
-    from kiln.compiler.diagnose.divergence import ModuleError, NotBuilt, build_program
+    from kiln.compiler.diagnose.divergence_record import ModuleError
 
     layout = probe.options.build_request(probe.target, None).io_layout
-    if not bounds or not supported(probe.target.name, layout):
+    if not bounds or not supported(probe.target, layout):
         return None
     if probe.route is not None and probe.route.consumes != "onnx":
         return None  # the module boundaries are mapped through the ONNX graph the target built from
@@ -181,9 +83,9 @@ def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleErr
     if not names:
         return None
     try:
-        runs = tapped_runs(artifact, names, probe.samples.inputs)
+        runs = probe.target.tapped_runs(artifact.directory, artifact.manifest, names, probe.samples.inputs)
     except Exception as refused:  # a runtime that refuses the extra outputs: the bisection still answers
-        why = f"{type(refused).__name__}: {str(refused)[:120]}"
+        why = error_text(refused, 120)
         probe.progress.say(f"localize: fast path not usable ({why}); bisecting")
         return None
     program, nodes = probe.captured.exported, [bounds[i].node for i in names]

@@ -9,24 +9,18 @@ one); the red vertical line is the first diverging module. A table under the cha
 
 from __future__ import annotations
 
-import html
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kiln.compiler.pages import FAILED, LINE, POINT, Axis, Cell, Frame, decade_axis, esc, linear_axis, page, table
+
 if TYPE_CHECKING:
-    from kiln.compiler.diagnose.divergence import Divergence, ModuleError
+    from kiln.compiler.diagnose.divergence_record import Divergence
 
 HTML_FILE = "divergence.html"
-WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 900, 170, 70, 20, 20, 30
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; font-size: 0.85em; }
-th { background: #f3f3f3; } tr.fail td { background: #fde2e2; } tr.first td { font-weight: bold; }
-.legend { color: #555; font-size: 0.85em; max-width: 70em; }
-svg text { font-size: 11px; fill: #444; }
-"""
+WIDTH, HEIGHT = 900, 200
 LEGEND = (
     "x: module boundaries in execution order. Each point is one module's output against PyTorch's on the parity "
     "inputs (grey: within tolerance, red: out of it). Dashed: the tolerance. Red vertical line: the first "
@@ -45,37 +39,30 @@ def write_profile(found: list[Divergence], path: Path) -> Path:
 
 def profile_page(found: list[Divergence]) -> str:
     """The whole page."""
-    sections = "".join(_section(d) for d in found)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Kiln error profile</title>'
-        f"<style>{STYLE}</style></head><body><h1>Kiln error profile</h1>"
-        f'<p class="legend">{html.escape(LEGEND)}</p>{sections}</body></html>\n'
-    )
+    return page("Kiln error profile", [f'<p class="legend">{esc(LEGEND)}</p>', *(_section(d) for d in found)])
 
 
 def _section(divergence: Divergence) -> str:
-    esc = html.escape
     points = divergence.measured
     first = divergence.first.index if divergence.first else None
     tolerance = divergence.tolerance
     charts = [
-        _chart("cosine", [(p.index, p.cosine) for p in points], points, divergence, tolerance.get("min_cosine")),
-        _chart("SNR (dB)", [(p.index, p.snr_db) for p in points], points, divergence, tolerance.get("min_snr_db")),
-        _chart("max abs error (log10)", [(p.index, _log(p.max_abs)) for p in points], points, divergence, None),
+        _chart(linear_axis, "cosine", [p.cosine for p in points], divergence, tolerance.get("min_cosine")),
+        _chart(linear_axis, "SNR (dB)", [p.snr_db for p in points], divergence, tolerance.get("min_snr_db")),
+        _chart(decade_axis, "max abs error", [_log(p.max_abs) for p in points], divergence, None),
     ]
     rows = []
     for p in points:
         kind = "first" if p.index == first else ("fail" if not p.passed else "")
-        rows.append(
-            f'<tr class="{kind}"><td>{p.index + 1}</td><td>{esc(p.label())}</td><td>{"ok" if p.passed else "FAIL"}'
-            f"</td><td>{p.cosine:.6f}</td><td>{p.snr_db:.1f}</td><td>{p.max_abs:.3g}</td><td>{esc(p.reason)}</td></tr>"
-        )
+        figures = (f"{p.cosine:.6f}", f"{p.snr_db:.1f}", f"{p.max_abs:.3g}")
+        rows.append((kind, [Cell(str(p.index + 1), "num"), p.label(), "ok" if p.passed else "FAIL",
+                            *(Cell(f, "num") for f in figures), p.reason]))  # fmt: skip
+    labels = ("cosine", "SNR dB", "max abs")
+    head: list[str | Cell] = [Cell("#", "num"), "module", "verdict", *(Cell(h, "num") for h in labels), "why"]
     return (
-        f"<h2>{esc(divergence.target)} {esc(divergence.precision)}</h2><p><b>{esc(divergence.summary())}</b></p>"
-        f"<p>{len(points)} of {divergence.boundaries} module boundaries measured, {divergence.builds} builds, "
-        f"method {esc(divergence.method)}</p>{''.join(charts)}"
-        "<table><thead><tr><th>#</th><th>module</th><th>verdict</th><th>cosine</th><th>SNR dB</th>"
-        f"<th>max abs</th><th>why</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f'<h2>{esc(divergence.target)} {esc(divergence.precision)}</h2><p class="verdict"><b>'
+        f"{esc(divergence.summary())}</b></p><p>{len(points)} of {divergence.boundaries} module boundaries measured, "
+        f"{divergence.builds} builds, method {esc(divergence.method)}</p>{''.join(charts)}{table(head, rows)}"
     )
 
 
@@ -84,44 +71,43 @@ def _log(value: float) -> float:
 
 
 def _chart(
+    make_axis: Callable[[str, float, float], Axis],
     title: str,
-    values: list[tuple[int, float]],
-    points: list[ModuleError],
+    values: list[float],
     divergence: Divergence,
     line: float | None,
 ) -> str:
-    """One SVG chart; non-finite values are drawn at the edge of the axis."""
-    finite = [v for _, v in values if math.isfinite(v)] + ([line] if line is not None else [])
+    """One chart of the measured boundaries' `values` (a log chart is given log10 values, `make_axis`
+    decade_axis); non-finite values are drawn at the edge of the axis."""
+    finite = [v for v in values if math.isfinite(v)] + ([line] if line is not None else [])
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
-    span, count = high - low, max(divergence.boundaries, 1)
-
-    def x(index: int) -> float:
-        return LEFT + (WIDTH - LEFT - RIGHT) * (index + 0.5) / count
+    y_axis = make_axis(title, low, high)
+    frame = Frame(_boundary_axis(divergence.boundaries), y_axis, WIDTH, HEIGHT, left=80, top=28, bottom=42)
 
     def y(value: float) -> float:
-        value = min(max(value, low), high) if not math.isnan(value) else low
-        return TOP + (HEIGHT - TOP - BOTTOM) * (1 - (value - low) / span)
+        return frame.y(value if not math.isinf(value) else (y_axis.high if value > 0 else y_axis.low))
 
-    parts = [
-        f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
-        'fill="none" stroke="#ccc"/>',
-        f'<text x="{LEFT}" y="12">{html.escape(title)}</text>',
-        f'<text x="4" y="{TOP + 10}">{high:.4g}</text><text x="4" y="{HEIGHT - BOTTOM}">{low:.4g}</text>',
-    ]
+    parts = []
     if line is not None:
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(line):.1f}" y2="{y(line):.1f}" '
-                     'stroke="#888" stroke-dasharray="5,4"/>')  # fmt: skip
+        parts.append(f'<line x1="{frame.left}" x2="{WIDTH - frame.right}" y1="{y(line):.1f}" y2="{y(line):.1f}" '
+                     f'stroke="{LINE}" stroke-dasharray="5,4"/>')  # fmt: skip
     if divergence.first is not None:
-        fx = x(divergence.first.index)
-        parts.append(f'<line x1="{fx:.1f}" x2="{fx:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="#c00"/>'
-                     f'<text x="{fx + 3:.1f}" y="{HEIGHT - 8}" fill="#c00">'
-                     f"{html.escape(divergence.first.label())}</text>")  # fmt: skip
-    path = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in values)
-    parts.append(f'<polyline points="{path}" fill="none" stroke="#36c" stroke-width="1"/>')
-    for (index, value), point in zip(values, points):
-        colour = "#c00" if not point.passed else "#666"
-        parts.append(f'<circle cx="{x(index):.1f}" cy="{y(value):.1f}" r="3" fill="{colour}">'
-                     f"<title>{html.escape(point.label())}: {value:.6g}</title></circle>")  # fmt: skip
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}">{"".join(parts)}</svg>'
+        fx = frame.x(divergence.first.index + 1)
+        side = f'x="{fx + 4:.1f}"' if fx < WIDTH / 2 else f'x="{fx - 4:.1f}" text-anchor="end"'  # inside the chart
+        parts.append(f'<line x1="{fx:.1f}" x2="{fx:.1f}" y1="{frame.top}" y2="{HEIGHT - frame.bottom}" '
+                     f'stroke="{FAILED}"/><text {side} y="{frame.top + 12}" fill="{FAILED}">'
+                     f"{esc(divergence.first.label())}</text>")  # fmt: skip
+    points = list(zip(divergence.measured, values))
+    path = " ".join(f"{frame.x(p.index + 1):.1f},{y(v):.1f}" for p, v in points)
+    parts.append(f'<polyline points="{path}" fill="none" stroke="{POINT}" stroke-width="1"/>')
+    for point, value in points:
+        colour = FAILED if not point.passed else "#666"
+        parts.append(f'<circle cx="{frame.x(point.index + 1):.1f}" cy="{y(value):.1f}" r="3" fill="{colour}">'
+                     f"<title>{esc(point.label())}: {value:.6g}</title></circle>")  # fmt: skip
+    return frame.draw(parts, f"{title} at each module boundary", f"{title} against PyTorch")
+
+
+def _boundary_axis(count: int) -> Axis:
+    """The x axis: the module boundaries 1..count in execution order, whole numbers labelled."""
+    ticks = tuple(t for t in linear_axis("", 1, max(count, 2), 10).ticks if t[0] == int(t[0]) and 1 <= t[0] <= count)
+    return Axis("module boundary, in execution order (# in the table)", 0.5, max(count, 1) + 0.5, ticks)

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kiln.compiler.capture.inputs import check_feed
 from kiln.compiler.capture.pt2_archive import trusting_pickles
-from kiln.compiler.errors import KilnError, MissingBackendError, UsageError
+from kiln.compiler.errors import KilnError, MissingBackendError, UsageError, error_text
 from kiln.compiler.export.artifacts import Artifact, hash_files, load_runner
 from kiln.compiler.export.staging import REJECTED, STAGING_OWNER, staging_root_of
-from kiln.compiler.parity.gate import ParitySamples, check_feed, validate
+from kiln.compiler.parity.gate import ParitySamples, validate
 from kiln.compiler.safe_fs import check_tree
 from kiln.compiler.types import BENCH_FILE, MANIFEST_NAME, Manifest, ParityReport, TensorSpec, Tolerance
 
@@ -194,8 +195,8 @@ def _verify_generation(
     model: decoding states it makes, and greedy decoding judged on its logits. Without, the stored decoding states
     and reference outputs, and the stored prompts decoded again to the stored reference tokens."""
     from kiln.compiler.capture.sources import load_source
+    from kiln.compiler.generation.causal_lm import decoder_spec, is_causal_lm
     from kiln.compiler.generation.decoding import DecoderSpec, layout_of
-    from kiln.compiler.generation.export import decoder_spec, is_causal_lm
     from kiln.compiler.generation.gate import (
         CausalLMReference,
         capacity_of,
@@ -268,8 +269,7 @@ def _model_reference(
         raise
     except Exception as exc:  # the user's model failing on the export's own inputs: not this export's fault
         raise UsageError(
-            f"{model} fails on the parity inputs stored in {directory} ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:200]})",
+            f"{model} fails on the parity inputs stored in {directory} ({error_text(exc, 200)})",
             "pass the model the export was made from",
         ) from None
     missing = [s.name for s in manifest.outputs if any(s.name not in outputs for outputs in samples.reference)]

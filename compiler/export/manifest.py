@@ -40,7 +40,7 @@ class ManifestParts:
 
 def source_record(source: ModelSource) -> dict[str, Any]:
     """What the manifest says about the model an artifact came from."""
-    record = {
+    record: dict[str, Any] = {
         "description": source.description,
         "kind": source.kind,
         "state_hash": source.state_hash,

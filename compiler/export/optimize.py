@@ -6,9 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.compiler.errors import UsageError
-from kiln.passes import FX, ONNX, dump_graph, pipeline_for, run_pipeline, save_onnx
-from kiln.passes.contract import snapshot
+from kiln.compiler.errors import UsageError, error_text
+from kiln.compiler.large_graphs import save_onnx, snapshot
+from kiln.passes import pipeline_for, run_pipeline
+from kiln.passes.base import FX, ONNX
+from kiln.passes.graphs import dump_graph
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel
@@ -90,7 +92,7 @@ def _serde_problem(error: BaseException) -> str:
     where = f"{what} {' '.join(where.split())}"
     where = where if len(where) <= 100 else where[:97] + "..."
     root = chain[-1]
-    return f"{where}: {type(root).__name__}: {' '.join(str(root).split())[:200]}"
+    return f"{where}: {error_text(root, 200)}"
 
 
 def _dump_final(model: CapturedModel, ir: str, dump: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.dynamic import DynamicShapes
-from kiln.compiler.capture.hf_folder import parse_shapes
+from kiln.compiler.capture.hf_folder import FolderRequest, parse_shapes
 from kiln.compiler.errors import UsageError
 from kiln.compiler.parity.gate import DEFAULT_SAMPLES
 from kiln.compiler.quantization.calibration import (
@@ -20,7 +20,8 @@ from kiln.compiler.quantization.calibration import (
     CalibrationSpec,
 )
 from kiln.compiler.types import Tolerance, check_thresholds
-from kiln.passes import DEFAULT_LEVEL, Pass, PassAdjustments
+from kiln.passes import PassAdjustments
+from kiln.passes.base import DEFAULT_LEVEL, Pass
 
 if TYPE_CHECKING:
     from kiln.targets.base import BuildRequest, Target
@@ -73,6 +74,10 @@ class ExportOptions:
         self.tolerance("fp32")
         if self.accuracy is not None:
             check_thresholds(max_drop=self.accuracy.max_drop)
+
+    def folder_request(self) -> FolderRequest:
+        """What these options ask of a checkpoint folder source."""
+        return FolderRequest(self.task, self.shapes, self.trust_remote_code, self.trust_pickle)
 
     def precision_for(self, target: Target) -> str:
         """The precision asked of `target`: the user's, or the target's default."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from kiln.compiler.capture.program import CapturedModel, capture, lower
 from kiln.compiler.capture.pt2_archive import trusting_pickles
-from kiln.compiler.capture.sources import ModelSource, load_model, read_inputs_file_raw  # noqa: F401 (re-exports)
+from kiln.compiler.capture.sources import ModelSource, load_model
 from kiln.compiler.diagnose.divergence import localize_export
 from kiln.compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError
 from kiln.compiler.export.artifacts import Artifact, build, hash_files
@@ -36,8 +36,8 @@ from kiln.compiler.export.staging import (
     output_lock,
     staging_area,
 )
+from kiln.compiler.generation.decoding import TEXT_GENERATION
 from kiln.compiler.generation.export import (
-    TEXT_GENERATION,
     generation_detail,
     generation_samples,
     generation_source,
@@ -48,13 +48,8 @@ from kiln.compiler.generation.export import (
     with_generation,
 )
 from kiln.compiler.memory import peak_rss, release_pages, trim_heap
-from kiln.compiler.parity.gate import (
-    QUANTIZED_PRECISIONS,
-    QUANTIZED_SAMPLES,
-    ParitySamples,
-    check_input_files,
-    validate,
-)
+from kiln.compiler.parity.gate import QUANTIZED_PRECISIONS, QUANTIZED_SAMPLES, ParitySamples, validate
+from kiln.compiler.parity.input_files import check_input_files
 from kiln.compiler.parity.reference import reference_samples
 from kiln.compiler.progress import Progress
 from kiln.compiler.quantization.calibration import (
@@ -64,10 +59,7 @@ from kiln.compiler.quantization.calibration import (
     load_calibration,
 )
 from kiln.compiler.types import Manifest, ParityReport, PassRecord
-from kiln.targets import Target
-from kiln.targets.base import BuildRequest, Route
-
-__all__ = ["ExportOptions", "export_targets"]
+from kiln.targets.base import BuildRequest, Route, Target
 
 
 @dataclass
@@ -124,7 +116,7 @@ def export_targets(
         check_input_files(options, chosen)
         timings: dict[str, float] = {}  # the stages every target shares
         with _timed(progress, timings, "load", model if isinstance(model, str) else type(model).__name__):
-            source = load_model(model, example_inputs, options)
+            source = load_model(model, example_inputs, options.inputs_files, options.folder_request())
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.task, options.cache_size):
             chosen = generation_targets(source, chosen, targets, options, progress.say)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.types import Manifest, ParityReport, _json_safe
+from kiln.compiler.types import Manifest, ParityReport, json_safe
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Machine-readable summary for `--json`."""
-        return _json_safe(
+        return json_safe(
             {
                 "target": self.target,
                 "directory": str(self.directory),

@@ -22,7 +22,7 @@ from kiln.targets.base import ONNX_FILE, Route
 
 if TYPE_CHECKING:
     from kiln.compiler.types import ParityReport, PassRecord
-    from kiln.targets import Target
+    from kiln.targets.base import Target
 
 LOWERING_HINT = "use a target that consumes the FX graph, or replace that operation in the model"
 

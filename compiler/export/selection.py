@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kiln.compiler.errors import KilnError, MissingBackendError, UsageError
-from kiln.targets import Target, resolve_targets
+from kiln.targets import resolve_targets
+from kiln.targets.base import Target
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.sources import ModelSource

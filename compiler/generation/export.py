@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import AttentionPattern
-from kiln.compiler.generation.decoding import DecoderSpec, input_names, layout_of
+from kiln.compiler.generation.causal_lm import (
+    cache_shape,
+    decoder_source,
+    decoder_spec,
+    is_causal_lm,
+)
+from kiln.compiler.generation.decoding import FORWARD, TASKS, TEXT_GENERATION, input_names, layout_of
+from kiln.compiler.generation.static_kv_cache import name_static_io, static_generation_source
 from torch import nn
 
 if TYPE_CHECKING:
@@ -35,34 +42,14 @@ if TYPE_CHECKING:
     from kiln.compiler.parity.gate import ParitySamples
     from kiln.compiler.progress import Progress
     from kiln.compiler.types import ParityReport
-    from kiln.targets import Target
+    from kiln.targets.base import Target
 
-TEXT_GENERATION = "text-generation"
-FORWARD = "forward"
-TASKS = (TEXT_GENERATION, FORWARD)
 # What a target's `kv_cache` says it takes: a growing cache (one graph, the past length dynamic) or a static one (a
 # fixed-length cache, all shapes static).
 GROWING, STATIC = "growing", "static"
 GENERATION_PRECISIONS = ("fp32",)
 GENERATION_NOTE = "exported for text generation, with its KV cache (--task forward: one full-sequence forward)"
 _CAPTURE = {"batch": 2, "seq": 3, "past": 5}  # example sizes at capture: none 0 or 1 (torch.export specializes those)
-
-
-def is_causal_lm(module: Any) -> bool:
-    """True for a `transformers` decoder-only model that generates (e.g. LlamaForCausalLM, GPT2LMHeadModel)."""
-    if not type(module).__module__.startswith("transformers."):
-        return False
-    from transformers import GenerationMixin
-
-    config = getattr(module, "config", None)
-    return (
-        isinstance(module, GenerationMixin)
-        and bool(getattr(module, "can_generate", lambda: False)())
-        and config is not None
-        and not getattr(config, "is_encoder_decoder", False)
-        and hasattr(config, "num_hidden_layers")
-        and hasattr(config, "vocab_size")
-    )
 
 
 def wants_generation(source: ModelSource, task: str | None, cache_size: int | None = None) -> bool:
@@ -191,23 +178,6 @@ class CausalLMWithCache(nn.Module):
         return result
 
 
-def decoder_spec(model: nn.Module) -> DecoderSpec:
-    """What a text-generation export records of a causal LM (vocabulary, positions, attention layers); an
-    UnsupportedOpError for attention Kiln does not build (`AttentionPattern.of`)."""
-    config: Any = model.config
-    pattern = AttentionPattern.of(config)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
-    return DecoderSpec(int(config.vocab_size), int(positions), pattern.layer_types, pattern.window)
-
-
-def cache_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a transformers decoder config."""
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return int(config.num_hidden_layers), kv_heads, head_dim
-
-
 def generation_detail(targets: list[Target]) -> str:
     """The generation stage's line: which cache the targets take."""
     if any(t.kv_cache == STATIC for t in targets):
@@ -222,12 +192,10 @@ def generation_source(
     the program exported with batch, seq and past dynamic (`capture` takes a source's program as it is); for
     static-shape targets (tflite, tpu) the static-cache decode step of compiler/generation/static_kv_cache.py
     instead."""
-    from kiln.compiler.generation.static_kv_cache import static_generation_source
-
     if any(t.kv_cache == STATIC for t in targets or []):
         return static_generation_source(source, cache_size)
     assert source.module is not None
-    spec = decoder_spec(source.module)
+    spec = decoder_spec(source.module)  # refuses attention Kiln does not build, before any work
     wrapper = CausalLMWithCache(source.module).eval()
     config: Any = source.module.config
     layers, kv_heads, head_dim = cache_shape(config)
@@ -250,41 +218,17 @@ def generation_source(
         {0: dims["batch"], 1: dims["seq"]},
         tuple({0: dims["batch"], 2: dims["past"]} for _ in cache),
     )
-    from kiln.compiler.capture.program import converter_output_captured
-
-    try:
-        with converter_output_captured():
-            program = torch.export.export(wrapper, examples, dynamic_shapes=shapes, strict=False)
-    except Exception as exc:
-        from kiln.compiler.errors import UnsupportedOpError
-
-        raise UnsupportedOpError(
-            f"torch.export of {source.description} with a dynamic KV cache failed: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
-            "export it with --task forward (one full-sequence forward, no cache)",
-        ) from None
-    return replace(
-        source,
-        description=f"{source.description} (text-generation, KV cache)",
-        example_inputs=examples,
-        module=wrapper,
-        exported=program,
-        task=TEXT_GENERATION,
-        reference_model=source.module,
-        decoder=spec,
-    )
+    return decoder_source(source, wrapper, examples, "dynamic KV cache", shapes)
 
 
 def name_generation_io(captured: CapturedModel) -> CapturedModel:
     """The captured model with its ONNX inputs named `past_key_values.{i}.key|value` (not the program's `past_0`)
-    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file.
-    A static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_cache.name_static_io`)."""
+    and its dynamic dims named batch/seq/past/total (not the exporter's `s43`); specs read back from the file. A
+    static-cache capture (no ONNX file: tflite, tpu) gets its specs renamed only (`static_kv_cache.name_static_io`)."""
     import onnx
-    from kiln.compiler.capture.program import onnx_signature
+    from kiln.compiler.capture.onnx_files import onnx_signature
 
     if captured.onnx_path is None:
-        from kiln.compiler.generation.static_kv_cache import name_static_io
-
         return name_static_io(captured)
     proto = onnx.load(str(captured.onnx_path), load_external_data=False)
     graph = proto.graph
@@ -361,13 +305,12 @@ def with_generation(report: ParityReport, artifact: Artifact, source: ModelSourc
         judge_decoding,
     )
     from kiln.compiler.memory import release_pages
-    from kiln.targets import get_target
 
     assert source.reference_model is not None and source.decoder is not None
     layout = layout_of(artifact.manifest.inputs)
     plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
     runner = load_runner(artifact)
-    with backend_failures(get_target(artifact.target), "run"):
+    with backend_failures(artifact.target, "run"):
         streams = decode_prompts(runner.run, layout, plan)
     del runner
     gc.collect()

@@ -32,7 +32,6 @@ from kiln.compiler.generation.decoding import (
     POSITION_INPUT,
     CacheLayout,
     DecoderSpec,
-    Feeds,
     StaticCacheLayout,
     greedy,
     input_names,
@@ -42,6 +41,7 @@ from kiln.compiler.generation.decoding import (
 )
 from kiln.compiler.metrics import cosine
 from kiln.compiler.parity.gate import ParitySamples
+from kiln.compiler.types import Feeds
 
 if TYPE_CHECKING:
     from kiln.compiler.export.artifacts import Artifact

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from kiln.compiler.generation.attention_masks import AttentionPattern
+from kiln.compiler.generation.causal_lm import cache_shape, decoder_source, decoder_spec
 from kiln.compiler.generation.decoding import DecoderSpec, static_output_names
 from torch import nn
 
@@ -90,8 +91,6 @@ class CausalLMWithStaticCache(nn.Module):
 def static_examples(config: Any, cache_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Example inputs of the decode graph: a token at position 3 over a random cache; int32 ids and position
     (TFLite runs 64-bit I/O as 32-bit, and 32-bit is what TPUs take)."""
-    from kiln.compiler.generation.export import cache_shape
-
     layers, kv_heads, head_dim = cache_shape(config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(config.vocab_size), (1, 1), generator=generator, dtype=torch.int32)
@@ -122,37 +121,13 @@ def check_cache_size(size: int | None, spec: DecoderSpec) -> int:
 def static_generation_source(source: ModelSource, cache_size: int | None) -> ModelSource:
     """`source` (a causal LM) as its static-cache decode step: the wrapper, its example inputs and its program
     (all shapes static; `capture` takes a source's program as it is)."""
-    from dataclasses import replace
-
-    from kiln.compiler.capture.program import converter_output_captured
-    from kiln.compiler.errors import UnsupportedOpError
-    from kiln.compiler.generation.export import TEXT_GENERATION, decoder_spec
-
     assert source.module is not None
     config: Any = source.module.config
     spec = decoder_spec(source.module)
     size = check_cache_size(cache_size, spec)
     wrapper = CausalLMWithStaticCache(source.module, size).eval()
     examples = static_examples(config, size, next(source.module.parameters()).dtype)
-    try:
-        with converter_output_captured():
-            program = torch.export.export(wrapper, examples, strict=False)
-    except Exception as exc:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise UnsupportedOpError(
-            f"torch.export of {source.description} with a static KV cache failed: {type(exc).__name__}: {text}",
-            "export it with --task forward (one full-sequence forward, no cache)",
-        ) from None
-    return replace(
-        source,
-        description=f"{source.description} (text-generation, static KV cache of {size})",
-        example_inputs=examples,
-        module=wrapper,
-        exported=program,
-        task=TEXT_GENERATION,
-        reference_model=source.module,
-        decoder=spec,
-    )
+    return decoder_source(source, wrapper, examples, f"static KV cache of {size}")
 
 
 def name_static_io(captured: CapturedModel) -> CapturedModel:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError
+from kiln.compiler.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, KilnError, error_text
 from kiln.compiler.host import this_machine
 from kiln.compiler.matrix.config import CellSpec
 from kiln.compiler.matrix.results import CONVERSION_FAILED, PARITY_FAILED, PASSED, UNAVAILABLE
@@ -66,14 +66,13 @@ def run_cell(job: dict[str, Any]) -> tuple[dict[str, Any], int]:
         return {"status": CONVERSION_FAILED, "reason": "interrupted", "failure": "interrupted"}, EXIT_INTERRUPTED
     except Exception as error:
         traceback.print_exc()
-        first = (str(error).strip().splitlines() or [""])[0][:300]
-        reason = f"internal error: {type(error).__name__}: {first}"
+        reason = f"internal error: {error_text(error)}"
         return {"status": CONVERSION_FAILED, "reason": reason, "failure": "internal"}, EXIT_INTERNAL
 
 
 def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any], int]:
     import torch
-    from kiln.compiler.diagnose.divergence import DIVERGENCE_FILE
+    from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
     from kiln.compiler.export.manifest import manifest_figures
     from kiln.compiler.export.options import export_options
     from kiln.compiler.export.pipeline import export_targets
@@ -110,7 +109,7 @@ def _export_and_time(cell: CellSpec, job: dict[str, Any]) -> tuple[dict[str, Any
         outcome |= _latency(cell, result.directory, threads, int(job["repeat"]), int(job["warmup"]))
     except Exception as error:  # the verdict stands; say why there is no latency
         traceback.print_exc()
-        outcome["notes"].append(f"latency not measured: {type(error).__name__}: {str(error)[:200]}")
+        outcome["notes"].append(f"latency not measured: {error_text(error, 200)}")
     return outcome, 0 if parity.passed else 1
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.limits import MAX_COUNT, MAX_THREADS, accepts, check_count
-from kiln.compiler.types import check_thresholds
+from kiln.compiler.types import check_thresholds, is_finite_number
 
 DEFAULT_TIMEOUT_S = 600.0
 ROOT = Path(__file__).resolve().parent.parent.parent  # the directory holding compiler/, passes/, targets/
@@ -78,10 +78,6 @@ class CellOptions:
         return replace(self, **values)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "atol": (lambda v: accepts(check_thresholds, atol=v), "a finite number >= 0"),
     "rtol": (lambda v: accepts(check_thresholds, rtol=v), "a finite number >= 0"),
@@ -89,8 +85,8 @@ OPTION_CHECKS: dict[str, tuple[Any, str]] = {
     "dynamic_batch": (lambda v: isinstance(v, str), 'a string "MIN:MAX"'),
     "dynamic": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), 'a list of "NAME:AXIS=MIN:MAX"'),
     "inputs": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v), "a list of .npz paths"),
-    "timeout": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
-    "memory_limit_gb": (lambda v: _is_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),
+    "timeout": (lambda v: is_finite_number(v) and v > 0, "a number of seconds > 0"),
+    "memory_limit_gb": (lambda v: is_finite_number(v) and v >= 0, "a number of GiB >= 0 (0: no limit)"),
     "expect": (lambda v: v in ("pass", "fail"), '"pass" or "fail"'),
     "opt_level": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3, "a whole number 0..3"),
     "calib": (lambda v: isinstance(v, str), "a path (.npz or a directory)"),

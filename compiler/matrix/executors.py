@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from kiln.compiler.errors import MissingBackendError, UsageError
+from kiln.compiler.errors import MissingBackendError, UsageError, error_text
 from kiln.compiler.matrix.process import Job, identity, kill_live_cells, now, run_job
 from kiln.compiler.matrix.results import CONVERSION_FAILED, UNAVAILABLE, CellResult
 
@@ -71,7 +71,7 @@ def _collect_ray(ray: Any, refs: dict[Any, Job], on_done: Callable[[CellResult],
                 try:
                     result = CellResult.from_dict(ray.get(ref))
                 except Exception as exc:  # the Ray task itself failed (worker lost, node died)
-                    reason = f"ray task failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                    reason = f"ray task failed: {error_text(exc)}"
                     result = identity(job.cell, job.key, status=CONVERSION_FAILED, failure="crash", reason=reason)
                 on_done(result)
     except BaseException:

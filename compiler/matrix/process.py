@@ -22,7 +22,6 @@ from kiln.compiler.safe_fs import remove_tree
 
 TAIL_LINES = 40
 TAIL_CHARS = 4000
-KILL_GRACE_S = 5.0
 
 
 @dataclass

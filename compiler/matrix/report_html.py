@@ -11,28 +11,17 @@ from typing import Any
 from kiln.compiler.matrix.report_text import (
     ICONS,
     LEGEND,
-    _allowed,
-    _grid,
-    _headline,
-    _number,
-    _one_line,
-    _rows,
-    _settings_line,
+    allowed_mark,
     cell_figures,
+    cell_grid,
+    headline,
+    reason_text,
+    settings_line,
+    table_rows,
 )
 from kiln.compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 0.35em 0.6em; font-size: 0.9em; vertical-align: top; }
-th { background: #f3f3f3; }
-td.passed { background: #e6f6e6; } td.parity_failed { background: #fff3d6; }
-td.conversion_failed, td.not_run { background: #fde2e2; } td.unavailable { background: #eee; color: #666; }
-td .figures { color: #555; font-size: 0.85em; }
-pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
-.legend { color: #555; font-size: 0.85em; max-width: 70em; }
-"""
+from kiln.compiler.pages import page
+from kiln.compiler.types import is_finite_number
 
 
 def _divergence_links(cell: dict[str, Any], summary: bool = False) -> str:
@@ -41,7 +30,7 @@ def _divergence_links(cell: dict[str, Any], summary: bool = False) -> str:
     if not record:
         return ""
     page = record.removesuffix(".json") + ".html"
-    line = html.escape(_one_line(cell.get("divergence_summary", ""))) + ": " if summary else ""
+    line = html.escape(reason_text(cell.get("divergence_summary", ""))) + ": " if summary else ""
     return (
         f'<div class="figures">{line}<a href="{html.escape(page)}">divergence</a> '
         f'(<a href="{html.escape(record)}">json</a>)</div>'
@@ -53,14 +42,14 @@ def html_page(report: dict[str, Any]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(c.replace('/', ' '))}</th>" for c in report["columns"])
     rows = []
-    for model, cells in _rows(report):
+    for model, cells in table_rows(report):
         tds = []
         for cell in cells:
             if cell is None:
                 tds.append("<td></td>")
                 continue
-            label = STATUS_LABELS[cell["status"]] + _allowed(cell)
-            title = esc(_one_line(cell["reason"])) if cell["status"] != PASSED else ""
+            label = STATUS_LABELS[cell["status"]] + allowed_mark(cell)
+            title = esc(reason_text(cell["reason"])) if cell["status"] != PASSED else ""
             figures = "<br>".join(esc(f) for f in cell_figures(cell))
             tds.append(
                 f'<td class="{cell["status"]}" title="{title}">{ICONS[cell["status"]]} {esc(label)}'
@@ -72,26 +61,22 @@ def html_page(report: dict[str, Any]) -> str:
         if cell["status"] in FAILED_STATUSES:
             tail = cell.get("stderr_tail") or ""
             tail = f"<details><summary>output tail</summary><pre>{esc(tail)}</pre></details>" if tail else ""
+            reason = esc(reason_text(cell["reason"]))
             failures.append(f"<li><b>{esc(cell['cell_id'])}</b> ({esc(STATUS_LABELS[cell['status']])}): "
-                            f"{esc(_one_line(cell['reason']))}{_divergence_links(cell, True)}{tail}</li>")  # fmt: skip
+                            f"{reason}{_divergence_links(cell, True)}{tail}</li>")  # fmt: skip
     regressions = "".join(
         f"<li><b>{esc(r['cell_id'])}</b> ({esc(r['kind'])}): {esc(r['detail'])}</li>" for r in report["regressions"]
     )
     charts = _charts(report)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Kiln conversion matrix</title>',
-        f"<style>{STYLE}</style></head><body>",
-        "<h1>Kiln conversion matrix</h1>",
-        f"<p><b>{esc(_headline(report))}</b></p><p>{esc(_settings_line(report))}</p>",
-        f'<table id="matrix-table"><thead><tr><th>model</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>',
+    return page("Kiln conversion matrix", [
+        f'<p class="verdict"><b>{esc(headline(report))}</b></p><p>{esc(settings_line(report))}</p>',
+        f'<div class="wide"><table id="matrix-table"><thead><tr><th>model</th>{head}</tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table></div>',
         f'<p class="legend">{esc(LEGEND)}</p>',
         f"<h2>Regressions against {esc(str(report['baseline']))}</h2><ul>{regressions}</ul>" if regressions else "",
         f"<h2>Failures</h2><ul>{''.join(failures)}</ul>" if failures else "",
         charts,
-        "</body></html>",
-    ]
-    return "\n".join(p for p in parts if p) + "\n"
+    ])  # fmt: skip
 
 
 def _charts(report: dict[str, Any]) -> str:
@@ -109,17 +94,17 @@ def _latency_chart(report: dict[str, Any]) -> Any:
     """Bars per model: the reference's median latency, and each column's."""
     import plotly.graph_objects as go
 
-    columns, grid, models = report["columns"], _grid(report), report["models"]
+    columns, grid, models = report["columns"], cell_grid(report), report["models"]
     latency = go.Figure()
+    finite = [c for c in report["cells"] if is_finite_number(c.get("reference_ms"))]
     reference = [
-        statistics.median(times) if (times := [c["reference_ms"] for c in report["cells"]
-                                               if c["model"] == m and _number(c.get("reference_ms"))]) else None
+        statistics.median(times) if (times := [c["reference_ms"] for c in finite if c["model"] == m]) else None
         for m in models
-    ]  # fmt: skip
+    ]
     latency.add_trace(go.Bar(name="reference (PyTorch eager / ONNX Runtime)", x=models, y=reference))
     for column in columns:
         values = [grid.get((m, column), {}).get("latency_ms") for m in models]
-        if any(_number(v) for v in values):
+        if any(is_finite_number(v) for v in values):
             latency.add_trace(go.Bar(name=column, x=models, y=values))
     latency.update_layout(
         title="Median latency per model (ms, log scale; lower is faster)",
@@ -134,7 +119,7 @@ def _error_heatmap(report: dict[str, Any]) -> Any:
     """log10 of each cell's max abs error, model by column (blank: no artifact)."""
     import plotly.graph_objects as go
 
-    columns, grid, models = report["columns"], _grid(report), report["models"]
+    columns, grid, models = report["columns"], cell_grid(report), report["models"]
     z: list[list[float | None]] = []
     text: list[list[str]] = []
     for model in models:
@@ -142,7 +127,7 @@ def _error_heatmap(report: dict[str, Any]) -> Any:
         text_row: list[str] = []
         for column in columns:
             error = grid.get((model, column), {}).get("max_abs_error")
-            if _number(error):
+            if is_finite_number(error):
                 z_row.append(math.log10(max(error, 1e-12)))
                 text_row.append(f"{error:.1e}")
             else:

@@ -3,10 +3,10 @@ figures of a cell, the table's rows, the headline and the settings line."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, TypeGuard
+from typing import Any
 
 from kiln.compiler.matrix.results import FAILED_STATUSES, STATUS_LABELS
+from kiln.compiler.types import is_finite_number
 
 ICONS = {
     "passed": "✅",
@@ -15,10 +15,6 @@ ICONS = {
     "unavailable": "⛔",
     "not_run": "⏸",
 }
-
-
-def _number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _size(n: int | None) -> str:
@@ -34,34 +30,36 @@ def _size(n: int | None) -> str:
 def cell_figures(cell: dict[str, Any]) -> list[str]:
     """The figures shown in a table cell: max error, artifact size, latency, speed-up."""
     figures = []
-    if _number(cell.get("max_abs_error")):
+    if is_finite_number(cell.get("max_abs_error")):
         error = cell["max_abs_error"]
         figures.append(f"err {error:.1e}" if error else "err 0")
     if cell.get("artifact_bytes") is not None:
         figures.append(_size(cell["artifact_bytes"]))
-    if _number(cell.get("latency_ms")):
+    if is_finite_number(cell.get("latency_ms")):
         figures.append(f"{cell['latency_ms']:.3g} ms" + (" ⏱" if cell.get("latency_noisy") else ""))
-    if _number(cell.get("speedup")):
+    if is_finite_number(cell.get("speedup")):
         figures.append(f"{cell['speedup']:.2f}x")
     return figures
 
 
-def _grid(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+def cell_grid(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each cell of the report by (model, `target/precision` column)."""
     return {(c["model"], f"{c['target']}/{c['precision']}"): c for c in report["cells"]}
 
 
-def _rows(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any] | None]]]:
+def table_rows(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any] | None]]]:
     """The table: per model, its cell in each column (None where the target has no such precision)."""
-    grid = _grid(report)
+    grid = cell_grid(report)
     return [(model, [grid.get((model, column)) for column in report["columns"]]) for model in report["models"]]
 
 
-def _allowed(cell: dict[str, Any]) -> str:
+def allowed_mark(cell: dict[str, Any]) -> str:
     """ " (allowed)" for a failure that leaves the run green."""
     return " (allowed)" if cell["allowed_to_fail"] and cell["status"] in FAILED_STATUSES else ""
 
 
-def _headline(report: dict[str, Any]) -> str:
+def headline(report: dict[str, Any]) -> str:
+    """One sentence: how many cells ended in each status, and whether the run is green."""
     summary = report["summary"]
     parts = [f"{summary[s]} {STATUS_LABELS[s]}" for s in STATUS_LABELS if summary.get(s)]
     verdict = (
@@ -72,10 +70,11 @@ def _headline(report: dict[str, Any]) -> str:
     return f"{summary['cells']} cells: {', '.join(parts)}. {verdict}."
 
 
-def _settings_line(report: dict[str, Any]) -> str:
+def settings_line(report: dict[str, Any]) -> str:
+    """The hosts, the timing settings, the executor and shards, and when and by which Kiln it was made."""
     settings = report["settings"]
     hosts = "; ".join(f"{h.get('cpu', '?')} ({h.get('cores', '?')} cores)" for h in report["hosts"]) or "unknown"
-    loads = [c["load_average"] for c in report["cells"] if _number(c.get("load_average"))]
+    loads = [c["load_average"] for c in report["cells"] if is_finite_number(c.get("load_average"))]
     load = f" Load average while timing: {min(loads):.1f} to {max(loads):.1f}." if loads else ""
     return (
         f"Host: {hosts}. {settings.get('threads', '?')} threads per cell; latency = median of "
@@ -94,5 +93,6 @@ LEGEND = (
 )
 
 
-def _one_line(text: str) -> str:
+def reason_text(text: str) -> str:
+    """A reason on one line, safe in a Markdown table cell."""
     return " ".join((text or "no reason recorded").split()).replace("|", "\\|")

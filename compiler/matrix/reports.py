@@ -13,35 +13,24 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.matrix.config import matches
-from kiln.compiler.matrix.report_html import STYLE, html_page
+from kiln.compiler.matrix.process import now
+from kiln.compiler.matrix.report_html import html_page
 from kiln.compiler.matrix.report_text import (
     ICONS,
     LEGEND,
-    _allowed,
-    _headline,
-    _number,
-    _one_line,
-    _rows,
-    _settings_line,
+    allowed_mark,
     cell_figures,
+    headline,
+    reason_text,
+    settings_line,
+    table_rows,
 )
 from kiln.compiler.matrix.results import FAILED_STATUSES, PASSED, STATUS_LABELS, UNAVAILABLE, CellResult
 from kiln.compiler.safe_fs import write_file
+from kiln.compiler.types import is_finite_number
 
 if TYPE_CHECKING:
-    from kiln.compiler.matrix.run import Plan, RunSettings
-__all__ = [  # the HTML page and the shared helpers moved to report_html and report_text, and stay importable here
-    "ICONS",
-    "LEGEND",
-    "STYLE",
-    "build_report",
-    "cell_figures",
-    "compare_with_baseline",
-    "html_page",
-    "junit",
-    "markdown",
-    "write_reports",
-]
+    from kiln.compiler.matrix.plan import Plan, RunSettings
 
 REPORT_SCHEMA = "kiln.matrix.report"
 REPORT_SCHEMA_VERSION = 1
@@ -79,7 +68,7 @@ def build_report(plans: list[Plan], results: list[CellResult], settings: RunSett
     return {
         "schema": REPORT_SCHEMA,
         "schema_version": REPORT_SCHEMA_VERSION,
-        "generated_at": _now(),
+        "generated_at": now(),
         "kiln_version": kiln.__version__,
         "hosts": hosts,
         "settings": plans[0].settings if plans else {},
@@ -99,12 +88,6 @@ def build_report(plans: list[Plan], results: list[CellResult], settings: RunSett
         "cells": cells,
         "regressions": regressions,
     }
-
-
-def _now() -> str:
-    from kiln.compiler.matrix.run import now
-
-    return now()
 
 
 def _columns(cells: list[dict[str, Any]]) -> list[str]:
@@ -141,13 +124,18 @@ def compare_with_baseline(cells: list[dict[str, Any]], settings: RunSettings) ->
         if before["status"] == PASSED and cell["status"] in FAILED_STATUSES:
             kinds.append(("now_fails", f"passed before, now {STATUS_LABELS[cell['status']]}: {cell['reason'][:200]}"))
         new_error, old_error = cell.get("max_abs_error"), before.get("max_abs_error")
-        if _number(new_error) and _number(old_error):
+        if is_finite_number(new_error) and is_finite_number(old_error):
             atol = (cell.get("tolerance") or {}).get("atol") or 1e-4
             if new_error > settings.error_factor * max(old_error, ERROR_FLOOR_OF_ATOL * atol):
                 kinds.append(("error_grew", f"max abs error {old_error:.3g} -> {new_error:.3g} "
                                             f"(over {settings.error_factor:g}x)"))  # fmt: skip
         new_ms, old_ms = cell.get("latency_ms"), before.get("latency_ms")
-        if _number(new_ms) and _number(old_ms) and old_ms > 0 and new_ms > settings.latency_factor * old_ms:
+        if (
+            is_finite_number(new_ms)
+            and is_finite_number(old_ms)
+            and old_ms > 0
+            and new_ms > settings.latency_factor * old_ms
+        ):
             kinds.append(("slower", f"latency {old_ms:.3g} -> {new_ms:.3g} ms (+{100 * (new_ms / old_ms - 1):.0f}%)"))
         for kind, detail in kinds:
             found.append(
@@ -162,11 +150,11 @@ def compare_with_baseline(cells: list[dict[str, Any]], settings: RunSettings) ->
 def markdown(report: dict[str, Any]) -> str:
     """report.md: a table with one row per model and one column per target/precision, a legend, the failures."""
     columns = report["columns"]
-    lines = ["# Kiln conversion matrix", "", f"**{_headline(report)}**", "", _settings_line(report), ""]
+    lines = ["# Kiln conversion matrix", "", f"**{headline(report)}**", "", settings_line(report), ""]
     lines.append("| model | " + " | ".join(c.replace("/", " ") for c in columns) + " |")
     lines.append("|---|" + "---|" * len(columns))
-    for model, cells in _rows(report):
-        row = [" · ".join([ICONS[c["status"]] + _allowed(c), *cell_figures(c)]) if c else "" for c in cells]
+    for model, cells in table_rows(report):
+        row = [" · ".join([ICONS[c["status"]] + allowed_mark(c), *cell_figures(c)]) if c else "" for c in cells]
         lines.append(f"| {model} | " + " | ".join(row) + " |")
     lines += ["", f"Legend: {LEGEND}", ""]
     if report["regressions"]:
@@ -182,15 +170,15 @@ def markdown(report: dict[str, Any]) -> str:
         for cell in failed:
             kind = STATUS_LABELS[cell["status"]] + (f", {cell['failure']}" if cell.get("failure") else "")
             allowed = ", allowed" if cell["allowed_to_fail"] else ""
-            lines.append(f"- **{cell['cell_id']}** ({kind}{allowed}): {_one_line(cell['reason'])}")
+            lines.append(f"- **{cell['cell_id']}** ({kind}{allowed}): {reason_text(cell['reason'])}")
             if cell.get("divergence"):
                 record, page = cell["divergence"], str(Path(cell["divergence"]).with_suffix(".html"))
-                lines.append(f"  - {_one_line(cell['divergence_summary'])}: [{record}]({record}), [profile]({page})")
+                lines.append(f"  - {reason_text(cell['divergence_summary'])}: [{record}]({record}), [profile]({page})")
         lines.append("")
     unavailable = [c for c in report["cells"] if c["status"] == UNAVAILABLE]
     if unavailable:
         lines += ["## Unavailable here", ""]
-        lines += [f"- {c['cell_id']}: {_one_line(c['reason'])}" for c in unavailable]
+        lines += [f"- {c['cell_id']}: {reason_text(c['reason'])}" for c in unavailable]
         lines.append("")
     return "\n".join(lines)
 
@@ -220,7 +208,7 @@ def junit(report: dict[str, Any]) -> bytes:
         counted = [r for r in regressions.get(cell["cell_id"], []) if not r["allowed_to_fail"]]
         if cell["status"] in FAILED_STATUSES and not cell["allowed_to_fail"]:
             failures += 1
-            failure = ET.SubElement(case, "failure", message=f"{label}: {_one_line(cell['reason'])}"[:1000],
+            failure = ET.SubElement(case, "failure", message=f"{label}: {reason_text(cell['reason'])}"[:1000],
                                     type=cell["status"])  # fmt: skip
             failure.text = cell.get("stderr_tail") or cell["reason"]
         elif counted:
@@ -230,7 +218,7 @@ def junit(report: dict[str, Any]) -> bytes:
         elif cell["status"] in FAILED_STATUSES or cell["status"] == UNAVAILABLE:
             skipped += 1
             prefix = "allowed to fail: " if cell["status"] in FAILED_STATUSES else f"{label}: "
-            ET.SubElement(case, "skipped", message=prefix + _one_line(cell["reason"])[:1000])
+            ET.SubElement(case, "skipped", message=prefix + reason_text(cell["reason"])[:1000])
         out = ET.SubElement(case, "system-out")
         out.text = f"status: {label}; " + "; ".join(cell_figures(cell))
     suite.set("tests", str(len(report["cells"])))

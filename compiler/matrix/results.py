@@ -12,7 +12,7 @@ from typing import Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.safe_fs import open_file, read_bytes
-from kiln.compiler.types import _json_safe
+from kiln.compiler.types import json_safe
 
 PASSED = "passed"
 PARITY_FAILED = "parity_failed"
@@ -105,7 +105,7 @@ class CellResult:
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON-ready data (non-finite floats become strings)."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def comparable(self) -> dict[str, Any]:
         """The fields that a re-run of the same cell reproduces (no timings, clocks or places)."""

@@ -1,28 +1,20 @@
-"""Running a matrix: plan the cells, skip finished and cached ones, run the rest in limited processes
-(locally or as Ray tasks), stream results to `results.jsonl`, and write the reports."""
+"""Running a matrix: plan the cells (`kiln.compiler.matrix.plan`), skip finished and cached ones, run the rest in
+limited processes (locally or as Ray tasks), stream results to `results.jsonl`, and write the reports."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.matrix.cell_cache import CellCache
-from kiln.compiler.matrix.config import CellSpec, MatrixConfig, cell_key, kiln_code_hash
-from kiln.compiler.matrix.executors import _ray_cell, run_local, run_ray
-from kiln.compiler.matrix.process import (
-    KILL_GRACE_S,
-    TAIL_CHARS,
-    TAIL_LINES,
-    Job,
-    identity,
-    kill_live_cells,
-    now,
-    run_job,
-)
+from kiln.compiler.matrix.config import CellSpec, MatrixConfig
+from kiln.compiler.matrix.executors import run_local, run_ray
+from kiln.compiler.matrix.plan import CELLS_DIR, PLAN_FILE, Plan, RunSettings, plan_matrix, safe_name
+from kiln.compiler.matrix.process import Job, identity, now
+from kiln.compiler.matrix.reports import write_reports
 from kiln.compiler.matrix.results import (
     NOT_RUN,
     PASSED,
@@ -34,152 +26,11 @@ from kiln.compiler.matrix.results import (
     repair_results,
 )
 from kiln.compiler.progress import Progress
-from kiln.compiler.safe_fs import read_text, within, write_file
-
-__all__ = [  # what this module always offered, the moved parts included
-    "CELLS_DIR",
-    "KILL_GRACE_S",
-    "PLAN_FILE",
-    "TAIL_CHARS",
-    "TAIL_LINES",
-    "CellCache",
-    "Job",
-    "Plan",
-    "RunSettings",
-    "Shard",
-    "_ray_cell",
-    "describe",
-    "exit_code",
-    "identity",
-    "kill_live_cells",
-    "merge_matrix",
-    "now",
-    "plan_matrix",
-    "run_job",
-    "run_local",
-    "run_matrix",
-    "run_ray",
-    "safe_name",
-]
-
-PLAN_FILE = "plan.json"
-CELLS_DIR = "cells"
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard I of N (1-based): every N-th cell of the sorted cell list, starting at the I-th."""
-
-    index: int = 1
-    count: int = 1
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """Parse `I/N`."""
-        index, _, count = text.partition("/")
-        try:
-            shard = cls(int(index), int(count))
-        except ValueError:
-            raise UsageError(f"--shard '{text}' is not I/N", "write for example --shard 2/4") from None
-        if not 1 <= shard.index <= shard.count:
-            raise UsageError(f"--shard {text}: need 1 <= I <= N", "shards are numbered from 1")
-        return shard
-
-    def select(self, cells: list[CellSpec]) -> list[CellSpec]:
-        """This shard's cells of the (sorted) cell list."""
-        return [c for i, c in enumerate(cells) if i % self.count == self.index - 1]
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-
-@dataclass
-class RunSettings:
-    """How to run a matrix (not what is in it)."""
-
-    out: Path
-    shard: Shard = field(default_factory=Shard)
-    rerun: bool = False
-    cache_dir: Path | None = None  # None: no cache
-    keep_artifacts: bool = False
-    executor: str = "local"  # "local" or "ray"
-    address: str | None = None  # Ray cluster address (None: RAY_ADDRESS, or a new local instance)
-    baseline: Path | None = None
-    allow_fail: list[str] = field(default_factory=list)
-    error_factor: float = 10.0
-    latency_factor: float = 1.10
-
-
-# ------------------------------------------------------------------------------------------ the run
-
-
-@dataclass
-class Plan:
-    """Every cell of the matrix with its key, and which of them this shard runs."""
-
-    cells: list[CellSpec]
-    keys: dict[str, str]  # cell id -> key
-    shard: Shard
-    settings: dict[str, Any]
-    host: dict[str, Any]
-
-    def mine(self) -> list[CellSpec]:
-        """The cells of this shard."""
-        return self.shard.select(self.cells)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (written as plan.json beside the results)."""
-        return {
-            "schema_version": 1,
-            "shard": str(self.shard),
-            "settings": self.settings,
-            "host": self.host,
-            "cells": [
-                {"cell": c.to_dict(), "key": self.keys[c.cell_id], "shard": self._shard_of(i)}
-                for i, c in enumerate(self.cells)
-            ],
-        }
-
-    def _shard_of(self, index: int) -> str:
-        return f"{index % self.shard.count + 1}/{self.shard.count}"
-
-    @classmethod
-    def read(cls, directory: Path) -> Plan:
-        """The plan.json of a matrix output directory."""
-        path = directory / PLAN_FILE
-        try:
-            data = json.loads(read_text(path))
-        except FileNotFoundError:
-            raise UsageError(f"{directory} holds no {PLAN_FILE}", "pass directories written by `kiln matrix`") from None
-        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
-            raise UsageError(f"cannot read {path}: {str(exc)[:200]}", "re-run that shard") from None
-        try:
-            cells = [CellSpec.from_dict(c["cell"]) for c in data["cells"]]
-            keys = {c["cell"]["name"] + "/" + c["cell"]["target"] + "/" + c["cell"]["precision"]: c["key"]
-                    for c in data["cells"]}  # fmt: skip
-            return cls(cells, keys, Shard.parse(data["shard"]), data.get("settings", {}), data.get("host", {}))
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise UsageError(
-                f"{path} is not a plan of `kiln matrix` ({type(exc).__name__}: {exc})", "re-run that shard"
-            ) from None
-
-
-def plan_matrix(config: MatrixConfig, shard: Shard, executor: str) -> Plan:
-    """The cells of the matrix and their keys."""
-    from kiln.compiler.host import host_info
-
-    cells = config.cells()
-    host = host_info()
-    code = kiln_code_hash()
-    run = {"threads": config.threads, "repeat": config.repeat, "warmup": config.warmup}
-    keys = {c.cell_id: cell_key(c, run, code, host) for c in cells}
-    return Plan(cells, keys, shard, run | {"executor": executor}, host)
+from kiln.compiler.safe_fs import within, write_file
 
 
 def run_matrix(config: MatrixConfig, settings: RunSettings, progress: Progress) -> tuple[dict[str, Any], int]:
     """Run this shard of the matrix (resuming and using the cache), write its reports; the report and exit code."""
-    from kiln.compiler.matrix.reports import write_reports
-
     plan = plan_matrix(config, settings.shard, settings.executor)
     plan.settings["allow_fail"] = settings.allow_fail  # so that a merge of the shards honours them too
     out = settings.out
@@ -251,8 +102,6 @@ def merge_matrix(
     directories: list[Path], settings: RunSettings, progress: Progress | None = None
 ) -> tuple[dict[str, Any], int]:
     """Join the results of shard output directories into one report in `settings.out`."""
-    from kiln.compiler.matrix.reports import write_reports
-
     if not directories:
         raise UsageError("matrix merge needs at least one directory", "pass the --out directories of the shards")
     warn = (progress or Progress()).warn
@@ -281,11 +130,6 @@ def merge_matrix(
 def exit_code(report: dict[str, Any]) -> int:
     """1 when a cell expected to pass failed or regressed, else 0."""
     return 1 if report["summary"]["unexpected_failures"] or report["summary"]["regressions"] else 0
-
-
-def safe_name(cell_id: str) -> str:
-    """A directory name for a cell id."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell_id.replace("/", "__"))
 
 
 def describe(result: CellResult) -> str:

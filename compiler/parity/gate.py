@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from kiln.compiler.errors import UsageError
+from kiln.compiler.capture.inputs import random_like
+from kiln.compiler.errors import UsageError, error_text
 from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
 from kiln.compiler.metrics import (
     Channel,
@@ -20,14 +21,7 @@ from kiln.compiler.metrics import (
     top1_rows,
     wilson_interval,
 )
-
-# Re-exported: the checks of user input files have always been imported from here.
-from kiln.compiler.parity.input_files import arrays_by_input as arrays_by_input
-from kiln.compiler.parity.input_files import check_feed as check_feed
-from kiln.compiler.parity.input_files import check_input_files as check_input_files
-from kiln.compiler.parity.input_files import read_inputs_file as read_inputs_file
-from kiln.compiler.parity.input_files import read_npz as read_npz
-from kiln.compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance
+from kiln.compiler.types import Feeds, OutputMetrics, ParityReport, TensorSpec, Tolerance
 
 DEFAULT_SAMPLES = 4
 # Quantized precisions are judged on at least this many input sets: on 4, one flipped near-tie is 25 points of
@@ -40,7 +34,6 @@ SAVED_SAMPLES_LIMIT = 64 * 2**20
 INPUTS_FILE = "parity/inputs.npz"
 REFERENCE_FILE = "parity/reference.npz"
 
-Feeds = dict[str, np.ndarray]
 
 if TYPE_CHECKING:
     from kiln.compiler.export.artifacts import Artifact
@@ -99,7 +92,7 @@ def _unpack(path: Path) -> list[Feeds]:
                 sets.setdefault(int(index), {})[name] = data[key]
     except Exception as exc:
         raise UsageError(
-            f"stored parity file {path} is unreadable ({type(exc).__name__}: {str(exc)[:160]})",
+            f"stored parity file {path} is unreadable ({error_text(exc, 160)})",
             "re-export the model, or pass --model SOURCE to recompute the reference",
         ) from None
     return [sets[i] for i in sorted(sets)]
@@ -138,25 +131,6 @@ def make_inputs(
         sets.append({n: random_like(e, None, rng) for n, e in zip(names, examples)})
         origins.append(f"random#{i}")
     return sets, origins
-
-
-def random_like(example: np.ndarray, batch: int | None, rng: np.random.Generator) -> np.ndarray:
-    """A random array like `example` whose values stay valid and alike: its mean and spread, within its range.
-
-    Floats follow the example's mean and standard deviation (clipped to its range), so that
-    quantized artifacts are judged on inputs like the data they were calibrated for.
-    """
-    shape = example.shape if batch is None else (batch, *example.shape[1:])
-    if example.ndim == 0 or example.size == 0:
-        return example.copy()
-    if example.dtype == np.bool_ or len(np.unique(example)) <= 2:
-        # Masks and flags: reuse whole rows of the example so every row stays realistic.
-        return example[rng.integers(0, example.shape[0], shape[0])]
-    low, high = example.min(), example.max()
-    if example.dtype.kind in "iu":
-        return rng.integers(low, high, size=shape, endpoint=True).astype(example.dtype)
-    values = rng.normal(float(example.mean()), float(example.std()), size=shape)
-    return np.clip(values, float(low), float(high)).astype(example.dtype)
 
 
 def compare(actual: list[Feeds], expected: list[Feeds], tolerance: Tolerance) -> list[OutputMetrics]:
@@ -341,5 +315,5 @@ def validate(
     subset = target.parity_subset(samples.inputs, artifact.manifest)
     if subset is not None:
         samples = samples.subset(subset)
-    with backend_failures(target, "run"):
+    with backend_failures(target.name, "run"):
         return judge(run, samples, tolerance, reference, runner.runtime_info())

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from kiln.compiler.capture.inputs import read_inputs_file
 from kiln.compiler.errors import UsageError
-from kiln.compiler.parity.gate import QUANTIZED_SAMPLES, Feeds, ParitySamples, make_inputs, read_inputs_file
+from kiln.compiler.parity.gate import QUANTIZED_SAMPLES, ParitySamples, make_inputs
+from kiln.compiler.types import Feeds
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel

@@ -1,4 +1,5 @@
-"""What `kiln bench` reports: per-candidate statistics, the spread flag, the terminal table and bench.json.
+"""What `kiln bench` reports: per-candidate statistics, the spread flag, the terminal table and bench.json (the
+report itself is assembled by `kiln.compiler.perf.benchmark.report`).
 
 The spread of a candidate is the ratio of its slowest to its fastest round median. Candidates run in the same
 interleaved rounds, so a drift of the machine shows up as a spread in every one of them; a spread over
@@ -12,13 +13,10 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kiln.compiler.safe_fs import write_file
 from kiln.compiler.types import BENCH_FILE
-
-if TYPE_CHECKING:
-    from kiln.compiler.perf.benchmark import BenchOptions, Started
 
 SPREAD_LIMIT = 1.25
 SCHEMA = 1
@@ -72,51 +70,6 @@ def speedup(eager_medians: list[float], medians: list[float]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-def report(
-    started: list[Started],
-    running: list[Started],
-    times: list[list[list[float]]],
-    failed: dict[int, str],
-    peaks: list[float | None],
-    options: BenchOptions,
-) -> dict[str, Any]:
-    """The report of one `kiln bench` run: host, settings, and one record per candidate (left-out ones too)."""
-    from kiln.compiler.host import host_info
-
-    records: dict[int, dict[str, Any]] = {}
-    for index, entry in enumerate(running):
-        record = _record(entry, options)
-        if index in failed:
-            record["failure"] = f"{TIMED_FAILURE}: {failed[index]}"
-        elif times[index]:
-            record |= latency_stats(times[index])
-            record["peak_rss_mib"] = peaks[index]
-            batch = record["batch"] or 1
-            record["throughput_items_per_s"] = batch * 1000 / record["latency_ms"]["p50"]
-        records[id(entry)] = record
-    eager = next((r for r in records.values() if r["kind"] == "eager" and "round_medians_ms" in r), None)
-    for record in records.values():
-        if eager is not None and "round_medians_ms" in record:
-            record["speedup_vs_eager"] = speedup(eager["round_medians_ms"], record["round_medians_ms"])
-    candidates = [records.get(id(entry)) or _record(entry, options) for entry in started]
-    first = started[0].candidate.manifest
-    return {
-        "schema": SCHEMA,
-        "timed_on": host_info(),
-        "built_on": first.host,
-        "settings": {
-            "threads": options.threads,
-            "rounds": options.rounds,
-            "runs": options.runs,
-            "min_round_ms": options.min_round_ms,
-            "warmup": options.warmup,
-            "batch": options.batch,
-        },
-        "spread_limit": SPREAD_LIMIT,
-        "candidates": candidates,
-    }
-
-
 def timing_failures(result: dict[str, Any]) -> list[str]:
     """One line per candidate that loaded but failed while warmed up or timed (its worker died or hung): the
     run is then incomplete and `kiln bench` must not exit 0. Candidates left out before timing (torch.compile
@@ -126,31 +79,6 @@ def timing_failures(result: dict[str, Any]) -> list[str]:
         for record in result["candidates"]
         if str(record.get("failure") or "").startswith(TIMED_FAILURE)
     ]
-
-
-def _record(entry: Started, options: BenchOptions) -> dict[str, Any]:
-    from kiln.compiler.export.manifest import manifest_figures
-
-    candidate, info = entry.candidate, entry.info
-    manifest = candidate.manifest
-    artifact = candidate.kind == "artifact"
-    return {
-        "name": candidate.name,
-        "kind": candidate.kind,
-        "target": manifest.target if artifact else None,
-        "precision": manifest.precision if artifact else "fp32",
-        "directory": str(candidate.directory) if artifact else None,
-        "model": candidate.model,
-        "batch": info.get("batch"),
-        "threads_asked": candidate.threads if candidate.threads is not None else options.threads,
-        "runtime_settings": candidate.settings,
-        "thread_control": info.get("thread_control"),
-        "runtime_info": info.get("runtime_info", {}),
-        "load_s": info.get("load_s"),
-        "first_inference_ms": info.get("first_ms"),
-        "artifact_bytes": manifest_figures(manifest)["artifact_bytes"] if artifact else None,
-        "failure": entry.failure,
-    }
 
 
 def write_bench_files(result: dict[str, Any]) -> list[str]:

@@ -113,7 +113,7 @@ def _artifact(
 ) -> tuple[Callable[[], Any], str, dict[str, Any], float]:
     from kiln.compiler.capture.pt2_archive import trusting_pickles
     from kiln.compiler.export.artifacts import Artifact, load_runner
-    from kiln.compiler.perf.benchmark import bench_feeds
+    from kiln.compiler.perf.timing import bench_feeds
     from kiln.targets.base import RuntimeSettings
 
     artifact = Artifact.read(directory)
@@ -132,7 +132,7 @@ def _torch(job: dict[str, Any], threads: int | None) -> tuple[Callable[[], Any],
     from kiln.compiler.capture.pt2_archive import trusting_pickles
     from kiln.compiler.capture.sources import load_source
     from kiln.compiler.parity.reference import reference_runner
-    from kiln.compiler.perf.benchmark import bench_feeds
+    from kiln.compiler.perf.timing import bench_feeds
     from kiln.compiler.types import Manifest
 
     if threads:

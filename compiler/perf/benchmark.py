@@ -17,13 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kiln.compiler.errors import KilnError, MissingBackendError, UsageError
+from kiln.compiler.errors import KilnError, MissingBackendError, UsageError, error_text
 from kiln.compiler.limits import check_count, check_seconds, check_threads
+from kiln.compiler.perf.bench_report import (
+    SCHEMA,
+    SPREAD_LIMIT,
+    TIMED_FAILURE,
+    latency_stats,
+    speedup,
+    write_bench_files,
+)
 from kiln.compiler.perf.bench_worker import LOAD_TIMEOUT_S, ROUND_TIMEOUT_S, Worker, WorkerFailed
 from kiln.compiler.types import Manifest
 
 if TYPE_CHECKING:
-    import numpy as np
     from kiln.compiler.progress import Progress
 
 DEFAULT_ROUNDS = 5
@@ -175,23 +182,6 @@ def eager_source(candidates: list[Candidate], model: str | None) -> str:
     )
 
 
-def bench_feeds(directory: Path, manifest: Manifest, batch: int | None, artifact_layout: bool) -> dict[str, np.ndarray]:
-    """The inputs to time on: the export's first stored parity input set (the model's example), its rows repeated
-    to `batch` rows when given, and channels-last where the artifact takes NHWC (`artifact_layout`)."""
-    import numpy as np
-    from kiln.compiler.image_layout import nhwc_array, nhwc_names
-    from kiln.compiler.parity.gate import ParitySamples
-
-    samples = ParitySamples.load(directory, [])
-    if samples is None or not samples.inputs:
-        raise UsageError(f"{directory} stored no parity inputs to time it on", "re-export the model to store them")
-    feeds = samples.inputs[0]
-    if batch is not None:
-        feeds = {k: np.take(v, np.arange(batch) % v.shape[0], axis=0) for k, v in feeds.items()}
-    nhwc = set(nhwc_names(manifest.inputs)) if artifact_layout else set()
-    return {k: nhwc_array(v) if k in nhwc else np.ascontiguousarray(v) for k, v in feeds.items()}
-
-
 class Timed(Protocol):
     """What the scheduler needs of a worker."""
 
@@ -288,17 +278,15 @@ def start_workers(
 def _as_error(candidate: Candidate, error: Exception) -> KilnError:
     if isinstance(error, KilnError):
         return error
-    failed = KilnError(f"{candidate.name}: the benchmark worker failed: {error}", "rerun with KILN_DEBUG=1")
+    failed = KilnError(f"{candidate.name}: the benchmark worker failed: {error_text(error)}", "rerun with KILN_DEBUG=1")
     failed.exit_code = 4
     return failed
 
 
 def run_bench(paths: Sequence[str | Path], options: BenchOptions, progress: Progress) -> dict[str, Any]:
-    """Time every candidate under `paths` as `options` say; the report (see `kiln.compiler.perf.bench_report.report`),
+    """Time every candidate under `paths` as `options` say; the report (see `report`),
     also
     written as bench.json beside each export's manifest unless `options.write` is False."""
-    from kiln.compiler.perf.bench_report import write_bench_files
-
     options.check()
     result = time_candidates(find_candidates(paths, options), options, progress)
     if options.write:
@@ -311,10 +299,8 @@ def time_candidates(
     candidates: list[Candidate], options: BenchOptions, progress: Progress, keep_going: bool = False
 ) -> dict[str, Any]:
     """Load each candidate in its own worker, warm them up, time them in interleaved rounds; the report (see
-    `kiln.compiler.perf.bench_report.report`). Shared by `kiln bench` and `kiln tune` (`keep_going`: see
+    `report`). Shared by `kiln bench` and `kiln tune` (`keep_going`: see
     start_workers)."""
-    from kiln.compiler.perf.bench_report import report
-
     started = start_workers(candidates, options, progress, keep_going)
     running = [s for s in started if s.worker is not None]
     workers = [s.worker for s in running if s.worker is not None]
@@ -342,3 +328,73 @@ def time_candidates(
     for worker in workers:
         worker.close()
     return report(started, running, times, failed, peaks, options)
+
+
+def report(
+    started: list[Started],
+    running: list[Started],
+    times: list[list[list[float]]],
+    failed: dict[int, str],
+    peaks: list[float | None],
+    options: BenchOptions,
+) -> dict[str, Any]:
+    """The report of one `kiln bench` run: host, settings, and one record per candidate (left-out ones too)."""
+    from kiln.compiler.host import host_info
+
+    records: dict[int, dict[str, Any]] = {}
+    for index, entry in enumerate(running):
+        record = _record(entry, options)
+        if index in failed:
+            record["failure"] = f"{TIMED_FAILURE}: {failed[index]}"
+        elif times[index]:
+            record |= latency_stats(times[index])
+            record["peak_rss_mib"] = peaks[index]
+            batch = record["batch"] or 1
+            record["throughput_items_per_s"] = batch * 1000 / record["latency_ms"]["p50"]
+        records[id(entry)] = record
+    eager = next((r for r in records.values() if r["kind"] == "eager" and "round_medians_ms" in r), None)
+    for record in records.values():
+        if eager is not None and "round_medians_ms" in record:
+            record["speedup_vs_eager"] = speedup(eager["round_medians_ms"], record["round_medians_ms"])
+    candidates = [records.get(id(entry)) or _record(entry, options) for entry in started]
+    first = started[0].candidate.manifest
+    return {
+        "schema": SCHEMA,
+        "timed_on": host_info(),
+        "built_on": first.host,
+        "settings": {
+            "threads": options.threads,
+            "rounds": options.rounds,
+            "runs": options.runs,
+            "min_round_ms": options.min_round_ms,
+            "warmup": options.warmup,
+            "batch": options.batch,
+        },
+        "spread_limit": SPREAD_LIMIT,
+        "candidates": candidates,
+    }
+
+
+def _record(entry: Started, options: BenchOptions) -> dict[str, Any]:
+    from kiln.compiler.export.manifest import manifest_figures
+
+    candidate, info = entry.candidate, entry.info
+    manifest = candidate.manifest
+    artifact = candidate.kind == "artifact"
+    return {
+        "name": candidate.name,
+        "kind": candidate.kind,
+        "target": manifest.target if artifact else None,
+        "precision": manifest.precision if artifact else "fp32",
+        "directory": str(candidate.directory) if artifact else None,
+        "model": candidate.model,
+        "batch": info.get("batch"),
+        "threads_asked": candidate.threads if candidate.threads is not None else options.threads,
+        "runtime_settings": candidate.settings,
+        "thread_control": info.get("thread_control"),
+        "runtime_info": info.get("runtime_info", {}),
+        "load_s": info.get("load_s"),
+        "first_inference_ms": info.get("first_ms"),
+        "artifact_bytes": manifest_figures(manifest)["artifact_bytes"] if artifact else None,
+        "failure": entry.failure,
+    }

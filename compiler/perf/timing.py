@@ -1,4 +1,5 @@
-"""Timing artifacts: `bench(artifact, feeds, settings)`, used by the conversion matrix and the benchmarks.
+"""Timing artifacts: `bench(artifact, feeds, settings)`, used by the conversion matrix and the benchmarks, and the
+inputs an export is timed on (`bench_feeds`, for `kiln bench` and `kiln tune`).
 
 A latency is the median of timed runs after untimed warm-up runs. Where other processes compete for the
 cores, runs stall (torch's OpenMP pool most of all, by tens of milliseconds): a batch whose median is over
@@ -11,11 +12,15 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kiln.compiler.errors import UsageError
 
 if TYPE_CHECKING:
     import numpy as np
     from kiln.compiler.export.artifacts import Artifact
+    from kiln.compiler.types import Manifest
 
 NOISY = 1.5  # a median this many times the fastest run means the runs were disturbed
 BATCHES = 3  # timed batches at most per measurement, while they are disturbed
@@ -111,3 +116,20 @@ def runner_with_threads(loaded: Any, threads: int) -> tuple[Any, str]:
 
     runner = load_runner(Artifact(loaded.directory, loaded.manifest), threads)
     return runner, runner.thread_control
+
+
+def bench_feeds(directory: Path, manifest: Manifest, batch: int | None, artifact_layout: bool) -> dict[str, np.ndarray]:
+    """The inputs to time on: the export's first stored parity input set (the model's example), its rows repeated
+    to `batch` rows when given, and channels-last where the artifact takes NHWC (`artifact_layout`)."""
+    import numpy as np
+    from kiln.compiler.image_layout import nhwc_array, nhwc_names
+    from kiln.compiler.parity.gate import ParitySamples
+
+    samples = ParitySamples.load(directory, [])
+    if samples is None or not samples.inputs:
+        raise UsageError(f"{directory} stored no parity inputs to time it on", "re-export the model to store them")
+    feeds = samples.inputs[0]
+    if batch is not None:
+        feeds = {k: np.take(v, np.arange(batch) % v.shape[0], axis=0) for k, v in feeds.items()}
+    nhwc = set(nhwc_names(manifest.inputs)) if artifact_layout else set()
+    return {k: nhwc_array(v) if k in nhwc else np.ascontiguousarray(v) for k, v in feeds.items()}

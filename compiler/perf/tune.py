@@ -7,9 +7,9 @@ The builds are cells of a `kiln matrix` run in `DIR/builds` (`kiln.compiler.matr
 results.jsonl is the resume log, so a killed tune resumes and an unchanged candidate is not rebuilt). Runtime
 settings (`kiln.targets.base.RuntimeSettings`: ONNX Runtime's graph optimization level, OpenVINO's performance hint and
 inference precision) and thread counts share one build and are timed as separate candidates, in the same
-interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`). The ranking, the tie rule and the reports are in
-`kiln.compiler.perf.tune_report`. Building here and timing on the deployment machine (`--build-only`, `--time-only`, a
-moved DIR) is `kiln.compiler.perf.tune_deploy`.
+interleaved rounds (`kiln.compiler.perf.benchmark.time_candidates`). The ranking and the tie rule are in
+`kiln.compiler.perf.tune_report`, the leaderboards in `kiln.compiler.perf.leaderboard`. Building here and timing on
+the deployment machine (`--build-only`, `--time-only`, a moved DIR) is `kiln.compiler.perf.tune_deploy`.
 """
 
 from __future__ import annotations
@@ -22,28 +22,44 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.perf.bench_worker import ROUND_TIMEOUT_S
-from kiln.compiler.perf.tune_candidates import PLAIN, Variant, check_batch, check_io
+from kiln.compiler.perf.leaderboard import write_leaderboards
+from kiln.compiler.perf.tune_candidates import PLAIN, Entry, Plan, Variant, check_batch, check_io
+from kiln.compiler.perf.tune_files import (
+    BEST_DIR,
+    BUILDS_DIR,
+    check_build,
+    locate_builds,
+    provenance,
+    save_builds,
+    tune_directory,
+    withdraw_best,
+)
+from kiln.compiler.perf.tune_report import publish, rank
 
 if TYPE_CHECKING:
-    from kiln.compiler.matrix import CellResult, MatrixConfig
+    from kiln.compiler.matrix.results import CellResult
     from kiln.compiler.progress import Progress
-    from kiln.targets.base import RuntimeSettings, Target
+    from kiln.targets.base import Target
 
 OBJECTIVES = ("latency", "throughput", "size")
-DEFAULT_TARGETS = ("onnx", "openvino", "tflite")
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-BEST_DIR = "best"
-BUILDS_DIR = "builds"
 # Each candidate's timed runs in a round last at least this long (more runs for a fast model): with ten runs of
 # a 0.1 ms model a round is one scheduler tick, and tune ranked a tiny model's candidates by their stalls.
 MIN_ROUND_MS = 50.0
+
+
+def default_targets() -> tuple[str, ...]:
+    """What `kiln tune` builds without --targets: the targets that say so (`Target.tuned_by_default`)."""
+    from kiln.targets import TARGETS
+
+    return tuple(t.name for t in TARGETS if t.tuned_by_default)
 
 
 @dataclass(frozen=True)
 class TuneOptions:
     """What `kiln tune` was asked."""
 
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] = field(default_factory=default_targets)
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     objective: str = "latency"
     threads: tuple[int, ...] = ()  # thread counts to time each candidate at (empty: each runtime's default)
@@ -112,17 +128,6 @@ def parse_threads(text: str | None) -> tuple[int, ...]:
         raise UsageError(
             f"--threads {text!r} is not a whole number or a comma list of them", "e.g. --threads 2"
         ) from None
-
-
-@dataclass
-class Plan:
-    """The builds: the matrix of candidates, the (target, precision) pairs and variants left out with why, what
-    each model entry of the matrix is (by its name), and the batch every candidate is timed at."""
-
-    config: MatrixConfig | None  # None: read back from DIR/builds (`kiln tune --time-only`), nothing to build
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    variants: dict[str, Variant] = field(default_factory=dict)
-    batch: int | None = None  # None: the model has no batch dimension (timed on its example inputs)
 
 
 def plan(source: str, options: TuneOptions) -> Plan:
@@ -217,40 +222,12 @@ def _existing(path: str, flag: str) -> str:
     return str(Path(path).resolve())
 
 
-@dataclass
-class Entry:
-    """One timed candidate: a build with runtime settings and a thread count, or a rejected build or setting."""
-
-    name: str
-    target: str
-    precision: str
-    plain: bool
-    settings: RuntimeSettings
-    threads: int | None
-    build: CellResult
-    directory: Path | None = None
-    rejected: str | None = None  # why it is not a candidate (parity, accuracy budget, load failure)
-    timing: dict[str, Any] = field(default_factory=dict)
-    # Accuracy measured again with these runtime settings (`_parity_with_settings`); None: the build's own figures.
-    min_cosine: float | None = None
-    max_abs_error: float | None = None
-    variant: Variant = field(default_factory=Variant)  # its layout and batch range (`plain` above is its own)
-    batch: int | None = None  # the batch it is timed at (None: its example's)
-
-    @property
-    def build_name(self) -> str:
-        """target precision (NHWC) (batch=MIN:MAX) (-O0)."""
-        label = replace(self.variant, plain=self.plain).label
-        return f"{self.target} {self.precision}{' ' + label if label else ''}"
-
-
 def run_tune(source: str, out: Path, options: TuneOptions, progress: Progress) -> dict[str, Any]:
     """The whole command: build (resuming), verify, time, rank, publish `out/best`, write the leaderboards (with
     `options.build_only`: build and verify only, to be timed elsewhere by
     `kiln.compiler.perf.tune_deploy.time_builds`)."""
-    from kiln.compiler.matrix import RunSettings, run_matrix
-    from kiln.compiler.perf.tune_deploy import save_builds
-    from kiln.compiler.perf.tune_files import tune_directory
+    from kiln.compiler.matrix.plan import RunSettings
+    from kiln.compiler.matrix.run import run_matrix
 
     options.check()
     out = Path(os.path.abspath(out))  # the cells run elsewhere (other processes, Ray) and record it
@@ -272,17 +249,13 @@ def evaluate(
     the leaderboards written; the leaderboard. With `options.build_only`, nothing timed and nothing published.
     Each build's files are found under `out/builds` wherever `out` was when it was built (`locate_builds`). Call
     with `out` prepared and locked (`kiln.compiler.perf.tune_files.tune_directory`)."""
-    from kiln.compiler.perf.tune_deploy import locate_builds, provenance
-    from kiln.compiler.perf.tune_files import withdraw_best
-    from kiln.compiler.perf.tune_report import publish, rank, write_leaderboards
-
     builds, refused = locate_builds(builds, out / BUILDS_DIR)
     entries = _entries(builds, planned, options, progress, refused)
     if not options.build_only:
         _time(entries, options, progress)
     board = rank(entries, options.objective, planned.batch, timed=not options.build_only)
     board |= {"model": source, "skipped": planned.skipped, "builds": len(builds)}
-    board |= provenance(out / BUILDS_DIR, builds, options)
+    board |= provenance(out / BUILDS_DIR, builds, None if options.build_only else options.threads)
     if board["winner"] is not None:
         winner = next(e for e in entries if e.name == board["winner"]["name"])
         publish(winner, out / BEST_DIR, board)
@@ -293,7 +266,7 @@ def evaluate(
 
 
 def _cell(data: dict[str, Any]) -> CellResult:
-    from kiln.compiler.matrix import CellResult
+    from kiln.compiler.matrix.results import CellResult
 
     return CellResult.parse(data)
 
@@ -307,7 +280,6 @@ def _entries(
     rejected. The figures of a build come from its checked manifest, none from results.jsonl."""
     from kiln.compiler.export.manifest import manifest_figures
     from kiln.compiler.matrix.results import PASSED, STATUS_LABELS
-    from kiln.compiler.perf.tune_files import check_build
     from kiln.targets import get_target
     from kiln.targets.base import RuntimeSettings
 

@@ -14,13 +14,16 @@ latency tune builds what it did before plus the NHWC fp32 build per target.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 
 if TYPE_CHECKING:
-    from kiln.targets.base import Target
+    from kiln.compiler.matrix.config import MatrixConfig
+    from kiln.compiler.matrix.results import CellResult
+    from kiln.targets.base import RuntimeSettings, Target
 
 LAYOUTS = ("nchw", "nhwc")
 MAX_BATCH = 1024  # --batch above this is refused: the timed inputs alone would be too large to be meant
@@ -98,7 +101,7 @@ class Variant:
         return " ".join(parts + ([PLAIN] if self.plain else []))
 
     def export_options(self) -> dict[str, Any]:
-        """The matrix cell options (`kiln.compiler.matrix.CellOptions`) that make it."""
+        """The matrix cell options (`kiln.compiler.matrix.config.CellOptions`) that make it."""
         options: dict[str, Any] = {"opt_level": 0} if self.plain else {}
         options |= {"io": "nhwc"} if self.layout == "nhwc" else {}
         return options | ({"dynamic_batch": self.batch_range} if self.batch_range else {})
@@ -204,3 +207,41 @@ def for_targets(
         reasons = "; ".join(dict.fromkeys(refusals))
         raise UsageError(f"no candidates: {reasons}", "choose other --targets, or drop --batch / --io")
     return planned
+
+
+@dataclass
+class Plan:
+    """The builds: the matrix of candidates, the (target, precision) pairs and variants left out with why, what
+    each model entry of the matrix is (by its name), and the batch every candidate is timed at."""
+
+    config: MatrixConfig | None  # None: read back from DIR/builds (`kiln tune --time-only`), nothing to build
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    batch: int | None = None  # None: the model has no batch dimension (timed on its example inputs)
+
+
+@dataclass
+class Entry:
+    """One timed candidate: a build with runtime settings and a thread count, or a rejected build or setting."""
+
+    name: str
+    target: str
+    precision: str
+    plain: bool
+    settings: RuntimeSettings
+    threads: int | None
+    build: CellResult
+    directory: Path | None = None
+    rejected: str | None = None  # why it is not a candidate (parity, accuracy budget, load failure)
+    timing: dict[str, Any] = field(default_factory=dict)
+    # Accuracy measured again with these runtime settings (`_parity_with_settings`); None: the build's own figures.
+    min_cosine: float | None = None
+    max_abs_error: float | None = None
+    variant: Variant = field(default_factory=Variant)  # its layout and batch range (`plain` above is its own)
+    batch: int | None = None  # the batch it is timed at (None: its example's)
+
+    @property
+    def build_name(self) -> str:
+        """target precision (NHWC) (batch=MIN:MAX) (-O0)."""
+        label = replace(self.variant, plain=self.plain).label
+        return f"{self.target} {self.precision}{' ' + label if label else ''}"

@@ -11,7 +11,7 @@ and `prepare`s it first:
   nor builds/tune.json) is refused without --force, as `kiln export` refuses an existing --out;
 * a symbolic link at a path tune or the matrix of its builds reads or writes (`watched`) is refused, even with
   --force: tune never reads or writes through a link in its directory (a link at or in one build rejects that
-  build alone, see `check_build` and `kiln.compiler.perf.tune_deploy.cell_directory`);
+  build alone, see `check_build` and `cell_directory` below);
 * a best/ that Kiln's own records do not prove a tune published (the sha256 of its manifest.json in
   builds/best.json, and nothing in it but the files that manifest lists) is refused without --force: tune
   replaces or removes only what it made.
@@ -32,17 +32,23 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.safe_fs import read_bytes, regular_files, write_file
 
 if TYPE_CHECKING:
-    from kiln.compiler.perf.tune_candidates import Variant
+    from kiln.compiler.matrix.results import CellResult
+    from kiln.compiler.perf.tune_candidates import Plan, Variant
     from kiln.compiler.progress import Progress
     from kiln.compiler.types import Manifest
 
+BEST_DIR = "best"
+BUILDS_DIR = "builds"
+STATE_FILE = "tune.json"  # in DIR/builds: what `kiln tune` built, for `--time-only`
+STATE_SCHEMA = "kiln.tune.builds/2"
 BEST_RECORD = "best.json"  # in DIR/builds: the sha256 of each best/manifest.json tune published there
 BEST_SCHEMA = "kiln.tune.best/1"
 LEADERBOARDS = ("leaderboard.md", "leaderboard.json", "leaderboard.html")
@@ -51,11 +57,9 @@ WITHDRAWN = "withdrawn"  # inside a staging directory of best/: the best/ being 
 
 def watched() -> tuple[str, ...]:
     """The paths under --out that tune and the matrix of its builds read or write, relative to it."""
+    from kiln.compiler.matrix.plan import CELLS_DIR, PLAN_FILE
     from kiln.compiler.matrix.reports import REPORT_FILES
     from kiln.compiler.matrix.results import RESULTS_FILE
-    from kiln.compiler.matrix.run import CELLS_DIR, PLAN_FILE
-    from kiln.compiler.perf.tune import BEST_DIR, BUILDS_DIR
-    from kiln.compiler.perf.tune_deploy import STATE_FILE
 
     records = (PLAN_FILE, RESULTS_FILE, STATE_FILE, BEST_RECORD, CELLS_DIR, *REPORT_FILES)
     return (BUILDS_DIR, BEST_DIR, *LEADERBOARDS, *(f"{BUILDS_DIR}/{name}" for name in records))
@@ -67,7 +71,6 @@ def tune_directory(out: Path, force: bool, wait: bool, progress: Progress, build
     that is not a tune directory. A best/ that a tune killed while replacing it left
     in a staging directory is put back first (`kiln.compiler.export.staging.remove_stale_staging`)."""
     from kiln.compiler.export.staging import output_lock, remove_stale_staging
-    from kiln.compiler.perf.tune import BEST_DIR
 
     with output_lock(out, wait, progress.say, command="tune"):
         if out.is_dir():
@@ -79,8 +82,7 @@ def tune_directory(out: Path, force: bool, wait: bool, progress: Progress, build
 def prepare(out: Path, force: bool, building: bool) -> None:
     """Refuse (one-line UsageError) an `out` tune must not use; see the module's docstring."""
     from kiln.compiler.export.staging import check_output_dir
-    from kiln.compiler.matrix.run import PLAN_FILE
-    from kiln.compiler.perf.tune import BEST_DIR, BUILDS_DIR
+    from kiln.compiler.matrix.plan import PLAN_FILE
 
     check_output_dir(out, force=True)  # a file, or a link to nothing: refused even with --force, as by export
     if not out.is_dir():
@@ -108,9 +110,7 @@ def prepare(out: Path, force: bool, building: bool) -> None:
 
 def is_tune_directory(out: Path) -> bool:
     """Whether `out` holds the records of tune's builds (builds/plan.json or builds/tune.json)."""
-    from kiln.compiler.matrix.run import PLAN_FILE
-    from kiln.compiler.perf.tune import BUILDS_DIR
-    from kiln.compiler.perf.tune_deploy import STATE_FILE
+    from kiln.compiler.matrix.plan import PLAN_FILE
 
     return any((out / BUILDS_DIR / name).is_file() for name in (PLAN_FILE, STATE_FILE))
 
@@ -119,7 +119,6 @@ def foreign_best(out: Path) -> str | None:
     """Why `out`/best is not proven to be what a tune published here, as it published it; None when it is, or
     when there is none."""
     from kiln.compiler.export.loading import check_files
-    from kiln.compiler.perf.tune import BEST_DIR
     from kiln.compiler.types import MANIFEST_NAME, Manifest
 
     best = out / BEST_DIR
@@ -146,7 +145,6 @@ def foreign_best(out: Path) -> str | None:
 def published(out: Path) -> list[str]:
     """The sha256 of each best/manifest.json tune recorded as published in `out` (builds/best.json); none when
     the record is missing or not what `install_best` writes."""
-    from kiln.compiler.perf.tune import BUILDS_DIR
 
     try:
         data = json.loads(read_bytes(out / BUILDS_DIR / BEST_RECORD))
@@ -164,7 +162,6 @@ def install_best(tree: Path, best: Path) -> None:
     `best`. Its manifest's sha256 is recorded first, beside that of the best/ it replaces when that one was
     proven tune's: a tune killed between the two still finds whichever best/ is there proven."""
     from kiln.compiler.export.staging import install_tree
-    from kiln.compiler.perf.tune import BUILDS_DIR
     from kiln.compiler.types import MANIFEST_NAME
 
     out = best.parent
@@ -228,3 +225,149 @@ def check_build(directory: Path, target: str, precision: str, variant: Variant) 
             "forged?): not timed, never published"
         )
     return manifest
+
+
+def save_builds(builds_dir: Path, source: str, planned: Plan, executor: str) -> None:
+    """DIR/builds/tune.json: the model, the (target, precision) pairs not built and why, each model entry's
+    variant (layout, batch range) and the batch to time at, and the machine that ran the builds (the cells record
+    their own, which with Ray is the node)."""
+    from kiln.compiler.host import this_machine
+
+    variants = {name: {"layout": v.layout, "batch_range": v.batch_range, "plain": v.plain}
+                for name, v in planned.variants.items()}  # fmt: skip
+    state = {"schema": STATE_SCHEMA, "model": source, "skipped": planned.skipped, "executor": executor,
+             "variants": variants, "batch": planned.batch}  # fmt: skip
+    write_file(builds_dir / STATE_FILE, json.dumps(state | {"built_on": this_machine()}, indent=1) + "\n")
+
+
+def read_state(builds_dir: Path) -> dict[str, Any]:
+    """DIR/builds/tune.json checked field by field (it may come from another machine); a UsageError if it is
+    missing or not what `save_builds` writes."""
+    path = builds_dir / STATE_FILE
+    hint = "run `kiln tune MODEL --out DIR --build-only` first (on the build machine), then copy the whole DIR here"
+    try:
+        state = json.loads(read_bytes(path))
+    except FileNotFoundError:
+        raise UsageError(f"{path.parent.parent} holds no builds of `kiln tune` (no {path})", hint) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UsageError(f"cannot read {path}: {str(exc)[:200]}", hint) from None
+    skipped = state.get("skipped") if isinstance(state, dict) else None
+    if not (
+        isinstance(state, dict)
+        and state.get("schema") == STATE_SCHEMA
+        and isinstance(state.get("model"), str)
+        and isinstance(skipped, list)
+        and all(isinstance(s, dict) and all(isinstance(v, str) for v in s.values()) for s in skipped)
+        and isinstance(state.get("built_on", {}), dict)
+        and plan_of(state) is not None
+    ):
+        raise UsageError(f"{path} is not a record of `kiln tune`'s builds ({STATE_SCHEMA})", hint)
+    return state
+
+
+def plan_of(state: dict[str, Any]) -> Plan | None:
+    """The plan a tune.json records (nothing to build: its variants, batch and what was not built), or None when
+    a field is not what `save_builds` writes."""
+    from kiln.compiler.capture.dynamic import parse_batch
+    from kiln.compiler.perf.tune_candidates import LAYOUTS, MAX_BATCH, Plan, Variant
+
+    batch, variants = state.get("batch"), state.get("variants")
+    if not (batch is None or (type(batch) is int and 1 <= batch <= MAX_BATCH)) or not isinstance(variants, dict):
+        return None
+    found: dict[str, Variant] = {}
+    for name, kind in variants.items():
+        if not isinstance(kind, dict) or set(kind) != {"layout", "batch_range", "plain"}:
+            return None
+        layout, batch_range, plain = kind["layout"], kind["batch_range"], kind["plain"]
+        try:  # the rule of --dynamic-batch MIN:MAX, which made it
+            ranged = isinstance(batch_range, str) and parse_batch(batch_range) is not None
+        except UsageError:
+            return None
+        if layout not in (None, *LAYOUTS) or not (batch_range is None or ranged) or type(plain) is not bool:
+            return None
+        found[str(name)] = Variant(layout, batch_range, plain)
+    return Plan(None, state["skipped"], found, batch)
+
+
+def locate_builds(builds: list[CellResult], builds_dir: Path) -> tuple[list[CellResult], dict[str, str]]:
+    """The builds with each passed one's `cell_dir` made the path its files have now (under `builds_dir`), and
+    why each build whose recorded `cell_dir` is refused (by cell id; `kiln.compiler.perf.tune._entries` rejects it with
+    that reason, never opening it). A missing directory is not refused here: the candidate is rejected as gone."""
+    from kiln.compiler.matrix.results import PASSED
+
+    located: list[CellResult] = []
+    refused: dict[str, str] = {}
+    for build in builds:
+        if build.status == PASSED:  # a build that did not pass is never opened: its status is its reason
+            try:
+                build = replace(build, cell_dir=str(cell_directory(build, builds_dir)))
+            except ValueError as exc:
+                refused[build.cell_id] = str(exc)
+        located.append(build)
+    return located, refused
+
+
+def cell_directory(build: CellResult, builds_dir: Path) -> Path:
+    """Where a build's cell directory is now: `builds_dir`/cells/<the cell's name>, the place the matrix wrote it.
+    The recorded `cell_dir` must name that place: a path ending in builds/cells/<name> (DIR's path when it was
+    built, maybe on another machine; relative to where that tune ran when its --out was), or cells/<name> relative
+    to the builds. The recorded path itself is never opened. Raises ValueError (the reason) for anything else, and
+    for a cell or export directory that is a symbolic link (`kiln.compiler.safe_fs`: the matrix writes none, so where
+    it leads is never looked into); the rest of the tune goes on."""
+    from kiln.compiler.matrix.plan import CELLS_DIR, safe_name
+    from kiln.compiler.safe_fs import refused
+
+    expected = (CELLS_DIR, safe_name(build.cell_id))
+    parts = PurePath(build.cell_dir).parts
+    if parts[-3:] != (BUILDS_DIR, *expected) and parts != expected:
+        raise ValueError(
+            f"its recorded build directory {build.cell_dir!r} is not its own under {builds_dir} "
+            f"({'/'.join(expected)}): refused, not followed (results.jsonl edited or forged?)"
+        )
+    directory = builds_dir.joinpath(*expected)
+    for path in (directory, directory / "export"):  # the matrix made both directories: neither is a link
+        if os.path.islink(path):
+            outside = not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(builds_dir))
+            raise ValueError(f"its build directory {refused(path, root=builds_dir if outside else None).message}")
+    return directory
+
+
+def provenance(builds_dir: Path, builds: list[CellResult], timed_threads: tuple[int, ...] | None) -> dict[str, Any]:
+    """Where the timing ran (this machine and `timed_threads`, the thread counts timed at, empty: each runtime's
+    default; None when nothing was timed) and where the builds ran (each distinct machine the passed cells
+    recorded, else the one in tune.json), and whether that was elsewhere: a leaderboard moved between machines
+    says so."""
+    from kiln.compiler.host import this_machine
+    from kiln.compiler.matrix.results import PASSED
+
+    timed_on = None
+    if timed_threads is not None:
+        threads: Any = list(timed_threads) or "each runtime's default"
+        timed_on = this_machine() | {"threads": threads}
+    machines = [_machine(b.host) for b in builds if b.status == PASSED and b.host]
+    if not machines:
+        try:
+            machines = [_machine(read_state(builds_dir).get("built_on") or {})]
+        except UsageError:
+            machines = []
+    built_on = list({_identity(m): m for m in machines}.values())
+    elsewhere = timed_on is not None and any(_identity(m) != _identity(timed_on) for m in built_on)
+    return {"timed_on": timed_on, "built_on": built_on, "built_elsewhere": elsewhere}
+
+
+def _machine(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A machine as a cell or tune.json recorded it (`kiln.compiler.host.this_machine`), reduced to plain strings and
+    numbers: the record may come from another machine, or be forged."""
+    flags = recorded.get("cpu_flags")
+    cores = recorded.get("cores")
+    return {
+        "host": str(recorded.get("host", "unknown"))[:200],
+        "cpu": str(recorded.get("cpu", "unknown"))[:200],
+        "cpu_flags": [str(f)[:40] for f in flags[:50]] if isinstance(flags, list) else [],
+        "cores": cores if isinstance(cores, int) and not isinstance(cores, bool) else None,
+    }
+
+
+def _identity(machine: dict[str, Any]) -> str:
+    """What tells two machines apart for the leaderboard: host name, CPU and its flags."""
+    return json.dumps([machine.get("host"), machine.get("cpu"), machine.get("cpu_flags")], default=str)

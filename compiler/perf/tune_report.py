@@ -1,4 +1,5 @@
-"""`kiln tune`'s ranking, its tie rule, publishing the winner, and the leaderboards (md, json, self-contained html).
+"""`kiln tune`'s ranking, its tie rule and publishing the winner; the leaderboards are rendered from the ranking by
+`kiln.compiler.perf.leaderboard`.
 
 Tie rule: candidates are timed in the same interleaved rounds, so the best one and another are compared round by
 round; the other is tied with the best unless it was slower in every round and its median per-round ratio is
@@ -12,14 +13,13 @@ each row says its I/O layout and whether its batch is static or a dynamic range.
 
 from __future__ import annotations
 
-import html
-import json
+import math
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln.compiler.perf.tune import Entry
+    from kiln.compiler.perf.tune_candidates import Entry
 
 ACCURACY_DIGITS = 6  # cosines equal to this many digits are equally accurate for the tie rule
 NOISE_FLOOR = 1.03  # two candidates within 3% are never told apart on these machines
@@ -145,14 +145,20 @@ def _why(
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[str]:
-    """Names of the candidates no other beats on both latency and accuracy (worst-case cosine)."""
+    """Names of the candidates no other beats on both latency and accuracy: the worst-case cosine to
+    ACCURACY_DIGITS, as the tie rule reads it (two fp32 builds that differ in the 7th digit are equally accurate,
+    and only the faster is on the front)."""
+
+    def accuracy(row: dict[str, Any]) -> float:
+        cosine = row["min_cosine"]
+        return round(cosine, ACCURACY_DIGITS) if cosine is not None and math.isfinite(cosine) else -math.inf
+
     front = []
     for row in rows:
-        cosine = row["min_cosine"] if row["min_cosine"] is not None else -1.0
         beaten = any(
             o["p50_ms"] <= row["p50_ms"]
-            and (o["min_cosine"] if o["min_cosine"] is not None else -1.0) >= cosine
-            and (o["p50_ms"] < row["p50_ms"] or (o["min_cosine"] or -1.0) > cosine)
+            and accuracy(o) >= accuracy(row)
+            and (o["p50_ms"] < row["p50_ms"] or accuracy(o) > accuracy(row))
             for o in rows
         )
         if not beaten:
@@ -240,129 +246,3 @@ def _choice(winner: Entry, board: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": (winner.timing.get("latency_ms") or {}).get("p50"),
         "throughput_items_per_s": winner.timing.get("throughput_items_per_s"),
     }
-
-
-def markdown(board: dict[str, Any]) -> str:
-    """leaderboard.md: the ranked candidates, the winner and why, the rejected, the CPU notes."""
-    batch = board.get("batch")
-    timed = f", timed at batch {batch}" if batch is not None else ""
-    lines = [f"# kiln tune: {board['model']} (objective: {board['objective']}{timed})", ""]
-    winner = board["winner"]
-    lines += [f"**Winner: {winner['name']}** -> `best/`. {board['why']}." if winner else f"No winner: {board['why']}."]
-    lines += ["", *where_lines(board)]
-    if not board.get("timed", True):
-        lines += ["", "| candidate | size KiB | min cosine | status |", "|---|---:|---:|---|"]
-        lines += [f"| {r['name']} | {(r['artifact_bytes'] or 0) / 1024:.0f} | {_cos(r['min_cosine'])} | {r['status']} |"
-                  for r in board["candidates"]]  # fmt: skip
-    else:
-        lines += _ranked_table(board)
-    return "\n".join(lines + _lists(board)) + "\n"
-
-
-def where_lines(board: dict[str, Any]) -> list[str]:
-    """Where the candidates were timed and built (host, CPU, flags, threads): a leaderboard moved between machines,
-    or timed on another machine than the one that built, says so."""
-
-    def name(m: dict[str, Any]) -> str:
-        flags = " ".join(m.get("cpu_flags") or []) or "none of note"
-        return f"{m.get('host')} ({m.get('cpu')}; CPU flags: {flags}; {m.get('cores')} cores)"
-
-    timed, built = board.get("timed_on"), board.get("built_on") or []
-    lines = [f"Timed on {name(timed)}, threads: {timed.get('threads')}." if timed else "Not timed (--build-only)."]
-    if built and board.get("built_elsewhere"):
-        lines.append(f"Built elsewhere, on {', '.join(name(m) for m in built)}: the timings are the timing machine's.")
-    elif built:
-        lines.append("Built on the same machine." if timed else f"Built on {', '.join(name(m) for m in built)}.")
-    return lines
-
-
-def _ranked_table(board: dict[str, Any]) -> list[str]:
-    lines = ["", "| rank | candidate | I/O | batch | p50 ms | p90 ms | spread | items/s | size KiB | min cosine "
-             "| Pareto |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|:-:|"]  # fmt: skip
-    for r in board["candidates"]:
-        spread = "n/a" if r["spread"] is None else f"{r['spread']:.2f}" + ("!" if r["spread_too_wide"] else "")
-        lines.append(
-            f"| {r['rank']} | {r['name']}{' **(winner)**' if r.get('winner') else ''} | "
-            f"{(r.get('io_layout') or 'n/a').upper()} | {r.get('batch_range', 'static')} | {r['p50_ms']:.3f} | "
-            f"{r['p90_ms']:.3f} | {spread} | {r['throughput_items_per_s']:.0f} | "
-            f"{(r['artifact_bytes'] or 0) / 1024:.0f} | {_cos(r['min_cosine'])} | "
-            f"{'yes' if r['name'] in board['pareto'] else ''} |"
-        )
-    return lines
-
-
-def _lists(board: dict[str, Any]) -> list[str]:
-    """The rejected, the not built and the CPU notes."""
-    lines: list[str] = []
-    if board["rejected"]:
-        lines += ["", "## Rejected", ""] + [f"- {r['name']}: {r['rejected']}" for r in board["rejected"]]
-    if board["skipped"]:
-        lines += ["", "## Not built", ""]
-        lines += [f"- {_skipped_name(s)}: {s['reason']}" for s in board["skipped"]]
-    if board["cpu_notes"]:
-        lines += ["", "## Precisions without a speed-up on this CPU", ""] + [f"- {n}" for n in board["cpu_notes"]]
-    return lines
-
-
-def _skipped_name(skipped: dict[str, str]) -> str:
-    """`target precision (variant)` of a build left out; "*": every one."""
-    variant = f" ({skipped['variant']})" if skipped.get("variant") else ""
-    return f"{skipped['target']} {skipped['precision']}{variant}"
-
-
-def _cos(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.6f}"
-
-
-def html_page(board: dict[str, Any]) -> str:
-    """leaderboard.html: self-contained; latency against accuracy (1 - worst cosine, log scale), Pareto front
-    joined and marked, the winner ringed, the table and the rejected below."""
-    import math
-
-    rows = board["candidates"] if board.get("timed", True) else []
-    width, height, pad = 640, 360, 50
-    points = [(r, r["p50_ms"], max(1 - (r["min_cosine"] if r["min_cosine"] is not None else 0.0), 1e-9)) for r in rows]
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
-    if points:
-        xs, ys = [p[1] for p in points], [math.log10(p[2]) for p in points]
-        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-
-        def at(x: float, y: float) -> tuple[float, float]:
-            fx = (x - x0) / (x1 - x0) if x1 > x0 else 0.5
-            fy = (math.log10(y) - y0) / (y1 - y0) if y1 > y0 else 0.5
-            return pad + fx * (width - 2 * pad), pad + fy * (height - 2 * pad)
-
-        front = sorted((p for p in points if p[0]["name"] in board["pareto"]), key=lambda p: p[1])
-        line = " ".join(f"{at(p[1], p[2])[0]:.1f},{at(p[1], p[2])[1]:.1f}" for p in front)
-        svg.append(f'<polyline points="{line}" fill="none" stroke="#c33" stroke-dasharray="4"/>')
-        for row, x, y in points:
-            cx, cy = at(x, y)
-            color = "#c33" if row["name"] in board["pareto"] else "#369"
-            title = f"{html.escape(row['name'])}: {x:.3f} ms, cosine {_cos(row['min_cosine'])}"
-            radius = 7 if row.get("winner") else 4
-            circle = f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{radius}" fill="{color}">'
-            svg.append(f"{circle}<title>{title}</title></circle>")
-        svg.append(f'<text x="{width / 2}" y="{height - 10}">p50 latency (ms) →</text>')
-        svg.append('<text x="5" y="20">1 - worst cosine (log; lower is more accurate) ↓</text>')
-    svg.append("</svg>")
-    table = markdown(board).split("\n")
-    body = "\n".join(html.escape(line) for line in table)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>kiln tune leaderboard</title></head><body>"
-        f"<h1>kiln tune: {html.escape(board['model'])}</h1>{''.join(svg)}"
-        "<p>red: the Pareto front (no candidate is both faster and more accurate); large dot: the winner</p>"
-        f"<pre>{body}</pre></body></html>\n"
-    )
-
-
-def write_leaderboards(out: Path, board: dict[str, Any]) -> None:
-    """leaderboard.md, leaderboard.json and leaderboard.html in `out`."""
-    from kiln.compiler.host import host_info
-    from kiln.compiler.perf.tune_files import LEADERBOARDS
-    from kiln.compiler.safe_fs import write_file
-
-    board["cpu_notes"] = cpu_notes(board)
-    board["host"] = host_info()
-    pages = (markdown(board), json.dumps(board, indent=2, default=str) + "\n", html_page(board))
-    for name, text in zip(LEADERBOARDS, pages):  # written anew, never through a link planted there
-        write_file(out / name, text)

@@ -14,7 +14,7 @@ calibration sample stacked on the batch axis, for the fp32 and for the quantized
 the difference.
 
 The search imports no target: the target passes in how to run a model (`open_runner`, `fp32_runner`), and
-`accuracy_aware` itself takes any `quantize(exclude) -> Runner`.
+`accuracy_aware` itself takes any `quantize(exclude) -> ModelRunner` (a target's `Runner` is one).
 """
 
 from __future__ import annotations
@@ -23,19 +23,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from kiln.compiler.errors import ParityError, UsageError
+from kiln.compiler.errors import ParityError, UsageError, error_text
 from kiln.compiler.metrics import is_classifier, mean_row_cosine, top1_matches
 from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
+from kiln.compiler.types import Feeds, TensorSpec
 
 if TYPE_CHECKING:
     from kiln.compiler.quantization.report import QuantReport
     from kiln.compiler.quantization.summary import QuantizeSummary
-    from kiln.targets.base import Runner
 
-Feeds = dict[str, np.ndarray]
+
+class ModelRunner(Protocol):
+    """What the search needs of a model it scores: its input specs, and outputs by name for inputs by name."""
+
+    inputs: list[TensorSpec]
+
+    def run(self, feeds: Feeds) -> Feeds:
+        """Outputs by name for inputs by name."""
+        ...
+
+
 MAX_ROUNDS = 12  # quantizations after the first; enough to reach 2**10 reverted layers by doubling
 DEFAULT_METRIC = "agreement with fp32 (top-1 for classifier outputs, else cosine; equality for integers)"
 
@@ -55,7 +65,7 @@ class AccuracyResult:
     """What the accuracy-aware loop settled on: the runner of the kept model, the layers kept in float
     (ONNX node names, and their PyTorch modules), the drop before and after, and every round tried."""
 
-    runner: Runner
+    runner: ModelRunner
     reverted: list[str]
     drop: float
     drop_before: float
@@ -92,8 +102,8 @@ def reverted_note(modules: Sequence[str]) -> str:
 
 
 def accuracy_aware(
-    quantize: Callable[[Sequence[str]], Runner],
-    fp32_runner: Runner,
+    quantize: Callable[[Sequence[str]], ModelRunner],
+    fp32_runner: ModelRunner,
     calibration: CalibrationData,
     budget: AccuracyBudget,
     candidates: Sequence[str] | Callable[[], Sequence[str]],
@@ -145,7 +155,7 @@ class _Search:
 
     def __init__(
         self,
-        quantize: Callable[[Sequence[str]], Runner],
+        quantize: Callable[[Sequence[str]], ModelRunner],
         feeds: list[Feeds],
         score: Callable[[Feeds], float],
         score_fp32: float,
@@ -155,7 +165,7 @@ class _Search:
         self.history: list[AccuracyRound] = []
         self.last = 0  # how many ranked layers the last quantization kept in float (the model on disk)
 
-    def attempt(self, count: int) -> tuple[Runner, float]:
+    def attempt(self, count: int) -> tuple[ModelRunner, float]:
         """Quantize with the first `count` ranked layers in float; its runner and drop."""
         started = time.perf_counter()
         runner = self.quantize(self.ranked[:count])
@@ -164,7 +174,9 @@ class _Search:
         self.last = count
         return runner, self.score_fp32 - value
 
-    def grow(self, runner: Runner, drop: float, max_drop: float, max_rounds: int) -> tuple[int, int, Runner, float]:
+    def grow(
+        self, runner: ModelRunner, drop: float, max_drop: float, max_rounds: int
+    ) -> tuple[int, int, ModelRunner, float]:
         """Keep one ranked layer in float, one more, then twice as many each round (all of them at round
         `max_rounds`) until the drop is within `max_drop` or every layer is in float: the count of the round
         before (which missed the budget), the last count tried, its runner and drop."""
@@ -177,8 +189,8 @@ class _Search:
         return previous, kept, runner, drop
 
     def bisect(
-        self, low: int, kept: int, best: tuple[Runner, float], max_drop: float, max_attempts: int
-    ) -> tuple[int, Runner, float]:
+        self, low: int, kept: int, best: tuple[ModelRunner, float], max_drop: float, max_attempts: int
+    ) -> tuple[int, ModelRunner, float]:
         """The fewest ranked layers in float between `low` (misses the budget) and `kept` (meets it, with
         runner and drop `best`) that still meet it, by bisection within `max_attempts` quantizations in all;
         the count, its runner and drop. The model left on disk is that one."""
@@ -211,7 +223,7 @@ def scorer(metric: str | None, inputs: Feeds, reference: Feeds) -> tuple[str, Ca
             return float(value)
         except Exception as exc:
             raise UsageError(
-                f"metric {metric} failed: {type(exc).__name__}: {exc}",
+                f"metric {metric} failed: {error_text(exc)}",
                 "fn(outputs, inputs) takes dicts of arrays by name (calibration samples stacked) and returns a float",
             ) from exc
 
@@ -235,7 +247,7 @@ def agreement(outputs: Feeds, reference: Feeds) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
-def _outputs(runner: Runner, feeds: list[Feeds]) -> Feeds:
+def _outputs(runner: ModelRunner, feeds: list[Feeds]) -> Feeds:
     """The runner's outputs on every batch, stacked along the batch axis."""
     return _stacked([runner.run(feed) for feed in feeds])
 
@@ -275,7 +287,7 @@ def accuracy_aware_qdq(
     destination: Path,
     calibration: CalibrationData,
     budget: AccuracyBudget,
-    open_runner: Callable[[Path], Runner],
+    open_runner: Callable[[Path], ModelRunner],
     module_classes: dict[str, str] | None = None,
 ) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
     """`--max-drop` for an ONNX Q/DQ artifact: quantize `fp32_onnx` to int8 into `destination`, reverting the
@@ -289,7 +301,7 @@ def accuracy_aware_qdq(
     labels: dict[str, str] = {}
     kept: list[QuantizeSummary] = []
 
-    def build(exclude: Sequence[str]) -> Runner:
+    def build(exclude: Sequence[str]) -> ModelRunner:
         kept[:] = [quantize_onnx(fp32_onnx, destination, "int8", calibration, exclude)]
         return open_runner(destination)
 
@@ -307,8 +319,8 @@ def accuracy_aware_nncf(
     fp32_onnx: Path,
     calibration: CalibrationData,
     budget: AccuracyBudget,
-    fp32_runner: Runner,
-    open_runner: Callable[[Any], Runner],
+    fp32_runner: ModelRunner,
+    open_runner: Callable[[Any], ModelRunner],
     module_classes: dict[str, str] | None = None,
 ) -> tuple[Any, QuantizeSummary, AccuracyResult]:
     """`--max-drop` for OpenVINO: quantize `ov_model` to int8 with NNCF, keeping the most sensitive layers in
@@ -328,7 +340,7 @@ def accuracy_aware_nncf(
     labels: dict[str, str] = {}
     kept: list[tuple[Any, QuantizeSummary]] = []
 
-    def build(exclude: Sequence[str]) -> Runner:
+    def build(exclude: Sequence[str]) -> ModelRunner:
         kept[:] = [quantize_openvino(ov_model, "int8", calibration, exclude)]
         return open_runner(kept[0][0])
 

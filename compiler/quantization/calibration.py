@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kiln.compiler.errors import UsageError
+from kiln.compiler.errors import UsageError, error_text
 from kiln.compiler.image_layout import NHWC, nhwc_array
-from kiln.compiler.types import TensorSpec
+from kiln.compiler.types import Feeds, TensorSpec
 
 NOT_REPRESENTATIVE = (
     "int8 calibrated on RANDOM inputs: the quantization ranges are not representative of real data; "
@@ -34,7 +34,6 @@ NO_HELD_BACK = (
 
 DEFAULT_CALIBRATION_SAMPLES = 100
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def load_calibration(
 
 
 def _random_rows(inputs: list[TensorSpec], examples: list[np.ndarray], count: int) -> Feeds:
-    from kiln.compiler.parity.gate import random_like
+    from kiln.compiler.capture.inputs import random_like
 
     rng = np.random.default_rng(1)
     return {s.name: random_like(example, count, rng) for s, example in zip(inputs, examples)}
@@ -200,7 +199,7 @@ def _from_file(path: Path, inputs: list[TensorSpec]) -> Feeds:
         raise
     except Exception as exc:
         raise UsageError(f"cannot read calibration file {path}: {exc}", "save samples with numpy.savez") from None
-    from kiln.compiler.parity.gate import arrays_by_input
+    from kiln.compiler.capture.inputs import arrays_by_input
 
     return arrays_by_input(arrays, inputs, path)
 
@@ -222,7 +221,7 @@ def _from_loader(path: Path, function: str, source: str, inputs: list[TensorSpec
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"{source} raised {type(exc).__name__}: {exc}", "fix the loader so that it runs") from exc
+        raise UsageError(f"{source} raised {error_text(exc)}", "fix the loader so that it runs") from exc
 
 
 def _as_array(value: Any) -> np.ndarray:

@@ -143,7 +143,7 @@ def _static_int8(
     fp32: Path, destination: Path, calibration: CalibrationData, exclude: Sequence[str]
 ) -> tuple[str, dict[str, Any]]:
     """Calibrated Q/DQ int8 with ONNX Runtime's quantize_static; the settings used."""
-    from kiln.compiler.capture.program import onnx_signature
+    from kiln.compiler.capture.onnx_files import onnx_signature
 
     spec = calibration.spec
     inputs, _, _ = onnx_signature(fp32, torch_layout=False)

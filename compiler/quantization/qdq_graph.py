@@ -6,12 +6,13 @@ node of the dynamo exporter comes from."""
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError
+from kiln.compiler.onnx_metadata import class_hierarchy, name_scopes
+from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
     import onnx
@@ -192,16 +193,11 @@ def local_model(q: QdqGraph, fp32_names: dict[str, int], outputs: dict[str, int]
 
 def session(model: onnx.ModelProto, work: Path, name: str) -> Any:
     """An ONNX Runtime session without graph optimizations: Q/DQ are emulated exactly as written."""
-    import onnxruntime as ort
-
-    path = work / f"{name}.onnx"
     import onnx
 
+    path = work / f"{name}.onnx"
     onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, optimization="disable")
 
 
 def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, str]) -> tuple[str, str, list[str]]:
@@ -212,9 +208,7 @@ def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, s
     named after the parameter's module: after Conv+BatchNorm folding the Conv carries the BatchNorm's
     scope, which is then listed as merged. '?' when the node has no metadata (an ONNX source).
     """
-    meta = {p.key: p.value for p in node.metadata_props}
-    scopes = _literal_list(meta.get("pkg.torch.onnx.name_scopes"))
-    hierarchy = _literal_list(meta.get("pkg.torch.onnx.class_hierarchy"))
+    scopes, hierarchy = name_scopes(node), class_hierarchy(node)
     scoped = scopes[-2] if len(scopes) >= 2 else ("?" if not scopes else "")
     scoped_class = hierarchy[-2].rsplit(".", 1)[-1] if len(hierarchy) >= 2 and len(scopes) >= 2 else ""
     if not scopes and not hierarchy:
@@ -227,14 +221,3 @@ def module_of(node: onnx.NodeProto, initializers: set[str], classes: dict[str, s
         return scoped, classes.get(scoped, scoped_class), []
     merged = [scoped] if scoped not in ("", "?") else []
     return owner, classes.get(owner, ""), merged
-
-
-def _literal_list(text: str | None) -> list[str]:
-    """A Python list literal from the exporter's metadata, as strings ([] when absent or unreadable)."""
-    if not text:
-        return []
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from kiln.compiler.errors import UsageError
 from kiln.compiler.metrics import ErrorSums
 from kiln.compiler.quantization.qdq_graph import (
@@ -37,14 +36,13 @@ from kiln.compiler.quantization.qdq_graph import (
     session,
     with_outputs,
 )
-from kiln.compiler.types import _json_safe, _non_finite_back
+from kiln.compiler.types import Feeds, json_safe, non_finite_back
 
 if TYPE_CHECKING:
     import torch
 
 REPORT_FILE = "quant_report.json"
 DEFAULT_REPORT_SAMPLES = 16
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass
@@ -99,7 +97,7 @@ class QuantReport:
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         """JSON-ready form (non-finite floats as strings), each layer with its `label`; the `top` worst only."""
         layers = [asdict(layer) | {"label": layer.label} for layer in self.layers[: top or None]]
-        return _json_safe({"layers": layers, "summary": asdict(self.summary)})  # type: ignore[no-any-return]
+        return json_safe({"layers": layers, "summary": asdict(self.summary)})  # type: ignore[no-any-return]
 
     def write(self, directory: Path) -> Path:
         """Write `quant_report.json` into `directory`."""
@@ -118,10 +116,8 @@ class QuantReport:
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read {path}: {exc}", "re-export the model") from None
         known = set(LayerError.__dataclass_fields__)
-        layers = [
-            LayerError(**{k: v for k, v in _non_finite_back(row).items() if k in known}) for row in data["layers"]
-        ]
-        return cls(layers, ReportSummary(**_non_finite_back(data["summary"])))
+        layers = [LayerError(**{k: v for k, v in non_finite_back(row).items() if k in known}) for row in data["layers"]]
+        return cls(layers, ReportSummary(**non_finite_back(data["summary"])))
 
     def table(self, top: int | None = None) -> str:
         """The layers as a text table, worst first (the first `top` only when given)."""

@@ -114,3 +114,15 @@ class Bucketize(nn.Module):
 
 def bucketize():
     return Bucketize().eval(), (torch.randn(2, 4),)
+
+
+class ImagesOnly(nn.Module):
+    """A forward whose own check fails on the example: a bare `assert`, whose AssertionError says nothing."""
+
+    def forward(self, x):
+        assert x.dim() == 4
+        return x * 2
+
+
+def failing_assert():
+    return ImagesOnly(), (torch.randn(2, 3),)
