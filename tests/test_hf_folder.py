@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kiln.compiler.capture.hf_folder import infer_task, parse_shapes
+from kiln.compiler.capture.hf_folder import infer_task, parse_shapes, tokenizer_files
 from kiln.compiler.errors import UsageError
 
 from tests.conftest import run_cli
@@ -149,6 +149,23 @@ def test_run_prompt_needs_a_tokenizer(tmp_path, capsys):
     assert not (out / "tokenizer").exists()
     code, _, err = run_cli("run", out, "--generate", "--prompt", "the cat", capsys=capsys)
     assert code == 2 and "carries no tokenizer" in err
+
+
+def test_a_tokenizer_file_linking_out_of_the_folder_is_refused_not_copied(tmp_path, capsys):
+    """The tokenizer files travel into the export byte for byte: one that links outside the folder (a secret, say)
+    stops the export with a one-line error instead of being copied; a link inside the folder is followed."""
+    folder = hf_folders.causal_lm(tmp_path / "lm")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a tokenizer")
+    (folder / "merges.txt").symlink_to(secret)
+    out = tmp_path / "o"
+    code, _, err = run_cli("export", folder, "-t", "onnx", "--out", out, "-q", capsys=capsys)
+    assert code == 2 and "merges.txt is a symbolic link leading outside" in err and "Traceback" not in err
+    assert not out.exists()
+    (folder / "merges.txt").unlink()
+    (folder / "vocab.txt").write_text("w3\n")
+    (folder / "merges.txt").symlink_to("vocab.txt")  # inside the folder: carried
+    assert [p.name for p in tokenizer_files(folder)][-2:] == ["vocab.txt", "merges.txt"]
 
 
 def test_task_inference_follows_the_architecture():

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.decoding import FORWARD, TEXT_GENERATION
+from kiln.compiler.safe_fs import refused, within
 from torch import nn
 
 CONFIG = "config.json"
@@ -332,10 +333,19 @@ def _default_shape(name: str, config: dict[str, Any], text_config: Any) -> tuple
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
-    """The tokenizer files of a checkpoint folder (regular files only); none when it has no vocabulary file."""
-    if not any((folder / name).is_file() for name in VOCABULARIES):
+    """The tokenizer files of a checkpoint folder (regular files only); none when it has no vocabulary file. They
+    are copied into the export as they are, so a link among them must stay inside the folder, or, for a folder of
+    the Hugging Face hub's cache (`snapshots/REVISION/`, whose files link to `../../blobs/`), inside that model's
+    cache directory: a link elsewhere is a UsageError, never followed into the export."""
+    root = folder.parent.parent if folder.parent.name == "snapshots" else folder
+    present = [folder / name for name in TOKENIZER_FILES if (folder / name).is_symlink() or (folder / name).exists()]
+    for path in present:
+        within(path, root)
+        if not path.is_file():
+            raise refused(path, "not a regular file")
+    if not any(path.name in VOCABULARIES for path in present):
         return []
-    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    return present
 
 
 def load_tokenizer(directory: Path) -> Any:
