@@ -7,12 +7,19 @@ Library use::
     runner = load("exports/model")
     outputs = runner(example)
 
-The steps other tools compose, each one public call (loaded on first use)::
+The same export as composable stages, each carrying its own state (kiln.compiler.export.stages; docs/library.md)::
 
-    from kiln import Artifact, bench, build, validate
-    artifact = build(target, graph, request, directory)      # kiln.compiler.export.artifacts.build
-    report = validate(artifact, samples, tolerance)          # kiln.compiler.parity.gate.validate
-    timing = bench(Artifact.read("exports/model"), feeds)    # kiln.compiler.perf.timing.bench
+    import kiln
+    captured = kiln.capture(model, (example,))               # Captured: the graphs, the reference outputs
+    optimized = captured.optimize("onnx")                    # Optimized: the target's graph after its passes
+    built = optimized.build(precision="fp32")                # Built: the artifact
+    validated = built.validate()                             # Validated: its parity report
+    validated.save("exports/model")                          # published as kiln.export publishes
+    timing = kiln.bench(validated)                           # its latency here
+
+`kiln.optimize`, `kiln.build`, `kiln.validate` and `kiln.bench` are those steps as functions of the stage
+before (`kiln.build(optimized, precision="int8")`); the option groups (`kiln.PassOptions`, `kiln.Thresholds`,
+...) are the keywords they take.
 
 Heavy modules (torch, onnx, runtimes) load on first use, so importing `kiln.compiler.errors`
 stays fast.
@@ -20,10 +27,8 @@ stays fast.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import (
     KilnError,
@@ -31,54 +36,56 @@ from kiln.compiler.errors import (
     ParityError,
     UnsupportedOpError,
     UsageError,
-    as_kiln_error,
+    kiln_errors_only,
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from kiln.compiler.export.loading import LoadedModel
     from kiln.compiler.export.result import ExportResult
+    from kiln.compiler.export.stages import Built
+    from kiln.compiler.perf.timing import BenchSettings, Timing
 
 __all__ = [
     "Artifact",
+    "Calibration",
+    "ExportOptions",
     "KilnError",
     "MissingBackendError",
+    "OutputOptions",
     "ParityError",
+    "ParityOptions",
+    "PassOptions",
+    "Shapes",
+    "SourceOptions",
+    "Thresholds",
     "UnsupportedOpError",
     "UsageError",
     "bench",
     "build",
+    "capture",
     "export",
     "load",
+    "optimize",
     "validate",
 ]
-_STEPS = {
-    "Artifact": "kiln.compiler.export.artifacts",
-    "build": "kiln.compiler.export.artifacts",
-    "validate": "kiln.compiler.parity.gate",
+_STAGES = "kiln.compiler.export.stages"
+_OPTIONS = "kiln.compiler.export.options"
+# Loaded on first use: name -> (module, attribute path)
+_LAZY = {
+    "Artifact": ("kiln.compiler.export.artifacts", "Artifact"),
+    "capture": (_STAGES, "capture_model"),
+    "optimize": (_STAGES, "Captured.optimize"),
+    "build": (_STAGES, "Optimized.build"),
+    "validate": (_STAGES, "Built.validate"),
 }
-_STEPS |= {"bench": "kiln.compiler.perf.timing"}
+_LAZY |= {name: (_OPTIONS, name) for name in ("Calibration", "ExportOptions", "OutputOptions", "ParityOptions")}
+_LAZY |= {name: (_OPTIONS, name) for name in ("PassOptions", "Shapes", "SourceOptions", "Thresholds")}
 __version__ = "0.1.0"
-_T = TypeVar("_T")
 
 
-def _kiln_errors_only(function: Callable[..., _T]) -> Callable[..., _T]:
-    """A library entry point that raises only Kiln's own exceptions: a bug elsewhere becomes an InternalError
-    with the CLI's message, the original exception chained as its cause."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> _T:
-        try:
-            return function(*args, **kwargs)
-        except KilnError:
-            raise
-        except Exception as error:
-            raise as_kiln_error(error) from error
-
-    return wrapper
-
-
-@_kiln_errors_only
+@kiln_errors_only
 def export(
     model: torch.nn.Module | str,
     example_inputs: Any = None,
@@ -128,7 +135,7 @@ def export(
     return result
 
 
-@_kiln_errors_only
+@kiln_errors_only
 def load(path: str | Path, target: str | None = None, *, trust_pickle: bool = False) -> LoadedModel:
     """Load an export directory as a callable taking numpy arrays or torch tensors.
 
@@ -143,10 +150,24 @@ def load(path: str | Path, target: str | None = None, *, trust_pickle: bool = Fa
     return load_export(path, target, trust_pickle)
 
 
+@kiln_errors_only
+def bench(
+    built: Built, settings: BenchSettings | None = None, feeds: dict[str, np.ndarray] | None = None
+) -> Timing:
+    """Time a built artifact (a `Built` or `Validated` stage) with its target's runtime on `feeds` (None: its
+    first parity input set), in this process (`kiln bench` times exports in separate processes, interleaved)."""
+    from kiln.compiler.perf.timing import bench as time_artifact
+
+    return time_artifact(built.artifact, feeds if feeds is not None else built.first_inputs(), settings)
+
+
 def __getattr__(name: str) -> Any:
-    """The public steps (`build`, `validate`, `bench`, `Artifact`), imported on first use."""
-    if name in _STEPS:
+    """The composable path's steps (`capture`, `optimize`, `build`, `validate`, `bench`), the option groups and
+    `Artifact`, imported on first use."""
+    if name in _LAZY:
+        import functools
         import importlib
 
-        return getattr(importlib.import_module(_STEPS[name]), name)
+        module, path = _LAZY[name]
+        return functools.reduce(getattr, path.split("."), importlib.import_module(module))
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")

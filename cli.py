@@ -37,63 +37,24 @@ if __name__ == "__main__" and not __package__:
 
 from kiln.cli_matrix import cmd_matrix  # noqa: E402 (after the checkout's own bootstrap)
 from kiln.cli_parser import attach_dash_values, build_parser  # noqa: E402
-from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error  # noqa: E402
+from kiln.compiler.errors import EXIT_BROKEN_PIPE, KilnError, as_kiln_error, within_kiln  # noqa: E402
 from kiln.compiler.progress import quiet_libraries  # noqa: E402
 from kiln.compiler.signals import Terminated, interrupted_exit_code, sigterm_as_interrupt  # noqa: E402
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kiln export`: capture once, build every requested target, gate on parity."""
-    from kiln.compiler.export.options import export_options
+    from kiln.compiler.export.options import KEYWORDS, export_options
     from kiln.compiler.export.pipeline import export_targets
     from kiln.compiler.progress import Progress
 
     quiet_libraries()
-    options = export_options(
-        precision=args.precision,
-        device=args.device,
-        dynamic_batch=args.dynamic_batch,
-        dynamic=args.dynamic,
-        buckets=args.buckets,
-        inputs=args.inputs,
-        atol=args.atol,
-        rtol=args.rtol,
-        samples=args.samples,
-        parity_gate=not args.no_parity_gate,
-        force=args.force,
-        wait=args.wait,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calib_method=args.calib_method,
-        per_channel=not args.per_tensor,
-        symmetric_activations={"symmetric": True, "asymmetric": False}.get(args.activations or ""),
-        max_drop=args.max_drop,
-        metric=args.metric,
-        io=args.io,
-        min_cosine=args.min_cosine,
-        min_snr_db=args.min_snr,
-        min_top1=args.min_top1,
-        min_channel_cosine=args.min_channel_cosine,
-        min_channel_snr_db=args.min_channel_snr,
-        opt_level=args.opt_level,
-        adjust_passes=args.passes,
-        dump_passes=args.dump_passes,
-        all_or_nothing=args.all_or_nothing,
-        trust_pickle=args.trust_pickle,
-        localize=args.localize,
-        task=args.task,
-        cache_size=args.cache_size,
-        shape=args.shape,
-        trust_remote_code=args.trust_remote_code,
-    )
+    options = export_options(**{name: value for name, value in vars(args).items() if name in KEYWORDS})
     out = Path(args.out) if args.out else Path("exports") / _model_stem(args.model)
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
     failed = [r for r in results if r.failure is not None or (r.parity is not None and not r.parity.passed)]
     if args.json:
-        from kiln.compiler.memory import peak_rss
-
-        report = {"ok": not failed, "peak_rss": peak_rss(), "results": [r.to_dict() for r in results]}
-        print(json.dumps(report, indent=2))
+        print(json.dumps({"ok": not failed, "results": [r.to_dict() for r in results]}, indent=2))
     elif not args.quiet:
         for result in results:
             if result.failure is not None:
@@ -112,8 +73,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _model_stem(model: str) -> str:
     if model.startswith("zoo:"):
         return model[4:]
-    if Path(model).is_dir():
-        return Path(model).resolve().name
     path, _, factory = model.rpartition(":") if ":" in model else (model, "", "")
     return factory or Path(path or model).stem
 
@@ -254,10 +213,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
-    if args.prompt is not None and args.generate is None:
-        from kiln.compiler.errors import UsageError
-
-        raise UsageError("--prompt applies to --generate", "add --generate: kiln run DIR --generate --prompt TEXT")
     output = outputs_file(args.output) if args.generate is None else None  # checked before any work
     model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
     if output is None:
@@ -285,34 +240,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _generate(model: Any, args: argparse.Namespace) -> int:
-    """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids; with `--prompt TEXT`
-    the prompt is encoded, and the tokens decoded, by the tokenizer the export carries."""
-    from kiln.compiler.capture.hf_folder import load_tokenizer
-    from kiln.compiler.errors import UsageError
+    """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids."""
     from kiln.compiler.generation.decoding import DecoderSpec, generate_with_export, parse_prompt
 
-    if args.prompt is not None and args.generate:
-        raise UsageError("--generate IDS and --prompt TEXT both give a prompt", "give one of them")
-    tokenizer = load_tokenizer(model.directory) if args.prompt is not None else None
-    if tokenizer is not None:
-        prompt = [int(t) for t in tokenizer(args.prompt)["input_ids"]]
-        if not prompt:
-            raise UsageError("--prompt encodes to no tokens", "give a longer prompt")
-    elif not args.generate:
-        raise UsageError("--generate needs prompt token ids, or --prompt TEXT", "e.g. --generate 1,5,9,3")
-    else:
-        prompt = parse_prompt(args.generate)
+    prompt = parse_prompt(args.generate)
     spec = DecoderSpec.from_dict(model.manifest.source.get("decoder"))
     tokens = generate_with_export(model.run, model.inputs, spec, prompt, args.max_new_tokens)
-    text = None
-    if tokenizer is not None:
-        end = tokenizer.eos_token_id
-        tokens = tokens[: tokens.index(end)] if end is not None and end in tokens else tokens  # stop at the end
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:
-        print(json.dumps({"prompt": prompt, "generated": tokens} | ({"text": text} if text is not None else {})))
+        print(json.dumps({"prompt": prompt, "generated": tokens}))
     elif not args.quiet:
-        print(text if text is not None else ",".join(map(str, tokens)))
+        print(",".join(map(str, tokens)))
     return 0
 
 
@@ -436,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
     try:
-        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
+        # SIGTERM cleans up like Ctrl-C, then exits 143; a bug's exception reaches the handlers below as it is
+        with sigterm_as_interrupt(), within_kiln():
             return int(HANDLERS[args.command](args))
     except KilnError as error:
         print(f"kiln: error: {error.one_line()}", file=sys.stderr)

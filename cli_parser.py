@@ -23,8 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Symmetric(argparse.Action):
+    """`--activations symmetric|asymmetric` as the export option `symmetric_activations` (True, False)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values == "symmetric")
+
+
 def _export_parser(sub: Any) -> None:
-    """`kiln export` and its flags (one long list: every flag of the export, in the order --help shows)."""
+    """`kiln export` and its flags (one long list: every flag of the export, in the order --help shows). Each
+    export option's `dest` is its keyword of `kiln.export` (`kiln.compiler.export.options.KEYWORDS`): `cli.py`
+    hands them over as they are."""
     export = sub.add_parser(
         "export",
         help="export a model to one or more targets",
@@ -49,9 +58,16 @@ def _export_parser(sub: Any) -> None:
         metavar="METHOD",
         help="how int8 ranges are chosen from the calibration samples: minmax (default), percentile or entropy",
     )
-    export.add_argument("--per-tensor", action="store_true", help="one int8 scale per weight tensor, not per channel")
+    export.add_argument(
+        "--per-tensor",
+        dest="per_channel",
+        action="store_false",
+        help="one int8 scale per weight tensor, not per channel",
+    )
     export.add_argument(
         "--activations",
+        dest="symmetric_activations",
+        action=_Symmetric,
         choices=("symmetric", "asymmetric"),
         help="int8 activation ranges (default: each runtime's fast choice)",
     )
@@ -117,13 +133,19 @@ def _export_parser(sub: Any) -> None:
     export.add_argument("--atol", type=float, help="absolute tolerance override")
     export.add_argument("--rtol", type=float, help="relative tolerance override")
     export.add_argument("--min-cosine", type=float, help="minimum cosine similarity per output (override)")
-    export.add_argument("--min-snr", type=float, metavar="DB", help="minimum signal-to-noise ratio in dB (override)")
+    export.add_argument(
+        "--min-snr", dest="min_snr_db", type=float, metavar="DB", help="minimum signal-to-noise ratio in dB (override)"
+    )
     export.add_argument("--min-top1", type=float, help="minimum top-1 agreement of classifier outputs (override)")
     export.add_argument(
         "--min-channel-cosine", type=float, help="minimum cosine of the worst channel, about its own mean (override)"
     )
     export.add_argument(
-        "--min-channel-snr", type=float, metavar="DB", help="minimum SNR of the worst channel, in dB (override)"
+        "--min-channel-snr",
+        dest="min_channel_snr_db",
+        type=float,
+        metavar="DB",
+        help="minimum SNR of the worst channel, in dB (override)",
     )
     export.add_argument("--samples", type=int, default=4, help="parity input sets besides batch-range ones (default 4)")
     export.add_argument(
@@ -135,7 +157,9 @@ def _export_parser(sub: Any) -> None:
         help="optimization level: 0 none (not even the ONNX exporter's own optimizer), 1 cleanup, 2 fusion (default), "
         "3 target-specific",
     )
-    export.add_argument("--passes", metavar="+NAME,-NAME", help="add or remove passes (see `kiln passes`)")
+    export.add_argument(
+        "--passes", dest="adjust_passes", metavar="+NAME,-NAME", help="add or remove passes (see `kiln passes`)"
+    )
     export.add_argument("--dump-passes", metavar="DIR", help="write each target's graph after every pass into DIR")
     where = export.add_mutually_exclusive_group()
     where.add_argument(
@@ -145,7 +169,9 @@ def _export_parser(sub: Any) -> None:
         help="find the first module that diverges from PyTorch even if parity passes (default: when it fails)",
     )
     where.add_argument("--no-localize", dest="localize", action="store_false", help="do not localize a parity failure")
-    export.add_argument("--no-parity-gate", action="store_true", help="publish even if parity fails (marked)")
+    export.add_argument(
+        "--no-parity-gate", dest="parity_gate", action="store_false", help="publish even if parity fails (marked)"
+    )
     export.add_argument("--force", action="store_true", help="replace an existing output directory")
     export.add_argument(
         "--all-or-nothing",

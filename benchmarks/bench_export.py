@@ -11,7 +11,7 @@ Every measurement runs in a fresh process (multiprocessing "spawn"), so that not
 
 * eager: the PyTorch module on its example inputs (torch.no_grad, `--threads` threads), `--repeat` timed
   runs, once before the model's exports and once after them, pooled (drift over the run hits both sides);
-* for each target, an export process runs `export_targets("zoo:NAME", target, tmp, ExportOptions(force=True))`
+* for each target, an export process runs `export_targets("zoo:NAME", target, tmp, export_options(force=True))`
   and records the wall time of each stage (`Progress.timings`) and of the whole call, then its own peak RSS
   (`VmHWM`: the export's peak, Python and library imports included);
 * then a latency process loads the artifact with `kiln.compiler.export.loading.load`, gives its runtime `--threads`
@@ -90,7 +90,7 @@ def measure_eager(model: str, threads: int, repeat: int, warmup: int) -> dict[st
 def measure_export(model: str, target: str, precision: str, threads: int, out: str) -> dict[str, Any]:
     """Export `zoo:model` to `target` in `out`: stage times, wall time, peak RSS, artifact size."""
     _setup(threads)
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import export_options
     from kiln.compiler.export.pipeline import export_targets
     from kiln.compiler.progress import Progress
 
@@ -98,7 +98,7 @@ def measure_export(model: str, target: str, precision: str, threads: int, out: s
     progress = Progress(quiet=True)
     started = time.perf_counter()
     (result,) = export_targets(
-        f"zoo:{model}", target, Path(out), ExportOptions(precision=precision, force=True), progress=progress
+        f"zoo:{model}", target, Path(out), export_options(precision=precision, force=True), progress=progress
     )
     row["export_s"] = time.perf_counter() - started
     row["peak_rss_mib"] = round(peak_rss() / 2**20, 1)

@@ -103,7 +103,7 @@ def measure_eager(name: str, threads: int, repeat: int, warmup: int) -> dict[str
 def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Export `name` at each level; then, in rounds, time each runtime's exports together (one fresh process
     per runtime, so that no other runtime's thread pool competes) and eager (in its own process)."""
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import export_options
     from kiln.compiler.export.pipeline import export_targets
 
     from benchmarks.bench_export import in_fresh_process
@@ -114,7 +114,7 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path) -> list[dic
         runtimes = [rt for rt, lv in LEVELS if lv == level]
         started = time.perf_counter()
         results = export_targets(
-            module, runtimes, work / f"{name}-O{level}", ExportOptions(opt_level=level), example_inputs
+            module, runtimes, work / f"{name}-O{level}", export_options(opt_level=level), example_inputs
         )
         export_s = time.perf_counter() - started
         onnx_graph = next(onnx_nodes(r.directory / "model.onnx") for r in results if r.target == "onnx")

@@ -6,7 +6,12 @@ message and an exit code in one place.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 EXIT_PARITY = 1  # an artifact failed parity
 EXIT_USAGE = 2  # bad input or usage
@@ -89,3 +94,38 @@ def as_kiln_error(error: Exception) -> KilnError:
     internal = InternalError(f"internal error: {error_text(error)}", "rerun with KILN_DEBUG=1 for the traceback")
     internal.__cause__ = error
     return internal
+
+
+_T = TypeVar("_T")
+_WITHIN_KILN = contextvars.ContextVar("within_kiln", default=False)
+
+
+def kiln_errors_only(function: Callable[..., _T]) -> Callable[..., _T]:
+    """A library entry point (`kiln.export`, `kiln.capture`, a stage's step) that raises only Kiln's own
+    exceptions: a bug elsewhere becomes an InternalError with the CLI's message, the original exception chained as
+    its cause. Called within Kiln (another entry point, or `within_kiln`), exceptions pass as they are."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        if _WITHIN_KILN.get():
+            return function(*args, **kwargs)
+        with within_kiln():
+            try:
+                return function(*args, **kwargs)
+            except KilnError:
+                raise
+            except Exception as error:
+                raise as_kiln_error(error) from error
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def within_kiln() -> Iterator[None]:
+    """Within this block (an export's flow, the CLI), the entry points of `kiln_errors_only` let exceptions pass as
+    they are: the caller decides what a bug becomes."""
+    token = _WITHIN_KILN.set(True)
+    try:
+        yield
+    finally:
+        _WITHIN_KILN.reset(token)

@@ -65,6 +65,13 @@ class Progress:
         self.peaks[name] = peak_rss()
         self.say(f" {seconds:.1f}s", prefix=False)
 
+    @contextmanager
+    def timed(self, timings: dict[str, float], name: str, detail: str = "") -> Iterator[None]:
+        """A stage (`stage`) whose seconds are also added to `timings[name]` (a manifest's stage times)."""
+        with self.stage(name, detail) as stage:
+            yield
+        timings[name] = round(timings.get(name, 0.0) + stage.seconds, 3)
+
     def warn(self, message: str) -> None:
         """Print a warning the user must see, even when quiet."""
         self.stream.write(f"[kiln] WARNING: {message}\n")

@@ -15,9 +15,8 @@ from kiln.targets.base import BuildOutput, BuildRequest, Runner, RuntimeSettings
 if TYPE_CHECKING:
     import numpy as np
     from kiln.compiler.capture.program import CapturedModel
-    from kiln.compiler.quantization.accuracy import AccuracyResult
+    from kiln.compiler.quantization.accuracy import QuantizedModel
     from kiln.compiler.quantization.calibration import AccuracyBudget, CalibrationData
-    from kiln.compiler.quantization.report import QuantReport
     from kiln.compiler.quantization.summary import QuantizeSummary
     from kiln.compiler.types import Feeds, Manifest
 
@@ -185,7 +184,7 @@ def accuracy_aware_onnx(
     calibration: CalibrationData,
     budget: AccuracyBudget,
     module_classes: dict[str, str] | None = None,
-) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
+) -> QuantizedModel:
     """`--max-drop` for this target: kiln.compiler.quantization.accuracy.accuracy_aware_qdq run with ONNX Runtime."""
     from kiln.compiler.quantization.accuracy import accuracy_aware_qdq
 
@@ -210,9 +209,11 @@ def quantize_onnx_artifact(
 
     info: dict[str, Any] = {}
     if budget is not None:
-        result, report, summary = accuracy_aware_onnx(fp32_onnx, destination, calibration, budget, module_classes)
+        kept = accuracy_aware_onnx(fp32_onnx, destination, calibration, budget, module_classes)
+        assert kept.accuracy is not None and kept.report is not None
+        summary, report = kept.summary, kept.report
         report.write(destination.parent)
-        info["accuracy_aware"] = result.summary()
+        info["accuracy_aware"] = kept.accuracy.summary()
     else:
         summary = quantize_onnx(fp32_onnx, destination, "int8", calibration)
         feeds = calibration.batches(onnx_signature(fp32_onnx, torch_layout=False)[0])

@@ -19,8 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
     import openvino as ov
     from kiln.compiler.capture.program import CapturedModel
-    from kiln.compiler.quantization.accuracy import AccuracyResult
-    from kiln.compiler.quantization.summary import QuantizeSummary
+    from kiln.compiler.quantization.accuracy import QuantizedModel
     from kiln.compiler.types import Feeds, Manifest, TensorSpec
 
 MODEL_FILE = "model.xml"
@@ -191,7 +190,8 @@ class OpenVinoTarget(Target):
             ov_model = _read_onnx(model.onnx_path, precision)
         built = BuildOutput(info={"weights": "fp16" if precision == "fp16" else "fp32"})
         if precision in QUANTIZED_PRECISIONS:  # before the layout change: calibration rows are channels-first
-            ov_model, quantization, aware = _quantize(ov_model, model, request)
+            quantized = _quantize(ov_model, model, request)
+            ov_model, quantization, aware = quantized.model, quantized.summary, quantized.accuracy
             built.passes.append(quantization.pass_record())
             built.info |= {"weights": "int8", "quantization": quantization.to_dict()}
             built.notes += quantization.notes
@@ -267,16 +267,14 @@ class OpenVinoTarget(Target):
         return _tapped_runs(directory, manifest, names, inputs)
 
 
-def _quantize(
-    ov_model: ov.Model, model: CapturedModel, request: BuildRequest
-) -> tuple[ov.Model, QuantizeSummary, AccuracyResult | None]:
-    """The model quantized with NNCF as the request asks (accuracy-aware with --max-drop), its summary, and
+def _quantize(ov_model: ov.Model, model: CapturedModel, request: BuildRequest) -> QuantizedModel:
+    """The model quantized with NNCF as the request asks (accuracy-aware with --max-drop), with its summary and
     the --max-drop result."""
+    from kiln.compiler.quantization.accuracy import QuantizedModel
     from kiln.compiler.quantization.openvino import quantize_openvino
 
     if request.accuracy is None:
-        quantized, summary = quantize_openvino(ov_model, request.precision, request.calibration)
-        return quantized, summary, None
+        return QuantizedModel(*quantize_openvino(ov_model, request.precision, request.calibration))
     from kiln.compiler.quantization.accuracy import accuracy_aware_nncf
     from kiln.compiler.quantization.report import module_classes
     from kiln.targets.onnxrt import OnnxRuntimeRunner

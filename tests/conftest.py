@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kiln import cli  # noqa: E402
-from kiln.compiler.export.options import ExportOptions  # noqa: E402
+from kiln.compiler.export.options import ExportOptions, Shapes  # noqa: E402
 from kiln.compiler.export.pipeline import export_targets  # noqa: E402
 from kiln.compiler.export.result import ExportResult  # noqa: E402
 
@@ -59,7 +59,7 @@ def dynamic_export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Export
     out = tmp_path_factory.mktemp("dynamic") / "transformer"
     from kiln.compiler.capture.dynamic import DynamicBatch
 
-    results = export_targets("zoo:transformer", "onnx,openvino", out, ExportOptions(dynamic_batch=DynamicBatch(1, 8)))
+    results = export_targets("zoo:transformer", "onnx,openvino", out, ExportOptions(shapes=Shapes(DynamicBatch(1, 8))))
     return {r.target: r for r in results}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kiln.compiler.export.artifacts import Artifact, load_runner
-from kiln.compiler.export.options import ExportOptions, export_options
+from kiln.compiler.export.options import export_options
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.metrics import ChannelSums, channel_axes
 from kiln.compiler.parity.gate import ParitySamples, compare, in_reference_layout
@@ -182,7 +182,7 @@ def test_the_yolo_head_gets_a_correct_int8_onnx_artifact_and_the_old_recipe_is_r
     model, inputs = yolo_head()
     stream = io.StringIO()
     results = export_targets(
-        model, "onnx,openvino,tflite,edgetpu", tmp_path / "new", ExportOptions(precision="int8", localize=False),
+        model, "onnx,openvino,tflite,edgetpu", tmp_path / "new", export_options(precision="int8", localize=False),
         inputs, Progress(stream=stream),
     )  # fmt: skip
     verdicts = {r.target: r.published for r in results}
@@ -194,7 +194,7 @@ def test_the_yolo_head_gets_a_correct_int8_onnx_artifact_and_the_old_recipe_is_r
         agreement = _class_agreement(result.directory)
         assert (agreement > 0.9) == result.published, (result.target, agreement)
     monkeypatch.setattr(onnxrt, "MIXED_RANGE_RATIO", math.inf)  # the recipe before: no Concat kept in float
-    (old,) = export_targets(model, "onnx", tmp_path / "old", ExportOptions(precision="int8", localize=False), inputs)
+    (old,) = export_targets(model, "onnx", tmp_path / "old", export_options(precision="int8", localize=False), inputs)
     (output,) = old.parity.outputs  # type: ignore[union-attr]
     assert not old.published and output.min_cosine > 0.999 and abs(output.channel_cosine) < 0.05
     assert _class_agreement(old.directory) < 0.2
@@ -218,7 +218,7 @@ def test_localization_names_the_layer_that_holds_the_outlier_channel(target, tmp
     in int8; the first divergence is `mid` (the old measure named `dec.1`, a layer after it)."""
     model, inputs = mid_outlier()
     (result,) = export_targets(
-        model, target, tmp_path / "o", ExportOptions(precision="int8", localize=True), inputs, Progress(quiet=True)
+        model, target, tmp_path / "o", export_options(precision="int8", localize=True), inputs, Progress(quiet=True)
     )
     record = result.parity.divergence  # type: ignore[union-attr]
     assert record is not None and record["first"]["module"] == "mid", record["summary"]

@@ -14,7 +14,7 @@ from kiln import cli
 from kiln.compiler.capture.program import CapturedModel, fx_signature
 from kiln.compiler.diagnose.cut import module_boundaries, prefix_program
 from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import ExportOptions, export_options
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.progress import Progress
 from kiln.compiler.types import Manifest
@@ -45,7 +45,7 @@ def _export(model_and_inputs: tuple, target: str, out: Path, **options: object) 
     """Export with progress captured: the result and the progress text."""
     stream = io.StringIO()
     model, inputs = model_and_inputs
-    result = export_targets(model, target, out, ExportOptions(**options), inputs, Progress(stream=stream))[0]  # type: ignore[arg-type]
+    result = export_targets(model, target, out, export_options(**options), inputs, Progress(stream=stream))[0]  # type: ignore[arg-type]
     return result, stream.getvalue()
 
 
@@ -148,6 +148,7 @@ def test_a_prefix_that_does_not_convert_is_the_answer(tmp_path: Path) -> None:
     from kiln.compiler.capture.program import capture
     from kiln.compiler.capture.sources import from_module
     from kiln.compiler.diagnose.divergence import localize
+    from kiln.compiler.diagnose.probe import Recipe
     from kiln.compiler.parity.reference import reference_samples
     from kiln.targets import get_target
 
@@ -155,7 +156,7 @@ def test_a_prefix_that_does_not_convert_is_the_answer(tmp_path: Path) -> None:
     captured = capture(source, None, tmp_path / "capture", to_onnx=False)
     options = ExportOptions()
     samples = reference_samples(source, captured, options)
-    found = localize(captured, get_target("onnx"), options, samples, workdir=tmp_path / "work")
+    found = localize(captured, Recipe.of(get_target("onnx"), options), samples, workdir=tmp_path / "work")
     assert found.first is not None and found.first.module == "binning" and found.first.kind == "Binning"
     assert found.conversion_error is not None and "lowering to ONNX failed" in found.conversion_error
     assert found.inputs is not None and found.inputs.module == "pre" and found.inputs.passed

@@ -63,8 +63,9 @@ def test_points_are_min_opt_max_and_a_seeded_random_size():
 
 def test_dynamic_batch_is_still_the_batch_shorthand():
     options = export_options(dynamic_batch="1:8")
-    assert options.dynamic == DynamicBatch(1, 8) and str(options.dynamic) == "1:8"
-    (dim,) = options.dynamic.resolve(NAMES, [(2, 16), (2, 16)]).dims
+    dynamic = options.shapes.dynamic
+    assert dynamic == DynamicBatch(1, 8) and str(dynamic) == "1:8"
+    (dim,) = dynamic.resolve(NAMES, [(2, 16), (2, 16)]).dims
     assert dim.symbol == "batch" and dim.axes == (("input_ids", 0), ("attention_mask", 0))
 
 
@@ -285,7 +286,7 @@ def test_a_matrix_cell_takes_dynamic_specs():
 
     cell = CellOptions().merged({"dynamic": ["input_ids:1=8:64"]}, "cell")
     assert cell.export_settings()["dynamic"] == ("input_ids:1=8:64",)
-    assert export_options(**cell.export_settings()).dynamic == DynamicShapes.parse(["input_ids:1=8:64"])
+    assert export_options(**cell.export_settings()).shapes.dynamic == DynamicShapes.parse(["input_ids:1=8:64"])
     with pytest.raises(UsageError, match="dynamic = 'input_ids:1=8:64' is not valid"):
         CellOptions().merged({"dynamic": "input_ids:1=8:64"}, "cell")
 

@@ -23,10 +23,10 @@ import pytest
 import torch
 from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import from_module, load_source
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import export_options
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.large_graphs import save_onnx
-from kiln.passes import PASSES, PassAdjustments, fusion, fx, pipeline_for
+from kiln.passes import PASSES, fusion, fx, pipeline_for
 from kiln.passes.base import FX, ONNX
 from kiln.passes.graphs import count_nodes
 from kiln.targets.onnxrt import OnnxRuntimeRunner
@@ -367,16 +367,14 @@ def test_fx_batchnorm_with_shared_conv_weight_is_left_alone():
 
 def test_levels_and_adjustments_change_what_the_manifest_lists(tmp_path):
     def passes_run(out: str, **options: Any) -> dict[str, list[Any]]:
-        results = export_targets("zoo:cnn", "onnx,pt2", tmp_path / out, ExportOptions(**options))
+        results = export_targets("zoo:cnn", "onnx,pt2", tmp_path / out, export_options(**options))
         assert all(r.published for r in results)
         return {r.target: r.manifest.passes for r in results}
 
     o0 = passes_run("o0", opt_level=0)
     o1 = passes_run("o1", opt_level=1)
     o2 = passes_run("o2", opt_level=2)
-    adjusted = passes_run(
-        "adjusted", pass_adjustments=PassAdjustments.parse("-fx-conv-batchnorm-folding,-conv-batchnorm-folding")
-    )
+    adjusted = passes_run("adjusted", adjust_passes="-fx-conv-batchnorm-folding,-conv-batchnorm-folding")
     assert o0 == {"onnx": [], "pt2": []}
     # -O0 is the exporter's raw graph (its own optimizer off too): BatchNorm still there, more nodes
     raw, optimized = (onnx.load(str(tmp_path / out / "onnx" / "model.onnx")) for out in ("o0", "o2"))

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from kiln import KilnError, UsageError, export, load
 from kiln.compiler.errors import InternalError
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import Thresholds
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.parity.gate import compare
 from kiln.compiler.types import Tolerance
@@ -45,7 +45,7 @@ def test_the_library_refuses_the_same_thresholds(name, tmp_path):
         with pytest.raises(UsageError, match=r"threshold|between 0 and 1"):
             export("zoo:cnn", target="onnx", out=tmp_path / "o", **{name: value})
         with pytest.raises(UsageError):
-            ExportOptions(**{name: value})
+            Thresholds(**{name: value})
     with pytest.raises(UsageError, match="max-drop"):
         export("zoo:cnn", target="onnx", out=tmp_path / "o", precision="int8", max_drop=float("nan"))
 

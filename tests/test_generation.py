@@ -250,12 +250,14 @@ def test_verify_replays_the_stored_tokens_and_fails_when_they_differ(exported, h
 
 
 def test_localization_is_skipped_and_said_for_generation_exports(exported):
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import ExportOptions, ParityOptions
 
     report = exported[0]["onnx"].manifest.parity
     said = io.StringIO()
-    assert skip_localization(ExportOptions(), report, Progress(stream=said)).localize is None  # passed: nothing to do
-    assert skip_localization(ExportOptions(localize=True), report, Progress(stream=said)).localize is False
+    kept = skip_localization(ExportOptions(), report, Progress(stream=said))
+    assert kept.parity.localize is None  # passed: nothing to do
+    always = ExportOptions(parity=ParityOptions(localize=True))
+    assert skip_localization(always, report, Progress(stream=said)).parity.localize is False
     assert "localization does not support text-generation exports yet" in said.getvalue()
 
 

@@ -46,13 +46,12 @@ CACHE = 40
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The tiny Llama exported to tflite and tpu with a static cache of CACHE (one capture for both)."""
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import ExportOptions, SourceOptions
 
     out = tmp_path_factory.mktemp("static") / "out"
     said = io.StringIO()
-    results = export_targets(
-        FACTORY, "tflite,tpu", out, ExportOptions(cache_size=CACHE), progress=Progress(stream=said)
-    )
+    options = ExportOptions(source=SourceOptions(cache_size=CACHE))
+    results = export_targets(FACTORY, "tflite,tpu", out, options, progress=Progress(stream=said))
     return {r.target: r for r in results}, said.getvalue()
 
 

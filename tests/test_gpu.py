@@ -17,7 +17,7 @@ import pytest
 import torch
 from kiln.compiler.capture.dynamic import DynamicBatch
 from kiln.compiler.export.loading import verify
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import ExportOptions, Shapes
 from kiln.compiler.export.pipeline import export_targets
 
 from tests.conftest import ZOO_MODELS
@@ -63,7 +63,7 @@ def test_aoti_cuda_fp16_and_dynamic_batch(tmp_path):
     (fp16,) = export_targets("zoo:cnn", "aoti", tmp_path / "fp16", ExportOptions(precision="fp16", device="cuda"))
     assert fp16.parity.passed and fp16.parity.tolerance.atol == 1e-2, fp16.parity.summary()
     (dynamic,) = export_targets(
-        "zoo:transformer", "cuda", tmp_path / "dyn", ExportOptions(dynamic_batch=DynamicBatch(1, 8))
+        "zoo:transformer", "cuda", tmp_path / "dyn", ExportOptions(shapes=Shapes(DynamicBatch(1, 8)))
     )
     assert dynamic.parity.passed and dynamic.parity.sample_origins[-2:] == ["random batch=1", "random batch=8"]
 

@@ -20,7 +20,7 @@ import torch
 from kiln import load
 from kiln.compiler.capture.dynamic import DynamicBatch
 from kiln.compiler.capture.zoo import ZOO
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import ExportOptions, Shapes
 from kiln.compiler.export.pipeline import export_targets
 from kiln.targets.compile_cache import CACHE_ENV, CompileCache
 
@@ -46,7 +46,7 @@ def reduced_precision_exports(tmp_path_factory):
     """cnn in bf16 with a dynamic batch 1..8 (aoti, cpu); transformer in fp16 (a tensorrt kit)."""
     root = tmp_path_factory.mktemp("gpu-reduced")
     (cnn,) = export_targets(
-        "zoo:cnn", "aoti", root / "cnn", ExportOptions(precision="bf16", device="cpu", dynamic_batch=DynamicBatch(1, 8))
+        "zoo:cnn", "aoti", root / "cnn", ExportOptions("bf16", "cpu", shapes=Shapes(DynamicBatch(1, 8)))
     )
     (transformer,) = export_targets("zoo:transformer", "tensorrt", root / "tf", ExportOptions("fp16"))
     return {"cnn-bf16": cnn, "transformer-fp16-tensorrt": transformer}
@@ -252,7 +252,7 @@ def test_tensorrt_kit_with_a_dynamic_batch_and_fp16(reduced_precision_exports, t
     import onnx
 
     (result,) = export_targets(
-        "zoo:transformer", "trt", tmp_path / "dyn", ExportOptions(dynamic_batch=DynamicBatch(1, 8))
+        "zoo:transformer", "trt", tmp_path / "dyn", ExportOptions(shapes=Shapes(DynamicBatch(1, 8)))
     )
     assert result.parity.passed and result.parity.sample_origins[-2:] == ["random batch=1", "random batch=8"]
     kit = json.loads((result.directory / "profiles.json").read_text())

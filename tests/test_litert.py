@@ -18,7 +18,7 @@ pytest.importorskip("ai_edge_quantizer", reason="the tflite target needs ai-edge
 
 from kiln import export, load
 from kiln.compiler.capture.zoo import ZOO
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import Calibration, ExportOptions, Thresholds
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.parity.gate import ParitySamples, judge
 from kiln.compiler.quantization.calibration import CalibrationSpec
@@ -67,7 +67,7 @@ def tflite_quantized(tmp_path_factory, calibration_sources):
     }
     results = {}
     for (name, precision), calib in runs.items():
-        options = ExportOptions(precision=precision, calibration=CalibrationSpec(str(calib) if calib else None))
+        options = ExportOptions(precision, calibration=Calibration(CalibrationSpec(str(calib) if calib else None)))
         (results[name, precision],) = export_targets(f"zoo:{name}", "tflite", root / f"{name}-{precision}", options)
     return results
 
@@ -136,7 +136,7 @@ def test_int8_thresholds_are_defaults_the_user_can_override(tflite_quantized):
     result = tflite_quantized["cnn", "int8"]
     assert result.parity.tolerance == Tolerance.for_precision("int8")
     achieved = result.parity.outputs[0].snr_db
-    strict = ExportOptions(min_snr_db=achieved + 10).tolerance("int8")
+    strict = Thresholds(min_snr_db=achieved + 10).tolerance("int8")
     assert strict.min_cosine == Tolerance.for_precision("int8").min_cosine
     samples = ParitySamples.load(result.directory, [])
     report = judge(load(result.directory).run, samples, strict, "stored reference", {})
@@ -343,7 +343,7 @@ def test_all_targets_skips_those_without_the_precision(tmp_path, capsys):
 
 def test_int64_token_inputs_calibrate_for_int8(tmp_path):
     # TFLite narrows int64 I/O to int32: calibration feeds must be narrowed the same way.
-    options = ExportOptions(precision="int8", calibration=CalibrationSpec(samples=8))
+    options = ExportOptions("int8", calibration=Calibration(CalibrationSpec(samples=8)))
     (result,) = export_targets("zoo:transformer", "tflite", tmp_path / "o", options)
     assert result.manifest.target_info["calibration"]["samples"] == 8
     assert result.parity.runtime["inference_precision"] == "int8"

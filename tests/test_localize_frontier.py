@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 from kiln import export
-from kiln.compiler.diagnose.divergence import localize
+from kiln.compiler.diagnose.divergence import Search, localize
+from kiln.compiler.diagnose.probe import Recipe
 from kiln.compiler.export.options import ExportOptions
 from kiln.compiler.progress import Progress
 
@@ -42,12 +43,11 @@ def test_bisection_judges_the_branch_live_at_the_cut(branching_fp16: dict[str, A
     for way in ("auto", "bisection"):
         found[way] = localize(
             branching_fp16["captured"],
-            get_target("onnx"),
-            branching_fp16["options"],
+            Recipe.of(get_target("onnx"), branching_fp16["options"]),
             branching_fp16["samples"],
+            Search(method=way),
             workdir=branching_fp16["work"] / way,
             progress=Progress(quiet=True),
-            method=way,
         )
     fast, bisection = found["auto"], found["bisection"]
     assert fast.method == "fast-path" and bisection.method == "bisection"

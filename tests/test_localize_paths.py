@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kiln.compiler.diagnose.divergence import localize
+from kiln.compiler.diagnose.divergence import Search, localize
 from kiln.compiler.diagnose.divergence_record import DIVERGENCE_FILE
+from kiln.compiler.diagnose.probe import Recipe
 from kiln.compiler.diagnose.profile_html import HTML_FILE
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import ExportOptions, export_options
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.progress import Progress
 from kiln.passes.base import FX, Pass, PassResult
@@ -41,7 +42,7 @@ WRONG_FX_PASS = Pass("shift-a-bias", "test only: shifts one conv's bias", FX, 1,
 def _export(model_and_inputs: tuple, target: str, out: Path, **options: object) -> tuple[Any, str]:
     stream = io.StringIO()
     model, inputs = model_and_inputs
-    result = export_targets(model, target, out, ExportOptions(**options), inputs, Progress(stream=stream))[0]  # type: ignore[arg-type]
+    result = export_targets(model, target, out, export_options(**options), inputs, Progress(stream=stream))[0]  # type: ignore[arg-type]
     return result, stream.getvalue()
 
 
@@ -83,20 +84,24 @@ def test_tflite_wrong_fx_pass_names_the_shifted_conv(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def fragile_int8(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The fragile CNN captured once, with its parity samples and int8 calibration, for both runtimes."""
-    from kiln.compiler.capture.program import capture
     from kiln.compiler.capture.sources import from_module
-    from kiln.compiler.export.pipeline import calibration_data
+    from kiln.compiler.export.stages import capture_source
     from kiln.compiler.parity.reference import reference_samples
     from kiln.targets import get_target
 
     work = tmp_path_factory.mktemp("fragile")
     source = from_module(*fragile_cnn())
     options = ExportOptions(precision="int8")
-    captured = capture(source, None, work / "capture", to_onnx=False)
-    targets = [get_target("onnx"), get_target("openvino")]
-    calibration = calibration_data(targets, captured, source, options, Progress(quiet=True), {})
-    samples = reference_samples(source, captured, options)
-    return {"captured": captured, "options": options, "samples": samples, "calibration": calibration, "work": work}
+    captured = capture_source(source, options, work / "capture")
+    calibration = captured.calibrate([get_target("onnx"), get_target("openvino")])
+    samples = reference_samples(source, captured.graph, options)
+    return {
+        "captured": captured.graph,
+        "options": options,
+        "samples": samples,
+        "calibration": calibration,
+        "work": work,
+    }
 
 
 @pytest.mark.parametrize(("target", "method"), [("onnx", "fast-path+bisection"), ("openvino", "fast-path")])
@@ -111,12 +116,10 @@ def test_int8_fast_path_and_bisection_name_the_same_module(
     for way in ("auto", "bisection"):
         found[way] = localize(
             fragile_int8["captured"],
-            get_target(target),
-            fragile_int8["options"],
+            Recipe.of(get_target(target), fragile_int8["options"], fragile_int8["calibration"]),
             fragile_int8["samples"],
-            calibration=fragile_int8["calibration"],
+            Search(method=way),
             workdir=fragile_int8["work"] / f"{target}-{way}",
-            method=way,
         )
     fast, bisection = found["auto"], found["bisection"]
     assert fast.method == method and bisection.method == "bisection"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import load_source
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import ExportOptions, PassOptions
 from kiln.compiler.export.pipeline import export_targets
 from kiln.passes import PASSES, run_pipeline
 from kiln.passes.base import CLEANUP, FX, ONNX, Pass, PassResult
@@ -163,7 +163,9 @@ def count(model: Any) -> int:
 def test_an_export_survives_a_broken_pass(tmp_path):
     """The broken pass costs its optimization: the export succeeds, parity passes, the manifest says why."""
     broken = [_bad("drop-first-node", _drop_first_node), _bad("fx-scale-outputs", _fx_scale_outputs, FX)]
-    options = ExportOptions(passes=[*broken, PASSES["dead-node-elimination"], PASSES["fx-dead-code-elimination"]])
+    options = ExportOptions(
+        passes=PassOptions(pipeline=(*broken, PASSES["dead-node-elimination"], PASSES["fx-dead-code-elimination"]))
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = export_targets("zoo:cnn", "onnx,pt2", tmp_path / "out", options)

@@ -193,12 +193,12 @@ def test_cli_refuses_an_unknown_pass_and_level(tmp_path, capsys):
 
 def test_dump_passes_writes_the_graph_after_each_pass(tmp_path):
     from kiln.compiler.capture.zoo import cnn
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import ExportOptions, PassOptions
     from kiln.compiler.export.pipeline import export_targets
 
     module, inputs = cnn()
     dump = tmp_path / "dump"
-    options = ExportOptions(opt_level=1, dump_passes=dump)
+    options = ExportOptions(passes=PassOptions(level=1, dump=dump))
     (result,) = export_targets(module, "onnx", tmp_path / "o", options, example_inputs=inputs)
     names = [r.name for r in result.manifest.passes]
     assert names == [p.name for p in pipeline_for(ONNX, "onnx", 1)]

@@ -79,13 +79,15 @@ def test_report_ranks_the_fragile_layer_first_with_its_module(fragile: Fragile) 
 
 def test_accuracy_aware_keeps_the_fragile_layer_in_float_and_meets_the_budget(fragile: Fragile, tmp_path: Path) -> None:
     destination = tmp_path / "model.onnx"
-    result, report, summary = accuracy_aware_onnx(
+    kept = accuracy_aware_onnx(
         fragile.fp32_onnx,
         destination,
         fragile.calibration,
         AccuracyBudget(BUDGET),
         module_classes=fragile.classes,
     )
+    result, report, summary = kept.accuracy, kept.report, kept.summary
+    assert result is not None and report is not None and kept.model == destination
     assert result.drop_before > BUDGET >= result.drop
     assert result.reverted_modules[0].startswith(f"{FRAGILE_MODULE} (Conv2d)")
     assert len(result.reverted) < len(report.layers)  # not everything went back to float
@@ -112,7 +114,8 @@ def test_user_metric_drives_the_loop(fragile: Fragile, tmp_path: Path) -> None:
         "    return float(np.mean(outputs['output'].argmax(1) == LABELS))\n"
     )
     budget = AccuracyBudget(BUDGET, f"{metric}:accuracy")
-    result, _, _ = accuracy_aware_onnx(fragile.fp32_onnx, tmp_path / "model.onnx", fragile.calibration, budget)
+    result = accuracy_aware_onnx(fragile.fp32_onnx, tmp_path / "model.onnx", fragile.calibration, budget).accuracy
+    assert result is not None
     assert result.metric == f"{metric}:accuracy"
     assert result.score_fp32 == pytest.approx(1.0, abs=0.02)
     assert result.drop_before > BUDGET >= result.drop

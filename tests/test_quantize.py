@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import Calibration, ExportOptions
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.export.result import ExportResult
 from kiln.compiler.parity.gate import QUANTIZED_SAMPLES
@@ -65,7 +65,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
     np.savez(calibration, image=train_x[: CALIBRATION_SAMPLES + HELD_BACK])
     example = (torch.from_numpy(train_x[:1]),)
     fp32 = export_targets(model, "onnx", root / "fp32", ExportOptions(), example_inputs=example)[0]
-    options = ExportOptions(precision="int8", calibration=CalibrationSpec(str(calibration), CALIBRATION_SAMPLES))
+    options = ExportOptions("int8", calibration=Calibration(CalibrationSpec(str(calibration), CALIBRATION_SAMPLES)))
     int8 = export_targets(model, "onnx,tflite", root / "int8", options, example_inputs=example)
     return Digits(model, test_x, test_y, calibration, fp32.directory / "model.onnx", {r.target: r for r in int8})
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import from_module
-from kiln.compiler.export.options import ExportOptions
+from kiln.compiler.export.options import ExportOptions, ParityOptions, PassOptions
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.ort_session import ort_session
 from kiln.passes import PASSES, PassAdjustments, pipeline_for, run_pipeline
@@ -131,7 +131,8 @@ def test_embedding_bag_exports_with_identity_elimination(tmp_path: Path):
     """The issue's export: the raw graph (as at -O0) through identity elimination, then parity on ONNX Runtime."""
     torch.manual_seed(0)
     added = PassAdjustments(added=("identity-elimination",))
-    options = ExportOptions(opt_level=0, pass_adjustments=added, samples=1)  # random offsets would be invalid
+    # one parity set: random offsets would be invalid
+    options = ExportOptions(passes=PassOptions(0, added), parity=ParityOptions(samples=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module, inputs = subgraphs.embedding_bag()

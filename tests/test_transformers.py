@@ -79,9 +79,9 @@ def test_llama_with_grouped_query_attention_passes_parity_on_tflite(tmp_path_fac
 
 def test_the_torchscript_route_keeps_a_dynamic_batch(tmp_path):
     from kiln.compiler.capture.dynamic import DynamicBatch
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import ExportOptions, Shapes
 
-    options = ExportOptions(dynamic_batch=DynamicBatch(1, 8))
+    options = ExportOptions(shapes=Shapes(DynamicBatch(1, 8)))
     (result,) = export_targets(f"{HF_MODELS}:cdist_head", "onnx", tmp_path / "o", options)
     info = _passed(result)
     assert info["onnx_route"]["route"] == "torchscript" and info["dynamic_batch"] == "1:8"

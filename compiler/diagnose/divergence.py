@@ -1,21 +1,20 @@
 """Where an artifact diverges from PyTorch: the first module whose output is out of the precision's tolerance.
 
 Target-agnostic: the captured FX program is cut at a module boundary (`kiln.compiler.diagnose.cut`), that prefix is
-built with
-the same target, precision, passes and calibration (`kiln.compiler.export.optimize.optimize`,
-`kiln.compiler.export.artifacts.build`),
-run on the parity inputs and judged against PyTorch's value of that boundary (`kiln.compiler.parity.gate.validate`, with
-`ExportOptions.tolerance(precision)`: quantized precisions by cosine and SNR, as the gate does). A bisection over
-the boundaries in execution order finds the first failing one in about log2(N) builds; a prefix that fails to
-convert is failing too, and its error names the op. `localize(...)` is the method; `localize_export(...)` is
-the export pipeline's one call after the gate.
+built as the artifact was (`Recipe`: the same target, route, precision, passes and calibration;
+`kiln.compiler.export.optimize.optimize`, `kiln.compiler.export.artifacts.build`), run on the parity inputs and
+judged against PyTorch's value of that boundary (`kiln.compiler.parity.gate.validate`, with the gate's tolerance at
+that precision: quantized precisions by cosine and SNR, as the gate does). A bisection over the boundaries in
+execution order finds the first failing one in about log2(N) builds; a prefix that fails to convert is failing
+too, and its error names the op. `localize(captured, recipe, samples, search)` is the method; the export's
+validated stage (`kiln.compiler.export.stages.Validated.localized`) calls it after the gate.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,79 +31,76 @@ from kiln.compiler.diagnose.cut import (
 )
 from kiln.compiler.diagnose.divergence_record import Divergence, ModuleError
 from kiln.compiler.diagnose.fast_path import read_boundaries
-from kiln.compiler.diagnose.probe import PROBE, NotBuilt, Probe, build_program
-from kiln.compiler.diagnose.profile_html import HTML_FILE, write_profile
-from kiln.compiler.errors import KilnError, error_text
+from kiln.compiler.diagnose.probe import PROBE, NotBuilt, Probe, Recipe, build_program
+from kiln.compiler.errors import KilnError
 from kiln.compiler.export.artifacts import Artifact
 from kiln.compiler.parity.gate import ParitySamples, validate
 from kiln.compiler.progress import Progress
 
 if TYPE_CHECKING:
-    from kiln.compiler.export.options import ExportOptions
-    from kiln.compiler.quantization.calibration import CalibrationData
     from kiln.compiler.types import ParityReport
     from kiln.targets.base import Route, Target
 
 FOLLOWING = 3  # modules listed after the first diverging one
 
 
+@dataclass(frozen=True, kw_only=True)
+class Search:
+    """How a localization searches: `method` `auto` (the runtime's fast path where it has one, else bisection) or
+    `bisection`; `every`: build every boundary (a per-module error profile; N builds) instead of bisecting;
+    `output_failed`: the whole model is known to fail (the gate said so), so no build of it is needed."""
+
+    method: str = "auto"
+    every: bool = False
+    output_failed: bool = True
+
+
 def localize(
     source: CapturedModel,
-    target: Target,
-    options: ExportOptions,
+    recipe: Recipe,
     samples: ParitySamples,
+    search: Search = Search(),
     *,
-    calibration: CalibrationData | None = None,
     workdir: Path,
     progress: Progress | None = None,
-    every: bool = False,
-    output_failed: bool = True,
-    method: str = "auto",
-    route: Route | None = None,
 ) -> Divergence:
-    """The first module of `source` (its captured FX program) whose output diverges from PyTorch on `target`,
-    built with `options` (precision, passes, calibration) and judged on `samples`' inputs.
+    """The first module of `source` (its captured FX program) whose output diverges from PyTorch when built as
+    `recipe` says (target, route, precision, calibration, passes) and judged on `samples`' inputs, searched as
+    `search` says.
 
-    `output_failed`: the whole model is known to fail (the gate said so), so the bisection needs no build of it;
-    otherwise the last boundary is built first and, if it passes, nothing diverges. `every`: build every
-    boundary (a per-module error profile; N builds) instead of bisecting. `method`: `auto` reads the boundaries
-    from the runtime in one build where it can (`kiln.compiler.diagnose.fast_path`) and the answer is certain, else
-    bisects;
-    `bisection` always bisects. `route`: the route that produced the artifact (`target_info.route`), by which
-    every prefix is built; None: the default capture (the dynamo exporter for an ONNX target).
+    When the output is not known to fail (`search.output_failed` False), the last boundary is built first and, if
+    it passes, nothing diverges. The `auto` method reads the boundaries from the runtime in one build where it can
+    (`kiln.compiler.diagnose.fast_path`) and the answer is certain, else bisects. Every prefix is built by
+    `recipe.route`, the route that produced the artifact (`target_info.route`; None: the default capture, the
+    dynamo exporter for an ONNX target).
     """
     assert source.exported is not None, "localize needs the captured FX program"
     started = time.perf_counter()
     progress = progress or Progress(quiet=True)
-    options = replace(options, dump_passes=None)  # --dump-passes shows the export's graphs, not the prefixes'
     bounds = module_boundaries(source.exported)
-    probe = Probe(source, target, options, samples, calibration, workdir, progress, reference_module(source.exported))
-    probe.bounds, probe.route = bounds, route
+    probe = Probe(source, recipe, samples, workdir, progress, reference_module(source.exported), bounds=bounds)
     checked = eager_check(source.eager, source.exported, bounds, samples.inputs[0]) if source.eager and bounds else ""
-    precision = options.precision_for(target)
-    found, first, used = _search(probe, bounds, method, every, output_failed)
-    measured = [found[i] for i in sorted(found)]
-    following = [found.get(b.index) or _unmeasured(b) for b in bounds[(first or 0) + 1 :][:FOLLOWING]]
+    found, first, used = _search(probe, bounds, search)
     error = found[first] if first is not None else None
-    inputs = found.get(first - 1) if first else None
-    conversion = error.reason.removeprefix("conversion failed: ") if error and _unconverted(error) else None
-    notes = _notes(bounds, first is None and output_failed and not every, route is None and len(target.routes()) > 1)
+    following = [found.get(b.index) or ModuleError.at(b) for b in bounds[(first or 0) + 1 :][:FOLLOWING]]
+    route, target = recipe.route, recipe.target
+    outputs_only = first is None and search.output_failed and not search.every
     return Divergence(
-        target.name,
-        precision,
-        error,
-        inputs,
-        following if first is not None else [],
-        measured,
-        len(bounds),
-        probe.builds,
-        round(time.perf_counter() - started, 2),
-        conversion,
-        notes,
-        used,
-        _tolerance(options.tolerance(precision)),
-        route.name if route is not None else "",
-        checked or "boundary values from the program the user gave (a .pt2): it is the model",
+        target=target.name,
+        precision=recipe.request.precision,
+        first=error,
+        inputs=found.get(first - 1) if first else None,
+        following=following if first is not None else [],
+        measured=[found[i] for i in sorted(found)],
+        boundaries=len(bounds),
+        builds=probe.builds,
+        seconds=round(time.perf_counter() - started, 2),
+        conversion_error=error.reason.removeprefix("conversion failed: ") if error and _unconverted(error) else None,
+        notes=_notes(bounds, outputs_only, route is None and len(target.routes()) > 1),
+        method=used,
+        tolerance=_tolerance(recipe.tolerance()),
+        route=route.name if route is not None else "",
+        reference=checked or "boundary values from the program the user gave (a .pt2): it is the model",
     )
 
 
@@ -124,14 +120,13 @@ def _notes(bounds: list[Boundary], outputs_only: bool, route_unknown: bool) -> l
     return notes
 
 
-def _search(
-    probe: Probe, bounds: list[Boundary], method: str, every: bool, output_failed: bool
-) -> tuple[dict[int, ModuleError], int | None, str]:
+def _search(probe: Probe, bounds: list[Boundary], search: Search) -> tuple[dict[int, ModuleError], int | None, str]:
     """Every boundary measured, the first failing one and how it was found: `fast-path` (every boundary up to the
     first failing one read from the runtime in one build), `fast-path+bisection` (the runtime's boundaries narrow
     the search to the unmapped ones between the last passing and the first failing one, which are bisected),
     `bisection`, or `every` (each boundary built)."""
-    fast = read_boundaries(probe, bounds) if method != "bisection" else None
+    every, output_failed = search.every, search.output_failed
+    fast = read_boundaries(probe, bounds) if search.method != "bisection" else None
     found: dict[int, ModuleError] = dict(fast or {})
     failing = [i for i in sorted(found) if not found[i].passed]
     first = failing[0] if failing else None
@@ -197,15 +192,16 @@ def _measure(probe: Probe, boundary: Boundary) -> dict[int, ModuleError]:
     started = time.perf_counter()
     probe.builds += 1
     work = probe.work / f"boundary-{boundary.index:04d}"
-    result = ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops), True)
+    result = ModuleError.at(boundary)
+    result.measured = True
     live: dict[int, ModuleError] = {}
     try:
         artifact, samples, names = _build(probe, boundary, work)
-        tolerance = probe.options.tolerance(artifact.manifest.precision)
+        tolerance = probe.recipe.thresholds.tolerance(artifact.manifest.precision)
         for metrics in validate(artifact, samples, tolerance, "PyTorch intermediate").outputs:
             index = names[metrics.name]
             b = probe.bounds[index] if index != boundary.index else boundary
-            error = result if index == boundary.index else ModuleError(index, b.module, b.kind, b.source, list(b.ops))
+            error = result if index == boundary.index else ModuleError.at(b)
             error.take(metrics)
             if error is not result:
                 error.cut_at = boundary.index
@@ -251,54 +247,13 @@ def route_named(target: Target, name: str | None) -> Route | None:
     return next((r for r in target.routes() if r.name == name), None)
 
 
-def _unmeasured(boundary: Boundary) -> ModuleError:
-    return ModuleError(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops))
-
-
 def _unconverted(error: ModuleError) -> bool:
     return error.reason.startswith("conversion failed: ")
 
 
-def wanted(options: ExportOptions, report: ParityReport, captured: CapturedModel) -> bool:
-    """Whether an export localizes: on a parity failure unless `--no-localize`, always with `--localize`; only
-    for a PyTorch source (an FX program to cut)."""
-    if captured.exported is None or options.localize is False:
+def wanted(when: bool | None, report: ParityReport, captured: CapturedModel) -> bool:
+    """Whether an export localizes (`when`: `ParityOptions.localize`): on a parity failure unless `--no-localize`,
+    always with `--localize`; only for a PyTorch source (an FX program to cut)."""
+    if captured.exported is None or when is False:
         return False
-    return bool(options.localize) or not report.passed
-
-
-def localize_export(
-    target: Target,
-    captured: CapturedModel,
-    samples: ParitySamples,
-    calibration: CalibrationData | None,
-    options: ExportOptions,
-    report: ParityReport,
-    directory: Path,
-    work: Path,
-    progress: Progress,
-    route: Route | None = None,
-) -> ParityReport:
-    """The export pipeline's step after the gate: when wanted, localize (building the prefixes by `route`, the one
-    that produced the artifact), write `directory/divergence.json`, and return the report with the record
-    (`parity.divergence`). A localization that breaks costs a warning, never the export."""
-    if not wanted(options, report, captured):
-        return report
-    try:
-        found = localize(
-            captured,
-            target,
-            options,
-            samples,
-            calibration=calibration,
-            workdir=work / f"localize-{target.name}",
-            progress=progress,
-            output_failed=not report.passed,
-            route=route,
-        )
-    except Exception as error:  # a diagnostic must not turn a parity verdict into a crash
-        progress.warn(f"localization failed: {error_text(error, 200)}")
-        return report
-    found.write(directory)
-    write_profile([found], directory / HTML_FILE)
-    return replace(report, divergence=found.to_dict())
+    return bool(when) or not report.passed

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kiln.compiler.diagnose.cut import Boundary
     from kiln.compiler.types import OutputMetrics
 
 DIVERGENCE_FILE = "divergence.json"
@@ -39,6 +40,11 @@ class ModuleError:
     channel_cosine: float = 1.0
     channel_snr_db: float = math.inf
 
+    @classmethod
+    def at(cls, boundary: Boundary) -> ModuleError:
+        """The boundary, not measured yet."""
+        return cls(boundary.index, boundary.module, boundary.kind, boundary.source, list(boundary.ops))
+
     def take(self, metrics: OutputMetrics) -> None:
         """Record the gate's verdict and figures for this boundary's tensor."""
         self.measured, self.passed, self.reason = True, metrics.passed, metrics.reason
@@ -63,7 +69,7 @@ class ModuleError:
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Divergence:
     """The answer of `localize`: the first module whose output diverges (None: every boundary built is within
     tolerance), its output's error, its inputs' error (the previous boundary; None: the model's inputs, exact),

@@ -62,7 +62,7 @@ def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleErr
     from kiln.compiler.diagnose.cut import intermediates
     from kiln.compiler.diagnose.divergence_record import ModuleError
 
-    layout = probe.options.build_request(probe.target, None).io_layout
+    layout = probe.recipe.request.io_layout
     if not bounds or not supported(probe.target, layout):
         return None
     if probe.route is not None and probe.route.consumes != "onnx":
@@ -91,11 +91,10 @@ def read_boundaries(probe: Probe, bounds: list[Boundary]) -> dict[int, ModuleErr
     program, nodes = probe.captured.exported, [bounds[i].node for i in names]
     values = [intermediates(program, nodes, feeds, probe.reference) for feeds in probe.samples.inputs]
     reference = [{i: value[bounds[i].node] for i in names} for value in values]
-    tolerance = probe.options.tolerance(artifact.manifest.precision)
+    tolerance = probe.recipe.thresholds.tolerance(artifact.manifest.precision)
     found = {}
     for index, metrics in judge_taps(runs, reference, tolerance).items():
-        b = bounds[index]
-        error = ModuleError(index, b.module, b.kind, b.source, list(b.ops))
+        error = ModuleError.at(bounds[index])
         error.take(metrics)
         found[index] = error
     probe.progress.say(

@@ -14,7 +14,7 @@ from kiln.passes.graphs import dump_graph
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel
-    from kiln.compiler.export.options import ExportOptions
+    from kiln.compiler.export.options import PassOptions
     from kiln.compiler.types import PassRecord
     from kiln.targets.base import Target
 
@@ -23,22 +23,23 @@ def optimize(
     model: CapturedModel,
     target: Target,
     work: Path,
-    options: ExportOptions,
+    passes: PassOptions,
     done: dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]],
     consumes: str | None = None,
 ) -> tuple[CapturedModel, list[PassRecord]]:
-    """Run the target's passes over the graph it consumes (`consumes`, when given: the graph of the route being
+    """Run the target's passes (`passes`: the level's pipeline with the user's adjustments, or an explicit one)
+    over the graph it consumes (`consumes`, when given: the graph of the route being
     built, "onnx" or "torch"); the optimized model and what each pass did.
 
     `done` holds the pipelines already run on this same graph for other targets, so that one is run once.
     """
     ir = FX if (consumes or target.consumes) == "torch" else ONNX
-    if options.passes is not None:
-        chosen = [p for p in options.passes if p.ir == ir]
+    if passes.pipeline is not None:
+        chosen = [p for p in passes.pipeline if p.ir == ir]
     else:
-        chosen = pipeline_for(ir, target.name, options.opt_level, options.pass_adjustments)
+        chosen = pipeline_for(ir, target.name, passes.level, passes.adjustments)
     key = (ir, *(p.name for p in chosen))
-    dump = options.dump_passes / target.name if options.dump_passes is not None else None
+    dump = passes.dump / target.name if passes.dump is not None else None
     if key in done:
         if dump is not None:
             _dump_final(done[key][0], ir, dump)

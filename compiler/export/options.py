@@ -1,11 +1,16 @@
-"""What an export is asked to do, built in one place from the CLI's flags, the library's keyword arguments and a
-matrix cell's options: `export_options(...)` is the only constructor those three call."""
+"""What an export is asked to do, as small option groups, one per concern: `Shapes` (dynamic dims, buckets),
+`PassOptions` (-O, --passes, --dump-passes), `Calibration` (int8 calibration, --max-drop), `Thresholds` (the
+gate's overrides), `ParityOptions` (parity input sets, the gate, localization), `OutputOptions` (--force, --wait,
+--all-or-nothing) and `SourceOptions` (--trust-pickle, --task, --cache-size); `ExportOptions` holds them with the
+precision, device and I/O options.
+
+The CLI's flags, the library's keyword arguments (`kiln.export(**options)`) and a matrix cell's options are one
+flat vocabulary, `KEYWORDS`: `export_options(**keywords)` maps it onto the groups, in this one place."""
 
 from __future__ import annotations
 
 import difflib
-import inspect
-from dataclasses import InitVar, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,57 +32,185 @@ if TYPE_CHECKING:
     from kiln.targets.base import BuildRequest, Target
 
 IO_OPTIONS = ("nhwc",)  # int8 I/O is not an option: every int8 TFLite/Edge TPU artifact takes int8 I/O
-# ExportOptions fields that export_options() makes from a differently named plain value
-PARSED_FIELDS = {"inputs_files", "calibration", "accuracy", "pass_adjustments", "dynamic", "buckets", "shapes"}
 
 
-@dataclass
-class ExportOptions:
-    """Everything about an export except the model, the targets and where it goes."""
+@dataclass(frozen=True)
+class Thresholds:
+    """The parity gate's thresholds over each precision's defaults (None: the default), refused when not a finite
+    number >= 0 (fractions at most 1) before any work."""
 
-    precision: str | None = None  # None: each target's default (fp32, int8 for the Edge TPU)
-    device: str | None = None  # --device for targets that compile for one (aoti); None: the target's default
-    dynamic: DynamicShapes | None = None  # --dynamic / --dynamic-batch (resolved against the model at capture)
-    inputs_files: list[Path] = field(default_factory=list)
     atol: float | None = None
     rtol: float | None = None
-    samples: int = DEFAULT_SAMPLES
-    parity_gate: bool = True
-    force: bool = False
-    wait: bool = False  # --wait: queue behind another export to the same --out instead of failing
-    opt_level: int = DEFAULT_LEVEL  # -O0 .. -O3
-    pass_adjustments: PassAdjustments = field(default_factory=PassAdjustments)  # --passes +name,-name
-    passes: list[Pass] | None = None  # an explicit pipeline (library use), replacing the level's
-    dump_passes: Path | None = None  # --dump-passes DIR: the graph after each pass, per target
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    accuracy: AccuracyBudget | None = None  # --max-drop: revert the most sensitive layers to float until within it
-    io: tuple[str, ...] = ()  # --io: nhwc (image I/O channels-last), int8
     min_cosine: float | None = None
     min_snr_db: float | None = None
     min_top1: float | None = None
-    min_channel_cosine: float | None = None  # the worst channel's thresholds (kiln.compiler.metrics.ChannelSums)
+    min_channel_cosine: float | None = None  # the worst channel's (kiln.compiler.metrics.ChannelSums)
     min_channel_snr_db: float | None = None
-    trust_pickle: bool = False  # --trust-pickle: a .pt2 source may run the pickles it carries
-    localize: bool | None = None  # where parity diverges: None on failure, True always, False never
-    all_or_nothing: bool = False  # with several targets, one that fails to build stops the export, nothing published
-    buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --buckets seq=32,64: static-shape targets
-    task: str | None = None  # --task: text-generation, forward, or a checkpoint folder's task (hf_folder.TASKS)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --shape NAME=DIMS: a checkpoint folder's inputs
-    trust_remote_code: bool = False  # --trust-remote-code: a checkpoint folder may run its own Python code
-    cache_size: int | None = None  # --cache-size: a static KV cache's length (tflite, tpu text generation)
-    dynamic_batch: InitVar[DynamicShapes | None] = None  # the older name of `dynamic` (DynamicBatch(1, 8))
 
-    def __post_init__(self, dynamic_batch: DynamicShapes | None) -> None:
-        """Refuse bad thresholds before any work (the tolerance of any precision applies the same overrides)."""
-        if dynamic_batch is not None:
-            self.dynamic = dynamic_batch
-        self.tolerance("fp32")
+    def __post_init__(self) -> None:
+        self.tolerance("fp32")  # the tolerance of any precision applies the same overrides
+
+    def tolerance(self, precision: str) -> Tolerance:
+        """The parity tolerance: the precision's default with these overrides."""
+        return Tolerance.for_precision(precision).with_overrides(**self.__dict__)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The dynamic dims (`--dynamic`, `--dynamic-batch`; resolved against the model at capture) and the sizes
+    static-shape targets build them at (`--buckets seq=32,64`)."""
+
+    dynamic: DynamicShapes | None = None
+    buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(
+        cls,
+        dynamic: list[str] | tuple[str, ...] | str | None = None,
+        dynamic_batch: str | None = None,
+        buckets: str | None = None,
+    ) -> Shapes:
+        """From the flags' text: `dynamic` (["input_ids:1=8:128:64", ...]), `dynamic_batch` ("MIN:MAX"),
+        `buckets` ("seq=32,64,128")."""
+        if buckets and not dynamic and not dynamic_batch:
+            raise UsageError(
+                f"--buckets {buckets} needs a dynamic dim to bucket", "add --dynamic SYM=NAME:AXIS=MIN:MAX"
+            )
+        return cls(DynamicShapes.parse(dynamic, dynamic_batch), parse_buckets(buckets))
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """The graph passes: the level (-O0 none .. -O3 target-specific), the user's adjustments (`--passes
+    +name,-name`), an explicit pipeline replacing the level's (library use), and `--dump-passes DIR`."""
+
+    level: int = DEFAULT_LEVEL
+    adjustments: PassAdjustments = field(default_factory=PassAdjustments)
+    pipeline: tuple[Pass, ...] | None = None
+    dump: Path | None = None  # the graph after each pass, per target
+
+    @classmethod
+    def parse(
+        cls,
+        opt_level: int = DEFAULT_LEVEL,
+        adjust_passes: str | None = None,
+        passes: list[Pass] | tuple[Pass, ...] | None = None,
+        dump_passes: str | Path | None = None,
+    ) -> PassOptions:
+        """From the keywords `opt_level`, `adjust_passes` ("+name,-name"), `passes` and `dump_passes`."""
+        pipeline = tuple(passes) if passes is not None else None
+        dump = Path(dump_passes) if dump_passes else None
+        return cls(opt_level, PassAdjustments.parse(adjust_passes), pipeline, dump)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How int8 is calibrated (`CalibrationSpec`: --calib, --calib-samples, --calib-method, --per-tensor,
+    --activations) and the accuracy budget of accuracy-aware int8 (--max-drop, --metric; None: none)."""
+
+    spec: CalibrationSpec = field(default_factory=CalibrationSpec)
+    accuracy: AccuracyBudget | None = None
+
+    def __post_init__(self) -> None:
         if self.accuracy is not None:
             check_thresholds(max_drop=self.accuracy.max_drop)
 
+    @classmethod
+    def parse(
+        cls,
+        calib: str | Path | None = None,
+        calib_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+        calib_method: str = "minmax",
+        per_channel: bool = True,
+        symmetric_activations: bool | None = None,
+        max_drop: float | None = None,
+        metric: str | None = None,
+    ) -> Calibration:
+        """From the keywords of the calibration flags (`calib`: FILE.npz, a directory or `file.py:loader`)."""
+        source = str(calib) if calib is not None else None
+        spec = CalibrationSpec(source, calib_samples, calib_method, per_channel, symmetric_activations)
+        return cls(spec, AccuracyBudget(max_drop, metric) if max_drop is not None else None)
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """What the parity gate runs on and what follows its verdict: `--samples` random input sets, the user's
+    `--inputs` files, whether a failure keeps the artifact from being published (`--no-parity-gate`: not), and
+    localization (None: on a failure, True: always, False: never)."""
+
+    samples: int = DEFAULT_SAMPLES
+    inputs_files: tuple[Path, ...] = ()
+    gate: bool = True
+    localize: bool | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        samples: int = DEFAULT_SAMPLES,
+        inputs: list[str | Path] | tuple[str | Path, ...] | None = None,
+        parity_gate: bool = True,
+        localize: bool | None = None,
+    ) -> ParityOptions:
+        """From the keywords `samples`, `inputs` (.npz paths), `parity_gate` and `localize`."""
+        return cls(samples, tuple(Path(p) for p in inputs or ()), parity_gate, localize)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How an export is published: replace an existing output directory (`--force`), queue behind another export
+    to it (`--wait`), and with several targets publish nothing when one fails (`--all-or-nothing`)."""
+
+    force: bool = False
+    wait: bool = False
+    all_or_nothing: bool = False
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How the model is read and what it is exported as: `--trust-pickle` (a .pt2 may run its pickles), `--task`
+    (text-generation with its KV cache, or forward; None: text-generation for a causal LM; a checkpoint folder's
+    task, `hf_folder.TASKS`), `--cache-size` (a static KV cache's length: tflite, tpu text generation), and for a
+    checkpoint folder `--shape NAME=DIMS` (its example inputs' shapes) and `--trust-remote-code` (it may run its
+    own Python code)."""
+
+    trust_pickle: bool = False
+    task: str | None = None
+    cache_size: int | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    @classmethod
+    def parse(
+        cls,
+        trust_pickle: bool = False,
+        task: str | None = None,
+        cache_size: int | None = None,
+        shape: list[str] | tuple[str, ...] | None = None,
+        trust_remote_code: bool = False,
+    ) -> SourceOptions:
+        """From the keywords; `shape` as the flags' text (["input_ids=1x64", ...])."""
+        return cls(trust_pickle, task, cache_size, parse_shapes(shape), trust_remote_code)
+
     def folder_request(self) -> FolderRequest:
         """What these options ask of a checkpoint folder source."""
-        return FolderRequest(self.task, self.shapes, self.trust_remote_code, self.trust_pickle)
+        return FolderRequest(self.task, self.input_shapes, self.trust_remote_code, self.trust_pickle)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything about an export except the model, the targets and where it goes: the precision (None: each
+    target's default), the device (targets that compile for one), the I/O options, and one group per concern."""
+
+    precision: str | None = None
+    device: str | None = None
+    io: tuple[str, ...] = ()  # --io: nhwc (image I/O channels-last)
+    shapes: Shapes = field(default_factory=Shapes)
+    passes: PassOptions = field(default_factory=PassOptions)
+    calibration: Calibration = field(default_factory=Calibration)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    parity: ParityOptions = field(default_factory=ParityOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    source: SourceOptions = field(default_factory=SourceOptions)
 
     def precision_for(self, target: Target) -> str:
         """The precision asked of `target`: the user's, or the target's default."""
@@ -91,22 +224,47 @@ class ExportOptions:
             precision=self.precision_for(target),
             io_layout="nhwc" if "nhwc" in self.io else None,
             calibration=calibration,
-            accuracy=self.accuracy,
+            accuracy=self.calibration.accuracy,
             device=self.device,
-            buckets=self.buckets if target.buckets else {},
+            buckets=self.shapes.buckets if target.buckets else {},
         )
 
-    def tolerance(self, precision: str) -> Tolerance:
-        """The parity tolerance: the precision's default with the user's overrides."""
-        return Tolerance.for_precision(precision).with_overrides(
-            atol=self.atol,
-            rtol=self.rtol,
-            min_cosine=self.min_cosine,
-            min_snr_db=self.min_snr_db,
-            min_top1=self.min_top1,
-            min_channel_cosine=self.min_channel_cosine,
-            min_channel_snr_db=self.min_channel_snr_db,
+
+# The flat vocabulary of the CLI, the library and a matrix cell, by the group each keyword sets.
+GROUPS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "shapes": (Shapes, ("dynamic", "dynamic_batch", "buckets")),
+    "passes": (PassOptions, ("opt_level", "adjust_passes", "passes", "dump_passes")),
+    "calibration": (
+        Calibration,
+        ("calib", "calib_samples", "calib_method", "per_channel", "symmetric_activations", "max_drop", "metric"),
+    ),
+    "thresholds": (Thresholds, tuple(Thresholds.__dataclass_fields__)),
+    "parity": (ParityOptions, ("samples", "inputs", "parity_gate", "localize")),
+    "output": (OutputOptions, tuple(OutputOptions.__dataclass_fields__)),
+    "source": (SourceOptions, ("trust_pickle", "task", "cache_size", "shape", "trust_remote_code")),
+}
+KEYWORDS = ("precision", "device", "io", *(name for _, names in GROUPS.values() for name in names))
+
+
+def export_options(**keywords: Any) -> ExportOptions:
+    """ExportOptions from the flat vocabulary (`KEYWORDS`), as the CLI, the library and a matrix cell hold it:
+    strings for `dynamic_batch` ("MIN:MAX"), `dynamic` (["input_ids:1=8:128:64", ...]), `buckets`
+    ("seq=32,64,128"), `io` ("nhwc"), `adjust_passes` ("+name,-name"); numbers and flags for the rest. An
+    unknown keyword is a UsageError naming the closest known one."""
+    unknown = sorted(set(keywords) - set(KEYWORDS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], KEYWORDS, n=1)
+        raise UsageError(
+            f"unknown export option '{unknown[0]}'",
+            f"did you mean {close[0]}?" if close else f"use {', '.join(sorted(KEYWORDS))}",
         )
+    groups = {}
+    for group, (kind, names) in GROUPS.items():
+        given = {name: keywords[name] for name in names if name in keywords}
+        parse = getattr(kind, "parse", kind)
+        groups[group] = parse(**given)
+    io = parse_io(keywords.get("io"))
+    return ExportOptions(precision=keywords.get("precision"), device=keywords.get("device"), io=io, **groups)
 
 
 def parse_io(text: str | None) -> tuple[str, ...]:
@@ -137,53 +295,3 @@ def parse_buckets(text: str | None) -> dict[str, tuple[int, ...]]:
             )
         buckets[symbol.strip()] = tuple(sorted({int(v) for v in values}))
     return buckets
-
-
-def export_options(
-    *,
-    calib: str | Path | None = None,
-    calib_samples: int = DEFAULT_CALIBRATION_SAMPLES,
-    calib_method: str = "minmax",
-    per_channel: bool = True,
-    symmetric_activations: bool | None = None,
-    max_drop: float | None = None,
-    metric: str | None = None,
-    dynamic_batch: str | None = None,
-    dynamic: list[str] | tuple[str, ...] | str | None = None,
-    buckets: str | None = None,
-    inputs: list[str | Path] | tuple[str | Path, ...] | None = None,
-    io: str | None = None,
-    adjust_passes: str | None = None,
-    dump_passes: str | Path | None = None,
-    shape: list[str] | tuple[str, ...] | None = None,
-    **plain: Any,
-) -> ExportOptions:
-    """ExportOptions from plain values, as the CLI, the library and a matrix cell hold them: strings for
-    `dynamic_batch` ("MIN:MAX"), `dynamic` (["input_ids:1=8:128:64", ...]), `buckets` ("seq=32,64,128"),
-    `io` ("nhwc"), `adjust_passes` ("+name,-name"), `shape` (["input_ids=1x64", ...]); the calibration and accuracy
-    settings as separate values. `plain` holds the fields of ExportOptions that need no parsing (precision,
-    atol, samples, opt_level, ...); an unknown name is a UsageError."""
-    known = {f.name for f in fields(ExportOptions)} - PARSED_FIELDS
-    unknown = sorted(set(plain) - known)
-    if unknown:
-        names = sorted(known | set(inspect.signature(export_options).parameters) - {"plain"})
-        close = difflib.get_close_matches(unknown[0], names, n=1)
-        raise UsageError(
-            f"unknown export option '{unknown[0]}'", f"did you mean {close[0]}?" if close else f"use {', '.join(names)}"
-        )
-    if buckets and not dynamic and not dynamic_batch:
-        raise UsageError(f"--buckets {buckets} needs a dynamic dim to bucket", "add --dynamic SYM=NAME:AXIS=MIN:MAX")
-    return ExportOptions(
-        dynamic=DynamicShapes.parse(dynamic, dynamic_batch),
-        buckets=parse_buckets(buckets),
-        inputs_files=[Path(p) for p in inputs or []],
-        calibration=CalibrationSpec(
-            str(calib) if calib is not None else None, calib_samples, calib_method, per_channel, symmetric_activations
-        ),
-        accuracy=AccuracyBudget(max_drop, metric) if max_drop is not None else None,
-        io=parse_io(io),
-        pass_adjustments=PassAdjustments.parse(adjust_passes),
-        dump_passes=Path(dump_passes) if dump_passes else None,
-        shapes=parse_shapes(shape),
-        **plain,
-    )

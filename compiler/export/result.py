@@ -1,14 +1,18 @@
-"""What an export returns for each target (`compiler.export`, `kiln.compiler.export.pipeline.export_targets`): where
-the artifact
-is, its manifest, whether it was published, or why nothing was built."""
+"""What an export returns for each target (`kiln.export`, `kiln.compiler.export.pipeline.export_targets`): where
+the artifact is, its manifest, whether it was published, or why nothing was built; and `publish`, which lays the
+finished builds out in the output directory and returns those results."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.export.staging import REJECTED, install_tree
 from kiln.compiler.types import Manifest, ParityReport, json_safe
+
+if TYPE_CHECKING:
+    from kiln.targets.base import Target
 
 
 @dataclass(frozen=True)
@@ -56,3 +60,44 @@ class ExportResult:
                 "failure": asdict(self.failure) if self.failure is not None else None,
             }
         )
+
+
+@dataclass
+class Outcome:
+    """One target's end before it is published: its finished build (directory and manifest), or how it failed."""
+
+    target: Target
+    directory: Path | None = None
+    manifest: Manifest | None = None
+    failure: TargetFailure | None = None
+    relative: Path = field(default_factory=Path)  # where the build ends up inside the output directory
+
+
+def publish(staging: Path, outcomes: list[Outcome], out: Path) -> list[ExportResult]:
+    """Move the finished builds (in `staging`) into `out` (passed ones in place, failed ones under `.rejected/`), in
+    one step."""
+    built = [o for o in outcomes if o.directory is not None]
+    if built:
+        install_tree(_assemble(staging, built, single=len(outcomes) == 1), out)
+    return [
+        ExportResult(
+            o.target.name, out / o.relative, o.manifest, o.manifest is not None and o.manifest.published, o.failure
+        )
+        for o in outcomes
+    ]
+
+
+def _assemble(staging: Path, builds: list[Outcome], single: bool) -> Path:
+    """Lay out the final tree: passed builds in place, failed ones under `.rejected/`."""
+    tree = staging / "tree"
+    first = builds[0]
+    if single and first.manifest is not None and first.manifest.published and first.directory is not None:
+        first.directory.rename(tree)
+        return tree
+    tree.mkdir()
+    for build_ in builds:
+        assert build_.manifest is not None and build_.directory is not None
+        build_.relative = Path(build_.target.name) if build_.manifest.published else Path(REJECTED, build_.target.name)
+        (tree / build_.relative).parent.mkdir(exist_ok=True)
+        build_.directory.rename(tree / build_.relative)
+    return tree

@@ -1,31 +1,29 @@
 """A target's routes: the ways from the captured model to its artifact, tried in order.
 
-The pipeline asks the target for its routes (`Target.routes`, `kiln.targets.base.Route`), keeps those the source can
-take (`RouteGraphs.applicable`), gets each route's graph (`RouteGraphs.graph`: the shared capture, or its ONNX
-lowering by the route's exporter, made once per capture and only when a target reaches that route) and
-publishes the first route whose build passes parity (a `fallback` route is tried only when no earlier route
-converted). A route that fails to convert, or converts but fails parity, is recorded (`route_info`:
-`target_info.route` and `target_info.routes_tried`); when none builds, the error names every route
-(`routes_failed`).
+`choose_route` asks the target for its routes (`Target.routes`, `kiln.targets.base.Route`), keeps those the source
+can take (`kiln.compiler.export.route_graphs.RouteGraphs.applicable`), and runs each route's stages (`try_route`:
+the capture's graph for the route -- the shared capture, or its ONNX lowering by the route's exporter, made once
+per capture and only when a target reaches that route -- optimized, built and validated;
+`kiln.compiler.export.stages`) until one passes parity (a `fallback` route is tried only when no earlier route
+converted). A route that fails to convert, or converts but fails parity, is recorded (`target_info.route` and
+`target_info.routes_tried`: `RouteChoice.tried`, `kiln.compiler.export.stages.Validated.finish`); when none
+builds, the error names every route (`routes_failed`).
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from kiln.compiler.capture.program import EXPORTERS, CapturedModel, lower
-from kiln.compiler.errors import KilnError, UnsupportedOpError, plain_text
-from kiln.targets.base import ONNX_FILE, Route
+from kiln.compiler.errors import KilnError, MissingBackendError, UnsupportedOpError, UsageError, plain_text
+from kiln.targets.base import Route
 
 if TYPE_CHECKING:
-    from kiln.compiler.types import ParityReport, PassRecord
+    from kiln.compiler.export.stages import Captured, Validated
+    from kiln.compiler.types import ParityReport
     from kiln.targets.base import Target
-
-LOWERING_HINT = "use a target that consumes the FX graph, or replace that operation in the model"
-
 
 @dataclass
 class RouteAttempt:
@@ -35,7 +33,7 @@ class RouteAttempt:
     step: str
     reason: str = ""
     error: KilnError | None = None  # it failed to build (or to run)
-    report: ParityReport | None = None  # it built and was judged
+    validated: Validated | None = None  # it built and was judged
 
     @classmethod
     def failed(cls, route: Route, step: str, error: KilnError) -> RouteAttempt:
@@ -43,9 +41,10 @@ class RouteAttempt:
         return cls(route, step, failure_reason(route, error), error=error)
 
     @classmethod
-    def judged(cls, route: Route, report: ParityReport) -> RouteAttempt:
+    def judged(cls, route: Route, validated: Validated) -> RouteAttempt:
         """A route that built and was judged by the parity gate."""
-        return cls(route, "validate", "" if report.passed else parity_reason(report), report=report)
+        report = validated.report
+        return cls(route, "validate", "" if report.passed else parity_reason(report), validated=validated)
 
     def to_dict(self) -> dict[str, str]:
         """What `target_info.routes_tried` records of it."""
@@ -60,61 +59,6 @@ def parity_reason(report: ParityReport) -> str:
         + "; ".join(o.summary().removeprefix("FAIL ") for o in failing[:2])
         + (f" (+{len(failing) - 2} more outputs)" if len(failing) > 2 else "")
     )
-
-
-class RouteGraphs:
-    """The graph each route hands to a target, for one capture; and the pass pipelines run on each graph."""
-
-    def __init__(self, captured: CapturedModel, scratch: Path, optimize_onnx: bool, failure: KilnError | None):
-        self.captured, self.scratch, self.optimize_onnx = captured, scratch, optimize_onnx
-        self.lowered: dict[str, CapturedModel | KilnError] = {}  # by exporter
-        self.optimized: dict[str, dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]]] = {}
-        if captured.onnx_path is not None and captured.exported is not None:
-            record = captured.lowering.get("onnx_route", {})
-            self.lowered[record.get("route", EXPORTERS[0])] = captured
-            for exporter, reason in record.get("failed", {}).items():
-                self.lowered[exporter] = UnsupportedOpError(
-                    f"lowering to ONNX by the {exporter} exporter failed: {reason}", LOWERING_HINT
-                )
-        if failure is not None:  # no exporter converted: every ONNX route fails with the same error
-            for exporter in getattr(failure, "failed", None) or EXPORTERS:
-                self.lowered[exporter] = failure
-
-    def applicable(self, target: Target) -> list[Route]:
-        """The target's routes this source can take, in order."""
-        routes = target.routes()
-        if self.captured.exported is None:  # an .onnx source: the file is the one ONNX graph
-            return [ONNX_FILE] if any(r.consumes == "onnx" for r in routes) else []
-        return [r for r in routes if r.exporter != "torchscript" or self.captured.eager is not None]
-
-    def graph(self, route: Route, target: Target) -> CapturedModel:
-        """The graph `route` hands to `target` (lowered to ONNX now if no target needed it yet); a KilnError when
-        the route's exporter cannot convert the model."""
-        captured = self.captured
-        if route.consumes == "torch":
-            return captured if target.consumes == "torch" else replace(captured, onnx_path=None, lowering={})
-        if not route.exporter or captured.exported is None:
-            return captured
-        if route.exporter not in self.lowered:
-            fx_only = replace(captured, onnx_path=None, lowering={})
-            try:
-                self.lowered[route.exporter] = lower(
-                    fx_only, self.scratch / route.exporter, self.optimize_onnx, (route.exporter,)
-                )
-            except KilnError as error:
-                self.lowered[route.exporter] = error
-        found = self.lowered[route.exporter]
-        if isinstance(found, KilnError):
-            raise found
-        return found
-
-    def work_for(self, route: Route) -> Path:
-        """Where the pass pipelines on the graph of `route` write their graphs."""
-        return self.scratch / f"passes-{route.exporter or route.consumes}"
-
-    def optimized_for(self, route: Route) -> dict[tuple[str, ...], tuple[CapturedModel, list[PassRecord]]]:
-        """The pass pipelines already run on the graph of `route` (shared by the targets that take that graph)."""
-        return self.optimized.setdefault(route.exporter or route.consumes, {})
 
 
 def routes_failed(attempts: list[RouteAttempt]) -> KilnError:
@@ -153,19 +97,93 @@ def keep_only(chosen: Path, directory: Path, tried: list[Path]) -> Path:
     return directory
 
 
-def route_info(chosen: RouteAttempt, attempts: list[RouteAttempt]) -> dict[str, Any]:
-    """What the manifest records (`target_info`): the route that produced the artifact, and why each other
-    route tried was not used."""
-    return {"route": chosen.route.name, "routes_tried": [a.to_dict() for a in attempts if a is not chosen]}
+class TargetFailed(Exception):
+    """A target failed at one step (no route built, or an error every route would meet); with several targets,
+    the others go on."""
+
+    def __init__(self, step: str, error: KilnError):
+        super().__init__(error.one_line())
+        self.step, self.error = step, error
+
+
+@dataclass
+class RouteChoice:
+    """The routes tried for one target and the one kept: the first whose build passed parity, else (rejected) the
+    first that built."""
+
+    chosen: RouteAttempt
+    attempts: list[RouteAttempt]
+
+    @property
+    def validated(self) -> Validated:
+        """The kept route's validated stage."""
+        assert self.chosen.validated is not None
+        return self.chosen.validated
+
+    def tried(self) -> list[dict[str, str]]:
+        """What the manifest records of the other routes tried (`target_info.routes_tried`): why each was not
+        used."""
+        return [a.to_dict() for a in self.attempts if a is not self.chosen]
+
+
+def choose_route(captured: Captured, target: Target, directory: Path) -> RouteChoice:
+    """Run the stages of `target`'s routes in order (`try_route`, each into its own directory beside
+    `directory`) until one builds and passes parity; the kept one is moved to `directory`, what the others wrote
+    is removed. When no route builds, TargetFailed names the step."""
+    routes = captured.routes.applicable(target)
+    timings: dict[str, float] = {}  # this target's stage times, over every route tried
+    attempts: list[RouteAttempt] = []
+    for index, route in enumerate(routes):
+        if route.fallback and any(a.validated is not None for a in attempts):
+            break  # an earlier route converted (and failed parity): a fallback route is not a second opinion
+        attempt = try_route(captured, target, route, directory.with_name(f"{target.name}~{index}"), timings)
+        attempts.append(attempt)
+        if not attempt.reason:
+            break
+        if index + 1 < len(routes):
+            captured.progress.warn(f"{target.name}: route {route.name} not used ({attempt.step}): {attempt.reason}")
+    built = [a for a in attempts if a.validated is not None]
+    if not built:
+        if not attempts:
+            raise TargetFailed("capture", UnsupportedOpError(f"{target.name} has no route from this model", None))
+        raise TargetFailed(attempts[0].step, routes_failed(attempts))
+    choice = RouteChoice(next((a for a in built if not a.reason), built[0]), attempts)
+    artifact = choice.validated.artifact
+    tried = [directory.with_name(f"{target.name}~{i}") for i in range(len(attempts))]
+    artifact.directory = keep_only(artifact.directory, directory, tried)
+    return choice
+
+
+def try_route(
+    captured: Captured, target: Target, route: Route, directory: Path, timings: dict[str, float]
+) -> RouteAttempt:
+    """One route of one target: its graph optimized, built into `directory` and validated (the stages' seconds
+    added to `timings`). A conversion or run failure is returned in the attempt (the next route is tried); a
+    usage error or a missing backend, which every route would meet, raises TargetFailed."""
+    step = "capture"
+    try:
+        captured.routes.graph(route, target)
+        step = "optimize"
+        optimized = captured.optimize(target, route=route, timings=timings)
+        step = "build"
+        built = optimized.build(directory=directory)
+        step = "validate"
+        validated = built.validate()
+    except (UsageError, MissingBackendError) as error:
+        raise TargetFailed(step, error) from error
+    except KilnError as error:
+        return RouteAttempt.failed(route, step, error)
+    return RouteAttempt.judged(route, validated)
 
 
 __all__ = [
-    "LOWERING_HINT",
     "RouteAttempt",
-    "RouteGraphs",
+    "RouteChoice",
+    "TargetFailed",
+    "choose_route",
     "failure_reason",
     "keep_only",
     "parity_reason",
-    "route_info",
     "routes_failed",
+    "try_route",
 ]

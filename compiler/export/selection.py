@@ -21,13 +21,13 @@ def select_targets(spec: str | list[str], options: ExportOptions, progress: Prog
     every = is_every(spec)
     fitting = []
     for target in targets:
-        refusal = _refusal(target, options)
-        if refusal is None:
+        refused = refusal(target, options)
+        if refused is None:
             fitting.append(target)
-        elif every and isinstance(refusal, UsageError) and len(targets) > 1:
-            progress.say(f"skipping {target.name}: {refusal.message}")
+        elif every and isinstance(refused, UsageError) and len(targets) > 1:
+            progress.say(f"skipping {target.name}: {refused.message}")
         else:
-            raise refusal
+            raise refused
     if not fitting:
         raise UsageError("no target can export with these options", "run `kiln targets` for what each supports")
     if options.device is not None and not any(t.devices for t in fitting):
@@ -39,23 +39,24 @@ def select_targets(spec: str | list[str], options: ExportOptions, progress: Prog
     return fitting
 
 
-def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
-    """Why `target` cannot export with these options, or None."""
+def refusal(target: Target, options: ExportOptions) -> KilnError | None:
+    """Why `target` cannot export with these options (its precision, I/O options, dynamic dims, availability
+    here), or None."""
     precision = options.precision_for(target)
-    if target.static_shapes and options.dynamic is not None:
-        refusal = (
+    if target.static_shapes and options.shapes.dynamic is not None:
+        refused = (
             _buckets_refusal(target, options)
-            if options.buckets and target.buckets
+            if options.shapes.buckets and target.buckets
             else _static_refusal(target, options)
         )
-        if refusal is not None:  # buckets that fit go on to the checks below (precision, the target's own)
-            return refusal
+        if refused is not None:  # buckets that fit go on to the checks below (precision, the target's own)
+            return refused
     if precision not in target.precisions:
         return UsageError(
             f"target {target.name} does not support precision {precision}",
             f"use one of: {', '.join(target.precisions)}",
         )
-    if options.accuracy is not None and (precision != "int8" or not target.accuracy_aware):
+    if options.calibration.accuracy is not None and (precision != "int8" or not target.accuracy_aware):
         return UsageError(
             f"--max-drop does not apply to target {target.name} at precision {precision}",
             "it is for --precision int8 on targets that can keep layers in float (kiln targets --json: accuracy_aware)",
@@ -74,19 +75,19 @@ def _refusal(target: Target, options: ExportOptions) -> KilnError | None:
         )
     try:
         target.check_request(options.build_request(target, None))
-    except KilnError as refusal:
-        return refusal
+    except KilnError as refused:
+        return refused
     return None
 
 
 def _static_refusal(target: Target, options: ExportOptions) -> KilnError:
     """A dynamic dim on a static-shape target, without --buckets: why not, and the way forward."""
-    assert options.dynamic is not None
-    flag = "--dynamic-batch" if options.dynamic.batch is not None else "--dynamic"
+    assert options.shapes.dynamic is not None
+    flag = "--dynamic-batch" if options.shapes.dynamic.batch is not None else "--dynamic"
     bucket_hint = f"pass --buckets SYMBOL=SIZE,SIZE to build one program per size, or export {target.name} "
     why = f": {target.static_reason}" if target.static_reason else ""
     return UsageError(
-        f"target {target.name} needs static shapes, but {flag} {options.dynamic} was given{why}",
+        f"target {target.name} needs static shapes, but {flag} {options.shapes.dynamic} was given{why}",
         (bucket_hint if target.buckets else f"export {target.name} ")
         + f"without {flag}, once per {'batch size' if flag == '--dynamic-batch' else 'shape'} you serve "
         "(set the shape of the example inputs)",
@@ -96,9 +97,9 @@ def _static_refusal(target: Target, options: ExportOptions) -> KilnError:
 def _buckets_refusal(target: Target, options: ExportOptions) -> KilnError | None:
     """Why `--buckets` cannot stand for the dynamic dims on `target` (every symbol needs sizes within its range;
     none given for another symbol), or None."""
-    assert options.dynamic is not None
-    symbols = {d.symbol: d for d in options.dynamic.dims}
-    for symbol, sizes in options.buckets.items():
+    assert options.shapes.dynamic is not None
+    symbols = {d.symbol: d for d in options.shapes.dynamic.dims}
+    for symbol, sizes in options.shapes.buckets.items():
         if symbol not in symbols:
             return UsageError(
                 f"--buckets {symbol}=...: no dynamic dim is named {symbol}",
@@ -111,13 +112,13 @@ def _buckets_refusal(target: Target, options: ExportOptions) -> KilnError | None
                 f"--buckets {symbol}: {outside[0]} is outside the range {dim.minimum}:{dim.maximum}",
                 "pick bucket sizes within the --dynamic range",
             )
-    missing = [s for s in symbols if s not in options.buckets]
+    missing = [s for s in symbols if s not in options.shapes.buckets]
     if missing:
         return UsageError(
             f"target {target.name} needs static shapes: --buckets gives no sizes for {', '.join(missing)}",
             f"add them, e.g. --buckets {missing[0]}=SIZE,SIZE",
         )
-    if len(options.buckets) > 1:
+    if len(options.shapes.buckets) > 1:
         return UsageError(
             f"target {target.name}: --buckets for more than one symbol is not supported",
             "bucket one dynamic dim, and give the others fixed sizes",
@@ -150,12 +151,17 @@ def fit_to_source(
     return targets
 
 
+def example_batch(source: ModelSource) -> int | None:
+    """The batch of the source's example inputs (dim 0 of the first; None without one)."""
+    first = source.example_inputs[0] if source.example_inputs else None
+    return first.shape[0] if first is not None and first.dim() else None
+
+
 def capture_groups(source: ModelSource, targets: list[Target]) -> list[tuple[int | None, list[Target]]]:
     """Targets grouped by the batch they must be captured at (None: the example inputs' own batch)."""
-    first = source.example_inputs[0] if source.example_inputs else None
-    example_batch = first.shape[0] if first is not None and first.dim() else None
+    example = example_batch(source)
     groups: dict[int | None, list[Target]] = {}
     for target in targets:
-        batch = target.fixed_batch if target.fixed_batch not in (None, example_batch) else None
+        batch = target.fixed_batch if target.fixed_batch not in (None, example) else None
         groups.setdefault(batch, []).append(target)
     return sorted(groups.items(), key=lambda item: item[0] or 0)

@@ -130,14 +130,16 @@ def generation_targets(
     """The targets of a generation export, checked before any work (`check_generation_request`); says when the
     task was detected rather than asked for."""
     asked_all = isinstance(asked, str) and asked.strip().lower() == "all"
-    chosen = check_generation_request(chosen, asked_all, options.precision_for, options.dynamic, options.cache_size)
-    if options.inputs_files:
+    chosen = check_generation_request(
+        chosen, asked_all, options.precision_for, options.shapes.dynamic, options.source.cache_size
+    )
+    if options.parity.inputs_files:
         raise UsageError(
             "--inputs does not apply to a text-generation export: its parity sets are decoding states the model "
             "itself makes (a cache from a file has no token history to run the model on)",
             "drop --inputs",
         )
-    if options.task is None:
+    if options.source.task is None:
         say(f"{type(source.module).__name__} is a causal LM: {GENERATION_NOTE}")
     return chosen
 
@@ -271,13 +273,13 @@ def _all_nodes(graph: Any) -> list[Any]:
 def skip_localization(options: ExportOptions, report: ParityReport, progress: Progress) -> ExportOptions:
     """The options with localization off for a text-generation export, said when it would have run: the divergence
     probes feed the FX program by its own input names (`past_0`), which the renamed cache inputs no longer match."""
-    if options.localize is False or (options.localize is None and report.passed):
+    if options.parity.localize is False or (options.parity.localize is None and report.passed):
         return options
     progress.warn(
         "localization does not support text-generation exports yet: not localized (its prefix probes would feed "
         "the captured program's own cache inputs, `past_0`..., not the exported `past_key_values.{i}.key|value`)"
     )
-    return replace(options, localize=False)
+    return replace(options, parity=replace(options.parity, localize=False))
 
 
 def generation_samples(source: ModelSource, captured: CapturedModel, options: ExportOptions) -> ParitySamples:
@@ -287,7 +289,7 @@ def generation_samples(source: ModelSource, captured: CapturedModel, options: Ex
 
     assert source.reference_model is not None and source.decoder is not None
     layout = layout_of(captured.inputs)
-    return decoding_samples(CausalLMReference(source.reference_model), layout, source.decoder, options.samples)
+    return decoding_samples(CausalLMReference(source.reference_model), layout, source.decoder, options.parity.samples)
 
 
 def with_generation(report: ParityReport, artifact: Artifact, source: ModelSource) -> ParityReport:

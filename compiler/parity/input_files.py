@@ -48,9 +48,9 @@ def check_input_files(options: ExportOptions, targets: list[Target] | None = Non
     `--calib` files are checked when calibration can be used: a target (of `targets`, when given) is
     exported at int8, or the precision is int8 or each target's default. A `file.py:loader` is not run here.
     """
-    for path in options.inputs_files:
+    for path in options.parity.inputs_files:
         read_npz(path, "--inputs")
-    source = options.calibration.source
+    source = options.calibration.spec.source
     if targets is not None:
         calibrated = any(options.precision_for(t) == "int8" for t in targets)
     else:

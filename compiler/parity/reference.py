@@ -115,20 +115,20 @@ def reference_samples(
     quantized precisions only (ParitySamples.for_precision): first `held_back` (calibration rows never calibrated
     on), then random ones.
     """
-    if options.samples < 1:
-        raise UsageError(f"--samples {options.samples}: need at least 1", "use the default of 4")
+    if options.parity.samples < 1:
+        raise UsageError(f"--samples {options.parity.samples}: need at least 1", "use the default of 4")
     examples = [t.detach().cpu().numpy() for t in source.example_inputs]
     if len(examples) != len(model.inputs):
         raise UsageError(
             f"the ONNX graph has {len(model.inputs)} inputs but the model takes {len(examples)}",
             "remove unused inputs from forward()",
         )
-    user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.inputs_files]
-    batches, shaped = shape_points(model, examples, options.buckets)
-    missing = max(QUANTIZED_SAMPLES - options.samples, 0) if quantized else 0
+    user_sets = [(f"user:{Path(p).name}", read_inputs_file(Path(p), model.inputs)) for p in options.parity.inputs_files]
+    batches, shaped = shape_points(model, examples, options.shapes.buckets)
+    missing = max(QUANTIZED_SAMPLES - options.parity.samples, 0) if quantized else 0
     held = (held_back or [])[:missing]
     inputs, origins = make_inputs(
-        examples, model.inputs, options.samples, batches, user_sets, shaped=shaped, extra=missing - len(held)
+        examples, model.inputs, options.parity.samples, batches, user_sets, shaped=shaped, extra=missing - len(held)
     )
     base = len(inputs) - (missing - len(held))
     inputs += held

@@ -96,6 +96,18 @@ class AccuracyResult:
         }
 
 
+@dataclass
+class QuantizedModel:
+    """What a quantization kept: the model (an OpenVINO model, or the path of a Q/DQ ONNX file), its quantization
+    summary, the accuracy-aware search's result (None: quantized as asked, without `--max-drop`) and the per-layer
+    report of the model kept (where the quantizer makes one)."""
+
+    model: Any
+    summary: QuantizeSummary
+    accuracy: AccuracyResult | None = None
+    report: QuantReport | None = None
+
+
 def reverted_note(modules: Sequence[str]) -> str:
     """The manifest note naming the layers --max-drop kept in float."""
     return f"--max-drop: {len(modules)} layer(s) kept in float: {', '.join(modules) or 'none needed'}"
@@ -289,10 +301,10 @@ def accuracy_aware_qdq(
     budget: AccuracyBudget,
     open_runner: Callable[[Path], ModelRunner],
     module_classes: dict[str, str] | None = None,
-) -> tuple[AccuracyResult, QuantReport, QuantizeSummary]:
+) -> QuantizedModel:
     """`--max-drop` for an ONNX Q/DQ artifact: quantize `fp32_onnx` to int8 into `destination`, reverting the
-    most sensitive layers until within budget; the result, the per-layer report and the quantization summary
-    of the model kept. `open_runner(path)` runs an ONNX file (the fp32 one and each candidate)."""
+    most sensitive layers until within budget; the model kept (`destination`) with its summary, the result and
+    its per-layer report. `open_runner(path)` runs an ONNX file (the fp32 one and each candidate)."""
     from kiln.compiler.quantization.onnxrt import quantize_onnx
     from kiln.compiler.quantization.report import DEFAULT_REPORT_SAMPLES, quant_report
 
@@ -311,7 +323,7 @@ def accuracy_aware_qdq(
     result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
     report = quant_report(fp32_onnx, destination, feeds[:DEFAULT_REPORT_SAMPLES], module_classes)
     report.summary.reverted = list(result.reverted_modules)
-    return result, report, kept[0]
+    return QuantizedModel(destination, kept[0], result, report)
 
 
 def accuracy_aware_nncf(
@@ -322,9 +334,9 @@ def accuracy_aware_nncf(
     fp32_runner: ModelRunner,
     open_runner: Callable[[Any], ModelRunner],
     module_classes: dict[str, str] | None = None,
-) -> tuple[Any, QuantizeSummary, AccuracyResult]:
+) -> QuantizedModel:
     """`--max-drop` for OpenVINO: quantize `ov_model` to int8 with NNCF, keeping the most sensitive layers in
-    float until within budget; the model kept, its summary and the result. `fp32_runner` runs the reference
+    float until within budget; the model kept, with its summary and the result. `fp32_runner` runs the reference
     (`fp32_onnx`), `open_runner(model)` a quantized OpenVINO model.
 
     Layers are ranked on an ONNX Runtime Q/DQ copy quantized from the same calibration data (OpenVINO ops keep
@@ -358,4 +370,4 @@ def accuracy_aware_nncf(
         return [name for name in ranked if mapped(name)]
 
     result = accuracy_aware(build, fp32_runner, calibration, budget, ranking, labels)
-    return kept[0][0], kept[0][1], result
+    return QuantizedModel(kept[0][0], kept[0][1], result)
