@@ -54,7 +54,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     results = export_targets(args.model, args.target, out, options, progress=Progress(quiet=args.quiet or args.json))
     failed = [r for r in results if r.failure is not None or (r.parity is not None and not r.parity.passed)]
     if args.json:
-        print(json.dumps({"ok": not failed, "results": [r.to_dict() for r in results]}, indent=2))
+        from kiln.compiler.memory import peak_rss
+
+        report = {"ok": not failed, "peak_rss": peak_rss(), "results": [r.to_dict() for r in results]}
+        print(json.dumps(report, indent=2))
     elif not args.quiet:
         for result in results:
             if result.failure is not None:
@@ -73,6 +76,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _model_stem(model: str) -> str:
     if model.startswith("zoo:"):
         return model[4:]
+    if Path(model).is_dir():
+        return Path(model).resolve().name
     path, _, factory = model.rpartition(":") if ":" in model else (model, "", "")
     return factory or Path(path or model).stem
 
@@ -222,6 +227,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kiln.compiler.parity.input_files import outputs_file, save_npz
 
     quiet_libraries()
+    if args.prompt is not None and args.generate is None:
+        from kiln.compiler.errors import UsageError
+
+        raise UsageError("--prompt applies to --generate", "add --generate: kiln run DIR --generate --prompt TEXT")
     output = outputs_file(args.output) if args.generate is None else None  # checked before any work
     model = load(args.export_dir, args.target, trust_pickle=args.trust_pickle)
     if output is None:
@@ -249,16 +258,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _generate(model: Any, args: argparse.Namespace) -> int:
-    """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids."""
+    """`kiln run --generate IDS`: greedy tokens from a text-generation export, printed as ids; with `--prompt TEXT`
+    the prompt is encoded, and the tokens decoded, by the tokenizer the export carries."""
+    from kiln.compiler.capture.hf_folder import load_tokenizer
+    from kiln.compiler.errors import UsageError
     from kiln.compiler.generation.decoding import DecoderSpec, generate_with_export, parse_prompt
 
-    prompt = parse_prompt(args.generate)
+    if args.prompt is not None and args.generate:
+        raise UsageError("--generate IDS and --prompt TEXT both give a prompt", "give one of them")
+    tokenizer = load_tokenizer(model.directory) if args.prompt is not None else None
+    if tokenizer is not None:
+        prompt = [int(t) for t in tokenizer(args.prompt)["input_ids"]]
+        if not prompt:
+            raise UsageError("--prompt encodes to no tokens", "give a longer prompt")
+    elif not args.generate:
+        raise UsageError("--generate needs prompt token ids, or --prompt TEXT", "e.g. --generate 1,5,9,3")
+    else:
+        prompt = parse_prompt(args.generate)
     spec = DecoderSpec.from_dict(model.manifest.source.get("decoder"))
     tokens = generate_with_export(model.runner, model.inputs, spec, prompt, args.max_new_tokens)
+    text = None
+    if tokenizer is not None:
+        end = tokenizer.eos_token_id
+        tokens = tokens[: tokens.index(end)] if end is not None and end in tokens else tokens  # stop at the end
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:
-        print(json.dumps({"prompt": prompt, "generated": tokens}))
+        print(json.dumps({"prompt": prompt, "generated": tokens} | ({"text": text} if text is not None else {})))
     elif not args.quiet:
-        print(",".join(map(str, tokens)))
+        print(text if text is not None else ",".join(map(str, tokens)))
     return 0
 
 

@@ -37,9 +37,10 @@ def _export_parser(sub: Any) -> None:
     export = sub.add_parser(
         "export",
         help="export a model to one or more targets",
-        description="MODEL is zoo:NAME, path/file.py:factory (runs that file's code), file.pt2 or file.onnx.",
+        description="MODEL is zoo:NAME, path/file.py:factory (runs that file's code), file.pt2, file.onnx, or a "
+        "Hugging Face checkpoint folder (config.json + *.safetensors).",
     )
-    export.add_argument("model", help="zoo:NAME | file.py:factory | file.pt2 | file.onnx")
+    export.add_argument("model", help="zoo:NAME | file.py:factory | file.pt2 | file.onnx | checkpoint folder")
     export.add_argument("--target", "-t", required=True, help="target name, comma list, or all (see `kiln targets`)")
     export.add_argument("--out", "-o", help="output directory (default: exports/MODEL)")
     export.add_argument(
@@ -105,9 +106,22 @@ def _export_parser(sub: Any) -> None:
     )
     export.add_argument(
         "--task",
-        choices=("text-generation", "forward"),
+        metavar="TASK",
         help="text-generation: a causal LM's decoder with its KV cache as inputs/outputs, gated on 32 greedy tokens "
-        "(default for a transformers *ForCausalLM); forward: one full-sequence forward",
+        "(default for a transformers *ForCausalLM); forward: one full-sequence forward; for a checkpoint folder "
+        "also text-classification, token-classification, image-classification, fill-mask, feature-extraction or "
+        "encoder (an encoder-decoder's encoder); default: from its config's architecture",
+    )
+    export.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="a checkpoint folder's example input shape (repeatable), e.g. input_ids=1x64, pixel_values=1x3x384x384",
+    )
+    export.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a checkpoint folder run its own Python code (auto_map): only for checkpoints you trust",
     )
     export.add_argument(
         "--cache-size",
@@ -224,7 +238,16 @@ def _other_parsers(sub: Any) -> None:
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--inputs", metavar="FILE.npz", help="arrays named like the model's inputs")
     what.add_argument(
-        "--generate", metavar="IDS", help='greedy-decode after these prompt token ids ("1,5,9,3"): text generation'
+        "--generate",
+        metavar="IDS",
+        nargs="?",
+        const="",
+        help='greedy-decode after these prompt token ids ("1,5,9,3"), or after --prompt TEXT: text generation',
+    )
+    run.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help="with --generate: a text prompt, encoded (and the tokens decoded) by the tokenizer the export carries",
     )
     run.add_argument(
         "--max-new-tokens",

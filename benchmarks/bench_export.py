@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kiln.compiler.memory import current_rss, peak_rss  # noqa: E402
 from kiln.compiler.perf.timing import BATCHES, NOISY, least_disturbed, runner_with_threads  # noqa: E402
 
 DEFAULT_TARGETS = ("onnx", "openvino", "pt2")
@@ -51,28 +52,6 @@ DEFAULT_REPEAT = 100
 
 
 # ------------------------------------------------------------------------------------ in child processes
-
-
-def _status_kib(field: str) -> int | None:
-    """A `VmXXX:  1234 kB` field of /proc/self/status, in KiB (None off Linux)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    hwm = _status_kib("VmHWM")
-    if hwm is not None:
-        return hwm / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _setup(threads: int) -> None:
@@ -115,14 +94,14 @@ def measure_export(model: str, target: str, precision: str, threads: int, out: s
     from kiln.compiler.export.pipeline import export_targets
     from kiln.compiler.progress import Progress
 
-    row: dict[str, Any] = {"rss_after_imports_mib": round((_status_kib("VmRSS") or 0) / 1024, 1)}
+    row: dict[str, Any] = {"rss_after_imports_mib": round((current_rss() or 0) / 2**20, 1)}
     progress = Progress(quiet=True)
     started = time.perf_counter()
     (result,) = export_targets(
         f"zoo:{model}", target, Path(out), export_options(precision=precision, force=True), progress=progress
     )
     row["export_s"] = time.perf_counter() - started
-    row["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    row["peak_rss_mib"] = round(peak_rss() / 2**20, 1)
     row["stages_s"] = dict(progress.timings)
     row["published"] = result.published
     row["parity"] = result.parity.summary() if result.parity else None

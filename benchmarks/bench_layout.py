@@ -114,9 +114,9 @@ def measure(name: str, work: Path, threads: int, repeat: int) -> list[dict[str, 
     import onnx_ir
     import openvino as ov
     from kiln.compiler.image_layout import NCHW_TO_NHWC
+    from kiln.compiler.large_graphs import save_onnx
     from kiln.compiler.ort_session import ort_session
     from kiln.passes.channels_last import count_ops, image_values, to_nhwc
-    from kiln.passes.graphs import save_onnx
     from kiln.targets.openvino_ir import nhwc_io
 
     nchw_path = capture_onnx(name, work)

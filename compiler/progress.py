@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
+from kiln.compiler.memory import peak_rss
 from kiln.compiler.signals import raise_if_terminated
 
 CHATTY_LOGGERS = ("torch", "torchao", "onnxscript", "onnx_ir", "openvino", "nncf")
@@ -37,12 +38,14 @@ class StageTime:
 
 
 class Progress:
-    """Prints `[kiln] stage ... 1.2s` lines (unless quiet) and records stage timings."""
+    """Prints `[kiln] stage ... 1.2s` lines (unless quiet) and records stage timings, and the process's peak
+    resident set when each stage ended (`peaks`, bytes: the stage where it grows is the one that used the memory)."""
 
     def __init__(self, quiet: bool = False, stream: TextIO | None = None):
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
 
     @contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[StageTime]:
@@ -59,6 +62,7 @@ class Progress:
         seconds = time.perf_counter() - started
         timed.seconds = round(seconds, 3)
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
+        self.peaks[name] = peak_rss()
         self.say(f" {seconds:.1f}s", prefix=False)
 
     @contextmanager

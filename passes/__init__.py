@@ -117,8 +117,9 @@ def _run_checked(
 ) -> tuple[Any, bool, str | None, float]:
     """Run one pass and check its result: the graph to go on with, whether it changed, why it was rolled
     back (None if kept), and the pass's own time in seconds (the checks not counted)."""
+    from kiln.compiler.large_graphs import snapshot
     from kiln.passes.base import SIGNATURE
-    from kiln.passes.contract import check_graph, signature, snapshot
+    from kiln.passes.contract import check_graph, signature
 
     kept = snapshot(graph)
     started = time.perf_counter()

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.image_layout import NCHW_TO_NHWC, NHWC_TO_NCHW
+from kiln.compiler.large_graphs import save_onnx
 from kiln.passes.base import ONNX, PassResult
-from kiln.passes.graphs import count_nodes, fresh_name, names_in, permuted_shape, save_onnx
+from kiln.passes.graphs import count_nodes, fresh_name, names_in, permuted_shape
 from kiln.passes.transpose_sinking import sink_transposes
 
 if TYPE_CHECKING:

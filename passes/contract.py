@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,14 +30,6 @@ UNSCOPED_OPS = frozenset({"Constant", "Identity"})  # ops a pass may add without
 def is_fx(graph: Any) -> bool:
     """Whether `graph` is a torch.export program (else an onnx_ir model)."""
     return hasattr(graph, "graph_module")
-
-
-def snapshot(graph: Any) -> Any:
-    """A copy of the graph that a pass changing `graph` in place leaves alone (constant tensors shared)."""
-    if not is_fx(graph):
-        return graph.clone()
-    tensors = [*graph.state_dict.values(), *graph.constants.values()]
-    return copy.deepcopy(graph, memo={id(t): t for t in tensors})
 
 
 def example_feeds(graph: Any) -> Any:
@@ -198,4 +189,4 @@ def check_preserves(graph_pass: Pass, before: Any, after: Any, feeds: Any = None
     return violations
 
 
-__all__ = ["check_graph", "check_preserves", "module_paths", "run", "signature", "snapshot"]
+__all__ = ["check_graph", "check_preserves", "module_paths", "run", "signature"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.compiler.large_graphs import save_onnx
+
 if TYPE_CHECKING:
     import onnx_ir as ir
 
@@ -25,19 +27,6 @@ def dump_graph(graph: Any, stem: Path) -> Path:
         path.write_text(str(graph))
         return path
     return save_onnx(graph, stem.with_suffix(".onnx"))
-
-
-def save_onnx(model: Any, destination: Path) -> Path:
-    """Save an onnx_ir model as one self-contained file, or with external data beyond 2 GB."""
-    import onnx_ir as ir
-
-    large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) > 2**30
-    if large:
-        ir.save(model, str(destination), external_data=destination.name + ".data")
-    else:
-        # Pull weights that lived in the source's external files into the new self-contained file.
-        ir.save(ir.external_data.load_to_model(model), str(destination))
-    return destination
 
 
 def permuted_shape(shape: Any, perm: tuple[int, ...]) -> Any:

@@ -136,8 +136,13 @@ class OnnxRuntimeTarget(Target):
                 output.info["layout"] = counts.to_info()
                 output.passes.append(record)
             if request.precision == "fp32":
+                from kiln.compiler.large_graphs import link_or_copy
+
                 for file in graph.parent.iterdir():
-                    shutil.copy2(file, directory / (MODEL_FILE if file == graph else file.name))
+                    if file == graph:
+                        shutil.copy2(file, directory / MODEL_FILE)
+                    else:  # external data, never rewritten in place: linked where it can be
+                        link_or_copy(file, directory / file.name)
                 return output
             if request.weights is not None:
                 quantize_weights_artifact(model, graph, directory / MODEL_FILE, request, output)

@@ -90,9 +90,9 @@ def _reduced_precision_onnx(model: CapturedModel, precision: str, work: Path) ->
     import onnx_ir
     from kiln.compiler.capture.program import lower_to_onnx
     from kiln.compiler.errors import UsageError
+    from kiln.compiler.large_graphs import save_onnx
     from kiln.passes import pipeline_for, run_pipeline
     from kiln.passes.base import ONNX
-    from kiln.passes.graphs import save_onnx
     from kiln.targets.precision import reduced_precision_program
 
     if model.exported is None:

@@ -25,6 +25,7 @@ LEAF = (  # import nothing of Kiln but each other
     "kiln.compiler.image_layout",
     "kiln.compiler.onnx_metadata",
     "kiln.compiler.ort_session",
+    "kiln.compiler.large_graphs",
 )
 HELPERS = (  # the core's small services, above the leaves
     "kiln.compiler.progress",
@@ -35,6 +36,8 @@ HELPERS = (  # the core's small services, above the leaves
     "kiln.compiler.processes",
     "kiln.compiler.backend_errors",
     "kiln.compiler.pages",
+    "kiln.compiler.memory",
+    "kiln.compiler.safetensors_file",
 )
 CAPTURE = ("kiln.compiler.capture.*",)
 QUANTIZATION = ("kiln.compiler.quantization.*",)

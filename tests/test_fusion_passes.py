@@ -25,9 +25,10 @@ from kiln.compiler.capture.program import CapturedModel, capture
 from kiln.compiler.capture.sources import from_module, load_source
 from kiln.compiler.export.options import export_options
 from kiln.compiler.export.pipeline import export_targets
+from kiln.compiler.large_graphs import save_onnx
 from kiln.passes import PASSES, fusion, fx, pipeline_for
 from kiln.passes.base import FX, ONNX
-from kiln.passes.graphs import count_nodes, save_onnx
+from kiln.passes.graphs import count_nodes
 from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import TensorProto, helper
 from torch import nn

@@ -11,11 +11,11 @@ from kiln.compiler.capture.sources import load_source
 from kiln.compiler.export.options import ExportOptions
 from kiln.compiler.export.pipeline import export_targets
 from kiln.compiler.image_layout import NCHW_TO_NHWC
+from kiln.compiler.large_graphs import save_onnx
 from kiln.compiler.parity.gate import in_reference_layout
 from kiln.compiler.types import TensorSpec
 from kiln.passes import PASSES
 from kiln.passes.channels_last import NHWC_STEP, count_ops, to_nhwc
-from kiln.passes.graphs import save_onnx
 from kiln.targets.onnxrt import OnnxRuntimeRunner
 from onnx import TensorProto, helper, numpy_helper
 

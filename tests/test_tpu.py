@@ -39,6 +39,7 @@ def test_tpu_fp32_parity_and_files(tpu_exports, model):
     assert max(o.max_abs_error for o in result.parity.outputs) < 1e-5
     files = {f.path.split("/")[0] for f in result.manifest.files}
     assert {"model.stablehlo.mlirbc", "model.stablehlo.mlir", "model.hlo.txt", "saved_model"} <= files
+    assert "model.weights.safetensors" in files
     assert (result.directory / "model.hlo.txt").read_text().startswith("HloModule")
     assert "stablehlo." in (result.directory / "model.stablehlo.mlir").read_text()
     assert result.manifest.runtime_config["platforms"] == ["TPU", "CPU"]
@@ -74,18 +75,23 @@ def test_saved_model_signature_names_match_pytorch(tpu_exports):
 
 
 def test_portable_stablehlo_reloads_and_runs_on_its_own(tpu_exports):
+    """The .mlirbc read back, with the weights it takes as arguments from model.weights.safetensors, computes the
+    model (the weights are not in the module's text)."""
     import tensorflow as tf
-    from kiln.targets.tpu import _with_platform_index, _xla_function
-    from litert_converter.mlir import ir
-    from litert_converter.mlir.dialects import stablehlo
-    from litert_torch.backend.export_utils import create_ir_context
+    from kiln.targets.tpu import Lowered, _with_platform_index, _xla_function, read_portable_artifact
+    from safetensors.numpy import load_file
 
     result = tpu_exports["lstm", "fp32"]
-    bytecode = stablehlo.deserialize_portable_artifact_str((result.directory / "model.stablehlo.mlirbc").read_bytes())
-    with create_ir_context():
-        text = ir.Module.parse(bytecode).operation.get_asm()
+    text = read_portable_artifact(result.directory / "model.stablehlo.mlirbc")
+    order = result.manifest.runtime_config["stablehlo_arguments"]["model.stablehlo.mlirbc"]
+    assert order[-1] == "input:frames" and all(a.startswith("weight:") for a in order[:-1])
+    weights = load_file(str(result.directory / "model.weights.safetensors"))
+    assert len(weights) == len(order) - 1 and 'dense<"0x' not in text  # no weights in the module
+    variables = {name: tf.constant(value) for name, value in weights.items()}
+    arguments = [("weight", a.split(":", 1)[1]) if a.startswith("weight:") else ("input", 0) for a in order]
+    lowered = Lowered(text, "", arguments, {}, [tf.float32], [tf.float32, tf.float32], [])
     model = type("Signature", (), {"inputs": result.manifest.inputs, "outputs": result.manifest.outputs})
-    run = _xla_function(_with_platform_index(text), model, [tf.float32], [tf.float32, tf.float32])
+    run = _xla_function(_with_platform_index(text), model, lowered, variables)
     module, (frames,) = ZOO["lstm"]()
     outputs = run(tf.constant(frames.numpy()))
     with torch.no_grad():

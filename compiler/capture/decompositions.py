@@ -8,7 +8,6 @@ nodes where a converter would misread the captured graph; they are named in the 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import re
 from collections.abc import Callable
@@ -282,11 +281,14 @@ def apply_legalizations(
     program: torch.export.ExportedProgram, table: dict[Any, Legalization]
 ) -> tuple[torch.export.ExportedProgram, list[str]]:
     """A copy of the program with the table's rewrites applied where needed (the program itself is shared by
-    other targets, so it is not changed), and their names (`op (what)`); the program itself when none is."""
+    other targets, so it is not changed; the copy shares its weights), and their names (`op (what)`); the program
+    itself when none is."""
+    from kiln.compiler.large_graphs import snapshot
+
     needed = [n for n in program.graph.nodes if n.op == "call_function" and n.target in table]
     if not any(table[n.target].needed(n) for n in needed):
         return program, []
-    program = copy.deepcopy(program)
+    program = snapshot(program)
     graph = program.graph_module.graph
     applied = set()
     for node in list(graph.nodes):

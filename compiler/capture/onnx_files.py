@@ -71,6 +71,15 @@ def _all_nodes(graph: Any) -> Iterator[Any]:
             yield from _all_nodes(sub)
 
 
+def has_external_data(path: Path) -> bool:
+    """Whether an ONNX file keeps tensors in external data files (a model with large weights, see
+    `kiln.compiler.large_graphs.save_onnx`)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(proto))
+
+
 def onnx_signature(path: Path, torch_layout: bool) -> tuple[list[TensorSpec], list[TensorSpec], int]:
     """Input and output specs (named dynamic dims) and the default-domain opset of an ONNX file."""
     import onnx

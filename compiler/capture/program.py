@@ -312,19 +312,62 @@ def lower_to_onnx(
 
 
 def _dynamo_onnx(program: torch.export.ExportedProgram, path: Path, output_names: list[str], optimize: bool) -> None:
-    """The `dynamo` route: `torch.onnx.export` of the exported program."""
+    """The `dynamo` route: `torch.onnx.export` of the exported program, optimized by the exporter's own optimizer
+    unless `optimize` is False. Weights a Transpose reads are transposed as the file is written
+    (`defer_weight_transposes`), and a model with large weights is saved with external data (`save_onnx`): the
+    weights are never copied whole in memory."""
+    from kiln.compiler.large_graphs import save_onnx
+
     with converter_output_captured():
         onnx_program = torch.onnx.export(
             program,
             (),
             dynamo=True,
-            optimize=optimize,
+            optimize=False,
             verbose=False,
             output_names=output_names,
             opset_version=max(MIN_OPSET, 20),
         )
-    assert onnx_program is not None
-    onnx_program.save(str(path))
+        assert onnx_program is not None
+        if optimize:
+            defer_weight_transposes(onnx_program.model)
+            onnx_program.optimize()
+    save_onnx(onnx_program.model, path)
+
+
+def defer_weight_transposes(model: Any, min_elements: int = 1 << 16) -> int:
+    """Replace each Transpose of a weight it alone reads (the exporter's `MatMul(x, Transpose(W))` for a Linear) by
+    a new weight holding W transposed, computed only when the file is written (`onnx_ir.LazyTensor`): the
+    exporter's optimizer would fold those Transposes in memory, one transposed copy of every Linear's weight at
+    once. Weights under `min_elements` are left to the optimizer. Returns how many were replaced."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    replaced = 0
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") else None
+        if source is None or not source.is_initializer() or source.const_value is None or len(source.uses()) != 1:
+            continue
+        tensor = source.const_value
+        if tensor.size < min_elements or node.outputs[0].is_graph_output():
+            continue
+        rank = len(tensor.shape)
+        perm = list(node.attributes.get_ints("perm", list(reversed(range(rank)))))
+        shape = ir.Shape([tensor.shape[i] for i in perm])
+
+        def transposed(tensor: Any = tensor, perm: list[int] = perm) -> Any:
+            return ir.Tensor(np.ascontiguousarray(np.transpose(tensor.numpy(), perm)))
+
+        name = f"{source.name}.transposed"
+        value = ir.Value(name=name, shape=shape, type=ir.TensorType(tensor.dtype))
+        value.const_value = ir.LazyTensor(transposed, dtype=tensor.dtype, shape=shape, name=name)
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        replaced += 1
+    return replaced
 
 
 def _torchscript_onnx(

@@ -1,4 +1,5 @@
-"""Loading a model from what the user points at: a zoo name, a Python factory, a .pt2 or an .onnx file."""
+"""Loading a model from what the user points at: a zoo name, a Python factory, a .pt2 or an .onnx file, or a
+Hugging Face checkpoint folder (`kiln.compiler.capture.hf_folder`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import inspect
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from kiln.compiler.errors import KilnError, UsageError, error_text
 from kiln.compiler.ort_session import ort_session
 
 if TYPE_CHECKING:
+    from kiln.compiler.capture.hf_folder import FolderRequest
     from kiln.compiler.capture.language_model import LanguageModel
     from kiln.compiler.generation.decoding import DecoderSpec
 
@@ -44,6 +46,10 @@ class ModelSource:
     reference_model: torch.nn.Module | None = None
     decoder: DecoderSpec | None = None
     language_model: LanguageModel | None = None  # what the runtimes' LLM formats need (a growing-cache export)
+    # What the manifest records of a checkpoint folder (task, architecture, input shapes), and the files the export
+    # carries beside its artifact (export-relative path -> source file: the folder's tokenizer).
+    origin: dict[str, Any] = field(default_factory=dict)
+    carried: dict[str, Path] = field(default_factory=dict)
 
     @property
     def reference_name(self) -> str:
@@ -55,6 +61,17 @@ class ModelSource:
         if self.exported is not None and self.task is None:
             return "pytorch (exported program from .pt2)"
         return "pytorch eager"
+
+    def weight_addresses(self) -> list[int]:
+        """Where the model's weights are in memory (the data pointer of each parameter and buffer of the module, the
+        reference model and the exported program), for `kiln.compiler.memory.release_pages`."""
+        tensors: list[torch.Tensor] = []
+        for module in (self.module, self.reference_model):
+            if module is not None:
+                tensors += [*module.parameters(), *module.buffers()]
+        if self.exported is not None:
+            tensors += list(self.exported.state_dict.values())
+        return [t.data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
 
     def with_batch(self, batch: int) -> ModelSource:
         """This source with example inputs resized to `batch` rows (for targets that need a fixed batch)."""
@@ -68,15 +85,23 @@ class ModelSource:
 
 
 def load_source(
-    spec: str, user_inputs: list[dict[str, np.ndarray]] | None = None, trust_pickle: bool | None = None
+    spec: str,
+    user_inputs: list[dict[str, np.ndarray]] | None = None,
+    trust_pickle: bool | None = None,
+    folder: FolderRequest | None = None,
 ) -> ModelSource:
-    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2` or `file.onnx`.
+    """Load a model source string: `zoo:NAME`, `file.py:factory`, `file.pt2`, `file.onnx` or a checkpoint folder
+    (`folder`: what was asked of it; None: its task inferred, nothing trusted).
 
     A `.pt2` is read without running code from it unless `trust_pickle` (None: the enclosing
     `kiln.compiler.capture.pt2_archive.trusting_pickles` block decides, by default not trusted).
     """
+    from kiln.compiler.capture.hf_folder import FolderRequest, is_checkpoint_folder
+
     if spec.startswith("zoo:"):
         return _load_zoo(spec)
+    if is_checkpoint_folder(Path(spec)):
+        return _load_folder(Path(spec), folder or FolderRequest(trust_pickle=bool(trust_pickle)))
     path_part, separator, factory = spec.rpartition(":")
     if not separator:
         path_part, factory = spec, ""
@@ -87,9 +112,26 @@ def load_source(
         return _load_pt2(path, spec, trust_pickle)
     if path.suffix == ".onnx":
         return _load_onnx(path, spec, user_inputs)
+    if path.is_dir():
+        raise UsageError(f"{path} holds no config.json", "pass a checkpoint folder written by save_pretrained")
     raise UsageError(
-        f"don't know how to load model '{spec}'", "use zoo:NAME, path/to/file.py:factory, file.pt2 or file.onnx"
+        f"don't know how to load model '{spec}'",
+        "use zoo:NAME, path/to/file.py:factory, file.pt2, file.onnx or a checkpoint folder "
+        "(config.json + *.safetensors)",
     )
+
+
+def _load_folder(folder: Path, request: FolderRequest) -> ModelSource:
+    """A Hugging Face checkpoint folder: its model for the task, example inputs from its config, its tokenizer
+    carried into the export."""
+    from kiln.compiler.capture.hf_folder import TOKENIZER_DIR, load_folder, tokenizer_files
+
+    module, inputs, record = load_folder(folder, request)
+    source = from_module(module, inputs, str(folder))
+    source.name = folder.resolve().name
+    source.origin = record
+    source.carried = {f"{TOKENIZER_DIR}/{path.name}": path for path in tokenizer_files(folder)}
+    return source
 
 
 def from_module(module: torch.nn.Module, example_inputs: Any, description: str = "") -> ModelSource:
@@ -352,13 +394,35 @@ def state_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def load_model(
-    model: str | Path | torch.nn.Module, example_inputs: Any, inputs_files: Sequence[Path] = ()
+    model: str | Path | torch.nn.Module,
+    example_inputs: Any,
+    inputs_files: Sequence[Path] = (),
+    request: FolderRequest | None = None,
 ) -> ModelSource:
-    """The model the user gave: a source string (zoo:NAME, file.py:factory, .pt2, .onnx) or a module; an .onnx
-    source takes its example inputs from the first of the user's `inputs_files` (`--inputs`) when given."""
+    """The model the user gave: a source string (a checkpoint folder, zoo:NAME, file.py:factory, .pt2, .onnx) or a
+    module; an .onnx source takes its example inputs from the first of the user's `inputs_files` (`--inputs`) when
+    given, a checkpoint folder what `request` asks (--task, --shape, --trust-remote-code, --trust-pickle)."""
+    from kiln.compiler.capture.hf_folder import TASKS as FOLDER_TASKS
+    from kiln.compiler.capture.hf_folder import FolderRequest, is_checkpoint_folder
+    from kiln.compiler.generation.decoding import TASKS
+
+    request = request or FolderRequest()
+    folder = isinstance(model, (str, Path)) and is_checkpoint_folder(Path(model))
+    if request.task is not None and request.task not in FOLDER_TASKS:
+        raise UsageError(f"--task {request.task}: unknown task", f"use one of: {', '.join(FOLDER_TASKS)}")
+    if request.task not in (None, *TASKS) and not folder:
+        raise UsageError(
+            f"--task {request.task} applies to a checkpoint folder (config.json + *.safetensors) only",
+            f"pass such a folder, or --task {' or '.join(TASKS)}",
+        )
+    if (request.shapes or request.trust_remote_code) and not folder:
+        raise UsageError(
+            "--shape and --trust-remote-code apply to a checkpoint folder only",
+            "drop them, or give example inputs in the factory",
+        )
     if isinstance(model, (str, Path)):
         user = [read_npz(p, "--inputs") for p in inputs_files] if str(model).endswith(".onnx") else None
-        return load_source(str(model), user)
+        return load_source(str(model), user, folder=request)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(
             f"the model must be a torch.nn.Module or a source string, not {type(model).__name__}",

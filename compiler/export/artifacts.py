@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 
 from kiln.compiler.backend_errors import backend_failures
 from kiln.compiler.export.manifest import ManifestParts, assemble_manifest
+from kiln.compiler.large_graphs import snapshot
+from kiln.compiler.memory import pages_released
 from kiln.compiler.progress import Progress, converter_output_captured
 from kiln.compiler.safe_fs import regular_files
 from kiln.compiler.types import MANIFEST_NAME, ArtifactFile, Manifest
-from kiln.passes.contract import snapshot
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel
@@ -57,10 +58,12 @@ def build(
         # Converters change the program they are given (litert-torch's StableHLO lowering decomposes it in
         # place): each build gets its own copy, the weights shared, so the next target sees the capture intact.
         graph = replace(graph, exported=snapshot(graph.exported))
+    mapped = [directory] + ([graph.onnx_path.parent] if graph.onnx_path is not None else [])
     with (
         progress.stage(f"build {target.name}", target.stage_detail(graph, request)),
         backend_failures(target.name, "convert"),
         converter_output_captured(),
+        pages_released(mapped),  # a converter's read of the mapped ONNX weights (OpenVINO's copies them transposed)
     ):
         built = target.build(graph, directory, request)
     for note in built.notes:
@@ -78,7 +81,8 @@ def load_runner(artifact: Artifact, threads: int | None = None, settings: Runtim
     manifest = artifact.manifest
     if settings is not None and not settings.is_default:
         manifest = target.with_runtime_settings(manifest, settings)
-    with backend_failures(target.name, "run"):
+    # OpenVINO's mapped .bin is read once, as the model is compiled: its pages are handed back after.
+    with backend_failures(target.name, "run"), pages_released([artifact.directory]):
         return target.load(artifact.directory, manifest, threads=threads)
 
 

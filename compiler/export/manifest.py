@@ -40,13 +40,14 @@ class ManifestParts:
 
 def source_record(source: ModelSource) -> dict[str, Any]:
     """What the manifest says about the model an artifact came from."""
-    record = {
+    record: dict[str, Any] = {
         "description": source.description,
         "kind": source.kind,
         "state_hash": source.state_hash,
         "reference": source.reference_name,
     }
-    return record | ({"decoder": source.decoder.to_dict()} if source.decoder is not None else {})
+    record |= {"decoder": source.decoder.to_dict()} if source.decoder is not None else {}
+    return record | ({"checkpoint": source.origin} if source.origin else {})
 
 
 def assemble_manifest(parts: ManifestParts) -> Manifest:

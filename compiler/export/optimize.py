@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError, error_text
+from kiln.compiler.large_graphs import save_onnx, snapshot
 from kiln.passes import pipeline_for, run_pipeline
 from kiln.passes.base import FX, ONNX
-from kiln.passes.graphs import dump_graph, save_onnx
+from kiln.passes.graphs import dump_graph
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.program import CapturedModel
@@ -52,8 +52,9 @@ def optimize(
         destination.parent.mkdir(parents=True)
         done[key] = replace(model, onnx_path=_save(graph, destination, model.onnx_path)), records
     elif ir == FX and model.exported is not None and chosen:
-        # FX passes may change the program in place: the capture is shared with other targets.
-        program, records = run_pipeline(copy.deepcopy(model.exported), chosen, dump)
+        # FX passes may change the program in place: the capture is shared with other targets (the copy shares the
+        # weights: a pass gives a weight a new value by replacing it in the copy's state dict, never in place).
+        program, records = run_pipeline(snapshot(model.exported), chosen, dump)
         done[key] = replace(model, exported=program), records
     else:
         done[key] = model, []

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.capture.dynamic import DynamicShapes
+from kiln.compiler.capture.hf_folder import FolderRequest, parse_shapes
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.llm_format import LLM_FORMATS
 from kiln.compiler.parity.gate import DEFAULT_SAMPLES
@@ -169,19 +170,39 @@ class OutputOptions:
 @dataclass(frozen=True)
 class SourceOptions:
     """How the model is read and what it is exported as: `--trust-pickle` (a .pt2 may run its pickles), `--task`
-    (text-generation with its KV cache, or forward; None: text-generation for a causal LM), `--cache-size` (a
-    static KV cache's length: a static-cache target's text generation) and `--llm-format` (onnx, openvino text
-    generation: genai, the runtime's own LLM format, or stateless, Kiln's step graph; None: genai where a target
-    has it)."""
+    (text-generation with its KV cache, or forward; None: text-generation for a causal LM; a checkpoint folder's
+    task, `hf_folder.TASKS`), `--cache-size` (a static KV cache's length: a static-cache target's text generation),
+    `--llm-format` (onnx, openvino text generation: genai, the runtime's own LLM format, or stateless, Kiln's step
+    graph; None: genai where a target has it), and for a checkpoint folder `--shape NAME=DIMS` (its example inputs'
+    shapes) and `--trust-remote-code` (it may run its own Python code)."""
 
     trust_pickle: bool = False
     task: str | None = None
     cache_size: int | None = None
     llm_format: str | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.llm_format is not None and self.llm_format not in LLM_FORMATS:
             raise UsageError(f"--llm-format {self.llm_format}: unknown format", f"use one of: {', '.join(LLM_FORMATS)}")
+
+    @classmethod
+    def parse(
+        cls,
+        trust_pickle: bool = False,
+        task: str | None = None,
+        cache_size: int | None = None,
+        llm_format: str | None = None,
+        shape: list[str] | tuple[str, ...] | None = None,
+        trust_remote_code: bool = False,
+    ) -> SourceOptions:
+        """From the keywords; `shape` as the flags' text (["input_ids=1x64", ...])."""
+        return cls(trust_pickle, task, cache_size, llm_format, parse_shapes(shape), trust_remote_code)
+
+    def folder_request(self) -> FolderRequest:
+        """What these options ask of a checkpoint folder source."""
+        return FolderRequest(self.task, self.input_shapes, self.trust_remote_code, self.trust_pickle)
 
 
 @dataclass(frozen=True)
@@ -253,7 +274,7 @@ GROUPS: dict[str, tuple[type, tuple[str, ...]]] = {
     "thresholds": (Thresholds, tuple(Thresholds.__dataclass_fields__)),
     "parity": (ParityOptions, ("samples", "inputs", "parity_gate", "localize")),
     "output": (OutputOptions, tuple(OutputOptions.__dataclass_fields__)),
-    "source": (SourceOptions, tuple(SourceOptions.__dataclass_fields__)),
+    "source": (SourceOptions, ("trust_pickle", "task", "cache_size", "llm_format", "shape", "trust_remote_code")),
     "weight_only": (WeightOnly, tuple(WeightOnly.__dataclass_fields__)),
 }
 KEYWORDS = ("precision", "device", "io", *(name for _, names in GROUPS.values() for name in names))

@@ -63,7 +63,7 @@ def export_targets(
         check_input_files(options, chosen)
         timings: dict[str, float] = {}  # the stages every target shares
         with progress.timed(timings, "load", model if isinstance(model, str) else type(model).__name__):
-            source = load_model(model, example_inputs, options.parity.inputs_files)
+            source = load_model(model, example_inputs, options.parity.inputs_files, options.source.folder_request())
         chosen = fit_to_source(source, chosen, targets, progress)
         if wants_generation(source, options.source.task, options.source.cache_size, options.source.llm_format):
             chosen = generation_targets(source, chosen, targets, options, progress.say)

@@ -55,6 +55,7 @@ class ExportResult:
                 "parity": asdict(self.parity) if self.parity else None,
                 "files": [asdict(f) for f in self.manifest.files] if self.manifest is not None else [],
                 "timings": self.manifest.timings if self.manifest is not None else {},
+                "peak_rss": self.manifest.host.get("peak_rss") if self.manifest is not None else None,
                 "notes": self.manifest.notes if self.manifest is not None else [],
                 "failure": asdict(self.failure) if self.failure is not None else None,
             }

@@ -17,6 +17,7 @@ passes (`kiln.compiler.export.routes.choose_route`), finished (`Validated.finish
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import weakref
@@ -41,7 +42,7 @@ from kiln.compiler.export.result import ExportResult, Outcome, publish
 from kiln.compiler.export.route_graphs import RouteGraphs
 from kiln.compiler.export.selection import example_batch, refusal
 from kiln.compiler.export.staging import check_output_dir, output_lock, staging_area
-from kiln.compiler.generation.causal_lm import TEXT_GENERATION
+from kiln.compiler.generation.decoding import TEXT_GENERATION
 from kiln.compiler.generation.export import (
     check_weight_request,
     generation_samples,
@@ -52,6 +53,7 @@ from kiln.compiler.generation.export import (
     with_generation,
 )
 from kiln.compiler.generation.stream_gate import TokenStream, stream_gated
+from kiln.compiler.memory import peak_rss, release_pages, trim_heap
 from kiln.compiler.parity.gate import QUANTIZED_PRECISIONS, QUANTIZED_SAMPLES, ParitySamples, validate
 from kiln.compiler.parity.input_files import check_input_files
 from kiln.compiler.parity.reference import reference_samples
@@ -211,6 +213,7 @@ class Captured:
             else:
                 self._samples = reference_samples(self.source, self.graph, self.options, quantized, held)
         self._quantized_samples = quantized
+        settle(self.source)
 
     def _lower_for(self, target: Target) -> None:
         """Lower the program to ONNX the first time a target that consumes ONNX asks, as an export whose
@@ -274,7 +277,7 @@ def capture_model(model: torch.nn.Module | str | Path, example_inputs: Any = Non
     work = Path(tempfile.mkdtemp(prefix="kiln-capture-"))
     try:
         with trusting_pickles(settings.source.trust_pickle):
-            source = load_model(model, example_inputs, settings.parity.inputs_files)
+            source = load_model(model, example_inputs, settings.parity.inputs_files, settings.source.folder_request())
         if wants_generation(source, settings.source.task, settings.source.cache_size, settings.source.llm_format):
             raise UsageError(
                 f"{source.description} is exported for text generation, which the stages do not compose yet",
@@ -286,6 +289,24 @@ def capture_model(model: torch.nn.Module | str | Path, example_inputs: Any = Non
         raise
     captured.removes_work = weakref.finalize(captured, shutil.rmtree, work, True)
     return captured
+
+
+def settle(source: ModelSource) -> None:
+    """Between the steps that read the weights in turn (the model for the reference, a converter, a runtime): free
+    what the last step left (its garbage, a runtime session) and drop the resident pages of the model's
+    memory-mapped weights (`kiln.compiler.memory.release_pages`), so that the steps do not add up one copy of the
+    weights each in this process's memory."""
+    gc.collect()
+    trim_heap()
+    release_pages(addresses=source.weight_addresses())
+
+
+def carry_files(files: dict[str, Path], directory: Path) -> None:
+    """Copy the files the source carries into the export (a checkpoint folder's tokenizer), at their relative
+    paths; the manifest lists and hashes them like the artifact's own."""
+    for relative, path in files.items():
+        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, directory / relative)
 
 
 @dataclass
@@ -319,6 +340,7 @@ class Optimized:
         )
         directory = directory or self.captured.new_dir(f"build-{self.target.name}")
         detail = self.target.stage_detail(self.graph, request)
+        settle(self.captured.source)
         with self.captured.progress.timed(self.timings, f"build {self.target.name}", detail):
             artifact = build(self.target, self.graph, request, directory)
         return Built(self, artifact, request, options)
@@ -346,6 +368,7 @@ class Built:
         samples = captured.samples_for(precision)
         tolerance = options.thresholds.tolerance(precision)
         timings, progress, source = self.optimized.timings, captured.progress, captured.source
+        settle(source)
         with progress.timed(timings, f"validate {name}", f"{len(samples.inputs)} input sets"):
             report = validate(self.artifact, samples, tolerance, source.reference_name)
         if source.task == TEXT_GENERATION:
@@ -353,6 +376,7 @@ class Built:
             what = "teacher-forced streams" if streams else "greedy tokens"
             with progress.timed(timings, f"generate {name}", f"{what} vs the reference"):
                 report = with_generation(report, self.artifact, source, streams)
+            settle(source)
         return Validated(self.optimized, self.artifact, self.request, options, report, samples)
 
     def first_inputs(self) -> dict[str, np.ndarray]:
@@ -401,6 +425,7 @@ class Validated(Built):
         built it and why the others `tried` were not used. This stage with its manifest."""
         captured, directory = self.optimized.captured, self.artifact.directory
         progress = captured.progress
+        carry_files(captured.source.carried, directory)
         for note in self.artifact.manifest.notes:
             progress.say(f"note: {note}")
         notes = [] if self.samples.save(directory) else ["parity samples too large to store: verify needs --model"]
@@ -423,6 +448,7 @@ class Validated(Built):
         )
         manifest = assemble_manifest(parts)
         manifest.outputs = observed_outputs(manifest.outputs, done.report)
+        manifest.host = {**manifest.host, "peak_rss": peak_rss(), "peak_rss_by_stage": dict(progress.peaks)}
         if len(self.target.routes()) > 1:
             manifest.target_info |= {"route": self.optimized.route.name, "routes_tried": tried or []}
         manifest.write(directory)

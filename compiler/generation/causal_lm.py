@@ -8,15 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UnsupportedOpError, error_text
 from kiln.compiler.generation.attention_masks import AttentionPattern
-from kiln.compiler.generation.decoding import DecoderSpec
+from kiln.compiler.generation.decoding import TEXT_GENERATION, DecoderSpec
 
 if TYPE_CHECKING:
     from kiln.compiler.capture.sources import ModelSource
     from torch import nn
-
-TEXT_GENERATION = "text-generation"
-FORWARD = "forward"
-TASKS = (TEXT_GENERATION, FORWARD)
 
 
 def is_causal_lm(module: Any) -> bool:

@@ -16,6 +16,9 @@ from kiln.compiler.types import Feeds
 if TYPE_CHECKING:
     from kiln.compiler.types import TensorSpec
 
+TEXT_GENERATION = "text-generation"  # --task: a causal LM exported with its KV cache, decoded by this loop
+FORWARD = "forward"  # --task: the same model, one full-sequence forward
+TASKS = (TEXT_GENERATION, FORWARD)
 MAX_NEW_TOKENS = 4096  # `kiln run --generate --max-new-tokens`: at most this many (and within the model's positions)
 
 

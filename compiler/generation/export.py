@@ -15,6 +15,7 @@ I/O (batch, seq, past and total = past + seq are named dynamic dims):
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,15 +25,12 @@ import torch
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.attention_masks import AttentionPattern
 from kiln.compiler.generation.causal_lm import (
-    FORWARD,
-    TASKS,
-    TEXT_GENERATION,
     cache_shape,
     decoder_source,
     decoder_spec,
     is_causal_lm,
 )
-from kiln.compiler.generation.decoding import decoding_of, input_names, layout_of
+from kiln.compiler.generation.decoding import FORWARD, TASKS, TEXT_GENERATION, decoding_of, input_names, layout_of
 from kiln.compiler.generation.llm_format import GENAI, language_model_of
 from kiln.compiler.generation.static_kv_cache import name_static_io, static_generation_source
 from torch import nn
@@ -60,8 +58,10 @@ def wants_generation(
 ) -> bool:
     """Whether to export `source` for text generation: `--task text-generation`, or (no --task) a causal LM;
     `--cache-size` and `--llm-format` on any other export are refused rather than ignored."""
-    if task is not None and task not in TASKS:
-        raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(TASKS)}")
+    from kiln.compiler.capture.hf_folder import TASKS as FOLDER_TASKS
+
+    if task is not None and task not in (*TASKS, *FOLDER_TASKS):
+        raise UsageError(f"--task {task}: unknown task", f"use one of: {', '.join(FOLDER_TASKS)}")
     causal = source.kind == "torch" and source.exported is None and is_causal_lm(source.module)
     if task == TEXT_GENERATION and not causal:
         raise UsageError(
@@ -363,17 +363,38 @@ def with_generation(
     """The parity report with the generation check added (`report.generation`, see
     `kiln.compiler.generation.gate.judge_generation`): it fails when the artifact's greedy tokens are not the user's
     model's or a step's logits are outside the report's tolerance (fp32), or when a weight-quantized artifact's
-    teacher-forced figures miss their thresholds (kiln.compiler.generation.stream_gate)."""
+    teacher-forced figures miss their thresholds (kiln.compiler.generation.stream_gate). At fp32 the artifact
+    decodes every prompt first and its runtime is let go before the user's model runs, so that the two never hold
+    their weights at once."""
     from kiln.compiler.backend_errors import backend_failures
     from kiln.compiler.export.artifacts import load_runner
-    from kiln.compiler.generation.gate import judge_generation
+    from kiln.compiler.generation.gate import (
+        capacity_of,
+        decode_prompts,
+        gate_prompts,
+        judge_decoding,
+        judge_generation,
+    )
     from kiln.compiler.generation.reference import CausalLMReference
+    from kiln.compiler.generation.stream_gate import stream_gated
+    from kiln.compiler.memory import release_pages
 
     assert source.reference_model is not None and source.decoder is not None
     runner = load_runner(artifact)
     layout = decoding_of(runner, artifact.manifest.inputs, source.decoder)
     reference = CausalLMReference(source.reference_model)
     precision = artifact.manifest.precision
+    if stream_gated(precision):
+        with backend_failures(artifact.target, "run"):
+            record = judge_generation(
+                runner.run, layout, reference, source.decoder, precision, report.tolerance, streams
+            )
+        return replace(report, passed=report.passed and record["passed"], generation=record)
+    plan = gate_prompts(source.decoder, capacity_of(source.decoder, layout))
     with backend_failures(artifact.target, "run"):
-        record = judge_generation(runner.run, layout, reference, source.decoder, precision, report.tolerance, streams)
+        decoded = decode_prompts(runner.run, layout, plan)
+    del runner, layout
+    gc.collect()
+    release_pages([artifact.directory])
+    record = judge_decoding(decoded, reference, plan, report.tolerance)
     return replace(report, passed=report.passed and record["passed"], generation=record)

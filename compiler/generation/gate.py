@@ -159,7 +159,26 @@ def generation_parity(
     the runtime's own loop keeping its cache), judged against the user's model on the same token stream: passed
     when every token is the model's greedy choice and every step's logits are within `tolerance` (elements within
     atol + rtol * |ref| but for `max_mismatch` of them, cosine)."""
-    records = [_decode_one(run, layout, reference, prompt, tolerance) for prompt in plan.prompts]
+    return judge_decoding(decode_prompts(run, layout, plan), reference, plan, tolerance)
+
+
+Stream = tuple[list[int], list[np.ndarray]]  # an artifact's greedy tokens for one prompt, and its logits at each step
+
+
+def decode_prompts(
+    run: Callable[[Feeds], Feeds], layout: CacheLayout | StaticCacheLayout | RuntimeLoop, plan: GatePlan
+) -> list[Stream]:
+    """The artifact's greedy decoding of each prompt of `plan` (`run`, its cache fed back): the first half of
+    `generation_parity`, apart so that the artifact's runtime can be let go before the user's model runs."""
+    return [greedy(layout.decoder(run), prompt.tokens, prompt.new_tokens) for prompt in plan.prompts]
+
+
+def judge_decoding(
+    streams: list[Stream], reference: CausalLMReference, plan: GatePlan, tolerance: Tolerance
+) -> dict[str, Any]:
+    """The generation record of `decode_prompts`' streams, judged against the user's model (teacher forcing on
+    each stream): the second half of `generation_parity`."""
+    records = [_judge_one(stream, reference, prompt, tolerance) for stream, prompt in zip(streams, plan.prompts)]
     failing = next((i for i, r in enumerate(records) if not r["identical"]), None)
     return {
         "passed": all(r["identical"] and r["logits_within_tolerance"] for r in records),
@@ -175,15 +194,11 @@ def generation_parity(
     }
 
 
-def _decode_one(
-    run: Callable[[Feeds], Feeds],
-    layout: CacheLayout | StaticCacheLayout | RuntimeLoop,
-    reference: CausalLMReference,
-    prompt: GatePrompt,
-    tolerance: Tolerance,
+def _judge_one(
+    stream: Stream, reference: CausalLMReference, prompt: GatePrompt, tolerance: Tolerance
 ) -> dict[str, Any]:
     """One prompt's greedy decoding by the artifact, judged step by step against the user's model."""
-    got, got_logits = greedy(layout.decoder(run), prompt.tokens, prompt.new_tokens)
+    got, got_logits = stream
     want_logits = reference.next_logits([*prompt.tokens, *got[:-1]])[len(prompt.tokens) - 1 :]
     want = [int(np.argmax(row)) for row in want_logits]
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
