@@ -245,7 +245,7 @@ class ExportOptions:
 
     def build_request(self, target: Target, calibration: CalibrationData | None) -> BuildRequest:
         """What the target's build is asked for."""
-        from kiln.compiler.generation.causal_lm import TEXT_GENERATION
+        from kiln.compiler.generation.decoding import TEXT_GENERATION
         from kiln.targets.base import BuildRequest
 
         precision = self.precision_for(target)

@@ -24,7 +24,7 @@ from kiln.compiler.export.routes import TargetFailed, choose_route
 from kiln.compiler.export.selection import capture_groups, fit_to_source, select_targets
 from kiln.compiler.export.stages import Captured, capture_source
 from kiln.compiler.export.staging import check_output_dir, converter_temp_files, output_lock, staging_area
-from kiln.compiler.generation.causal_lm import TEXT_GENERATION
+from kiln.compiler.generation.decoding import TEXT_GENERATION
 from kiln.compiler.generation.export import (
     check_weight_request,
     generation_detail,

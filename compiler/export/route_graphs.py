@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from kiln.compiler.capture.program import EXPORTERS, CapturedModel, lower
 from kiln.compiler.errors import KilnError, UnsupportedOpError
-from kiln.compiler.generation.causal_lm import TEXT_GENERATION
+from kiln.compiler.generation.decoding import TEXT_GENERATION
 from kiln.compiler.generation.llm_format import GENAI
 from kiln.targets.base import ONNX_FILE, Route
 
