@@ -128,7 +128,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _generation_row(target: Any) -> dict[str, Any] | None:
-    """A target's text-generation export (None: none): its KV cache and precisions (int8/int4: docs/llm-quantization.md)."""
+    """A target's text-generation export (None: none): its KV cache and precisions (int8/int4:
+    docs/llm-quantization.md)."""
     return {"kv_cache": target.kv_cache, "precisions": ["fp32", *target.weight_only]} if target.kv_cache else None
 
 
