@@ -3,9 +3,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not long"
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-long lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests: the suite is broken" >&2; exit 1; fi; \
 	exit $$status
+
+# The tests `make test` leaves out (marked `long`: the decoder families beyond the sliding-window ones).
+test-long: install
+	$(PY) -m pytest -m long
 
 lint: install
 	$(VENV)/bin/ruff check .
