@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kiln.targets.base import BuildOutput, BuildRequest, Runner, Target
+from kiln.targets.buckets import bucket_for
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,16 +79,20 @@ def delegation_note(placed: dict[str, Any]) -> str | None:
     )
 
 
-def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict[str, Any]:
-    """Lower `program` to XNNPACK and write the ExecuTorch program to `path`; which ops were delegated. An op left
-    to the runtime that the runtime has no kernel for (the `.pte` would not load) is refused here, by name."""
+def to_pte(
+    program: torch.export.ExportedProgram, path: Path, methods: dict[str, torch.export.ExportedProgram] | None = None
+) -> dict[str, Any]:
+    """Lower `program` (the method `forward`, and `methods`: more programs of the model, each a method of the same
+    `.pte`, e.g. a static-cache decoder's prefill) to XNNPACK and write the ExecuTorch program to `path`; which ops
+    of `forward` were delegated. An op left to the runtime that the runtime has no kernel for (the `.pte` would not
+    load) is refused here, by name."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from kiln.compiler.capture.decompositions import module_path_of
     from kiln.compiler.errors import UnsupportedOpError
 
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-    placed = delegation(edge.exported_program().graph_module)
+    edge = to_edge_transform_and_lower({METHOD: program, **(methods or {})}, partitioner=[XnnpackPartitioner()])
+    placed = delegation(edge.exported_program(METHOD).graph_module)
     lowered = edge.to_executorch()
     missing = missing_kernels(lowered.executorch_program.execution_plan)
     if missing:
@@ -137,7 +142,17 @@ class ExecuTorchRunner(Runner):
 
     thread_control = "executorch thread pool size (portable_lib._unsafe_reset_threadpool, process-wide)"
 
-    def __init__(self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], precision: str, threads: int):
+    def __init__(
+        self,
+        path: Path,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        precision: str,
+        threads: int,
+        buckets: dict[str, dict[str, list[int]]] | None = None,
+    ):
+        """`buckets`: each method's input shapes, where the program has more than `forward` (the method run is the
+        one whose shapes the feeds have)."""
         from kiln.compiler.progress import native_stderr_silenced
 
         check_program_file(path)
@@ -150,8 +165,9 @@ class ExecuTorchRunner(Runner):
             if portable_lib._threadpool_get_thread_count() != threads:
                 portable_lib._unsafe_reset_threadpool(threads)
             self.program = Runtime.get().load_program(Path(path))
-            self.method = self.program.load_method(METHOD)
+            self.methods = {name: self.program.load_method(name) for name in buckets or (METHOD,)}
         self.inputs, self.outputs, self.precision, self.threads = inputs, outputs, precision, threads
+        self.buckets = buckets
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name (copied out of the runtime's planned memory)."""
@@ -159,7 +175,8 @@ class ExecuTorchRunner(Runner):
         import torch
 
         args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.inputs]
-        results = torch.utils._pytree.tree_leaves(self.method.execute(args))
+        method = self.methods[bucket_for("executorch", self.buckets, feeds) if self.buckets else METHOD]
+        results = torch.utils._pytree.tree_leaves(method.execute(args))
         return {spec.name: np.array(value.numpy(), copy=True) for spec, value in zip(self.outputs, results)}
 
     def runtime_info(self) -> dict[str, Any]:
@@ -205,13 +222,23 @@ class ExecuTorchTarget(Target):
         if request.precision == "int8":
             built.info["delegation"] = self._quantized(model, path, request, built)
         else:
-            program = model.exported
+            programs = {METHOD: model, **dict(model.signatures)}  # a static-cache decoder's prefill: a second method
             if request.precision == "fp16":
                 from kiln.targets.precision import reduced_precision_program
 
-                names = [s.name for s in model.inputs]
-                program = reduced_precision_program(program, "fp16", names, model.dynamic)
-            built.info["delegation"] = to_pte(program, path)
+                exported = {
+                    name: reduced_precision_program(v.exported, "fp16", [s.name for s in v.inputs], v.dynamic)
+                    for name, v in programs.items()
+                    if v.exported is not None
+                }
+            else:
+                exported = {name: v.exported for name, v in programs.items() if v.exported is not None}
+            if len(exported) > 1:
+                built.runtime_config["buckets"] = {
+                    n: {s.name: list(s.shape) for s in v.inputs} for n, v in programs.items()
+                }
+            forward = exported.pop(METHOD)
+            built.info["delegation"] = to_pte(forward, path, exported)
         built.info["model_bytes"] = path.stat().st_size
         note = delegation_note(built.info["delegation"])
         built.notes += [note] if note else []
@@ -270,4 +297,7 @@ class ExecuTorchTarget(Target):
 
         count = threads or manifest.runtime_config.get("threads", THREADS)
         check_threads("the manifest's runtime_config.threads", count)  # a forged manifest: a one-line error
-        return ExecuTorchRunner(directory / MODEL_FILE, manifest.inputs, manifest.outputs, manifest.precision, count)
+        buckets = manifest.runtime_config.get("buckets")
+        return ExecuTorchRunner(
+            directory / MODEL_FILE, manifest.inputs, manifest.outputs, manifest.precision, count, buckets or None
+        )
