@@ -133,7 +133,8 @@ def _divergence(first: int, module: str = "body") -> Divergence:
                             max_abs=0.0 if index == 0 else 10 ** (-7 + index / 8), cosine=1 - index * 1e-4,
                             snr_db=math.inf if index == 0 else 90 - index)  # fmt: skip
         points.append(point)
-    return Divergence("onnx", "fp16", points[first], points[first - 1], points[first + 1 :], points, 40, 7, 3.0,
+    return Divergence(target="onnx", precision="fp16", first=points[first], inputs=points[first - 1],
+                      following=points[first + 1 :], measured=points, boundaries=40, builds=7, seconds=3.0,
                       tolerance={"min_cosine": 0.998, "min_snr_db": 60.0})  # fmt: skip
 
 
