@@ -72,7 +72,7 @@ def row(family: str, label: str, result: Any, seconds: float) -> dict[str, Any]:
     out["states_snr_db"] = round(logits.snr_db, 1) if logits else None
     generation = parity.generation or {}
     if generation.get("kind") == "teacher-forced streams":
-        for key in ("top1", "mean_logit_cosine", "min_logit_cosine", "ppl_ratio"):
+        for key in ("top1", "top1_decided", "top1_all", "mean_logit_cosine", "min_logit_cosine", "ppl_ratio"):
             value = generation.get(key)
             out[key] = round(value, 4) if isinstance(value, float) else value
         out["tokens"] = generation.get("tokens")
@@ -238,9 +238,8 @@ def main() -> int:
     for r in rows:
         gate = "published" if r["published"] else "REJECTED"
         if "top1" in r:
-            figures = (
-                f"{r['top1']:>6.3f} {r['mean_logit_cosine']:>9.4f} {r['min_logit_cosine']:>8.3f} {r['ppl_ratio']:>9.3f}"
-            )
+            top1 = "n/a" if r["top1"] is None else f"{r['top1']:.3f}"  # n/a: too few decided positions
+            figures = f"{top1:>6} {r['mean_logit_cosine']:>9.4f} {r['min_logit_cosine']:>8.3f} {r['ppl_ratio']:>9.3f}"
         else:
             figures = f"{'identical' if r.get('identical') else 'DIFFER':>6} {'':>9} {'':>8} {'':>9}"
         states = f"{r.get('states_cosine')!s:>10} {r.get('states_snr_db')!s:>10}"

@@ -31,11 +31,11 @@ class Variant:
     job: dict[str, Any]  # what its timing worker loads (benchmarks/peer_worker.py)
 
 
-def save_example(inputs: tuple[Any, ...], work: Path) -> Path:
-    """The example as `work/example.npz` (arg0, arg1, ...), for the timing workers."""
+def save_example(arrays: list[np.ndarray], work: Path, name: str = "example.npz") -> Path:
+    """The example as `work/name` (arg0, arg1, ...), for the timing workers."""
     work.mkdir(parents=True, exist_ok=True)
-    np.savez(work / "example.npz", **{f"arg{i}": t.numpy() for i, t in enumerate(inputs)})
-    return work / "example.npz"
+    np.savez(work / name, **{f"arg{i}": a for i, a in enumerate(arrays)})
+    return work / name
 
 
 def _first(outputs: Any, name: str | None = None) -> Any:
@@ -137,7 +137,8 @@ def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int | None, work: 
     `litert_torch.convert` (its own interpreter; it has no thread setting)."""
     import torch
 
-    example, saved = [t.numpy() for t in inputs], save_example(inputs, work)
+    example = [t.numpy() for t in inputs]
+    saved = save_example(example, work)
     found: list[Variant | str] = []
 
     def onnx_export() -> Variant:
@@ -160,8 +161,18 @@ def fp32_peers(module: Any, inputs: tuple[Any, ...], threads: int | None, work: 
         with torch.no_grad():
             eager = module(*inputs)
         name = next(iter(eager)) if isinstance(eager, dict) else None
-        predict: Predict = lambda xs: np.asarray(_first(edge(*xs), name))  # noqa: E731
-        job = {"kind": "litert", "path": str(work / "peer.tflite"), "inputs": str(saved)}
+
+        def narrowed(xs: list[np.ndarray]) -> list[np.ndarray]:
+            """litert_torch downcasts 64-bit model inputs to 32 bits (its default, enable_x64=False) and tells its
+            users to feed them so."""
+            return [x.astype(np.int32) if x.dtype == np.int64 else x for x in xs]
+
+        predict: Predict = lambda xs: np.asarray(_first(edge(*narrowed(xs)), name))  # noqa: E731
+        job = {
+            "kind": "litert",
+            "path": str(work / "peer.tflite"),
+            "inputs": str(save_example(narrowed(example), work, "narrow.npz")),
+        }
         return Variant("litert_torch.convert", lambda: predict(example), predict, "fp32", job)
 
     _attempt(found, "torch.onnx.export + ORT", onnx_export)
@@ -176,7 +187,8 @@ def int8_peers(module: Any, inputs: tuple[Any, ...], rows: np.ndarray, threads: 
     compiled with OpenVINO's defaults (single-input models)."""
     import torch
 
-    example, saved = [t.numpy() for t in inputs], save_example(inputs, work)
+    example = [t.numpy() for t in inputs]
+    saved = save_example(example, work)
     found: list[Variant | str] = []
 
     def ort_static() -> Variant:

@@ -59,6 +59,8 @@ def top1_matches(got: np.ndarray, want: np.ndarray) -> int:
 # A row is a near-tie when the reference's top-1/top-2 margin is at most this many times the artifact's RMS error
 # on that row's scores. (Not max|error|: a margin above 2 * max|error| makes a flip impossible by construction.)
 NEAR_TIE_FACTOR = 2.0
+# Fewer decided rows than this and a top-1 agreement is not decidable: the other measures decide alone.
+MIN_DECIDED_ROWS = 10
 
 
 def top1_rows(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

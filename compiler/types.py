@@ -267,8 +267,8 @@ def generation_summary(generation: dict[str, Any]) -> str:
 
 
 def _stream_summary(record: dict[str, Any]) -> str:
-    """E.g. `generation: 314 teacher-forced tokens over 6 streams within thresholds: top-1 0.924 (>= 0.85), mean
-    cosine 0.9985 (>= 0.99; worst step 0.980), perplexity ratio 1.007 (<= 1.05)`."""
+    """E.g. `generation: 314 teacher-forced tokens over 6 streams within thresholds: top-1 0.924 (>= 0.85; 290
+    decided positions), mean cosine 0.9985 (>= 0.99; worst step 0.980), perplexity ratio 1.007 (<= 1.05)`."""
 
     def number(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
@@ -277,8 +277,12 @@ def _stream_summary(record: dict[str, Any]) -> str:
     limits: dict[str, Any] = stored_limits if isinstance(stored_limits, dict) else {}
     failed: list[Any] = stored_failed if isinstance(stored_failed, list) else []
     verdict = "within thresholds" if record.get("passed") else f"OUTSIDE ({', '.join(map(str, failed))})"
+    decided = f"{record.get('top1_decided')} decided positions"
+    top1 = record.get("top1")
     figures = [
-        f"top-1 {number(record.get('top1'), '.3f')} (>= {limits.get('min_top1')})",
+        f"top-1 {number(top1, '.3f')} (>= {limits.get('min_top1')}; {decided})"
+        if top1 is not None
+        else f"top-1 not decidable (only {decided})",
         f"mean cosine {number(record.get('mean_logit_cosine'), '.4f')} (>= {limits.get('min_mean_cosine')}; "
         f"worst step {number(record.get('min_logit_cosine'), '.3f')})",
         f"perplexity ratio {number(record.get('ppl_ratio'), '.3f')} (<= {limits.get('max_ppl_ratio')})",

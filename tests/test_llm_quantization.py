@@ -17,7 +17,7 @@ pytest.importorskip("transformers", reason="these tests build models with transf
 
 from kiln.compiler.errors import UsageError
 from kiln.compiler.generation.decoding import DecoderSpec, StaticCachedDecoder, StaticCacheLayout, greedy
-from kiln.compiler.generation.stream_gate import STREAM_TOLERANCES, check_stream_record
+from kiln.compiler.generation.stream_gate import STREAM_TOLERANCES, TokenStream, check_stream_record, stream_parity
 from kiln.compiler.metrics import next_token_nll
 from kiln.compiler.quantization.weight_only import WeightOnlySpec
 
@@ -53,7 +53,8 @@ def test_int4_is_published_on_onnx_and_openvino_with_its_figures_and_replayed_by
         assert generation["kind"] == "teacher-forced streams" and generation["passed"], target
         assert generation["tokens"] >= 300 and generation["streams"] == 6  # several hundred positions
         assert generation["thresholds"] == vars(STREAM_TOLERANCES["int4"])  # recorded with the figures
-        assert generation["ppl_ratio"] <= STREAM_TOLERANCES["int4"].max_ppl_ratio and generation["top1"] > 0.4
+        assert generation["ppl_ratio"] <= STREAM_TOLERANCES["int4"].max_ppl_ratio and generation["top1_decided"] >= 10
+        assert generation["top1"] >= STREAM_TOLERANCES["int4"].min_top1 and generation["top1_all"] > 0
         quantization = manifest["target_info"]["quantization"]
         assert quantization["settings"]["group_size"] == 32 and quantization["settings"]["bits"] == 4
     onnx_settings = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())["target_info"]
@@ -184,10 +185,63 @@ def test_a_forged_stream_record_is_refused():
         good | {"prompts": [{"prompt": [1, 999], "stream": [3], "reference_top1": [3], "reference_nll": 1.5}]},
         good | {"prompts": [{"prompt": [1], "stream": [3], "reference_top1": [3], "reference_nll": float("inf")}]},
         good | {"prompts": [{"prompt": [1] * 60, "stream": [3] * 10, "reference_top1": [3] * 10, "reference_nll": 1}]},
+        good | {"prompts": [good["prompts"][0] | {"decided": [True]}]},
+        good | {"prompts": [good["prompts"][0] | {"decided": [1, 0]}]},
     ]
     for record in forged:
         with pytest.raises(UsageError, match=r"parity\.generation record is malformed"):
             check_stream_record(record, spec, 64)
+
+
+class _Rows:
+    """A cache layout whose decoder returns given logit rows in turn (the gate's arithmetic alone, no runtime)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = iter(rows)
+
+    def decoder(self, run):
+        return lambda tokens: next(self.rows)
+
+
+class _Model:
+    """The reference's logits at the stream's positions (rows before the prompt's last token are never read)."""
+
+    name = "planted logits"
+
+    def __init__(self, prompt: int, rows: np.ndarray):
+        self.logits = np.concatenate([np.zeros((prompt - 1, rows.shape[1]), np.float32), rows, rows[-1:]])
+
+    def next_logits(self, tokens):
+        return self.logits
+
+
+def _stream_record(near_tie: np.ndarray, flipped: np.ndarray) -> dict:
+    """The int4 stream gate on 60 positions of a 32-token vocabulary: the model's logits have a top-1/top-2 margin of
+    0.01 at `near_tie` positions (else 4), the artifact's are the model's plus noise of RMS 0.05 with its top two
+    swapped at `flipped` positions."""
+    rng = np.random.default_rng(0)
+    want = rng.normal(0, 1, (60, 32)).astype(np.float32)
+    want[:, 0] = want.max(axis=1) + np.where(near_tie, 0.01, 4.0)  # token 0 is the model's next token
+    second = np.argsort(want, axis=1)[:, -2]
+    got = want + rng.normal(0, 0.05, want.shape).astype(np.float32)
+    rows = np.flatnonzero(flipped)
+    got[rows, 0], got[rows, second[rows]] = want[rows, second[rows]], want[rows, 0] + 0.2
+    stream = TokenStream(4, (1, 2, 3, 4, *[0] * 60))
+    return stream_parity(None, _Rows(got), _Model(4, want), [stream], STREAM_TOLERANCES["int4"])
+
+
+def test_the_stream_gate_counts_top1_on_decided_positions_only():
+    """Flipped near-ties (the model's own margin below twice the step's error) are recorded, not counted: 70% of
+    positions flipped that way passed no top-1 threshold before (top-1 over all positions 0.30 < 0.40). Flips of
+    decided positions fail it; with too few decided positions top-1 is not decidable and the rest decide."""
+    ties = np.arange(60) < 42
+    record = _stream_record(ties, ties)
+    assert record["passed"] and record["top1"] == 1.0 and record["top1_decided"] == 18, record["failed"]
+    assert record["top1_all"] == pytest.approx(0.3) and record["prompts"][0]["decided"] == [False] * 42 + [True] * 18
+    flipped = _stream_record(np.arange(60) < 10, np.arange(60) < 50)
+    assert not flipped["passed"] and "top1" in flipped["failed"] and flipped["top1"] == pytest.approx(0.2)
+    undecidable = _stream_record(np.arange(60) < 55, np.zeros(60, bool))
+    assert undecidable["passed"] and undecidable["top1"] is None and undecidable["top1_decided"] == 5
 
 
 def test_the_static_decoder_prefills_whole_chunks_then_steps():

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 
 import numpy as np
-from kiln.compiler.metrics import top1_matches, wilson_interval
-from kiln.compiler.parity.gate import MIN_DECIDED_ROWS, QUANTIZED_SAMPLES, ParitySamples, compare
+from kiln.compiler.metrics import MIN_DECIDED_ROWS, top1_matches, wilson_interval
+from kiln.compiler.parity.gate import QUANTIZED_SAMPLES, ParitySamples, compare
 from kiln.compiler.parity.reference import batched_reference
 from kiln.compiler.quantization.calibration import CalibrationSpec, load_calibration
 from kiln.compiler.types import OutputMetrics, ParityReport, TensorSpec, Tolerance

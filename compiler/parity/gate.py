@@ -13,6 +13,7 @@ from kiln.compiler.capture.inputs import random_like
 from kiln.compiler.errors import UsageError, error_text
 from kiln.compiler.image_layout import nchw_array, nhwc_array, nhwc_names
 from kiln.compiler.metrics import (
+    MIN_DECIDED_ROWS,
     Channel,
     ChannelSums,
     cosine,
@@ -28,8 +29,6 @@ DEFAULT_SAMPLES = 4
 # top-1. Held-back calibration rows (never those calibrated on) fill them first, random inputs the rest.
 QUANTIZED_SAMPLES = 32
 QUANTIZED_PRECISIONS = ("int8", "int8-dynamic")
-# Fewer decided top-1 rows than this and the top-1 criterion is not decidable: cosine and SNR decide alone.
-MIN_DECIDED_ROWS = 10
 SAVED_SAMPLES_LIMIT = 64 * 2**20
 INPUTS_FILE = "parity/inputs.npz"
 REFERENCE_FILE = "parity/reference.npz"
