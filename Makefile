@@ -3,7 +3,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
-PYTEST_ARGS ?= -m "not long"
+# Two workers, a test file each at a time (its module fixtures built once): most tests wait on one Python thread
+# (torch.export, the ONNX exporter, process start-up), so two files at once use both cores of a CI machine.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= -m "not long" -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install demo test test-long lint bench clean
 
@@ -29,7 +32,7 @@ test: install
 
 # The tests `make test` leaves out (marked `long`: the decoder families beyond the sliding-window ones).
 test-long: install
-	$(PY) -m pytest -m long
+	$(PY) -m pytest -m long -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
