@@ -96,7 +96,8 @@ def _write_external(values: list[Any], directory: Path, name: str) -> None:
 
 def link_or_copy(source: Path, destination: Path) -> None:
     """`destination` as a hard link to `source` (same file system: no bytes copied), else a copy. For data files
-    that are never written in place once made."""
+    that are never written in place once made, and never read through onnx or onnx_ir while linked: both refuse
+    an external data file with several links as a possible hard-link attack (`unshare_data_files`)."""
     import os
     import shutil
 
@@ -104,6 +105,50 @@ def link_or_copy(source: Path, destination: Path) -> None:
         os.link(source, destination)
     except OSError:
         shutil.copyfile(source, destination)
+
+
+def unshare_data_files(model_path: Path) -> None:
+    """Give every external data file of the ONNX file at `model_path` a single link, so that onnx and onnx_ir read
+    it: both refuse a data file with several hard links (a possible hard-link attack), and `save_onnx` links the
+    unchanged data files between Kiln's own builds. A linked file is copied beside itself and renamed over its
+    name (the other links keep the same bytes); a symbolic link or a location outside the directory is left for
+    the reader to refuse."""
+    import os
+    import shutil
+
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    for location in sorted(locations):
+        path = model_path.parent / location
+        if path.parent != model_path.parent or path.is_symlink() or not path.is_file() or path.stat().st_nlink < 2:
+            continue
+        single = path.with_name(f".{path.name}.unshared")
+        shutil.copyfile(path, single)
+        os.replace(single, path)
+
+
+def load_ir(model_path: Path) -> Any:
+    """`onnx_ir.load` of an ONNX file Kiln wrote, its data files unshared first (`unshare_data_files`)."""
+    import onnx_ir
+
+    unshare_data_files(model_path)
+    return onnx_ir.load(str(model_path))
+
+
+def read_onnx(model_path: Path) -> Any:
+    """`onnx.load` (external data included) of an ONNX file Kiln wrote, its data files unshared first."""
+    import onnx
+
+    unshare_data_files(model_path)
+    return onnx.load(str(model_path))
 
 
 def snapshot(graph: Any) -> Any:

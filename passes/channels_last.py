@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.image_layout import NCHW_TO_NHWC, NHWC_TO_NCHW
-from kiln.compiler.large_graphs import save_onnx
+from kiln.compiler.large_graphs import load_ir, save_onnx
 from kiln.passes.base import ONNX, PassResult
 from kiln.passes.graphs import count_nodes, fresh_name, names_in, permuted_shape
 from kiln.passes.transpose_sinking import sink_transposes
@@ -182,10 +182,9 @@ def nhwc_onnx_file(
 ) -> tuple[LayoutCounts, PassRecord]:
     """Write the ONNX file `source` to `destination` with the named image inputs and outputs made NHWC
     (`to_nhwc`); the transposes before and after, and the layout step as a pass record."""
-    import onnx_ir as ir
     from kiln.compiler.types import PassRecord
 
-    model = ir.load(str(source))
+    model = load_ir(source)
     nodes_before, own = count_nodes(model), count_ops(model, {"Transpose"})
     fixed = count_ops(model, ONNX_CHANNELS_FIRST_OPS)
     started = time.perf_counter()

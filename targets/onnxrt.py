@@ -220,13 +220,13 @@ def quantize_weights_artifact(
 ) -> None:
     """The weight-only int8/int4 of a text-generation export (`request.weights`) into `destination`, with its
     summary, note and pass record in `output`."""
-    import onnx
+    from kiln.compiler.large_graphs import read_onnx
     from kiln.compiler.quantization.accuracy import accuracy_aware_weights, kept_apart_note, weight_candidates
     from kiln.compiler.quantization.onnxrt import quantize_onnx_weights, save_onnx
 
     spec = request.weights
     assert spec is not None
-    fp32 = onnx.load(str(graph))
+    fp32 = read_onnx(graph)
     kept: list[Any] = []
 
     def quantize(apart: Sequence[str]) -> Runner:

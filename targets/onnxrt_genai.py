@@ -128,9 +128,10 @@ def write_genai_folder(graph: Path, language_model: LanguageModel | None, built:
 def rewrite_graph(path: Path, language_model: LanguageModel) -> Fusion:
     """The step graph at `path` rewritten in place for onnxruntime-genai (`kiln.passes.genai_attention`)."""
     import onnx_ir as ir
+    from kiln.compiler.large_graphs import EXTERNAL_DATA_BYTES, load_ir
     from kiln.passes.genai_attention import Attention, rewrite_for_genai
 
-    model = ir.load(str(path))
+    model = load_ir(path)
     windows = language_model.windows or (None,) * language_model.layers
     attention = Attention(
         language_model.heads, language_model.kv_heads, language_model.head_dim, windows, language_model.context
@@ -138,7 +139,8 @@ def rewrite_graph(path: Path, language_model: LanguageModel) -> Fusion:
     fusion = rewrite_for_genai(model, attention)
     if fusion.fused_attention or fusion.rms_norms:
         data = path.name + ".data"
-        large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value) > 2**31 - 2**26
+        weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+        large = weights > EXTERNAL_DATA_BYTES  # as save_onnx: external data written tensor by tensor
         written = path.parent / "rewritten"  # beside, not over, the files the lazy initializers still read
         written.mkdir()
         ir.save(model, str(written / path.name), external_data=data if large else None)

@@ -162,3 +162,32 @@ def test_linear_weights_are_transposed_as_the_file_is_written(tmp_path):
     np.testing.assert_allclose(
         session.run(None, {session.get_inputs()[0].name: example.numpy()})[0], expected, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_decoder_with_external_data_takes_the_genai_route_and_its_files_load_in_onnx(
+    tmp_path, monkeypatch, capsys, precision
+):
+    """Every weight in external data (as above 64 MiB; the limit lowered here), so that the builds link the
+    capture's unchanged data file. onnx and onnx_ir refuse a data file with several links ("a hard link attack"):
+    before, the onnxruntime-genai route failed on it and Kiln fell back to its stateless graph (a 3B decoder's
+    export, and every decoder above 64 MiB), and int4's quantizer could not read the weights. The export is now
+    the genai folder, and each of its files has one link and loads in onnx and onnx_ir with its weights."""
+    import onnx
+    import onnx_ir as ir
+    from kiln.compiler import large_graphs
+
+    monkeypatch.setattr(large_graphs, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "out"
+    model = ROOT / "tests" / "models" / "decoders.py"
+    flags = ["--precision", precision, "--group-size", "32"] if precision == "int4" else []
+    code, _, err = run_cli("export", f"{model}:llama", "-t", "onnx", "-o", out, "-q", *flags, capsys=capsys)
+    assert code == 0, err
+    info = json.loads((out / "manifest.json").read_text())["target_info"]
+    assert info["llm_format"] == "onnxruntime-genai" and not info.get("routes_tried"), info.get("routes_tried")
+    assert (out / "genai_config.json").is_file() and (out / "model.onnx.data").is_file()
+    assert all(p.stat().st_nlink == 1 for p in out.rglob("*") if p.is_file())
+    proto = onnx.load(str(out / "model.onnx"))  # external data read in
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)
+    loaded = ir.load(str(out / "model.onnx"))
+    assert sum(v.const_value.numpy().size for v in loaded.graph.initializers.values() if v.const_value) > 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.compiler.errors import UsageError, error_text
-from kiln.compiler.large_graphs import save_onnx, snapshot
+from kiln.compiler.large_graphs import load_ir, save_onnx, snapshot
 from kiln.passes import pipeline_for, run_pipeline
 from kiln.passes.base import FX, ONNX
 from kiln.passes.graphs import dump_graph
@@ -45,9 +45,7 @@ def optimize(
             _dump_final(done[key][0], ir, dump)
         return done[key]
     if ir == ONNX and model.onnx_path is not None:
-        import onnx_ir
-
-        graph, records = run_pipeline(onnx_ir.load(str(model.onnx_path)), chosen, dump)
+        graph, records = run_pipeline(load_ir(model.onnx_path), chosen, dump)
         destination = work / f"optimized-{len(done)}" / "model.onnx"
         destination.parent.mkdir(parents=True)
         done[key] = replace(model, onnx_path=_save(graph, destination, model.onnx_path)), records
@@ -73,7 +71,7 @@ def _save(graph: Any, destination: Path, given: Path) -> Path:
         return save_onnx(graph, destination)
     except onnx_ir.serde.SerdeError as error:
         try:
-            onnx_ir.serde.serialize_model(onnx_ir.load(str(given)))
+            onnx_ir.serde.serialize_model(load_ir(given))
         except Exception:  # the input itself: reported with the error of the optimized graph (the same one)
             raise UsageError(
                 f"the ONNX graph cannot be serialized: {_serde_problem(error)}",
@@ -100,8 +98,6 @@ def _dump_final(model: CapturedModel, ir: str, dump: Path) -> None:
     """For --dump-passes: the graph a target received from a pipeline already run for another target."""
     graph: Any = model.exported
     if ir == ONNX:
-        import onnx_ir
-
-        graph = onnx_ir.load(str(model.onnx_path)) if model.onnx_path is not None else None
+        graph = load_ir(model.onnx_path) if model.onnx_path is not None else None
     if graph is not None:
         dump_graph(graph, dump / "final")
