@@ -116,23 +116,27 @@ def unshare_data_files(model_path: Path) -> None:
     import os
     import shutil
 
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in onnx.external_data_helper._get_all_tensors(proto)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    for location in sorted(locations):
+    for location in sorted(data_locations(model_path)):
         path = model_path.parent / location
         if path.parent != model_path.parent or path.is_symlink() or not path.is_file() or path.stat().st_nlink < 2:
             continue
         single = path.with_name(f".{path.name}.unshared")
         shutil.copyfile(path, single)
         os.replace(single, path)
+
+
+def data_locations(model_path: Path) -> set[str]:
+    """The external data locations the ONNX file at `model_path` names (relative to its directory)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
 def load_ir(model_path: Path) -> Any:

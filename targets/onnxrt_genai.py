@@ -128,9 +128,10 @@ def write_genai_folder(graph: Path, language_model: LanguageModel | None, built:
 def rewrite_graph(path: Path, language_model: LanguageModel) -> Fusion:
     """The step graph at `path` rewritten in place for onnxruntime-genai (`kiln.passes.genai_attention`)."""
     import onnx_ir as ir
-    from kiln.compiler.large_graphs import EXTERNAL_DATA_BYTES, load_ir
+    from kiln.compiler.large_graphs import EXTERNAL_DATA_BYTES, data_locations, load_ir
     from kiln.passes.genai_attention import Attention, rewrite_for_genai
 
+    read = data_locations(path)
     model = load_ir(path)
     windows = language_model.windows or (None,) * language_model.layers
     attention = Attention(
@@ -148,7 +149,8 @@ def rewrite_graph(path: Path, language_model: LanguageModel) -> Fusion:
         for name in (path.name, data):
             if (written / name).exists():
                 (written / name).replace(path.parent / name)
-            elif name == data and (path.parent / name).exists():
+        for name in read | {data}:  # the data files only the old graph read (e.g. save_onnx's `.extra.data`)
+            if Path(name).name == name and name not in data_locations(path) and (path.parent / name).is_file():
                 (path.parent / name).unlink()
         written.rmdir()
     return fusion

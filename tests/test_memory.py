@@ -187,6 +187,7 @@ def test_a_decoder_with_external_data_takes_the_genai_route_and_its_files_load_i
     assert info["llm_format"] == "onnxruntime-genai" and not info.get("routes_tried"), info.get("routes_tried")
     assert (out / "genai_config.json").is_file() and (out / "model.onnx.data").is_file()
     assert all(p.stat().st_nlink == 1 for p in out.rglob("*") if p.is_file())
+    assert {p.name for p in out.glob("*.data")} == large_graphs.data_locations(out / "model.onnx")  # none stale
     proto = onnx.load(str(out / "model.onnx"))  # external data read in
     assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)
     loaded = ir.load(str(out / "model.onnx"))
