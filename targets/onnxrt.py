@@ -3,6 +3,7 @@ Runtime's CPU provider."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -45,7 +46,9 @@ class OnnxRuntimeRunner(Runner):
         from kiln.compiler.types import TensorSpec
 
         level = (manifest.runtime_config if manifest is not None else {}).get(GRAPH_OPTIMIZATION_KEY)
-        self.session = ort_session(path, threads, str(level) if level is not None else None)
+        self.path, self.threads = path, threads
+        self.session: Any = ort_session(path, threads, str(level) if level is not None else None)
+        self.providers = self.session.get_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.precision = manifest.precision if manifest is not None else "fp32"
         quantization = manifest.target_info.get("quantization") if manifest is not None else None
@@ -69,7 +72,7 @@ class OnnxRuntimeRunner(Runner):
 
         return {
             "runtime": f"onnxruntime {ort.__version__}",
-            "providers": self.session.get_providers(),
+            "providers": self.providers,
             "inference_precision": self.inference_precision,
             "graph_optimization": self.graph_optimization,
         }
@@ -344,15 +347,25 @@ class OnnxGenAIRunner(OnnxRuntimeRunner):
 
     def __init__(self, directory: Path, manifest: Manifest, threads: int = 0):
         super().__init__(directory / MODEL_FILE, manifest, threads)
-        self.directory, self.threads = directory, threads
+        self.directory = directory
         self.context = int(manifest.source.get("decoder", {}).get("max_positions") or 0)
         self.genai: Any = None
 
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name, from ONNX Runtime's session (made again if the Generator's model replaced it)."""
+        if self.session is None:
+            self.genai = None  # one copy of the weights at a time: a 3B model's two did not fit in 24 GB
+            gc.collect()
+            self.session = ort_session(self.path, self.threads, self.graph_optimization)
+        return super().run(feeds)
+
     def decoder(self) -> Callable[[Sequence[int]], np.ndarray]:
-        """A new sequence in onnxruntime-genai's Generator."""
+        """A new sequence in onnxruntime-genai's Generator (its model loaded in place of ONNX Runtime's session)."""
         import onnxruntime_genai as og
 
         if self.genai is None:
+            self.session = None
+            gc.collect()
             config = og.Config(str(self.directory))
             if self.threads:
                 options = {"session_options": {"intra_op_num_threads": self.threads}}
