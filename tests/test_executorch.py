@@ -369,7 +369,20 @@ def test_fp16_overflow_is_localized_through_the_same_lowering(tmp_path):
 @pytest.mark.slow
 def test_tune_times_executorch_as_a_candidate(tmp_path, capsys):
     out = tmp_path / "tune"
-    args = ["--targets", "executorch,onnx", "--precisions", "fp32", "--rounds", "2", "--runs", "3", "--warmup", "1"]
+    args = [
+        "--targets",
+        "executorch,onnx",
+        "--precisions",
+        "fp32",
+        "--rounds",
+        "2",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--confirm-budget",
+        "5",
+    ]
     code, _, err = run_cli("tune", "zoo:cnn", "--out", out, *args, "--io", "nchw", "--no-plain", "-q", capsys=capsys)
     assert code == 0, err
     board = json.loads((out / "leaderboard.json").read_text())
