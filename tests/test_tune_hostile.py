@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -405,7 +406,23 @@ def test_a_stopped_or_killed_worker_fails_its_candidate_alone(base, tmp_path, se
     workers = _children(bench.pid)
     assert len(workers) == 2, workers
     os.kill(workers[0], sent)
-    out, err = bench.communicate(timeout=300)
+    done = threading.Event()
+
+    def kept_stopped() -> None:
+        """The bench itself stops and wakes (SIGCONT) its workers between their turns, which would undo one stop:
+        a hung worker is one that stays stopped."""
+        while not done.wait(0.05):
+            try:
+                os.kill(workers[0], signal.SIGSTOP)
+            except ProcessLookupError:
+                return
+
+    if sent == signal.SIGSTOP:
+        threading.Thread(target=kept_stopped, daemon=True).start()
+    try:
+        out, err = bench.communicate(timeout=300)
+    finally:
+        done.set()
     assert bench.returncode == 1, err
     records = {r["name"]: r for r in json.loads(out)["candidates"]}
     failed = [r for r in records.values() if r.get("failure")]
