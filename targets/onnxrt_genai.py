@@ -149,8 +149,9 @@ def rewrite_graph(path: Path, language_model: LanguageModel) -> Fusion:
         for name in (path.name, data):
             if (written / name).exists():
                 (written / name).replace(path.parent / name)
+        kept = data_locations(path)
         for name in read | {data}:  # the data files only the old graph read (e.g. save_onnx's `.extra.data`)
-            if Path(name).name == name and name not in data_locations(path) and (path.parent / name).is_file():
+            if Path(name).name == name and name not in kept and (path.parent / name).is_file():
                 (path.parent / name).unlink()
         written.rmdir()
     return fusion
