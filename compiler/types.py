@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
@@ -19,6 +20,9 @@ MANIFEST_NAME = "manifest.json"
 # Written by `kiln bench` beside the manifest after the export; the one unlisted file `kiln verify` accepts.
 BENCH_FILE = "bench.json"
 SCHEMA_VERSION = 1
+# Passing outputs named alike but for one number (a decoder's present.0.key ... present.29.key) are summarised in
+# one line, by the worst of them, from this many on.
+GROUPED_OUTPUTS = 3
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -201,6 +205,27 @@ class OutputMetrics:
         return text + ("" if self.top1_decidable else ", not decidable")
 
 
+def _output_lines(outputs: list[OutputMetrics]) -> list[str]:
+    """A summary line per output, but one per group of GROUPED_OUTPUTS or more passing outputs whose names differ
+    only in one number: the worst one's figures (lowest cosine, or agreement), e.g. `ok   present.N.key (30
+    outputs, N = 0..29; the worst, N = 28): ...`. A failing output always has its own line."""
+    groups: dict[str, list[OutputMetrics]] = {}
+    for output in outputs:
+        pattern = re.sub(r"\d+", "N", output.name, count=1) if output.passed else output.name
+        groups.setdefault(pattern if pattern != output.name else f"\0{output.name}", []).append(output)
+    lines = []
+    for pattern, members in groups.items():
+        if len(members) < GROUPED_OUTPUTS:
+            lines += [output.summary() for output in members]
+            continue
+        worst = min(members, key=lambda o: o.agreement if o.kind == "exact" else o.min_cosine)
+        numbers = {o.name: int(re.findall(r"\d+", o.name)[0]) for o in members}
+        low, high = min(numbers.values()), max(numbers.values())
+        label = f"{pattern} ({len(members)} outputs, N = {low}..{high}; the worst, N = {numbers[worst.name]})"
+        lines.append(worst.summary().replace(f" {worst.name}: ", f" {label}: ", 1))
+    return lines
+
+
 @dataclass
 class ParityReport:
     """The verdict of the parity gate for one artifact."""
@@ -223,7 +248,7 @@ class ParityReport:
         """Multi-line human-readable report."""
         head = "PASSED" if self.passed else "FAILED"
         lines = [f"parity {head} against {self.reference} on {self.samples} input sets"]
-        lines += ["  " + o.summary() for o in self.outputs]
+        lines += ["  " + line for line in _output_lines(self.outputs)]
         if self.divergence is not None:
             lines.append("  " + str(self.divergence.get("summary", "")))
         if self.generation is not None:

@@ -55,6 +55,34 @@ def test_integer_and_boolean_outputs_compare_exactly():
     assert compare(flipped, expected, quantized)[0].passed
 
 
+def test_a_decoders_cache_outputs_are_summarised_by_their_worst_and_a_failure_keeps_its_line():
+    """A 30-layer decoder's report printed 60 `present.N.key|value` lines: outputs named alike but for one number
+    are summarised in one line by the worst of them; a failing output keeps its own line."""
+    from kiln.compiler.types import ParityReport
+
+    rng = np.random.default_rng(0)
+    want, got = [{}], [{}]
+    for layer in range(4):
+        for kind in ("key", "value"):
+            name = f"present.{layer}.{kind}"
+            want[0][name] = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+            drift = 0.2 if (layer, kind) == (3, "value") else 1e-6 * (layer + 1)  # present.3.value fails
+            got[0][name] = want[0][name] + np.float32(drift) * rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    outputs = compare(got, want, FP32)
+    lines = [
+        line.strip() for line in ParityReport(False, "eager", FP32, 1, ["example"], outputs).summary().splitlines()[1:]
+    ]
+    keys = [line for line in lines if ".key" in line]
+    assert len(lines) == 3 and len(keys) == 1  # the keys; the three passing values; the failing one
+    worst = min((o for o in outputs if o.name.endswith("key")), key=lambda o: o.min_cosine)
+    assert worst.name == "present.3.key"  # the largest drift
+    assert keys[0] == "ok   present.N.key (4 outputs, N = 0..3; the worst, N = 3): " + worst.summary().split(": ", 1)[1]
+    assert [line.split(":")[0] for line in lines if "value" in line] == [
+        "ok   present.N.value (3 outputs, N = 0..2; the worst, N = 2)",
+        "FAIL present.3.value",
+    ]
+
+
 def test_shape_mismatch_missing_output_and_nan():
     expected = [{"y": np.zeros((2, 3), np.float32), "z": np.array([np.nan, 1.0])}]
     (shape, missing) = compare([{"y": np.zeros((3, 2), np.float32)}], expected, FP32)
