@@ -15,16 +15,16 @@ with, all at `--threads` threads:
 
 | candidate | built by | run by |
 |---|---|---|
-| `kiln onnx` | `kiln export --target onnx` (the onnxruntime-genai route) | onnxruntime-genai `Generator` |
-| `kiln openvino` | `kiln export --target openvino` (the OpenVINO GenAI route) | `openvino_genai.LLMPipeline` (f32) |
+| `kiln onnx` | `kiln export DIR --target onnx` (the onnxruntime-genai route) | onnxruntime-genai `Generator` |
+| `kiln openvino` | `kiln export DIR --target openvino` (OpenVINO GenAI route) | `openvino_genai.LLMPipeline` (f32) |
 | `builder` | `python -m onnxruntime_genai.models.builder -p fp32\\|int4 -e cpu` | onnxruntime-genai `Generator` |
 | `optimum-intel` | `optimum-cli export openvino` (`--weight-format fp32\\|int4`) | `OVModelForCausalLM.generate` |
 | `transformers eager` | the `save_pretrained` folder | `AutoModelForCausalLM.generate` |
 
-At int4, Kiln has no `--precision int4` yet: its int4 rows are Kiln's fp32 artifacts quantized here with the tools
-its peers use, at their settings (`kiln onnx int4`: ONNX Runtime's `MatMulNBitsQuantizer`, the builder's block
-size 32, symmetric, accuracy level 4; `kiln openvino int4`: `nncf.compress_weights`, optimum-intel's default int4,
-asymmetric, group 128, or 64 where 128 does not divide the widths). The `default` precision compares the two
+Kiln's int4 rows are `kiln export DIR --target onnx,openvino --precision int4` at Kiln's defaults, its quantized
+gate included (symmetric groups of 128 along the input, the LM head in int8; onnx: MatMulNBits at accuracy level
+4; openvino: NNCF); the builder's int4 is its default (symmetric blocks of 32, accuracy level 4), optimum-intel's
+is asymmetric, group 128 (or 64 where 128 does not divide the widths). The `default` precision compares the two
 OpenVINO artifacts at the runtime's own inference precision (bf16 on a CPU with AVX-512 BF16, else f32),
 optimum-intel's default.
 
@@ -166,19 +166,12 @@ def built(directory: Path, make: Any) -> float | None:
     return seconds
 
 
-def kiln_exports(name: str, hf: Path, work: Path) -> tuple[Path, float | None]:
-    """Kiln's onnx and openvino exports (their LLM-format routes) of the model in `hf`."""
-    out = work / name / "kiln"
-    factory = work / name / "factory.py"
-    factory.write_text(
-        "import torch, transformers\n\n\ndef model():\n"
-        f"    module = transformers.AutoModelForCausalLM.from_pretrained({str(hf)!r}).eval()\n"
-        "    return module, (torch.randint(0, 100, (1, 8)),)\n"
-    )
-    command = [sys.executable, str(ROOT / "cli.py"), "export", f"{factory}:model", "--target", "onnx,openvino",
-               "--out", str(out / "export"), "--force", "--quiet"]  # fmt: skip
-    seconds = built(out, lambda: timed_command(command, out / "export.log"))
-    return out / "export", seconds
+def kiln_exports(hf: Path, out: Path, precision: str) -> float | None:
+    """`kiln export DIR --target onnx,openvino --precision PRECISION` of the checkpoint folder `hf` (their LLM-format
+    routes, the gate included) into `out/export`."""
+    command = [sys.executable, str(ROOT / "cli.py"), "export", str(hf), "--target", "onnx,openvino",
+               "--precision", precision, "--out", str(out / "export"), "--force", "--quiet"]  # fmt: skip
+    return built(out, lambda: timed_command(command, out / "export.log"))
 
 
 def builder_output(hf: Path, out: Path, precision: str) -> float | None:
@@ -204,45 +197,6 @@ def optimum_output(hf: Path, out: Path, weights: str | None) -> float | None:
                "--task", "text-generation-with-past", *(["--weight-format", weights] if weights else []), *group,
                str(out / "model")]  # fmt: skip
     return built(out, lambda: timed_command(command, out / "build.log"))
-
-
-def kiln_int4_onnx(kiln: Path, out: Path) -> float | None:
-    """Kiln's onnxruntime-genai folder with its MatMuls as MatMulNBits (the builder's int4 settings)."""
-
-    def make() -> float:
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        started = time.perf_counter()
-        target = out / "model"
-        shutil.copytree(kiln / "onnx", target, ignore=shutil.ignore_patterns("model.onnx*", "parity", "manifest.json"))
-        model = onnx.load(str(kiln / "onnx" / "model.onnx"))
-        quantizer = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, accuracy_level=4)
-        quantizer.process()
-        onnx.save(quantizer.model.model, str(target / "model.onnx"), save_as_external_data=True,
-                  location="model.onnx.data")  # fmt: skip
-        return round(time.perf_counter() - started, 1)
-
-    return built(out, make)
-
-
-def kiln_int4_openvino(kiln: Path, out: Path, group: int) -> float | None:
-    """Kiln's OpenVINO GenAI folder with its weights compressed by NNCF (optimum-intel's int4: asymmetric, `group`;
-    NNCF's defaults otherwise: the embedding and the last MatMul in int8)."""
-
-    def make() -> float:
-        import nncf
-        import openvino as ov
-
-        started = time.perf_counter()
-        target = out / "model"
-        shutil.copytree(kiln / "openvino", target, ignore=shutil.ignore_patterns("openvino_model.*", "parity"))
-        model = ov.Core().read_model(str(kiln / "openvino" / "openvino_model.xml"))
-        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group, ratio=1.0)
-        ov.save_model(compressed, str(target / "openvino_model.xml"), compress_to_fp16=False)
-        return round(time.perf_counter() - started, 1)
-
-    return built(out, make)
 
 
 # ---------------------------------------------------------------- what a token reads
@@ -347,36 +301,37 @@ def candidates(name: str, work: Path, args: argparse.Namespace) -> list[Candidat
             candidate.skipped = f"{type(exc).__name__}: {str(exc)[:200]}"
         found.append(candidate)
 
-    export, own = work / name / "kiln" / "export", work / name
+    own = work / name
+    export, export_int4 = own / "kiln" / "export", own / "kiln-int4" / "export"
     state: dict[str, Any] = {}
 
-    def kiln_build() -> float | None:
-        if "seconds" not in state:
-            state["seconds"] = kiln_exports(name, hf, work)[1]
-        return state["seconds"]
+    def kiln_build(precision: str = "fp32") -> Any:
+        def make() -> float | None:
+            if precision not in state:
+                state[precision] = kiln_exports(hf, own / ("kiln" if precision == "fp32" else f"kiln-{precision}"),
+                                                precision)  # fmt: skip
+            return state[precision]
 
-    def then(first: Any, second: Any) -> Any:
-        return lambda: (first(), second())[1]
+        return make
 
     f32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
     optimum = "optimum" in args.peers
     plan: list[tuple[bool, Candidate, Any]] = [
-        (True, Candidate("kiln onnx", "fp32", "genai", export / "onnx", kiln=True), kiln_build),
-        (True, Candidate("kiln openvino", "fp32", "llmpipeline", export / "openvino", True, f32), kiln_build),
+        (True, Candidate("kiln onnx", "fp32", "genai", export / "onnx", kiln=True), kiln_build()),
+        (True, Candidate("kiln openvino", "fp32", "llmpipeline", export / "openvino", True, f32), kiln_build()),
         (True, Candidate("builder", "fp32", "genai", own / "builder-fp32" / "model"),
          lambda: builder_output(hf, own / "builder-fp32", "fp32")),
         (optimum, Candidate("optimum-intel", "fp32", "optimum", own / "optimum-fp32" / "model", config=f32,
                             python=OPTIMUM_PYTHON), lambda: optimum_output(hf, own / "optimum-fp32", "fp32")),
         ("eager" in args.peers, Candidate("transformers eager", "fp32", "eager", hf), lambda: None),
-        (True, Candidate("kiln onnx int4", "int4", "genai", own / "kiln-int4-onnx" / "model", kiln=True),
-         then(kiln_build, lambda: kiln_int4_onnx(export, own / "kiln-int4-onnx"))),
-        (True, Candidate("kiln openvino int4", "int4", "llmpipeline", own / "kiln-int4-openvino" / "model", True),
-         then(kiln_build, lambda: kiln_int4_openvino(export, own / "kiln-int4-openvino", int4_group_size(hf)))),
+        (True, Candidate("kiln onnx int4", "int4", "genai", export_int4 / "onnx", kiln=True), kiln_build("int4")),
+        (True, Candidate("kiln openvino int4", "int4", "llmpipeline", export_int4 / "openvino", True),
+         kiln_build("int4")),
         (True, Candidate("builder int4", "int4", "genai", own / "builder-int4" / "model"),
          lambda: builder_output(hf, own / "builder-int4", "int4")),
         (optimum, Candidate("optimum-intel int4", "int4", "optimum", own / "optimum-int4" / "model",
                             python=OPTIMUM_PYTHON), lambda: optimum_output(hf, own / "optimum-int4", "int4")),
-        (True, Candidate("kiln openvino default", "default", "llmpipeline", export / "openvino", True), kiln_build),
+        (True, Candidate("kiln openvino default", "default", "llmpipeline", export / "openvino", True), kiln_build()),
         (optimum, Candidate("optimum-intel defaults", "default", "optimum", own / "optimum-default" / "model",
                             python=OPTIMUM_PYTHON), lambda: optimum_output(hf, own / "optimum-default", None)),
     ]  # fmt: skip

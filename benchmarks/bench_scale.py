@@ -5,6 +5,10 @@ cpu`, no gate), on checkpoint folders with the shapes of SmolLM-135M, TinyLlama-
 (`benchmarks/scale_models.py`, random weights, written once into --models-dir).
 
     .venv/bin/python benchmarks/bench_scale.py --sizes 135m,1.1b,3b --json scale.json
+    .venv/bin/python benchmarks/bench_scale.py --sizes 3b --targets onnx --precision int4   # both at int4
+
+`--precision int4|int8` exports Kiln's weight-only precision (its quantized gate included) and runs the builder
+with `-p int4|int8`.
 
 Each command runs under `/usr/bin/time -v` (its "Maximum resident set size" is the peak RSS reported); a watchdog
 polls the command's process every 0.2 s for its anonymous memory (RssAnon: what the kernel cannot drop, unlike
@@ -154,12 +158,17 @@ def run_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
     weights = weight_bytes(folder)
     spare = int(args.spare_gb * GIB)
     out = Path(tempfile.mkdtemp(prefix=f"kiln-scale-{size}-", dir=args.work_dir))
-    record: dict[str, Any] = {"size": size, "weights": weights, "load_average": os.getloadavg()}
+    record: dict[str, Any] = {
+        "size": size,
+        "precision": args.precision,
+        "weights": weights,
+        "load_average": os.getloadavg(),
+    }
     wait_for_memory(int(1.3 * weights + 1.5 * GIB), spare, args.patience)
     print(f"[{size}] kiln export ({weights / GIB:.2f} GiB of weights)")
     kiln = timed_run(
         [sys.executable, str(ROOT / "cli.py"), "export", str(folder), "-t", args.targets, "--out", str(out / "kiln"),
-         "--json"],
+         "--precision", args.precision, "--json"],
         spare,
         out / "kiln.log",
     )  # fmt: skip
@@ -174,7 +183,7 @@ def run_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{size}] onnxruntime-genai builder")
         builder = timed_run(
             [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out / "genai"),
-             "-p", "fp32", "-e", "cpu", "-c", str(out / "genai-cache")],
+             "-p", args.precision, "-e", "cpu", "-c", str(out / "genai-cache")],
             spare,
             out / "genai.log",
         )  # fmt: skip
@@ -198,7 +207,7 @@ def _stage_peaks(export: Path) -> dict[str, int]:
 def table(records: list[dict[str, Any]]) -> str:
     """The markdown tables: memory and time per size, then Kiln's steps."""
     lines = [
-        "| model | weights | Kiln onnx+openvino (gate) | peak RSS | x weights | peak anon | Kiln onnx only "
+        "| model | weights | Kiln export (gate) | peak RSS | x weights | peak anon | Kiln onnx only "
         "| genai builder | builder peak RSS | Kiln onnx / builder |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -220,7 +229,8 @@ def _row(r: dict[str, Any], state: str, builder: str, ratio: str) -> str:
     k, b, w = r["kiln"], r.get("builder"), r["weights"]
     builder_peak = f"{b['peak_rss'] / GIB:.2f} GiB" if b and b.get("peak_rss") else "-"
     return (
-        f"| {r['size']} | {w / GIB:.2f} GiB | {k['seconds']:.0f} s{state} | {k['peak_rss'] / GIB:.2f} GiB | "
+        f"| {r['size']} {r.get('precision', 'fp32')} | {w / GIB:.2f} GiB | {k['seconds']:.0f} s{state} | "
+        f"{k['peak_rss'] / GIB:.2f} GiB | "
         f"{k['peak_rss'] / w:.2f} | {k['peak_anon'] / GIB:.2f} GiB | {k['onnx_only_seconds']:.0f} s | {builder} | "
         f"{builder_peak} | {ratio} |"
     )
@@ -236,6 +246,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="135m,1.1b,3b")
     parser.add_argument("--targets", default="onnx,openvino")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8", "int4"))
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "kiln-scale-models")
     parser.add_argument("--work-dir", type=Path, default=None, help="where exports are written (default: $TMPDIR)")
     parser.add_argument("--spare-gb", type=float, default=4.0, help="memory to leave to other processes (GiB)")
