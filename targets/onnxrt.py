@@ -223,27 +223,23 @@ def quantize_weights_artifact(
 ) -> None:
     """The weight-only int8/int4 of a text-generation export (`request.weights`) into `destination`, with its
     summary, note and pass record in `output`."""
-    from kiln.compiler.large_graphs import read_onnx
     from kiln.compiler.quantization.accuracy import accuracy_aware_weights, kept_apart_note, weight_candidates
-    from kiln.compiler.quantization.onnxrt import quantize_onnx_weights, save_onnx
+    from kiln.compiler.quantization.onnxrt import quantize_onnx_weights
 
     spec = request.weights
     assert spec is not None
-    fp32 = read_onnx(graph)
     kept: list[Any] = []
 
     def quantize(apart: Sequence[str]) -> Runner:
         keep = {"keep_8bit" if spec.bits < spec.head_bits else "keep_float": apart}
-        proto, summary = quantize_onnx_weights(fp32, spec, **keep)
-        save_onnx(proto, destination)
-        kept[:] = [summary]
+        kept[:] = [quantize_onnx_weights(graph, destination, spec, **keep)]
         return OnnxRuntimeRunner(destination)
 
     if request.accuracy is None:
         quantize(())
     else:  # --max-drop: the most sensitive layers kept apart until within budget
         aware = accuracy_aware_weights(
-            quantize, OnnxRuntimeRunner(graph), request.accuracy, weight_candidates(fp32, spec)
+            quantize, OnnxRuntimeRunner(graph), request.accuracy, weight_candidates(graph, spec)
         )
         output.info["accuracy_aware"] = aware.summary()
         output.notes.append(kept_apart_note(aware.reverted, spec.bits))

@@ -302,7 +302,6 @@ def _compress_weights(ov_model: ov.Model, model: CapturedModel, request: BuildRe
     if request.accuracy is None:
         compress(())
     else:
-        import onnx
         from kiln.compiler.quantization.accuracy import accuracy_aware_weights, kept_apart_note, weight_candidates
         from kiln.targets.onnxrt import OnnxRuntimeRunner
 
@@ -313,7 +312,7 @@ def _compress_weights(ov_model: ov.Model, model: CapturedModel, request: BuildRe
         def runner(apart: Sequence[str]) -> Runner:
             return OpenVinoRunner.in_memory(compress(apart), config, fp32.inputs, fp32.outputs)
 
-        candidates = weight_candidates(onnx.load(str(model.onnx_path)), spec)
+        candidates = weight_candidates(model.onnx_path, spec)
         aware = accuracy_aware_weights(runner, fp32, request.accuracy, candidates)
         built.info["accuracy_aware"] = aware.summary()
         built.notes.append(kept_apart_note(aware.reverted, spec.bits))

@@ -138,6 +138,37 @@ def test_large_onnx_is_saved_with_its_unchanged_weights_linked(tmp_path, monkeyp
     np.testing.assert_allclose(session.run(None, feeds)[0], expected, rtol=1e-5)
 
 
+def test_weights_in_several_data_files_are_saved_where_the_new_graph_finds_them(tmp_path, monkeypatch):
+    """A graph whose weights sit in a file per tensor (as the TorchScript exporter writes a model over 2 GB) or in
+    `.data` and `.extra.data` (a graph save_onnx wrote, saved again by a later pass): the largest file is linked,
+    every other weight written beside the new graph. Before, the others kept their old relative locations, which
+    did not resolve beside the new graph (a 3B decoder's OpenVINO fallback route failed to read it: "invalid
+    external data")."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from kiln.compiler import large_graphs
+
+    source = _linear_stack(tmp_path / "stack.onnx", layers=3, width=256)
+    per_tensor = tmp_path / "per-tensor"
+    per_tensor.mkdir()
+    onnx.save(onnx.load(str(source)), str(per_tensor / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0)  # fmt: skip
+    assert sorted(p.name for p in per_tensor.iterdir()) == ["model.onnx", "w0", "w1", "w2"]
+    monkeypatch.setattr(large_graphs, "EXTERNAL_DATA_BYTES", 0)
+    x = {"x": np.random.default_rng(1).standard_normal((2, 256)).astype("f4")}
+    expected = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    model_dir = per_tensor
+    for step in ("first", "second"):  # the second save reads a `.data` and an `.extra.data`
+        saved = tmp_path / step
+        saved.mkdir()
+        large_graphs.save_onnx(large_graphs.load_ir(model_dir / "model.onnx"), saved / "model.onnx")
+        assert sorted(p.name for p in saved.iterdir()) == ["model.onnx", "model.onnx.data", "model.onnx.extra.data"]
+        session = ort.InferenceSession(str(saved / "model.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(session.run(None, x)[0], expected)
+        model_dir = saved
+
+
 def test_linear_weights_are_transposed_as_the_file_is_written(tmp_path):
     """The exporter's `MatMul(x, Transpose(W))` becomes `MatMul(x, W.transposed)` with W transposed while the
     file is written (no transposed copy of every weight held in memory), and the graph computes what PyTorch does."""
@@ -192,3 +223,121 @@ def test_a_decoder_with_external_data_takes_the_genai_route_and_its_files_load_i
     assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)
     loaded = ir.load(str(out / "model.onnx"))
     assert sum(v.const_value.numpy().size for v in loaded.graph.initializers.values() if v.const_value) > 0
+
+
+def _linear_stack(path: Path, layers: int, width: int, head: int | None = None) -> Path:
+    """An ONNX file of `layers` MatMuls [width, width] (random float32 weights, ReLU between), the last one
+    computing `logits` ([width, head] when given), its weights in external data beside it."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, value = [], [], "x"
+    for i in range(layers):
+        out = width if head is None or i < layers - 1 else head
+        weights.append(numpy_helper.from_array(rng.standard_normal((width, out), np.float32), f"w{i}"))
+        last = i == layers - 1
+        nodes.append(helper.make_node("MatMul", [value, f"w{i}"], ["logits" if last else f"m{i}"], name=f"mm{i}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}"))
+            value = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "stack",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", head or width])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    return path
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weights_quantized_a_layer_at_a_time_are_onnxruntimes_own_blocks(tmp_path, monkeypatch, symmetric):
+    """`quantize_onnx_weights` reads one weight at a time from the external data and writes the new data as it
+    goes; the blocks, scales and zero points are byte for byte those ONNX Runtime's MatMulNBitsQuantizer makes
+    from the whole model (int4 layers, the LM head in int8), and the two graphs give the same logits."""
+    import numpy as np
+    import onnx
+    from kiln.compiler import large_graphs
+    from kiln.compiler.quantization.onnxrt import quantize_onnx_weights
+    from kiln.compiler.quantization.weight_only import WeightOnlySpec
+    from kiln.targets.onnxrt import OnnxRuntimeRunner
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    source = _linear_stack(tmp_path / "model.onnx", layers=4, width=96, head=80)
+    spec = WeightOnlySpec(4, 32, symmetric)
+    monkeypatch.setattr(large_graphs, "EXTERNAL_DATA_BYTES", 0)  # the new weights as external data too
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = quantize_onnx_weights(source, out / "model.onnx", spec, keep_8bit=["mm1"])
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert summary.settings["lm_head"] == "mm3" and sorted(summary.settings["int8_layers"]) == ["mm1", "mm3"]
+    ours = onnx.load(str(out / "model.onnx"))
+    nbits = {n.name: n for n in ours.graph.node if n.op_type == "MatMulNBits"}
+    bits = {name: next(a.i for a in node.attribute if a.name == "bits") for name, node in nbits.items()}
+    assert bits == {"mm0_Q4": 4, "mm1_Q8": 8, "mm2_Q4": 4, "mm3_Q8": 8}
+    assert not [n for n in ours.graph.node if n.op_type == "MatMul"]
+    assert not {f"w{i}" for i in range(4)} & {t.name for t in ours.graph.initializer}  # the float weights are gone
+
+    reference = onnx.load(str(source))
+    for bits, names in ((4, ["mm0", "mm2"]), (8, ["mm1", "mm3"])):
+        quantizer = MatMulNBitsQuantizer(
+            reference,
+            bits=bits,
+            block_size=32,
+            is_symmetric=symmetric,
+            accuracy_level=4,
+            nodes_to_exclude=[f"mm{i}" for i in range(4) if f"mm{i}" not in names],
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+        reference = quantizer.model.model
+    expected = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    assert sorted(got) == sorted(expected) and len(got) == (12 if not symmetric else 8)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+    x = np.random.default_rng(1).standard_normal((5, 96), np.float32)
+    onnx.save(reference, str(tmp_path / "reference.onnx"))
+    theirs = OnnxRuntimeRunner(tmp_path / "reference.onnx").run({"x": x})["logits"]
+    np.testing.assert_array_equal(OnnxRuntimeRunner(out / "model.onnx").run({"x": x})["logits"], theirs)
+
+
+_QUANTIZE_PEAK = """
+import sys
+from pathlib import Path
+from kiln.compiler import large_graphs
+from kiln.compiler.memory import current_rss, peak_rss
+from kiln.compiler.quantization.onnxrt import quantize_onnx_weights
+from kiln.compiler.quantization.weight_only import WeightOnlySpec
+import onnxruntime.quantization.matmul_nbits_quantizer, onnx  # imported before the baseline
+large_graphs.EXTERNAL_DATA_BYTES = 0  # the new weights in external data, as a large model's are
+Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from here
+base = current_rss()
+quantize_onnx_weights(Path(sys.argv[1]), Path(sys.argv[2]), WeightOnlySpec(4, 32, True))
+print(peak_rss() - base)
+"""
+
+
+@linux_only
+def test_weight_only_quantization_holds_one_layer_not_the_model(tmp_path):
+    """The int4 of a 128 MiB stack of 8 MiB layers grows the quantizing process by a few layers' worth, not by
+    the model's weights (ONNX Runtime's MatMulNBitsQuantizer loaded them all and built the new model beside them:
+    a 3B decoder's int4 ran this machine's 24 GB out)."""
+    source = _linear_stack(tmp_path / "model.onnx", layers=16, width=1448)  # 16 x 8 MiB
+    weights = (tmp_path / "model.onnx.data").stat().st_size
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-c", _QUANTIZE_PEAK, str(source), str(out / "model.onnx")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    grown = int(run.stdout.split()[-1])
+    assert grown < weights / 4, f"quantizing grew the process by {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB"

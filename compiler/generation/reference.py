@@ -35,15 +35,25 @@ class CausalLMReference:
         """The logits at every position of one sequence: row i predicts token i + 1."""
         return self.run(np.asarray([tokens]))[0][0]
 
-    def continued(self, prompt: Sequence[int], length: int) -> list[int]:
-        """`prompt` followed by the model's own greedy tokens up to `length` tokens, decoded by transformers with
-        the model's own cache (`use_cache=True`, the cache it returns fed back)."""
-        tokens = list(prompt)
+    def continued(self, prompts: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+        """Each prompt followed by the model's own greedy tokens up to `length` tokens, decoded by transformers with
+        the model's own cache (`use_cache=True`, the cache it returns fed back). Each prompt is continued alone up to
+        the longest prompt's length, then all of them together, a row each (the same positions in every row: no
+        padding, no mask), so that a 3B model decodes about a third as many steps."""
+        common = min(length, max(len(prompt) for prompt in prompts))
+        rows = [self._greedy([list(prompt)], common)[0] for prompt in prompts]
+        return self._greedy(rows, length)
+
+    def _greedy(self, rows: list[list[int]], length: int) -> list[list[int]]:
+        """Rows of equal length continued together by greedy decoding to `length` tokens."""
+        if len(rows[0]) >= length:
+            return rows
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([tokens]), use_cache=True)
-            while len(tokens) < length:
-                tokens.append(int(torch.argmax(out.logits[0, -1])))
-                if len(tokens) < length:
-                    step = torch.tensor([[tokens[-1]]])
-                    out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-        return tokens
+            out = self.model(input_ids=torch.tensor(rows), use_cache=True)
+            while True:
+                chosen = torch.argmax(out.logits[:, -1], dim=-1)
+                rows = [[*row, int(token)] for row, token in zip(rows, chosen)]
+                if len(rows[0]) >= length:
+                    return rows
+                step = chosen[:, None]
+                out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)

@@ -5,9 +5,10 @@ step within a tight tolerance) cannot hold: one flipped near-tie sends the two d
 judges the artifact instead on the same token streams as the user's model, teacher-forced:
 
 - **Streams** (`reference_streams`): STREAM_PROMPTS seeded random prompts of different lengths, each continued by
-  the user's model's own greedy tokens (transformers with its own cache) to STREAM_TOKENS tokens (fewer when the
-  export's positions or static cache hold fewer): several hundred predicted positions in all, crossing a model's
-  sliding window several times, and prompts longer than a static cache's prefill chunk.
+  the user's model's own greedy tokens (transformers with its own cache; alone up to the longest prompt's length,
+  then all streams together) to STREAM_TOKENS tokens (fewer when the export's positions or static cache hold
+  fewer): several hundred predicted positions in all, crossing a model's sliding window several times, and
+  prompts longer than a static cache's prefill chunk.
 - **The artifact on them** (`stream_parity`): it prefills each prompt with its own cache (`layout.decoder`: a
   static cache's chunked prefill too), then is fed the stream's next token at every step (teacher forcing),
   its logits kept at every step. The user's model, run once over the stream, gives its logits at the same
@@ -101,11 +102,10 @@ def reference_streams(reference: CausalLMReference, spec: DecoderSpec, capacity:
     """The gate's streams within `capacity` positions (see the module docstring)."""
     length = min(STREAM_TOKENS, capacity + 1, spec.max_positions)
     rng = np.random.default_rng(SEED)
-    streams = []
-    for size in STREAM_PROMPTS:
-        prompt = [int(t) for t in rng.integers(0, spec.vocab_size, min(size, length - 1))]
-        streams.append(TokenStream(len(prompt), tuple(reference.continued(prompt, length))))
-    return streams
+    prompts = [[int(t) for t in rng.integers(0, spec.vocab_size, min(size, length - 1))] for size in STREAM_PROMPTS]
+    return [
+        TokenStream(len(prompt), tuple(tokens)) for prompt, tokens in zip(prompts, reference.continued(prompts, length))
+    ]
 
 
 def teacher_forced(

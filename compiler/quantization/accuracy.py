@@ -390,14 +390,16 @@ def kept_apart_note(modules: Sequence[str], bits: int) -> str:
     return f"--max-drop: {len(modules)} linear layer(s) kept {where}: {', '.join(modules) or 'none needed'}"
 
 
-def weight_candidates(proto: Any, spec: Any) -> list[str]:
-    """The linear layers --max-drop may keep apart on a weight-only export, most sensitive first: every MatMul with
-    constant weights but, on a 4-bit export, the LM head (8 bits already)."""
+def weight_candidates(source: Path, spec: Any) -> list[str]:
+    """The linear layers --max-drop may keep apart on a weight-only export of the ONNX file `source`, most
+    sensitive first: every MatMul with constant weights but, on a 4-bit export, the LM head (8 bits already)."""
+    import onnx
     from kiln.compiler.quantization.onnxrt import constant_matmuls, lm_head, rank_by_weight_error
 
+    proto = onnx.load(str(source), load_external_data=False)
     weighted = constant_matmuls(proto)
     head = lm_head(proto, weighted) if spec.bits < spec.head_bits else None
-    return rank_by_weight_error(proto, spec, [name for name in weighted if name != head])
+    return rank_by_weight_error(source, spec, [name for name in weighted if name != head])
 
 
 def accuracy_aware_weights(

@@ -394,27 +394,33 @@ def _topological(graph: Any) -> list[Any]:
 # 2x slower than fp32 (the kernel dequantizes the weights on every call), at level 4 several times faster; 4-bit
 # level 0 and 4 ran alike. Level 4's logits were as close to fp32 (cosine 0.9994 vs 0.9996 at 8 bits).
 MATMUL_NBITS_ACCURACY_LEVEL = 4
-EXTERNAL_DATA_BYTES = 1 << 30  # an ONNX file with more initializer bytes keeps them in `model.onnx.data`
 
 
 def quantize_onnx_weights(
-    model: onnx.ModelProto | Path,
+    source: Path,
+    destination: Path,
     spec: WeightOnlySpec,
     keep_float: Sequence[str] = (),
     keep_8bit: Sequence[str] = (),
-) -> tuple[onnx.ModelProto, QuantizeSummary]:
-    """`model` (an ONNX model or file) with the weights of its MatMuls in `spec.bits` bits as ONNX Runtime's
-    MatMulNBits (blocks of `spec.group_size` along the input, symmetric or with zero points); on a 4-bit spec the
-    LM head (the MatMul nearest the `logits` output) and the nodes `keep_8bit` in 8 bits; the nodes `keep_float`
-    left in float. The model given is not changed. See kiln.compiler.quantization.weight_only."""
-    import logging
+) -> QuantizeSummary:
+    """Write the ONNX file `source` to `destination` with the weights of its MatMuls in `spec.bits` bits as ONNX
+    Runtime's MatMulNBits (blocks of `spec.group_size` along the input, symmetric or with zero points; the blocks
+    made by ONNX Runtime's own kernels, as its MatMulNBitsQuantizer makes them); on a 4-bit spec the LM head (the
+    MatMul nearest the `logits` output) and the nodes `keep_8bit` in 8 bits; the nodes `keep_float` left in float.
 
+    One layer at a time: each weight is read alone from `source`'s external data, quantized and appended to
+    `destination`'s (the weights no MatMulNBits replaces are copied in chunks), so that memory holds one layer's
+    weights and the graph, not the model (MatMulNBitsQuantizer loads the whole model and builds the new one beside
+    it: about 2x a 3B decoder's 12 GB). `destination` is self-contained when its weights come to at most
+    EXTERNAL_DATA_BYTES, else its weights are in `destination.name + '.data'`. See
+    kiln.compiler.quantization.weight_only."""
     import onnx
     import onnxruntime
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from kiln.compiler.large_graphs import EXTERNAL_DATA_BYTES, ExternalDataWriter
 
-    proto = onnx.load(str(model)) if isinstance(model, Path) else _copied(model)
-    start, nodes_before = time.perf_counter(), len(proto.graph.node)
+    start = time.perf_counter()
+    proto = onnx.load(str(source), load_external_data=False)
+    nodes_before = len(proto.graph.node)
     weighted = constant_matmuls(proto)
     unknown = [name for name in (*keep_float, *keep_8bit) if name not in weighted]
     if unknown:
@@ -422,28 +428,44 @@ def quantize_onnx_weights(
     head = lm_head(proto, weighted)
     low_bits = spec.bits < spec.head_bits
     apart = {*keep_float, *keep_8bit, *([head] if head and low_bits else [])}
-    groups = [(spec.bits, [n for n in weighted if n not in apart])]
-    if low_bits:
-        groups.append((spec.head_bits, [n for n in weighted if n in apart and n not in keep_float]))
-    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level, logger.level = logger.level, logging.WARNING
+    bits_of = {name: spec.head_bits if name in apart else spec.bits for name in weighted if name not in keep_float}
+    initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
+    writer = ExternalDataWriter(destination.parent, destination.name + ".data")
     try:
-        for bits, names in groups:
-            if names:
-                quantizer = MatMulNBitsQuantizer(
-                    proto,
-                    bits=bits,
-                    block_size=spec.group_size,
-                    is_symmetric=spec.symmetric,
-                    accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL,
-                    nodes_to_exclude=[n for n in weighted if n not in names],  # (its nodes_to_include adds to
-                    op_types_to_quantize=("MatMul",),  # the op types, it does not narrow them)
-                )
-                quantizer.process()
-                proto = quantizer.model.model
-    finally:
-        logger.level = level
-    eight = groups[1][1] if low_bits else []
+        made: dict[tuple[str, int], list[Any]] = {}  # (weight, bits): its tensors, made once if MatMuls share it
+        nodes = []
+        for node in proto.graph.node:
+            bits = bits_of.get(node.name)
+            if bits is None:
+                nodes.append(node)
+                continue
+            weight = initializers[node.input[1]]
+            node_made, arrays = _matmul_nbits(node, weight, source.parent, spec, bits, (weight.name, bits) in made)
+            nodes.append(node_made)
+            made.setdefault((weight.name, bits), [writer.add(name, array) for name, array in arrays.items()])
+        read = _inputs_read(nodes) | {output.name for output in proto.graph.output}
+        kept = [writer.copy(tensor, source.parent) for tensor in proto.graph.initializer if tensor.name in read]
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend([*kept, *(tensor for tensors in made.values() for tensor in tensors)])
+        inputs = [value for value in proto.graph.input if value.name not in initializers or value.name in read]
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
+        if not any(opset.domain == "com.microsoft" for opset in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+        written = writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    if 0 < written <= EXTERNAL_DATA_BYTES:  # small enough for one file: the data pulled back into the protobuf
+        data = destination.parent / writer.name
+        onnx.load_external_data_for_model(proto, str(destination.parent))
+        _save_replacing(proto, destination)
+        data.unlink()
+    else:
+        _save_replacing(proto, destination)
+    eight = [name for name, bits in bits_of.items() if low_bits and bits == spec.head_bits]
     settings = {
         **spec.to_dict(),
         "operator": "MatMulNBits",
@@ -452,18 +474,77 @@ def quantize_onnx_weights(
         "int8_layers": eight,
         "embeddings": "float32 (ONNX Runtime's quantizer quantizes an embedding Gather only to 4 bits)",
     }
-    return proto, QuantizeSummary(
+    return QuantizeSummary(
         precision=spec.precision,
-        tool=f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer",
+        tool=f"onnxruntime {onnxruntime.__version__} MatMulNBits blocks, one layer at a time",
         method="weights-only",
         settings=settings,
         nodes_before=nodes_before,
         nodes_after=len(proto.graph.node),
-        quantized=len(weighted) - len(keep_float),
+        quantized=len(bits_of),
         kept_float=tuple(keep_float),
         excluded=tuple(keep_float),
         seconds=round(time.perf_counter() - start, 3),
     )
+
+
+def _matmul_nbits(
+    node: onnx.NodeProto, weight: onnx.TensorProto, directory: Path, spec: WeightOnlySpec, bits: int, made: bool
+) -> tuple[onnx.NodeProto, dict[str, Any]]:
+    """The MatMulNBits node replacing the MatMul `node`, and its new initializers' arrays by name (packed blocks,
+    scales, zero points when asymmetric), named as ONNX Runtime's MatMulNBitsQuantizer names them; `weight`
+    ([K, N], float) read alone from the file's data in `directory`; no arrays when they were `made` for another
+    node."""
+    import numpy as np
+    import onnx
+    from kiln.compiler.large_graphs import read_initializer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    k, n = weight.dims
+    names = [f"{weight.name}_Q{bits}", f"{weight.name}_scales"]
+    names += [] if spec.symmetric else [f"{weight.name}_zero_points"]
+    arrays = {}
+    if not made:
+        w = np.ascontiguousarray(read_initializer(weight, directory), dtype=np.float32)
+        config = DefaultWeightOnlyQuantConfig(block_size=spec.group_size, is_symmetric=spec.symmetric, bits=bits)
+        arrays = dict(zip(names, DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)))
+    node_made = onnx.helper.make_node(
+        "MatMulNBits",
+        inputs=[node.input[0], *names],
+        outputs=[node.output[0]],
+        name=f"{node.name}_Q{bits}" if node.name else "",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=spec.group_size,
+        accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL,
+    )
+    return node_made, arrays
+
+
+def _inputs_read(nodes: Sequence[onnx.NodeProto]) -> set[str]:
+    """Every value name the nodes (and the graphs in their attributes: If, Loop, Scan) read."""
+    read: set[str] = set()
+    for node in nodes:
+        read.update(node.input)
+        for attribute in node.attribute:
+            for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                read |= _inputs_read(graph.node) | {output.name for output in graph.output}
+    return read
+
+
+def _save_replacing(proto: onnx.ModelProto, destination: Path) -> None:
+    """`onnx.save` under a temporary name, renamed over `destination` (a session still reading the old file reads
+    on)."""
+    import onnx
+
+    partial = destination.with_name(f".{destination.name}.partial")
+    onnx.save(proto, str(partial))
+    partial.replace(destination)
 
 
 def constant_matmuls(proto: onnx.ModelProto) -> list[str]:
@@ -489,39 +570,22 @@ def lm_head(proto: onnx.ModelProto, weighted: Sequence[str], output: str = "logi
     return None
 
 
-def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
-    """Write `proto` to `path`, its initializers in `path.name + '.data'` beside it when they pass
-    EXTERNAL_DATA_BYTES (a protobuf holds 2 GiB at most)."""
-    import onnx
-
-    size = sum(len(i.raw_data) for i in proto.graph.initializer)
-    if size <= EXTERNAL_DATA_BYTES:
-        onnx.save(proto, str(path))
-        return
-    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
-
-
-def _copied(proto: onnx.ModelProto) -> onnx.ModelProto:
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    return copy
-
-
-def rank_by_weight_error(proto: onnx.ModelProto, spec: WeightOnlySpec, names: Sequence[str]) -> list[str]:
+def rank_by_weight_error(source: Path, spec: WeightOnlySpec, names: Sequence[str]) -> list[str]:
     """The MatMuls `names` ordered by the relative error their weights take when rounded as `spec` says
     (|W - Q(W)| / |W|, round-to-nearest per group of `spec.group_size` input channels), the largest first: the
     candidates `--max-drop` keeps apart (in 8 bits or in float) first. A weight-only proxy of sensitivity: it needs
-    no activations, and a layer whose weights round worst (outliers in a group) loses the most."""
+    no activations, and a layer whose weights round worst (outliers in a group) loses the most. The MatMuls of the
+    ONNX file `source`, their weights read one at a time."""
     import numpy as np
-    from onnx import numpy_helper
+    import onnx
+    from kiln.compiler.large_graphs import read_initializer
 
+    proto = onnx.load(str(source), load_external_data=False)
     weights = {i.name: i for i in proto.graph.initializer}
     by_node = {n.name: n.input[1] for n in proto.graph.node if n.name in set(names)}
     errors = {}
     for name, weight in by_node.items():
-        w = numpy_helper.to_array(weights[weight]).astype(np.float64)  # [in, out]
+        w = read_initializer(weights[weight], source.parent).astype(np.float64)  # [in, out]
         pad = -w.shape[0] % spec.group_size
         groups = np.pad(w, ((0, pad), (0, 0))).reshape(-1, spec.group_size, w.shape[1])
         levels = 2**spec.bits - 1

@@ -25,7 +25,9 @@ def two_bit_weights() -> Iterator[None]:
         yield
 
 
-def per_tensor_int4(model: Any, spec: Any, keep_float: Sequence[str] = (), keep_8bit: Sequence[str] = ()) -> Any:
+def per_tensor_int4(
+    source: Path, destination: Path, spec: Any, keep_float: Sequence[str] = (), keep_8bit: Sequence[str] = ()
+) -> Any:
     """In place of `quantize_onnx_weights`: every linear layer's weights rounded to 4 bits with one scale for the
     whole matrix, stored dequantized (float32), as a too-coarse quantizer would leave them."""
     import onnx
@@ -33,7 +35,7 @@ def per_tensor_int4(model: Any, spec: Any, keep_float: Sequence[str] = (), keep_
     from kiln.compiler.quantization.summary import QuantizeSummary
     from onnx import numpy_helper
 
-    proto = onnx.load(str(model)) if isinstance(model, Path) else model
+    proto = onnx.load(str(source))
     names = set(constant_matmuls(proto))
     weights = {n.input[1] for n in proto.graph.node if n.name in names}
     for initializer in proto.graph.initializer:
@@ -42,8 +44,8 @@ def per_tensor_int4(model: Any, spec: Any, keep_float: Sequence[str] = (), keep_
             scale = float(np.abs(w).max()) / 7 or 1.0
             rounded = (np.clip(np.round(w / scale), -8, 7) * scale).astype(np.float32)
             initializer.CopyFrom(numpy_helper.from_array(rounded, initializer.name))
-    summary = QuantizeSummary("int4", "planted per-tensor int4", "weights-only", {"int8_layers": []})
-    return proto, summary
+    onnx.save(proto, str(destination))
+    return QuantizeSummary("int4", "planted per-tensor int4", "weights-only", {"int8_layers": []})
 
 
 @contextmanager
@@ -57,15 +59,21 @@ def without_zero_points(quantize: Any) -> Any:
     """`quantize` (quantize_onnx_weights) followed by the planted bug: each MatMulNBits's zero-points input emptied,
     its initializer left behind (the graph stays valid; the kernel takes its default zero point)."""
 
-    def planted(model: Any, spec: Any, keep_float: Sequence[str] = (), keep_8bit: Sequence[str] = ()) -> Any:
-        proto, summary = quantize(model, spec, keep_float, keep_8bit)
+    def planted(
+        source: Path, destination: Path, spec: Any, keep_float: Sequence[str] = (), keep_8bit: Sequence[str] = ()
+    ) -> Any:
+        import onnx
+
+        summary = quantize(source, destination, spec, keep_float, keep_8bit)
+        proto = onnx.load(str(destination))
         dropped = 0
         for node in proto.graph.node:
             if node.op_type == "MatMulNBits" and len(node.input) > 3 and node.input[3]:
                 node.input[3] = ""
                 dropped += 1
         assert dropped, "no MatMulNBits with zero points: plant this on --weights asym"
-        return proto, summary
+        onnx.save(proto, str(destination))
+        return summary
 
     return planted
 
