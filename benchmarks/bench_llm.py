@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,12 +144,13 @@ def make_tokenizer() -> Any:
     )
 
 
-def timed_command(command: list[str], log: Path) -> float:
-    """Run `command` (its output into `log`); its wall seconds; a RuntimeError naming the log when it fails."""
+def timed_command(command: list[str], log: Path, allowed: tuple[int, ...] = (0,)) -> float:
+    """Run `command` (its output into `log`); its wall seconds; a RuntimeError naming the log when it exits with a
+    status not `allowed`."""
     started = time.perf_counter()
     with log.open("w") as out:
         status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, check=False).returncode
-    if status != 0:
+    if status not in allowed:
         raise RuntimeError(f"{' '.join(command[:4])} ... failed (exit {status}): see {log}")
     return round(time.perf_counter() - started, 1)
 
@@ -166,12 +168,20 @@ def built(directory: Path, make: Any) -> float | None:
     return seconds
 
 
-def kiln_exports(hf: Path, out: Path, precision: str) -> float | None:
-    """`kiln export DIR --target onnx,openvino --precision PRECISION` of the checkpoint folder `hf` (their LLM-format
-    routes, the gate included) into `out/export`."""
+def kiln_exports(hf: Path, out: Path, precision: str, flags: Sequence[str] = ()) -> float | None:
+    """`kiln export DIR --target onnx,openvino --precision PRECISION [FLAGS]` of the checkpoint folder `hf` (their
+    LLM-format routes, the gate included) into `out/export`. With `--no-parity-gate` among the flags an artifact
+    the gate refused is published too (the export exits 1): `gate_refused` tells them apart."""
     command = [sys.executable, str(ROOT / "cli.py"), "export", str(hf), "--target", "onnx,openvino",
-               "--precision", precision, "--out", str(out / "export"), "--force", "--quiet"]  # fmt: skip
-    return built(out, lambda: timed_command(command, out / "export.log"))
+               "--precision", precision, *flags, "--out", str(out / "export"), "--force", "--quiet"]  # fmt: skip
+    allowed = (0, 1) if "--no-parity-gate" in flags else (0,)
+    return built(out, lambda: timed_command(command, out / "export.log", allowed))
+
+
+def gate_refused(artifact: Path) -> bool:
+    """Whether the artifact's manifest says its parity gate failed (published with --no-parity-gate)."""
+    manifest = artifact / "manifest.json"
+    return manifest.is_file() and not json.loads(manifest.read_text()).get("parity", {}).get("passed", True)
 
 
 def builder_output(hf: Path, out: Path, precision: str) -> float | None:
@@ -302,14 +312,19 @@ def candidates(name: str, work: Path, args: argparse.Namespace) -> list[Candidat
         found.append(candidate)
 
     own = work / name
-    export, export_int4 = own / "kiln" / "export", own / "kiln-int4" / "export"
+    int4_flags = args.kiln_int4.split()
+    int4_dir = own / "-".join(["kiln-int4", *(flag.strip("-") for flag in int4_flags)])
+    export, export_int4 = own / "kiln" / "export", int4_dir / "export"
     state: dict[str, Any] = {}
 
     def kiln_build(precision: str = "fp32") -> Any:
         def make() -> float | None:
             if precision not in state:
-                state[precision] = kiln_exports(hf, own / ("kiln" if precision == "fp32" else f"kiln-{precision}"),
-                                                precision)  # fmt: skip
+                state[precision] = (
+                    kiln_exports(hf, own / "kiln", precision)
+                    if precision == "fp32"
+                    else kiln_exports(hf, int4_dir, precision, int4_flags)
+                )
             return state[precision]
 
         return make
@@ -338,6 +353,10 @@ def candidates(name: str, work: Path, args: argparse.Namespace) -> list[Candidat
     for wanted, candidate, make in plan:
         if wanted and candidate.precision in args.precisions:
             add(candidate, make)
+            if candidate.kiln and candidate.precision == "int4" and int4_flags:
+                candidate.name += f" [{' '.join(int4_flags)}]"
+            if candidate.kiln and not candidate.skipped and gate_refused(candidate.path):
+                candidate.name += " (gate refused)"
     for candidate in found:
         if candidate.skipped:
             continue
@@ -589,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per run (default 16)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round (default 3)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--kiln-int4",
+        default="",
+        help='more flags for Kiln\'s int4 export, e.g. "--group-size 32" (the builder\'s blocks), "--no-parity-gate" '
+        "(publish and time an artifact the gate refuses: its rows say so)",
+    )
     parser.add_argument("--keep-loaded", action="store_true", help="keep every worker loaded (needs the memory)")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "kiln-bench-llm"), help="builds, reused")
     parser.add_argument("--json", help="write every figure here")
