@@ -224,7 +224,7 @@ def quantize_weights_artifact(
     """The weight-only int8/int4 of a text-generation export (`request.weights`) into `destination`, with its
     summary, note and pass record in `output`."""
     from kiln.compiler.quantization.accuracy import accuracy_aware_weights, kept_apart_note, weight_candidates
-    from kiln.compiler.quantization.onnxrt import quantize_onnx_weights
+    from kiln.compiler.quantization.matmul_nbits import quantize_onnx_weights
 
     spec = request.weights
     assert spec is not None

@@ -262,7 +262,7 @@ def test_weights_quantized_a_layer_at_a_time_are_onnxruntimes_own_blocks(tmp_pat
     import numpy as np
     import onnx
     from kiln.compiler import large_graphs
-    from kiln.compiler.quantization.onnxrt import quantize_onnx_weights
+    from kiln.compiler.quantization.matmul_nbits import quantize_onnx_weights
     from kiln.compiler.quantization.weight_only import WeightOnlySpec
     from kiln.targets.onnxrt import OnnxRuntimeRunner
     from onnx import numpy_helper
@@ -312,7 +312,7 @@ import sys
 from pathlib import Path
 from kiln.compiler import large_graphs
 from kiln.compiler.memory import current_rss, peak_rss
-from kiln.compiler.quantization.onnxrt import quantize_onnx_weights
+from kiln.compiler.quantization.matmul_nbits import quantize_onnx_weights
 from kiln.compiler.quantization.weight_only import WeightOnlySpec
 import onnxruntime.quantization.matmul_nbits_quantizer, onnx  # imported before the baseline
 large_graphs.EXTERNAL_DATA_BYTES = 0  # the new weights in external data, as a large model's are

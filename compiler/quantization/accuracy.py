@@ -394,7 +394,7 @@ def weight_candidates(source: Path, spec: Any) -> list[str]:
     """The linear layers --max-drop may keep apart on a weight-only export of the ONNX file `source`, most
     sensitive first: every MatMul with constant weights but, on a 4-bit export, the LM head (8 bits already)."""
     import onnx
-    from kiln.compiler.quantization.onnxrt import constant_matmuls, lm_head, rank_by_weight_error
+    from kiln.compiler.quantization.matmul_nbits import constant_matmuls, lm_head, rank_by_weight_error
 
     proto = onnx.load(str(source), load_external_data=False)
     weighted = constant_matmuls(proto)
@@ -410,7 +410,7 @@ def accuracy_aware_weights(
 ) -> AccuracyResult:
     """`--max-drop` for the weight-only int8/int4 of a text-generation export: `quantize(apart)` builds it with
     the linear layers `apart` kept apart (in 8 bits on an int4 export, in float on an int8 one) and returns its
-    runner; `ranked` are the candidates, most sensitive first (onnxrt.rank_by_weight_error). Scored on
+    runner; `ranked` are the candidates, most sensitive first (matmul_nbits.rank_by_weight_error). Scored on
     SEARCH_SEQUENCES seeded random sequences of SEARCH_TOKENS tokens, each run whole with an empty cache (teacher
     forcing: the logits at every position), against `fp32_runner` (the fp32 graph): by default the top-1
     agreement of the next-token logits, or the user's metric, `fn(outputs, inputs)` with `outputs["logits"]`

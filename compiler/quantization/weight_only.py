@@ -2,7 +2,7 @@
 `--weights sym|asym`. What LLM runtimes do on CPUs: the weights of the linear layers are stored in 8 or 4 bits
 with a scale (and a zero point when asymmetric) per output channel or per group of G input channels; activations
 and the KV cache stay float. Each toolchain quantizes its own format (`quantize_onnx_weights` in
-`quantization.onnxrt`, `compress_openvino_weights` in `quantization.openvino`, `quantize_tflite_weights` in
+`quantization.matmul_nbits`, `compress_openvino_weights` in `quantization.openvino`, `quantize_tflite_weights` in
 `quantization.litert`); this module holds what they share: the spec and its checks.
 
 - `int8`: every linear layer in 8 bits. NNCF and ai-edge-quantizer store one scale per output channel; ONNX

@@ -31,7 +31,7 @@ def per_tensor_int4(
     """In place of `quantize_onnx_weights`: every linear layer's weights rounded to 4 bits with one scale for the
     whole matrix, stored dequantized (float32), as a too-coarse quantizer would leave them."""
     import onnx
-    from kiln.compiler.quantization.onnxrt import constant_matmuls
+    from kiln.compiler.quantization.matmul_nbits import constant_matmuls
     from kiln.compiler.quantization.summary import QuantizeSummary
     from onnx import numpy_helper
 
@@ -51,7 +51,7 @@ def per_tensor_int4(
 @contextmanager
 def per_tensor_onnx_weights() -> Iterator[None]:
     """The onnx target's weight-only quantizer replaced by `per_tensor_int4`."""
-    with mock.patch("kiln.compiler.quantization.onnxrt.quantize_onnx_weights", per_tensor_int4):
+    with mock.patch("kiln.compiler.quantization.matmul_nbits.quantize_onnx_weights", per_tensor_int4):
         yield
 
 
@@ -81,7 +81,8 @@ def without_zero_points(quantize: Any) -> Any:
 @contextmanager
 def dropped_zero_points() -> Iterator[None]:
     """The onnx target's weight-only quantizer with `without_zero_points` planted after it."""
-    from kiln.compiler.quantization import onnxrt
+    from kiln.compiler.quantization import matmul_nbits
 
-    with mock.patch.object(onnxrt, "quantize_onnx_weights", without_zero_points(onnxrt.quantize_onnx_weights)):
+    planted = without_zero_points(matmul_nbits.quantize_onnx_weights)
+    with mock.patch.object(matmul_nbits, "quantize_onnx_weights", planted):
         yield
